@@ -1,0 +1,97 @@
+// Reads frames from a receive buffer in place: a FrameView points into the
+// caller's bytes, and read_body() reads the Cap'n Proto body where it lies.
+// No copy and no allocation per frame. Every limit is checked before the
+// bytes it guards are trusted; each broken rule has its own CodecErrc.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+
+#include <capnp/serialize.h>
+#include <kj/exception.h>
+
+#include "codec/codec_error.h"
+#include "codec/frame_header.h"
+#include "codec/frame_kind.h"
+#include "codec/frame_limits.h"
+
+namespace fmwire::codec {
+
+// One frame inside the caller's buffer, valid as long as that buffer is.
+struct FrameView {
+  FrameHeader header;
+  std::span<const capnp::word> body;      // segment table + segments
+  AttachmentDescriptor descriptor;        // when header.attachment_bytes > 0
+  std::span<const std::byte> attachment;  // wire bytes, digest not yet checked:
+                                          // AttachmentCodec::decode checks it
+  std::uint64_t wire_bytes = 0;           // the whole frame, padding included
+
+  FrameKind kind() const { return header.frame_kind(); }
+  bool has_attachment() const { return header.attachment_bytes > 0; }
+};
+
+enum class BodyCheck {
+  full,         // walk the body's pointers now: read_body() cannot then fail on bounds
+  header_only,  // a relay forwarding by header: segment table checked, body not walked
+};
+
+// The front of a receive buffer: a whole frame, or how much a partial one needs.
+struct DecodeProgress {
+  std::optional<FrameView> frame;
+  std::uint64_t frame_bytes = 0;  // the frame's full size once its header is in; else 0
+};
+
+class FrameDecoder {
+ public:
+  explicit FrameDecoder(FrameLimits limits = {});
+
+  // Looks at the front of `bytes`, whose start must be 8-byte aligned (the
+  // encoder keeps every frame a multiple of 8 bytes). A partial frame is not
+  // an error: the progress says how many bytes the whole frame takes.
+  Result<DecodeProgress> next(std::span<const std::byte> bytes, BodyCheck check = BodyCheck::full) const;
+
+  // For a buffer that should begin with one whole frame: a short one is
+  // truncated_frame (a peer that closed mid-frame).
+  Result<FrameView> decode_whole(std::span<const std::byte> bytes, BodyCheck check = BodyCheck::full) const;
+
+  const FrameLimits& limits() const { return limits_; }
+
+ private:
+  Status check_header(const std::byte* at, const FrameHeader& header) const;
+  Status check_segment_table(std::span<const capnp::word> body) const;
+  Status check_body(std::span<const capnp::word> body) const;
+
+  FrameLimits limits_;
+};
+
+// Reader options for a body: traversal bounded by a multiple of its size.
+capnp::ReaderOptions body_reader_options(std::size_t body_words, const FrameLimits& limits);
+
+// Sorts a Cap'n Proto exception met while reading a peer's message into
+// traversal_limit_exceeded, nesting_limit_exceeded or malformed_body.
+CodecError error_from_capnp(const kj::Exception& exception, std::size_t body_words, const FrameLimits& limits);
+
+// Calls visit(Body::Reader) on the frame's body, read in place. A body that
+// does not fit the schema (a list where a struct should be, and the like)
+// becomes a malformed_body error instead of an exception in `visit`.
+template <typename Body, typename Visit>
+Status read_body(const FrameView& frame, const FrameLimits& limits, Visit&& visit) {
+  if (frame.kind() != kKindOf<Body>) {
+    return CodecError{CodecErrc::wrong_body_kind, std::string("frame is ") +
+                                                      std::string(to_string(frame.kind())) + ", not " +
+                                                      std::string(to_string(kKindOf<Body>))};
+  }
+  try {
+    capnp::FlatArrayMessageReader reader({frame.body.data(), frame.body.size()},
+                                         body_reader_options(frame.body.size(), limits));
+    visit(reader.getRoot<Body>());
+  } catch (const kj::Exception& exception) {
+    return error_from_capnp(exception, frame.body.size(), limits);
+  }
+  return Done{};
+}
+
+}  // namespace fmwire::codec

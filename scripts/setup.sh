@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs every build, test and benchmark dependency of fmwire from Debian 12
+# packages. Safe to run any number of times: when everything is present it
+# touches nothing and asks no mirror.
+set -euo pipefail
+
+packages=(
+  # build
+  g++ meson ninja-build pkg-config python3
+  # libraries (Boost 1.81 for Asio, Beast, JSON, program_options)
+  libboost1.81-dev libboost-json1.81-dev libboost-program-options1.81-dev
+  capnproto libcapnp-dev liburing-dev libzstd-dev libxxhash-dev
+  # tests: doctest, clang's libFuzzer runtime for the decoder fuzzer
+  doctest-dev clang libclang-rt-14-dev
+  # benchmarks only: protobuf is the peer format in bench/codec
+  libprotobuf-dev protobuf-compiler
+)
+
+missing=()
+for package in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed'; then
+    missing+=("$package")
+  fi
+done
+
+if ((${#missing[@]} > 0)); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing packages: ${missing[*]}; run this script as root to install them" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# CUDA is optional: the build finds nvcc in /usr/local/cuda/bin when present.
+if [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  echo "setup: CUDA toolkit found at /usr/local/cuda"
+else
+  echo "setup: no CUDA toolkit at /usr/local/cuda; CUDA parts will not be built"
+fi
+echo "setup: all dependencies present"

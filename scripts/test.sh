@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Sets up, builds and runs every fmwire test; the last line is
+# "N passed, N failed", counting test cases, and the exit code is non-zero on
+# any failure. Three runs:
+#   release     the normal build, warnings as errors
+#   sanitized   the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   fuzz        the frame decoder's libFuzzer target for a bounded time
+#               (FMWIRE_FUZZ_SECONDS, default 30; scripts/fuzz.sh runs it longer)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if ! bash scripts/setup.sh; then
+  echo "setup failed"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+
+configure() {
+  local dir=$1
+  shift
+  if [[ -d $dir ]]; then
+    meson setup --reconfigure "$dir" "$@" >"$dir.configure.log" 2>&1
+  else
+    meson setup "$dir" "$@" >"$dir.configure.log" 2>&1
+  fi || { cat "$dir.configure.log"; return 1; }
+}
+
+# Builds and runs one configuration; leaves its meson test log behind.
+run_suite() {
+  local dir=$1
+  shift
+  echo "== $dir: build"
+  configure "$dir" -Dwerror=true "$@" || return 1
+  ninja -C "$dir" || return 1
+  echo "== $dir: test"
+  meson test -C "$dir" --print-errorlogs --num-processes 2 || true
+}
+
+results=()
+run_suite build-release -Dbuildtype=release
+results+=("release=build-release/meson-logs/testlog.json")
+
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+run_suite build-sanitized -Dbuildtype=debug -Db_sanitize=address,undefined -Dbenchmarks=false
+results+=("sanitized=build-sanitized/meson-logs/testlog.json")
+
+echo "== fuzz"
+bash scripts/fuzz.sh "${FMWIRE_FUZZ_SECONDS:-30}"
+results+=("fuzz=$?")
+
+# A suite that did not build leaves no log: count it as one failure.
+checked=()
+for result in "${results[@]}"; do
+  value=${result#*=}
+  if [[ $value == *.json && ! -f $value ]]; then
+    checked+=("${result%%=*}=1")
+  else
+    checked+=("$result")
+  fi
+done
+echo "== summary"
+python3 scripts/summarize_tests.py "${checked[@]}"
