@@ -16,6 +16,10 @@ constexpr std::uint64_t kMaxSegments = 512;
 
 CodecError error(CodecErrc code, std::string message) { return {code, std::move(message)}; }
 
+[[gnu::cold]] CodecError bad_magic() {
+  return error(CodecErrc::bad_magic, "frame does not start with the magic \"FMW\"");
+}
+
 std::string number(std::uint64_t value) { return std::to_string(value); }
 
 }  // namespace
@@ -45,7 +49,7 @@ CodecError error_from_capnp(const kj::Exception& exception, std::size_t body_wor
   return error(CodecErrc::malformed_body, "malformed frame body: " + std::string(description));
 }
 
-Status FrameDecoder::check_header(const std::byte* at, const FrameHeader& header) const {
+CodecError FrameDecoder::header_error(const std::byte* at, const FrameHeader& header) const {
   if (header.version != kFrameMajorVersion) {
     return error(CodecErrc::unsupported_version, "frame format major version " + number(header.version) +
                                                      "; this build speaks " + number(kFrameMajorVersion));
@@ -72,7 +76,7 @@ Status FrameDecoder::check_header(const std::byte* at, const FrameHeader& header
                                                       " bytes exceeds the limit of " +
                                                       number(limits_.max_attachment_bytes));
   }
-  return Done{};
+  throw std::logic_error("header_error called for a valid header");
 }
 
 Status FrameDecoder::check_segment_table(std::span<const capnp::word> body) const {
@@ -117,28 +121,45 @@ Result<DecodeProgress> FrameDecoder::next(std::span<const std::byte> bytes, Body
   if (reinterpret_cast<std::uintptr_t>(bytes.data()) % 8 != 0) {
     throw std::invalid_argument("FrameDecoder: receive buffer is not 8-byte aligned");
   }
-  if (bytes.empty()) return DecodeProgress{};  // (memcmp on an empty span's null data is UB)
-  // Garbage is refused from its first bytes, not once a header's worth came.
-  const std::size_t magic_seen = std::min<std::size_t>(bytes.size(), sizeof kFrameMagic);
-  if (std::memcmp(bytes.data(), kFrameMagic, magic_seen) != 0) {
-    return error(CodecErrc::bad_magic, "frame does not start with the magic \"FMW\"");
+  const std::byte* at = bytes.data();
+  if (bytes.size() < kFrameHeaderBytes) {
+    // Garbage is refused from its first bytes, not once a header's worth came.
+    for (std::size_t i = 0; i < bytes.size() && i < sizeof kFrameMagic; ++i) {
+      if (std::to_integer<std::uint8_t>(at[i]) != kFrameMagic[i]) return bad_magic();
+    }
+    return DecodeProgress{};
   }
-  if (bytes.size() < kFrameHeaderBytes) return DecodeProgress{};
-
-  const FrameHeader header = read_frame_header_unchecked(bytes.data());
-  if (Status status = check_header(bytes.data(), header); !status) return status.error();
+  if (std::to_integer<std::uint8_t>(at[0]) != kFrameMagic[0] || std::to_integer<std::uint8_t>(at[1]) != kFrameMagic[1] ||
+      std::to_integer<std::uint8_t>(at[2]) != kFrameMagic[2]) [[unlikely]] {
+    return bad_magic();
+  }
+  const FrameHeader header = read_frame_header_unchecked(at);
+  // Every header rule in one test; which one broke is worked out off the fast path.
+  const auto encoding = std::to_integer<std::uint8_t>(at[5]);
+  const bool header_ok = header.version == kFrameMajorVersion && header.body_words != 0 &&
+                         std::uint64_t{header.body_words} * 8 <= limits_.max_body_bytes &&
+                         header.attachment_bytes <= limits_.max_attachment_bytes &&
+                         (encoding == 0 || (header.attachment_bytes != 0 && (encoding & 0xc0) == 0 &&
+                                            (encoding & 0x3) <= 1 && header.encoding.shuffle_element_bytes != 1));
+  if (!header_ok) [[unlikely]] return header_error(at, header);
 
   const std::uint64_t frame_bytes = frame_wire_bytes(header);
   if (bytes.size() < frame_bytes) return DecodeProgress{std::nullopt, frame_bytes};
 
-  FrameView frame;
+  DecodeProgress progress{FrameView{}, frame_bytes};
+  FrameView& frame = *progress.frame;
   frame.header = header;
   frame.wire_bytes = frame_bytes;
-  frame.body = {reinterpret_cast<const capnp::word*>(bytes.data() + kFrameHeaderBytes), header.body_words};
-  if (Status status = check_segment_table(frame.body); !status) return status.error();
+  frame.body = {reinterpret_cast<const capnp::word*>(at + kFrameHeaderBytes), header.body_words};
+  // The common case, one segment filling the body, in one comparison.
+  const bool one_segment_fits = load_le<std::uint32_t>(at + kFrameHeaderBytes) == 0 &&
+                                std::uint64_t{load_le<std::uint32_t>(at + kFrameHeaderBytes + 4)} + 1 == header.body_words;
+  if (!one_segment_fits) {
+    if (Status status = check_segment_table(frame.body); !status) return status.error();
+  }
 
   if (header.attachment_bytes > 0) {
-    const std::byte* descriptor_at = bytes.data() + kFrameHeaderBytes + std::size_t{header.body_words} * 8;
+    const std::byte* descriptor_at = at + kFrameHeaderBytes + std::size_t{header.body_words} * 8;
     frame.descriptor = read_attachment_descriptor(descriptor_at);
     frame.attachment = {descriptor_at + kAttachmentDescriptorBytes, header.attachment_bytes};
     if (frame.descriptor.decoded_bytes > limits_.max_attachment_bytes) {
@@ -157,7 +178,7 @@ Result<DecodeProgress> FrameDecoder::next(std::span<const std::byte> bytes, Body
   if (check == BodyCheck::full) {
     if (Status status = check_body(frame.body); !status) return status.error();
   }
-  return DecodeProgress{frame, frame_bytes};
+  return progress;
 }
 
 Result<FrameView> FrameDecoder::decode_whole(std::span<const std::byte> bytes, BodyCheck check) const {

@@ -33,9 +33,13 @@ struct FrameView {
   bool has_attachment() const { return header.attachment_bytes > 0; }
 };
 
+// How much of the body next() checks. Either way nothing unchecked is ever
+// trusted: read_body() checks every pointer it follows, under the traversal
+// and nesting limits, and turns any failure into an error value.
 enum class BodyCheck {
-  full,         // walk the body's pointers now: read_body() cannot then fail on bounds
-  header_only,  // a relay forwarding by header: segment table checked, body not walked
+  on_read,  // the segment table now, pointers as read_body() reads them: the
+            // receive path (no second pass over the body) and a relay's
+  full,     // every pointer now: a malformed body is refused before dispatch
 };
 
 // The front of a receive buffer: a whole frame, or how much a partial one needs.
@@ -51,16 +55,17 @@ class FrameDecoder {
   // Looks at the front of `bytes`, whose start must be 8-byte aligned (the
   // encoder keeps every frame a multiple of 8 bytes). A partial frame is not
   // an error: the progress says how many bytes the whole frame takes.
-  Result<DecodeProgress> next(std::span<const std::byte> bytes, BodyCheck check = BodyCheck::full) const;
+  Result<DecodeProgress> next(std::span<const std::byte> bytes, BodyCheck check = BodyCheck::on_read) const;
 
   // For a buffer that should begin with one whole frame: a short one is
   // truncated_frame (a peer that closed mid-frame).
-  Result<FrameView> decode_whole(std::span<const std::byte> bytes, BodyCheck check = BodyCheck::full) const;
+  Result<FrameView> decode_whole(std::span<const std::byte> bytes, BodyCheck check = BodyCheck::on_read) const;
 
   const FrameLimits& limits() const { return limits_; }
 
  private:
-  Status check_header(const std::byte* at, const FrameHeader& header) const;
+  // Which header rule broke, with its message; off the fast path.
+  [[gnu::cold]] CodecError header_error(const std::byte* at, const FrameHeader& header) const;
   Status check_segment_table(std::span<const capnp::word> body) const;
   Status check_body(std::span<const capnp::word> body) const;
 

@@ -97,8 +97,24 @@ inline void store_le(std::byte* at, T value) {
 void write_frame_header(const FrameHeader& header, std::byte* out);
 void write_attachment_descriptor(const AttachmentDescriptor& descriptor, std::byte* out);
 
-// Reads without validating; FrameDecoder validates.
-FrameHeader read_frame_header_unchecked(const std::byte* in);
-AttachmentDescriptor read_attachment_descriptor(const std::byte* in);
+// Reads without validating; FrameDecoder validates. Inline: the receive
+// path reads one header per frame.
+inline FrameHeader read_frame_header_unchecked(const std::byte* in) {
+  FrameHeader header;
+  header.version = std::to_integer<std::uint8_t>(in[3]);
+  header.kind = std::to_integer<std::uint8_t>(in[4]);
+  const auto encoding = std::to_integer<std::uint8_t>(in[5]);
+  header.encoding.compression = static_cast<Compression>(encoding & 0x3);
+  header.encoding.shuffle_element_bytes = static_cast<std::uint8_t>((encoding >> 2) & 0xf);
+  header.flags = load_le<std::uint16_t>(in + 6);
+  header.stream_id = load_le<std::uint32_t>(in + 8);
+  header.body_words = load_le<std::uint32_t>(in + 12);
+  header.attachment_bytes = load_le<std::uint64_t>(in + 16);
+  return header;
+}
+
+inline AttachmentDescriptor read_attachment_descriptor(const std::byte* in) {
+  return {load_le<std::uint64_t>(in), load_le<std::uint64_t>(in + 8)};
+}
 
 }  // namespace fmwire::codec

@@ -30,9 +30,10 @@ constexpr std::uint64_t one_segment(std::uint32_t words) { return std::uint64_t{
 // A well-formed Credit body: table, root pointer, one data word.
 const std::array<std::uint64_t, 3> kCreditBody{one_segment(2), struct_pointer(0, 1, 0), 65536};
 
+// With BodyCheck::full, so that body errors surface here, not in read_body.
 CodecErrc decode_error(std::span<const std::byte> bytes, FrameLimits limits = {}) {
   FrameDecoder decoder(limits);
-  auto frame = decoder.decode_whole(bytes);
+  auto frame = decoder.decode_whole(bytes, BodyCheck::full);
   REQUIRE_FALSE(frame.has_value());
   MESSAGE(to_string(frame.error().code) << ": " << frame.error().message);
   return frame.error().code;
@@ -185,7 +186,7 @@ TEST_CASE("structs nested deeper than the nesting limit are nesting_limit_exceed
   RawFrame raw(kCredit, body);
   CHECK(decode_error(raw.bytes()) == CodecErrc::nesting_limit_exceeded);
   FrameDecoder deeper(FrameLimits{.nesting_limit = 64});
-  CHECK(deeper.decode_whole(raw.bytes()).has_value());
+  CHECK(deeper.decode_whole(raw.bytes(), BodyCheck::full).has_value());
 }
 
 TEST_CASE("a body that is well-formed but not of the kind's schema is malformed_body on read") {
@@ -309,14 +310,29 @@ TEST_CASE("a refused frame disturbs nothing: the next good frame decodes") {
   CHECK(decoder.decode_whole(good.bytes()).has_value());
 }
 
-TEST_CASE("a relay's header-only check accepts a body it will not read but still checks its table") {
+TEST_CASE("with the default check a bad pointer is refused when read, as malformed_body") {
+  // Tokens.tokenIds points past the segment's end.
+  const std::array<std::uint64_t, 4> body{one_segment(3), struct_pointer(0, 1, 1), 3, list_pointer(50, 4, 2)};
+  RawFrame raw(kTokens, body);
+  FrameDecoder decoder;
+  auto frame = decoder.decode_whole(raw.bytes());
+  REQUIRE(frame.has_value());  // the table is sound; pointers are checked on read
+  Status read = read_body<protocol::Tokens>(*frame, decoder.limits(), [](protocol::Tokens::Reader tokens) {
+    CHECK(tokens.getFirstIndex() == 3);  // what is sound reads fine
+    (void)tokens.getTokenIds().size();
+  });
+  REQUIRE_FALSE(read.has_value());
+  CHECK(read.error().code == CodecErrc::malformed_body);
+}
+
+TEST_CASE("a relay's default check accepts a body it will not read but still checks its table") {
   const std::array<std::uint64_t, 3> bad_pointer{one_segment(2), struct_pointer(100, 1, 0), 1};
   RawFrame raw(kTokens, bad_pointer);
   FrameDecoder decoder;
-  CHECK(decoder.decode_whole(raw.bytes(), BodyCheck::header_only).has_value());
+  CHECK(decoder.decode_whole(raw.bytes(), BodyCheck::on_read).has_value());
   const std::array<std::uint64_t, 3> bad_table{one_segment(7), 0, 0};
   RawFrame table(kTokens, bad_table);
-  auto frame = decoder.decode_whole(table.bytes(), BodyCheck::header_only);
+  auto frame = decoder.decode_whole(table.bytes(), BodyCheck::on_read);
   REQUIRE_FALSE(frame.has_value());
   CHECK(frame.error().code == CodecErrc::malformed_segment_table);
 }

@@ -96,7 +96,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   static AttachmentCodec attachments;
   const FrameDecoder decoder(limits);
 
-  (void)decoder.decode_whole(rest, BodyCheck::header_only);
+  // Both checks: the full walk of the first frame, then the receive path.
+  (void)decoder.decode_whole(rest, BodyCheck::full);
   while (!rest.empty()) {
     auto progress = decoder.next(rest);
     if (!progress) {
