@@ -74,6 +74,13 @@ struct Pong {
   sentMonotonicNs @1 :UInt64;  # copied from the Ping
 }
 
+# The sender is draining: it will take no stream with an id above
+# lastStreamId; streams up to it finish, then the connection closes.
+struct GoAway {
+  lastStreamId @0 :UInt32;
+  reason @1 :Text;
+}
+
 # Grants more bytes to the stream in the frame header; stream 0 is the
 # connection as a whole.
 struct Credit {
