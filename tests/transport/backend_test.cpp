@@ -1,0 +1,863 @@
+// Conformance tests of the IoBackend contract (transport/io_backend.h), run
+// against every backend in backends_under_test(). They use the interface
+// only, so a new backend is tested by adding it to that list and the factory.
+//
+// Every loop run is bounded twice: a schedule()d timer stops the loop and
+// fails the test after kLoopLimit, and a watchdog thread aborts the process
+// if even that does not end it, so a broken backend fails, never hangs.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "transport/asio_backend.h"
+#include "transport/io_backend.h"
+#include "transport/uring_backend.h"
+
+namespace fmwire::transport {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+constexpr std::chrono::milliseconds kLoopLimit = 5s;
+
+std::vector<BackendKind> backends_under_test() { return {BackendKind::io_uring, BackendKind::asio}; }
+
+std::unique_ptr<IoBackend> make_test_backend(BackendKind kind) {
+  switch (kind) {
+    case BackendKind::asio:
+      return std::make_unique<AsioBackend>();
+    case BackendKind::io_uring:
+      return std::make_unique<UringBackend>();
+  }
+  throw std::invalid_argument("no test factory for backend " + std::string(to_string(kind)));
+}
+
+// Aborts the whole test binary if it is still armed after `limit`: the last
+// line of defence against a loop that ignores its own stop timer.
+class Watchdog {
+ public:
+  explicit Watchdog(std::chrono::milliseconds limit)
+      : thread_([this, limit] {
+          std::unique_lock lock(mutex_);
+          if (!disarmed_.wait_for(lock, limit, [this] { return done_; })) {
+            std::fprintf(stderr, "backend_test: a loop ran past %lld ms and ignored stop(); aborting\n",
+                         static_cast<long long>(limit.count()));
+            std::abort();
+          }
+        }) {}
+  ~Watchdog() {
+    {
+      std::lock_guard lock(mutex_);
+      done_ = true;
+    }
+    disarmed_.notify_one();
+  }
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable disarmed_;
+  bool done_ = false;
+  std::jthread thread_;  // last: starts after, and is joined before, the members it uses
+};
+
+// Runs the loop on this thread until something calls stop(). False when the
+// safety timer had to stop it instead.
+bool run_until_stopped(IoBackend& backend, std::chrono::milliseconds limit = kLoopLimit) {
+  Watchdog watchdog(limit + 10s);
+  bool timed_out = false;
+  const TimerId guard = backend.schedule(limit, [&] {
+    timed_out = true;
+    backend.stop();
+  });
+  backend.run();
+  backend.cancel(guard);
+  return !timed_out;
+}
+
+// A descriptor the test owns until it hands it over with release().
+class OwnedFd {
+ public:
+  OwnedFd() = default;
+  explicit OwnedFd(int fd) : fd_(fd) {}
+  OwnedFd(OwnedFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  OwnedFd& operator=(OwnedFd&& other) noexcept {
+    reset();
+    fd_ = std::exchange(other.fd_, -1);
+    return *this;
+  }
+  ~OwnedFd() { reset(); }
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  int release() { return std::exchange(fd_, -1); }
+  void reset() {
+    if (fd_ >= 0) CHECK(::close(std::exchange(fd_, -1)) == 0);
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+std::uint16_t bound_port(int fd) {
+  sockaddr_in address{};
+  socklen_t length = sizeof(address);
+  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0);
+  return ntohs(address.sin_port);
+}
+
+// A TCP socket bound to 127.0.0.1 on a port the kernel picks; listening or not.
+OwnedFd bound_loopback_socket(bool listening) {
+  OwnedFd socket(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  REQUIRE(socket.valid());
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = 0;
+  REQUIRE(::bind(socket.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0);
+  if (listening) REQUIRE(::listen(socket.get(), 16) == 0);
+  return socket;
+}
+
+// Both ends of one loopback connection, made with the backend's own accept()
+// and connect(); neither end is open()ed yet.
+struct ConnectedPair {
+  OwnedFd accepted;
+  OwnedFd connected;
+};
+
+ConnectedPair connect_pair(IoBackend& backend) {
+  OwnedFd listener = bound_loopback_socket(true);
+  const std::uint16_t port = bound_port(listener.get());
+  const int listen_fd = listener.release();  // the backend's from accept() on
+  ConnectedPair pair;
+  bool connect_done = false;
+  std::error_code connect_error;
+  auto stop_when_both = [&] {
+    if ((pair.accepted.valid() && connect_done) || connect_error) backend.stop();
+  };
+  backend.accept(listen_fd, [&](int fd) {
+    pair.accepted = OwnedFd(fd);
+    backend.stop_accepting(listen_fd);
+    stop_when_both();
+  });
+  backend.connect("127.0.0.1", port, [&](int fd, std::error_code error) {
+    pair.connected = OwnedFd(fd);
+    connect_error = error;
+    connect_done = true;
+    stop_when_both();
+  });
+  REQUIRE(run_until_stopped(backend));
+  REQUIRE_FALSE(connect_error);
+  REQUIRE(pair.accepted.valid());
+  REQUIRE(pair.connected.valid());
+  return pair;
+}
+
+// Records everything a backend tells one socket's owner; the after_* hooks
+// let a test act on an event.
+class RecordingEvents final : public SocketEvents {
+ public:
+  void on_receive(std::span<const std::byte> bytes) override {
+    if (closes > 0) event_after_close = true;
+    ++receive_calls;
+    if (reinterpret_cast<std::uintptr_t>(bytes.data()) % 8 != 0) ++misaligned_receives;
+    received.insert(received.end(), bytes.begin(), bytes.end());
+    if (after_receive) after_receive();
+  }
+  void on_send_complete() override {
+    if (closes > 0) event_after_close = true;
+    ++send_completions;
+    if (after_send_complete) after_send_complete();
+  }
+  void on_close(std::error_code error) override {
+    if (closes > 0) event_after_close = true;
+    ++closes;
+    close_error = error;
+    if (after_close) after_close();
+  }
+
+  std::vector<std::byte> received;
+  int receive_calls = 0;
+  int misaligned_receives = 0;
+  int send_completions = 0;
+  int closes = 0;
+  bool event_after_close = false;
+  std::error_code close_error;
+  std::function<void()> after_receive;
+  std::function<void()> after_send_complete;
+  std::function<void()> after_close;
+};
+
+// Closes the sockets not yet closed and runs the loop until each has had
+// its on_close, so no test leaves a socket to the backend's destructor.
+void close_all(IoBackend& backend, std::initializer_list<std::pair<int, RecordingEvents*>> sockets) {
+  int waiting = 0;
+  for (const auto& [fd, events] : sockets) {
+    if (events->closes > 0) continue;
+    ++waiting;
+    events->after_close = [&] {
+      if (--waiting == 0) backend.stop();
+    };
+  }
+  if (waiting == 0) return;
+  for (const auto& [fd, events] : sockets) {
+    if (events->closes == 0) backend.close(fd);
+  }
+  REQUIRE(run_until_stopped(backend));
+}
+
+std::size_t open_descriptor_count() {
+  std::size_t count = 0;
+  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) ++count;
+  return count;
+}
+
+// While alive, no new descriptor can be opened: the soft limit is lowered to
+// the lowest free descriptor number, so every number below it is in use.
+class NoSpareDescriptors {
+ public:
+  NoSpareDescriptors() {
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved_) == 0);
+    const int lowest_free = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    REQUIRE(lowest_free >= 0);
+    REQUIRE(::close(lowest_free) == 0);
+    const rlimit lowered{static_cast<rlim_t>(lowest_free), saved_.rlim_max};
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &lowered) == 0);
+  }
+  ~NoSpareDescriptors() { CHECK(::setrlimit(RLIMIT_NOFILE, &saved_) == 0); }
+  NoSpareDescriptors(const NoSpareDescriptors&) = delete;
+  NoSpareDescriptors& operator=(const NoSpareDescriptors&) = delete;
+
+ private:
+  rlimit saved_{};
+};
+
+iovec as_iovec(std::string_view text) { return {const_cast<char*>(text.data()), text.size()}; }
+iovec as_iovec(std::span<const std::byte> bytes) { return {const_cast<std::byte*>(bytes.data()), bytes.size()}; }
+
+std::string as_string(const std::vector<std::byte>& bytes) {
+  return {reinterpret_cast<const char*>(bytes.data()), bytes.size()};
+}
+
+// Bytes whose value depends on their offset in a way no shift or repeat of a
+// short block reproduces, so a lost, doubled or reordered piece shows.
+std::vector<std::byte> patterned_bytes(std::size_t count) {
+  std::vector<std::byte> bytes(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    bytes[i] = static_cast<std::byte>((i ^ (i >> 8) ^ (i >> 16) ^ (i >> 24)) * 131 + 7);
+  }
+  return bytes;
+}
+
+// `bytes` cut into `count` iovecs of uneven sizes, tiny ones among them.
+std::vector<iovec> uneven_pieces(std::span<const std::byte> bytes, std::size_t count) {
+  std::vector<iovec> pieces;
+  const std::size_t large = bytes.size() / count * 4 / 3;
+  std::size_t offset = 0;
+  for (std::size_t i = 0; i + 1 < count && offset < bytes.size(); ++i) {
+    const std::size_t size = std::min(i % 4 == 0 ? 1 + i : large - i, bytes.size() - offset);
+    pieces.push_back(as_iovec(bytes.subspan(offset, size)));
+    offset += size;
+  }
+  pieces.push_back(as_iovec(bytes.subspan(offset)));
+  return pieces;
+}
+
+TEST_CASE("a connection made with connect() and accepted by accept() carries gathered sends in order") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      RecordingEvents server;
+      RecordingEvents client;
+      auto backend = make_test_backend(kind);
+      ConnectedPair pair = connect_pair(*backend);
+      const int server_fd = pair.accepted.release();
+      const int client_fd = pair.connected.release();
+      backend->open(server_fd, &server);
+      backend->open(client_fd, &client);
+
+      const std::string first_a = "one ", first_b = "gathered ", first_c = "send";
+      const std::string second_a = ", then ", second_b = "another";
+      const std::string expected = first_a + first_b + first_c + second_a + second_b;
+      // Only the bytes must outlive a send; its iovec array may not.
+      std::vector<iovec> list = {as_iovec(first_a), as_iovec(first_b), as_iovec(first_c)};
+      client.after_send_complete = [&] {
+        if (client.send_completions != 1) return;
+        list = {as_iovec(second_a), as_iovec(second_b)};
+        backend->send(client_fd, list);
+        list.assign(list.size(), iovec{nullptr, 0});
+      };
+      server.after_receive = [&] {
+        if (server.received.size() == expected.size()) backend->schedule(20ms, [&] { backend->stop(); });
+      };
+      backend->send(client_fd, list);
+      list.assign(list.size(), iovec{nullptr, 0});
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(as_string(server.received) == expected);
+      CHECK(client.send_completions == 2);
+      CHECK(server.send_completions == 0);
+      close_all(*backend, {{server_fd, &server}, {client_fd, &client}});
+    }
+  }
+}
+
+TEST_CASE("8 MiB given to one gathered send arrive complete and in order") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      RecordingEvents server;
+      RecordingEvents client;
+      auto backend = make_test_backend(kind);
+      ConnectedPair pair = connect_pair(*backend);
+      const int server_fd = pair.accepted.release();
+      const int client_fd = pair.connected.release();
+      backend->open(server_fd, &server);
+      backend->open(client_fd, &client);
+
+      const std::vector<std::byte> payload = patterned_bytes(8 << 20);
+      const std::vector<iovec> pieces = uneven_pieces(payload, 100);
+      server.received.reserve(payload.size());
+      server.after_receive = [&] {
+        if (server.received.size() >= payload.size()) backend->schedule(20ms, [&] { backend->stop(); });
+      };
+      backend->send(client_fd, pieces);
+
+      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(server.received.size() == payload.size());
+      CHECK(server.received == payload);
+      CHECK(client.send_completions == 1);
+      CHECK(server.misaligned_receives == 0);
+      close_all(*backend, {{server_fd, &server}, {client_fd, &client}});
+    }
+  }
+}
+
+TEST_CASE("the peer closing gives one on_close with an empty error") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      RecordingEvents server;
+      auto backend = make_test_backend(kind);
+      ConnectedPair pair = connect_pair(*backend);
+      const int server_fd = pair.accepted.release();
+      backend->open(server_fd, &server);
+      // Long enough for a second on_close, if one were coming, to show.
+      server.after_close = [&] { backend->schedule(50ms, [&] { backend->stop(); }); };
+      pair.connected.reset();
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(server.closes == 1);
+      CHECK_FALSE(server.close_error);
+      CHECK_FALSE(server.event_after_close);
+    }
+  }
+}
+
+TEST_CASE("close() gives exactly one on_close, delivered after close() returned") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      RecordingEvents server;
+      RecordingEvents client;
+      auto backend = make_test_backend(kind);
+      ConnectedPair pair = connect_pair(*backend);
+      const int server_fd = pair.accepted.release();
+      const int client_fd = pair.connected.release();
+      backend->open(server_fd, &server);
+      backend->open(client_fd, &client);
+
+      bool inside_close = false;
+      bool on_close_inside_close = false;
+      server.after_close = [&] { on_close_inside_close = inside_close; };
+      client.after_close = [&] { backend->schedule(50ms, [&] { backend->stop(); }); };
+      backend->post([&] {
+        inside_close = true;
+        backend->close(server_fd);
+        inside_close = false;
+      });
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(server.closes == 1);
+      CHECK_FALSE(on_close_inside_close);
+      CHECK_FALSE(server.event_after_close);
+      // The other end sees an orderly close.
+      CHECK(client.closes == 1);
+      CHECK_FALSE(client.close_error);
+      CHECK_FALSE(client.event_after_close);
+    }
+  }
+}
+
+TEST_CASE("a peer that goes away while a send is in flight gives one on_close with an error") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      RecordingEvents server;
+      auto backend = make_test_backend(kind);
+      ConnectedPair pair = connect_pair(*backend);
+      const int server_fd = pair.accepted.release();
+      backend->open(server_fd, &server);
+
+      // Far more than loopback socket buffers hold, and the peer never reads:
+      // the send is still in flight when the peer closes (with unread data,
+      // so the kernel resets the connection).
+      const std::vector<std::byte> payload = patterned_bytes(64 << 20);
+      const iovec whole[] = {as_iovec(payload)};
+      backend->send(server_fd, whole);
+      backend->schedule(50ms, [&] { pair.connected.reset(); });
+      server.after_close = [&] { backend->schedule(100ms, [&] { backend->stop(); }); };
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(server.closes == 1);
+      CHECK(server.close_error);
+      CHECK(server.send_completions == 0);
+      CHECK_FALSE(server.event_after_close);
+    }
+  }
+}
+
+TEST_CASE("after stop_accepting() the port refuses connections") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = make_test_backend(kind);
+      OwnedFd listener = bound_loopback_socket(true);
+      const std::uint16_t port = bound_port(listener.get());
+      const int listen_fd = listener.release();
+      int accepted = 0;
+      backend->accept(listen_fd, [&](int fd) {
+        ++accepted;
+        OwnedFd closes_it(fd);
+      });
+      backend->stop_accepting(listen_fd);
+      int connected_fd = 0;
+      std::error_code connect_error;
+      backend->connect("127.0.0.1", port, [&](int fd, std::error_code error) {
+        connected_fd = fd;
+        connect_error = error;
+        OwnedFd closes_it(fd);
+        backend->stop();
+      });
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(connected_fd == -1);
+      CHECK(connect_error == std::errc::connection_refused);
+      CHECK(accepted == 0);
+    }
+  }
+}
+
+TEST_CASE("an accept that fails for want of descriptors is retried later, without spinning") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = make_test_backend(kind);
+      OwnedFd listener = bound_loopback_socket(true);
+      const std::uint16_t port = bound_port(listener.get());
+      const int listen_fd = listener.release();
+      // A connection waiting in the listen queue (the kernel completes the
+      // handshake before anyone accepts).
+      OwnedFd client(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      REQUIRE(client.valid());
+      sockaddr_in address{};
+      address.sin_family = AF_INET;
+      address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      address.sin_port = htons(port);
+      REQUIRE(::connect(client.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0);
+
+      OwnedFd accepted;
+      int batches = 0;
+      backend->set_before_wait([&] { ++batches; });
+      {
+        NoSpareDescriptors exhausted;
+        backend->accept(listen_fd, [&](int fd) {
+          accepted = OwnedFd(fd);
+          backend->stop();
+        });
+        backend->schedule(300ms, [&] { backend->stop(); });
+        REQUIRE(run_until_stopped(*backend));
+      }
+      CHECK_FALSE(accepted.valid());
+      // An accept retried at once would fail again at once, thousands of times.
+      CHECK(batches < 100);
+
+      // With descriptors to spare again, the waiting connection is accepted.
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(accepted.valid());
+      backend->set_before_wait({});
+      backend->stop_accepting(listen_fd);
+    }
+  }
+}
+
+TEST_CASE("connecting to a port nobody listens on reports ECONNREFUSED and no descriptor") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = make_test_backend(kind);
+      // Bound, so no one else takes the port, but not listening: refused.
+      OwnedFd bound = bound_loopback_socket(false);
+      int connected_fd = 0;
+      std::error_code connect_error;
+      backend->connect("127.0.0.1", bound_port(bound.get()), [&](int fd, std::error_code error) {
+        connected_fd = fd;
+        connect_error = error;
+        OwnedFd closes_it(fd);
+        backend->stop();
+      });
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(connected_fd == -1);
+      CHECK(connect_error == std::errc::connection_refused);
+    }
+  }
+}
+
+TEST_CASE("connecting to a host that is not a numeric address reports an error, from the loop") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = make_test_backend(kind);
+      bool inside_connect = false;
+      bool called_inside_connect = false;
+      int connected_fd = 0;
+      std::error_code connect_error;
+      inside_connect = true;
+      backend->connect("localhost.invalid", 80, [&](int fd, std::error_code error) {
+        called_inside_connect = inside_connect;
+        connected_fd = fd;
+        connect_error = error;
+        OwnedFd closes_it(fd);
+        backend->stop();
+      });
+      inside_connect = false;
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK_FALSE(called_inside_connect);
+      CHECK(connected_fd == -1);
+      CHECK(connect_error);
+    }
+  }
+}
+
+TEST_CASE("timers fire no earlier than their delay, shorter first, and a cancelled one never") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = make_test_backend(kind);
+      std::vector<std::string> fired;
+      Clock::duration short_elapsed{}, long_elapsed{};
+      const Clock::time_point start = Clock::now();
+      backend->schedule(200ms, [&] {
+        fired.push_back("long");
+        long_elapsed = Clock::now() - start;
+        // Long enough for the cancelled timers' deadlines to pass.
+        backend->schedule(100ms, [&] { backend->stop(); });
+      });
+      backend->schedule(10ms, [&] {
+        fired.push_back("short");
+        short_elapsed = Clock::now() - start;
+      });
+      const TimerId cancelled = backend->schedule(50ms, [&] { fired.push_back("cancelled"); });
+      backend->cancel(cancelled);
+      // Cancelled from the loop, by a timer that fires before it.
+      const TimerId cancelled_later = backend->schedule(150ms, [&] { fired.push_back("cancelled later"); });
+      backend->schedule(20ms, [&] { backend->cancel(cancelled_later); });
+      // Cancelling a timer that already fired does nothing.
+      const TimerId early = backend->schedule(1ms, [&] { fired.push_back("early"); });
+      backend->schedule(30ms, [&] { backend->cancel(early); });
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(fired == std::vector<std::string>{"early", "short", "long"});
+      CHECK(short_elapsed >= 10ms);
+      CHECK(long_elapsed >= 200ms);
+    }
+  }
+}
+
+TEST_CASE("post() from another thread runs every fn on the loop thread") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = make_test_backend(kind);
+      const std::thread::id loop_thread = std::this_thread::get_id();
+      constexpr int kPosts = 1000;
+      int ran = 0;
+      int ran_elsewhere = 0;
+      std::jthread poster([&] {
+        for (int i = 0; i < kPosts; ++i) {
+          backend->post([&] {
+            if (std::this_thread::get_id() != loop_thread) ++ran_elsewhere;
+            if (++ran == kPosts) backend->stop();
+          });
+        }
+      });
+
+      REQUIRE(run_until_stopped(*backend));
+      poster.join();
+      CHECK(ran == kPosts);
+      CHECK(ran_elsewhere == 0);
+    }
+  }
+}
+
+TEST_CASE("the before-wait hook runs after a receive, before the loop waits again") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      RecordingEvents server;
+      RecordingEvents client;
+      auto backend = make_test_backend(kind);
+      ConnectedPair pair = connect_pair(*backend);
+      const int server_fd = pair.accepted.release();
+      const int client_fd = pair.connected.release();
+      backend->open(server_fd, &server);
+      backend->open(client_fd, &client);
+
+      // After the one receive nothing else happens but the safety timer: a
+      // hook that waited for the next event would see the receive too late.
+      int receives_seen_by_hook = 0;
+      backend->set_before_wait([&] {
+        receives_seen_by_hook = server.receive_calls;
+        if (receives_seen_by_hook > 0) backend->stop();
+      });
+      const std::string ping = "ping";
+      const iovec message[] = {as_iovec(ping)};
+      backend->send(client_fd, message);
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(receives_seen_by_hook == server.receive_calls);
+      CHECK(as_string(server.received) == ping);
+      backend->set_before_wait({});
+      close_all(*backend, {{server_fd, &server}, {client_fd, &client}});
+    }
+  }
+}
+
+TEST_CASE("the before-wait hook runs after a fn posted from another thread") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = make_test_backend(kind);
+      bool posted_ran = false;
+      bool hook_saw_it = false;
+      backend->set_before_wait([&] {
+        if (!posted_ran) return;
+        hook_saw_it = true;
+        backend->stop();
+      });
+      std::jthread poster([&] {
+        std::this_thread::sleep_for(20ms);  // let the loop go idle first
+        backend->post([&] { posted_ran = true; });
+      });
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(hook_saw_it);
+    }
+  }
+}
+
+TEST_CASE("a send made in the before-wait hook goes out without another event") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      RecordingEvents server;
+      RecordingEvents client;
+      auto backend = make_test_backend(kind);
+      ConnectedPair pair = connect_pair(*backend);
+      const int server_fd = pair.accepted.release();
+      const int client_fd = pair.connected.release();
+      backend->open(server_fd, &server);
+      backend->open(client_fd, &client);
+
+      // An echo server that flushes the way a Connection does: what a batch
+      // received goes out from the hook.
+      std::string pending, in_flight;
+      bool send_in_flight = false;
+      server.after_receive = [&] {
+        pending.append(as_string(server.received));
+        server.received.clear();
+      };
+      server.after_send_complete = [&] { send_in_flight = false; };
+      backend->set_before_wait([&] {
+        if (send_in_flight || pending.empty()) return;
+        in_flight = std::exchange(pending, {});
+        const iovec echo[] = {as_iovec(in_flight)};
+        send_in_flight = true;
+        backend->send(server_fd, echo);
+      });
+      const std::string hello = "hello, echo";
+      client.after_receive = [&] {
+        if (client.received.size() == hello.size()) backend->stop();
+      };
+      const iovec message[] = {as_iovec(hello)};
+      backend->send(client_fd, message);
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(as_string(client.received) == hello);
+      backend->set_before_wait({});
+      close_all(*backend, {{server_fd, &server}, {client_fd, &client}});
+    }
+  }
+}
+
+TEST_CASE("stop() from another thread makes run() return") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = make_test_backend(kind);
+      std::atomic<bool> stop_called{false};
+      std::jthread stopper([&] {
+        std::this_thread::sleep_for(50ms);
+        stop_called = true;
+        backend->stop();
+      });
+
+      REQUIRE(run_until_stopped(*backend));
+      // run() waited for the stop rather than returning while idle.
+      CHECK(stop_called);
+    }
+  }
+}
+
+TEST_CASE("received bytes start 8-byte aligned") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      RecordingEvents server;
+      RecordingEvents client;
+      auto backend = make_test_backend(kind);
+      ConnectedPair pair = connect_pair(*backend);
+      const int server_fd = pair.accepted.release();
+      const int client_fd = pair.connected.release();
+      backend->open(server_fd, &server);
+      backend->open(client_fd, &client);
+
+      // Odd sizes, each sent once the last has arrived, so that each one is
+      // its own receive and none of them ends on an 8-byte boundary.
+      const std::vector<std::string> messages = {"a", "bcd", "efghi", "jklmnop", "qrstuvwxyz123"};
+      std::size_t next = 0;
+      std::size_t expected_bytes = 0;
+      auto send_next = [&] {
+        if (next == messages.size()) {
+          backend->stop();
+          return;
+        }
+        const iovec message[] = {as_iovec(messages[next])};
+        expected_bytes += messages[next].size();
+        ++next;
+        backend->send(client_fd, message);
+      };
+      auto send_next_when_ready = [&] {
+        if (server.received.size() == expected_bytes && client.send_completions == static_cast<int>(next)) {
+          send_next();
+        }
+      };
+      server.after_receive = send_next_when_ready;
+      client.after_send_complete = send_next_when_ready;
+      send_next();
+
+      REQUIRE(run_until_stopped(*backend));
+      CHECK(as_string(server.received) == "abcdefghijklmnopqrstuvwxyz123");
+      CHECK(server.receive_calls >= 1);
+      CHECK(server.misaligned_receives == 0);
+      close_all(*backend, {{server_fd, &server}, {client_fd, &client}});
+    }
+  }
+}
+
+TEST_CASE("destroying the backend with work outstanding calls nothing back and leaks no descriptor") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      const std::size_t descriptors_before = open_descriptor_count();
+      // Everything the backend might still point at outlives it.
+      RecordingEvents server;
+      RecordingEvents client;
+      const std::vector<std::byte> payload = patterned_bytes(64 << 20);
+      bool timer_fired = false;
+      bool posted_ran = false;
+      bool accept_called = false;
+      bool connect_called = false;
+      {
+        auto backend = make_test_backend(kind);
+        ConnectedPair pair = connect_pair(*backend);
+        const int server_fd = pair.accepted.release();
+        const int client_fd = pair.connected.release();
+        backend->open(server_fd, &server);
+        backend->open(client_fd, &client);
+        const iovec whole[] = {as_iovec(payload)};
+        backend->send(server_fd, whole);  // more than the socket buffers hold
+        backend->close(client_fd);        // its on_close is never delivered
+        backend->schedule(1h, [&] { timer_fired = true; });
+        backend->post([&] { posted_ran = true; });
+        OwnedFd listener = bound_loopback_socket(true);
+        const std::uint16_t port = bound_port(listener.get());
+        backend->accept(listener.release(), [&](int fd) {
+          accept_called = true;
+          OwnedFd closes_it(fd);
+        });
+        backend->connect("127.0.0.1", port, [&](int fd, std::error_code) {
+          connect_called = true;
+          OwnedFd closes_it(fd);
+        });
+      }
+      CHECK(server.closes == 0);
+      CHECK(server.send_completions == 0);
+      CHECK(server.receive_calls == 0);
+      CHECK(client.closes == 0);
+      CHECK_FALSE(timer_fired);
+      CHECK_FALSE(posted_ran);
+      CHECK_FALSE(accept_called);
+      CHECK_FALSE(connect_called);
+      CHECK(open_descriptor_count() == descriptors_before);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fmwire::transport

@@ -1,0 +1,295 @@
+// One peer connection on one loop thread: frames in and out over an
+// IoBackend socket, the Hello exchange, many streams, credit-based flow
+// control per stream and per connection, Ping/Pong keepalive, limits, and
+// graceful drain (DESIGN.md, "Flow control" and "Transport").
+//
+// Streams: the side that connected opens odd ids, the side that accepted
+// even ones; 0 is the connection. A stream ends when both sides have sent a
+// frame flagged kEndStream, or at once on a Cancel or Error frame (a reset).
+//
+// Credit: Tokens and KvChunk frames count against the receiver's grants, in
+// wire bytes, per stream and for the connection. A sender never exceeds its
+// grant: send() refuses with SendStatus::blocked and on_stream_writable()
+// says when more came. A receiver grants again as it consumes; a peer that
+// sends past its grant has broken the protocol and is disconnected.
+//
+// Frames queued while a write is in flight leave together in the next write,
+// started as soon as the previous one completes or the loop turn ends.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <system_error>
+#include <unordered_map>
+#include <vector>
+
+#include "codec/buffer_pool.h"
+#include "codec/frame_decoder.h"
+#include "codec/frame_encoder.h"
+#include "protocol/fmwire.capnp.h"
+#include "transport/io_backend.h"
+
+namespace fmwire::transport {
+
+class Connection;
+class EventLoop;
+
+// Header flag bits (FrameHeader::flags) the transport defines.
+inline constexpr std::uint16_t kEndStream = 1;  // the sender's last frame on this stream
+
+struct ConnectionOptions {
+  codec::FrameLimits limits;
+  protocol::Role role = protocol::Role::CLIENT;
+  std::string name = "fmwire";
+  std::uint32_t max_streams = 1024;                         // open at once, per connection
+  std::uint32_t initial_stream_credit_bytes = 256 * 1024;   // what we grant each stream
+  std::uint64_t initial_connection_credit_bytes = 16ull << 20;
+  std::chrono::milliseconds keepalive_interval{2000};       // a Ping after this much silence
+  std::chrono::milliseconds dead_after{6000};               // closed after this much silence
+  std::chrono::milliseconds hello_timeout{5000};
+  std::chrono::milliseconds close_linger{1000};             // for an Error frame to leave
+};
+
+// Why a connection or a stream ended: empty when it ended cleanly.
+struct EndReason {
+  protocol::ErrorCode code = protocol::ErrorCode::INTERNAL;
+  std::string message;
+  bool retryable = false;
+  bool error = false;  // false: a clean end
+
+  static EndReason clean() { return {}; }
+  static EndReason failure(protocol::ErrorCode code, std::string message, bool retryable = false) {
+    return {code, std::move(message), retryable, true};
+  }
+};
+
+// What a connection tells its user (a server's service, the client SDK).
+// Calls come on the loop thread. A frame's bytes are valid during the call.
+class ConnectionHandler {
+ public:
+  virtual ~ConnectionHandler() = default;
+  // The Hello exchange is done: streams may be opened and used.
+  virtual void on_ready(Connection& connection) { (void)connection; }
+  // A frame on a stream (stream id != 0), the first of a new stream included.
+  virtual void on_stream_frame(Connection& connection, const codec::FrameView& frame) = 0;
+  // The peer granted credit to a stream whose send was refused as blocked.
+  virtual void on_stream_writable(Connection& connection, std::uint32_t stream_id) {
+    (void)connection;
+    (void)stream_id;
+  }
+  // The stream is gone: both sides ended it, it was reset, or the
+  // connection closed under it (then reason says why).
+  virtual void on_stream_closed(Connection& connection, std::uint32_t stream_id, const EndReason& reason) {
+    (void)connection;
+    (void)stream_id;
+    (void)reason;
+  }
+  // The peer sent GoAway: open no new streams here.
+  virtual void on_go_away(Connection& connection) { (void)connection; }
+  // The last call: the socket is closed and every stream has been closed.
+  virtual void on_closed(Connection& connection, const EndReason& reason) = 0;
+};
+
+enum class SendStatus {
+  sent,
+  blocked,            // not enough credit: wait for on_stream_writable
+  no_such_stream,     // never opened, already ended on our side, or reset
+  connection_closed,  // closing or closed
+  too_large,          // over the frame limits
+};
+std::string_view to_string(SendStatus status);
+
+class Connection final : public SocketEvents {
+ public:
+  // Takes over `fd`. An outgoing connection (we connected) sends Hello at
+  // once; an incoming one waits for the peer's.
+  Connection(EventLoop& loop, int fd, bool outgoing, ConnectionOptions options, ConnectionHandler& handler);
+  ~Connection() override;
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  bool ready() const { return ready_; }
+  bool closed() const { return closed_; }
+  const std::string& peer_name() const { return peer_name_; }
+
+  // Opens a stream of ours: the next free id. Zero when the connection is
+  // not ready, is draining or closing, the peer sent GoAway, or the
+  // stream limit is reached.
+  std::uint32_t open_stream();
+
+  // Encodes one frame onto a stream (or stream 0 for connection frames).
+  template <typename Body, typename Fill>
+  SendStatus send(std::uint32_t stream_id, Fill&& fill, std::uint16_t flags = 0,
+                  const codec::PreparedAttachment* attachment = nullptr);
+
+  // Bytes a data frame on this stream may still take (the smaller of the
+  // stream's and the connection's credit); 0 for an unknown stream.
+  std::uint64_t send_credit(std::uint32_t stream_id) const;
+
+  // Manual consumption: the handler took `bytes` of data frames off this
+  // stream, so the peer may send that much again. Streams consume
+  // automatically on delivery unless set_manual_consume() was called.
+  void set_manual_consume(std::uint32_t stream_id);
+  void consume(std::uint32_t stream_id, std::uint64_t bytes);
+
+  // Resets a stream: a Cancel frame from the side that opened it, an Error
+  // frame from the other side (code and message say why).
+  void reset_stream(std::uint32_t stream_id, protocol::ErrorCode code, const std::string& message);
+
+  // Graceful drain: GoAway to the peer, no new streams, and the connection
+  // closes when the last open stream ends.
+  void drain(const std::string& reason);
+  // Sends an Error frame for the connection (stream 0), then closes.
+  void fail(protocol::ErrorCode code, const std::string& message);
+  // Closes now, without a word to the peer.
+  void close();
+
+  // Called by the loop before it waits: starts a write of what is queued.
+  void flush();
+
+  // Bytes queued for sending and in flight: bounded by credit for data
+  // frames; control frames are few and small.
+  std::size_t buffered_send_bytes() const { return queued_.size() + in_flight_.size(); }
+  std::size_t open_streams() const { return streams_.size(); }
+
+  // SocketEvents
+  void on_receive(std::span<const std::byte> bytes) override;
+  void on_send_complete() override;
+  void on_close(std::error_code error) override;
+
+ private:
+  struct Stream {
+    std::int64_t send_credit = 0;
+    std::uint64_t receive_window = 0;  // what the peer may still send
+    std::uint64_t consumed_since_grant = 0;
+    bool local_ended = false;
+    bool remote_ended = false;
+    bool blocked = false;
+    bool manual_consume = false;
+  };
+
+  static bool counts_against_credit(codec::FrameKind kind) {
+    return kind == codec::FrameKind::tokens || kind == codec::FrameKind::kv_chunk;
+  }
+  // Frames a side may still send on a stream after its own last frame: it
+  // keeps granting credit to what it receives, and may reset the stream.
+  static bool is_control_after_end(codec::FrameKind kind) {
+    return kind == codec::FrameKind::credit || kind == codec::FrameKind::cancel || kind == codec::FrameKind::error;
+  }
+  bool is_local_stream(std::uint32_t stream_id) const { return (stream_id % 2 == 1) == outgoing_; }
+
+  std::size_t decode_frames(std::span<const std::byte> bytes);
+  void handle_frame(const codec::FrameView& frame);
+  void handle_connection_frame(const codec::FrameView& frame);
+  void handle_hello(const codec::FrameView& frame);
+  void handle_hello_ack(const codec::FrameView& frame);
+  void handle_credit(std::uint32_t stream_id, std::uint64_t bytes);
+  void handle_stream_frame(const codec::FrameView& frame);
+  void grant(std::uint32_t stream_id, Stream& stream, std::uint64_t bytes);
+  void end_stream(std::uint32_t stream_id, const EndReason& reason);
+  void after_frame_sent(std::uint32_t stream_id, codec::FrameKind kind, std::uint16_t flags, std::uint64_t wire_bytes);
+  void send_hello();
+  void send_limits(protocol::Limits::Builder limits) const;
+  void check_keepalive();
+  void check_drained();
+  void begin_close(const EndReason& reason);
+  void note_queued();
+
+  EventLoop& loop_;
+  IoBackend& backend_;
+  int fd_;
+  bool outgoing_;
+  ConnectionOptions options_;
+  ConnectionHandler& handler_;
+  codec::FrameEncoder encoder_;
+  codec::FrameDecoder decoder_;
+
+  bool ready_ = false;
+  bool closing_ = false;   // no more frames handled or accepted
+  bool closed_ = false;    // on_close came
+  bool draining_ = false;
+  bool peer_went_away_ = false;
+  bool sending_ = false;
+  bool flush_wanted_ = false;
+  EndReason close_reason_;
+  std::string peer_name_;
+
+  codec::ByteBuffer receive_;    // a partial frame carried between receives
+  codec::ByteBuffer queued_;     // frames waiting for the next write
+  codec::ByteBuffer in_flight_;  // the write under way
+  std::vector<iovec> iovecs_;
+
+  std::unordered_map<std::uint32_t, Stream> streams_;
+  std::uint32_t next_local_stream_;
+  std::uint32_t last_peer_stream_ = 0;
+  std::int64_t connection_send_credit_ = 0;
+  std::uint64_t connection_receive_window_;
+  std::uint64_t connection_consumed_since_grant_ = 0;
+  std::uint32_t peer_initial_stream_credit_ = 0;
+
+  std::chrono::steady_clock::time_point last_received_;
+  TimerId keepalive_timer_ = 0;
+  TimerId linger_timer_ = 0;
+  std::uint64_t ping_sequence_ = 0;
+};
+
+// Owns a loop thread's backend and flushes its connections after each batch
+// of completions. One per loop thread; not thread-safe but for post/stop.
+class EventLoop {
+ public:
+  explicit EventLoop(std::string_view forced_backend = {});
+  ~EventLoop();
+
+  IoBackend& backend() { return *backend_; }
+  const std::string& backend_log_line() const { return backend_log_line_; }
+  void run() { backend_->run(); }
+  void stop() { backend_->stop(); }
+  void post(std::function<void()> fn) { backend_->post(std::move(fn)); }
+
+  // The connection has frames queued: flush it before the loop waits.
+  void want_flush(Connection* connection) { flush_list_.push_back(connection); }
+  // The connection is being destroyed: forget it.
+  void forget(Connection* connection);
+
+ private:
+  void flush_all();
+
+  std::unique_ptr<IoBackend> backend_;
+  std::string backend_log_line_;
+  std::vector<Connection*> flush_list_;
+  std::vector<Connection*> flushing_;
+};
+
+template <typename Body, typename Fill>
+SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t flags,
+                            const codec::PreparedAttachment* attachment) {
+  if (closing_ || closed_) return SendStatus::connection_closed;
+  constexpr codec::FrameKind kind = codec::kKindOf<Body>;
+  Stream* stream = nullptr;
+  if (stream_id != 0) {
+    auto found = streams_.find(stream_id);
+    if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) {
+      stream = &found->second;
+    } else if (kind != codec::FrameKind::error) {
+      return SendStatus::no_such_stream;  // an Error may refuse a stream we never took
+    }
+  }
+  const std::size_t mark = queued_.size();
+  auto encoded = encoder_.encode<Body>(queued_, stream_id, std::forward<Fill>(fill),
+                                       {.flags = flags, .attachment = attachment,
+                                        .placement = codec::AttachmentPlacement::copy_into_buffer});
+  if (!encoded) return SendStatus::too_large;
+  if (counts_against_credit(kind)) {
+    const auto bytes = static_cast<std::int64_t>(encoded->wire_bytes);
+    if (stream == nullptr || bytes > stream->send_credit || bytes > connection_send_credit_) {
+      queued_.resize(mark);  // take the frame back: it may not go yet
+      if (stream != nullptr) stream->blocked = true;
+      return SendStatus::blocked;
+    }
+  }
+  after_frame_sent(stream_id, kind, flags, encoded->wire_bytes);
+  return SendStatus::sent;
+}
+
+}  // namespace fmwire::transport

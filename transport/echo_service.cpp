@@ -1,0 +1,128 @@
+#include "transport/echo_service.h"
+
+#include <sstream>
+
+namespace fmwire::transport {
+
+EchoService::EchoService(EventLoop& loop, EchoOptions options) : loop_(loop), options_(options) {
+  if (options_.tokens_per_frame == 0) options_.tokens_per_frame = 1;
+}
+
+EchoService::~EchoService() {
+  for (auto& [key, generation] : streams_) {
+    if (generation.timer != 0) loop_.backend().cancel(generation.timer);
+  }
+}
+
+void EchoService::on_stream_frame(Connection& connection, const codec::FrameView& frame) {
+  if (frame.kind() == codec::FrameKind::generate_request) {
+    start(connection, frame.header.stream_id, frame);
+  }
+  // Cancel and Error end the stream: on_stream_closed cleans up.
+}
+
+void EchoService::start(Connection& connection, std::uint32_t stream_id, const codec::FrameView& frame) {
+  Generation generation;
+  std::string problem;
+  codec::Status read = codec::read_body<protocol::GenerateRequest>(
+      frame, codec::FrameLimits{}, [&](protocol::GenerateRequest::Reader request) {
+        generation.max_tokens = request.getSampling().getMaxTokens();
+        if (request.getPrompt().isText()) {
+          std::istringstream words(request.getPrompt().getText().cStr());
+          for (std::string word; words >> word;) generation.words.push_back(" " + word);
+        } else {
+          for (std::uint32_t id : request.getPrompt().getTokenIds()) {
+            generation.words.push_back(" <" + std::to_string(id) + ">");
+          }
+        }
+      });
+  if (!read) {
+    problem = "unreadable GenerateRequest: " + read.error().message;
+  } else if (generation.words.empty()) {
+    problem = "prompt is empty";
+  } else if (generation.max_tokens == 0) {
+    problem = "sampling.maxTokens must be at least 1";
+  }
+  if (!problem.empty()) {
+    connection.reset_stream(stream_id, protocol::ErrorCode::BAD_REQUEST, problem);
+    return;
+  }
+  streams_[{&connection, stream_id}] = std::move(generation);
+  produce(connection, stream_id);
+}
+
+// Sends tokens while credit lasts (or one per interval), then Finish.
+void EchoService::produce(Connection& connection, std::uint32_t stream_id) {
+  auto found = streams_.find({&connection, stream_id});
+  if (found == streams_.end()) return;
+  Generation& generation = found->second;
+  generation.waiting = false;
+  while (generation.next_index < generation.max_tokens) {
+    const std::uint32_t count = std::min(options_.tokens_per_frame, generation.max_tokens - generation.next_index);
+    const SendStatus status = connection.send<protocol::Tokens>(stream_id, [&](protocol::Tokens::Builder tokens) {
+      tokens.setFirstIndex(generation.next_index);
+      auto ids = tokens.initTokenIds(count);
+      auto pieces = tokens.initTextPieces(count);
+      for (std::uint32_t i = 0; i < count; ++i) {
+        const std::uint32_t index = generation.next_index + i;
+        ids.set(i, index);
+        pieces.set(i, generation.words[index % generation.words.size()].c_str());
+      }
+    });
+    if (status == SendStatus::blocked) {
+      generation.waiting = true;  // on_stream_writable resumes
+      return;
+    }
+    if (status != SendStatus::sent) {
+      streams_.erase(found);
+      return;
+    }
+    generation.next_index += count;
+    tokens_sent_ += count;
+    if (options_.token_interval.count() > 0 && generation.next_index < generation.max_tokens) {
+      generation.waiting = true;
+      Connection* raw = &connection;
+      generation.timer = loop_.backend().schedule(options_.token_interval, [this, raw, stream_id] {
+            auto again = streams_.find({raw, stream_id});
+            if (again == streams_.end()) return;
+            again->second.timer = 0;
+            produce(*raw, stream_id);
+          });
+      return;
+    }
+  }
+  const std::uint32_t completion_tokens = generation.max_tokens;
+  streams_.erase(found);
+  connection.send<protocol::Finish>(stream_id, [&](protocol::Finish::Builder finish) {
+    finish.setReason(protocol::FinishReason::MAX_TOKENS);
+    finish.initUsage().setCompletionTokens(completion_tokens);
+    finish.initTimings(1)[0].setHop("echo");
+  }, kEndStream);
+}
+
+void EchoService::on_stream_writable(Connection& connection, std::uint32_t stream_id) {
+  auto found = streams_.find({&connection, stream_id});
+  if (found != streams_.end() && found->second.timer == 0) produce(connection, stream_id);
+}
+
+void EchoService::on_stream_closed(Connection& connection, std::uint32_t stream_id, const EndReason& reason) {
+  auto found = streams_.find({&connection, stream_id});
+  if (found == streams_.end()) return;
+  if (found->second.timer != 0) loop_.backend().cancel(found->second.timer);
+  if (reason.error) ++streams_cancelled_;
+  streams_.erase(found);
+}
+
+void EchoService::on_closed(Connection& connection, const EndReason& reason) {
+  (void)reason;
+  for (auto it = streams_.begin(); it != streams_.end();) {
+    if (it->first.first == &connection) {
+      if (it->second.timer != 0) loop_.backend().cancel(it->second.timer);
+      it = streams_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+}  // namespace fmwire::transport

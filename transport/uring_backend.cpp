@@ -1,0 +1,497 @@
+#include "transport/uring_backend.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+namespace fmwire::transport {
+
+namespace {
+
+constexpr std::uint16_t kBufferGroup = 1;
+constexpr std::size_t kMaxIovecs = 1024;  // IOV_MAX
+
+std::error_code errno_code(int error) { return {error, std::system_category()}; }
+
+void set_no_delay(int fd) {
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+}  // namespace
+
+struct UringBackend::Socket {
+  int fd = -1;
+  std::uint32_t generation = 0;
+  SocketEvents* events = nullptr;
+  int in_flight = 0;        // submissions whose last completion has not come
+  bool receiving = false;
+  bool sending = false;
+  bool closing = false;
+  std::error_code close_error;
+  std::vector<iovec> send_iovecs;  // reused: no allocation per send once warm
+  std::size_t send_first = 0;
+  msghdr message{};
+};
+
+struct UringBackend::Listener {
+  int fd = -1;
+  std::uint32_t generation = 0;
+  std::function<void(int)> on_accept;
+};
+
+struct UringBackend::PendingConnect {
+  int fd = -1;
+  sockaddr_storage address{};
+  socklen_t address_bytes = 0;
+  std::function<void(int, std::error_code)> on_connected;
+};
+
+std::uint64_t UringBackend::user_data(Op op, std::uint32_t generation, std::uint32_t index) {
+  return (std::uint64_t{static_cast<std::uint8_t>(op)} << 56) | (std::uint64_t{generation & 0xffffff} << 32) | index;
+}
+
+UringBackend::UringBackend(UringOptions options) : options_(options) {
+  if (options_.receive_buffers == 0 || (options_.receive_buffers & (options_.receive_buffers - 1)) != 0 ||
+      options_.receive_buffers > 32768) {
+    throw std::invalid_argument("io_uring: receive_buffers must be a power of two up to 32768");
+  }
+  io_uring_params params{};
+  params.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL;
+  int result = io_uring_queue_init_params(options_.queue_entries, &ring_, &params);
+  if (result == -EINVAL) {  // an older kernel without those flags
+    params = {};
+    result = io_uring_queue_init_params(options_.queue_entries, &ring_, &params);
+  }
+  if (result < 0) throw std::system_error(errno_code(-result), "io_uring_queue_init");
+  if ((params.features & IORING_FEAT_EXT_ARG) == 0) {
+    io_uring_queue_exit(&ring_);
+    throw std::system_error(errno_code(ENOSYS), "io_uring without IORING_FEAT_EXT_ARG (kernel < 5.11)");
+  }
+
+  // The provided-buffer ring (liburing 2.3 has no io_uring_setup_buf_ring).
+  buffer_ring_bytes_ = options_.receive_buffers * sizeof(io_uring_buf);
+  void* mapped = ::mmap(nullptr, buffer_ring_bytes_, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+  if (mapped == MAP_FAILED) {
+    io_uring_queue_exit(&ring_);
+    throw std::system_error(errno_code(errno), "mmap of the provided-buffer ring");
+  }
+  buffer_ring_ = static_cast<io_uring_buf_ring*>(mapped);
+  io_uring_buf_reg registration{};
+  registration.ring_addr = reinterpret_cast<std::uint64_t>(mapped);
+  registration.ring_entries = options_.receive_buffers;
+  registration.bgid = kBufferGroup;
+  result = io_uring_register_buf_ring(&ring_, &registration, 0);
+  if (result < 0) {
+    ::munmap(mapped, buffer_ring_bytes_);
+    io_uring_queue_exit(&ring_);
+    throw std::system_error(errno_code(-result), "io_uring_register_buf_ring (kernel < 5.19?)");
+  }
+  io_uring_buf_ring_init(buffer_ring_);
+  const std::size_t words = std::size_t{options_.receive_buffers} * options_.receive_buffer_bytes / 8;
+  receive_memory_.reset(new std::uint64_t[words]);
+  const int mask = io_uring_buf_ring_mask(options_.receive_buffers);
+  for (unsigned id = 0; id < options_.receive_buffers; ++id) {
+    io_uring_buf_ring_add(buffer_ring_, reinterpret_cast<std::byte*>(receive_memory_.get()) + std::size_t{id} * options_.receive_buffer_bytes,
+                          options_.receive_buffer_bytes, static_cast<unsigned short>(id), mask, static_cast<int>(id));
+  }
+  io_uring_buf_ring_advance(buffer_ring_, static_cast<int>(options_.receive_buffers));
+
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC);
+  if (wake_fd_ < 0) {
+    const int error = errno;
+    ::munmap(mapped, buffer_ring_bytes_);
+    io_uring_queue_exit(&ring_);
+    throw std::system_error(errno_code(error), "eventfd");
+  }
+  arm_wake();
+}
+
+UringBackend::~UringBackend() {
+  for (auto& socket : sockets_) {
+    if (socket) ::close(socket->fd);
+  }
+  for (auto& listener : listeners_) {
+    if (listener) ::close(listener->fd);
+  }
+  for (auto& [id, pending] : connects_) ::close(pending->fd);
+  io_uring_queue_exit(&ring_);
+  ::munmap(buffer_ring_, buffer_ring_bytes_);
+  ::close(wake_fd_);
+}
+
+io_uring_sqe* UringBackend::next_sqe() {
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  while (sqe == nullptr) {  // the queue is full: hand what is there to the kernel
+    io_uring_submit(&ring_);
+    sqe = io_uring_get_sqe(&ring_);
+  }
+  return sqe;
+}
+
+UringBackend::Socket* UringBackend::socket_for(int fd) {
+  if (fd < 0 || static_cast<std::size_t>(fd) >= sockets_.size()) return nullptr;
+  return sockets_[fd].get();
+}
+
+void UringBackend::arm_wake() {
+  io_uring_sqe* sqe = next_sqe();
+  io_uring_prep_read(sqe, wake_fd_, &wake_value_, sizeof wake_value_, 0);
+  io_uring_sqe_set_data64(sqe, user_data(Op::wake, 0, 0));
+}
+
+void UringBackend::accept(int listen_fd, std::function<void(int fd)> on_accept) {
+  if (static_cast<std::size_t>(listen_fd) >= listeners_.size()) listeners_.resize(listen_fd + 1);
+  auto listener = std::make_unique<Listener>();
+  listener->fd = listen_fd;
+  listener->generation = next_generation_++;
+  listener->on_accept = std::move(on_accept);
+  arm_accept(*listener);
+  listeners_[listen_fd] = std::move(listener);
+}
+
+void UringBackend::arm_accept(Listener& listener) {
+  io_uring_sqe* sqe = next_sqe();
+  io_uring_prep_multishot_accept(sqe, listener.fd, nullptr, nullptr, SOCK_CLOEXEC);
+  io_uring_sqe_set_data64(sqe, user_data(Op::accept, listener.generation, static_cast<std::uint32_t>(listener.fd)));
+}
+
+void UringBackend::stop_accepting(int listen_fd) {
+  if (listen_fd < 0 || static_cast<std::size_t>(listen_fd) >= listeners_.size() || !listeners_[listen_fd]) return;
+  io_uring_sqe* sqe = next_sqe();
+  io_uring_prep_cancel_fd(sqe, listen_fd, IORING_ASYNC_CANCEL_ALL);
+  io_uring_sqe_set_data64(sqe, user_data(Op::cancel, 0, 0));
+  io_uring_submit(&ring_);
+  // Kept until this batch of completions is done: stop_accepting() may be
+  // called from inside the listener's own on_accept. Late completions fail
+  // the generation check.
+  retired_listeners_.push_back(std::move(listeners_[listen_fd]));
+  ::close(listen_fd);
+}
+
+void UringBackend::connect(const std::string& host, std::uint16_t port,
+                           std::function<void(int fd, std::error_code error)> on_connected) {
+  auto pending = std::make_unique<PendingConnect>();
+  auto* v4 = reinterpret_cast<sockaddr_in*>(&pending->address);
+  auto* v6 = reinterpret_cast<sockaddr_in6*>(&pending->address);
+  if (::inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
+    v4->sin_family = AF_INET;
+    v4->sin_port = htons(port);
+    pending->address_bytes = sizeof(sockaddr_in);
+  } else if (::inet_pton(AF_INET6, host.c_str(), &v6->sin6_addr) == 1) {
+    v6->sin6_family = AF_INET6;
+    v6->sin6_port = htons(port);
+    pending->address_bytes = sizeof(sockaddr_in6);
+  } else {
+    post([on_connected = std::move(on_connected)] { on_connected(-1, std::make_error_code(std::errc::invalid_argument)); });
+    return;
+  }
+  pending->fd = ::socket(pending->address.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (pending->fd < 0) {
+    post([on_connected = std::move(on_connected), error = errno_code(errno)] { on_connected(-1, error); });
+    return;
+  }
+  pending->on_connected = std::move(on_connected);
+  const std::uint32_t id = next_connect_++;
+  io_uring_sqe* sqe = next_sqe();
+  io_uring_prep_connect(sqe, pending->fd, reinterpret_cast<sockaddr*>(&pending->address), pending->address_bytes);
+  io_uring_sqe_set_data64(sqe, user_data(Op::connect, 0, id));
+  connects_.emplace(id, std::move(pending));
+}
+
+void UringBackend::open(int fd, SocketEvents* events) {
+  if (static_cast<std::size_t>(fd) >= sockets_.size()) sockets_.resize(fd + 1);
+  auto socket = std::make_unique<Socket>();
+  socket->fd = fd;
+  socket->generation = next_generation_++;
+  socket->events = events;
+  set_no_delay(fd);
+  arm_receive(*socket);
+  sockets_[fd] = std::move(socket);
+}
+
+void UringBackend::arm_receive(Socket& socket) {
+  io_uring_sqe* sqe = next_sqe();
+  io_uring_prep_recv_multishot(sqe, socket.fd, nullptr, 0, 0);
+  sqe->flags |= IOSQE_BUFFER_SELECT;
+  sqe->buf_group = kBufferGroup;
+  io_uring_sqe_set_data64(sqe, user_data(Op::receive, socket.generation, static_cast<std::uint32_t>(socket.fd)));
+  ++socket.in_flight;
+  socket.receiving = true;
+}
+
+void UringBackend::send(int fd, std::span<const iovec> buffers) {
+  Socket* socket = socket_for(fd);
+  if (socket == nullptr || socket->closing) return;  // on_close is on its way
+  if (socket->sending) throw std::logic_error("io_uring: send() while a send is in flight on this socket");
+  socket->send_iovecs.assign(buffers.begin(), buffers.end());
+  socket->send_first = 0;
+  submit_send(*socket);
+}
+
+void UringBackend::submit_send(Socket& socket) {
+  socket.message = {};
+  socket.message.msg_iov = socket.send_iovecs.data() + socket.send_first;
+  socket.message.msg_iovlen = std::min(kMaxIovecs, socket.send_iovecs.size() - socket.send_first);
+  io_uring_sqe* sqe = next_sqe();
+  io_uring_prep_sendmsg(sqe, socket.fd, &socket.message, MSG_NOSIGNAL);
+  io_uring_sqe_set_data64(sqe, user_data(Op::send, socket.generation, static_cast<std::uint32_t>(socket.fd)));
+  ++socket.in_flight;
+  socket.sending = true;
+}
+
+void UringBackend::close(int fd) {
+  if (Socket* socket = socket_for(fd)) begin_close(*socket, std::make_error_code(std::errc::operation_canceled));
+}
+
+void UringBackend::begin_close(Socket& socket, std::error_code error) {
+  if (socket.closing) return;
+  socket.closing = true;
+  socket.close_error = error;
+  // Shutdown wakes the armed receive; the cancel ends anything else in flight.
+  ::shutdown(socket.fd, SHUT_RDWR);
+  io_uring_sqe* sqe = next_sqe();
+  io_uring_prep_cancel_fd(sqe, socket.fd, IORING_ASYNC_CANCEL_ALL);
+  io_uring_sqe_set_data64(sqe, user_data(Op::cancel, 0, 0));
+  closing_.push_back(&socket);
+}
+
+void UringBackend::finish_closes() {
+  // Sockets whose last submission has completed are closed; on_close may
+  // open new sockets (reusing the number), so the slot is freed first.
+  for (std::size_t i = 0; i < closing_.size();) {
+    Socket* socket = closing_[i];
+    if (socket->in_flight > 0) {
+      ++i;
+      continue;
+    }
+    closing_[i] = closing_.back();
+    closing_.pop_back();
+    std::unique_ptr<Socket> owned = std::move(sockets_[socket->fd]);
+    ::close(owned->fd);
+    owned->events->on_close(owned->close_error);
+  }
+}
+
+TimerId UringBackend::schedule(std::chrono::milliseconds delay, std::function<void()> fn) {
+  const auto deadline = std::chrono::steady_clock::now() + delay;
+  const TimerId id = next_timer_++;
+  timers_.emplace(id, std::make_pair(deadline, std::move(fn)));
+  timer_queue_.emplace(deadline, id);
+  return id;
+}
+
+void UringBackend::cancel(TimerId timer) { timers_.erase(timer); }
+
+void UringBackend::run_due_timers() {
+  const auto now = std::chrono::steady_clock::now();
+  while (!timer_queue_.empty() && timer_queue_.begin()->first <= now) {
+    const TimerId id = timer_queue_.begin()->second;
+    timer_queue_.erase(timer_queue_.begin());
+    auto found = timers_.find(id);
+    if (found == timers_.end()) continue;  // cancelled
+    std::function<void()> fn = std::move(found->second.second);
+    timers_.erase(found);
+    fn();
+  }
+}
+
+void UringBackend::post(std::function<void()> fn) {
+  {
+    std::lock_guard lock(posted_mutex_);
+    posted_.push_back(std::move(fn));
+  }
+  const std::uint64_t one = 1;
+  [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
+}
+
+void UringBackend::run_posted() {
+  {
+    std::lock_guard lock(posted_mutex_);
+    running_posted_.swap(posted_);
+  }
+  for (auto& fn : running_posted_) fn();
+  running_posted_.clear();
+}
+
+void UringBackend::stop() {
+  stopped_.store(true);
+  const std::uint64_t one = 1;
+  [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
+}
+
+void UringBackend::handle_receive(Socket& socket, const io_uring_cqe& cqe) {
+  if ((cqe.flags & IORING_CQE_F_MORE) == 0) {
+    socket.receiving = false;
+    --socket.in_flight;
+  }
+  if (cqe.res > 0) {
+    const unsigned id = cqe.flags >> IORING_CQE_BUFFER_SHIFT;
+    std::byte* buffer = reinterpret_cast<std::byte*>(receive_memory_.get()) + std::size_t{id} * options_.receive_buffer_bytes;
+    if (!socket.closing) socket.events->on_receive({buffer, static_cast<std::size_t>(cqe.res)});
+    io_uring_buf_ring_add(buffer_ring_, buffer, options_.receive_buffer_bytes, static_cast<unsigned short>(id),
+                          io_uring_buf_ring_mask(options_.receive_buffers), 0);
+    io_uring_buf_ring_advance(buffer_ring_, 1);
+  } else if (cqe.res == 0) {
+    begin_close(socket, {});
+  } else if (cqe.res != -ENOBUFS && cqe.res != -ECANCELED) {
+    begin_close(socket, errno_code(-cqe.res));
+  }
+  // A multishot receive ends on ENOBUFS (all buffers out) or after a
+  // kernel-side limit; buffers are back by now, so arm it again.
+  if (!socket.receiving && !socket.closing) arm_receive(socket);
+}
+
+void UringBackend::handle_send(Socket& socket, const io_uring_cqe& cqe) {
+  --socket.in_flight;
+  socket.sending = false;
+  if (cqe.res < 0) {
+    begin_close(socket, errno_code(-cqe.res));
+    return;
+  }
+  std::size_t written = static_cast<std::size_t>(cqe.res);
+  while (written > 0 && socket.send_first < socket.send_iovecs.size()) {
+    iovec& first = socket.send_iovecs[socket.send_first];
+    if (first.iov_len <= written) {
+      written -= first.iov_len;
+      ++socket.send_first;
+    } else {
+      first.iov_base = static_cast<std::byte*>(first.iov_base) + written;
+      first.iov_len -= written;
+      written = 0;
+    }
+  }
+  while (socket.send_first < socket.send_iovecs.size() && socket.send_iovecs[socket.send_first].iov_len == 0) {
+    ++socket.send_first;
+  }
+  if (socket.closing) return;
+  if (socket.send_first < socket.send_iovecs.size()) {
+    submit_send(socket);  // a partial send: the rest goes now
+  } else {
+    socket.events->on_send_complete();
+  }
+}
+
+void UringBackend::handle(const io_uring_cqe& cqe) {
+  const std::uint64_t data = io_uring_cqe_get_data64(&cqe);
+  const auto op = static_cast<Op>(data >> 56);
+  const auto generation = static_cast<std::uint32_t>((data >> 32) & 0xffffff);
+  const auto index = static_cast<std::uint32_t>(data);
+  switch (op) {
+    case Op::accept: {
+      Listener* listener = index < listeners_.size() ? listeners_[index].get() : nullptr;
+      if (listener == nullptr || (listener->generation & 0xffffff) != generation) {
+        if (cqe.res >= 0) ::close(cqe.res);  // accepted after stop_accepting
+        return;
+      }
+      if (cqe.res >= 0) {
+        listener->on_accept(cqe.res);
+      } else if (cqe.res == -EMFILE || cqe.res == -ENFILE || cqe.res == -ENOBUFS || cqe.res == -ENOMEM) {
+        // Out of descriptors or memory: try again shortly instead of spinning.
+        if ((cqe.flags & IORING_CQE_F_MORE) == 0) {
+          const int fd = listener->fd;
+          const std::uint32_t expected = listener->generation;
+          schedule(std::chrono::milliseconds(50), [this, fd, expected] {
+            if (static_cast<std::size_t>(fd) < listeners_.size() && listeners_[fd] && listeners_[fd]->generation == expected) {
+              arm_accept(*listeners_[fd]);
+            }
+          });
+        }
+        return;
+      }
+      if ((cqe.flags & IORING_CQE_F_MORE) == 0 && listener == (index < listeners_.size() ? listeners_[index].get() : nullptr)) {
+        arm_accept(*listener);
+      }
+      return;
+    }
+    case Op::receive:
+    case Op::send: {
+      Socket* socket = socket_for(static_cast<int>(index));
+      if (socket == nullptr || (socket->generation & 0xffffff) != generation) {
+        if (op == Op::receive && cqe.res > 0 && (cqe.flags & IORING_CQE_F_BUFFER)) {
+          const unsigned id = cqe.flags >> IORING_CQE_BUFFER_SHIFT;
+          io_uring_buf_ring_add(buffer_ring_, reinterpret_cast<std::byte*>(receive_memory_.get()) + std::size_t{id} * options_.receive_buffer_bytes,
+                                options_.receive_buffer_bytes, static_cast<unsigned short>(id),
+                                io_uring_buf_ring_mask(options_.receive_buffers), 0);
+          io_uring_buf_ring_advance(buffer_ring_, 1);
+        }
+        return;
+      }
+      if (op == Op::receive) {
+        handle_receive(*socket, cqe);
+      } else {
+        handle_send(*socket, cqe);
+      }
+      return;
+    }
+    case Op::connect: {
+      auto found = connects_.find(index);
+      if (found == connects_.end()) return;
+      std::unique_ptr<PendingConnect> pending = std::move(found->second);
+      connects_.erase(found);
+      if (cqe.res < 0) {
+        ::close(pending->fd);
+        pending->on_connected(-1, errno_code(-cqe.res));
+      } else {
+        set_no_delay(pending->fd);
+        pending->on_connected(pending->fd, {});
+      }
+      return;
+    }
+    case Op::wake:
+      // Re-armed even when stopping: the next run() must hear its own stop().
+      run_posted();
+      arm_wake();
+      return;
+    case Op::cancel:
+      return;
+  }
+}
+
+void UringBackend::run() {
+  while (!stopped_.load()) {
+    if (before_wait_) before_wait_();
+    finish_closes();
+
+    __kernel_timespec timeout{};
+    __kernel_timespec* wait_for = nullptr;
+    if (!timer_queue_.empty()) {
+      const auto delay = std::max(timer_queue_.begin()->first - std::chrono::steady_clock::now(),
+                                  std::chrono::steady_clock::duration::zero());
+      const auto nanoseconds = std::chrono::duration_cast<std::chrono::nanoseconds>(delay).count();
+      timeout.tv_sec = nanoseconds / 1'000'000'000;
+      timeout.tv_nsec = nanoseconds % 1'000'000'000;
+      wait_for = &timeout;
+    }
+    io_uring_cqe* first = nullptr;
+    const int result = io_uring_submit_and_wait_timeout(&ring_, &first, 1, wait_for, nullptr);
+    if (result < 0 && result != -ETIME && result != -EINTR && result != -EAGAIN && result != -EBUSY) {
+      throw std::system_error(errno_code(-result), "io_uring_submit_and_wait_timeout");
+    }
+    unsigned head;
+    unsigned seen = 0;
+    io_uring_cqe* cqe;
+    io_uring_for_each_cqe(&ring_, head, cqe) {
+      ++seen;
+      const io_uring_cqe copy = *cqe;
+      handle(copy);
+    }
+    io_uring_cq_advance(&ring_, seen);
+    retired_listeners_.clear();
+    run_due_timers();
+    finish_closes();
+  }
+  // A stop is used up by the run it ended: the loop can run again.
+  stopped_.store(false);
+}
+
+}  // namespace fmwire::transport

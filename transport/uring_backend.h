@@ -1,0 +1,98 @@
+// IoBackend on io_uring (liburing), one ring per loop thread:
+// - multishot accept: one submission accepts every connection;
+// - multishot receive into a provided-buffer ring: one submission per socket
+//   receives until it closes, into buffers the kernel picks, handed back to
+//   the ring as soon as on_receive returns (no per-socket receive buffer);
+// - sends gathered with sendmsg (MSG_NOSIGNAL), all frames that queued up
+//   while the previous send was in flight going out in one submission;
+// - one io_uring_enter per loop turn submits and waits (batched submission),
+//   its timeout serving the timers.
+// make_backend() falls back to Asio when the ring cannot be set up.
+#pragma once
+
+#include <liburing.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "transport/io_backend.h"
+
+namespace fmwire::transport {
+
+struct UringOptions {
+  unsigned queue_entries = 1024;
+  unsigned receive_buffers = 256;           // a power of two
+  unsigned receive_buffer_bytes = 64 * 1024;
+};
+
+class UringBackend final : public IoBackend {
+ public:
+  // Throws std::system_error when io_uring cannot be set up here.
+  explicit UringBackend(UringOptions options = {});
+  ~UringBackend() override;
+
+  BackendKind kind() const override { return BackendKind::io_uring; }
+  void accept(int listen_fd, std::function<void(int fd)> on_accept) override;
+  void stop_accepting(int listen_fd) override;
+  void connect(const std::string& host, std::uint16_t port,
+               std::function<void(int fd, std::error_code error)> on_connected) override;
+  void open(int fd, SocketEvents* events) override;
+  void send(int fd, std::span<const iovec> buffers) override;
+  void close(int fd) override;
+  TimerId schedule(std::chrono::milliseconds delay, std::function<void()> fn) override;
+  void cancel(TimerId timer) override;
+  void post(std::function<void()> fn) override;
+  void set_before_wait(std::function<void()> hook) override { before_wait_ = std::move(hook); }
+  void run() override;
+  void stop() override;
+
+ private:
+  enum class Op : std::uint8_t { accept = 1, receive, send, connect, wake, cancel };
+  struct Socket;
+  struct Listener;
+  struct PendingConnect;
+
+  static std::uint64_t user_data(Op op, std::uint32_t generation, std::uint32_t index);
+  io_uring_sqe* next_sqe();
+  void arm_accept(Listener& listener);
+  void arm_receive(Socket& socket);
+  void submit_send(Socket& socket);
+  void arm_wake();
+  void handle(const io_uring_cqe& cqe);
+  void handle_receive(Socket& socket, const io_uring_cqe& cqe);
+  void handle_send(Socket& socket, const io_uring_cqe& cqe);
+  void begin_close(Socket& socket, std::error_code error);
+  void finish_closes();
+  void run_due_timers();
+  void run_posted();
+  Socket* socket_for(int fd);
+
+  UringOptions options_;
+  io_uring ring_{};
+  io_uring_buf_ring* buffer_ring_ = nullptr;
+  std::size_t buffer_ring_bytes_ = 0;
+  std::unique_ptr<std::uint64_t[]> receive_memory_;  // 8-byte aligned buffers
+  std::vector<std::unique_ptr<Socket>> sockets_;     // by fd
+  std::vector<std::unique_ptr<Listener>> listeners_; // by fd
+  std::vector<std::unique_ptr<Listener>> retired_listeners_;  // stopped during this batch
+  std::map<std::uint32_t, std::unique_ptr<PendingConnect>> connects_;
+  std::uint32_t next_connect_ = 1;
+  std::uint32_t next_generation_ = 1;
+  std::vector<Socket*> closing_;
+
+  std::multimap<std::chrono::steady_clock::time_point, TimerId> timer_queue_;
+  std::map<TimerId, std::pair<std::chrono::steady_clock::time_point, std::function<void()>>> timers_;
+  TimerId next_timer_ = 1;
+
+  int wake_fd_ = -1;
+  std::uint64_t wake_value_ = 0;
+  std::mutex posted_mutex_;
+  std::vector<std::function<void()>> posted_;
+  std::vector<std::function<void()>> running_posted_;
+  std::atomic<bool> stopped_{false};
+  std::function<void()> before_wait_;
+};
+
+}  // namespace fmwire::transport
