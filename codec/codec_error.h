@@ -35,12 +35,13 @@ struct CodecError {
   std::string message;
 };
 
-// A value or a CodecError. The success path never allocates.
-template <typename T>
+// A value or an error (a CodecError unless said otherwise: the client SDK
+// uses it with its own error type). The success path never allocates.
+template <typename T, typename E = CodecError>
 class [[nodiscard]] Result {
  public:
   Result(T value) : state_(std::in_place_index<0>, std::move(value)) {}
-  Result(CodecError error) : state_(std::in_place_index<1>, std::move(error)) {}
+  Result(E error) : state_(std::in_place_index<1>, std::move(error)) {}
 
   bool has_value() const { return state_.index() == 0; }
   explicit operator bool() const { return has_value(); }
@@ -53,10 +54,10 @@ class [[nodiscard]] Result {
   T& operator*() & { return value(); }
   const T& operator*() const& { return value(); }
 
-  const CodecError& error() const { return std::get<1>(state_); }
+  const E& error() const { return std::get<1>(state_); }
 
  private:
-  std::variant<T, CodecError> state_;
+  std::variant<T, E> state_;
 };
 
 // For operations that produce nothing but may fail.

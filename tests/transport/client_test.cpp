@@ -1,0 +1,246 @@
+// fmwire::Client against an echo server running on a loop thread of its own,
+// over loopback TCP, on both backends.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <future>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "loopback.h"
+#include "transport/client.h"
+#include "transport/echo_service.h"
+#include "transport/server.h"
+
+namespace fmwire::transport {
+namespace {
+
+using namespace std::chrono_literals;
+using test::kBackends;
+
+// An echo server on its own thread; stopped and joined by the destructor
+// (or by stop(), which closes its sockets as a killed process's would be).
+class ServerThread {
+ public:
+  ServerThread(const char* backend, EchoOptions echo = {}, std::uint16_t port = 0)
+      : loop_(backend), service_(loop_, echo), server_(std::make_unique<Server>(loop_, Endpoint{"127.0.0.1", port}, ConnectionOptions{}, service_)) {
+    port_ = server_->port();
+    thread_ = std::thread([this] { loop_.run(); });
+  }
+  ~ServerThread() { stop(); }
+
+  void stop() {
+    if (!thread_.joinable()) return;
+    loop_.stop();
+    thread_.join();
+    server_.reset();  // closes every socket it held
+  }
+  std::uint16_t port() const { return port_; }
+  Endpoint endpoint() const { return {"127.0.0.1", port_}; }
+  // Read after stop() only: the service belongs to the loop thread.
+  const EchoService& service() const { return service_; }
+
+ private:
+  EventLoop loop_;
+  EchoService service_;
+  std::unique_ptr<Server> server_;
+  std::uint16_t port_ = 0;
+  std::thread thread_;
+};
+
+ClientOptions options_for(const char* backend) {
+  ClientOptions options;
+  options.backend = backend;
+  return options;
+}
+
+// Collects one stream's events for a test thread to wait on.
+struct Recorder {
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::vector<std::uint32_t> indexes;
+  std::string text;
+  std::optional<Completion> finish;
+  std::optional<ClientError> error;
+
+  StreamCallbacks callbacks() {
+    return {[this](const TokenChunk& chunk) {
+              std::lock_guard lock(mutex);
+              for (std::size_t i = 0; i < chunk.token_ids.size(); ++i) {
+                indexes.push_back(chunk.first_index + static_cast<std::uint32_t>(i));
+                text += chunk.text_pieces[i];
+              }
+              changed.notify_all();
+            },
+            [this](const Completion& completion) {
+              std::lock_guard lock(mutex);
+              finish = completion;
+              changed.notify_all();
+            },
+            [this](const ClientError& failure) {
+              std::lock_guard lock(mutex);
+              error = failure;
+              changed.notify_all();
+            }};
+  }
+  template <typename Predicate>
+  bool wait(Predicate predicate, std::chrono::milliseconds limit = 10s) {
+    std::unique_lock lock(mutex);
+    return changed.wait_for(lock, limit, [&] { return predicate(*this); });
+  }
+  bool ended() const { return finish.has_value() || error.has_value(); }
+};
+
+GenerateParams prompt(std::string text, std::uint32_t max_tokens) {
+  GenerateParams params;
+  params.prompt = std::move(text);
+  params.max_tokens = max_tokens;
+  return params;
+}
+
+TEST_CASE("complete() returns the whole text, the tokens and the Finish") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend);
+    auto client = Client::connect(server.endpoint(), options_for(backend));
+    REQUIRE(client.has_value());
+    auto result = (*client)->complete(prompt("red green blue", 5));
+    REQUIRE(result.has_value());
+    CHECK(result->text == " red green blue red green");
+    CHECK(result->token_ids == std::vector<std::uint32_t>{0, 1, 2, 3, 4});
+    CHECK(result->finish.reason == protocol::FinishReason::MAX_TOKENS);
+    CHECK(result->finish.completion_tokens == 5);
+    REQUIRE(result->finish.timings.size() == 1);
+    CHECK(result->finish.timings[0].hop == "echo");
+  }
+}
+
+TEST_CASE("streams opened from several threads at once each arrive whole and in order") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend);
+    auto client = Client::connect(server.endpoint(), options_for(backend));
+    REQUIRE(client.has_value());
+    constexpr int kThreads = 4;
+    constexpr int kStreamsEach = 16;
+    std::vector<std::unique_ptr<Recorder>> recorders;
+    for (int i = 0; i < kThreads * kStreamsEach; ++i) recorders.push_back(std::make_unique<Recorder>());
+    {
+      std::vector<std::jthread> threads;
+      for (int t = 0; t < kThreads; ++t) {
+        threads.emplace_back([&, t] {
+          for (int s = 0; s < kStreamsEach; ++s) {
+            (*client)->generate(prompt("stream " + std::to_string(t * kStreamsEach + s), 2000),
+                                recorders[t * kStreamsEach + s]->callbacks());
+          }
+        });
+      }
+    }
+    for (auto& recorder : recorders) {
+      REQUIRE(recorder->wait([](const Recorder& r) { return r.ended(); }));
+      REQUIRE(recorder->finish.has_value());
+      REQUIRE(recorder->indexes.size() == 2000);
+      for (std::uint32_t i = 0; i < 2000; ++i) REQUIRE(recorder->indexes[i] == i);
+    }
+  }
+}
+
+TEST_CASE("cancel() ends the stream with a cancelled error and the server stops generating") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend, EchoOptions{.token_interval = 2ms});
+    auto client = Client::connect(server.endpoint(), options_for(backend));
+    REQUIRE(client.has_value());
+    Recorder recorder;
+    GenerationHandle handle = (*client)->generate(prompt("slow", 1'000'000), recorder.callbacks());
+    REQUIRE(recorder.wait([](const Recorder& r) { return r.indexes.size() >= 3; }));
+    handle.cancel();
+    REQUIRE(recorder.wait([](const Recorder& r) { return r.ended(); }));
+    REQUIRE(recorder.error.has_value());
+    CHECK(recorder.error->code == protocol::ErrorCode::CANCELLED);
+    // The connection carries on, and the server saw the cancel.
+    auto after = (*client)->complete(prompt("after", 2));
+    REQUIRE(after.has_value());
+    handle.cancel();  // a second cancel of an ended stream does nothing
+    server.stop();
+    CHECK(server.service().streams_cancelled() == 1);
+    CHECK(server.service().active_streams() == 0);
+  }
+}
+
+TEST_CASE("a bad request comes back as a typed, non-retryable error") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend);
+    auto client = Client::connect(server.endpoint(), options_for(backend));
+    REQUIRE(client.has_value());
+    auto result = (*client)->complete(prompt("hello", 0));
+    REQUIRE_FALSE(result.has_value());
+    CHECK(result.error().code == protocol::ErrorCode::BAD_REQUEST);
+    CHECK_FALSE(result.error().retryable);
+    CHECK(result.error().message.find("maxTokens") != std::string::npos);
+  }
+}
+
+TEST_CASE("connecting where nobody listens fails at once with a retryable no_worker error") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    std::uint16_t port = 0;
+    {
+      ServerThread gone(backend);
+      port = gone.port();
+    }
+    auto client = Client::connect({"127.0.0.1", port}, options_for(backend));
+    REQUIRE_FALSE(client.has_value());
+    CHECK(client.error().code == protocol::ErrorCode::NO_WORKER);
+    CHECK(client.error().retryable);
+    CHECK(client.error().message.find("cannot connect to 127.0.0.1:" + std::to_string(port)) != std::string::npos);
+  }
+}
+
+TEST_CASE("a server lost mid-stream ends it retryable, and the next request connects again") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    auto server = std::make_unique<ServerThread>(backend, EchoOptions{.token_interval = 1ms});
+    const std::uint16_t port = server->port();
+    auto client = Client::connect(server->endpoint(), options_for(backend));
+    REQUIRE(client.has_value());
+    Recorder recorder;
+    (*client)->generate(prompt("doomed", 1'000'000), recorder.callbacks());
+    REQUIRE(recorder.wait([](const Recorder& r) { return r.indexes.size() >= 2; }));
+    server.reset();
+    REQUIRE(recorder.wait([](const Recorder& r) { return r.ended(); }));
+    REQUIRE(recorder.error.has_value());
+    CHECK(recorder.error->code == protocol::ErrorCode::WORKER_LOST);
+    CHECK(recorder.error->retryable);
+
+    ServerThread back(backend, {}, port);
+    auto result = (*client)->complete(prompt("back again", 2));
+    REQUIRE(result.has_value());
+    CHECK(result->text == " back again");
+  }
+}
+
+TEST_CASE("complete() from inside a callback is refused instead of waiting forever") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend);
+    auto client = Client::connect(server.endpoint(), options_for(backend));
+    REQUIRE(client.has_value());
+    std::promise<ClientResult<CompletionText>> inner;
+    StreamCallbacks callbacks;
+    callbacks.on_finish = [&](const Completion&) { inner.set_value((*client)->complete(prompt("nested", 1))); };
+    callbacks.on_error = [&](const ClientError& error) { inner.set_value(error); };
+    (*client)->generate(prompt("outer", 1), callbacks);
+    auto future = inner.get_future();
+    REQUIRE(future.wait_for(10s) == std::future_status::ready);
+    auto nested = future.get();
+    REQUIRE_FALSE(nested.has_value());
+    CHECK(nested.error().message.find("callback") != std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace fmwire::transport

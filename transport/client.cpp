@@ -1,0 +1,430 @@
+#include "transport/client.h"
+
+#include <unistd.h>
+
+#include <deque>
+#include <future>
+#include <thread>
+#include <unordered_map>
+
+namespace fmwire {
+
+namespace {
+
+using protocol::ErrorCode;
+using Clock = std::chrono::steady_clock;
+
+ClientError error_of(const transport::EndReason& reason) {
+  return {reason.code, reason.message, reason.retryable, 0};
+}
+
+}  // namespace
+
+std::string_view to_string(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::INTERNAL: return "internal";
+    case ErrorCode::BAD_FRAME: return "bad_frame";
+    case ErrorCode::UNSUPPORTED_VERSION: return "unsupported_version";
+    case ErrorCode::LIMIT_EXCEEDED: return "limit_exceeded";
+    case ErrorCode::BAD_REQUEST: return "bad_request";
+    case ErrorCode::UNAUTHORIZED: return "unauthorized";
+    case ErrorCode::NOT_FOUND: return "not_found";
+    case ErrorCode::OVERLOADED: return "overloaded";
+    case ErrorCode::NO_WORKER: return "no_worker";
+    case ErrorCode::DEADLINE_UNREACHABLE: return "deadline_unreachable";
+    case ErrorCode::WORKER_LOST: return "worker_lost";
+    case ErrorCode::CANCELLED: return "cancelled";
+    case ErrorCode::DIGEST_MISMATCH: return "digest_mismatch";
+    case ErrorCode::TRANSFER_ABORTED: return "transfer_aborted";
+  }
+  return "unknown";
+}
+
+std::string_view to_string(protocol::FinishReason reason) {
+  switch (reason) {
+    case protocol::FinishReason::END_OF_SEQUENCE: return "end_of_sequence";
+    case protocol::FinishReason::MAX_TOKENS: return "max_tokens";
+    case protocol::FinishReason::STOP_SEQUENCE: return "stop_sequence";
+    case protocol::FinishReason::CANCELLED: return "cancelled";
+    case protocol::FinishReason::DEADLINE_EXCEEDED: return "deadline_exceeded";
+    case protocol::FinishReason::ERROR: return "error";
+  }
+  return "unknown";
+}
+
+// Everything that lives on the loop thread: the loop, the connection, the
+// requests. Client is a thin shell that posts into it.
+class Client::Session final : public transport::ConnectionHandler {
+ public:
+  Session(const transport::Endpoint& endpoint, ClientOptions options)
+      : endpoint_(endpoint), options_(std::move(options)), loop_(options_.backend) {
+    options_.connection.role = protocol::Role::CLIENT;
+    thread_ = std::thread([this] { loop_.run(); });
+  }
+
+  ~Session() override {
+    loop_.post([this] { shut_down(); });
+    thread_.join();
+    // The loop has stopped: what is left is destroyed without callbacks.
+    retired_.clear();
+    connection_.reset();
+  }
+
+  const std::string& backend_log_line() const { return loop_.backend_log_line(); }
+  bool on_loop_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
+
+  // Connects (if not connected) and waits for the Hello exchange.
+  std::optional<ClientError> connect_and_wait() {
+    auto done = std::make_shared<std::promise<std::optional<ClientError>>>();
+    std::future<std::optional<ClientError>> result = done->get_future();
+    loop_.post([this, done] {
+      if (state_ == State::ready) {
+        done->set_value(std::nullopt);
+        return;
+      }
+      connect_waiters_.push_back(done);
+      if (state_ == State::idle) connect_now();
+    });
+    return result.get();
+  }
+
+  void generate(std::uint64_t id, GenerateParams params, StreamCallbacks callbacks) {
+    loop_.post([this, id, params = std::move(params), callbacks = std::move(callbacks)]() mutable {
+      if (shutting_down_) {
+        if (callbacks.on_error) callbacks.on_error({ErrorCode::CANCELLED, "client closed", false, 0});
+        return;
+      }
+      Request& request = requests_[id];
+      request.params = std::move(params);
+      request.callbacks = std::move(callbacks);
+      if (state_ == State::ready) {
+        open(id, request);
+        return;
+      }
+      pending_.push_back(id);
+      if (state_ == State::idle) connect_now();
+    });
+  }
+
+  void cancel(std::uint64_t id) {
+    loop_.post([this, id] {
+      auto found = requests_.find(id);
+      if (found == requests_.end()) return;  // ended already
+      if (found->second.stream_id != 0 && connection_) {
+        // The stream's end comes back through on_stream_closed.
+        connection_->reset_stream(found->second.stream_id, ErrorCode::CANCELLED, "cancelled by the client");
+        return;
+      }
+      std::erase(pending_, id);
+      finish_with_error(found, {ErrorCode::CANCELLED, "cancelled by the client", false, 0});
+    });
+  }
+
+  // ConnectionHandler: on the loop thread.
+  void on_ready(transport::Connection&) override {
+    state_ = State::ready;
+    cancel_connect_timer();
+    for (auto& waiter : connect_waiters_) waiter->set_value(std::nullopt);
+    connect_waiters_.clear();
+    std::deque<std::uint64_t> waiting;
+    waiting.swap(pending_);
+    for (std::uint64_t id : waiting) {
+      auto found = requests_.find(id);
+      if (found != requests_.end()) open(id, found->second);
+    }
+  }
+
+  void on_stream_frame(transport::Connection&, const codec::FrameView& frame) override {
+    auto stream = by_stream_.find(frame.header.stream_id);
+    if (stream == by_stream_.end()) return;  // stream 0 (connection-wide) or one we ended
+    auto found = requests_.find(stream->second);
+    if (found == requests_.end()) return;
+    switch (frame.kind()) {
+      case codec::FrameKind::tokens: return deliver_tokens(found->second, frame);
+      case codec::FrameKind::finish: return deliver_finish(found, frame);
+      case codec::FrameKind::error: return deliver_error(found, frame);
+      default: return;  // kinds a newer peer may add: ignored, as Cap'n Proto ignores fields
+    }
+  }
+
+  void on_stream_closed(transport::Connection&, std::uint32_t stream_id, const transport::EndReason& reason) override {
+    auto stream = by_stream_.find(stream_id);
+    if (stream == by_stream_.end()) return;
+    auto found = requests_.find(stream->second);
+    if (found == requests_.end()) {
+      by_stream_.erase(stream);
+      return;
+    }
+    // Finish and Error end a request before its stream closes; to get here
+    // the stream was reset or its connection lost.
+    ClientError error = reason.error ? error_of(reason)
+                                     : ClientError{ErrorCode::INTERNAL, "stream ended without a Finish frame", true, 0};
+    finish_with_error(found, std::move(error));
+  }
+
+  void on_closed(transport::Connection& connection, const transport::EndReason& reason) override {
+    state_ = State::idle;
+    cancel_connect_timer();
+    ClientError error = reason.error ? error_of(reason)
+                                     : ClientError{ErrorCode::WORKER_LOST, "connection closed by the peer", true, 0};
+    if (!connection.ready() && !reason.error) {
+      error.message = "connection to " + endpoint_.to_string() + " closed during the Hello exchange";
+    }
+    fail_waiting(error);
+    // Not destroyed inside its own callback: later, from the loop.
+    if (connection_.get() == &connection) retired_.push_back(std::move(connection_));
+    loop_.post([this] { retired_.clear(); });
+    if (stop_when_closed_) loop_.stop();
+  }
+
+ private:
+  enum class State { idle, connecting, ready };
+
+  struct Request {
+    GenerateParams params;
+    StreamCallbacks callbacks;
+    std::uint32_t stream_id = 0;
+  };
+  using Requests = std::unordered_map<std::uint64_t, Request>;
+
+  void connect_now() {
+    state_ = State::connecting;
+    const std::uint64_t attempt = ++attempt_;
+    connect_timer_ = loop_.backend().schedule(options_.connect_timeout, [this, attempt] {
+      connect_timer_ = 0;
+      if (attempt != attempt_ || state_ != State::connecting) return;
+      const std::string message = "no connection to " + endpoint_.to_string() + " within " +
+                                  std::to_string(options_.connect_timeout.count()) + " ms";
+      if (connection_) {
+        connection_->fail(ErrorCode::INTERNAL, message);  // on_closed reports it
+        return;
+      }
+      ++attempt_;  // the TCP connect is still pending: its late answer is dropped
+      state_ = State::idle;
+      fail_waiting({ErrorCode::NO_WORKER, message, true, 0});
+    });
+    loop_.backend().connect(endpoint_.host, endpoint_.port, [this, attempt](int fd, std::error_code error) {
+      if (attempt != attempt_ || shutting_down_) {
+        if (fd >= 0) ::close(fd);
+        return;
+      }
+      if (error) {
+        state_ = State::idle;
+        cancel_connect_timer();
+        fail_waiting({ErrorCode::NO_WORKER, "cannot connect to " + endpoint_.to_string() + ": " + error.message(), true, 0});
+        return;
+      }
+      connection_ = std::make_unique<transport::Connection>(loop_, fd, true, options_.connection, *this);
+    });
+  }
+
+  void cancel_connect_timer() {
+    if (connect_timer_ != 0) loop_.backend().cancel(connect_timer_);
+    connect_timer_ = 0;
+  }
+
+  // Connect waiters and requests not yet on a stream share the connection's fate.
+  void fail_waiting(const ClientError& error) {
+    for (auto& waiter : connect_waiters_) waiter->set_value(error);
+    connect_waiters_.clear();
+    std::deque<std::uint64_t> waiting;
+    waiting.swap(pending_);
+    for (std::uint64_t id : waiting) {
+      auto found = requests_.find(id);
+      if (found != requests_.end()) finish_with_error(found, error);
+    }
+  }
+
+  void open(std::uint64_t id, Request& request) {
+    const std::uint32_t stream_id = connection_->open_stream();
+    if (stream_id == 0) {
+      ClientError error = connection_->open_streams() >= options_.connection.max_streams
+                              ? ClientError{ErrorCode::LIMIT_EXCEEDED,
+                                            "more than " + std::to_string(options_.connection.max_streams) +
+                                                " streams open on this client",
+                                            true, 0}
+                              : ClientError{ErrorCode::OVERLOADED, endpoint_.to_string() + " is draining (GoAway)", true, 0};
+      return finish_with_error(requests_.find(id), std::move(error));
+    }
+    const GenerateParams& params = request.params;
+    const transport::SendStatus status = connection_->send<protocol::GenerateRequest>(
+        stream_id,
+        [&](protocol::GenerateRequest::Builder message) {
+          message.setRequestId(params.request_id);
+          message.setModel(params.model);
+          if (!params.prompt_token_ids.empty()) {
+            auto ids = message.initPrompt().initTokenIds(static_cast<unsigned>(params.prompt_token_ids.size()));
+            for (unsigned i = 0; i < params.prompt_token_ids.size(); ++i) ids.set(i, params.prompt_token_ids[i]);
+          } else {
+            message.initPrompt().setText(params.prompt);
+          }
+          auto sampling = message.initSampling();
+          sampling.setMaxTokens(params.max_tokens);
+          sampling.setTemperature(params.temperature);
+          sampling.setTopP(params.top_p);
+          if (params.seed) {
+            sampling.getSeed().setFixed(*params.seed);
+          } else {
+            sampling.getSeed().setRandom();
+          }
+          auto stops = sampling.initStopSequences(static_cast<unsigned>(params.stop_sequences.size()));
+          for (unsigned i = 0; i < params.stop_sequences.size(); ++i) stops.set(i, params.stop_sequences[i]);
+          message.setTimeoutUs(static_cast<std::uint64_t>(params.timeout.count()));
+          message.setPriority(params.priority);
+        },
+        transport::kEndStream);
+    if (status != transport::SendStatus::sent) {
+      connection_->reset_stream(stream_id, ErrorCode::CANCELLED, "request not sent");
+      const std::string why = status == transport::SendStatus::too_large
+                                  ? "the request is over the frame size limit (" +
+                                        std::to_string(options_.connection.limits.max_body_bytes) + " bytes)"
+                                  : "the request could not be sent (" + std::string(to_string(status)) + ")";
+      return finish_with_error(requests_.find(id), {ErrorCode::BAD_REQUEST, why, false, 0});
+    }
+    request.stream_id = stream_id;
+    by_stream_[stream_id] = id;
+  }
+
+  void deliver_tokens(Request& request, const codec::FrameView& frame) {
+    std::uint32_t first_index = 0;
+    codec::Status read = codec::read_body<protocol::Tokens>(frame, options_.connection.limits, [&](protocol::Tokens::Reader tokens) {
+      first_index = tokens.getFirstIndex();
+      token_ids_.clear();
+      text_pieces_.clear();
+      for (std::uint32_t id : tokens.getTokenIds()) token_ids_.push_back(id);
+      for (capnp::Text::Reader piece : tokens.getTextPieces()) text_pieces_.emplace_back(piece.cStr(), piece.size());
+    });
+    if (!read) {
+      const std::uint32_t stream_id = request.stream_id;
+      connection_->reset_stream(stream_id, ErrorCode::BAD_FRAME, "unreadable Tokens frame: " + read.error().message);
+      return;
+    }
+    if (request.callbacks.on_tokens) request.callbacks.on_tokens(TokenChunk{first_index, token_ids_, text_pieces_});
+  }
+
+  void deliver_finish(Requests::iterator found, const codec::FrameView& frame) {
+    Completion completion;
+    codec::Status read = codec::read_body<protocol::Finish>(frame, options_.connection.limits, [&](protocol::Finish::Reader finish) {
+      completion.reason = finish.getReason();
+      completion.prompt_tokens = finish.getUsage().getPromptTokens();
+      completion.completion_tokens = finish.getUsage().getCompletionTokens();
+      completion.cached_prompt_tokens = finish.getUsage().getCachedPromptTokens();
+      for (protocol::HopTiming::Reader hop : finish.getTimings()) {
+        completion.timings.push_back({hop.getHop(), hop.getQueueUs(), hop.getPrefillUs(), hop.getDecodeUs(),
+                                      hop.getFirstTokenUs(), hop.getTotalUs()});
+      }
+    });
+    if (!read) return finish_with_error(found, {ErrorCode::BAD_FRAME, "unreadable Finish frame: " + read.error().message, false, 0});
+    StreamCallbacks callbacks = std::move(found->second.callbacks);
+    forget(found);
+    if (callbacks.on_finish) callbacks.on_finish(completion);
+  }
+
+  void deliver_error(Requests::iterator found, const codec::FrameView& frame) {
+    ClientError error{ErrorCode::INTERNAL, "unreadable Error frame", false, 0};
+    (void)codec::read_body<protocol::Error>(frame, options_.connection.limits, [&](protocol::Error::Reader message) {
+      error = {message.getCode(), message.getMessage(), message.getRetryable(), message.getRetryAfterMs()};
+    });
+    finish_with_error(found, std::move(error));
+  }
+
+  void finish_with_error(Requests::iterator found, ClientError error) {
+    if (found == requests_.end()) return;
+    StreamCallbacks callbacks = std::move(found->second.callbacks);
+    forget(found);
+    if (callbacks.on_error) callbacks.on_error(error);
+  }
+
+  void forget(Requests::iterator found) {
+    if (found->second.stream_id != 0) by_stream_.erase(found->second.stream_id);
+    requests_.erase(found);
+  }
+
+  void shut_down() {
+    shutting_down_ = true;
+    const ClientError closed{ErrorCode::CANCELLED, "client closed", false, 0};
+    fail_waiting(closed);
+    while (!requests_.empty()) finish_with_error(requests_.begin(), closed);
+    if (connection_ && !connection_->closed()) {
+      stop_when_closed_ = true;
+      connection_->close();  // on_closed stops the loop
+      return;
+    }
+    loop_.stop();
+  }
+
+  transport::Endpoint endpoint_;
+  ClientOptions options_;
+  transport::EventLoop loop_;
+  std::thread thread_;
+
+  State state_ = State::idle;
+  std::uint64_t attempt_ = 0;
+  transport::TimerId connect_timer_ = 0;
+  bool shutting_down_ = false;
+  bool stop_when_closed_ = false;
+  std::unique_ptr<transport::Connection> connection_;
+  std::vector<std::unique_ptr<transport::Connection>> retired_;
+  std::vector<std::shared_ptr<std::promise<std::optional<ClientError>>>> connect_waiters_;
+
+  Requests requests_;
+  std::unordered_map<std::uint32_t, std::uint64_t> by_stream_;
+  std::deque<std::uint64_t> pending_;  // waiting for the connection
+
+  // Reused for every Tokens frame: no allocation per frame once warm.
+  std::vector<std::uint32_t> token_ids_;
+  std::vector<std::string_view> text_pieces_;
+};
+
+// ------------------------------------------------------------------ Client
+
+Client::Client(const transport::Endpoint& endpoint, ClientOptions options)
+    : endpoint_(endpoint), session_(std::make_unique<Session>(endpoint, std::move(options))) {}
+
+Client::~Client() = default;
+
+ClientResult<std::unique_ptr<Client>> Client::connect(const transport::Endpoint& endpoint, ClientOptions options) {
+  std::unique_ptr<Client> client(new Client(endpoint, std::move(options)));
+  if (std::optional<ClientError> error = client->session_->connect_and_wait()) return std::move(*error);
+  return client;
+}
+
+const std::string& Client::backend_log_line() const { return session_->backend_log_line(); }
+
+GenerationHandle Client::generate(GenerateParams params, StreamCallbacks callbacks) {
+  const std::uint64_t id = next_request_.fetch_add(1, std::memory_order_relaxed);
+  session_->generate(id, std::move(params), std::move(callbacks));
+  return GenerationHandle(this, id);
+}
+
+void Client::cancel(std::uint64_t request) { session_->cancel(request); }
+
+void GenerationHandle::cancel() const {
+  if (client_ != nullptr) client_->cancel(request_);
+}
+
+ClientResult<CompletionText> Client::complete(GenerateParams params) {
+  if (session_->on_loop_thread()) {
+    return ClientError{ErrorCode::INTERNAL, "Client::complete() called from a client callback would wait forever", false, 0};
+  }
+  struct Outcome {
+    CompletionText text;
+    std::promise<ClientResult<CompletionText>> done;
+  };
+  auto outcome = std::make_shared<Outcome>();
+  std::future<ClientResult<CompletionText>> result = outcome->done.get_future();
+  StreamCallbacks callbacks;
+  callbacks.on_tokens = [outcome](const TokenChunk& chunk) {
+    outcome->text.token_ids.insert(outcome->text.token_ids.end(), chunk.token_ids.begin(), chunk.token_ids.end());
+    for (std::string_view piece : chunk.text_pieces) outcome->text.text += piece;
+  };
+  callbacks.on_finish = [outcome](const Completion& completion) {
+    outcome->text.finish = completion;
+    outcome->done.set_value(std::move(outcome->text));
+  };
+  callbacks.on_error = [outcome](const ClientError& error) { outcome->done.set_value(error); };
+  generate(std::move(params), std::move(callbacks));
+  return result.get();
+}
+
+}  // namespace fmwire

@@ -1,0 +1,160 @@
+// fmwire::Client, the native SDK (first cut): one connection to a worker or
+// router, driven by a loop thread the client owns; generation streams whose
+// tokens arrive through callbacks, cancellation, errors as typed values, and
+// a blocking call for simple programs.
+//
+// Threading: every member function may be called from any thread. Callbacks
+// run on the client's loop thread, one at a time, in stream order; they must
+// not block for long (they hold up every stream of this client) and must not
+// call complete() (it would wait on the thread that has to answer it).
+//
+// Reconnection: when the connection is lost, its streams end with a
+// retryable error (worker_lost); the next generate() connects again.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "codec/codec_error.h"
+#include "protocol/fmwire.capnp.h"
+#include "transport/connection.h"
+#include "transport/endpoint.h"
+
+namespace fmwire {
+
+// Why a request or a connection failed: the peer's Error frame, or this
+// side's own finding (connection refused, lost, cancelled), with the same codes.
+struct ClientError {
+  protocol::ErrorCode code = protocol::ErrorCode::INTERNAL;
+  std::string message;
+  bool retryable = false;
+  std::uint32_t retry_after_ms = 0;  // the peer's hint; 0: none
+};
+std::string_view to_string(protocol::ErrorCode code);
+std::string_view to_string(protocol::FinishReason reason);
+
+template <typename T>
+using ClientResult = codec::Result<T, ClientError>;
+
+struct GenerateParams {
+  std::string prompt;                           // the prompt as text, unless
+  std::vector<std::uint32_t> prompt_token_ids;  // token ids are given (non-empty wins)
+  std::string request_id;                       // kept in the peer's logs and timings
+  std::string model;                            // empty: the endpoint's default
+  std::uint32_t max_tokens = 16;
+  float temperature = 0.0f;                     // 0: greedy
+  float top_p = 1.0f;
+  std::optional<std::uint64_t> seed;            // none: the peer picks one
+  std::vector<std::string> stop_sequences;
+  std::chrono::microseconds timeout{0};         // the request's budget; 0: none
+  std::int8_t priority = 0;
+};
+
+// One Tokens frame. The spans are valid during the callback only.
+struct TokenChunk {
+  std::uint32_t first_index = 0;  // index of token_ids[0] in the completion
+  std::span<const std::uint32_t> token_ids;
+  std::span<const std::string_view> text_pieces;  // one per token; "" while a character is incomplete
+};
+
+struct HopTime {
+  std::string hop;
+  std::uint64_t queue_us = 0;
+  std::uint64_t prefill_us = 0;
+  std::uint64_t decode_us = 0;
+  std::uint64_t first_token_us = 0;
+  std::uint64_t total_us = 0;
+};
+
+// The Finish frame: why the stream ended, usage, and where time went.
+struct Completion {
+  protocol::FinishReason reason = protocol::FinishReason::END_OF_SEQUENCE;
+  std::uint32_t prompt_tokens = 0;
+  std::uint32_t completion_tokens = 0;
+  std::uint32_t cached_prompt_tokens = 0;
+  std::vector<HopTime> timings;  // one per hop, worker first
+};
+
+// Exactly one of on_finish and on_error is called, last; on_tokens before it,
+// in order. Empty functions are skipped.
+struct StreamCallbacks {
+  std::function<void(const TokenChunk&)> on_tokens;
+  std::function<void(const Completion&)> on_finish;
+  std::function<void(const ClientError&)> on_error;
+};
+
+// What complete() returns: the whole text, the tokens and the Finish.
+struct CompletionText {
+  std::string text;
+  std::vector<std::uint32_t> token_ids;
+  Completion finish;
+};
+
+struct ClientOptions {
+  std::string backend;  // "": io_uring where it works, else Asio; or "uring", "asio"
+  transport::ConnectionOptions connection;
+  std::chrono::milliseconds connect_timeout{5000};  // TCP connect plus the Hello exchange
+};
+
+class Client;
+
+// Names one stream of a client, for cancel(). Copyable; cancelling a stream
+// that has ended already does nothing.
+class GenerationHandle {
+ public:
+  GenerationHandle() = default;
+  // Ends the stream: a Cancel reaches the peer, and on_error is called with
+  // code cancelled (unless the stream ended first).
+  void cancel() const;
+  bool valid() const { return client_ != nullptr; }
+
+ private:
+  friend class Client;
+  GenerationHandle(Client* client, std::uint64_t request) : client_(client), request_(request) {}
+  Client* client_ = nullptr;
+  std::uint64_t request_ = 0;
+};
+
+class Client {
+ public:
+  // Connects and waits for the Hello exchange; an error says why it failed
+  // (refused, timed out, version refused by the peer).
+  static ClientResult<std::unique_ptr<Client>> connect(const transport::Endpoint& endpoint,
+                                                      ClientOptions options = {});
+  // Open streams end with on_error (cancelled, "client closed"), then the
+  // loop thread stops.
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // Opens a generation stream. Errors (bad parameters found by the peer, a
+  // lost connection) come through on_error.
+  GenerationHandle generate(GenerateParams params, StreamCallbacks callbacks);
+
+  // Generates and waits for the end. Not from a callback.
+  ClientResult<CompletionText> complete(GenerateParams params);
+
+  // The I/O backend's start-up line ("I/O backend: io_uring").
+  const std::string& backend_log_line() const;
+  const transport::Endpoint& endpoint() const { return endpoint_; }
+
+ private:
+  class Session;
+  friend class GenerationHandle;
+  Client(const transport::Endpoint& endpoint, ClientOptions options);
+  void cancel(std::uint64_t request);
+
+  transport::Endpoint endpoint_;
+  std::atomic<std::uint64_t> next_request_{1};
+  std::unique_ptr<Session> session_;  // lives on, and dies after, the loop thread
+};
+
+}  // namespace fmwire
