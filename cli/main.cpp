@@ -1,11 +1,14 @@
 // The fmwire command: one binary, one subcommand per role (DESIGN.md, Roles).
 #include <boost/program_options.hpp>
 
+#include <cstdlib>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "cli/demo.h"
+#include "cli/echo_server_command.h"
+#include "cli/generate_command.h"
 #include "protocol/fmwire.capnp.h"
 
 namespace po = boost::program_options;
@@ -16,10 +19,83 @@ constexpr const char* kUsage =
     "usage: fmwire <command> [options]\n"
     "\n"
     "commands:\n"
-    "  demo      encode a token stream and a KV transfer, decode them from a byte stream, report\n"
-    "  version   print the version and the protocol version\n"
+    "  generate     stream a completion from a native endpoint (worker, router, echo-server)\n"
+    "  echo-server  a native endpoint with no model: streams the prompt's words back\n"
+    "  demo         encode a token stream and a KV transfer, decode them from a byte stream, report\n"
+    "  version      print the version and the protocol version\n"
     "\n"
-    "`fmwire <command> --help` describes a command's options.\n";
+    "`fmwire <command> --help` describes a command's options. The I/O backend is io_uring where\n"
+    "it can be set up, else Boost.Asio; --backend or FMWIRE_IO_BACKEND=uring|asio forces one.\n";
+
+// The backend named by flag, else by the environment, else automatic.
+std::string backend_choice(const std::string& flag) {
+  if (!flag.empty()) return flag;
+  const char* environment = std::getenv("FMWIRE_IO_BACKEND");
+  return environment != nullptr ? environment : "";
+}
+
+// Parses `arguments` into `values`; true when --help was asked (and printed).
+bool parse(const std::vector<std::string>& arguments, const po::options_description& description,
+           const po::positional_options_description* positional, po::variables_map& values) {
+  po::command_line_parser parser(arguments);
+  parser.options(description);
+  if (positional != nullptr) parser.positional(*positional);
+  po::store(parser.run(), values);
+  if (values.count("help")) {
+    std::cout << description;
+    return true;
+  }
+  po::notify(values);
+  return false;
+}
+
+int run_generate_command(const std::vector<std::string>& arguments) {
+  fmwire::cli::GenerateCommand command;
+  std::string backend;
+  std::uint64_t seed = 0;
+  std::uint32_t connect_timeout_ms = 5000;
+  po::options_description description("usage: fmwire generate --endpoint HOST:PORT [options] PROMPT\noptions");
+  description.add_options()
+      ("help,h", "show this help")
+      ("endpoint", po::value(&command.endpoint)->required(), "the worker, router or echo-server, HOST:PORT")
+      ("max-tokens", po::value(&command.max_tokens)->default_value(command.max_tokens), "tokens to generate at most")
+      ("temperature", po::value(&command.temperature)->default_value(command.temperature), "0 is greedy")
+      ("seed", po::value(&seed), "sampling seed (default: the endpoint picks one)")
+      ("json", po::bool_switch(&command.json), "one JSON object per Tokens and Finish frame")
+      ("connect-timeout-ms", po::value(&connect_timeout_ms)->default_value(connect_timeout_ms),
+       "connecting and the Hello exchange")
+      ("backend", po::value(&backend), "I/O backend: uring or asio")
+      ("prompt", po::value(&command.prompt)->required(), "the prompt (positional)");
+  po::positional_options_description positional;
+  positional.add("prompt", 1);
+  po::variables_map values;
+  if (parse(arguments, description, &positional, values)) return 0;
+  if (values.count("seed")) command.seed = seed;
+  command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
+  command.backend = backend_choice(backend);
+  return fmwire::cli::run_generate(command, std::cout, std::cerr);
+}
+
+int run_echo_server_command(const std::vector<std::string>& arguments) {
+  fmwire::cli::EchoServerCommand command;
+  std::string backend;
+  std::uint32_t token_interval_ms = 0;
+  std::uint32_t drain_timeout_ms = 10000;
+  po::options_description description("usage: fmwire echo-server [options]\noptions");
+  description.add_options()
+      ("help,h", "show this help")
+      ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
+      ("token-interval-ms", po::value(&token_interval_ms)->default_value(0), "pause between frames (0: as fast as credit allows)")
+      ("tokens-per-frame", po::value(&command.tokens_per_frame)->default_value(command.tokens_per_frame), "tokens in each Tokens frame")
+      ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms), "on SIGINT/SIGTERM, how long open streams may take to finish")
+      ("backend", po::value(&backend), "I/O backend: uring or asio");
+  po::variables_map values;
+  if (parse(arguments, description, nullptr, values)) return 0;
+  command.token_interval = std::chrono::milliseconds(token_interval_ms);
+  command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.backend = backend_choice(backend);
+  return fmwire::cli::run_echo_server(command, std::cout, std::cerr);
+}
 
 int run_demo_command(const std::vector<std::string>& arguments) {
   fmwire::cli::DemoOptions options;
@@ -56,6 +132,8 @@ int main(int argc, char** argv) {
   const std::vector<std::string> arguments(argv + 2, argv + argc);
   try {
     if (command == "demo") return run_demo_command(arguments);
+    if (command == "generate") return run_generate_command(arguments);
+    if (command == "echo-server") return run_echo_server_command(arguments);
     if (command == "version" || command == "--version") {
       std::cout << "fmwire " << FMWIRE_VERSION << ", protocol " << fmwire::protocol::PROTOCOL_MAJOR << "."
                 << fmwire::protocol::PROTOCOL_MINOR << "\n";

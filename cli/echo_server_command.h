@@ -1,0 +1,25 @@
+// `fmwire echo-server`: a native-protocol endpoint with no model (it streams
+// the prompt's words back, transport/echo_service.h), for trying the client
+// and measuring the transport until the worker exists. Prints its address,
+// and drains on SIGINT/SIGTERM: no new streams, open ones finish, then exit.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+
+namespace fmwire::cli {
+
+struct EchoServerCommand {
+  std::string listen = "127.0.0.1:7000";  // port 0: any free port (printed)
+  std::chrono::milliseconds token_interval{0};
+  std::uint32_t tokens_per_frame = 1;
+  std::string backend;                    // "", "uring" or "asio"
+  std::chrono::milliseconds drain_timeout{10000};  // then close what is left
+};
+
+// Returns 0 after a clean drain, 1 when it had to cut streams off.
+int run_echo_server(const EchoServerCommand& command, std::ostream& out, std::ostream& err);
+
+}  // namespace fmwire::cli

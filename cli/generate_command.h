@@ -1,0 +1,30 @@
+// `fmwire generate`: the native client on the command line. Streams a
+// completion's text to stdout as it arrives, or with --json one JSON object
+// per Tokens and Finish frame; exits non-zero with the error's message on an
+// Error frame or a lost connection, and cancels the stream on Ctrl-C.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <iosfwd>
+#include <optional>
+#include <string>
+
+namespace fmwire::cli {
+
+struct GenerateCommand {
+  std::string endpoint;        // HOST:PORT
+  std::string prompt;
+  std::uint32_t max_tokens = 16;
+  float temperature = 0.0f;
+  std::optional<std::uint64_t> seed;
+  bool json = false;
+  std::string backend;         // "", "uring" or "asio"
+  std::chrono::milliseconds connect_timeout{5000};
+};
+
+// Exit codes: 0 finished, 1 an error from the peer or the connection,
+// 130 cancelled by SIGINT/SIGTERM.
+int run_generate(const GenerateCommand& command, std::ostream& out, std::ostream& err);
+
+}  // namespace fmwire::cli
