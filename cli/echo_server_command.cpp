@@ -1,10 +1,12 @@
 #include "cli/echo_server_command.h"
 
+#include <condition_variable>
+#include <mutex>
 #include <ostream>
 
 #include "cli/signal_watcher.h"
 #include "transport/echo_service.h"
-#include "transport/server.h"
+#include "transport/server_group.h"
 
 namespace fmwire::cli {
 
@@ -15,41 +17,76 @@ int run_echo_server(const EchoServerCommand& command, std::ostream& out, std::os
     err << "fmwire echo-server: " << problem << std::endl;
     return 2;
   }
-  transport::EventLoop loop(command.backend);
-  transport::EchoService service(loop, {command.token_interval, command.tokens_per_frame});
+  if (command.threads == 0) {
+    err << "fmwire echo-server: --threads must be at least 1" << std::endl;
+    return 2;
+  }
   transport::ConnectionOptions options;
   options.role = protocol::Role::WORKER;
   options.name = "fmwire echo-server";
-  transport::Server server(loop, *endpoint, options, service);
+  std::vector<transport::EchoService*> services;  // read after the loops have stopped
+  const transport::EchoOptions echo{command.token_interval, command.tokens_per_frame};
 
-  int result = 0;
-  bool draining = false;
-  // Signals arrive on the watcher's thread; everything they do runs on the loop.
+  // The signal thread must exist before the loop threads, which inherit its mask.
+  std::mutex mutex;
+  std::condition_variable changed;
+  int signals_seen = 0;
+  bool drained = false;
   SignalWatcher signals([&](int, int count) {
-    loop.post([&, count] {
-      if (count > 1 || draining) {
-        err << "fmwire echo-server: second signal, closing now" << std::endl;
-        result = 1;
-        loop.stop();
-        return;
-      }
-      draining = true;
-      err << "fmwire echo-server: draining " << server.connections() << " connection(s)" << std::endl;
-      server.drain("server shutting down", [&] { loop.stop(); });
-      loop.backend().schedule(command.drain_timeout, [&] {
-        err << "fmwire echo-server: drain took over " << command.drain_timeout.count() << " ms, closing now"
-            << std::endl;
-        result = 1;
-        loop.stop();
-      });
-    });
+    std::lock_guard lock(mutex);
+    signals_seen = count;
+    changed.notify_all();
   });
 
-  err << "fmwire echo-server: " << loop.backend_log_line() << std::endl;
-  out << "listening on " << transport::Endpoint{endpoint->host, server.port()}.to_string() << std::endl;
-  loop.run();
-  err << "fmwire echo-server: stopped after " << service.tokens_sent() << " tokens, "
-      << service.streams_cancelled() << " streams cancelled" << std::endl;
+  transport::ServerGroup group(command.threads, *endpoint, options,
+                               [&](transport::EventLoop& loop) {
+                                 auto service = std::make_unique<transport::EchoService>(loop, echo);
+                                 services.push_back(service.get());
+                                 return service;
+                               },
+                               command.backend);
+  err << "fmwire echo-server: " << group.backend_log_line() << ", " << group.threads() << " loop thread(s)" << std::endl;
+  out << "listening on " << transport::Endpoint{endpoint->host, group.port()}.to_string() << std::endl;
+  group.start();
+
+  int result = 0;
+  {
+    std::unique_lock lock(mutex);
+    changed.wait(lock, [&] { return signals_seen > 0; });
+    lock.unlock();
+    group.drain(
+        "server shutting down",
+        [&] {
+          std::lock_guard drained_lock(mutex);
+          drained = true;
+          changed.notify_all();
+        },
+        [&](unsigned loop, std::size_t connections) {
+          std::lock_guard print_lock(mutex);
+          err << "fmwire echo-server: loop " << loop << " draining " << connections << " connection(s)" << std::endl;
+        });
+    lock.lock();
+    if (!changed.wait_for(lock, command.drain_timeout, [&] { return drained || signals_seen > 1; })) {
+      err << "fmwire echo-server: drain took over " << command.drain_timeout.count() << " ms, closing now" << std::endl;
+      result = 1;
+    } else if (!drained) {
+      err << "fmwire echo-server: second signal, closing now" << std::endl;
+      result = 1;
+    }
+  }
+  group.stop();
+  group.join();
+  std::uint64_t tokens = 0;
+  std::uint64_t cancelled = 0;
+  std::string per_loop;
+  for (const transport::EchoService* service : services) {
+    tokens += service->tokens_sent();
+    cancelled += service->streams_cancelled();
+    if (!per_loop.empty()) per_loop += ' ';
+    per_loop += std::to_string(service->tokens_sent());
+  }
+  err << "fmwire echo-server: stopped after " << tokens << " tokens, " << cancelled
+      << " streams cancelled; tokens per loop: " << per_loop << std::endl;
   return result;
 }
 

@@ -15,6 +15,7 @@ struct EchoServerCommand {
   std::string listen = "127.0.0.1:7000";  // port 0: any free port (printed)
   std::chrono::milliseconds token_interval{0};
   std::uint32_t tokens_per_frame = 1;
+  unsigned threads = 1;                   // loop threads sharing the port (thread per core)
   std::string backend;                    // "", "uring" or "asio"
   std::chrono::milliseconds drain_timeout{10000};  // then close what is left
 };

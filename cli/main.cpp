@@ -87,6 +87,7 @@ int run_echo_server_command(const std::vector<std::string>& arguments) {
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
       ("token-interval-ms", po::value(&token_interval_ms)->default_value(0), "pause between frames (0: as fast as credit allows)")
       ("tokens-per-frame", po::value(&command.tokens_per_frame)->default_value(command.tokens_per_frame), "tokens in each Tokens frame")
+      ("threads", po::value(&command.threads)->default_value(command.threads), "loop threads sharing the port (one per core)")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms), "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
   po::variables_map values;

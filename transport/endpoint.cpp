@@ -52,7 +52,7 @@ std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* error
   return endpoint;
 }
 
-Listener listen_on(const Endpoint& endpoint) {
+Listener listen_on(const Endpoint& endpoint, bool share_port) {
   sockaddr_storage address{};
   socklen_t address_bytes = 0;
   auto* v4 = reinterpret_cast<sockaddr_in*>(&address);
@@ -72,6 +72,11 @@ Listener listen_on(const Endpoint& endpoint) {
   if (fd < 0) throw std::system_error(errno, std::system_category(), "socket");
   const int one = 1;
   ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (share_port && ::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+    const int error = errno;
+    ::close(fd);
+    throw std::system_error(error, std::system_category(), "SO_REUSEPORT on " + endpoint.to_string());
+  }
   if (::bind(fd, reinterpret_cast<sockaddr*>(&address), address_bytes) != 0 || ::listen(fd, 1024) != 0) {
     const int error = errno;
     ::close(fd);

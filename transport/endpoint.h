@@ -21,11 +21,13 @@ struct Endpoint {
 std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* error);
 
 // A bound, listening TCP socket (SO_REUSEADDR, backlog 1024) and its port,
-// which is the chosen one when `endpoint.port` is 0. Throws std::system_error.
+// which is the chosen one when `endpoint.port` is 0. With `share_port`
+// (SO_REUSEPORT) several sockets, one per loop thread, listen on one port and
+// the kernel spreads new connections across them. Throws std::system_error.
 struct Listener {
   int fd = -1;
   std::uint16_t port = 0;
 };
-Listener listen_on(const Endpoint& endpoint);
+Listener listen_on(const Endpoint& endpoint, bool share_port = false);
 
 }  // namespace fmwire::transport

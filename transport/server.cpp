@@ -4,9 +4,10 @@
 
 namespace fmwire::transport {
 
-Server::Server(EventLoop& loop, const Endpoint& endpoint, ConnectionOptions options, ConnectionHandler& service)
+Server::Server(EventLoop& loop, const Endpoint& endpoint, ConnectionOptions options, ConnectionHandler& service,
+               bool share_port)
     : loop_(loop), options_(std::move(options)), service_(service) {
-  const Listener listener = listen_on(endpoint);
+  const Listener listener = listen_on(endpoint, share_port);
   listen_fd_ = listener.fd;
   port_ = listener.port;
   loop_.backend().accept(listen_fd_, [this](int fd) {

@@ -15,8 +15,10 @@ namespace fmwire::transport {
 
 class Server final : private ConnectionHandler {
  public:
-  // Listens at once (throws std::system_error when it cannot).
-  Server(EventLoop& loop, const Endpoint& endpoint, ConnectionOptions options, ConnectionHandler& service);
+  // Listens at once (throws std::system_error when it cannot). With
+  // `share_port`, other Servers (on other loops) may listen on the same port.
+  Server(EventLoop& loop, const Endpoint& endpoint, ConnectionOptions options, ConnectionHandler& service,
+         bool share_port = false);
   ~Server() override;
 
   std::uint16_t port() const { return port_; }

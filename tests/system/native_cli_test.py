@@ -193,7 +193,32 @@ def drain_finishes_open_stream(binary, env):
             client.wait()
 
 
+def loops_share_the_port(binary, env):
+    server = EchoServer(binary, env, "--threads", "2")
+    clients = []
+    try:
+        # Separate processes, so separate connections the kernel spreads by hash.
+        clients = [start_generate(binary, env, server.endpoint, "--max-tokens", "50", f"client {i}")
+                   for i in range(16)]
+        for client in clients:
+            out, errors = client.communicate(timeout=LIMIT_S)
+            check(client.returncode == 0, f"a client failed: {errors!r}")
+            check(out.count(" client") == 25, f"short stream: {out!r}")
+        check(server.stop() == 0, "echo-server did not drain cleanly")
+        _, server_errors = server.process.communicate()
+        per_loop = [int(n) for n in server_errors.split("tokens per loop: ")[1].split()]
+        check(len(per_loop) == 2 and sum(per_loop) == 16 * 50, f"tokens per loop {per_loop}")
+        check(min(per_loop) > 0, f"one loop served every connection: {per_loop}")
+    finally:
+        server.kill()
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+
+
 SCENARIOS = {
+    "loops_share_the_port": loops_share_the_port,
     "streams_text": streams_text,
     "json_frames": json_frames,
     "error_frame": error_frame,

@@ -1,0 +1,59 @@
+#include "transport/server_group.h"
+
+#include <stdexcept>
+
+namespace fmwire::transport {
+
+ServerGroup::ServerGroup(unsigned threads, const Endpoint& endpoint, ConnectionOptions options,
+                         const ServiceFactory& make_service, std::string_view backend) {
+  if (threads == 0) throw std::invalid_argument("a server group needs at least one loop thread");
+  Endpoint shared = endpoint;
+  for (unsigned i = 0; i < threads; ++i) {
+    auto shard = std::make_unique<Shard>(backend);
+    shard->service = make_service(shard->loop);
+    shard->server = std::make_unique<Server>(shard->loop, shared, options, *shard->service, /*share_port=*/threads > 1);
+    shared.port = shard->server->port();  // port 0: the first loop's pick, for the rest
+    shards_.push_back(std::move(shard));
+  }
+  port_ = shared.port;
+}
+
+ServerGroup::~ServerGroup() {
+  stop();
+  join();
+  // Servers before services: closing connections may still call a service.
+  for (auto& shard : shards_) shard->server.reset();
+}
+
+void ServerGroup::start() {
+  for (auto& shard : shards_) {
+    if (!shard->thread.joinable()) shard->thread = std::thread([loop = &shard->loop] { loop->run(); });
+  }
+}
+
+void ServerGroup::drain(const std::string& reason, std::function<void()> on_drained,
+                        std::function<void(unsigned, std::size_t)> on_loop_draining) {
+  on_drained_ = std::move(on_drained);
+  loops_draining_.store(static_cast<unsigned>(shards_.size()));
+  for (unsigned index = 0; index < shards_.size(); ++index) {
+    Shard* shard = shards_[index].get();
+    shard->loop.post([this, shard, index, reason, on_loop_draining] {
+      if (on_loop_draining) on_loop_draining(index, shard->server->connections());
+      shard->server->drain(reason, [this] {
+        if (loops_draining_.fetch_sub(1) == 1 && on_drained_) on_drained_();
+      });
+    });
+  }
+}
+
+void ServerGroup::stop() {
+  for (auto& shard : shards_) shard->loop.stop();
+}
+
+void ServerGroup::join() {
+  for (auto& shard : shards_) {
+    if (shard->thread.joinable()) shard->thread.join();
+  }
+}
+
+}  // namespace fmwire::transport
