@@ -392,9 +392,11 @@ void AsioBackend::set_before_wait(std::function<void()> hook) { before_wait_ = s
 // ---- the loop ----
 
 void AsioBackend::run() {
+  // The hook runs before every wait, the first included: frames queued
+  // before run() was called leave before the loop blocks.
   while (!stop_requested_.load(std::memory_order_acquire)) {
-    run_batch();
     if (before_wait_) before_wait_();
+    run_batch();
   }
   stop_requested_.store(false, std::memory_order_release);
   io_.restart();

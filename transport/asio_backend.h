@@ -14,7 +14,7 @@
 //
 // Asio has no "before the loop waits" point, so run() drives the context one
 // batch at a time (block for one handler, then run those already ready, up to
-// a bound) and calls the before-wait hook after each batch.
+// a bound) and calls the before-wait hook before each wait, the first included.
 #pragma once
 
 #include <sys/uio.h>

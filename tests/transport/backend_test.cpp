@@ -480,6 +480,37 @@ TEST_CASE("after stop_accepting() the port refuses connections") {
   }
 }
 
+TEST_CASE("after stop_accepting() the port can be listened on again at once, with the loop idle") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = make_test_backend(kind);
+      const int one = 1;
+      OwnedFd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      REQUIRE(::setsockopt(listener.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0);
+      sockaddr_in address{};
+      address.sin_family = AF_INET;
+      address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      REQUIRE(::bind(listener.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0);
+      REQUIRE(::listen(listener.get(), 16) == 0);
+      address.sin_port = htons(bound_port(listener.get()));
+      const int listen_fd = listener.release();
+      backend->accept(listen_fd, [](int fd) { OwnedFd closes_it(fd); });
+      backend->post([&] { backend->stop(); });
+      REQUIRE(run_until_stopped(*backend));  // the accept is armed in the kernel now
+
+      // A server being replaced: the old one stops accepting, and a new one
+      // must get the port before the old loop runs again, if it ever does.
+      backend->stop_accepting(listen_fd);
+      OwnedFd replacement(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      REQUIRE(::setsockopt(replacement.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0);
+      CHECK(::bind(replacement.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0);
+      CHECK(::listen(replacement.get(), 16) == 0);
+    }
+  }
+}
+
 TEST_CASE("an accept that fails for want of descriptors is retried later, without spinning") {
   for (BackendKind kind : backends_under_test()) {
     const std::string name(to_string(kind));
@@ -668,6 +699,49 @@ TEST_CASE("the before-wait hook runs after a receive, before the loop waits agai
       CHECK(receives_seen_by_hook == server.receive_calls);
       CHECK(as_string(server.received) == ping);
       backend->set_before_wait({});
+      close_all(*backend, {{server_fd, &server}, {client_fd, &client}});
+    }
+  }
+}
+
+TEST_CASE("the before-wait hook runs before the first wait, so work queued before run() goes out") {
+  for (BackendKind kind : backends_under_test()) {
+    const std::string name(to_string(kind));
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      RecordingEvents server;
+      RecordingEvents client;
+      auto backend = make_test_backend(kind);
+      ConnectedPair pair = connect_pair(*backend);
+      const int server_fd = pair.accepted.release();
+      const int client_fd = pair.connected.release();
+      backend->open(server_fd, &server);
+      backend->open(client_fd, &client);
+
+      // Settle: every handler that opening made ready has run.
+      backend->post([&] { backend->stop(); });
+      REQUIRE(run_until_stopped(*backend));
+
+      // As a Connection does: the send waits for the hook. Nothing else
+      // happens, so a loop that waited before calling the hook would sit
+      // until the safety timer.
+      const std::string ping = "queued before run";
+      const iovec message[] = {as_iovec(ping)};
+      bool sent = false;
+      backend->set_before_wait([&] {
+        if (!sent) {
+          sent = true;
+          backend->send(client_fd, message);
+        }
+      });
+      server.after_receive = [&] {
+        if (as_string(server.received) == ping) backend->stop();
+      };
+
+      REQUIRE(run_until_stopped(*backend, 2s));
+      CHECK(as_string(server.received) == ping);
+      backend->set_before_wait({});
+      server.after_receive = nullptr;
       close_all(*backend, {{server_fd, &server}, {client_fd, &client}});
     }
   }
