@@ -121,7 +121,9 @@ UringBackend::~UringBackend() {
     if (socket) ::close(socket->fd);
   }
   for (auto& listener : listeners_) {
-    if (listener) ::close(listener->fd);
+    if (!listener) continue;
+    ::shutdown(listener->fd, SHUT_RDWR);  // out of LISTEN before the ring's teardown lets go of it
+    ::close(listener->fd);
   }
   for (auto& [id, pending] : connects_) ::close(pending->fd);
   io_uring_queue_exit(&ring_);
@@ -167,6 +169,11 @@ void UringBackend::arm_accept(Listener& listener) {
 
 void UringBackend::stop_accepting(int listen_fd) {
   if (listen_fd < 0 || static_cast<std::size_t>(listen_fd) >= listeners_.size() || !listeners_[listen_fd]) return;
+  // The armed multishot accept holds the socket open inside the ring until
+  // its cancellation completes, which with COOP_TASKRUN waits for the loop
+  // (or the ring's asynchronous teardown). shutdown() takes the socket out
+  // of LISTEN now, so the port is free at once for a replacement server.
+  ::shutdown(listen_fd, SHUT_RDWR);
   io_uring_sqe* sqe = next_sqe();
   io_uring_prep_cancel_fd(sqe, listen_fd, IORING_ASYNC_CANCEL_ALL);
   io_uring_sqe_set_data64(sqe, user_data(Op::cancel, 0, 0));
