@@ -16,6 +16,7 @@ std::string_view to_string(BackendKind kind) {
 }
 
 BackendChoice make_backend(std::string_view forced) {
+  if (forced == "auto") forced = {};
   if (forced == "asio") {
     return {std::make_unique<AsioBackend>(), "I/O backend: Boost.Asio (forced)"};
   }

@@ -92,7 +92,8 @@ struct BackendChoice {
 
 // io_uring when it can be set up, else Asio. `forced` (a flag, or the
 // FMWIRE_IO_BACKEND environment variable read by the caller: "uring" or
-// "asio") overrides; forcing io_uring where it cannot start throws.
+// "asio"; "" or "auto" choose) overrides; forcing io_uring where it cannot
+// start throws.
 BackendChoice make_backend(std::string_view forced = {});
 
 }  // namespace fmwire::transport

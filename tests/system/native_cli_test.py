@@ -217,7 +217,39 @@ def loops_share_the_port(binary, env):
                 client.wait()
 
 
+def falls_back_without_io_uring(binary, env):
+    """Under a seccomp filter that refuses io_uring (as container runtimes
+    do), the automatic choice is Asio with one log line, and forcing
+    io_uring fails with a clear message instead of a crash."""
+    launcher = os.environ["FMWIRE_WITHOUT_IO_URING"]
+    automatic = {k: v for k, v in env.items() if k != "FMWIRE_IO_BACKEND"}
+    server = subprocess.Popen([launcher, binary, "echo-server", "--listen", "127.0.0.1:0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=automatic)
+    try:
+        line = server.stdout.readline()
+        check(line.startswith("listening on 127.0.0.1:"), f"echo-server printed {line!r}")
+        endpoint = line.split()[-1]
+        result = subprocess.run([launcher, binary, "generate", "--endpoint", endpoint, "--max-tokens", "3", "a b c"],
+                                capture_output=True, text=True, env=automatic, timeout=LIMIT_S)
+        check(result.returncode == 0 and result.stdout == " a b c\n", f"generate: {result.stdout!r} {result.stderr!r}")
+        server.send_signal(signal.SIGTERM)
+        _, errors = server.communicate(timeout=LIMIT_S)
+        check(server.returncode == 0, f"echo-server exit {server.returncode}")
+        check(errors.count("I/O backend") == 1, f"one backend line expected: {errors!r}")
+        check("Boost.Asio, because io_uring cannot be set up here" in errors, f"stderr {errors!r}")
+        forced = subprocess.run([launcher, binary, "echo-server", "--listen", "127.0.0.1:0", "--backend", "uring"],
+                                capture_output=True, text=True, env=automatic, timeout=LIMIT_S)
+        check(forced.returncode == 1, f"forced io_uring: exit {forced.returncode}")
+        check("io_uring_queue_init" in forced.stderr and "not permitted" in forced.stderr,
+              f"forced io_uring: {forced.stderr!r}")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 SCENARIOS = {
+    "falls_back_without_io_uring": falls_back_without_io_uring,
     "loops_share_the_port": loops_share_the_port,
     "streams_text": streams_text,
     "json_frames": json_frames,
