@@ -15,7 +15,9 @@ std::string_view to_string(BackendKind kind) {
   return "unknown";
 }
 
-BackendChoice make_backend(std::string_view forced) {
+BackendChoice make_backend(std::string_view forced) { return make_backend(forced, UringOptions{}); }
+
+BackendChoice make_backend(std::string_view forced, const UringOptions& uring) {
   if (forced == "auto") forced = {};
   if (forced == "asio") {
     return {std::make_unique<AsioBackend>(), "I/O backend: Boost.Asio (forced)"};
@@ -24,7 +26,7 @@ BackendChoice make_backend(std::string_view forced) {
     throw std::invalid_argument("unknown I/O backend '" + std::string(forced) + "'; choose uring or asio");
   }
   try {
-    auto backend = std::make_unique<UringBackend>();
+    auto backend = std::make_unique<UringBackend>(uring);
     return {std::move(backend), forced.empty() ? "I/O backend: io_uring" : "I/O backend: io_uring (forced)"};
   } catch (const std::system_error& error) {
     if (!forced.empty()) throw;  // asked for io_uring by name: say why it cannot be had

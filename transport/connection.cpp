@@ -49,8 +49,10 @@ std::string_view to_string(SendStatus status) {
 
 // ---------------------------------------------------------------- EventLoop
 
-EventLoop::EventLoop(std::string_view forced_backend) {
-  BackendChoice choice = make_backend(forced_backend);
+EventLoop::EventLoop(std::string_view forced_backend) : EventLoop(forced_backend, UringOptions{}) {}
+
+EventLoop::EventLoop(std::string_view forced_backend, const UringOptions& uring) {
+  BackendChoice choice = make_backend(forced_backend, uring);
   backend_ = std::move(choice.backend);
   backend_log_line_ = std::move(choice.log_line);
   backend_->set_before_wait([this] { flush_all(); });
@@ -182,12 +184,27 @@ void Connection::note_queued() {
   }
 }
 
+namespace {
+// What referenced attachments are padded with to the next 8 bytes.
+constexpr std::byte kZeros[8] = {};
+}  // namespace
+
 void Connection::flush() {
   flush_wanted_ = false;
   if (sending_ || queued_.empty() || closed_) return;
   std::swap(queued_, in_flight_);
   queued_.clear();
-  iovecs_.assign(1, iovec{in_flight_.data(), in_flight_.size()});
+  std::swap(queued_references_, in_flight_references_);
+  // The queue buffer in pieces, each referenced attachment between them.
+  iovecs_.clear();
+  std::size_t done = 0;
+  for (const Reference& reference : in_flight_references_) {
+    if (reference.offset > done) iovecs_.push_back({in_flight_.data() + done, reference.offset - done});
+    iovecs_.push_back({const_cast<std::byte*>(reference.bytes.data()), reference.bytes.size()});
+    if (reference.padding_bytes > 0) iovecs_.push_back({const_cast<std::byte*>(kZeros), reference.padding_bytes});
+    done = reference.offset;
+  }
+  if (in_flight_.size() > done) iovecs_.push_back({in_flight_.data() + done, in_flight_.size() - done});
   sending_ = true;
   backend_.send(fd_, iovecs_);
 }
@@ -195,6 +212,7 @@ void Connection::flush() {
 void Connection::on_send_complete() {
   sending_ = false;
   in_flight_.clear();
+  in_flight_references_.clear();  // the caller's attachments are free again
   if (closing_ && !closed_) {
     // The last words (an Error or a drained connection's final frames) are out.
     if (queued_.empty()) {
@@ -613,6 +631,9 @@ void Connection::check_keepalive() {
 void Connection::on_close(std::error_code error) {
   closed_ = true;
   closing_ = true;
+  // The backend holds no buffer of ours now: referenced attachments go back.
+  queued_references_.clear();
+  in_flight_references_.clear();
   if (keepalive_timer_ != 0) backend_.cancel(keepalive_timer_);
   if (linger_timer_ != 0) backend_.cancel(linger_timer_);
   keepalive_timer_ = linger_timer_ = 0;

@@ -19,6 +19,8 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
+#include <span>
 #include <string>
 #include <system_error>
 #include <unordered_map>
@@ -29,6 +31,7 @@
 #include "codec/frame_encoder.h"
 #include "protocol/fmwire.capnp.h"
 #include "transport/io_backend.h"
+#include "transport/uring_backend.h"
 
 namespace fmwire::transport {
 
@@ -37,6 +40,10 @@ class EventLoop;
 
 // Header flag bits (FrameHeader::flags) the transport defines.
 inline constexpr std::uint16_t kEndStream = 1;  // the sender's last frame on this stream
+
+// Below this an attachment is copied into the send queue even when it could
+// be referenced: a copy of a few KiB costs less than an extra iovec.
+inline constexpr std::size_t kMinReferencedAttachmentBytes = 16 * 1024;
 
 struct ConnectionOptions {
   codec::FrameLimits limits;
@@ -119,9 +126,16 @@ class Connection final : public SocketEvents {
   std::uint32_t open_stream();
 
   // Encodes one frame onto a stream (or stream 0 for connection frames).
+  // An attachment's bytes are copied into the send queue, unless `keep_alive`
+  // is given and the attachment is at least kMinReferencedAttachmentBytes:
+  // then the write gathers them from where they are (no copy in user space,
+  // and the backend may send them zero-copy), and the connection holds
+  // `keep_alive` (which must own, or keep alive, those bytes) until the
+  // write that carried them is complete or the connection has closed.
   template <typename Body, typename Fill>
   SendStatus send(std::uint32_t stream_id, Fill&& fill, std::uint16_t flags = 0,
-                  const codec::PreparedAttachment* attachment = nullptr);
+                  const codec::PreparedAttachment* attachment = nullptr,
+                  std::shared_ptr<const void> keep_alive = nullptr);
 
   // Bytes a data frame on this stream may still take (the smaller of the
   // stream's and the connection's credit); 0 for an unknown stream.
@@ -148,9 +162,12 @@ class Connection final : public SocketEvents {
   // Called by the loop before it waits: starts a write of what is queued.
   void flush();
 
-  // Bytes queued for sending and in flight: bounded by credit for data
+  // Bytes queued for sending and in flight, in the connection's own buffers
+  // (referenced attachments not counted): bounded by credit for data
   // frames; control frames are few and small.
   std::size_t buffered_send_bytes() const { return queued_.size() + in_flight_.size(); }
+  // Referenced attachments whose write has not completed yet.
+  std::size_t referenced_attachments() const { return queued_references_.size() + in_flight_references_.size(); }
   std::size_t open_streams() const { return streams_.size(); }
 
   // SocketEvents
@@ -159,6 +176,15 @@ class Connection final : public SocketEvents {
   void on_close(std::error_code error) override;
 
  private:
+  // An attachment sent from the caller's memory: it goes on the wire after
+  // the first `offset` bytes of its queue buffer, then `padding_bytes` zeros.
+  struct Reference {
+    std::size_t offset;
+    std::span<const std::byte> bytes;
+    std::size_t padding_bytes;
+    std::shared_ptr<const void> keep_alive;
+  };
+
   struct Stream {
     std::int64_t send_credit = 0;
     std::uint64_t receive_window = 0;  // what the peer may still send
@@ -218,6 +244,8 @@ class Connection final : public SocketEvents {
   codec::ByteBuffer receive_;    // a partial frame carried between receives
   codec::ByteBuffer queued_;     // frames waiting for the next write
   codec::ByteBuffer in_flight_;  // the write under way
+  std::vector<Reference> queued_references_;     // attachments inside queued_
+  std::vector<Reference> in_flight_references_;  // attachments inside in_flight_
   std::vector<iovec> iovecs_;
 
   std::unordered_map<std::uint32_t, Stream> streams_;
@@ -239,6 +267,8 @@ class Connection final : public SocketEvents {
 class EventLoop {
  public:
   explicit EventLoop(std::string_view forced_backend = {});
+  // With io_uring's settings (zero-copy threshold, buffer ring) when it is chosen.
+  EventLoop(std::string_view forced_backend, const UringOptions& uring);
   ~EventLoop();
 
   IoBackend& backend() { return *backend_; }
@@ -263,7 +293,7 @@ class EventLoop {
 
 template <typename Body, typename Fill>
 SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t flags,
-                            const codec::PreparedAttachment* attachment) {
+                            const codec::PreparedAttachment* attachment, std::shared_ptr<const void> keep_alive) {
   if (closing_ || closed_) return SendStatus::connection_closed;
   constexpr codec::FrameKind kind = codec::kKindOf<Body>;
   Stream* stream = nullptr;
@@ -276,9 +306,12 @@ SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t 
     }
   }
   const std::size_t mark = queued_.size();
+  const bool by_reference = attachment != nullptr && keep_alive != nullptr &&
+                            attachment->wire.size() >= kMinReferencedAttachmentBytes;
   auto encoded = encoder_.encode<Body>(queued_, stream_id, std::forward<Fill>(fill),
                                        {.flags = flags, .attachment = attachment,
-                                        .placement = codec::AttachmentPlacement::copy_into_buffer});
+                                        .placement = by_reference ? codec::AttachmentPlacement::by_reference
+                                                                  : codec::AttachmentPlacement::copy_into_buffer});
   if (!encoded) return SendStatus::too_large;
   if (counts_against_credit(kind)) {
     const auto bytes = static_cast<std::int64_t>(encoded->wire_bytes);
@@ -287,6 +320,9 @@ SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t 
       if (stream != nullptr) stream->blocked = true;
       return SendStatus::blocked;
     }
+  }
+  if (!encoded->attachment.empty()) {
+    queued_references_.push_back({queued_.size(), encoded->attachment, encoded->padding_bytes, std::move(keep_alive)});
   }
   after_frame_sent(stream_id, kind, flags, encoded->wire_bytes);
   return SendStatus::sent;

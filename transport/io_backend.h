@@ -94,6 +94,8 @@ struct BackendChoice {
 // FMWIRE_IO_BACKEND environment variable read by the caller: "uring" or
 // "asio"; "" or "auto" choose) overrides; forcing io_uring where it cannot
 // start throws.
+struct UringOptions;
+BackendChoice make_backend(std::string_view forced, const UringOptions& uring);
 BackendChoice make_backend(std::string_view forced = {});
 
 }  // namespace fmwire::transport

@@ -41,6 +41,10 @@ struct UringBackend::Socket {
   std::vector<iovec> send_iovecs;  // reused: no allocation per send once warm
   std::size_t send_first = 0;
   msghdr message{};
+  // A zero-copy send whose result came but whose notification (the kernel
+  // done with our pages) has not: the result waits here.
+  bool awaiting_notification = false;
+  int zero_copy_result = 0;
 };
 
 struct UringBackend::Listener {
@@ -76,6 +80,13 @@ UringBackend::UringBackend(UringOptions options) : options_(options) {
   if ((params.features & IORING_FEAT_EXT_ARG) == 0) {
     io_uring_queue_exit(&ring_);
     throw std::system_error(errno_code(ENOSYS), "io_uring without IORING_FEAT_EXT_ARG (kernel < 5.11)");
+  }
+
+  // Zero-copy send needs kernel 6.1; an older one sends the plain way.
+  if (options_.zero_copy_min_bytes > 0) {
+    io_uring_probe* probe = io_uring_get_probe_ring(&ring_);
+    if (probe == nullptr || !io_uring_opcode_supported(probe, IORING_OP_SENDMSG_ZC)) options_.zero_copy_min_bytes = 0;
+    if (probe != nullptr) io_uring_free_probe(probe);
   }
 
   // The provided-buffer ring (liburing 2.3 has no io_uring_setup_buf_ring).
@@ -249,8 +260,16 @@ void UringBackend::submit_send(Socket& socket) {
   socket.message = {};
   socket.message.msg_iov = socket.send_iovecs.data() + socket.send_first;
   socket.message.msg_iovlen = std::min(kMaxIovecs, socket.send_iovecs.size() - socket.send_first);
+  std::size_t bytes = 0;
+  if (options_.zero_copy_min_bytes > 0) {
+    for (std::size_t i = 0; i < socket.message.msg_iovlen; ++i) bytes += socket.message.msg_iov[i].iov_len;
+  }
   io_uring_sqe* sqe = next_sqe();
-  io_uring_prep_sendmsg(sqe, socket.fd, &socket.message, MSG_NOSIGNAL);
+  if (options_.zero_copy_min_bytes > 0 && bytes >= options_.zero_copy_min_bytes) {
+    io_uring_prep_sendmsg_zc(sqe, socket.fd, &socket.message, MSG_NOSIGNAL);
+  } else {
+    io_uring_prep_sendmsg(sqe, socket.fd, &socket.message, MSG_NOSIGNAL);
+  }
   io_uring_sqe_set_data64(sqe, user_data(Op::send, socket.generation, static_cast<std::uint32_t>(socket.fd)));
   ++socket.in_flight;
   socket.sending = true;
@@ -359,13 +378,30 @@ void UringBackend::handle_receive(Socket& socket, const io_uring_cqe& cqe) {
 }
 
 void UringBackend::handle_send(Socket& socket, const io_uring_cqe& cqe) {
-  --socket.in_flight;
-  socket.sending = false;
-  if (cqe.res < 0) {
-    begin_close(socket, errno_code(-cqe.res));
+  // A zero-copy send completes twice: its result (with F_MORE when a
+  // notification follows), then the notification. The pages are ours again
+  // only at the second, so the send is finished there.
+  if ((cqe.flags & IORING_CQE_F_NOTIF) != 0) {
+    socket.awaiting_notification = false;
+    finish_send(socket, socket.zero_copy_result);
     return;
   }
-  std::size_t written = static_cast<std::size_t>(cqe.res);
+  if ((cqe.flags & IORING_CQE_F_MORE) != 0) {
+    socket.awaiting_notification = true;
+    socket.zero_copy_result = cqe.res;
+    return;
+  }
+  finish_send(socket, cqe.res);
+}
+
+void UringBackend::finish_send(Socket& socket, int result) {
+  --socket.in_flight;
+  socket.sending = false;
+  if (result < 0) {
+    begin_close(socket, errno_code(-result));
+    return;
+  }
+  std::size_t written = static_cast<std::size_t>(result);
   while (written > 0 && socket.send_first < socket.send_iovecs.size()) {
     iovec& first = socket.send_iovecs[socket.send_first];
     if (first.iov_len <= written) {

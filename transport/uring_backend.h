@@ -5,6 +5,9 @@
 //   the ring as soon as on_receive returns (no per-socket receive buffer);
 // - sends gathered with sendmsg (MSG_NOSIGNAL), all frames that queued up
 //   while the previous send was in flight going out in one submission;
+//   zero-copy (SENDMSG_ZC) above UringOptions::zero_copy_min_bytes, the
+//   send then completing only at the kernel's notification that it has let
+//   go of the pages;
 // - one io_uring_enter per loop turn submits and waits (batched submission),
 //   its timeout serving the timers.
 // make_backend() falls back to Asio when the ring cannot be set up.
@@ -25,6 +28,10 @@ struct UringOptions {
   unsigned queue_entries = 1024;
   unsigned receive_buffers = 256;           // a power of two
   unsigned receive_buffer_bytes = 64 * 1024;
+  // Writes of at least this many bytes go as IORING_OP_SENDMSG_ZC: the
+  // kernel sends from our pages and says when it is done with them. 0: never;
+  // also never where the kernel lacks it (before 6.1).
+  std::size_t zero_copy_min_bytes = 0;
 };
 
 class UringBackend final : public IoBackend {
@@ -63,6 +70,7 @@ class UringBackend final : public IoBackend {
   void handle(const io_uring_cqe& cqe);
   void handle_receive(Socket& socket, const io_uring_cqe& cqe);
   void handle_send(Socket& socket, const io_uring_cqe& cqe);
+  void finish_send(Socket& socket, int result);
   void begin_close(Socket& socket, std::error_code error);
   void finish_closes();
   void run_due_timers();

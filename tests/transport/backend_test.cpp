@@ -45,16 +45,16 @@ using Clock = std::chrono::steady_clock;
 
 constexpr std::chrono::milliseconds kLoopLimit = 5s;
 
-std::vector<BackendKind> backends_under_test() { return {BackendKind::io_uring, BackendKind::asio}; }
+// Each backend, and io_uring once more with every send zero-copy.
+struct TestBackend {
+  std::string name;
+  std::function<std::unique_ptr<IoBackend>()> make;
+};
 
-std::unique_ptr<IoBackend> make_test_backend(BackendKind kind) {
-  switch (kind) {
-    case BackendKind::asio:
-      return std::make_unique<AsioBackend>();
-    case BackendKind::io_uring:
-      return std::make_unique<UringBackend>();
-  }
-  throw std::invalid_argument("no test factory for backend " + std::string(to_string(kind)));
+std::vector<TestBackend> backends_under_test() {
+  return {{"io_uring", [] { return std::make_unique<UringBackend>(); }},
+          {"io_uring zero-copy", [] { return std::make_unique<UringBackend>(UringOptions{.zero_copy_min_bytes = 1}); }},
+          {"asio", [] { return std::make_unique<AsioBackend>(); }}};
 }
 
 // Aborts the whole test binary if it is still armed after `limit`: the last
@@ -290,13 +290,13 @@ std::vector<iovec> uneven_pieces(std::span<const std::byte> bytes, std::size_t c
 }
 
 TEST_CASE("a connection made with connect() and accepted by accept() carries gathered sends in order") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       RecordingEvents server;
       RecordingEvents client;
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       ConnectedPair pair = connect_pair(*backend);
       const int server_fd = pair.accepted.release();
       const int client_fd = pair.connected.release();
@@ -330,13 +330,13 @@ TEST_CASE("a connection made with connect() and accepted by accept() carries gat
 }
 
 TEST_CASE("8 MiB given to one gathered send arrive complete and in order") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       RecordingEvents server;
       RecordingEvents client;
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       ConnectedPair pair = connect_pair(*backend);
       const int server_fd = pair.accepted.release();
       const int client_fd = pair.connected.release();
@@ -362,12 +362,12 @@ TEST_CASE("8 MiB given to one gathered send arrive complete and in order") {
 }
 
 TEST_CASE("the peer closing gives one on_close with an empty error") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       RecordingEvents server;
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       ConnectedPair pair = connect_pair(*backend);
       const int server_fd = pair.accepted.release();
       backend->open(server_fd, &server);
@@ -384,13 +384,13 @@ TEST_CASE("the peer closing gives one on_close with an empty error") {
 }
 
 TEST_CASE("close() gives exactly one on_close, delivered after close() returned") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       RecordingEvents server;
       RecordingEvents client;
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       ConnectedPair pair = connect_pair(*backend);
       const int server_fd = pair.accepted.release();
       const int client_fd = pair.connected.release();
@@ -420,12 +420,12 @@ TEST_CASE("close() gives exactly one on_close, delivered after close() returned"
 }
 
 TEST_CASE("a peer that goes away while a send is in flight gives one on_close with an error") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       RecordingEvents server;
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       ConnectedPair pair = connect_pair(*backend);
       const int server_fd = pair.accepted.release();
       backend->open(server_fd, &server);
@@ -449,11 +449,11 @@ TEST_CASE("a peer that goes away while a send is in flight gives one on_close wi
 }
 
 TEST_CASE("after stop_accepting() the port refuses connections") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       OwnedFd listener = bound_loopback_socket(true);
       const std::uint16_t port = bound_port(listener.get());
       const int listen_fd = listener.release();
@@ -481,11 +481,11 @@ TEST_CASE("after stop_accepting() the port refuses connections") {
 }
 
 TEST_CASE("after stop_accepting() the port can be listened on again at once, with the loop idle") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       const int one = 1;
       OwnedFd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
       REQUIRE(::setsockopt(listener.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0);
@@ -512,11 +512,11 @@ TEST_CASE("after stop_accepting() the port can be listened on again at once, wit
 }
 
 TEST_CASE("an accept that fails for want of descriptors is retried later, without spinning") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       OwnedFd listener = bound_loopback_socket(true);
       const std::uint16_t port = bound_port(listener.get());
       const int listen_fd = listener.release();
@@ -556,11 +556,11 @@ TEST_CASE("an accept that fails for want of descriptors is retried later, withou
 }
 
 TEST_CASE("connecting to a port nobody listens on reports ECONNREFUSED and no descriptor") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       // Bound, so no one else takes the port, but not listening: refused.
       OwnedFd bound = bound_loopback_socket(false);
       int connected_fd = 0;
@@ -580,11 +580,11 @@ TEST_CASE("connecting to a port nobody listens on reports ECONNREFUSED and no de
 }
 
 TEST_CASE("connecting to a host that is not a numeric address reports an error, from the loop") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       bool inside_connect = false;
       bool called_inside_connect = false;
       int connected_fd = 0;
@@ -608,11 +608,11 @@ TEST_CASE("connecting to a host that is not a numeric address reports an error, 
 }
 
 TEST_CASE("timers fire no earlier than their delay, shorter first, and a cancelled one never") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       std::vector<std::string> fired;
       Clock::duration short_elapsed{}, long_elapsed{};
       const Clock::time_point start = Clock::now();
@@ -644,11 +644,11 @@ TEST_CASE("timers fire no earlier than their delay, shorter first, and a cancell
 }
 
 TEST_CASE("post() from another thread runs every fn on the loop thread") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       const std::thread::id loop_thread = std::this_thread::get_id();
       constexpr int kPosts = 1000;
       int ran = 0;
@@ -671,13 +671,13 @@ TEST_CASE("post() from another thread runs every fn on the loop thread") {
 }
 
 TEST_CASE("the before-wait hook runs after a receive, before the loop waits again") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       RecordingEvents server;
       RecordingEvents client;
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       ConnectedPair pair = connect_pair(*backend);
       const int server_fd = pair.accepted.release();
       const int client_fd = pair.connected.release();
@@ -705,13 +705,13 @@ TEST_CASE("the before-wait hook runs after a receive, before the loop waits agai
 }
 
 TEST_CASE("the before-wait hook runs before the first wait, so work queued before run() goes out") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       RecordingEvents server;
       RecordingEvents client;
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       ConnectedPair pair = connect_pair(*backend);
       const int server_fd = pair.accepted.release();
       const int client_fd = pair.connected.release();
@@ -748,11 +748,11 @@ TEST_CASE("the before-wait hook runs before the first wait, so work queued befor
 }
 
 TEST_CASE("the before-wait hook runs after a fn posted from another thread") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       bool posted_ran = false;
       bool hook_saw_it = false;
       backend->set_before_wait([&] {
@@ -772,13 +772,13 @@ TEST_CASE("the before-wait hook runs after a fn posted from another thread") {
 }
 
 TEST_CASE("a send made in the before-wait hook goes out without another event") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       RecordingEvents server;
       RecordingEvents client;
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       ConnectedPair pair = connect_pair(*backend);
       const int server_fd = pair.accepted.release();
       const int client_fd = pair.connected.release();
@@ -817,11 +817,11 @@ TEST_CASE("a send made in the before-wait hook goes out without another event") 
 }
 
 TEST_CASE("stop() from another thread makes run() return") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       std::atomic<bool> stop_called{false};
       std::jthread stopper([&] {
         std::this_thread::sleep_for(50ms);
@@ -837,13 +837,13 @@ TEST_CASE("stop() from another thread makes run() return") {
 }
 
 TEST_CASE("received bytes start 8-byte aligned") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       RecordingEvents server;
       RecordingEvents client;
-      auto backend = make_test_backend(kind);
+      auto backend = kind.make();
       ConnectedPair pair = connect_pair(*backend);
       const int server_fd = pair.accepted.release();
       const int client_fd = pair.connected.release();
@@ -884,8 +884,8 @@ TEST_CASE("received bytes start 8-byte aligned") {
 }
 
 TEST_CASE("destroying the backend with work outstanding calls nothing back and leaks no descriptor") {
-  for (BackendKind kind : backends_under_test()) {
-    const std::string name(to_string(kind));
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
       const std::size_t descriptors_before = open_descriptor_count();
@@ -898,7 +898,7 @@ TEST_CASE("destroying the backend with work outstanding calls nothing back and l
       bool accept_called = false;
       bool connect_called = false;
       {
-        auto backend = make_test_backend(kind);
+        auto backend = kind.make();
         ConnectedPair pair = connect_pair(*backend);
         const int server_fd = pair.accepted.release();
         const int client_fd = pair.connected.release();
