@@ -272,8 +272,13 @@ void AsioBackend::send(int fd, std::span<const iovec> buffers) {
   state.send_in_flight = true;
   ++state.operations_in_flight;
   // A span, not the vector, so that async_write's copy of the sequence does
-  // not copy (allocate) the list.
+  // not copy (allocate) the list. The completion condition lifts Asio's
+  // default cap of 64 KiB per write_some (transfer_all): a 16 MiB attachment
+  // went out in 256 system calls, half the speed of one large write.
   boost::asio::async_write(state.socket, std::span<const boost::asio::const_buffer>(state.send_buffers),
+                           [](const boost::system::error_code& error, std::size_t) -> std::size_t {
+                             return error ? 0 : kMaxBytesPerWrite;
+                           },
                            [this, fd, serial = state.serial](const boost::system::error_code& error, std::size_t) {
                              handle_send(fd, serial, error);
                            });

@@ -43,6 +43,8 @@ class AsioBackend final : public IoBackend {
  public:
   // Bytes of each socket's receive buffer (one read's worth).
   static constexpr std::size_t kReceiveBufferBytes = 64 * 1024;
+  // Most bytes one write system call is offered (the kernel takes what fits).
+  static constexpr std::size_t kMaxBytesPerWrite = std::size_t{1} << 30;
   // Most handlers run in one batch before the before-wait hook: a busy
   // socket must not keep the hook (and so every flush) waiting forever.
   static constexpr int kMaxHandlersPerBatch = 128;

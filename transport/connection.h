@@ -305,6 +305,16 @@ SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t 
       return SendStatus::no_such_stream;  // an Error may refuse a stream we never took
     }
   }
+  if (counts_against_credit(kind) && attachment != nullptr) {
+    // Refused before encoding when even header + attachment exceed the
+    // credit: a bulk sender that waits on credit must not pay a copy of its
+    // attachment (and a digest of it) per refusal.
+    const auto at_least = static_cast<std::int64_t>(codec::kFrameHeaderBytes + attachment->wire.size());
+    if (stream == nullptr || at_least > stream->send_credit || at_least > connection_send_credit_) {
+      if (stream != nullptr) stream->blocked = true;
+      return SendStatus::blocked;
+    }
+  }
   const std::size_t mark = queued_.size();
   const bool by_reference = attachment != nullptr && keep_alive != nullptr &&
                             attachment->wire.size() >= kMinReferencedAttachmentBytes;
