@@ -36,7 +36,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <iostream>
 #include <random>
 #include <span>
@@ -45,6 +44,7 @@
 #include <string_view>
 #include <vector>
 
+#include "bench_results.h"
 #include "codec/attachment_codec.h"
 #include "codec/buffer_pool.h"
 #include "codec/frame_decoder.h"
@@ -81,24 +81,7 @@ BenchSettings quick_settings() {
   return settings;
 }
 
-// One line of the results: ours against a peer, ratio > 1 when ours is better.
-struct Comparison {
-  std::string name;
-  double value = 0;
-  std::string unit;
-  std::string peer;
-  double peer_value = 0;
-  double ratio = 0;
-};
-
 // ---------------------------------------------------------------- helpers
-
-double median(std::vector<double> values) {
-  if (values.empty()) throw std::logic_error("median of no values");
-  std::sort(values.begin(), values.end());
-  const std::size_t middle = values.size() / 2;
-  return values.size() % 2 == 1 ? values[middle] : (values[middle - 1] + values[middle]) / 2;
-}
 
 double seconds_between(Clock::time_point start, Clock::time_point end) {
   return std::max(std::chrono::duration<double>(end - start).count(), 1e-12);
@@ -694,29 +677,12 @@ void run_attachment_benchmarks(const BenchSettings& settings, std::vector<Compar
 
 // ---------------------------------------------------------------- output
 
-void write_json(const std::string& path, const std::vector<Comparison>& results) {
-  boost::json::array rows;
-  for (const Comparison& result : results) {
-    rows.push_back(boost::json::object{{"name", result.name},
-                                       {"value", result.value},
-                                       {"unit", result.unit},
-                                       {"peer", result.peer},
-                                       {"peer_value", result.peer_value},
-                                       {"ratio", result.ratio}});
-  }
-  const boost::json::object document{{"bench", "codec"}, {"results", std::move(rows)}};
-  std::ofstream file(path);
-  file << boost::json::serialize(document) << "\n";
-  file.close();
-  if (!file) throw std::runtime_error("could not write " + path);
-}
-
 int run(const BenchSettings& settings) {
   std::vector<Comparison> results;
   run_token_benchmarks(settings, results);
   run_attachment_benchmarks(settings, results);
   if (!settings.json_path.empty()) {
-    write_json(settings.json_path, results);
+    write_results_json(settings.json_path, "codec", results);
     std::printf("wrote %zu results to %s\n", results.size(), settings.json_path.c_str());
   }
   return 0;

@@ -12,8 +12,10 @@ packages=(
   capnproto libcapnp-dev liburing-dev libzstd-dev libxxhash-dev
   # tests: doctest, clang's libFuzzer runtime for the decoder fuzzer
   doctest-dev clang libclang-rt-14-dev
-  # benchmarks only: protobuf is the peer format in bench/codec
+  # benchmarks only: protobuf is the peer format in bench/codec; gRPC and
+  # iperf3 are the peers of bench/transport
   libprotobuf-dev protobuf-compiler
+  libgrpc++-dev protobuf-compiler-grpc iperf3
 )
 
 missing=()

@@ -1,0 +1,402 @@
+// bench/transport: what fmwire's transport does on loopback, each number
+// against a peer measured in the same run (DESIGN.md, Measuring), on
+// 127.0.0.1 only, and for each I/O backend (io_uring, Boost.Asio).
+//
+// 1. Token streaming at full speed: a server streams one-token Tokens frames
+//    (first index, token id, a short text piece) to a client, in two shapes:
+//    many streams on one connection, and one stream on each of many
+//    connections. Frames per second, and process CPU-seconds per million
+//    frames. Peer: gRPC C++ server streaming (callback API on both ends)
+//    carrying the same three fields, in the same shapes.
+// 2. One-way latency at a fixed offered rate on one stream: the server stamps
+//    each frame with steady_clock as it builds it (the text piece carries the
+//    stamp), the client takes arrival - stamp; p50 and p99. Peer: gRPC, a
+//    synchronous server and client, paced the same way.
+// 3. Bulk bytes: KvChunk frames with 1, 4 and 16 MiB attachments over one
+//    connection (digested by the sender, checked by the receiver). Peer:
+//    iperf3, one TCP stream over loopback, the same byte count; and
+//    ucx_perftest where it is installed.
+//
+// Process layout, for every row: one process. fmwire's server loop runs on a
+// thread of its own, the client loop on the main thread; gRPC's server and
+// client run in this process too, on gRPC's threads and the main thread. CPU
+// is CLOCK_PROCESS_CPUTIME_ID of the whole process over the measured round,
+// so the server, the client and any helper thread are all counted. iperf3
+// runs as two child processes (it reports throughput only).
+//
+// Run: build/bench/bench_transport [--quick] [--repetitions N] [--json FILE]
+//        [--skip-grpc] [--skip-iperf] [--bulk-mib N] [--only tokens|latency|bulk]
+//        [--backend uring|asio]
+// Ratios: > 1 means fmwire is better (ours / peer for rates, peer / ours for
+// CPU and latency).
+#include <boost/program_options.hpp>
+
+#include <cstdint>
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bench_results.h"
+#include "transport_fmwire.h"
+#include "transport_iperf.h"
+#include "transport_measure.h"
+
+#ifdef FMWIRE_HAVE_GRPC
+#include "transport_grpc.h"
+#endif
+
+namespace fmwire::bench {
+namespace {
+
+// ---------------------------------------------------------------- settings
+
+// Many streams on one connection; one stream on each of many connections.
+std::vector<TokenShape> token_shapes() {
+  std::vector<TokenShape> shapes(2);
+  shapes[0].key = "many_streams";
+  shapes[0].label = "64 streams x 1 connection";
+  shapes[0].connections = 1;
+  shapes[0].streams_per_connection = 64;
+  shapes[0].frames_per_stream = 8'000;
+  shapes[1].key = "stream_per_connection";
+  shapes[1].label = "16 connections x 1 stream";
+  shapes[1].connections = 16;
+  shapes[1].streams_per_connection = 1;
+  shapes[1].frames_per_stream = 32'000;
+  return shapes;
+}
+
+struct BenchSettings {
+  int repetitions = 5;
+  std::vector<std::string> backends{"uring", "asio"};
+  std::vector<TokenShape> shapes = token_shapes();
+  // fmwire's rounds carry this many times the frames of gRPC's, so that both
+  // last long enough (a fraction of a second or more) to measure.
+  std::uint32_t fmwire_frames_factor = 4;
+  LatencyPlan latency{.frames_per_s = 10'000, .frames = 10'000, .warmup_frames = 1'000};
+  std::vector<std::size_t> chunk_bytes{1u << 20, 4u << 20, 16u << 20};
+  std::uint64_t bulk_bytes = 1ull << 30;
+  bool skip_grpc = false;
+  bool skip_iperf = false;
+  std::string only;       // empty: every section; else tokens, latency or bulk
+  std::string json_path;  // empty: no JSON file
+};
+
+BenchSettings quick_settings() {
+  BenchSettings settings;
+  settings.repetitions = 1;
+  settings.shapes[0].frames_per_stream = 200;
+  settings.shapes[1].frames_per_stream = 800;
+  settings.fmwire_frames_factor = 1;
+  settings.latency = {.frames_per_s = 10'000, .frames = 1'000, .warmup_frames = 100};
+  settings.bulk_bytes = 32ull << 20;
+  return settings;
+}
+
+std::string backend_label(const std::string& backend) { return backend == "uring" ? "io_uring" : "asio"; }
+
+// Rows without a peer (skipped or not built) keep the peer's name empty and
+// its value and the ratio 0.
+Comparison compare(std::string name, double value, std::string unit, std::optional<double> peer_value,
+                   const std::string& peer, bool higher_is_better) {
+  Comparison row{std::move(name), value, std::move(unit), "", 0, 0};
+  if (peer_value && *peer_value > 0 && value > 0) {
+    row.peer = peer;
+    row.peer_value = *peer_value;
+    row.ratio = higher_is_better ? value / *peer_value : *peer_value / value;
+  }
+  return row;
+}
+
+std::string ratio_text(std::optional<double> ratio) {
+  if (!ratio) return "-";
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2fx", *ratio);
+  return text;
+}
+
+// ---------------------------------------------------------------- token streaming
+
+struct ThroughputSummary {
+  double frames_per_s = 0;
+  double cpu_s_per_million_frames = 0;
+};
+
+ThroughputSummary summarize(const std::vector<ThroughputRound>& rounds) {
+  std::vector<double> rates, cpu;
+  for (const ThroughputRound& round : rounds) {
+    rates.push_back(round.frames_per_s);
+    cpu.push_back(round.cpu_s_per_million_frames);
+  }
+  return {median(rates), median(cpu)};
+}
+
+void print_throughput_row(const std::string& shape, const std::string& transport, const ThroughputSummary& summary,
+                          std::optional<ThroughputSummary> peer) {
+  std::optional<double> rate_ratio, cpu_ratio;
+  if (peer) {
+    rate_ratio = summary.frames_per_s / peer->frames_per_s;
+    cpu_ratio = peer->cpu_s_per_million_frames / summary.cpu_s_per_million_frames;
+  }
+  std::printf("    %-26s %-16s %12.0f %13.3f %14s %14s\n", shape.c_str(), transport.c_str(), summary.frames_per_s,
+              summary.cpu_s_per_million_frames, ratio_text(rate_ratio).c_str(), ratio_text(cpu_ratio).c_str());
+}
+
+void run_token_throughput(const BenchSettings& settings, std::vector<Comparison>& results) {
+  std::printf("Token streaming: one token per frame, server -> client, a warm-up round then the median of %d rounds\n",
+              settings.repetitions);
+  std::printf("  frames/s over the round; CPU: process CPU-seconds per million frames (server + client + helpers)\n");
+  std::printf("  ratios against gRPC: frames/s ours / gRPC; frames per CPU-second ours / gRPC (target >= 5x)\n");
+  std::printf("    %-26s %-16s %12s %13s %14s %14s\n", "shape", "transport", "frames/s", "CPU-s/Mframe",
+              "rate vs gRPC", "frames/CPU-s");
+  for (const TokenShape& shape : settings.shapes) {
+    TokenShape fmwire_shape = shape;
+    fmwire_shape.frames_per_stream *= settings.fmwire_frames_factor;
+    const std::string frames_note = "frames per stream: fmwire " + std::to_string(fmwire_shape.frames_per_stream) +
+                                    ", gRPC " + std::to_string(shape.frames_per_stream);
+    std::optional<ThroughputSummary> peer;
+#ifdef FMWIRE_HAVE_GRPC
+    if (!settings.skip_grpc) peer = summarize(grpc_token_throughput(shape, settings.repetitions));
+#endif
+    for (const std::string& backend : settings.backends) {
+      const ThroughputSummary ours = summarize(fmwire_token_throughput(backend, fmwire_shape, settings.repetitions));
+      print_throughput_row(shape.label, "fmwire " + backend_label(backend), ours, peer);
+      const std::string prefix = "tokens_" + shape.key + "_" + backend + "_";
+      results.push_back(compare(prefix + "frames_per_s", ours.frames_per_s, "frames/s",
+                                peer ? std::optional(peer->frames_per_s) : std::nullopt, "grpc", true));
+      results.push_back(compare(prefix + "cpu_s_per_million_frames", ours.cpu_s_per_million_frames, "CPU-s/Mframe",
+                                peer ? std::optional(peer->cpu_s_per_million_frames) : std::nullopt, "grpc", false));
+    }
+    if (peer) print_throughput_row(shape.label, "gRPC", *peer, std::nullopt);
+    std::printf("    %-26s (%s)\n", "", frames_note.c_str());
+  }
+  std::printf("\n");
+}
+
+// ---------------------------------------------------------------- latency
+
+struct LatencySummary {
+  double p50_us = 0;
+  double p99_us = 0;
+};
+
+LatencySummary summarize(const std::vector<LatencyRun>& runs) {
+  std::vector<double> p50, p99;
+  for (const LatencyRun& run : runs) {
+    p50.push_back(run.p50_us);
+    p99.push_back(run.p99_us);
+  }
+  return {median(p50), median(p99)};
+}
+
+void run_token_latency(const BenchSettings& settings, std::vector<Comparison>& results) {
+  const LatencyPlan& plan = settings.latency;
+  std::printf("One-way latency: one stream paced at %.0f frames/s by a sleeping pacer, %u frames, the first %u\n",
+              plan.frames_per_s, plan.frames, plan.warmup_frames);
+  std::printf("  left out; arrival - send stamp (steady_clock, one process), microseconds, median of %d streams;\n",
+              settings.repetitions);
+  std::printf("  fmwire: the pacer thread posts each frame to the server loop, which stamps, encodes and sends it;\n");
+  std::printf("  gRPC: the synchronous handler thread sleeps, stamps and Write()s; both clients read on the main thread\n");
+  std::printf("    %-16s %10s %10s %12s %12s\n", "transport", "p50 us", "p99 us", "p50 vs gRPC", "p99 vs gRPC");
+  std::optional<LatencySummary> peer;
+#ifdef FMWIRE_HAVE_GRPC
+  if (!settings.skip_grpc) peer = summarize(grpc_token_latency(plan, settings.repetitions));
+#endif
+  for (const std::string& backend : settings.backends) {
+    const LatencySummary ours = summarize(fmwire_token_latency(backend, plan, settings.repetitions));
+    std::optional<double> p50_ratio, p99_ratio;
+    if (peer) {
+      p50_ratio = peer->p50_us / ours.p50_us;
+      p99_ratio = peer->p99_us / ours.p99_us;
+    }
+    std::printf("    %-16s %10.1f %10.1f %12s %12s\n", ("fmwire " + backend_label(backend)).c_str(), ours.p50_us,
+                ours.p99_us, ratio_text(p50_ratio).c_str(), ratio_text(p99_ratio).c_str());
+    const std::string prefix = "latency_" + backend + "_";
+    results.push_back(compare(prefix + "p50", ours.p50_us, "us", peer ? std::optional(peer->p50_us) : std::nullopt,
+                              "grpc", false));
+    results.push_back(compare(prefix + "p99", ours.p99_us, "us", peer ? std::optional(peer->p99_us) : std::nullopt,
+                              "grpc", false));
+  }
+  if (peer) std::printf("    %-16s %10.1f %10.1f\n", "gRPC", peer->p50_us, peer->p99_us);
+  std::printf("\n");
+}
+
+// ---------------------------------------------------------------- bulk
+
+struct BulkSummary {
+  double bytes_per_s = 0;
+  double user_s_per_gb = 0;
+  double system_s_per_gb = 0;
+  double refused_sends = 0;
+};
+
+BulkSummary summarize(const std::vector<BulkRun>& runs) {
+  std::vector<double> rates, user, system, refused;
+  for (const BulkRun& run : runs) {
+    rates.push_back(run.bytes_per_s);
+    user.push_back(run.user_s_per_gb);
+    system.push_back(run.system_s_per_gb);
+    refused.push_back(static_cast<double>(run.refused_sends));
+  }
+  return {median(rates), median(user), median(system), median(refused)};
+}
+
+void print_bulk_row(const std::string& size, const std::string& transport, const BulkSummary& summary,
+                    std::optional<double> ratio, const std::string& refused) {
+  std::printf("    %-11s %-16s %8.2f %10s %10.3f %10.3f %9s\n", size.c_str(), transport.c_str(),
+              summary.bytes_per_s / 1e9, ratio_text(ratio).c_str(), summary.user_s_per_gb, summary.system_s_per_gb,
+              refused.c_str());
+}
+
+void run_bulk(const BenchSettings& settings, std::vector<Comparison>& results) {
+  const double mib = static_cast<double>(settings.bulk_bytes) / (1 << 20);
+  std::printf("Bulk: %.0f MiB of KvChunk attachments client -> server on one connection and one stream,\n", mib);
+  std::printf("  xxh3 digest made by the sender and checked by the receiver; a warm-up transfer, then the median of %d;\n",
+              settings.repetitions);
+  std::printf("  GB/s = 1e9 attachment bytes per second; peer: iperf3, one TCP stream, the same bytes (target >= 0.9x);\n");
+  std::printf("  CPU-s per GB, user and system apart: fmwire's whole process, iperf3's client + server processes;\n");
+  std::printf("  refused: send() calls refused for want of credit (before encoding: nothing copied)\n");
+
+  std::optional<BulkSummary> iperf;
+  std::string iperf_note;
+  const std::optional<std::string> iperf_path = find_on_path("iperf3");
+  if (settings.skip_iperf) {
+    iperf_note = "skipped (--skip-iperf)";
+  } else if (!iperf_path) {
+    iperf_note = "not installed (apt-get install iperf3)";
+  } else {
+    std::vector<BulkRun> runs;
+    for (int repetition = 0; repetition < settings.repetitions; ++repetition) {
+      runs.push_back(iperf3_bulk(*iperf_path, settings.bulk_bytes));
+    }
+    iperf = summarize(runs);
+    iperf_note = iperf3_version(*iperf_path) + ", one TCP stream, -n " + std::to_string(settings.bulk_bytes >> 20) +
+                 " MiB in 1 MiB blocks, receiver-side rate";
+  }
+
+  std::printf("    %-11s %-16s %8s %10s %10s %10s %9s\n", "attachment", "transport", "GB/s", "vs iperf3", "user s/GB",
+              "sys s/GB", "refused");
+  if (iperf) print_bulk_row("-", "iperf3", *iperf, std::nullopt, "-");
+  for (const std::size_t chunk_bytes : settings.chunk_bytes) {
+    const std::string size = std::to_string(chunk_bytes >> 20) + " MiB";
+    for (const std::string& backend : settings.backends) {
+      // io_uring twice: plain sendmsg, and zero-copy (SENDMSG_ZC) for every
+      // write of 64 KiB or more, so the threshold question gets its numbers.
+      const std::vector<std::size_t> zero_copy = backend == "uring" ? std::vector<std::size_t>{0, 64 * 1024}
+                                                                    : std::vector<std::size_t>{0};
+      for (const std::size_t zero_copy_min_bytes : zero_copy) {
+        const BulkSummary ours = summarize(
+            fmwire_bulk(backend, chunk_bytes, settings.bulk_bytes, settings.repetitions, zero_copy_min_bytes));
+        std::optional<double> ratio;
+        if (iperf) ratio = ours.bytes_per_s / iperf->bytes_per_s;
+        const std::string suffix = zero_copy_min_bytes > 0 ? " ZC" : "";
+        print_bulk_row(size, "fmwire " + backend_label(backend) + suffix, ours, ratio,
+                       std::to_string(static_cast<long>(ours.refused_sends)));
+        results.push_back(compare("bulk_" + std::to_string(chunk_bytes >> 20) + "mib_" + backend +
+                                      (zero_copy_min_bytes > 0 ? "_zerocopy" : ""),
+                                  ours.bytes_per_s / 1e9, "GB/s",
+                                  iperf ? std::optional(iperf->bytes_per_s / 1e9) : std::nullopt, "iperf3", true));
+      }
+    }
+  }
+  std::printf("    iperf3: %s\n", iperf_note.c_str());
+  std::printf("    ucx_perftest: %s\n\n", find_on_path("ucx_perftest") ? "installed, but not run: this bench has no UCX runner"
+                                                                            : "not installed");
+}
+
+int run(const BenchSettings& settings) {
+  std::printf("bench/transport on 127.0.0.1, backends:");
+  for (const std::string& backend : settings.backends) std::printf(" %s", backend_label(backend).c_str());
+#ifdef FMWIRE_HAVE_GRPC
+  std::printf("; peers: gRPC %s%s", grpc_version().c_str(), settings.skip_grpc ? " (skipped)" : "");
+#else
+  std::printf("; peers: gRPC left out (built without libgrpc++-dev/grpc_cpp_plugin)");
+#endif
+  std::printf(", iperf3%s\n", settings.skip_iperf ? " (skipped)" : "");
+  std::printf("One process: fmwire's server loop on its own thread, the client loop on the main thread; gRPC in the\n");
+  std::printf("same process on its own threads. CPU = CLOCK_PROCESS_CPUTIME_ID, all threads.\n\n");
+
+  std::vector<Comparison> results;
+  if (settings.only.empty() || settings.only == "tokens") run_token_throughput(settings, results);
+  if (settings.only.empty() || settings.only == "latency") run_token_latency(settings, results);
+  if (settings.only.empty() || settings.only == "bulk") run_bulk(settings, results);
+  if (!settings.json_path.empty()) {
+    write_results_json(settings.json_path, "transport", results);
+    std::printf("wrote %zu results to %s\n", results.size(), settings.json_path.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace fmwire::bench
+
+int main(int argc, char** argv) {
+  namespace po = boost::program_options;
+  po::options_description description(
+      "bench_transport: token streaming, latency and bulk bytes on loopback, against gRPC and iperf3");
+  std::string json_path;
+  std::string only;
+  std::string backend;
+  int repetitions = 0;
+  int bulk_mib = 0;
+  description.add_options()
+      ("help,h", "show this help")
+      ("quick", "tiny counts, one repetition: a smoke test of a few seconds")
+      ("repetitions", po::value(&repetitions), "measured rounds, streams and transfers per row (default 5)")
+      ("bulk-mib", po::value(&bulk_mib), "MiB per bulk transfer (default 1024; --quick 32)")
+      ("skip-grpc", "leave out the gRPC peer")
+      ("skip-iperf", "leave out the iperf3 peer")
+      ("only", po::value(&only), "run one section: tokens, latency or bulk")
+      ("backend", po::value(&backend), "run fmwire on one I/O backend only: uring or asio")
+      ("json", po::value(&json_path), "write the results as JSON to this file");
+  try {
+    po::variables_map values;
+    po::store(po::parse_command_line(argc, argv, description), values);
+    po::notify(values);
+    if (values.count("help")) {
+      std::cout << description;
+      return 0;
+    }
+    fmwire::bench::BenchSettings settings =
+        values.count("quick") ? fmwire::bench::quick_settings() : fmwire::bench::BenchSettings{};
+    if (values.count("repetitions")) {
+      if (repetitions < 1) {
+        std::cerr << "bench_transport: --repetitions " << repetitions << " must be at least 1\n";
+        return 2;
+      }
+      settings.repetitions = repetitions;
+    }
+    if (values.count("bulk-mib")) {
+      if (bulk_mib < 1) {
+        std::cerr << "bench_transport: --bulk-mib " << bulk_mib << " must be at least 1\n";
+        return 2;
+      }
+      settings.bulk_bytes = static_cast<std::uint64_t>(bulk_mib) << 20;
+    }
+    settings.skip_grpc = values.count("skip-grpc") > 0;
+    settings.skip_iperf = values.count("skip-iperf") > 0;
+    if (!only.empty() && only != "tokens" && only != "latency" && only != "bulk") {
+      std::cerr << "bench_transport: --only " << only << ": choose tokens, latency or bulk\n";
+      return 2;
+    }
+    settings.only = only;
+    if (!backend.empty()) {
+      if (backend != "uring" && backend != "asio") {
+        std::cerr << "bench_transport: --backend " << backend << ": choose uring or asio\n";
+        return 2;
+      }
+      settings.backends = {backend};
+    }
+    settings.json_path = json_path;
+    return fmwire::bench::run(settings);
+  } catch (const po::error& error) {
+    std::cerr << "bench_transport: " << error.what() << "\n";
+    return 2;
+  } catch (const std::exception& error) {
+    std::cerr << "bench_transport: " << error.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,36 @@
+// fmwire's side of bench/transport: a Server with a bench service on a loop
+// thread of its own, and the client connections on the calling thread's loop,
+// both on 127.0.0.1 and on the backend named ("uring" or "asio"). Every
+// function starts its server and stops it before returning.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "transport_measure.h"
+
+namespace fmwire::bench {
+
+// A warm-up round, then `rounds` measured rounds of `shape` over the same
+// connections. Throws std::runtime_error when a stream fails or a frame is
+// missing or wrong.
+std::vector<ThroughputRound> fmwire_token_throughput(const std::string& backend, const TokenShape& shape, int rounds);
+
+// `repetitions` paced streams, one after another on one connection, the
+// first plan.warmup_frames of each left out: a pacer thread sleeps until each
+// frame is due and posts it to the server loop, which stamps and sends it.
+std::vector<LatencyRun> fmwire_token_latency(const std::string& backend, const LatencyPlan& plan, int repetitions);
+
+// `total_bytes` in KvChunk frames with `chunk_bytes` attachments, client to
+// server on one stream of one connection, then KvCommit / KvCommitted; a
+// warm-up transfer, then `repetitions` measured ones. Each attachment is
+// digested by the sender (prepare) and checked by the receiver; CPU is the
+// whole process's (sender and receiver threads). Attachments go by
+// reference (no copy into the send queue); on io_uring, writes of
+// `zero_copy_min_bytes` or more are zero-copy sends (0: none).
+std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_bytes, std::uint64_t total_bytes,
+                                 int repetitions, std::size_t zero_copy_min_bytes = 0);
+
+}  // namespace fmwire::bench

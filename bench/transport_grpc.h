@@ -1,0 +1,26 @@
+// gRPC's side of bench/transport, built only with gRPC (FMWIRE_HAVE_GRPC):
+// the TokenStream service of token_stream.proto on 127.0.0.1 in this
+// process, with gRPC's own threads, and its clients on the calling thread.
+// Every function starts its server and shuts it down before returning.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "transport_measure.h"
+
+namespace fmwire::bench {
+
+std::string grpc_version();
+
+// The callback API on both ends (ServerWriteReactor, ClientReadReactor): a
+// warm-up round, then `rounds` measured rounds of `shape`. Streams of one
+// connection share one channel; each connection is a channel of its own
+// (a local subchannel pool, so no two share a TCP connection).
+std::vector<ThroughputRound> grpc_token_throughput(const TokenShape& shape, int rounds);
+
+// A synchronous server whose handler thread sleeps until each frame is due and
+// calls Write(); a synchronous client reading on the calling thread.
+std::vector<LatencyRun> grpc_token_latency(const LatencyPlan& plan, int repetitions);
+
+}  // namespace fmwire::bench
