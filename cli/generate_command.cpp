@@ -37,6 +37,7 @@ boost::json::object finish_json(const Completion& completion) {
            {{"prompt_tokens", completion.prompt_tokens},
             {"completion_tokens", completion.completion_tokens},
             {"cached_prompt_tokens", completion.cached_prompt_tokens}}},
+          {"trailing_text", completion.trailing_text},
           {"timings", std::move(timings)}};
 }
 
@@ -111,7 +112,7 @@ int run_generate(const GenerateCommand& command, std::ostream& out, std::ostream
     if (command.json) {
       out << boost::json::serialize(finish_json(completion)) << std::endl;
     } else {
-      out << std::endl;
+      out << completion.trailing_text << std::endl;
     }
     exit_code.set_value(0);
   };

@@ -184,6 +184,9 @@ struct Finish {
   reason @0 :FinishReason;
   usage @1 :Usage;
   timings @2 :List(HopTiming);
+  # Text released only at the end, with no token of its own (an unfinished
+  # UTF-8 character as U+FFFD, text held back as a possible stop sequence).
+  trailingText @3 :Text;
 }
 
 enum CancelReason {
@@ -207,6 +210,12 @@ struct LoadReport {
   draining @6 :Bool;
   prefixesAdded @7 :List(UInt64);   # hashes of full KV blocks now cached
   prefixesEvicted @8 :List(UInt64);
+  # Counters since the worker started (minor version 0 additions).
+  pausedSequences @9 :UInt32;       # waiting for their readers' credit
+  promptTokens @10 :UInt64;         # admitted prompt tokens
+  cachedPromptTokens @11 :UInt64;   # of those, served from the prefix cache
+  generatedTokens @12 :UInt64;
+  cachedKvBlocks @13 :UInt32;       # full blocks in the prefix cache
 }
 
 # ---------------------------------------------------------------- KV transfer

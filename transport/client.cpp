@@ -309,6 +309,7 @@ class Client::Session final : public transport::ConnectionHandler {
       completion.prompt_tokens = finish.getUsage().getPromptTokens();
       completion.completion_tokens = finish.getUsage().getCompletionTokens();
       completion.cached_prompt_tokens = finish.getUsage().getCachedPromptTokens();
+      completion.trailing_text = finish.getTrailingText();
       for (protocol::HopTiming::Reader hop : finish.getTimings()) {
         completion.timings.push_back({hop.getHop(), hop.getQueueUs(), hop.getPrefillUs(), hop.getDecodeUs(),
                                       hop.getFirstTokenUs(), hop.getTotalUs()});
@@ -420,6 +421,7 @@ ClientResult<CompletionText> Client::complete(GenerateParams params) {
   };
   callbacks.on_finish = [outcome](const Completion& completion) {
     outcome->text.finish = completion;
+    outcome->text.text += completion.trailing_text;
     outcome->done.set_value(std::move(outcome->text));
   };
   callbacks.on_error = [outcome](const ClientError& error) { outcome->done.set_value(error); };

@@ -81,6 +81,7 @@ struct Completion {
   std::uint32_t completion_tokens = 0;
   std::uint32_t cached_prompt_tokens = 0;
   std::vector<HopTime> timings;  // one per hop, worker first
+  std::string trailing_text;     // text with no token of its own, released at the end
 };
 
 // Exactly one of on_finish and on_error is called, last; on_tokens before it,
