@@ -1,0 +1,116 @@
+// The built-in Engine: continuous batching over a ModelBackend and a paged
+// KV cache (KvBlockPool). Each step runs one token of every running sequence
+// together with chunks of newly admitted prompts, within a token budget
+// (chunked prefill); sequences are admitted by free blocks, highest priority
+// first; a finished or cancelled sequence frees its blocks at once. When a
+// running sequence needs a block and none is free, the most recently
+// admitted other sequence is preempted: its blocks are freed and it is
+// recomputed later from its prompt and the tokens it had generated.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/engine.h"
+#include "engine/kv_block_pool.h"
+#include "engine/model_backend.h"
+
+namespace fmwire::engine {
+
+struct BatchingOptions {
+  std::uint32_t max_batch_tokens = 256;  // tokens the model runs per step, at most
+  std::uint32_t max_running = 64;        // sequences admitted at once
+  bool prefix_cache = true;
+};
+
+class BatchingEngine final : public Engine {
+ public:
+  // `info` gives the model's name, EOS token and fingerprint; the rest of it
+  // (vocabulary, context, KV geometry, blocks) is taken from the backend.
+  BatchingEngine(EngineInfo info, std::unique_ptr<ModelBackend> backend, BatchingOptions options = {});
+  ~BatchingEngine() override;
+
+  const EngineInfo& info() const override { return info_; }
+  EngineResult<codec::Done> submit(SequenceId id, SequenceRequest request) override;
+  EngineResult<codec::Done> submit_with_kv(SequenceId id, SequenceRequest request, const KvShard& shard) override;
+  void step(StepOutput& output) override;
+  bool has_work() const override;
+  void cancel(SequenceId id) override;
+  void set_paused(SequenceId id, bool paused) override;
+  EngineResult<KvShard> export_kv(SequenceId id) override;
+  EngineStats stats() const override;
+  std::vector<std::uint64_t> cached_prefixes() const override { return pool_.cached_hashes(); }
+
+  ModelBackend& backend() { return *backend_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  struct Sequence {
+    SequenceId id;
+    SequenceRequest request;
+    std::vector<std::uint32_t> tokens;  // prompt, then what was generated
+    std::uint32_t computed = 0;         // leading tokens whose KV is in `blocks`
+    std::vector<std::uint32_t> blocks;
+    std::uint32_t published_blocks = 0; // leading full blocks offered to the prefix cache
+    std::uint64_t published_hash = 0;   // chain hash of those blocks
+    std::uint32_t cached_prompt_tokens = 0;
+    std::uint32_t generated = 0;
+    std::uint64_t arrival = 0;          // submission order
+    std::uint64_t admission = 0;        // order of the latest admission
+    bool running = false;
+    bool in_batch = false;              // has an entry in the step being built
+    bool paused = false;
+    Sampler sampler;
+    Clock::time_point submitted, admitted, first_token, last_token;
+    bool was_admitted = false;
+    bool has_first_token = false;
+
+    explicit Sequence(const SamplingParams& sampling) : sampler(sampling) {}
+  };
+
+  EngineResult<codec::Done> check(SequenceId id, const SequenceRequest& request) const;
+  Sequence& add(SequenceId id, SequenceRequest request);
+  void enqueue(Sequence& sequence);
+  std::uint32_t blocks_for(std::uint32_t tokens) const;
+  // Makes `sequence` hold blocks for its first `tokens` positions, preempting
+  // younger sequences if it must; false when it cannot (it was preempted).
+  bool reserve(Sequence& sequence, std::uint32_t tokens);
+  bool admittable(const Sequence& sequence) const;
+  void admit(Sequence& sequence);
+  void preempt(Sequence& sequence);
+  void release_blocks(Sequence& sequence);
+  void publish_full_blocks(Sequence& sequence);
+  void schedule(Sequence& sequence, std::uint32_t tokens);
+  void finish(Sequence& sequence, FinishCause cause, StepOutput& output);
+  void remove(Sequence& sequence);
+
+  EngineInfo info_;
+  std::unique_ptr<ModelBackend> backend_;
+  BatchingOptions options_;
+  KvBlockPool pool_;
+  std::unordered_map<SequenceId, std::unique_ptr<Sequence>> sequences_;
+  std::vector<Sequence*> waiting_;  // by priority, then arrival
+  std::vector<Sequence*> running_;  // by admission
+  std::uint64_t next_arrival_ = 0;
+  std::uint64_t next_admission_ = 0;
+
+  // Reused by every step: no allocation once they have grown.
+  std::vector<BatchEntry> entries_;
+  std::vector<Sequence*> entry_sequences_;
+  std::vector<Sequence*> order_;  // running_ as the step began
+  std::vector<float> logits_;
+  std::vector<Sequence*> done_;
+
+  std::uint32_t paused_count_ = 0;
+  std::uint64_t steps_ = 0;
+  double recent_step_us_ = 0;
+  std::uint64_t prompt_tokens_ = 0;
+  std::uint64_t cached_prompt_tokens_ = 0;
+  std::uint64_t generated_tokens_ = 0;
+  std::uint64_t preemptions_ = 0;
+};
+
+}  // namespace fmwire::engine
