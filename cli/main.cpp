@@ -1,6 +1,7 @@
 // The fmwire command: one binary, one subcommand per role (DESIGN.md, Roles).
 #include <boost/program_options.hpp>
 
+#include <algorithm>
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -9,6 +10,7 @@
 #include "cli/demo.h"
 #include "cli/echo_server_command.h"
 #include "cli/generate_command.h"
+#include "cli/worker_command.h"
 #include "protocol/fmwire.capnp.h"
 
 namespace po = boost::program_options;
@@ -20,6 +22,7 @@ constexpr const char* kUsage =
     "\n"
     "commands:\n"
     "  generate     stream a completion from a native endpoint (worker, router, echo-server)\n"
+    "  worker       serve generation streams from a model (built-in, llama2.c checkpoint, synthetic)\n"
     "  echo-server  a native endpoint with no model: streams the prompt's words back\n"
     "  demo         encode a token stream and a KV transfer, decode them from a byte stream, report\n"
     "  version      print the version and the protocol version\n"
@@ -98,6 +101,53 @@ int run_echo_server_command(const std::vector<std::string>& arguments) {
   return fmwire::cli::run_echo_server(command, std::cout, std::cerr);
 }
 
+int run_worker_command(const std::vector<std::string>& arguments) {
+  fmwire::cli::WorkerCommand command;
+  std::string backend;
+  std::uint32_t load_report_interval_ms = 100;
+  std::uint32_t drain_timeout_ms = 30000;
+  std::uint32_t step_us = 0;
+  std::uint32_t prefill_ns_per_token = 0;
+  auto& model = command.model;
+  po::options_description description("usage: fmwire worker [options]\noptions");
+  description.add_options()
+      ("help,h", "show this help")
+      ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
+      ("model", po::value(&model.model)->default_value(model.model),
+       "builtin, a llama2.c checkpoint (.bin), or synthetic:NAME (llama-3-8b, llama-3-70b, tiny)")
+      ("tokenizer", po::value(&model.tokenizer), "llama2.c tokenizer.bin (default: beside the checkpoint)")
+      ("device", po::value(&model.device)->default_value(model.device), "auto, cpu or cuda")
+      ("kv-blocks", po::value(&model.kv_blocks), "KV cache blocks (default: as many as --kv-memory-mib holds)")
+      ("kv-memory-mib", po::value(&model.kv_memory_mib)->default_value(model.kv_memory_mib), "KV cache size")
+      ("block-tokens", po::value(&model.block_tokens)->default_value(model.block_tokens), "tokens per KV block")
+      ("max-batch-tokens", po::value(&model.batching.max_batch_tokens)->default_value(model.batching.max_batch_tokens),
+       "tokens per step (decodes plus prompt chunks)")
+      ("max-running", po::value(&model.batching.max_running)->default_value(model.batching.max_running),
+       "sequences in the batch at once")
+      ("no-prefix-cache", "do not reuse the KV blocks of shared prompt prefixes")
+      ("step-us", po::value(&step_us), "synthetic models: time per step")
+      ("prefill-ns-per-token", po::value(&prefill_ns_per_token), "synthetic models: time per prompt token")
+      ("name", po::value(&command.name), "name in load reports and timings (default: the address)")
+      ("load-report-interval-ms", po::value(&load_report_interval_ms)->default_value(load_report_interval_ms),
+       "how often subscribers get a LoadReport")
+      ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
+       "on SIGINT/SIGTERM, how long open streams may take to finish")
+      ("backend", po::value(&backend), "I/O backend: uring or asio");
+  po::variables_map values;
+  if (parse(arguments, description, nullptr, values)) return 0;
+  if (values.count("no-prefix-cache")) model.batching.prefix_cache = false;
+  if (values.count("step-us")) model.step_time = std::chrono::microseconds(step_us);
+  if (values.count("prefill-ns-per-token")) model.prefill_time_per_token = std::chrono::nanoseconds(prefill_ns_per_token);
+  if (model.batching.max_batch_tokens == 0 || model.batching.max_running == 0) {
+    std::cerr << "fmwire worker: --max-batch-tokens and --max-running must be at least 1\n";
+    return 2;
+  }
+  command.load_report_interval = std::chrono::milliseconds(std::max<std::uint32_t>(load_report_interval_ms, 1));
+  command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.backend = backend_choice(backend);
+  return fmwire::cli::run_worker(command, std::cout, std::cerr);
+}
+
 int run_demo_command(const std::vector<std::string>& arguments) {
   fmwire::cli::DemoOptions options;
   po::options_description description("fmwire demo options");
@@ -135,6 +185,7 @@ int main(int argc, char** argv) {
     if (command == "demo") return run_demo_command(arguments);
     if (command == "generate") return run_generate_command(arguments);
     if (command == "echo-server") return run_echo_server_command(arguments);
+    if (command == "worker") return run_worker_command(arguments);
     if (command == "version" || command == "--version") {
       std::cout << "fmwire " << FMWIRE_VERSION << ", protocol " << fmwire::protocol::PROTOCOL_MAJOR << "."
                 << fmwire::protocol::PROTOCOL_MINOR << "\n";

@@ -29,13 +29,17 @@ def check(condition, message):
         raise Failure(message)
 
 
-class EchoServer:
-    def __init__(self, binary, env, *extra):
+class Server:
+    """A server subcommand of fmwire (echo-server, worker) on a free port."""
+
+    def __init__(self, binary, env, command, *extra):
         self.process = subprocess.Popen(
-            [binary, "echo-server", "--listen", "127.0.0.1:0", *extra],
+            [binary, command, "--listen", "127.0.0.1:0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = self.process.stdout.readline()
-        check(line.startswith("listening on 127.0.0.1:"), f"echo-server printed {line!r}")
+        if not line.startswith("listening on 127.0.0.1:"):
+            self.kill()
+            raise Failure(f"{command} printed {line!r}; stderr {self.process.stderr.read()!r}")
         self.endpoint = line.split()[-1]
 
     def stop(self, sig=signal.SIGTERM):
@@ -50,6 +54,11 @@ class EchoServer:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class EchoServer(Server):
+    def __init__(self, binary, env, *extra):
+        super().__init__(binary, env, "echo-server", *extra)
 
 
 def generate(binary, env, endpoint, *arguments, timeout=LIMIT_S):

@@ -1,0 +1,108 @@
+#include "cli/worker_command.h"
+
+#include <condition_variable>
+#include <mutex>
+#include <ostream>
+
+#include "cli/signal_watcher.h"
+#include "engine/worker_service.h"
+#include "transport/server_group.h"
+
+namespace fmwire::cli {
+
+int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& err) {
+  std::string problem;
+  const std::optional<transport::Endpoint> endpoint = transport::parse_endpoint(command.listen, &problem);
+  if (!endpoint) {
+    err << "fmwire worker: " << problem << std::endl;
+    return 2;
+  }
+  auto loaded = engine::load_model(command.model);
+  if (!loaded) {
+    err << "fmwire worker: " << loaded.error() << std::endl;
+    return 2;
+  }
+  for (const std::string& line : loaded->log_lines) err << "fmwire worker: " << line << std::endl;
+  engine::Engine& engine = *loaded->engine;
+  const engine::Tokenizer& tokenizer = *loaded->tokenizer;
+
+  transport::ConnectionOptions options;
+  options.role = protocol::Role::WORKER;
+  options.name = "fmwire worker";
+  engine::WorkerOptions worker_options;
+  worker_options.load_report_interval = command.load_report_interval;
+  engine::WorkerService* service = nullptr;  // read after the loop has stopped
+
+  // The signal thread must exist before the loop and engine threads, which
+  // inherit its mask.
+  std::mutex mutex;
+  std::condition_variable changed;
+  int signals_seen = 0;
+  bool drained = false;
+  SignalWatcher signals([&](int, int count) {
+    std::lock_guard lock(mutex);
+    signals_seen = count;
+    changed.notify_all();
+  });
+
+  // One loop thread: the engine is the bottleneck, and it steps on a thread
+  // of its own (engine/engine_runner.h).
+  std::unique_ptr<transport::ServerGroup> group;
+  try {
+    group = std::make_unique<transport::ServerGroup>(
+        1, *endpoint, options,
+        [&](transport::EventLoop& loop) {
+          auto made = std::make_unique<engine::WorkerService>(loop, engine, tokenizer, worker_options);
+          service = made.get();
+          return made;
+        },
+        command.backend);
+  } catch (const std::system_error& error) {
+    err << "fmwire worker: cannot listen on " << command.listen << ": " << error.what() << std::endl;
+    return 2;
+  }
+  const std::string address = transport::Endpoint{endpoint->host, group->port()}.to_string();
+  service->set_name(command.name.empty() ? address : command.name);
+  err << "fmwire worker: " << group->backend_log_line() << std::endl;
+  out << "listening on " << address << std::endl;
+  group->start();
+
+  int result = 0;
+  {
+    std::unique_lock lock(mutex);
+    changed.wait(lock, [&] { return signals_seen > 0; });
+    lock.unlock();
+    group->drain(
+        "worker shutting down",
+        [&] {
+          std::lock_guard drained_lock(mutex);
+          drained = true;
+          changed.notify_all();
+        },
+        [&](unsigned, std::size_t connections) {
+          service->set_draining();  // on the loop thread
+          std::lock_guard print_lock(mutex);
+          err << "fmwire worker: draining " << connections << " connection(s)" << std::endl;
+        });
+    lock.lock();
+    if (!changed.wait_for(lock, command.drain_timeout, [&] { return drained || signals_seen > 1; })) {
+      err << "fmwire worker: drain took over " << command.drain_timeout.count() << " ms, closing now" << std::endl;
+      result = 1;
+    } else if (!drained) {
+      err << "fmwire worker: second signal, closing now" << std::endl;
+      result = 1;
+    }
+  }
+  group->stop();
+  group->join();
+  const engine::WorkerCounters& counters = service->counters();
+  const engine::EngineStats& stats = service->engine_stats();
+  err << "fmwire worker: stopped after " << counters.streams_finished << " streams finished, "
+      << counters.streams_cancelled << " cancelled, " << counters.streams_refused << " refused; "
+      << counters.tokens_sent << " tokens sent; prompt tokens " << stats.prompt_tokens << " of which "
+      << stats.cached_prompt_tokens << " from the prefix cache" << std::endl;
+  group.reset();  // the service (and its engine thread) before the engine
+  return result;
+}
+
+}  // namespace fmwire::cli

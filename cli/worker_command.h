@@ -1,0 +1,28 @@
+// `fmwire worker`: serves generation streams from an engine (the built-in
+// model, a llama2.c checkpoint, or a synthetic model) on the native
+// protocol. Prints its address, and drains on SIGINT/SIGTERM: no new
+// streams, open ones finish, then exit.
+#pragma once
+
+#include <chrono>
+#include <iosfwd>
+#include <string>
+
+#include "engine/model_loader.h"
+
+namespace fmwire::cli {
+
+struct WorkerCommand {
+  std::string listen = "127.0.0.1:7100";  // port 0: any free port (printed)
+  std::string name;                       // in load reports and timings; default: the address
+  engine::ModelSpec model;
+  std::string backend;                    // I/O backend: "", "uring" or "asio"
+  std::chrono::milliseconds load_report_interval{100};
+  std::chrono::milliseconds drain_timeout{30000};
+};
+
+// Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad
+// options (a model that cannot be loaded included).
+int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& err);
+
+}  // namespace fmwire::cli

@@ -1,0 +1,67 @@
+#include "engine/engine_runner.h"
+
+namespace fmwire::engine {
+
+EngineRunner::EngineRunner(Engine& engine, Sink sink) : engine_(engine), sink_(std::move(sink)) {
+  thread_ = std::thread([this] { run(); });
+}
+
+EngineRunner::~EngineRunner() {
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_one();
+  thread_.join();
+}
+
+void EngineRunner::push(Command command) {
+  {
+    std::lock_guard lock(mutex_);
+    commands_.push_back(std::move(command));
+  }
+  wake_.notify_one();
+}
+
+void EngineRunner::submit(SequenceId id, SequenceRequest request) { push(Submit{id, std::move(request)}); }
+void EngineRunner::cancel(SequenceId id) { push(Cancel{id}); }
+void EngineRunner::set_paused(SequenceId id, bool paused) { push(Pause{id, paused}); }
+
+void EngineRunner::run() {
+  std::vector<Command> applying;
+  // False after a step that ran nothing (every runnable sequence waits for
+  // blocks): then only a new command can change that, so wait for one
+  // instead of spinning.
+  bool worth_stepping = true;
+  for (;;) {
+    {
+      std::unique_lock lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || !commands_.empty() || (worth_stepping && engine_.has_work()); });
+      if (stop_) return;
+      applying.swap(commands_);
+    }
+    auto output = std::make_shared<RunnerOutput>();
+    for (Command& command : applying) {
+      if (auto* submit = std::get_if<Submit>(&command)) {
+        auto submitted = engine_.submit(submit->id, std::move(submit->request));
+        if (!submitted) output->rejected.push_back({submit->id, submitted.error().message});
+      } else if (auto* cancel = std::get_if<Cancel>(&command)) {
+        engine_.cancel(cancel->id);
+      } else if (auto* pause = std::get_if<Pause>(&command)) {
+        engine_.set_paused(pause->id, pause->paused);
+      }
+    }
+    const bool had_commands = !applying.empty();
+    applying.clear();
+    if (had_commands) worth_stepping = true;
+    if (engine_.has_work()) {
+      engine_.step(output->step);
+      worth_stepping = output->step.batch_tokens > 0;
+    }
+    if (!had_commands && output->step.batch_tokens == 0 && output->step.finished.empty()) continue;
+    output->stats = engine_.stats();
+    sink_(std::move(output));
+  }
+}
+
+}  // namespace fmwire::engine

@@ -1,0 +1,121 @@
+#include "engine/model_loader.h"
+
+#include <algorithm>
+#include <filesystem>
+
+#include "engine/cpu_backend.h"
+#include "engine/llama_weights.h"
+#include "engine/synthetic_backend.h"
+#if FMWIRE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_probe.h"
+#endif
+
+namespace fmwire::engine {
+namespace {
+
+using Loaded = codec::Result<LoadedModel, std::string>;
+
+std::uint32_t blocks_in(std::uint64_t memory_mib, std::size_t bytes_per_block) {
+  const std::uint64_t blocks = (memory_mib << 20) / bytes_per_block;
+  return static_cast<std::uint32_t>(std::clamp<std::uint64_t>(blocks, 1, 1u << 24));
+}
+
+Loaded load_synthetic(const ModelSpec& spec, std::string_view name) {
+  auto model = synthetic_model(name);
+  if (!model) {
+    std::string known;
+    for (const std::string& each : synthetic_model_names()) known += (known.empty() ? "" : ", ") + each;
+    return std::string("unknown synthetic model '") + std::string(name) + "'; known: " + known;
+  }
+  model->kv.block_tokens = spec.block_tokens;
+  if (spec.step_time) model->step_time = *spec.step_time;
+  if (spec.prefill_time_per_token) model->prefill_time_per_token = *spec.prefill_time_per_token;
+  const std::uint32_t blocks = spec.kv_blocks != 0 ? spec.kv_blocks : blocks_in(spec.kv_memory_mib, model->kv.bytes_per_block());
+  LoadedModel loaded;
+  loaded.tokenizer = std::make_unique<Tokenizer>(Tokenizer::byte_level());
+  loaded.log_lines.push_back("model synthetic:" + model->name + ": " + std::to_string(model->kv.bytes_per_token()) +
+                             " bytes of KV per token, step " + std::to_string(model->step_time.count()) + " us + " +
+                             std::to_string(model->prefill_time_per_token.count()) + " ns per prompt token, " +
+                             std::to_string(blocks) + " KV blocks of " + std::to_string(spec.block_tokens) + " tokens");
+  EngineInfo info;
+  info.model_name = "synthetic:" + model->name;
+  info.eos_token = Tokenizer::kEos;
+  info.model_fingerprint = std::hash<std::string>{}(info.model_name);
+  loaded.engine = std::make_unique<BatchingEngine>(
+      std::move(info), std::make_unique<SyntheticBackend>(std::move(*model), blocks), spec.batching);
+  return loaded;
+}
+
+}  // namespace
+
+Loaded load_model(const ModelSpec& spec) {
+  if (spec.block_tokens == 0 || spec.block_tokens > 1024) {
+    return std::string("block size of ") + std::to_string(spec.block_tokens) + " tokens: it must be 1 to 1024";
+  }
+  if (spec.device != "auto" && spec.device != "cpu" && spec.device != "cuda") {
+    return "unknown device '" + spec.device + "': auto, cpu or cuda";
+  }
+  if (spec.model.starts_with("synthetic:")) return load_synthetic(spec, std::string_view(spec.model).substr(10));
+
+  LoadedModel loaded;
+  std::shared_ptr<LlamaWeights> weights;
+  std::string model_name;
+  if (spec.model == "builtin") {
+    weights = std::make_shared<LlamaWeights>(make_seeded_weights(builtin_llama_config(), 1));
+    loaded.tokenizer = std::make_unique<Tokenizer>(Tokenizer::byte_level());
+    model_name = "builtin";
+  } else {
+    auto read = load_llama2c_checkpoint(spec.model);
+    if (!read) return read.error();
+    weights = std::make_shared<LlamaWeights>(std::move(*read));
+    std::string tokenizer_path = spec.tokenizer;
+    if (tokenizer_path.empty()) {
+      tokenizer_path = (std::filesystem::path(spec.model).parent_path() / "tokenizer.bin").string();
+      if (!std::filesystem::exists(tokenizer_path) && weights->config.vocab_size == 259) tokenizer_path.clear();
+    }
+    if (tokenizer_path.empty()) {
+      loaded.tokenizer = std::make_unique<Tokenizer>(Tokenizer::byte_level());
+    } else {
+      auto tokenizer = Tokenizer::load_llama2c(tokenizer_path, weights->config.vocab_size);
+      if (!tokenizer) return tokenizer.error() + " (give the checkpoint's tokenizer with --tokenizer)";
+      loaded.tokenizer = std::make_unique<Tokenizer>(std::move(*tokenizer));
+    }
+    model_name = std::filesystem::path(spec.model).filename().string();
+  }
+  const LlamaConfig& config = weights->config;
+  loaded.log_lines.push_back("model " + model_name + ": dim " + std::to_string(config.dim) + ", " +
+                             std::to_string(config.layers) + " layers, " + std::to_string(config.heads) + " heads (" +
+                             std::to_string(config.kv_heads) + " KV), vocabulary " + std::to_string(config.vocab_size) +
+                             ", context " + std::to_string(config.max_context));
+  EngineInfo info;
+  info.model_name = model_name;
+  info.eos_token = Tokenizer::kEos;
+  info.model_fingerprint = weights->fingerprint();
+
+  std::unique_ptr<ModelBackend> backend;
+  const std::size_t bytes_per_token = std::size_t{config.layers} * 2 * config.kv_dim() * sizeof(float);
+  const std::uint32_t blocks =
+      spec.kv_blocks != 0 ? spec.kv_blocks : blocks_in(spec.kv_memory_mib, bytes_per_token * spec.block_tokens);
+#if FMWIRE_HAVE_CUDA
+  if (spec.device != "cpu") {
+    const CudaProbe probe = probe_cuda();
+    loaded.log_lines.push_back(probe.log_line);
+    if (probe.available) {
+      backend = std::make_unique<CudaBackend>(weights, blocks, spec.block_tokens);
+    } else if (spec.device == "cuda") {
+      return "--device cuda: " + probe.log_line;
+    }
+  }
+#else
+  if (spec.device == "cuda") return std::string("--device cuda: this build has no CUDA backend (nvcc was not found)");
+  if (spec.device == "auto") loaded.log_lines.push_back("CUDA: not built, CPU backend");
+#endif
+  if (!backend) backend = std::make_unique<CpuBackend>(weights, blocks, spec.block_tokens);
+  loaded.log_lines.push_back(backend->name() + " backend, " + std::to_string(blocks) + " KV blocks of " +
+                             std::to_string(spec.block_tokens) + " tokens");
+  loaded.engine = std::make_unique<BatchingEngine>(std::move(info), std::move(backend), spec.batching);
+  return loaded;
+}
+
+}  // namespace fmwire::engine

@@ -1,0 +1,426 @@
+#include "engine/worker_service.h"
+
+#include <algorithm>
+
+#include "codec/frame_decoder.h"
+
+namespace fmwire::engine {
+namespace {
+
+using transport::Connection;
+using transport::SendStatus;
+
+std::uint64_t micros(std::chrono::steady_clock::duration duration) {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(duration).count());
+}
+
+protocol::FinishReason finish_reason(FinishCause cause) {
+  switch (cause) {
+    case FinishCause::end_of_sequence: return protocol::FinishReason::END_OF_SEQUENCE;
+    case FinishCause::max_tokens: return protocol::FinishReason::MAX_TOKENS;
+    case FinishCause::context_full: return protocol::FinishReason::MAX_TOKENS;  // "length" to OpenAI clients
+    case FinishCause::cancelled: return protocol::FinishReason::CANCELLED;
+  }
+  return protocol::FinishReason::ERROR;
+}
+
+// Hashes per LoadReport frame: a full report of a large cache goes in several.
+constexpr std::size_t kHashesPerReport = 4096;
+
+}  // namespace
+
+WorkerService::WorkerService(transport::EventLoop& loop, Engine& engine, const Tokenizer& tokenizer,
+                             WorkerOptions options)
+    : loop_(loop), tokenizer_(tokenizer), options_(std::move(options)), info_(engine.info()),
+      seeds_(std::random_device{}()) {
+  std::weak_ptr<bool> alive = alive_;
+  runner_ = std::make_unique<EngineRunner>(engine, [this, alive](std::shared_ptr<RunnerOutput> output) {
+    loop_.post([this, alive, output = std::move(output)] {
+      if (alive.lock()) deliver(*output);
+    });
+  });
+}
+
+WorkerService::~WorkerService() {
+  runner_.reset();  // no step output arrives after this
+  if (report_timer_ != 0) loop_.backend().cancel(report_timer_);
+  for (auto& [key, stream] : streams_) {
+    if (stream->deadline_timer != 0) loop_.backend().cancel(stream->deadline_timer);
+  }
+}
+
+void WorkerService::on_stream_frame(Connection& connection, const codec::FrameView& frame) {
+  switch (frame.kind()) {
+    case codec::FrameKind::generate_request:
+      start(connection, frame.header.stream_id, frame);
+      break;
+    case codec::FrameKind::load_report:
+      subscribe(connection, frame.header.stream_id);
+      break;
+    default:
+      // Cancel and Error end the stream (on_stream_closed cleans up); a
+      // client sends nothing else on a generation stream.
+      break;
+  }
+}
+
+void WorkerService::refuse(Connection& connection, std::uint32_t stream_id, protocol::ErrorCode code,
+                           const std::string& message) {
+  ++counters_.streams_refused;
+  connection.reset_stream(stream_id, code, message);
+}
+
+void WorkerService::start(Connection& connection, std::uint32_t stream_id, const codec::FrameView& frame) {
+  if (streams_.contains({&connection, stream_id})) {
+    refuse(connection, stream_id, protocol::ErrorCode::BAD_REQUEST, "a second GenerateRequest on one stream");
+    return;
+  }
+  auto stream = std::make_unique<Stream>();
+  stream->connection = &connection;
+  stream->stream_id = stream_id;
+  stream->received = Clock::now();
+  SequenceRequest request;
+  std::vector<std::string> stops;
+  std::string problem;
+  protocol::ErrorCode code = protocol::ErrorCode::BAD_REQUEST;
+  std::uint64_t timeout_us = 0;
+  const codec::Status read = codec::read_body<protocol::GenerateRequest>(
+      frame, codec::FrameLimits{}, [&](protocol::GenerateRequest::Reader body) {
+        const auto model = body.getModel();
+        if (model.size() > 0 && std::string_view(model.cStr(), model.size()) != info_.model_name) {
+          code = protocol::ErrorCode::NOT_FOUND;
+          problem = "model '" + std::string(model.cStr()) + "' is not served here; this worker serves '" +
+                    info_.model_name + "'";
+          return;
+        }
+        const auto prompt = body.getPrompt();
+        if (prompt.isText()) {
+          const auto text = prompt.getText();
+          if (text.size() == 0) {
+            problem = "the prompt is empty";
+            return;
+          }
+          request.prompt = tokenizer_.encode(std::string_view(text.cStr(), text.size()), true);
+        } else {
+          for (std::uint32_t id : prompt.getTokenIds()) request.prompt.push_back(id);
+          if (request.prompt.empty()) {
+            problem = "the prompt is empty";
+            return;
+          }
+        }
+        const auto sampling = body.getSampling();
+        request.max_tokens = sampling.getMaxTokens();
+        request.sampling.temperature = sampling.getTemperature();
+        request.sampling.top_p = sampling.getTopP();
+        request.sampling.seed = sampling.getSeed().isFixed() ? sampling.getSeed().getFixed() : seeds_();
+        const auto stop_list = sampling.getStopSequences();
+        if (stop_list.size() > options_.max_stop_sequences) {
+          problem = std::to_string(stop_list.size()) + " stop sequences, at most " +
+                    std::to_string(options_.max_stop_sequences) + " are allowed";
+          return;
+        }
+        for (auto stop : stop_list) {
+          if (stop.size() == 0 || stop.size() > options_.max_stop_sequence_bytes) {
+            problem = "a stop sequence of " + std::to_string(stop.size()) + " bytes; each must have 1 to " +
+                      std::to_string(options_.max_stop_sequence_bytes);
+            return;
+          }
+          stops.emplace_back(stop.cStr(), stop.size());
+        }
+        request.priority = body.getPriority();
+        timeout_us = body.getTimeoutUs();
+        const auto stream_options = body.getStreamOptions();
+        stream->include_text = stream_options.getIncludeText();
+        stream->include_usage = stream_options.getIncludeUsage();
+        stream->include_timings = stream_options.getIncludeTimings();
+      });
+  if (!read) {
+    problem = "unreadable GenerateRequest: " + read.error().message;
+    code = protocol::ErrorCode::BAD_FRAME;
+  }
+  if (!problem.empty()) {
+    refuse(connection, stream_id, code, problem);
+    return;
+  }
+  // The engine checks the rest (context, vocabulary, sampling ranges) and
+  // refuses through the runner's output.
+  stream->prompt_tokens = static_cast<std::uint32_t>(request.prompt.size());
+  stream->text.emplace(tokenizer_, std::move(stops));
+  stream->sequence = next_sequence_++;
+  Stream& started = *stream;
+  by_sequence_[started.sequence] = &started;
+  streams_[{&connection, stream_id}] = std::move(stream);
+  ++counters_.streams_started;
+  if (timeout_us > 0) {
+    const auto delay = std::chrono::ceil<std::chrono::milliseconds>(std::chrono::microseconds(timeout_us));
+    const SequenceId sequence = started.sequence;
+    std::weak_ptr<bool> alive = alive_;
+    started.deadline_timer = loop_.backend().schedule(delay, [this, alive, sequence] {
+      if (!alive.lock()) return;
+      auto found = by_sequence_.find(sequence);
+      if (found == by_sequence_.end()) return;
+      found->second->deadline_timer = 0;
+      end_early(*found->second, protocol::FinishReason::DEADLINE_EXCEEDED);
+    });
+  }
+  runner_->submit(started.sequence, std::move(request));
+}
+
+void WorkerService::deliver(const RunnerOutput& output) {
+  engine_stats_ = output.stats;
+  for (const auto& rejected : output.rejected) {
+    auto found = by_sequence_.find(rejected.id);
+    if (found == by_sequence_.end()) continue;
+    Stream& stream = *found->second;
+    Connection& connection = *stream.connection;
+    const std::uint32_t stream_id = stream.stream_id;
+    forget(stream);
+    refuse(connection, stream_id, protocol::ErrorCode::BAD_REQUEST, rejected.message);
+  }
+  for (const auto& token : output.step.tokens) {
+    auto found = by_sequence_.find(token.id);
+    if (found != by_sequence_.end()) take_token(*found->second, token.token, token.index);
+  }
+  for (const auto& finished : output.step.finished) {
+    auto found = by_sequence_.find(finished.id);
+    if (found == by_sequence_.end()) continue;
+    Stream& stream = *found->second;
+    if (stream.finish_reason) continue;  // ended here first (stop sequence)
+    stream.finish_reason = finish_reason(finished.cause);
+    stream.cached_prompt_tokens = finished.cached_prompt_tokens;
+    stream.queue_us = finished.queue_us;
+    stream.prefill_us = finished.prefill_us;
+    stream.decode_us = finished.decode_us;
+    if (stream.text && !stream.text->stopped()) {
+      // Whatever the text stream held back (an unfinished character, a
+      // possible stop-sequence start) goes out with the last piece.
+      const std::string_view rest = stream.text->finish();
+      if (rest.empty() || !stream.include_text) {
+      } else if (!stream.pending_ends.empty()) {
+        stream.pending_text.pop_back();  // the last piece's NUL
+        stream.pending_text.append(rest);
+        stream.pending_text.push_back('\0');
+        stream.pending_ends.back() = static_cast<std::uint32_t>(stream.pending_text.size() - 1);
+      } else {
+        stream.trailing_text.assign(rest);  // every token has left already
+      }
+    }
+  }
+  // One flush per stream that has something: tokens of one step leave as
+  // one frame per stream, and frames of all streams leave in one write.
+  for (const auto& token : output.step.tokens) {
+    auto found = by_sequence_.find(token.id);
+    if (found != by_sequence_.end() && !found->second->paused) flush(*found->second);
+  }
+  for (const auto& finished : output.step.finished) {
+    auto found = by_sequence_.find(finished.id);
+    if (found != by_sequence_.end()) flush(*found->second);
+  }
+  for (std::uint64_t hash : output.step.prefixes_added) prefixes_.insert(hash);
+  for (std::uint64_t hash : output.step.prefixes_evicted) prefixes_.erase(hash);
+  if (!subscribers_.empty()) {
+    prefixes_added_.insert(prefixes_added_.end(), output.step.prefixes_added.begin(), output.step.prefixes_added.end());
+    prefixes_evicted_.insert(prefixes_evicted_.end(), output.step.prefixes_evicted.begin(),
+                             output.step.prefixes_evicted.end());
+  }
+}
+
+void WorkerService::take_token(Stream& stream, std::uint32_t token, std::uint32_t index) {
+  if (stream.finish_reason) return;  // after a stop sequence: the engine is being told to stop
+  if (stream.pending_ids.empty()) stream.pending_first_index = index;
+  stream.pending_ids.push_back(token);
+  ++stream.completion_tokens;
+  const std::string_view piece = stream.text->push(token);
+  if (stream.include_text) stream.pending_text.append(piece);
+  stream.pending_text.push_back('\0');
+  stream.pending_ends.push_back(static_cast<std::uint32_t>(stream.pending_text.size() - 1));
+  if (stream.text->stopped()) end_early(stream, protocol::FinishReason::STOP_SEQUENCE);
+}
+
+void WorkerService::end_early(Stream& stream, protocol::FinishReason reason) {
+  if (stream.finish_reason) return;
+  stream.finish_reason = reason;
+  runner_->cancel(stream.sequence);
+  flush(stream);
+}
+
+bool WorkerService::flush(Stream& stream) {
+  Connection& connection = *stream.connection;
+  if (!stream.pending_ids.empty()) {
+    const SendStatus status = connection.send<protocol::Tokens>(stream.stream_id, [&](protocol::Tokens::Builder tokens) {
+      tokens.setFirstIndex(stream.pending_first_index);
+      const auto count = static_cast<std::uint32_t>(stream.pending_ids.size());
+      auto ids = tokens.initTokenIds(count);
+      for (std::uint32_t i = 0; i < count; ++i) ids.set(i, stream.pending_ids[i]);
+      if (!stream.include_text) return;
+      auto pieces = tokens.initTextPieces(count);
+      std::uint32_t begin = 0;
+      for (std::uint32_t i = 0; i < count; ++i) {
+        const std::uint32_t end = stream.pending_ends[i];
+        pieces.set(i, capnp::Text::Reader(stream.pending_text.data() + begin, end - begin));
+        begin = end + 1;
+      }
+    });
+    if (status == SendStatus::blocked) {
+      set_paused(stream, true);  // on_stream_writable resumes
+      return true;
+    }
+    if (status != SendStatus::sent) {
+      forget(stream);  // the stream or the connection is gone
+      return false;
+    }
+    if (!stream.first_token_sent) stream.first_token_sent = Clock::now();
+    counters_.tokens_sent += stream.pending_ids.size();
+    stream.pending_ids.clear();
+    stream.pending_text.clear();
+    stream.pending_ends.clear();
+  }
+  if (!stream.finish_reason) {
+    if (stream.paused) set_paused(stream, false);
+    return true;
+  }
+  const auto now = Clock::now();
+  connection.send<protocol::Finish>(stream.stream_id, [&](protocol::Finish::Builder finish) {
+    finish.setReason(*stream.finish_reason);
+    if (!stream.trailing_text.empty()) finish.setTrailingText(stream.trailing_text);
+    if (stream.include_usage) {
+      auto usage = finish.initUsage();
+      usage.setPromptTokens(stream.prompt_tokens);
+      usage.setCompletionTokens(stream.completion_tokens);
+      usage.setCachedPromptTokens(stream.cached_prompt_tokens);
+    }
+    if (stream.include_timings) {
+      auto timing = finish.initTimings(1)[0];
+      timing.setHop("worker " + options_.name);
+      timing.setRole(protocol::Role::WORKER);
+      timing.setQueueUs(stream.queue_us);
+      timing.setPrefillUs(stream.prefill_us);
+      timing.setDecodeUs(stream.decode_us);
+      timing.setFirstTokenUs(stream.first_token_sent ? micros(*stream.first_token_sent - stream.received) : 0);
+      timing.setTotalUs(micros(now - stream.received));
+    }
+  }, transport::kEndStream);
+  ++counters_.streams_finished;
+  forget(stream);
+  return false;
+}
+
+void WorkerService::set_paused(Stream& stream, bool paused) {
+  if (stream.paused == paused || (paused && stream.finish_reason)) return;
+  stream.paused = paused;
+  if (paused) ++counters_.pauses;
+  runner_->set_paused(stream.sequence, paused);
+}
+
+void WorkerService::forget(Stream& stream) {
+  if (stream.deadline_timer != 0) loop_.backend().cancel(stream.deadline_timer);
+  if (!stream.finish_reason) runner_->cancel(stream.sequence);
+  by_sequence_.erase(stream.sequence);
+  streams_.erase({stream.connection, stream.stream_id});  // destroys `stream`
+}
+
+void WorkerService::on_stream_writable(Connection& connection, std::uint32_t stream_id) {
+  auto found = streams_.find({&connection, stream_id});
+  if (found != streams_.end()) flush(*found->second);
+}
+
+void WorkerService::on_stream_closed(Connection& connection, std::uint32_t stream_id,
+                                     const transport::EndReason& reason) {
+  subscribers_.erase({&connection, stream_id});
+  auto found = streams_.find({&connection, stream_id});
+  if (found == streams_.end()) return;
+  if (reason.error) ++counters_.streams_cancelled;
+  Stream& stream = *found->second;
+  stream.finish_reason.reset();  // whatever was pending: the engine must stop
+  forget(stream);
+}
+
+void WorkerService::on_closed(Connection& connection, const transport::EndReason& reason) {
+  (void)reason;
+  for (auto it = subscribers_.begin(); it != subscribers_.end();) {
+    it = it->first.first == &connection ? subscribers_.erase(it) : std::next(it);
+  }
+  std::vector<Stream*> gone;
+  for (auto& [key, stream] : streams_) {
+    if (key.first == &connection) gone.push_back(stream.get());
+  }
+  for (Stream* stream : gone) {
+    ++counters_.streams_cancelled;
+    stream->finish_reason.reset();
+    forget(*stream);
+  }
+}
+
+void WorkerService::subscribe(Connection& connection, std::uint32_t stream_id) {
+  const bool first = subscribers_.empty();
+  if (!subscribers_.emplace(Key{&connection, stream_id}, false).second) return;  // a repeat: nothing new
+  const std::vector<std::uint64_t> all(prefixes_.begin(), prefixes_.end());
+  send_load_report(connection, stream_id, all, {});
+  subscribers_[{&connection, stream_id}] = true;
+  if (first && report_timer_ == 0) {
+    prefixes_added_.clear();
+    prefixes_evicted_.clear();
+    std::weak_ptr<bool> alive = alive_;
+    report_timer_ = loop_.backend().schedule(options_.load_report_interval, [this, alive] {
+      if (!alive.lock()) return;
+      report_timer_ = 0;
+      send_load_reports();
+    });
+  }
+}
+
+void WorkerService::send_load_reports() {
+  if (subscribers_.empty()) return;  // the timer stops with the last subscriber
+  for (auto it = subscribers_.begin(); it != subscribers_.end();) {
+    const Key key = it->first;
+    ++it;  // sending may close the stream and erase the entry
+    send_load_report(*key.first, key.second, prefixes_added_, prefixes_evicted_);
+  }
+  prefixes_added_.clear();
+  prefixes_evicted_.clear();
+  std::weak_ptr<bool> alive = alive_;
+  report_timer_ = loop_.backend().schedule(options_.load_report_interval, [this, alive] {
+    if (!alive.lock()) return;
+    report_timer_ = 0;
+    send_load_reports();
+  });
+}
+
+void WorkerService::send_load_report(Connection& connection, std::uint32_t stream_id,
+                                     const std::vector<std::uint64_t>& added,
+                                     const std::vector<std::uint64_t>& evicted) {
+  std::size_t added_from = 0;
+  std::size_t evicted_from = 0;
+  do {
+    const std::size_t added_count = std::min(kHashesPerReport, added.size() - added_from);
+    const std::size_t evicted_count = std::min(kHashesPerReport - added_count, evicted.size() - evicted_from);
+    const SendStatus status = connection.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReport::Builder report) {
+      report.setWorkerName(options_.name);
+      report.setQueueDepth(engine_stats_.waiting);
+      report.setRunningSequences(engine_stats_.running);
+      report.setFreeKvBlocks(engine_stats_.free_blocks);
+      report.setTotalKvBlocks(engine_stats_.total_blocks != 0 ? engine_stats_.total_blocks : info_.total_blocks);
+      report.setRecentStepTimeUs(static_cast<std::uint32_t>(std::min<std::uint64_t>(engine_stats_.recent_step_us, UINT32_MAX)));
+      report.setDraining(draining_);
+      auto added_list = report.initPrefixesAdded(static_cast<unsigned>(added_count));
+      for (std::size_t i = 0; i < added_count; ++i) added_list.set(static_cast<unsigned>(i), added[added_from + i]);
+      auto evicted_list = report.initPrefixesEvicted(static_cast<unsigned>(evicted_count));
+      for (std::size_t i = 0; i < evicted_count; ++i) {
+        evicted_list.set(static_cast<unsigned>(i), evicted[evicted_from + i]);
+      }
+      report.setPausedSequences(engine_stats_.paused);
+      report.setPromptTokens(engine_stats_.prompt_tokens);
+      report.setCachedPromptTokens(engine_stats_.cached_prompt_tokens);
+      report.setGeneratedTokens(engine_stats_.generated_tokens);
+      report.setCachedKvBlocks(engine_stats_.cached_blocks);
+    });
+    if (status != SendStatus::sent) {
+      subscribers_.erase({&connection, stream_id});
+      return;
+    }
+    added_from += added_count;
+    evicted_from += evicted_count;
+  } while (added_from < added.size() || evicted_from < evicted.size());
+}
+
+}  // namespace fmwire::engine

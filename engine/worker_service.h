@@ -1,0 +1,143 @@
+// The worker's native-protocol service (`fmwire worker`): GenerateRequest in,
+// Tokens frames out, Finish at the end with usage and timings. It runs on an
+// I/O loop thread; the engine steps on its own thread (EngineRunner), and
+// each step's tokens come back to the loop in one hand-off.
+//
+// Flow control reaches the scheduler: when a stream's Tokens frame is refused
+// for lack of credit, its sequence is paused in the engine (it keeps its KV
+// blocks, generates nothing) until the peer grants more; at most the tokens
+// of the steps already under way wait here, never an unbounded queue.
+//
+// Load reports: a peer that opens a stream with a LoadReport frame (body
+// ignored) subscribes; it gets a full report at once (every prefix hash held)
+// and then one per interval with the prefixes added and evicted since.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "engine/engine_runner.h"
+#include "engine/text_stream.h"
+#include "engine/tokenizer.h"
+#include "transport/connection.h"
+
+namespace fmwire::engine {
+
+struct WorkerOptions {
+  std::string name = "worker";
+  std::chrono::milliseconds load_report_interval{100};
+  std::uint32_t max_stop_sequences = 16;
+  std::uint32_t max_stop_sequence_bytes = 256;
+};
+
+// What the worker has done, on the loop thread; for tests and the shutdown log.
+struct WorkerCounters {
+  std::uint64_t streams_started = 0;
+  std::uint64_t streams_finished = 0;   // with a Finish frame
+  std::uint64_t streams_cancelled = 0;  // by the peer or a lost connection
+  std::uint64_t streams_refused = 0;    // bad requests
+  std::uint64_t tokens_sent = 0;
+  std::uint64_t pauses = 0;             // sequences paused for lack of credit
+};
+
+class WorkerService final : public transport::ConnectionHandler {
+ public:
+  // `engine` is driven from the runner's thread from now on: touch it no more.
+  WorkerService(transport::EventLoop& loop, Engine& engine, const Tokenizer& tokenizer, WorkerOptions options = {});
+  ~WorkerService() override;
+
+  const WorkerCounters& counters() const { return counters_; }
+  // The engine's state after its latest step (loop thread).
+  const EngineStats& engine_stats() const { return engine_stats_; }
+  std::size_t active_streams() const { return streams_.size(); }
+  // The name in load reports and timings; before the loop runs.
+  void set_name(std::string name) { options_.name = std::move(name); }
+  // Marks load reports as draining (the server is shutting down).
+  void set_draining() { draining_ = true; }
+
+  void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
+  void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
+  void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
+                        const transport::EndReason& reason) override;
+  void on_closed(transport::Connection& connection, const transport::EndReason& reason) override;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  using Key = std::pair<transport::Connection*, std::uint32_t>;
+
+  struct Stream {
+    transport::Connection* connection = nullptr;
+    std::uint32_t stream_id = 0;
+    SequenceId sequence = 0;
+    std::optional<TextStream> text;
+    bool include_text = true;
+    bool include_usage = true;
+    bool include_timings = true;
+    // Tokens made but not sent yet (no credit): a step or two's worth.
+    std::uint32_t pending_first_index = 0;
+    std::vector<std::uint32_t> pending_ids;
+    std::string pending_text;                 // the pieces, each NUL-terminated
+    std::vector<std::uint32_t> pending_ends;  // where each piece's NUL is
+    std::string trailing_text;                // released at the end, for Finish
+    bool paused = false;
+    // Set once the sequence is over; sent after the pending tokens.
+    std::optional<protocol::FinishReason> finish_reason;
+    std::uint32_t prompt_tokens = 0;
+    std::uint32_t completion_tokens = 0;
+    std::uint32_t cached_prompt_tokens = 0;
+    std::uint64_t queue_us = 0, prefill_us = 0, decode_us = 0;
+    Clock::time_point received;
+    std::optional<Clock::time_point> first_token_sent;
+    transport::TimerId deadline_timer = 0;
+  };
+
+  void start(transport::Connection& connection, std::uint32_t stream_id, const codec::FrameView& frame);
+  void subscribe(transport::Connection& connection, std::uint32_t stream_id);
+  void refuse(transport::Connection& connection, std::uint32_t stream_id, protocol::ErrorCode code,
+              const std::string& message);
+  void deliver(const RunnerOutput& output);
+  void take_token(Stream& stream, std::uint32_t token, std::uint32_t index);
+  // The sequence ended here (stop sequence, deadline) before the engine said so.
+  void end_early(Stream& stream, protocol::FinishReason reason);
+  // Sends what it can: pending tokens, then the Finish. False when the stream is gone.
+  bool flush(Stream& stream);
+  void set_paused(Stream& stream, bool paused);
+  void forget(Stream& stream);
+  void send_load_reports();
+  void send_load_report(transport::Connection& connection, std::uint32_t stream_id,
+                        const std::vector<std::uint64_t>& added, const std::vector<std::uint64_t>& evicted);
+
+  transport::EventLoop& loop_;
+  const Tokenizer& tokenizer_;
+  WorkerOptions options_;
+  EngineInfo info_;
+  std::map<Key, std::unique_ptr<Stream>> streams_;
+  std::unordered_map<SequenceId, Stream*> by_sequence_;
+  std::map<Key, bool> subscribers_;  // value: has had its full report
+  SequenceId next_sequence_ = 1;
+  std::mt19937_64 seeds_;            // for requests that ask for a random seed
+  WorkerCounters counters_;
+  EngineStats engine_stats_;
+  bool draining_ = false;
+
+  // The prefix hashes the engine holds, mirrored here from its step
+  // outputs, and what changed since the last load report.
+  std::unordered_set<std::uint64_t> prefixes_;
+  std::vector<std::uint64_t> prefixes_added_;
+  std::vector<std::uint64_t> prefixes_evicted_;
+  transport::TimerId report_timer_ = 0;
+
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  std::unique_ptr<EngineRunner> runner_;  // last: stopped first
+};
+
+}  // namespace fmwire::engine

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Multi-process tests of `fmwire worker`: the worker and `fmwire generate`
+as separate processes on 127.0.0.1, as a user runs them.
+
+    worker_cli_test.py FMWIRE_BINARY BACKEND SCENARIO
+
+Same rules as native_cli_test.py: free ports, bounded waits, every process
+killed on the way out.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from native_cli_test import LIMIT_S, Failure, Server, check, generate, read_until, start_generate
+
+
+class Worker(Server):
+    def __init__(self, binary, env, *extra):
+        super().__init__(binary, env, "worker", *extra)
+
+
+def frames_of(stdout):
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def builtin_streams(binary, env):
+    worker = Worker(binary, env, "--model", "builtin")
+    try:
+        result = generate(binary, env, worker.endpoint, "--max-tokens", "16", "--json", "Hello")
+        check(result.returncode == 0, f"exit {result.returncode}: {result.stderr}")
+        frames = frames_of(result.stdout)
+        indexes = [frame["first_index"] + i for frame in frames if frame["type"] == "tokens"
+                   for i in range(len(frame["token_ids"]))]
+        check(indexes == list(range(16)), f"indexes {indexes}")
+        finish = frames[-1]
+        check(finish["type"] == "finish" and finish["reason"] == "max_tokens", f"finish {finish}")
+        check(finish["usage"] == {"prompt_tokens": 6, "completion_tokens": 16, "cached_prompt_tokens": 0},
+              f"usage {finish['usage']}")
+        check(finish["timings"][0]["hop"].startswith("worker "), f"timings {finish['timings']}")
+        # Greedy is deterministic: the plain text is the JSON pieces joined.
+        text = generate(binary, env, worker.endpoint, "--max-tokens", "16", "Hello")
+        check(text.returncode == 0, f"exit {text.returncode}: {text.stderr}")
+        pieces = "".join(piece for frame in frames if frame["type"] == "tokens" for piece in frame["text"])
+        check(text.stdout == pieces + finish["trailing_text"] + "\n", f"{text.stdout!r} != {pieces!r}")
+        check(worker.stop() == 0, "the worker did not stop cleanly")
+        _, errors = worker.process.communicate()
+        check("cpu backend" in errors and "2 streams finished" in errors, f"worker stderr {errors!r}")
+    finally:
+        worker.kill()
+
+
+def bad_request(binary, env):
+    worker = Worker(binary, env, "--model", "builtin")
+    try:
+        result = generate(binary, env, worker.endpoint, "--max-tokens", "5000", "hi")
+        check(result.returncode == 1, f"exit {result.returncode}")
+        check("bad_request" in result.stderr and "context" in result.stderr, f"stderr {result.stderr!r}")
+        again = generate(binary, env, worker.endpoint, "--max-tokens", "2", "hi")
+        check(again.returncode == 0, f"after the error: {again.stderr!r}")
+    finally:
+        worker.kill()
+
+
+def unknown_model(binary, env):
+    result = subprocess.run([binary, "worker", "--listen", "127.0.0.1:0", "--model", "synthetic:nope"],
+                            capture_output=True, text=True, env=env, timeout=LIMIT_S)
+    check(result.returncode == 2, f"exit {result.returncode}")
+    check("unknown synthetic model 'nope'" in result.stderr and "llama-3-8b" in result.stderr,
+          f"stderr {result.stderr!r}")
+    missing = subprocess.run([binary, "worker", "--listen", "127.0.0.1:0", "--model", "/no/such/model.bin"],
+                             capture_output=True, text=True, env=env, timeout=LIMIT_S)
+    check(missing.returncode == 2 and "/no/such/model.bin" in missing.stderr, f"stderr {missing.stderr!r}")
+
+
+def synthetic_8b(binary, env):
+    # Llama-3-8B's KV shape (128 KiB a token) with a fast step.
+    worker = Worker(binary, env, "--model", "synthetic:llama-3-8b", "--step-us", "500", "--kv-memory-mib", "64")
+    try:
+        result = generate(binary, env, worker.endpoint, "--max-tokens", "100", "--json", "time me")
+        check(result.returncode == 0, f"exit {result.returncode}: {result.stderr}")
+        check(frames_of(result.stdout)[-1]["usage"]["completion_tokens"] == 100, "short stream")
+        check(worker.stop() == 0, "the worker did not stop cleanly")
+        _, errors = worker.process.communicate()
+        check("131072 bytes of KV per token" in errors, f"worker stderr {errors!r}")
+    finally:
+        worker.kill()
+
+
+def drain_finishes_open_stream(binary, env):
+    worker = Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "10000")
+    client = start_generate(binary, env, worker.endpoint, "--max-tokens", "40", "--json", "drain me")
+    try:
+        read_until(client.stdout, lambda text: text.count("\n") >= 2)
+        worker.process.send_signal(signal.SIGTERM)
+        rest, errors = client.communicate(timeout=LIMIT_S)
+        check(client.returncode == 0, f"the open stream did not finish: exit {client.returncode}, {errors!r}")
+        check(json.loads(rest.splitlines()[-1])["usage"]["completion_tokens"] == 40, f"last {rest!r}")
+        check(worker.process.wait(timeout=LIMIT_S) == 0, "the worker did not exit 0 after draining")
+    finally:
+        worker.kill()
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
+def worker_killed_mid_stream(binary, env):
+    worker = Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "5000")
+    client = start_generate(binary, env, worker.endpoint, "--max-tokens", "1000", "--json", "kill it")
+    try:
+        read_until(client.stdout, lambda text: text.count("\n") >= 3)
+        worker.kill()  # SIGKILL: no GoAway, no Error frame
+        _, errors = client.communicate(timeout=LIMIT_S)
+        check(client.returncode == 1, f"exit {client.returncode}")
+        check("worker_lost" in errors and "retryable" in errors, f"stderr {errors!r}")
+    finally:
+        worker.kill()
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
+def sigint_cancels(binary, env):
+    worker = Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "5000")
+    client = start_generate(binary, env, worker.endpoint, "--max-tokens", "1000", "--json", "cancel me")
+    try:
+        read_until(client.stdout, lambda text: text.count("\n") >= 3)
+        client.send_signal(signal.SIGINT)
+        _, errors = client.communicate(timeout=LIMIT_S)
+        check(client.returncode == 130, f"exit {client.returncode}: {errors!r}")
+        again = generate(binary, env, worker.endpoint, "--max-tokens", "2", "next")
+        check(again.returncode == 0, f"after the cancel: {again.stderr!r}")
+        check(worker.stop() == 0, "the worker did not drain cleanly")
+        _, worker_errors = worker.process.communicate()
+        check("1 cancelled" in worker_errors, f"the worker did not see the cancel: {worker_errors!r}")
+    finally:
+        worker.kill()
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
+SCENARIOS = {
+    "builtin_streams": builtin_streams,
+    "bad_request": bad_request,
+    "unknown_model": unknown_model,
+    "synthetic_8b": synthetic_8b,
+    "drain_finishes_open_stream": drain_finishes_open_stream,
+    "worker_killed_mid_stream": worker_killed_mid_stream,
+    "sigint_cancels": sigint_cancels,
+}
+
+
+def main():
+    binary, backend, scenario = sys.argv[1:4]
+    env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
+    try:
+        SCENARIOS[scenario](binary, env)
+    except (Failure, subprocess.TimeoutExpired) as failure:
+        print(f"FAILED worker {scenario} [{backend}]: {failure}")
+        return 1
+    print(f"ok worker {scenario} [{backend}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
