@@ -279,29 +279,32 @@ bool WorkerService::flush(Stream& stream) {
     if (stream.paused) set_paused(stream, false);
     return true;
   }
+  // Taken out of the maps before the last frame goes: sending it may close
+  // the stream at once (the peer ended its side already), and then
+  // on_stream_closed must find nothing to clean up.
+  const std::unique_ptr<Stream> owned = detach(stream);
   const auto now = Clock::now();
-  connection.send<protocol::Finish>(stream.stream_id, [&](protocol::Finish::Builder finish) {
-    finish.setReason(*stream.finish_reason);
-    if (!stream.trailing_text.empty()) finish.setTrailingText(stream.trailing_text);
-    if (stream.include_usage) {
+  connection.send<protocol::Finish>(owned->stream_id, [&](protocol::Finish::Builder finish) {
+    finish.setReason(*owned->finish_reason);
+    if (!owned->trailing_text.empty()) finish.setTrailingText(owned->trailing_text);
+    if (owned->include_usage) {
       auto usage = finish.initUsage();
-      usage.setPromptTokens(stream.prompt_tokens);
-      usage.setCompletionTokens(stream.completion_tokens);
-      usage.setCachedPromptTokens(stream.cached_prompt_tokens);
+      usage.setPromptTokens(owned->prompt_tokens);
+      usage.setCompletionTokens(owned->completion_tokens);
+      usage.setCachedPromptTokens(owned->cached_prompt_tokens);
     }
-    if (stream.include_timings) {
+    if (owned->include_timings) {
       auto timing = finish.initTimings(1)[0];
       timing.setHop("worker " + options_.name);
       timing.setRole(protocol::Role::WORKER);
-      timing.setQueueUs(stream.queue_us);
-      timing.setPrefillUs(stream.prefill_us);
-      timing.setDecodeUs(stream.decode_us);
-      timing.setFirstTokenUs(stream.first_token_sent ? micros(*stream.first_token_sent - stream.received) : 0);
-      timing.setTotalUs(micros(now - stream.received));
+      timing.setQueueUs(owned->queue_us);
+      timing.setPrefillUs(owned->prefill_us);
+      timing.setDecodeUs(owned->decode_us);
+      timing.setFirstTokenUs(owned->first_token_sent ? micros(*owned->first_token_sent - owned->received) : 0);
+      timing.setTotalUs(micros(now - owned->received));
     }
   }, transport::kEndStream);
   ++counters_.streams_finished;
-  forget(stream);
   return false;
 }
 
@@ -312,12 +315,18 @@ void WorkerService::set_paused(Stream& stream, bool paused) {
   runner_->set_paused(stream.sequence, paused);
 }
 
-void WorkerService::forget(Stream& stream) {
+std::unique_ptr<WorkerService::Stream> WorkerService::detach(Stream& stream) {
   if (stream.deadline_timer != 0) loop_.backend().cancel(stream.deadline_timer);
+  stream.deadline_timer = 0;
   if (!stream.finish_reason) runner_->cancel(stream.sequence);
   by_sequence_.erase(stream.sequence);
-  streams_.erase({stream.connection, stream.stream_id});  // destroys `stream`
+  auto found = streams_.find({stream.connection, stream.stream_id});
+  std::unique_ptr<Stream> owned = std::move(found->second);
+  streams_.erase(found);
+  return owned;
 }
+
+void WorkerService::forget(Stream& stream) { detach(stream); }
 
 void WorkerService::on_stream_writable(Connection& connection, std::uint32_t stream_id) {
   auto found = streams_.find({&connection, stream_id});

@@ -111,6 +111,9 @@ class WorkerService final : public transport::ConnectionHandler {
   // Sends what it can: pending tokens, then the Finish. False when the stream is gone.
   bool flush(Stream& stream);
   void set_paused(Stream& stream, bool paused);
+  // Takes the stream out of the service (the engine's sequence cancelled
+  // unless it had finished) and hands it over; forget() drops it.
+  std::unique_ptr<Stream> detach(Stream& stream);
   void forget(Stream& stream);
   void send_load_reports();
   void send_load_report(transport::Connection& connection, std::uint32_t stream_id,

@@ -55,10 +55,13 @@ class Collector final : public transport::ConnectionHandler {
     if (frame.kind() == codec::FrameKind::tokens) {
       log.data_bytes += frame.wire_bytes;
       read = codec::read_body<protocol::Tokens>(frame, codec::FrameLimits{}, [&](protocol::Tokens::Reader tokens) {
-        for (std::uint32_t i = 0; i < tokens.getTokenIds().size(); ++i) {
+        // Each list read once: every get*() counts against the traversal limit.
+        const auto ids = tokens.getTokenIds();
+        const auto pieces = tokens.getTextPieces();
+        for (std::uint32_t i = 0; i < ids.size(); ++i) {
           log.indexes.push_back(tokens.getFirstIndex() + i);
-          log.token_ids.push_back(tokens.getTokenIds()[i]);
-          log.text += tokens.getTextPieces()[i].cStr();
+          log.token_ids.push_back(ids[i]);
+          log.text += pieces[i].cStr();
         }
       });
     } else if (frame.kind() == codec::FrameKind::finish) {
