@@ -1,0 +1,251 @@
+// The CUDA backend against the CPU reference (DESIGN.md, "Engine": CPU and
+// CUDA agree on logits within a stated tolerance). Where no device is, the
+// cases that need one pass after printing the probe's line (a MESSAGE);
+// where CUDA is not built at all, one case says so.
+#include <doctest/doctest.h>
+
+#ifdef FMWIRE_HAVE_CUDA
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <span>
+#include <stdexcept>
+#include <vector>
+
+#include "engine/cpu_backend.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_probe.h"
+#include "engine/llama_weights.h"
+
+namespace fmwire::engine {
+namespace {
+
+// Logits may differ by this fraction of the row's largest magnitude (at
+// least 1): both sides compute in float32, but cuBLAS and the attention
+// kernel sum in another order than the CPU, so they differ by rounding,
+// which grows slowly through the layers; 1e-3 leaves a wide margin over it
+// while any indexing error shows up at the scale of the logits themselves.
+constexpr float kLogitTolerance = 1e-3f;
+// KV values (keys after RoPE, values) likewise, as a fraction of the largest.
+constexpr float kKvTolerance = 1e-3f;
+
+constexpr std::uint32_t kBlockTokens = 16;
+constexpr std::uint32_t kTotalBlocks = 64;
+constexpr std::uint32_t kSequences = 3;
+constexpr std::uint32_t kPrefillChunk = 16;
+constexpr std::uint32_t kDecodeSteps = 32;
+
+// True where a device is; otherwise prints why the case is skipped.
+bool device_present() {
+  const CudaProbe probe = probe_cuda();
+  if (!probe.available) MESSAGE("skipped: " << probe.log_line);
+  return probe.available;
+}
+
+std::shared_ptr<const LlamaWeights> builtin_weights() {
+  return std::make_shared<const LlamaWeights>(make_seeded_weights(builtin_llama_config(), 1));
+}
+
+struct Sequence {
+  std::vector<std::uint32_t> tokens;  // the prompt, then each greedy token
+  std::uint32_t prompt_length = 0;
+  std::uint32_t fed = 0;              // tokens whose KV is in the cache
+  std::vector<std::uint32_t> block_table;
+};
+
+// Prompts of 37, 40 and 43 tokens; block tables that interleave the
+// sequences and run downwards with gaps (63, 57, 51... for the first), so
+// that an indexing error cannot hide behind contiguous blocks.
+std::vector<Sequence> make_sequences() {
+  std::vector<Sequence> sequences(kSequences);
+  for (std::uint32_t s = 0; s < kSequences; ++s) {
+    Sequence& sequence = sequences[s];
+    sequence.prompt_length = 37 + 3 * s;
+    for (std::uint32_t i = 0; i < sequence.prompt_length; ++i) {
+      sequence.tokens.push_back(3 + (s * 131 + i * 29 + i * i * 7) % 256);  // byte tokens of the builtin vocabulary
+    }
+    const std::uint32_t blocks = (sequence.prompt_length + kDecodeSteps + kBlockTokens - 1) / kBlockTokens;
+    for (std::uint32_t j = 0; j < blocks; ++j) sequence.block_table.push_back(kTotalBlocks - 1 - 2 * (j * kSequences + s));
+  }
+  return sequences;
+}
+
+std::uint32_t argmax(std::span<const float> row) {
+  return static_cast<std::uint32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+}
+
+// Largest |cpu - cuda| over the row, as a fraction of max(1, max |cpu|).
+float relative_difference(std::span<const float> cpu, std::span<const float> cuda) {
+  float scale = 1.0f;
+  float difference = 0.0f;
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    scale = std::max(scale, std::abs(cpu[i]));
+    difference = std::max(difference, std::abs(cpu[i] - cuda[i]));
+  }
+  return difference / scale;
+}
+
+// One step's entries: the next prompt chunk of each sequence still in its
+// prompt, or else its last token (decode). Every entry wants logits when it
+// ends the prompt or decodes.
+std::vector<BatchEntry> next_step(std::vector<Sequence>& sequences) {
+  std::vector<BatchEntry> batch;
+  for (Sequence& sequence : sequences) {
+    BatchEntry entry;
+    const std::uint32_t end = sequence.fed < sequence.prompt_length
+                                  ? std::min(sequence.fed + kPrefillChunk, sequence.prompt_length)
+                                  : sequence.fed + 1;
+    entry.tokens = std::span<const std::uint32_t>(sequence.tokens).subspan(sequence.fed, end - sequence.fed);
+    entry.position = sequence.fed;
+    entry.block_table = sequence.block_table;
+    entry.wants_logits = end >= sequence.prompt_length;
+    batch.push_back(entry);
+  }
+  return batch;
+}
+
+// Runs the same steps on both backends, prefill in chunks and then
+// kDecodeSteps greedy tokens (chosen from the CPU's logits and fed to both),
+// checking every row of logits. Returns the worst relative difference seen.
+float run_both(CpuBackend& cpu, CudaBackend& cuda, std::vector<Sequence>& sequences) {
+  const std::uint32_t vocab = cpu.vocab_size();
+  std::vector<float> cpu_logits(kSequences * vocab), cuda_logits(kSequences * vocab);
+  float worst = 0.0f;
+  std::uint32_t decode_steps = 0;
+  while (decode_steps < kDecodeSteps) {
+    std::vector<BatchEntry> batch = next_step(sequences);
+    cpu.forward(batch, cpu_logits);
+    cuda.forward(batch, cuda_logits);
+    std::size_t row = 0;
+    bool decoding = true;
+    for (std::size_t e = 0; e < batch.size(); ++e) {
+      Sequence& sequence = sequences[e];
+      decoding = decoding && sequence.fed >= sequence.prompt_length;
+      sequence.fed += static_cast<std::uint32_t>(batch[e].tokens.size());
+      if (!batch[e].wants_logits) continue;
+      const std::span<const float> cpu_row = std::span<const float>(cpu_logits).subspan(row * vocab, vocab);
+      const std::span<const float> cuda_row = std::span<const float>(cuda_logits).subspan(row * vocab, vocab);
+      const float difference = relative_difference(cpu_row, cuda_row);
+      worst = std::max(worst, difference);
+      CHECK_MESSAGE(difference <= kLogitTolerance, "sequence ", e, " at position ", sequence.fed - 1);
+      const std::uint32_t greedy = argmax(cpu_row);
+      CHECK_MESSAGE(argmax(cuda_row) == greedy, "sequence ", e, " at position ", sequence.fed - 1);
+      sequence.tokens.push_back(greedy);
+      ++row;
+    }
+    if (decoding) ++decode_steps;
+  }
+  return worst;
+}
+
+TEST_CASE("the probe gives one log line, with or without a device") {
+  const CudaProbe probe = probe_cuda();
+  MESSAGE(probe.log_line);
+  CHECK(probe.log_line.starts_with("CUDA: "));
+  CHECK(probe.log_line.find('\n') == std::string::npos);
+}
+
+TEST_CASE("without a device, constructing the CUDA backend throws the probe's line") {
+  const CudaProbe probe = probe_cuda();
+  if (probe.available) {
+    MESSAGE("skipped: a device is present (" << probe.log_line << ")");
+    return;
+  }
+  const auto construct = [] { CudaBackend backend(builtin_weights(), kTotalBlocks, kBlockTokens); };
+  CHECK_THROWS_WITH_AS(construct(), probe.log_line.c_str(), std::runtime_error);
+}
+
+TEST_CASE("CUDA logits match the CPU reference through chunked prefill and 32 greedy decode steps") {
+  if (!device_present()) return;
+  const auto weights = builtin_weights();
+  CpuBackend cpu(weights, kTotalBlocks, kBlockTokens);
+  CudaBackend cuda(weights, kTotalBlocks, kBlockTokens);
+  std::vector<Sequence> sequences = make_sequences();
+  const float worst = run_both(cpu, cuda, sequences);
+  MESSAGE("worst logit difference: ", worst, " of the row's scale (tolerance ", kLogitTolerance, ")");
+}
+
+TEST_CASE("KV blocks read from the CUDA backend match the CPU's after the same steps") {
+  if (!device_present()) return;
+  const auto weights = builtin_weights();
+  CpuBackend cpu(weights, kTotalBlocks, kBlockTokens);
+  CudaBackend cuda(weights, kTotalBlocks, kBlockTokens);
+  REQUIRE(cuda.kv_geometry().bytes_per_block() == cpu.kv_geometry().bytes_per_block());
+  std::vector<Sequence> sequences = make_sequences();
+  (void)run_both(cpu, cuda, sequences);
+
+  std::vector<std::uint32_t> blocks;
+  for (const Sequence& sequence : sequences) blocks.insert(blocks.end(), sequence.block_table.begin(), sequence.block_table.end());
+  const std::size_t floats = blocks.size() * cpu.kv_geometry().bytes_per_block() / sizeof(float);
+  std::vector<float> from_cpu(floats), from_cuda(floats);
+  cpu.read_blocks(blocks, std::as_writable_bytes(std::span<float>(from_cpu)));
+  cuda.read_blocks(blocks, std::as_writable_bytes(std::span<float>(from_cuda)));
+  const float difference = relative_difference(from_cpu, from_cuda);
+  MESSAGE("worst KV difference: ", difference, " of the largest value (tolerance ", kKvTolerance, ")");
+  CHECK(difference <= kKvTolerance);
+}
+
+TEST_CASE("blocks written to the CUDA backend read back byte for byte, and other blocks are untouched") {
+  if (!device_present()) return;
+  CudaBackend cuda(builtin_weights(), kTotalBlocks, kBlockTokens);
+  const std::size_t block_bytes = cuda.kv_geometry().bytes_per_block();
+  const std::vector<std::uint32_t> blocks = {5, 0, 63, 17};
+  std::vector<std::byte> written(blocks.size() * block_bytes);
+  for (std::size_t i = 0; i < written.size(); ++i) written[i] = static_cast<std::byte>((i * 2654435761u) >> 13);
+  cuda.write_blocks(blocks, written);
+
+  std::vector<std::byte> read(written.size());
+  cuda.read_blocks(blocks, read);
+  CHECK(read == written);
+
+  // In another order, one at a time.
+  std::vector<std::byte> one(block_bytes);
+  cuda.read_blocks(std::vector<std::uint32_t>{63}, one);
+  CHECK(std::memcmp(one.data(), written.data() + 2 * block_bytes, block_bytes) == 0);
+  cuda.read_blocks(std::vector<std::uint32_t>{6}, one);
+  CHECK(std::all_of(one.begin(), one.end(), [](std::byte b) { return b == std::byte{0}; }));
+}
+
+TEST_CASE("KV blocks moved from the CPU backend let the CUDA backend continue the sequence") {
+  if (!device_present()) return;
+  const auto weights = builtin_weights();
+  CpuBackend cpu(weights, kTotalBlocks, kBlockTokens);
+  CudaBackend cuda(weights, kTotalBlocks, kBlockTokens);
+  const std::uint32_t vocab = cpu.vocab_size();
+
+  // Prefill 40 tokens on the CPU alone.
+  std::vector<std::uint32_t> tokens;
+  for (std::uint32_t i = 0; i < 41; ++i) tokens.push_back(3 + (i * 37) % 256);
+  const std::vector<std::uint32_t> cpu_table = {2, 3, 4};
+  const std::vector<std::uint32_t> cuda_table = {40, 9, 31};
+  std::vector<float> cpu_logits(vocab), cuda_logits(vocab);
+  BatchEntry prefill{std::span<const std::uint32_t>(tokens).first(40), 0, cpu_table, true};
+  cpu.forward(std::span<const BatchEntry>(&prefill, 1), cpu_logits);
+
+  // Move its blocks into other blocks of the CUDA backend, then decode one
+  // token on both.
+  std::vector<std::byte> moved(cpu_table.size() * cpu.kv_geometry().bytes_per_block());
+  cpu.read_blocks(cpu_table, moved);
+  cuda.write_blocks(cuda_table, moved);
+  BatchEntry cpu_decode{std::span<const std::uint32_t>(tokens).subspan(40, 1), 40, cpu_table, true};
+  BatchEntry cuda_decode{std::span<const std::uint32_t>(tokens).subspan(40, 1), 40, cuda_table, true};
+  cpu.forward(std::span<const BatchEntry>(&cpu_decode, 1), cpu_logits);
+  cuda.forward(std::span<const BatchEntry>(&cuda_decode, 1), cuda_logits);
+  CHECK(relative_difference(cpu_logits, cuda_logits) <= kLogitTolerance);
+  CHECK(argmax(cuda_logits) == argmax(cpu_logits));
+}
+
+}  // namespace
+}  // namespace fmwire::engine
+
+#else  // !FMWIRE_HAVE_CUDA
+
+TEST_CASE("the CUDA backend is not built") {
+  MESSAGE("CUDA backend not built (no nvcc when the build was configured): its tests are left out");
+}
+
+#endif
