@@ -177,6 +177,51 @@ void Connection::after_frame_sent(std::uint32_t stream_id, FrameKind kind, std::
   }
 }
 
+SendStatus Connection::relay(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags) {
+  if (closing_ || closed_) return SendStatus::connection_closed;
+  const FrameKind kind = frame.kind();
+  Stream* stream = nullptr;
+  if (stream_id != 0) {
+    auto found = streams_.find(stream_id);
+    if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) {
+      stream = &found->second;
+    } else if (kind != FrameKind::error) {
+      return SendStatus::no_such_stream;
+    }
+  }
+  if (frame.body.size_bytes() > options_.limits.max_body_bytes ||
+      frame.descriptor.decoded_bytes > options_.limits.max_attachment_bytes) {
+    return SendStatus::too_large;
+  }
+  const std::uint64_t wire_bytes = codec::frame_wire_bytes(frame.header);
+  if (counts_against_credit(kind)) {
+    const auto bytes = static_cast<std::int64_t>(wire_bytes);
+    if (stream == nullptr || bytes > stream->send_credit || bytes > connection_send_credit_) {
+      if (stream != nullptr) stream->blocked = true;
+      return SendStatus::blocked;
+    }
+  }
+  codec::FrameHeader header = frame.header;
+  header.stream_id = stream_id;
+  header.flags = flags;
+  const std::size_t start = queued_.size();
+  queued_.resize(start + wire_bytes);
+  std::byte* out = queued_.data() + start;
+  codec::write_frame_header(header, out);
+  out += codec::kFrameHeaderBytes;
+  std::memcpy(out, frame.body.data(), frame.body.size_bytes());
+  out += frame.body.size_bytes();
+  if (header.attachment_bytes > 0) {
+    codec::write_attachment_descriptor(frame.descriptor, out);
+    out += codec::kAttachmentDescriptorBytes;
+    std::memcpy(out, frame.attachment.data(), frame.attachment.size());
+    out += frame.attachment.size();
+    std::memset(out, 0, static_cast<std::size_t>(queued_.data() + queued_.size() - out));  // padding
+  }
+  after_frame_sent(stream_id, kind, flags, wire_bytes);
+  return SendStatus::sent;
+}
+
 void Connection::note_queued() {
   if (!flush_wanted_) {
     flush_wanted_ = true;
@@ -510,6 +555,7 @@ void Connection::handle_stream_frame(const codec::FrameView& frame) {
     if (kind == FrameKind::error) {
       (void)codec::read_body<protocol::Error>(frame, options_.limits, [&](protocol::Error::Reader error) {
         reason = EndReason::failure(error.getCode(), error.getMessage(), error.getRetryable());
+        reason.retry_after_ms = error.getRetryAfterMs();
       });
     }
     end_stream(id, reason);
@@ -525,7 +571,8 @@ void Connection::handle_stream_frame(const codec::FrameView& frame) {
   }
 }
 
-void Connection::reset_stream(std::uint32_t stream_id, protocol::ErrorCode code, const std::string& message) {
+void Connection::reset_stream(std::uint32_t stream_id, protocol::ErrorCode code, const std::string& message,
+                              bool retryable, std::uint32_t retry_after_ms) {
   auto found = streams_.find(stream_id);
   if (found == streams_.end()) return;
   if (!closing_) {
@@ -537,10 +584,12 @@ void Connection::reset_stream(std::uint32_t stream_id, protocol::ErrorCode code,
       send<protocol::Error>(stream_id, [&](protocol::Error::Builder error) {
         error.setCode(code);
         error.setMessage(message);
+        error.setRetryable(retryable);
+        error.setRetryAfterMs(retry_after_ms);
       });
     }
   }
-  end_stream(stream_id, EndReason::failure(code, message));
+  end_stream(stream_id, EndReason::failure(code, message, retryable));
 }
 
 void Connection::end_stream(std::uint32_t stream_id, const EndReason& reason) {

@@ -64,10 +64,11 @@ struct EndReason {
   std::string message;
   bool retryable = false;
   bool error = false;  // false: a clean end
+  std::uint32_t retry_after_ms = 0;  // the peer's hint, from its Error frame
 
   static EndReason clean() { return {}; }
   static EndReason failure(protocol::ErrorCode code, std::string message, bool retryable = false) {
-    return {code, std::move(message), retryable, true};
+    return {code, std::move(message), retryable, true, 0};
   }
 };
 
@@ -137,6 +138,12 @@ class Connection final : public SocketEvents {
                   const codec::PreparedAttachment* attachment = nullptr,
                   std::shared_ptr<const void> keep_alive = nullptr);
 
+  // Sends a frame that arrived on another connection as it is: its header
+  // with this side's stream id and `flags`, its body and attachment copied
+  // byte for byte into the send queue, never decoded or built again (the
+  // router's relay). The same checks as send(): stream state, limits, credit.
+  SendStatus relay(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags);
+
   // Bytes a data frame on this stream may still take (the smaller of the
   // stream's and the connection's credit); 0 for an unknown stream.
   std::uint64_t send_credit(std::uint32_t stream_id) const;
@@ -149,7 +156,9 @@ class Connection final : public SocketEvents {
 
   // Resets a stream: a Cancel frame from the side that opened it, an Error
   // frame from the other side (code and message say why).
-  void reset_stream(std::uint32_t stream_id, protocol::ErrorCode code, const std::string& message);
+  // (An Error frame may say the request can be retried, and after how long.)
+  void reset_stream(std::uint32_t stream_id, protocol::ErrorCode code, const std::string& message,
+                    bool retryable = false, std::uint32_t retry_after_ms = 0);
 
   // Graceful drain: GoAway to the peer, no new streams, and the connection
   // closes when the last open stream ends.
