@@ -1,0 +1,71 @@
+// Where a request goes (DESIGN.md, "Router policies"): round-robin,
+// least-loaded, prefix-affinity, and SLA-aware after the FMware paper's
+// replica router. A policy sees every worker's WorkerView and the request,
+// and picks one, or refuses with a clear, typed reason. Policies run on the
+// router's loop thread; they are not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "codec/codec_error.h"
+#include "gateway/worker_view.h"
+#include "protocol/fmwire.capnp.h"
+
+namespace fmwire::gateway {
+
+struct RouteRequest {
+  std::span<const std::uint32_t> prompt_tokens;  // as the workers tokenize it (BOS included)
+  std::uint32_t max_tokens = 0;
+  std::uint64_t deadline_us = 0;                 // budget from now; 0: none
+};
+
+struct RouteDecision {
+  std::size_t worker = 0;                 // index into the views
+  std::uint32_t expected_cached_tokens = 0;  // prefix-affinity: prompt tokens it likely holds
+  std::uint64_t estimate_us = 0;          // SLA-aware: l_est for the pick; 0 otherwise
+};
+
+struct RouteRefusal {
+  protocol::ErrorCode code = protocol::ErrorCode::NO_WORKER;
+  std::string message;
+  bool retryable = true;
+  std::uint32_t retry_after_ms = 0;
+};
+
+using RouteResult = codec::Result<RouteDecision, RouteRefusal>;
+
+struct PolicyOptions {
+  std::uint32_t block_tokens = 16;          // the workers' KV block size (prefix hashes are per block)
+  // prefix-affinity: the prefix's worker is skipped when its load exceeds
+  // the least loaded worker's by more than this (load: running + queued +
+  // in flight here).
+  std::uint32_t affinity_load_slack = 8;
+  // prefix-affinity without worker events: prompts remembered, at most.
+  std::uint32_t approximate_prompts = 4096;
+  // SLA-aware: assumed when a worker has not reported a step time yet.
+  std::uint32_t default_step_us = 20000;
+  std::uint32_t prefill_tokens_per_step = 256;  // the workers' --max-batch-tokens
+};
+
+class RoutingPolicy {
+ public:
+  virtual ~RoutingPolicy() = default;
+  virtual std::string_view name() const = 0;
+  // Only healthy workers may be picked; none healthy: NO_WORKER, retryable.
+  virtual RouteResult pick(const RouteRequest& request, std::span<const WorkerView> workers) = 0;
+  // The request went to `worker` (what approximate prefix tracking learns from).
+  virtual void routed(const RouteRequest& request, std::size_t worker, std::span<const WorkerView> workers) {
+    (void)request;
+    (void)worker;
+    (void)workers;
+  }
+};
+
+// "round-robin", "least-loaded", "prefix", "sla"; nullptr for other names.
+std::unique_ptr<RoutingPolicy> make_policy(std::string_view name, const PolicyOptions& options = {});
+
+}  // namespace fmwire::gateway
