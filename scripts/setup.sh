@@ -12,6 +12,8 @@ packages=(
   capnproto libcapnp-dev liburing-dev libzstd-dev libxxhash-dev
   # tests: doctest, clang's libFuzzer runtime for the decoder fuzzer
   doctest-dev clang libclang-rt-14-dev
+  # tests: a real etcd (3.4) for the gateway's discovery tests
+  etcd-server etcd-client
   # benchmarks only: protobuf is the peer format in bench/codec; gRPC and
   # iperf3 are the peers of bench/transport
   libprotobuf-dev protobuf-compiler
