@@ -10,6 +10,7 @@
 #include "cli/demo.h"
 #include "cli/echo_server_command.h"
 #include "cli/generate_command.h"
+#include "cli/router_command.h"
 #include "cli/worker_command.h"
 #include "protocol/fmwire.capnp.h"
 
@@ -23,6 +24,7 @@ constexpr const char* kUsage =
     "commands:\n"
     "  generate     stream a completion from a native endpoint (worker, router, echo-server)\n"
     "  worker       serve generation streams from a model (built-in, llama2.c checkpoint, synthetic)\n"
+    "  router       route client streams to workers (policies, etcd discovery, failover)\n"
     "  echo-server  a native endpoint with no model: streams the prompt's words back\n"
     "  demo         encode a token stream and a KV transfer, decode them from a byte stream, report\n"
     "  version      print the version and the protocol version\n"
@@ -128,6 +130,10 @@ int run_worker_command(const std::vector<std::string>& arguments) {
       ("step-us", po::value(&step_us), "synthetic models: time per step")
       ("prefill-ns-per-token", po::value(&prefill_ns_per_token), "synthetic models: time per prompt token")
       ("name", po::value(&command.name), "name in load reports and timings (default: the address)")
+      ("etcd", po::value(&command.etcd), "register in etcd (http://HOST:PORT) for routers that watch it")
+      ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix in etcd")
+      ("etcd-ttl-s", po::value(&command.etcd_ttl_s)->default_value(command.etcd_ttl_s),
+       "lease time: a worker that dies leaves etcd this long after")
       ("load-report-interval-ms", po::value(&load_report_interval_ms)->default_value(load_report_interval_ms),
        "how often subscribers get a LoadReport")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
@@ -146,6 +152,55 @@ int run_worker_command(const std::vector<std::string>& arguments) {
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_worker(command, std::cout, std::cerr);
+}
+
+// "a,b,c" -> {"a", "b", "c"}, empty pieces dropped.
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> pieces;
+  std::size_t begin = 0;
+  while (begin <= text.size()) {
+    const std::size_t end = std::min(text.find(',', begin), text.size());
+    if (end > begin) pieces.push_back(text.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return pieces;
+}
+
+int run_router_command(const std::vector<std::string>& arguments) {
+  fmwire::cli::RouterCommand command;
+  std::string backend;
+  std::string workers;
+  std::uint32_t keepalive_ms = 1000;
+  std::uint32_t dead_after_ms = 3000;
+  std::uint32_t drain_timeout_ms = 30000;
+  auto& router = command.router;
+  po::options_description description("usage: fmwire router --listen HOST:PORT --workers HOST:PORT,... [options]\noptions");
+  description.add_options()
+      ("help,h", "show this help")
+      ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
+      ("workers", po::value(&workers), "the workers, HOST:PORT,HOST:PORT,...")
+      ("policy", po::value(&router.policy)->default_value(router.policy), "round-robin, least-loaded, prefix or sla")
+      ("etcd", po::value(&command.etcd), "etcd URL (http://HOST:PORT): workers registered there join and leave")
+      ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix of the workers in etcd")
+      ("migrate", po::bool_switch(&router.migrate), "re-issue a lost worker's requests elsewhere, the stream going on")
+      ("tokenizer", po::value(&command.tokenizer), "the workers' llama2.c tokenizer.bin (default: byte-level), for prefix routing")
+      ("block-tokens", po::value(&router.policy_options.block_tokens)->default_value(router.policy_options.block_tokens),
+       "the workers' KV block size, for prefix routing")
+      ("max-streams", po::value(&router.max_streams)->default_value(router.max_streams), "open client streams; then overloaded")
+      ("keepalive-ms", po::value(&keepalive_ms)->default_value(keepalive_ms), "Ping a silent worker after this long")
+      ("dead-after-ms", po::value(&dead_after_ms)->default_value(dead_after_ms), "a worker silent this long is lost")
+      ("name", po::value(&router.name)->default_value(router.name), "name in the hop timings")
+      ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
+       "on SIGINT/SIGTERM, how long open streams may take to finish")
+      ("backend", po::value(&backend), "I/O backend: uring or asio");
+  po::variables_map values;
+  if (parse(arguments, description, nullptr, values)) return 0;
+  command.workers = split_list(workers);
+  router.worker_link.connection.keepalive_interval = std::chrono::milliseconds(std::max<std::uint32_t>(keepalive_ms, 1));
+  router.worker_link.connection.dead_after = std::chrono::milliseconds(std::max(dead_after_ms, keepalive_ms + 1));
+  command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.backend = backend_choice(backend);
+  return fmwire::cli::run_router(command, std::cout, std::cerr);
 }
 
 int run_demo_command(const std::vector<std::string>& arguments) {
@@ -186,6 +241,7 @@ int main(int argc, char** argv) {
     if (command == "generate") return run_generate_command(arguments);
     if (command == "echo-server") return run_echo_server_command(arguments);
     if (command == "worker") return run_worker_command(arguments);
+    if (command == "router") return run_router_command(arguments);
     if (command == "version" || command == "--version") {
       std::cout << "fmwire " << FMWIRE_VERSION << ", protocol " << fmwire::protocol::PROTOCOL_MAJOR << "."
                 << fmwire::protocol::PROTOCOL_MINOR << "\n";

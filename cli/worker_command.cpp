@@ -1,11 +1,13 @@
 #include "cli/worker_command.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <mutex>
 #include <ostream>
 
 #include "cli/signal_watcher.h"
 #include "engine/worker_service.h"
+#include "gateway/etcd_discovery.h"
 #include "transport/server_group.h"
 
 namespace fmwire::cli {
@@ -64,14 +66,36 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   const std::string address = transport::Endpoint{endpoint->host, group->port()}.to_string();
   service->set_name(command.name.empty() ? address : command.name);
   err << "fmwire worker: " << group->backend_log_line() << std::endl;
-  out << "listening on " << address << std::endl;
   group->start();
+  // Registered once it serves; deregistered (the lease revoked) before it drains.
+  std::unique_ptr<gateway::EtcdRegistration> registration;
+  if (!command.etcd.empty()) {
+    auto url = gateway::parse_etcd_url(command.etcd);
+    if (!url) {
+      err << "fmwire worker: --etcd: " << url.error() << std::endl;
+      group->stop();
+      group->join();
+      return 2;
+    }
+    auto registered = gateway::EtcdRegistration::start(*url, command.etcd_prefix, address,
+                                                       std::chrono::seconds(std::max<std::uint32_t>(command.etcd_ttl_s, 1)));
+    if (!registered) {
+      err << "fmwire worker: " << registered.error() << std::endl;
+      group->stop();
+      group->join();
+      return 2;
+    }
+    registration = std::move(*registered);
+    err << "fmwire worker: registered in etcd as " << command.etcd_prefix << address << std::endl;
+  }
+  out << "listening on " << address << std::endl;
 
   int result = 0;
   {
     std::unique_lock lock(mutex);
     changed.wait(lock, [&] { return signals_seen > 0; });
     lock.unlock();
+    registration.reset();  // routers stop sending here first
     group->drain(
         "worker shutting down",
         [&] {

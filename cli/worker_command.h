@@ -19,6 +19,9 @@ struct WorkerCommand {
   std::string backend;                    // I/O backend: "", "uring" or "asio"
   std::chrono::milliseconds load_report_interval{100};
   std::chrono::milliseconds drain_timeout{30000};
+  std::string etcd;                       // URL: register there for routers to find
+  std::string etcd_prefix = "/fmwire/workers/";
+  std::uint32_t etcd_ttl_s = 5;
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad

@@ -7,6 +7,7 @@
 #include "engine/tokenizer.h"
 #include "engine/worker_service.h"
 #include "tests/engine/engine_test_support.h"
+#include "tests/engine/stream_collector.h"
 #include "tests/transport/loopback.h"
 #include "transport/server.h"
 
@@ -17,82 +18,9 @@ using namespace std::chrono_literals;
 using transport::Connection;
 using transport::SendStatus;
 using transport::test::run_until;
-
-struct StreamLog {
-  std::vector<std::uint32_t> indexes;
-  std::vector<std::uint32_t> token_ids;
-  std::string text;
-  std::uint64_t data_bytes = 0;
-  std::optional<protocol::FinishReason> finish;
-  std::uint32_t prompt_tokens = 0;
-  std::uint32_t completion_tokens = 0;
-  std::uint32_t cached_prompt_tokens = 0;
-  std::uint64_t first_token_us = 0;
-  bool closed = false;
-  transport::EndReason end;
-};
-
-struct Report {
-  std::uint32_t total_blocks = 0;
-  std::uint32_t free_blocks = 0;
-  std::uint32_t paused = 0;
-  std::uint64_t prompt_tokens = 0;
-  std::vector<std::uint64_t> added;
-  std::vector<std::uint64_t> evicted;
-};
-
-// The client side: records what each stream received.
-class Collector final : public transport::ConnectionHandler {
- public:
-  bool ready = false;
-  std::map<std::uint32_t, StreamLog> streams;
-  std::vector<Report> reports;
-
-  void on_ready(Connection&) override { ready = true; }
-  void on_stream_frame(Connection&, const codec::FrameView& frame) override {
-    StreamLog& log = streams[frame.header.stream_id];
-    codec::Status read = codec::Done{};
-    if (frame.kind() == codec::FrameKind::tokens) {
-      log.data_bytes += frame.wire_bytes;
-      read = codec::read_body<protocol::Tokens>(frame, codec::FrameLimits{}, [&](protocol::Tokens::Reader tokens) {
-        // Each list read once: every get*() counts against the traversal limit.
-        const auto ids = tokens.getTokenIds();
-        const auto pieces = tokens.getTextPieces();
-        for (std::uint32_t i = 0; i < ids.size(); ++i) {
-          log.indexes.push_back(tokens.getFirstIndex() + i);
-          log.token_ids.push_back(ids[i]);
-          log.text += pieces[i].cStr();
-        }
-      });
-    } else if (frame.kind() == codec::FrameKind::finish) {
-      read = codec::read_body<protocol::Finish>(frame, codec::FrameLimits{}, [&](protocol::Finish::Reader finish) {
-        log.finish = finish.getReason();
-        log.prompt_tokens = finish.getUsage().getPromptTokens();
-        log.completion_tokens = finish.getUsage().getCompletionTokens();
-        log.cached_prompt_tokens = finish.getUsage().getCachedPromptTokens();
-        log.text += finish.getTrailingText().cStr();
-        if (finish.getTimings().size() > 0) log.first_token_us = finish.getTimings()[0].getFirstTokenUs();
-      });
-    } else if (frame.kind() == codec::FrameKind::load_report) {
-      read = codec::read_body<protocol::LoadReport>(frame, codec::FrameLimits{}, [&](protocol::LoadReport::Reader body) {
-        Report report;
-        report.total_blocks = body.getTotalKvBlocks();
-        report.free_blocks = body.getFreeKvBlocks();
-        report.paused = body.getPausedSequences();
-        report.prompt_tokens = body.getPromptTokens();
-        for (std::uint64_t hash : body.getPrefixesAdded()) report.added.push_back(hash);
-        for (std::uint64_t hash : body.getPrefixesEvicted()) report.evicted.push_back(hash);
-        reports.push_back(std::move(report));
-      });
-    }
-    CHECK(read.has_value());
-  }
-  void on_stream_closed(Connection&, std::uint32_t stream_id, const transport::EndReason& reason) override {
-    streams[stream_id].closed = true;
-    streams[stream_id].end = reason;
-  }
-  void on_closed(Connection&, const transport::EndReason&) override {}
-};
+using test::Collector;
+using test::Report;
+using test::StreamLog;
 
 struct Request {
   std::string prompt;

@@ -1,0 +1,166 @@
+#include "cli/router_command.h"
+
+#include <condition_variable>
+#include <mutex>
+#include <ostream>
+
+#include "cli/signal_watcher.h"
+#include "gateway/etcd_discovery.h"
+#include "transport/server_group.h"
+
+namespace fmwire::cli {
+namespace {
+
+std::optional<std::vector<transport::Endpoint>> parse_endpoints(const std::vector<std::string>& texts,
+                                                                 std::string& problem) {
+  std::vector<transport::Endpoint> endpoints;
+  for (const std::string& text : texts) {
+    auto endpoint = transport::parse_endpoint(text, &problem);
+    if (!endpoint) {
+      problem = "worker '" + text + "': " + problem;
+      return std::nullopt;
+    }
+    endpoints.push_back(*endpoint);
+  }
+  return endpoints;
+}
+
+}  // namespace
+
+int run_router(const RouterCommand& command, std::ostream& out, std::ostream& err) {
+  std::string problem;
+  const std::optional<transport::Endpoint> endpoint = transport::parse_endpoint(command.listen, &problem);
+  if (!endpoint) {
+    err << "fmwire router: " << problem << std::endl;
+    return 2;
+  }
+  const auto workers = parse_endpoints(command.workers, problem);
+  if (!workers) {
+    err << "fmwire router: " << problem << std::endl;
+    return 2;
+  }
+  if (workers->empty() && command.etcd.empty()) {
+    err << "fmwire router: no workers: give --workers HOST:PORT,... or --etcd URL" << std::endl;
+    return 2;
+  }
+  std::unique_ptr<engine::Tokenizer> tokenizer;
+  if (command.tokenizer.empty()) {
+    tokenizer = std::make_unique<engine::Tokenizer>(engine::Tokenizer::byte_level());
+  } else {
+    auto loaded = engine::Tokenizer::load_llama2c(command.tokenizer, 32000);
+    if (!loaded) {
+      err << "fmwire router: " << loaded.error() << std::endl;
+      return 2;
+    }
+    tokenizer = std::make_unique<engine::Tokenizer>(std::move(*loaded));
+  }
+
+  transport::ConnectionOptions options;
+  options.role = protocol::Role::ROUTER;
+  options.name = "fmwire router";
+  gateway::RouterService* router = nullptr;
+  transport::EventLoop* loop = nullptr;
+
+  std::mutex mutex;
+  std::condition_variable changed;
+  int signals_seen = 0;
+  bool drained = false;
+  SignalWatcher signals([&](int, int count) {
+    std::lock_guard lock(mutex);
+    signals_seen = count;
+    changed.notify_all();
+  });
+
+  std::unique_ptr<transport::ServerGroup> group;
+  try {
+    group = std::make_unique<transport::ServerGroup>(
+        1, *endpoint, options,
+        [&](transport::EventLoop& router_loop) {
+          auto made = std::make_unique<gateway::RouterService>(router_loop, *tokenizer, command.router);
+          router = made.get();
+          loop = &router_loop;
+          return made;
+        },
+        command.backend);
+  } catch (const std::invalid_argument& error) {
+    err << "fmwire router: " << error.what() << std::endl;
+    return 2;
+  } catch (const std::system_error& error) {
+    err << "fmwire router: cannot listen on " << command.listen << ": " << error.what() << std::endl;
+    return 2;
+  }
+  router->set_workers(*workers);  // the loop does not run yet
+
+  // etcd: the membership comes from the watcher's thread to the loop.
+  std::unique_ptr<gateway::EtcdWatcher> watcher;
+  if (!command.etcd.empty()) {
+    auto url = gateway::parse_etcd_url(command.etcd);
+    if (!url) {
+      err << "fmwire router: --etcd: " << url.error() << std::endl;
+      return 2;
+    }
+    const std::vector<transport::Endpoint> static_workers = *workers;
+    auto started = gateway::EtcdWatcher::start(
+        *url, command.etcd_prefix,
+        [&, static_workers](const std::vector<std::string>& addresses) {
+          std::vector<transport::Endpoint> all = static_workers;
+          for (const std::string& address : addresses) {
+            std::string bad;
+            if (auto parsed = transport::parse_endpoint(address, &bad)) all.push_back(*parsed);
+          }
+          loop->post([&, all] { router->set_workers(all); });
+          std::lock_guard print_lock(mutex);
+          err << "fmwire router: etcd lists " << addresses.size() << " worker(s)" << std::endl;
+        },
+        [&](const std::string& message) {
+          std::lock_guard print_lock(mutex);
+          err << "fmwire router: etcd: " << message << std::endl;
+        });
+    if (!started) {
+      err << "fmwire router: " << started.error() << std::endl;
+      return 2;
+    }
+    watcher = std::move(*started);
+  }
+
+  err << "fmwire router: " << group->backend_log_line() << ", policy " << command.router.policy
+      << (command.router.migrate ? ", migration on" : "") << std::endl;
+  out << "listening on " << transport::Endpoint{endpoint->host, group->port()}.to_string() << std::endl;
+  group->start();
+
+  int result = 0;
+  {
+    std::unique_lock lock(mutex);
+    changed.wait(lock, [&] { return signals_seen > 0; });
+    lock.unlock();
+    group->drain(
+        "router shutting down",
+        [&] {
+          std::lock_guard drained_lock(mutex);
+          drained = true;
+          changed.notify_all();
+        },
+        [&](unsigned, std::size_t connections) {
+          std::lock_guard print_lock(mutex);
+          err << "fmwire router: draining " << connections << " connection(s)" << std::endl;
+        });
+    lock.lock();
+    if (!changed.wait_for(lock, command.drain_timeout, [&] { return drained || signals_seen > 1; })) {
+      err << "fmwire router: drain took over " << command.drain_timeout.count() << " ms, closing now" << std::endl;
+      result = 1;
+    } else if (!drained) {
+      err << "fmwire router: second signal, closing now" << std::endl;
+      result = 1;
+    }
+  }
+  watcher.reset();  // no more posts to the loop
+  group->stop();
+  group->join();
+  const gateway::RouterCounters& counters = router->counters();
+  err << "fmwire router: stopped after " << counters.streams_finished << " streams finished, "
+      << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "
+      << counters.streams_refused << " refused, " << counters.streams_migrated << " migrated" << std::endl;
+  return result;
+}
+
+}  // namespace fmwire::cli

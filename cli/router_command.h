@@ -1,0 +1,28 @@
+// `fmwire router`: the native-protocol front door (gateway/router_service.h)
+// in a process of its own: takes client streams, routes each to a worker
+// from a static list or from etcd, relays, and drains on SIGINT/SIGTERM.
+#pragma once
+
+#include <chrono>
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include "gateway/router_service.h"
+
+namespace fmwire::cli {
+
+struct RouterCommand {
+  std::string listen = "127.0.0.1:7000";
+  std::vector<std::string> workers;     // HOST:PORT each
+  std::string etcd;                     // URL: workers from etcd instead of (or besides) the list
+  std::string etcd_prefix = "/fmwire/workers/";
+  std::string tokenizer;                // llama2.c tokenizer.bin the workers use; default byte-level
+  gateway::RouterOptions router;
+  std::string backend;
+  std::chrono::milliseconds drain_timeout{30000};
+};
+
+int run_router(const RouterCommand& command, std::ostream& out, std::ostream& err);
+
+}  // namespace fmwire::cli

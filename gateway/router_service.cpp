@@ -1,0 +1,462 @@
+#include "gateway/router_service.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "codec/frame_decoder.h"
+
+namespace fmwire::gateway {
+namespace {
+
+using transport::Connection;
+using transport::SendStatus;
+
+std::uint64_t micros(std::chrono::steady_clock::duration duration) {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(duration).count());
+}
+
+}  // namespace
+
+RouterService::RouterService(transport::EventLoop& loop, const engine::Tokenizer& tokenizer, RouterOptions options)
+    : loop_(loop), tokenizer_(tokenizer), options_(std::move(options)) {
+  policy_ = make_policy(options_.policy, options_.policy_options);
+  if (!policy_) {
+    throw std::invalid_argument("unknown routing policy '" + options_.policy +
+                                "': round-robin, least-loaded, prefix or sla");
+  }
+  options_.worker_link.connection.role = protocol::Role::ROUTER;
+  options_.worker_link.connection.initial_stream_credit_bytes = options_.worker_stream_window_bytes;
+}
+
+RouterService::~RouterService() = default;
+
+void RouterService::set_workers(const std::vector<transport::Endpoint>& workers) {
+  for (const transport::Endpoint& endpoint : workers) {
+    const std::string name = endpoint.to_string();
+    const bool known = std::any_of(links_.begin(), links_.end(), [&](const auto& link) {
+      return !link->retired() && link->view().name == name;
+    });
+    if (!known) links_.push_back(std::make_unique<WorkerLink>(loop_, endpoint, options_.worker_link, link_owner()));
+  }
+  for (auto& link : links_) {
+    const bool wanted = std::any_of(workers.begin(), workers.end(), [&](const transport::Endpoint& endpoint) {
+      return endpoint.to_string() == link->view().name;
+    });
+    if (!wanted && !link->retired()) link->retire();
+  }
+  reap_retired();
+}
+
+void RouterService::reap_retired() {
+  // Never at once: this may run inside a link's own callback.
+  if (reap_posted_) return;
+  reap_posted_ = true;
+  std::weak_ptr<bool> alive = alive_;
+  loop_.post([this, alive] {
+    if (!alive.lock()) return;
+    reap_posted_ = false;
+    std::erase_if(links_, [](const std::unique_ptr<WorkerLink>& link) {
+      return link->retired() && link->idle() && link->view().in_flight == 0;
+    });
+  });
+}
+
+std::vector<WorkerView> RouterService::workers() const { return views(); }
+
+std::vector<WorkerView> RouterService::views() const {
+  std::vector<WorkerView> views;
+  views.reserve(links_.size());
+  for (const auto& link : links_) views.push_back(link->view());
+  return views;
+}
+
+void RouterService::on_stream_frame(Connection& connection, const codec::FrameView& frame) {
+  if (frame.kind() == codec::FrameKind::generate_request) start(connection, frame.header.stream_id, frame);
+  // Cancel and Error end the stream: on_stream_closed passes them on.
+}
+
+void RouterService::start(Connection& client, std::uint32_t stream_id, const codec::FrameView& frame) {
+  if (routes_.contains({&client, stream_id})) {
+    client.reset_stream(stream_id, protocol::ErrorCode::BAD_REQUEST, "a second GenerateRequest on one stream");
+    return;
+  }
+  if (routes_.size() >= options_.max_streams) {
+    ++counters_.streams_refused;
+    client.reset_stream(stream_id, protocol::ErrorCode::OVERLOADED,
+                        "the router has " + std::to_string(routes_.size()) + " streams open, its limit",
+                        true, options_.retry_after_ms);
+    return;
+  }
+  auto route = std::make_unique<Route>();
+  route->client = &client;
+  route->client_stream = stream_id;
+  route->received = Clock::now();
+  Request& request = route->request;
+  const codec::Status read = codec::read_body<protocol::GenerateRequest>(
+      frame, options_.worker_link.connection.limits, [&](protocol::GenerateRequest::Reader body) {
+        request.request_id = body.getRequestId();
+        request.model = body.getModel();
+        const auto prompt = body.getPrompt();
+        if (prompt.isText()) {
+          const auto text = prompt.getText();
+          if (text.size() > 0) request.prompt_tokens = tokenizer_.encode(std::string_view(text.cStr(), text.size()), true);
+        } else {
+          for (std::uint32_t id : prompt.getTokenIds()) request.prompt_tokens.push_back(id);
+        }
+        const auto sampling = body.getSampling();
+        request.max_tokens = sampling.getMaxTokens();
+        request.temperature = sampling.getTemperature();
+        request.top_p = sampling.getTopP();
+        if (sampling.getSeed().isFixed()) request.seed = sampling.getSeed().getFixed();
+        for (auto stop : sampling.getStopSequences()) request.stop_sequences.emplace_back(stop.cStr(), stop.size());
+        request.timeout_us = body.getTimeoutUs();
+        request.priority = body.getPriority();
+        const auto stream_options = body.getStreamOptions();
+        request.include_usage = stream_options.getIncludeUsage();
+        request.include_text = stream_options.getIncludeText();
+        request.include_timings = stream_options.getIncludeTimings();
+      });
+  if (!read) {
+    ++counters_.streams_refused;
+    client.reset_stream(stream_id, protocol::ErrorCode::BAD_FRAME, "unreadable GenerateRequest: " + read.error().message);
+    return;
+  }
+  if (auto refused = dispatch(*route, &frame, nullptr)) {
+    ++counters_.streams_refused;
+    client.reset_stream(stream_id, refused->code, refused->message, refused->retryable, refused->retry_after_ms);
+    return;
+  }
+  ++counters_.streams_started;
+  routes_.emplace(ClientKey{&client, stream_id}, std::move(route));
+}
+
+std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::FrameView* frame, WorkerLink* avoid) {
+  scratch_views_.clear();
+  for (const auto& link : links_) {
+    scratch_views_.push_back(link->view());
+    if (link.get() == avoid) scratch_views_.back().healthy = false;
+  }
+  const Request& request = route.request;
+  std::vector<std::uint32_t> continued;  // a migration's prompt: the original plus what was sent
+  std::span<const std::uint32_t> prompt = request.prompt_tokens;
+  if (route.index_offset > 0) {
+    continued = request.prompt_tokens;
+    continued.insert(continued.end(), route.sent_tokens.begin(), route.sent_tokens.end());
+    prompt = continued;
+  }
+  RouteRequest wanted;
+  wanted.prompt_tokens = prompt;
+  wanted.max_tokens = request.max_tokens - route.index_offset;
+  if (request.timeout_us > 0) {
+    const std::uint64_t spent = micros(Clock::now() - route.received);
+    wanted.deadline_us = spent < request.timeout_us ? request.timeout_us - spent : 1;
+  }
+  auto picked = policy_->pick(wanted, scratch_views_);
+  if (!picked) return picked.error();
+  WorkerLink& link = *links_[picked->worker];
+  Connection* worker = link.connection();
+  if (worker == nullptr) {
+    return RouteRefusal{protocol::ErrorCode::NO_WORKER, "worker " + link.view().name + " is not connected", true, 100};
+  }
+  const std::uint32_t worker_stream = worker->open_stream();
+  if (worker_stream == 0) {
+    return RouteRefusal{protocol::ErrorCode::OVERLOADED, "worker " + link.view().name + " takes no more streams",
+                        true, options_.retry_after_ms};
+  }
+  // Credit end to end: the worker gets credit back only as the client takes frames.
+  worker->set_manual_consume(worker_stream);
+  SendStatus sent;
+  if (frame != nullptr) {
+    sent = worker->relay(worker_stream, *frame, frame->header.flags);
+  } else {
+    sent = worker->send<protocol::GenerateRequest>(worker_stream, [&](protocol::GenerateRequest::Builder body) {
+      body.setRequestId(request.request_id);
+      body.setModel(request.model);
+      auto ids = body.initPrompt().initTokenIds(static_cast<unsigned>(prompt.size()));
+      for (unsigned i = 0; i < prompt.size(); ++i) ids.set(i, prompt[i]);
+      auto sampling = body.initSampling();
+      sampling.setMaxTokens(wanted.max_tokens);
+      sampling.setTemperature(request.temperature);
+      sampling.setTopP(request.top_p);
+      if (request.seed) sampling.initSeed().setFixed(*request.seed);
+      auto stops = sampling.initStopSequences(static_cast<unsigned>(request.stop_sequences.size()));
+      for (unsigned i = 0; i < request.stop_sequences.size(); ++i) stops.set(i, request.stop_sequences[i]);
+      body.setTimeoutUs(wanted.deadline_us);
+      body.setPriority(request.priority);
+      auto stream_options = body.initStreamOptions();
+      stream_options.setIncludeUsage(request.include_usage);
+      stream_options.setIncludeText(request.include_text);
+      stream_options.setIncludeTimings(request.include_timings);
+    }, transport::kEndStream);
+  }
+  if (sent != SendStatus::sent) {
+    worker->reset_stream(worker_stream, protocol::ErrorCode::CANCELLED, "router could not send the request");
+    return RouteRefusal{protocol::ErrorCode::NO_WORKER,
+                        "worker " + link.view().name + " refused the request: " + std::string(transport::to_string(sent)),
+                        true, 100};
+  }
+  policy_->routed(wanted, picked->worker, scratch_views_);
+  route.worker = &link;
+  route.worker_stream = worker_stream;
+  route.forwarded = Clock::now();
+  by_worker_[{&link, worker_stream}] = &route;
+  ++link.view().in_flight;
+  return std::nullopt;
+}
+
+void RouterService::on_worker_frame(WorkerLink& link, std::uint32_t stream_id, const codec::FrameView& frame) {
+  auto found = by_worker_.find({&link, stream_id});
+  if (found != by_worker_.end()) from_worker(*found->second, frame);
+}
+
+void RouterService::from_worker(Route& route, const codec::FrameView& frame) {
+  const codec::FrameKind kind = frame.kind();
+  if (kind != codec::FrameKind::tokens && kind != codec::FrameKind::finish) return;  // Error: on_worker_stream_closed
+  if (kind == codec::FrameKind::tokens && options_.migrate) {
+    // What a migration must carry on from: the ids, not the text.
+    const codec::Status read = codec::read_body<protocol::Tokens>(
+        frame, options_.worker_link.connection.limits, [&](protocol::Tokens::Reader tokens) {
+          for (std::uint32_t id : tokens.getTokenIds()) route.sent_tokens.push_back(id);
+        });
+    if (!read) {
+      fail(route, protocol::ErrorCode::BAD_FRAME, "worker sent an unreadable Tokens frame: " + read.error().message, true);
+      return;
+    }
+  }
+  if (!route.pending.empty()) {
+    route.pending.push_back({OwnedFrame(frame), route.index_offset});
+    return;
+  }
+  if (kind == codec::FrameKind::finish) {
+    send_finish(route, frame);
+    return;
+  }
+  const SendStatus status = send_tokens(route, frame, route.index_offset);
+  if (status == SendStatus::sent) {
+    consume_at_worker(route, frame.wire_bytes);
+  } else if (status == SendStatus::blocked) {
+    route.pending.push_back({OwnedFrame(frame), route.index_offset});  // on_stream_writable sends it
+  } else {
+    end(route);  // the client is gone
+  }
+}
+
+SendStatus RouterService::send_tokens(Route& route, const codec::FrameView& frame, std::uint32_t index_offset) {
+  SendStatus status;
+  if (index_offset == 0) {
+    status = route.client->relay(route.client_stream, frame, frame.header.flags);
+  } else {
+    // After a migration the new worker counts from 0: the indexes are
+    // shifted, so this frame is built again (the only case it is).
+    status = route.client->send<protocol::Tokens>(route.client_stream, [&](protocol::Tokens::Builder out) {
+      (void)codec::read_body<protocol::Tokens>(frame, options_.worker_link.connection.limits,
+                                               [&](protocol::Tokens::Reader in) {
+                                                 out.setFirstIndex(in.getFirstIndex() + index_offset);
+                                                 out.setTokenIds(in.getTokenIds());
+                                                 out.setTextPieces(in.getTextPieces());
+                                                 out.setLogprobs(in.getLogprobs());
+                                               });
+    });
+  }
+  if (status == SendStatus::sent) {
+    ++counters_.frames_relayed;
+    if (!route.first_token) route.first_token = Clock::now();
+  }
+  return status;
+}
+
+void RouterService::send_finish(Route& route, const codec::FrameView& frame) {
+  const auto now = Clock::now();
+  WorkerLink* worker = route.worker;
+  // Out of the maps first: the last frame may close the client's stream at
+  // once (it ended its side), and on_stream_closed must find nothing. The
+  // worker's stream ended with its Finish: nothing to reset there.
+  const std::unique_ptr<Route> owned = take(route, /*reset_worker=*/false);
+  std::uint64_t worker_total_us = 0;
+  bool readable = true;
+  const SendStatus status = owned->client->send<protocol::Finish>(owned->client_stream, [&](protocol::Finish::Builder out) {
+    readable = codec::read_body<protocol::Finish>(frame, options_.worker_link.connection.limits,
+                                                  [&](protocol::Finish::Reader in) {
+      out.setReason(in.getReason());
+      out.setTrailingText(in.getTrailingText());
+      if (in.hasUsage()) {
+        auto usage = out.initUsage();
+        usage.setPromptTokens(owned->index_offset > 0 ? static_cast<std::uint32_t>(owned->request.prompt_tokens.size())
+                                                      : in.getUsage().getPromptTokens());
+        usage.setCompletionTokens(in.getUsage().getCompletionTokens() + owned->index_offset);
+        usage.setCachedPromptTokens(in.getUsage().getCachedPromptTokens());
+      }
+      const auto hops = in.getTimings();
+      auto timings = out.initTimings(hops.size() + 1);
+      for (unsigned i = 0; i < hops.size(); ++i) {
+        timings.setWithCaveats(i, hops[i]);
+        worker_total_us = hops[i].getTotalUs();
+      }
+      auto hop = timings[hops.size()];
+      hop.setHop("router " + options_.name);
+      hop.setRole(protocol::Role::ROUTER);
+      hop.setQueueUs(micros(owned->forwarded - owned->received));
+      hop.setFirstTokenUs(owned->first_token ? micros(*owned->first_token - owned->received) : 0);
+      hop.setTotalUs(micros(now - owned->received));
+    }).has_value();
+  }, transport::kEndStream);
+  if (!readable) {
+    ++counters_.streams_failed;
+    owned->client->reset_stream(owned->client_stream, protocol::ErrorCode::BAD_FRAME,
+                                "the worker sent an unreadable Finish frame", true);
+  } else if (status == SendStatus::sent) {
+    ++counters_.streams_finished;
+  }
+  if (worker != nullptr && worker_total_us > 0) {
+    // This hop's own cost per request: the l_r of the SLA-aware policy.
+    const std::uint64_t total_us = micros(now - owned->forwarded);
+    const std::uint64_t relay_us = total_us > worker_total_us ? total_us - worker_total_us : 0;
+    std::uint64_t& estimate = worker->view().relay_us;
+    estimate = estimate == 0 ? relay_us : (estimate * 7 + relay_us) / 8;
+  }
+  reap_retired();
+}
+
+void RouterService::finish_here(Route& route) {
+  const std::unique_ptr<Route> owned = take(route, /*reset_worker=*/false);
+  owned->client->send<protocol::Finish>(owned->client_stream, [&](protocol::Finish::Builder out) {
+    out.setReason(protocol::FinishReason::MAX_TOKENS);
+    auto usage = out.initUsage();
+    usage.setPromptTokens(static_cast<std::uint32_t>(owned->request.prompt_tokens.size()));
+    usage.setCompletionTokens(owned->index_offset);
+    auto hop = out.initTimings(1)[0];
+    hop.setHop("router " + options_.name);
+    hop.setRole(protocol::Role::ROUTER);
+    hop.setTotalUs(micros(Clock::now() - owned->received));
+  }, transport::kEndStream);
+  ++counters_.streams_finished;
+  reap_retired();
+}
+
+bool RouterService::drain_pending(Route& route) {
+  while (!route.pending.empty()) {
+    const codec::FrameView frame = route.pending.front().frame.view();
+    if (frame.kind() == codec::FrameKind::finish) {
+      send_finish(route, frame);
+      return false;
+    }
+    const SendStatus status = send_tokens(route, frame, route.pending.front().index_offset);
+    if (status == SendStatus::blocked) return true;
+    if (status != SendStatus::sent) {
+      end(route);
+      return false;
+    }
+    consume_at_worker(route, frame.wire_bytes);
+    route.pending.pop_front();
+  }
+  return true;
+}
+
+void RouterService::on_stream_writable(Connection& connection, std::uint32_t stream_id) {
+  auto found = routes_.find({&connection, stream_id});
+  if (found != routes_.end()) drain_pending(*found->second);
+}
+
+void RouterService::release_worker(Route& route) {
+  if (route.worker == nullptr) return;
+  by_worker_.erase({route.worker, route.worker_stream});
+  --route.worker->view().in_flight;
+  route.worker = nullptr;
+  route.worker_stream = 0;
+}
+
+void RouterService::consume_at_worker(Route& route, std::uint64_t bytes) {
+  if (route.worker == nullptr) return;  // it ended: nothing more will come from it
+  if (Connection* connection = route.worker->connection()) connection->consume(route.worker_stream, bytes);
+}
+
+std::unique_ptr<RouterService::Route> RouterService::take(Route& route, bool reset_worker) {
+  auto found = routes_.find({route.client, route.client_stream});
+  std::unique_ptr<Route> owned = std::move(found->second);
+  routes_.erase(found);
+  WorkerLink* worker = route.worker;
+  const std::uint32_t worker_stream = route.worker_stream;
+  release_worker(route);
+  if (worker != nullptr && reset_worker) {
+    if (Connection* connection = worker->connection()) {
+      // Nothing if it ended already (a Finish came); else a Cancel.
+      connection->reset_stream(worker_stream, protocol::ErrorCode::CANCELLED, "the client's stream ended");
+    }
+  }
+  return owned;
+}
+
+void RouterService::end(Route& route) {
+  take(route, /*reset_worker=*/true);
+  reap_retired();
+}
+
+void RouterService::fail(Route& route, protocol::ErrorCode code, const std::string& message, bool retryable,
+                         std::uint32_t retry_after_ms) {
+  const std::unique_ptr<Route> owned = take(route, /*reset_worker=*/true);
+  ++counters_.streams_failed;
+  owned->client->reset_stream(owned->client_stream, code, message, retryable, retry_after_ms);
+  reap_retired();
+}
+
+void RouterService::on_worker_stream_closed(WorkerLink& link, std::uint32_t stream_id,
+                                            const transport::EndReason& reason) {
+  auto found = by_worker_.find({&link, stream_id});
+  if (found == by_worker_.end()) return;  // the route ended first
+  Route& route = *found->second;
+  release_worker(route);
+  if (!reason.error) {
+    // A clean end: its Finish is waiting in pending for the client's credit.
+    if (route.pending.empty()) {
+      fail(route, protocol::ErrorCode::INTERNAL, "worker " + link.view().name + " ended the stream without a Finish",
+           true);
+    }
+    return;
+  }
+  const bool lost = reason.code == protocol::ErrorCode::WORKER_LOST;
+  if (lost && options_.migrate) {
+    route.index_offset = static_cast<std::uint32_t>(route.sent_tokens.size());
+    if (route.index_offset >= route.request.max_tokens) {
+      if (route.pending.empty()) {
+        finish_here(route);
+      } else {
+        fail(route, protocol::ErrorCode::WORKER_LOST, "worker " + link.view().name + " went away", true);
+      }
+      return;
+    }
+    if (!dispatch(route, nullptr, &link)) {
+      ++route.migrations;
+      ++counters_.streams_migrated;
+      return;
+    }
+  }
+  if (lost) {
+    fail(route, protocol::ErrorCode::WORKER_LOST, "worker " + link.view().name + " went away: " + reason.message, true,
+         options_.retry_after_ms);
+  } else {
+    fail(route, reason.code, reason.message, reason.retryable, reason.retry_after_ms);
+  }
+}
+
+void RouterService::on_worker_health(WorkerLink&) { reap_retired(); }
+
+void RouterService::on_stream_closed(Connection& connection, std::uint32_t stream_id,
+                                     const transport::EndReason& reason) {
+  auto found = routes_.find({&connection, stream_id});
+  if (found == routes_.end()) return;
+  if (reason.error) ++counters_.streams_cancelled;
+  end(*found->second);
+}
+
+void RouterService::on_closed(Connection& connection, const transport::EndReason&) {
+  std::vector<Route*> gone;
+  for (auto& [key, route] : routes_) {
+    if (key.first == &connection) gone.push_back(route.get());
+  }
+  for (Route* route : gone) {
+    ++counters_.streams_cancelled;
+    end(*route);
+  }
+}
+
+}  // namespace fmwire::gateway

@@ -1,0 +1,164 @@
+// The router (`fmwire router`, and the gateway's embedded one): the native
+// protocol's front door. It takes client generation streams, picks a worker
+// per request (routing_policy.h), opens the stream there and relays frames
+// both ways by their fixed header: request and token frames are copied as
+// they are with the stream id rewritten, never decoded and built again. Only
+// Finish is rebuilt, to add the router's own timing, so a client sees where
+// time went hop by hop.
+//
+// Flow control end to end: the router grants a worker credit on a stream
+// only as the client takes that stream's frames, so it holds at most one
+// stream window per stream and a slow client slows its own sequence at the
+// worker. Cancel travels to the worker; a worker's error travels to the
+// client; a worker that dies ends its streams with a retryable worker_lost
+// error within its keepalive time, or, with migration on, the request goes
+// on at another worker with its prompt plus the tokens already sent, and
+// the client's stream continues with no index repeated or missing.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/tokenizer.h"
+#include "gateway/owned_frame.h"
+#include "gateway/routing_policy.h"
+#include "gateway/worker_link.h"
+
+namespace fmwire::gateway {
+
+struct RouterOptions {
+  std::string name = "router";
+  std::string policy = "least-loaded";
+  PolicyOptions policy_options;
+  WorkerLinkOptions worker_link;
+  std::uint32_t max_streams = 10000;  // open client streams, router-wide; then overloaded
+  std::uint32_t retry_after_ms = 200; // the hint given with overloaded
+  // Credit the router grants a worker per stream: the most it ever holds for
+  // one stream whose client is slow. Token streams need little (a few
+  // hundred frames); a small window makes a stalled client pause its
+  // sequence at the worker soon.
+  std::uint32_t worker_stream_window_bytes = 32 * 1024;
+  bool migrate = false;               // re-issue a dead worker's requests elsewhere
+};
+
+struct RouterCounters {
+  std::uint64_t streams_started = 0;
+  std::uint64_t streams_finished = 0;
+  std::uint64_t streams_failed = 0;    // ended with an error to the client
+  std::uint64_t streams_cancelled = 0; // by the client
+  std::uint64_t streams_refused = 0;   // no worker, overloaded, deadline unreachable, bad request
+  std::uint64_t streams_migrated = 0;
+  std::uint64_t frames_relayed = 0;
+};
+
+class RouterService final : public transport::ConnectionHandler, private WorkerLinkOwner {
+ public:
+  // Throws std::invalid_argument for an unknown policy name.
+  RouterService(transport::EventLoop& loop, const engine::Tokenizer& tokenizer, RouterOptions options);
+  ~RouterService() override;
+
+  // The workers to route to (loop thread): new ones are connected, missing
+  // ones retired (their open streams finish; no new ones go there).
+  void set_workers(const std::vector<transport::Endpoint>& workers);
+  // Every worker's view, in the order of set_workers (loop thread).
+  std::vector<WorkerView> workers() const;
+  const RouterCounters& counters() const { return counters_; }
+  std::size_t open_streams() const { return routes_.size(); }
+
+  void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
+  void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
+  void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
+                        const transport::EndReason& reason) override;
+  void on_closed(transport::Connection& connection, const transport::EndReason& reason) override;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  // What the router keeps of a request: enough to route it and, with
+  // migration, to issue it again elsewhere.
+  struct Request {
+    std::vector<std::uint32_t> prompt_tokens;
+    std::string request_id;
+    std::string model;
+    std::uint32_t max_tokens = 0;
+    float temperature = 0.0f;
+    float top_p = 1.0f;
+    std::optional<std::uint64_t> seed;
+    std::vector<std::string> stop_sequences;
+    std::uint64_t timeout_us = 0;
+    std::int8_t priority = 0;
+    bool include_usage = true, include_text = true, include_timings = true;
+  };
+
+  struct Route {
+    transport::Connection* client = nullptr;
+    std::uint32_t client_stream = 0;
+    WorkerLink* worker = nullptr;
+    std::uint32_t worker_stream = 0;   // 0: none open now
+    Request request;
+    struct Pending {
+      OwnedFrame frame;
+      std::uint32_t index_offset;      // of the worker that sent it
+    };
+    std::deque<Pending> pending;       // worker frames waiting for the client's credit
+    std::vector<std::uint32_t> sent_tokens;  // with migration: ids relayed so far
+    std::uint32_t index_offset = 0;    // tokens from earlier workers (migration)
+    std::uint32_t migrations = 0;
+    Clock::time_point received;
+    Clock::time_point forwarded;
+    std::optional<Clock::time_point> first_token;
+  };
+  using ClientKey = std::pair<transport::Connection*, std::uint32_t>;
+  using WorkerKey = std::pair<WorkerLink*, std::uint32_t>;
+
+  void start(transport::Connection& client, std::uint32_t stream_id, const codec::FrameView& frame);
+  // Opens the request's stream at a worker; the frame (the client's own
+  // GenerateRequest) is relayed as it is, or without one (a migration) the
+  // request is built anew with the tokens already sent appended.
+  std::optional<RouteRefusal> dispatch(Route& route, const codec::FrameView* frame, WorkerLink* avoid);
+  void from_worker(Route& route, const codec::FrameView& frame);
+  // Sends what the client has credit for; false when the route is gone.
+  bool drain_pending(Route& route);
+  transport::SendStatus send_tokens(Route& route, const codec::FrameView& frame, std::uint32_t index_offset);
+  // The worker's Finish with this hop's timing added (and usage made whole
+  // after a migration); the route is gone afterwards.
+  void send_finish(Route& route, const codec::FrameView& frame);
+  void finish_here(Route& route);  // a migrated request had nothing left to make
+  void fail(Route& route, protocol::ErrorCode code, const std::string& message, bool retryable,
+            std::uint32_t retry_after_ms = 0);
+  // Takes the route out of every map (the worker's stream reset if still
+  // open) and hands it over; end() drops it.
+  std::unique_ptr<Route> take(Route& route, bool reset_worker);
+  // The client took `bytes` of this route's frames: the worker may send that much more.
+  void consume_at_worker(Route& route, std::uint64_t bytes);
+  void end(Route& route);
+  void release_worker(Route& route);
+  std::vector<WorkerView> views() const;
+  WorkerLink* link_at(std::size_t index);
+
+  void on_worker_frame(WorkerLink& link, std::uint32_t stream_id, const codec::FrameView& frame) override;
+  void on_worker_stream_closed(WorkerLink& link, std::uint32_t stream_id,
+                               const transport::EndReason& reason) override;
+  void on_worker_health(WorkerLink& link) override;
+  void reap_retired();
+  WorkerLinkOwner& link_owner() { return *this; }
+
+  transport::EventLoop& loop_;
+  const engine::Tokenizer& tokenizer_;
+  RouterOptions options_;
+  std::unique_ptr<RoutingPolicy> policy_;
+  std::vector<std::unique_ptr<WorkerLink>> links_;
+  std::map<ClientKey, std::unique_ptr<Route>> routes_;
+  std::map<WorkerKey, Route*> by_worker_;
+  std::vector<WorkerView> scratch_views_;
+  RouterCounters counters_;
+  bool reap_posted_ = false;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+};
+
+}  // namespace fmwire::gateway

@@ -1,0 +1,148 @@
+#include "gateway/worker_link.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "codec/frame_decoder.h"
+
+namespace fmwire::gateway {
+
+WorkerLink::WorkerLink(transport::EventLoop& loop, transport::Endpoint endpoint, WorkerLinkOptions options,
+                       WorkerLinkOwner& owner)
+    : loop_(loop),
+      endpoint_(std::move(endpoint)),
+      options_(std::move(options)),
+      owner_(owner),
+      backoff_(options_.reconnect_min) {
+  view_.name = endpoint_.to_string();
+  view_.prefixes = &prefixes_;
+  connect();
+}
+
+WorkerLink::~WorkerLink() {
+  if (reconnect_timer_ != 0) loop_.backend().cancel(reconnect_timer_);
+}
+
+void WorkerLink::connect() {
+  if (retired_ || connecting_) return;
+  connecting_ = true;
+  std::weak_ptr<bool> alive = alive_;
+  loop_.backend().connect(endpoint_.host, endpoint_.port, [this, alive](int fd, std::error_code error) {
+    if (!alive.lock()) {
+      if (fd >= 0) ::close(fd);
+      return;
+    }
+    connecting_ = false;
+    if (error || fd < 0) {
+      schedule_reconnect();
+      return;
+    }
+    if (retired_) {
+      ::close(fd);
+      return;
+    }
+    transport::ConnectionHandler& handler = *this;
+    connection_ = std::make_unique<transport::Connection>(loop_, fd, true, options_.connection, handler);
+  });
+}
+
+void WorkerLink::schedule_reconnect() {
+  if (retired_ || reconnect_timer_ != 0) return;
+  std::weak_ptr<bool> alive = alive_;
+  reconnect_timer_ = loop_.backend().schedule(backoff_, [this, alive] {
+    if (!alive.lock()) return;
+    reconnect_timer_ = 0;
+    connect();
+  });
+  backoff_ = std::min(backoff_ * 2, options_.reconnect_max);
+}
+
+void WorkerLink::retire() {
+  retired_ = true;
+  if (reconnect_timer_ != 0) loop_.backend().cancel(reconnect_timer_);
+  reconnect_timer_ = 0;
+  update_health();
+  if (connection_ && !connection_->closed()) connection_->drain("worker left the membership");
+}
+
+void WorkerLink::update_health() {
+  const bool healthy = ready() && !draining_ && !retired_;
+  if (healthy == view_.healthy) return;
+  view_.healthy = healthy;
+  owner_.on_worker_health(*this);
+}
+
+void WorkerLink::subscribe() {
+  report_stream_ = connection_->open_stream();
+  if (report_stream_ == 0) return;
+  connection_->send<protocol::LoadReport>(report_stream_, [](protocol::LoadReport::Builder) {});
+}
+
+void WorkerLink::on_ready(transport::Connection&) {
+  backoff_ = options_.reconnect_min;
+  draining_ = false;
+  subscribe();
+  update_health();
+}
+
+void WorkerLink::read_report(const codec::FrameView& frame) {
+  const codec::Status read = codec::read_body<protocol::LoadReport>(
+      frame, options_.connection.limits, [&](protocol::LoadReport::Reader report) {
+        view_.has_load = true;
+        view_.queue_depth = report.getQueueDepth();
+        view_.running = report.getRunningSequences();
+        view_.paused = report.getPausedSequences();
+        view_.free_blocks = report.getFreeKvBlocks();
+        view_.total_blocks = report.getTotalKvBlocks();
+        view_.recent_step_us = report.getRecentStepTimeUs();
+        view_.prompt_tokens = report.getPromptTokens();
+        view_.cached_prompt_tokens = report.getCachedPromptTokens();
+        // Applied in this order, added then evicted, as the worker reports them.
+        for (std::uint64_t hash : report.getPrefixesAdded()) prefixes_.insert(hash);
+        for (std::uint64_t hash : report.getPrefixesEvicted()) prefixes_.erase(hash);
+        view_.publishes_prefixes = view_.publishes_prefixes || !prefixes_.empty();
+        if (report.getDraining()) draining_ = true;
+      });
+  if (!read) {
+    connection_->fail(protocol::ErrorCode::BAD_FRAME, "unreadable LoadReport: " + read.error().message);
+    return;
+  }
+  update_health();
+}
+
+void WorkerLink::on_stream_frame(transport::Connection&, const codec::FrameView& frame) {
+  if (frame.header.stream_id == report_stream_) {
+    if (frame.kind() == codec::FrameKind::load_report) read_report(frame);
+    return;
+  }
+  owner_.on_worker_frame(*this, frame.header.stream_id, frame);
+}
+
+void WorkerLink::on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
+                                  const transport::EndReason& reason) {
+  if (stream_id == report_stream_) {
+    report_stream_ = 0;
+    if (!connection.closed() && connection.ready()) subscribe();  // the worker ended it: ask again
+    return;
+  }
+  owner_.on_worker_stream_closed(*this, stream_id, reason);
+}
+
+void WorkerLink::on_go_away(transport::Connection&) {
+  draining_ = true;
+  update_health();
+}
+
+void WorkerLink::on_closed(transport::Connection&, const transport::EndReason&) {
+  report_stream_ = 0;
+  view_.has_load = false;
+  prefixes_.clear();
+  // Not destroyed inside its own callback: after this turn of the loop.
+  std::shared_ptr<transport::Connection> closed(connection_.release());
+  loop_.post([closed] {});
+  update_health();
+  schedule_reconnect();
+}
+
+}  // namespace fmwire::gateway

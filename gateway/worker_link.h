@@ -1,0 +1,95 @@
+// One worker as the router sees it: an outgoing connection kept up
+// (reconnected with backoff when it drops), a LoadReport subscription that
+// keeps its WorkerView current (load, prefix hashes), and health: a worker
+// is picked only while connected, not draining, and answering keepalives
+// (the connection closes a silent peer within its dead_after). Frames of its
+// generation streams go to the owner, the router. Loop thread only.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <unordered_set>
+
+#include "gateway/worker_view.h"
+#include "transport/connection.h"
+#include "transport/endpoint.h"
+
+namespace fmwire::gateway {
+
+class WorkerLink;
+
+// What a link tells the router about its generation streams.
+class WorkerLinkOwner {
+ public:
+  virtual ~WorkerLinkOwner() = default;
+  virtual void on_worker_frame(WorkerLink& link, std::uint32_t stream_id, const codec::FrameView& frame) = 0;
+  // The stream ended: cleanly (after its Finish), reset by the worker, or
+  // cut off because the connection went (reason.code worker_lost).
+  virtual void on_worker_stream_closed(WorkerLink& link, std::uint32_t stream_id,
+                                       const transport::EndReason& reason) = 0;
+  // The link can take requests again, or no longer can.
+  virtual void on_worker_health(WorkerLink& link) { (void)link; }
+};
+
+struct WorkerLinkOptions {
+  transport::ConnectionOptions connection;
+  std::chrono::milliseconds reconnect_min{100};
+  std::chrono::milliseconds reconnect_max{2000};
+};
+
+class WorkerLink final : private transport::ConnectionHandler {
+ public:
+  // Connects at once.
+  WorkerLink(transport::EventLoop& loop, transport::Endpoint endpoint, WorkerLinkOptions options,
+             WorkerLinkOwner& owner);
+  // While the loop runs, only once idle(); otherwise after the loop has
+  // stopped for good (the backend closes what is left).
+  ~WorkerLink() override;
+  WorkerLink(const WorkerLink&) = delete;
+  WorkerLink& operator=(const WorkerLink&) = delete;
+
+  const WorkerView& view() const { return view_; }
+  WorkerView& view() { return view_; }
+  const transport::Endpoint& endpoint() const { return endpoint_; }
+  // The ready connection, or nullptr while there is none.
+  transport::Connection* connection() { return ready() ? connection_.get() : nullptr; }
+  bool ready() const { return connection_ && connection_->ready() && !connection_->closed(); }
+
+  // Gone from discovery: takes no new requests and stops reconnecting; the
+  // owner destroys it once its last stream has ended.
+  void retire();
+  bool retired() const { return retired_; }
+  // No connection and none being made: a retired link may be destroyed.
+  bool idle() const { return !connection_ && !connecting_; }
+
+ private:
+  void connect();
+  void schedule_reconnect();
+  void update_health();
+  void subscribe();
+  void read_report(const codec::FrameView& frame);
+
+  void on_ready(transport::Connection& connection) override;
+  void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
+  void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
+                        const transport::EndReason& reason) override;
+  void on_go_away(transport::Connection& connection) override;
+  void on_closed(transport::Connection& connection, const transport::EndReason& reason) override;
+
+  transport::EventLoop& loop_;
+  transport::Endpoint endpoint_;
+  WorkerLinkOptions options_;
+  WorkerLinkOwner& owner_;
+  WorkerView view_;
+  std::unordered_set<std::uint64_t> prefixes_;
+  std::unique_ptr<transport::Connection> connection_;
+  std::uint32_t report_stream_ = 0;
+  bool connecting_ = false;
+  bool draining_ = false;   // GoAway or a draining LoadReport
+  bool retired_ = false;
+  std::chrono::milliseconds backoff_;
+  transport::TimerId reconnect_timer_ = 0;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+};
+
+}  // namespace fmwire::gateway

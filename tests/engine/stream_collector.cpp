@@ -1,0 +1,50 @@
+#include "tests/engine/stream_collector.h"
+
+#include <doctest/doctest.h>
+
+#include "codec/frame_decoder.h"
+
+namespace fmwire::engine::test {
+
+void Collector::on_stream_frame(transport::Connection&, const codec::FrameView& frame) {
+  StreamLog& log = streams[frame.header.stream_id];
+  codec::Status read = codec::Done{};
+  if (frame.kind() == codec::FrameKind::tokens) {
+    log.data_bytes += frame.wire_bytes;
+    read = codec::read_body<protocol::Tokens>(frame, codec::FrameLimits{}, [&](protocol::Tokens::Reader tokens) {
+      // Each list read once: every get*() counts against the traversal limit.
+      const auto ids = tokens.getTokenIds();
+      const auto pieces = tokens.getTextPieces();
+      for (std::uint32_t i = 0; i < ids.size(); ++i) {
+        log.indexes.push_back(tokens.getFirstIndex() + i);
+        log.token_ids.push_back(ids[i]);
+        log.text += pieces[i].cStr();
+      }
+    });
+  } else if (frame.kind() == codec::FrameKind::finish) {
+    read = codec::read_body<protocol::Finish>(frame, codec::FrameLimits{}, [&](protocol::Finish::Reader finish) {
+      log.finish = finish.getReason();
+      log.prompt_tokens = finish.getUsage().getPromptTokens();
+      log.completion_tokens = finish.getUsage().getCompletionTokens();
+      log.cached_prompt_tokens = finish.getUsage().getCachedPromptTokens();
+      log.text += finish.getTrailingText().cStr();
+      const auto timings = finish.getTimings();
+      if (timings.size() > 0) log.first_token_us = timings[0].getFirstTokenUs();
+      for (auto hop : timings) log.hops.emplace_back(hop.getHop().cStr());
+    });
+  } else if (frame.kind() == codec::FrameKind::load_report) {
+    read = codec::read_body<protocol::LoadReport>(frame, codec::FrameLimits{}, [&](protocol::LoadReport::Reader body) {
+      Report report;
+      report.total_blocks = body.getTotalKvBlocks();
+      report.free_blocks = body.getFreeKvBlocks();
+      report.paused = body.getPausedSequences();
+      report.prompt_tokens = body.getPromptTokens();
+      for (std::uint64_t hash : body.getPrefixesAdded()) report.added.push_back(hash);
+      for (std::uint64_t hash : body.getPrefixesEvicted()) report.evicted.push_back(hash);
+      reports.push_back(std::move(report));
+    });
+  }
+  CHECK(read.has_value());
+}
+
+}  // namespace fmwire::engine::test

@@ -1,0 +1,275 @@
+// The router on a loop with three workers (each a WorkerService with its own
+// engine) and a client connection, all over loopback TCP on that loop.
+#include <doctest/doctest.h>
+
+#include <functional>
+
+#include "engine/tokenizer.h"
+#include "engine/worker_service.h"
+#include "gateway/router_service.h"
+#include "tests/engine/engine_test_support.h"
+#include "tests/engine/stream_collector.h"
+#include "tests/transport/loopback.h"
+#include "transport/server.h"
+
+namespace fmwire::gateway {
+namespace {
+
+using namespace std::chrono_literals;
+using engine::test::Collector;
+using engine::test::StreamLog;
+using transport::Connection;
+using transport::SendStatus;
+using transport::test::run_until;
+
+using EngineMaker = std::function<std::unique_ptr<engine::Engine>()>;
+
+std::unique_ptr<engine::Engine> slow_synthetic(std::chrono::microseconds step) {
+  auto model = *engine::synthetic_model("tiny");
+  model.step_time = step;
+  model.prefill_time_per_token = std::chrono::nanoseconds(0);
+  engine::EngineInfo info;
+  info.model_name = "synthetic:tiny";
+  return std::make_unique<engine::BatchingEngine>(std::move(info),
+                                                  std::make_unique<engine::SyntheticBackend>(model, 256));
+}
+
+transport::ConnectionOptions side(protocol::Role role) {
+  transport::ConnectionOptions options;
+  options.role = role;
+  return options;
+}
+
+struct WorkerRig {
+  WorkerRig(transport::EventLoop& loop, std::unique_ptr<engine::Engine> engine_in) : engine(std::move(engine_in)) {
+    engine::WorkerOptions options;
+    options.load_report_interval = 10ms;
+    service = std::make_unique<engine::WorkerService>(loop, *engine, tokenizer, options);
+    server = std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", 0},
+                                                 side(protocol::Role::WORKER), *service);
+  }
+  engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  std::unique_ptr<engine::Engine> engine;
+  std::unique_ptr<engine::WorkerService> service;
+  std::unique_ptr<transport::Server> server;
+};
+
+struct Ask {
+  std::string prompt;
+  std::uint32_t max_tokens = 8;
+  std::uint64_t timeout_us = 0;
+  bool manual_consume = false;
+};
+
+// Workers, the router and a client on one loop.
+struct Rig {
+  Rig(RouterOptions options, const EngineMaker& make_engine, int worker_count = 3,
+      transport::ConnectionOptions client_options = {}) {
+    for (int i = 0; i < worker_count; ++i) workers.push_back(std::make_unique<WorkerRig>(loop, make_engine()));
+    router = std::make_unique<RouterService>(loop, tokenizer, std::move(options));
+    std::vector<transport::Endpoint> endpoints;
+    for (const auto& worker : workers) endpoints.push_back({"127.0.0.1", worker->server->port()});
+    router->set_workers(endpoints);
+    server = std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", 0},
+                                                 side(protocol::Role::ROUTER), *router);
+    client_options.role = protocol::Role::CLIENT;
+    transport::test::connect_client(loop, server->port(), client_options, collector, client);
+    REQUIRE(run_until(loop, [&] {
+      if (!client || !collector.ready) return false;
+      for (const WorkerView& view : router->workers()) {
+        if (!view.healthy || !view.has_load) return false;
+      }
+      return true;
+    }));
+  }
+  ~Rig() {
+    if (client && !client->closed()) {
+      client->close();
+      run_until(loop, [&] { return client->closed(); }, 2000ms);
+    }
+    client.reset();
+    server.reset();
+    router.reset();
+    workers.clear();
+  }
+
+  std::uint32_t generate(const Ask& ask) {
+    const std::uint32_t id = client->open_stream();
+    REQUIRE(id != 0);
+    if (ask.manual_consume) client->set_manual_consume(id);
+    REQUIRE(client->send<protocol::GenerateRequest>(id, [&](protocol::GenerateRequest::Builder body) {
+      body.initPrompt().setText(ask.prompt);
+      body.setTimeoutUs(ask.timeout_us);
+      auto sampling = body.initSampling();
+      sampling.setMaxTokens(ask.max_tokens);
+      sampling.initSeed().setFixed(1);
+    }, transport::kEndStream) == SendStatus::sent);
+    return id;
+  }
+  const StreamLog& wait(std::uint32_t id) {
+    REQUIRE(run_until(loop, [&] { return collector.streams[id].closed; }));
+    return collector.streams[id];
+  }
+  std::uint64_t cached_prompt_tokens() const {
+    std::uint64_t total = 0;
+    for (const auto& worker : workers) total += worker->service->engine_stats().cached_prompt_tokens;
+    return total;
+  }
+
+  transport::EventLoop loop;
+  std::vector<std::unique_ptr<WorkerRig>> workers;
+  engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  std::unique_ptr<RouterService> router;
+  std::unique_ptr<transport::Server> server;
+  Collector collector;
+  std::unique_ptr<Connection> client;
+};
+
+RouterOptions with_policy(const std::string& policy) {
+  RouterOptions options;
+  options.policy = policy;
+  return options;
+}
+
+EngineMaker builtin() {
+  return [] { return engine::test::builtin_engine(); };
+}
+
+}  // namespace
+
+TEST_CASE("a stream through the router carries the worker's tokens and both hops' timings") {
+  Rig rig(with_policy("round-robin"), builtin());
+  const StreamLog& log = rig.wait(rig.generate({"Hello, router", 20}));
+  CHECK_FALSE(log.end.error);
+  REQUIRE(log.finish.has_value());
+  CHECK(*log.finish == protocol::FinishReason::MAX_TOKENS);
+  CHECK(log.completion_tokens == 20);
+  REQUIRE(log.indexes.size() == 20);
+  for (std::uint32_t i = 0; i < 20; ++i) CHECK(log.indexes[i] == i);
+  REQUIRE(log.hops.size() == 2);
+  CHECK(log.hops[0].starts_with("worker "));
+  CHECK(log.hops[1] == "router router");
+
+  // The same tokens as the engine gives with nothing in between.
+  auto direct = engine::test::builtin_engine();
+  engine::SequenceRequest request;
+  request.prompt = rig.tokenizer.encode("Hello, router", true);
+  request.max_tokens = 20;
+  REQUIRE(direct->submit(1, request));
+  CHECK(engine::test::run_to_end(*direct)[1].tokens == log.token_ids);
+  CHECK(rig.router->counters().frames_relayed >= 1);
+}
+
+TEST_CASE("every policy routes streams through three workers") {
+  for (const char* policy : {"round-robin", "least-loaded", "prefix", "sla"}) {
+    CAPTURE(std::string(policy));
+    Rig rig(with_policy(policy), [] { return slow_synthetic(0us); });
+    std::vector<std::uint32_t> ids;
+    for (int i = 0; i < 6; ++i) ids.push_back(rig.generate({"request " + std::to_string(i), 12}));
+    for (std::uint32_t id : ids) {
+      const StreamLog& log = rig.wait(id);
+      CHECK_FALSE(log.end.error);
+      CHECK(log.completion_tokens == 12);
+    }
+    if (std::string(policy) == "round-robin") {
+      for (const auto& worker : rig.workers) CHECK(worker->service->counters().streams_finished == 2);
+    }
+    CHECK(rig.router->counters().streams_finished == 6);
+    CHECK(rig.router->open_streams() == 0);
+  }
+}
+
+TEST_CASE("a worker's error reaches the client, and the router carries on") {
+  Rig rig(with_policy("least-loaded"), builtin(), 1);
+  const StreamLog& refused = rig.wait(rig.generate({"too long", 100000}));
+  CHECK(refused.end.error);
+  CHECK(refused.end.code == protocol::ErrorCode::BAD_REQUEST);
+  CHECK(refused.end.message.find("context") != std::string::npos);
+  const StreamLog& fine = rig.wait(rig.generate({"fine", 3}));
+  CHECK_FALSE(fine.end.error);
+  CHECK(fine.completion_tokens == 3);
+}
+
+TEST_CASE("a client's cancel reaches the worker, which frees the sequence's blocks") {
+  Rig rig(with_policy("round-robin"), [] { return slow_synthetic(1000us); }, 1);
+  const std::uint32_t id = rig.generate({"a long one", 1500});
+  REQUIRE(run_until(rig.loop, [&] { return rig.collector.streams[id].indexes.size() >= 3; }));
+  rig.client->reset_stream(id, protocol::ErrorCode::CANCELLED, "client went away");
+  const auto& worker = *rig.workers.front()->service;
+  REQUIRE(run_until(rig.loop, [&] {
+    return worker.counters().streams_cancelled == 1 && worker.engine_stats().running == 0 &&
+           worker.engine_stats().free_blocks == worker.engine_stats().total_blocks;
+  }));
+  CHECK(rig.router->open_streams() == 0);
+  CHECK(rig.router->counters().streams_cancelled == 1);
+}
+
+TEST_CASE("a slow client slows its own stream at the worker and no other") {
+  transport::ConnectionOptions client_options;
+  client_options.initial_stream_credit_bytes = 400;
+  Rig rig(with_policy("round-robin"), [] { return slow_synthetic(200us); }, 1, client_options);
+  const std::uint32_t stalled = rig.generate({"never read", 1500, 0, true});
+  const StreamLog& flowed = rig.wait(rig.generate({"read me", 300}));
+  CHECK(flowed.completion_tokens == 300);
+  const auto& worker = *rig.workers.front()->service;
+  REQUIRE(run_until(rig.loop, [&] { return worker.engine_stats().paused == 1; }));
+  run_until(rig.loop, [] { return false; }, 100ms);
+  const StreamLog& log = rig.collector.streams[stalled];
+  CHECK(log.data_bytes <= 400);
+  // The router holds at most the worker's window for that stream: the worker
+  // stopped well short of its 1500 tokens.
+  CHECK(worker.engine_stats().generated_tokens < 300 + 1500 / 2);
+  rig.client->consume(stalled, log.data_bytes);
+  const std::size_t before = log.indexes.size();
+  REQUIRE(run_until(rig.loop, [&] { return rig.collector.streams[stalled].indexes.size() > before; }));
+}
+
+TEST_CASE("prefix-affinity finds more cached prefixes than round-robin on shared prefixes") {
+  // Four shared prefixes of 64 bytes (4 KV blocks with BOS), unique endings.
+  const std::string prefixes[] = {std::string(63, 'a'), std::string(63, 'b'), std::string(63, 'c'),
+                                  std::string(63, 'd')};
+  auto run = [&](const char* policy) {
+    Rig rig(with_policy(policy), builtin());
+    std::uint64_t state = 7;
+    for (int i = 0; i < 24; ++i) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      const std::string prompt = prefixes[(state >> 33) % 4] + " question " + std::to_string(i);
+      const StreamLog& log = rig.wait(rig.generate({prompt, 1}));
+      REQUIRE_FALSE(log.end.error);
+      run_until(rig.loop, [] { return false; }, 25ms);  // the workers' load reports
+    }
+    return rig.cached_prompt_tokens();
+  };
+  const std::uint64_t affinity = run("prefix");
+  const std::uint64_t spread = run("round-robin");
+  MESSAGE("prompt tokens served from the workers' prefix caches: prefix-affinity " << affinity
+                                                                                   << ", round-robin " << spread);
+  CHECK(affinity > spread);
+}
+
+TEST_CASE("the SLA-aware policy refuses at once a deadline no worker can meet") {
+  Rig rig(with_policy("sla"), [] { return slow_synthetic(20000us); }, 2);
+  const StreamLog& log = rig.wait(rig.generate({"in a hurry", 100, 50000}));
+  CHECK(log.end.error);
+  CHECK(log.end.code == protocol::ErrorCode::DEADLINE_UNREACHABLE);
+  CHECK(log.end.retryable);
+  CHECK(log.indexes.empty());
+  for (const auto& worker : rig.workers) CHECK(worker->service->counters().streams_started == 0);
+  const StreamLog& relaxed = rig.wait(rig.generate({"no hurry", 2, 10'000'000}));
+  CHECK_FALSE(relaxed.end.error);
+}
+
+TEST_CASE("a router at its stream limit refuses with a retryable overloaded error") {
+  RouterOptions options = with_policy("round-robin");
+  options.max_streams = 1;
+  options.retry_after_ms = 250;
+  Rig rig(options, [] { return slow_synthetic(1000us); }, 1);
+  const std::uint32_t first = rig.generate({"first", 200});
+  const StreamLog& second = rig.wait(rig.generate({"second", 2}));
+  CHECK(second.end.code == protocol::ErrorCode::OVERLOADED);
+  CHECK(second.end.retryable);
+  CHECK(second.end.retry_after_ms == 250);
+  CHECK_FALSE(rig.wait(first).end.error);
+}
+
+}  // namespace fmwire::gateway
