@@ -120,6 +120,14 @@ class Client::Session final : public transport::ConnectionHandler {
     });
   }
 
+  void consumed(std::uint64_t id, std::uint64_t wire_bytes) {
+    loop_.post([this, id, wire_bytes] {
+      auto found = requests_.find(id);
+      if (found == requests_.end() || found->second.stream_id == 0 || !connection_) return;
+      connection_->consume(found->second.stream_id, wire_bytes);
+    });
+  }
+
   // ConnectionHandler: on the loop thread.
   void on_ready(transport::Connection&) override {
     state_ = State::ready;
@@ -283,6 +291,7 @@ class Client::Session final : public transport::ConnectionHandler {
     }
     request.stream_id = stream_id;
     by_stream_[stream_id] = id;
+    if (params.manual_flow) connection_->set_manual_consume(stream_id);
   }
 
   void deliver_tokens(Request& request, const codec::FrameView& frame) {
@@ -299,7 +308,7 @@ class Client::Session final : public transport::ConnectionHandler {
       connection_->reset_stream(stream_id, ErrorCode::BAD_FRAME, "unreadable Tokens frame: " + read.error().message);
       return;
     }
-    if (request.callbacks.on_tokens) request.callbacks.on_tokens(TokenChunk{first_index, token_ids_, text_pieces_});
+    if (request.callbacks.on_tokens) request.callbacks.on_tokens(TokenChunk{first_index, token_ids_, text_pieces_, frame.wire_bytes});
   }
 
   void deliver_finish(Requests::iterator found, const codec::FrameView& frame) {
@@ -402,6 +411,12 @@ void Client::cancel(std::uint64_t request) { session_->cancel(request); }
 
 void GenerationHandle::cancel() const {
   if (client_ != nullptr) client_->cancel(request_);
+}
+
+void Client::consumed(std::uint64_t request, std::uint64_t wire_bytes) { session_->consumed(request, wire_bytes); }
+
+void GenerationHandle::consumed(std::uint64_t wire_bytes) const {
+  if (client_ != nullptr) client_->consumed(request_, wire_bytes);
 }
 
 ClientResult<CompletionText> Client::complete(GenerateParams params) {

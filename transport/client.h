@@ -56,6 +56,12 @@ struct GenerateParams {
   std::vector<std::string> stop_sequences;
   std::chrono::microseconds timeout{0};         // the request's budget; 0: none
   std::int8_t priority = 0;
+  // Flow control by the caller: the peer may send only as much as the
+  // caller has acknowledged with GenerationHandle::consumed() (plus the
+  // initial window), so a consumer that cannot keep up (a slow HTTP client
+  // behind a gateway) holds back its own stream, and only its own, at the
+  // source. Off: chunks are acknowledged as they are delivered.
+  bool manual_flow = false;
 };
 
 // One Tokens frame. The spans are valid during the callback only.
@@ -63,6 +69,7 @@ struct TokenChunk {
   std::uint32_t first_index = 0;  // index of token_ids[0] in the completion
   std::span<const std::uint32_t> token_ids;
   std::span<const std::string_view> text_pieces;  // one per token; "" while a character is incomplete
+  std::uint64_t wire_bytes = 0;   // what to acknowledge with consumed() under manual_flow
 };
 
 struct HopTime {
@@ -115,6 +122,10 @@ class GenerationHandle {
   // Ends the stream: a Cancel reaches the peer, and on_error is called with
   // code cancelled (unless the stream ended first).
   void cancel() const;
+  // With GenerateParams::manual_flow: the caller is done with `wire_bytes`
+  // of this stream's chunks (TokenChunk::wire_bytes), so the peer may send
+  // that much more. Any thread.
+  void consumed(std::uint64_t wire_bytes) const;
   bool valid() const { return client_ != nullptr; }
 
  private:
@@ -152,6 +163,7 @@ class Client {
   friend class GenerationHandle;
   Client(const transport::Endpoint& endpoint, ClientOptions options);
   void cancel(std::uint64_t request);
+  void consumed(std::uint64_t request, std::uint64_t wire_bytes);
 
   transport::Endpoint endpoint_;
   std::atomic<std::uint64_t> next_request_{1};

@@ -223,6 +223,48 @@ TEST_CASE("a server lost mid-stream ends it retryable, and the next request conn
   }
 }
 
+TEST_CASE("a manual-flow stream stops at its window until the caller says it consumed") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend);
+    ClientOptions options = options_for(backend);
+    options.connection.initial_stream_credit_bytes = 4096;
+    auto client = Client::connect(server.endpoint(), options);
+    REQUIRE(client.has_value());
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::uint64_t received_bytes = 0;
+    std::size_t tokens = 0;
+    GenerateParams params = prompt("hold back", 100000);
+    params.manual_flow = true;
+    StreamCallbacks callbacks;
+    callbacks.on_tokens = [&](const TokenChunk& chunk) {
+      std::lock_guard lock(mutex);
+      received_bytes += chunk.wire_bytes;
+      tokens += chunk.token_ids.size();
+      changed.notify_all();
+    };
+    const GenerationHandle handle = (*client)->generate(std::move(params), std::move(callbacks));
+    {
+      std::unique_lock lock(mutex);
+      REQUIRE(changed.wait_for(lock, 10s, [&] { return tokens > 0; }));
+    }
+    std::this_thread::sleep_for(200ms);  // time to show it does not grow
+    std::uint64_t held = 0;
+    {
+      std::lock_guard lock(mutex);
+      CHECK(received_bytes <= 4096);
+      held = received_bytes;
+    }
+    handle.consumed(held);
+    {
+      std::unique_lock lock(mutex);
+      CHECK(changed.wait_for(lock, 10s, [&] { return received_bytes > held; }));
+    }
+    handle.cancel();
+  }
+}
+
 TEST_CASE("complete() from inside a callback is refused instead of waiting forever") {
   for (const char* backend : kBackends) {
     CAPTURE(std::string(backend));
