@@ -8,19 +8,34 @@ EngineRunner::EngineRunner(Engine& engine, Sink sink) : engine_(engine), sink_(s
 
 EngineRunner::~EngineRunner() {
   {
-    std::lock_guard lock(mutex_);
-    stop_ = true;
+    std::lock_guard lock(shared_->mutex);
+    shared_->stop = true;
   }
-  wake_.notify_one();
+  shared_->wake.notify_one();
   thread_.join();
 }
 
 void EngineRunner::push(Command command) {
   {
-    std::lock_guard lock(mutex_);
-    commands_.push_back(std::move(command));
+    std::lock_guard lock(shared_->mutex);
+    shared_->commands.push_back(std::move(command));
   }
-  wake_.notify_one();
+  shared_->wake.notify_one();
+}
+
+std::shared_ptr<RunnerOutput> EngineRunner::make_output() {
+  {
+    std::lock_guard lock(shared_->mutex);
+    ++shared_->outputs_ahead;
+  }
+  return std::shared_ptr<RunnerOutput>(new RunnerOutput, [shared = shared_](RunnerOutput* output) {
+    delete output;
+    {
+      std::lock_guard lock(shared->mutex);
+      --shared->outputs_ahead;
+    }
+    shared->wake.notify_one();
+  });
 }
 
 void EngineRunner::submit(SequenceId id, SequenceRequest request) { push(Submit{id, std::move(request)}); }
@@ -35,12 +50,16 @@ void EngineRunner::run() {
   bool worth_stepping = true;
   for (;;) {
     {
-      std::unique_lock lock(mutex_);
-      wake_.wait(lock, [&] { return stop_ || !commands_.empty() || (worth_stepping && engine_.has_work()); });
-      if (stop_) return;
-      applying.swap(commands_);
+      std::unique_lock lock(shared_->mutex);
+      shared_->wake.wait(lock, [&] {
+        if (shared_->stop) return true;
+        if (shared_->outputs_ahead >= kOutputsAhead) return false;  // the consumer is behind
+        return !shared_->commands.empty() || (worth_stepping && engine_.has_work());
+      });
+      if (shared_->stop) return;
+      applying.swap(shared_->commands);
     }
-    auto output = std::make_shared<RunnerOutput>();
+    auto output = make_output();
     for (Command& command : applying) {
       if (auto* submit = std::get_if<Submit>(&command)) {
         auto submitted = engine_.submit(submit->id, std::move(submit->request));

@@ -4,6 +4,12 @@
 // cancel is honoured within one step. What each step produced goes to a
 // sink in one piece: one hand-off per step for every sequence's tokens,
 // never one per token.
+//
+// The engine runs at most kOutputsAhead steps ahead of whoever consumes the
+// outputs: an output counts as consumed when the last reference to it is
+// dropped. So a consumer that falls behind (a busy I/O loop) holds the
+// engine back instead of letting tokens pile up unbounded, and a pause or
+// cancel it sends takes effect within that many steps.
 #pragma once
 
 #include <condition_variable>
@@ -30,6 +36,8 @@ struct RunnerOutput {
 
 class EngineRunner {
  public:
+  static constexpr int kOutputsAhead = 2;
+
   // Called on the runner's thread after each step or batch of commands.
   using Sink = std::function<void(std::shared_ptr<RunnerOutput>)>;
 
@@ -59,15 +67,23 @@ class EngineRunner {
   };
   using Command = std::variant<Submit, Cancel, Pause>;
 
+  // What the runner's thread waits on; shared with the outputs' deleters,
+  // which may outlive the runner.
+  struct Shared {
+    std::mutex mutex;
+    std::condition_variable wake;
+    std::vector<Command> commands;  // guarded by mutex
+    bool stop = false;              // guarded by mutex
+    int outputs_ahead = 0;          // handed to the sink, not yet released; guarded by mutex
+  };
+
   void push(Command command);
   void run();
+  std::shared_ptr<RunnerOutput> make_output();
 
   Engine& engine_;
   Sink sink_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::vector<Command> commands_;  // guarded by mutex_
-  bool stop_ = false;              // guarded by mutex_
+  std::shared_ptr<Shared> shared_ = std::make_shared<Shared>();
   std::thread thread_;
 };
 

@@ -27,6 +27,9 @@ protocol::FinishReason finish_reason(FinishCause cause) {
 // Hashes per LoadReport frame: a full report of a large cache goes in several.
 constexpr std::size_t kHashesPerReport = 4096;
 
+// Tokens per Tokens frame, at most: about 3 KiB with their text.
+constexpr std::size_t kTokensPerFrame = 128;
+
 }  // namespace
 
 WorkerService::WorkerService(transport::EventLoop& loop, Engine& engine, const Tokenizer& tokenizer,
@@ -246,10 +249,12 @@ void WorkerService::end_early(Stream& stream, protocol::FinishReason reason) {
 
 bool WorkerService::flush(Stream& stream) {
   Connection& connection = *stream.connection;
-  if (!stream.pending_ids.empty()) {
+  // At most kTokensPerFrame a frame: a frame must fit in what the reader can
+  // grant back (a router grants a small window), or it would wait forever.
+  while (!stream.pending_ids.empty()) {
+    const auto count = static_cast<std::uint32_t>(std::min<std::size_t>(stream.pending_ids.size(), kTokensPerFrame));
     const SendStatus status = connection.send<protocol::Tokens>(stream.stream_id, [&](protocol::Tokens::Builder tokens) {
       tokens.setFirstIndex(stream.pending_first_index);
-      const auto count = static_cast<std::uint32_t>(stream.pending_ids.size());
       auto ids = tokens.initTokenIds(count);
       for (std::uint32_t i = 0; i < count; ++i) ids.set(i, stream.pending_ids[i]);
       if (!stream.include_text) return;
@@ -270,10 +275,19 @@ bool WorkerService::flush(Stream& stream) {
       return false;
     }
     if (!stream.first_token_sent) stream.first_token_sent = Clock::now();
-    counters_.tokens_sent += stream.pending_ids.size();
-    stream.pending_ids.clear();
-    stream.pending_text.clear();
-    stream.pending_ends.clear();
+    counters_.tokens_sent += count;
+    stream.pending_first_index += count;
+    if (count == stream.pending_ids.size()) {
+      stream.pending_ids.clear();
+      stream.pending_text.clear();
+      stream.pending_ends.clear();
+    } else {
+      const std::uint32_t text_end = stream.pending_ends[count - 1] + 1;
+      stream.pending_ids.erase(stream.pending_ids.begin(), stream.pending_ids.begin() + count);
+      stream.pending_text.erase(0, text_end);
+      stream.pending_ends.erase(stream.pending_ends.begin(), stream.pending_ends.begin() + count);
+      for (std::uint32_t& end : stream.pending_ends) end -= text_end;
+    }
   }
   if (!stream.finish_reason) {
     if (stream.paused) set_paused(stream, false);
