@@ -31,19 +31,14 @@
 // latencies).
 #include <boost/program_options.hpp>
 
-#include <algorithm>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
-#include <future>
 #include <iostream>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
-#include <unordered_map>
 #include <vector>
 
 #include "bench_results.h"
@@ -51,9 +46,9 @@
 #include "engine/cpu_backend.h"
 #include "engine/engine_runner.h"
 #include "engine/llama_weights.h"
-#include "engine/synthetic_backend.h"
 #include "engine/tokenizer.h"
 #include "engine/worker_service.h"
+#include "serving_harness.h"
 #include "transport/client.h"
 #include "transport/server.h"
 
@@ -64,7 +59,6 @@
 namespace fmwire::bench {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
 // ---------------------------------------------------------------- settings
@@ -79,6 +73,11 @@ struct BenchSettings {
   std::string json_path;  // empty: no JSON file
 };
 
+// The worker overhead's streams.
+StreamShape worker_shape(const BenchSettings& settings) {
+  return {settings.streams, settings.stream_tokens, settings.step_time};
+}
+
 BenchSettings quick_settings() {
   BenchSettings settings;
   settings.repetitions = 1;
@@ -87,51 +86,6 @@ BenchSettings quick_settings() {
   settings.stream_tokens = 20;
   settings.warm_up = false;
   return settings;
-}
-
-constexpr std::uint32_t kBlockTokens = 16;
-constexpr std::chrono::seconds kPathTimeout{120};  // one path of one repetition, at most
-
-// ---------------------------------------------------------------- helpers
-
-double seconds_between(Clock::time_point start, Clock::time_point end) {
-  return std::max(std::chrono::duration<double>(end - start).count(), 1e-12);
-}
-
-double micros_between(Clock::time_point start, Clock::time_point end) {
-  return std::chrono::duration<double, std::micro>(end - start).count();
-}
-
-void add_row(std::vector<Comparison>& results, std::string name, double value, std::string unit, std::string peer,
-             double peer_value, double ratio) {
-  if (peer_value > 0) {
-    std::printf("  %-68s %11.1f %-9s %-30s %11.1f %7.3fx\n", name.c_str(), value, unit.c_str(), peer.c_str(),
-                peer_value, ratio);
-  } else {
-    std::printf("  %-68s %11.1f %-9s %-30s %11s %8s\n", name.c_str(), value, unit.c_str(), peer.c_str(), "-", "-");
-  }
-  results.push_back({std::move(name), value, std::move(unit), std::move(peer), peer_value, ratio});
-}
-
-// A short prompt naming its sequence: "stream 7: tell me a story".
-std::string prompt_text(std::uint32_t stream) { return "stream " + std::to_string(stream) + ": tell me a story"; }
-
-// The same as tokens, BOS first, as the worker encodes it.
-std::vector<std::uint32_t> prompt_for(const engine::Tokenizer& tokenizer, std::uint32_t stream) {
-  return tokenizer.encode(prompt_text(stream), true);
-}
-
-// The stream a prompt_for() prompt names (the worker picks its own sequence
-// ids; the prompt is what both paths share).
-std::uint32_t stream_of_prompt(const std::vector<std::uint32_t>& prompt) {
-  std::uint32_t stream = 0;
-  for (std::uint32_t token : prompt) {  // byte-level: token - 3 is the byte
-    if (token < 3) continue;
-    const auto byte = static_cast<char>(token - 3);
-    if (byte == ':') break;
-    if (byte >= '0' && byte <= '9') stream = stream * 10 + static_cast<std::uint32_t>(byte - '0');
-  }
-  return stream;
 }
 
 // ---------------------------------------------------------------- CPU decode
@@ -195,7 +149,7 @@ void bench_cpu_decode(const BenchSettings& settings, std::vector<Comparison>& re
   std::printf("\nCPU decode: built-in model (dim %u, %u layers), CpuBackend + BatchingEngine, greedy, %u tokens per\n"
               "sequence, decode steps only; median of %d runs.\n",
               weights->config.dim, weights->config.layers, settings.cpu_generated_tokens, settings.repetitions);
-  std::printf("  %-68s %21s %-30s %11s %8s\n", "measure", "value", "peer", "peer value", "ratio");
+  print_table_header();
   double batch_1 = 0;
   for (std::uint32_t batch : {1u, 16u}) {
     if (settings.warm_up) (void)cpu_decode_tokens_per_second(weights, batch, settings);
@@ -214,143 +168,13 @@ void bench_cpu_decode(const BenchSettings& settings, std::vector<Comparison>& re
 
 // ---------------------------------------------------------------- worker overhead
 
-// An Engine that passes everything to another and notes when each token was
-// made: the end of the step that made it, by (stream, index). The stream is
-// read from the prompt, so both paths agree whatever ids the worker picks.
-// It also adds up the engine thread's time between steps (what the runner's
-// sink and its hand-off cost, since a synthetic step's time runs from its
-// own start).
-class TimedEngine final : public engine::Engine {
- public:
-  TimedEngine(engine::Engine& inner, std::uint32_t streams, std::uint32_t tokens)
-      : inner_(inner), made_(streams, std::vector<Clock::time_point>(tokens)) {}
-
-  // Valid once the engine's thread has been joined.
-  const std::vector<std::vector<Clock::time_point>>& made() const { return made_; }
-  double mean_between_steps_us() const {
-    return gaps_ > 0 ? between_steps_us_ / static_cast<double>(gaps_) : 0;
-  }
-
-  const engine::EngineInfo& info() const override { return inner_.info(); }
-  engine::EngineResult<codec::Done> submit(engine::SequenceId id, engine::SequenceRequest request) override {
-    stream_of_[id] = stream_of_prompt(request.prompt);
-    return inner_.submit(id, std::move(request));
-  }
-  engine::EngineResult<codec::Done> submit_with_kv(engine::SequenceId id, engine::SequenceRequest request,
-                                                   const engine::KvShard& shard) override {
-    stream_of_[id] = stream_of_prompt(request.prompt);
-    return inner_.submit_with_kv(id, std::move(request), shard);
-  }
-  void step(engine::StepOutput& output) override {
-    const Clock::time_point entered = Clock::now();
-    if (last_step_end_ != Clock::time_point{}) {
-      between_steps_us_ += micros_between(last_step_end_, entered);
-      ++gaps_;
-    }
-    const std::size_t before = output.tokens.size();
-    inner_.step(output);
-    const Clock::time_point now = Clock::now();
-    last_step_end_ = now;
-    for (std::size_t i = before; i < output.tokens.size(); ++i) {
-      const auto& token = output.tokens[i];
-      const std::uint32_t stream = stream_of_.at(token.id);
-      if (stream < made_.size() && token.index < made_[stream].size()) made_[stream][token.index] = now;
-    }
-  }
-  bool has_work() const override { return inner_.has_work(); }
-  void cancel(engine::SequenceId id) override { inner_.cancel(id); }
-  void set_paused(engine::SequenceId id, bool paused) override { inner_.set_paused(id, paused); }
-  engine::EngineResult<engine::KvShard> export_kv(engine::SequenceId id) override { return inner_.export_kv(id); }
-  engine::EngineStats stats() const override { return inner_.stats(); }
-  std::vector<std::uint64_t> cached_prefixes() const override { return inner_.cached_prefixes(); }
-
- private:
-  engine::Engine& inner_;
-  std::unordered_map<engine::SequenceId, std::uint32_t> stream_of_;
-  std::vector<std::vector<Clock::time_point>> made_;
-  Clock::time_point last_step_end_{};
-  double between_steps_us_ = 0;
-  std::uint64_t gaps_ = 0;
-};
-
-std::unique_ptr<engine::BatchingEngine> synthetic_engine(const BenchSettings& settings) {
-  auto model = *engine::synthetic_model("tiny");
-  model.step_time = settings.step_time;
-  model.prefill_time_per_token = 0ns;
-  const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
-  const auto prompt_tokens = static_cast<std::uint32_t>(prompt_for(tokenizer, settings.streams).size());
-  const std::uint32_t blocks =
-      settings.streams * ((prompt_tokens + settings.stream_tokens + kBlockTokens - 1) / kBlockTokens + 1);
-  engine::EngineInfo info;
-  info.model_name = "synthetic:tiny";
-  info.eos_token = engine::Tokenizer::kEos;
-  return std::make_unique<engine::BatchingEngine>(std::move(info),
-                                                  std::make_unique<engine::SyntheticBackend>(model, blocks));
-}
-
-// What one path measured in one repetition.
-struct PathRun {
-  double tokens_per_second = 0;
-  double mean_latency_us = 0;  // step end to arrival, per token
-  double p99_latency_us = 0;
-  double between_steps_us = 0;  // engine thread, mean
-};
-
-// Per-stream, per-index arrival times, and the tokens / finishes counted.
-struct Arrivals {
-  explicit Arrivals(const BenchSettings& settings)
-      : at(settings.streams, std::vector<Clock::time_point>(settings.stream_tokens)) {}
-
-  std::mutex mutex;
-  std::condition_variable changed;
-  std::vector<std::vector<Clock::time_point>> at;
-  std::uint64_t tokens = 0;
-  std::uint32_t finished = 0;
-  Clock::time_point last_finished;
-  std::string error;  // the first one
-
-  // Waits for `streams` Finished (or an error); throws on error or timeout.
-  void wait(std::uint32_t streams, const char* path) {
-    std::unique_lock lock(mutex);
-    if (!changed.wait_for(lock, kPathTimeout, [&] { return finished == streams || !error.empty(); })) {
-      throw std::runtime_error(std::string(path) + ": timed out with " + std::to_string(finished) + " of " +
-                               std::to_string(streams) + " streams finished");
-    }
-    if (!error.empty()) throw std::runtime_error(std::string(path) + ": " + error);
-  }
-};
-
-PathRun summarise(const BenchSettings& settings, Clock::time_point start, const Arrivals& arrivals,
-                  const TimedEngine& timed, const char* path) {
-  const std::uint64_t expected = std::uint64_t{settings.streams} * settings.stream_tokens;
-  if (arrivals.tokens != expected) {
-    throw std::runtime_error(std::string(path) + ": " + std::to_string(arrivals.tokens) + " tokens, expected " +
-                             std::to_string(expected));
-  }
-  std::vector<double> latencies;
-  latencies.reserve(expected);
-  for (std::uint32_t s = 0; s < settings.streams; ++s) {
-    for (std::uint32_t i = 0; i < settings.stream_tokens; ++i) {
-      latencies.push_back(micros_between(timed.made()[s][i], arrivals.at[s][i]));
-    }
-  }
-  std::sort(latencies.begin(), latencies.end());
-  double sum = 0;
-  for (double latency : latencies) sum += latency;
-  PathRun run;
-  run.tokens_per_second = static_cast<double>(expected) / seconds_between(start, arrivals.last_finished);
-  run.mean_latency_us = sum / static_cast<double>(latencies.size());
-  run.p99_latency_us = latencies[std::min(latencies.size() - 1, latencies.size() * 99 / 100)];
-  run.between_steps_us = timed.mean_between_steps_us();
-  return run;
-}
-
 // The engine on an EngineRunner whose sink records what arrives.
 PathRun run_in_process(const BenchSettings& settings) {
+  const StreamShape shape = worker_shape(settings);
   const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
-  auto engine = synthetic_engine(settings);
+  auto engine = synthetic_engine(shape);
   TimedEngine timed(*engine, settings.streams, settings.stream_tokens);
-  Arrivals arrivals(settings);
+  Arrivals arrivals(shape);
   Clock::time_point start;
   {
     engine::EngineRunner runner(timed, [&](std::shared_ptr<engine::RunnerOutput> output) {
@@ -378,103 +202,30 @@ PathRun run_in_process(const BenchSettings& settings) {
     }
     arrivals.wait(settings.streams, "in-process");
   }  // the runner's thread is joined here: timed.made() may be read
-  return summarise(settings, start, arrivals, timed, "in-process");
+  return summarise(shape, start, arrivals, timed, "in-process");
 }
-
-// A WorkerService and a Server on 127.0.0.1:0, on a loop thread of their own.
-class LoopbackWorker {
- public:
-  LoopbackWorker(engine::Engine& engine, const engine::Tokenizer& tokenizer)
-      : service_(std::make_unique<engine::WorkerService>(loop_, engine, tokenizer)),
-        server_(std::make_unique<transport::Server>(loop_, transport::Endpoint{"127.0.0.1", 0}, worker_options(),
-                                                    *service_)),
-        port_(server_->port()),
-        thread_([this] { loop_.run(); }) {}
-  ~LoopbackWorker() { stop(); }
-  LoopbackWorker(const LoopbackWorker&) = delete;
-  LoopbackWorker& operator=(const LoopbackWorker&) = delete;
-
-  std::uint16_t port() const { return port_; }
-
-  // Drains (the clients should be gone by now), stops and joins the loop,
-  // then ends the server and the service (whose engine thread stops last).
-  void stop() {
-    if (!thread_.joinable()) return;
-    std::promise<void> drained;
-    std::future<void> done = drained.get_future();
-    loop_.post([&] { server_->drain("bench finished", [&] { drained.set_value(); }); });
-    if (done.wait_for(5s) != std::future_status::ready) {
-      std::fprintf(stderr, "bench_engine: the worker took over 5 s to drain; stopping it anyway\n");
-    }
-    loop_.stop();
-    thread_.join();
-    server_.reset();
-    service_.reset();
-  }
-
- private:
-  static transport::ConnectionOptions worker_options() {
-    transport::ConnectionOptions options;
-    options.role = protocol::Role::WORKER;
-    options.name = "bench_engine worker";
-    return options;
-  }
-
-  transport::EventLoop loop_;
-  std::unique_ptr<engine::WorkerService> service_;
-  std::unique_ptr<transport::Server> server_;
-  std::uint16_t port_ = 0;
-  std::thread thread_;  // last: starts once the rest exists
-};
 
 // The same engine behind the worker, driven by fmwire::Client.
 PathRun run_over_worker(const BenchSettings& settings) {
+  const StreamShape shape = worker_shape(settings);
   const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
-  auto engine = synthetic_engine(settings);
+  auto engine = synthetic_engine(shape);
   TimedEngine timed(*engine, settings.streams, settings.stream_tokens);
-  Arrivals arrivals(settings);
+  Arrivals arrivals(shape);
   Clock::time_point start;
   {
-    LoopbackWorker worker(timed, tokenizer);
-    auto connected = Client::connect(transport::Endpoint{"127.0.0.1", worker.port()});
-    if (!connected) throw std::runtime_error("cannot connect to the worker: " + connected.error().message);
-    std::unique_ptr<Client> client = std::move(*connected);
+    LoopbackServer<engine::WorkerService> worker(
+        [&](transport::EventLoop& loop) { return std::make_unique<engine::WorkerService>(loop, timed, tokenizer); },
+        server_options(protocol::Role::WORKER, "bench_engine worker"), "bench_engine: the worker");
+    std::unique_ptr<Client> client = connect_client(worker.endpoint(), "the worker");
 
     start = Clock::now();
-    for (std::uint32_t s = 0; s < settings.streams; ++s) {
-      GenerateParams params;
-      params.prompt = prompt_text(s);
-      params.max_tokens = settings.stream_tokens;
-      params.seed = 1;
-      StreamCallbacks callbacks;
-      callbacks.on_tokens = [&arrivals, s](const TokenChunk& chunk) {
-        const Clock::time_point now = Clock::now();
-        std::lock_guard lock(arrivals.mutex);
-        for (std::size_t i = 0; i < chunk.token_ids.size(); ++i) {
-          const std::size_t index = chunk.first_index + i;
-          if (index < arrivals.at[s].size()) arrivals.at[s][index] = now;
-        }
-        arrivals.tokens += chunk.token_ids.size();
-      };
-      callbacks.on_finish = [&arrivals](const Completion&) {
-        const Clock::time_point now = Clock::now();
-        std::lock_guard lock(arrivals.mutex);
-        ++arrivals.finished;
-        arrivals.last_finished = now;
-        arrivals.changed.notify_all();
-      };
-      callbacks.on_error = [&arrivals](const ClientError& error) {
-        std::lock_guard lock(arrivals.mutex);
-        if (arrivals.error.empty()) arrivals.error = std::string(to_string(error.code)) + ": " + error.message;
-        arrivals.changed.notify_all();
-      };
-      client->generate(std::move(params), std::move(callbacks));
-    }
+    generate_streams(*client, shape, arrivals);
     arrivals.wait(settings.streams, "over the worker");
     client.reset();  // its loop thread is joined: arrivals are complete
     worker.stop();   // the engine's thread is joined: timed.made() may be read
   }
-  return summarise(settings, start, arrivals, timed, "over the worker");
+  return summarise(shape, start, arrivals, timed, "over the worker");
 }
 
 void bench_worker_overhead(const BenchSettings& settings, std::vector<Comparison>& results) {
@@ -510,7 +261,7 @@ void bench_worker_overhead(const BenchSettings& settings, std::vector<Comparison
   const double local_gap = median(local_gaps);
   const double worker_gap = median(worker_gaps);
 
-  std::printf("  %-68s %21s %-30s %11s %8s\n", "measure", "value", "peer", "peer value", "ratio");
+  print_table_header();
   const std::string shape = std::to_string(settings.streams) + " x " + std::to_string(settings.stream_tokens);
   const std::string step = std::to_string(settings.step_time.count()) + " us steps";
   add_row(results, "worker over loopback, " + shape + " tokens, " + step, worker_rate, "tokens/s",

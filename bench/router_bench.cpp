@@ -1,0 +1,675 @@
+// bench/router: what the router's hop costs, and what its policies buy
+// (DESIGN.md, "Router policies" and "Measuring"). The worker(s), the router
+// and the client each run on a loop thread of their own, over 127.0.0.1, as
+// processes of their own would; fresh engines, workers and router every run;
+// medians over repetitions.
+//
+// 1. Hop cost: one synthetic worker ("tiny" KV shape, no prefill time), S
+//    streams of T tokens at once, client -> router -> worker against client
+//    -> worker, same run, alternating.
+//    - Throughput, 0 us steps (the engine as fast as it goes): token frames/s
+//      at the client, wall time from the first generate() to the last Finish;
+//      ratio = via router / direct (target: the router keeps >= 80% of the
+//      direct path's frames/s). The router loop thread's CPU time
+//      (CLOCK_THREAD_CPUTIME_ID) per million frames, against the worker loop
+//      thread's on the direct path, and the frames/s one router core could
+//      relay at that cost (frames / router CPU seconds) against the direct
+//      path's frames/s. At most 500 tokens a stream: with 0 us steps the
+//      engine runs ahead of the worker's loop, and a stream the worker has
+//      paused for credit gathers its remaining tokens into one Tokens frame
+//      (about 28 bytes a token); one larger than the credit the router can
+//      grant back (its 32 KiB stream window, returned in half-window steps)
+//      is never sent and the stream stalls for good. 2000-token streams hit
+//      that now and then (a stalled one held 1659 tokens: 46.5 KB); 500
+//      tokens make at most 11.9 KB, under the 16 KiB always granted back.
+//    - Latency, 1 ms steps (paced, so it is not queueing): per token, the
+//      end of the engine step that made it to its arrival at the client's
+//      on_tokens, p50 and p99; the router's added latency is via router minus
+//      direct, paired per repetition (target: < 10 us at p50).
+// 2. Policies, cache hits: three workers with the built-in CPU model, R
+//    requests of 4 shared 64-token prefixes (BOS included: 4 KV blocks) and a
+//    unique ending, max_tokens 4, C at once; prefix-affinity against
+//    round-robin: prompt tokens served from the workers' prefix caches (their
+//    engines' cached_prompt_tokens, summed) and requests/s; ratio = prefix /
+//    round-robin. Workers send load reports (and prefix events) every 100 ms,
+//    their default.
+// 3. Policies, goodput: three synthetic workers whose steps take 1, 3 and 6 ms
+//    (at most 8 sequences running each), R requests arriving open-loop
+//    (exponential gaps, fixed seed), max_tokens 8-64 and a deadline of 0.5-8
+//    ms per token (some impossible); SLA-aware against least-loaded: goodput =
+//    requests finished within their deadline (by the client's clock) per
+//    second of the whole run, deadline misses (finished late, or ended by the
+//    worker with DEADLINE_EXCEEDED) and refusals (DEADLINE_UNREACHABLE, at
+//    once at the router); ratio = SLA / least-loaded. Each worker serves one
+//    short request first, so that every worker has reported its step time.
+//
+// Run: build/bench/bench_router [--quick] [--repetitions N] [--json FILE]
+// Ratios: > 1 means the router (or the first policy named) is better.
+#include <boost/program_options.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bench_results.h"
+#include "engine/batching_engine.h"
+#include "engine/cpu_backend.h"
+#include "engine/llama_weights.h"
+#include "engine/tokenizer.h"
+#include "engine/worker_service.h"
+#include "gateway/router_service.h"
+#include "serving_harness.h"
+#include "transport/client.h"
+
+namespace fmwire::bench {
+namespace {
+
+using namespace std::chrono_literals;
+using WorkerServer = LoopbackServer<engine::WorkerService>;
+using RouterServer = LoopbackServer<gateway::RouterService>;
+
+// ---------------------------------------------------------------- settings
+
+struct BenchSettings {
+  int repetitions = 5;
+  bool warm_up = true;
+  // Hop cost, frames/s: at most 500 tokens a stream (see the note above).
+  StreamShape throughput{32, 500, 0us};
+  StreamShape latency{16, 500, 1000us};    // hop cost: per-token latency
+  std::uint32_t prefix_requests = 60;      // cache hits
+  std::uint32_t prefix_concurrency = 4;
+  std::uint32_t deadline_requests = 120;   // goodput
+  std::chrono::microseconds deadline_mean_gap{4000};
+  std::string json_path;  // empty: no JSON file
+};
+
+BenchSettings quick_settings() {
+  BenchSettings settings;
+  settings.repetitions = 1;
+  settings.warm_up = false;
+  settings.throughput = {4, 200, 0us};
+  settings.latency = {4, 20, 1000us};
+  settings.prefix_requests = 12;
+  settings.deadline_requests = 15;
+  return settings;
+}
+
+constexpr std::uint32_t kPrefixes = 4;
+constexpr std::uint32_t kPrefixBytes = 63;  // with BOS, 64 tokens: 4 KV blocks
+constexpr std::uint32_t kPrefixMaxTokens = 4;
+constexpr std::uint32_t kBuiltinBlocks = 256;  // per CPU worker: every prefix fits
+constexpr std::uint64_t kWorkloadSeed = 20240611;
+constexpr std::uint32_t kDeadlineMinTokens = 8;
+constexpr std::uint32_t kDeadlineMaxTokens = 64;
+constexpr double kDeadlineMinMsPerToken = 0.5;
+constexpr double kDeadlineMaxMsPerToken = 8.0;
+constexpr std::uint32_t kDeadlineMaxRunning = 8;
+const std::chrono::microseconds kWorkerSteps[] = {1000us, 3000us, 6000us};
+
+// ---------------------------------------------------------------- the cluster
+
+std::unique_ptr<WorkerServer> start_worker(engine::Engine& engine, const engine::Tokenizer& tokenizer,
+                                           const std::string& name) {
+  return std::make_unique<WorkerServer>(
+      [&](transport::EventLoop& loop) {
+        engine::WorkerOptions options;
+        options.name = name;
+        return std::make_unique<engine::WorkerService>(loop, engine, tokenizer, options);
+      },
+      server_options(protocol::Role::WORKER, name), "bench_router: " + name);
+}
+
+std::vector<transport::Endpoint> endpoints_of(const std::vector<std::unique_ptr<WorkerServer>>& workers) {
+  std::vector<transport::Endpoint> endpoints;
+  for (const auto& worker : workers) endpoints.push_back(worker->endpoint());
+  return endpoints;
+}
+
+// A router with `policy` over `workers`, returned once every worker is
+// healthy at the router and its view satisfies `ready` (a load report has
+// come, say); throws after 10 s.
+using ViewReady = std::function<bool(const gateway::WorkerView&)>;
+std::unique_ptr<RouterServer> start_router(const engine::Tokenizer& tokenizer, const std::string& policy,
+                                           const std::vector<transport::Endpoint>& workers, const ViewReady& ready) {
+  gateway::RouterOptions options;
+  options.policy = policy;
+  auto router = std::make_unique<RouterServer>(
+      [&](transport::EventLoop& loop) {
+        auto service = std::make_unique<gateway::RouterService>(loop, tokenizer, options);
+        service->set_workers(workers);
+        return service;
+      },
+      server_options(protocol::Role::ROUTER, "bench_router router"), "bench_router: the router");
+  const Clock::time_point give_up = Clock::now() + 10s;
+  for (;;) {
+    const bool routable = router->call([&](gateway::RouterService& service) {
+      for (const gateway::WorkerView& view : service.workers()) {
+        if (!view.healthy || !ready(view)) return false;
+      }
+      return true;
+    });
+    if (routable) return router;
+    if (Clock::now() > give_up) throw std::runtime_error("the router's workers were not ready within 10 s");
+    std::this_thread::sleep_for(2ms);
+  }
+}
+
+bool any_view(const gateway::WorkerView&) { return true; }
+bool has_load(const gateway::WorkerView& view) { return view.has_load; }
+bool has_step_time(const gateway::WorkerView& view) { return view.has_load && view.recent_step_us > 0; }
+
+// How the requests of one policy run ended; filled in on the client's thread.
+struct Outcomes {
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::uint32_t open = 0;      // issued, not ended
+  std::uint32_t ended = 0;
+  std::uint32_t met = 0;       // finished, within the deadline if it had one
+  std::uint32_t late = 0;      // finished, after its deadline by the client's clock
+  std::uint32_t exceeded = 0;  // ended by the worker: DEADLINE_EXCEEDED
+  std::uint32_t refused = 0;   // DEADLINE_UNREACHABLE, from the router
+  std::uint32_t refused_feasible = 0;  // of those, ones the fastest worker, idle, could meet
+  std::string error;           // any other end: the first one
+  Clock::time_point last_end;
+
+  // One request ended (client thread): `count` says how, under the lock,
+  // given the time it ended.
+  template <typename Count>
+  void end(Count count) {
+    const Clock::time_point now = Clock::now();
+    std::lock_guard lock(mutex);
+    --open;
+    ++ended;
+    last_end = now;
+    count(now);
+    changed.notify_all();
+  }
+
+  // Waits until `done` holds (under the lock); throws on an error or a timeout.
+  template <typename Done>
+  void wait(Done done, const char* what) {
+    std::unique_lock lock(mutex);
+    if (!changed.wait_for(lock, kPathTimeout, [&] { return done() || !error.empty(); })) {
+      throw std::runtime_error(std::string(what) + ": timed out with " + std::to_string(ended) + " requests ended");
+    }
+    if (!error.empty()) throw std::runtime_error(std::string(what) + ": " + error);
+  }
+};
+
+// Callbacks that count the request's end in `outcomes`; `feasible`: the
+// fastest worker, idle, could meet its deadline.
+StreamCallbacks track(Outcomes& outcomes, Clock::time_point issued, std::chrono::microseconds deadline,
+                      bool feasible) {
+  StreamCallbacks callbacks;
+  callbacks.on_finish = [&outcomes, issued, deadline](const Completion& completion) {
+    outcomes.end([&](Clock::time_point now) {
+      if (completion.reason == protocol::FinishReason::DEADLINE_EXCEEDED) {
+        ++outcomes.exceeded;
+      } else if (deadline.count() > 0 && now - issued > deadline) {
+        ++outcomes.late;
+      } else {
+        ++outcomes.met;
+      }
+    });
+  };
+  callbacks.on_error = [&outcomes, feasible](const ClientError& error) {
+    outcomes.end([&](Clock::time_point) {
+      if (error.code == protocol::ErrorCode::DEADLINE_UNREACHABLE) {
+        ++outcomes.refused;
+        if (feasible) ++outcomes.refused_feasible;
+      } else if (outcomes.error.empty()) {
+        outcomes.error = std::string(to_string(error.code)) + ": " + error.message;
+      }
+    });
+  };
+  return callbacks;
+}
+
+// ---------------------------------------------------------------- 1. hop cost
+
+struct HopRun {
+  PathRun path;
+  std::uint64_t frames = 0;
+  double worker_cpu_seconds = 0;  // the worker's loop thread
+  double router_cpu_seconds = 0;  // the router's loop thread; 0 on the direct path
+};
+
+// The shape's streams from one synthetic worker, directly or through a router.
+HopRun run_hop(const StreamShape& shape, bool via_router) {
+  const char* path = via_router ? "via the router" : "direct";
+  const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  auto engine = synthetic_engine(shape);
+  TimedEngine timed(*engine, shape.streams, shape.stream_tokens);
+  Arrivals arrivals(shape);
+  HopRun run;
+  Clock::time_point start;
+  {
+    std::unique_ptr<WorkerServer> worker = start_worker(timed, tokenizer, "worker");
+    std::unique_ptr<RouterServer> router;
+    if (via_router) router = start_router(tokenizer, "least-loaded", {worker->endpoint()}, any_view);
+    std::unique_ptr<Client> client =
+        connect_client(via_router ? router->endpoint() : worker->endpoint(), via_router ? "the router" : "the worker");
+
+    const auto cpu = [](auto&) { return thread_cpu_seconds(); };
+    const double worker_before = worker->call(cpu);
+    const double router_before = router ? router->call(cpu) : 0;
+    start = Clock::now();
+    generate_streams(*client, shape, arrivals);
+    arrivals.wait(shape.streams, path);
+    run.worker_cpu_seconds = worker->call(cpu) - worker_before;
+    if (router) run.router_cpu_seconds = router->call(cpu) - router_before;
+
+    client.reset();  // its loop thread is joined: arrivals are complete
+    router.reset();  // drained, its loop joined, its links to the worker closed
+    worker->stop();  // the engine's thread is joined: timed.made() may be read
+  }
+  run.path = summarise(shape, start, arrivals, timed, path);
+  run.frames = arrivals.frames;
+  return run;
+}
+
+void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& results) {
+  const StreamShape& fast = settings.throughput;
+  const StreamShape& paced = settings.latency;
+  std::printf("\n1. Hop cost: client -> router -> worker against client -> worker, one synthetic worker (tiny KV\n"
+              "shape, no prefill time), each process on a loop thread of its own, 127.0.0.1; throughput: %u streams\n"
+              "x %u tokens, %lld us steps; latency: %u streams x %u tokens, %lld us steps; median of %d runs.\n"
+              "Targets: via router >= 0.8 of direct frames/s; added token latency < 10 us at p50.\n",
+              fast.streams, fast.stream_tokens, static_cast<long long>(fast.step_time.count()), paced.streams,
+              paced.stream_tokens, static_cast<long long>(paced.step_time.count()), settings.repetitions);
+  if (settings.warm_up) {
+    (void)run_hop(fast, false);
+    (void)run_hop(fast, true);
+  }
+  std::vector<double> direct_frames, router_frames, direct_per_frame, router_per_frame, router_cpu, worker_cpu,
+      router_capacity, direct_p50, router_p50, direct_p99, router_p99, added_p50, added_p99;
+  for (int i = 0; i < settings.repetitions; ++i) {
+    const HopRun direct = run_hop(fast, false);
+    const HopRun routed = run_hop(fast, true);
+    direct_frames.push_back(direct.path.frames_per_second);
+    router_frames.push_back(routed.path.frames_per_second);
+    direct_per_frame.push_back(direct.path.tokens_per_second / direct.path.frames_per_second);
+    router_per_frame.push_back(routed.path.tokens_per_second / routed.path.frames_per_second);
+    router_cpu.push_back(routed.router_cpu_seconds / static_cast<double>(routed.frames) * 1e6);
+    worker_cpu.push_back(direct.worker_cpu_seconds / static_cast<double>(direct.frames) * 1e6);
+    router_capacity.push_back(static_cast<double>(routed.frames) / std::max(routed.router_cpu_seconds, 1e-9));
+
+    const HopRun direct_paced = run_hop(paced, false);
+    const HopRun routed_paced = run_hop(paced, true);
+    direct_p50.push_back(direct_paced.path.p50_latency_us);
+    router_p50.push_back(routed_paced.path.p50_latency_us);
+    direct_p99.push_back(direct_paced.path.p99_latency_us);
+    router_p99.push_back(routed_paced.path.p99_latency_us);
+    added_p50.push_back(routed_paced.path.p50_latency_us - direct_paced.path.p50_latency_us);
+    added_p99.push_back(routed_paced.path.p99_latency_us - direct_paced.path.p99_latency_us);
+  }
+  const double frames_direct = median(direct_frames), frames_routed = median(router_frames);
+  const double cpu_router = median(router_cpu), cpu_worker = median(worker_cpu);
+  const double capacity = median(router_capacity);
+  const double p50_direct = median(direct_p50), p50_routed = median(router_p50);
+  const double p99_direct = median(direct_p99), p99_routed = median(router_p99);
+  const double added_median_p50 = median(added_p50), added_median_p99 = median(added_p99);
+
+  print_table_header();
+  const std::string throughput_shape = std::to_string(fast.streams) + " x " + std::to_string(fast.stream_tokens) +
+                                       ", " + std::to_string(fast.step_time.count()) + " us steps";
+  const std::string direct_peer = "direct to the worker";
+  add_row(results, "token frames/s via router, " + throughput_shape, frames_routed, "frames/s", direct_peer,
+          frames_direct, frames_routed / frames_direct);
+  add_row(results, "router loop CPU per 1M frames relayed", cpu_router, "cpu s", "worker loop, direct path",
+          cpu_worker, cpu_router > 0 ? cpu_worker / cpu_router : 0);
+  add_row(results, "frames/s one router core relays (frames / router CPU s)", capacity, "frames/s",
+          "direct path frames/s", frames_direct, capacity / frames_direct);
+  const std::string latency_shape = std::to_string(paced.streams) + " x " + std::to_string(paced.stream_tokens) +
+                                    ", " + std::to_string(paced.step_time.count()) + " us steps";
+  add_row(results, "token latency via router, step end to client, p50, " + latency_shape, p50_routed, "us",
+          direct_peer, p50_direct, p50_routed > 0 ? p50_direct / p50_routed : 0);
+  add_row(results, "token latency via router, step end to client, p99, " + latency_shape, p99_routed, "us",
+          direct_peer, p99_direct, p99_routed > 0 ? p99_direct / p99_routed : 0);
+  add_row(results, "token latency the router adds, p50 (via router - direct, paired)", added_median_p50, "us", "none",
+          0, 0);
+  add_row(results, "token latency the router adds, p99 (via router - direct, paired)", added_median_p99, "us", "none",
+          0, 0);
+  const double kept = frames_routed / frames_direct;
+  std::printf("  via router / direct frames/s %.3f: %s the 0.8 target (tokens per frame: %.2f via router, %.2f "
+              "direct); one router core relays %.2fx the direct path's frames/s\n",
+              kept, kept >= 0.8 ? "meets" : "BELOW", median(router_per_frame), median(direct_per_frame),
+              capacity / frames_direct);
+  std::printf("  the router adds %.1f us per token at p50: %s the 10 us target (%.1f us at p99)\n", added_median_p50,
+              added_median_p50 < 10 ? "meets" : "ABOVE", added_median_p99);
+}
+
+// ---------------------------------------------------------------- 2. cache hits
+
+// R prompts: one of kPrefixes shared 63-byte prefixes (fixed LCG order) and
+// an ending of their own.
+std::vector<std::string> prefix_workload(std::uint32_t requests) {
+  std::vector<std::string> prefixes;
+  for (std::uint32_t p = 0; p < kPrefixes; ++p) {
+    std::string prefix = "You are assistant " + std::to_string(p) + ". Answer briefly and cite the manual.";
+    prefix.resize(kPrefixBytes, ' ');
+    prefixes.push_back(std::move(prefix));
+  }
+  std::vector<std::string> prompts;
+  std::uint64_t state = kWorkloadSeed;
+  for (std::uint32_t i = 0; i < requests; ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    prompts.push_back(prefixes[(state >> 33) % kPrefixes] + " question " + std::to_string(i) + "?");
+  }
+  return prompts;
+}
+
+struct CacheRun {
+  double requests_per_second = 0;
+  std::uint64_t prompt_tokens = 0;
+  std::uint64_t cached_prompt_tokens = 0;
+};
+
+CacheRun run_cache_policy(const BenchSettings& settings, const std::string& policy,
+                          const std::shared_ptr<const engine::LlamaWeights>& weights,
+                          const std::vector<std::string>& prompts) {
+  const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  std::vector<std::unique_ptr<engine::BatchingEngine>> engines;
+  std::vector<std::unique_ptr<WorkerServer>> workers;
+  for (int i = 0; i < 3; ++i) {
+    engine::EngineInfo info;
+    info.model_name = "builtin";
+    info.eos_token = engine::Tokenizer::kEos;
+    engines.push_back(std::make_unique<engine::BatchingEngine>(
+        std::move(info), std::make_unique<engine::CpuBackend>(weights, kBuiltinBlocks, kBlockTokens)));
+    workers.push_back(start_worker(*engines.back(), tokenizer, "worker " + std::to_string(i)));
+  }
+  std::unique_ptr<RouterServer> router = start_router(tokenizer, policy, endpoints_of(workers), has_load);
+  std::unique_ptr<Client> client = connect_client(router->endpoint(), "the router");
+
+  Outcomes outcomes;
+  const auto count = static_cast<std::uint32_t>(prompts.size());
+  const Clock::time_point start = Clock::now();
+  for (const std::string& prompt : prompts) {
+    outcomes.wait([&] { return outcomes.open < settings.prefix_concurrency; }, policy.c_str());
+    {
+      std::lock_guard lock(outcomes.mutex);
+      ++outcomes.open;
+    }
+    GenerateParams params;
+    params.prompt = prompt;
+    params.max_tokens = kPrefixMaxTokens;
+    params.seed = 1;
+    client->generate(std::move(params), track(outcomes, Clock::now(), 0us, true));
+  }
+  outcomes.wait([&] { return outcomes.ended == count; }, policy.c_str());
+
+  CacheRun run;
+  run.requests_per_second = static_cast<double>(count) / seconds_between(start, outcomes.last_end);
+  for (const auto& worker : workers) {
+    const engine::EngineStats stats = worker->call([](engine::WorkerService& service) { return service.engine_stats(); });
+    run.prompt_tokens += stats.prompt_tokens;
+    run.cached_prompt_tokens += stats.cached_prompt_tokens;
+  }
+  client.reset();
+  router.reset();
+  workers.clear();
+  return run;
+}
+
+void bench_cache_hits(const BenchSettings& settings, std::vector<Comparison>& results) {
+  const auto weights = std::make_shared<const engine::LlamaWeights>(
+      engine::make_seeded_weights(engine::builtin_llama_config(), 1));
+  const std::vector<std::string> prompts = prefix_workload(settings.prefix_requests);
+  std::printf("\n2. Policies, cache hits: 3 workers with the built-in CPU model (%u KV blocks each), %u requests of\n"
+              "%u shared %u-token prefixes plus a unique ending, max_tokens %u, %u at once; prefix-affinity against\n"
+              "round-robin; median of %d runs.\n",
+              kBuiltinBlocks, settings.prefix_requests, kPrefixes, kPrefixBytes + 1, kPrefixMaxTokens,
+              settings.prefix_concurrency, settings.repetitions);
+  if (settings.warm_up) {
+    (void)run_cache_policy(settings, "prefix", weights, prompts);
+    (void)run_cache_policy(settings, "round-robin", weights, prompts);
+  }
+  std::vector<double> prefix_cached, spread_cached, prefix_rates, spread_rates, prefix_shares, spread_shares;
+  for (int i = 0; i < settings.repetitions; ++i) {
+    const CacheRun affine = run_cache_policy(settings, "prefix", weights, prompts);
+    const CacheRun spread = run_cache_policy(settings, "round-robin", weights, prompts);
+    prefix_cached.push_back(static_cast<double>(affine.cached_prompt_tokens));
+    spread_cached.push_back(static_cast<double>(spread.cached_prompt_tokens));
+    prefix_rates.push_back(affine.requests_per_second);
+    spread_rates.push_back(spread.requests_per_second);
+    prefix_shares.push_back(100.0 * static_cast<double>(affine.cached_prompt_tokens) /
+                            static_cast<double>(std::max<std::uint64_t>(affine.prompt_tokens, 1)));
+    spread_shares.push_back(100.0 * static_cast<double>(spread.cached_prompt_tokens) /
+                            static_cast<double>(std::max<std::uint64_t>(spread.prompt_tokens, 1)));
+  }
+  const double cached_affine = median(prefix_cached), cached_spread = median(spread_cached);
+  const double rate_affine = median(prefix_rates), rate_spread = median(spread_rates);
+  const double share_affine = median(prefix_shares), share_spread = median(spread_shares);
+
+  print_table_header();
+  const std::string peer = "round-robin";
+  add_row(results, "prompt tokens from the workers' prefix caches, prefix-affinity", cached_affine, "tokens", peer,
+          cached_spread, cached_spread > 0 ? cached_affine / cached_spread : 0);
+  add_row(results, "share of prompt tokens from prefix caches, prefix-affinity", share_affine, "%", peer, share_spread,
+          share_spread > 0 ? share_affine / share_spread : 0);
+  add_row(results, "requests/s, prefix-affinity", rate_affine, "req/s", peer, rate_spread, rate_affine / rate_spread);
+}
+
+// ---------------------------------------------------------------- 3. goodput
+
+struct DeadlineRequest {
+  std::chrono::microseconds at{0};  // from the run's start
+  std::uint32_t max_tokens = 0;
+  std::chrono::microseconds deadline{0};
+};
+
+// Open-loop arrivals, lengths and deadlines from kWorkloadSeed. Drawn from
+// mt19937_64's raw output (its sequence is fixed by the standard; the
+// library's distributions are not).
+std::vector<DeadlineRequest> deadline_workload(std::uint32_t requests, std::chrono::microseconds mean_gap) {
+  std::mt19937_64 random(kWorkloadSeed);
+  const auto uniform = [&] { return static_cast<double>(random() >> 11) * 0x1.0p-53; };  // [0, 1)
+  std::vector<DeadlineRequest> workload;
+  double at_us = 0;
+  for (std::uint32_t i = 0; i < requests; ++i) {
+    DeadlineRequest request;
+    request.at = std::chrono::microseconds(static_cast<std::int64_t>(at_us));
+    request.max_tokens =
+        kDeadlineMinTokens + static_cast<std::uint32_t>(random() % (kDeadlineMaxTokens - kDeadlineMinTokens + 1));
+    const double ms_per_token = kDeadlineMinMsPerToken + (kDeadlineMaxMsPerToken - kDeadlineMinMsPerToken) * uniform();
+    request.deadline = std::chrono::microseconds(static_cast<std::int64_t>(request.max_tokens * ms_per_token * 1000));
+    workload.push_back(request);
+    at_us += -std::log(1.0 - uniform()) * static_cast<double>(mean_gap.count());
+  }
+  return workload;
+}
+
+// Whether the fastest worker, idle, could meet the request's deadline: a
+// prefill step and one step per token.
+bool feasible(const DeadlineRequest& request) {
+  const auto fastest = *std::min_element(std::begin(kWorkerSteps), std::end(kWorkerSteps));
+  return request.deadline >= fastest * (request.max_tokens + 1);
+}
+
+struct GoodputRun {
+  double goodput = 0;  // requests within their deadline per second of the run
+  std::uint32_t met = 0;
+  std::uint32_t late = 0;
+  std::uint32_t exceeded = 0;
+  std::uint32_t refused = 0;
+  std::uint32_t refused_feasible = 0;
+};
+
+GoodputRun run_deadline_policy(const std::string& policy, const std::vector<DeadlineRequest>& workload) {
+  const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  const auto count = static_cast<std::uint32_t>(workload.size());
+  std::vector<std::unique_ptr<engine::BatchingEngine>> engines;
+  std::vector<std::unique_ptr<WorkerServer>> workers;
+  for (std::chrono::microseconds step : kWorkerSteps) {
+    engine::BatchingOptions options;
+    options.max_running = kDeadlineMaxRunning;
+    engines.push_back(synthetic_engine({std::max(count, kDeadlineMaxRunning), kDeadlineMaxTokens, step}, options));
+    workers.push_back(start_worker(*engines.back(), tokenizer, "worker " + std::to_string(step.count()) + "us"));
+  }
+  // One short request each, so that each reports its step time from the start.
+  for (const auto& worker : workers) {
+    std::unique_ptr<Client> warm = connect_client(worker->endpoint(), "a worker");
+    GenerateParams params;
+    params.prompt = prompt_text(0);
+    params.max_tokens = 2;
+    auto done = warm->complete(std::move(params));
+    if (!done) throw std::runtime_error("warming a worker: " + done.error().message);
+  }
+  std::unique_ptr<RouterServer> router = start_router(tokenizer, policy, endpoints_of(workers), has_step_time);
+  std::unique_ptr<Client> client = connect_client(router->endpoint(), "the router");
+
+  Outcomes outcomes;
+  const Clock::time_point start = Clock::now();
+  for (std::uint32_t i = 0; i < count; ++i) {
+    const DeadlineRequest& request = workload[i];
+    std::this_thread::sleep_until(start + request.at);
+    {
+      std::lock_guard lock(outcomes.mutex);
+      if (!outcomes.error.empty()) throw std::runtime_error(policy + ": " + outcomes.error);
+      ++outcomes.open;
+    }
+    GenerateParams params;
+    params.prompt = prompt_text(i);
+    params.max_tokens = request.max_tokens;
+    params.seed = 1;
+    params.timeout = request.deadline;
+    client->generate(std::move(params), track(outcomes, Clock::now(), request.deadline, feasible(request)));
+  }
+  outcomes.wait([&] { return outcomes.ended == count; }, policy.c_str());
+
+  GoodputRun run;
+  run.met = outcomes.met;
+  run.late = outcomes.late;
+  run.exceeded = outcomes.exceeded;
+  run.refused = outcomes.refused;
+  run.refused_feasible = outcomes.refused_feasible;
+  run.goodput = static_cast<double>(outcomes.met) / seconds_between(start, outcomes.last_end);
+  client.reset();
+  router.reset();
+  workers.clear();
+  return run;
+}
+
+void bench_goodput(const BenchSettings& settings, std::vector<Comparison>& results) {
+  const std::vector<DeadlineRequest> workload = deadline_workload(settings.deadline_requests, settings.deadline_mean_gap);
+  std::printf("\n3. Policies, goodput: 3 synthetic workers (tiny KV shape) with 1, 3 and 6 ms steps, at most %u\n"
+              "running each; %u requests arriving open-loop %lld us apart on average, max_tokens %u-%u, deadlines of\n"
+              "%.1f-%.1f ms per token (%u impossible even for the fastest worker idle); SLA-aware against\n"
+              "least-loaded; goodput: requests finished within their deadline per second of the run; median of %d\n"
+              "runs.\n",
+              kDeadlineMaxRunning, settings.deadline_requests,
+              static_cast<long long>(settings.deadline_mean_gap.count()), kDeadlineMinTokens, kDeadlineMaxTokens,
+              kDeadlineMinMsPerToken, kDeadlineMaxMsPerToken, static_cast<std::uint32_t>(std::count_if(workload.begin(), workload.end(), [](const DeadlineRequest& r) { return !feasible(r); })), settings.repetitions);
+  if (settings.warm_up) {
+    (void)run_deadline_policy("sla", workload);
+    (void)run_deadline_policy("least-loaded", workload);
+  }
+  std::vector<double> sla_goodput, least_goodput, sla_met, least_met, sla_late, least_late, sla_exceeded,
+      least_exceeded, sla_refused, least_refused, sla_refused_feasible;
+  for (int i = 0; i < settings.repetitions; ++i) {
+    const GoodputRun sla = run_deadline_policy("sla", workload);
+    const GoodputRun least = run_deadline_policy("least-loaded", workload);
+    sla_goodput.push_back(sla.goodput);
+    least_goodput.push_back(least.goodput);
+    sla_met.push_back(sla.met);
+    least_met.push_back(least.met);
+    sla_late.push_back(sla.late);
+    least_late.push_back(least.late);
+    sla_exceeded.push_back(sla.exceeded);
+    least_exceeded.push_back(least.exceeded);
+    sla_refused.push_back(sla.refused);
+    least_refused.push_back(least.refused);
+    sla_refused_feasible.push_back(sla.refused_feasible);
+  }
+  const double goodput_sla = median(sla_goodput), goodput_least = median(least_goodput);
+
+  print_table_header();
+  const std::string peer = "least-loaded";
+  add_row(results, "goodput, SLA-aware (within deadline per second of the run)", goodput_sla, "req/s", peer,
+          goodput_least, goodput_sla / goodput_least);
+  const double met_sla = median(sla_met), met_least = median(least_met);
+  add_row(results, "requests within their deadline, SLA-aware", met_sla, "requests", peer, met_least,
+          met_least > 0 ? met_sla / met_least : 0);
+  add_row(results, "deadline misses: ended by the worker (DEADLINE_EXCEEDED), SLA-aware", median(sla_exceeded),
+          "requests", "none", 0, 0);
+  add_row(results, "deadline misses: ended by the worker (DEADLINE_EXCEEDED), least-loaded", median(least_exceeded),
+          "requests", "none", 0, 0);
+  add_row(results, "deadline misses: finished, but late at the client, SLA-aware", median(sla_late), "requests",
+          "none", 0, 0);
+  add_row(results, "deadline misses: finished, but late at the client, least-loaded", median(least_late),
+          "requests", "none", 0, 0);
+  add_row(results, "refused at once (DEADLINE_UNREACHABLE), SLA-aware", median(sla_refused), "requests", "none", 0, 0);
+  add_row(results, "refused at once (DEADLINE_UNREACHABLE), least-loaded", median(least_refused), "requests", "none",
+          0, 0);
+  std::printf("  SLA-aware refused %.0f requests (median), %.0f of them feasible for the fastest worker when idle\n",
+              median(sla_refused), median(sla_refused_feasible));
+}
+
+int run(const BenchSettings& settings) {
+  std::vector<Comparison> results;
+  std::printf("Ratios: > 1 means the router, or the first policy named, is better (ours / peer for rates and\n"
+              "counts, peer / ours for latencies and CPU time).\n");
+  bench_hop_cost(settings, results);
+  bench_cache_hits(settings, results);
+  bench_goodput(settings, results);
+  if (!settings.json_path.empty()) {
+    write_results_json(settings.json_path, "router", results);
+    std::printf("wrote %zu results to %s\n", results.size(), settings.json_path.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace fmwire::bench
+
+int main(int argc, char** argv) {
+  namespace po = boost::program_options;
+  po::options_description description(
+      "bench_router: the router's hop cost (frames/s, token latency) and its policies' cache hits and goodput");
+  std::string json_path;
+  int repetitions = 0;
+  description.add_options()
+      ("help,h", "show this help")
+      ("quick", "small counts, one run each: a smoke test of a few seconds")
+      ("repetitions", po::value(&repetitions), "measured runs per row (default 5)")
+      ("json", po::value(&json_path), "write the results as JSON to this file");
+  try {
+    po::variables_map values;
+    po::store(po::parse_command_line(argc, argv, description), values);
+    po::notify(values);
+    if (values.count("help")) {
+      std::cout << description;
+      return 0;
+    }
+    fmwire::bench::BenchSettings settings =
+        values.count("quick") ? fmwire::bench::quick_settings() : fmwire::bench::BenchSettings{};
+    if (values.count("repetitions")) {
+      if (repetitions < 1) {
+        std::cerr << "bench_router: --repetitions " << repetitions << " must be at least 1\n";
+        return 2;
+      }
+      settings.repetitions = repetitions;
+    }
+    settings.json_path = json_path;
+    return fmwire::bench::run(settings);
+  } catch (const po::error& error) {
+    std::cerr << "bench_router: " << error.what() << "\n";
+    return 2;
+  } catch (const std::exception& error) {
+    std::cerr << "bench_router: " << error.what() << "\n";
+    return 1;
+  }
+}
