@@ -14,6 +14,8 @@ packages=(
   doctest-dev clang libclang-rt-14-dev
   # tests: a real etcd (3.4) for the gateway's discovery tests
   etcd-server etcd-client
+  # tests: promtool checks the gateway's /metrics page (Debian's prometheus)
+  prometheus
   # benchmarks only: protobuf is the peer format in bench/codec; gRPC and
   # iperf3 are the peers of bench/transport
   libprotobuf-dev protobuf-compiler

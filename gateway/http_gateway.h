@@ -1,0 +1,86 @@
+// The gateway's HTTP side (`fmwire gateway`, and `fmwire up`'s front):
+// OpenAI-compatible completions and chat completions (server-sent events or
+// one JSON response), a WebSocket stream, /v1/models, /health, /ready and
+// /metrics, with API keys and size limits, on Boost.Beast. Requests go on to
+// a router (or a worker) over the native protocol through fmwire::Client,
+// with manual flow control: a slow HTTP reader holds back its own stream at
+// the worker, and a client that goes away cancels its request end to end.
+//
+// Endpoints (an API key, `Authorization: Bearer KEY`, on the /v1 ones when
+// keys are configured; /health, /ready and /metrics are open):
+//   POST /v1/completions, POST /v1/chat/completions   OpenAI's shapes; chat
+//        messages become one prompt, "<role>: <content>\n" each, then "assistant:"
+//   GET  /v1/models
+//   GET  /v1/stream          WebSocket: one request message in (a completions
+//        or chat body; "stream" ignored), one message per chunk, the finish
+//        and usage messages, a normal close; an {"error": ...} message then close
+//   GET  /v1/streams/<id>    a resumable stream again (below)
+//   GET  /health (always 200), /ready (200 while the upstream answers, else
+//        503), /metrics (Prometheus text 0.0.4)
+// Errors are OpenAI's {"error": {"message", "type", "param", "code"}} with
+// the status (400, 401, 404, 405, 410, 413, 431, 429 and 503 with
+// Retry-After, 504, 500); once an event stream has begun, an error is its
+// last event, `data: {"error": ...}`.
+//
+// Events: `id: <n>` (from 1) and `data: <chunk>`; then `data: [DONE]`. The
+// response's X-Fmwire-Stream-Id header (and each chunk's "id") names the stream.
+//
+// Disconnects and resumption: a request is cancelled end to end as soon as
+// its reader goes away (the worker's KV blocks are free a few ms later),
+// unless it asked to be resumable (header `X-Fmwire-Resumable: 1`, or body
+// "fmwire": {"resumable": true}). A resumable stream goes on without a
+// reader for up to resume_window, into a replay buffer of replay_events
+// events; when that is full the gateway stops taking the stream's tokens,
+// so flow control holds it at the worker. `GET /v1/streams/<id>` with
+// `Last-Event-ID: n` gets events n+1.. from the buffer, then the live ones,
+// without generating anything again (410 when n+1 is no longer kept; 404
+// once the stream is resume_window past its end, or was never resumable).
+// WebSocket streams are not resumable.
+//
+// Memory per stream with a reader that stops reading: at most 64 KiB of
+// upstream frames (the native client's stream credit), the same tokens as
+// encoded events, and a fixed 128 KiB kernel send buffer (256 KiB as Linux
+// counts it); a resumable stream without a reader adds its replay buffer.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "codec/codec_error.h"
+#include "transport/endpoint.h"
+
+namespace fmwire::gateway {
+
+struct HttpGatewayOptions {
+  transport::Endpoint listen{"127.0.0.1", 8000};  // port 0: any free port (see port())
+  transport::Endpoint upstream;                   // the router (or a worker) requests go to
+  std::vector<std::string> api_keys;              // empty: no key needed (a warning at start)
+  std::string model = "builtin";                  // what /v1/models lists; requests may name it or nothing
+  std::size_t max_body_bytes = 1 << 20;           // then 413
+  std::size_t max_header_bytes = 16 << 10;        // then 431
+  std::uint32_t max_tokens_default = 256;         // when a request gives none
+  // Resumable streams: events kept per stream for a client that reconnects
+  // with Last-Event-ID, and for how long after the stream's end.
+  std::size_t replay_events = 4096;
+  std::chrono::seconds resume_window{30};
+  // Chat messages become one prompt: each message is
+  // "<role>: <content>\n", then "assistant:" (a plain default).
+  std::string io_backend;                         // the native client's: "", "uring" or "asio"
+};
+
+class HttpGateway {
+ public:
+  // Listens and starts serving on threads of its own. Errors: cannot listen,
+  // bad options.
+  static codec::Result<std::unique_ptr<HttpGateway>, std::string> start(HttpGatewayOptions options);
+  virtual ~HttpGateway() = default;  // stops: open streams are cancelled, threads joined
+  virtual std::uint16_t port() const = 0;
+  // Stops taking connections; open streams finish (or are cut off after
+  // `grace`), then the threads end. Any thread.
+  virtual void drain(std::chrono::milliseconds grace) = 0;
+};
+
+}  // namespace fmwire::gateway

@@ -1,0 +1,95 @@
+#include "gateway/http_metrics.h"
+
+#include <cstdio>
+
+namespace fmwire::gateway {
+namespace {
+
+std::string number(double value) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.9g", value);
+  return text;
+}
+
+void header(std::string& out, std::string_view name, std::string_view type, std::string_view help) {
+  out += "# HELP ";
+  out += name;
+  out += ' ';
+  out += help;
+  out += "\n# TYPE ";
+  out += name;
+  out += ' ';
+  out += type;
+  out += '\n';
+}
+
+}  // namespace
+
+void LatencyHistogram::observe(double seconds) {
+  std::size_t bucket = 0;
+  while (bucket < kBounds.size() && seconds > kBounds[bucket]) ++bucket;
+  buckets_[bucket].fetch_add(1, std::memory_order_relaxed);
+  count_.fetch_add(1, std::memory_order_relaxed);
+  sum_.fetch_add(seconds, std::memory_order_relaxed);
+}
+
+void LatencyHistogram::render(std::string& out, std::string_view name, std::string_view help) const {
+  header(out, name, "histogram", help);
+  std::uint64_t cumulative = 0;
+  for (std::size_t i = 0; i < kBounds.size(); ++i) {
+    cumulative += buckets_[i].load(std::memory_order_relaxed);
+    out += std::string(name) + "_bucket{le=\"" + number(kBounds[i]) + "\"} " + std::to_string(cumulative) + '\n';
+  }
+  cumulative += buckets_[kBounds.size()].load(std::memory_order_relaxed);
+  out += std::string(name) + "_bucket{le=\"+Inf\"} " + std::to_string(cumulative) + '\n';
+  out += std::string(name) + "_sum " + number(sum_.load(std::memory_order_relaxed)) + '\n';
+  out += std::string(name) + "_count " + std::to_string(cumulative) + '\n';
+}
+
+void HttpMetrics::count_request(unsigned status) {
+  std::lock_guard lock(requests_mutex_);
+  ++requests_[status];
+}
+
+void HttpMetrics::count_tokens(std::uint64_t in, std::uint64_t out) {
+  tokens_in_.fetch_add(in, std::memory_order_relaxed);
+  tokens_out_.fetch_add(out, std::memory_order_relaxed);
+}
+
+void HttpMetrics::observe_hop(std::string_view hop, double seconds) {
+  Summary* summary = nullptr;
+  if (hop.starts_with("worker")) summary = &worker_hop_;
+  if (hop.starts_with("router")) summary = &router_hop_;
+  if (summary == nullptr) return;
+  summary->count.fetch_add(1, std::memory_order_relaxed);
+  summary->sum.fetch_add(seconds, std::memory_order_relaxed);
+}
+
+std::string HttpMetrics::render() const {
+  std::string out;
+  header(out, "fmwire_gateway_requests_total", "counter", "HTTP requests answered, by status code.");
+  {
+    std::lock_guard lock(requests_mutex_);
+    for (const auto& [status, count] : requests_) {
+      out += "fmwire_gateway_requests_total{status=\"" + std::to_string(status) + "\"} " + std::to_string(count) + '\n';
+    }
+  }
+  first_token_.render(out, "fmwire_gateway_time_to_first_token_seconds",
+                      "Time from a generation request's arrival to its first token chunk.");
+  inter_token_.render(out, "fmwire_gateway_inter_token_latency_seconds",
+                      "Time between token chunks of a stream, per token.");
+  header(out, "fmwire_gateway_tokens_total", "counter", "Prompt tokens in and completion tokens out.");
+  out += "fmwire_gateway_tokens_total{direction=\"in\"} " + std::to_string(tokens_in_.load()) + '\n';
+  out += "fmwire_gateway_tokens_total{direction=\"out\"} " + std::to_string(tokens_out_.load()) + '\n';
+  header(out, "fmwire_gateway_streams_open", "gauge", "Generation streams open now.");
+  out += "fmwire_gateway_streams_open " + std::to_string(streams_open_.load()) + '\n';
+  header(out, "fmwire_gateway_hop_seconds", "summary", "Time spent per hop, from the Finish frames' timings.");
+  for (const auto& [name, summary] : {std::pair{"worker", &worker_hop_}, std::pair{"router", &router_hop_}}) {
+    out += std::string("fmwire_gateway_hop_seconds_sum{hop=\"") + name + "\"} " + number(summary->sum.load()) + '\n';
+    out += std::string("fmwire_gateway_hop_seconds_count{hop=\"") + name + "\"} " +
+           std::to_string(summary->count.load()) + '\n';
+  }
+  return out;
+}
+
+}  // namespace fmwire::gateway

@@ -1,0 +1,61 @@
+// The HTTP gateway's Prometheus metrics (text format 0.0.4): requests by
+// status, time to first token, inter-token latency, tokens in and out, open
+// streams, and per-hop time from the Finish frames. Counters are atomics,
+// safe from any thread; render() gives the /metrics page.
+// Format: https://prometheus.io/docs/instrumenting/exposition_formats/
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <string_view>
+
+namespace fmwire::gateway {
+
+// A histogram with fixed bucket bounds (seconds).
+class LatencyHistogram {
+ public:
+  static constexpr std::array<double, 14> kBounds{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                 0.1,    0.25,  0.5,    1.0,   2.5,  5.0,   10.0};
+  void observe(double seconds);
+  void render(std::string& out, std::string_view name, std::string_view help) const;
+
+ private:
+  std::array<std::atomic<std::uint64_t>, kBounds.size() + 1> buckets_{};  // the last: +Inf only
+  std::atomic<std::uint64_t> count_{0};
+  std::atomic<double> sum_{0.0};
+};
+
+class HttpMetrics {
+ public:
+  void count_request(unsigned status);
+  void observe_first_token(double seconds) { first_token_.observe(seconds); }
+  void observe_inter_token(double seconds) { inter_token_.observe(seconds); }
+  void count_tokens(std::uint64_t in, std::uint64_t out);
+  void stream_opened() { ++streams_open_; }
+  void stream_closed() { --streams_open_; }
+  std::int64_t streams_open() const { return streams_open_.load(); }
+  // A Finish frame's hop ("worker ..." or "router ...") and its total time.
+  void observe_hop(std::string_view hop, double seconds);
+  std::string render() const;
+
+ private:
+  struct Summary {
+    std::atomic<std::uint64_t> count{0};
+    std::atomic<double> sum{0.0};
+  };
+  mutable std::mutex requests_mutex_;
+  std::map<unsigned, std::uint64_t> requests_;  // by status
+  LatencyHistogram first_token_;
+  LatencyHistogram inter_token_;
+  std::atomic<std::uint64_t> tokens_in_{0};
+  std::atomic<std::uint64_t> tokens_out_{0};
+  std::atomic<std::int64_t> streams_open_{0};
+  Summary worker_hop_;
+  Summary router_hop_;
+};
+
+}  // namespace fmwire::gateway
