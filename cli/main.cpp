@@ -9,8 +9,10 @@
 
 #include "cli/demo.h"
 #include "cli/echo_server_command.h"
+#include "cli/gateway_command.h"
 #include "cli/generate_command.h"
 #include "cli/router_command.h"
+#include "cli/up_command.h"
 #include "cli/worker_command.h"
 #include "protocol/fmwire.capnp.h"
 
@@ -22,9 +24,11 @@ constexpr const char* kUsage =
     "usage: fmwire <command> [options]\n"
     "\n"
     "commands:\n"
+    "  up           gateway + router + workers with the built-in model, one command (start here)\n"
     "  generate     stream a completion from a native endpoint (worker, router, echo-server)\n"
     "  worker       serve generation streams from a model (built-in, llama2.c checkpoint, synthetic)\n"
     "  router       route client streams to workers (policies, etcd discovery, failover)\n"
+    "  gateway      OpenAI-compatible HTTP (SSE) in front of a router, or of workers with one embedded\n"
     "  echo-server  a native endpoint with no model: streams the prompt's words back\n"
     "  demo         encode a token stream and a KV transfer, decode them from a byte stream, report\n"
     "  version      print the version and the protocol version\n"
@@ -203,6 +207,64 @@ int run_router_command(const std::vector<std::string>& arguments) {
   return fmwire::cli::run_router(command, std::cout, std::cerr);
 }
 
+int run_gateway_command(const std::vector<std::string>& arguments) {
+  fmwire::cli::GatewayCommand command;
+  std::string backend;
+  std::string workers;
+  std::uint32_t drain_timeout_ms = 30000;
+  po::options_description description(
+      "usage: fmwire gateway --listen HOST:PORT (--router HOST:PORT | --workers HOST:PORT,...) [options]\noptions");
+  description.add_options()
+      ("help,h", "show this help")
+      ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT for HTTP; port 0 picks a free one")
+      ("router", po::value(&command.router), "the router requests go to, HOST:PORT")
+      ("workers", po::value(&workers), "or the workers, HOST:PORT,...: a router runs inside the gateway")
+      ("api-keys", po::value(&command.api_keys_file), "file of API keys, one per line (# comments)")
+      ("api-key", po::value(&command.api_keys)->composing(), "an API key (repeatable); none: no key needed")
+      ("model", po::value(&command.model)->default_value(command.model), "the model name /v1/models lists")
+      ("policy", po::value(&command.router_options.policy)->default_value(command.router_options.policy),
+       "with --workers: round-robin, least-loaded, prefix or sla")
+      ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
+       "on SIGINT/SIGTERM, how long open streams may take to finish")
+      ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
+  po::variables_map values;
+  if (parse(arguments, description, nullptr, values)) return 0;
+  command.workers = split_list(workers);
+  command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.backend = backend_choice(backend);
+  return fmwire::cli::run_gateway(command, std::cout, std::cerr);
+}
+
+int run_up_command(const std::vector<std::string>& arguments) {
+  fmwire::cli::UpCommand command;
+  std::string backend;
+  std::uint32_t drain_timeout_ms = 30000;
+  auto& model = command.model;
+  po::options_description description("usage: fmwire up [options]\noptions");
+  description.add_options()
+      ("help,h", "show this help")
+      ("port", po::value(&command.port)->default_value(command.port), "HTTP port; 0 picks a free one")
+      ("host", po::value(&command.host)->default_value(command.host), "HTTP address (numeric)")
+      ("workers", po::value(&command.workers)->default_value(command.workers), "workers, each with its own engine")
+      ("model", po::value(&model.model)->default_value(model.model),
+       "builtin, a llama2.c checkpoint (.bin), or synthetic:NAME (llama-3-8b, llama-3-70b, tiny)")
+      ("tokenizer", po::value(&model.tokenizer), "llama2.c tokenizer.bin (default: beside the checkpoint)")
+      ("device", po::value(&model.device)->default_value(model.device), "auto, cpu or cuda")
+      ("kv-memory-mib", po::value(&model.kv_memory_mib)->default_value(model.kv_memory_mib), "KV cache size per worker")
+      ("policy", po::value(&command.policy)->default_value(command.policy), "least-loaded, prefix, round-robin or sla")
+      ("no-demo", "serve at once, without streaming a demo completion first")
+      ("demo-prompt", po::value(&command.demo_prompt)->default_value(command.demo_prompt), "the demo's prompt")
+      ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
+       "on SIGINT/SIGTERM, how long open streams may take to finish")
+      ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
+  po::variables_map values;
+  if (parse(arguments, description, nullptr, values)) return 0;
+  if (values.count("no-demo")) command.demo = false;
+  command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.backend = backend_choice(backend);
+  return fmwire::cli::run_up(command, std::cout, std::cerr);
+}
+
 int run_demo_command(const std::vector<std::string>& arguments) {
   fmwire::cli::DemoOptions options;
   po::options_description description("fmwire demo options");
@@ -242,6 +304,8 @@ int main(int argc, char** argv) {
     if (command == "echo-server") return run_echo_server_command(arguments);
     if (command == "worker") return run_worker_command(arguments);
     if (command == "router") return run_router_command(arguments);
+    if (command == "gateway") return run_gateway_command(arguments);
+    if (command == "up") return run_up_command(arguments);
     if (command == "version" || command == "--version") {
       std::cout << "fmwire " << FMWIRE_VERSION << ", protocol " << fmwire::protocol::PROTOCOL_MAJOR << "."
                 << fmwire::protocol::PROTOCOL_MINOR << "\n";

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up, builds and runs fmwire's main job. Until the gateway issue brings
-# `fmwire up`, that is `fmwire demo`: a token stream and a KV transfer encoded
-# as frames and decoded again from a byte stream.
+# Sets up, builds and runs fmwire's main job: `fmwire up`, the OpenAI-
+# compatible gateway, a router and two workers with the built-in model on
+# http://127.0.0.1:8000. It streams a demo completion, then serves until
+# Ctrl-C. Arguments go to `fmwire up` (--port, --workers, --model, --no-demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,4 +10,4 @@ if [[ ! -d build ]]; then
   meson setup build -Dbuildtype=release >/dev/null
 fi
 ninja -C build cli/fmwire >/dev/null
-exec ./build/cli/fmwire demo "$@"
+exec ./build/cli/fmwire up "$@"

@@ -14,6 +14,8 @@ packages=(
   doctest-dev clang libclang-rt-14-dev
   # tests: a real etcd (3.4) for the gateway's discovery tests
   etcd-server etcd-client
+  # tests: real HTTP clients of the gateway (curl; Node for OpenAI's SDK)
+  curl nodejs
   # tests: promtool checks the gateway's /metrics page (Debian's prometheus)
   prometheus
   # benchmarks only: protobuf is the peer format in bench/codec; gRPC and
@@ -28,6 +30,12 @@ for package in "${packages[@]}"; do
     missing+=("$package")
   fi
 done
+
+# npm: Debian's package, unless a Node.js from elsewhere (NodeSource's
+# nodejs provides npm and conflicts with Debian's) brings it already.
+if ! command -v npm >/dev/null 2>&1; then
+  missing+=(npm)
+fi
 
 if ((${#missing[@]} > 0)); then
   if [[ $(id -u) -ne 0 ]]; then

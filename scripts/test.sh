@@ -15,6 +15,14 @@ if ! bash scripts/setup.sh; then
   exit 1
 fi
 
+# OpenAI's Node SDK for the gateway's system tests, at the version pinned in
+# tests/system/node/package-lock.json; fetched once, from the npm registry.
+if [[ ! -d tests/system/node/node_modules/openai ]]; then
+  echo "== npm ci --prefix tests/system/node"
+  npm ci --prefix tests/system/node --no-audit --no-fund ||
+    echo "npm ci failed: the gateway's OpenAI SDK tests will fail"
+fi
+
 configure() {
   local dir=$1
   shift

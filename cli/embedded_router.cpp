@@ -1,0 +1,104 @@
+#include "cli/embedded_router.h"
+
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <stdexcept>
+#include <system_error>
+
+namespace fmwire::cli {
+
+codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> EmbeddedRouter::start(
+    const std::vector<transport::Endpoint>& workers, const engine::Tokenizer& tokenizer,
+    gateway::RouterOptions options, const std::string& backend) {
+  std::unique_ptr<EmbeddedRouter> embedded(new EmbeddedRouter());
+  transport::ConnectionOptions connection;
+  connection.role = protocol::Role::ROUTER;
+  connection.name = "fmwire router (embedded)";
+  try {
+    embedded->group_ = std::make_unique<transport::ServerGroup>(
+        1, transport::Endpoint{"127.0.0.1", 0}, connection,
+        [&](transport::EventLoop& loop) {
+          auto made = std::make_unique<gateway::RouterService>(loop, tokenizer, options);
+          embedded->router_ = made.get();
+          embedded->loop_ = &loop;
+          return made;
+        },
+        backend);
+  } catch (const std::invalid_argument& error) {
+    return std::string(error.what());
+  } catch (const std::system_error& error) {
+    return "the embedded router cannot listen on 127.0.0.1: " + std::string(error.what());
+  }
+  embedded->port_ = embedded->group_->port();
+  embedded->router_->set_workers(workers);  // the loop does not run yet
+  embedded->group_->start();
+  return embedded;
+}
+
+EmbeddedRouter::~EmbeddedRouter() {
+  if (group_) {
+    group_->stop();
+    group_->join();
+  }
+}
+
+transport::Endpoint EmbeddedRouter::endpoint() const { return transport::Endpoint{"127.0.0.1", port_}; }
+
+std::size_t EmbeddedRouter::wait_for_healthy_workers(std::size_t wanted, std::chrono::milliseconds timeout) {
+  // Asked of the loop thread, which owns the router's view of its workers;
+  // shared, since a late answer may come after this function has returned.
+  struct Answer {
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::size_t healthy = 0;
+    bool ready = false;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::size_t healthy = 0;
+  while (true) {
+    auto answer = std::make_shared<Answer>();
+    loop_->post([router = router_, answer] {
+      std::size_t count = 0;
+      for (const gateway::WorkerView& view : router->workers()) count += view.healthy ? 1 : 0;
+      std::lock_guard lock(answer->mutex);
+      answer->healthy = count;
+      answer->ready = true;
+      answer->changed.notify_all();
+    });
+    {
+      std::unique_lock lock(answer->mutex);
+      if (!answer->changed.wait_until(lock, deadline, [&] { return answer->ready; })) return healthy;
+      healthy = answer->healthy;
+    }
+    if (healthy >= wanted || std::chrono::steady_clock::now() >= deadline) return healthy;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+bool EmbeddedRouter::drain(std::chrono::milliseconds timeout) {
+  if (!group_) return true;
+  std::mutex mutex;
+  std::condition_variable changed;
+  bool drained = false;
+  group_->drain("router shutting down", [&] {
+    std::lock_guard lock(mutex);
+    drained = true;
+    changed.notify_all();
+  });
+  bool in_time = false;
+  {
+    std::unique_lock lock(mutex);
+    in_time = changed.wait_for(lock, timeout, [&] { return drained; });
+  }
+  group_->stop();
+  group_->join();  // after this the drain callback cannot run: `mutex` may go
+  counters_ = router_->counters();
+  router_ = nullptr;
+  loop_ = nullptr;
+  group_.reset();  // closes the connections to the workers
+  return in_time;
+}
+
+}  // namespace fmwire::cli

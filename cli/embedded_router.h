@@ -1,0 +1,56 @@
+// A RouterService (gateway/router_service.h) on a loop thread of its own,
+// listening on 127.0.0.1 at a free port: the router inside
+// `fmwire gateway --workers ...` and `fmwire up`, which the HTTP gateway
+// reaches over loopback like any other native client.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "codec/codec_error.h"
+#include "engine/tokenizer.h"
+#include "gateway/router_service.h"
+#include "transport/endpoint.h"
+#include "transport/server_group.h"
+
+namespace fmwire::cli {
+
+class EmbeddedRouter {
+ public:
+  // Listens and starts routing to `workers`. `tokenizer` (the workers', for
+  // prefix routing) must outlive the router. Errors: an unknown policy, no
+  // port to listen on. Construct a SignalWatcher first: the loop thread
+  // inherits the signal mask of the thread that starts it.
+  static codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> start(
+      const std::vector<transport::Endpoint>& workers, const engine::Tokenizer& tokenizer,
+      gateway::RouterOptions options, const std::string& backend);
+  ~EmbeddedRouter();  // stops and joins the loop if still running
+  EmbeddedRouter(const EmbeddedRouter&) = delete;
+  EmbeddedRouter& operator=(const EmbeddedRouter&) = delete;
+
+  // Where native clients (the HTTP gateway) reach it: 127.0.0.1:PORT.
+  transport::Endpoint endpoint() const;
+  const std::string& backend_log_line() const { return group_->backend_log_line(); }  // before drain()
+  // Waits until `wanted` workers are connected and healthy, or `timeout`
+  // passes; returns how many are. Before drain().
+  std::size_t wait_for_healthy_workers(std::size_t wanted, std::chrono::milliseconds timeout);
+  // Stops taking connections and lets open streams finish; true when they
+  // did within `timeout`. Then the loop stops and every connection is
+  // closed (the workers see the router go) either way.
+  bool drain(std::chrono::milliseconds timeout);
+  // What it did; after drain().
+  const gateway::RouterCounters& counters() const { return counters_; }
+
+ private:
+  EmbeddedRouter() = default;
+
+  std::uint16_t port_ = 0;
+  transport::EventLoop* loop_ = nullptr;       // the router's, owned by the group
+  gateway::RouterService* router_ = nullptr;  // owned by the group
+  std::unique_ptr<transport::ServerGroup> group_;  // null after drain()
+  gateway::RouterCounters counters_;              // copied at the end of drain()
+};
+
+}  // namespace fmwire::cli

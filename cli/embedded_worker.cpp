@@ -1,0 +1,70 @@
+#include "cli/embedded_worker.h"
+
+#include <condition_variable>
+#include <mutex>
+#include <system_error>
+
+namespace fmwire::cli {
+
+codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> EmbeddedWorker::start(const engine::ModelSpec& model,
+                                                                                  const std::string& backend) {
+  auto loaded = engine::load_model(model);
+  if (!loaded) return loaded.error();
+  std::unique_ptr<EmbeddedWorker> worker(new EmbeddedWorker());
+  worker->model_ = std::move(*loaded);
+  transport::ConnectionOptions connection;
+  connection.role = protocol::Role::WORKER;
+  connection.name = "fmwire worker (embedded)";
+  try {
+    worker->group_ = std::make_unique<transport::ServerGroup>(
+        1, transport::Endpoint{"127.0.0.1", 0}, connection,
+        [&](transport::EventLoop& loop) {
+          auto made = std::make_unique<engine::WorkerService>(loop, *worker->model_.engine, *worker->model_.tokenizer);
+          worker->service_ = made.get();
+          return made;
+        },
+        backend);
+  } catch (const std::system_error& error) {
+    return "an embedded worker cannot listen on 127.0.0.1: " + std::string(error.what());
+  }
+  worker->port_ = worker->group_->port();
+  worker->service_->set_name(worker->endpoint().to_string());
+  worker->group_->start();
+  return worker;
+}
+
+EmbeddedWorker::~EmbeddedWorker() {
+  if (group_) {
+    group_->stop();
+    group_->join();
+  }
+  group_.reset();  // the service (and its engine thread) before the engine
+}
+
+bool EmbeddedWorker::drain(std::chrono::milliseconds timeout) {
+  if (!group_) return true;
+  std::mutex mutex;
+  std::condition_variable changed;
+  bool drained = false;
+  group_->drain(
+      "worker shutting down",
+      [&] {
+        std::lock_guard lock(mutex);
+        drained = true;
+        changed.notify_all();
+      },
+      [this](unsigned, std::size_t) { service_->set_draining(); });  // on the loop thread
+  bool in_time = false;
+  {
+    std::unique_lock lock(mutex);
+    in_time = changed.wait_for(lock, timeout, [&] { return drained; });
+  }
+  group_->stop();
+  group_->join();  // after this the drain callbacks cannot run: `mutex` may go
+  counters_ = service_->counters();
+  service_ = nullptr;
+  group_.reset();  // the service (and its engine thread) before the engine
+  return in_time;
+}
+
+}  // namespace fmwire::cli

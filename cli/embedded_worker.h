@@ -1,0 +1,51 @@
+// A worker inside `fmwire up`: its own engine (engine::load_model) and a
+// WorkerService on a loop thread of its own, listening on 127.0.0.1 at a free
+// port; the engine steps on a thread of its own (engine/engine_runner.h).
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "codec/codec_error.h"
+#include "engine/model_loader.h"
+#include "engine/worker_service.h"
+#include "transport/endpoint.h"
+#include "transport/server_group.h"
+
+namespace fmwire::cli {
+
+class EmbeddedWorker {
+ public:
+  // Loads the model and starts serving. Errors: a model that cannot be
+  // loaded, no port to listen on. Construct a SignalWatcher first (the
+  // threads started here inherit the signal mask).
+  static codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> start(const engine::ModelSpec& model,
+                                                                           const std::string& backend);
+  ~EmbeddedWorker();  // stops and joins the loop if still running, then frees the engine
+  EmbeddedWorker(const EmbeddedWorker&) = delete;
+  EmbeddedWorker& operator=(const EmbeddedWorker&) = delete;
+
+  transport::Endpoint endpoint() const { return transport::Endpoint{"127.0.0.1", port_}; }
+  // What load_model chose and why, for the start-up log.
+  const std::vector<std::string>& log_lines() const { return model_.log_lines; }
+  const engine::Tokenizer& tokenizer() const { return *model_.tokenizer; }
+  const std::string& backend_log_line() const { return group_->backend_log_line(); }  // before drain()
+  // Stops taking streams and lets open ones finish; true when they did
+  // within `timeout`. Then the loop stops and its connections close either way.
+  bool drain(std::chrono::milliseconds timeout);
+  // What it did; after drain().
+  const engine::WorkerCounters& counters() const { return counters_; }
+
+ private:
+  EmbeddedWorker() = default;
+
+  engine::LoadedModel model_;                    // first: outlives the service that drives it
+  std::uint16_t port_ = 0;
+  engine::WorkerService* service_ = nullptr;     // owned by the group
+  std::unique_ptr<transport::ServerGroup> group_;  // null after drain()
+  engine::WorkerCounters counters_;              // copied at the end of drain()
+};
+
+}  // namespace fmwire::cli

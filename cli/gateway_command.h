@@ -1,0 +1,39 @@
+// `fmwire gateway`: the OpenAI-compatible HTTP front (gateway/http_gateway.h)
+// in a process of its own. Requests go on to a router (--router), or to a
+// router embedded in this process that routes to a list of workers
+// (--workers). Prints its URL, and drains on SIGINT/SIGTERM: the HTTP side
+// first (open streams finish), then the embedded router.
+#pragma once
+
+#include <chrono>
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include "codec/codec_error.h"
+#include "gateway/router_service.h"
+
+namespace fmwire::cli {
+
+struct GatewayCommand {
+  std::string listen = "127.0.0.1:8000";  // port 0: any free port (printed)
+  std::string router;                     // HOST:PORT of a router, or
+  std::vector<std::string> workers;       // HOST:PORT of each worker, for an embedded router
+  std::string api_keys_file;              // one key per line
+  std::vector<std::string> api_keys;      // besides the file's
+  std::string model = "builtin";          // what /v1/models lists
+  gateway::RouterOptions router_options;  // the embedded router's
+  std::string backend;                    // I/O backend: "", "uring" or "asio"
+  std::chrono::milliseconds drain_timeout{30000};
+};
+
+// Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad
+// options (a port that cannot be listened on included).
+int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& err);
+
+// The keys in an API keys file: one per line, surrounding blanks trimmed,
+// blank lines and lines starting with # skipped. Errors: the file cannot be
+// read, or holds no key.
+codec::Result<std::vector<std::string>, std::string> read_api_keys(const std::string& path);
+
+}  // namespace fmwire::cli

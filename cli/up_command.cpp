@@ -1,0 +1,194 @@
+#include "cli/up_command.h"
+
+#include <condition_variable>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <ostream>
+#include <vector>
+
+#include "cli/embedded_router.h"
+#include "cli/embedded_worker.h"
+#include "cli/signal_watcher.h"
+#include "gateway/http_gateway.h"
+#include "transport/client.h"
+
+namespace fmwire::cli {
+namespace {
+
+constexpr unsigned kMaxWorkers = 64;
+constexpr std::chrono::milliseconds kWorkersReadyTimeout{10000};
+
+// What the process waits on: signals, and the demo stream's end.
+struct Events {
+  std::mutex mutex;
+  std::condition_variable changed;
+  int signals_seen = 0;
+  bool demo_over = false;
+};
+
+std::string curl_line(const std::string& url, const std::string& model) {
+  return "curl -N " + url + "/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\":\"" + model +
+         "\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true}'";
+}
+
+// Streams one completion from the router to `out` as it arrives. Returns
+// early (the stream cancelled) when a signal comes.
+void run_demo(const UpCommand& command, const transport::Endpoint& router, Events& events, std::ostream& out,
+              std::ostream& err) {
+  ClientOptions options;
+  options.backend = command.backend;
+  auto client = Client::connect(router, options);
+  if (!client) {
+    err << "fmwire up: demo: cannot connect to the router: " << client.error().message << std::endl;
+    return;
+  }
+  out << "demo: streaming a completion of \"" << command.demo_prompt << "\" (" << command.demo_max_tokens
+      << " tokens at most, greedy) from " << command.model.model << " through the router:" << std::endl;
+  GenerateParams params;
+  params.prompt = command.demo_prompt;
+  params.max_tokens = command.demo_max_tokens;
+  params.request_id = "fmwire-up-demo";
+  StreamCallbacks callbacks;
+  callbacks.on_tokens = [&](const TokenChunk& chunk) {
+    for (std::string_view piece : chunk.text_pieces) out << piece;
+    out << std::flush;
+  };
+  callbacks.on_finish = [&](const Completion& finish) {
+    out << finish.trailing_text << "\n"
+        << "demo: done: " << finish.completion_tokens << " tokens, finish reason " << to_string(finish.reason)
+        << std::endl;
+    std::lock_guard lock(events.mutex);
+    events.demo_over = true;
+    events.changed.notify_all();
+  };
+  callbacks.on_error = [&](const ClientError& error) {
+    out << std::endl;
+    err << "fmwire up: demo: " << to_string(error.code) << ": " << error.message << std::endl;
+    std::lock_guard lock(events.mutex);
+    events.demo_over = true;
+    events.changed.notify_all();
+  };
+  const GenerationHandle handle = (*client)->generate(params, callbacks);
+  std::unique_lock lock(events.mutex);
+  events.changed.wait(lock, [&] { return events.demo_over || events.signals_seen > 0; });
+  if (!events.demo_over) {
+    lock.unlock();
+    handle.cancel();  // on_error runs (cancelled) before the client goes
+  }
+}
+
+}  // namespace
+
+std::string served_model_name(const std::string& model) {
+  if (model == "builtin" || model.starts_with("synthetic:")) return model;
+  return std::filesystem::path(model).stem().string();
+}
+
+int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
+  std::string problem;
+  const bool ipv6 = command.host.find(':') != std::string::npos;
+  const std::string host = ipv6 && !command.host.starts_with('[') ? "[" + command.host + "]" : command.host;
+  const auto listen = transport::parse_endpoint(host + ":" + std::to_string(command.port), &problem);
+  if (!listen) {
+    err << "fmwire up: --host: " << problem << std::endl;
+    return 2;
+  }
+  if (command.workers == 0 || command.workers > kMaxWorkers) {
+    err << "fmwire up: --workers " << command.workers << ": give 1 to " << kMaxWorkers << std::endl;
+    return 2;
+  }
+
+  Events events;
+  // Before any other thread (engines, loops, the gateway's): they inherit its signal mask.
+  SignalWatcher signals([&](int, int count) {
+    std::lock_guard lock(events.mutex);
+    events.signals_seen = count;
+    events.changed.notify_all();
+  });
+
+  std::vector<std::unique_ptr<EmbeddedWorker>> workers;
+  std::vector<transport::Endpoint> worker_endpoints;
+  for (unsigned i = 0; i < command.workers; ++i) {
+    auto started = EmbeddedWorker::start(command.model, command.backend);
+    if (!started) {
+      err << "fmwire up: " << started.error() << std::endl;
+      return 2;  // the workers started so far stop with `workers`
+    }
+    if (i == 0) {
+      for (const std::string& line : (*started)->log_lines()) err << "fmwire up: " << line << std::endl;
+      err << "fmwire up: " << (*started)->backend_log_line() << std::endl;
+    }
+    worker_endpoints.push_back((*started)->endpoint());
+    workers.push_back(std::move(*started));
+  }
+  err << "fmwire up: " << workers.size() << " worker(s) on";
+  for (const transport::Endpoint& endpoint : worker_endpoints) err << " " << endpoint.to_string();
+  err << std::endl;
+
+  gateway::RouterOptions router_options;
+  router_options.policy = command.policy;
+  router_options.policy_options.block_tokens = command.model.block_tokens;
+  auto router_started =
+      EmbeddedRouter::start(worker_endpoints, workers.front()->tokenizer(), router_options, command.backend);
+  if (!router_started) {
+    err << "fmwire up: " << router_started.error() << std::endl;
+    return 2;
+  }
+  std::unique_ptr<EmbeddedRouter> router = std::move(*router_started);
+  err << "fmwire up: router on " << router->endpoint().to_string() << ", policy " << command.policy << std::endl;
+  // Served from the start: the gateway opens once the router has reached every worker.
+  const std::size_t healthy = router->wait_for_healthy_workers(workers.size(), kWorkersReadyTimeout);
+  if (healthy < workers.size()) {
+    err << "fmwire up: the router reached " << healthy << " of " << workers.size() << " workers in "
+        << kWorkersReadyTimeout.count() << " ms" << std::endl;
+    if (healthy == 0) return 1;
+  }
+
+  gateway::HttpGatewayOptions gateway_options;
+  gateway_options.listen = *listen;
+  gateway_options.upstream = router->endpoint();
+  gateway_options.model = served_model_name(command.model.model);
+  gateway_options.io_backend = command.backend;
+  auto gateway_started = gateway::HttpGateway::start(gateway_options);
+  if (!gateway_started) {
+    err << "fmwire up: " << gateway_started.error()
+        << " (is another server on that port? --port picks another, 0 any free one)" << std::endl;
+    return 2;
+  }
+  std::unique_ptr<gateway::HttpGateway> http = std::move(*gateway_started);
+  const std::string url = "http://" + transport::Endpoint{listen->host, http->port()}.to_string();
+  out << "listening on " << url << std::endl
+      << "try: " << curl_line(url, gateway_options.model) << std::endl
+      << "OpenAI SDKs: base URL " << url << "/v1, any API key; Ctrl-C stops" << std::endl;
+
+  if (command.demo) run_demo(command, router->endpoint(), events, out, err);
+
+  {
+    std::unique_lock lock(events.mutex);
+    events.changed.wait(lock, [&] { return events.signals_seen > 0; });
+  }
+  err << "fmwire up: shutting down" << std::endl;
+  int result = 0;
+  http->drain(command.drain_timeout);
+  http.reset();
+  if (!router->drain(command.drain_timeout)) {
+    err << "fmwire up: the router's drain took over " << command.drain_timeout.count() << " ms" << std::endl;
+    result = 1;
+  }
+  std::uint64_t tokens_sent = 0, streams_finished = 0;
+  for (auto& worker : workers) {
+    if (!worker->drain(command.drain_timeout)) {
+      err << "fmwire up: worker " << worker->endpoint().to_string() << "'s drain took over "
+          << command.drain_timeout.count() << " ms" << std::endl;
+      result = 1;
+    }
+    tokens_sent += worker->counters().tokens_sent;
+    streams_finished += worker->counters().streams_finished;
+  }
+  err << "fmwire up: stopped after " << streams_finished << " streams finished, " << tokens_sent << " tokens sent"
+      << std::endl;
+  return result;
+}
+
+}  // namespace fmwire::cli

@@ -1,0 +1,39 @@
+// `fmwire up`: the embedded default (DESIGN.md, Roles): N workers, a router
+// and the OpenAI-compatible HTTP gateway in one process, one command. The
+// workers and the router listen on 127.0.0.1 at free ports; only the
+// gateway's port is the user's. Prints the URL and a curl line to paste,
+// streams one demo completion to the terminal, then serves until
+// SIGINT/SIGTERM and shuts down in order: gateway, router, workers.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+
+#include "engine/model_loader.h"
+
+namespace fmwire::cli {
+
+struct UpCommand {
+  std::string host = "127.0.0.1";
+  std::uint16_t port = 8000;          // 0: any free port (printed)
+  unsigned workers = 2;
+  engine::ModelSpec model;            // each worker loads its own copy
+  std::string policy = "least-loaded";
+  bool demo = true;                   // stream one completion to the terminal once up
+  std::string demo_prompt = "Once upon a time";
+  std::uint32_t demo_max_tokens = 48;
+  std::string backend;                // I/O backend: "", "uring" or "asio"
+  std::chrono::milliseconds drain_timeout{30000};
+};
+
+// Returns 0 after a clean shutdown, 1 when streams had to be cut off, 2 for
+// bad options (a model that cannot be loaded, a port that is taken).
+int run_up(const UpCommand& command, std::ostream& out, std::ostream& err);
+
+// The name the gateway serves a model under: "builtin", "synthetic:NAME", or
+// a checkpoint's file name without its directory and extension.
+std::string served_model_name(const std::string& model);
+
+}  // namespace fmwire::cli

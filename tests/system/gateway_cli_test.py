@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Multi-process tests of `fmwire up` and `fmwire gateway` with real clients:
+OpenAI's official Node SDK (openai_client_test.mjs), curl, and plain HTTP,
+against real workers on 127.0.0.1.
+
+    gateway_cli_test.py FMWIRE_BINARY BACKEND SCENARIO
+
+Same rules as native_cli_test.py: free ports (port 0, read back from the
+first line), bounded waits, every process killed on the way out. The openai
+package is installed once into tests/system/node (npm ci, from its lock
+file) when it is not there yet; scripts/test.sh does that up front.
+"""
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+
+from native_cli_test import LIMIT_S, Failure, check, read_until
+from worker_cli_test import Worker
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NODE_DIR = os.path.join(HERE, "node")
+CLIENT_TEST = os.path.join(HERE, "openai_client_test.mjs")
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, whatever http_proxy says
+CHAT = {"model": "builtin", "messages": [{"role": "user", "content": "Hello"}], "stream": True, "max_tokens": 12}
+
+
+class HttpServer:
+    """`fmwire up` or `fmwire gateway` on a free port; its first line is
+    "listening on http://HOST:PORT"."""
+
+    def __init__(self, binary, env, *arguments):
+        self.process = subprocess.Popen([binary, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=env)
+        # A blocking readline of its output ends, at the latest, when this kills it.
+        self.watchdog = threading.Timer(4 * LIMIT_S, self.kill)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+        line = self.process.stdout.readline()
+        if not line.startswith("listening on http://127.0.0.1:"):
+            self.kill()
+            raise Failure(f"{arguments[0]} printed {line!r}; stderr {self.process.stderr.read()!r}")
+        self.url = line.split()[-1]
+
+    def stop(self, sig=signal.SIGINT):
+        """Signals it; its exit code and the rest of its stdout and stderr."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            out, errors = self.process.communicate(timeout=LIMIT_S)
+            return self.process.returncode, out, errors
+        finally:
+            self.kill()
+
+    def kill(self):
+        self.watchdog.cancel()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def up(binary, env, *extra):
+    return HttpServer(binary, env, "up", "--port", "0", *extra)
+
+
+def http(url, body=None, headers=None):
+    """(status, body text) of a GET, or of a POST of `body` as JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with NO_PROXY.open(request, timeout=LIMIT_S) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def install_openai_package():
+    """npm ci into tests/system/node once, whichever test gets there first."""
+    if os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")):
+        return
+    check(shutil.which("node") and shutil.which("npm"), "node and npm are needed: bash scripts/setup.sh installs them")
+    with open(os.path.join(tempfile.gettempdir(), "fmwire-npm-ci.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")):
+            return
+        result = subprocess.run(["npm", "ci", "--prefix", NODE_DIR, "--no-audit", "--no-fund"],
+                                capture_output=True, text=True, timeout=300)
+        check(result.returncode == 0, f"npm ci --prefix {NODE_DIR} failed: {result.stderr[-2000:]}")
+
+
+def run_openai_client(base_url, model, api_key=None):
+    install_openai_package()
+    arguments = ["node", CLIENT_TEST, base_url + "/v1", model] + ([api_key] if api_key else [])
+    result = subprocess.run(arguments, capture_output=True, text=True, timeout=3 * LIMIT_S)
+    check(result.returncode == 0, f"the openai client test failed:\n{result.stdout}{result.stderr}")
+    passed = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    check(len(passed) >= (8 if api_key else 7), f"too few checks ran:\n{result.stdout}")
+
+
+def curl_sse(url, body, *headers):
+    """`curl -N` of a streaming request: (exit code, stdout)."""
+    arguments = ["curl", "-N", "-sS", "--noproxy", "*", "--max-time", str(LIMIT_S), url + "/v1/chat/completions",
+                 "-H", "Content-Type: application/json", "-d", json.dumps(body)]
+    for header in headers:
+        arguments += ["-H", header]
+    result = subprocess.run(arguments, capture_output=True, text=True, timeout=LIMIT_S + 5)
+    return result.returncode, result.stdout
+
+
+def check_sse(text):
+    """Lines "data: {chunk}" ... "data: [DONE]", with text in the chunks."""
+    data = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    check(len(data) >= 3 and data[-1] == "[DONE]", f"SSE {text[-600:]!r}")
+    chunks = [json.loads(payload) for payload in data[:-1]]
+    content = "".join(choice.get("delta", {}).get("content") or "" for chunk in chunks for choice in chunk["choices"])
+    check(content, f"no text in {text[-600:]!r}")
+    check(any(choice.get("finish_reason") for chunk in chunks for choice in chunk["choices"]),
+          f"no finish_reason in {text[-600:]!r}")
+
+
+def openai_sdk_up(binary, env):
+    server = up(binary, env, "--no-demo", "--workers", "2")
+    try:
+        run_openai_client(server.url, "builtin")
+        code, _, errors = server.stop()
+        check(code == 0, f"fmwire up exit {code}: {errors[-1000:]!r}")
+    finally:
+        server.kill()
+
+
+def openai_sdk_gateway_workers(binary, env):
+    workers = [Worker(binary, env, "--model", "builtin") for _ in range(2)]
+    server = None
+    try:
+        server = HttpServer(binary, env, "gateway", "--listen", "127.0.0.1:0",
+                            "--workers", ",".join(worker.endpoint for worker in workers), "--api-key", "sk-test-1")
+        run_openai_client(server.url, "builtin", "sk-test-1")
+        code, _, errors = server.stop(signal.SIGTERM)
+        check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
+        for worker in workers:
+            check(worker.stop() == 0, "a worker did not stop cleanly")
+    finally:
+        if server:
+            server.kill()
+        for worker in workers:
+            worker.kill()
+
+
+def curl_streams_sse(binary, env):
+    server = up(binary, env, "--no-demo")
+    try:
+        code, text = curl_sse(server.url, CHAT)
+        check(code == 0, f"curl exit {code}")
+        check_sse(text)
+        code, _, errors = server.stop()
+        check(code == 0, f"fmwire up exit {code}: {errors[-1000:]!r}")
+    finally:
+        server.kill()
+
+
+def gateway_router_api_keys_file(binary, env):
+    with tempfile.TemporaryDirectory() as folder:
+        keys = os.path.join(folder, "keys")
+        with open(keys, "w") as file:
+            file.write("# the test's keys\n\nsk-from-file-1\n  sk-from-file-2  \n")
+        empty = os.path.join(folder, "empty")
+        with open(empty, "w") as file:
+            file.write("# nothing here\n\n")
+        for bad, says in ((os.path.join(folder, "missing"), "cannot read"), (empty, "no key")):
+            result = subprocess.run([binary, "gateway", "--listen", "127.0.0.1:0", "--router", "127.0.0.1:1",
+                                     "--api-keys", bad], capture_output=True, text=True, env=env, timeout=LIMIT_S)
+            check(result.returncode == 2 and says in result.stderr, f"{bad}: exit {result.returncode} {result.stderr!r}")
+
+        worker = Worker(binary, env, "--model", "builtin")
+        router = server = None
+        try:
+            router = subprocess.Popen([binary, "router", "--listen", "127.0.0.1:0", "--workers", worker.endpoint],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            line = router.stdout.readline()
+            check(line.startswith("listening on 127.0.0.1:"), f"router printed {line!r}")
+            server = HttpServer(binary, env, "gateway", "--listen", "127.0.0.1:0", "--router", line.split()[-1],
+                                "--api-keys", keys)
+            code, text = curl_sse(server.url, CHAT, "Authorization: Bearer sk-from-file-2")
+            check(code == 0, f"curl exit {code}")
+            check_sse(text)
+            status, body = http(server.url + "/v1/chat/completions", dict(CHAT, stream=False),
+                                {"Authorization": "Bearer sk-not-in-file"})
+            check(status == 401, f"a wrong key: {status} {body!r}")
+            code, _, errors = server.stop(signal.SIGTERM)
+            check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
+            router.send_signal(signal.SIGTERM)
+            check(router.wait(timeout=LIMIT_S) == 0, "the router did not stop cleanly")
+            check(worker.stop() == 0, "the worker did not stop cleanly")
+        finally:
+            if server:
+                server.kill()
+            if router and router.poll() is None:
+                router.kill()
+                router.wait()
+            worker.kill()
+
+
+def up_serves_then_exits_on_sigint(binary, env):
+    server = up(binary, env, "--no-demo")
+    try:
+        status, body = http(server.url + "/health")
+        check(status == 200, f"/health {status} {body!r}")
+        status, body = http(server.url + "/v1/chat/completions", dict(CHAT, stream=False))
+        check(status == 200, f"chat {status} {body!r}")
+        completion = json.loads(body)
+        check(completion["choices"][0]["message"]["content"], f"chat {body!r}")
+        check(completion["usage"]["completion_tokens"] == 12, f"chat {body!r}")
+        code, _, errors = server.stop(signal.SIGINT)
+        check(code == 0, f"fmwire up exit {code}: {errors[-1000:]!r}")
+        check("stopped after" in errors, f"stderr {errors[-1000:]!r}")
+    finally:
+        server.kill()
+
+
+def up_streams_its_demo(binary, env):
+    server = up(binary, env, "--workers", "1")
+    try:
+        text = read_until(server.process.stdout, lambda text: "demo: done" in text)
+        check("curl -N " + server.url + "/v1/chat/completions" in text, f"no curl line in {text!r}")
+        check("\ndemo: streaming a completion" in text, f"no demo header in {text!r}")
+        streamed = text.split("\ndemo: streaming a completion", 1)[1].split("\n", 1)[1].rsplit("demo: done", 1)[0]
+        check(streamed.strip(), f"no demo text in {text!r}")
+        check("finish reason max_tokens" in text.splitlines()[-1], f"last line {text.splitlines()[-1]!r}")
+        code, _, errors = server.stop(signal.SIGINT)
+        check(code == 0, f"fmwire up exit {code}: {errors[-1000:]!r}")
+    finally:
+        server.kill()
+
+
+def up_port_taken(binary, env):
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([binary, "up", "--port", str(port), "--no-demo", "--workers", "1"],
+                                capture_output=True, text=True, env=env, timeout=LIMIT_S)
+        check(result.returncode == 2, f"exit {result.returncode}: {result.stderr[-600:]!r}")
+        check(f"cannot listen on 127.0.0.1:{port}" in result.stderr, f"stderr {result.stderr[-600:]!r}")
+    finally:
+        taken.close()
+
+
+SCENARIOS = {
+    "openai_sdk_up": openai_sdk_up,
+    "openai_sdk_gateway_workers": openai_sdk_gateway_workers,
+    "curl_streams_sse": curl_streams_sse,
+    "gateway_router_api_keys_file": gateway_router_api_keys_file,
+    "up_serves_then_exits_on_sigint": up_serves_then_exits_on_sigint,
+    "up_streams_its_demo": up_streams_its_demo,
+    "up_port_taken": up_port_taken,
+}
+
+
+def main():
+    binary, backend, scenario = sys.argv[1:4]
+    env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
+    try:
+        SCENARIOS[scenario](binary, env)
+    except (Failure, subprocess.TimeoutExpired) as failure:
+        print(f"FAILED gateway {scenario} [{backend}]: {failure!r}")
+        return 1
+    print(f"ok gateway {scenario} [{backend}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
