@@ -3,9 +3,9 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <stdexcept>
 #include <system_error>
+#include <thread>
 
 namespace fmwire::cli {
 

@@ -1,5 +1,9 @@
 #include "gateway/http_gateway.h"
 
+#include <sys/socket.h>
+
+#include <cerrno>
+
 #include <algorithm>
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -1041,15 +1045,27 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
     };
     params.request_id = identity_.id;
     handle_ = client.generate(std::move(params), std::move(callbacks));
-    stream_.socket().async_wait(tcp::socket::wait_read, [self, request](beast::error_code error) {
+    watch_disconnect(request);
+  }
+
+  // Cancels the request when the client closes while it waits for the whole
+  // response. The reactor may report the socket readable with nothing there
+  // (FIONREAD cannot tell that from a close): a peek tells them apart, and
+  // a wake-up with nothing to read only re-arms the watch.
+  void watch_disconnect(std::uint64_t request) {
+    stream_.socket().async_wait(tcp::socket::wait_read, [self = shared_from_this(), request](beast::error_code error) {
       if (error || !self->waiting_ || request != self->request_count_) return;
-      beast::error_code ignored;
-      if (self->stream_.socket().available(ignored) == 0) {  // readable with nothing to read: closed
-        self->waiting_ = false;
-        self->handle_.cancel();
-        self->activity_.reset();
-        self->close();
+      char byte;
+      const ssize_t peeked = ::recv(self->stream_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (peeked < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        self->watch_disconnect(request);
+        return;
       }
+      if (peeked > 0) return;  // more bytes (a pipelined request): the client is there
+      self->waiting_ = false;  // 0: closed; an error: the connection failed
+      self->handle_.cancel();
+      self->activity_.reset();
+      self->close();
     });
   }
 
