@@ -246,10 +246,10 @@ class Client::Session final : public transport::ConnectionHandler {
   void open(std::uint64_t id, Request& request) {
     const std::uint32_t stream_id = connection_->open_stream();
     if (stream_id == 0) {
-      ClientError error = connection_->open_streams() >= options_.connection.max_streams
+      ClientError error = connection_->open_streams() >= connection_->stream_limit()
                               ? ClientError{ErrorCode::LIMIT_EXCEEDED,
-                                            "more than " + std::to_string(options_.connection.max_streams) +
-                                                " streams open on this client",
+                                            "more than " + std::to_string(connection_->stream_limit()) +
+                                                " streams open on this connection",
                                             true, 0}
                               : ClientError{ErrorCode::OVERLOADED, endpoint_.to_string() + " is draining (GoAway)", true, 0};
       return finish_with_error(requests_.find(id), std::move(error));

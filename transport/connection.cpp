@@ -125,7 +125,7 @@ void Connection::send_hello() {
 }
 
 std::uint32_t Connection::open_stream() {
-  if (!ready_ || closing_ || draining_ || peer_went_away_ || streams_.size() >= options_.max_streams) return 0;
+  if (!ready_ || closing_ || draining_ || peer_went_away_ || streams_.size() >= stream_limit()) return 0;
   const std::uint32_t id = next_local_stream_;
   next_local_stream_ += 2;
   Stream& stream = streams_[id];
@@ -340,6 +340,8 @@ void Connection::handle_hello(const codec::FrameView& frame) {
     minor = hello.getProtocolMinor();
     peer_name_ = hello.getPeerName();
     peer_initial_stream_credit_ = hello.getLimits().getInitialStreamCreditBytes();
+    const std::uint32_t peer_max_streams = hello.getLimits().getMaxStreams();
+    peer_max_streams_ = peer_max_streams == 0 ? UINT32_MAX : peer_max_streams;
     connection_send_credit_ = static_cast<std::int64_t>(
         std::min<std::uint64_t>(hello.getLimits().getInitialConnectionCreditBytes(), kMaxCredit));
   });
@@ -375,6 +377,8 @@ void Connection::handle_hello_ack(const codec::FrameView& frame) {
     major = ack.getProtocolMajor();
     peer_name_ = ack.getPeerName();
     peer_initial_stream_credit_ = ack.getLimits().getInitialStreamCreditBytes();
+    const std::uint32_t peer_max_streams = ack.getLimits().getMaxStreams();
+    peer_max_streams_ = peer_max_streams == 0 ? UINT32_MAX : peer_max_streams;
     connection_send_credit_ = static_cast<std::int64_t>(
         std::min<std::uint64_t>(ack.getLimits().getInitialConnectionCreditBytes(), kMaxCredit));
   });

@@ -17,6 +17,7 @@
 // started as soon as the previous one completes or the loop turn ends.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -49,7 +50,9 @@ struct ConnectionOptions {
   codec::FrameLimits limits;
   protocol::Role role = protocol::Role::CLIENT;
   std::string name = "fmwire";
-  std::uint32_t max_streams = 1024;                         // open at once, per connection
+  // Streams open at once on one connection, either side's; a gateway or a
+  // router carries every client's stream to a worker on one connection.
+  std::uint32_t max_streams = 16384;
   std::uint32_t initial_stream_credit_bytes = 256 * 1024;   // what we grant each stream
   std::uint64_t initial_connection_credit_bytes = 16ull << 20;
   std::chrono::milliseconds keepalive_interval{2000};       // a Ping after this much silence
@@ -178,6 +181,10 @@ class Connection final : public SocketEvents {
   // Referenced attachments whose write has not completed yet.
   std::size_t referenced_attachments() const { return queued_references_.size() + in_flight_references_.size(); }
   std::size_t open_streams() const { return streams_.size(); }
+  // How many streams may be open at once: ours and the peer's limit (its
+  // Hello), the lower; open_stream() refuses beyond it, since a peer that
+  // sees more fails the connection.
+  std::uint32_t stream_limit() const { return std::min(options_.max_streams, peer_max_streams_); }
 
   // SocketEvents
   void on_receive(std::span<const std::byte> bytes) override;
@@ -264,6 +271,7 @@ class Connection final : public SocketEvents {
   std::uint64_t connection_receive_window_;
   std::uint64_t connection_consumed_since_grant_ = 0;
   std::uint32_t peer_initial_stream_credit_ = 0;
+  std::uint32_t peer_max_streams_ = UINT32_MAX;  // from its Hello; 0 there means no limit said
 
   std::chrono::steady_clock::time_point last_received_;
   TimerId keepalive_timer_ = 0;

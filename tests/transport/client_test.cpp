@@ -24,8 +24,10 @@ using test::kBackends;
 // (or by stop(), which closes its sockets as a killed process's would be).
 class ServerThread {
  public:
-  ServerThread(const char* backend, EchoOptions echo = {}, std::uint16_t port = 0)
-      : loop_(backend), service_(loop_, echo), server_(std::make_unique<Server>(loop_, Endpoint{"127.0.0.1", port}, ConnectionOptions{}, service_)) {
+  ServerThread(const char* backend, EchoOptions echo = {}, std::uint16_t port = 0,
+               ConnectionOptions connection = {})
+      : loop_(backend), service_(loop_, echo),
+        server_(std::make_unique<Server>(loop_, Endpoint{"127.0.0.1", port}, std::move(connection), service_)) {
     port_ = server_->port();
     thread_ = std::thread([this] { loop_.run(); });
   }
@@ -167,6 +169,40 @@ TEST_CASE("cancel() ends the stream with a cancelled error and the server stops 
     server.stop();
     CHECK(server.service().streams_cancelled() == 1);
     CHECK(server.service().active_streams() == 0);
+  }
+}
+
+TEST_CASE("a client opens no more streams than the server said it takes, and the connection lives on") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ConnectionOptions small;
+    small.max_streams = 2;
+    ServerThread server(backend, EchoOptions{.token_interval = 2ms}, 0, small);
+    auto client = Client::connect(server.endpoint(), options_for(backend));
+    REQUIRE(client.has_value());
+    Recorder first;
+    Recorder second;
+    Recorder third;
+    GenerationHandle one = (*client)->generate(prompt("one", 1'000'000), first.callbacks());
+    GenerationHandle two = (*client)->generate(prompt("two", 1'000'000), second.callbacks());
+    (*client)->generate(prompt("three", 1'000'000), third.callbacks());
+    // The third is refused here, retryable; opening it would have made the
+    // server fail the connection and the two streams on it.
+    REQUIRE(third.wait([](const Recorder& r) { return r.ended(); }));
+    REQUIRE(third.error.has_value());
+    CHECK(third.error->code == protocol::ErrorCode::LIMIT_EXCEEDED);
+    CHECK(third.error->retryable);
+    CHECK(third.error->message.find("more than 2 streams") != std::string::npos);
+    REQUIRE(first.wait([](const Recorder& r) { return r.indexes.size() >= 3 || r.ended(); }));
+    REQUIRE(second.wait([](const Recorder& r) { return r.indexes.size() >= 3 || r.ended(); }));
+    CHECK_FALSE(first.ended());
+    CHECK_FALSE(second.ended());
+    one.cancel();
+    REQUIRE(first.wait([](const Recorder& r) { return r.ended(); }));
+    // A stream ended: there is room again.
+    auto after = (*client)->complete(prompt("after", 2));
+    CHECK(after.has_value());
+    two.cancel();
   }
 }
 
