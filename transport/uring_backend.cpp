@@ -332,10 +332,17 @@ void UringBackend::run_due_timers() {
 }
 
 void UringBackend::post(std::function<void()> fn) {
+  bool first = false;
   {
     std::lock_guard lock(posted_mutex_);
+    first = posted_.empty();
     posted_.push_back(std::move(fn));
   }
+  // One wake-up per batch: while the queue is not empty, the post that made
+  // it so has written the eventfd and the loop has not yet taken the queue
+  // (run_posted() swaps it out whole). A gateway acknowledging each token
+  // from its HTTP threads made one write(2) and one loop wake-up per token.
+  if (!first) return;
   const std::uint64_t one = 1;
   [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
 }
