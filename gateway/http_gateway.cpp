@@ -48,6 +48,7 @@ constexpr int kIoThreads = 2;
 // then as encoded events of about 2.5 times their size). 64 KiB is about a
 // thousand tokens in flight, far more than a reader keeping up needs.
 constexpr std::uint32_t kStreamCreditBytes = 64 * 1024;
+constexpr std::uint64_t kAckBatchBytes = kStreamCreditBytes / 4;
 // The kernel's send buffer of a streaming response (the kernel doubles it):
 // fixed, so that a stalled reader's socket holds this much and no more
 // (autotuning would let it grow to tcp_wmem's maximum, megabytes), and
@@ -133,7 +134,10 @@ class Sink {
   virtual ~Sink() = default;
   // Watches for the peer going away: `lost` is called once if it does.
   virtual void watch(std::function<void()> lost) = 0;
-  virtual void write_event(const Event& event, std::function<void(bool ok)> done) = 0;
+  // Writes events[first], and as many of the `count` after it as the sink
+  // sends in one write; `done` gets the last one's n.
+  virtual void write_events(const std::deque<Event>& events, std::size_t first, std::size_t count,
+                            std::function<void(bool ok, std::uint64_t through)> done) = 0;
   // The end: [DONE] (a WebSocket's normal close) or an error event, then
   // the close; `done` is dropped once it is written (or failed).
   virtual void write_end(const std::string* error, std::shared_ptr<void> done) = 0;
@@ -160,11 +164,18 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
     read_some();
   }
 
-  void write_event(const Event& event, std::function<void(bool)> done) override {
+  // Every waiting event in one write: a reader that fell behind, or a
+  // stream that made several events while one was on its way, costs one
+  // send instead of one per event.
+  void write_events(const std::deque<Event>& events, std::size_t first, std::size_t count,
+                    std::function<void(bool, std::uint64_t)> done) override {
     out_.clear();
     take_header();
-    out_ += http_chunk("id: " + std::to_string(event.n) + "\ndata: " + event.json + "\n\n");
-    write(std::move(done));
+    for (std::size_t i = first; i < first + count; ++i) {
+      const Event& event = events[i];
+      out_ += http_chunk("id: " + std::to_string(event.n) + "\ndata: " + event.json + "\n\n");
+    }
+    write([done = std::move(done), through = events[first + count - 1].n](bool ok) { done(ok, through); });
   }
 
   void write_end(const std::string* error, std::shared_ptr<void> done) override {
@@ -279,7 +290,8 @@ class Stream final : public std::enable_shared_from_this<Stream> {
   std::deque<Event> events_;
   std::uint64_t next_n_ = 1;
   std::uint64_t delivered_ = 0;     // written to the current reader
-  std::uint64_t acknowledged_ = 0;  // consumed() upstream
+  std::uint64_t acknowledged_ = 0;  // taken (written, or kept), through this event
+  std::uint64_t unsent_ack_bytes_ = 0;  // of those, not yet passed to consumed()
   std::shared_ptr<Sink> sink_;
   std::uint64_t sink_generation_ = 0;
   bool writing_ = false;
@@ -601,11 +613,11 @@ void Stream::push(std::string json, std::uint64_t wire_bytes) {
 void Stream::pump() {
   if (!sink_ || writing_ || !began_) return;
   if (delivered_ + 1 < next_n_) {
-    const Event& event = events_[delivered_ + 1 - events_.front().n];
     writing_ = true;
-    sink_->write_event(event, [self = shared_from_this(), generation = sink_generation_, n = event.n](bool ok) {
-      self->on_written(generation, n, ok);
-    });
+    sink_->write_events(events_, delivered_ + 1 - events_.front().n, next_n_ - 1 - delivered_,
+                        [self = shared_from_this(), generation = sink_generation_](bool ok, std::uint64_t through) {
+                          self->on_written(generation, through, ok);
+                        });
     return;
   }
   if (generating_) return;
@@ -655,8 +667,16 @@ void Stream::acknowledge_through(std::uint64_t n) {
     ++acknowledged_;
     if (acknowledged_ >= first) {
       const std::uint64_t bytes = events_[acknowledged_ - first].wire_bytes;
-      if (bytes != 0) handle_.consumed(bytes);
+      unsent_ack_bytes_ += bytes;
     }
+  }
+  // Acknowledged upstream a quarter window at a time: each consumed() is a
+  // hop to the client's loop thread, one per token when done per event. The
+  // transport grants credit at half a window, so at most three quarters of
+  // it are ever held back and the sender always has room.
+  if (unsent_ack_bytes_ >= kAckBatchBytes) {
+    handle_.consumed(unsent_ack_bytes_);
+    unsent_ack_bytes_ = 0;
   }
 }
 
@@ -726,12 +746,15 @@ class WebSocketSink final : public Sink, public std::enable_shared_from_this<Web
     read_more();
   }
 
-  void write_event(const Event& event, std::function<void(bool)> done) override {
-    out_ = event.json;
+  // One message per event, as the API says: the first waiting one.
+  void write_events(const std::deque<Event>& events, std::size_t first, std::size_t,
+                    std::function<void(bool, std::uint64_t)> done) override {
+    out_ = events[first].json;
     socket_.text(true);
-    socket_.async_write(asio::buffer(out_), [self = shared_from_this(), done = std::move(done)](beast::error_code error, std::size_t) {
+    socket_.async_write(asio::buffer(out_), [self = shared_from_this(), done = std::move(done),
+                                             through = events[first].n](beast::error_code error, std::size_t) {
       if (error) self->peer_gone();
-      done(!error);
+      done(!error, through);
     });
   }
 
