@@ -224,6 +224,8 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("model", po::value(&command.model)->default_value(command.model), "the model name /v1/models lists")
       ("policy", po::value(&command.router_options.policy)->default_value(command.router_options.policy),
        "with --workers: round-robin, least-loaded, prefix or sla")
+      ("max-streams", po::value(&command.router_options.max_streams)->default_value(command.router_options.max_streams),
+       "with --workers: open streams at once; then 429 overloaded")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
        "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
