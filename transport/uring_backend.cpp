@@ -9,9 +9,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <string>
+#include <string_view>
 
 namespace fmwire::transport {
 
@@ -64,13 +67,41 @@ std::uint64_t UringBackend::user_data(Op op, std::uint32_t generation, std::uint
   return (std::uint64_t{static_cast<std::uint8_t>(op)} << 56) | (std::uint64_t{generation & 0xffffff} << 32) | index;
 }
 
+namespace {
+
+// FMWIRE_URING_ABLATE: features turned off for a measurement (uring_backend.h).
+void apply_ablations(UringOptions& options) {
+  const char* text = std::getenv("FMWIRE_URING_ABLATE");
+  if (text == nullptr) return;
+  const std::string_view list(text);
+  std::size_t begin = 0;
+  while (begin <= list.size()) {
+    const std::size_t end = std::min(list.find(',', begin), list.size());
+    const std::string_view word = list.substr(begin, end - begin);
+    if (word == "unbatched") {
+      options.batch_submissions = false;
+    } else if (word == "no-coop-taskrun") {
+      options.coop_taskrun = false;
+    } else if (word == "small-buffers") {
+      options.receive_buffer_bytes = 4096;
+    } else if (!word.empty()) {
+      throw std::invalid_argument("FMWIRE_URING_ABLATE: unknown feature '" + std::string(word) +
+                                  "' (unbatched, no-coop-taskrun, small-buffers)");
+    }
+    begin = end + 1;
+  }
+}
+
+}  // namespace
+
 UringBackend::UringBackend(UringOptions options) : options_(options) {
+  apply_ablations(options_);
   if (options_.receive_buffers == 0 || (options_.receive_buffers & (options_.receive_buffers - 1)) != 0 ||
       options_.receive_buffers > 32768) {
     throw std::invalid_argument("io_uring: receive_buffers must be a power of two up to 32768");
   }
   io_uring_params params{};
-  params.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL;
+  params.flags = (options_.coop_taskrun ? IORING_SETUP_COOP_TASKRUN : 0u) | IORING_SETUP_SUBMIT_ALL;
   int result = io_uring_queue_init_params(options_.queue_entries, &ring_, &params);
   if (result == -EINVAL) {  // an older kernel without those flags
     params = {};
@@ -143,6 +174,8 @@ UringBackend::~UringBackend() {
 }
 
 io_uring_sqe* UringBackend::next_sqe() {
+  // Unbatched (a measurement only): what was prepared goes in now, alone.
+  if (!options_.batch_submissions) io_uring_submit(&ring_);
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
   while (sqe == nullptr) {  // the queue is full: hand what is there to the kernel
     io_uring_submit(&ring_);

@@ -32,6 +32,14 @@ struct UringOptions {
   // kernel sends from our pages and says when it is done with them. 0: never;
   // also never where the kernel lacks it (before 6.1).
   std::size_t zero_copy_min_bytes = 0;
+  // Measuring what each feature is worth (bench/transport's feature table):
+  // false submits every request on its own io_uring_enter instead of one
+  // per loop turn, and leaves out IORING_SETUP_COOP_TASKRUN. The
+  // environment can set these for a whole process: FMWIRE_URING_ABLATE=
+  // "unbatched", "no-coop-taskrun", "small-buffers" (4 KiB receive buffers),
+  // comma-separated. Never for production.
+  bool batch_submissions = true;
+  bool coop_taskrun = true;
 };
 
 class UringBackend final : public IoBackend {
