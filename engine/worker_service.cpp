@@ -35,7 +35,9 @@ constexpr std::size_t kTokensPerFrame = 128;
 WorkerService::WorkerService(transport::EventLoop& loop, Engine& engine, const Tokenizer& tokenizer,
                              WorkerOptions options)
     : loop_(loop), tokenizer_(tokenizer), options_(std::move(options)), info_(engine.info()),
-      seeds_(std::random_device{}()) {
+      seeds_(std::random_device{}()), engine_stats_(engine.stats()) {
+  // The stats above are the engine's before its first step (all blocks
+  // free): load reports sent before a step has run must not say none are.
   std::weak_ptr<bool> alive = alive_;
   runner_ = std::make_unique<EngineRunner>(engine, [this, alive](std::shared_ptr<RunnerOutput> output) {
     loop_.post([this, alive, output = std::move(output)] {

@@ -28,7 +28,9 @@ RouterService::RouterService(transport::EventLoop& loop, const engine::Tokenizer
   options_.worker_link.connection.initial_stream_credit_bytes = options_.worker_stream_window_bytes;
 }
 
-RouterService::~RouterService() = default;
+RouterService::~RouterService() {
+  if (load_report_timer_ != 0) loop_.backend().cancel(load_report_timer_);
+}
 
 void RouterService::set_workers(const std::vector<transport::Endpoint>& workers) {
   for (const transport::Endpoint& endpoint : workers) {
@@ -72,7 +74,58 @@ std::vector<WorkerView> RouterService::views() const {
 
 void RouterService::on_stream_frame(Connection& connection, const codec::FrameView& frame) {
   if (frame.kind() == codec::FrameKind::generate_request) start(connection, frame.header.stream_id, frame);
+  if (frame.kind() == codec::FrameKind::load_report) subscribe_load(connection, frame.header.stream_id);
   // Cancel and Error end the stream: on_stream_closed passes them on.
+}
+
+void RouterService::subscribe_load(Connection& subscriber, std::uint32_t stream_id) {
+  if (routes_.contains({&subscriber, stream_id})) return;  // a generation stream: not a subscription
+  if (!load_subscribers_.insert({&subscriber, stream_id}).second) return;  // a repeat: nothing new
+  if (!send_load_reports_to(subscriber, stream_id)) return;
+  schedule_load_reports();
+}
+
+void RouterService::schedule_load_reports() {
+  if (load_report_timer_ != 0 || load_subscribers_.empty()) return;  // it stops with the last subscriber
+  std::weak_ptr<bool> alive = alive_;
+  load_report_timer_ = loop_.backend().schedule(options_.load_report_interval, [this, alive] {
+    if (!alive.lock()) return;
+    load_report_timer_ = 0;
+    send_load_reports();
+    schedule_load_reports();
+  });
+}
+
+void RouterService::send_load_reports() {
+  // A copy: a subscriber that is gone is erased on the way.
+  const std::vector<ClientKey> subscribers(load_subscribers_.begin(), load_subscribers_.end());
+  for (const auto& [subscriber, stream_id] : subscribers) send_load_reports_to(*subscriber, stream_id);
+}
+
+bool RouterService::send_load_reports_to(Connection& subscriber, std::uint32_t stream_id) {
+  for (const auto& link : links_) {
+    const WorkerView& view = link->view();
+    if (!view.has_load) continue;
+    const SendStatus status = subscriber.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReport::Builder report) {
+      report.setWorkerName(view.name);
+      report.setQueueDepth(view.queue_depth);
+      report.setRunningSequences(view.running);
+      report.setFreeKvBlocks(view.free_blocks);
+      report.setTotalKvBlocks(view.total_blocks);
+      report.setRecentStepTimeUs(view.recent_step_us);
+      report.setDraining(!view.healthy);
+      report.setPausedSequences(view.paused);
+      report.setPromptTokens(view.prompt_tokens);
+      report.setCachedPromptTokens(view.cached_prompt_tokens);
+      report.setGeneratedTokens(view.generated_tokens);
+      report.setCachedKvBlocks(view.cached_blocks);
+    });
+    if (status != SendStatus::sent) {
+      load_subscribers_.erase({&subscriber, stream_id});
+      return false;
+    }
+  }
+  return true;
 }
 
 void RouterService::start(Connection& client, std::uint32_t stream_id, const codec::FrameView& frame) {
@@ -442,6 +495,7 @@ void RouterService::on_worker_health(WorkerLink&) { reap_retired(); }
 
 void RouterService::on_stream_closed(Connection& connection, std::uint32_t stream_id,
                                      const transport::EndReason& reason) {
+  load_subscribers_.erase({&connection, stream_id});
   auto found = routes_.find({&connection, stream_id});
   if (found == routes_.end()) return;
   if (reason.error) ++counters_.streams_cancelled;
@@ -449,6 +503,7 @@ void RouterService::on_stream_closed(Connection& connection, std::uint32_t strea
 }
 
 void RouterService::on_closed(Connection& connection, const transport::EndReason&) {
+  std::erase_if(load_subscribers_, [&](const ClientKey& key) { return key.first == &connection; });
   std::vector<Route*> gone;
   for (auto& [key, route] : routes_) {
     if (key.first == &connection) gone.push_back(route.get());

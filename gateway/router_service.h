@@ -14,6 +14,16 @@
 // error within its keepalive time, or, with migration on, the request goes
 // on at another worker with its prompt plus the tokens already sent, and
 // the client's stream continues with no index repeated or missing.
+//
+// Load reports, as a worker sends them: a peer (a gateway, through
+// Client::watch_load) that opens a stream with a LoadReport frame (body
+// ignored) subscribes; it gets at once, and then every
+// load_report_interval, one LoadReport per worker that has reported to this
+// router, named by its endpoint (HOST:PORT, WorkerView::name), with the
+// numbers of that worker's latest report, draining set while the worker is
+// not healthy here, and no prefix hashes. A worker whose connection is
+// lost is left out until it reports again. The subscription ends when the
+// subscriber resets the stream or its connection closes.
 #pragma once
 
 #include <chrono>
@@ -21,6 +31,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -44,6 +55,8 @@ struct RouterOptions {
   // sequence at the worker soon.
   std::uint32_t worker_stream_window_bytes = 32 * 1024;
   bool migrate = false;               // re-issue a dead worker's requests elsewhere
+  // How often a load subscriber gets its reports (one per worker).
+  std::chrono::milliseconds load_report_interval{100};
 };
 
 struct RouterCounters {
@@ -69,6 +82,7 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   std::vector<WorkerView> workers() const;
   const RouterCounters& counters() const { return counters_; }
   std::size_t open_streams() const { return routes_.size(); }
+  std::size_t load_subscribers() const { return load_subscribers_.size(); }
 
   void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
   void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
@@ -117,6 +131,11 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   using WorkerKey = std::pair<WorkerLink*, std::uint32_t>;
 
   void start(transport::Connection& client, std::uint32_t stream_id, const codec::FrameView& frame);
+  void subscribe_load(transport::Connection& subscriber, std::uint32_t stream_id);
+  void send_load_reports();
+  // One report per worker with a load; false when the subscriber is gone.
+  bool send_load_reports_to(transport::Connection& subscriber, std::uint32_t stream_id);
+  void schedule_load_reports();
   // Opens the request's stream at a worker; the frame (the client's own
   // GenerateRequest) is relayed as it is, or without one (a migration) the
   // request is built anew with the tokens already sent appended.
@@ -155,6 +174,8 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   std::vector<std::unique_ptr<WorkerLink>> links_;
   std::map<ClientKey, std::unique_ptr<Route>> routes_;
   std::map<WorkerKey, Route*> by_worker_;
+  std::set<ClientKey> load_subscribers_;
+  transport::TimerId load_report_timer_ = 0;
   std::vector<WorkerView> scratch_views_;
   RouterCounters counters_;
   bool reap_posted_ = false;

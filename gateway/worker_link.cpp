@@ -95,9 +95,11 @@ void WorkerLink::read_report(const codec::FrameView& frame) {
         view_.paused = report.getPausedSequences();
         view_.free_blocks = report.getFreeKvBlocks();
         view_.total_blocks = report.getTotalKvBlocks();
+        view_.cached_blocks = report.getCachedKvBlocks();
         view_.recent_step_us = report.getRecentStepTimeUs();
         view_.prompt_tokens = report.getPromptTokens();
         view_.cached_prompt_tokens = report.getCachedPromptTokens();
+        view_.generated_tokens = report.getGeneratedTokens();
         // Applied in this order, added then evicted, as the worker reports them.
         for (std::uint64_t hash : report.getPrefixesAdded()) prefixes_.insert(hash);
         for (std::uint64_t hash : report.getPrefixesEvicted()) prefixes_.erase(hash);
@@ -129,8 +131,16 @@ void WorkerLink::on_stream_closed(transport::Connection& connection, std::uint32
   owner_.on_worker_stream_closed(*this, stream_id, reason);
 }
 
-void WorkerLink::on_go_away(transport::Connection&) {
+void WorkerLink::on_go_away(transport::Connection& connection) {
   draining_ = true;
+  // The subscription would keep the draining worker's connection open (it
+  // closes when its last stream ends): end it. The view keeps the latest
+  // numbers, reported on as draining, until the connection closes.
+  if (report_stream_ != 0) {
+    const std::uint32_t stream_id = report_stream_;
+    report_stream_ = 0;  // first: the reset closes the stream at once
+    connection.reset_stream(stream_id, protocol::ErrorCode::CANCELLED, "the worker is draining");
+  }
   update_health();
 }
 

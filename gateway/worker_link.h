@@ -2,8 +2,10 @@
 // (reconnected with backoff when it drops), a LoadReport subscription that
 // keeps its WorkerView current (load, prefix hashes), and health: a worker
 // is picked only while connected, not draining, and answering keepalives
-// (the connection closes a silent peer within its dead_after). Frames of its
-// generation streams go to the owner, the router. Loop thread only.
+// (the connection closes a silent peer within its dead_after). A worker's
+// GoAway ends the subscription, so that its drain is not held up by it.
+// Frames of its generation streams go to the owner, the router. Loop
+// thread only.
 #pragma once
 
 #include <chrono>

@@ -18,9 +18,11 @@ struct WorkerView {
   std::uint32_t paused = 0;
   std::uint32_t free_blocks = 0;
   std::uint32_t total_blocks = 0;
+  std::uint32_t cached_blocks = 0;
   std::uint32_t recent_step_us = 0;
   std::uint64_t prompt_tokens = 0;         // its counters since it started
   std::uint64_t cached_prompt_tokens = 0;  // of those, served from its prefix cache
+  std::uint64_t generated_tokens = 0;
   std::uint32_t in_flight = 0;      // streams this router has open there now
   std::uint64_t relay_us = 0;       // measured router<->worker overhead per request; 0: not yet
   // Prefix hashes of full KV blocks it holds (its added/evicted events);

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <deque>
 #include <future>
 #include <thread>
@@ -57,7 +58,8 @@ std::string_view to_string(protocol::FinishReason reason) {
 class Client::Session final : public transport::ConnectionHandler {
  public:
   Session(const transport::Endpoint& endpoint, ClientOptions options)
-      : endpoint_(endpoint), options_(std::move(options)), loop_(options_.backend) {
+      : endpoint_(endpoint), options_(std::move(options)), loop_(options_.backend),
+        reconnect_backoff_(options_.reconnect_min) {
     options_.connection.role = protocol::Role::CLIENT;
     thread_ = std::thread([this] { loop_.run(); });
   }
@@ -128,10 +130,29 @@ class Client::Session final : public transport::ConnectionHandler {
     });
   }
 
+  void watch_load(std::function<void(const WorkerLoad&)> on_load) {
+    loop_.post([this, on_load = std::move(on_load)]() mutable {
+      if (shutting_down_) return;
+      on_load_ = std::move(on_load);
+      if (!on_load_) {
+        cancel_reconnect_timer();
+        unsubscribe_load();
+        return;
+      }
+      if (state_ == State::ready) {
+        subscribe_load();
+      } else if (state_ == State::idle) {
+        connect_now();  // on_ready subscribes
+      }
+    });
+  }
+
   // ConnectionHandler: on the loop thread.
   void on_ready(transport::Connection&) override {
     state_ = State::ready;
     cancel_connect_timer();
+    reconnect_backoff_ = options_.reconnect_min;
+    subscribe_load();
     for (auto& waiter : connect_waiters_) waiter->set_value(std::nullopt);
     connect_waiters_.clear();
     std::deque<std::uint64_t> waiting;
@@ -143,6 +164,10 @@ class Client::Session final : public transport::ConnectionHandler {
   }
 
   void on_stream_frame(transport::Connection&, const codec::FrameView& frame) override {
+    if (frame.header.stream_id == load_stream_ && load_stream_ != 0) {
+      if (frame.kind() == codec::FrameKind::load_report) deliver_load(frame);
+      return;
+    }
     auto stream = by_stream_.find(frame.header.stream_id);
     if (stream == by_stream_.end()) return;  // stream 0 (connection-wide) or one we ended
     auto found = requests_.find(stream->second);
@@ -156,6 +181,11 @@ class Client::Session final : public transport::ConnectionHandler {
   }
 
   void on_stream_closed(transport::Connection&, std::uint32_t stream_id, const transport::EndReason& reason) override {
+    if (stream_id == load_stream_ && load_stream_ != 0) {
+      // The peer ended it (or sends no load reports): not asked again on this connection.
+      load_stream_ = 0;
+      return;
+    }
     auto stream = by_stream_.find(stream_id);
     if (stream == by_stream_.end()) return;
     auto found = requests_.find(stream->second);
@@ -170,8 +200,12 @@ class Client::Session final : public transport::ConnectionHandler {
     finish_with_error(found, std::move(error));
   }
 
+  // The peer drains: the subscription must not keep its connection open.
+  void on_go_away(transport::Connection&) override { unsubscribe_load(); }
+
   void on_closed(transport::Connection& connection, const transport::EndReason& reason) override {
     state_ = State::idle;
+    load_stream_ = 0;
     cancel_connect_timer();
     ClientError error = reason.error ? error_of(reason)
                                      : ClientError{ErrorCode::WORKER_LOST, "connection closed by the peer", true, 0};
@@ -182,7 +216,11 @@ class Client::Session final : public transport::ConnectionHandler {
     // Not destroyed inside its own callback: later, from the loop.
     if (connection_.get() == &connection) retired_.push_back(std::move(connection_));
     loop_.post([this] { retired_.clear(); });
-    if (stop_when_closed_) loop_.stop();
+    if (stop_when_closed_) {
+      loop_.stop();
+      return;
+    }
+    reconnect_while_watching();
   }
 
  private:
@@ -210,6 +248,7 @@ class Client::Session final : public transport::ConnectionHandler {
       ++attempt_;  // the TCP connect is still pending: its late answer is dropped
       state_ = State::idle;
       fail_waiting({ErrorCode::NO_WORKER, message, true, 0});
+      reconnect_while_watching();
     });
     loop_.backend().connect(endpoint_.host, endpoint_.port, [this, attempt](int fd, std::error_code error) {
       if (attempt != attempt_ || shutting_down_) {
@@ -220,6 +259,7 @@ class Client::Session final : public transport::ConnectionHandler {
         state_ = State::idle;
         cancel_connect_timer();
         fail_waiting({ErrorCode::NO_WORKER, "cannot connect to " + endpoint_.to_string() + ": " + error.message(), true, 0});
+        reconnect_while_watching();
         return;
       }
       connection_ = std::make_unique<transport::Connection>(loop_, fd, true, options_.connection, *this);
@@ -229,6 +269,65 @@ class Client::Session final : public transport::ConnectionHandler {
   void cancel_connect_timer() {
     if (connect_timer_ != 0) loop_.backend().cancel(connect_timer_);
     connect_timer_ = 0;
+  }
+
+  // Load watch: a stream opened with an empty LoadReport frame, left open;
+  // the peer's reports come on it (worker_service.h, router_service.h).
+  void subscribe_load() {
+    if (!on_load_ || load_stream_ != 0 || !connection_ || state_ != State::ready) return;
+    const std::uint32_t stream_id = connection_->open_stream();
+    if (stream_id == 0) return;  // draining or at the stream limit: the next connection subscribes
+    if (connection_->send<protocol::LoadReport>(stream_id, [](protocol::LoadReport::Builder) {}) !=
+        transport::SendStatus::sent) {
+      connection_->reset_stream(stream_id, ErrorCode::CANCELLED, "load subscription not sent");
+      return;
+    }
+    load_stream_ = stream_id;
+  }
+
+  void unsubscribe_load() {
+    if (load_stream_ == 0 || !connection_) return;
+    const std::uint32_t stream_id = load_stream_;
+    load_stream_ = 0;  // first: the reset closes the stream at once
+    connection_->reset_stream(stream_id, ErrorCode::CANCELLED, "load watch ended");
+  }
+
+  void deliver_load(const codec::FrameView& frame) {
+    WorkerLoad load;
+    const codec::Status read = codec::read_body<protocol::LoadReport>(
+        frame, options_.connection.limits, [&](protocol::LoadReport::Reader report) {
+          load.name = report.getWorkerName();
+          load.queue_depth = report.getQueueDepth();
+          load.running = report.getRunningSequences();
+          load.paused = report.getPausedSequences();
+          load.free_kv_blocks = report.getFreeKvBlocks();
+          load.total_kv_blocks = report.getTotalKvBlocks();
+          load.cached_kv_blocks = report.getCachedKvBlocks();
+          load.recent_step_time_us = report.getRecentStepTimeUs();
+          load.draining = report.getDraining();
+        });
+    if (!read) {
+      const std::uint32_t stream_id = load_stream_;
+      load_stream_ = 0;
+      connection_->reset_stream(stream_id, ErrorCode::BAD_FRAME, "unreadable LoadReport: " + read.error().message);
+      return;
+    }
+    on_load_(load);
+  }
+
+  // A watch wants a connection: after a lost one, or a failed attempt, try again.
+  void reconnect_while_watching() {
+    if (!on_load_ || shutting_down_ || reconnect_timer_ != 0) return;
+    reconnect_timer_ = loop_.backend().schedule(reconnect_backoff_, [this] {
+      reconnect_timer_ = 0;
+      if (on_load_ && !shutting_down_ && state_ == State::idle) connect_now();
+    });
+    reconnect_backoff_ = std::min(reconnect_backoff_ * 2, options_.reconnect_max);
+  }
+
+  void cancel_reconnect_timer() {
+    if (reconnect_timer_ != 0) loop_.backend().cancel(reconnect_timer_);
+    reconnect_timer_ = 0;
   }
 
   // Connect waiters and requests not yet on a stream share the connection's fate.
@@ -352,6 +451,8 @@ class Client::Session final : public transport::ConnectionHandler {
 
   void shut_down() {
     shutting_down_ = true;
+    cancel_reconnect_timer();
+    on_load_ = nullptr;
     const ClientError closed{ErrorCode::CANCELLED, "client closed", false, 0};
     fail_waiting(closed);
     while (!requests_.empty()) finish_with_error(requests_.begin(), closed);
@@ -380,6 +481,11 @@ class Client::Session final : public transport::ConnectionHandler {
   Requests requests_;
   std::unordered_map<std::uint32_t, std::uint64_t> by_stream_;
   std::deque<std::uint64_t> pending_;  // waiting for the connection
+
+  std::function<void(const WorkerLoad&)> on_load_;  // set: load is watched
+  std::uint32_t load_stream_ = 0;                   // the subscription; 0: none now
+  transport::TimerId reconnect_timer_ = 0;
+  std::chrono::milliseconds reconnect_backoff_;
 
   // Reused for every Tokens frame: no allocation per frame once warm.
   std::vector<std::uint32_t> token_ids_;
@@ -414,6 +520,8 @@ void GenerationHandle::cancel() const {
 }
 
 void Client::consumed(std::uint64_t request, std::uint64_t wire_bytes) { session_->consumed(request, wire_bytes); }
+
+void Client::watch_load(std::function<void(const WorkerLoad&)> on_load) { session_->watch_load(std::move(on_load)); }
 
 void GenerationHandle::consumed(std::uint64_t wire_bytes) const {
   if (client_ != nullptr) client_->consumed(request_, wire_bytes);

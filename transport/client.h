@@ -9,7 +9,9 @@
 // call complete() (it would wait on the thread that has to answer it).
 //
 // Reconnection: when the connection is lost, its streams end with a
-// retryable error (worker_lost); the next generate() connects again.
+// retryable error (worker_lost); the next generate() connects again. A
+// client that watches load (watch_load) connects again by itself, after a
+// backoff, so that reports resume once the peer is back.
 #pragma once
 
 #include <atomic>
@@ -27,6 +29,7 @@
 #include "protocol/fmwire.capnp.h"
 #include "transport/connection.h"
 #include "transport/endpoint.h"
+#include "transport/worker_load.h"
 
 namespace fmwire {
 
@@ -110,6 +113,10 @@ struct ClientOptions {
   std::string backend;  // "": io_uring where it works, else Asio; or "uring", "asio"
   transport::ConnectionOptions connection;
   std::chrono::milliseconds connect_timeout{5000};  // TCP connect plus the Hello exchange
+  // While load is watched, a lost connection (or a failed attempt) is tried
+  // again after reconnect_min, doubling up to reconnect_max.
+  std::chrono::milliseconds reconnect_min{100};
+  std::chrono::milliseconds reconnect_max{2000};
 };
 
 class Client;
@@ -153,6 +160,17 @@ class Client {
 
   // Generates and waits for the end. Not from a callback.
   ClientResult<CompletionText> complete(GenerateParams params);
+
+  // Subscribes to the peer's load reports: `on_load` gets, on the loop
+  // thread, each report as it comes: from a worker its own, once per its
+  // report interval; from a router one per worker it routes to, once per
+  // the router's interval. While a watch is set the client keeps itself
+  // connected: after a lost connection it connects again (backoff from
+  // ClientOptions::reconnect_min) and subscribes again. A peer's GoAway
+  // ends the subscription at once, so that the peer's drain is not held up
+  // by it; it is made again on the next connection. A second call replaces
+  // the function; an empty one ends the watch. Any thread.
+  void watch_load(std::function<void(const WorkerLoad&)> on_load);
 
   // The I/O backend's start-up line ("I/O backend: io_uring").
   const std::string& backend_log_line() const;

@@ -35,6 +35,10 @@ void Collector::on_stream_frame(transport::Connection&, const codec::FrameView& 
   } else if (frame.kind() == codec::FrameKind::load_report) {
     read = codec::read_body<protocol::LoadReport>(frame, codec::FrameLimits{}, [&](protocol::LoadReport::Reader body) {
       Report report;
+      report.stream_id = frame.header.stream_id;
+      report.worker_name = body.getWorkerName();
+      report.running = body.getRunningSequences();
+      report.draining = body.getDraining();
       report.total_blocks = body.getTotalKvBlocks();
       report.free_blocks = body.getFreeKvBlocks();
       report.paused = body.getPausedSequences();

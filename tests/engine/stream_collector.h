@@ -28,6 +28,10 @@ struct StreamLog {
 };
 
 struct Report {
+  std::uint32_t stream_id = 0;
+  std::string worker_name;
+  std::uint32_t running = 0;
+  bool draining = false;
   std::uint32_t total_blocks = 0;
   std::uint32_t free_blocks = 0;
   std::uint32_t paused = 0;

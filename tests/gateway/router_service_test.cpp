@@ -2,7 +2,9 @@
 // engine) and a client connection, all over loopback TCP on that loop.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <functional>
+#include <set>
 
 #include "engine/tokenizer.h"
 #include "engine/worker_service.h"
@@ -130,6 +132,17 @@ RouterOptions with_policy(const std::string& policy) {
   options.policy = policy;
   return options;
 }
+
+// Subscribes the rig's client to the router's load reports, as
+// Client::watch_load does: a stream opened with an empty LoadReport.
+std::uint32_t subscribe_load(Rig& rig) {
+  const std::uint32_t id = rig.client->open_stream();
+  REQUIRE(id != 0);
+  REQUIRE(rig.client->send<protocol::LoadReport>(id, [](protocol::LoadReport::Builder) {}) == SendStatus::sent);
+  return id;
+}
+
+std::string endpoint_of(const WorkerRig& worker) { return "127.0.0.1:" + std::to_string(worker.server->port()); }
 
 EngineMaker builtin() {
   return [] { return engine::test::builtin_engine(); };
@@ -270,6 +283,116 @@ TEST_CASE("a router at its stream limit refuses with a retryable overloaded erro
   CHECK(second.end.retryable);
   CHECK(second.end.retry_after_ms == 250);
   CHECK_FALSE(rig.wait(first).end.error);
+}
+
+TEST_CASE("a router answers a load subscription with one report per worker, named by its endpoint") {
+  RouterOptions options = with_policy("round-robin");
+  options.load_report_interval = 10ms;
+  Rig rig(options, [] { return slow_synthetic(1000us); });
+  const std::uint32_t busy = rig.generate({"keep one worker busy", 1000});
+  std::size_t busy_worker = 0;
+  REQUIRE(run_until(rig.loop, [&] {
+    for (std::size_t i = 0; i < rig.workers.size(); ++i) {
+      if (rig.workers[i]->service->engine_stats().running == 1) busy_worker = i;
+    }
+    return rig.workers[busy_worker]->service->engine_stats().running == 1;
+  }));
+  const std::uint32_t reports = subscribe_load(rig);
+  // At once one report per worker, then one per worker per interval.
+  REQUIRE(run_until(rig.loop, [&] { return rig.collector.reports.size() >= 9; }));
+  std::set<std::string> first_names;
+  for (std::size_t i = 0; i < 3; ++i) first_names.insert(rig.collector.reports[i].worker_name);
+  std::set<std::string> endpoints;
+  for (const auto& worker : rig.workers) endpoints.insert(endpoint_of(*worker));
+  CHECK(first_names == endpoints);
+  for (const engine::test::Report& report : rig.collector.reports) {
+    CAPTURE(report.worker_name);
+    CHECK(report.stream_id == reports);
+    CHECK(endpoints.contains(report.worker_name));
+    CHECK(report.total_blocks == 256);
+    CHECK_FALSE(report.draining);
+    CHECK(report.added.empty());
+  }
+  // The busy worker's numbers come through as it reports them.
+  REQUIRE(run_until(rig.loop, [&] {
+    return std::any_of(rig.collector.reports.begin(), rig.collector.reports.end(), [&](const auto& report) {
+      return report.worker_name == endpoint_of(*rig.workers[busy_worker]) && report.running == 1 &&
+             report.free_blocks < report.total_blocks;
+    });
+  }));
+  for (std::size_t i = 0; i < rig.workers.size(); ++i) {
+    if (i == busy_worker) continue;
+    bool idle_seen = false;
+    for (const engine::test::Report& report : rig.collector.reports) {
+      if (report.worker_name != endpoint_of(*rig.workers[i])) continue;
+      idle_seen = true;
+      CHECK(report.running == 0);
+      CHECK(report.free_blocks == report.total_blocks);
+    }
+    CHECK(idle_seen);
+  }
+  rig.client->reset_stream(busy, protocol::ErrorCode::CANCELLED, "done");
+}
+
+TEST_CASE("a router's load subscription ends with its stream, and the reports stop") {
+  RouterOptions options = with_policy("round-robin");
+  options.load_report_interval = 10ms;
+  Rig rig(options, builtin(), 2);
+  const std::uint32_t reports = subscribe_load(rig);
+  REQUIRE(run_until(rig.loop, [&] { return rig.collector.reports.size() >= 4; }));
+  CHECK(rig.router->load_subscribers() == 1);
+  rig.client->reset_stream(reports, protocol::ErrorCode::CANCELLED, "watch ended");
+  REQUIRE(run_until(rig.loop, [&] { return rig.router->load_subscribers() == 0; }));
+  run_until(rig.loop, [] { return false; }, 20ms);  // whatever was on its way
+  const std::size_t count = rig.collector.reports.size();
+  run_until(rig.loop, [] { return false; }, 100ms);
+  CHECK(rig.collector.reports.size() == count);
+  // A stream still works on that connection.
+  CHECK_FALSE(rig.wait(rig.generate({"after the watch", 3})).end.error);
+}
+
+TEST_CASE("a router reports a worker that is not healthy as draining") {
+  RouterOptions options = with_policy("round-robin");
+  options.load_report_interval = 10ms;
+  Rig rig(options, builtin(), 2);
+  rig.workers[0]->service->set_draining();
+  subscribe_load(rig);
+  const std::string draining = endpoint_of(*rig.workers[0]);
+  const std::string healthy = endpoint_of(*rig.workers[1]);
+  REQUIRE(run_until(rig.loop, [&] {
+    bool draining_seen = false, healthy_seen = false;
+    for (const engine::test::Report& report : rig.collector.reports) {
+      draining_seen = draining_seen || (report.worker_name == draining && report.draining);
+      healthy_seen = healthy_seen || (report.worker_name == healthy && !report.draining);
+    }
+    return draining_seen && healthy_seen;
+  }));
+  for (const engine::test::Report& report : rig.collector.reports) {
+    if (report.worker_name == healthy) CHECK_FALSE(report.draining);
+  }
+}
+
+TEST_CASE("a router's load subscriber that closes its connection is forgotten") {
+  RouterOptions options = with_policy("round-robin");
+  options.load_report_interval = 10ms;
+  Rig rig(options, builtin(), 1);
+  subscribe_load(rig);
+  REQUIRE(run_until(rig.loop, [&] { return rig.collector.reports.size() >= 2; }));
+  CHECK(rig.router->load_subscribers() == 1);
+  rig.client->close();
+  REQUIRE(run_until(rig.loop, [&] { return rig.router->load_subscribers() == 0; }));
+}
+
+}  // namespace fmwire::gateway
+
+namespace fmwire::gateway {
+
+TEST_CASE("a worker that drains is not held open by the router's load subscription") {
+  Rig rig(with_policy("round-robin"), builtin(), 1);
+  bool drained = false;
+  rig.workers[0]->server->drain("leaving", [&] { drained = true; });
+  CHECK(run_until(rig.loop, [&] { return drained; }, 3000ms));
+  CHECK_FALSE(rig.router->workers().front().healthy);
 }
 
 }  // namespace fmwire::gateway
