@@ -415,7 +415,12 @@ class GatewayImpl final : public HttpGateway {
     std::lock_guard lock(client_mutex_);
     // The first connection stays as the gateway's client (it reconnects by
     // itself); later probes only say whether the upstream answers.
-    if (!client_) client_ = std::shared_ptr<Client>(std::move(*connected));
+    if (!client_) {
+      client_ = std::shared_ptr<Client>(std::move(*connected));
+      // For /metrics: the workers' loads. The watch keeps the client
+      // connected, and subscribed again after the upstream was away.
+      client_->watch_load([this](const WorkerLoad& load) { metrics_.observe_worker_load(load); });
+    }
     ready_ = true;
   }
 

@@ -16,7 +16,10 @@
 //        and usage messages, a normal close; an {"error": ...} message then close
 //   GET  /v1/streams/<id>    a resumable stream again (below)
 //   GET  /health (always 200), /ready (200 while the upstream answers, else
-//        503), /metrics (Prometheus text 0.0.4)
+//        503), /metrics (Prometheus text 0.0.4, http_metrics.h); its
+//        per-worker gauges come from the upstream's load reports, which the
+//        gateway watches (Client::watch_load): one per worker from a
+//        router, the worker's own from a worker
 // Errors are OpenAI's {"error": {"message", "type", "param", "code"}} with
 // the status (400, 401, 404, 405, 410, 413, 431, 429 and 503 with
 // Retry-After, 504, 500); once an event stream has begun, an error is its

@@ -1,5 +1,6 @@
 #include "gateway/http_metrics.h"
 
+#include <algorithm>
 #include <cstdio>
 
 namespace fmwire::gateway {
@@ -9,6 +10,21 @@ std::string number(double value) {
   char text[64];
   std::snprintf(text, sizeof text, "%.9g", value);
   return text;
+}
+
+// A label value as the text format wants it: backslash, quote and newline escaped.
+std::string label_value(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
 }
 
 void header(std::string& out, std::string_view name, std::string_view type, std::string_view help) {
@@ -56,6 +72,11 @@ void HttpMetrics::count_tokens(std::uint64_t in, std::uint64_t out) {
   tokens_out_.fetch_add(out, std::memory_order_relaxed);
 }
 
+void HttpMetrics::observe_worker_load(const WorkerLoad& load) {
+  std::lock_guard lock(workers_mutex_);
+  workers_[load.name] = ReportedLoad{load, std::chrono::steady_clock::now()};
+}
+
 void HttpMetrics::observe_hop(std::string_view hop, double seconds) {
   Summary* summary = nullptr;
   if (hop.starts_with("worker")) summary = &worker_hop_;
@@ -89,7 +110,38 @@ std::string HttpMetrics::render() const {
     out += std::string("fmwire_gateway_hop_seconds_count{hop=\"") + name + "\"} " +
            std::to_string(summary->count.load()) + '\n';
   }
+  render_workers(out);
   return out;
+}
+
+void HttpMetrics::render_workers(std::string& out) const {
+  struct Gauge {
+    const char* name;
+    const char* help;
+    std::uint32_t (*value)(const WorkerLoad&);
+  };
+  static constexpr Gauge kGauges[] = {
+      {"fmwire_gateway_worker_kv_blocks_in_use", "KV cache blocks in use at each worker (all but the allocatable ones).",
+       [](const WorkerLoad& load) { return load.total_kv_blocks - std::min(load.free_kv_blocks, load.total_kv_blocks); }},
+      {"fmwire_gateway_worker_kv_blocks_capacity", "KV cache blocks at each worker in all.",
+       [](const WorkerLoad& load) { return load.total_kv_blocks; }},
+      {"fmwire_gateway_worker_running_sequences", "Sequences admitted at each worker, paused ones included.",
+       [](const WorkerLoad& load) { return load.running; }},
+      {"fmwire_gateway_worker_queued_sequences", "Sequences waiting at each worker to be admitted.",
+       [](const WorkerLoad& load) { return load.queue_depth; }},
+      {"fmwire_gateway_worker_paused_sequences", "Sequences at each worker paused until their readers take more tokens.",
+       [](const WorkerLoad& load) { return load.paused; }},
+  };
+  std::lock_guard lock(workers_mutex_);
+  const auto now = std::chrono::steady_clock::now();
+  std::erase_if(workers_, [&](const auto& entry) { return now - entry.second.received > worker_load_ttl_; });
+  for (const Gauge& gauge : kGauges) {
+    header(out, gauge.name, "gauge", gauge.help);
+    for (const auto& [name, reported] : workers_) {
+      out += std::string(gauge.name) + "{worker=\"" + label_value(name) + "\"} " +
+             std::to_string(gauge.value(reported.load)) + '\n';
+    }
+  }
 }
 
 }  // namespace fmwire::gateway

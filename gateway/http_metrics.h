@@ -1,17 +1,24 @@
 // The HTTP gateway's Prometheus metrics (text format 0.0.4): requests by
 // status, time to first token, inter-token latency, tokens in and out, open
-// streams, and per-hop time from the Finish frames. Counters are atomics,
-// safe from any thread; render() gives the /metrics page.
+// streams, per-hop time from the Finish frames, and per worker (label
+// worker="HOST:PORT", from the upstream's load reports) KV blocks in use
+// and in all, and running, queued and paused sequences. Counters are
+// atomics, safe from any thread; worker loads are kept under a lock, and a
+// worker whose latest report is older than worker_load_ttl is left off the
+// page (and forgotten). render() gives the /metrics page.
 // Format: https://prometheus.io/docs/instrumenting/exposition_formats/
 #pragma once
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <mutex>
 #include <string>
 #include <string_view>
+
+#include "transport/worker_load.h"
 
 namespace fmwire::gateway {
 
@@ -31,6 +38,10 @@ class LatencyHistogram {
 
 class HttpMetrics {
  public:
+  static constexpr std::chrono::milliseconds kDefaultWorkerLoadTtl{3000};
+  explicit HttpMetrics(std::chrono::milliseconds worker_load_ttl = kDefaultWorkerLoadTtl)
+      : worker_load_ttl_(worker_load_ttl) {}
+
   void count_request(unsigned status);
   void observe_first_token(double seconds) { first_token_.observe(seconds); }
   void observe_inter_token(double seconds) { inter_token_.observe(seconds); }
@@ -40,6 +51,8 @@ class HttpMetrics {
   std::int64_t streams_open() const { return streams_open_.load(); }
   // A Finish frame's hop ("worker ..." or "router ...") and its total time.
   void observe_hop(std::string_view hop, double seconds);
+  // A worker's latest load report; it replaces the one before of that name.
+  void observe_worker_load(const WorkerLoad& load);
   std::string render() const;
 
  private:
@@ -56,6 +69,16 @@ class HttpMetrics {
   std::atomic<std::int64_t> streams_open_{0};
   Summary worker_hop_;
   Summary router_hop_;
+
+  void render_workers(std::string& out) const;
+
+  struct ReportedLoad {
+    WorkerLoad load;
+    std::chrono::steady_clock::time_point received;
+  };
+  const std::chrono::milliseconds worker_load_ttl_;
+  mutable std::mutex workers_mutex_;
+  mutable std::map<std::string, ReportedLoad> workers_;  // by name; stale ones erased by render()
 };
 
 }  // namespace fmwire::gateway

@@ -12,17 +12,22 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/websocket.hpp>
 #include <boost/json.hpp>
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <functional>
 #include <future>
+#include <mutex>
+#include <optional>
 #include <thread>
 
 #include "engine/tokenizer.h"
 #include "engine/worker_service.h"
 #include "gateway/http_gateway.h"
+#include "gateway/http_metrics.h"
 #include "gateway/router_service.h"
 #include "tests/engine/engine_test_support.h"
+#include "transport/client.h"
 #include "transport/server.h"
 
 namespace fmwire::gateway {
@@ -335,6 +340,54 @@ std::uint16_t unused_port() {
   return acceptor.local_endpoint().port();
 }
 
+// The value of one series on a /metrics page ("name{labels}"); none when
+// the page does not have it.
+std::optional<long long> sample(const std::string& page, const std::string& series) {
+  const std::string line_start = series + ' ';
+  std::size_t at = 0;
+  while ((at = page.find(line_start, at)) != std::string::npos) {
+    if (at == 0 || page[at - 1] == '\n') return std::stoll(page.substr(at + line_start.size()));
+    at += line_start.size();
+  }
+  return std::nullopt;
+}
+
+std::string worker_series(const std::string& metric, const std::string& worker) {
+  return metric + "{worker=\"" + worker + "\"}";
+}
+
+std::optional<long long> worker_gauge(std::uint16_t port, const std::string& metric, const std::string& worker) {
+  return sample(get(port, "/metrics", "").body, worker_series(metric, worker));
+}
+
+// A worker alone (no router) on a loop thread of its own, on a given port
+// (0: any), naming itself `name` in its load reports.
+struct LoneWorker {
+  LoneWorker(const EngineMaker& make_engine, std::uint16_t port, const std::string& name) : engine(make_engine()) {
+    engine::WorkerOptions worker_options;
+    worker_options.load_report_interval = 10ms;
+    worker = std::make_unique<engine::WorkerService>(loop, *engine, tokenizer, worker_options);
+    worker->set_name(name);
+    server = std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", port},
+                                                 side(protocol::Role::WORKER), *worker);
+    thread = std::thread([this] { loop.run(); });
+  }
+  ~LoneWorker() {
+    loop.stop();
+    thread.join();
+    server.reset();
+    worker.reset();
+  }
+  transport::Endpoint endpoint() const { return {"127.0.0.1", server->port()}; }
+
+  transport::EventLoop loop;
+  engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  std::unique_ptr<engine::Engine> engine;
+  std::unique_ptr<engine::WorkerService> worker;
+  std::unique_ptr<transport::Server> server;
+  std::thread thread;
+};
+
 }  // namespace
 
 TEST_CASE("http_gateway: a streamed completion's events parse, count up and end with [DONE], as the whole response") {
@@ -499,9 +552,20 @@ TEST_CASE("http_gateway: /metrics passes promtool check metrics") {
   json::object body{{"prompt", "metrics"}, {"max_tokens", 8}, {"stream", true}};
   SseReader(gateway->port(), stream_request(body)).rest();
   CHECK(post(gateway->port(), "/v1/completions", json::object{{"prompt", 3}}).status == 400);
+  // The worker's gauges are on the page once the router's first report came.
+  const std::string worker = "127.0.0.1:" + std::to_string(upstream.worker_server->port());
+  REQUIRE(wait_until([&] {
+    return worker_gauge(gateway->port(), "fmwire_gateway_worker_kv_blocks_in_use", worker).has_value();
+  }));
   const Reply metrics = get(gateway->port(), "/metrics", "");
   REQUIRE(metrics.status == 200);
   CHECK(metrics.headers["Content-Type"].starts_with("text/plain; version=0.0.4"));
+  for (const std::string& series :
+       {std::string("fmwire_gateway_worker_kv_blocks_in_use"), std::string("fmwire_gateway_worker_kv_blocks_capacity"),
+        std::string("fmwire_gateway_worker_running_sequences"), std::string("fmwire_gateway_worker_queued_sequences"),
+        std::string("fmwire_gateway_worker_paused_sequences")}) {
+    CHECK_MESSAGE(sample(metrics.body, worker_series(series, worker)).has_value(), series);
+  }
   for (const char* name : {"fmwire_gateway_requests_total{status=\"200\"}", "fmwire_gateway_requests_total{status=\"400\"}",
                            "fmwire_gateway_time_to_first_token_seconds_count 1",
                            "fmwire_gateway_inter_token_latency_seconds_bucket", "fmwire_gateway_tokens_total{direction=\"out\"} 8",
@@ -526,6 +590,115 @@ TEST_CASE("http_gateway: /metrics passes promtool check metrics") {
   const int status = ::pclose(pipe);
   ::unlink(path);
   CHECK_MESSAGE(status == 0, "promtool check metrics: " << output << "\n" << metrics.body);
+}
+
+TEST_CASE("http_gateway: /metrics shows a worker's KV blocks in use while a stream runs, and the idle value after") {
+  Upstream upstream(synthetic(1000us));
+  auto gateway = start_gateway(options_for(upstream.endpoint()));
+  const std::uint16_t port = gateway->port();
+  const std::string worker = "127.0.0.1:" + std::to_string(upstream.worker_server->port());
+  std::optional<long long> idle;
+  REQUIRE(wait_until([&] {
+    idle = worker_gauge(port, "fmwire_gateway_worker_kv_blocks_in_use", worker);
+    return idle.has_value();
+  }));
+  CHECK(worker_gauge(port, "fmwire_gateway_worker_kv_blocks_capacity", worker) == 512);
+  CHECK(worker_gauge(port, "fmwire_gateway_worker_running_sequences", worker) == 0);
+
+  // About a second of tokens, with a prompt of several blocks.
+  SseReader reader(port, stream_request(json::object{{"prompt", std::string(100, 'k')}, {"max_tokens", 1000},
+                                                     {"stream", true}}));
+  REQUIRE(reader.status() == 200);
+  REQUIRE(reader.next().has_value());
+  long long in_use = 0;
+  CHECK(wait_until([&] {
+    in_use = worker_gauge(port, "fmwire_gateway_worker_kv_blocks_in_use", worker).value_or(0);
+    return in_use > *idle && worker_gauge(port, "fmwire_gateway_worker_running_sequences", worker) == 1;
+  }));
+  const engine::EngineStats running = upstream.stats();
+  MESSAGE("KV blocks in use: " << *idle << " idle, " << in_use << " on /metrics while streaming (the worker: "
+                               << running.total_blocks - running.free_blocks << ")");
+  const std::vector<SseEvent> events = reader.rest();
+  REQUIRE(!events.empty());
+  CHECK(events.back().data == "[DONE]");
+  CHECK(wait_until([&] {
+    return worker_gauge(port, "fmwire_gateway_worker_kv_blocks_in_use", worker) == *idle &&
+           worker_gauge(port, "fmwire_gateway_worker_running_sequences", worker) == 0;
+  }));
+}
+
+TEST_CASE("http_gateway: the workers' gauges come back after the upstream was down and up again") {
+  const std::uint16_t worker_port = unused_port();
+  auto worker = std::make_unique<LoneWorker>(builtin(), worker_port, "first");
+  auto gateway = start_gateway(options_for(worker->endpoint()));  // a worker as the upstream: no router
+  const std::uint16_t port = gateway->port();
+  REQUIRE(wait_until([&] { return worker_gauge(port, "fmwire_gateway_worker_kv_blocks_capacity", "first").has_value(); }));
+  worker.reset();
+  CHECK(wait_until([&] { return get(port, "/ready", "").status == 503; }));
+  std::this_thread::sleep_for(300ms);  // a few failed reconnections
+  worker = std::make_unique<LoneWorker>(builtin(), worker_port, "second");
+  CHECK(wait_until([&] { return worker_gauge(port, "fmwire_gateway_worker_kv_blocks_capacity", "second").has_value(); },
+                   10000ms));
+  CHECK(get(port, "/ready", "").status == 200);
+}
+
+TEST_CASE("http_metrics: a worker whose reports stop is left off the page after the time to live") {
+  HttpMetrics metrics(50ms);
+  WorkerLoad load;
+  load.name = "127.0.0.1:1\"\\";
+  load.total_kv_blocks = 10;
+  load.free_kv_blocks = 4;
+  load.running = 2;
+  metrics.observe_worker_load(load);
+  const std::string page = metrics.render();
+  CHECK(sample(page, R"(fmwire_gateway_worker_kv_blocks_in_use{worker="127.0.0.1:1\"\\"})") == 6);
+  CHECK(sample(page, R"(fmwire_gateway_worker_running_sequences{worker="127.0.0.1:1\"\\"})") == 2);
+  std::this_thread::sleep_for(100ms);
+  const std::string later = metrics.render();
+  CHECK(later.find("worker=") == std::string::npos);
+  CHECK(later.find("# TYPE fmwire_gateway_worker_kv_blocks_in_use gauge") != std::string::npos);
+}
+
+TEST_CASE("Client::watch_load gets a router's report per worker, and an empty function ends the subscription") {
+  Upstream upstream(builtin());
+  auto client = Client::connect(upstream.endpoint());
+  REQUIRE(client);
+  std::mutex mutex;
+  std::vector<WorkerLoad> loads;
+  (*client)->watch_load([&](const WorkerLoad& load) {
+    std::lock_guard lock(mutex);
+    loads.push_back(load);
+  });
+  const std::string worker = "127.0.0.1:" + std::to_string(upstream.worker_server->port());
+  REQUIRE(wait_until([&] {
+    std::lock_guard lock(mutex);
+    return loads.size() >= 2;
+  }));
+  {
+    std::lock_guard lock(mutex);
+    for (const WorkerLoad& load : loads) {
+      CHECK(load.name == worker);
+      CHECK(load.total_kv_blocks > 0);
+      CHECK(load.free_kv_blocks == load.total_kv_blocks);
+      CHECK_FALSE(load.draining);
+    }
+  }
+  CHECK(upstream.on_loop([&] { return upstream.router->load_subscribers(); }) == 1);
+  (*client)->watch_load(nullptr);
+  CHECK(wait_until([&] { return upstream.on_loop([&] { return upstream.router->load_subscribers(); }) == 0; }));
+}
+
+TEST_CASE("Client::watch_load ends its subscription on GoAway: a draining router is not held open by it") {
+  Upstream upstream(builtin());
+  auto client = Client::connect(upstream.endpoint());
+  REQUIRE(client);
+  std::atomic<int> loads{0};
+  (*client)->watch_load([&](const WorkerLoad&) { ++loads; });
+  REQUIRE(wait_until([&] { return loads.load() > 0; }));
+  auto drained = std::make_shared<std::promise<void>>();
+  std::future<void> done = drained->get_future();
+  upstream.loop.post([&upstream, drained] { upstream.router_server->drain("leaving", [drained] { drained->set_value(); }); });
+  CHECK(done.wait_for(3s) == std::future_status::ready);
 }
 
 TEST_CASE("http_gateway: a client that disconnects mid-stream frees the worker's blocks within 100 ms") {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Multi-process tests of `fmwire up` and `fmwire gateway` with real clients:
-OpenAI's official Node SDK (openai_client_test.mjs), curl, and plain HTTP,
-against real workers on 127.0.0.1.
+OpenAI's official Node SDK (openai_client_test.mjs), curl, plain HTTP and
+promtool, against real workers on 127.0.0.1.
 
     gateway_cli_test.py FMWIRE_BINARY BACKEND SCENARIO
 
@@ -13,6 +13,7 @@ file) when it is not there yet; scripts/test.sh does that up front.
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -82,6 +84,21 @@ def http(url, body=None, headers=None):
         return error.code, error.read().decode()
 
 
+def metric(page, series):
+    """The value of `series` ("name{labels}") on a /metrics page, or None."""
+    found = re.search("^" + re.escape(series) + r" (\S+)$", page, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+def wait_for(predicate, limit_s, what):
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise Failure(f"timed out after {limit_s} s waiting for {what}")
+
+
 def install_openai_package():
     """npm ci into tests/system/node once, whichever test gets there first."""
     if os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")):
@@ -124,6 +141,22 @@ def check_sse(text):
     check(content, f"no text in {text[-600:]!r}")
     check(any(choice.get("finish_reason") for chunk in chunks for choice in chunk["choices"]),
           f"no finish_reason in {text[-600:]!r}")
+
+
+def check_metrics_page(url, workers):
+    """/metrics has each worker's gauges, labelled by its endpoint, and
+    passes `promtool check metrics`."""
+    status, page = http(url + "/metrics")
+    check(status == 200, f"/metrics {status}")
+    for worker in workers:
+        for name in ("kv_blocks_in_use", "kv_blocks_capacity", "running_sequences", "queued_sequences",
+                     "paused_sequences"):
+            series = f'fmwire_gateway_worker_{name}{{worker="{worker}"}}'
+            check(metric(page, series) is not None, f"no {series} on /metrics:\n{page}")
+    check(shutil.which("promtool"), "promtool is needed (Debian package prometheus): bash scripts/setup.sh installs it")
+    result = subprocess.run(["promtool", "check", "metrics"], input=page, capture_output=True, text=True,
+                            timeout=LIMIT_S)
+    check(result.returncode == 0, f"promtool check metrics: {result.stdout}{result.stderr}\n{page}")
 
 
 def openai_sdk_up(binary, env):
@@ -194,6 +227,10 @@ def gateway_router_api_keys_file(binary, env):
             status, body = http(server.url + "/v1/chat/completions", dict(CHAT, stream=False),
                                 {"Authorization": "Bearer sk-not-in-file"})
             check(status == 401, f"a wrong key: {status} {body!r}")
+            # The router's load reports of its worker reach the gateway's page.
+            wait_for(lambda: f'worker="{worker.endpoint}"' in http(server.url + "/metrics")[1], LIMIT_S,
+                     "the worker's gauges on /metrics")
+            check_metrics_page(server.url, [worker.endpoint])
             code, _, errors = server.stop(signal.SIGTERM)
             check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
             router.send_signal(signal.SIGTERM)
