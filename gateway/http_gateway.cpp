@@ -10,16 +10,19 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/websocket.hpp>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdio>
 #include <deque>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <random>
 #include <span>
 #include <thread>
+#include <vector>
 
 #include "gateway/http_metrics.h"
 #include "gateway/openai_api.h"
@@ -54,6 +57,11 @@ constexpr std::uint64_t kAckBatchBytes = kStreamCreditBytes / 4;
 // (autotuning would let it grow to tcp_wmem's maximum, megabytes), and
 // still far more than a token stream needs to keep a long link busy.
 constexpr int kStreamSocketSendBytes = 128 * 1024;
+// Events that wait for a reader leave together, up to this many bytes of
+// them in one write: one write, one send and one acknowledgement upstream
+// for the lot (DESIGN.md, natural batching). A reader that keeps up gets
+// each event alone, at once.
+constexpr std::size_t kMaxEventBytesPerWrite = 8 * 1024;
 
 std::int64_t unix_seconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -69,6 +77,15 @@ bool constant_time_equal(std::string_view a, std::string_view b) {
     difference |= static_cast<unsigned char>(x ^ y);
   }
   return difference == 0;
+}
+
+std::size_t decimal_digits(std::uint64_t n) {
+  std::size_t digits = 1;
+  while (n >= 10) {
+    n /= 10;
+    ++digits;
+  }
+  return digits;
 }
 
 std::string http_chunk(std::string_view data) {
@@ -134,10 +151,10 @@ class Sink {
   virtual ~Sink() = default;
   // Watches for the peer going away: `lost` is called once if it does.
   virtual void watch(std::function<void()> lost) = 0;
-  // Writes events[first], and as many of the `count` after it as the sink
-  // sends in one write; `done` gets the last one's n.
-  virtual void write_events(const std::deque<Event>& events, std::size_t first, std::size_t count,
-                            std::function<void(bool ok, std::uint64_t through)> done) = 0;
+  // Writes `events` (at most max_events_per_write(), in order); `done` once
+  // all are written or the write failed. The events need not outlive the call.
+  virtual void write_events(std::span<const Event* const> events, std::function<void(bool ok)> done) = 0;
+  virtual std::size_t max_events_per_write() const = 0;
   // The end: [DONE] (a WebSocket's normal close) or an error event, then
   // the close; `done` is dropped once it is written (or failed).
   virtual void write_end(const std::string* error, std::shared_ptr<void> done) = 0;
@@ -164,19 +181,29 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
     read_some();
   }
 
-  // Every waiting event in one write: a reader that fell behind, or a
-  // stream that made several events while one was on its way, costs one
-  // send instead of one per event.
-  void write_events(const std::deque<Event>& events, std::size_t first, std::size_t count,
-                    std::function<void(bool, std::uint64_t)> done) override {
+  // All the events in one HTTP chunk.
+  void write_events(std::span<const Event* const> events, std::function<void(bool)> done) override {
+    constexpr std::string_view kId = "id: ", kData = "\ndata: ", kEnd = "\n\n";
+    std::size_t bytes = 0;
+    for (const Event* event : events) {
+      bytes += kId.size() + decimal_digits(event->n) + kData.size() + event->json.size() + kEnd.size();
+    }
+    char size[32];
+    std::snprintf(size, sizeof size, "%zx\r\n", bytes);
     out_.clear();
     take_header();
-    for (std::size_t i = first; i < first + count; ++i) {
-      const Event& event = events[i];
-      out_ += http_chunk("id: " + std::to_string(event.n) + "\ndata: " + event.json + "\n\n");
+    out_ += size;
+    for (const Event* event : events) {
+      out_ += kId;
+      out_ += std::to_string(event->n);
+      out_ += kData;
+      out_ += event->json;
+      out_ += kEnd;
     }
-    write([done = std::move(done), through = events[first + count - 1].n](bool ok) { done(ok, through); });
+    out_ += "\r\n";
+    write(std::move(done));
   }
+  std::size_t max_events_per_write() const override { return std::numeric_limits<std::size_t>::max(); }
 
   void write_end(const std::string* error, std::shared_ptr<void> done) override {
     lost_ = nullptr;
@@ -288,6 +315,7 @@ class Stream final : public std::enable_shared_from_this<Stream> {
   Clock::time_point received_;
   GenerationHandle handle_;
   std::deque<Event> events_;
+  std::vector<const Event*> batch_;  // the events of the write under way (reused)
   std::uint64_t next_n_ = 1;
   std::uint64_t delivered_ = 0;     // written to the current reader
   std::uint64_t acknowledged_ = 0;  // taken (written, or kept), through this event
@@ -618,11 +646,20 @@ void Stream::push(std::string json, std::uint64_t wire_bytes) {
 void Stream::pump() {
   if (!sink_ || writing_ || !began_) return;
   if (delivered_ + 1 < next_n_) {
+    // What waits goes in one write (kMaxEventBytesPerWrite).
+    const std::uint64_t first = events_.front().n;
+    batch_.clear();
+    std::size_t bytes = 0;
+    for (std::uint64_t n = delivered_ + 1; n < next_n_ && batch_.size() < sink_->max_events_per_write() &&
+                                           (batch_.empty() || bytes < kMaxEventBytesPerWrite);
+         ++n) {
+      batch_.push_back(&events_[n - first]);
+      bytes += batch_.back()->json.size();
+    }
     writing_ = true;
-    sink_->write_events(events_, delivered_ + 1 - events_.front().n, next_n_ - 1 - delivered_,
-                        [self = shared_from_this(), generation = sink_generation_](bool ok, std::uint64_t through) {
-                          self->on_written(generation, through, ok);
-                        });
+    sink_->write_events(batch_, [self = shared_from_this(), generation = sink_generation_, n = batch_.back()->n](bool ok) {
+      self->on_written(generation, n, ok);
+    });
     return;
   }
   if (generating_) return;
@@ -670,10 +707,7 @@ void Stream::acknowledge_through(std::uint64_t n) {
   const std::uint64_t first = events_.front().n;
   while (acknowledged_ < n && acknowledged_ + 1 < next_n_) {
     ++acknowledged_;
-    if (acknowledged_ >= first) {
-      const std::uint64_t bytes = events_[acknowledged_ - first].wire_bytes;
-      unsent_ack_bytes_ += bytes;
-    }
+    if (acknowledged_ >= first) unsent_ack_bytes_ += events_[acknowledged_ - first].wire_bytes;
   }
   // Acknowledged upstream a quarter window at a time: each consumed() is a
   // hop to the client's loop thread, one per token when done per event. The
@@ -751,15 +785,14 @@ class WebSocketSink final : public Sink, public std::enable_shared_from_this<Web
     read_more();
   }
 
-  // One message per event, as the API says: the first waiting one.
-  void write_events(const std::deque<Event>& events, std::size_t first, std::size_t,
-                    std::function<void(bool, std::uint64_t)> done) override {
-    out_ = events[first].json;
+  // One message per event: one at a time.
+  std::size_t max_events_per_write() const override { return 1; }
+  void write_events(std::span<const Event* const> events, std::function<void(bool)> done) override {
+    out_ = events.front()->json;
     socket_.text(true);
-    socket_.async_write(asio::buffer(out_), [self = shared_from_this(), done = std::move(done),
-                                             through = events[first].n](beast::error_code error, std::size_t) {
+    socket_.async_write(asio::buffer(out_), [self = shared_from_this(), done = std::move(done)](beast::error_code error, std::size_t) {
       if (error) self->peer_gone();
-      done(!error, through);
+      done(!error);
     });
   }
 

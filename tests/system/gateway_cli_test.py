@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Multi-process tests of `fmwire up` and `fmwire gateway` with real clients:
 OpenAI's official Node SDK (openai_client_test.mjs), curl, plain HTTP and
-promtool, against real workers on 127.0.0.1.
+promtool, against real workers on 127.0.0.1; and 1,000 HTTP readers that
+never read, to bound the gateway's memory per stalled stream.
 
     gateway_cli_test.py FMWIRE_BINARY BACKEND SCENARIO
 
@@ -14,6 +15,7 @@ import fcntl
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -88,6 +90,21 @@ def metric(page, series):
     """The value of `series` ("name{labels}") on a /metrics page, or None."""
     found = re.search("^" + re.escape(series) + r" (\S+)$", page, re.MULTILINE)
     return float(found.group(1)) if found else None
+
+
+def resident_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise Failure(f"no VmRSS for process {pid}")
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time the process has used."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for(predicate, limit_s, what):
@@ -291,6 +308,149 @@ def up_port_taken(binary, env):
         taken.close()
 
 
+STALLED_CLIENTS = 1000
+# The bound on the gateway's resident memory per stalled stream, in KiB.
+# What the design holds for one (http_gateway.h, router_service.h) in the
+# gateway's process, which runs the router here too:
+#   - the native client's stream credit, 64 KiB of Tokens frames, taken
+#     off the connection and kept as encoded SSE events for the reader: one
+#     token a frame at this rate, ~115 bytes a frame and ~240 bytes an event
+#     with its allocations, so ~575 events, ~140 KiB;
+#   - the router's window at the worker, 32 KiB of frames kept as copies
+#     while the gateway's client has no credit: ~290 frames, ~55 KiB;
+#   - the write the reader never takes: up to 8 KiB of events, a 16 KiB
+#     string at most;
+#   - per-stream objects (socket, SSE sink, strand, the client's and the
+#     router's stream entries), and a share of per-connection buffers.
+# About 215 KiB in all; the kernel's socket buffers (a fixed 128 KiB send
+# buffer a stream) are not RSS. Measured (debug build, 2 cores): 183-201
+# KiB with Asio, 213-228 KiB with io_uring (the more under meson, whose
+# MALLOC_PERTURB_ writes freed memory too). The bound leaves 40% over that:
+# events kept after they are written, a credit twice as wide, or the socket
+# buffer copied into user space would each break it.
+BOUND_KIB_PER_STREAM = 320
+
+
+def open_stalled_stream(port, body):
+    """A streaming completion whose reader never reads: a small receive
+    buffer, the request sent, nothing read again."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", port))
+    client.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    return client
+
+
+def slow_clients_bounded_memory(binary, env):
+    """1,000 readers that never read hold back only their own streams, at
+    the worker (paused there); the gateway's memory grows by a bounded
+    amount per stream; when they go, everything is freed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = STALLED_CLIENTS + 256
+    check(hard == resource.RLIM_INFINITY or hard >= wanted, f"RLIMIT_NOFILE hard limit {hard} < {wanted}")
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    # synthetic:tiny has a context of 2,048 tokens; what a stalled stream's
+    # pipeline holds (the kernel's buffers, the gateway, the router) is
+    # ~1,700 of them, so a stream of 2,000 pauses at the worker before its
+    # end. KV blocks for every stream's whole context: no preemption.
+    worker = Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "100", "--max-running", "1100",
+                    "--max-batch-tokens", "2048", "--kv-blocks", "130000", "--load-report-interval-ms", "50")
+    server = None
+    stalled = []
+    try:
+        server = HttpServer(binary, env, "gateway", "--listen", "127.0.0.1:0", "--workers", worker.endpoint)
+        port = int(server.url.rsplit(":", 1)[1])
+
+        def gauge(name, page):
+            return metric(page, f'fmwire_gateway_worker_{name}{{worker="{worker.endpoint}"}}')
+
+        def page():
+            return http(server.url + "/metrics")[1]
+
+        wait_for(lambda: gauge("kv_blocks_in_use", page()) == 0, LIMIT_S, "the worker's first load report")
+        # Warm up: the first stream pays for one-time allocations.
+        status, body = http(server.url + "/v1/completions", {"prompt": "warm", "max_tokens": 200})
+        check(status == 200, f"warm-up {status} {body!r}")
+        rss_before = resident_kib(server.process.pid)
+
+        started = time.monotonic()
+        request = json.dumps({"prompt": "x", "max_tokens": 2000, "stream": True}).encode()
+        for _ in range(STALLED_CLIENTS):
+            stalled.append(open_stalled_stream(port, request))
+
+        # Held: every stream open at the gateway; at the worker nothing
+        # generates: each sequence is paused, or done (a completion of
+        # 2,000 tokens can just fit what a stalled stream's pipeline holds,
+        # the kernel's buffers taking a little more now and then as TCP
+        # probes the readers' closed windows), and most are paused; and the
+        # gateway idle (under 10% of a core for 2 s): it has taken all that
+        # its credit lets through and written what the sockets take.
+        readings = []
+
+        def held():
+            text = page()
+            running, paused = gauge("running_sequences", text), gauge("paused_sequences", text)
+            readings.append((metric(text, "fmwire_gateway_streams_open"), running, paused, time.monotonic(),
+                             cpu_seconds(server.process.pid)))
+            window = [reading for reading in readings if reading[3] >= readings[-1][3] - 2.0]
+            busy = (window[-1][4] - window[0][4]) / max(window[-1][3] - window[0][3], 1e-3)
+            return (readings[-1][3] - readings[0][3] >= 2.0 and busy < 0.1 and
+                    all(open_ == STALLED_CLIENTS and running == paused and paused >= 0.9 * STALLED_CLIENTS
+                        for open_, running, paused, _, _ in window))
+        try:
+            wait_for(held, 45, f"{STALLED_CLIENTS} streams open, held at the worker, and the gateway idle")
+        except Failure as failure:
+            raise Failure(f"{failure}; (open, running, paused, time, CPU s) last read {readings[-3:]}") from None
+        held_s = time.monotonic() - started
+        rss_held = resident_kib(server.process.pid)
+        paused_held = readings[-1][2]
+        blocks_held = gauge("kv_blocks_in_use", page())
+
+        # A reader that reads is not held back by them.
+        other_started = time.monotonic()
+        status, body = http(server.url + "/v1/completions", {"prompt": "y", "max_tokens": 100, "stream": True})
+        other_ms = (time.monotonic() - other_started) * 1000
+        check(status == 200, f"a reading client: {status} {body[-400:]!r}")
+        events = [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+        check(events and events[-1] == "[DONE]", f"a reading client's stream did not end: {body[-400:]!r}")
+        chunks = [json.loads(event) for event in events[:-1]]
+        check(any(choice.get("finish_reason") == "length" for chunk in chunks for choice in chunk["choices"]),
+              f"a reading client's stream has no finish: {body[-400:]!r}")
+        text = page()
+        check(metric(text, "fmwire_gateway_streams_open") == STALLED_CLIENTS,
+              f"a stalled stream ended meanwhile: {metric(text, 'fmwire_gateway_streams_open')} open")
+        rss_after = resident_kib(server.process.pid)
+        per_stream_kib = (max(rss_held, rss_after) - rss_before) / STALLED_CLIENTS
+        print(f"{STALLED_CLIENTS} stalled streams held ({paused_held:.0f} paused at the worker, the rest done there; "
+              f"{blocks_held:.0f} KV blocks in use) "
+              f"after {held_s:.1f} s; a reading client's 100 tokens meanwhile took {other_ms:.0f} ms; gateway VmRSS "
+              f"{rss_before} KiB before, {rss_held} KiB held, {rss_after} KiB after the reading client: "
+              f"{per_stream_kib:.1f} KiB per stalled stream (bound {BOUND_KIB_PER_STREAM})")
+        check(per_stream_kib < BOUND_KIB_PER_STREAM,
+              f"{per_stream_kib:.1f} KiB of gateway memory per stalled stream, over {BOUND_KIB_PER_STREAM}")
+
+        for client in stalled:
+            client.close()
+        stalled = []
+
+        def freed():
+            text = page()
+            return (metric(text, "fmwire_gateway_streams_open") == 0 and gauge("running_sequences", text) == 0
+                    and gauge("kv_blocks_in_use", text) == 0)
+        wait_for(freed, LIMIT_S, "the gateway's streams closed and the worker's blocks free")
+        code, _, errors = server.stop(signal.SIGTERM)
+        check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
+        check(worker.stop() == 0, "the worker did not stop cleanly")
+    finally:
+        for client in stalled:
+            client.close()
+        if server:
+            server.kill()
+        worker.kill()
+
+
 SCENARIOS = {
     "openai_sdk_up": openai_sdk_up,
     "openai_sdk_gateway_workers": openai_sdk_gateway_workers,
@@ -299,6 +459,7 @@ SCENARIOS = {
     "up_serves_then_exits_on_sigint": up_serves_then_exits_on_sigint,
     "up_streams_its_demo": up_streams_its_demo,
     "up_port_taken": up_port_taken,
+    "slow_clients_bounded_memory": slow_clients_bounded_memory,
 }
 
 
