@@ -310,6 +310,7 @@ class Stream final : public std::enable_shared_from_this<Stream> {
   GatewayImpl& gateway_;
   Executor executor_;
   StreamIdentity identity_;
+  TextChunkEncoder text_chunk_;  // identity_'s chunks, one per event
   bool include_usage_;
   bool resumable_;
   Clock::time_point received_;
@@ -519,6 +520,7 @@ Stream::Stream(GatewayImpl& gateway, Executor executor, StreamIdentity identity,
     : gateway_(gateway),
       executor_(executor),
       identity_(std::move(identity)),
+      text_chunk_(identity_),
       include_usage_(include_usage),
       resumable_(resumable),
       received_(received),
@@ -599,13 +601,13 @@ void Stream::on_chunk(std::string text, std::uint64_t wire_bytes) {
     return;
   }
   began();
-  push(text_chunk_json(identity_, text), wire_bytes);
+  push(text_chunk_(text), wire_bytes);
 }
 
 void Stream::on_finish(const Completion& completion) {
   count_finish(gateway_.metrics(), completion);
   began();
-  if (!completion.trailing_text.empty()) push(text_chunk_json(identity_, completion.trailing_text), 0);
+  if (!completion.trailing_text.empty()) push(text_chunk_(completion.trailing_text), 0);
   push(finish_chunk_json(identity_, completion.reason), 0);
   if (include_usage_) push(usage_chunk_json(identity_, completion), 0);
   generating_ = false;

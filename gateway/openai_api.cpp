@@ -3,6 +3,7 @@
 #include <boost/json.hpp>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 
 namespace fmwire::gateway {
 namespace json = boost::json;
@@ -284,6 +285,46 @@ std::string text_chunk_json(const StreamIdentity& stream, std::string_view text)
   json::value content = stream.kind == ApiKind::chat ? json::value(json::object{{"content", text}}) : json::value(text);
   chunk["choices"] = json::array{choice(stream, std::move(content), nullptr)};
   return json::serialize(chunk);
+}
+
+TextChunkEncoder::TextChunkEncoder(const StreamIdentity& stream) {
+  // A text no other field serialises to after the model: the last match is
+  // the slot (the choices come after id, object, created and model).
+  constexpr std::string_view kSlot = "\"\\u0001\"";
+  const std::string whole = text_chunk_json(stream, "\x01");
+  const std::size_t at = whole.rfind(kSlot);
+  if (at == std::string::npos) throw std::logic_error("TextChunkEncoder: no text slot in " + whole);
+  prefix_ = whole.substr(0, at + 1);
+  suffix_ = whole.substr(at + kSlot.size() - 1);
+}
+
+std::string TextChunkEncoder::operator()(std::string_view text) const {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(prefix_.size() + text.size() + suffix_.size() + 8);
+  out += prefix_;
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    switch (byte) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\t': out += "\\t"; break;
+      case '\n': out += "\\n"; break;
+      case '\f': out += "\\f"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (byte < 0x20) {
+          out += "\\u00";
+          out += kHex[byte >> 4];
+          out += kHex[byte & 0xf];
+        } else {
+          out += c;
+        }
+    }
+  }
+  out += suffix_;
+  return out;
 }
 
 std::string finish_chunk_json(const StreamIdentity& stream, FinishReason reason) {

@@ -75,6 +75,18 @@ struct StreamIdentity {
 // Stream chunks (the JSON of one SSE event or WebSocket message).
 std::string role_chunk_json(const StreamIdentity& stream);  // chat's first: delta {"role": "assistant"}
 std::string text_chunk_json(const StreamIdentity& stream, std::string_view text);
+// text_chunk_json() for one stream's every chunk, without a JSON tree per
+// chunk: the fixed parts are serialised once, and each text is escaped into
+// the gap as Boost.JSON would (the same bytes). The per-token path's encoder.
+class TextChunkEncoder {
+ public:
+  explicit TextChunkEncoder(const StreamIdentity& stream);
+  std::string operator()(std::string_view text) const;
+
+ private:
+  std::string prefix_;  // up to the text's opening quote
+  std::string suffix_;  // from its closing quote
+};
 std::string finish_chunk_json(const StreamIdentity& stream, protocol::FinishReason reason);
 std::string usage_chunk_json(const StreamIdentity& stream, const Completion& completion);
 // A whole response (stream: false).
