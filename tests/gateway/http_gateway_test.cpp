@@ -808,9 +808,14 @@ TEST_CASE("http_gateway: a reader that stops reading holds back only its own str
   auto gateway = start_gateway(options_for(upstream.endpoint()));
   constexpr std::uint32_t kStalledTokens = 15000;
   const std::size_t resident_before = resident_bytes();
+  // A small receive buffer, but not under the loopback MSS (64 KiB): with a
+  // few KiB the receiver never opens its window by a full segment, so after
+  // the stall the sender waits on zero-window probes, whose backoff grows to
+  // many seconds (seen as a hang under load: 154,800 bytes in the gateway's
+  // send queue, the reader's receive queue empty).
   SseReader stalled(gateway->port(),
                     stream_request(json::object{{"prompt", "stall"}, {"max_tokens", kStalledTokens}, {"stream", true}}),
-                    4096);
+                    128 * 1024);
   REQUIRE(stalled.status() == 200);
   // The worker stops: flow control holds the stream at its source.
   std::uint64_t sent = 0;
