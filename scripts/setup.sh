@@ -48,10 +48,11 @@ if ((${#missing[@]} > 0)); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# CUDA is optional: the build finds nvcc in /usr/local/cuda/bin when present.
-if [[ -x /usr/local/cuda/bin/nvcc ]]; then
-  echo "setup: CUDA toolkit found at /usr/local/cuda"
+# CUDA is optional: the build uses nvcc (/usr/local/cuda/bin or PATH) when its
+# toolkit also has the CUDA runtime and cuBLAS; meson's summary says which.
+if command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  echo "setup: nvcc present; meson's summary says whether the CUDA backend is built"
 else
-  echo "setup: no CUDA toolkit at /usr/local/cuda; CUDA parts will not be built"
+  echo "setup: no nvcc; CUDA parts will not be built"
 fi
 echo "setup: all dependencies present"
