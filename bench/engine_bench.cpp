@@ -44,6 +44,7 @@
 #include "bench_results.h"
 #include "engine/batching_engine.h"
 #include "engine/cpu_backend.h"
+#include "engine/cuda_module.h"
 #include "engine/engine_runner.h"
 #include "engine/llama_weights.h"
 #include "engine/tokenizer.h"
@@ -52,9 +53,6 @@
 #include "transport/client.h"
 #include "transport/server.h"
 
-#if FMWIRE_HAVE_CUDA
-#include "engine/cuda/cuda_probe.h"
-#endif
 
 namespace fmwire::bench {
 namespace {
@@ -280,14 +278,10 @@ void bench_worker_overhead(const BenchSettings& settings, std::vector<Comparison
 // ---------------------------------------------------------------- CUDA
 
 void say_cuda_is_elsewhere() {
-#if FMWIRE_HAVE_CUDA
-  const engine::CudaProbe probe = engine::probe_cuda();
-  std::printf("%s; %s\n", probe.log_line.c_str(),
-              probe.available ? "CUDA decode is not measured here: run bench_engine_cuda"
-                              : "bench_engine_cuda measures CUDA where a GPU is");
-#else
-  std::printf("CUDA: not built (no nvcc); CUDA decode is bench_engine_cuda's, built with CUDA only\n");
-#endif
+  const engine::CudaChoice cuda = engine::choose_cuda();
+  std::printf("%s; %s\n", cuda.log_line.c_str(),
+              cuda.module != nullptr ? "CUDA decode is not measured here: run bench_engine_cuda"
+                                     : "bench_engine_cuda measures CUDA where a GPU is and CUDA is built");
 }
 
 int run(const BenchSettings& settings) {

@@ -4,12 +4,9 @@
 #include <filesystem>
 
 #include "engine/cpu_backend.h"
+#include "engine/cuda_module.h"
 #include "engine/llama_weights.h"
 #include "engine/synthetic_backend.h"
-#if FMWIRE_HAVE_CUDA
-#include "engine/cuda/cuda_backend.h"
-#include "engine/cuda/cuda_probe.h"
-#endif
 
 namespace fmwire::engine {
 namespace {
@@ -97,20 +94,15 @@ Loaded load_model(const ModelSpec& spec) {
   const std::size_t bytes_per_token = std::size_t{config.layers} * 2 * config.kv_dim() * sizeof(float);
   const std::uint32_t blocks =
       spec.kv_blocks != 0 ? spec.kv_blocks : blocks_in(spec.kv_memory_mib, bytes_per_token * spec.block_tokens);
-#if FMWIRE_HAVE_CUDA
   if (spec.device != "cpu") {
-    const CudaProbe probe = probe_cuda();
-    loaded.log_lines.push_back(probe.log_line);
-    if (probe.available) {
-      backend = std::make_unique<CudaBackend>(weights, blocks, spec.block_tokens);
+    const CudaChoice cuda = choose_cuda();
+    loaded.log_lines.push_back(cuda.log_line);
+    if (cuda.module != nullptr) {
+      backend = cuda.module->make_backend(weights, blocks, spec.block_tokens);
     } else if (spec.device == "cuda") {
-      return "--device cuda: " + probe.log_line;
+      return "--device cuda: " + cuda.log_line;
     }
   }
-#else
-  if (spec.device == "cuda") return std::string("--device cuda: this build has no CUDA backend (nvcc was not found)");
-  if (spec.device == "auto") loaded.log_lines.push_back("CUDA: not built, CPU backend");
-#endif
   if (!backend) backend = std::make_unique<CpuBackend>(weights, blocks, spec.block_tokens);
   loaded.log_lines.push_back(backend->name() + " backend, " + std::to_string(blocks) + " KV blocks of " +
                              std::to_string(spec.block_tokens) + " tokens");

@@ -4,16 +4,9 @@
 // failure to find a driver is the answer, not an error.
 #pragma once
 
-#include <string>
+#include "engine/cuda_module.h"  // CudaProbe
 
 namespace fmwire::engine {
-
-struct CudaProbe {
-  bool available = false;
-  // "CUDA: NVIDIA H100 80GB HBM3, compute 9.0, 132 SMs, 79.1 GiB, CUDA backend available"
-  // or "CUDA: no device (cudaGetDeviceCount: ...), CUDA backend skipped".
-  std::string log_line;
-};
 
 // Looks at device 0, the one CudaBackend uses.
 CudaProbe probe_cuda();

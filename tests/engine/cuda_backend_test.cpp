@@ -19,6 +19,7 @@
 #include "engine/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_probe.h"
+#include "engine/cuda_module.h"
 #include "engine/llama_weights.h"
 
 namespace fmwire::engine {
@@ -149,6 +150,21 @@ TEST_CASE("the probe gives one log line, with or without a device") {
   CHECK(probe.log_line.find('\n') == std::string::npos);
 }
 
+TEST_CASE("the engine opens the CUDA backend's library at run time, and it is the backend linked here") {
+  const CudaModuleLoad& load = cuda_module();
+  INFO(load.problem);
+  REQUIRE(load.module != nullptr);
+  CHECK(&load == &cuda_module());  // opened once
+  CHECK(load.module->probe().log_line == probe_cuda().log_line);
+  const CudaChoice choice = choose_cuda();
+  MESSAGE(choice.log_line);
+  CHECK(choice.log_line.starts_with("CUDA: "));
+  CHECK((choice.module != nullptr) == probe_cuda().available);
+  if (choice.module == nullptr) return;
+  const std::unique_ptr<ModelBackend> backend = choice.module->make_backend(builtin_weights(), kTotalBlocks, kBlockTokens);
+  CHECK(backend->name() == "cuda");
+}
+
 TEST_CASE("without a device, constructing the CUDA backend throws the probe's line") {
   const CudaProbe probe = probe_cuda();
   if (probe.available) {
@@ -244,8 +260,13 @@ TEST_CASE("KV blocks moved from the CPU backend let the CUDA backend continue th
 
 #else  // !FMWIRE_HAVE_CUDA
 
+#include "engine/cuda_module.h"
+
 TEST_CASE("the CUDA backend is not built") {
-  MESSAGE("CUDA backend not built (no nvcc when the build was configured): its tests are left out");
+  MESSAGE("CUDA backend not built (no CUDA toolkit when the build was configured): its tests are left out");
+  const fmwire::engine::CudaChoice choice = fmwire::engine::choose_cuda();
+  CHECK(choice.module == nullptr);
+  CHECK(choice.log_line == "CUDA: backend not built (no CUDA toolkit when this build was configured), CUDA backend skipped");
 }
 
 #endif

@@ -47,6 +47,7 @@ def builtin_streams(binary, env):
         check(worker.stop() == 0, "the worker did not stop cleanly")
         _, errors = worker.process.communicate()
         check("cpu backend" in errors and "2 streams finished" in errors, f"worker stderr {errors!r}")
+        check("CUDA: " in errors, f"no line on the CUDA choice: {errors!r}")
     finally:
         worker.kill()
 
@@ -141,7 +142,35 @@ def sigint_cancels(binary, env):
             client.wait()
 
 
+def device_cuda(binary, env):
+    """--device cuda serves where a GPU is and otherwise exits with the reason.
+    Either way only the worker opens the CUDA library: the fmwire binary
+    itself needs none, so clients and gateways never load cuBLAS."""
+    linked = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=LIMIT_S)
+    check(linked.returncode == 0, f"ldd: {linked.stderr!r}")
+    check("libcudart" not in linked.stdout and "libcublas" not in linked.stdout, f"fmwire links CUDA: {linked.stdout}")
+    process = subprocess.Popen([binary, "worker", "--listen", "127.0.0.1:0", "--model", "builtin", "--device", "cuda"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        if line.startswith("listening on 127.0.0.1:"):
+            result = generate(binary, env, line.split()[-1], "--max-tokens", "4", "Hello")
+            check(result.returncode == 0, f"on the GPU: exit {result.returncode}: {result.stderr}")
+            process.send_signal(signal.SIGTERM)
+            _, errors = process.communicate(timeout=LIMIT_S)
+            check(process.returncode == 0 and "cuda backend" in errors, f"worker stderr {errors!r}")
+        else:
+            _, errors = process.communicate(timeout=LIMIT_S)
+            check(process.returncode == 2 and "--device cuda: CUDA: " in errors and "skipped" in errors,
+                  f"without a GPU: exit {process.returncode}, stderr {errors!r}")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 SCENARIOS = {
+    "device_cuda": device_cuda,
     "builtin_streams": builtin_streams,
     "bad_request": bad_request,
     "unknown_model": unknown_model,
