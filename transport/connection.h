@@ -188,6 +188,8 @@ class Connection final : public SocketEvents {
 
   // SocketEvents
   void on_receive(std::span<const std::byte> bytes) override;
+  std::span<std::byte> direct_receive_target() override;
+  void on_received_into(std::size_t bytes) override;
   void on_send_complete() override;
   void on_close(std::error_code error) override;
 
@@ -222,6 +224,7 @@ class Connection final : public SocketEvents {
   bool is_local_stream(std::uint32_t stream_id) const { return (stream_id % 2 == 1) == outgoing_; }
 
   std::size_t decode_frames(std::span<const std::byte> bytes);
+  void decode_received();
   void handle_frame(const codec::FrameView& frame);
   void handle_connection_frame(const codec::FrameView& frame);
   void handle_hello(const codec::FrameView& frame);
@@ -258,6 +261,13 @@ class Connection final : public SocketEvents {
   std::string peer_name_;
 
   codec::ByteBuffer receive_;    // a partial frame carried between receives
+  std::size_t pending_frame_bytes_ = 0;  // the partial frame's whole size, once its header is in
+  // Frames this large are received straight into receive_ where the backend
+  // can (direct_receive_target): worth a backend's switch from its own
+  // buffers (on io_uring a cancel and two submissions) only when it saves
+  // copying this much.
+  static constexpr std::size_t kDirectReceiveMinBytes = 128 * 1024;
+  bool last_frame_large_ = false;
   codec::ByteBuffer queued_;     // frames waiting for the next write
   codec::ByteBuffer in_flight_;  // the write under way
   std::vector<Reference> queued_references_;     // attachments inside queued_

@@ -3,6 +3,10 @@
 // - multishot receive into a provided-buffer ring: one submission per socket
 //   receives until it closes, into buffers the kernel picks, handed back to
 //   the ring as soon as on_receive returns (no per-socket receive buffer);
+//   except for the rest of a large frame already begun, which is received
+//   straight into the connection's frame buffer (SocketEvents::
+//   direct_receive_target): the multishot receive is cancelled, plain
+//   receives fill the frame, then the multishot receive is armed again;
 // - sends gathered with sendmsg (MSG_NOSIGNAL), all frames that queued up
 //   while the previous send was in flight going out in one submission;
 //   zero-copy (SENDMSG_ZC) above UringOptions::zero_copy_min_bytes, the
@@ -37,9 +41,11 @@ struct UringOptions {
   // per loop turn, and leaves out IORING_SETUP_COOP_TASKRUN. The
   // environment can set these for a whole process: FMWIRE_URING_ABLATE=
   // "unbatched", "no-coop-taskrun", "small-buffers" (4 KiB receive buffers),
+  // "copy-receive" (large frames too through the buffer ring and a copy),
   // comma-separated. Never for production.
   bool batch_submissions = true;
   bool coop_taskrun = true;
+  bool direct_receive = true;
 };
 
 class UringBackend final : public IoBackend {
@@ -64,7 +70,7 @@ class UringBackend final : public IoBackend {
   void stop() override;
 
  private:
-  enum class Op : std::uint8_t { accept = 1, receive, send, connect, wake, cancel };
+  enum class Op : std::uint8_t { accept = 1, receive, send, connect, wake, cancel, receive_direct };
   struct Socket;
   struct Listener;
   struct PendingConnect;
@@ -73,10 +79,13 @@ class UringBackend final : public IoBackend {
   io_uring_sqe* next_sqe();
   void arm_accept(Listener& listener);
   void arm_receive(Socket& socket);
+  void arm_next_receive(Socket& socket);
+  void leave_buffer_ring_if_wanted(Socket& socket);
   void submit_send(Socket& socket);
   void arm_wake();
   void handle(const io_uring_cqe& cqe);
   void handle_receive(Socket& socket, const io_uring_cqe& cqe);
+  void handle_receive_direct(Socket& socket, const io_uring_cqe& cqe);
   void handle_send(Socket& socket, const io_uring_cqe& cqe);
   void finish_send(Socket& socket, int result);
   void begin_close(Socket& socket, std::error_code error);
