@@ -144,6 +144,18 @@ struct Event {
   std::uint64_t wire_bytes = 0;  // to acknowledge upstream once delivered (or kept)
 };
 
+class Stream;
+
+// Where a write of events reports when it is done: the stream (kept alive
+// until then) and which of its writes it was. A plain value, so that a
+// write costs no allocation for its completion.
+struct WriteDone {
+  std::shared_ptr<Stream> stream;
+  std::uint64_t sink_generation = 0;
+  std::uint64_t through = 0;  // the last event written
+  void operator()(bool ok) const;  // defined after Stream
+};
+
 // Where a stream's events go: an SSE response or a WebSocket. Everything on
 // the stream's strand.
 class Sink {
@@ -153,7 +165,7 @@ class Sink {
   virtual void watch(std::function<void()> lost) = 0;
   // Writes `events` (at most max_events_per_write(), in order); `done` once
   // all are written or the write failed. The events need not outlive the call.
-  virtual void write_events(std::span<const Event* const> events, std::function<void(bool ok)> done) = 0;
+  virtual void write_events(std::span<const Event* const> events, WriteDone done) = 0;
   virtual std::size_t max_events_per_write() const = 0;
   // The end: [DONE] (a WebSocket's normal close) or an error event, then
   // the close; `done` is dropped once it is written (or failed).
@@ -168,7 +180,11 @@ class Sink {
 // with the first event, so that an error before it can still be an HTTP status.
 class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> {
  public:
-  SseSink(beast::tcp_stream stream, const std::string& stream_id) : stream_(std::move(stream)) {
+  SseSink(beast::tcp_stream stream, const std::string& stream_id)
+      : stream_(std::move(stream)), stall_timer_(stream_.get_executor()) {
+    // Stalled writes are watched by stall_timer_, not by a deadline re-armed
+    // (a timer wait queued and cancelled) on every write.
+    stream_.expires_never();
     beast::error_code ignored;
     stream_.socket().set_option(asio::socket_base::send_buffer_size(kStreamSocketSendBytes), ignored);
     header_ = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -182,7 +198,7 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
   }
 
   // All the events in one HTTP chunk.
-  void write_events(std::span<const Event* const> events, std::function<void(bool)> done) override {
+  void write_events(std::span<const Event* const> events, WriteDone done) override {
     constexpr std::string_view kId = "id: ", kData = "\ndata: ", kEnd = "\n\n";
     std::size_t bytes = 0;
     for (const Event* event : events) {
@@ -223,6 +239,7 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
 
   void close() override {
     lost_ = nullptr;
+    stall_timer_.cancel();
     beast::error_code ignored;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
     stream_.close();
@@ -235,13 +252,35 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
     header_sent_ = true;
   }
 
-  void write(std::function<void(bool)> done) {
-    stream_.expires_after(kStalledWriteTimeout);
+  template <typename Done>
+  void write(Done done) {
+    write_started_ = Clock::now();
+    writing_ = true;
+    if (!stall_timer_armed_) watch_for_stall(write_started_ + kStalledWriteTimeout);
     asio::async_write(stream_, asio::buffer(out_),
-                      [self = shared_from_this(), done = std::move(done)](beast::error_code error, std::size_t) {
+                      [self = shared_from_this(), done = std::move(done)](beast::error_code error, std::size_t) mutable {
+                        self->writing_ = false;
                         if (error) self->peer_gone();
                         done(!error);
                       });
+  }
+
+  // A write that has taken kStalledWriteTimeout is cut off (its completion
+  // then fails); armed by a write when not already armed, so that the timer
+  // is touched about once per timeout, not once per event.
+  void watch_for_stall(Clock::time_point deadline) {
+    stall_timer_armed_ = true;
+    stall_timer_.expires_at(deadline);
+    stall_timer_.async_wait([weak = weak_from_this()](beast::error_code error) {
+      auto self = weak.lock();
+      if (!self) return;
+      self->stall_timer_armed_ = false;
+      if (error || !self->writing_) return;
+      const Clock::time_point due = self->write_started_ + kStalledWriteTimeout;
+      if (Clock::now() < due) return self->watch_for_stall(due);
+      beast::error_code ignored;
+      self->stream_.socket().close(ignored);
+    });
   }
 
   // Reads (and drops) whatever the client sends, to see it go away.
@@ -260,6 +299,10 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
   }
 
   beast::tcp_stream stream_;
+  asio::steady_timer stall_timer_;
+  bool stall_timer_armed_ = false;
+  bool writing_ = false;
+  Clock::time_point write_started_;
   std::string header_;
   bool header_sent_ = false;
   std::string out_;
@@ -279,6 +322,7 @@ class GatewayImpl;
 // this stream at the worker and nothing else.
 class Stream final : public std::enable_shared_from_this<Stream> {
  public:
+  friend struct WriteDone;
   Stream(GatewayImpl& gateway, Executor executor, StreamIdentity identity, bool include_usage, bool resumable,
          Clock::time_point received);
 
@@ -317,6 +361,9 @@ class Stream final : public std::enable_shared_from_this<Stream> {
   GenerationHandle handle_;
   std::deque<Event> events_;
   std::vector<const Event*> batch_;  // the events of the write under way (reused)
+  // Written events' strings, their capacity reused for the next chunks' JSON.
+  static constexpr std::size_t kSpareJsonStrings = 4;
+  std::vector<std::string> spare_json_;
   std::uint64_t next_n_ = 1;
   std::uint64_t delivered_ = 0;     // written to the current reader
   std::uint64_t acknowledged_ = 0;  // taken (written, or kept), through this event
@@ -601,7 +648,13 @@ void Stream::on_chunk(std::string text, std::uint64_t wire_bytes) {
     return;
   }
   began();
-  push(text_chunk_(text), wire_bytes);
+  std::string json;
+  if (!spare_json_.empty()) {
+    json = std::move(spare_json_.back());
+    spare_json_.pop_back();
+  }
+  text_chunk_.encode_into(json, text);
+  push(std::move(json), wire_bytes);
 }
 
 void Stream::on_finish(const Completion& completion) {
@@ -659,9 +712,7 @@ void Stream::pump() {
       bytes += batch_.back()->json.size();
     }
     writing_ = true;
-    sink_->write_events(batch_, [self = shared_from_this(), generation = sink_generation_, n = batch_.back()->n](bool ok) {
-      self->on_written(generation, n, ok);
-    });
+    sink_->write_events(batch_, WriteDone{shared_from_this(), sink_generation_, batch_.back()->n});
     return;
   }
   if (generating_) return;
@@ -673,6 +724,8 @@ void Stream::pump() {
 void Stream::release_when_idle() {
   if (!generating_ && !sink_) activity_.reset();
 }
+
+void WriteDone::operator()(bool ok) const { stream->on_written(sink_generation, through, ok); }
 
 void Stream::on_written(std::uint64_t generation, std::uint64_t n, bool ok) {
   if (generation != sink_generation_ || !sink_) return;
@@ -732,6 +785,7 @@ void Stream::keep_detached() {
 void Stream::trim() {
   const std::size_t keep = resumable_ ? gateway_.options().replay_events : 0;
   while (events_.size() > keep && events_.front().n <= delivered_ && events_.front().n <= acknowledged_) {
+    if (spare_json_.size() < kSpareJsonStrings) spare_json_.push_back(std::move(events_.front().json));
     events_.pop_front();
   }
 }
@@ -789,7 +843,7 @@ class WebSocketSink final : public Sink, public std::enable_shared_from_this<Web
 
   // One message per event: one at a time.
   std::size_t max_events_per_write() const override { return 1; }
-  void write_events(std::span<const Event* const> events, std::function<void(bool)> done) override {
+  void write_events(std::span<const Event* const> events, WriteDone done) override {
     out_ = events.front()->json;
     socket_.text(true);
     socket_.async_write(asio::buffer(out_), [self = shared_from_this(), done = std::move(done)](beast::error_code error, std::size_t) {

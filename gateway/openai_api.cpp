@@ -299,8 +299,14 @@ TextChunkEncoder::TextChunkEncoder(const StreamIdentity& stream) {
 }
 
 std::string TextChunkEncoder::operator()(std::string_view text) const {
-  static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
+  encode_into(out, text);
+  return out;
+}
+
+void TextChunkEncoder::encode_into(std::string& out, std::string_view text) const {
+  static constexpr char kHex[] = "0123456789abcdef";
+  out.clear();
   out.reserve(prefix_.size() + text.size() + suffix_.size() + 8);
   out += prefix_;
   for (const char c : text) {
@@ -324,7 +330,6 @@ std::string TextChunkEncoder::operator()(std::string_view text) const {
     }
   }
   out += suffix_;
-  return out;
 }
 
 std::string finish_chunk_json(const StreamIdentity& stream, FinishReason reason) {

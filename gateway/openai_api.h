@@ -82,6 +82,8 @@ class TextChunkEncoder {
  public:
   explicit TextChunkEncoder(const StreamIdentity& stream);
   std::string operator()(std::string_view text) const;
+  // The same into `out` (replacing what it held), reusing its capacity.
+  void encode_into(std::string& out, std::string_view text) const;
 
  private:
   std::string prefix_;  // up to the text's opening quote
