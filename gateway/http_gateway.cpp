@@ -41,7 +41,6 @@ using Executor = asio::any_io_executor;  // always a strand here
 using namespace std::chrono_literals;
 
 constexpr auto kRequestReadTimeout = 30s;      // a request's header and body, and a WebSocket's first message
-constexpr auto kStalledWriteTimeout = 60s;     // a reader that takes nothing for this long is cut off
 constexpr auto kProbeWhileDown = 250ms;        // /ready: how often an unreachable upstream is tried again
 constexpr auto kProbeWhileUp = 2s;             // ... and a reachable one checked
 constexpr auto kUpstreamConnectTimeout = 2000ms;
@@ -180,8 +179,8 @@ class Sink {
 // with the first event, so that an error before it can still be an HTTP status.
 class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> {
  public:
-  SseSink(beast::tcp_stream stream, const std::string& stream_id)
-      : stream_(std::move(stream)), stall_timer_(stream_.get_executor()) {
+  SseSink(beast::tcp_stream stream, const std::string& stream_id, std::chrono::milliseconds stalled_write_timeout)
+      : stream_(std::move(stream)), stall_timer_(stream_.get_executor()), stalled_write_timeout_(stalled_write_timeout) {
     // Stalled writes are watched by stall_timer_, not by a deadline re-armed
     // (a timer wait queued and cancelled) on every write.
     stream_.expires_never();
@@ -256,7 +255,7 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
   void write(Done done) {
     write_started_ = Clock::now();
     writing_ = true;
-    if (!stall_timer_armed_) watch_for_stall(write_started_ + kStalledWriteTimeout);
+    if (!stall_timer_armed_) watch_for_stall(write_started_ + stalled_write_timeout_);
     asio::async_write(stream_, asio::buffer(out_),
                       [self = shared_from_this(), done = std::move(done)](beast::error_code error, std::size_t) mutable {
                         self->writing_ = false;
@@ -265,7 +264,7 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
                       });
   }
 
-  // A write that has taken kStalledWriteTimeout is cut off (its completion
+  // A write that has taken stalled_write_timeout_ is cut off (its completion
   // then fails); armed by a write when not already armed, so that the timer
   // is touched about once per timeout, not once per event.
   void watch_for_stall(Clock::time_point deadline) {
@@ -276,7 +275,7 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
       if (!self) return;
       self->stall_timer_armed_ = false;
       if (error || !self->writing_) return;
-      const Clock::time_point due = self->write_started_ + kStalledWriteTimeout;
+      const Clock::time_point due = self->write_started_ + self->stalled_write_timeout_;
       if (Clock::now() < due) return self->watch_for_stall(due);
       beast::error_code ignored;
       self->stream_.socket().close(ignored);
@@ -300,6 +299,7 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
 
   beast::tcp_stream stream_;
   asio::steady_timer stall_timer_;
+  std::chrono::milliseconds stalled_write_timeout_;
   bool stall_timer_armed_ = false;
   bool writing_ = false;
   Clock::time_point write_started_;
@@ -1099,7 +1099,8 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
                                            received_);
     if (resumable) gateway_.keep_resumable(stream);
     stream_.expires_never();
-    stream->begin(*client, std::move(request.params), std::make_shared<SseSink>(std::move(stream_), identity.id));
+    stream->begin(*client, std::move(request.params),
+                  std::make_shared<SseSink>(std::move(stream_), identity.id, gateway_.options().stalled_write_timeout));
     // The connection is the stream's now; this session ends here.
   }
 
@@ -1133,7 +1134,8 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
     tcp::socket rebound(stream->executor());
     rebound.assign(protocol, native, error);
     if (error) return;
-    auto sink = std::make_shared<SseSink>(beast::tcp_stream(std::move(rebound)), id);
+    auto sink = std::make_shared<SseSink>(beast::tcp_stream(std::move(rebound)), id,
+                                          gateway_.options().stalled_write_timeout);
     asio::post(stream->executor(), [stream, sink, last_event_id] { stream->attach(sink, last_event_id); });
   }
 
@@ -1233,7 +1235,7 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
   void send(Response response, bool keep_alive) {
     gateway_.metrics().count_request(response.result_int());
     auto owned = std::make_shared<Response>(std::move(response));
-    stream_.expires_after(kStalledWriteTimeout);
+    stream_.expires_after(gateway_.options().stalled_write_timeout);
     http::async_write(stream_, *owned, [self = shared_from_this(), owned, keep_alive,
                                         activity = std::move(activity_)](beast::error_code error, std::size_t) {
       if (error || !keep_alive) return self->close();

@@ -75,6 +75,9 @@ struct HttpGatewayOptions {
   // with Last-Event-ID, and for how long after the stream's end.
   std::size_t replay_events = 4096;
   std::chrono::seconds resume_window{30};
+  // A write to a reader that takes nothing for this long fails: the reader
+  // is cut off, and its stream cancelled (or kept, when resumable).
+  std::chrono::milliseconds stalled_write_timeout{60'000};
   // Chat messages become one prompt: each message is
   // "<role>: <content>\n", then "assistant:" (a plain default).
   std::string io_backend;                         // the native client's: "", "uring" or "asio"

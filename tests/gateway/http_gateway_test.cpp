@@ -853,6 +853,33 @@ TEST_CASE("http_gateway: a reader that stops reading holds back only its own str
   CHECK(upstream.counters().tokens_sent == kStalledTokens + 100);
 }
 
+TEST_CASE("http_gateway: a reader that takes nothing for the stalled-write time is cut off and its stream cancelled") {
+  Upstream upstream(synthetic(0us, 1024));
+  HttpGatewayOptions options = options_for(upstream.endpoint());
+  options.stalled_write_timeout = 500ms;
+  auto gateway = start_gateway(options);
+  SseReader stalled(gateway->port(),
+                    stream_request(json::object{{"prompt", "stall"}, {"max_tokens", 15000}, {"stream", true}}),
+                    128 * 1024);
+  REQUIRE(stalled.status() == 200);
+  const Clock::time_point start = Clock::now();
+  // Cut off by the gateway: the request is cancelled at the worker and its
+  // blocks are free, though the reader never went away.
+  const bool cancelled = wait_until([&] {
+    const engine::EngineStats stats = upstream.stats();
+    return upstream.counters().streams_cancelled == 1 && stats.running == 0 && stats.free_blocks == stats.total_blocks;
+  }, 10000ms);
+  INFO("cancelled " << upstream.counters().streams_cancelled << ", tokens sent " << upstream.counters().tokens_sent);
+  REQUIRE(cancelled);
+  const auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start);
+  MESSAGE("stalled reader cut off after " << elapsed.count() << " ms (timeout 500 ms)");
+  CHECK(elapsed >= 500ms);
+  CHECK(upstream.counters().tokens_sent < 15000);
+  // And the gateway serves others as before.
+  SseReader other(gateway->port(), stream_request(json::object{{"prompt", "other"}, {"max_tokens", 20}, {"stream", true}}));
+  CHECK(other.rest().back().data == "[DONE]");
+}
+
 }  // namespace fmwire::gateway
 
 namespace fmwire::gateway {
