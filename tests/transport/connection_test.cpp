@@ -467,15 +467,28 @@ class AttachmentSink final : public ConnectionHandler {
   codec::AttachmentCodec codec_;
 };
 
-TEST_CASE("attachments sent by reference arrive whole, and their memory is held until written") {
-  for (const char* backend : kBackends) {
-    CAPTURE(std::string(backend));
-    EventLoop loop(backend);
-    AttachmentSink sink;
+// A server whose connections' KvChunk attachments go to `sink`, with windows
+// large enough for multi-MiB attachments.
+struct AttachmentRig {
+  explicit AttachmentRig(const char* backend)
+      : loop(backend), options(large_windows()), server(loop, Endpoint{"127.0.0.1", 0}, options, sink) {}
+  static ConnectionOptions large_windows() {
     ConnectionOptions options;
     options.initial_stream_credit_bytes = 64 << 20;
     options.initial_connection_credit_bytes = 256 << 20;
-    Server server(loop, Endpoint{"127.0.0.1", 0}, options, sink);
+    return options;
+  }
+  EventLoop loop;
+  AttachmentSink sink;
+  ConnectionOptions options;
+  Server server;
+};
+
+TEST_CASE("attachments sent by reference arrive whole, and their memory is held until written") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    AttachmentRig rig(backend);
+    auto& [loop, sink, options, server] = rig;
     Collector collector;
     std::unique_ptr<Connection> client;
     test::connect_client(loop, server.port(), options, collector, client);
@@ -519,12 +532,8 @@ TEST_CASE("attachments sent by reference arrive whole, and their memory is held 
 TEST_CASE("large frames in uneven pieces arrive whole; a peer killed inside one disturbs nothing else") {
   for (const char* backend : kBackends) {
     CAPTURE(std::string(backend));
-    EventLoop loop(backend);
-    AttachmentSink sink;
-    ConnectionOptions options;
-    options.initial_stream_credit_bytes = 64 << 20;
-    options.initial_connection_credit_bytes = 256 << 20;
-    Server server(loop, Endpoint{"127.0.0.1", 0}, options, sink);
+    AttachmentRig rig(backend);
+    auto& [loop, sink, options, server] = rig;
 
     // 1 MiB, three small, 512 KiB, 200 KiB, 2 MiB (cut short): each attachment
     // a pattern of its own, so a misplaced piece shows.
