@@ -68,6 +68,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
   }
   options.model = command.model;
   options.io_backend = command.backend;
+  options.http_threads = command.http_threads;
 
   std::mutex mutex;
   std::condition_variable changed;

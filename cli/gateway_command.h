@@ -24,6 +24,7 @@ struct GatewayCommand {
   std::string model = "builtin";          // what /v1/models lists
   gateway::RouterOptions router_options;  // the embedded router's
   std::string backend;                    // I/O backend: "", "uring" or "asio"
+  unsigned http_threads = 0;              // 0: the gateway's default
   std::chrono::milliseconds drain_timeout{30000};
 };
 

@@ -228,6 +228,8 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
        "with --workers: open streams at once; then 429 overloaded")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
        "on SIGINT/SIGTERM, how long open streams may take to finish")
+      ("http-threads", po::value(&command.http_threads)->default_value(command.http_threads),
+       "threads for HTTP; 0: one per four cores, at least one")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
@@ -258,6 +260,8 @@ int run_up_command(const std::vector<std::string>& arguments) {
       ("demo-prompt", po::value(&command.demo_prompt)->default_value(command.demo_prompt), "the demo's prompt")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
        "on SIGINT/SIGTERM, how long open streams may take to finish")
+      ("http-threads", po::value(&command.http_threads)->default_value(command.http_threads),
+       "threads for HTTP; 0: one per four cores, at least one")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;

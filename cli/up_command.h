@@ -25,6 +25,7 @@ struct UpCommand {
   std::string demo_prompt = "Once upon a time";
   std::uint32_t demo_max_tokens = 48;
   std::string backend;                // I/O backend: "", "uring" or "asio"
+  unsigned http_threads = 0;          // 0: the gateway's default
   std::chrono::milliseconds drain_timeout{30000};
 };
 

@@ -1,5 +1,6 @@
 #include "gateway/http_gateway.h"
 
+#include <pthread.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -44,7 +45,6 @@ constexpr auto kRequestReadTimeout = 30s;      // a request's header and body, a
 constexpr auto kProbeWhileDown = 250ms;        // /ready: how often an unreachable upstream is tried again
 constexpr auto kProbeWhileUp = 2s;             // ... and a reachable one checked
 constexpr auto kUpstreamConnectTimeout = 2000ms;
-constexpr int kIoThreads = 2;
 // What the upstream may send ahead on one stream before the HTTP reader
 // takes it: the most a stalled reader makes the gateway hold (as frames, and
 // then as encoded events of about 2.5 times their size). 64 KiB is about a
@@ -409,10 +409,20 @@ class GatewayImpl final : public HttpGateway {
     probe_upstream();  // once now, so that a reachable upstream is ready at once
     watcher_ = std::thread([this] { watch_upstream(); });
     accept();
-    for (int i = 0; i < kIoThreads; ++i) threads_.emplace_back([this] { ioc_.run(); });
+    for (unsigned i = 0; i < http_threads(); ++i) {
+      threads_.emplace_back([this] {
+        pthread_setname_np(pthread_self(), "fmwire-http");  // named so that per-thread CPU can be told apart
+        ioc_.run();
+      });
+    }
   }
 
   std::uint16_t port() const override { return port_; }
+
+  unsigned http_threads() const {
+    if (options_.http_threads != 0) return options_.http_threads;
+    return std::max(1u, std::thread::hardware_concurrency() / 4);
+  }
 
   void drain(std::chrono::milliseconds grace) override {
     asio::post(ioc_, [this] {

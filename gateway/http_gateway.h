@@ -81,6 +81,11 @@ struct HttpGatewayOptions {
   // Chat messages become one prompt: each message is
   // "<role>: <content>\n", then "assistant:" (a plain default).
   std::string io_backend;                         // the native client's: "", "uring" or "asio"
+  // Threads for the HTTP side; 0: one per four cores, at least one. Every
+  // token's send to its reader runs on one of them, so more threads cost
+  // hand-offs between cores: on two cores, one HTTP thread spends ~35% less
+  // CPU per token than two (bench/gateway, README "Performance").
+  unsigned http_threads = 0;
 };
 
 class HttpGateway {

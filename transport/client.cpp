@@ -1,5 +1,6 @@
 #include "transport/client.h"
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -61,7 +62,10 @@ class Client::Session final : public transport::ConnectionHandler {
       : endpoint_(endpoint), options_(std::move(options)), loop_(options_.backend),
         reconnect_backoff_(options_.reconnect_min) {
     options_.connection.role = protocol::Role::CLIENT;
-    thread_ = std::thread([this] { loop_.run(); });
+    thread_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "fmwire-client");  // named so that per-thread CPU can be told apart
+      loop_.run();
+    });
   }
 
   ~Session() override {

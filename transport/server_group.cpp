@@ -1,5 +1,7 @@
 #include "transport/server_group.h"
 
+#include <pthread.h>
+
 #include <stdexcept>
 
 namespace fmwire::transport {
@@ -27,7 +29,10 @@ ServerGroup::~ServerGroup() {
 
 void ServerGroup::start() {
   for (auto& shard : shards_) {
-    if (!shard->thread.joinable()) shard->thread = std::thread([loop = &shard->loop] { loop->run(); });
+    if (!shard->thread.joinable()) shard->thread = std::thread([loop = &shard->loop] {
+        pthread_setname_np(pthread_self(), "fmwire-serve");  // named so that per-thread CPU can be told apart
+        loop->run();
+      });
   }
 }
 
