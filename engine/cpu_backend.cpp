@@ -102,7 +102,7 @@ CpuBackend::CpuBackend(std::shared_ptr<const LlamaWeights> weights, std::uint32_
   geometry_.dtype = protocol::DType::FLOAT32;
   geometry_.element_bytes = sizeof(float);
   block_floats_ = geometry_.bytes_per_block() / sizeof(float);
-  kv_.assign(block_floats_ * kv_blocks, 0.0f);
+  kv_ = ZeroedArray<float>(block_floats_ * kv_blocks);
 
   // run.c: freq = 1 / theta^(i / head_size) for the pair starting at even i.
   const std::uint32_t head_dim = config.head_dim();

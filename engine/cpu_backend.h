@@ -9,6 +9,7 @@
 
 #include "engine/llama_weights.h"
 #include "engine/model_backend.h"
+#include "engine/zeroed_array.h"
 
 namespace fmwire::engine {
 
@@ -38,7 +39,7 @@ class CpuBackend final : public ModelBackend {
   KvGeometry geometry_;
   std::uint32_t total_blocks_;
   std::size_t block_floats_;  // bytes_per_block() / 4
-  std::vector<float> kv_;     // total_blocks_ * block_floats_ floats
+  ZeroedArray<float> kv_;     // total_blocks_ * block_floats_ floats, paged in as used
   std::vector<float> rope_frequencies_;  // [head_dim / 2], run.c's
   // Scratch for one token at a time, reused: no allocation per step.
   std::vector<float> x_, xb_, xb2_, hb_, hb2_, q_, k_, v_, att_, rope_cos_, rope_sin_;

@@ -47,7 +47,7 @@ std::vector<std::string> synthetic_model_names() { return {"llama-3-8b", "llama-
 SyntheticBackend::SyntheticBackend(SyntheticModel model, std::uint32_t kv_blocks)
     : model_(std::move(model)), total_blocks_(kv_blocks) {
   if (kv_blocks == 0) throw std::invalid_argument("SyntheticBackend: zero KV blocks");
-  kv_.resize(std::size_t{kv_blocks} * model_.kv.bytes_per_block());
+  kv_ = ZeroedArray<std::byte>(std::size_t{kv_blocks} * model_.kv.bytes_per_block());
 }
 
 void SyntheticBackend::forward(std::span<const BatchEntry> batch, std::span<float> logits) {

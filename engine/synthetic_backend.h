@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine/model_backend.h"
+#include "engine/zeroed_array.h"
 
 namespace fmwire::engine {
 
@@ -47,7 +48,7 @@ class SyntheticBackend final : public ModelBackend {
  private:
   SyntheticModel model_;
   std::uint32_t total_blocks_;
-  std::vector<std::byte> kv_;
+  ZeroedArray<std::byte> kv_;  // paged in as blocks are written
 };
 
 }  // namespace fmwire::engine
