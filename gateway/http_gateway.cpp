@@ -186,6 +186,7 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
     stream_.expires_never();
     beast::error_code ignored;
     stream_.socket().set_option(asio::socket_base::send_buffer_size(kStreamSocketSendBytes), ignored);
+    stream_.socket().non_blocking(true, ignored);  // for write()'s first try
     header_ = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
               "Connection: close\r\nTransfer-Encoding: chunked\r\nX-Fmwire-Stream-Id: " +
               stream_id + "\r\n\r\n";
@@ -251,12 +252,22 @@ class SseSink final : public Sink, public std::enable_shared_from_this<SseSink> 
     header_sent_ = true;
   }
 
+  // A reader that keeps up takes the bytes at once: one non-blocking send,
+  // and `done` runs before write() returns, with no asynchronous operation
+  // and no completion queued through the strand for each event. What the
+  // kernel does not take (or an error) goes on as an asynchronous write.
   template <typename Done>
   void write(Done done) {
+    beast::error_code error;
+    const std::size_t sent = stream_.socket().write_some(asio::buffer(out_), error);
+    if (!error && sent == out_.size()) {
+      const auto keep_alive = shared_from_this();  // `done` may drop the stream's hold on this sink
+      return done(true);
+    }
     write_started_ = Clock::now();
     writing_ = true;
     if (!stall_timer_armed_) watch_for_stall(write_started_ + stalled_write_timeout_);
-    asio::async_write(stream_, asio::buffer(out_),
+    asio::async_write(stream_, asio::buffer(out_.data() + sent, out_.size() - sent),
                       [self = shared_from_this(), done = std::move(done)](beast::error_code error, std::size_t) mutable {
                         self->writing_ = false;
                         if (error) self->peer_gone();
