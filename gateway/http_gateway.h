@@ -84,7 +84,7 @@ struct HttpGatewayOptions {
   // Threads for the HTTP side; 0: one per four cores, at least one. Every
   // token's send to its reader runs on one of them, so more threads cost
   // hand-offs between cores: on two cores, one HTTP thread spends ~35% less
-  // CPU per token than two (bench/gateway, README "Performance").
+  // CPU per token than two (bench/gateway; README, "More").
   unsigned http_threads = 0;
 };
 
