@@ -325,7 +325,7 @@ class GatewayImpl;
 
 // One generation stream: its events on their way to a reader, and (when
 // resumable) kept for one that reconnects. Everything on its strand but
-// construction; the client's callbacks post here.
+// construction; the client's callbacks reach it through GatewayImpl::deliver.
 //
 // Events are acknowledged upstream (GenerationHandle::consumed) once written
 // to the reader, or, for a resumable stream with no reader, once kept while
@@ -334,6 +334,7 @@ class GatewayImpl;
 class Stream final : public std::enable_shared_from_this<Stream> {
  public:
   friend struct WriteDone;
+  friend class GatewayImpl;  // hands it the client's deliveries (GatewayImpl::deliver)
   Stream(GatewayImpl& gateway, Executor executor, StreamIdentity identity, bool include_usage, bool resumable,
          Clock::time_point received);
 
@@ -496,6 +497,27 @@ class GatewayImpl final : public HttpGateway {
     return found == resumable_.end() ? nullptr : found->second;
   }
 
+  // What the client's loop thread hands a stream: a chunk's text, or its
+  // finish or error (`other`), in the order they came.
+  struct Delivery {
+    std::shared_ptr<Stream> stream;
+    std::string text;
+    std::uint64_t wire_bytes = 0;
+    std::function<void()> other;
+  };
+  // From the client's loop thread. Deliveries gather and go to the HTTP
+  // threads with one post per batch (a loop turn's worth: a step's token for
+  // every stream), not one post (an allocation, a lock, maybe a wake-up)
+  // per token; on an HTTP thread each goes to its stream's strand, run at
+  // once when the strand is free.
+  void deliver(Delivery delivery) {
+    std::lock_guard lock(deliveries_mutex_);
+    deliveries_.push_back(std::move(delivery));
+    if (delivery_posted_) return;
+    delivery_posted_ = true;
+    asio::post(ioc_, [this] { hand_out_deliveries(); });
+  }
+
  private:
   void accept();
 
@@ -552,8 +574,39 @@ class GatewayImpl final : public HttpGateway {
       client.swap(client_);
     }
     client.reset();
+    {
+      std::lock_guard lock(deliveries_mutex_);
+      deliveries_.clear();
+    }
     std::lock_guard lock(streams_mutex_);
     resumable_.clear();
+  }
+
+  // One batch, then posted again if more came meanwhile (other HTTP work
+  // gets its turn between batches).
+  void hand_out_deliveries() {
+    {
+      std::lock_guard lock(deliveries_mutex_);
+      handing_out_.swap(deliveries_);
+    }
+    for (Delivery& delivery : handing_out_) {
+      const Executor executor = delivery.stream->executor();
+      if (delivery.other) {
+        asio::dispatch(executor, std::move(delivery.other));
+        continue;
+      }
+      asio::dispatch(executor, [stream = std::move(delivery.stream), text = std::move(delivery.text),
+                                wire_bytes = delivery.wire_bytes]() mutable {
+        stream->on_chunk(std::move(text), wire_bytes);
+      });
+    }
+    handing_out_.clear();
+    std::lock_guard lock(deliveries_mutex_);
+    if (deliveries_.empty()) {
+      delivery_posted_ = false;
+      return;
+    }
+    asio::post(ioc_, [this] { hand_out_deliveries(); });
   }
 
   HttpGatewayOptions options_;
@@ -579,6 +632,13 @@ class GatewayImpl final : public HttpGateway {
 
   std::mutex random_mutex_;
   std::mt19937_64 random_{std::random_device{}()};
+
+  // One hand_out_deliveries() is posted or running at a time (while
+  // delivery_posted_), so a stream's deliveries reach its strand in order.
+  std::mutex deliveries_mutex_;
+  std::vector<Delivery> deliveries_;
+  std::vector<Delivery> handing_out_;
+  bool delivery_posted_ = false;
 };
 
 // ------------------------------------------------------------------ Stream
@@ -604,16 +664,14 @@ void Stream::begin(Client& client, GenerateParams params, std::shared_ptr<Sink> 
   auto self = shared_from_this();
   callbacks.on_tokens = [self, clock = TokenClock{received_, std::nullopt}](const TokenChunk& chunk) mutable {
     clock.observe(self->gateway_.metrics(), chunk.token_ids.size());
-    asio::post(self->executor_, [self, text = joined(chunk.text_pieces), wire_bytes = chunk.wire_bytes]() mutable {
-      self->on_chunk(std::move(text), wire_bytes);
-    });
+    self->gateway_.deliver({self, joined(chunk.text_pieces), chunk.wire_bytes, nullptr});
   };
   callbacks.on_finish = [self](const Completion& completion) {
-    asio::post(self->executor_, [self, completion] { self->on_finish(completion); });
+    self->gateway_.deliver({self, {}, 0, [self, completion] { self->on_finish(completion); }});
   };
   callbacks.on_error = [self](const ClientError& error) {
     self->gateway_.upstream_failed(error);
-    asio::post(self->executor_, [self, error] { self->on_error(error); });
+    self->gateway_.deliver({self, {}, 0, [self, error] { self->on_error(error); }});
   };
   handle_ = client.generate(std::move(params), std::move(callbacks));
 }
