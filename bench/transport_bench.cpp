@@ -246,7 +246,7 @@ BulkSummary summarize(const std::vector<BulkRun>& runs) {
 
 void print_bulk_row(const std::string& size, const std::string& transport, const BulkSummary& summary,
                     std::optional<double> ratio, const std::string& refused) {
-  std::printf("    %-11s %-16s %8.2f %10s %10.3f %10.3f %9s\n", size.c_str(), transport.c_str(),
+  std::printf("    %-11s %-24s %8.2f %10s %10.3f %10.3f %9s\n", size.c_str(), transport.c_str(),
               summary.bytes_per_s / 1e9, ratio_text(ratio).c_str(), summary.user_s_per_gb, summary.system_s_per_gb,
               refused.c_str());
 }
@@ -277,26 +277,35 @@ void run_bulk(const BenchSettings& settings, std::vector<Comparison>& results) {
                  " MiB in 1 MiB blocks, receiver-side rate";
   }
 
-  std::printf("    %-11s %-16s %8s %10s %10s %10s %9s\n", "attachment", "transport", "GB/s", "vs iperf3", "user s/GB",
+  std::printf("    %-11s %-24s %8s %10s %10s %10s %9s\n", "attachment", "transport", "GB/s", "vs iperf3", "user s/GB",
               "sys s/GB", "refused");
   if (iperf) print_bulk_row("-", "iperf3", *iperf, std::nullopt, "-");
   for (const std::size_t chunk_bytes : settings.chunk_bytes) {
     const std::string size = std::to_string(chunk_bytes >> 20) + " MiB";
     for (const std::string& backend : settings.backends) {
-      // io_uring twice: plain sendmsg, and zero-copy (SENDMSG_ZC) for every
-      // write of 64 KiB or more, so the threshold question gets its numbers.
-      const std::vector<std::size_t> zero_copy = backend == "uring" ? std::vector<std::size_t>{0, 64 * 1024}
-                                                                    : std::vector<std::size_t>{0};
-      for (const std::size_t zero_copy_min_bytes : zero_copy) {
-        const BulkSummary ours = summarize(
-            fmwire_bulk(backend, chunk_bytes, settings.bulk_bytes, settings.repetitions, zero_copy_min_bytes));
+      // io_uring three times: plain sendmsg; zero-copy (SENDMSG_ZC) for
+      // every write of 64 KiB or more; and zero-copy with the source buffer
+      // registered (SEND_ZC on a fixed buffer), so the threshold and the
+      // registered buffers get their numbers.
+      struct Variant {
+        std::size_t zero_copy_min_bytes;
+        bool registered;
+        const char* label;
+        const char* key;
+      };
+      std::vector<Variant> variants{{0, false, "", ""}};
+      if (backend == "uring") {
+        variants.push_back({64 * 1024, false, " ZC", "_zerocopy"});
+        variants.push_back({64 * 1024, true, " ZC fixed", "_zerocopy_fixed"});
+      }
+      for (const Variant& variant : variants) {
+        const BulkSummary ours = summarize(fmwire_bulk(backend, chunk_bytes, settings.bulk_bytes, settings.repetitions,
+                                                       variant.zero_copy_min_bytes, variant.registered));
         std::optional<double> ratio;
         if (iperf) ratio = ours.bytes_per_s / iperf->bytes_per_s;
-        const std::string suffix = zero_copy_min_bytes > 0 ? " ZC" : "";
-        print_bulk_row(size, "fmwire " + backend_label(backend) + suffix, ours, ratio,
+        print_bulk_row(size, "fmwire " + backend_label(backend) + variant.label, ours, ratio,
                        std::to_string(static_cast<long>(ours.refused_sends)));
-        results.push_back(compare("bulk_" + std::to_string(chunk_bytes >> 20) + "mib_" + backend +
-                                      (zero_copy_min_bytes > 0 ? "_zerocopy" : ""),
+        results.push_back(compare("bulk_" + std::to_string(chunk_bytes >> 20) + "mib_" + backend + variant.key,
                                   ours.bytes_per_s / 1e9, "GB/s",
                                   iperf ? std::optional(iperf->bytes_per_s / 1e9) : std::nullopt, "iperf3", true));
       }

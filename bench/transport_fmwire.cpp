@@ -648,7 +648,7 @@ std::vector<LatencyRun> fmwire_token_latency(const std::string& backend, const L
 }
 
 std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_bytes, std::uint64_t total_bytes,
-                                 int repetitions, std::size_t zero_copy_min_bytes) {
+                                 int repetitions, std::size_t zero_copy_min_bytes, bool register_source) {
   const ConnectionOptions options = bulk_options(chunk_bytes);
   ServerThread server(backend, server_options(options), [](EventLoop&) { return std::make_unique<BulkSink>(); });
 
@@ -661,6 +661,10 @@ std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_b
   }
 
   ClientSide client(backend, transport::UringOptions{.zero_copy_min_bytes = zero_copy_min_bytes});
+  if (register_source && !client.loop.register_memory(std::as_bytes(std::span(source)))) {
+    throw std::runtime_error("fmwire: the ring refused to register the " + std::to_string(chunk_bytes >> 20) +
+                             " MiB source buffer");
+  }
   BulkSender sender(client.loop, source);
   client.connect(server.port(), 1, options, sender);
   const std::uint64_t warmup_bytes = std::min<std::uint64_t>(total_bytes, std::max<std::uint64_t>(4 * chunk_bytes, 64u << 20));
@@ -684,6 +688,7 @@ std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_b
                        (end_cpu.system_s - start_cpu.system_s) / gigabytes, sender.refused_sends()});
   }
   client.close_all();
+  if (register_source) client.loop.unregister_memory(std::as_bytes(std::span(source)));
   server.stop();
   return results;
 }

@@ -29,8 +29,10 @@ std::vector<LatencyRun> fmwire_token_latency(const std::string& backend, const L
 // digested by the sender (prepare) and checked by the receiver; CPU is the
 // whole process's (sender and receiver threads). Attachments go by
 // reference (no copy into the send queue); on io_uring, writes of
-// `zero_copy_min_bytes` or more are zero-copy sends (0: none).
+// `zero_copy_min_bytes` or more are zero-copy sends (0: none), and with
+// `register_source` the buffer they come from is registered with the ring
+// (fixed buffers; throws when the ring refuses).
 std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_bytes, std::uint64_t total_bytes,
-                                 int repetitions, std::size_t zero_copy_min_bytes = 0);
+                                 int repetitions, std::size_t zero_copy_min_bytes = 0, bool register_source = false);
 
 }  // namespace fmwire::bench

@@ -303,6 +303,10 @@ class EventLoop {
   void run() { backend_->run(); }
   void stop() { backend_->stop(); }
   void post(std::function<void()> fn) { backend_->post(std::move(fn)); }
+  // Memory attachments are sent from by reference, for the backend to
+  // register once (IoBackend::register_memory).
+  bool register_memory(std::span<const std::byte> memory) { return backend_->register_memory(memory); }
+  void unregister_memory(std::span<const std::byte> memory) { backend_->unregister_memory(memory); }
 
   // The connection has frames queued: flush it before the loop waits.
   void want_flush(Connection* connection) { flush_list_.push_back(connection); }

@@ -75,6 +75,20 @@ class IoBackend {
   // Closes the socket; on_close follows, from the loop, not from inside close().
   virtual void close(int fd) = 0;
 
+  // Memory that large attachments are sent from again and again (a KV pool,
+  // a bench's source buffer): a backend may register it with the kernel once,
+  // so that its sends from inside it skip pinning the pages each time
+  // (io_uring's fixed buffers, for its zero-copy sends). False where the
+  // backend does not (Asio's, io_uring's with zero-copy off), the kernel
+  // refuses (the memlock limit, memory not writable), or the table is full;
+  // sends from it then work as before.
+  // The memory must stay mapped until unregister_memory().
+  virtual bool register_memory(std::span<const std::byte> memory) {
+    (void)memory;
+    return false;
+  }
+  virtual void unregister_memory(std::span<const std::byte> memory) { (void)memory; }
+
   // Calls fn once after `delay`, on the loop thread, unless cancelled.
   virtual TimerId schedule(std::chrono::milliseconds delay, std::function<void()> fn) = 0;
   virtual void cancel(TimerId timer) = 0;

@@ -49,6 +49,15 @@ struct UringBackend::Socket {
   // done with our pages) has not: the result waits here.
   bool awaiting_notification = false;
   int zero_copy_result = 0;
+  // A send split around attachments in registered memory: linked
+  // submissions, each sending all it was given (MSG_WAITALL) or failing,
+  // which cancels the ones after it. Done when every one has completed.
+  std::vector<msghdr> chain_messages;     // sized once: the kernel reads them
+  std::vector<std::size_t> chain_bytes;   // what each submission is to send
+  int chain_pending = 0;                  // submissions whose last completion has not come
+  std::size_t chain_results = 0;          // results come in chain order
+  std::size_t chain_end = 0;              // send_iovecs index after the chain's last
+  int chain_error = 0;
 };
 
 struct UringBackend::Listener {
@@ -121,6 +130,12 @@ UringBackend::UringBackend(UringOptions options) : options_(options) {
     io_uring_probe* probe = io_uring_get_probe_ring(&ring_);
     if (probe == nullptr || !io_uring_opcode_supported(probe, IORING_OP_SENDMSG_ZC)) options_.zero_copy_min_bytes = 0;
     if (probe != nullptr) io_uring_free_probe(probe);
+  }
+
+  // The fixed-buffer table, its slots empty until register_memory(). Only
+  // zero-copy sends use it, so there is none without them.
+  if (options_.zero_copy_min_bytes > 0 && io_uring_register_buffers_sparse(&ring_, kRegisteredSlots) == 0) {
+    registered_.resize(kRegisteredSlots);
   }
 
   // The provided-buffer ring (liburing 2.3 has no io_uring_setup_buf_ring).
@@ -322,15 +337,66 @@ void UringBackend::send(int fd, std::span<const iovec> buffers) {
   submit_send(*socket);
 }
 
+bool UringBackend::register_memory(std::span<const std::byte> memory) {
+  if (memory.empty()) return false;
+  RegisteredMemory* free_slot = nullptr;
+  for (RegisteredMemory& registered : registered_) {
+    if (registered.begin == memory.data() && registered.bytes == memory.size()) return true;
+    if (registered.bytes == 0 && free_slot == nullptr) free_slot = &registered;
+  }
+  if (free_slot == nullptr) return false;
+  // The kernel pins the pages for writing, so read-only memory is refused
+  // (EFAULT), as is more than the memlock limit without CAP_IPC_LOCK.
+  iovec buffer{const_cast<std::byte*>(memory.data()), memory.size()};
+  const auto slot = static_cast<unsigned>(free_slot - registered_.data());
+  if (io_uring_register_buffers_update_tag(&ring_, slot, &buffer, nullptr, 1) != 1) return false;
+  *free_slot = {memory.data(), memory.size()};
+  return true;
+}
+
+void UringBackend::unregister_memory(std::span<const std::byte> memory) {
+  for (RegisteredMemory& registered : registered_) {
+    if (registered.bytes == 0 || registered.begin != memory.data() || registered.bytes != memory.size()) continue;
+    // Sends in flight from it keep their own reference to the pinned pages
+    // in the kernel; the slot empties for new ones.
+    iovec empty{nullptr, 0};
+    io_uring_register_buffers_update_tag(&ring_, static_cast<unsigned>(&registered - registered_.data()), &empty,
+                                         nullptr, 1);
+    registered = {};
+    return;
+  }
+}
+
+// The fixed buffer a zero-copy send of `buffer` may use: a registered slot
+// holding all of it, or -1.
+int UringBackend::registered_slot(const iovec& buffer) const {
+  if (buffer.iov_len < options_.zero_copy_min_bytes || buffer.iov_len > UINT32_MAX) return -1;
+  const auto* begin = static_cast<const std::byte*>(buffer.iov_base);
+  for (std::size_t slot = 0; slot < registered_.size(); ++slot) {
+    const RegisteredMemory& registered = registered_[slot];
+    if (begin >= registered.begin && begin + buffer.iov_len <= registered.begin + registered.bytes) {
+      return static_cast<int>(slot);
+    }
+  }
+  return -1;
+}
+
 void UringBackend::submit_send(Socket& socket) {
+  iovec* const first = socket.send_iovecs.data() + socket.send_first;
+  const std::size_t count = std::min(kMaxIovecs, socket.send_iovecs.size() - socket.send_first);
+  if (!registered_.empty()) {
+    for (std::size_t i = 0; i < count; ++i) {
+      if (registered_slot(first[i]) >= 0) return submit_send_chain(socket);
+    }
+  }
+  io_uring_sqe* sqe = next_sqe();
   socket.message = {};
-  socket.message.msg_iov = socket.send_iovecs.data() + socket.send_first;
-  socket.message.msg_iovlen = std::min(kMaxIovecs, socket.send_iovecs.size() - socket.send_first);
+  socket.message.msg_iov = first;
+  socket.message.msg_iovlen = count;
   std::size_t bytes = 0;
   if (options_.zero_copy_min_bytes > 0) {
     for (std::size_t i = 0; i < socket.message.msg_iovlen; ++i) bytes += socket.message.msg_iov[i].iov_len;
   }
-  io_uring_sqe* sqe = next_sqe();
   if (options_.zero_copy_min_bytes > 0 && bytes >= options_.zero_copy_min_bytes) {
     io_uring_prep_sendmsg_zc(sqe, socket.fd, &socket.message, MSG_NOSIGNAL);
   } else {
@@ -339,6 +405,92 @@ void UringBackend::submit_send(Socket& socket) {
   io_uring_sqe_set_data64(sqe, user_data(Op::send, socket.generation, static_cast<std::uint32_t>(socket.fd)));
   ++socket.in_flight;
   socket.sending = true;
+}
+
+// An attachment in registered memory goes as SEND_ZC on its fixed buffer;
+// the runs of frames between such attachments go as gathered sendmsgs, zero-
+// copy or not as usual; all linked, so that they leave in order, in one
+// io_uring_enter. A link cannot span two submissions, so the chain is at
+// most kMaxChain long and the queue is flushed first when it lacks room.
+void UringBackend::submit_send_chain(Socket& socket) {
+  constexpr std::size_t kMaxChain = 32;
+  if (socket.chain_messages.size() < kMaxChain) {
+    socket.chain_messages.resize(kMaxChain);
+    socket.chain_bytes.resize(kMaxChain);
+  }
+  if (io_uring_sq_space_left(&ring_) < kMaxChain) io_uring_submit(&ring_);
+  const std::size_t max_ops = std::min<std::size_t>(kMaxChain, io_uring_sq_space_left(&ring_));
+  const std::uint64_t data = user_data(Op::send, socket.generation, static_cast<std::uint32_t>(socket.fd));
+  std::size_t i = socket.send_first;
+  const std::size_t end = socket.send_iovecs.size();
+  io_uring_sqe* previous = nullptr;
+  std::size_t ops = 0;
+  while (i < end && ops < max_ops) {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    iovec& buffer = socket.send_iovecs[i];
+    if (const int slot = registered_slot(buffer); slot >= 0) {
+      io_uring_prep_send_zc_fixed(sqe, socket.fd, buffer.iov_base, buffer.iov_len, MSG_NOSIGNAL | MSG_WAITALL, 0,
+                                  static_cast<unsigned>(slot));
+      socket.chain_bytes[ops] = buffer.iov_len;
+      ++fixed_buffer_sends_;
+      ++i;
+    } else {
+      const std::size_t run_begin = i;
+      std::size_t bytes = 0;
+      while (i < end && i - run_begin < kMaxIovecs && registered_slot(socket.send_iovecs[i]) < 0) {
+        bytes += socket.send_iovecs[i].iov_len;
+        ++i;
+      }
+      msghdr& message = socket.chain_messages[ops];
+      message = {};
+      message.msg_iov = socket.send_iovecs.data() + run_begin;
+      message.msg_iovlen = i - run_begin;
+      if (options_.zero_copy_min_bytes > 0 && bytes >= options_.zero_copy_min_bytes) {
+        io_uring_prep_sendmsg_zc(sqe, socket.fd, &message, MSG_NOSIGNAL | MSG_WAITALL);
+      } else {
+        io_uring_prep_sendmsg(sqe, socket.fd, &message, MSG_NOSIGNAL | MSG_WAITALL);
+      }
+      socket.chain_bytes[ops] = bytes;
+    }
+    io_uring_sqe_set_data64(sqe, data);
+    if (previous != nullptr) previous->flags |= IOSQE_IO_LINK;
+    previous = sqe;
+    ++ops;
+  }
+  socket.chain_end = i;
+  socket.chain_pending = static_cast<int>(ops);
+  socket.chain_results = 0;
+  socket.chain_error = 0;
+  socket.in_flight += static_cast<int>(ops);
+  socket.sending = true;
+}
+
+// One completion of a chained send. A submission's last completion is its
+// result, or for a zero-copy one the notification after it (its result then
+// says F_MORE, also when it failed or was cancelled with its link).
+void UringBackend::handle_send_chain(Socket& socket, const io_uring_cqe& cqe) {
+  if ((cqe.flags & IORING_CQE_F_NOTIF) == 0) {
+    const std::size_t expected = socket.chain_bytes[socket.chain_results++];
+    // With MSG_WAITALL a short send has failed: the connection broke under
+    // it, its error already taken by the send (so a receive would see a
+    // plain end of stream). The rest of the chain is cancelled.
+    const int error = cqe.res < 0 ? -cqe.res : static_cast<std::size_t>(cqe.res) < expected ? EPIPE : 0;
+    if (error != 0 && socket.chain_error == 0) {
+      socket.chain_error = error;
+      begin_close(socket, errno_code(error));
+    }
+    if ((cqe.flags & IORING_CQE_F_MORE) != 0) return;
+  }
+  --socket.in_flight;
+  if (--socket.chain_pending > 0) return;
+  socket.sending = false;
+  if (socket.closing) return;
+  socket.send_first = socket.chain_end;
+  if (socket.send_first < socket.send_iovecs.size()) {
+    submit_send(socket);
+  } else {
+    socket.events->on_send_complete();
+  }
 }
 
 void UringBackend::close(int fd) {
@@ -469,6 +621,7 @@ void UringBackend::handle_receive_direct(Socket& socket, const io_uring_cqe& cqe
 }
 
 void UringBackend::handle_send(Socket& socket, const io_uring_cqe& cqe) {
+  if (socket.chain_pending > 0) return handle_send_chain(socket, cqe);
   // A zero-copy send completes twice: its result (with F_MORE when a
   // notification follows), then the notification. The pages are ours again
   // only at the second, so the send is finished there.

@@ -12,6 +12,12 @@
 //   zero-copy (SENDMSG_ZC) above UringOptions::zero_copy_min_bytes, the
 //   send then completing only at the kernel's notification that it has let
 //   go of the pages;
+// - registered (fixed) buffers: memory given to register_memory() is pinned
+//   once in a table of kRegisteredSlots; a zero-copy send of an attachment
+//   lying inside it goes as SEND_ZC on that fixed buffer, which spares the
+//   kernel pinning its pages per send, linked with sendmsgs for the frames
+//   around it. Copying sends cannot use them: a socket's SEND takes no
+//   fixed buffer (EINVAL on 6.18) and WRITE_FIXED raises SIGPIPE;
 // - one io_uring_enter per loop turn submits and waits (batched submission),
 //   its timeout serving the timers.
 // make_backend() falls back to Asio when the ring cannot be set up.
@@ -62,6 +68,8 @@ class UringBackend final : public IoBackend {
   void open(int fd, SocketEvents* events) override;
   void send(int fd, std::span<const iovec> buffers) override;
   void close(int fd) override;
+  bool register_memory(std::span<const std::byte> memory) override;
+  void unregister_memory(std::span<const std::byte> memory) override;
   TimerId schedule(std::chrono::milliseconds delay, std::function<void()> fn) override;
   void cancel(TimerId timer) override;
   void post(std::function<void()> fn) override;
@@ -69,11 +77,20 @@ class UringBackend final : public IoBackend {
   void run() override;
   void stop() override;
 
+  // Sends made from a registered buffer so far (for tests and the bench).
+  std::uint64_t fixed_buffer_sends() const { return fixed_buffer_sends_; }
+
+  static constexpr unsigned kRegisteredSlots = 16;
+
  private:
   enum class Op : std::uint8_t { accept = 1, receive, send, connect, wake, cancel, receive_direct };
   struct Socket;
   struct Listener;
   struct PendingConnect;
+  struct RegisteredMemory {
+    const std::byte* begin = nullptr;
+    std::size_t bytes = 0;  // 0: the slot is free
+  };
 
   static std::uint64_t user_data(Op op, std::uint32_t generation, std::uint32_t index);
   io_uring_sqe* next_sqe();
@@ -82,11 +99,14 @@ class UringBackend final : public IoBackend {
   void arm_next_receive(Socket& socket);
   void leave_buffer_ring_if_wanted(Socket& socket);
   void submit_send(Socket& socket);
+  void submit_send_chain(Socket& socket);
+  int registered_slot(const iovec& buffer) const;
   void arm_wake();
   void handle(const io_uring_cqe& cqe);
   void handle_receive(Socket& socket, const io_uring_cqe& cqe);
   void handle_receive_direct(Socket& socket, const io_uring_cqe& cqe);
   void handle_send(Socket& socket, const io_uring_cqe& cqe);
+  void handle_send_chain(Socket& socket, const io_uring_cqe& cqe);
   void finish_send(Socket& socket, int result);
   void begin_close(Socket& socket, std::error_code error);
   void finish_closes();
@@ -106,6 +126,10 @@ class UringBackend final : public IoBackend {
   std::uint32_t next_connect_ = 1;
   std::uint32_t next_generation_ = 1;
   std::vector<Socket*> closing_;
+  // By slot of the ring's fixed-buffer table; empty when the kernel has no
+  // sparse table (before 5.19) or zero-copy is off (nothing would use it).
+  std::vector<RegisteredMemory> registered_;
+  std::uint64_t fixed_buffer_sends_ = 0;
 
   std::multimap<std::chrono::steady_clock::time_point, TimerId> timer_queue_;
   std::map<TimerId, std::pair<std::chrono::steady_clock::time_point, std::function<void()>>> timers_;

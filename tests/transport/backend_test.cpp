@@ -8,6 +8,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -930,6 +931,115 @@ TEST_CASE("destroying the backend with work outstanding calls nothing back and l
       CHECK_FALSE(connect_called);
       CHECK(open_descriptor_count() == descriptors_before);
     }
+  }
+}
+
+// ------------------------------------------------ registered (fixed) buffers
+
+// io_uring with zero-copy sends from 64 KiB on, the setting under which
+// registered memory is used.
+std::unique_ptr<UringBackend> zero_copy_uring() {
+  return std::make_unique<UringBackend>(UringOptions{.zero_copy_min_bytes = 64 * 1024});
+}
+
+TEST_CASE("slices of registered memory go out on fixed buffers, in order with the pieces around them") {
+  RecordingEvents server;
+  RecordingEvents client;
+  auto backend = zero_copy_uring();
+  ConnectedPair pair = connect_pair(*backend);
+  const int server_fd = pair.accepted.release();
+  const int client_fd = pair.connected.release();
+  backend->open(server_fd, &server);
+  backend->open(client_fd, &client);
+
+  const std::vector<std::byte> region = patterned_bytes(8 << 20);
+  REQUIRE(backend->register_memory(region));
+  // 40 slices of the region (odd sizes and offsets, some below the
+  // zero-copy threshold, so those go the plain way) between small pieces
+  // of other memory: more submissions than one linked chain takes.
+  const std::vector<std::byte> other = patterned_bytes(4096);
+  std::vector<iovec> pieces;
+  std::vector<std::byte> expected;
+  std::size_t fixed_expected = 0;
+  for (std::size_t i = 0; i < 40; ++i) {
+    const std::span<const std::byte> small = std::span(other).subspan(i * 37 % 2048, 1 + i * 13 % 200);
+    pieces.push_back(as_iovec(small));
+    expected.insert(expected.end(), small.begin(), small.end());
+    const std::size_t bytes = i % 5 == 4 ? 1000 + i : (64 << 10) + i * 4099;
+    const std::span<const std::byte> slice = std::span(region).subspan(i * 150'001 % (region.size() - bytes), bytes);
+    pieces.push_back(as_iovec(slice));
+    expected.insert(expected.end(), slice.begin(), slice.end());
+    if (bytes >= 64 * 1024) ++fixed_expected;
+  }
+  server.received.reserve(expected.size());
+  server.after_receive = [&] {
+    if (server.received.size() >= expected.size()) backend->stop();
+  };
+  backend->send(client_fd, pieces);
+  REQUIRE(run_until_stopped(*backend));
+  REQUIRE(server.received.size() == expected.size());
+  CHECK(server.received == expected);
+  CHECK(client.send_completions == 1);
+  CHECK(backend->fixed_buffer_sends() == fixed_expected);
+
+  // Unregistered, the same memory goes the plain way, as correctly.
+  backend->unregister_memory(region);
+  server.received.clear();
+  backend->send(client_fd, pieces);
+  REQUIRE(run_until_stopped(*backend));
+  CHECK(server.received == expected);
+  CHECK(client.send_completions == 2);
+  CHECK(backend->fixed_buffer_sends() == fixed_expected);
+  close_all(*backend, {{server_fd, &server}, {client_fd, &client}});
+}
+
+TEST_CASE("a peer that goes away during a send from registered memory gives one on_close with an error") {
+  RecordingEvents server;
+  auto backend = zero_copy_uring();
+  ConnectedPair pair = connect_pair(*backend);
+  const int server_fd = pair.accepted.release();
+  backend->open(server_fd, &server);
+
+  // Far more than the socket buffers hold, to a peer that never reads.
+  const std::vector<std::byte> region = patterned_bytes(64 << 20);
+  REQUIRE(backend->register_memory(region));
+  const std::string header = "header";
+  std::vector<iovec> pieces;
+  for (std::size_t i = 0; i < 16; ++i) {
+    pieces.push_back(as_iovec(header));
+    pieces.push_back(as_iovec(std::span(region).subspan(i << 22, 4 << 20)));
+  }
+  backend->send(server_fd, pieces);
+  backend->schedule(50ms, [&] { pair.connected.reset(); });
+  server.after_close = [&] { backend->schedule(100ms, [&] { backend->stop(); }); };
+  REQUIRE(run_until_stopped(*backend));
+  CHECK(server.closes == 1);
+  CHECK(server.close_error);
+  CHECK(server.send_completions == 0);
+  CHECK_FALSE(server.event_after_close);
+  CHECK(backend->fixed_buffer_sends() > 0);
+}
+
+TEST_CASE("register_memory says no where registered memory would not be used or cannot be") {
+  const std::vector<std::byte> memory = patterned_bytes(1 << 20);
+  SUBCASE("Asio, and io_uring with zero-copy off") {
+    CHECK_FALSE(AsioBackend().register_memory(memory));
+    CHECK_FALSE(UringBackend().register_memory(memory));
+  }
+  SUBCASE("empty memory, read-only memory, and a full table") {
+    auto backend = zero_copy_uring();
+    CHECK_FALSE(backend->register_memory({}));
+    void* mapped = ::mmap(nullptr, 1 << 16, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(mapped != MAP_FAILED);
+    CHECK_FALSE(backend->register_memory({static_cast<const std::byte*>(mapped), 1 << 16}));
+    ::munmap(mapped, 1 << 16);
+    for (unsigned i = 0; i < UringBackend::kRegisteredSlots; ++i) {
+      CHECK(backend->register_memory(std::span(memory).subspan(i * 4096, 4096)));
+    }
+    CHECK(backend->register_memory(std::span(memory).subspan(0, 4096)));  // already there: no slot taken
+    CHECK_FALSE(backend->register_memory(std::span(memory).subspan(1 << 19, 4096)));
+    backend->unregister_memory(std::span(memory).subspan(3 * 4096, 4096));
+    CHECK(backend->register_memory(std::span(memory).subspan(1 << 19, 4096)));
   }
 }
 
