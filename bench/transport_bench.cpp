@@ -25,7 +25,7 @@
 // runs as two child processes (it reports throughput only).
 //
 // Run: build/bench/bench_transport [--quick] [--repetitions N] [--json FILE]
-//        [--skip-grpc] [--skip-iperf] [--bulk-mib N] [--only tokens|latency|bulk]
+//        [--skip-grpc] [--skip-iperf] [--bulk-mib N] [--attachment-mib N] [--only tokens|latency|bulk]
 //        [--backend uring|asio]
 // Ratios: > 1 means fmwire is better (ours / peer for rates, peer / ours for
 // CPU and latency).
@@ -351,11 +351,13 @@ int main(int argc, char** argv) {
   std::string backend;
   int repetitions = 0;
   int bulk_mib = 0;
+  int attachment_mib = 0;
   description.add_options()
       ("help,h", "show this help")
       ("quick", "tiny counts, one repetition: a smoke test of a few seconds")
       ("repetitions", po::value(&repetitions), "measured rounds, streams and transfers per row (default 5)")
       ("bulk-mib", po::value(&bulk_mib), "MiB per bulk transfer (default 1024; --quick 32)")
+      ("attachment-mib", po::value(&attachment_mib), "bulk: one attachment size only (default 1, 4 and 16)")
       ("skip-grpc", "leave out the gRPC peer")
       ("skip-iperf", "leave out the iperf3 peer")
       ("only", po::value(&only), "run one section: tokens, latency or bulk")
@@ -384,6 +386,13 @@ int main(int argc, char** argv) {
         return 2;
       }
       settings.bulk_bytes = static_cast<std::uint64_t>(bulk_mib) << 20;
+    }
+    if (values.count("attachment-mib")) {
+      if (attachment_mib < 1 || attachment_mib > 1024) {
+        std::cerr << "bench_transport: --attachment-mib " << attachment_mib << " must be 1 to 1024\n";
+        return 2;
+      }
+      settings.chunk_bytes = {static_cast<std::size_t>(attachment_mib) << 20};
     }
     settings.skip_grpc = values.count("skip-grpc") > 0;
     settings.skip_iperf = values.count("skip-iperf") > 0;
