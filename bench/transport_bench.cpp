@@ -268,61 +268,74 @@ void print_bulk_row(const std::string& size, const std::string& transport, const
 void run_bulk(const BenchSettings& settings, std::vector<Comparison>& results) {
   const double mib = static_cast<double>(settings.bulk_bytes) / (1 << 20);
   std::printf("Bulk: %.0f MiB of KvChunk attachments client -> server on one connection and one stream,\n", mib);
-  std::printf("  xxh3 digest made by the sender and checked by the receiver; a warm-up transfer, then the median of %d;\n",
+  std::printf("  xxh3 digest made by the sender and checked by the receiver; a warm-up transfer, then the median of %d,\n",
               settings.repetitions);
+  std::printf("  iperf3 and each fmwire row taken in turn;\n");
   std::printf("  GB/s = 1e9 attachment bytes per second; peer: iperf3, one TCP stream, the same bytes (target >= 0.9x);\n");
   std::printf("  CPU-s per GB, user and system apart: fmwire's whole process, iperf3's client + server processes;\n");
   std::printf("  refused: send() calls refused for want of credit (before encoding: nothing copied)\n");
 
-  std::optional<BulkSummary> iperf;
   std::string iperf_note;
   const std::optional<std::string> iperf_path = find_on_path("iperf3");
+  const bool run_iperf = !settings.skip_iperf && iperf_path;
   if (settings.skip_iperf) {
     iperf_note = "skipped (--skip-iperf)";
   } else if (!iperf_path) {
     iperf_note = "not installed (apt-get install iperf3)";
   } else {
-    std::vector<BulkRun> runs;
-    for (int repetition = 0; repetition < settings.repetitions; ++repetition) {
-      runs.push_back(iperf3_bulk(*iperf_path, settings.bulk_bytes));
-    }
-    iperf = summarize(runs);
     iperf_note = iperf3_version(*iperf_path) + ", one TCP stream, -n " + std::to_string(settings.bulk_bytes >> 20) +
                  " MiB in 1 MiB blocks, receiver-side rate";
   }
 
+  // io_uring three times: plain sendmsg; zero-copy (SENDMSG_ZC) for every
+  // write of 64 KiB or more; and zero-copy with the source buffer registered
+  // (SEND_ZC on a fixed buffer), so the threshold and the registered buffers
+  // get their numbers.
+  struct Row {
+    std::string backend;
+    std::size_t zero_copy_min_bytes;
+    bool registered;
+    std::string label;
+    std::string key;
+    std::vector<BulkRun> runs;
+  };
   std::printf("    %-11s %-24s %8s %10s %10s %10s %9s\n", "attachment", "transport", "GB/s", "vs iperf3", "user s/GB",
               "sys s/GB", "refused");
-  if (iperf) print_bulk_row("-", "iperf3", *iperf, std::nullopt, "-");
   for (const std::size_t chunk_bytes : settings.chunk_bytes) {
     const std::string size = std::to_string(chunk_bytes >> 20) + " MiB";
+    std::vector<Row> rows;
     for (const std::string& backend : settings.backends) {
-      // io_uring three times: plain sendmsg; zero-copy (SENDMSG_ZC) for
-      // every write of 64 KiB or more; and zero-copy with the source buffer
-      // registered (SEND_ZC on a fixed buffer), so the threshold and the
-      // registered buffers get their numbers.
-      struct Variant {
-        std::size_t zero_copy_min_bytes;
-        bool registered;
-        const char* label;
-        const char* key;
-      };
-      std::vector<Variant> variants{{0, false, "", ""}};
+      const std::string name = "fmwire " + backend_label(backend);
+      rows.push_back({backend, 0, false, name, "", {}});
       if (backend == "uring") {
-        variants.push_back({64 * 1024, false, " ZC", "_zerocopy"});
-        variants.push_back({64 * 1024, true, " ZC fixed", "_zerocopy_fixed"});
+        rows.push_back({backend, 64 * 1024, false, name + " ZC", "_zerocopy", {}});
+        rows.push_back({backend, 64 * 1024, true, name + " ZC fixed", "_zerocopy_fixed", {}});
       }
-      for (const Variant& variant : variants) {
-        const BulkSummary ours = summarize(fmwire_bulk(backend, chunk_bytes, settings.bulk_bytes, settings.repetitions,
-                                                       variant.zero_copy_min_bytes, variant.registered));
-        std::optional<double> ratio;
-        if (iperf) ratio = ours.bytes_per_s / iperf->bytes_per_s;
-        print_bulk_row(size, "fmwire " + backend_label(backend) + variant.label, ours, ratio,
-                       std::to_string(static_cast<long>(ours.refused_sends)));
-        results.push_back(compare("bulk_" + std::to_string(chunk_bytes >> 20) + "mib_" + backend + variant.key,
-                                  ours.bytes_per_s / 1e9, "GB/s",
-                                  iperf ? std::optional(iperf->bytes_per_s / 1e9) : std::nullopt, "iperf3", true));
+    }
+    // In turn, iperf3 and each row once per repetition: the VM's throughput
+    // drifts by tens of percent over a minute, and a ratio should compare
+    // runs made under the same conditions.
+    std::vector<BulkRun> iperf_runs;
+    for (int repetition = 0; repetition < settings.repetitions; ++repetition) {
+      if (run_iperf) iperf_runs.push_back(iperf3_bulk(*iperf_path, settings.bulk_bytes));
+      for (Row& row : rows) {
+        row.runs.push_back(
+            fmwire_bulk(row.backend, chunk_bytes, settings.bulk_bytes, 1, row.zero_copy_min_bytes, row.registered).front());
       }
+    }
+    std::optional<BulkSummary> iperf;
+    if (!iperf_runs.empty()) {
+      iperf = summarize(iperf_runs);
+      print_bulk_row(size, "iperf3", *iperf, std::nullopt, "-");
+    }
+    for (const Row& row : rows) {
+      const BulkSummary ours = summarize(row.runs);
+      std::optional<double> ratio;
+      if (iperf) ratio = ours.bytes_per_s / iperf->bytes_per_s;
+      print_bulk_row(size, row.label, ours, ratio, std::to_string(static_cast<long>(ours.refused_sends)));
+      results.push_back(compare("bulk_" + std::to_string(chunk_bytes >> 20) + "mib_" + row.backend + row.key,
+                                ours.bytes_per_s / 1e9, "GB/s",
+                                iperf ? std::optional(iperf->bytes_per_s / 1e9) : std::nullopt, "iperf3", true));
     }
   }
   std::printf("    iperf3: %s\n", iperf_note.c_str());
