@@ -280,28 +280,6 @@ void Connection::on_receive(std::span<const std::byte> bytes) {
   decode_received();
 }
 
-std::span<std::byte> Connection::direct_receive_target() {
-  if (closing_) return {};
-  if (pending_frame_bytes_ >= kDirectReceiveMinBytes) {
-    // The rest of a large frame; decode_frames reserved all of it when its
-    // header came, so this memory stays put until the frame is whole.
-    return {receive_.data() + receive_.size(), pending_frame_bytes_ - receive_.size()};
-  }
-  if (last_frame_large_ && pending_frame_bytes_ == 0 && receive_.capacity() - receive_.size() >= kDirectReceiveMinBytes) {
-    // After a large frame another is likely (a KV transfer's chunks): its
-    // header and first bytes too, so that a transfer is received with no copy.
-    return {receive_.data() + receive_.size(), receive_.capacity() - receive_.size()};
-  }
-  return {};
-}
-
-void Connection::on_received_into(std::size_t bytes) {
-  if (closing_) return;
-  last_received_ = Clock::now();
-  receive_.resize(receive_.size() + bytes);  // the bytes are already there
-  decode_received();
-}
-
 void Connection::decode_received() {
   const std::size_t used = decode_frames(receive_.bytes());
   if (closing_) return;
@@ -315,7 +293,6 @@ void Connection::decode_received() {
 
 std::size_t Connection::decode_frames(std::span<const std::byte> bytes) {
   std::size_t used = 0;
-  pending_frame_bytes_ = 0;
   while (!closing_ && used < bytes.size()) {
     auto progress = decoder_.next(bytes.subspan(used));
     if (!progress) {
@@ -326,10 +303,8 @@ std::size_t Connection::decode_frames(std::span<const std::byte> bytes) {
     if (!progress->frame) {
       // A big frame is coming: make room for it once rather than grow by halves.
       if (progress->frame_bytes > receive_.capacity()) receive_.reserve(progress->frame_bytes);
-      pending_frame_bytes_ = progress->frame_bytes;
       break;
     }
-    last_frame_large_ = progress->frame->wire_bytes >= kDirectReceiveMinBytes;
     handle_frame(*progress->frame);
     used += progress->frame->wire_bytes;
   }

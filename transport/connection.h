@@ -188,8 +188,6 @@ class Connection final : public SocketEvents {
 
   // SocketEvents
   void on_receive(std::span<const std::byte> bytes) override;
-  std::span<std::byte> direct_receive_target() override;
-  void on_received_into(std::size_t bytes) override;
   void on_send_complete() override;
   void on_close(std::error_code error) override;
 
@@ -261,13 +259,6 @@ class Connection final : public SocketEvents {
   std::string peer_name_;
 
   codec::ByteBuffer receive_;    // a partial frame carried between receives
-  std::size_t pending_frame_bytes_ = 0;  // the partial frame's whole size, once its header is in
-  // Frames this large are received straight into receive_ where the backend
-  // can (direct_receive_target): worth a backend's switch from its own
-  // buffers (on io_uring a cancel and two submissions) only when it saves
-  // copying this much.
-  static constexpr std::size_t kDirectReceiveMinBytes = 128 * 1024;
-  bool last_frame_large_ = false;
   codec::ByteBuffer queued_;     // frames waiting for the next write
   codec::ByteBuffer in_flight_;  // the write under way
   std::vector<Reference> queued_references_;     // attachments inside queued_

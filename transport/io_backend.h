@@ -30,13 +30,6 @@ class SocketEvents {
   // Bytes arrived. They are valid only during the call and start 8-byte
   // aligned, so whole frames inside them can be decoded in place.
   virtual void on_receive(std::span<const std::byte> bytes) = 0;
-  // Memory of the owner's that the next bytes may be received into directly,
-  // skipping the backend's buffers and a copy: the rest of a large frame
-  // already begun (empty: none). A backend that does so calls
-  // on_received_into with how many bytes landed at its start, instead of
-  // on_receive. Backends may ignore it (Asio's does).
-  virtual std::span<std::byte> direct_receive_target() { return {}; }
-  virtual void on_received_into(std::size_t /*bytes*/) {}
   // Everything given to the last send() has been written.
   virtual void on_send_complete() = 0;
   // The socket is closed: the peer closed (error is empty), a read or write

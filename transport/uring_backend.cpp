@@ -37,8 +37,7 @@ struct UringBackend::Socket {
   std::uint32_t generation = 0;
   SocketEvents* events = nullptr;
   int in_flight = 0;        // submissions whose last completion has not come
-  bool receiving = false;          // a receive (multishot or direct) is armed
-  bool leaving_buffer_ring = false;  // the multishot receive's cancel is on its way
+  bool receiving = false;          // a receive is armed
   bool sending = false;
   bool closing = false;
   std::error_code close_error;
@@ -94,11 +93,13 @@ void apply_ablations(UringOptions& options) {
       options.coop_taskrun = false;
     } else if (word == "small-buffers") {
       options.receive_buffer_bytes = 4096;
-    } else if (word == "copy-receive") {
-      options.direct_receive = false;
+    } else if (word == "single-shot-receive") {
+      options.multishot_receive = false;
+    } else if (word == "single-shot-accept") {
+      options.multishot_accept = false;
     } else if (!word.empty()) {
       throw std::invalid_argument("FMWIRE_URING_ABLATE: unknown feature '" + std::string(word) +
-                                  "' (unbatched, no-coop-taskrun, small-buffers, copy-receive)");
+                                  "' (unbatched, no-coop-taskrun, small-buffers, single-shot-receive, single-shot-accept)");
     }
     begin = end + 1;
   }
@@ -225,7 +226,11 @@ void UringBackend::accept(int listen_fd, std::function<void(int fd)> on_accept) 
 
 void UringBackend::arm_accept(Listener& listener) {
   io_uring_sqe* sqe = next_sqe();
-  io_uring_prep_multishot_accept(sqe, listener.fd, nullptr, nullptr, SOCK_CLOEXEC);
+  if (options_.multishot_accept) {
+    io_uring_prep_multishot_accept(sqe, listener.fd, nullptr, nullptr, SOCK_CLOEXEC);
+  } else {
+    io_uring_prep_accept(sqe, listener.fd, nullptr, nullptr, SOCK_CLOEXEC);
+  }
   io_uring_sqe_set_data64(sqe, user_data(Op::accept, listener.generation, static_cast<std::uint32_t>(listener.fd)));
 }
 
@@ -290,42 +295,16 @@ void UringBackend::open(int fd, SocketEvents* events) {
 
 void UringBackend::arm_receive(Socket& socket) {
   io_uring_sqe* sqe = next_sqe();
-  io_uring_prep_recv_multishot(sqe, socket.fd, nullptr, 0, 0);
+  if (options_.multishot_receive) {
+    io_uring_prep_recv_multishot(sqe, socket.fd, nullptr, 0, 0);
+  } else {
+    io_uring_prep_recv(sqe, socket.fd, nullptr, 0, 0);  // length 0: the picked buffer's
+  }
   sqe->flags |= IOSQE_BUFFER_SELECT;
   sqe->buf_group = kBufferGroup;
   io_uring_sqe_set_data64(sqe, user_data(Op::receive, socket.generation, static_cast<std::uint32_t>(socket.fd)));
   ++socket.in_flight;
   socket.receiving = true;
-}
-
-// After the multishot receive ends: straight into the owner's memory when
-// it has a large frame to fill, else the buffer ring again.
-void UringBackend::arm_next_receive(Socket& socket) {
-  socket.leaving_buffer_ring = false;
-  const std::span<std::byte> target =
-      options_.direct_receive ? socket.events->direct_receive_target() : std::span<std::byte>{};
-  if (target.empty()) {
-    arm_receive(socket);
-    return;
-  }
-  // No MSG_WAITALL: each piece reaches the owner as it lands, which keeps
-  // its dead-peer clock running through a long frame.
-  io_uring_sqe* sqe = next_sqe();
-  io_uring_prep_recv(sqe, socket.fd, target.data(), target.size(), 0);
-  io_uring_sqe_set_data64(sqe, user_data(Op::receive_direct, socket.generation, static_cast<std::uint32_t>(socket.fd)));
-  ++socket.in_flight;
-  socket.receiving = true;
-}
-
-// The multishot receive cannot be pointed elsewhere: it is cancelled, and
-// arm_next_receive runs when its last completion comes.
-void UringBackend::leave_buffer_ring_if_wanted(Socket& socket) {
-  if (!options_.direct_receive || socket.leaving_buffer_ring || socket.closing || !socket.receiving) return;
-  if (socket.events->direct_receive_target().empty()) return;
-  io_uring_sqe* sqe = next_sqe();
-  io_uring_prep_cancel64(sqe, user_data(Op::receive, socket.generation, static_cast<std::uint32_t>(socket.fd)), 0);
-  io_uring_sqe_set_data64(sqe, user_data(Op::cancel, 0, 0));
-  socket.leaving_buffer_ring = true;
 }
 
 void UringBackend::send(int fd, std::span<const iovec> buffers) {
@@ -597,27 +576,10 @@ void UringBackend::handle_receive(Socket& socket, const io_uring_cqe& cqe) {
   } else if (cqe.res != -ENOBUFS && cqe.res != -ECANCELED) {
     begin_close(socket, errno_code(-cqe.res));
   }
-  // A multishot receive ends on ENOBUFS (all buffers out), after a
-  // kernel-side limit, or cancelled for a direct receive; buffers are back
-  // by now, so arm the next receive.
-  if (!socket.receiving && !socket.closing) {
-    arm_next_receive(socket);
-  } else if (socket.receiving) {
-    leave_buffer_ring_if_wanted(socket);
-  }
-}
-
-void UringBackend::handle_receive_direct(Socket& socket, const io_uring_cqe& cqe) {
-  socket.receiving = false;
-  --socket.in_flight;
-  if (cqe.res > 0) {
-    if (!socket.closing) socket.events->on_received_into(static_cast<std::size_t>(cqe.res));
-  } else if (cqe.res == 0) {
-    begin_close(socket, {});
-  } else if (cqe.res != -ECANCELED && cqe.res != -EINTR) {
-    begin_close(socket, errno_code(-cqe.res));
-  }
-  if (!socket.receiving && !socket.closing) arm_next_receive(socket);
+  // A multishot receive ends on ENOBUFS (all buffers out) or after a
+  // kernel-side limit (a single-shot one after each piece); buffers are
+  // back by now, so arm the next receive.
+  if (!socket.receiving && !socket.closing) arm_receive(socket);
 }
 
 void UringBackend::handle_send(Socket& socket, const io_uring_cqe& cqe) {
@@ -701,7 +663,6 @@ void UringBackend::handle(const io_uring_cqe& cqe) {
       return;
     }
     case Op::receive:
-    case Op::receive_direct:
     case Op::send: {
       Socket* socket = socket_for(static_cast<int>(index));
       if (socket == nullptr || (socket->generation & 0xffffff) != generation) {
@@ -716,8 +677,6 @@ void UringBackend::handle(const io_uring_cqe& cqe) {
       }
       if (op == Op::receive) {
         handle_receive(*socket, cqe);
-      } else if (op == Op::receive_direct) {
-        handle_receive_direct(*socket, cqe);
       } else {
         handle_send(*socket, cqe);
       }

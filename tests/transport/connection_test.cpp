@@ -525,10 +525,9 @@ TEST_CASE("attachments sent by reference arrive whole, and their memory is held 
   }
 }
 
-// Large frames are received straight into the connection's frame buffer on
-// io_uring (Connection::direct_receive_target): whatever the pieces they come
-// in, they arrive whole, small frames between them too, and a peer killed
-// inside one ends its own connection only.
+// Large frames span many receives and are gathered in the connection's frame
+// buffer: whatever the pieces they come in, they arrive whole, small frames
+// between them too, and a peer killed inside one ends its own connection only.
 TEST_CASE("large frames in uneven pieces arrive whole; a peer killed inside one disturbs nothing else") {
   for (const char* backend : kBackends) {
     CAPTURE(std::string(backend));
