@@ -42,6 +42,7 @@
 #include "bench_results.h"
 #include "transport_fmwire.h"
 #include "transport_iperf.h"
+#include "transport_raw_tcp.h"
 #include "transport_measure.h"
 
 #ifdef FMWIRE_HAVE_GRPC
@@ -81,7 +82,9 @@ struct BenchSettings {
   std::uint64_t bulk_bytes = 1ull << 30;
   bool skip_grpc = false;
   bool skip_iperf = false;
-  std::string only;       // empty: every section; else tokens, latency or bulk
+  int connect_total = 1000;
+  int connect_concurrency = 128;
+  std::string only;       // empty: every section; else tokens, latency, bulk or connect
   std::string json_path;  // empty: no JSON file
 };
 
@@ -93,6 +96,7 @@ BenchSettings quick_settings() {
   settings.fmwire_frames_factor = 1;
   settings.latency = {.frames_per_s = 10'000, .frames = 1'000, .warmup_frames = 100};
   settings.bulk_bytes = 32ull << 20;
+  settings.connect_total = 64;
   return settings;
 }
 
@@ -343,6 +347,58 @@ void run_bulk(const BenchSettings& settings, std::vector<Comparison>& results) {
                                                                             : "not installed");
 }
 
+// ---------------------------------------------------------------- connections
+
+struct ConnectSummary {
+  double connections_per_s = 0;
+  double cpu_us_per_connection = 0;
+};
+
+ConnectSummary summarize(const std::vector<ConnectRun>& runs) {
+  std::vector<double> rates, cpu;
+  for (const ConnectRun& run : runs) {
+    rates.push_back(run.connections_per_s);
+    cpu.push_back(run.cpu_us_per_connection);
+  }
+  return {median(rates), median(cpu)};
+}
+
+// What opening a connection costs: a server's accepts (multishot on
+// io_uring) and the Hello exchange, against plain blocking sockets doing one
+// exchange of the same kind.
+void run_connect_rate(const BenchSettings& settings, std::vector<Comparison>& results) {
+  std::printf("Connections: %d opened to one server %d at a time (each wave connected, greeted and closed before the\n",
+              settings.connect_total, settings.connect_concurrency);
+  std::printf("  next), median of %d rounds taken in turn; fmwire: connect, Hello/HelloAck, close; peer: raw TCP,\n",
+              settings.repetitions);
+  std::printf("  blocking sockets, 16 bytes each way, a server thread accepting one after another;\n");
+  std::printf("  CPU = the whole process, both ends\n");
+  std::printf("    %-16s %12s %12s %14s %14s\n", "transport", "conn/s", "CPU us/conn", "conn/s vs TCP", "CPU vs TCP");
+  std::vector<ConnectRun> peer_runs;
+  std::vector<std::vector<ConnectRun>> our_runs(settings.backends.size());
+  for (int repetition = 0; repetition < settings.repetitions; ++repetition) {
+    peer_runs.push_back(raw_tcp_connect_rate(settings.connect_total, settings.connect_concurrency, 1).front());
+    for (std::size_t i = 0; i < settings.backends.size(); ++i) {
+      our_runs[i].push_back(
+          fmwire_connect_rate(settings.backends[i], settings.connect_total, settings.connect_concurrency, 1).front());
+    }
+  }
+  const ConnectSummary peer = summarize(peer_runs);
+  for (std::size_t i = 0; i < settings.backends.size(); ++i) {
+    const ConnectSummary ours = summarize(our_runs[i]);
+    const Comparison rate = compare("connect_" + settings.backends[i] + "_per_s", ours.connections_per_s, "conn/s",
+                                    peer.connections_per_s, "raw_tcp", true);
+    const Comparison cpu = compare("connect_" + settings.backends[i] + "_cpu_us", ours.cpu_us_per_connection,
+                                   "CPU-us/conn", peer.cpu_us_per_connection, "raw_tcp", false);
+    std::printf("    %-16s %12.0f %12.1f %14s %14s\n", ("fmwire " + backend_label(settings.backends[i])).c_str(),
+                ours.connections_per_s, ours.cpu_us_per_connection, ratio_text(rate.ratio > 0 ? std::optional(rate.ratio) : std::nullopt).c_str(),
+                ratio_text(cpu.ratio > 0 ? std::optional(cpu.ratio) : std::nullopt).c_str());
+    results.push_back(rate);
+    results.push_back(cpu);
+  }
+  std::printf("    %-16s %12.0f %12.1f\n\n", "raw TCP", peer.connections_per_s, peer.cpu_us_per_connection);
+}
+
 int run(const BenchSettings& settings) {
   std::printf("bench/transport on 127.0.0.1, backends:");
   for (const std::string& backend : settings.backends) std::printf(" %s", backend_label(backend).c_str());
@@ -359,6 +415,7 @@ int run(const BenchSettings& settings) {
   if (settings.only.empty() || settings.only == "tokens") run_token_throughput(settings, results);
   if (settings.only.empty() || settings.only == "latency") run_token_latency(settings, results);
   if (settings.only.empty() || settings.only == "bulk") run_bulk(settings, results);
+  if (settings.only.empty() || settings.only == "connect") run_connect_rate(settings, results);
   if (!settings.json_path.empty()) {
     write_results_json(settings.json_path, "transport", results);
     std::printf("wrote %zu results to %s\n", results.size(), settings.json_path.c_str());
@@ -387,7 +444,7 @@ int main(int argc, char** argv) {
       ("attachment-mib", po::value(&attachment_mib), "bulk: one attachment size only (default 1, 4 and 16)")
       ("skip-grpc", "leave out the gRPC peer")
       ("skip-iperf", "leave out the iperf3 peer")
-      ("only", po::value(&only), "run one section: tokens, latency or bulk")
+      ("only", po::value(&only), "run one section: tokens, latency, bulk or connect")
       ("backend", po::value(&backend), "run fmwire on one I/O backend only: uring or asio")
       ("json", po::value(&json_path), "write the results as JSON to this file");
   try {
@@ -423,8 +480,8 @@ int main(int argc, char** argv) {
     }
     settings.skip_grpc = values.count("skip-grpc") > 0;
     settings.skip_iperf = values.count("skip-iperf") > 0;
-    if (!only.empty() && only != "tokens" && only != "latency" && only != "bulk") {
-      std::cerr << "bench_transport: --only " << only << ": choose tokens, latency or bulk\n";
+    if (!only.empty() && only != "tokens" && only != "latency" && only != "bulk" && only != "connect") {
+      std::cerr << "bench_transport: --only " << only << ": choose tokens, latency, bulk or connect\n";
       return 2;
     }
     settings.only = only;

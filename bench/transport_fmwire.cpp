@@ -575,6 +575,16 @@ ConnectionOptions server_options(ConnectionOptions options) {
 
 }  // namespace
 
+// ---------------------------------------------------------------- connections
+
+// Either end of a connection that carries no stream: the connection-rate
+// test only opens, greets and closes.
+class IdleHandler final : public ConnectionHandler {
+ public:
+  void on_stream_frame(Connection&, const codec::FrameView&) override {}
+  void on_closed(Connection&, const EndReason&) override {}
+};
+
 // ---------------------------------------------------------------- runners
 
 std::vector<ThroughputRound> fmwire_token_throughput(const std::string& backend, const TokenShape& shape, int rounds) {
@@ -689,6 +699,27 @@ std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_b
   }
   client.close_all();
   if (register_source) client.loop.unregister_memory(std::as_bytes(std::span(source)));
+  server.stop();
+  return results;
+}
+
+std::vector<ConnectRun> fmwire_connect_rate(const std::string& backend, int total, int concurrency, int repetitions) {
+  ServerThread server(backend, server_options({}), [](EventLoop&) { return std::make_unique<IdleHandler>(); });
+  ClientSide client(backend);
+  IdleHandler handler;
+  std::vector<ConnectRun> results;
+  for (int repetition = -1; repetition < repetitions; ++repetition) {  // -1 warms up
+    const int connections = repetition < 0 ? concurrency : total;
+    const auto start = Clock::now();
+    const double start_cpu_seconds = process_cpu_seconds();
+    for (int opened = 0; opened < connections; opened += concurrency) {
+      client.connect(server.port(), std::min(concurrency, connections - opened), {}, handler);
+      client.close_all();
+    }
+    if (repetition < 0) continue;
+    const double seconds = seconds_between(start, Clock::now());
+    results.push_back({connections / seconds, (process_cpu_seconds() - start_cpu_seconds) / connections * 1e6});
+  }
   server.stop();
   return results;
 }

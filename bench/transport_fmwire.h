@@ -35,4 +35,9 @@ std::vector<LatencyRun> fmwire_token_latency(const std::string& backend, const L
 std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_bytes, std::uint64_t total_bytes,
                                  int repetitions, std::size_t zero_copy_min_bytes = 0, bool register_source = false);
 
+// `total` connections to one server, `concurrency` at a time: each wave is
+// connected, brought through the Hello exchange and closed before the next
+// starts; a warm-up wave, then `repetitions` measured rounds.
+std::vector<ConnectRun> fmwire_connect_rate(const std::string& backend, int total, int concurrency, int repetitions);
+
 }  // namespace fmwire::bench

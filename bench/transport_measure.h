@@ -149,6 +149,13 @@ struct BulkRun {
   std::uint64_t refused_sends = 0;  // send() calls refused for want of credit
 };
 
+// Connections opened, brought to their first exchange and closed: how many
+// a second, and the CPU each cost (the whole process, both ends).
+struct ConnectRun {
+  double connections_per_s = 0;
+  double cpu_us_per_connection = 0;
+};
+
 // p in [0, 1] of `values` (nearest rank); sorts them.
 inline double percentile(std::vector<double>& values, double p) {
   if (values.empty()) return 0;
