@@ -349,12 +349,8 @@ void run_bulk(const BenchSettings& settings, std::vector<Comparison>& results) {
 
 // ---------------------------------------------------------------- connections
 
-struct ConnectSummary {
-  double connections_per_s = 0;
-  double cpu_us_per_connection = 0;
-};
-
-ConnectSummary summarize(const std::vector<ConnectRun>& runs) {
+// The medians of each measure.
+ConnectRun summarize(const std::vector<ConnectRun>& runs) {
   std::vector<double> rates, cpu;
   for (const ConnectRun& run : runs) {
     rates.push_back(run.connections_per_s);
@@ -383,9 +379,9 @@ void run_connect_rate(const BenchSettings& settings, std::vector<Comparison>& re
           fmwire_connect_rate(settings.backends[i], settings.connect_total, settings.connect_concurrency, 1).front());
     }
   }
-  const ConnectSummary peer = summarize(peer_runs);
+  const ConnectRun peer = summarize(peer_runs);
   for (std::size_t i = 0; i < settings.backends.size(); ++i) {
-    const ConnectSummary ours = summarize(our_runs[i]);
+    const ConnectRun ours = summarize(our_runs[i]);
     const Comparison rate = compare("connect_" + settings.backends[i] + "_per_s", ours.connections_per_s, "conn/s",
                                     peer.connections_per_s, "raw_tcp", true);
     const Comparison cpu = compare("connect_" + settings.backends[i] + "_cpu_us", ours.cpu_us_per_connection,
