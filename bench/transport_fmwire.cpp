@@ -408,7 +408,7 @@ class BulkSink final : public ConnectionHandler {
     const std::uint32_t stream_id = frame.header.stream_id;
     Received& received = streams_[{&connection, stream_id}];
     if (frame.kind() == codec::FrameKind::kv_chunk) {
-      if (codec::attachment_digest(frame.attachment) != frame.descriptor.digest) {
+      if (codec::attachment_digest(frame) != frame.descriptor.digest) {
         connection.reset_stream(stream_id, protocol::ErrorCode::DIGEST_MISMATCH, "KvChunk digest mismatch");
         return;
       }

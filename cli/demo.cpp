@@ -203,7 +203,7 @@ class Demo {
         break;
       case FrameKind::kv_chunk: {
         std::vector<std::byte> decoded(frame.descriptor.decoded_bytes);
-        read = attachments_.decode(frame.attachment, frame.header.encoding, frame.descriptor, decoded);
+        read = attachments_.decode(frame, decoded);
         kv_intact_ = read.has_value() && decoded == kv_data_;
         what << frame.attachment.size() << " bytes -> " << decoded.size() << ", digest verified";
         break;

@@ -17,6 +17,30 @@ std::uint64_t attachment_digest(std::span<const std::byte> bytes) {
   return XXH3_64bits(bytes.data(), bytes.size());
 }
 
+std::uint64_t attachment_digest(const FrameView& frame) {
+  return frame.arrived_digest ? *frame.arrived_digest : attachment_digest(frame.attachment);
+}
+
+struct IncrementalDigest::State {
+  XXH3_state_t* xxh3 = XXH3_createState();
+  ~State() { XXH3_freeState(xxh3); }
+};
+
+IncrementalDigest::IncrementalDigest() : state_(std::make_unique<State>()) {
+  if (state_->xxh3 == nullptr) throw std::bad_alloc();
+  reset();
+}
+
+IncrementalDigest::~IncrementalDigest() = default;
+
+void IncrementalDigest::reset() { XXH3_64bits_reset(state_->xxh3); }
+
+void IncrementalDigest::update(std::span<const std::byte> bytes) {
+  XXH3_64bits_update(state_->xxh3, bytes.data(), bytes.size());
+}
+
+std::uint64_t IncrementalDigest::digest() const { return XXH3_64bits_digest(state_->xxh3); }
+
 namespace {
 
 // Element sizes 2 and 4 cover fp16/bf16 and fp32; fixed-size inner loops let
@@ -131,11 +155,21 @@ PreparedAttachment AttachmentCodec::prepare(std::span<const std::byte> data,
 
 Status AttachmentCodec::decode(std::span<const std::byte> wire, AttachmentEncoding encoding,
                                const AttachmentDescriptor& descriptor, std::span<std::byte> destination) {
+  return decode_digested(wire, attachment_digest(wire), encoding, descriptor, destination);
+}
+
+Status AttachmentCodec::decode(const FrameView& frame, std::span<std::byte> destination) {
+  return decode_digested(frame.attachment, attachment_digest(frame), frame.header.encoding, frame.descriptor,
+                         destination);
+}
+
+Status AttachmentCodec::decode_digested(std::span<const std::byte> wire, std::uint64_t digest,
+                                        AttachmentEncoding encoding, const AttachmentDescriptor& descriptor,
+                                        std::span<std::byte> destination) {
   if (destination.size() != descriptor.decoded_bytes) {
     throw std::invalid_argument("attachment destination of " + std::to_string(destination.size()) +
                                 " bytes for " + std::to_string(descriptor.decoded_bytes) + " decoded bytes");
   }
-  const std::uint64_t digest = attachment_digest(wire);
   if (digest != descriptor.digest) {
     char text[96];
     std::snprintf(text, sizeof text, "attachment digest %016llx, descriptor says %016llx",

@@ -6,10 +6,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
 #include "codec/codec_error.h"
+#include "codec/frame_decoder.h"
 #include "codec/frame_header.h"
 
 struct ZSTD_CCtx_s;
@@ -18,6 +20,29 @@ struct ZSTD_DCtx_s;
 namespace fmwire::codec {
 
 std::uint64_t attachment_digest(std::span<const std::byte> bytes);
+// The digest of a received frame's attachment: the one taken as it arrived
+// (FrameView::arrived_digest), else computed now.
+std::uint64_t attachment_digest(const FrameView& frame);
+
+// attachment_digest() taken piece by piece, for a receiver that digests each
+// piece of a large attachment while it is still in cache, instead of reading
+// the whole attachment again once it is complete. Equal to the digest of the
+// pieces put together.
+class IncrementalDigest {
+ public:
+  IncrementalDigest();
+  ~IncrementalDigest();
+  IncrementalDigest(const IncrementalDigest&) = delete;
+  IncrementalDigest& operator=(const IncrementalDigest&) = delete;
+
+  void reset();
+  void update(std::span<const std::byte> bytes);
+  std::uint64_t digest() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
 
 // Byte transposition: byte b of element i goes to b * count + i. Bytes past
 // the last whole element are copied unchanged. `out` has in.size() bytes.
@@ -56,8 +81,14 @@ class AttachmentCodec {
   // decompressed_size_exceeded: nothing past `destination` is ever written.
   Status decode(std::span<const std::byte> wire, AttachmentEncoding encoding,
                 const AttachmentDescriptor& descriptor, std::span<std::byte> destination);
+  // The same for a received frame's attachment, with its digest as taken on
+  // arrival where there is one.
+  Status decode(const FrameView& frame, std::span<std::byte> destination);
 
  private:
+  Status decode_digested(std::span<const std::byte> wire, std::uint64_t digest, AttachmentEncoding encoding,
+                         const AttachmentDescriptor& descriptor, std::span<std::byte> destination);
+
   ZSTD_CCtx_s* compress_context_;
   ZSTD_DCtx_s* decompress_context_;
   std::vector<std::byte> shuffled_;    // scratch, reused

@@ -28,6 +28,10 @@ struct FrameView {
   std::span<const std::byte> attachment;  // wire bytes, digest not yet checked:
                                           // AttachmentCodec::decode checks it
   std::uint64_t wire_bytes = 0;           // the whole frame, padding included
+  // The attachment's digest when a receiver took it as the bytes arrived
+  // (a transport connection, for attachments spanning several receives);
+  // attachment_digest(frame) uses it rather than reading them all again.
+  std::optional<std::uint64_t> arrived_digest;
 
   FrameKind kind() const { return header.frame_kind(); }
   bool has_attachment() const { return header.attachment_bytes > 0; }

@@ -272,7 +272,7 @@ void Connection::on_receive(std::span<const std::byte> bytes) {
   if (closing_) return;
   last_received_ = Clock::now();
   if (receive_.empty()) {
-    const std::size_t used = decode_frames(bytes);
+    const std::size_t used = decode_frames(bytes, false);
     if (!closing_ && used < bytes.size()) receive_.append(bytes.subspan(used));
     return;
   }
@@ -281,7 +281,7 @@ void Connection::on_receive(std::span<const std::byte> bytes) {
 }
 
 void Connection::decode_received() {
-  const std::size_t used = decode_frames(receive_.bytes());
+  const std::size_t used = decode_frames(receive_.bytes(), true);
   if (closing_) return;
   // Keep the partial frame at the buffer's start: aligned for in-place reads.
   const std::size_t rest = receive_.size() - used;
@@ -291,7 +291,7 @@ void Connection::decode_received() {
   }
 }
 
-std::size_t Connection::decode_frames(std::span<const std::byte> bytes) {
+std::size_t Connection::decode_frames(std::span<const std::byte> bytes, bool resumed) {
   std::size_t used = 0;
   while (!closing_ && used < bytes.size()) {
     auto progress = decoder_.next(bytes.subspan(used));
@@ -302,13 +302,46 @@ std::size_t Connection::decode_frames(std::span<const std::byte> bytes) {
     }
     if (!progress->frame) {
       // A big frame is coming: make room for it once rather than grow by halves.
+      // Digested first: the reserve may move receive_, which `bytes` may be.
+      if (progress->frame_bytes > 0) digest_arrived(bytes.subspan(used), resumed && used == 0);
       if (progress->frame_bytes > receive_.capacity()) receive_.reserve(progress->frame_bytes);
       break;
     }
+    if (digesting_ && resumed && used == 0) {
+      // The frame digested as it arrived: only its last piece is left.
+      codec::FrameView frame = *progress->frame;
+      const auto attachment_offset = static_cast<std::size_t>(frame.attachment.data() - bytes.data());
+      arrival_digest_.update(frame.attachment.subspan(digested_up_to_ - attachment_offset));
+      frame.arrived_digest = arrival_digest_.digest();
+      digesting_ = false;
+      handle_frame(frame);
+      used += frame.wire_bytes;
+      continue;
+    }
+    digesting_ = false;
     handle_frame(*progress->frame);
     used += progress->frame->wire_bytes;
   }
   return used;
+}
+
+// A frame not yet whole: digests what has arrived of its attachment.
+void Connection::digest_arrived(std::span<const std::byte> partial_frame, bool same_frame) {
+  if (!same_frame) digesting_ = false;
+  const codec::FrameHeader header = codec::read_frame_header_unchecked(partial_frame.data());
+  if (header.attachment_bytes < kArrivalDigestMinBytes) return;
+  const std::size_t begin =
+      codec::kFrameHeaderBytes + std::size_t{header.body_words} * 8 + codec::kAttachmentDescriptorBytes;
+  const std::size_t end = begin + static_cast<std::size_t>(header.attachment_bytes);
+  if (!digesting_) {
+    arrival_digest_.reset();
+    digested_up_to_ = begin;
+    digesting_ = true;
+  }
+  const std::size_t arrived = std::min(end, partial_frame.size());
+  if (arrived <= digested_up_to_) return;
+  arrival_digest_.update(partial_frame.subspan(digested_up_to_, arrived - digested_up_to_));
+  digested_up_to_ = arrived;
 }
 
 void Connection::handle_frame(const codec::FrameView& frame) {

@@ -27,6 +27,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "codec/attachment_codec.h"
 #include "codec/buffer_pool.h"
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
@@ -221,8 +222,11 @@ class Connection final : public SocketEvents {
   }
   bool is_local_stream(std::uint32_t stream_id) const { return (stream_id % 2 == 1) == outgoing_; }
 
-  std::size_t decode_frames(std::span<const std::byte> bytes);
+  // `resumed`: bytes is receive_, whose first frame is the partial one
+  // carried from the last receive.
+  std::size_t decode_frames(std::span<const std::byte> bytes, bool resumed);
   void decode_received();
+  void digest_arrived(std::span<const std::byte> partial_frame, bool same_frame);
   void handle_frame(const codec::FrameView& frame);
   void handle_connection_frame(const codec::FrameView& frame);
   void handle_hello(const codec::FrameView& frame);
@@ -259,6 +263,13 @@ class Connection final : public SocketEvents {
   std::string peer_name_;
 
   codec::ByteBuffer receive_;    // a partial frame carried between receives
+  // The partial frame's attachment digested as its pieces arrive, while
+  // they are in cache (its first digested_up_to_ bytes); for attachments of
+  // at least kArrivalDigestMinBytes, which span receives.
+  static constexpr std::uint64_t kArrivalDigestMinBytes = 64 * 1024;
+  codec::IncrementalDigest arrival_digest_;
+  bool digesting_ = false;
+  std::size_t digested_up_to_ = 0;  // offset in the frame
   codec::ByteBuffer queued_;     // frames waiting for the next write
   codec::ByteBuffer in_flight_;  // the write under way
   std::vector<Reference> queued_references_;     // attachments inside queued_

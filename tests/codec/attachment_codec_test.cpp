@@ -84,6 +84,29 @@ TEST_CASE("an uncompressed attachment is digested and passed through unchanged")
   CHECK(decoded == data);
 }
 
+TEST_CASE("a digest taken piece by piece equals the digest of the whole, and a reset starts over") {
+  std::vector<std::byte> data(300'007);
+  for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::byte>((i * 131 + (i >> 9)) & 0xff);
+  const std::span<const std::byte> whole(data);
+  IncrementalDigest digest;
+  digest.update(whole.first(1000));  // taken back by the reset
+  digest.reset();
+  std::size_t at = 0;
+  for (const std::size_t piece : {std::size_t{0}, std::size_t{1}, std::size_t{63}, std::size_t{240}, std::size_t{65'536},
+                                  std::size_t{0}, std::size_t{100'003}}) {
+    digest.update(whole.subspan(at, piece));
+    at += piece;
+  }
+  digest.update(whole.subspan(at));
+  CHECK(digest.digest() == attachment_digest(whole));
+
+  FrameView frame;
+  frame.attachment = whole;
+  CHECK(attachment_digest(frame) == attachment_digest(whole));
+  frame.arrived_digest = 42;  // taken on arrival: trusted, not taken again
+  CHECK(attachment_digest(frame) == 42);
+}
+
 TEST_CASE("compression pays only when the pipelined rate beats the link") {
   SUBCASE("a slow link and a fast compressor: compress") {
     const auto decision = decide_compression({.link_bytes_per_s = 1e9, .compress_bytes_per_s = 3e9,
