@@ -590,6 +590,8 @@ class GatewayImpl final : public HttpGateway {
       handing_out_.swap(deliveries_);
     }
     for (Delivery& delivery : handing_out_) {
+      // A copy, not a reference: the handler, run inline, may drop the last
+      // hold on the stream (and its executor) while dispatch is still running.
       const Executor executor = delivery.stream->executor();
       if (delivery.other) {
         asio::dispatch(executor, std::move(delivery.other));

@@ -307,20 +307,16 @@ std::size_t Connection::decode_frames(std::span<const std::byte> bytes, bool res
       if (progress->frame_bytes > receive_.capacity()) receive_.reserve(progress->frame_bytes);
       break;
     }
+    codec::FrameView& frame = *progress->frame;
     if (digesting_ && resumed && used == 0) {
       // The frame digested as it arrived: only its last piece is left.
-      codec::FrameView frame = *progress->frame;
       const auto attachment_offset = static_cast<std::size_t>(frame.attachment.data() - bytes.data());
       arrival_digest_.update(frame.attachment.subspan(digested_up_to_ - attachment_offset));
       frame.arrived_digest = arrival_digest_.digest();
-      digesting_ = false;
-      handle_frame(frame);
-      used += frame.wire_bytes;
-      continue;
     }
     digesting_ = false;
-    handle_frame(*progress->frame);
-    used += progress->frame->wire_bytes;
+    handle_frame(frame);
+    used += frame.wire_bytes;
   }
   return used;
 }
