@@ -45,13 +45,13 @@
 #include "engine/batching_engine.h"
 #include "engine/cpu_backend.h"
 #include "engine/cuda_module.h"
-#include "engine/engine_runner.h"
 #include "engine/llama_weights.h"
 #include "engine/tokenizer.h"
-#include "engine/worker_service.h"
 #include "serving_harness.h"
 #include "transport/client.h"
 #include "transport/server.h"
+#include "worker/engine_runner.h"
+#include "worker/worker_service.h"
 
 
 namespace fmwire::bench {
@@ -175,7 +175,7 @@ PathRun run_in_process(const BenchSettings& settings) {
   Arrivals arrivals(shape);
   Clock::time_point start;
   {
-    engine::EngineRunner runner(timed, [&](std::shared_ptr<engine::RunnerOutput> output) {
+    worker::EngineRunner runner(timed, [&](std::shared_ptr<worker::RunnerOutput> output) {
       const Clock::time_point now = Clock::now();
       std::lock_guard lock(arrivals.mutex);
       for (const auto& rejected : output->rejected) {
@@ -212,8 +212,8 @@ PathRun run_over_worker(const BenchSettings& settings) {
   Arrivals arrivals(shape);
   Clock::time_point start;
   {
-    LoopbackServer<engine::WorkerService> worker(
-        [&](transport::EventLoop& loop) { return std::make_unique<engine::WorkerService>(loop, timed, tokenizer); },
+    LoopbackServer<worker::WorkerService> worker(
+        [&](transport::EventLoop& loop) { return std::make_unique<worker::WorkerService>(loop, timed, tokenizer); },
         server_options(protocol::Role::WORKER, "bench_engine worker"), "bench_engine: the worker");
     std::unique_ptr<Client> client = connect_client(worker.endpoint(), "the worker");
 

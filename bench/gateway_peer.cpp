@@ -40,11 +40,11 @@
 #include <unordered_map>
 #include <vector>
 
-#include "engine/engine_runner.h"
 #include "engine/model_loader.h"
 #include "engine/text_stream.h"
 #include "gateway/openai_api.h"
 #include "transport/endpoint.h"
+#include "worker/engine_runner.h"
 
 namespace {
 
@@ -109,7 +109,7 @@ class PeerWorker {
  public:
   PeerWorker(asio::io_context& ioc, const tcp::endpoint& listen, engine::LoadedModel model)
       : ioc_(ioc), acceptor_(ioc, listen), model_(std::move(model)),
-        runner_(*model_.engine, [this](std::shared_ptr<engine::RunnerOutput> output) {
+        runner_(*model_.engine, [this](std::shared_ptr<worker::RunnerOutput> output) {
           asio::post(ioc_, [this, output = std::move(output)] { on_output(*output); });
         }) {}
 
@@ -193,7 +193,7 @@ class PeerWorker {
     sessions_.erase(session->id);
   }
 
-  void on_output(const engine::RunnerOutput& output) {
+  void on_output(const worker::RunnerOutput& output) {
     touched_.clear();
     for (const engine::StepOutput::Token& token : output.step.tokens) {
       auto found = sessions_.find(token.id);
@@ -232,7 +232,7 @@ class PeerWorker {
       session.ended = true;
       touched_.push_back(found->second);
     }
-    for (const engine::RunnerOutput::Rejected& rejected : output.rejected) {
+    for (const worker::RunnerOutput::Rejected& rejected : output.rejected) {
       auto found = sessions_.find(rejected.id);
       if (found == sessions_.end()) continue;
       json::object line;
@@ -257,7 +257,7 @@ class PeerWorker {
   std::unordered_map<engine::SequenceId, std::shared_ptr<WorkerSession>> sessions_;
   std::vector<std::shared_ptr<WorkerSession>> touched_;
   engine::SequenceId next_id_ = 1;
-  engine::EngineRunner runner_;  // last: its thread starts once the rest exists
+  worker::EngineRunner runner_;  // last: its thread starts once the rest exists
 };
 
 int run_worker(const std::vector<std::string>& arguments) {

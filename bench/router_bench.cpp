@@ -68,17 +68,17 @@
 #include "engine/cpu_backend.h"
 #include "engine/llama_weights.h"
 #include "engine/tokenizer.h"
-#include "engine/worker_service.h"
-#include "gateway/router_service.h"
+#include "router/router_service.h"
 #include "serving_harness.h"
 #include "transport/client.h"
+#include "worker/worker_service.h"
 
 namespace fmwire::bench {
 namespace {
 
 using namespace std::chrono_literals;
-using WorkerServer = LoopbackServer<engine::WorkerService>;
-using RouterServer = LoopbackServer<gateway::RouterService>;
+using WorkerServer = LoopbackServer<worker::WorkerService>;
+using RouterServer = LoopbackServer<router::RouterService>;
 
 // ---------------------------------------------------------------- settings
 
@@ -124,9 +124,9 @@ std::unique_ptr<WorkerServer> start_worker(engine::Engine& engine, const engine:
                                            const std::string& name) {
   return std::make_unique<WorkerServer>(
       [&](transport::EventLoop& loop) {
-        engine::WorkerOptions options;
+        worker::WorkerOptions options;
         options.name = name;
-        return std::make_unique<engine::WorkerService>(loop, engine, tokenizer, options);
+        return std::make_unique<worker::WorkerService>(loop, engine, tokenizer, options);
       },
       server_options(protocol::Role::WORKER, name), "bench_router: " + name);
 }
@@ -140,22 +140,22 @@ std::vector<transport::Endpoint> endpoints_of(const std::vector<std::unique_ptr<
 // A router with `policy` over `workers`, returned once every worker is
 // healthy at the router and its view satisfies `ready` (a load report has
 // come, say); throws after 10 s.
-using ViewReady = std::function<bool(const gateway::WorkerView&)>;
+using ViewReady = std::function<bool(const router::WorkerView&)>;
 std::unique_ptr<RouterServer> start_router(const engine::Tokenizer& tokenizer, const std::string& policy,
                                            const std::vector<transport::Endpoint>& workers, const ViewReady& ready) {
-  gateway::RouterOptions options;
+  router::RouterOptions options;
   options.policy = policy;
   auto router = std::make_unique<RouterServer>(
       [&](transport::EventLoop& loop) {
-        auto service = std::make_unique<gateway::RouterService>(loop, tokenizer, options);
+        auto service = std::make_unique<router::RouterService>(loop, tokenizer, options);
         service->set_workers(workers);
         return service;
       },
       server_options(protocol::Role::ROUTER, "bench_router router"), "bench_router: the router");
   const Clock::time_point give_up = Clock::now() + 10s;
   for (;;) {
-    const bool routable = router->call([&](gateway::RouterService& service) {
-      for (const gateway::WorkerView& view : service.workers()) {
+    const bool routable = router->call([&](router::RouterService& service) {
+      for (const router::WorkerView& view : service.workers()) {
         if (!view.healthy || !ready(view)) return false;
       }
       return true;
@@ -166,9 +166,9 @@ std::unique_ptr<RouterServer> start_router(const engine::Tokenizer& tokenizer, c
   }
 }
 
-bool any_view(const gateway::WorkerView&) { return true; }
-bool has_load(const gateway::WorkerView& view) { return view.has_load; }
-bool has_step_time(const gateway::WorkerView& view) { return view.has_load && view.recent_step_us > 0; }
+bool any_view(const router::WorkerView&) { return true; }
+bool has_load(const router::WorkerView& view) { return view.has_load; }
+bool has_step_time(const router::WorkerView& view) { return view.has_load && view.recent_step_us > 0; }
 
 // How the requests of one policy run ended; filled in on the client's thread.
 struct Outcomes {
@@ -414,7 +414,7 @@ CacheRun run_cache_policy(const BenchSettings& settings, const std::string& poli
   CacheRun run;
   run.requests_per_second = static_cast<double>(count) / seconds_between(start, outcomes.last_end);
   for (const auto& worker : workers) {
-    const engine::EngineStats stats = worker->call([](engine::WorkerService& service) { return service.engine_stats(); });
+    const engine::EngineStats stats = worker->call([](worker::WorkerService& service) { return service.engine_stats(); });
     run.prompt_tokens += stats.prompt_tokens;
     run.cached_prompt_tokens += stats.cached_prompt_tokens;
   }

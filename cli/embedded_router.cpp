@@ -11,7 +11,7 @@ namespace fmwire::cli {
 
 codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> EmbeddedRouter::start(
     const std::vector<transport::Endpoint>& workers, const engine::Tokenizer& tokenizer,
-    gateway::RouterOptions options, const std::string& backend) {
+    router::RouterOptions options, const std::string& backend) {
   std::unique_ptr<EmbeddedRouter> embedded(new EmbeddedRouter());
   transport::ConnectionOptions connection;
   connection.role = protocol::Role::ROUTER;
@@ -20,7 +20,7 @@ codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> EmbeddedRouter::star
     embedded->group_ = std::make_unique<transport::ServerGroup>(
         1, transport::Endpoint{"127.0.0.1", 0}, connection,
         [&](transport::EventLoop& loop) {
-          auto made = std::make_unique<gateway::RouterService>(loop, tokenizer, options);
+          auto made = std::make_unique<router::RouterService>(loop, tokenizer, options);
           embedded->router_ = made.get();
           embedded->loop_ = &loop;
           return made;
@@ -61,7 +61,7 @@ std::size_t EmbeddedRouter::wait_for_healthy_workers(std::size_t wanted, std::ch
     auto answer = std::make_shared<Answer>();
     loop_->post([router = router_, answer] {
       std::size_t count = 0;
-      for (const gateway::WorkerView& view : router->workers()) count += view.healthy ? 1 : 0;
+      for (const router::WorkerView& view : router->workers()) count += view.healthy ? 1 : 0;
       std::lock_guard lock(answer->mutex);
       answer->healthy = count;
       answer->ready = true;

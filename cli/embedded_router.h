@@ -1,4 +1,4 @@
-// A RouterService (gateway/router_service.h) on a loop thread of its own,
+// A RouterService (router/router_service.h) on a loop thread of its own,
 // listening on 127.0.0.1 at a free port: the router inside
 // `fmwire gateway --workers ...` and `fmwire up`, which the HTTP gateway
 // reaches over loopback like any other native client.
@@ -11,7 +11,7 @@
 
 #include "codec/codec_error.h"
 #include "engine/tokenizer.h"
-#include "gateway/router_service.h"
+#include "router/router_service.h"
 #include "transport/endpoint.h"
 #include "transport/server_group.h"
 
@@ -25,7 +25,7 @@ class EmbeddedRouter {
   // inherits the signal mask of the thread that starts it.
   static codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> start(
       const std::vector<transport::Endpoint>& workers, const engine::Tokenizer& tokenizer,
-      gateway::RouterOptions options, const std::string& backend);
+      router::RouterOptions options, const std::string& backend);
   ~EmbeddedRouter();  // stops and joins the loop if still running
   EmbeddedRouter(const EmbeddedRouter&) = delete;
   EmbeddedRouter& operator=(const EmbeddedRouter&) = delete;
@@ -41,16 +41,16 @@ class EmbeddedRouter {
   // closed (the workers see the router go) either way.
   bool drain(std::chrono::milliseconds timeout);
   // What it did; after drain().
-  const gateway::RouterCounters& counters() const { return counters_; }
+  const router::RouterCounters& counters() const { return counters_; }
 
  private:
   EmbeddedRouter() = default;
 
   std::uint16_t port_ = 0;
   transport::EventLoop* loop_ = nullptr;       // the router's, owned by the group
-  gateway::RouterService* router_ = nullptr;  // owned by the group
+  router::RouterService* router_ = nullptr;  // owned by the group
   std::unique_ptr<transport::ServerGroup> group_;  // null after drain()
-  gateway::RouterCounters counters_;              // copied at the end of drain()
+  router::RouterCounters counters_;              // copied at the end of drain()
 };
 
 }  // namespace fmwire::cli

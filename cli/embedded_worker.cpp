@@ -19,7 +19,7 @@ codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> EmbeddedWorker::star
     worker->group_ = std::make_unique<transport::ServerGroup>(
         1, transport::Endpoint{"127.0.0.1", 0}, connection,
         [&](transport::EventLoop& loop) {
-          auto made = std::make_unique<engine::WorkerService>(loop, *worker->model_.engine, *worker->model_.tokenizer);
+          auto made = std::make_unique<worker::WorkerService>(loop, *worker->model_.engine, *worker->model_.tokenizer);
           worker->service_ = made.get();
           return made;
         },

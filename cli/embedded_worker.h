@@ -1,6 +1,6 @@
 // A worker inside `fmwire up`: its own engine (engine::load_model) and a
 // WorkerService on a loop thread of its own, listening on 127.0.0.1 at a free
-// port; the engine steps on a thread of its own (engine/engine_runner.h).
+// port; the engine steps on a thread of its own (worker/engine_runner.h).
 #pragma once
 
 #include <chrono>
@@ -10,9 +10,9 @@
 
 #include "codec/codec_error.h"
 #include "engine/model_loader.h"
-#include "engine/worker_service.h"
 #include "transport/endpoint.h"
 #include "transport/server_group.h"
+#include "worker/worker_service.h"
 
 namespace fmwire::cli {
 
@@ -36,16 +36,16 @@ class EmbeddedWorker {
   // within `timeout`. Then the loop stops and its connections close either way.
   bool drain(std::chrono::milliseconds timeout);
   // What it did; after drain().
-  const engine::WorkerCounters& counters() const { return counters_; }
+  const worker::WorkerCounters& counters() const { return counters_; }
 
  private:
   EmbeddedWorker() = default;
 
   engine::LoadedModel model_;                    // first: outlives the service that drives it
   std::uint16_t port_ = 0;
-  engine::WorkerService* service_ = nullptr;     // owned by the group
+  worker::WorkerService* service_ = nullptr;     // owned by the group
   std::unique_ptr<transport::ServerGroup> group_;  // null after drain()
-  engine::WorkerCounters counters_;              // copied at the end of drain()
+  worker::WorkerCounters counters_;              // copied at the end of drain()
 };
 
 }  // namespace fmwire::cli

@@ -121,7 +121,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
       err << "fmwire gateway: the router's drain took over " << command.drain_timeout.count() << " ms" << std::endl;
       result = 1;
     }
-    const gateway::RouterCounters& counters = router->counters();
+    const router::RouterCounters& counters = router->counters();
     err << "fmwire gateway: stopped after " << counters.streams_finished << " streams finished, "
         << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "
         << counters.streams_refused << " refused" << std::endl;

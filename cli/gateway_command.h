@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "codec/codec_error.h"
-#include "gateway/router_service.h"
+#include "router/router_service.h"
 
 namespace fmwire::cli {
 
@@ -22,7 +22,7 @@ struct GatewayCommand {
   std::string api_keys_file;              // one key per line
   std::vector<std::string> api_keys;      // besides the file's
   std::string model = "builtin";          // what /v1/models lists
-  gateway::RouterOptions router_options;  // the embedded router's
+  router::RouterOptions router_options;  // the embedded router's
   std::string backend;                    // I/O backend: "", "uring" or "asio"
   unsigned http_threads = 0;              // 0: the gateway's default
   std::chrono::milliseconds drain_timeout{30000};

@@ -5,7 +5,7 @@
 #include <ostream>
 
 #include "cli/signal_watcher.h"
-#include "gateway/etcd_discovery.h"
+#include "discovery/etcd_discovery.h"
 #include "transport/server_group.h"
 
 namespace fmwire::cli {
@@ -58,7 +58,7 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   transport::ConnectionOptions options;
   options.role = protocol::Role::ROUTER;
   options.name = "fmwire router";
-  gateway::RouterService* router = nullptr;
+  router::RouterService* router = nullptr;
   transport::EventLoop* loop = nullptr;
 
   std::mutex mutex;
@@ -76,7 +76,7 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     group = std::make_unique<transport::ServerGroup>(
         1, *endpoint, options,
         [&](transport::EventLoop& router_loop) {
-          auto made = std::make_unique<gateway::RouterService>(router_loop, *tokenizer, command.router);
+          auto made = std::make_unique<router::RouterService>(router_loop, *tokenizer, command.router);
           router = made.get();
           loop = &router_loop;
           return made;
@@ -92,15 +92,15 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   router->set_workers(*workers);  // the loop does not run yet
 
   // etcd: the membership comes from the watcher's thread to the loop.
-  std::unique_ptr<gateway::EtcdWatcher> watcher;
+  std::unique_ptr<discovery::EtcdWatcher> watcher;
   if (!command.etcd.empty()) {
-    auto url = gateway::parse_etcd_url(command.etcd);
+    auto url = discovery::parse_etcd_url(command.etcd);
     if (!url) {
       err << "fmwire router: --etcd: " << url.error() << std::endl;
       return 2;
     }
     const std::vector<transport::Endpoint> static_workers = *workers;
-    auto started = gateway::EtcdWatcher::start(
+    auto started = discovery::EtcdWatcher::start(
         *url, command.etcd_prefix,
         [&, static_workers](const std::vector<std::string>& addresses) {
           std::vector<transport::Endpoint> all = static_workers;
@@ -156,7 +156,7 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   watcher.reset();  // no more posts to the loop
   group->stop();
   group->join();
-  const gateway::RouterCounters& counters = router->counters();
+  const router::RouterCounters& counters = router->counters();
   err << "fmwire router: stopped after " << counters.streams_finished << " streams finished, "
       << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "
       << counters.streams_refused << " refused, " << counters.streams_migrated << " migrated" << std::endl;

@@ -1,4 +1,4 @@
-// `fmwire router`: the native-protocol front door (gateway/router_service.h)
+// `fmwire router`: the native-protocol front door (router/router_service.h)
 // in a process of its own: takes client streams, routes each to a worker
 // from a static list or from etcd, relays, and drains on SIGINT/SIGTERM.
 #pragma once
@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "gateway/router_service.h"
+#include "router/router_service.h"
 
 namespace fmwire::cli {
 
@@ -18,7 +18,7 @@ struct RouterCommand {
   std::string etcd;                     // URL: workers from etcd instead of (or besides) the list
   std::string etcd_prefix = "/fmwire/workers/";
   std::string tokenizer;                // llama2.c tokenizer.bin the workers use; default byte-level
-  gateway::RouterOptions router;
+  router::RouterOptions router;
   std::string backend;
   std::chrono::milliseconds drain_timeout{30000};
 };

@@ -126,7 +126,7 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
   for (const transport::Endpoint& endpoint : worker_endpoints) err << " " << endpoint.to_string();
   err << std::endl;
 
-  gateway::RouterOptions router_options;
+  router::RouterOptions router_options;
   router_options.policy = command.policy;
   router_options.policy_options.block_tokens = command.model.block_tokens;
   auto router_started =

@@ -6,9 +6,9 @@
 #include <ostream>
 
 #include "cli/signal_watcher.h"
-#include "engine/worker_service.h"
-#include "gateway/etcd_discovery.h"
+#include "discovery/etcd_discovery.h"
 #include "transport/server_group.h"
+#include "worker/worker_service.h"
 
 namespace fmwire::cli {
 
@@ -31,9 +31,9 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   transport::ConnectionOptions options;
   options.role = protocol::Role::WORKER;
   options.name = "fmwire worker";
-  engine::WorkerOptions worker_options;
+  worker::WorkerOptions worker_options;
   worker_options.load_report_interval = command.load_report_interval;
-  engine::WorkerService* service = nullptr;  // read after the loop has stopped
+  worker::WorkerService* service = nullptr;  // read after the loop has stopped
 
   // The signal thread must exist before the loop and engine threads, which
   // inherit its mask.
@@ -48,13 +48,13 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   });
 
   // One loop thread: the engine is the bottleneck, and it steps on a thread
-  // of its own (engine/engine_runner.h).
+  // of its own (worker/engine_runner.h).
   std::unique_ptr<transport::ServerGroup> group;
   try {
     group = std::make_unique<transport::ServerGroup>(
         1, *endpoint, options,
         [&](transport::EventLoop& loop) {
-          auto made = std::make_unique<engine::WorkerService>(loop, engine, tokenizer, worker_options);
+          auto made = std::make_unique<worker::WorkerService>(loop, engine, tokenizer, worker_options);
           service = made.get();
           return made;
         },
@@ -68,16 +68,16 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   err << "fmwire worker: " << group->backend_log_line() << std::endl;
   group->start();
   // Registered once it serves; deregistered (the lease revoked) before it drains.
-  std::unique_ptr<gateway::EtcdRegistration> registration;
+  std::unique_ptr<discovery::EtcdRegistration> registration;
   if (!command.etcd.empty()) {
-    auto url = gateway::parse_etcd_url(command.etcd);
+    auto url = discovery::parse_etcd_url(command.etcd);
     if (!url) {
       err << "fmwire worker: --etcd: " << url.error() << std::endl;
       group->stop();
       group->join();
       return 2;
     }
-    auto registered = gateway::EtcdRegistration::start(*url, command.etcd_prefix, address,
+    auto registered = discovery::EtcdRegistration::start(*url, command.etcd_prefix, address,
                                                        std::chrono::seconds(std::max<std::uint32_t>(command.etcd_ttl_s, 1)));
     if (!registered) {
       err << "fmwire worker: " << registered.error() << std::endl;
@@ -119,7 +119,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   }
   group->stop();
   group->join();
-  const engine::WorkerCounters& counters = service->counters();
+  const worker::WorkerCounters& counters = service->counters();
   const engine::EngineStats& stats = service->engine_stats();
   err << "fmwire worker: stopped after " << counters.streams_finished << " streams finished, "
       << counters.streams_cancelled << " cancelled, " << counters.streams_refused << " refused; "

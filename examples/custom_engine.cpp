@@ -18,9 +18,9 @@
 
 #include "engine/engine.h"
 #include "engine/tokenizer.h"
-#include "engine/worker_service.h"
 #include "transport/client.h"
 #include "transport/server.h"
+#include "worker/worker_service.h"
 
 using namespace fmwire;
 
@@ -145,7 +145,7 @@ int main(int argc, char** argv) {
   ReverseEngine reverse;
   const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
   transport::EventLoop loop;
-  auto service = std::make_unique<engine::WorkerService>(loop, reverse, tokenizer);
+  auto service = std::make_unique<worker::WorkerService>(loop, reverse, tokenizer);
   transport::ConnectionOptions worker_options;
   worker_options.role = protocol::Role::WORKER;
   auto server = std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", 0}, worker_options, *service);

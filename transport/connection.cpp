@@ -47,32 +47,6 @@ std::string_view to_string(SendStatus status) {
   return "unknown";
 }
 
-// ---------------------------------------------------------------- EventLoop
-
-EventLoop::EventLoop(std::string_view forced_backend) : EventLoop(forced_backend, UringOptions{}) {}
-
-EventLoop::EventLoop(std::string_view forced_backend, const UringOptions& uring) {
-  BackendChoice choice = make_backend(forced_backend, uring);
-  backend_ = std::move(choice.backend);
-  backend_log_line_ = std::move(choice.log_line);
-  backend_->set_before_wait([this] { flush_all(); });
-}
-
-EventLoop::~EventLoop() = default;
-
-void EventLoop::flush_all() {
-  // A flush can complete at once and queue more (Asio), so take the list first.
-  flushing_.swap(flush_list_);
-  for (Connection* connection : flushing_) connection->flush();
-  flushing_.clear();
-}
-
-void EventLoop::forget(Connection* connection) {
-  std::erase(flush_list_, connection);
-  std::replace(flushing_.begin(), flushing_.end(), connection, static_cast<Connection*>(nullptr));
-  std::erase(flushing_, nullptr);
-}
-
 // ---------------------------------------------------------------- Connection
 
 Connection::Connection(EventLoop& loop, int fd, bool outgoing, ConnectionOptions options,
@@ -128,7 +102,7 @@ std::uint32_t Connection::open_stream() {
   if (!ready_ || closing_ || draining_ || peer_went_away_ || streams_.size() >= stream_limit()) return 0;
   const std::uint32_t id = next_local_stream_;
   next_local_stream_ += 2;
-  Stream& stream = streams_[id];
+  StreamState& stream = streams_[id];
   stream.send_credit = peer_initial_stream_credit_;
   stream.receive_window = options_.initial_stream_credit_bytes;
   return id;
@@ -147,7 +121,7 @@ void Connection::set_manual_consume(std::uint32_t stream_id) {
 void Connection::consume(std::uint32_t stream_id, std::uint64_t bytes) {
   auto found = streams_.find(stream_id);
   if (found == streams_.end() || closing_) return;
-  Stream& stream = found->second;
+  StreamState& stream = found->second;
   stream.consumed_since_grant += bytes;
   if (stream.consumed_since_grant * 2 >= options_.initial_stream_credit_bytes) {
     grant(stream_id, stream, stream.consumed_since_grant);
@@ -155,7 +129,7 @@ void Connection::consume(std::uint32_t stream_id, std::uint64_t bytes) {
   }
 }
 
-void Connection::grant(std::uint32_t stream_id, Stream& stream, std::uint64_t bytes) {
+void Connection::grant(std::uint32_t stream_id, StreamState& stream, std::uint64_t bytes) {
   stream.receive_window += bytes;
   send<protocol::Credit>(stream_id, [bytes](protocol::Credit::Builder credit) { credit.setBytes(bytes); });
 }
@@ -166,7 +140,7 @@ void Connection::after_frame_sent(std::uint32_t stream_id, FrameKind kind, std::
   if (stream_id == 0) return;
   auto found = streams_.find(stream_id);
   if (found == streams_.end()) return;
-  Stream& stream = found->second;
+  StreamState& stream = found->second;
   if (counts_against_credit(kind)) {
     stream.send_credit -= static_cast<std::int64_t>(wire_bytes);
     connection_send_credit_ -= static_cast<std::int64_t>(wire_bytes);
@@ -180,7 +154,7 @@ void Connection::after_frame_sent(std::uint32_t stream_id, FrameKind kind, std::
 SendStatus Connection::relay(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags) {
   if (closing_ || closed_) return SendStatus::connection_closed;
   const FrameKind kind = frame.kind();
-  Stream* stream = nullptr;
+  StreamState* stream = nullptr;
   if (stream_id != 0) {
     auto found = streams_.find(stream_id);
     if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) {
@@ -501,7 +475,7 @@ void Connection::handle_credit(std::uint32_t stream_id, std::uint64_t bytes) {
   }
   auto found = streams_.find(stream_id);
   if (found == streams_.end()) return;  // the stream ended meanwhile
-  Stream& stream = found->second;
+  StreamState& stream = found->second;
   if (bytes > static_cast<std::uint64_t>(kMaxCredit - stream.send_credit)) {
     return fail(protocol::ErrorCode::BAD_FRAME, "stream credit overflows 2^62 bytes");
   }
@@ -555,13 +529,13 @@ void Connection::handle_stream_frame(const codec::FrameView& frame) {
                   "peer opened more than " + std::to_string(options_.max_streams) + " streams at once");
     }
     last_peer_stream_ = id;
-    Stream& stream = streams_[id];
+    StreamState& stream = streams_[id];
     stream.send_credit = peer_initial_stream_credit_;
     stream.receive_window = options_.initial_stream_credit_bytes;
     found = streams_.find(id);
   }
 
-  Stream& stream = found->second;
+  StreamState& stream = found->second;
   if (kind == FrameKind::credit) {
     std::uint64_t granted = 0;
     codec::Status read = codec::read_body<protocol::Credit>(frame, options_.limits, [&](protocol::Credit::Reader credit) {

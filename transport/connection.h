@@ -32,13 +32,12 @@
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
 #include "protocol/fmwire.capnp.h"
+#include "transport/event_loop.h"
 #include "transport/io_backend.h"
-#include "transport/uring_backend.h"
 
 namespace fmwire::transport {
 
 class Connection;
-class EventLoop;
 
 // Header flag bits (FrameHeader::flags) the transport defines.
 inline constexpr std::uint16_t kEndStream = 1;  // the sender's last frame on this stream
@@ -202,7 +201,8 @@ class Connection final : public SocketEvents {
     std::shared_ptr<const void> keep_alive;
   };
 
-  struct Stream {
+  // Credit and end state of one open stream.
+  struct StreamState {
     std::int64_t send_credit = 0;
     std::uint64_t receive_window = 0;  // what the peer may still send
     std::uint64_t consumed_since_grant = 0;
@@ -233,7 +233,7 @@ class Connection final : public SocketEvents {
   void handle_hello_ack(const codec::FrameView& frame);
   void handle_credit(std::uint32_t stream_id, std::uint64_t bytes);
   void handle_stream_frame(const codec::FrameView& frame);
-  void grant(std::uint32_t stream_id, Stream& stream, std::uint64_t bytes);
+  void grant(std::uint32_t stream_id, StreamState& stream, std::uint64_t bytes);
   void end_stream(std::uint32_t stream_id, const EndReason& reason);
   void after_frame_sent(std::uint32_t stream_id, codec::FrameKind kind, std::uint16_t flags, std::uint64_t wire_bytes);
   void send_hello();
@@ -276,7 +276,7 @@ class Connection final : public SocketEvents {
   std::vector<Reference> in_flight_references_;  // attachments inside in_flight_
   std::vector<iovec> iovecs_;
 
-  std::unordered_map<std::uint32_t, Stream> streams_;
+  std::unordered_map<std::uint32_t, StreamState> streams_;
   std::uint32_t next_local_stream_;
   std::uint32_t last_peer_stream_ = 0;
   std::int64_t connection_send_credit_ = 0;
@@ -291,45 +291,12 @@ class Connection final : public SocketEvents {
   std::uint64_t ping_sequence_ = 0;
 };
 
-// Owns a loop thread's backend and flushes its connections after each batch
-// of completions. One per loop thread; not thread-safe but for post/stop.
-class EventLoop {
- public:
-  explicit EventLoop(std::string_view forced_backend = {});
-  // With io_uring's settings (zero-copy threshold, buffer ring) when it is chosen.
-  EventLoop(std::string_view forced_backend, const UringOptions& uring);
-  ~EventLoop();
-
-  IoBackend& backend() { return *backend_; }
-  const std::string& backend_log_line() const { return backend_log_line_; }
-  void run() { backend_->run(); }
-  void stop() { backend_->stop(); }
-  void post(std::function<void()> fn) { backend_->post(std::move(fn)); }
-  // Memory attachments are sent from by reference, for the backend to
-  // register once (IoBackend::register_memory).
-  bool register_memory(std::span<const std::byte> memory) { return backend_->register_memory(memory); }
-  void unregister_memory(std::span<const std::byte> memory) { backend_->unregister_memory(memory); }
-
-  // The connection has frames queued: flush it before the loop waits.
-  void want_flush(Connection* connection) { flush_list_.push_back(connection); }
-  // The connection is being destroyed: forget it.
-  void forget(Connection* connection);
-
- private:
-  void flush_all();
-
-  std::unique_ptr<IoBackend> backend_;
-  std::string backend_log_line_;
-  std::vector<Connection*> flush_list_;
-  std::vector<Connection*> flushing_;
-};
-
 template <typename Body, typename Fill>
 SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t flags,
                             const codec::PreparedAttachment* attachment, std::shared_ptr<const void> keep_alive) {
   if (closing_ || closed_) return SendStatus::connection_closed;
   constexpr codec::FrameKind kind = codec::kKindOf<Body>;
-  Stream* stream = nullptr;
+  StreamState* stream = nullptr;
   if (stream_id != 0) {
     auto found = streams_.find(stream_id);
     if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) {

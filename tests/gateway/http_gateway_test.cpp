@@ -22,13 +22,13 @@
 #include <thread>
 
 #include "engine/tokenizer.h"
-#include "engine/worker_service.h"
 #include "gateway/http_gateway.h"
 #include "gateway/http_metrics.h"
-#include "gateway/router_service.h"
+#include "router/router_service.h"
 #include "tests/engine/engine_test_support.h"
 #include "transport/client.h"
 #include "transport/server.h"
+#include "worker/worker_service.h"
 
 namespace fmwire::gateway {
 namespace {
@@ -81,13 +81,13 @@ auto run_on(transport::EventLoop& loop, F f) {
 
 // One worker and a router on a loop running on its own thread.
 struct Upstream {
-  explicit Upstream(const EngineMaker& make_engine, RouterOptions router_options = {}) : engine(make_engine()) {
-    engine::WorkerOptions worker_options;
+  explicit Upstream(const EngineMaker& make_engine, router::RouterOptions router_options = {}) : engine(make_engine()) {
+    worker::WorkerOptions worker_options;
     worker_options.load_report_interval = 10ms;
-    worker = std::make_unique<engine::WorkerService>(loop, *engine, tokenizer, worker_options);
+    worker = std::make_unique<worker::WorkerService>(loop, *engine, tokenizer, worker_options);
     worker_server = std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", 0},
                                                         side(protocol::Role::WORKER), *worker);
-    router = std::make_unique<RouterService>(loop, tokenizer, std::move(router_options));
+    router = std::make_unique<router::RouterService>(loop, tokenizer, std::move(router_options));
     router->set_workers({transport::Endpoint{"127.0.0.1", worker_server->port()}});
     router_server = std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", 0},
                                                         side(protocol::Role::ROUTER), *router);
@@ -96,7 +96,7 @@ struct Upstream {
     bool healthy = false;
     while (!healthy && Clock::now() < deadline) {
       healthy = run_on(loop, [this] {
-        for (const WorkerView& view : router->workers()) {
+        for (const router::WorkerView& view : router->workers()) {
           if (!view.healthy || !view.has_load) return false;
         }
         return true;
@@ -121,7 +121,7 @@ struct Upstream {
   engine::EngineStats stats() {
     return on_loop([this] { return worker->engine_stats(); });
   }
-  engine::WorkerCounters counters() {
+  worker::WorkerCounters counters() {
     return on_loop([this] { return worker->counters(); });
   }
   transport::Endpoint endpoint() const { return {"127.0.0.1", router_server->port()}; }
@@ -129,9 +129,9 @@ struct Upstream {
   transport::EventLoop loop;
   engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
   std::unique_ptr<engine::Engine> engine;
-  std::unique_ptr<engine::WorkerService> worker;
+  std::unique_ptr<worker::WorkerService> worker;
   std::unique_ptr<transport::Server> worker_server;
-  std::unique_ptr<RouterService> router;
+  std::unique_ptr<router::RouterService> router;
   std::unique_ptr<transport::Server> router_server;
   std::thread thread;
 };
@@ -368,9 +368,9 @@ std::optional<long long> worker_gauge(std::uint16_t port, const std::string& met
 // (0: any), naming itself `name` in its load reports.
 struct LoneWorker {
   LoneWorker(const EngineMaker& make_engine, std::uint16_t port, const std::string& name) : engine(make_engine()) {
-    engine::WorkerOptions worker_options;
+    worker::WorkerOptions worker_options;
     worker_options.load_report_interval = 10ms;
-    worker = std::make_unique<engine::WorkerService>(loop, *engine, tokenizer, worker_options);
+    worker = std::make_unique<worker::WorkerService>(loop, *engine, tokenizer, worker_options);
     worker->set_name(name);
     server = std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", port},
                                                  side(protocol::Role::WORKER), *worker);
@@ -387,7 +387,7 @@ struct LoneWorker {
   transport::EventLoop loop;
   engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
   std::unique_ptr<engine::Engine> engine;
-  std::unique_ptr<engine::WorkerService> worker;
+  std::unique_ptr<worker::WorkerService> worker;
   std::unique_ptr<transport::Server> server;
   std::thread thread;
 };
@@ -889,7 +889,7 @@ TEST_CASE("http_gateway: a reader that takes nothing for the stalled-write time 
 namespace fmwire::gateway {
 
 TEST_CASE("http_gateway: an overloaded router is a 429 with Retry-After") {
-  RouterOptions router_options;
+  router::RouterOptions router_options;
   router_options.max_streams = 1;
   router_options.retry_after_ms = 1500;
   Upstream upstream(synthetic(2000us), router_options);

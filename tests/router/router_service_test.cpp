@@ -7,14 +7,14 @@
 #include <set>
 
 #include "engine/tokenizer.h"
-#include "engine/worker_service.h"
-#include "gateway/router_service.h"
+#include "router/router_service.h"
 #include "tests/engine/engine_test_support.h"
 #include "tests/engine/stream_collector.h"
 #include "tests/transport/loopback.h"
 #include "transport/server.h"
+#include "worker/worker_service.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 namespace {
 
 using namespace std::chrono_literals;
@@ -44,15 +44,15 @@ transport::ConnectionOptions side(protocol::Role role) {
 
 struct WorkerRig {
   WorkerRig(transport::EventLoop& loop, std::unique_ptr<engine::Engine> engine_in) : engine(std::move(engine_in)) {
-    engine::WorkerOptions options;
+    worker::WorkerOptions options;
     options.load_report_interval = 10ms;
-    service = std::make_unique<engine::WorkerService>(loop, *engine, tokenizer, options);
+    service = std::make_unique<worker::WorkerService>(loop, *engine, tokenizer, options);
     server = std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", 0},
                                                  side(protocol::Role::WORKER), *service);
   }
   engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
   std::unique_ptr<engine::Engine> engine;
-  std::unique_ptr<engine::WorkerService> service;
+  std::unique_ptr<worker::WorkerService> service;
   std::unique_ptr<transport::Server> server;
 };
 
@@ -383,9 +383,9 @@ TEST_CASE("a router's load subscriber that closes its connection is forgotten") 
   REQUIRE(run_until(rig.loop, [&] { return rig.router->load_subscribers() == 0; }));
 }
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 
 TEST_CASE("a worker that drains is not held open by the router's load subscription") {
   Rig rig(with_policy("round-robin"), builtin(), 1);
@@ -395,4 +395,4 @@ TEST_CASE("a worker that drains is not held open by the router's load subscripti
   CHECK_FALSE(rig.router->workers().front().healthy);
 }
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

@@ -1,4 +1,4 @@
-#include "gateway/worker_link.h"
+#include "router/worker_link.h"
 
 #include <unistd.h>
 
@@ -6,7 +6,7 @@
 
 #include "codec/frame_decoder.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 
 WorkerLink::WorkerLink(transport::EventLoop& loop, transport::Endpoint endpoint, WorkerLinkOptions options,
                        WorkerLinkOwner& owner)
@@ -155,4 +155,4 @@ void WorkerLink::on_closed(transport::Connection&, const transport::EndReason&) 
   schedule_reconnect();
 }
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

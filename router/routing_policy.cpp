@@ -1,13 +1,13 @@
-#include "gateway/routing_policy.h"
+#include "router/routing_policy.h"
 
 #include <algorithm>
 #include <limits>
 #include <optional>
 #include <vector>
 
-#include "gateway/prefix_tree.h"
+#include "router/prefix_tree.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 namespace {
 
 constexpr std::uint32_t kNoWorkerRetryAfterMs = 1000;
@@ -294,4 +294,4 @@ std::unique_ptr<RoutingPolicy> make_policy(std::string_view name, const PolicyOp
   return nullptr;
 }
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

@@ -5,14 +5,16 @@
 #include <map>
 
 #include "engine/tokenizer.h"
-#include "engine/worker_service.h"
 #include "tests/engine/engine_test_support.h"
 #include "tests/engine/stream_collector.h"
 #include "tests/transport/loopback.h"
 #include "transport/server.h"
+#include "worker/worker_service.h"
 
-namespace fmwire::engine {
+namespace fmwire::worker {
 namespace {
+
+using namespace engine;  // the engine these tests serve
 
 using namespace std::chrono_literals;
 using transport::Connection;
@@ -254,4 +256,4 @@ TEST_CASE("a load report subscriber gets the cache's state and then its changes"
   CHECK(added == 2);
 }
 
-}  // namespace fmwire::engine
+}  // namespace fmwire::worker

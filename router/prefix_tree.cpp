@@ -1,8 +1,8 @@
-#include "gateway/prefix_tree.h"
+#include "router/prefix_tree.h"
 
 #include "engine/kv_block_pool.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 
 void prompt_block_hashes(std::span<const std::uint32_t> prompt_tokens, std::uint32_t block_tokens,
                          std::uint32_t max_blocks, std::vector<std::uint64_t>& hashes) {
@@ -50,4 +50,4 @@ void ApproximatePrefixTree::forget_oldest() {
   prompts_.pop_back();
 }
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

@@ -5,9 +5,10 @@
 #include <mutex>
 #include <thread>
 
-#include "engine/engine_runner.h"
 #include "tests/engine/engine_test_support.h"
+#include "worker/engine_runner.h"
 
+using namespace fmwire::worker;
 using namespace fmwire::engine;
 using namespace std::chrono_literals;
 

@@ -18,7 +18,7 @@
 
 #include "codec/codec_error.h"
 
-namespace fmwire::gateway {
+namespace fmwire::discovery {
 
 // "http://127.0.0.1:2379" (numeric host or localhost, no TLS).
 struct EtcdUrl {
@@ -50,4 +50,4 @@ class EtcdWatcher {
   virtual ~EtcdWatcher() = default;
 };
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::discovery

@@ -36,11 +36,11 @@
 #include <vector>
 
 #include "engine/tokenizer.h"
-#include "gateway/owned_frame.h"
-#include "gateway/routing_policy.h"
-#include "gateway/worker_link.h"
+#include "router/owned_frame.h"
+#include "router/routing_policy.h"
+#include "router/worker_link.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 
 struct RouterOptions {
   std::string name = "router";
@@ -182,4 +182,4 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

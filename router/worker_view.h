@@ -7,7 +7,7 @@
 #include <string>
 #include <unordered_set>
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 
 struct WorkerView {
   std::string name;                 // its endpoint, HOST:PORT
@@ -31,4 +31,4 @@ struct WorkerView {
   bool publishes_prefixes = false;
 };
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

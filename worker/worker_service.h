@@ -25,12 +25,12 @@
 #include <utility>
 #include <vector>
 
-#include "engine/engine_runner.h"
 #include "engine/text_stream.h"
 #include "engine/tokenizer.h"
 #include "transport/connection.h"
+#include "worker/engine_runner.h"
 
-namespace fmwire::engine {
+namespace fmwire::worker {
 
 struct WorkerOptions {
   std::string name = "worker";
@@ -52,12 +52,12 @@ struct WorkerCounters {
 class WorkerService final : public transport::ConnectionHandler {
  public:
   // `engine` is driven from the runner's thread from now on: touch it no more.
-  WorkerService(transport::EventLoop& loop, Engine& engine, const Tokenizer& tokenizer, WorkerOptions options = {});
+  WorkerService(transport::EventLoop& loop, engine::Engine& engine, const engine::Tokenizer& tokenizer, WorkerOptions options = {});
   ~WorkerService() override;
 
   const WorkerCounters& counters() const { return counters_; }
   // The engine's state after its latest step (loop thread).
-  const EngineStats& engine_stats() const { return engine_stats_; }
+  const engine::EngineStats& engine_stats() const { return engine_stats_; }
   std::size_t active_streams() const { return streams_.size(); }
   // The name in load reports and timings; before the loop runs.
   void set_name(std::string name) { options_.name = std::move(name); }
@@ -74,11 +74,13 @@ class WorkerService final : public transport::ConnectionHandler {
   using Clock = std::chrono::steady_clock;
   using Key = std::pair<transport::Connection*, std::uint32_t>;
 
-  struct Stream {
+  // One generation stream: its sequence in the engine, the tokens waiting
+  // for credit, and what its Finish will say.
+  struct GenerationStream {
     transport::Connection* connection = nullptr;
     std::uint32_t stream_id = 0;
-    SequenceId sequence = 0;
-    std::optional<TextStream> text;
+    engine::SequenceId sequence = 0;
+    std::optional<engine::TextStream> text;
     bool include_text = true;
     bool include_usage = true;
     bool include_timings = true;
@@ -105,31 +107,31 @@ class WorkerService final : public transport::ConnectionHandler {
   void refuse(transport::Connection& connection, std::uint32_t stream_id, protocol::ErrorCode code,
               const std::string& message);
   void deliver(const RunnerOutput& output);
-  void take_token(Stream& stream, std::uint32_t token, std::uint32_t index);
+  void take_token(GenerationStream& stream, std::uint32_t token, std::uint32_t index);
   // The sequence ended here (stop sequence, deadline) before the engine said so.
-  void end_early(Stream& stream, protocol::FinishReason reason);
+  void end_early(GenerationStream& stream, protocol::FinishReason reason);
   // Sends what it can: pending tokens, then the Finish. False when the stream is gone.
-  bool flush(Stream& stream);
-  void set_paused(Stream& stream, bool paused);
+  bool flush(GenerationStream& stream);
+  void set_paused(GenerationStream& stream, bool paused);
   // Takes the stream out of the service (the engine's sequence cancelled
   // unless it had finished) and hands it over; forget() drops it.
-  std::unique_ptr<Stream> detach(Stream& stream);
-  void forget(Stream& stream);
+  std::unique_ptr<GenerationStream> detach(GenerationStream& stream);
+  void forget(GenerationStream& stream);
   void send_load_reports();
   void send_load_report(transport::Connection& connection, std::uint32_t stream_id,
                         const std::vector<std::uint64_t>& added, const std::vector<std::uint64_t>& evicted);
 
   transport::EventLoop& loop_;
-  const Tokenizer& tokenizer_;
+  const engine::Tokenizer& tokenizer_;
   WorkerOptions options_;
-  EngineInfo info_;
-  std::map<Key, std::unique_ptr<Stream>> streams_;
-  std::unordered_map<SequenceId, Stream*> by_sequence_;
+  engine::EngineInfo info_;
+  std::map<Key, std::unique_ptr<GenerationStream>> streams_;
+  std::unordered_map<engine::SequenceId, GenerationStream*> by_sequence_;
   std::map<Key, bool> subscribers_;  // value: has had its full report
-  SequenceId next_sequence_ = 1;
+  engine::SequenceId next_sequence_ = 1;
   std::mt19937_64 seeds_;            // for requests that ask for a random seed
   WorkerCounters counters_;
-  EngineStats engine_stats_;
+  engine::EngineStats engine_stats_;
   bool draining_ = false;
 
   // The prefix hashes the engine holds, mirrored here from its step
@@ -143,4 +145,4 @@ class WorkerService final : public transport::ConnectionHandler {
   std::unique_ptr<EngineRunner> runner_;  // last: stopped first
 };
 
-}  // namespace fmwire::engine
+}  // namespace fmwire::worker

@@ -23,9 +23,9 @@
 #include <thread>
 #include <vector>
 
-#include "gateway/etcd_discovery.h"
+#include "discovery/etcd_discovery.h"
 
-namespace fmwire::gateway {
+namespace fmwire::discovery {
 namespace {
 
 using namespace std::chrono_literals;
@@ -479,4 +479,4 @@ TEST_CASE("destroying a watcher or a registration is prompt while etcd is down")
 }
 
 }  // namespace
-}  // namespace fmwire::gateway
+}  // namespace fmwire::discovery

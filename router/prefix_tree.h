@@ -12,7 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 
 // Replaces `hashes` with the chained hashes of the prompt's first full
 // blocks of `block_tokens` tokens, at most `max_blocks` of them.
@@ -61,4 +61,4 @@ class ApproximatePrefixTree {
   std::unordered_map<std::uint64_t, Block> blocks_;
 };
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

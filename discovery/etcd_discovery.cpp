@@ -1,4 +1,4 @@
-#include "gateway/etcd_discovery.h"
+#include "discovery/etcd_discovery.h"
 
 #include <algorithm>
 #include <atomic>
@@ -25,7 +25,7 @@
 
 #include "transport/endpoint.h"
 
-namespace fmwire::gateway {
+namespace fmwire::discovery {
 namespace {
 
 namespace asio = boost::asio;
@@ -670,4 +670,4 @@ codec::Result<std::unique_ptr<EtcdWatcher>, std::string> EtcdWatcher::start(cons
   return std::unique_ptr<EtcdWatcher>(std::move(watcher));
 }
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::discovery

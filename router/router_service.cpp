@@ -1,11 +1,11 @@
-#include "gateway/router_service.h"
+#include "router/router_service.h"
 
 #include <algorithm>
 #include <stdexcept>
 
 #include "codec/frame_decoder.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 namespace {
 
 using transport::Connection;
@@ -514,4 +514,4 @@ void RouterService::on_closed(Connection& connection, const transport::EndReason
   }
 }
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

@@ -8,7 +8,7 @@
 #include "codec/byte_buffer.h"
 #include "codec/frame_decoder.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 
 class OwnedFrame {
  public:
@@ -39,4 +39,4 @@ class OwnedFrame {
   std::uint64_t wire_bytes_ = 0;
 };
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

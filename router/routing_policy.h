@@ -12,10 +12,10 @@
 #include <string_view>
 
 #include "codec/codec_error.h"
-#include "gateway/worker_view.h"
 #include "protocol/fmwire.capnp.h"
+#include "router/worker_view.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 
 struct RouteRequest {
   std::span<const std::uint32_t> prompt_tokens;  // as the workers tokenize it (BOS included)
@@ -68,4 +68,4 @@ class RoutingPolicy {
 // "round-robin", "least-loaded", "prefix", "sla"; nullptr for other names.
 std::unique_ptr<RoutingPolicy> make_policy(std::string_view name, const PolicyOptions& options = {});
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

@@ -1,10 +1,10 @@
-#include "engine/worker_service.h"
+#include "worker/worker_service.h"
 
 #include <algorithm>
 
 #include "codec/frame_decoder.h"
 
-namespace fmwire::engine {
+namespace fmwire::worker {
 namespace {
 
 using transport::Connection;
@@ -14,12 +14,12 @@ std::uint64_t micros(std::chrono::steady_clock::duration duration) {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(duration).count());
 }
 
-protocol::FinishReason finish_reason(FinishCause cause) {
+protocol::FinishReason finish_reason(engine::FinishCause cause) {
   switch (cause) {
-    case FinishCause::end_of_sequence: return protocol::FinishReason::END_OF_SEQUENCE;
-    case FinishCause::max_tokens: return protocol::FinishReason::MAX_TOKENS;
-    case FinishCause::context_full: return protocol::FinishReason::MAX_TOKENS;  // "length" to OpenAI clients
-    case FinishCause::cancelled: return protocol::FinishReason::CANCELLED;
+    case engine::FinishCause::end_of_sequence: return protocol::FinishReason::END_OF_SEQUENCE;
+    case engine::FinishCause::max_tokens: return protocol::FinishReason::MAX_TOKENS;
+    case engine::FinishCause::context_full: return protocol::FinishReason::MAX_TOKENS;  // "length" to OpenAI clients
+    case engine::FinishCause::cancelled: return protocol::FinishReason::CANCELLED;
   }
   return protocol::FinishReason::ERROR;
 }
@@ -32,7 +32,7 @@ constexpr std::size_t kTokensPerFrame = 128;
 
 }  // namespace
 
-WorkerService::WorkerService(transport::EventLoop& loop, Engine& engine, const Tokenizer& tokenizer,
+WorkerService::WorkerService(transport::EventLoop& loop, engine::Engine& engine, const engine::Tokenizer& tokenizer,
                              WorkerOptions options)
     : loop_(loop), tokenizer_(tokenizer), options_(std::move(options)), info_(engine.info()),
       seeds_(std::random_device{}()), engine_stats_(engine.stats()) {
@@ -80,11 +80,11 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
     refuse(connection, stream_id, protocol::ErrorCode::BAD_REQUEST, "a second GenerateRequest on one stream");
     return;
   }
-  auto stream = std::make_unique<Stream>();
+  auto stream = std::make_unique<GenerationStream>();
   stream->connection = &connection;
   stream->stream_id = stream_id;
   stream->received = Clock::now();
-  SequenceRequest request;
+  engine::SequenceRequest request;
   std::vector<std::string> stops;
   std::string problem;
   protocol::ErrorCode code = protocol::ErrorCode::BAD_REQUEST;
@@ -152,13 +152,13 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
   stream->prompt_tokens = static_cast<std::uint32_t>(request.prompt.size());
   stream->text.emplace(tokenizer_, std::move(stops));
   stream->sequence = next_sequence_++;
-  Stream& started = *stream;
+  GenerationStream& started = *stream;
   by_sequence_[started.sequence] = &started;
   streams_[{&connection, stream_id}] = std::move(stream);
   ++counters_.streams_started;
   if (timeout_us > 0) {
     const auto delay = std::chrono::ceil<std::chrono::milliseconds>(std::chrono::microseconds(timeout_us));
-    const SequenceId sequence = started.sequence;
+    const engine::SequenceId sequence = started.sequence;
     std::weak_ptr<bool> alive = alive_;
     started.deadline_timer = loop_.backend().schedule(delay, [this, alive, sequence] {
       if (!alive.lock()) return;
@@ -176,7 +176,7 @@ void WorkerService::deliver(const RunnerOutput& output) {
   for (const auto& rejected : output.rejected) {
     auto found = by_sequence_.find(rejected.id);
     if (found == by_sequence_.end()) continue;
-    Stream& stream = *found->second;
+    GenerationStream& stream = *found->second;
     Connection& connection = *stream.connection;
     const std::uint32_t stream_id = stream.stream_id;
     forget(stream);
@@ -189,7 +189,7 @@ void WorkerService::deliver(const RunnerOutput& output) {
   for (const auto& finished : output.step.finished) {
     auto found = by_sequence_.find(finished.id);
     if (found == by_sequence_.end()) continue;
-    Stream& stream = *found->second;
+    GenerationStream& stream = *found->second;
     if (stream.finish_reason) continue;  // ended here first (stop sequence)
     stream.finish_reason = finish_reason(finished.cause);
     stream.cached_prompt_tokens = finished.cached_prompt_tokens;
@@ -230,7 +230,7 @@ void WorkerService::deliver(const RunnerOutput& output) {
   }
 }
 
-void WorkerService::take_token(Stream& stream, std::uint32_t token, std::uint32_t index) {
+void WorkerService::take_token(GenerationStream& stream, std::uint32_t token, std::uint32_t index) {
   if (stream.finish_reason) return;  // after a stop sequence: the engine is being told to stop
   if (stream.pending_ids.empty()) stream.pending_first_index = index;
   stream.pending_ids.push_back(token);
@@ -242,14 +242,14 @@ void WorkerService::take_token(Stream& stream, std::uint32_t token, std::uint32_
   if (stream.text->stopped()) end_early(stream, protocol::FinishReason::STOP_SEQUENCE);
 }
 
-void WorkerService::end_early(Stream& stream, protocol::FinishReason reason) {
+void WorkerService::end_early(GenerationStream& stream, protocol::FinishReason reason) {
   if (stream.finish_reason) return;
   stream.finish_reason = reason;
   runner_->cancel(stream.sequence);
   flush(stream);
 }
 
-bool WorkerService::flush(Stream& stream) {
+bool WorkerService::flush(GenerationStream& stream) {
   Connection& connection = *stream.connection;
   // At most kTokensPerFrame a frame: a frame must fit in what the reader can
   // grant back (a router grants a small window), or it would wait forever.
@@ -298,7 +298,7 @@ bool WorkerService::flush(Stream& stream) {
   // Taken out of the maps before the last frame goes: sending it may close
   // the stream at once (the peer ended its side already), and then
   // on_stream_closed must find nothing to clean up.
-  const std::unique_ptr<Stream> owned = detach(stream);
+  const std::unique_ptr<GenerationStream> owned = detach(stream);
   const auto now = Clock::now();
   connection.send<protocol::Finish>(owned->stream_id, [&](protocol::Finish::Builder finish) {
     finish.setReason(*owned->finish_reason);
@@ -324,25 +324,25 @@ bool WorkerService::flush(Stream& stream) {
   return false;
 }
 
-void WorkerService::set_paused(Stream& stream, bool paused) {
+void WorkerService::set_paused(GenerationStream& stream, bool paused) {
   if (stream.paused == paused || (paused && stream.finish_reason)) return;
   stream.paused = paused;
   if (paused) ++counters_.pauses;
   runner_->set_paused(stream.sequence, paused);
 }
 
-std::unique_ptr<WorkerService::Stream> WorkerService::detach(Stream& stream) {
+std::unique_ptr<WorkerService::GenerationStream> WorkerService::detach(GenerationStream& stream) {
   if (stream.deadline_timer != 0) loop_.backend().cancel(stream.deadline_timer);
   stream.deadline_timer = 0;
   if (!stream.finish_reason) runner_->cancel(stream.sequence);
   by_sequence_.erase(stream.sequence);
   auto found = streams_.find({stream.connection, stream.stream_id});
-  std::unique_ptr<Stream> owned = std::move(found->second);
+  std::unique_ptr<GenerationStream> owned = std::move(found->second);
   streams_.erase(found);
   return owned;
 }
 
-void WorkerService::forget(Stream& stream) { detach(stream); }
+void WorkerService::forget(GenerationStream& stream) { detach(stream); }
 
 void WorkerService::on_stream_writable(Connection& connection, std::uint32_t stream_id) {
   auto found = streams_.find({&connection, stream_id});
@@ -355,7 +355,7 @@ void WorkerService::on_stream_closed(Connection& connection, std::uint32_t strea
   auto found = streams_.find({&connection, stream_id});
   if (found == streams_.end()) return;
   if (reason.error) ++counters_.streams_cancelled;
-  Stream& stream = *found->second;
+  GenerationStream& stream = *found->second;
   stream.finish_reason.reset();  // whatever was pending: the engine must stop
   forget(stream);
 }
@@ -365,11 +365,11 @@ void WorkerService::on_closed(Connection& connection, const transport::EndReason
   for (auto it = subscribers_.begin(); it != subscribers_.end();) {
     it = it->first.first == &connection ? subscribers_.erase(it) : std::next(it);
   }
-  std::vector<Stream*> gone;
+  std::vector<GenerationStream*> gone;
   for (auto& [key, stream] : streams_) {
     if (key.first == &connection) gone.push_back(stream.get());
   }
-  for (Stream* stream : gone) {
+  for (GenerationStream* stream : gone) {
     ++counters_.streams_cancelled;
     stream->finish_reason.reset();
     forget(*stream);
@@ -448,4 +448,4 @@ void WorkerService::send_load_report(Connection& connection, std::uint32_t strea
   } while (added_from < added.size() || evicted_from < evicted.size());
 }
 
-}  // namespace fmwire::engine
+}  // namespace fmwire::worker

@@ -1,6 +1,6 @@
-// The router's policies (gateway/routing_policy.h): which worker each picks
+// The router's policies (router/routing_policy.h): which worker each picks
 // from a set of WorkerViews, and how each refuses.
-#include "gateway/routing_policy.h"
+#include "router/routing_policy.h"
 
 #include <doctest/doctest.h>
 
@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "engine/kv_block_pool.h"
-#include "gateway/prefix_tree.h"
+#include "router/prefix_tree.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 namespace {
 
 constexpr std::uint32_t kBlockTokens = 16;
@@ -469,4 +469,4 @@ TEST_CASE("make_policy returns nullptr for an unknown policy name") {
   CHECK(make_policy("") == nullptr);
 }
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

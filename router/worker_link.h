@@ -12,11 +12,11 @@
 #include <memory>
 #include <unordered_set>
 
-#include "gateway/worker_view.h"
+#include "router/worker_view.h"
 #include "transport/connection.h"
 #include "transport/endpoint.h"
 
-namespace fmwire::gateway {
+namespace fmwire::router {
 
 class WorkerLink;
 
@@ -94,4 +94,4 @@ class WorkerLink final : private transport::ConnectionHandler {
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 
-}  // namespace fmwire::gateway
+}  // namespace fmwire::router

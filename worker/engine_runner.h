@@ -22,16 +22,16 @@
 
 #include "engine/engine.h"
 
-namespace fmwire::engine {
+namespace fmwire::worker {
 
 struct RunnerOutput {
   struct Rejected {
-    SequenceId id;
+    engine::SequenceId id;
     std::string message;
   };
-  StepOutput step;
+  engine::StepOutput step;
   std::vector<Rejected> rejected;  // submissions the engine refused
-  EngineStats stats;               // after the step
+  engine::EngineStats stats;               // after the step
 };
 
 class EngineRunner {
@@ -43,26 +43,26 @@ class EngineRunner {
 
   // The runner uses `engine` from its own thread only, from now until the
   // destructor returns. The thread starts here.
-  EngineRunner(Engine& engine, Sink sink);
+  EngineRunner(engine::Engine& engine, Sink sink);
   // Stops after the current step and joins.
   ~EngineRunner();
   EngineRunner(const EngineRunner&) = delete;
   EngineRunner& operator=(const EngineRunner&) = delete;
 
-  void submit(SequenceId id, SequenceRequest request);
-  void cancel(SequenceId id);
-  void set_paused(SequenceId id, bool paused);
+  void submit(engine::SequenceId id, engine::SequenceRequest request);
+  void cancel(engine::SequenceId id);
+  void set_paused(engine::SequenceId id, bool paused);
 
  private:
   struct Submit {
-    SequenceId id;
-    SequenceRequest request;
+    engine::SequenceId id;
+    engine::SequenceRequest request;
   };
   struct Cancel {
-    SequenceId id;
+    engine::SequenceId id;
   };
   struct Pause {
-    SequenceId id;
+    engine::SequenceId id;
     bool paused;
   };
   using Command = std::variant<Submit, Cancel, Pause>;
@@ -81,10 +81,10 @@ class EngineRunner {
   void run();
   std::shared_ptr<RunnerOutput> make_output();
 
-  Engine& engine_;
+  engine::Engine& engine_;
   Sink sink_;
   std::shared_ptr<Shared> shared_ = std::make_shared<Shared>();
   std::thread thread_;
 };
 
-}  // namespace fmwire::engine
+}  // namespace fmwire::worker

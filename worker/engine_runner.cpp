@@ -1,10 +1,10 @@
-#include "engine/engine_runner.h"
+#include "worker/engine_runner.h"
 
 #include <pthread.h>
 
-namespace fmwire::engine {
+namespace fmwire::worker {
 
-EngineRunner::EngineRunner(Engine& engine, Sink sink) : engine_(engine), sink_(std::move(sink)) {
+EngineRunner::EngineRunner(engine::Engine& engine, Sink sink) : engine_(engine), sink_(std::move(sink)) {
   thread_ = std::thread([this] { run(); });
 }
 
@@ -40,9 +40,9 @@ std::shared_ptr<RunnerOutput> EngineRunner::make_output() {
   });
 }
 
-void EngineRunner::submit(SequenceId id, SequenceRequest request) { push(Submit{id, std::move(request)}); }
-void EngineRunner::cancel(SequenceId id) { push(Cancel{id}); }
-void EngineRunner::set_paused(SequenceId id, bool paused) { push(Pause{id, paused}); }
+void EngineRunner::submit(engine::SequenceId id, engine::SequenceRequest request) { push(Submit{id, std::move(request)}); }
+void EngineRunner::cancel(engine::SequenceId id) { push(Cancel{id}); }
+void EngineRunner::set_paused(engine::SequenceId id, bool paused) { push(Pause{id, paused}); }
 
 void EngineRunner::run() {
   // Named so that top -H, perf and bench/gateway's CPU accounting can tell
@@ -88,4 +88,4 @@ void EngineRunner::run() {
   }
 }
 
-}  // namespace fmwire::engine
+}  // namespace fmwire::worker

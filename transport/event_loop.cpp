@@ -1,0 +1,33 @@
+#include "transport/event_loop.h"
+
+#include <algorithm>
+
+#include "transport/connection.h"
+
+namespace fmwire::transport {
+
+EventLoop::EventLoop(std::string_view forced_backend) : EventLoop(forced_backend, UringOptions{}) {}
+
+EventLoop::EventLoop(std::string_view forced_backend, const UringOptions& uring) {
+  BackendChoice choice = make_backend(forced_backend, uring);
+  backend_ = std::move(choice.backend);
+  backend_log_line_ = std::move(choice.log_line);
+  backend_->set_before_wait([this] { flush_all(); });
+}
+
+EventLoop::~EventLoop() = default;
+
+void EventLoop::flush_all() {
+  // A flush can complete at once and queue more (Asio), so take the list first.
+  flushing_.swap(flush_list_);
+  for (Connection* connection : flushing_) connection->flush();
+  flushing_.clear();
+}
+
+void EventLoop::forget(Connection* connection) {
+  std::erase(flush_list_, connection);
+  std::replace(flushing_.begin(), flushing_.end(), connection, static_cast<Connection*>(nullptr));
+  std::erase(flushing_, nullptr);
+}
+
+}  // namespace fmwire::transport

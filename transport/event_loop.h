@@ -1,0 +1,54 @@
+// The loop a thread runs: it owns the thread's I/O backend (io_uring, or
+// Asio where io_uring is refused) and, before the loop waits, flushes every
+// connection that queued frames during the turn, so that what a turn
+// produced leaves in one write per connection (DESIGN.md, natural batching).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "transport/io_backend.h"
+#include "transport/uring_backend.h"
+
+namespace fmwire::transport {
+
+class Connection;
+
+// Owns a loop thread's backend and flushes its connections after each batch
+// of completions. One per loop thread; not thread-safe but for post/stop.
+class EventLoop {
+ public:
+  explicit EventLoop(std::string_view forced_backend = {});
+  // With io_uring's settings (zero-copy threshold, buffer ring) when it is chosen.
+  EventLoop(std::string_view forced_backend, const UringOptions& uring);
+  ~EventLoop();
+
+  IoBackend& backend() { return *backend_; }
+  const std::string& backend_log_line() const { return backend_log_line_; }
+  void run() { backend_->run(); }
+  void stop() { backend_->stop(); }
+  void post(std::function<void()> fn) { backend_->post(std::move(fn)); }
+  // Memory attachments are sent from by reference, for the backend to
+  // register once (IoBackend::register_memory).
+  bool register_memory(std::span<const std::byte> memory) { return backend_->register_memory(memory); }
+  void unregister_memory(std::span<const std::byte> memory) { backend_->unregister_memory(memory); }
+
+  // The connection has frames queued: flush it before the loop waits.
+  void want_flush(Connection* connection) { flush_list_.push_back(connection); }
+  // The connection is being destroyed: forget it.
+  void forget(Connection* connection);
+
+ private:
+  void flush_all();
+
+  std::unique_ptr<IoBackend> backend_;
+  std::string backend_log_line_;
+  std::vector<Connection*> flush_list_;
+  std::vector<Connection*> flushing_;
+};
+
+}  // namespace fmwire::transport
