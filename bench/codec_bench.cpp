@@ -25,7 +25,6 @@
 // Ratios: > 1 means fmwire is better (peer_ns / our_ns, peer_bytes /
 // our_bytes, our_ratio / plain_ratio, our_bytes_per_s / peer_bytes_per_s).
 #include <boost/json.hpp>
-#include <boost/program_options.hpp>
 
 #include <algorithm>
 #include <array>
@@ -36,7 +35,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <iostream>
 #include <random>
 #include <span>
 #include <stdexcept>
@@ -44,6 +42,7 @@
 #include <string_view>
 #include <vector>
 
+#include "bench_main.h"
 #include "bench_results.h"
 #include "codec/attachment_codec.h"
 #include "codec/buffer_pool.h"
@@ -69,7 +68,6 @@ struct BenchSettings {
   int token_repetitions = 15;
   std::size_t tensor_bytes = 16u << 20;
   int attachment_repetitions = 5;
-  std::string json_path;  // empty: no JSON file
 };
 
 BenchSettings quick_settings() {
@@ -677,56 +675,29 @@ void run_attachment_benchmarks(const BenchSettings& settings, std::vector<Compar
 
 // ---------------------------------------------------------------- output
 
-int run(const BenchSettings& settings) {
+std::vector<Comparison> run(const BenchSettings& settings) {
   std::vector<Comparison> results;
   run_token_benchmarks(settings, results);
   run_attachment_benchmarks(settings, results);
-  if (!settings.json_path.empty()) {
-    write_results_json(settings.json_path, "codec", results);
-    std::printf("wrote %zu results to %s\n", results.size(), settings.json_path.c_str());
-  }
-  return 0;
+  return results;
 }
 
 }  // namespace
 }  // namespace fmwire::bench
 
 int main(int argc, char** argv) {
-  namespace po = boost::program_options;
-  po::options_description description(
-      "bench_codec: token frames against protobuf and JSON, attachments against plain zstd");
-  std::string json_path;
-  int repetitions = 0;
-  description.add_options()
-      ("help,h", "show this help")
-      ("quick", "fewer frames, repetitions and smaller tensors: a smoke test of a few seconds")
-      ("repetitions", po::value(&repetitions), "measured batches and attachment runs (default 15 and 5)")
-      ("json", po::value(&json_path), "write the results as JSON to this file");
-  try {
-    po::variables_map values;
-    po::store(po::parse_command_line(argc, argv, description), values);
-    po::notify(values);
-    if (values.count("help")) {
-      std::cout << description;
-      return 0;
+  using namespace fmwire::bench;
+  const BenchProgram program{
+      .name = "codec",
+      .caption = "bench_codec: token frames against protobuf and JSON, attachments against plain zstd",
+      .quick_help = "fewer frames, repetitions and smaller tensors: a smoke test of a few seconds",
+      .repetitions_help = "measured batches and attachment runs (default 15 and 5)"};
+  return bench_main(argc, argv, program, {}, [](const CommonFlags& flags, const auto&) {
+    BenchSettings settings = flags.quick ? quick_settings() : BenchSettings{};
+    if (flags.repetitions) {
+      settings.token_repetitions = *flags.repetitions;
+      settings.attachment_repetitions = *flags.repetitions;
     }
-    fmwire::bench::BenchSettings settings =
-        values.count("quick") ? fmwire::bench::quick_settings() : fmwire::bench::BenchSettings{};
-    if (values.count("repetitions")) {
-      if (repetitions < 1) {
-        std::cerr << "bench_codec: --repetitions " << repetitions << " must be at least 1\n";
-        return 2;
-      }
-      settings.token_repetitions = repetitions;
-      settings.attachment_repetitions = repetitions;
-    }
-    settings.json_path = json_path;
-    return fmwire::bench::run(settings);
-  } catch (const po::error& error) {
-    std::cerr << "bench_codec: " << error.what() << "\n";
-    return 2;
-  } catch (const std::exception& error) {
-    std::cerr << "bench_codec: " << error.what() << "\n";
-    return 1;
-  }
+    return run(settings);
+  });
 }

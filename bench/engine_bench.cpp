@@ -34,13 +34,13 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <iostream>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "bench_main.h"
 #include "bench_results.h"
 #include "engine/batching_engine.h"
 #include "engine/cpu_backend.h"
@@ -68,7 +68,6 @@ struct BenchSettings {
   std::uint32_t stream_tokens = 200;         // of T tokens each
   std::chrono::microseconds step_time{1000};
   bool warm_up = true;
-  std::string json_path;  // empty: no JSON file
 };
 
 // The worker overhead's streams.
@@ -284,17 +283,13 @@ void say_cuda_is_elsewhere() {
                                      : "bench_engine_cuda measures CUDA where a GPU is and CUDA is built");
 }
 
-int run(const BenchSettings& settings) {
+std::vector<Comparison> run(const BenchSettings& settings) {
   std::vector<Comparison> results;
   say_cuda_is_elsewhere();
   std::printf("Ratios: > 1 means fmwire is better (ours / peer for rates, peer / ours for latencies).\n");
   bench_cpu_decode(settings, results);
   bench_worker_overhead(settings, results);
-  if (!settings.json_path.empty()) {
-    write_results_json(settings.json_path, "engine", results);
-    std::printf("wrote %zu results to %s\n", results.size(), settings.json_path.c_str());
-  }
-  return 0;
+  return results;
 }
 
 }  // namespace
@@ -302,57 +297,35 @@ int run(const BenchSettings& settings) {
 
 int main(int argc, char** argv) {
   namespace po = boost::program_options;
-  po::options_description description(
-      "bench_engine: CPU decode tokens/s of the built-in model, and the worker server's cost over its engine");
-  std::string json_path;
-  int repetitions = 0;
+  using namespace fmwire::bench;
   std::uint32_t streams = 0;
   std::uint32_t tokens = 0;
-  description.add_options()
-      ("help,h", "show this help")
-      ("quick", "tiny counts, one run each: a smoke test of a few seconds")
-      ("repetitions", po::value(&repetitions), "measured runs per row (default 5)")
+  po::options_description own_flags;
+  own_flags.add_options()
       ("streams", po::value(&streams), "worker overhead: concurrent streams (default 16; --quick 4)")
-      ("tokens", po::value(&tokens), "worker overhead: tokens per stream (default 200; --quick 20)")
-      ("json", po::value(&json_path), "write the results as JSON to this file");
-  try {
-    po::variables_map values;
-    po::store(po::parse_command_line(argc, argv, description), values);
-    po::notify(values);
-    if (values.count("help")) {
-      std::cout << description;
-      return 0;
-    }
-    fmwire::bench::BenchSettings settings =
-        values.count("quick") ? fmwire::bench::quick_settings() : fmwire::bench::BenchSettings{};
-    if (values.count("repetitions")) {
-      if (repetitions < 1) {
-        std::cerr << "bench_engine: --repetitions " << repetitions << " must be at least 1\n";
-        return 2;
-      }
-      settings.repetitions = repetitions;
-    }
+      ("tokens", po::value(&tokens), "worker overhead: tokens per stream (default 200; --quick 20)");
+  const BenchProgram program{
+      .name = "engine",
+      .caption =
+          "bench_engine: CPU decode tokens/s of the built-in model, and the worker server's cost over its engine",
+      .quick_help = "tiny counts, one run each: a smoke test of a few seconds",
+      .repetitions_help = "measured runs per row (default 5)"};
+  return bench_main(argc, argv, program, own_flags, [&](const CommonFlags& flags, const po::variables_map& values) {
+    BenchSettings settings = flags.quick ? quick_settings() : BenchSettings{};
+    if (flags.repetitions) settings.repetitions = *flags.repetitions;
     if (values.count("streams")) {
       if (streams < 1 || streams > 64) {
-        std::cerr << "bench_engine: --streams " << streams << " must be 1 to 64 (the engine runs 64 at once)\n";
-        return 2;
+        throw UsageError("--streams " + std::to_string(streams) + " must be 1 to 64 (the engine runs 64 at once)");
       }
       settings.streams = streams;
     }
     if (values.count("tokens")) {
       if (tokens < 1 || tokens > 2000) {
-        std::cerr << "bench_engine: --tokens " << tokens << " must be 1 to 2000 (the tiny model's context is 2048)\n";
-        return 2;
+        throw UsageError("--tokens " + std::to_string(tokens) +
+                         " must be 1 to 2000 (the tiny model's context is 2048)");
       }
       settings.stream_tokens = tokens;
     }
-    settings.json_path = json_path;
-    return fmwire::bench::run(settings);
-  } catch (const po::error& error) {
-    std::cerr << "bench_engine: " << error.what() << "\n";
-    return 2;
-  } catch (const std::exception& error) {
-    std::cerr << "bench_engine: " << error.what() << "\n";
-    return 1;
-  }
+    return run(settings);
+  });
 }

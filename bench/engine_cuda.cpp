@@ -20,7 +20,6 @@
 // Ratios: > 1 means fmwire is better (ours / peer for rates).
 // With no usable device it prints the probe's line and exits 0 (an empty
 // results list in --json).
-#include <boost/program_options.hpp>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -29,12 +28,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <iostream>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "bench_main.h"
 #include "bench_results.h"
 #include "engine/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
@@ -54,7 +53,6 @@ struct BenchSettings {
   std::uint32_t decode_steps = 32;
   std::size_t pack_bytes = std::size_t{64} << 20;
   bool big_model = true;
-  std::string json_path;  // empty: no JSON file
 };
 
 BenchSettings quick_settings() {
@@ -225,7 +223,7 @@ void bench_kv_copies(engine::CudaBackend& backend, const std::string& model, con
           gigabytes / peer.device_to_host_seconds);
 }
 
-int run(const BenchSettings& settings) {
+std::vector<Comparison> run(const BenchSettings& settings) {
   const engine::CudaProbe probe = engine::probe_cuda();
   std::printf("%s\n", probe.log_line.c_str());
   std::vector<Comparison> results;
@@ -269,50 +267,22 @@ int run(const BenchSettings& settings) {
       bench_kv_copies(cuda, "2048x16 model", settings, results);
     }
   }
-  if (!settings.json_path.empty()) {
-    write_results_json(settings.json_path, "engine_cuda", results);
-    std::printf("wrote %zu results to %s\n", results.size(), settings.json_path.c_str());
-  }
-  return 0;
+  return results;
 }
 
 }  // namespace
 }  // namespace fmwire::bench
 
 int main(int argc, char** argv) {
-  namespace po = boost::program_options;
-  po::options_description description("bench_engine_cuda: CUDA decode against the CPU, KV block copies against cudaMemcpy");
-  std::string json_path;
-  int repetitions = 0;
-  description.add_options()
-      ("help,h", "show this help")
-      ("quick", "built-in model only, few steps, 4 MiB of blocks: a smoke test of a few seconds")
-      ("repetitions", po::value(&repetitions), "measured runs per row (default 5)")
-      ("json", po::value(&json_path), "write the results as JSON to this file");
-  try {
-    po::variables_map values;
-    po::store(po::parse_command_line(argc, argv, description), values);
-    po::notify(values);
-    if (values.count("help")) {
-      std::cout << description;
-      return 0;
-    }
-    fmwire::bench::BenchSettings settings =
-        values.count("quick") ? fmwire::bench::quick_settings() : fmwire::bench::BenchSettings{};
-    if (values.count("repetitions")) {
-      if (repetitions < 1) {
-        std::cerr << "bench_engine_cuda: --repetitions " << repetitions << " must be at least 1\n";
-        return 2;
-      }
-      settings.repetitions = repetitions;
-    }
-    settings.json_path = json_path;
-    return fmwire::bench::run(settings);
-  } catch (const po::error& error) {
-    std::cerr << "bench_engine_cuda: " << error.what() << "\n";
-    return 2;
-  } catch (const std::exception& error) {
-    std::cerr << "bench_engine_cuda: " << error.what() << "\n";
-    return 1;
-  }
+  using namespace fmwire::bench;
+  const BenchProgram program{
+      .name = "engine_cuda",
+      .caption = "bench_engine_cuda: CUDA decode against the CPU, KV block copies against cudaMemcpy",
+      .quick_help = "built-in model only, few steps, 4 MiB of blocks: a smoke test of a few seconds",
+      .repetitions_help = "measured runs per row (default 5)"};
+  return bench_main(argc, argv, program, {}, [](const CommonFlags& flags, const auto&) {
+    BenchSettings settings = flags.quick ? quick_settings() : BenchSettings{};
+    if (flags.repetitions) settings.repetitions = *flags.repetitions;
+    return run(settings);
+  });
 }

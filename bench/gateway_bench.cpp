@@ -51,7 +51,6 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
-#include <iostream>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -59,6 +58,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_main.h"
 #include "bench_results.h"
 #include "serving_harness.h"
 #include "transport/client.h"
@@ -490,29 +490,21 @@ void raise_file_limit(std::uint32_t needed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  std::uint32_t repetitions = 5;
   std::uint32_t clients = 10000;
-  std::string json_path;
   std::string fmwire_path;
-  po::options_description description("bench_gateway options");
-  description.add_options()
-      ("help,h", "show this help")
-      ("quick", po::bool_switch(&quick), "small shapes and one repetition (a smoke test)")
-      ("repetitions", po::value(&repetitions)->default_value(repetitions), "runs of each path")
+  po::options_description own_flags;
+  own_flags.add_options()
       ("clients", po::value(&clients)->default_value(clients), "concurrent clients in part 2")
-      ("fmwire", po::value(&fmwire_path), "the fmwire program (default: ../cli/fmwire beside this one)")
-      ("json", po::value(&json_path), "write the results here");
-  po::variables_map values;
-  po::store(po::parse_command_line(argc, argv, description), values);
-  po::notify(values);
-  if (values.count("help")) {
-    std::cout << description;
-    return 0;
-  }
-  signal(SIGPIPE, SIG_IGN);
-  using bench::median;
-  try {
+      ("fmwire", po::value(&fmwire_path), "the fmwire program (default: ../cli/fmwire beside this one)");
+  const bench::BenchProgram program{.name = "gateway",
+                                    .caption = "bench_gateway options",
+                                    .quick_help = "small shapes and one repetition (a smoke test)",
+                                    .repetitions_help = "runs of each path (default 5)"};
+  return bench::bench_main(argc, argv, program, own_flags, [&](const bench::CommonFlags& flags, const auto&) {
+    const bool quick = flags.quick;
+    std::uint32_t repetitions = static_cast<std::uint32_t>(flags.repetitions.value_or(5));
+    signal(SIGPIPE, SIG_IGN);
+    using bench::median;
     const std::string here = self_dir();
     if (fmwire_path.empty()) fmwire_path = here + "/../cli/fmwire";
     const std::string peer_path = here + "/bench_gateway_peer";
@@ -662,10 +654,6 @@ int main(int argc, char** argv) {
     bench::add_row(results, "concurrency: streams open at the RSS sample", open_at_peak, "streams", "", 0, 0);
     bench::add_row(results, "concurrency: gateway RSS per open stream (target < 16)", per_stream_kib, "KiB",
                    "16 KiB target", 16, 16 / std::max(per_stream_kib, 1e-9));
-    if (!json_path.empty()) bench::write_results_json(json_path, "gateway", results);
-    return 0;
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "bench_gateway: %s\n", error.what());
-    return 1;
-  }
+    return results;
+  });
 }

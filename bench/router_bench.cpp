@@ -45,8 +45,6 @@
 //
 // Run: build/bench/bench_router [--quick] [--repetitions N] [--json FILE]
 // Ratios: > 1 means the router (or the first policy named) is better.
-#include <boost/program_options.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -54,7 +52,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
-#include <iostream>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -63,6 +60,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_main.h"
 #include "bench_results.h"
 #include "engine/batching_engine.h"
 #include "engine/cpu_backend.h"
@@ -92,7 +90,6 @@ struct BenchSettings {
   std::uint32_t prefix_concurrency = 4;
   std::uint32_t deadline_requests = 120;   // goodput
   std::chrono::microseconds deadline_mean_gap{4000};
-  std::string json_path;  // empty: no JSON file
 };
 
 BenchSettings quick_settings() {
@@ -618,58 +615,29 @@ void bench_goodput(const BenchSettings& settings, std::vector<Comparison>& resul
               median(sla_refused), median(sla_refused_feasible));
 }
 
-int run(const BenchSettings& settings) {
+std::vector<Comparison> run(const BenchSettings& settings) {
   std::vector<Comparison> results;
   std::printf("Ratios: > 1 means the router, or the first policy named, is better (ours / peer for rates and\n"
               "counts, peer / ours for latencies and CPU time).\n");
   bench_hop_cost(settings, results);
   bench_cache_hits(settings, results);
   bench_goodput(settings, results);
-  if (!settings.json_path.empty()) {
-    write_results_json(settings.json_path, "router", results);
-    std::printf("wrote %zu results to %s\n", results.size(), settings.json_path.c_str());
-  }
-  return 0;
+  return results;
 }
 
 }  // namespace
 }  // namespace fmwire::bench
 
 int main(int argc, char** argv) {
-  namespace po = boost::program_options;
-  po::options_description description(
-      "bench_router: the router's hop cost (frames/s, token latency) and its policies' cache hits and goodput");
-  std::string json_path;
-  int repetitions = 0;
-  description.add_options()
-      ("help,h", "show this help")
-      ("quick", "small counts, one run each: a smoke test of a few seconds")
-      ("repetitions", po::value(&repetitions), "measured runs per row (default 5)")
-      ("json", po::value(&json_path), "write the results as JSON to this file");
-  try {
-    po::variables_map values;
-    po::store(po::parse_command_line(argc, argv, description), values);
-    po::notify(values);
-    if (values.count("help")) {
-      std::cout << description;
-      return 0;
-    }
-    fmwire::bench::BenchSettings settings =
-        values.count("quick") ? fmwire::bench::quick_settings() : fmwire::bench::BenchSettings{};
-    if (values.count("repetitions")) {
-      if (repetitions < 1) {
-        std::cerr << "bench_router: --repetitions " << repetitions << " must be at least 1\n";
-        return 2;
-      }
-      settings.repetitions = repetitions;
-    }
-    settings.json_path = json_path;
-    return fmwire::bench::run(settings);
-  } catch (const po::error& error) {
-    std::cerr << "bench_router: " << error.what() << "\n";
-    return 2;
-  } catch (const std::exception& error) {
-    std::cerr << "bench_router: " << error.what() << "\n";
-    return 1;
-  }
+  using namespace fmwire::bench;
+  const BenchProgram program{
+      .name = "router",
+      .caption = "bench_router: the router's hop cost (frames/s, token latency) and its policies' cache hits and goodput",
+      .quick_help = "small counts, one run each: a smoke test of a few seconds",
+      .repetitions_help = "measured runs per row (default 5)"};
+  return bench_main(argc, argv, program, {}, [](const CommonFlags& flags, const auto&) {
+    BenchSettings settings = flags.quick ? quick_settings() : BenchSettings{};
+    if (flags.repetitions) settings.repetitions = *flags.repetitions;
+    return run(settings);
+  });
 }

@@ -33,12 +33,12 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <iostream>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "bench_main.h"
 #include "bench_results.h"
 #include "transport_fmwire.h"
 #include "transport_iperf.h"
@@ -84,8 +84,7 @@ struct BenchSettings {
   bool skip_iperf = false;
   int connect_total = 1000;
   int connect_concurrency = 128;
-  std::string only;       // empty: every section; else tokens, latency, bulk or connect
-  std::string json_path;  // empty: no JSON file
+  std::string only;  // empty: every section; else tokens, latency, bulk or connect
 };
 
 BenchSettings quick_settings() {
@@ -395,7 +394,7 @@ void run_connect_rate(const BenchSettings& settings, std::vector<Comparison>& re
   std::printf("    %-16s %12.0f %12.1f\n\n", "raw TCP", peer.connections_per_s, peer.cpu_us_per_connection);
 }
 
-int run(const BenchSettings& settings) {
+std::vector<Comparison> run(const BenchSettings& settings) {
   std::printf("bench/transport on 127.0.0.1, backends:");
   for (const std::string& backend : settings.backends) std::printf(" %s", backend_label(backend).c_str());
 #ifdef FMWIRE_HAVE_GRPC
@@ -412,11 +411,7 @@ int run(const BenchSettings& settings) {
   if (settings.only.empty() || settings.only == "latency") run_token_latency(settings, results);
   if (settings.only.empty() || settings.only == "bulk") run_bulk(settings, results);
   if (settings.only.empty() || settings.only == "connect") run_connect_rate(settings, results);
-  if (!settings.json_path.empty()) {
-    write_results_json(settings.json_path, "transport", results);
-    std::printf("wrote %zu results to %s\n", results.size(), settings.json_path.c_str());
-  }
-  return 0;
+  return results;
 }
 
 }  // namespace
@@ -424,77 +419,47 @@ int run(const BenchSettings& settings) {
 
 int main(int argc, char** argv) {
   namespace po = boost::program_options;
-  po::options_description description(
-      "bench_transport: token streaming, latency and bulk bytes on loopback, against gRPC and iperf3");
-  std::string json_path;
+  using namespace fmwire::bench;
   std::string only;
   std::string backend;
-  int repetitions = 0;
   int bulk_mib = 0;
   int attachment_mib = 0;
-  description.add_options()
-      ("help,h", "show this help")
-      ("quick", "tiny counts, one repetition: a smoke test of a few seconds")
-      ("repetitions", po::value(&repetitions), "measured rounds, streams and transfers per row (default 5)")
+  po::options_description own_flags;
+  own_flags.add_options()
       ("bulk-mib", po::value(&bulk_mib), "MiB per bulk transfer (default 1024; --quick 32)")
       ("attachment-mib", po::value(&attachment_mib), "bulk: one attachment size only (default 1, 4 and 16)")
       ("skip-grpc", "leave out the gRPC peer")
       ("skip-iperf", "leave out the iperf3 peer")
       ("only", po::value(&only), "run one section: tokens, latency, bulk or connect")
-      ("backend", po::value(&backend), "run fmwire on one I/O backend only: uring or asio")
-      ("json", po::value(&json_path), "write the results as JSON to this file");
-  try {
-    po::variables_map values;
-    po::store(po::parse_command_line(argc, argv, description), values);
-    po::notify(values);
-    if (values.count("help")) {
-      std::cout << description;
-      return 0;
-    }
-    fmwire::bench::BenchSettings settings =
-        values.count("quick") ? fmwire::bench::quick_settings() : fmwire::bench::BenchSettings{};
-    if (values.count("repetitions")) {
-      if (repetitions < 1) {
-        std::cerr << "bench_transport: --repetitions " << repetitions << " must be at least 1\n";
-        return 2;
-      }
-      settings.repetitions = repetitions;
-    }
+      ("backend", po::value(&backend), "run fmwire on one I/O backend only: uring or asio");
+  const BenchProgram program{
+      .name = "transport",
+      .caption = "bench_transport: token streaming, latency and bulk bytes on loopback, against gRPC and iperf3",
+      .quick_help = "tiny counts, one repetition: a smoke test of a few seconds",
+      .repetitions_help = "measured rounds, streams and transfers per row (default 5)"};
+  return bench_main(argc, argv, program, own_flags, [&](const CommonFlags& flags, const po::variables_map& values) {
+    BenchSettings settings = flags.quick ? quick_settings() : BenchSettings{};
+    if (flags.repetitions) settings.repetitions = *flags.repetitions;
     if (values.count("bulk-mib")) {
-      if (bulk_mib < 1) {
-        std::cerr << "bench_transport: --bulk-mib " << bulk_mib << " must be at least 1\n";
-        return 2;
-      }
+      if (bulk_mib < 1) throw UsageError("--bulk-mib " + std::to_string(bulk_mib) + " must be at least 1");
       settings.bulk_bytes = static_cast<std::uint64_t>(bulk_mib) << 20;
     }
     if (values.count("attachment-mib")) {
       if (attachment_mib < 1 || attachment_mib > 1024) {
-        std::cerr << "bench_transport: --attachment-mib " << attachment_mib << " must be 1 to 1024\n";
-        return 2;
+        throw UsageError("--attachment-mib " + std::to_string(attachment_mib) + " must be 1 to 1024");
       }
       settings.chunk_bytes = {static_cast<std::size_t>(attachment_mib) << 20};
     }
     settings.skip_grpc = values.count("skip-grpc") > 0;
     settings.skip_iperf = values.count("skip-iperf") > 0;
     if (!only.empty() && only != "tokens" && only != "latency" && only != "bulk" && only != "connect") {
-      std::cerr << "bench_transport: --only " << only << ": choose tokens, latency, bulk or connect\n";
-      return 2;
+      throw UsageError("--only " + only + ": choose tokens, latency, bulk or connect");
     }
     settings.only = only;
     if (!backend.empty()) {
-      if (backend != "uring" && backend != "asio") {
-        std::cerr << "bench_transport: --backend " << backend << ": choose uring or asio\n";
-        return 2;
-      }
+      if (backend != "uring" && backend != "asio") throw UsageError("--backend " + backend + ": choose uring or asio");
       settings.backends = {backend};
     }
-    settings.json_path = json_path;
-    return fmwire::bench::run(settings);
-  } catch (const po::error& error) {
-    std::cerr << "bench_transport: " << error.what() << "\n";
-    return 2;
-  } catch (const std::exception& error) {
-    std::cerr << "bench_transport: " << error.what() << "\n";
-    return 1;
-  }
+    return run(settings);
+  });
 }
