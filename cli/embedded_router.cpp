@@ -79,21 +79,7 @@ std::size_t EmbeddedRouter::wait_for_healthy_workers(std::size_t wanted, std::ch
 
 bool EmbeddedRouter::drain(std::chrono::milliseconds timeout) {
   if (!group_) return true;
-  std::mutex mutex;
-  std::condition_variable changed;
-  bool drained = false;
-  group_->drain("router shutting down", [&] {
-    std::lock_guard lock(mutex);
-    drained = true;
-    changed.notify_all();
-  });
-  bool in_time = false;
-  {
-    std::unique_lock lock(mutex);
-    in_time = changed.wait_for(lock, timeout, [&] { return drained; });
-  }
-  group_->stop();
-  group_->join();  // after this the drain callback cannot run: `mutex` may go
+  const bool in_time = group_->drain_and_stop("router shutting down", timeout);
   counters_ = router_->counters();
   router_ = nullptr;
   loop_ = nullptr;

@@ -1,7 +1,5 @@
 #include "cli/embedded_worker.h"
 
-#include <condition_variable>
-#include <mutex>
 #include <system_error>
 
 namespace fmwire::cli {
@@ -43,24 +41,9 @@ EmbeddedWorker::~EmbeddedWorker() {
 
 bool EmbeddedWorker::drain(std::chrono::milliseconds timeout) {
   if (!group_) return true;
-  std::mutex mutex;
-  std::condition_variable changed;
-  bool drained = false;
-  group_->drain(
-      "worker shutting down",
-      [&] {
-        std::lock_guard lock(mutex);
-        drained = true;
-        changed.notify_all();
-      },
-      [this](unsigned, std::size_t) { service_->set_draining(); });  // on the loop thread
-  bool in_time = false;
-  {
-    std::unique_lock lock(mutex);
-    in_time = changed.wait_for(lock, timeout, [&] { return drained; });
-  }
-  group_->stop();
-  group_->join();  // after this the drain callbacks cannot run: `mutex` may go
+  const bool in_time = group_->drain_and_stop("worker shutting down", timeout, {}, [this](unsigned, std::size_t) {
+    service_->set_draining();  // on the loop thread
+  });
   counters_ = service_->counters();
   service_ = nullptr;
   group_.reset();  // the service (and its engine thread) before the engine

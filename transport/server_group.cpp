@@ -2,6 +2,8 @@
 
 #include <pthread.h>
 
+#include <condition_variable>
+#include <mutex>
 #include <stdexcept>
 
 namespace fmwire::transport {
@@ -49,6 +51,30 @@ void ServerGroup::drain(const std::string& reason, std::function<void()> on_drai
       });
     });
   }
+}
+
+bool ServerGroup::drain_and_stop(const std::string& reason, std::chrono::milliseconds grace, std::stop_token interrupt,
+                                 std::function<void(unsigned, std::size_t)> on_loop_draining) {
+  std::mutex mutex;
+  std::condition_variable_any changed;
+  bool drained = false;
+  drain(
+      reason,
+      [&] {
+        std::lock_guard lock(mutex);
+        drained = true;
+        changed.notify_all();
+      },
+      std::move(on_loop_draining));
+  bool in_time = false;
+  {
+    std::unique_lock lock(mutex);
+    in_time = changed.wait_for(lock, interrupt, grace, [&] { return drained; });
+  }
+  stop();
+  join();  // after this the drain callbacks cannot run: `mutex` may go
+  on_drained_ = nullptr;
+  return in_time;
 }
 
 void ServerGroup::stop() {

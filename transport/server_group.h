@@ -7,8 +7,10 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
+#include <stop_token>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -45,6 +47,11 @@ class ServerGroup {
   // (optional) is told, on each loop, how many connections it is draining.
   void drain(const std::string& reason, std::function<void()> on_drained,
              std::function<void(unsigned loop, std::size_t connections)> on_loop_draining = {});
+  // How a server shuts down: drain() as above, wait until every loop has
+  // drained, `grace` has passed or `interrupt` is requested, then stop() and
+  // join(). True when every loop drained in time.
+  bool drain_and_stop(const std::string& reason, std::chrono::milliseconds grace, std::stop_token interrupt = {},
+                      std::function<void(unsigned loop, std::size_t connections)> on_loop_draining = {});
   // Thread-safe: every loop stops after its current turn.
   void stop();
   // Waits for every loop thread to end (after stop()).
