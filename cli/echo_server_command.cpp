@@ -1,10 +1,8 @@
 #include "cli/echo_server_command.h"
 
-#include <condition_variable>
-#include <mutex>
 #include <ostream>
 
-#include "cli/signal_watcher.h"
+#include "cli/role_shutdown.h"
 #include "transport/echo_service.h"
 #include "transport/server_group.h"
 
@@ -27,16 +25,8 @@ int run_echo_server(const EchoServerCommand& command, std::ostream& out, std::os
   std::vector<transport::EchoService*> services;  // read after the loops have stopped
   const transport::EchoOptions echo{command.token_interval, command.tokens_per_frame};
 
-  // The signal thread must exist before the loop threads, which inherit its mask.
-  std::mutex mutex;
-  std::condition_variable changed;
-  int signals_seen = 0;
-  bool drained = false;
-  SignalWatcher signals([&](int, int count) {
-    std::lock_guard lock(mutex);
-    signals_seen = count;
-    changed.notify_all();
-  });
+  // Before the loop threads, which inherit its signal mask.
+  RoleShutdown shutdown("fmwire echo-server", err);
 
   transport::ServerGroup group(command.threads, *endpoint, options,
                                [&](transport::EventLoop& loop) {
@@ -49,33 +39,8 @@ int run_echo_server(const EchoServerCommand& command, std::ostream& out, std::os
   out << "listening on " << transport::Endpoint{endpoint->host, group.port()}.to_string() << std::endl;
   group.start();
 
-  int result = 0;
-  {
-    std::unique_lock lock(mutex);
-    changed.wait(lock, [&] { return signals_seen > 0; });
-    lock.unlock();
-    group.drain(
-        "server shutting down",
-        [&] {
-          std::lock_guard drained_lock(mutex);
-          drained = true;
-          changed.notify_all();
-        },
-        [&](unsigned loop, std::size_t connections) {
-          std::lock_guard print_lock(mutex);
-          err << "fmwire echo-server: loop " << loop << " draining " << connections << " connection(s)" << std::endl;
-        });
-    lock.lock();
-    if (!changed.wait_for(lock, command.drain_timeout, [&] { return drained || signals_seen > 1; })) {
-      err << "fmwire echo-server: drain took over " << command.drain_timeout.count() << " ms, closing now" << std::endl;
-      result = 1;
-    } else if (!drained) {
-      err << "fmwire echo-server: second signal, closing now" << std::endl;
-      result = 1;
-    }
-  }
-  group.stop();
-  group.join();
+  shutdown.wait_for_signal();
+  const int result = shutdown.drain(group, "server shutting down", command.drain_timeout);
   std::uint64_t tokens = 0;
   std::uint64_t cancelled = 0;
   std::string per_loop;

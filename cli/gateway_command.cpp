@@ -1,12 +1,10 @@
 #include "cli/gateway_command.h"
 
-#include <condition_variable>
 #include <fstream>
-#include <mutex>
 #include <ostream>
 
 #include "cli/embedded_router.h"
-#include "cli/signal_watcher.h"
+#include "cli/role_shutdown.h"
 #include "gateway/http_gateway.h"
 
 namespace fmwire::cli {
@@ -70,15 +68,8 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
   options.io_backend = command.backend;
   options.http_threads = command.http_threads;
 
-  std::mutex mutex;
-  std::condition_variable changed;
-  int signals_seen = 0;
   // Before any other thread: they inherit its signal mask.
-  SignalWatcher signals([&](int, int count) {
-    std::lock_guard lock(mutex);
-    signals_seen = count;
-    changed.notify_all();
-  });
+  RoleShutdown shutdown("fmwire gateway", err);
 
   const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
   std::unique_ptr<EmbeddedRouter> router;
@@ -108,10 +99,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
   std::unique_ptr<gateway::HttpGateway> http = std::move(*started);
   out << "listening on http://" << transport::Endpoint{listen->host, http->port()}.to_string() << std::endl;
 
-  {
-    std::unique_lock lock(mutex);
-    changed.wait(lock, [&] { return signals_seen > 0; });
-  }
+  shutdown.wait_for_signal();
   err << "fmwire gateway: draining" << std::endl;
   http->drain(command.drain_timeout);
   http.reset();

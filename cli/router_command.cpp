@@ -1,10 +1,8 @@
 #include "cli/router_command.h"
 
-#include <condition_variable>
-#include <mutex>
 #include <ostream>
 
-#include "cli/signal_watcher.h"
+#include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
 #include "transport/server_group.h"
 
@@ -61,15 +59,8 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   router::RouterService* router = nullptr;
   transport::EventLoop* loop = nullptr;
 
-  std::mutex mutex;
-  std::condition_variable changed;
-  int signals_seen = 0;
-  bool drained = false;
-  SignalWatcher signals([&](int, int count) {
-    std::lock_guard lock(mutex);
-    signals_seen = count;
-    changed.notify_all();
-  });
+  // Before the loop and etcd threads, which inherit its signal mask.
+  RoleShutdown shutdown("fmwire router", err);
 
   std::unique_ptr<transport::ServerGroup> group;
   try {
@@ -109,13 +100,9 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
             if (auto parsed = transport::parse_endpoint(address, &bad)) all.push_back(*parsed);
           }
           loop->post([&, all] { router->set_workers(all); });
-          std::lock_guard print_lock(mutex);
-          err << "fmwire router: etcd lists " << addresses.size() << " worker(s)" << std::endl;
+          shutdown.log("etcd lists " + std::to_string(addresses.size()) + " worker(s)");
         },
-        [&](const std::string& message) {
-          std::lock_guard print_lock(mutex);
-          err << "fmwire router: etcd: " << message << std::endl;
-        });
+        [&](const std::string& message) { shutdown.log("etcd: " + message); });
     if (!started) {
       err << "fmwire router: " << started.error() << std::endl;
       return 2;
@@ -128,34 +115,9 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   out << "listening on " << transport::Endpoint{endpoint->host, group->port()}.to_string() << std::endl;
   group->start();
 
-  int result = 0;
-  {
-    std::unique_lock lock(mutex);
-    changed.wait(lock, [&] { return signals_seen > 0; });
-    lock.unlock();
-    group->drain(
-        "router shutting down",
-        [&] {
-          std::lock_guard drained_lock(mutex);
-          drained = true;
-          changed.notify_all();
-        },
-        [&](unsigned, std::size_t connections) {
-          std::lock_guard print_lock(mutex);
-          err << "fmwire router: draining " << connections << " connection(s)" << std::endl;
-        });
-    lock.lock();
-    if (!changed.wait_for(lock, command.drain_timeout, [&] { return drained || signals_seen > 1; })) {
-      err << "fmwire router: drain took over " << command.drain_timeout.count() << " ms, closing now" << std::endl;
-      result = 1;
-    } else if (!drained) {
-      err << "fmwire router: second signal, closing now" << std::endl;
-      result = 1;
-    }
-  }
-  watcher.reset();  // no more posts to the loop
-  group->stop();
-  group->join();
+  shutdown.wait_for_signal();
+  const int result = shutdown.drain(*group, "router shutting down", command.drain_timeout);
+  watcher.reset();  // no more etcd lines, nor posts to the stopped loop
   const router::RouterCounters& counters = router->counters();
   err << "fmwire router: stopped after " << counters.streams_finished << " streams finished, "
       << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "

@@ -5,11 +5,12 @@
 #include <memory>
 #include <mutex>
 #include <ostream>
+#include <stop_token>
 #include <vector>
 
 #include "cli/embedded_router.h"
 #include "cli/embedded_worker.h"
-#include "cli/signal_watcher.h"
+#include "cli/role_shutdown.h"
 #include "gateway/http_gateway.h"
 #include "transport/client.h"
 
@@ -19,12 +20,11 @@ namespace {
 constexpr unsigned kMaxWorkers = 64;
 constexpr std::chrono::milliseconds kWorkersReadyTimeout{10000};
 
-// What the process waits on: signals, and the demo stream's end.
-struct Events {
+// The demo stream's end, told from the client's thread.
+struct DemoEnd {
   std::mutex mutex;
-  std::condition_variable changed;
-  int signals_seen = 0;
-  bool demo_over = false;
+  std::condition_variable_any changed;
+  bool over = false;
 };
 
 std::string curl_line(const std::string& url, const std::string& model) {
@@ -34,8 +34,9 @@ std::string curl_line(const std::string& url, const std::string& model) {
 
 // Streams one completion from the router to `out` as it arrives. Returns
 // early (the stream cancelled) when a signal comes.
-void run_demo(const UpCommand& command, const transport::Endpoint& router, Events& events, std::ostream& out,
-              std::ostream& err) {
+void run_demo(const UpCommand& command, const transport::Endpoint& router, std::stop_token signalled,
+              std::ostream& out, std::ostream& err) {
+  DemoEnd end;  // before the client, whose thread may tell it while the client goes
   ClientOptions options;
   options.backend = command.backend;
   auto client = Client::connect(router, options);
@@ -58,21 +59,20 @@ void run_demo(const UpCommand& command, const transport::Endpoint& router, Event
     out << finish.trailing_text << "\n"
         << "demo: done: " << finish.completion_tokens << " tokens, finish reason " << to_string(finish.reason)
         << std::endl;
-    std::lock_guard lock(events.mutex);
-    events.demo_over = true;
-    events.changed.notify_all();
+    std::lock_guard lock(end.mutex);
+    end.over = true;
+    end.changed.notify_all();
   };
   callbacks.on_error = [&](const ClientError& error) {
     out << std::endl;
     err << "fmwire up: demo: " << to_string(error.code) << ": " << error.message << std::endl;
-    std::lock_guard lock(events.mutex);
-    events.demo_over = true;
-    events.changed.notify_all();
+    std::lock_guard lock(end.mutex);
+    end.over = true;
+    end.changed.notify_all();
   };
   const GenerationHandle handle = (*client)->generate(params, callbacks);
-  std::unique_lock lock(events.mutex);
-  events.changed.wait(lock, [&] { return events.demo_over || events.signals_seen > 0; });
-  if (!events.demo_over) {
+  std::unique_lock lock(end.mutex);
+  if (!end.changed.wait(lock, signalled, [&] { return end.over; })) {
     lock.unlock();
     handle.cancel();  // on_error runs (cancelled) before the client goes
   }
@@ -99,13 +99,8 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
     return 2;
   }
 
-  Events events;
   // Before any other thread (engines, loops, the gateway's): they inherit its signal mask.
-  SignalWatcher signals([&](int, int count) {
-    std::lock_guard lock(events.mutex);
-    events.signals_seen = count;
-    events.changed.notify_all();
-  });
+  RoleShutdown shutdown("fmwire up", err);
 
   std::vector<std::unique_ptr<EmbeddedWorker>> workers;
   std::vector<transport::Endpoint> worker_endpoints;
@@ -163,12 +158,9 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
       << "try: " << curl_line(url, gateway_options.model) << std::endl
       << "OpenAI SDKs: base URL " << url << "/v1, any API key; Ctrl-C stops" << std::endl;
 
-  if (command.demo) run_demo(command, router->endpoint(), events, out, err);
+  if (command.demo) run_demo(command, router->endpoint(), shutdown.signalled(), out, err);
 
-  {
-    std::unique_lock lock(events.mutex);
-    events.changed.wait(lock, [&] { return events.signals_seen > 0; });
-  }
+  shutdown.wait_for_signal();
   err << "fmwire up: shutting down" << std::endl;
   int result = 0;
   http->drain(command.drain_timeout);

@@ -1,11 +1,9 @@
 #include "cli/worker_command.h"
 
 #include <algorithm>
-#include <condition_variable>
-#include <mutex>
 #include <ostream>
 
-#include "cli/signal_watcher.h"
+#include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
 #include "transport/server_group.h"
 #include "worker/worker_service.h"
@@ -35,17 +33,8 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   worker_options.load_report_interval = command.load_report_interval;
   worker::WorkerService* service = nullptr;  // read after the loop has stopped
 
-  // The signal thread must exist before the loop and engine threads, which
-  // inherit its mask.
-  std::mutex mutex;
-  std::condition_variable changed;
-  int signals_seen = 0;
-  bool drained = false;
-  SignalWatcher signals([&](int, int count) {
-    std::lock_guard lock(mutex);
-    signals_seen = count;
-    changed.notify_all();
-  });
+  // Before the loop and engine threads, which inherit its signal mask.
+  RoleShutdown shutdown("fmwire worker", err);
 
   // One loop thread: the engine is the bottleneck, and it steps on a thread
   // of its own (worker/engine_runner.h).
@@ -90,35 +79,10 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   }
   out << "listening on " << address << std::endl;
 
-  int result = 0;
-  {
-    std::unique_lock lock(mutex);
-    changed.wait(lock, [&] { return signals_seen > 0; });
-    lock.unlock();
-    registration.reset();  // routers stop sending here first
-    group->drain(
-        "worker shutting down",
-        [&] {
-          std::lock_guard drained_lock(mutex);
-          drained = true;
-          changed.notify_all();
-        },
-        [&](unsigned, std::size_t connections) {
-          service->set_draining();  // on the loop thread
-          std::lock_guard print_lock(mutex);
-          err << "fmwire worker: draining " << connections << " connection(s)" << std::endl;
-        });
-    lock.lock();
-    if (!changed.wait_for(lock, command.drain_timeout, [&] { return drained || signals_seen > 1; })) {
-      err << "fmwire worker: drain took over " << command.drain_timeout.count() << " ms, closing now" << std::endl;
-      result = 1;
-    } else if (!drained) {
-      err << "fmwire worker: second signal, closing now" << std::endl;
-      result = 1;
-    }
-  }
-  group->stop();
-  group->join();
+  shutdown.wait_for_signal();
+  registration.reset();  // routers stop sending here first
+  const int result = shutdown.drain(*group, "worker shutting down", command.drain_timeout,
+                                    [&](unsigned) { service->set_draining(); });  // on the loop thread
   const worker::WorkerCounters& counters = service->counters();
   const engine::EngineStats& stats = service->engine_stats();
   err << "fmwire worker: stopped after " << counters.streams_finished << " streams finished, "
