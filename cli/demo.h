@@ -1,7 +1,7 @@
 // `fmwire demo`: the wire format end to end in one process. Encodes one
 // generation stream and one KV transfer into frames, delivers the bytes in
 // random-sized pieces as a socket would, decodes them as they arrive, and
-// prints what happened. The main job until the gateway issue brings `fmwire up`.
+// prints what happened.
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 // `fmwire echo-server`: a native-protocol endpoint with no model (it streams
 // the prompt's words back, transport/echo_service.h), for trying the client
-// and measuring the transport until the worker exists. Prints its address,
-// and drains on SIGINT/SIGTERM: no new streams, open ones finish, then exit.
+// and measuring the transport without an engine. Prints its address, and
+// drains on SIGINT/SIGTERM: no new streams, open ones finish, then exit.
 #pragma once
 
 #include <chrono>

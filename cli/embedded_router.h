@@ -21,7 +21,7 @@ class EmbeddedRouter {
  public:
   // Listens and starts routing to `workers`. `tokenizer` (the workers', for
   // prefix routing) must outlive the router. Errors: an unknown policy, no
-  // port to listen on. Construct a SignalWatcher first: the loop thread
+  // port to listen on. Construct the RoleShutdown first: the loop thread
   // inherits the signal mask of the thread that starts it.
   static codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> start(
       const std::vector<transport::Endpoint>& workers, const engine::Tokenizer& tokenizer,

@@ -19,7 +19,7 @@ namespace fmwire::cli {
 class EmbeddedWorker {
  public:
   // Loads the model and starts serving. Errors: a model that cannot be
-  // loaded, no port to listen on. Construct a SignalWatcher first (the
+  // loaded, no port to listen on. Construct the RoleShutdown first (the
   // threads started here inherit the signal mask).
   static codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> start(const engine::ModelSpec& model,
                                                                            const std::string& backend);

@@ -3,7 +3,7 @@
 // Finish. It honours credit (a blocked stream waits for on_stream_writable:
 // nothing is buffered past the grant) and cancellation. It is what
 // `fmwire echo-server` serves, and the peer the transport's tests and bench
-// stream from, until the worker (engine/) exists.
+// stream from: the transport alone, with no engine's cost in the numbers.
 #pragma once
 
 #include <chrono>
