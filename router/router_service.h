@@ -93,28 +93,18 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
  private:
   using Clock = std::chrono::steady_clock;
 
-  // What the router keeps of a request: enough to route it and, with
-  // migration, to issue it again elsewhere.
-  struct Request {
-    std::vector<std::uint32_t> prompt_tokens;
-    std::string request_id;
-    std::string model;
-    std::uint32_t max_tokens = 0;
-    float temperature = 0.0f;
-    float top_p = 1.0f;
-    std::optional<std::uint64_t> seed;
-    std::vector<std::string> stop_sequences;
-    std::uint64_t timeout_us = 0;
-    std::int8_t priority = 0;
-    bool include_usage = true, include_text = true, include_timings = true;
-  };
-
   struct Route {
     transport::Connection* client = nullptr;
     std::uint32_t client_stream = 0;
     WorkerLink* worker = nullptr;
     std::uint32_t worker_stream = 0;   // 0: none open now
-    Request request;
+    // The client's GenerateRequest as it came, kept with migration on so
+    // that it can be issued again elsewhere: read in place then, never
+    // copied field by field.
+    std::optional<OwnedFrame> request;
+    std::vector<std::uint32_t> prompt_tokens;  // the prompt's ids, as the workers tokenize it
+    std::uint32_t max_tokens = 0;      // what the client asked for
+    std::uint64_t timeout_us = 0;      // its budget from receipt; 0: none
     struct Pending {
       OwnedFrame frame;
       std::uint32_t index_offset;      // of the worker that sent it
@@ -138,7 +128,8 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   void schedule_load_reports();
   // Opens the request's stream at a worker; the frame (the client's own
   // GenerateRequest) is relayed as it is, or without one (a migration) the
-  // request is built anew with the tokens already sent appended.
+  // request is issued again from the kept one, its prompt the ids with the
+  // tokens already sent appended.
   std::optional<RouteRefusal> dispatch(Route& route, const codec::FrameView* frame, WorkerLink* avoid);
   void from_worker(Route& route, const codec::FrameView& frame);
   // Sends what the client has credit for; false when the route is gone.

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "protocol/cancel.h"
+
 namespace fmwire::transport {
 
 namespace {
@@ -563,7 +565,11 @@ void Connection::handle_stream_frame(const codec::FrameView& frame) {
     handler_.on_stream_frame(*this, frame);
     if (closing_) return;
     EndReason reason = EndReason::failure(protocol::ErrorCode::CANCELLED, "cancelled by the peer");
-    if (kind == FrameKind::error) {
+    if (kind == FrameKind::cancel) {
+      (void)codec::read_body<protocol::Cancel>(frame, options_.limits, [&](const protocol::CancelReader cancel) {
+        reason.message += " (" + std::string(protocol::to_string(cancel.reason())) + ")";
+      });
+    } else {
       (void)codec::read_body<protocol::Error>(frame, options_.limits, [&](protocol::Error::Reader error) {
         reason = EndReason::failure(error.getCode(), error.getMessage(), error.getRetryable());
         reason.retry_after_ms = error.getRetryAfterMs();
@@ -588,9 +594,7 @@ void Connection::reset_stream(std::uint32_t stream_id, protocol::ErrorCode code,
   if (found == streams_.end()) return;
   if (!closing_) {
     if (is_local_stream(stream_id)) {
-      send<protocol::Cancel>(stream_id, [](protocol::Cancel::Builder cancel) {
-        cancel.setReason(protocol::CancelReason::CLIENT);
-      });
+      send<protocol::Cancel>(stream_id, [](protocol::CancelBuilder cancel) { cancel.reason(protocol::CancelReason::CLIENT); });
     } else {
       send<protocol::Error>(stream_id, [&](protocol::Error::Builder error) {
         error.setCode(code);

@@ -27,6 +27,8 @@
 
 #include "engine/text_stream.h"
 #include "engine/tokenizer.h"
+#include "protocol/generate_request.h"
+#include "protocol/load_report.h"
 #include "transport/connection.h"
 #include "worker/engine_runner.h"
 
@@ -35,8 +37,7 @@ namespace fmwire::worker {
 struct WorkerOptions {
   std::string name = "worker";
   std::chrono::milliseconds load_report_interval{100};
-  std::uint32_t max_stop_sequences = 16;
-  std::uint32_t max_stop_sequence_bytes = 256;
+  protocol::GenerateRequestLimits request_limits;
 };
 
 // What the worker has done, on the loop thread; for tests and the shutdown log.
@@ -103,6 +104,10 @@ class WorkerService final : public transport::ConnectionHandler {
   };
 
   void start(transport::Connection& connection, std::uint32_t stream_id, const codec::FrameView& frame);
+  // The engine's side of a request, filled here and nowhere else: the
+  // prompt's ids (a text prompt tokenized, the one time it is on its way),
+  // the sampling, a seed picked when the request leaves it to us.
+  engine::SequenceRequest sequence_request(const protocol::GenerateRequestReader& request);
   void subscribe(transport::Connection& connection, std::uint32_t stream_id);
   void refuse(transport::Connection& connection, std::uint32_t stream_id, protocol::ErrorCode code,
               const std::string& message);

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include "codec/frame_decoder.h"
+#include "protocol/finish.h"
 
 namespace fmwire::engine::test {
 
@@ -22,15 +23,15 @@ void Collector::on_stream_frame(transport::Connection&, const codec::FrameView& 
       }
     });
   } else if (frame.kind() == codec::FrameKind::finish) {
-    read = codec::read_body<protocol::Finish>(frame, codec::FrameLimits{}, [&](protocol::Finish::Reader finish) {
-      log.finish = finish.getReason();
-      log.prompt_tokens = finish.getUsage().getPromptTokens();
-      log.completion_tokens = finish.getUsage().getCompletionTokens();
-      log.cached_prompt_tokens = finish.getUsage().getCachedPromptTokens();
-      log.text += finish.getTrailingText().cStr();
-      const auto timings = finish.getTimings();
-      if (timings.size() > 0) log.first_token_us = timings[0].getFirstTokenUs();
-      for (auto hop : timings) log.hops.emplace_back(hop.getHop().cStr());
+    read = codec::read_body<protocol::Finish>(frame, codec::FrameLimits{}, [&](const protocol::FinishReader& finish) {
+      log.finish = finish.reason();
+      log.prompt_tokens = finish.prompt_tokens();
+      log.completion_tokens = finish.completion_tokens();
+      log.cached_prompt_tokens = finish.cached_prompt_tokens();
+      log.text += finish.trailing_text();
+      const auto timings = finish.timings();
+      if (timings.size() > 0) log.first_token_us = protocol::HopTimingReader(timings[0]).first_token_us();
+      for (const protocol::HopTimingReader hop : timings) log.hops.emplace_back(hop.hop());
     });
   } else if (frame.kind() == codec::FrameKind::load_report) {
     read = codec::read_body<protocol::LoadReport>(frame, codec::FrameLimits{}, [&](protocol::LoadReport::Reader body) {
