@@ -6,6 +6,7 @@
 #include "codec/frame_decoder.h"
 #include "protocol/finish.h"
 #include "protocol/generate_request.h"
+#include "protocol/load_report.h"
 
 namespace fmwire::router {
 namespace {
@@ -108,19 +109,8 @@ bool RouterService::send_load_reports_to(Connection& subscriber, std::uint32_t s
   for (const auto& link : links_) {
     const WorkerView& view = link->view();
     if (!view.has_load) continue;
-    const SendStatus status = subscriber.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReport::Builder report) {
-      report.setWorkerName(view.name);
-      report.setQueueDepth(view.queue_depth);
-      report.setRunningSequences(view.running);
-      report.setFreeKvBlocks(view.free_blocks);
-      report.setTotalKvBlocks(view.total_blocks);
-      report.setRecentStepTimeUs(view.recent_step_us);
-      report.setDraining(!view.healthy);
-      report.setPausedSequences(view.paused);
-      report.setPromptTokens(view.prompt_tokens);
-      report.setCachedPromptTokens(view.cached_prompt_tokens);
-      report.setGeneratedTokens(view.generated_tokens);
-      report.setCachedKvBlocks(view.cached_blocks);
+    const SendStatus status = subscriber.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReportBuilder report) {
+      report.load(view.load, view.name, !view.healthy);
     });
     if (status != SendStatus::sent) {
       load_subscribers_.erase({&subscriber, stream_id});

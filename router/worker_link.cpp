@@ -88,23 +88,14 @@ void WorkerLink::on_ready(transport::Connection&) {
 
 void WorkerLink::read_report(const codec::FrameView& frame) {
   const codec::Status read = codec::read_body<protocol::LoadReport>(
-      frame, options_.connection.limits, [&](protocol::LoadReport::Reader report) {
+      frame, options_.connection.limits, [&](const protocol::LoadReportReader& report) {
         view_.has_load = true;
-        view_.queue_depth = report.getQueueDepth();
-        view_.running = report.getRunningSequences();
-        view_.paused = report.getPausedSequences();
-        view_.free_blocks = report.getFreeKvBlocks();
-        view_.total_blocks = report.getTotalKvBlocks();
-        view_.cached_blocks = report.getCachedKvBlocks();
-        view_.recent_step_us = report.getRecentStepTimeUs();
-        view_.prompt_tokens = report.getPromptTokens();
-        view_.cached_prompt_tokens = report.getCachedPromptTokens();
-        view_.generated_tokens = report.getGeneratedTokens();
+        view_.load = report.load();
         // Applied in this order, added then evicted, as the worker reports them.
-        for (std::uint64_t hash : report.getPrefixesAdded()) prefixes_.insert(hash);
-        for (std::uint64_t hash : report.getPrefixesEvicted()) prefixes_.erase(hash);
+        for (std::uint64_t hash : report.prefixes_added()) prefixes_.insert(hash);
+        for (std::uint64_t hash : report.prefixes_evicted()) prefixes_.erase(hash);
         view_.publishes_prefixes = view_.publishes_prefixes || !prefixes_.empty();
-        if (report.getDraining()) draining_ = true;
+        if (view_.load.draining) draining_ = true;
       });
   if (!read) {
     connection_->fail(protocol::ErrorCode::BAD_FRAME, "unreadable LoadReport: " + read.error().message);

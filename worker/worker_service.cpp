@@ -1,6 +1,7 @@
 #include "worker/worker_service.h"
 
 #include <algorithm>
+#include <span>
 
 #include "codec/frame_decoder.h"
 #include "protocol/finish.h"
@@ -386,33 +387,35 @@ void WorkerService::send_load_reports() {
   });
 }
 
+protocol::WorkerLoad WorkerService::load() const {
+  protocol::WorkerLoad load;
+  load.name = options_.name;
+  load.queue_depth = engine_stats_.waiting;
+  load.running = engine_stats_.running;
+  load.paused = engine_stats_.paused;
+  load.free_kv_blocks = engine_stats_.free_blocks;
+  load.total_kv_blocks = engine_stats_.total_blocks != 0 ? engine_stats_.total_blocks : info_.total_blocks;
+  load.cached_kv_blocks = engine_stats_.cached_blocks;
+  load.recent_step_time_us = static_cast<std::uint32_t>(std::min<std::uint64_t>(engine_stats_.recent_step_us, UINT32_MAX));
+  load.draining = draining_;
+  load.prompt_tokens = engine_stats_.prompt_tokens;
+  load.cached_prompt_tokens = engine_stats_.cached_prompt_tokens;
+  load.generated_tokens = engine_stats_.generated_tokens;
+  return load;
+}
+
 void WorkerService::send_load_report(Connection& connection, std::uint32_t stream_id,
                                      const std::vector<std::uint64_t>& added,
                                      const std::vector<std::uint64_t>& evicted) {
+  const protocol::WorkerLoad now = load();
   std::size_t added_from = 0;
   std::size_t evicted_from = 0;
   do {
     const std::size_t added_count = std::min(kHashesPerReport, added.size() - added_from);
     const std::size_t evicted_count = std::min(kHashesPerReport - added_count, evicted.size() - evicted_from);
-    const SendStatus status = connection.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReport::Builder report) {
-      report.setWorkerName(options_.name);
-      report.setQueueDepth(engine_stats_.waiting);
-      report.setRunningSequences(engine_stats_.running);
-      report.setFreeKvBlocks(engine_stats_.free_blocks);
-      report.setTotalKvBlocks(engine_stats_.total_blocks != 0 ? engine_stats_.total_blocks : info_.total_blocks);
-      report.setRecentStepTimeUs(static_cast<std::uint32_t>(std::min<std::uint64_t>(engine_stats_.recent_step_us, UINT32_MAX)));
-      report.setDraining(draining_);
-      auto added_list = report.initPrefixesAdded(static_cast<unsigned>(added_count));
-      for (std::size_t i = 0; i < added_count; ++i) added_list.set(static_cast<unsigned>(i), added[added_from + i]);
-      auto evicted_list = report.initPrefixesEvicted(static_cast<unsigned>(evicted_count));
-      for (std::size_t i = 0; i < evicted_count; ++i) {
-        evicted_list.set(static_cast<unsigned>(i), evicted[evicted_from + i]);
-      }
-      report.setPausedSequences(engine_stats_.paused);
-      report.setPromptTokens(engine_stats_.prompt_tokens);
-      report.setCachedPromptTokens(engine_stats_.cached_prompt_tokens);
-      report.setGeneratedTokens(engine_stats_.generated_tokens);
-      report.setCachedKvBlocks(engine_stats_.cached_blocks);
+    const SendStatus status = connection.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReportBuilder report) {
+      report.load(now).prefixes(std::span(added).subspan(added_from, added_count),
+                                std::span(evicted).subspan(evicted_from, evicted_count));
     });
     if (status != SendStatus::sent) {
       subscribers_.erase({&connection, stream_id});

@@ -59,6 +59,9 @@ class WorkerService final : public transport::ConnectionHandler {
   const WorkerCounters& counters() const { return counters_; }
   // The engine's state after its latest step (loop thread).
   const engine::EngineStats& engine_stats() const { return engine_stats_; }
+  // What its load reports say now, made from engine_stats() here and
+  // nowhere else (loop thread).
+  protocol::WorkerLoad load() const;
   std::size_t active_streams() const { return streams_.size(); }
   // The name in load reports and timings; before the loop runs.
   void set_name(std::string name) { options_.name = std::move(name); }

@@ -34,18 +34,12 @@ void Collector::on_stream_frame(transport::Connection&, const codec::FrameView& 
       for (const protocol::HopTimingReader hop : timings) log.hops.emplace_back(hop.hop());
     });
   } else if (frame.kind() == codec::FrameKind::load_report) {
-    read = codec::read_body<protocol::LoadReport>(frame, codec::FrameLimits{}, [&](protocol::LoadReport::Reader body) {
+    read = codec::read_body<protocol::LoadReport>(frame, codec::FrameLimits{}, [&](const protocol::LoadReportReader& body) {
       Report report;
       report.stream_id = frame.header.stream_id;
-      report.worker_name = body.getWorkerName();
-      report.running = body.getRunningSequences();
-      report.draining = body.getDraining();
-      report.total_blocks = body.getTotalKvBlocks();
-      report.free_blocks = body.getFreeKvBlocks();
-      report.paused = body.getPausedSequences();
-      report.prompt_tokens = body.getPromptTokens();
-      for (std::uint64_t hash : body.getPrefixesAdded()) report.added.push_back(hash);
-      for (std::uint64_t hash : body.getPrefixesEvicted()) report.evicted.push_back(hash);
+      report.load = body.load();
+      for (std::uint64_t hash : body.prefixes_added()) report.added.push_back(hash);
+      for (std::uint64_t hash : body.prefixes_evicted()) report.evicted.push_back(hash);
       reports.push_back(std::move(report));
     });
   }

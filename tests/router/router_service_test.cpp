@@ -301,33 +301,33 @@ TEST_CASE("a router answers a load subscription with one report per worker, name
   // At once one report per worker, then one per worker per interval.
   REQUIRE(run_until(rig.loop, [&] { return rig.collector.reports.size() >= 9; }));
   std::set<std::string> first_names;
-  for (std::size_t i = 0; i < 3; ++i) first_names.insert(rig.collector.reports[i].worker_name);
+  for (std::size_t i = 0; i < 3; ++i) first_names.insert(rig.collector.reports[i].load.name);
   std::set<std::string> endpoints;
   for (const auto& worker : rig.workers) endpoints.insert(endpoint_of(*worker));
   CHECK(first_names == endpoints);
   for (const engine::test::Report& report : rig.collector.reports) {
-    CAPTURE(report.worker_name);
+    CAPTURE(report.load.name);
     CHECK(report.stream_id == reports);
-    CHECK(endpoints.contains(report.worker_name));
-    CHECK(report.total_blocks == 256);
-    CHECK_FALSE(report.draining);
+    CHECK(endpoints.contains(report.load.name));
+    CHECK(report.load.total_kv_blocks == 256);
+    CHECK_FALSE(report.load.draining);
     CHECK(report.added.empty());
   }
   // The busy worker's numbers come through as it reports them.
   REQUIRE(run_until(rig.loop, [&] {
     return std::any_of(rig.collector.reports.begin(), rig.collector.reports.end(), [&](const auto& report) {
-      return report.worker_name == endpoint_of(*rig.workers[busy_worker]) && report.running == 1 &&
-             report.free_blocks < report.total_blocks;
+      return report.load.name == endpoint_of(*rig.workers[busy_worker]) && report.load.running == 1 &&
+             report.load.free_kv_blocks < report.load.total_kv_blocks;
     });
   }));
   for (std::size_t i = 0; i < rig.workers.size(); ++i) {
     if (i == busy_worker) continue;
     bool idle_seen = false;
     for (const engine::test::Report& report : rig.collector.reports) {
-      if (report.worker_name != endpoint_of(*rig.workers[i])) continue;
+      if (report.load.name != endpoint_of(*rig.workers[i])) continue;
       idle_seen = true;
-      CHECK(report.running == 0);
-      CHECK(report.free_blocks == report.total_blocks);
+      CHECK(report.load.running == 0);
+      CHECK(report.load.free_kv_blocks == report.load.total_kv_blocks);
     }
     CHECK(idle_seen);
   }
@@ -362,13 +362,13 @@ TEST_CASE("a router reports a worker that is not healthy as draining") {
   REQUIRE(run_until(rig.loop, [&] {
     bool draining_seen = false, healthy_seen = false;
     for (const engine::test::Report& report : rig.collector.reports) {
-      draining_seen = draining_seen || (report.worker_name == draining && report.draining);
-      healthy_seen = healthy_seen || (report.worker_name == healthy && !report.draining);
+      draining_seen = draining_seen || (report.load.name == draining && report.load.draining);
+      healthy_seen = healthy_seen || (report.load.name == healthy && !report.load.draining);
     }
     return draining_seen && healthy_seen;
   }));
   for (const engine::test::Report& report : rig.collector.reports) {
-    if (report.worker_name == healthy) CHECK_FALSE(report.draining);
+    if (report.load.name == healthy) CHECK_FALSE(report.load.draining);
   }
 }
 

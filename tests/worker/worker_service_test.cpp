@@ -243,7 +243,7 @@ TEST_CASE("a load report subscriber gets the cache's state and then its changes"
   const std::uint32_t reports = rig.client->open_stream();
   REQUIRE(rig.client->send<protocol::LoadReport>(reports, [](protocol::LoadReport::Builder) {}) == SendStatus::sent);
   REQUIRE(run_until(rig.loop, [&] { return !rig.collector.reports.empty(); }));
-  CHECK(rig.collector.reports.front().total_blocks == 64);
+  CHECK(rig.collector.reports.front().load.total_kv_blocks == 64);
   CHECK(rig.collector.reports.front().added.empty());
 
   rig.wait(rig.generate(ask(std::string(40, 'x'), 2)));  // 41 prompt tokens: 2 full blocks
@@ -251,7 +251,7 @@ TEST_CASE("a load report subscriber gets the cache's state and then its changes"
   REQUIRE(run_until(rig.loop, [&] {
     added = 0;
     for (const Report& report : rig.collector.reports) added += report.added.size();
-    return added >= 2 && rig.collector.reports.back().prompt_tokens == 41;
+    return added >= 2 && rig.collector.reports.back().load.prompt_tokens == 41;
   }));
   CHECK(added == 2);
 }
