@@ -93,6 +93,7 @@ void Connection::send_hello() {
     hello.setProtocolMinor(protocol::PROTOCOL_MINOR);
     hello.setRole(options_.role);
     hello.setPeerName(options_.name);
+    hello.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
     auto capabilities = hello.initCapabilities();
     capabilities.setZstdAttachments(true);
     capabilities.setByteShuffle(true);
@@ -348,6 +349,7 @@ void Connection::handle_hello(const codec::FrameView& frame) {
     major = hello.getProtocolMajor();
     minor = hello.getProtocolMinor();
     peer_name_ = hello.getPeerName();
+    peer_tokenizer_fingerprint_ = hello.getTokenizerFingerprint();
     peer_initial_stream_credit_ = hello.getLimits().getInitialStreamCreditBytes();
     const std::uint32_t peer_max_streams = hello.getLimits().getMaxStreams();
     peer_max_streams_ = peer_max_streams == 0 ? UINT32_MAX : peer_max_streams;
@@ -371,6 +373,7 @@ void Connection::handle_hello(const codec::FrameView& frame) {
     ack.setProtocolMinor(std::min<std::uint16_t>(minor, protocol::PROTOCOL_MINOR));
     ack.setRole(options_.role);
     ack.setPeerName(options_.name);
+    ack.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
     auto capabilities = ack.initCapabilities();
     capabilities.setZstdAttachments(true);
     capabilities.setByteShuffle(true);
@@ -385,6 +388,7 @@ void Connection::handle_hello_ack(const codec::FrameView& frame) {
   codec::Status read = codec::read_body<protocol::HelloAck>(frame, options_.limits, [&](protocol::HelloAck::Reader ack) {
     major = ack.getProtocolMajor();
     peer_name_ = ack.getPeerName();
+    peer_tokenizer_fingerprint_ = ack.getTokenizerFingerprint();
     peer_initial_stream_credit_ = ack.getLimits().getInitialStreamCreditBytes();
     const std::uint32_t peer_max_streams = ack.getLimits().getMaxStreams();
     peer_max_streams_ = peer_max_streams == 0 ? UINT32_MAX : peer_max_streams;

@@ -73,6 +73,9 @@ class WorkerService final : public transport::ConnectionHandler {
   void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
                         const transport::EndReason& reason) override;
   void on_closed(transport::Connection& connection, const transport::EndReason& reason) override;
+  // Its tokenizer's, said in the Hello exchange: a router that tokenizes
+  // prompts for it checks that it has the same (router/worker_link.h).
+  std::uint64_t tokenizer_fingerprint() const override { return tokenizer_.fingerprint(); }
 
  private:
   using Clock = std::chrono::steady_clock;
