@@ -1,6 +1,7 @@
 #include "router/router_service.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <stdexcept>
 
 #include "codec/frame_decoder.h"
@@ -20,6 +21,8 @@ std::uint64_t micros(std::chrono::steady_clock::duration duration) {
 
 }  // namespace
 
+void RouterOptions::log_to_stderr(const std::string& line) { std::fprintf(stderr, "fmwire router: %s\n", line.c_str()); }
+
 RouterService::RouterService(transport::EventLoop& loop, const engine::Tokenizer& tokenizer, RouterOptions options)
     : loop_(loop), tokenizer_(tokenizer), options_(std::move(options)) {
   policy_ = make_policy(options_.policy, options_.policy_options);
@@ -27,6 +30,9 @@ RouterService::RouterService(transport::EventLoop& loop, const engine::Tokenizer
     throw std::invalid_argument("unknown routing policy '" + options_.policy +
                                 "': round-robin, least-loaded, prefix or sla");
   }
+  needs_token_ids_ = policy_->needs_token_ids();
+  // Ids this router makes must be the workers' own: checked at registration.
+  if (needs_token_ids_ || options_.migrate) options_.worker_link.tokenizer_fingerprint = tokenizer_.fingerprint();
   options_.worker_link.connection.role = protocol::Role::ROUTER;
   options_.worker_link.connection.initial_stream_credit_bytes = options_.worker_stream_window_bytes;
 }
@@ -143,11 +149,7 @@ void RouterService::start(Connection& client, std::uint32_t stream_id, const cod
         if (problem) return;
         route->max_tokens = request.max_tokens();
         route->timeout_us = request.timeout_us();
-        if (request.has_text_prompt()) {
-          route->prompt_tokens = tokenizer_.encode(request.prompt_text(), true);
-        } else {
-          request.append_prompt_token_ids(route->prompt_tokens);
-        }
+        if (needs_token_ids_) take_prompt_tokens(*route, request);
       });
   if (!read) problem = protocol::MessageError{protocol::ErrorCode::BAD_FRAME, "unreadable GenerateRequest: " + read.error().message};
   if (problem) {
@@ -156,7 +158,7 @@ void RouterService::start(Connection& client, std::uint32_t stream_id, const cod
     return;
   }
   if (options_.migrate) route->request.emplace(frame);
-  if (auto refused = dispatch(*route, &frame, nullptr)) {
+  if (auto refused = dispatch(*route, frame, nullptr)) {
     ++counters_.streams_refused;
     client.reset_stream(stream_id, refused->code, refused->message, refused->retryable, refused->retry_after_ms);
     return;
@@ -165,7 +167,17 @@ void RouterService::start(Connection& client, std::uint32_t stream_id, const cod
   routes_.emplace(ClientKey{&client, stream_id}, std::move(route));
 }
 
-std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::FrameView* frame, WorkerLink* avoid) {
+void RouterService::take_prompt_tokens(Route& route, const protocol::GenerateRequestReader& request) {
+  if (request.has_text_prompt()) {
+    route.prompt_tokens = tokenizer_.encode(request.prompt_text(), true);
+    route.tokenized = true;
+    ++counters_.prompts_tokenized;
+  } else {
+    request.append_prompt_token_ids(route.prompt_tokens);
+  }
+}
+
+std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::FrameView& request, WorkerLink* avoid) {
   scratch_views_.clear();
   for (const auto& link : links_) {
     scratch_views_.push_back(link->view());
@@ -186,7 +198,15 @@ std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::F
     wanted.deadline_us = spent < route.timeout_us ? route.timeout_us - spent : 1;
   }
   auto picked = policy_->pick(wanted, scratch_views_);
-  if (!picked) return picked.error();
+  if (!picked) {
+    RouteRefusal refusal = picked.error();
+    const auto refused = std::count_if(scratch_views_.begin(), scratch_views_.end(),
+                                       [](const WorkerView& view) { return !view.refused.empty(); });
+    if (refusal.code == protocol::ErrorCode::NO_WORKER && refused > 0) {
+      refusal.message += "; " + std::to_string(refused) + " refused: their tokenizer is not this router's";
+    }
+    return refusal;
+  }
   WorkerLink& link = *links_[picked->worker];
   Connection* worker = link.connection();
   if (worker == nullptr) {
@@ -200,15 +220,14 @@ std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::F
   // Credit end to end: the worker gets credit back only as the client takes frames.
   worker->set_manual_consume(worker_stream);
   SendStatus sent;
-  if (frame != nullptr) {
-    sent = worker->relay(worker_stream, *frame, frame->header.flags);
+  if (route.index_offset == 0 && !route.tokenized) {
+    sent = worker->relay(worker_stream, request, request.header.flags);
   } else {
-    // The kept frame was read once already, under the same limits: it reads again.
-    const codec::FrameView original = route.request->view();
+    // The client's frame was read once already, under the same limits: it reads again.
     sent = worker->send<protocol::GenerateRequest>(worker_stream, [&](protocol::GenerateRequestBuilder body) {
       (void)codec::read_body<protocol::GenerateRequest>(
-          original, options_.worker_link.connection.limits,
-          [&](const protocol::GenerateRequestReader& request) { body.copy_all_but_prompt(request); });
+          request, options_.worker_link.connection.limits,
+          [&](const protocol::GenerateRequestReader& original) { body.copy_all_but_prompt(original); });
       body.prompt_token_ids(prompt).max_tokens(wanted.max_tokens).timeout_us(wanted.deadline_us);
     }, transport::kEndStream);
   }
@@ -434,7 +453,15 @@ void RouterService::on_worker_stream_closed(WorkerLink& link, std::uint32_t stre
       }
       return;
     }
-    if (!dispatch(route, nullptr, &link)) {
+    const codec::FrameView request = route.request->view();
+    if (route.prompt_tokens.empty()) {
+      // A policy that reads no ids let the text go on as it came: the ids
+      // are made now, once, for the worker that carries on.
+      (void)codec::read_body<protocol::GenerateRequest>(
+          request, options_.worker_link.connection.limits,
+          [&](const protocol::GenerateRequestReader& original) { take_prompt_tokens(route, original); });
+    }
+    if (!route.prompt_tokens.empty() && !dispatch(route, request, &link)) {
       ++route.migrations;
       ++counters_.streams_migrated;
       return;
@@ -449,6 +476,10 @@ void RouterService::on_worker_stream_closed(WorkerLink& link, std::uint32_t stre
 }
 
 void RouterService::on_worker_health(WorkerLink&) { reap_retired(); }
+
+void RouterService::on_worker_refused(WorkerLink&, const std::string& reason) {
+  if (options_.log) options_.log(reason);
+}
 
 void RouterService::on_stream_closed(Connection& connection, std::uint32_t stream_id,
                                      const transport::EndReason& reason) {

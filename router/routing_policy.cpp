@@ -123,6 +123,7 @@ class PrefixAffinityPolicy final : public RoutingPolicy {
       : options_(options), tree_(options.approximate_prompts) {}
 
   std::string_view name() const override { return "prefix"; }
+  bool needs_token_ids() const override { return true; }  // block hashes of the prompt
 
   RouteResult pick(const RouteRequest& request, std::span<const WorkerView> workers) override {
     const auto least = least_loaded(workers);
@@ -205,6 +206,7 @@ class SlaAwarePolicy final : public RoutingPolicy {
   explicit SlaAwarePolicy(const PolicyOptions& options) : options_(options) {}
 
   std::string_view name() const override { return "sla"; }
+  bool needs_token_ids() const override { return true; }  // the uncached prompt's prefill time
 
   RouteResult pick(const RouteRequest& request, std::span<const WorkerView> workers) override {
     const std::uint32_t limit = reusable_blocks(request.prompt_tokens.size(), options_.block_tokens);

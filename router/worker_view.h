@@ -13,7 +13,8 @@ namespace fmwire::router {
 
 struct WorkerView {
   std::string name;                 // its endpoint, HOST:PORT
-  bool healthy = false;             // connected, not draining, answering keepalives
+  bool healthy = false;             // connected, not draining, answering keepalives, not refused
+  std::string refused;              // why it was refused at registration (its tokenizer); empty: it was not
   bool has_load = false;            // a LoadReport has arrived
   protocol::WorkerLoad load;        // from its latest LoadReport (load.name: the name it gives itself)
   std::uint32_t in_flight = 0;      // streams this router has open there now

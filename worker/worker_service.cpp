@@ -143,6 +143,7 @@ engine::SequenceRequest WorkerService::sequence_request(const protocol::Generate
   engine::SequenceRequest request;
   if (body.has_text_prompt()) {
     request.prompt = tokenizer_.encode(body.prompt_text(), true);
+    ++counters_.prompts_tokenized;
   } else {
     body.append_prompt_token_ids(request.prompt);
   }

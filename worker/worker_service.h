@@ -47,6 +47,7 @@ struct WorkerCounters {
   std::uint64_t streams_cancelled = 0;  // by the peer or a lost connection
   std::uint64_t streams_refused = 0;    // bad requests
   std::uint64_t tokens_sent = 0;
+  std::uint64_t prompts_tokenized = 0;  // text prompts; a router that tokenizes sends ids
   std::uint64_t pauses = 0;             // sequences paused for lack of credit
 };
 

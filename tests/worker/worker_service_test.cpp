@@ -5,6 +5,7 @@
 #include <map>
 
 #include "engine/tokenizer.h"
+#include "protocol/generate_request.h"
 #include "tests/engine/engine_test_support.h"
 #include "tests/engine/stream_collector.h"
 #include "tests/transport/loopback.h"
@@ -147,6 +148,26 @@ TEST_CASE("the worker streams the built-in model's greedy tokens to a client") {
     expected += text.finish();
     CHECK(log.text == expected);
   }
+}
+
+TEST_CASE("a worker tokenizes a text prompt, and takes a prompt of token ids as it is") {
+  Rig rig(test::builtin_engine());
+  const StreamLog& text = rig.wait(rig.generate(ask("Hello, world", 8)));
+  CHECK_FALSE(text.end.error);
+  CHECK(rig.service->counters().prompts_tokenized == 1);
+
+  // The ids a router that tokenized would send: the same tokens, no tokenizing here.
+  const std::vector<std::uint32_t> ids = rig.tokenizer.encode("Hello, world", true);
+  const std::uint32_t id = rig.client->open_stream();
+  REQUIRE(id != 0);
+  REQUIRE(rig.client->send<protocol::GenerateRequest>(id, [&](protocol::GenerateRequestBuilder body) {
+    body.prompt_token_ids(ids).max_tokens(8).seed(1);
+  }, transport::kEndStream) == SendStatus::sent);
+  const StreamLog& from_ids = rig.wait(id);
+  CHECK_FALSE(from_ids.end.error);
+  CHECK(rig.service->counters().prompts_tokenized == 1);
+  CHECK(from_ids.prompt_tokens == ids.size());
+  CHECK(from_ids.token_ids == text.token_ids);
 }
 
 TEST_CASE("bad requests get a clear error and the connection carries on") {
