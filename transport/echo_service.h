@@ -2,8 +2,8 @@
 // streaming the prompt's words back as tokens, max_tokens of them, then a
 // Finish. It honours credit (a blocked stream waits for on_stream_writable:
 // nothing is buffered past the grant) and cancellation. It is what
-// `fmwire echo-server` serves, and the peer the transport's tests and bench
-// stream from, until the worker (engine/) exists.
+// `fmwire echo-server` serves, and the peer the transport's tests stream
+// from, with no model in the way.
 #pragma once
 
 #include <chrono>
