@@ -165,7 +165,7 @@ std::unique_ptr<RouterServer> start_router(const engine::Tokenizer& tokenizer, c
 
 bool any_view(const router::WorkerView&) { return true; }
 bool has_load(const router::WorkerView& view) { return view.has_load; }
-bool has_step_time(const router::WorkerView& view) { return view.has_load && view.recent_step_us > 0; }
+bool has_step_time(const router::WorkerView& view) { return view.has_load && view.load.recent_step_time_us > 0; }
 
 // How the requests of one policy run ended; filled in on the client's thread.
 struct Outcomes {

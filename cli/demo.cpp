@@ -16,7 +16,12 @@
 #include "codec/buffer_pool.h"
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
+#include "protocol/finish.h"
 #include "protocol/fmwire.capnp.h"
+#include "protocol/generate_request.h"
+#include "protocol/kv_chunk.h"
+#include "protocol/kv_commit.h"
+#include "protocol/kv_offer.h"
 
 namespace fmwire::cli {
 
@@ -26,6 +31,7 @@ using namespace fmwire::codec;
 
 constexpr std::uint32_t kGenerationStream = 1;
 constexpr std::uint32_t kTransferStream = 2;
+constexpr protocol::KvTransferRef kDemoTransfer{1, 1};  // as a receiver's KvAccept would name it
 const std::vector<std::string> kCompletion{" there", " was", " a", " tiny", " model", " that", " streamed",
                                            " every", " token", " in", " under", " a", " hundred", " bytes", "."};
 
@@ -107,12 +113,9 @@ class Demo {
       hello.getCapabilities().setZstdAttachments(true);
       hello.getCapabilities().setByteShuffle(true);
     });
-    send<protocol::GenerateRequest>(kGenerationStream, [](protocol::GenerateRequest::Builder request) {
-      request.setRequestId("demo-1");
-      request.initPrompt().setText("Once upon a time");
-      auto sampling = request.initSampling();
-      sampling.setMaxTokens(static_cast<std::uint32_t>(kCompletion.size()));
-      sampling.getSeed().setFixed(42);
+    send<protocol::GenerateRequest>(kGenerationStream, [](protocol::GenerateRequestBuilder request) {
+      request.request_id("demo-1").prompt_text("Once upon a time");
+      request.max_tokens(static_cast<std::uint32_t>(kCompletion.size())).seed(42);
     });
     for (std::uint32_t index = 0; index < kCompletion.size(); ++index) {
       const std::uint32_t id = 1000 + index;
@@ -123,33 +126,23 @@ class Demo {
         tokens.initTextPieces(1).set(0, kCompletion[index].c_str());
       });
     }
-    send<protocol::Finish>(kGenerationStream, [](protocol::Finish::Builder finish) {
-      finish.setReason(protocol::FinishReason::MAX_TOKENS);
-      auto usage = finish.initUsage();
-      usage.setPromptTokens(4);
-      usage.setCompletionTokens(static_cast<std::uint32_t>(kCompletion.size()));
-      finish.initTimings(1)[0].setHop("demo");
+    send<protocol::Finish>(kGenerationStream, [](protocol::FinishBuilder finish) {
+      finish.reason(protocol::FinishReason::MAX_TOKENS).usage(4, static_cast<std::uint32_t>(kCompletion.size()), 0);
+      finish.timings("demo", protocol::Role::WORKER);
     });
 
     kv_data_ = synthetic_kv(options_.kv_bytes, options_.seed);
-    send<protocol::KvOffer>(kTransferStream, [&](protocol::KvOffer::Builder offer) {
-      offer.setRequestId("demo-1");
-      offer.setDtype(protocol::DType::FLOAT16);
-      offer.setTotalBytes(kv_data_.size());
-      offer.setCompression(protocol::Compression::ZSTD);
+    send<protocol::KvOffer>(kTransferStream, [&](protocol::KvOfferBuilder offer) {
+      offer.request_id("demo-1").dtype(protocol::DType::FLOAT16).total_bytes(kv_data_.size());
+      offer.compression(protocol::Compression::ZSTD);
     });
     const PreparedAttachment prepared = attachments_.prepare(kv_data_, {.compress = true, .element_bytes = 2});
     kv_wire_bytes_ = prepared.wire.size();
-    send<protocol::KvChunk>(kTransferStream, [](protocol::KvChunk::Builder chunk) {
-      chunk.setTransferId(1);
-      chunk.setGeneration(1);
-      chunk.setOffset(0);
+    send<protocol::KvChunk>(kTransferStream, [](protocol::KvChunkBuilder chunk) {
+      chunk.transfer(kDemoTransfer).offset(0);
     }, {.attachment = &prepared, .placement = AttachmentPlacement::by_reference});
-    send<protocol::KvCommit>(kTransferStream, [&](protocol::KvCommit::Builder commit) {
-      commit.setTransferId(1);
-      commit.setGeneration(1);
-      commit.setTotalBytes(kv_data_.size());
-      commit.setChunkCount(1);
+    send<protocol::KvCommit>(kTransferStream, [&](protocol::KvCommitBuilder commit) {
+      commit.transfer(kDemoTransfer).totals(kv_data_.size(), 1);
     });
   }
 
@@ -196,9 +189,9 @@ class Demo {
         });
         break;
       case FrameKind::finish:
-        read = read_body<protocol::Finish>(frame, decoder_.limits(), [&](protocol::Finish::Reader finish) {
-          what << "usage " << finish.getUsage().getPromptTokens() << " prompt + "
-               << finish.getUsage().getCompletionTokens() << " completion tokens";
+        read = read_body<protocol::Finish>(frame, decoder_.limits(), [&](const protocol::FinishReader& finish) {
+          what << "usage " << finish.prompt_tokens() << " prompt + " << finish.completion_tokens()
+               << " completion tokens";
         });
         break;
       case FrameKind::kv_chunk: {

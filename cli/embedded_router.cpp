@@ -9,6 +9,13 @@
 
 namespace fmwire::cli {
 
+codec::Result<engine::Tokenizer, std::string> load_router_tokenizer(const std::string& path) {
+  if (path.empty()) return engine::Tokenizer::byte_level();
+  auto loaded = engine::Tokenizer::load_llama2c(path, 32000);
+  if (!loaded) return loaded.error();
+  return std::move(*loaded);
+}
+
 codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> EmbeddedRouter::start(
     const std::vector<transport::Endpoint>& workers, const engine::Tokenizer& tokenizer,
     router::RouterOptions options, const std::string& backend) {

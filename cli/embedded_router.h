@@ -17,12 +17,20 @@
 
 namespace fmwire::cli {
 
+// The workers' tokenizer, for a router that tokenizes prompts for them
+// (policy prefix or sla, or migration on), `fmwire router`'s and the
+// embedded one's alike: llama2.c's tokenizer.bin at `path` (llama2's
+// 32000-token vocabulary), or the built-in byte-level one when `path` is
+// empty. The router refuses a worker whose tokenizer's fingerprint differs.
+codec::Result<engine::Tokenizer, std::string> load_router_tokenizer(const std::string& path);
+
 class EmbeddedRouter {
  public:
-  // Listens and starts routing to `workers`. `tokenizer` (the workers', for
-  // prefix routing) must outlive the router. Errors: an unknown policy, no
-  // port to listen on. Construct the RoleShutdown first: the loop thread
-  // inherits the signal mask of the thread that starts it.
+  // Listens and starts routing to `workers`. `tokenizer` (the workers':
+  // a router whose policy reads token ids tokenizes prompts with it, and
+  // refuses workers with another) must outlive the router. Errors: an
+  // unknown policy, no port to listen on. Construct the RoleShutdown first:
+  // the loop thread inherits the signal mask of the thread that starts it.
   static codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> start(
       const std::vector<transport::Endpoint>& workers, const engine::Tokenizer& tokenizer,
       router::RouterOptions options, const std::string& backend);

@@ -71,10 +71,14 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
   // Before any other thread: they inherit its signal mask.
   RoleShutdown shutdown("fmwire gateway", err);
 
-  const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  auto tokenizer = load_router_tokenizer(command.tokenizer);
+  if (!tokenizer) {
+    err << "fmwire gateway: --tokenizer: " << tokenizer.error() << std::endl;
+    return 2;
+  }
   std::unique_ptr<EmbeddedRouter> router;
   if (!workers.empty()) {
-    auto started = EmbeddedRouter::start(workers, tokenizer, command.router_options, command.backend);
+    auto started = EmbeddedRouter::start(workers, *tokenizer, command.router_options, command.backend);
     if (!started) {
       err << "fmwire gateway: " << started.error() << std::endl;
       return 2;

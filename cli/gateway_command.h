@@ -23,6 +23,7 @@ struct GatewayCommand {
   std::vector<std::string> api_keys;      // besides the file's
   std::string model = "builtin";          // what /v1/models lists
   router::RouterOptions router_options;  // the embedded router's
+  std::string tokenizer;                  // the workers' tokenizer.bin, for it; default byte-level
   std::string backend;                    // I/O backend: "", "uring" or "asio"
   unsigned http_threads = 0;              // 0: the gateway's default
   std::chrono::milliseconds drain_timeout{30000};

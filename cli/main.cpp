@@ -187,7 +187,10 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("etcd", po::value(&command.etcd), "etcd URL (http://HOST:PORT): workers registered there join and leave")
       ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix of the workers in etcd")
       ("migrate", po::bool_switch(&router.migrate), "re-issue a lost worker's requests elsewhere, the stream going on")
-      ("tokenizer", po::value(&command.tokenizer), "the workers' llama2.c tokenizer.bin (default: byte-level), for prefix routing")
+      ("tokenizer", po::value(&command.tokenizer),
+       "the workers' llama2.c tokenizer.bin (default: the built-in byte-level one); with --policy prefix or sla, "
+       "prompts are tokenized here with it and sent on as ids (with --migrate, those of a stream carried on "
+       "too), and a worker whose tokenizer differs is refused with a log line")
       ("block-tokens", po::value(&router.policy_options.block_tokens)->default_value(router.policy_options.block_tokens),
        "the workers' KV block size, for prefix routing")
       ("max-streams", po::value(&router.max_streams)->default_value(router.max_streams), "open client streams; then overloaded")
@@ -226,6 +229,8 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
        "with --workers: round-robin, least-loaded, prefix or sla")
       ("max-streams", po::value(&command.router_options.max_streams)->default_value(command.router_options.max_streams),
        "with --workers: open streams at once; then 429 overloaded")
+      ("tokenizer", po::value(&command.tokenizer),
+       "with --workers: their llama2.c tokenizer.bin (default: byte-level), for --policy prefix or sla")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
        "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("http-threads", po::value(&command.http_threads)->default_value(command.http_threads),

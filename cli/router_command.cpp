@@ -2,6 +2,7 @@
 
 #include <ostream>
 
+#include "cli/embedded_router.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
 #include "transport/server_group.h"
@@ -41,17 +42,12 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire router: no workers: give --workers HOST:PORT,... or --etcd URL" << std::endl;
     return 2;
   }
-  std::unique_ptr<engine::Tokenizer> tokenizer;
-  if (command.tokenizer.empty()) {
-    tokenizer = std::make_unique<engine::Tokenizer>(engine::Tokenizer::byte_level());
-  } else {
-    auto loaded = engine::Tokenizer::load_llama2c(command.tokenizer, 32000);
-    if (!loaded) {
-      err << "fmwire router: " << loaded.error() << std::endl;
-      return 2;
-    }
-    tokenizer = std::make_unique<engine::Tokenizer>(std::move(*loaded));
+  auto loaded = load_router_tokenizer(command.tokenizer);
+  if (!loaded) {
+    err << "fmwire router: --tokenizer: " << loaded.error() << std::endl;
+    return 2;
   }
+  const auto tokenizer = std::make_unique<engine::Tokenizer>(std::move(*loaded));
 
   transport::ConnectionOptions options;
   options.role = protocol::Role::ROUTER;
@@ -111,7 +107,11 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   }
 
   err << "fmwire router: " << group->backend_log_line() << ", policy " << command.router.policy
-      << (command.router.migrate ? ", migration on" : "") << std::endl;
+      << (command.router.migrate ? ", migration on" : "");
+  if (router->checks_tokenizer()) {
+    err << ", prompts tokenized here (tokenizer " << std::hex << tokenizer->fingerprint() << std::dec << ")";
+  }
+  err << std::endl;
   out << "listening on " << transport::Endpoint{endpoint->host, group->port()}.to_string() << std::endl;
   group->start();
 

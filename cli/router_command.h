@@ -17,7 +17,7 @@ struct RouterCommand {
   std::vector<std::string> workers;     // HOST:PORT each
   std::string etcd;                     // URL: workers from etcd instead of (or besides) the list
   std::string etcd_prefix = "/fmwire/workers/";
-  std::string tokenizer;                // llama2.c tokenizer.bin the workers use; default byte-level
+  std::string tokenizer;                // the workers' llama2.c tokenizer.bin; default byte-level (load_router_tokenizer)
   router::RouterOptions router;
   std::string backend;
   std::chrono::milliseconds drain_timeout{30000};

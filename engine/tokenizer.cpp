@@ -7,6 +7,8 @@
 #include <memory>
 #include <system_error>
 
+#include <xxhash.h>
+
 namespace fmwire::engine {
 
 namespace {
@@ -37,6 +39,7 @@ Tokenizer Tokenizer::byte_level() {
   for (std::uint32_t id = 0; id < tokenizer.pieces_.size(); ++id) tokenizer.lookup_.emplace(tokenizer.pieces_[id], id);
   tokenizer.byte_fallback_base_ = 3;
   tokenizer.byte_level_ = true;
+  tokenizer.take_fingerprint();
   return tokenizer;
 }
 
@@ -117,7 +120,29 @@ codec::Result<Tokenizer, std::string> Tokenizer::load_llama2c(const std::string&
   for (unsigned byte = 0; byte < 256; ++byte) {
     tokenizer.raw_bytes_[tokenizer.byte_fallback_base_ + byte] = std::string(1, static_cast<char>(byte));
   }
+  tokenizer.take_fingerprint();
   return tokenizer;
+}
+
+void Tokenizer::take_fingerprint() {
+  // Fixed-width little-endian fields in a fixed order, so the value is the
+  // same on every machine and build (x86 and ARM are little-endian; the
+  // wire format assumes it too).
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), &XXH3_freeState);
+  XXH3_64bits_reset(state.get());
+  auto add = [&](const void* bytes, std::size_t size) { XXH3_64bits_update(state.get(), bytes, size); };
+  constexpr std::string_view kFormat = "fmwire tokenizer 1";
+  add(kFormat.data(), kFormat.size());
+  const std::uint32_t settings[] = {vocab_size(), byte_fallback_base_, byte_level_ ? 1u : 0u};
+  add(settings, sizeof settings);
+  for (std::uint32_t id = 0; id < pieces_.size(); ++id) {
+    const auto length = static_cast<std::uint32_t>(pieces_[id].size());
+    add(&length, sizeof length);
+    add(pieces_[id].data(), pieces_[id].size());
+    add(&scores_[id], sizeof(float));
+  }
+  fingerprint_ = XXH3_64bits_digest(state.get());
+  if (fingerprint_ == 0) fingerprint_ = 1;
 }
 
 std::vector<std::uint32_t> Tokenizer::encode(std::string_view text, bool bos) const {

@@ -28,6 +28,13 @@ class Tokenizer {
 
   std::uint32_t vocab_size() const { return static_cast<std::uint32_t>(pieces_.size()); }
 
+  // A stable hash (xxh3-64) of everything encode() depends on: the pieces,
+  // their scores, the byte-fallback base and byte-level mode. Equal
+  // fingerprints give equal ids for equal text; a worker advertises its
+  // tokenizer's in the Hello exchange so that a router that tokenizes for
+  // it can check it uses the same one. Never 0 (the protocol's "none").
+  std::uint64_t fingerprint() const { return fingerprint_; }
+
   // BOS first when asked, then BPE merges by score (llama2.c's encode: a
   // leading space is added as sentencepiece does when the vocabulary has " "
   // pieces; characters with no piece fall back to their bytes).
@@ -45,6 +52,9 @@ class Tokenizer {
   std::unordered_map<std::string, std::uint32_t> lookup_;
   std::uint32_t byte_fallback_base_ = 3;  // id of <0x00>
   bool byte_level_ = false;               // byte_level(): no merges, no dummy prefix
+  std::uint64_t fingerprint_ = 0;
+
+  void take_fingerprint();
 };
 
 }  // namespace fmwire::engine

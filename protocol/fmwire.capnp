@@ -15,7 +15,7 @@ using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("fmwire::protocol");
 
 const protocolMajor :UInt16 = 1;
-const protocolMinor :UInt16 = 0;
+const protocolMinor :UInt16 = 1;   # 1: Hello/HelloAck tokenizerFingerprint
 
 # ---------------------------------------------------------------- connection
 
@@ -51,6 +51,13 @@ struct Hello {
   peerName @3 :Text;
   capabilities @4 :Capabilities;
   limits @5 :Limits;
+  # Minor version 1: the fingerprint of the tokenizer whose token ids this
+  # side reads (a worker's), so that a peer that sends prompts as token ids
+  # (a router) can check it tokenizes with the same one; 0: none said.
+  # In the handshake rather than in LoadReport: it is known the moment the
+  # connection is ready, before any request could be routed there, and it
+  # cannot change while the connection lasts.
+  tokenizerFingerprint @6 :UInt64;
 }
 
 # The answer to Hello: the version both speak and what this side offers.
@@ -61,6 +68,7 @@ struct HelloAck {
   peerName @3 :Text;
   capabilities @4 :Capabilities;
   limits @5 :Limits;
+  tokenizerFingerprint @6 :UInt64;  # minor version 1: as in Hello
 }
 
 # Keepalive; Pong echoes the sequence so a round trip can be timed.
@@ -210,7 +218,7 @@ struct LoadReport {
   draining @6 :Bool;
   prefixesAdded @7 :List(UInt64);   # hashes of full KV blocks now cached
   prefixesEvicted @8 :List(UInt64);
-  # Counters since the worker started (minor version 0 additions).
+  # Counters since the worker started.
   pausedSequences @9 :UInt32;       # waiting for their readers' credit
   promptTokens @10 :UInt64;         # admitted prompt tokens
   cachedPromptTokens @11 :UInt64;   # of those, served from the prefix cache

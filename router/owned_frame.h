@@ -1,6 +1,8 @@
 // A copy of a received frame that outlives its receive buffer: what the
-// router keeps for a client that has no credit left, until it has. The
-// bytes are copied once, as they were on the wire, and read in place again.
+// router keeps for a client that has no credit left, until it has, and a
+// client's GenerateRequest, to issue it again at another worker after a
+// migration. The bytes are copied once, as they were on the wire, and read
+// in place again.
 #pragma once
 
 #include <cstring>

@@ -1,9 +1,13 @@
 #include "router/router_service.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <stdexcept>
 
 #include "codec/frame_decoder.h"
+#include "protocol/finish.h"
+#include "protocol/generate_request.h"
+#include "protocol/load_report.h"
 
 namespace fmwire::router {
 namespace {
@@ -17,6 +21,8 @@ std::uint64_t micros(std::chrono::steady_clock::duration duration) {
 
 }  // namespace
 
+void RouterOptions::log_to_stderr(const std::string& line) { std::fprintf(stderr, "fmwire router: %s\n", line.c_str()); }
+
 RouterService::RouterService(transport::EventLoop& loop, const engine::Tokenizer& tokenizer, RouterOptions options)
     : loop_(loop), tokenizer_(tokenizer), options_(std::move(options)) {
   policy_ = make_policy(options_.policy, options_.policy_options);
@@ -24,6 +30,9 @@ RouterService::RouterService(transport::EventLoop& loop, const engine::Tokenizer
     throw std::invalid_argument("unknown routing policy '" + options_.policy +
                                 "': round-robin, least-loaded, prefix or sla");
   }
+  needs_token_ids_ = policy_->needs_token_ids();
+  // Ids this router makes must be the workers' own: checked at registration.
+  if (needs_token_ids_ || options_.migrate) options_.worker_link.tokenizer_fingerprint = tokenizer_.fingerprint();
   options_.worker_link.connection.role = protocol::Role::ROUTER;
   options_.worker_link.connection.initial_stream_credit_bytes = options_.worker_stream_window_bytes;
 }
@@ -106,19 +115,8 @@ bool RouterService::send_load_reports_to(Connection& subscriber, std::uint32_t s
   for (const auto& link : links_) {
     const WorkerView& view = link->view();
     if (!view.has_load) continue;
-    const SendStatus status = subscriber.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReport::Builder report) {
-      report.setWorkerName(view.name);
-      report.setQueueDepth(view.queue_depth);
-      report.setRunningSequences(view.running);
-      report.setFreeKvBlocks(view.free_blocks);
-      report.setTotalKvBlocks(view.total_blocks);
-      report.setRecentStepTimeUs(view.recent_step_us);
-      report.setDraining(!view.healthy);
-      report.setPausedSequences(view.paused);
-      report.setPromptTokens(view.prompt_tokens);
-      report.setCachedPromptTokens(view.cached_prompt_tokens);
-      report.setGeneratedTokens(view.generated_tokens);
-      report.setCachedKvBlocks(view.cached_blocks);
+    const SendStatus status = subscriber.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReportBuilder report) {
+      report.load(view.load, view.name, !view.healthy);
     });
     if (status != SendStatus::sent) {
       load_subscribers_.erase({&subscriber, stream_id});
@@ -144,37 +142,23 @@ void RouterService::start(Connection& client, std::uint32_t stream_id, const cod
   route->client = &client;
   route->client_stream = stream_id;
   route->received = Clock::now();
-  Request& request = route->request;
+  std::optional<protocol::MessageError> problem;
   const codec::Status read = codec::read_body<protocol::GenerateRequest>(
-      frame, options_.worker_link.connection.limits, [&](protocol::GenerateRequest::Reader body) {
-        request.request_id = body.getRequestId();
-        request.model = body.getModel();
-        const auto prompt = body.getPrompt();
-        if (prompt.isText()) {
-          const auto text = prompt.getText();
-          if (text.size() > 0) request.prompt_tokens = tokenizer_.encode(std::string_view(text.cStr(), text.size()), true);
-        } else {
-          for (std::uint32_t id : prompt.getTokenIds()) request.prompt_tokens.push_back(id);
-        }
-        const auto sampling = body.getSampling();
-        request.max_tokens = sampling.getMaxTokens();
-        request.temperature = sampling.getTemperature();
-        request.top_p = sampling.getTopP();
-        if (sampling.getSeed().isFixed()) request.seed = sampling.getSeed().getFixed();
-        for (auto stop : sampling.getStopSequences()) request.stop_sequences.emplace_back(stop.cStr(), stop.size());
-        request.timeout_us = body.getTimeoutUs();
-        request.priority = body.getPriority();
-        const auto stream_options = body.getStreamOptions();
-        request.include_usage = stream_options.getIncludeUsage();
-        request.include_text = stream_options.getIncludeText();
-        request.include_timings = stream_options.getIncludeTimings();
+      frame, options_.worker_link.connection.limits, [&](const protocol::GenerateRequestReader& request) {
+        problem = request.check_prompt();
+        if (problem) return;
+        route->max_tokens = request.max_tokens();
+        route->timeout_us = request.timeout_us();
+        if (needs_token_ids_) take_prompt_tokens(*route, request);
       });
-  if (!read) {
+  if (!read) problem = protocol::MessageError{protocol::ErrorCode::BAD_FRAME, "unreadable GenerateRequest: " + read.error().message};
+  if (problem) {
     ++counters_.streams_refused;
-    client.reset_stream(stream_id, protocol::ErrorCode::BAD_FRAME, "unreadable GenerateRequest: " + read.error().message);
+    client.reset_stream(stream_id, problem->code, problem->message);
     return;
   }
-  if (auto refused = dispatch(*route, &frame, nullptr)) {
+  if (options_.migrate) route->request.emplace(frame);
+  if (auto refused = dispatch(*route, frame, nullptr)) {
     ++counters_.streams_refused;
     client.reset_stream(stream_id, refused->code, refused->message, refused->retryable, refused->retry_after_ms);
     return;
@@ -183,29 +167,46 @@ void RouterService::start(Connection& client, std::uint32_t stream_id, const cod
   routes_.emplace(ClientKey{&client, stream_id}, std::move(route));
 }
 
-std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::FrameView* frame, WorkerLink* avoid) {
+void RouterService::take_prompt_tokens(Route& route, const protocol::GenerateRequestReader& request) {
+  if (request.has_text_prompt()) {
+    route.prompt_tokens = tokenizer_.encode(request.prompt_text(), true);
+    route.tokenized = true;
+    ++counters_.prompts_tokenized;
+  } else {
+    request.append_prompt_token_ids(route.prompt_tokens);
+  }
+}
+
+std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::FrameView& request, WorkerLink* avoid) {
   scratch_views_.clear();
   for (const auto& link : links_) {
     scratch_views_.push_back(link->view());
     if (link.get() == avoid) scratch_views_.back().healthy = false;
   }
-  const Request& request = route.request;
   std::vector<std::uint32_t> continued;  // a migration's prompt: the original plus what was sent
-  std::span<const std::uint32_t> prompt = request.prompt_tokens;
+  std::span<const std::uint32_t> prompt = route.prompt_tokens;
   if (route.index_offset > 0) {
-    continued = request.prompt_tokens;
+    continued = route.prompt_tokens;
     continued.insert(continued.end(), route.sent_tokens.begin(), route.sent_tokens.end());
     prompt = continued;
   }
   RouteRequest wanted;
   wanted.prompt_tokens = prompt;
-  wanted.max_tokens = request.max_tokens - route.index_offset;
-  if (request.timeout_us > 0) {
+  wanted.max_tokens = route.max_tokens - route.index_offset;
+  if (route.timeout_us > 0) {
     const std::uint64_t spent = micros(Clock::now() - route.received);
-    wanted.deadline_us = spent < request.timeout_us ? request.timeout_us - spent : 1;
+    wanted.deadline_us = spent < route.timeout_us ? route.timeout_us - spent : 1;
   }
   auto picked = policy_->pick(wanted, scratch_views_);
-  if (!picked) return picked.error();
+  if (!picked) {
+    RouteRefusal refusal = picked.error();
+    const auto refused = std::count_if(scratch_views_.begin(), scratch_views_.end(),
+                                       [](const WorkerView& view) { return !view.refused.empty(); });
+    if (refusal.code == protocol::ErrorCode::NO_WORKER && refused > 0) {
+      refusal.message += "; " + std::to_string(refused) + " refused: their tokenizer is not this router's";
+    }
+    return refusal;
+  }
   WorkerLink& link = *links_[picked->worker];
   Connection* worker = link.connection();
   if (worker == nullptr) {
@@ -219,27 +220,15 @@ std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::F
   // Credit end to end: the worker gets credit back only as the client takes frames.
   worker->set_manual_consume(worker_stream);
   SendStatus sent;
-  if (frame != nullptr) {
-    sent = worker->relay(worker_stream, *frame, frame->header.flags);
+  if (route.index_offset == 0 && !route.tokenized) {
+    sent = worker->relay(worker_stream, request, request.header.flags);
   } else {
-    sent = worker->send<protocol::GenerateRequest>(worker_stream, [&](protocol::GenerateRequest::Builder body) {
-      body.setRequestId(request.request_id);
-      body.setModel(request.model);
-      auto ids = body.initPrompt().initTokenIds(static_cast<unsigned>(prompt.size()));
-      for (unsigned i = 0; i < prompt.size(); ++i) ids.set(i, prompt[i]);
-      auto sampling = body.initSampling();
-      sampling.setMaxTokens(wanted.max_tokens);
-      sampling.setTemperature(request.temperature);
-      sampling.setTopP(request.top_p);
-      if (request.seed) sampling.initSeed().setFixed(*request.seed);
-      auto stops = sampling.initStopSequences(static_cast<unsigned>(request.stop_sequences.size()));
-      for (unsigned i = 0; i < request.stop_sequences.size(); ++i) stops.set(i, request.stop_sequences[i]);
-      body.setTimeoutUs(wanted.deadline_us);
-      body.setPriority(request.priority);
-      auto stream_options = body.initStreamOptions();
-      stream_options.setIncludeUsage(request.include_usage);
-      stream_options.setIncludeText(request.include_text);
-      stream_options.setIncludeTimings(request.include_timings);
+    // The client's frame was read once already, under the same limits: it reads again.
+    sent = worker->send<protocol::GenerateRequest>(worker_stream, [&](protocol::GenerateRequestBuilder body) {
+      (void)codec::read_body<protocol::GenerateRequest>(
+          request, options_.worker_link.connection.limits,
+          [&](const protocol::GenerateRequestReader& original) { body.copy_all_but_prompt(original); });
+      body.prompt_token_ids(prompt).max_tokens(wanted.max_tokens).timeout_us(wanted.deadline_us);
     }, transport::kEndStream);
   }
   if (sent != SendStatus::sent) {
@@ -327,30 +316,22 @@ void RouterService::send_finish(Route& route, const codec::FrameView& frame) {
   const std::unique_ptr<Route> owned = take(route, /*reset_worker=*/false);
   std::uint64_t worker_total_us = 0;
   bool readable = true;
-  const SendStatus status = owned->client->send<protocol::Finish>(owned->client_stream, [&](protocol::Finish::Builder out) {
+  const SendStatus status = owned->client->send<protocol::Finish>(owned->client_stream, [&](protocol::FinishBuilder out) {
     readable = codec::read_body<protocol::Finish>(frame, options_.worker_link.connection.limits,
-                                                  [&](protocol::Finish::Reader in) {
-      out.setReason(in.getReason());
-      out.setTrailingText(in.getTrailingText());
-      if (in.hasUsage()) {
-        auto usage = out.initUsage();
-        usage.setPromptTokens(owned->index_offset > 0 ? static_cast<std::uint32_t>(owned->request.prompt_tokens.size())
-                                                      : in.getUsage().getPromptTokens());
-        usage.setCompletionTokens(in.getUsage().getCompletionTokens() + owned->index_offset);
-        usage.setCachedPromptTokens(in.getUsage().getCachedPromptTokens());
+                                                  [&](const protocol::FinishReader& in) {
+      out.reason(in.reason()).trailing_text(in.trailing_text());
+      if (in.has_usage()) {
+        // After a migration the last worker saw the prompt grown by the
+        // tokens before it: usage says what the client asked and got.
+        out.usage(owned->index_offset > 0 ? static_cast<std::uint32_t>(owned->prompt_tokens.size()) : in.prompt_tokens(),
+                  in.completion_tokens() + owned->index_offset, in.cached_prompt_tokens());
       }
-      const auto hops = in.getTimings();
-      auto timings = out.initTimings(hops.size() + 1);
-      for (unsigned i = 0; i < hops.size(); ++i) {
-        timings.setWithCaveats(i, hops[i]);
-        worker_total_us = hops[i].getTotalUs();
-      }
-      auto hop = timings[hops.size()];
-      hop.setHop("router " + options_.name);
-      hop.setRole(protocol::Role::ROUTER);
-      hop.setQueueUs(micros(owned->forwarded - owned->received));
-      hop.setFirstTokenUs(owned->first_token ? micros(*owned->first_token - owned->received) : 0);
-      hop.setTotalUs(micros(now - owned->received));
+      const auto below = in.timings();
+      if (below.size() > 0) worker_total_us = protocol::HopTimingReader(below[below.size() - 1]).total_us();
+      out.timings(below, "router " + options_.name, protocol::Role::ROUTER)
+          .queue_us(micros(owned->forwarded - owned->received))
+          .first_token_us(owned->first_token ? micros(*owned->first_token - owned->received) : 0)
+          .total_us(micros(now - owned->received));
     }).has_value();
   }, transport::kEndStream);
   if (!readable) {
@@ -372,15 +353,10 @@ void RouterService::send_finish(Route& route, const codec::FrameView& frame) {
 
 void RouterService::finish_here(Route& route) {
   const std::unique_ptr<Route> owned = take(route, /*reset_worker=*/false);
-  owned->client->send<protocol::Finish>(owned->client_stream, [&](protocol::Finish::Builder out) {
-    out.setReason(protocol::FinishReason::MAX_TOKENS);
-    auto usage = out.initUsage();
-    usage.setPromptTokens(static_cast<std::uint32_t>(owned->request.prompt_tokens.size()));
-    usage.setCompletionTokens(owned->index_offset);
-    auto hop = out.initTimings(1)[0];
-    hop.setHop("router " + options_.name);
-    hop.setRole(protocol::Role::ROUTER);
-    hop.setTotalUs(micros(Clock::now() - owned->received));
+  owned->client->send<protocol::Finish>(owned->client_stream, [&](protocol::FinishBuilder out) {
+    out.reason(protocol::FinishReason::MAX_TOKENS)
+        .usage(static_cast<std::uint32_t>(owned->prompt_tokens.size()), owned->index_offset, 0);
+    out.timings("router " + options_.name, protocol::Role::ROUTER).total_us(micros(Clock::now() - owned->received));
   }, transport::kEndStream);
   ++counters_.streams_finished;
   reap_retired();
@@ -469,7 +445,7 @@ void RouterService::on_worker_stream_closed(WorkerLink& link, std::uint32_t stre
   const bool lost = reason.code == protocol::ErrorCode::WORKER_LOST;
   if (lost && options_.migrate) {
     route.index_offset = static_cast<std::uint32_t>(route.sent_tokens.size());
-    if (route.index_offset >= route.request.max_tokens) {
+    if (route.index_offset >= route.max_tokens) {
       if (route.pending.empty()) {
         finish_here(route);
       } else {
@@ -477,7 +453,15 @@ void RouterService::on_worker_stream_closed(WorkerLink& link, std::uint32_t stre
       }
       return;
     }
-    if (!dispatch(route, nullptr, &link)) {
+    const codec::FrameView request = route.request->view();
+    if (route.prompt_tokens.empty()) {
+      // A policy that reads no ids let the text go on as it came: the ids
+      // are made now, once, for the worker that carries on.
+      (void)codec::read_body<protocol::GenerateRequest>(
+          request, options_.worker_link.connection.limits,
+          [&](const protocol::GenerateRequestReader& original) { take_prompt_tokens(route, original); });
+    }
+    if (!route.prompt_tokens.empty() && !dispatch(route, request, &link)) {
       ++route.migrations;
       ++counters_.streams_migrated;
       return;
@@ -492,6 +476,10 @@ void RouterService::on_worker_stream_closed(WorkerLink& link, std::uint32_t stre
 }
 
 void RouterService::on_worker_health(WorkerLink&) { reap_retired(); }
+
+void RouterService::on_worker_refused(WorkerLink&, const std::string& reason) {
+  if (options_.log) options_.log(reason);
+}
 
 void RouterService::on_stream_closed(Connection& connection, std::uint32_t stream_id,
                                      const transport::EndReason& reason) {

@@ -1,10 +1,17 @@
 // The router (`fmwire router`, and the gateway's embedded one): the native
 // protocol's front door. It takes client generation streams, picks a worker
 // per request (routing_policy.h), opens the stream there and relays frames
-// both ways by their fixed header: request and token frames are copied as
-// they are with the stream id rewritten, never decoded and built again. Only
-// Finish is rebuilt, to add the router's own timing, so a client sees where
-// time went hop by hop.
+// both ways by their fixed header: token frames are copied as they are
+// with the stream id rewritten, never decoded and built again, and so is a
+// request, unless the policy reads token ids (prefix, sla). Then a text
+// prompt is tokenized here, the one time on its way to the engine, with
+// the workers' tokenizer, and the request goes on with the ids (the worker
+// tokenizes nothing); a worker whose tokenizer is another (its fingerprint,
+// said in the Hello exchange) is refused when its connection is ready,
+// never used, with a log line naming both fingerprints. Finish is rebuilt
+// to add the router's own timing, so a client sees where time went hop by
+// hop; after a migration token frames are rebuilt too, their indexes
+// shifted.
 //
 // Flow control end to end: the router grants a worker credit on a stream
 // only as the client takes that stream's frames, so it holds at most one
@@ -28,6 +35,7 @@
 
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -36,6 +44,7 @@
 #include <vector>
 
 #include "engine/tokenizer.h"
+#include "protocol/generate_request.h"
 #include "router/owned_frame.h"
 #include "router/routing_policy.h"
 #include "router/worker_link.h"
@@ -54,9 +63,17 @@ struct RouterOptions {
   // hundred frames); a small window makes a stalled client pause its
   // sequence at the worker soon.
   std::uint32_t worker_stream_window_bytes = 32 * 1024;
-  bool migrate = false;               // re-issue a dead worker's requests elsewhere
+  // Re-issue a dead worker's requests elsewhere: their prompt as token ids
+  // (tokenized here if it came as text), so this also checks the workers'
+  // tokenizer fingerprint.
+  bool migrate = false;
   // How often a load subscriber gets its reports (one per worker).
   std::chrono::milliseconds load_report_interval{100};
+  // Where the router's log lines go (a worker refused at registration, and
+  // why); by default standard error, after "fmwire router: ".
+  std::function<void(const std::string& line)> log = log_to_stderr;
+
+  static void log_to_stderr(const std::string& line);
 };
 
 struct RouterCounters {
@@ -67,11 +84,14 @@ struct RouterCounters {
   std::uint64_t streams_refused = 0;   // no worker, overloaded, deadline unreachable, bad request
   std::uint64_t streams_migrated = 0;
   std::uint64_t frames_relayed = 0;
+  std::uint64_t prompts_tokenized = 0;  // text prompts turned into ids here
 };
 
 class RouterService final : public transport::ConnectionHandler, private WorkerLinkOwner {
  public:
-  // Throws std::invalid_argument for an unknown policy name.
+  // `tokenizer` is the workers' (it must outlive the router); it is used
+  // only when the policy needs token ids or migration is on. Throws
+  // std::invalid_argument for an unknown policy name.
   RouterService(transport::EventLoop& loop, const engine::Tokenizer& tokenizer, RouterOptions options);
   ~RouterService() override;
 
@@ -83,6 +103,9 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   const RouterCounters& counters() const { return counters_; }
   std::size_t open_streams() const { return routes_.size(); }
   std::size_t load_subscribers() const { return load_subscribers_.size(); }
+  // True when it tokenizes prompts for its workers (the policy needs ids,
+  // or migration is on), and so refuses workers with another tokenizer.
+  bool checks_tokenizer() const { return options_.worker_link.tokenizer_fingerprint != 0; }
 
   void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
   void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
@@ -93,28 +116,21 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
  private:
   using Clock = std::chrono::steady_clock;
 
-  // What the router keeps of a request: enough to route it and, with
-  // migration, to issue it again elsewhere.
-  struct Request {
-    std::vector<std::uint32_t> prompt_tokens;
-    std::string request_id;
-    std::string model;
-    std::uint32_t max_tokens = 0;
-    float temperature = 0.0f;
-    float top_p = 1.0f;
-    std::optional<std::uint64_t> seed;
-    std::vector<std::string> stop_sequences;
-    std::uint64_t timeout_us = 0;
-    std::int8_t priority = 0;
-    bool include_usage = true, include_text = true, include_timings = true;
-  };
-
   struct Route {
     transport::Connection* client = nullptr;
     std::uint32_t client_stream = 0;
     WorkerLink* worker = nullptr;
     std::uint32_t worker_stream = 0;   // 0: none open now
-    Request request;
+    // The client's GenerateRequest as it came, kept with migration on so
+    // that it can be issued again elsewhere: read in place then, never
+    // copied field by field.
+    std::optional<OwnedFrame> request;
+    // The prompt's ids, as the workers tokenize it: taken when the policy
+    // needs them, or at a migration; empty until then.
+    std::vector<std::uint32_t> prompt_tokens;
+    bool tokenized = false;            // the prompt came as text: the request goes on rebuilt with the ids
+    std::uint32_t max_tokens = 0;      // what the client asked for
+    std::uint64_t timeout_us = 0;      // its budget from receipt; 0: none
     struct Pending {
       OwnedFrame frame;
       std::uint32_t index_offset;      // of the worker that sent it
@@ -136,10 +152,13 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   // One report per worker with a load; false when the subscriber is gone.
   bool send_load_reports_to(transport::Connection& subscriber, std::uint32_t stream_id);
   void schedule_load_reports();
-  // Opens the request's stream at a worker; the frame (the client's own
-  // GenerateRequest) is relayed as it is, or without one (a migration) the
-  // request is built anew with the tokens already sent appended.
-  std::optional<RouteRefusal> dispatch(Route& route, const codec::FrameView* frame, WorkerLink* avoid);
+  // The prompt's ids into route.prompt_tokens: a text prompt tokenized here.
+  void take_prompt_tokens(Route& route, const protocol::GenerateRequestReader& request);
+  // Opens the request's stream at a worker. `request` is the client's
+  // GenerateRequest (the kept one, for a migration): relayed as it is when
+  // its prompt needs no ids from here, else issued again from it with the
+  // prompt's ids and, after a migration, the tokens already sent appended.
+  std::optional<RouteRefusal> dispatch(Route& route, const codec::FrameView& request, WorkerLink* avoid);
   void from_worker(Route& route, const codec::FrameView& frame);
   // Sends what the client has credit for; false when the route is gone.
   bool drain_pending(Route& route);
@@ -164,6 +183,7 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   void on_worker_stream_closed(WorkerLink& link, std::uint32_t stream_id,
                                const transport::EndReason& reason) override;
   void on_worker_health(WorkerLink& link) override;
+  void on_worker_refused(WorkerLink& link, const std::string& reason) override;
   void reap_retired();
   WorkerLinkOwner& link_owner() { return *this; }
 
@@ -171,6 +191,7 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   const engine::Tokenizer& tokenizer_;
   RouterOptions options_;
   std::unique_ptr<RoutingPolicy> policy_;
+  bool needs_token_ids_ = false;  // the policy's: prompts go on as ids made here
   std::vector<std::unique_ptr<WorkerLink>> links_;
   std::map<ClientKey, std::unique_ptr<Route>> routes_;
   std::map<WorkerKey, Route*> by_worker_;

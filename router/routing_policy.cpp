@@ -17,7 +17,7 @@ constexpr std::uint32_t kNoWorkerRetryAfterMs = 1000;
 // there, which are the most current number the router has.
 std::uint64_t load_of(const WorkerView& worker) {
   if (!worker.has_load) return worker.in_flight;
-  return std::uint64_t{worker.running} + worker.queue_depth + worker.in_flight;
+  return std::uint64_t{worker.load.running} + worker.load.queue_depth + worker.in_flight;
 }
 
 // The less loaded of two workers: lower load, then more free KV blocks,
@@ -26,7 +26,9 @@ bool less_loaded(std::span<const WorkerView> workers, std::size_t a, std::size_t
   const std::uint64_t load_a = load_of(workers[a]);
   const std::uint64_t load_b = load_of(workers[b]);
   if (load_a != load_b) return load_a < load_b;
-  if (workers[a].free_blocks != workers[b].free_blocks) return workers[a].free_blocks > workers[b].free_blocks;
+  const std::uint32_t free_a = workers[a].load.free_kv_blocks;
+  const std::uint32_t free_b = workers[b].load.free_kv_blocks;
+  if (free_a != free_b) return free_a > free_b;
   return a < b;
 }
 
@@ -121,6 +123,7 @@ class PrefixAffinityPolicy final : public RoutingPolicy {
       : options_(options), tree_(options.approximate_prompts) {}
 
   std::string_view name() const override { return "prefix"; }
+  bool needs_token_ids() const override { return true; }  // block hashes of the prompt
 
   RouteResult pick(const RouteRequest& request, std::span<const WorkerView> workers) override {
     const auto least = least_loaded(workers);
@@ -203,6 +206,7 @@ class SlaAwarePolicy final : public RoutingPolicy {
   explicit SlaAwarePolicy(const PolicyOptions& options) : options_(options) {}
 
   std::string_view name() const override { return "sla"; }
+  bool needs_token_ids() const override { return true; }  // the uncached prompt's prefill time
 
   RouteResult pick(const RouteRequest& request, std::span<const WorkerView> workers) override {
     const std::uint32_t limit = reusable_blocks(request.prompt_tokens.size(), options_.block_tokens);
@@ -242,7 +246,7 @@ class SlaAwarePolicy final : public RoutingPolicy {
 
   Estimate estimate_for(const RouteRequest& request, const WorkerView& worker) const {
     const std::uint64_t step_us =
-        worker.has_load && worker.recent_step_us > 0 ? worker.recent_step_us : options_.default_step_us;
+        worker.has_load && worker.load.recent_step_time_us > 0 ? worker.load.recent_step_time_us : options_.default_step_us;
     Estimate estimate;
     estimate.cached_tokens = published_match(worker, hashes_) * options_.block_tokens;
     // l_x: the prompt's uncached tokens in chunks of the worker's step token
@@ -257,8 +261,8 @@ class SlaAwarePolicy final : public RoutingPolicy {
     // worker's queue, or, when its report is older than this router's own
     // streams, those of them it is not running yet. Not their sum: the
     // streams open here are in the reported queue already once it reports.
-    const std::uint64_t own_waiting = worker.in_flight > worker.running ? worker.in_flight - worker.running : 0;
-    const std::uint64_t ahead = std::max<std::uint64_t>(worker.has_load ? worker.queue_depth : 0, own_waiting);
+    const std::uint64_t own_waiting = worker.in_flight > worker.load.running ? worker.in_flight - worker.load.running : 0;
+    const std::uint64_t ahead = std::max<std::uint64_t>(worker.has_load ? worker.load.queue_depth : 0, own_waiting);
     estimate.queue_us = saturating_multiply(saturating_multiply(ahead, request.max_tokens), step_us);
     // l_r: the relay's measured overhead per request (0 until measured).
     estimate.relay_us = worker.relay_us;

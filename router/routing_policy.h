@@ -18,7 +18,9 @@
 namespace fmwire::router {
 
 struct RouteRequest {
-  std::span<const std::uint32_t> prompt_tokens;  // as the workers tokenize it (BOS included)
+  // As the workers tokenize it (BOS included); for a policy that does not
+  // need the ids (needs_token_ids) it may be empty.
+  std::span<const std::uint32_t> prompt_tokens;
   std::uint32_t max_tokens = 0;
   std::uint64_t deadline_us = 0;                 // budget from now; 0: none
 };
@@ -55,6 +57,11 @@ class RoutingPolicy {
  public:
   virtual ~RoutingPolicy() = default;
   virtual std::string_view name() const = 0;
+  // True when pick() and routed() read RouteRequest::prompt_tokens: the
+  // router then tokenizes a text prompt (with the workers' tokenizer, once)
+  // and forwards the ids. Otherwise it tokenizes nothing and relays the
+  // request as it came.
+  virtual bool needs_token_ids() const { return false; }
   // Only healthy workers may be picked; none healthy: NO_WORKER, retryable.
   virtual RouteResult pick(const RouteRequest& request, std::span<const WorkerView> workers) = 0;
   // The request went to `worker` (what approximate prefix tracking learns from).

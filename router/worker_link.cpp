@@ -3,10 +3,20 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 
 #include "codec/frame_decoder.h"
 
 namespace fmwire::router {
+namespace {
+
+std::string hex(std::uint64_t value) {
+  char text[24];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(value));
+  return text;
+}
+
+}  // namespace
 
 WorkerLink::WorkerLink(transport::EventLoop& loop, transport::Endpoint endpoint, WorkerLinkOptions options,
                        WorkerLinkOwner& owner)
@@ -67,7 +77,7 @@ void WorkerLink::retire() {
 }
 
 void WorkerLink::update_health() {
-  const bool healthy = ready() && !draining_ && !retired_;
+  const bool healthy = ready() && !draining_ && !retired_ && view_.refused.empty();
   if (healthy == view_.healthy) return;
   view_.healthy = healthy;
   owner_.on_worker_health(*this);
@@ -79,32 +89,44 @@ void WorkerLink::subscribe() {
   connection_->send<protocol::LoadReport>(report_stream_, [](protocol::LoadReport::Builder) {});
 }
 
-void WorkerLink::on_ready(transport::Connection&) {
+std::string WorkerLink::registration_problem(const transport::Connection& connection) const {
+  const std::uint64_t own = options_.tokenizer_fingerprint;
+  const std::uint64_t theirs = connection.peer_tokenizer_fingerprint();
+  if (own == 0 || theirs == own) return {};
+  const std::string why = " and this router sends prompts as token ids of tokenizer " + hex(own) +
+                          ": ids it makes would not be the worker's; give the router the workers' tokenizer";
+  if (theirs == 0) {
+    return "worker " + view_.name + " refused: it says no tokenizer fingerprint (an fmwire before protocol 1.1, " +
+           "or a service that reads no token ids)" + why;
+  }
+  return "worker " + view_.name + " refused: its tokenizer is " + hex(theirs) + why;
+}
+
+void WorkerLink::on_ready(transport::Connection& connection) {
   backoff_ = options_.reconnect_min;
   draining_ = false;
+  view_.refused = registration_problem(connection);
+  if (!view_.refused.empty()) {
+    // Kept connected (a worker restarted with another tokenizer is a new
+    // connection, checked again) but never picked and not subscribed.
+    owner_.on_worker_refused(*this, view_.refused);
+    update_health();
+    return;
+  }
   subscribe();
   update_health();
 }
 
 void WorkerLink::read_report(const codec::FrameView& frame) {
   const codec::Status read = codec::read_body<protocol::LoadReport>(
-      frame, options_.connection.limits, [&](protocol::LoadReport::Reader report) {
+      frame, options_.connection.limits, [&](const protocol::LoadReportReader& report) {
         view_.has_load = true;
-        view_.queue_depth = report.getQueueDepth();
-        view_.running = report.getRunningSequences();
-        view_.paused = report.getPausedSequences();
-        view_.free_blocks = report.getFreeKvBlocks();
-        view_.total_blocks = report.getTotalKvBlocks();
-        view_.cached_blocks = report.getCachedKvBlocks();
-        view_.recent_step_us = report.getRecentStepTimeUs();
-        view_.prompt_tokens = report.getPromptTokens();
-        view_.cached_prompt_tokens = report.getCachedPromptTokens();
-        view_.generated_tokens = report.getGeneratedTokens();
+        view_.load = report.load();
         // Applied in this order, added then evicted, as the worker reports them.
-        for (std::uint64_t hash : report.getPrefixesAdded()) prefixes_.insert(hash);
-        for (std::uint64_t hash : report.getPrefixesEvicted()) prefixes_.erase(hash);
+        for (std::uint64_t hash : report.prefixes_added()) prefixes_.insert(hash);
+        for (std::uint64_t hash : report.prefixes_evicted()) prefixes_.erase(hash);
         view_.publishes_prefixes = view_.publishes_prefixes || !prefixes_.empty();
-        if (report.getDraining()) draining_ = true;
+        if (view_.load.draining) draining_ = true;
       });
   if (!read) {
     connection_->fail(protocol::ErrorCode::BAD_FRAME, "unreadable LoadReport: " + read.error().message);

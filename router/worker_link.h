@@ -4,12 +4,17 @@
 // is picked only while connected, not draining, and answering keepalives
 // (the connection closes a silent peer within its dead_after). A worker's
 // GoAway ends the subscription, so that its drain is not held up by it.
-// Frames of its generation streams go to the owner, the router. Loop
-// thread only.
+// Registration: when the router sends prompts as token ids, a worker whose
+// tokenizer (its fingerprint, said in the Hello exchange) is not the
+// router's is refused as its connection becomes ready: never healthy, no
+// subscription, the reason in its view and told to the owner; it is
+// checked again on every new connection. Frames of its generation streams
+// go to the owner, the router. Loop thread only.
 #pragma once
 
 #include <chrono>
 #include <memory>
+#include <string>
 #include <unordered_set>
 
 #include "router/worker_view.h"
@@ -31,10 +36,18 @@ class WorkerLinkOwner {
                                        const transport::EndReason& reason) = 0;
   // The link can take requests again, or no longer can.
   virtual void on_worker_health(WorkerLink& link) { (void)link; }
+  // The worker was refused at registration; `reason` says why.
+  virtual void on_worker_refused(WorkerLink& link, const std::string& reason) {
+    (void)link;
+    (void)reason;
+  }
 };
 
 struct WorkerLinkOptions {
   transport::ConnectionOptions connection;
+  // The router's tokenizer's fingerprint when it sends prompts as token
+  // ids: a worker that says another (or none) is refused. 0: no check.
+  std::uint64_t tokenizer_fingerprint = 0;
   std::chrono::milliseconds reconnect_min{100};
   std::chrono::milliseconds reconnect_max{2000};
 };
@@ -68,6 +81,8 @@ class WorkerLink final : private transport::ConnectionHandler {
   void connect();
   void schedule_reconnect();
   void update_health();
+  // Empty when the worker's tokenizer is the one the router sends ids of.
+  std::string registration_problem(const transport::Connection& connection) const;
   void subscribe();
   void read_report(const codec::FrameView& frame);
 

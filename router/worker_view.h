@@ -7,22 +7,16 @@
 #include <string>
 #include <unordered_set>
 
+#include "protocol/load_report.h"
+
 namespace fmwire::router {
 
 struct WorkerView {
   std::string name;                 // its endpoint, HOST:PORT
-  bool healthy = false;             // connected, not draining, answering keepalives
+  bool healthy = false;             // connected, not draining, answering keepalives, not refused
+  std::string refused;              // why it was refused at registration (its tokenizer); empty: it was not
   bool has_load = false;            // a LoadReport has arrived
-  std::uint32_t queue_depth = 0;    // from its LoadReport
-  std::uint32_t running = 0;
-  std::uint32_t paused = 0;
-  std::uint32_t free_blocks = 0;
-  std::uint32_t total_blocks = 0;
-  std::uint32_t cached_blocks = 0;
-  std::uint32_t recent_step_us = 0;
-  std::uint64_t prompt_tokens = 0;         // its counters since it started
-  std::uint64_t cached_prompt_tokens = 0;  // of those, served from its prefix cache
-  std::uint64_t generated_tokens = 0;
+  protocol::WorkerLoad load;        // from its latest LoadReport (load.name: the name it gives itself)
   std::uint32_t in_flight = 0;      // streams this router has open there now
   std::uint64_t relay_us = 0;       // measured router<->worker overhead per request; 0: not yet
   // Prefix hashes of full KV blocks it holds (its added/evicted events);

@@ -9,6 +9,9 @@
 #include <thread>
 #include <unordered_map>
 
+#include "protocol/finish.h"
+#include "protocol/generate_request.h"
+
 namespace fmwire {
 
 namespace {
@@ -299,17 +302,7 @@ class Client::Session final : public transport::ConnectionHandler {
   void deliver_load(const codec::FrameView& frame) {
     WorkerLoad load;
     const codec::Status read = codec::read_body<protocol::LoadReport>(
-        frame, options_.connection.limits, [&](protocol::LoadReport::Reader report) {
-          load.name = report.getWorkerName();
-          load.queue_depth = report.getQueueDepth();
-          load.running = report.getRunningSequences();
-          load.paused = report.getPausedSequences();
-          load.free_kv_blocks = report.getFreeKvBlocks();
-          load.total_kv_blocks = report.getTotalKvBlocks();
-          load.cached_kv_blocks = report.getCachedKvBlocks();
-          load.recent_step_time_us = report.getRecentStepTimeUs();
-          load.draining = report.getDraining();
-        });
+        frame, options_.connection.limits, [&](const protocol::LoadReportReader& report) { load = report.load(); });
     if (!read) {
       const std::uint32_t stream_id = load_stream_;
       load_stream_ = 0;
@@ -360,28 +353,16 @@ class Client::Session final : public transport::ConnectionHandler {
     const GenerateParams& params = request.params;
     const transport::SendStatus status = connection_->send<protocol::GenerateRequest>(
         stream_id,
-        [&](protocol::GenerateRequest::Builder message) {
-          message.setRequestId(params.request_id);
-          message.setModel(params.model);
+        [&](protocol::GenerateRequestBuilder message) {
+          message.request_id(params.request_id).model(params.model);
           if (!params.prompt_token_ids.empty()) {
-            auto ids = message.initPrompt().initTokenIds(static_cast<unsigned>(params.prompt_token_ids.size()));
-            for (unsigned i = 0; i < params.prompt_token_ids.size(); ++i) ids.set(i, params.prompt_token_ids[i]);
+            message.prompt_token_ids(params.prompt_token_ids);
           } else {
-            message.initPrompt().setText(params.prompt);
+            message.prompt_text(params.prompt);
           }
-          auto sampling = message.initSampling();
-          sampling.setMaxTokens(params.max_tokens);
-          sampling.setTemperature(params.temperature);
-          sampling.setTopP(params.top_p);
-          if (params.seed) {
-            sampling.getSeed().setFixed(*params.seed);
-          } else {
-            sampling.getSeed().setRandom();
-          }
-          auto stops = sampling.initStopSequences(static_cast<unsigned>(params.stop_sequences.size()));
-          for (unsigned i = 0; i < params.stop_sequences.size(); ++i) stops.set(i, params.stop_sequences[i]);
-          message.setTimeoutUs(static_cast<std::uint64_t>(params.timeout.count()));
-          message.setPriority(params.priority);
+          message.max_tokens(params.max_tokens).temperature(params.temperature).top_p(params.top_p);
+          message.seed(params.seed).stop_sequences(params.stop_sequences);
+          message.timeout_us(static_cast<std::uint64_t>(params.timeout.count())).priority(params.priority);
         },
         transport::kEndStream);
     if (status != transport::SendStatus::sent) {
@@ -416,15 +397,15 @@ class Client::Session final : public transport::ConnectionHandler {
 
   void deliver_finish(Requests::iterator found, const codec::FrameView& frame) {
     Completion completion;
-    codec::Status read = codec::read_body<protocol::Finish>(frame, options_.connection.limits, [&](protocol::Finish::Reader finish) {
-      completion.reason = finish.getReason();
-      completion.prompt_tokens = finish.getUsage().getPromptTokens();
-      completion.completion_tokens = finish.getUsage().getCompletionTokens();
-      completion.cached_prompt_tokens = finish.getUsage().getCachedPromptTokens();
-      completion.trailing_text = finish.getTrailingText();
-      for (protocol::HopTiming::Reader hop : finish.getTimings()) {
-        completion.timings.push_back({hop.getHop(), hop.getQueueUs(), hop.getPrefillUs(), hop.getDecodeUs(),
-                                      hop.getFirstTokenUs(), hop.getTotalUs()});
+    codec::Status read = codec::read_body<protocol::Finish>(frame, options_.connection.limits, [&](const protocol::FinishReader& finish) {
+      completion.reason = finish.reason();
+      completion.prompt_tokens = finish.prompt_tokens();
+      completion.completion_tokens = finish.completion_tokens();
+      completion.cached_prompt_tokens = finish.cached_prompt_tokens();
+      completion.trailing_text = finish.trailing_text();
+      for (const protocol::HopTimingReader hop : finish.timings()) {
+        completion.timings.push_back({std::string(hop.hop()), hop.queue_us(), hop.prefill_us(), hop.decode_us(),
+                                      hop.first_token_us(), hop.total_us()});
       }
     });
     if (!read) return finish_with_error(found, {ErrorCode::BAD_FRAME, "unreadable Finish frame: " + read.error().message, false, 0});

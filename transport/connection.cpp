@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "protocol/cancel.h"
+
 namespace fmwire::transport {
 
 namespace {
@@ -91,6 +93,7 @@ void Connection::send_hello() {
     hello.setProtocolMinor(protocol::PROTOCOL_MINOR);
     hello.setRole(options_.role);
     hello.setPeerName(options_.name);
+    hello.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
     auto capabilities = hello.initCapabilities();
     capabilities.setZstdAttachments(true);
     capabilities.setByteShuffle(true);
@@ -346,6 +349,7 @@ void Connection::handle_hello(const codec::FrameView& frame) {
     major = hello.getProtocolMajor();
     minor = hello.getProtocolMinor();
     peer_name_ = hello.getPeerName();
+    peer_tokenizer_fingerprint_ = hello.getTokenizerFingerprint();
     peer_initial_stream_credit_ = hello.getLimits().getInitialStreamCreditBytes();
     const std::uint32_t peer_max_streams = hello.getLimits().getMaxStreams();
     peer_max_streams_ = peer_max_streams == 0 ? UINT32_MAX : peer_max_streams;
@@ -369,6 +373,7 @@ void Connection::handle_hello(const codec::FrameView& frame) {
     ack.setProtocolMinor(std::min<std::uint16_t>(minor, protocol::PROTOCOL_MINOR));
     ack.setRole(options_.role);
     ack.setPeerName(options_.name);
+    ack.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
     auto capabilities = ack.initCapabilities();
     capabilities.setZstdAttachments(true);
     capabilities.setByteShuffle(true);
@@ -383,6 +388,7 @@ void Connection::handle_hello_ack(const codec::FrameView& frame) {
   codec::Status read = codec::read_body<protocol::HelloAck>(frame, options_.limits, [&](protocol::HelloAck::Reader ack) {
     major = ack.getProtocolMajor();
     peer_name_ = ack.getPeerName();
+    peer_tokenizer_fingerprint_ = ack.getTokenizerFingerprint();
     peer_initial_stream_credit_ = ack.getLimits().getInitialStreamCreditBytes();
     const std::uint32_t peer_max_streams = ack.getLimits().getMaxStreams();
     peer_max_streams_ = peer_max_streams == 0 ? UINT32_MAX : peer_max_streams;
@@ -563,7 +569,11 @@ void Connection::handle_stream_frame(const codec::FrameView& frame) {
     handler_.on_stream_frame(*this, frame);
     if (closing_) return;
     EndReason reason = EndReason::failure(protocol::ErrorCode::CANCELLED, "cancelled by the peer");
-    if (kind == FrameKind::error) {
+    if (kind == FrameKind::cancel) {
+      (void)codec::read_body<protocol::Cancel>(frame, options_.limits, [&](const protocol::CancelReader cancel) {
+        reason.message += " (" + std::string(protocol::to_string(cancel.reason())) + ")";
+      });
+    } else {
       (void)codec::read_body<protocol::Error>(frame, options_.limits, [&](protocol::Error::Reader error) {
         reason = EndReason::failure(error.getCode(), error.getMessage(), error.getRetryable());
         reason.retry_after_ms = error.getRetryAfterMs();
@@ -588,9 +598,7 @@ void Connection::reset_stream(std::uint32_t stream_id, protocol::ErrorCode code,
   if (found == streams_.end()) return;
   if (!closing_) {
     if (is_local_stream(stream_id)) {
-      send<protocol::Cancel>(stream_id, [](protocol::Cancel::Builder cancel) {
-        cancel.setReason(protocol::CancelReason::CLIENT);
-      });
+      send<protocol::Cancel>(stream_id, [](protocol::CancelBuilder cancel) { cancel.reason(protocol::CancelReason::CLIENT); });
     } else {
       send<protocol::Error>(stream_id, [&](protocol::Error::Builder error) {
         error.setCode(code);

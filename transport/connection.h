@@ -98,6 +98,11 @@ class ConnectionHandler {
   }
   // The peer sent GoAway: open no new streams here.
   virtual void on_go_away(Connection& connection) { (void)connection; }
+  // The fingerprint of the tokenizer whose token ids this side's service
+  // reads (a worker's: engine::Tokenizer::fingerprint), said in Hello and
+  // HelloAck so that a peer that sends prompts as ids can check it
+  // tokenizes the same way; 0: none (the default).
+  virtual std::uint64_t tokenizer_fingerprint() const { return 0; }
   // The last call: the socket is closed and every stream has been closed.
   virtual void on_closed(Connection& connection, const EndReason& reason) = 0;
 };
@@ -123,6 +128,9 @@ class Connection final : public SocketEvents {
   bool ready() const { return ready_; }
   bool closed() const { return closed_; }
   const std::string& peer_name() const { return peer_name_; }
+  // What the peer said in its Hello or HelloAck: the fingerprint of the
+  // tokenizer whose ids it reads; 0 when it said none (once ready).
+  std::uint64_t peer_tokenizer_fingerprint() const { return peer_tokenizer_fingerprint_; }
 
   // Opens a stream of ours: the next free id. Zero when the connection is
   // not ready, is draining or closing, the peer sent GoAway, or the
@@ -261,6 +269,7 @@ class Connection final : public SocketEvents {
   bool flush_wanted_ = false;
   EndReason close_reason_;
   std::string peer_name_;
+  std::uint64_t peer_tokenizer_fingerprint_ = 0;
 
   codec::ByteBuffer receive_;    // a partial frame carried between receives
   // The partial frame's attachment digested as its pieces arrive, while

@@ -1,6 +1,10 @@
 #include "transport/echo_service.h"
 
+#include <optional>
 #include <sstream>
+
+#include "protocol/finish.h"
+#include "protocol/generate_request.h"
 
 namespace fmwire::transport {
 
@@ -23,28 +27,27 @@ void EchoService::on_stream_frame(Connection& connection, const codec::FrameView
 
 void EchoService::start(Connection& connection, std::uint32_t stream_id, const codec::FrameView& frame) {
   Generation generation;
-  std::string problem;
+  std::optional<protocol::MessageError> problem;
   codec::Status read = codec::read_body<protocol::GenerateRequest>(
-      frame, codec::FrameLimits{}, [&](protocol::GenerateRequest::Reader request) {
-        generation.max_tokens = request.getSampling().getMaxTokens();
-        if (request.getPrompt().isText()) {
-          std::istringstream words(request.getPrompt().getText().cStr());
+      frame, codec::FrameLimits{}, [&](const protocol::GenerateRequestReader& request) {
+        problem = request.check_prompt();
+        generation.max_tokens = request.max_tokens();
+        if (request.has_text_prompt()) {
+          std::istringstream words{std::string(request.prompt_text())};
           for (std::string word; words >> word;) generation.words.push_back(" " + word);
         } else {
-          for (std::uint32_t id : request.getPrompt().getTokenIds()) {
-            generation.words.push_back(" <" + std::to_string(id) + ">");
-          }
+          for (std::uint32_t id : request.prompt_token_ids()) generation.words.push_back(" <" + std::to_string(id) + ">");
         }
       });
   if (!read) {
-    problem = "unreadable GenerateRequest: " + read.error().message;
-  } else if (generation.words.empty()) {
-    problem = "prompt is empty";
-  } else if (generation.max_tokens == 0) {
-    problem = "sampling.maxTokens must be at least 1";
+    problem = protocol::MessageError{protocol::ErrorCode::BAD_FRAME, "unreadable GenerateRequest: " + read.error().message};
+  } else if (!problem && generation.words.empty()) {
+    problem = protocol::MessageError{protocol::ErrorCode::BAD_REQUEST, "the prompt has no words"};
+  } else if (!problem && generation.max_tokens == 0) {
+    problem = protocol::MessageError{protocol::ErrorCode::BAD_REQUEST, "sampling.maxTokens must be at least 1"};
   }
-  if (!problem.empty()) {
-    connection.reset_stream(stream_id, protocol::ErrorCode::BAD_REQUEST, problem);
+  if (problem) {
+    connection.reset_stream(stream_id, problem->code, problem->message);
     return;
   }
   streams_[{&connection, stream_id}] = std::move(generation);
@@ -93,10 +96,9 @@ void EchoService::produce(Connection& connection, std::uint32_t stream_id) {
   }
   const std::uint32_t completion_tokens = generation.max_tokens;
   streams_.erase(found);
-  connection.send<protocol::Finish>(stream_id, [&](protocol::Finish::Builder finish) {
-    finish.setReason(protocol::FinishReason::MAX_TOKENS);
-    finish.initUsage().setCompletionTokens(completion_tokens);
-    finish.initTimings(1)[0].setHop("echo");
+  connection.send<protocol::Finish>(stream_id, [&](protocol::FinishBuilder finish) {
+    finish.reason(protocol::FinishReason::MAX_TOKENS).usage(0, completion_tokens, 0);
+    finish.timings("echo", protocol::Role::WORKER);
   }, kEndStream);
 }
 

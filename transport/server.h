@@ -38,6 +38,7 @@ class Server final : private ConnectionHandler {
     service_.on_stream_closed(connection, stream_id, reason);
   }
   void on_go_away(Connection& connection) override { service_.on_go_away(connection); }
+  std::uint64_t tokenizer_fingerprint() const override { return service_.tokenizer_fingerprint(); }
   void on_closed(Connection& connection, const EndReason& reason) override;
   void check_drained();
 

@@ -1,8 +1,10 @@
 #include "worker/worker_service.h"
 
 #include <algorithm>
+#include <span>
 
 #include "codec/frame_decoder.h"
+#include "protocol/finish.h"
 
 namespace fmwire::worker {
 namespace {
@@ -86,65 +88,31 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
   stream->received = Clock::now();
   engine::SequenceRequest request;
   std::vector<std::string> stops;
-  std::string problem;
-  protocol::ErrorCode code = protocol::ErrorCode::BAD_REQUEST;
+  std::optional<protocol::MessageError> problem;
   std::uint64_t timeout_us = 0;
   const codec::Status read = codec::read_body<protocol::GenerateRequest>(
-      frame, codec::FrameLimits{}, [&](protocol::GenerateRequest::Reader body) {
-        const auto model = body.getModel();
-        if (model.size() > 0 && std::string_view(model.cStr(), model.size()) != info_.model_name) {
-          code = protocol::ErrorCode::NOT_FOUND;
-          problem = "model '" + std::string(model.cStr()) + "' is not served here; this worker serves '" +
-                    info_.model_name + "'";
+      frame, codec::FrameLimits{}, [&](const protocol::GenerateRequestReader& body) {
+        const std::string_view model = body.model();
+        if (!model.empty() && model != info_.model_name) {
+          problem = protocol::MessageError{protocol::ErrorCode::NOT_FOUND,
+                                           "model '" + std::string(model) + "' is not served here; this worker serves '" +
+                                               info_.model_name + "'"};
           return;
         }
-        const auto prompt = body.getPrompt();
-        if (prompt.isText()) {
-          const auto text = prompt.getText();
-          if (text.size() == 0) {
-            problem = "the prompt is empty";
-            return;
-          }
-          request.prompt = tokenizer_.encode(std::string_view(text.cStr(), text.size()), true);
-        } else {
-          for (std::uint32_t id : prompt.getTokenIds()) request.prompt.push_back(id);
-          if (request.prompt.empty()) {
-            problem = "the prompt is empty";
-            return;
-          }
-        }
-        const auto sampling = body.getSampling();
-        request.max_tokens = sampling.getMaxTokens();
-        request.sampling.temperature = sampling.getTemperature();
-        request.sampling.top_p = sampling.getTopP();
-        request.sampling.seed = sampling.getSeed().isFixed() ? sampling.getSeed().getFixed() : seeds_();
-        const auto stop_list = sampling.getStopSequences();
-        if (stop_list.size() > options_.max_stop_sequences) {
-          problem = std::to_string(stop_list.size()) + " stop sequences, at most " +
-                    std::to_string(options_.max_stop_sequences) + " are allowed";
-          return;
-        }
-        for (auto stop : stop_list) {
-          if (stop.size() == 0 || stop.size() > options_.max_stop_sequence_bytes) {
-            problem = "a stop sequence of " + std::to_string(stop.size()) + " bytes; each must have 1 to " +
-                      std::to_string(options_.max_stop_sequence_bytes);
-            return;
-          }
-          stops.emplace_back(stop.cStr(), stop.size());
-        }
-        request.priority = body.getPriority();
-        timeout_us = body.getTimeoutUs();
-        const auto stream_options = body.getStreamOptions();
-        stream->include_text = stream_options.getIncludeText();
-        stream->include_usage = stream_options.getIncludeUsage();
-        stream->include_timings = stream_options.getIncludeTimings();
+        problem = body.check(options_.request_limits);
+        if (problem) return;
+        request = sequence_request(body);
+        for (capnp::Text::Reader stop : body.stop_sequences()) stops.emplace_back(stop.cStr(), stop.size());
+        timeout_us = body.timeout_us();
+        stream->include_text = body.include_text();
+        stream->include_usage = body.include_usage();
+        stream->include_timings = body.include_timings();
       });
   if (!read) {
-    problem = "unreadable GenerateRequest: " + read.error().message;
-    code = protocol::ErrorCode::BAD_FRAME;
+    problem = protocol::MessageError{protocol::ErrorCode::BAD_FRAME, "unreadable GenerateRequest: " + read.error().message};
   }
-  if (!problem.empty()) {
-    refuse(connection, stream_id, code, problem);
+  if (problem) {
+    refuse(connection, stream_id, problem->code, problem->message);
     return;
   }
   // The engine checks the rest (context, vocabulary, sampling ranges) and
@@ -169,6 +137,23 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
     });
   }
   runner_->submit(started.sequence, std::move(request));
+}
+
+engine::SequenceRequest WorkerService::sequence_request(const protocol::GenerateRequestReader& body) {
+  engine::SequenceRequest request;
+  if (body.has_text_prompt()) {
+    request.prompt = tokenizer_.encode(body.prompt_text(), true);
+    ++counters_.prompts_tokenized;
+  } else {
+    body.append_prompt_token_ids(request.prompt);
+  }
+  request.max_tokens = body.max_tokens();
+  request.sampling.temperature = body.temperature();
+  request.sampling.top_p = body.top_p();
+  const std::optional<std::uint64_t> seed = body.seed();
+  request.sampling.seed = seed ? *seed : seeds_();
+  request.priority = body.priority();
+  return request;
 }
 
 void WorkerService::deliver(const RunnerOutput& output) {
@@ -300,24 +285,16 @@ bool WorkerService::flush(GenerationStream& stream) {
   // on_stream_closed must find nothing to clean up.
   const std::unique_ptr<GenerationStream> owned = detach(stream);
   const auto now = Clock::now();
-  connection.send<protocol::Finish>(owned->stream_id, [&](protocol::Finish::Builder finish) {
-    finish.setReason(*owned->finish_reason);
-    if (!owned->trailing_text.empty()) finish.setTrailingText(owned->trailing_text);
-    if (owned->include_usage) {
-      auto usage = finish.initUsage();
-      usage.setPromptTokens(owned->prompt_tokens);
-      usage.setCompletionTokens(owned->completion_tokens);
-      usage.setCachedPromptTokens(owned->cached_prompt_tokens);
-    }
+  connection.send<protocol::Finish>(owned->stream_id, [&](protocol::FinishBuilder finish) {
+    finish.reason(*owned->finish_reason).trailing_text(owned->trailing_text);
+    if (owned->include_usage) finish.usage(owned->prompt_tokens, owned->completion_tokens, owned->cached_prompt_tokens);
     if (owned->include_timings) {
-      auto timing = finish.initTimings(1)[0];
-      timing.setHop("worker " + options_.name);
-      timing.setRole(protocol::Role::WORKER);
-      timing.setQueueUs(owned->queue_us);
-      timing.setPrefillUs(owned->prefill_us);
-      timing.setDecodeUs(owned->decode_us);
-      timing.setFirstTokenUs(owned->first_token_sent ? micros(*owned->first_token_sent - owned->received) : 0);
-      timing.setTotalUs(micros(now - owned->received));
+      finish.timings("worker " + options_.name, protocol::Role::WORKER)
+          .queue_us(owned->queue_us)
+          .prefill_us(owned->prefill_us)
+          .decode_us(owned->decode_us)
+          .first_token_us(owned->first_token_sent ? micros(*owned->first_token_sent - owned->received) : 0)
+          .total_us(micros(now - owned->received));
     }
   }, transport::kEndStream);
   ++counters_.streams_finished;
@@ -411,33 +388,35 @@ void WorkerService::send_load_reports() {
   });
 }
 
+protocol::WorkerLoad WorkerService::load() const {
+  protocol::WorkerLoad load;
+  load.name = options_.name;
+  load.queue_depth = engine_stats_.waiting;
+  load.running = engine_stats_.running;
+  load.paused = engine_stats_.paused;
+  load.free_kv_blocks = engine_stats_.free_blocks;
+  load.total_kv_blocks = engine_stats_.total_blocks != 0 ? engine_stats_.total_blocks : info_.total_blocks;
+  load.cached_kv_blocks = engine_stats_.cached_blocks;
+  load.recent_step_time_us = static_cast<std::uint32_t>(std::min<std::uint64_t>(engine_stats_.recent_step_us, UINT32_MAX));
+  load.draining = draining_;
+  load.prompt_tokens = engine_stats_.prompt_tokens;
+  load.cached_prompt_tokens = engine_stats_.cached_prompt_tokens;
+  load.generated_tokens = engine_stats_.generated_tokens;
+  return load;
+}
+
 void WorkerService::send_load_report(Connection& connection, std::uint32_t stream_id,
                                      const std::vector<std::uint64_t>& added,
                                      const std::vector<std::uint64_t>& evicted) {
+  const protocol::WorkerLoad now = load();
   std::size_t added_from = 0;
   std::size_t evicted_from = 0;
   do {
     const std::size_t added_count = std::min(kHashesPerReport, added.size() - added_from);
     const std::size_t evicted_count = std::min(kHashesPerReport - added_count, evicted.size() - evicted_from);
-    const SendStatus status = connection.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReport::Builder report) {
-      report.setWorkerName(options_.name);
-      report.setQueueDepth(engine_stats_.waiting);
-      report.setRunningSequences(engine_stats_.running);
-      report.setFreeKvBlocks(engine_stats_.free_blocks);
-      report.setTotalKvBlocks(engine_stats_.total_blocks != 0 ? engine_stats_.total_blocks : info_.total_blocks);
-      report.setRecentStepTimeUs(static_cast<std::uint32_t>(std::min<std::uint64_t>(engine_stats_.recent_step_us, UINT32_MAX)));
-      report.setDraining(draining_);
-      auto added_list = report.initPrefixesAdded(static_cast<unsigned>(added_count));
-      for (std::size_t i = 0; i < added_count; ++i) added_list.set(static_cast<unsigned>(i), added[added_from + i]);
-      auto evicted_list = report.initPrefixesEvicted(static_cast<unsigned>(evicted_count));
-      for (std::size_t i = 0; i < evicted_count; ++i) {
-        evicted_list.set(static_cast<unsigned>(i), evicted[evicted_from + i]);
-      }
-      report.setPausedSequences(engine_stats_.paused);
-      report.setPromptTokens(engine_stats_.prompt_tokens);
-      report.setCachedPromptTokens(engine_stats_.cached_prompt_tokens);
-      report.setGeneratedTokens(engine_stats_.generated_tokens);
-      report.setCachedKvBlocks(engine_stats_.cached_blocks);
+    const SendStatus status = connection.send<protocol::LoadReport>(stream_id, [&](protocol::LoadReportBuilder report) {
+      report.load(now).prefixes(std::span(added).subspan(added_from, added_count),
+                                std::span(evicted).subspan(evicted_from, evicted_count));
     });
     if (status != SendStatus::sent) {
       subscribers_.erase({&connection, stream_id});

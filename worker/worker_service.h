@@ -27,6 +27,8 @@
 
 #include "engine/text_stream.h"
 #include "engine/tokenizer.h"
+#include "protocol/generate_request.h"
+#include "protocol/load_report.h"
 #include "transport/connection.h"
 #include "worker/engine_runner.h"
 
@@ -35,8 +37,7 @@ namespace fmwire::worker {
 struct WorkerOptions {
   std::string name = "worker";
   std::chrono::milliseconds load_report_interval{100};
-  std::uint32_t max_stop_sequences = 16;
-  std::uint32_t max_stop_sequence_bytes = 256;
+  protocol::GenerateRequestLimits request_limits;
 };
 
 // What the worker has done, on the loop thread; for tests and the shutdown log.
@@ -46,6 +47,7 @@ struct WorkerCounters {
   std::uint64_t streams_cancelled = 0;  // by the peer or a lost connection
   std::uint64_t streams_refused = 0;    // bad requests
   std::uint64_t tokens_sent = 0;
+  std::uint64_t prompts_tokenized = 0;  // text prompts; a router that tokenizes sends ids
   std::uint64_t pauses = 0;             // sequences paused for lack of credit
 };
 
@@ -58,6 +60,9 @@ class WorkerService final : public transport::ConnectionHandler {
   const WorkerCounters& counters() const { return counters_; }
   // The engine's state after its latest step (loop thread).
   const engine::EngineStats& engine_stats() const { return engine_stats_; }
+  // What its load reports say now, made from engine_stats() here and
+  // nowhere else (loop thread).
+  protocol::WorkerLoad load() const;
   std::size_t active_streams() const { return streams_.size(); }
   // The name in load reports and timings; before the loop runs.
   void set_name(std::string name) { options_.name = std::move(name); }
@@ -69,6 +74,9 @@ class WorkerService final : public transport::ConnectionHandler {
   void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
                         const transport::EndReason& reason) override;
   void on_closed(transport::Connection& connection, const transport::EndReason& reason) override;
+  // Its tokenizer's, said in the Hello exchange: a router that tokenizes
+  // prompts for it checks that it has the same (router/worker_link.h).
+  std::uint64_t tokenizer_fingerprint() const override { return tokenizer_.fingerprint(); }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -103,6 +111,10 @@ class WorkerService final : public transport::ConnectionHandler {
   };
 
   void start(transport::Connection& connection, std::uint32_t stream_id, const codec::FrameView& frame);
+  // The engine's side of a request, filled here and nowhere else: the
+  // prompt's ids (a text prompt tokenized, the one time it is on its way),
+  // the sampling, a seed picked when the request leaves it to us.
+  engine::SequenceRequest sequence_request(const protocol::GenerateRequestReader& request);
   void subscribe(transport::Connection& connection, std::uint32_t stream_id);
   void refuse(transport::Connection& connection, std::uint32_t stream_id, protocol::ErrorCode code,
               const std::string& message);

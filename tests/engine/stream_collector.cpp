@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include "codec/frame_decoder.h"
+#include "protocol/finish.h"
 
 namespace fmwire::engine::test {
 
@@ -22,29 +23,23 @@ void Collector::on_stream_frame(transport::Connection&, const codec::FrameView& 
       }
     });
   } else if (frame.kind() == codec::FrameKind::finish) {
-    read = codec::read_body<protocol::Finish>(frame, codec::FrameLimits{}, [&](protocol::Finish::Reader finish) {
-      log.finish = finish.getReason();
-      log.prompt_tokens = finish.getUsage().getPromptTokens();
-      log.completion_tokens = finish.getUsage().getCompletionTokens();
-      log.cached_prompt_tokens = finish.getUsage().getCachedPromptTokens();
-      log.text += finish.getTrailingText().cStr();
-      const auto timings = finish.getTimings();
-      if (timings.size() > 0) log.first_token_us = timings[0].getFirstTokenUs();
-      for (auto hop : timings) log.hops.emplace_back(hop.getHop().cStr());
+    read = codec::read_body<protocol::Finish>(frame, codec::FrameLimits{}, [&](const protocol::FinishReader& finish) {
+      log.finish = finish.reason();
+      log.prompt_tokens = finish.prompt_tokens();
+      log.completion_tokens = finish.completion_tokens();
+      log.cached_prompt_tokens = finish.cached_prompt_tokens();
+      log.text += finish.trailing_text();
+      const auto timings = finish.timings();
+      if (timings.size() > 0) log.first_token_us = protocol::HopTimingReader(timings[0]).first_token_us();
+      for (const protocol::HopTimingReader hop : timings) log.hops.emplace_back(hop.hop());
     });
   } else if (frame.kind() == codec::FrameKind::load_report) {
-    read = codec::read_body<protocol::LoadReport>(frame, codec::FrameLimits{}, [&](protocol::LoadReport::Reader body) {
+    read = codec::read_body<protocol::LoadReport>(frame, codec::FrameLimits{}, [&](const protocol::LoadReportReader& body) {
       Report report;
       report.stream_id = frame.header.stream_id;
-      report.worker_name = body.getWorkerName();
-      report.running = body.getRunningSequences();
-      report.draining = body.getDraining();
-      report.total_blocks = body.getTotalKvBlocks();
-      report.free_blocks = body.getFreeKvBlocks();
-      report.paused = body.getPausedSequences();
-      report.prompt_tokens = body.getPromptTokens();
-      for (std::uint64_t hash : body.getPrefixesAdded()) report.added.push_back(hash);
-      for (std::uint64_t hash : body.getPrefixesEvicted()) report.evicted.push_back(hash);
+      report.load = body.load();
+      for (std::uint64_t hash : body.prefixes_added()) report.added.push_back(hash);
+      for (std::uint64_t hash : body.prefixes_evicted()) report.evicted.push_back(hash);
       reports.push_back(std::move(report));
     });
   }

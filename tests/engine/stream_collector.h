@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "protocol/load_report.h"
 #include "transport/connection.h"
 
 namespace fmwire::engine::test {
@@ -29,13 +30,7 @@ struct StreamLog {
 
 struct Report {
   std::uint32_t stream_id = 0;
-  std::string worker_name;
-  std::uint32_t running = 0;
-  bool draining = false;
-  std::uint32_t total_blocks = 0;
-  std::uint32_t free_blocks = 0;
-  std::uint32_t paused = 0;
-  std::uint64_t prompt_tokens = 0;
+  protocol::WorkerLoad load;
   std::vector<std::uint64_t> added;
   std::vector<std::uint64_t> evicted;
 };

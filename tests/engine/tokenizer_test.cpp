@@ -130,5 +130,24 @@ TEST_CASE("a tokenizer without byte fallback pieces is refused") {
   CHECK(tokenizer.error().find("<0x00>") != std::string::npos);
 }
 
+TEST_CASE("a tokenizer's fingerprint is the same for the same vocabulary and differs for another") {
+  const Tokenizer bytes = Tokenizer::byte_level();
+  CHECK(bytes.fingerprint() != 0);
+  CHECK(Tokenizer::byte_level().fingerprint() == bytes.fingerprint());
+  const Tokenizer merges = load_merge_tokenizer();
+  CHECK(load_merge_tokenizer().fingerprint() == merges.fingerprint());
+  CHECK(merges.fingerprint() != bytes.fingerprint());
+
+  // Another score alone changes how text merges, so it changes the fingerprint.
+  std::vector<Piece> rescored = kMergePieces;
+  rescored[5].score = 0.0f;
+  test::TempFile file("tokenizer.bin");
+  const std::vector<Piece> pieces = test::llama2c_vocabulary(rescored);
+  test::write_llama2c_tokenizer(file.path(), pieces);
+  auto loaded = Tokenizer::load_llama2c(file.path(), static_cast<std::uint32_t>(pieces.size()));
+  REQUIRE(loaded.has_value());
+  CHECK(loaded->fingerprint() != merges.fingerprint());
+}
+
 }  // namespace
 }  // namespace fmwire::engine

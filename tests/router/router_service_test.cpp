@@ -4,12 +4,17 @@
 
 #include <algorithm>
 #include <functional>
+#include <cstdio>
 #include <set>
+#include <thread>
 
 #include "engine/tokenizer.h"
 #include "router/router_service.h"
+#include "protocol/generate_request.h"
 #include "tests/engine/engine_test_support.h"
+#include "tests/engine/llama2c_tokenizer_file.h"
 #include "tests/engine/stream_collector.h"
+#include "tests/engine/temp_file.h"
 #include "tests/transport/loopback.h"
 #include "transport/server.h"
 #include "worker/worker_service.h"
@@ -43,14 +48,16 @@ transport::ConnectionOptions side(protocol::Role role) {
 }
 
 struct WorkerRig {
-  WorkerRig(transport::EventLoop& loop, std::unique_ptr<engine::Engine> engine_in) : engine(std::move(engine_in)) {
+  WorkerRig(transport::EventLoop& loop, std::unique_ptr<engine::Engine> engine_in,
+            engine::Tokenizer tokenizer_in = engine::Tokenizer::byte_level())
+      : tokenizer(std::move(tokenizer_in)), engine(std::move(engine_in)) {
     worker::WorkerOptions options;
     options.load_report_interval = 10ms;
     service = std::make_unique<worker::WorkerService>(loop, *engine, tokenizer, options);
     server = std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", 0},
                                                  side(protocol::Role::WORKER), *service);
   }
-  engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  engine::Tokenizer tokenizer;
   std::unique_ptr<engine::Engine> engine;
   std::unique_ptr<worker::WorkerService> service;
   std::unique_ptr<transport::Server> server;
@@ -63,11 +70,18 @@ struct Ask {
   bool manual_consume = false;
 };
 
-// Workers, the router and a client on one loop.
+// Workers, the router and a client on one loop. The router's log lines
+// are kept in `log_lines`; `worker_tokenizers`, when given, are the
+// workers' (else each has the built-in byte-level one, as the router).
 struct Rig {
   Rig(RouterOptions options, const EngineMaker& make_engine, int worker_count = 3,
-      transport::ConnectionOptions client_options = {}) {
-    for (int i = 0; i < worker_count; ++i) workers.push_back(std::make_unique<WorkerRig>(loop, make_engine()));
+      transport::ConnectionOptions client_options = {}, std::vector<engine::Tokenizer> worker_tokenizers = {}) {
+    for (int i = 0; i < worker_count; ++i) {
+      workers.push_back(std::make_unique<WorkerRig>(
+          loop, make_engine(),
+          i < static_cast<int>(worker_tokenizers.size()) ? worker_tokenizers[i] : engine::Tokenizer::byte_level()));
+    }
+    options.log = [this](const std::string& line) { log_lines.push_back(line); };
     router = std::make_unique<RouterService>(loop, tokenizer, std::move(options));
     std::vector<transport::Endpoint> endpoints;
     for (const auto& worker : workers) endpoints.push_back({"127.0.0.1", worker->server->port()});
@@ -79,7 +93,7 @@ struct Rig {
     REQUIRE(run_until(loop, [&] {
       if (!client || !collector.ready) return false;
       for (const WorkerView& view : router->workers()) {
-        if (!view.healthy || !view.has_load) return false;
+        if ((!view.healthy || !view.has_load) && view.refused.empty()) return false;
       }
       return true;
     }));
@@ -112,6 +126,11 @@ struct Rig {
     REQUIRE(run_until(loop, [&] { return collector.streams[id].closed; }));
     return collector.streams[id];
   }
+  std::uint64_t prompts_tokenized_by_workers() const {
+    std::uint64_t total = 0;
+    for (const auto& worker : workers) total += worker->service->counters().prompts_tokenized;
+    return total;
+  }
   std::uint64_t cached_prompt_tokens() const {
     std::uint64_t total = 0;
     for (const auto& worker : workers) total += worker->service->engine_stats().cached_prompt_tokens;
@@ -125,6 +144,7 @@ struct Rig {
   std::unique_ptr<transport::Server> server;
   Collector collector;
   std::unique_ptr<Connection> client;
+  std::vector<std::string> log_lines;
 };
 
 RouterOptions with_policy(const std::string& policy) {
@@ -147,6 +167,58 @@ std::string endpoint_of(const WorkerRig& worker) { return "127.0.0.1:" + std::to
 EngineMaker builtin() {
   return [] { return engine::test::builtin_engine(); };
 }
+
+// A llama2.c tokenizer that is not the byte-level one: a piece of its own
+// after the byte fallback, so its fingerprint differs (and no " " piece,
+// so the tests' prompts still come out as byte ids the built-in model takes).
+engine::Tokenizer other_tokenizer() {
+  engine::test::TempFile file("tokenizer.bin");
+  const auto pieces = engine::test::llama2c_vocabulary({{"zebra", 1.0f}});
+  engine::test::write_llama2c_tokenizer(file.path(), pieces);
+  auto loaded = engine::Tokenizer::load_llama2c(file.path(), static_cast<std::uint32_t>(pieces.size()));
+  REQUIRE(loaded.has_value());
+  return std::move(*loaded);
+}
+
+// What the built-in model gives for `prompt` with nothing in between.
+std::vector<std::uint32_t> direct_tokens(const std::string& prompt, std::uint32_t max_tokens) {
+  auto direct = engine::test::builtin_engine();
+  engine::SequenceRequest request;
+  request.prompt = engine::Tokenizer::byte_level().encode(prompt, true);
+  request.max_tokens = max_tokens;
+  REQUIRE(direct->submit(1, request));
+  return engine::test::run_to_end(*direct)[1].tokens;
+}
+
+// A worker on a loop thread of its own, so that it can die as a process
+// does: its loop stops, and every socket it had closes under the router.
+struct WorkerThread {
+  WorkerThread() : loop(std::make_unique<transport::EventLoop>()), engine(engine::test::builtin_engine()) {
+    worker::WorkerOptions options;
+    options.load_report_interval = 10ms;
+    service = std::make_unique<worker::WorkerService>(*loop, *engine, tokenizer, options);
+    server = std::make_unique<transport::Server>(*loop, transport::Endpoint{"127.0.0.1", 0},
+                                                 side(protocol::Role::WORKER), *service);
+    thread = std::thread([this] { loop->run(); });
+  }
+  ~WorkerThread() { kill(); }
+
+  void kill() {
+    if (!thread.joinable()) return;
+    loop->post([this] { loop->stop(); });
+    thread.join();
+    server.reset();
+    service.reset();
+    loop.reset();  // closes its sockets
+  }
+
+  std::unique_ptr<transport::EventLoop> loop;
+  engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  std::unique_ptr<engine::Engine> engine;
+  std::unique_ptr<worker::WorkerService> service;
+  std::unique_ptr<transport::Server> server;
+  std::thread thread;
+};
 
 }  // namespace
 
@@ -301,33 +373,33 @@ TEST_CASE("a router answers a load subscription with one report per worker, name
   // At once one report per worker, then one per worker per interval.
   REQUIRE(run_until(rig.loop, [&] { return rig.collector.reports.size() >= 9; }));
   std::set<std::string> first_names;
-  for (std::size_t i = 0; i < 3; ++i) first_names.insert(rig.collector.reports[i].worker_name);
+  for (std::size_t i = 0; i < 3; ++i) first_names.insert(rig.collector.reports[i].load.name);
   std::set<std::string> endpoints;
   for (const auto& worker : rig.workers) endpoints.insert(endpoint_of(*worker));
   CHECK(first_names == endpoints);
   for (const engine::test::Report& report : rig.collector.reports) {
-    CAPTURE(report.worker_name);
+    CAPTURE(report.load.name);
     CHECK(report.stream_id == reports);
-    CHECK(endpoints.contains(report.worker_name));
-    CHECK(report.total_blocks == 256);
-    CHECK_FALSE(report.draining);
+    CHECK(endpoints.contains(report.load.name));
+    CHECK(report.load.total_kv_blocks == 256);
+    CHECK_FALSE(report.load.draining);
     CHECK(report.added.empty());
   }
   // The busy worker's numbers come through as it reports them.
   REQUIRE(run_until(rig.loop, [&] {
     return std::any_of(rig.collector.reports.begin(), rig.collector.reports.end(), [&](const auto& report) {
-      return report.worker_name == endpoint_of(*rig.workers[busy_worker]) && report.running == 1 &&
-             report.free_blocks < report.total_blocks;
+      return report.load.name == endpoint_of(*rig.workers[busy_worker]) && report.load.running == 1 &&
+             report.load.free_kv_blocks < report.load.total_kv_blocks;
     });
   }));
   for (std::size_t i = 0; i < rig.workers.size(); ++i) {
     if (i == busy_worker) continue;
     bool idle_seen = false;
     for (const engine::test::Report& report : rig.collector.reports) {
-      if (report.worker_name != endpoint_of(*rig.workers[i])) continue;
+      if (report.load.name != endpoint_of(*rig.workers[i])) continue;
       idle_seen = true;
-      CHECK(report.running == 0);
-      CHECK(report.free_blocks == report.total_blocks);
+      CHECK(report.load.running == 0);
+      CHECK(report.load.free_kv_blocks == report.load.total_kv_blocks);
     }
     CHECK(idle_seen);
   }
@@ -362,13 +434,13 @@ TEST_CASE("a router reports a worker that is not healthy as draining") {
   REQUIRE(run_until(rig.loop, [&] {
     bool draining_seen = false, healthy_seen = false;
     for (const engine::test::Report& report : rig.collector.reports) {
-      draining_seen = draining_seen || (report.worker_name == draining && report.draining);
-      healthy_seen = healthy_seen || (report.worker_name == healthy && !report.draining);
+      draining_seen = draining_seen || (report.load.name == draining && report.load.draining);
+      healthy_seen = healthy_seen || (report.load.name == healthy && !report.load.draining);
     }
     return draining_seen && healthy_seen;
   }));
   for (const engine::test::Report& report : rig.collector.reports) {
-    if (report.worker_name == healthy) CHECK_FALSE(report.draining);
+    if (report.load.name == healthy) CHECK_FALSE(report.load.draining);
   }
 }
 
@@ -383,16 +455,157 @@ TEST_CASE("a router's load subscriber that closes its connection is forgotten") 
   REQUIRE(run_until(rig.loop, [&] { return rig.router->load_subscribers() == 0; }));
 }
 
-}  // namespace fmwire::router
-
-namespace fmwire::router {
-
 TEST_CASE("a worker that drains is not held open by the router's load subscription") {
   Rig rig(with_policy("round-robin"), builtin(), 1);
   bool drained = false;
   rig.workers[0]->server->drain("leaving", [&] { drained = true; });
   CHECK(run_until(rig.loop, [&] { return drained; }, 3000ms));
   CHECK_FALSE(rig.router->workers().front().healthy);
+}
+
+TEST_CASE("a round-robin router relays a text prompt as it came and tokenizes nothing") {
+  Rig rig(with_policy("round-robin"), builtin(), 2);
+  std::vector<std::uint32_t> ids;
+  for (int i = 0; i < 4; ++i) ids.push_back(rig.generate({"Hello, router " + std::to_string(i), 6}));
+  for (std::uint32_t id : ids) CHECK_FALSE(rig.wait(id).end.error);
+  CHECK(rig.router->counters().prompts_tokenized == 0);
+  CHECK_FALSE(rig.router->checks_tokenizer());
+  // Each worker got the text and tokenized it itself.
+  CHECK(rig.prompts_tokenized_by_workers() == 4);
+  CHECK(rig.collector.streams[ids[0]].token_ids == direct_tokens("Hello, router 0", 6));
+}
+
+TEST_CASE("a prefix router tokenizes a text prompt once and its worker takes the ids as they are") {
+  for (const char* policy : {"prefix", "sla"}) {
+    CAPTURE(std::string(policy));
+    Rig rig(with_policy(policy), builtin(), 2);
+    std::vector<std::uint32_t> ids;
+    for (int i = 0; i < 4; ++i) ids.push_back(rig.generate({"Hello, router " + std::to_string(i), 6}));
+    for (std::uint32_t id : ids) CHECK_FALSE(rig.wait(id).end.error);
+    CHECK(rig.router->checks_tokenizer());
+    CHECK(rig.router->counters().prompts_tokenized == 4);
+    CHECK(rig.prompts_tokenized_by_workers() == 0);
+    // The worker generated from the router's ids what it would from the text.
+    const StreamLog& first = rig.collector.streams[ids[0]];
+    CHECK(first.token_ids == direct_tokens("Hello, router 0", 6));
+    CHECK(first.prompt_tokens == rig.tokenizer.encode("Hello, router 0", true).size());
+    CHECK(rig.log_lines.empty());
+  }
+}
+
+TEST_CASE("a prefix router refuses a worker with another tokenizer at registration, naming both fingerprints") {
+  const engine::Tokenizer other = other_tokenizer();
+  const engine::Tokenizer same = engine::Tokenizer::byte_level();
+  REQUIRE(other.fingerprint() != same.fingerprint());
+  Rig rig(with_policy("prefix"), builtin(), 2, {}, {same, other});
+  const std::vector<WorkerView> views = rig.router->workers();
+  CHECK(views[0].healthy);
+  CHECK(views[0].refused.empty());
+  CHECK_FALSE(views[1].healthy);
+  CHECK(views[1].refused.find(views[1].name) != std::string::npos);
+  REQUIRE(rig.log_lines.size() == 1);
+  CHECK(rig.log_lines[0] == views[1].refused);
+  char theirs[24];
+  char ours[24];
+  std::snprintf(theirs, sizeof theirs, "%016llx", static_cast<unsigned long long>(other.fingerprint()));
+  std::snprintf(ours, sizeof ours, "%016llx", static_cast<unsigned long long>(same.fingerprint()));
+  CAPTURE(rig.log_lines[0]);
+  CHECK(rig.log_lines[0].find(theirs) != std::string::npos);
+  CHECK(rig.log_lines[0].find(ours) != std::string::npos);
+
+  // Every request goes to the worker whose tokenizer is the router's.
+  for (int i = 0; i < 4; ++i) CHECK_FALSE(rig.wait(rig.generate({"request " + std::to_string(i), 4})).end.error);
+  CHECK(rig.workers[0]->service->counters().streams_finished == 4);
+  CHECK(rig.workers[1]->service->counters().streams_started == 0);
+}
+
+TEST_CASE("a client of a router whose every worker was refused is told why") {
+  Rig rig(with_policy("sla"), builtin(), 1, {}, {other_tokenizer()});
+  const StreamLog& log = rig.wait(rig.generate({"anyone?", 4}));
+  CHECK(log.end.code == protocol::ErrorCode::NO_WORKER);
+  CHECK(log.end.message.find("1 refused: their tokenizer is not this router's") != std::string::npos);
+  CHECK(rig.workers[0]->service->counters().streams_started == 0);
+}
+
+TEST_CASE("a round-robin router without migration uses a worker whatever its tokenizer") {
+  Rig rig(with_policy("round-robin"), builtin(), 2, {}, {engine::Tokenizer::byte_level(), other_tokenizer()});
+  for (const WorkerView& view : rig.router->workers()) CHECK(view.healthy);
+  for (int i = 0; i < 4; ++i) CHECK_FALSE(rig.wait(rig.generate({"request " + std::to_string(i), 4})).end.error);
+  for (const auto& worker : rig.workers) CHECK(worker->service->counters().streams_finished == 2);
+  CHECK(rig.log_lines.empty());
+}
+
+TEST_CASE("with migration a stream whose worker dies carries on at another, every token once, as one worker gives them") {
+  for (const char* policy : {"round-robin", "prefix"}) {
+    CAPTURE(std::string(policy));
+    WorkerThread first;
+    WorkerThread second;
+    transport::EventLoop loop;
+    const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+    RouterOptions options = with_policy(policy);
+    options.migrate = true;
+    options.worker_stream_window_bytes = 1024;  // the worker soon waits for the client
+    std::vector<std::string> log_lines;
+    options.log = [&](const std::string& line) { log_lines.push_back(line); };
+    RouterService router(loop, tokenizer, options);
+    router.set_workers({{"127.0.0.1", first.server->port()}, {"127.0.0.1", second.server->port()}});
+    transport::Server server(loop, transport::Endpoint{"127.0.0.1", 0}, side(protocol::Role::ROUTER), router);
+    transport::ConnectionOptions client_options = side(protocol::Role::CLIENT);
+    client_options.initial_stream_credit_bytes = 2048;
+    Collector collector;
+    std::unique_ptr<Connection> client;
+    transport::test::connect_client(loop, server.port(), client_options, collector, client);
+    REQUIRE(run_until(loop, [&] {
+      if (!client || !collector.ready) return false;
+      for (const WorkerView& view : router.workers()) {
+        if (!view.healthy) return false;
+      }
+      return true;
+    }));
+    CHECK(router.checks_tokenizer());
+
+    const std::string prompt = "Once upon a time";
+    constexpr std::uint32_t kTokens = 120;
+    const std::uint32_t id = client->open_stream();
+    REQUIRE(id != 0);
+    client->set_manual_consume(id);
+    REQUIRE(client->send<protocol::GenerateRequest>(id, [&](protocol::GenerateRequestBuilder body) {
+      body.prompt_text(prompt).max_tokens(kTokens).seed(1);
+    }, transport::kEndStream) == SendStatus::sent);
+    // The client reads nothing yet: the stream stops partway, at one worker.
+    REQUIRE(run_until(loop, [&] { return !collector.streams[id].token_ids.empty(); }));
+    run_until(loop, [] { return false; }, 50ms);
+    const std::vector<WorkerView> views = router.workers();
+    REQUIRE(views.size() == 2);
+    const bool first_has_it = views[0].in_flight == 1;
+    REQUIRE(first_has_it != (views[1].in_flight == 1));
+    (first_has_it ? first : second).kill();
+
+    std::uint64_t consumed = 0;
+    REQUIRE(run_until(loop, [&] {
+      const StreamLog& log = collector.streams[id];
+      if (log.data_bytes > consumed) {
+        client->consume(id, log.data_bytes - consumed);
+        consumed = log.data_bytes;
+      }
+      return log.closed;
+    }));
+    const StreamLog& log = collector.streams[id];
+    CHECK_FALSE(log.end.error);
+    CHECK(router.counters().streams_migrated == 1);
+    CHECK(log.completion_tokens == kTokens);
+    CHECK(log.prompt_tokens == tokenizer.encode(prompt, true).size());
+    REQUIRE(log.indexes.size() == kTokens);
+    for (std::uint32_t i = 0; i < kTokens; ++i) CHECK(log.indexes[i] == i);
+    CHECK(log.token_ids == direct_tokens(prompt, kTokens));
+    // Tokenized once: at the router (prefix, from the start; round-robin,
+    // at the migration), and the worker that carried on took the ids.
+    CHECK(router.counters().prompts_tokenized == 1);
+    CHECK(log_lines.empty());
+
+    client->close();
+    run_until(loop, [&] { return client->closed(); }, 2000ms);
+  }
 }
 
 }  // namespace fmwire::router

@@ -93,10 +93,10 @@ TEST_CASE("least-loaded picks the worker with the fewest running, queued and in-
   auto policy = make_policy("least-loaded");
   auto views = workers(3);
   for (auto& view : views) view.has_load = true;
-  views[0].running = 3;  // load 3
-  views[1].running = 1;  // load 2
-  views[1].queue_depth = 1;
-  views[2].running = 4;  // load 4
+  views[0].load.running = 3;  // load 3
+  views[1].load.running = 1;  // load 2
+  views[1].load.queue_depth = 1;
+  views[2].load.running = 4;  // load 4
   CHECK(pick_index(*policy, request_for(tokens(1, 20)), views) == 1);
 }
 
@@ -106,7 +106,7 @@ TEST_CASE("least-loaded counts this router's in-flight streams, alone for a work
   views[0].has_load = false;
   views[0].in_flight = 2;  // load 2
   views[1].has_load = true;
-  views[1].running = 1;  // load 1
+  views[1].load.running = 1;  // load 1
   CHECK(pick_index(*policy, request_for(tokens(1, 20)), views) == 1);
   views[1].in_flight = 2;  // load 3
   CHECK(pick_index(*policy, request_for(tokens(1, 20)), views) == 0);
@@ -117,11 +117,11 @@ TEST_CASE("least-loaded breaks a tie by more free KV blocks") {
   auto views = workers(3);
   for (auto& view : views) {
     view.has_load = true;
-    view.running = 2;
+    view.load.running = 2;
   }
-  views[0].free_blocks = 10;
-  views[1].free_blocks = 30;
-  views[2].free_blocks = 20;
+  views[0].load.free_kv_blocks = 10;
+  views[1].load.free_kv_blocks = 30;
+  views[2].load.free_kv_blocks = 20;
   CHECK(pick_index(*policy, request_for(tokens(1, 20)), views) == 1);
 }
 
@@ -162,13 +162,13 @@ TEST_CASE("prefix-affinity skips the prefix's worker when its load exceeds the l
   views[0].prefixes = &held;
   views[1].prefixes = &nothing;
 
-  views[0].running = 8;  // exactly the slack over worker 1: still affine
+  views[0].load.running = 8;  // exactly the slack over worker 1: still affine
   auto picked = policy->pick(request_for(prompt), views);
   REQUIRE(picked);
   CHECK(picked->worker == 0);
   CHECK(picked->expected_cached_tokens == 64);
 
-  views[0].running = 9;  // beyond it
+  views[0].load.running = 9;  // beyond it
   picked = policy->pick(request_for(prompt), views);
   REQUIRE(picked);
   CHECK(picked->worker == 1);
@@ -353,14 +353,14 @@ std::vector<WorkerView> sla_workers() {
   auto views = workers(3);
   for (auto& view : views) {
     view.has_load = true;
-    view.running = 1;
+    view.load.running = 1;
   }
-  views[0].recent_step_us = 1000;
-  views[0].queue_depth = 5;
+  views[0].load.recent_step_time_us = 1000;
+  views[0].load.queue_depth = 5;
   views[0].relay_us = 2000;
-  views[1].recent_step_us = 2000;
+  views[1].load.recent_step_time_us = 2000;
   views[1].relay_us = 1000;
-  views[2].recent_step_us = 3000;
+  views[2].load.recent_step_time_us = 3000;
   return views;
 }
 
@@ -399,7 +399,7 @@ TEST_CASE("sla without a deadline picks the smallest estimate") {
   CHECK(picked->worker == 1);
   CHECK(picked->estimate_us == 23000);
 
-  views[0].queue_depth = 0;  // 11000 + 2000
+  views[0].load.queue_depth = 0;  // 11000 + 2000
   picked = policy->pick(request_for(prompt, 10), views);
   REQUIRE(picked);
   CHECK(picked->worker == 0);
@@ -427,7 +427,7 @@ TEST_CASE("sla estimates only the uncached part of the prompt on a worker that h
   auto views = workers(2);
   for (auto& view : views) {
     view.has_load = true;
-    view.recent_step_us = 1000;
+    view.load.recent_step_time_us = 1000;
     view.publishes_prefixes = true;
   }
   views[0].prefixes = &nothing;

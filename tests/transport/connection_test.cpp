@@ -160,6 +160,52 @@ TEST_CASE("a client and a server agree in Hello and a stream delivers every toke
   }
 }
 
+// A handler that says a tokenizer fingerprint in the Hello exchange and
+// records the peer's.
+class Fingerprinted final : public ConnectionHandler {
+ public:
+  explicit Fingerprinted(std::uint64_t own) : own_(own) {}
+  bool ready = false;
+  std::uint64_t peer = 0;
+
+  void on_ready(Connection& connection) override {
+    ready = true;
+    peer = connection.peer_tokenizer_fingerprint();
+  }
+  void on_stream_frame(Connection&, const codec::FrameView&) override {}
+  void on_closed(Connection&, const EndReason&) override {}
+  std::uint64_t tokenizer_fingerprint() const override { return own_; }
+
+ private:
+  std::uint64_t own_;
+};
+
+TEST_CASE("each side learns the tokenizer fingerprint the other says in the Hello exchange") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    EventLoop loop(backend);
+    Fingerprinted service(0xABCDEF);  // through a Server, as a worker is served
+    Server server(loop, Endpoint{"127.0.0.1", 0}, ConnectionOptions{}, service);
+    Fingerprinted caller(0x1234);
+    std::unique_ptr<Connection> client;
+    test::connect_client(loop, server.port(), ConnectionOptions{}, caller, client);
+    REQUIRE(run_until(loop, [&] { return caller.ready && service.ready; }));
+    CHECK(client->peer_tokenizer_fingerprint() == 0xABCDEF);
+    CHECK(caller.peer == 0xABCDEF);
+    CHECK(service.peer == 0x1234);
+    client->close();
+    run_until(loop, [&] { return client->closed(); }, 2000ms);
+  }
+}
+
+TEST_CASE("a peer that says no tokenizer fingerprint reads as 0") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    Rig rig(backend);
+    CHECK(rig.client->peer_tokenizer_fingerprint() == 0);
+  }
+}
+
 TEST_CASE("many streams interleaved on one connection each arrive whole and in order") {
   for (const char* backend : kBackends) {
     CAPTURE(std::string(backend));

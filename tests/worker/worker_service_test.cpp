@@ -5,6 +5,7 @@
 #include <map>
 
 #include "engine/tokenizer.h"
+#include "protocol/generate_request.h"
 #include "tests/engine/engine_test_support.h"
 #include "tests/engine/stream_collector.h"
 #include "tests/transport/loopback.h"
@@ -149,6 +150,26 @@ TEST_CASE("the worker streams the built-in model's greedy tokens to a client") {
   }
 }
 
+TEST_CASE("a worker tokenizes a text prompt, and takes a prompt of token ids as it is") {
+  Rig rig(test::builtin_engine());
+  const StreamLog& text = rig.wait(rig.generate(ask("Hello, world", 8)));
+  CHECK_FALSE(text.end.error);
+  CHECK(rig.service->counters().prompts_tokenized == 1);
+
+  // The ids a router that tokenized would send: the same tokens, no tokenizing here.
+  const std::vector<std::uint32_t> ids = rig.tokenizer.encode("Hello, world", true);
+  const std::uint32_t id = rig.client->open_stream();
+  REQUIRE(id != 0);
+  REQUIRE(rig.client->send<protocol::GenerateRequest>(id, [&](protocol::GenerateRequestBuilder body) {
+    body.prompt_token_ids(ids).max_tokens(8).seed(1);
+  }, transport::kEndStream) == SendStatus::sent);
+  const StreamLog& from_ids = rig.wait(id);
+  CHECK_FALSE(from_ids.end.error);
+  CHECK(rig.service->counters().prompts_tokenized == 1);
+  CHECK(from_ids.prompt_tokens == ids.size());
+  CHECK(from_ids.token_ids == text.token_ids);
+}
+
 TEST_CASE("bad requests get a clear error and the connection carries on") {
   Rig rig(test::builtin_engine());
   const StreamLog& empty = rig.wait(rig.generate(ask("", 4)));
@@ -243,7 +264,7 @@ TEST_CASE("a load report subscriber gets the cache's state and then its changes"
   const std::uint32_t reports = rig.client->open_stream();
   REQUIRE(rig.client->send<protocol::LoadReport>(reports, [](protocol::LoadReport::Builder) {}) == SendStatus::sent);
   REQUIRE(run_until(rig.loop, [&] { return !rig.collector.reports.empty(); }));
-  CHECK(rig.collector.reports.front().total_blocks == 64);
+  CHECK(rig.collector.reports.front().load.total_kv_blocks == 64);
   CHECK(rig.collector.reports.front().added.empty());
 
   rig.wait(rig.generate(ask(std::string(40, 'x'), 2)));  // 41 prompt tokens: 2 full blocks
@@ -251,7 +272,7 @@ TEST_CASE("a load report subscriber gets the cache's state and then its changes"
   REQUIRE(run_until(rig.loop, [&] {
     added = 0;
     for (const Report& report : rig.collector.reports) added += report.added.size();
-    return added >= 2 && rig.collector.reports.back().prompt_tokens == 41;
+    return added >= 2 && rig.collector.reports.back().load.prompt_tokens == 41;
   }));
   CHECK(added == 2);
 }

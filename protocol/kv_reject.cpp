@@ -1,0 +1,16 @@
+#include "protocol/kv_reject.h"
+
+#include "protocol/text_field.h"
+
+namespace fmwire::protocol {
+
+std::string_view KvRejectReader::message() const { return text_view(body_.getMessage()); }
+
+KvRejectBuilder& KvRejectBuilder::error(const MessageError& error, bool retryable) {
+  body_.setCode(error.code);
+  fill_text(body_.initMessage(text_size(error.message)), error.message);
+  body_.setRetryable(retryable);
+  return *this;
+}
+
+}  // namespace fmwire::protocol

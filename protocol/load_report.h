@@ -1,0 +1,71 @@
+// LoadReport's one home (protocol/fmwire.capnp), and WorkerLoad, the one
+// struct for a worker's load in every layer: what a worker reports (filled
+// from its engine's stats in one place, worker/worker_service.cpp), what a
+// router keeps of each worker (WorkerView::load) and passes on to its own
+// subscribers, and what the SDK hands over (Client::watch_load). Prefix-hash
+// events travel in the same message but are not load: a router applies
+// them to its own set, and they are read and written apart.
+//
+// Subscribing is opening a stream with a LoadReport frame whose body is
+// ignored (build it empty); reports then come on that stream.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "protocol/fmwire.capnp.h"
+
+namespace fmwire::protocol {
+
+struct WorkerLoad {
+  // The worker's name: the name it gives itself in its own reports
+  // (`fmwire worker` names itself by its address); its endpoint, HOST:PORT,
+  // in a router's reports.
+  std::string name;
+  std::uint32_t queue_depth = 0;          // sequences waiting to be admitted
+  std::uint32_t running = 0;              // sequences in the batch, paused ones included
+  std::uint32_t paused = 0;               // of those, waiting for their readers' credit
+  std::uint32_t free_kv_blocks = 0;       // allocatable: free, or cached and held by no sequence
+  std::uint32_t total_kv_blocks = 0;
+  std::uint32_t cached_kv_blocks = 0;     // full blocks in the prefix cache
+  std::uint32_t recent_step_time_us = 0;  // moving average of steps that ran the model
+  bool draining = false;                  // takes no new work (shutting down, or not healthy at the router)
+  // Counters since the worker started.
+  std::uint64_t prompt_tokens = 0;        // admitted prompt tokens
+  std::uint64_t cached_prompt_tokens = 0; // of those, served from the prefix cache
+  std::uint64_t generated_tokens = 0;
+};
+
+class LoadReportReader {
+ public:
+  LoadReportReader(LoadReport::Reader body) : body_(body) {}
+
+  WorkerLoad load() const;
+  // Hashes of full KV blocks that entered and left the worker's prefix
+  // cache since its previous report (a subscriber's first report: all it holds).
+  capnp::List<std::uint64_t>::Reader prefixes_added() const { return body_.getPrefixesAdded(); }
+  capnp::List<std::uint64_t>::Reader prefixes_evicted() const { return body_.getPrefixesEvicted(); }
+
+ private:
+  LoadReport::Reader body_;
+};
+
+class LoadReportBuilder {
+ public:
+  LoadReportBuilder(LoadReport::Builder body) : body_(body) {}
+
+  // Every field of `load`.
+  LoadReportBuilder& load(const WorkerLoad& load) { return this->load(load, load.name, load.draining); }
+  // Every field of `load` but its name and draining flag, given instead: a
+  // report passed on (a router names the worker by its endpoint, and says
+  // draining while the worker is not healthy there).
+  LoadReportBuilder& load(const WorkerLoad& load, std::string_view name, bool draining);
+  LoadReportBuilder& prefixes(std::span<const std::uint64_t> added, std::span<const std::uint64_t> evicted);
+
+ private:
+  LoadReport::Builder body_;
+};
+
+}  // namespace fmwire::protocol
