@@ -4,7 +4,7 @@
 #include <span>
 #include <string_view>
 
-#include "gateway/http_listener.h"
+#include "gateway/gateway_context.h"
 
 namespace fmwire::gateway {
 namespace {
@@ -17,18 +17,18 @@ std::string joined(std::span<const std::string_view> pieces) {
 
 }  // namespace
 
-GatewayStream::GatewayStream(HttpListener& gateway, Executor executor, StreamIdentity identity, bool include_usage,
-                             bool resumable, Clock::time_point received)
-    : gateway_(gateway),
-      executor_(executor),
+GatewayStream::GatewayStream(HttpThread& thread, StreamIdentity identity, bool include_usage, bool resumable,
+                             Clock::time_point received)
+    : thread_(thread),
+      gateway_(thread.context()),
       identity_(std::move(identity)),
       text_chunk_(identity_),
       include_usage_(include_usage),
       resumable_(resumable),
       received_(received),
-      expiry_(executor) {}
+      expiry_(thread.io()) {}
 
-void GatewayStream::begin(Client& client, GenerateParams params, std::shared_ptr<EventSink> sink) {
+void GatewayStream::begin(GenerateParams params, std::shared_ptr<EventSink> sink) {
   activity_ = gateway_.activity();
   set_sink(std::move(sink));
   gateway_.metrics().stream_opened();
@@ -36,18 +36,19 @@ void GatewayStream::begin(Client& client, GenerateParams params, std::shared_ptr
   params.request_id = identity_.id;
   StreamCallbacks callbacks;
   auto self = shared_from_this();
+  // On the client's loop thread: gathered, and handed to this stream's
+  // thread at the end of the loop turn.
   callbacks.on_tokens = [self, clock = TokenClock(received_)](const TokenChunk& chunk) mutable {
     clock.observe(self->gateway_.metrics(), chunk.token_ids.size());
-    self->gateway_.deliver({self, joined(chunk.text_pieces), chunk.wire_bytes, nullptr});
+    self->thread_.gather({self, joined(chunk.text_pieces), chunk.wire_bytes, nullptr});
   };
   callbacks.on_finish = [self](const Completion& completion) {
-    self->gateway_.deliver({self, {}, 0, [self, completion] { self->on_finish(completion); }});
+    self->thread_.gather({self, {}, 0, [self, completion] { self->on_finish(completion); }});
   };
   callbacks.on_error = [self](const ClientError& error) {
-    self->gateway_.upstream_failed(error);
-    self->gateway_.deliver({self, {}, 0, [self, error] { self->on_error(error); }});
+    self->thread_.gather({self, {}, 0, [self, error] { self->on_error(error); }});
   };
-  handle_ = client.generate(std::move(params), std::move(callbacks));
+  handle_ = thread_.upstream().generate(std::move(params), std::move(callbacks));
 }
 
 void GatewayStream::attach(std::shared_ptr<EventSink> sink, std::uint64_t last_event_id) {

@@ -3,7 +3,6 @@
 // reader that comes back.
 #pragma once
 
-#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <cstdint>
 #include <deque>
@@ -14,15 +13,14 @@
 
 #include "gateway/event_sink.h"
 #include "gateway/http_limits.h"
+#include "gateway/http_thread.h"
 #include "gateway/openai_api.h"
 #include "transport/client.h"
 
 namespace fmwire::gateway {
 
-class HttpListener;
-
-// Everything on its strand but construction; the client's callbacks reach
-// it through HttpListener::deliver.
+// Everything on its HTTP thread (the one whose client it came from); the
+// client's callbacks reach it through HttpThread::gather, batched per turn.
 //
 // Events are acknowledged upstream (GenerationHandle::consumed) once written
 // to the reader, or, for a resumable stream with no reader, once kept while
@@ -30,20 +28,19 @@ class HttpListener;
 // this stream at the worker and nothing else.
 class GatewayStream final : public std::enable_shared_from_this<GatewayStream> {
  public:
-  using Executor = boost::asio::any_io_executor;  // always a strand here
-
-  GatewayStream(HttpListener& gateway, Executor executor, StreamIdentity identity, bool include_usage, bool resumable,
+  GatewayStream(HttpThread& thread, StreamIdentity identity, bool include_usage, bool resumable,
                 Clock::time_point received);
 
   const StreamIdentity& identity() const { return identity_; }
-  const Executor& executor() const { return executor_; }
+  HttpThread& thread() const { return thread_; }
   bool resumable() const { return resumable_; }
 
-  void begin(Client& client, GenerateParams params, std::shared_ptr<EventSink> sink);
+  // Sends the request upstream through this thread's client.
+  void begin(GenerateParams params, std::shared_ptr<EventSink> sink);
   // A reader back after a cut: the events after `last_event_id`, then live ones.
   void attach(std::shared_ptr<EventSink> sink, std::uint64_t last_event_id);
 
-  // The client's deliveries, on the stream's strand (HttpListener::deliver).
+  // The client's deliveries (HttpThread::take_deliveries).
   void on_chunk(std::string text, std::uint64_t wire_bytes);
   void on_finish(const Completion& completion);
   void on_error(const ClientError& error);
@@ -63,8 +60,8 @@ class GatewayStream final : public std::enable_shared_from_this<GatewayStream> {
   void expire(std::uint64_t generation, bool cancel_generation);
   void release_when_idle();
 
-  HttpListener& gateway_;
-  Executor executor_;
+  HttpThread& thread_;
+  GatewayContext& gateway_;
   StreamIdentity identity_;
   TextChunkEncoder text_chunk_;  // identity_'s chunks, one per event
   bool include_usage_;

@@ -12,6 +12,9 @@ using Clock = std::chrono::steady_clock;
 
 // A request's header and body, and a WebSocket's first message.
 constexpr std::chrono::seconds kRequestReadTimeout{30};
+// TCP connect and Hello exchange with the upstream: at start the gateway
+// waits this long for the first HTTP thread's connection.
+constexpr std::chrono::milliseconds kUpstreamConnectTimeout{2000};
 // What the upstream may send ahead on one stream before the HTTP reader
 // takes it: the most a stalled reader makes the gateway hold (as frames, and
 // then as encoded events of about 2.5 times their size). 64 KiB is about a

@@ -1,6 +1,7 @@
 #include "gateway/http_session.h"
 
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -9,10 +10,10 @@
 #include <boost/beast/websocket/rfc6455.hpp>
 #include <cerrno>
 #include <cstdlib>
-#include <span>
 
 #include "gateway/gateway_stream.h"
-#include "gateway/http_listener.h"
+#include "gateway/gateway_context.h"
+#include "gateway/http_thread.h"
 #include "gateway/sse_sink.h"
 #include "gateway/websocket_sink.h"
 
@@ -24,12 +25,6 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 namespace websocket = beast::websocket;
 using tcp = asio::ip::tcp;
-
-std::string joined(std::span<const std::string_view> pieces) {
-  std::string text;
-  for (std::string_view piece : pieces) text += piece;
-  return text;
-}
 
 ApiError too_large(unsigned status, std::string message) {
   ApiError error;
@@ -64,7 +59,8 @@ ApiError unauthorized() {
 
 }  // namespace
 
-HttpSession::HttpSession(HttpListener& gateway, tcp::socket socket) : gateway_(gateway), stream_(std::move(socket)) {}
+HttpSession::HttpSession(HttpThread& thread, tcp::socket socket)
+    : thread_(thread), gateway_(thread.context()), stream_(std::move(socket)) {}
 
 void HttpSession::run() {
   asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->read_request(); });
@@ -129,7 +125,7 @@ void HttpSession::handle() {
     if (method != http::verb::get) return respond_error(wrong_method(path, "GET"));
     if (path == "/health") return respond(200, R"({"status":"ok"})", "application/json");
     if (path == "/metrics") return respond(200, gateway_.metrics().render(), "text/plain; version=0.0.4; charset=utf-8");
-    if (gateway_.ready()) return respond(200, R"({"status":"ready"})", "application/json");
+    if (gateway_.upstream_ready()) return respond(200, R"({"status":"ready"})", "application/json");
     return respond(503, R"({"status":"unavailable","reason":"the upstream )" + gateway_.options().upstream.to_string() +
                             R"( is not reachable"})", "application/json");
   }
@@ -148,7 +144,7 @@ void HttpSession::handle() {
     if (!authorized) return respond_error(unauthorized());
     if (!websocket::is_upgrade(request_)) return respond_error(bad_request("/v1/stream takes a WebSocket upgrade"));
     gateway_.metrics().count_request(101);
-    std::make_shared<WebSocketSink>(gateway_, std::move(stream_))->accept(std::move(request_));
+    std::make_shared<WebSocketSink>(thread_, std::move(stream_))->accept(std::move(request_));
     return;
   }
   constexpr std::string_view kStreams = "/v1/streams/";
@@ -166,17 +162,14 @@ void HttpSession::generate(ApiKind kind) {
   ApiRequest& request = parsed.value();
   const std::string_view resumable_header = request_["X-Fmwire-Resumable"];
   if (resumable_header == "1" || resumable_header == "true") request.resumable = true;
-  Client* client = gateway_.client();
-  if (client == nullptr) return respond_error(gateway_.unreachable());
-  StreamIdentity identity{kind, gateway_.new_stream_id(kind), unix_seconds(), gateway_.options().model};
-  if (!request.stream) return generate_whole(*client, std::move(identity), std::move(request.params));
+  StreamIdentity identity = thread_.new_identity(kind);
+  if (!request.stream) return generate_whole(std::move(identity), std::move(request.params));
 
   const bool resumable = request.resumable;
-  auto stream = std::make_shared<GatewayStream>(gateway_, stream_.get_executor(), identity, request.include_usage, resumable,
-                                         received_);
+  auto stream = std::make_shared<GatewayStream>(thread_, identity, request.include_usage, resumable, received_);
   if (resumable) gateway_.resumable().keep(identity.id, stream);
   stream_.expires_never();
-  stream->begin(*client, std::move(request.params),
+  stream->begin(std::move(request.params),
                 std::make_shared<SseSink>(std::move(stream_), identity.id, gateway_.options().stalled_write_timeout));
   // The connection is the stream's now; this session ends here.
 }
@@ -201,46 +194,54 @@ void HttpSession::resume(const std::string& id) {
       return respond_error(bad_request("Last-Event-ID must be a number", "Last-Event-ID"));
     }
   }
-  // The socket moves to the stream's strand.
+  // The socket moves to the stream's HTTP thread, which may be another:
+  // the stream stays where its client is.
   beast::error_code error;
   tcp::socket& socket = stream_.socket();
   const auto protocol = socket.local_endpoint(error).protocol();
   if (error) return close();
   const auto native = socket.release(error);
   if (error) return close();
-  tcp::socket rebound(stream->executor());
+  tcp::socket rebound(stream->thread().io());
   rebound.assign(protocol, native, error);
-  if (error) return;
-  auto sink = std::make_shared<SseSink>(beast::tcp_stream(std::move(rebound)), id,
-                                        gateway_.options().stalled_write_timeout);
-  asio::post(stream->executor(), [stream, sink, last_event_id] { stream->attach(sink, last_event_id); });
+  if (error) {
+    ::close(native);
+    return;
+  }
+  asio::post(stream->thread().io(), [stream, socket = std::move(rebound), id, last_event_id,
+                                     timeout = gateway_.options().stalled_write_timeout]() mutable {
+    stream->attach(std::make_shared<SseSink>(beast::tcp_stream(std::move(socket)), id, timeout), last_event_id);
+  });
 }
 
 // stream: false: the whole text in one response. The connection is
 // watched meanwhile: a client that goes away cancels the request.
-void HttpSession::generate_whole(Client& client, StreamIdentity identity, GenerateParams params) {
+void HttpSession::generate_whole(StreamIdentity identity, GenerateParams params) {
   identity_ = std::move(identity);
-  text_.clear();
   waiting_ = true;
   activity_ = gateway_.activity();
   const std::uint64_t request = ++request_count_;
   stream_.expires_never();
   gateway_.metrics().stream_opened();
   auto self = shared_from_this();
+  // The text gathers on the client's loop thread (its callbacks run there,
+  // one at a time) and comes to this thread whole, with the finish.
+  auto text = std::make_shared<std::string>();
   StreamCallbacks callbacks;
-  callbacks.on_tokens = [self, clock = TokenClock(received_)](const TokenChunk& chunk) mutable {
+  callbacks.on_tokens = [self, text, clock = TokenClock(received_)](const TokenChunk& chunk) mutable {
     clock.observe(self->gateway_.metrics(), chunk.token_ids.size());
-    asio::post(self->stream_.get_executor(), [self, text = joined(chunk.text_pieces)] { self->text_ += text; });
+    for (std::string_view piece : chunk.text_pieces) *text += piece;
   };
-  callbacks.on_finish = [self, request](const Completion& completion) {
-    asio::post(self->stream_.get_executor(), [self, request, completion] { self->on_whole_finish(request, completion); });
+  callbacks.on_finish = [self, request, text](const Completion& completion) {
+    self->thread_.gather({nullptr, {}, 0, [self, request, completion, whole = std::move(*text)]() mutable {
+                            self->on_whole_finish(request, std::move(whole), completion);
+                          }});
   };
   callbacks.on_error = [self, request](const ClientError& error) {
-    self->gateway_.upstream_failed(error);
-    asio::post(self->stream_.get_executor(), [self, request, error] { self->on_whole_error(request, error); });
+    self->thread_.gather({nullptr, {}, 0, [self, request, error] { self->on_whole_error(request, error); }});
   };
   params.request_id = identity_.id;
-  handle_ = client.generate(std::move(params), std::move(callbacks));
+  handle_ = thread_.upstream().generate(std::move(params), std::move(callbacks));
   watch_disconnect(request);
 }
 
@@ -265,23 +266,20 @@ void HttpSession::watch_disconnect(std::uint64_t request) {
   });
 }
 
-void HttpSession::on_whole_finish(std::uint64_t request, const Completion& completion) {
-  if (request != request_count_ || !waiting_) return;
-  waiting_ = false;
+// Each request ends with exactly one of these two.
+void HttpSession::on_whole_finish(std::uint64_t request, std::string text, const Completion& completion) {
   gateway_.metrics().stream_closed();
   gateway_.metrics().observe_finish(completion);
-  text_ += completion.trailing_text;
-  respond(200, response_json(identity_, text_, completion), "application/json");
+  if (request != request_count_ || !waiting_) return;  // its client went away first
+  waiting_ = false;
+  text += completion.trailing_text;
+  respond(200, response_json(identity_, text, completion), "application/json");
 }
 
 void HttpSession::on_whole_error(std::uint64_t request, const ClientError& error) {
-  if (request != request_count_) return;
-  if (!waiting_) {
-    gateway_.metrics().stream_closed();
-    return;  // cancelled after the client went away
-  }
-  waiting_ = false;
   gateway_.metrics().stream_closed();
+  if (request != request_count_ || !waiting_) return;  // cancelled after the client went away
+  waiting_ = false;
   respond_error(api_error_of(error));
 }
 

@@ -22,11 +22,15 @@
 
 namespace fmwire::gateway {
 
-class HttpListener;
+class GatewayContext;
+class HttpThread;
+
+// On its HTTP thread, from the first read to the close (or to the hand-over
+// of its connection to a stream).
 
 class HttpSession final : public std::enable_shared_from_this<HttpSession> {
  public:
-  HttpSession(HttpListener& gateway, boost::asio::ip::tcp::socket socket);
+  HttpSession(HttpThread& thread, boost::asio::ip::tcp::socket socket);
 
   void run();
 
@@ -40,16 +44,17 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
   void generate(ApiKind kind);
   void resume(const std::string& id);
   // stream: false
-  void generate_whole(Client& client, StreamIdentity identity, GenerateParams params);
+  void generate_whole(StreamIdentity identity, GenerateParams params);
   void watch_disconnect(std::uint64_t request);
-  void on_whole_finish(std::uint64_t request, const Completion& completion);
+  void on_whole_finish(std::uint64_t request, std::string text, const Completion& completion);
   void on_whole_error(std::uint64_t request, const ClientError& error);
   void respond(unsigned status, std::string body, std::string_view content_type);
   void respond_error(const ApiError& error, bool keep_alive = true);
   void send(Response response, bool keep_alive);
   void close();
 
-  HttpListener& gateway_;
+  HttpThread& thread_;
+  GatewayContext& gateway_;
   boost::beast::tcp_stream stream_;
   boost::beast::flat_buffer buffer_;
   std::optional<boost::beast::http::request_parser<boost::beast::http::string_body>> parser_;
@@ -58,7 +63,6 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
   // stream: false
   StreamIdentity identity_;
   GenerationHandle handle_;
-  std::string text_;
   bool waiting_ = false;
   std::uint64_t request_count_ = 0;
   std::shared_ptr<void> activity_;

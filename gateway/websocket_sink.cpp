@@ -4,7 +4,8 @@
 #include <boost/beast/websocket.hpp>
 
 #include "gateway/gateway_stream.h"
-#include "gateway/http_listener.h"
+#include "gateway/gateway_context.h"
+#include "gateway/http_thread.h"
 
 namespace fmwire::gateway {
 
@@ -13,8 +14,8 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 namespace websocket = beast::websocket;
 
-WebSocketSink::WebSocketSink(HttpListener& gateway, beast::tcp_stream stream)
-    : gateway_(gateway), socket_(std::move(stream)), first_message_timer_(socket_.get_executor()) {
+WebSocketSink::WebSocketSink(HttpThread& thread, beast::tcp_stream stream)
+    : thread_(thread), socket_(std::move(stream)), first_message_timer_(socket_.get_executor()) {
   beast::error_code ignored;
   beast::get_lowest_layer(socket_).socket().set_option(asio::socket_base::send_buffer_size(kStreamSocketSendBytes),
                                                         ignored);
@@ -23,7 +24,7 @@ WebSocketSink::WebSocketSink(HttpListener& gateway, beast::tcp_stream stream)
 void WebSocketSink::accept(http::request<http::string_body> request) {
   beast::get_lowest_layer(socket_).expires_never();
   socket_.set_option(websocket::stream_base::timeout::suggested(beast::role_type::server));
-  socket_.read_message_max(gateway_.options().max_body_bytes);
+  socket_.read_message_max(thread_.context().options().max_body_bytes);
   received_ = Clock::now();
   socket_.async_accept(request, [self = shared_from_this()](beast::error_code error) {
     if (error) return;
@@ -82,16 +83,12 @@ void WebSocketSink::read_request() {
 void WebSocketSink::on_request() {
   const std::string body = beast::buffers_to_string(buffer_.data());
   buffer_.consume(buffer_.size());
-  auto parsed = parse_any_api_request(body, gateway_.defaults());
+  auto parsed = parse_any_api_request(body, thread_.context().defaults());
   if (!parsed) return refuse(parsed.error());
-  Client* client = gateway_.client();
-  if (client == nullptr) return refuse(gateway_.unreachable());
   ApiRequest& request = parsed.value();
-  StreamIdentity identity{request.kind, gateway_.new_stream_id(request.kind), unix_seconds(), gateway_.options().model};
   // Over a WebSocket the finish (and usage) messages always come; no resumption.
-  auto stream = std::make_shared<GatewayStream>(gateway_, socket_.get_executor(), std::move(identity), true, false,
-                                                received_);
-  stream->begin(*client, std::move(request.params), shared_from_this());
+  auto stream = std::make_shared<GatewayStream>(thread_, thread_.new_identity(request.kind), true, false, received_);
+  stream->begin(std::move(request.params), shared_from_this());
 }
 
 void WebSocketSink::read_more() {
@@ -103,7 +100,7 @@ void WebSocketSink::read_more() {
 }
 
 void WebSocketSink::refuse(const ApiError& error) {
-  gateway_.metrics().count_request(error.status);
+  thread_.context().metrics().count_request(error.status);
   write_refusal(error, nullptr);
 }
 

@@ -18,12 +18,12 @@
 
 namespace fmwire::gateway {
 
-class HttpListener;
+class HttpThread;
 
-// Its own strand is its stream's.
+// On its HTTP thread, as its stream.
 class WebSocketSink final : public EventSink, public std::enable_shared_from_this<WebSocketSink> {
  public:
-  WebSocketSink(HttpListener& gateway, boost::beast::tcp_stream stream);
+  WebSocketSink(HttpThread& thread, boost::beast::tcp_stream stream);
 
   // Answers the upgrade, then reads the one request message.
   void accept(boost::beast::http::request<boost::beast::http::string_body> request);
@@ -44,7 +44,7 @@ class WebSocketSink final : public EventSink, public std::enable_shared_from_thi
   void close_normally(std::shared_ptr<void> done);
   void peer_gone();
 
-  HttpListener& gateway_;
+  HttpThread& thread_;
   boost::beast::websocket::stream<boost::beast::tcp_stream> socket_;
   boost::asio::steady_timer first_message_timer_;
   boost::beast::flat_buffer buffer_;
