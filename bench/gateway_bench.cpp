@@ -9,6 +9,8 @@
 //    - peer: bench_gateway_peer's front in front of its worker, the internal
 //      hop JSON lines over HTTP/1.1 chunked transfer (gateway_peer.cpp); no
 //      router hop, which favours the peer.
+//    Both fronts run the same number of HTTP threads (--http-threads; by
+//    default what `fmwire gateway` picks here, one per four cores).
 //    Reported: tokens/s at the clients; CPU per token, the front's and the
 //    worker's processes together (utime + stime of every thread but the
 //    engine's, "fmwire-engine", from /proc/PID/task) over the tokens the
@@ -28,7 +30,7 @@
 //    stream open then (target: under 16 KiB per open stream; no stream here
 //    is resumable, so no replay buffer is kept).
 //
-// Run: build/bench/bench_gateway [--quick] [--repetitions N] [--clients C] [--json FILE]
+// Run: build/bench/bench_gateway [--quick] [--repetitions N] [--clients C] [--http-threads N] [--json FILE]
 //      (finds ../cli/fmwire and bench_gateway_peer beside itself; --fmwire PATH)
 #include <boost/asio.hpp>
 #include <boost/program_options.hpp>
@@ -251,8 +253,8 @@ class SseLoad {
   }
 
  private:
-  struct Client {
-    explicit Client(asio::io_context& ioc) : socket(ioc) {}
+  struct LoadConnection {
+    explicit LoadConnection(asio::io_context& ioc) : socket(ioc) {}
     tcp::socket socket;
     std::string request;
     std::string in;
@@ -265,7 +267,7 @@ class SseLoad {
   void launch() {
     if (launched_ == shape_.streams) return;
     const std::uint32_t index = launched_++;
-    auto client = std::make_shared<Client>(ioc_);
+    auto client = std::make_shared<LoadConnection>(ioc_);
     const std::string body = "{\"model\":\"builtin\",\"prompt\":\"" + bench::prompt_text(index) +
                              "\",\"max_tokens\":" + std::to_string(shape_.tokens) +
                              ",\"stream\":true,\"stream_options\":{\"include_usage\":true}}";
@@ -285,7 +287,7 @@ class SseLoad {
     });
   }
 
-  void read(const std::shared_ptr<Client>& client) {
+  void read(const std::shared_ptr<LoadConnection>& client) {
     client->socket.async_read_some(asio::buffer(client->buffer), [this, client](boost::system::error_code error, std::size_t n) {
       if (error) {
         return fail(client, "read: " + error.message() + " before [DONE], after \"" +
@@ -298,7 +300,7 @@ class SseLoad {
   }
 
   // Takes every complete event; true at [DONE].
-  bool take_events(Client& client) {
+  bool take_events(LoadConnection& client) {
     const Clock::time_point now = Clock::now();
     std::size_t begin = 0;
     bool finished = false;
@@ -332,7 +334,7 @@ class SseLoad {
     return finished;
   }
 
-  void done(const std::shared_ptr<Client>& client) {
+  void done(const std::shared_ptr<LoadConnection>& client) {
     boost::system::error_code ignored;
     client->socket.close(ignored);
     --open_;
@@ -344,7 +346,7 @@ class SseLoad {
     }
   }
 
-  void fail(const std::shared_ptr<Client>& client, const std::string& what) {
+  void fail(const std::shared_ptr<LoadConnection>& client, const std::string& what) {
     if (result_.error.empty()) result_.error = what;
     boost::system::error_code ignored;
     client->socket.close(ignored);
@@ -375,12 +377,12 @@ class SseLoad {
 // The same streams through fmwire::Client straight to a worker.
 LoadResult native_load(std::uint16_t worker_port, const LoadShape& shape) {
   auto client = bench::connect_client({"127.0.0.1", worker_port}, "the worker");
-  struct Stream {
+  struct NativeStream {
     Clock::time_point sent;
     Clock::time_point last;
     bool first = true;
   };
-  std::vector<Stream> streams(shape.streams);
+  std::vector<NativeStream> streams(shape.streams);
   LoadResult result;
   std::mutex mutex;
   std::condition_variable changed;
@@ -395,7 +397,7 @@ LoadResult native_load(std::uint16_t worker_port, const LoadShape& shape) {
                      {[&, s](const TokenChunk& chunk) {
                         const Clock::time_point now = Clock::now();
                         std::lock_guard lock(mutex);
-                        Stream& stream = streams[s];
+                        NativeStream& stream = streams[s];
                         result.tokens += chunk.token_ids.size();
                         if (stream.first) {
                           result.first_token_us.push_back(bench::micros_between(stream.sent, now));
@@ -492,15 +494,20 @@ void raise_file_limit(std::uint32_t needed) {
 int main(int argc, char** argv) {
   std::uint32_t clients = 10000;
   std::string fmwire_path;
+  // What `fmwire gateway` picks by default (HttpGatewayOptions::http_threads).
+  unsigned http_threads = std::max(1u, std::thread::hardware_concurrency() / 4);
   po::options_description own_flags;
   own_flags.add_options()
       ("clients", po::value(&clients)->default_value(clients), "concurrent clients in part 2")
+      ("http-threads", po::value(&http_threads)->default_value(http_threads),
+       "HTTP threads of both fronts, fmwire's gateway and the peer's (1 to 256)")
       ("fmwire", po::value(&fmwire_path), "the fmwire program (default: ../cli/fmwire beside this one)");
   const bench::BenchProgram program{.name = "gateway",
                                     .caption = "bench_gateway options",
                                     .quick_help = "small shapes and one repetition (a smoke test)",
                                     .repetitions_help = "runs of each path (default 5)"};
   return bench::bench_main(argc, argv, program, own_flags, [&](const bench::CommonFlags& flags, const auto&) {
+    if (http_threads < 1 || http_threads > 256) throw bench::UsageError("--http-threads must be from 1 to 256");
     const bool quick = flags.quick;
     std::uint32_t repetitions = static_cast<std::uint32_t>(flags.repetitions.value_or(5));
     signal(SIGPIPE, SIG_IGN);
@@ -535,13 +542,17 @@ int main(int argc, char** argv) {
     Child worker("worker", {fmwire_path, "worker", "--listen", "127.0.0.1:0", "--model", "synthetic:tiny",
                             "--step-us", std::to_string(step_us), "--prefill-ns-per-token", "0",
                             "--max-running", running});
-    Child gateway("gateway", {fmwire_path, "gateway", "--listen", "127.0.0.1:0", "--workers", worker.address()});
+    const std::string threads = std::to_string(http_threads);
+    Child gateway("gateway", {fmwire_path, "gateway", "--listen", "127.0.0.1:0", "--workers", worker.address(),
+                              "--http-threads", threads});
     Child peer_worker("peer-worker", {peer_path, "worker", "--listen", "127.0.0.1:0", "--step-us",
                                       std::to_string(step_us), "--max-running", running});
-    Child peer_front("peer-front", {peer_path, "front", "--listen", "127.0.0.1:0", "--upstream", peer_worker.address()});
+    Child peer_front("peer-front", {peer_path, "front", "--listen", "127.0.0.1:0", "--upstream", peer_worker.address(),
+                                    "--http-threads", threads});
 
-    std::printf("bench/gateway: %u streams x %u tokens at once, synthetic:tiny, %u us steps, %u repetition(s)\n",
-                shape.streams, shape.tokens, step_us, repetitions);
+    std::printf("bench/gateway: %u streams x %u tokens at once, synthetic:tiny, %u us steps, %u repetition(s); "
+                "HTTP threads: fmwire gateway %u, peer front %u\n",
+                shape.streams, shape.tokens, step_us, repetitions, http_threads, http_threads);
     // One small run of each first: connections, pools and caches warm.
     LoadShape warm = shape;
     warm.streams = std::min<std::uint32_t>(shape.streams, 4);
@@ -627,7 +638,7 @@ int main(int argc, char** argv) {
                                         std::to_string(crowd.streams * 2 + 256), "--kv-memory-mib", "1024"});
     Child crowd_gateway("crowd-gateway", {fmwire_path, "gateway", "--listen", "127.0.0.1:0", "--workers",
                                           crowd_worker.address(), "--max-streams",
-                                          std::to_string(crowd.streams + 1000)});
+                                          std::to_string(crowd.streams + 1000), "--http-threads", threads});
     measure_http("concurrency warm-up", crowd_gateway.port(), {crowd_gateway.pid()}, warm);
     const double idle_kib = rss_kib(crowd_gateway.pid());
     double peak_kib = idle_kib;

@@ -11,11 +11,14 @@
 //     made, then {"finish_reason": ..., "prompt_tokens": N,
 //     "completion_tokens": N}. A reader that falls 64 KiB behind pauses its
 //     sequence; one that goes away cancels it.
-//   bench_gateway_peer front --listen HOST:PORT --upstream HOST:PORT
+//   bench_gateway_peer front --listen HOST:PORT --upstream HOST:PORT [--http-threads N]
 //     POST /v1/completions with "stream": true, checked by the gateway's own
 //     parser and answered with the gateway's own OpenAI chunks as server-sent
 //     events; each request goes to the worker over an HTTP/1.1 connection of
 //     its own (HTTP/1.1 has no multiplexing), whose lines Boost.JSON parses.
+//     --http-threads N threads run one io_context (a strand per client),
+//     as Beast's multi-threaded examples do; bench_gateway gives it the
+//     count fmwire's gateway gets.
 //
 // Both print "listening on HOST:PORT" once they serve and stop on SIGTERM or
 // SIGINT. What the peer leaves out, in its favour: no router hop (fmwire's
@@ -459,15 +462,16 @@ class FrontSession : public std::enable_shared_from_this<FrontSession> {
 int run_front(const std::vector<std::string>& arguments) {
   std::string listen = "127.0.0.1:0";
   std::string upstream;
-  int threads = 2;  // the gateway's I/O threads
+  int threads = 1;
   po::options_description description("usage: bench_gateway_peer front --upstream HOST:PORT [options]");
   description.add_options()
       ("listen", po::value(&listen)->default_value(listen), "HOST:PORT")
       ("upstream", po::value(&upstream)->required(), "the peer worker, HOST:PORT")
-      ("threads", po::value(&threads)->default_value(threads), "I/O threads");
+      ("http-threads", po::value(&threads)->default_value(threads), "threads serving HTTP (1 to 256)");
   po::variables_map values;
   po::store(po::command_line_parser(arguments).options(description).run(), values);
   po::notify(values);
+  if (threads < 1 || threads > 256) throw std::runtime_error("--http-threads must be from 1 to 256");
   const tcp::endpoint worker = endpoint_of(upstream);
   gateway::ApiDefaults defaults{"builtin", 256};
 

@@ -15,11 +15,12 @@
 //        or chat body; "stream" ignored), one message per chunk, the finish
 //        and usage messages, a normal close; an {"error": ...} message then close
 //   GET  /v1/streams/<id>    a resumable stream again (below)
-//   GET  /health (always 200), /ready (200 while the upstream answers, else
-//        503), /metrics (Prometheus text 0.0.4, http_metrics.h); its
-//        per-worker gauges come from the upstream's load reports, which the
-//        gateway watches (Client::watch_load): one per worker from a
-//        router, the worker's own from a worker
+//   GET  /health (always 200), /ready (200 while any of the gateway's
+//        upstream connections is up, else 503), /metrics (Prometheus text
+//        0.0.4, http_metrics.h); its per-worker gauges come from the
+//        upstream's load reports, which the gateway watches on one of its
+//        connections (Client::watch_load): one per worker from a router,
+//        the worker's own from a worker
 // Errors are OpenAI's {"error": {"message", "type", "param", "code"}} with
 // the status (400, 401, 404, 405, 410, 413, 431, 429 and 503 with
 // Retry-After, 504, 500); once an event stream has begun, an error is its
@@ -81,10 +82,10 @@ struct HttpGatewayOptions {
   // Chat messages become one prompt: each message is
   // "<role>: <content>\n", then "assistant:" (a plain default).
   std::string io_backend;                         // the native client's: "", "uring" or "asio"
-  // Threads for the HTTP side; 0: one per four cores, at least one. Every
-  // token's send to its reader runs on one of them, so more threads cost
-  // hand-offs between cores: on two cores, one HTTP thread spends ~35% less
-  // CPU per token than two (bench/gateway; README, "More").
+  // Threads for the HTTP side; 0: one per four cores, at least one; at most
+  // 256. Each serves its share of the connections (handed round in turn)
+  // with an upstream client of its own (a native connection and its loop
+  // thread), shared nothing with the others.
   unsigned http_threads = 0;
 };
 

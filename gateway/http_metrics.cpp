@@ -77,6 +77,22 @@ void HttpMetrics::observe_worker_load(const WorkerLoad& load) {
   workers_[load.name] = ReportedLoad{load, std::chrono::steady_clock::now()};
 }
 
+void HttpMetrics::observe_finish(const Completion& completion) {
+  count_tokens(completion.prompt_tokens, completion.completion_tokens);
+  for (const HopTime& hop : completion.timings) observe_hop(hop.hop, static_cast<double>(hop.total_us) / 1e6);
+}
+
+void TokenClock::observe(HttpMetrics& metrics, std::size_t tokens) {
+  const auto now = std::chrono::steady_clock::now();
+  if (!last_) {
+    metrics.observe_first_token(std::chrono::duration<double>(now - received_).count());
+  } else if (tokens > 0) {
+    const double seconds = std::chrono::duration<double>(now - *last_).count() / static_cast<double>(tokens);
+    for (std::size_t i = 0; i < tokens; ++i) metrics.observe_inter_token(seconds);
+  }
+  last_ = now;
+}
+
 void HttpMetrics::observe_hop(std::string_view hop, double seconds) {
   Summary* summary = nullptr;
   if (hop.starts_with("worker")) summary = &worker_hop_;

@@ -15,9 +15,11 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 
+#include "transport/client.h"
 #include "transport/worker_load.h"
 
 namespace fmwire::gateway {
@@ -51,6 +53,8 @@ class HttpMetrics {
   std::int64_t streams_open() const { return streams_open_.load(); }
   // A Finish frame's hop ("worker ..." or "router ...") and its total time.
   void observe_hop(std::string_view hop, double seconds);
+  // A Finish frame's usage and the times of its hops.
+  void observe_finish(const Completion& completion);
   // A worker's latest load report; it replaces the one before of that name.
   void observe_worker_load(const WorkerLoad& load);
   std::string render() const;
@@ -79,6 +83,18 @@ class HttpMetrics {
   const std::chrono::milliseconds worker_load_ttl_;
   mutable std::mutex workers_mutex_;
   mutable std::map<std::string, ReportedLoad> workers_;  // by name; stale ones erased by render()
+};
+
+// Times one stream's token chunks as they arrive (on the client's loop
+// thread) for the first-token and inter-token histograms.
+class TokenClock {
+ public:
+  explicit TokenClock(std::chrono::steady_clock::time_point received) : received_(received) {}
+  void observe(HttpMetrics& metrics, std::size_t tokens);
+
+ private:
+  std::chrono::steady_clock::time_point received_;
+  std::optional<std::chrono::steady_clock::time_point> last_;
 };
 
 }  // namespace fmwire::gateway

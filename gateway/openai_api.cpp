@@ -1,6 +1,7 @@
 #include "gateway/openai_api.h"
 
 #include <boost/json.hpp>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -366,6 +367,10 @@ std::string models_json(std::string_view model, std::int64_t created) {
   return json::serialize(json::object{
       {"object", "list"},
       {"data", json::array{json::object{{"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "fmwire"}}}}});
+}
+
+std::int64_t unix_seconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace fmwire::gateway

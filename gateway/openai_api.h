@@ -94,5 +94,7 @@ std::string usage_chunk_json(const StreamIdentity& stream, const Completion& com
 // A whole response (stream: false).
 std::string response_json(const StreamIdentity& stream, std::string_view text, const Completion& completion);
 std::string models_json(std::string_view model, std::int64_t created);
+// Now, in Unix seconds: the "created" fields.
+std::int64_t unix_seconds();
 
 }  // namespace fmwire::gateway

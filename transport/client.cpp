@@ -65,6 +65,7 @@ class Client::Session final : public transport::ConnectionHandler {
       : endpoint_(endpoint), options_(std::move(options)), loop_(options_.backend),
         reconnect_backoff_(options_.reconnect_min) {
     options_.connection.role = protocol::Role::CLIENT;
+    if (options_.on_turn_end) loop_.set_turn_end(options_.on_turn_end);
     thread_ = std::thread([this] {
       pthread_setname_np(pthread_self(), "fmwire-client");  // named so that per-thread CPU can be told apart
       loop_.run();
@@ -80,6 +81,7 @@ class Client::Session final : public transport::ConnectionHandler {
   }
 
   const std::string& backend_log_line() const { return loop_.backend_log_line(); }
+  bool connected() const { return connected_.load(std::memory_order_relaxed); }
   bool on_loop_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
 
   // Connects (if not connected) and waits for the Hello exchange.
@@ -95,6 +97,12 @@ class Client::Session final : public transport::ConnectionHandler {
       if (state_ == State::idle) connect_now();
     });
     return result.get();
+  }
+
+  void connect_in_background() {
+    loop_.post([this] {
+      if (state_ == State::idle && !shutting_down_) connect_now();
+    });
   }
 
   void generate(std::uint64_t id, GenerateParams params, StreamCallbacks callbacks) {
@@ -157,6 +165,7 @@ class Client::Session final : public transport::ConnectionHandler {
   // ConnectionHandler: on the loop thread.
   void on_ready(transport::Connection&) override {
     state_ = State::ready;
+    connected_.store(true, std::memory_order_relaxed);
     cancel_connect_timer();
     reconnect_backoff_ = options_.reconnect_min;
     subscribe_load();
@@ -212,6 +221,7 @@ class Client::Session final : public transport::ConnectionHandler {
 
   void on_closed(transport::Connection& connection, const transport::EndReason& reason) override {
     state_ = State::idle;
+    connected_.store(false, std::memory_order_relaxed);
     load_stream_ = 0;
     cancel_connect_timer();
     ClientError error = reason.error ? error_of(reason)
@@ -455,6 +465,7 @@ class Client::Session final : public transport::ConnectionHandler {
   std::thread thread_;
 
   State state_ = State::idle;
+  std::atomic<bool> connected_{false};  // state_ == ready, for other threads
   std::uint64_t attempt_ = 0;
   transport::TimerId connect_timer_ = 0;
   bool shutting_down_ = false;
@@ -489,6 +500,14 @@ ClientResult<std::unique_ptr<Client>> Client::connect(const transport::Endpoint&
   if (std::optional<ClientError> error = client->session_->connect_and_wait()) return std::move(*error);
   return client;
 }
+
+std::unique_ptr<Client> Client::connect_in_background(const transport::Endpoint& endpoint, ClientOptions options) {
+  std::unique_ptr<Client> client(new Client(endpoint, std::move(options)));
+  client->session_->connect_in_background();
+  return client;
+}
+
+bool Client::connected() const { return session_->connected(); }
 
 const std::string& Client::backend_log_line() const { return session_->backend_log_line(); }
 

@@ -117,6 +117,14 @@ struct ClientOptions {
   // again after reconnect_min, doubling up to reconnect_max.
   std::chrono::milliseconds reconnect_min{100};
   std::chrono::milliseconds reconnect_max{2000};
+  // Called on the loop thread once per loop turn, after that turn's
+  // callbacks and before the loop waits again (every turn, whether or not a
+  // callback ran: it should return at once when it has nothing to do). A
+  // consumer whose callbacks gather chunks for another thread hands the
+  // turn's lot over here in one go: one hand-off per turn, not per chunk.
+  // The callbacks of a client being destroyed (cancelled, "client closed")
+  // may come in a last turn without it.
+  std::function<void()> on_turn_end;
 };
 
 class Client;
@@ -148,6 +156,11 @@ class Client {
   // (refused, timed out, version refused by the peer).
   static ClientResult<std::unique_ptr<Client>> connect(const transport::Endpoint& endpoint,
                                                       ClientOptions options = {});
+  // Starts connecting and returns at once: for a caller that needs the
+  // client before its peer is reachable. If this attempt fails, the next
+  // generate() (or, while load is watched, the reconnection backoff) tries
+  // again; connected() tells how it stands.
+  static std::unique_ptr<Client> connect_in_background(const transport::Endpoint& endpoint, ClientOptions options = {});
   // Open streams end with on_error (cancelled, "client closed"), then the
   // loop thread stops.
   ~Client();
@@ -171,6 +184,10 @@ class Client {
   // by it; it is made again on the next connection. A second call replaces
   // the function; an empty one ends the watch. Any thread.
   void watch_load(std::function<void(const WorkerLoad&)> on_load);
+
+  // Whether the connection is up (its Hello exchange done) now. Any
+  // thread; a snapshot, which the loop thread may change right after.
+  bool connected() const;
 
   // The I/O backend's start-up line ("I/O backend: io_uring").
   const std::string& backend_log_line() const;

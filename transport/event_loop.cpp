@@ -12,10 +12,15 @@ EventLoop::EventLoop(std::string_view forced_backend, const UringOptions& uring)
   BackendChoice choice = make_backend(forced_backend, uring);
   backend_ = std::move(choice.backend);
   backend_log_line_ = std::move(choice.log_line);
-  backend_->set_before_wait([this] { flush_all(); });
+  backend_->set_before_wait([this] { end_turn(); });
 }
 
 EventLoop::~EventLoop() = default;
+
+void EventLoop::end_turn() {
+  if (turn_end_) turn_end_();
+  flush_all();
+}
 
 void EventLoop::flush_all() {
   // A flush can complete at once and queue more (Asio), so take the list first.

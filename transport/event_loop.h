@@ -37,18 +37,26 @@ class EventLoop {
   bool register_memory(std::span<const std::byte> memory) { return backend_->register_memory(memory); }
   void unregister_memory(std::span<const std::byte> memory) { backend_->unregister_memory(memory); }
 
+  // Runs `hook` on the loop thread at the end of every turn, before the
+  // turn's connections flush and the loop waits: whoever gathered what the
+  // turn's callbacks gave it hands that on in one go (Client's on_turn_end).
+  // One hook; a second call replaces it. Before run(), or on the loop thread.
+  void set_turn_end(std::function<void()> hook) { turn_end_ = std::move(hook); }
+
   // The connection has frames queued: flush it before the loop waits.
   void want_flush(Connection* connection) { flush_list_.push_back(connection); }
   // The connection is being destroyed: forget it.
   void forget(Connection* connection);
 
  private:
+  void end_turn();
   void flush_all();
 
   std::unique_ptr<IoBackend> backend_;
   std::string backend_log_line_;
   std::vector<Connection*> flush_list_;
   std::vector<Connection*> flushing_;
+  std::function<void()> turn_end_;
 };
 
 }  // namespace fmwire::transport

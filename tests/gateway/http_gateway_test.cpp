@@ -142,9 +142,10 @@ HttpGatewayOptions options_for(const transport::Endpoint& upstream) {
   options.upstream = upstream;
   options.api_keys = {kKey};
   options.model = "builtin";
-  // More than one HTTP thread, so that a stream's work moves between
-  // threads here (the default on a two-core machine is one; the command
-  // line tests run that).
+  // More than one HTTP thread, so that connections spread over threads
+  // and their upstream clients here, and a resumed stream's reader comes
+  // in on another thread than its stream (the default on a two-core
+  // machine is one; the command line tests run that).
   options.http_threads = 3;
   return options;
 }

@@ -321,5 +321,89 @@ TEST_CASE("complete() from inside a callback is refused instead of waiting forev
   }
 }
 
+TEST_CASE("on_turn_end hands over each loop turn's chunks whole, in order, on the loop thread") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend);
+    constexpr std::uint32_t kStreams = 8;
+    constexpr std::uint32_t kTokens = 500;
+    struct Gathered {
+      std::uint32_t stream = 0;
+      std::uint32_t index = 0;  // kTokens: the stream's finish
+    };
+    // The callbacks' side, touched on the loop thread only: no lock.
+    std::vector<Gathered> gathered;
+    std::thread::id callback_thread;
+    std::size_t chunks = 0;
+    // The other side of the hand-over.
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::vector<Gathered> handed;
+    std::size_t hand_overs = 0;
+    bool hook_on_callback_thread = true;
+    ClientOptions options = options_for(backend);
+    options.on_turn_end = [&] {
+      if (gathered.empty()) return;
+      std::lock_guard lock(mutex);
+      hook_on_callback_thread = hook_on_callback_thread && std::this_thread::get_id() == callback_thread;
+      handed.insert(handed.end(), gathered.begin(), gathered.end());
+      ++hand_overs;
+      gathered.clear();
+      changed.notify_all();
+    };
+    auto client = Client::connect(server.endpoint(), options);
+    REQUIRE(client.has_value());
+    for (std::uint32_t s = 0; s < kStreams; ++s) {
+      StreamCallbacks callbacks;
+      callbacks.on_tokens = [&, s](const TokenChunk& chunk) {
+        callback_thread = std::this_thread::get_id();
+        ++chunks;
+        for (std::size_t i = 0; i < chunk.token_ids.size(); ++i) {
+          gathered.push_back({s, chunk.first_index + static_cast<std::uint32_t>(i)});
+        }
+      };
+      callbacks.on_finish = [&, s](const Completion&) { gathered.push_back({s, kTokens}); };
+      (*client)->generate(prompt("stream " + std::to_string(s), kTokens), std::move(callbacks));
+    }
+    std::unique_lock lock(mutex);
+    REQUIRE(changed.wait_for(lock, 10s, [&] { return handed.size() == kStreams * (kTokens + 1); }));
+    std::vector<std::uint32_t> next(kStreams, 0);
+    for (const Gathered& item : handed) REQUIRE(item.index == next[item.stream]++);
+    CHECK(hook_on_callback_thread);
+    // Turns carried several chunks each: fewer hand-overs than chunks.
+    CHECK(hand_overs < chunks);
+    MESSAGE(chunks << " chunks in " << hand_overs << " hand-overs");
+    lock.unlock();
+    client->reset();  // before what its hook touches
+  }
+}
+
+TEST_CASE("connect_in_background returns at once, and connected() follows the connection") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    auto wait_for_state = [](const Client& client, bool up) {
+      for (int i = 0; i < 500 && client.connected() != up; ++i) std::this_thread::sleep_for(10ms);
+      return client.connected() == up;
+    };
+    auto server = std::make_unique<ServerThread>(backend);
+    const std::uint16_t port = server->port();
+    auto client = Client::connect_in_background(server->endpoint(), options_for(backend));
+    CHECK(wait_for_state(*client, true));
+    auto result = client->complete(prompt("in the background", 2));
+    REQUIRE(result.has_value());
+    CHECK(result->text == " in the");
+    server.reset();
+    CHECK(wait_for_state(*client, false));
+
+    // Nothing there: it stays down, and a request says why.
+    auto lonely = Client::connect_in_background({"127.0.0.1", port}, options_for(backend));
+    std::this_thread::sleep_for(50ms);
+    CHECK_FALSE(lonely->connected());
+    auto refused = lonely->complete(prompt("anyone?", 1));
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().code == protocol::ErrorCode::NO_WORKER);
+  }
+}
+
 }  // namespace
 }  // namespace fmwire::transport

@@ -1,0 +1,129 @@
+#include "gateway/http_listener.h"
+
+#include <algorithm>
+#include <boost/asio/post.hpp>
+#include <iostream>
+#include <thread>
+
+#include "gateway/http_session.h"
+
+namespace fmwire::gateway {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+using tcp = asio::ip::tcp;
+using namespace std::chrono_literals;
+
+constexpr unsigned kMaxHttpThreads = 256;
+
+unsigned http_thread_count(const HttpGatewayOptions& options) {
+  if (options.http_threads != 0) return options.http_threads;
+  return std::max(1u, std::thread::hardware_concurrency() / 4);
+}
+
+}  // namespace
+
+HttpListener::HttpListener(HttpGatewayOptions options) : context_(std::move(options)) {
+  const unsigned count = http_thread_count(context_.options());
+  for (unsigned i = 0; i < count; ++i) threads_.push_back(std::make_unique<HttpThread>(context_, i));
+}
+
+HttpListener::~HttpListener() { stop(); }
+
+std::optional<std::string> HttpListener::listen() {
+  const HttpGatewayOptions& options = context_.options();
+  beast::error_code error;
+  const auto address = asio::ip::make_address(options.listen.host, error);
+  if (error) return "bad listen address " + options.listen.host + ": " + error.message();
+  const tcp::endpoint endpoint(address, options.listen.port);
+  acceptor_.emplace(threads_.front()->io());
+  acceptor_->open(endpoint.protocol(), error);
+  if (!error) acceptor_->set_option(asio::socket_base::reuse_address(true), error);
+  if (!error) acceptor_->bind(endpoint, error);
+  if (!error) acceptor_->listen(asio::socket_base::max_listen_connections, error);
+  if (error) return "cannot listen on " + options.listen.to_string() + ": " + error.message();
+  port_ = acceptor_->local_endpoint().port();
+  return std::nullopt;
+}
+
+void HttpListener::run() {
+  if (context_.options().api_keys.empty()) {
+    std::cerr << "fmwire gateway: no API keys: the API is open to anyone who can reach it" << std::endl;
+  }
+  // The first thread's client is connected before serving, so that a
+  // reachable upstream is ready at once; the others connect meanwhile.
+  for (std::size_t i = 0; i < threads_.size(); ++i) threads_[i]->connect_upstream(i == 0);
+  std::vector<const Client*> upstreams;
+  for (const auto& thread : threads_) upstreams.push_back(thread->upstream_if_any());
+  context_.set_upstreams(std::move(upstreams));
+  // For /metrics: the workers' loads, from one client (a router reports
+  // every worker on each connection; one watch is enough). The watch keeps
+  // that client connected, and subscribed again after the upstream was away.
+  threads_.front()->upstream().watch_load(
+      [&metrics = context_.metrics()](const WorkerLoad& load) { metrics.observe_worker_load(load); });
+  accept();
+  for (const auto& thread : threads_) thread->start();
+}
+
+void HttpListener::drain(std::chrono::milliseconds grace) {
+  if (stopped_.load()) return;
+  asio::post(threads_.front()->io(), [this] {
+    beast::error_code ignored;
+    acceptor_->close(ignored);
+  });
+  const Clock::time_point deadline = Clock::now() + grace;
+  while (context_.requests_under_way() > 0 && Clock::now() < deadline) std::this_thread::sleep_for(5ms);
+  stop();
+}
+
+// On the first thread. The accepted socket belongs to the next thread's
+// io_context: its session is made, and runs, there.
+void HttpListener::accept() {
+  HttpThread& next = *threads_[next_thread_];
+  next_thread_ = (next_thread_ + 1) % threads_.size();
+  acceptor_->async_accept(next.io(), [this, &next](beast::error_code error, tcp::socket socket) {
+    if (error == asio::error::operation_aborted || !acceptor_->is_open()) return;
+    if (!error) {
+      beast::error_code ignored;
+      socket.set_option(tcp::no_delay(true), ignored);
+      asio::post(next.io(), [&next, socket = std::move(socket)]() mutable {
+        std::make_shared<HttpSession>(next, std::move(socket))->run();
+      });
+    }
+    accept();
+  });
+}
+
+void HttpListener::stop() {
+  if (stopped_.exchange(true)) return;
+  // Every thread ends before any client goes (another thread's /ready reads
+  // them all), and every client before any io_context: a stream, its sink
+  // and its timers live on one of those.
+  for (const auto& thread : threads_) thread->stop();
+  for (const auto& thread : threads_) thread->close_upstream();
+  context_.resumable().clear();
+  acceptor_.reset();
+  threads_.clear();
+}
+
+// ------------------------------------------------------------------ HttpGateway
+
+codec::Result<std::unique_ptr<HttpGateway>, std::string> HttpGateway::start(HttpGatewayOptions options) {
+  if (options.max_body_bytes == 0) return std::string("max_body_bytes must be positive");
+  if (options.max_header_bytes == 0 || options.max_header_bytes > 0xffffffffu) {
+    return std::string("max_header_bytes must be from 1 to 2^32 - 1");
+  }
+  if (options.max_tokens_default == 0) return std::string("max_tokens_default must be positive");
+  if (options.replay_events == 0) return std::string("replay_events must be positive");
+  if (options.model.empty()) return std::string("the model name is empty");
+  if (options.http_threads > kMaxHttpThreads) {
+    return "http_threads is " + std::to_string(options.http_threads) + "; at most " + std::to_string(kMaxHttpThreads);
+  }
+  auto gateway = std::make_unique<HttpListener>(std::move(options));
+  if (auto problem = gateway->listen()) return *problem;
+  gateway->run();
+  return std::unique_ptr<HttpGateway>(std::move(gateway));
+}
+
+}  // namespace fmwire::gateway

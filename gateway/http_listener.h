@@ -1,0 +1,46 @@
+// The gateway as a whole (HttpGateway): one listening socket whose
+// connections go round the HTTP threads (http_thread.h), each of which
+// serves them with its own upstream client; start, drain and stop.
+#pragma once
+
+#include <atomic>
+#include <boost/asio/ip/tcp.hpp>
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "gateway/gateway_context.h"
+#include "gateway/http_gateway.h"
+#include "gateway/http_thread.h"
+
+namespace fmwire::gateway {
+
+class HttpListener final : public HttpGateway {
+ public:
+  explicit HttpListener(HttpGatewayOptions options);
+  ~HttpListener() override;
+
+  // Binds and listens; an error says why it cannot.
+  std::optional<std::string> listen();
+  // Connects the threads' upstream clients, then serves.
+  void run();
+  std::uint16_t port() const override { return port_; }
+  void drain(std::chrono::milliseconds grace) override;
+
+ private:
+  void accept();
+  void stop();
+
+  GatewayContext context_;
+  std::vector<std::unique_ptr<HttpThread>> threads_;
+  // On the first thread's io_context; each accepted socket is made on the
+  // next thread's in turn (round-robin), and its session starts there.
+  std::optional<boost::asio::ip::tcp::acceptor> acceptor_;
+  std::size_t next_thread_ = 0;
+  std::uint16_t port_ = 0;
+  std::atomic<bool> stopped_{false};
+};
+
+}  // namespace fmwire::gateway

@@ -1,0 +1,71 @@
+// One HTTP connection to the gateway, its member functions in the order of
+// its life: read a request, handle it (answer it here, or hand the
+// connection to a stream: SSE or WebSocket), write, read the next while
+// keep-alive holds, close.
+#pragma once
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/message.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "gateway/http_limits.h"
+#include "gateway/openai_api.h"
+#include "transport/client.h"
+
+namespace fmwire::gateway {
+
+class GatewayContext;
+class HttpThread;
+
+// On its HTTP thread, from the first read to the close (or to the hand-over
+// of its connection to a stream).
+
+class HttpSession final : public std::enable_shared_from_this<HttpSession> {
+ public:
+  HttpSession(HttpThread& thread, boost::asio::ip::tcp::socket socket);
+
+  void run();
+
+ private:
+  using Response = boost::beast::http::response<boost::beast::http::string_body>;
+
+  void read_request();
+  void read_body();
+  void on_read(boost::beast::error_code error);
+  void handle();
+  void generate(ApiKind kind);
+  void resume(const std::string& id);
+  // stream: false
+  void generate_whole(StreamIdentity identity, GenerateParams params);
+  void watch_disconnect(std::uint64_t request);
+  void on_whole_finish(std::uint64_t request, std::string text, const Completion& completion);
+  void on_whole_error(std::uint64_t request, const ClientError& error);
+  void respond(unsigned status, std::string body, std::string_view content_type);
+  void respond_error(const ApiError& error, bool keep_alive = true);
+  void send(Response response, bool keep_alive);
+  void close();
+
+  HttpThread& thread_;
+  GatewayContext& gateway_;
+  boost::beast::tcp_stream stream_;
+  boost::beast::flat_buffer buffer_;
+  std::optional<boost::beast::http::request_parser<boost::beast::http::string_body>> parser_;
+  boost::beast::http::request<boost::beast::http::string_body> request_;
+  Clock::time_point received_;
+  // stream: false
+  StreamIdentity identity_;
+  GenerationHandle handle_;
+  bool waiting_ = false;
+  std::uint64_t request_count_ = 0;
+  std::shared_ptr<void> activity_;
+};
+
+}  // namespace fmwire::gateway
