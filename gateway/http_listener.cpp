@@ -17,16 +17,12 @@ using namespace std::chrono_literals;
 
 constexpr unsigned kMaxHttpThreads = 256;
 
-unsigned http_thread_count(const HttpGatewayOptions& options) {
-  if (options.http_threads != 0) return options.http_threads;
-  return std::max(1u, std::thread::hardware_concurrency() / 4);
-}
-
 }  // namespace
 
 HttpListener::HttpListener(HttpGatewayOptions options) : context_(std::move(options)) {
-  const unsigned count = http_thread_count(context_.options());
-  for (unsigned i = 0; i < count; ++i) threads_.push_back(std::make_unique<HttpThread>(context_, i));
+  for (unsigned i = 0; i < context_.options().http_threads; ++i) {
+    threads_.push_back(std::make_unique<HttpThread>(context_, i));
+  }
 }
 
 HttpListener::~HttpListener() { stop(); }
@@ -120,6 +116,7 @@ codec::Result<std::unique_ptr<HttpGateway>, std::string> HttpGateway::start(Http
   if (options.http_threads > kMaxHttpThreads) {
     return "http_threads is " + std::to_string(options.http_threads) + "; at most " + std::to_string(kMaxHttpThreads);
   }
+  if (options.http_threads == 0) options.http_threads = std::max(1u, std::thread::hardware_concurrency() / 4);
   auto gateway = std::make_unique<HttpListener>(std::move(options));
   if (auto problem = gateway->listen()) return *problem;
   gateway->run();

@@ -19,6 +19,7 @@ namespace fmwire::gateway {
 
 class HttpListener final : public HttpGateway {
  public:
+  // options.http_threads resolved (not 0).
   explicit HttpListener(HttpGatewayOptions options);
   ~HttpListener() override;
 
