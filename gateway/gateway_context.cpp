@@ -20,7 +20,9 @@ bool constant_time_equal(std::string_view a, std::string_view b) {
 }  // namespace
 
 GatewayContext::GatewayContext(HttpGatewayOptions options)
-    : options_(std::move(options)), defaults_{options_.model, options_.max_tokens_default} {}
+    : options_(std::move(options)),
+      defaults_{options_.model, options_.max_tokens_default},
+      metrics_(HttpMetrics::kDefaultWorkerLoadTtl, options_.http_threads) {}
 
 std::shared_ptr<void> GatewayContext::activity() {
   active_.fetch_add(1);

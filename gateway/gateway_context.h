@@ -20,6 +20,7 @@ namespace fmwire::gateway {
 
 class GatewayContext {
  public:
+  // options.http_threads resolved (not 0): one TokenTimings each.
   explicit GatewayContext(HttpGatewayOptions options);
 
   const HttpGatewayOptions& options() const { return options_; }

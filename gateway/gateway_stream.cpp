@@ -39,7 +39,7 @@ void GatewayStream::begin(GenerateParams params, std::shared_ptr<EventSink> sink
   // On the client's loop thread: gathered, and handed to this stream's
   // thread at the end of the loop turn.
   callbacks.on_tokens = [self, clock = TokenClock(received_)](const TokenChunk& chunk) mutable {
-    clock.observe(self->gateway_.metrics(), chunk.token_ids.size());
+    clock.observe(self->thread_.token_timings(), self->thread_.turn_now(), chunk.token_ids.size());
     self->thread_.gather({self, joined(chunk.text_pieces), chunk.wire_bytes, nullptr});
   };
   callbacks.on_finish = [self](const Completion& completion) {

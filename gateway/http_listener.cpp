@@ -16,17 +16,16 @@ using tcp = asio::ip::tcp;
 using namespace std::chrono_literals;
 
 constexpr unsigned kMaxHttpThreads = 256;
-
-unsigned http_thread_count(const HttpGatewayOptions& options) {
-  if (options.http_threads != 0) return options.http_threads;
-  return std::max(1u, std::thread::hardware_concurrency() / 4);
-}
+// After an accept error (out of descriptors, say) before trying again:
+// at once would spin on the same error.
+constexpr auto kAcceptRetryDelay = 100ms;
 
 }  // namespace
 
 HttpListener::HttpListener(HttpGatewayOptions options) : context_(std::move(options)) {
-  const unsigned count = http_thread_count(context_.options());
-  for (unsigned i = 0; i < count; ++i) threads_.push_back(std::make_unique<HttpThread>(context_, i));
+  for (unsigned i = 0; i < context_.options().http_threads; ++i) {
+    threads_.push_back(std::make_unique<HttpThread>(context_, i));
+  }
 }
 
 HttpListener::~HttpListener() { stop(); }
@@ -38,6 +37,7 @@ std::optional<std::string> HttpListener::listen() {
   if (error) return "bad listen address " + options.listen.host + ": " + error.message();
   const tcp::endpoint endpoint(address, options.listen.port);
   acceptor_.emplace(threads_.front()->io());
+  accept_retry_.emplace(threads_.front()->io());
   acceptor_->open(endpoint.protocol(), error);
   if (!error) acceptor_->set_option(asio::socket_base::reuse_address(true), error);
   if (!error) acceptor_->bind(endpoint, error);
@@ -71,6 +71,7 @@ void HttpListener::drain(std::chrono::milliseconds grace) {
   asio::post(threads_.front()->io(), [this] {
     beast::error_code ignored;
     acceptor_->close(ignored);
+    accept_retry_->cancel();
   });
   const Clock::time_point deadline = Clock::now() + grace;
   while (context_.requests_under_way() > 0 && Clock::now() < deadline) std::this_thread::sleep_for(5ms);
@@ -84,13 +85,20 @@ void HttpListener::accept() {
   next_thread_ = (next_thread_ + 1) % threads_.size();
   acceptor_->async_accept(next.io(), [this, &next](beast::error_code error, tcp::socket socket) {
     if (error == asio::error::operation_aborted || !acceptor_->is_open()) return;
-    if (!error) {
-      beast::error_code ignored;
-      socket.set_option(tcp::no_delay(true), ignored);
-      asio::post(next.io(), [&next, socket = std::move(socket)]() mutable {
-        std::make_shared<HttpSession>(next, std::move(socket))->run();
+    if (error) {
+      std::cerr << "fmwire gateway: accept failed (" << error.message() << "); trying again in "
+                << kAcceptRetryDelay.count() << " ms" << std::endl;
+      accept_retry_->expires_after(kAcceptRetryDelay);
+      accept_retry_->async_wait([this](beast::error_code waited) {
+        if (!waited) accept();
       });
+      return;
     }
+    beast::error_code ignored;
+    socket.set_option(tcp::no_delay(true), ignored);
+    asio::post(next.io(), [&next, socket = std::move(socket)]() mutable {
+      std::make_shared<HttpSession>(next, std::move(socket))->run();
+    });
     accept();
   });
 }
@@ -103,6 +111,7 @@ void HttpListener::stop() {
   for (const auto& thread : threads_) thread->stop();
   for (const auto& thread : threads_) thread->close_upstream();
   context_.resumable().clear();
+  accept_retry_.reset();
   acceptor_.reset();
   threads_.clear();
 }
@@ -120,6 +129,7 @@ codec::Result<std::unique_ptr<HttpGateway>, std::string> HttpGateway::start(Http
   if (options.http_threads > kMaxHttpThreads) {
     return "http_threads is " + std::to_string(options.http_threads) + "; at most " + std::to_string(kMaxHttpThreads);
   }
+  if (options.http_threads == 0) options.http_threads = std::max(1u, std::thread::hardware_concurrency() / 4);
   auto gateway = std::make_unique<HttpListener>(std::move(options));
   if (auto problem = gateway->listen()) return *problem;
   gateway->run();

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <cstddef>
 #include <memory>
 #include <optional>
@@ -19,6 +20,7 @@ namespace fmwire::gateway {
 
 class HttpListener final : public HttpGateway {
  public:
+  // options.http_threads resolved (not 0).
   explicit HttpListener(HttpGatewayOptions options);
   ~HttpListener() override;
 
@@ -38,6 +40,7 @@ class HttpListener final : public HttpGateway {
   // On the first thread's io_context; each accepted socket is made on the
   // next thread's in turn (round-robin), and its session starts there.
   std::optional<boost::asio::ip::tcp::acceptor> acceptor_;
+  std::optional<boost::asio::steady_timer> accept_retry_;  // after an accept error (EMFILE)
   std::size_t next_thread_ = 0;
   std::uint16_t port_ = 0;
   std::atomic<bool> stopped_{false};

@@ -44,22 +44,41 @@ void header(std::string& out, std::string_view name, std::string_view type, std:
 void LatencyHistogram::observe(double seconds) {
   std::size_t bucket = 0;
   while (bucket < kBounds.size() && seconds > kBounds[bucket]) ++bucket;
-  buckets_[bucket].fetch_add(1, std::memory_order_relaxed);
-  count_.fetch_add(1, std::memory_order_relaxed);
-  sum_.fetch_add(seconds, std::memory_order_relaxed);
+  // One writer: a load and a store, not a locked add. A reader may see the
+  // bucket and the sum of one observation apart; the next page agrees.
+  buckets_[bucket].store(buckets_[bucket].load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  sum_.store(sum_.load(std::memory_order_relaxed) + seconds, std::memory_order_relaxed);
 }
 
-void LatencyHistogram::render(std::string& out, std::string_view name, std::string_view help) const {
+LatencyHistogram::Snapshot LatencyHistogram::snapshot() const {
+  Snapshot snapshot;
+  for (std::size_t i = 0; i < buckets_.size(); ++i) snapshot.buckets[i] = buckets_[i].load(std::memory_order_relaxed);
+  snapshot.sum = sum_.load(std::memory_order_relaxed);
+  return snapshot;
+}
+
+LatencyHistogram::Snapshot& LatencyHistogram::Snapshot::operator+=(const Snapshot& other) {
+  for (std::size_t i = 0; i < buckets.size(); ++i) buckets[i] += other.buckets[i];
+  sum += other.sum;
+  return *this;
+}
+
+void LatencyHistogram::Snapshot::render(std::string& out, std::string_view name, std::string_view help) const {
   header(out, name, "histogram", help);
   std::uint64_t cumulative = 0;
   for (std::size_t i = 0; i < kBounds.size(); ++i) {
-    cumulative += buckets_[i].load(std::memory_order_relaxed);
+    cumulative += buckets[i];
     out += std::string(name) + "_bucket{le=\"" + number(kBounds[i]) + "\"} " + std::to_string(cumulative) + '\n';
   }
-  cumulative += buckets_[kBounds.size()].load(std::memory_order_relaxed);
+  cumulative += buckets[kBounds.size()];
   out += std::string(name) + "_bucket{le=\"+Inf\"} " + std::to_string(cumulative) + '\n';
-  out += std::string(name) + "_sum " + number(sum_.load(std::memory_order_relaxed)) + '\n';
+  out += std::string(name) + "_sum " + number(sum) + '\n';
   out += std::string(name) + "_count " + std::to_string(cumulative) + '\n';
+}
+
+HttpMetrics::HttpMetrics(std::chrono::milliseconds worker_load_ttl, unsigned token_writers)
+    : worker_load_ttl_(worker_load_ttl) {
+  for (unsigned i = 0; i < std::max(1u, token_writers); ++i) token_timings_.push_back(std::make_unique<TokenTimings>());
 }
 
 void HttpMetrics::count_request(unsigned status) {
@@ -82,13 +101,12 @@ void HttpMetrics::observe_finish(const Completion& completion) {
   for (const HopTime& hop : completion.timings) observe_hop(hop.hop, static_cast<double>(hop.total_us) / 1e6);
 }
 
-void TokenClock::observe(HttpMetrics& metrics, std::size_t tokens) {
-  const auto now = std::chrono::steady_clock::now();
+void TokenClock::observe(TokenTimings& timings, std::chrono::steady_clock::time_point now, std::size_t tokens) {
   if (!last_) {
-    metrics.observe_first_token(std::chrono::duration<double>(now - received_).count());
+    timings.first_token.observe(std::chrono::duration<double>(now - received_).count());
   } else if (tokens > 0) {
     const double seconds = std::chrono::duration<double>(now - *last_).count() / static_cast<double>(tokens);
-    for (std::size_t i = 0; i < tokens; ++i) metrics.observe_inter_token(seconds);
+    for (std::size_t i = 0; i < tokens; ++i) timings.inter_token.observe(seconds);
   }
   last_ = now;
 }
@@ -111,10 +129,16 @@ std::string HttpMetrics::render() const {
       out += "fmwire_gateway_requests_total{status=\"" + std::to_string(status) + "\"} " + std::to_string(count) + '\n';
     }
   }
-  first_token_.render(out, "fmwire_gateway_time_to_first_token_seconds",
-                      "Time from a generation request's arrival to its first token chunk.");
-  inter_token_.render(out, "fmwire_gateway_inter_token_latency_seconds",
-                      "Time between token chunks of a stream, per token.");
+  LatencyHistogram::Snapshot first_token;
+  LatencyHistogram::Snapshot inter_token;
+  for (const auto& timings : token_timings_) {
+    first_token += timings->first_token.snapshot();
+    inter_token += timings->inter_token.snapshot();
+  }
+  first_token.render(out, "fmwire_gateway_time_to_first_token_seconds",
+                     "Time from a generation request's arrival to its first token chunk.");
+  inter_token.render(out, "fmwire_gateway_inter_token_latency_seconds",
+                     "Time between token chunks of a stream, per token.");
   header(out, "fmwire_gateway_tokens_total", "counter", "Prompt tokens in and completion tokens out.");
   out += "fmwire_gateway_tokens_total{direction=\"in\"} " + std::to_string(tokens_in_.load()) + '\n';
   out += "fmwire_gateway_tokens_total{direction=\"out\"} " + std::to_string(tokens_out_.load()) + '\n';

@@ -3,9 +3,12 @@
 // streams, per-hop time from the Finish frames, and per worker (label
 // worker="HOST:PORT", from the upstream's load reports) KV blocks in use
 // and in all, and running, queued and paused sequences. Counters are
-// atomics, safe from any thread; worker loads are kept under a lock, and a
-// worker whose latest report is older than worker_load_ttl is left off the
-// page (and forgotten). render() gives the /metrics page.
+// atomics, safe from any thread; the token-time histograms are kept per
+// HTTP thread (TokenTimings), each written by that thread's client alone
+// and summed by render(), so that no cache line is shared per token; worker
+// loads are kept under a lock, and a worker whose latest report is older
+// than worker_load_ttl is left off the page (and forgotten). render() gives
+// the /metrics page.
 // Format: https://prometheus.io/docs/instrumenting/exposition_formats/
 #pragma once
 
@@ -14,39 +17,53 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "transport/client.h"
 #include "transport/worker_load.h"
 
 namespace fmwire::gateway {
 
-// A histogram with fixed bucket bounds (seconds).
+// A histogram with fixed bucket bounds (seconds) and one writer: observe()
+// from one thread at a time, with plain loads and stores (no locked
+// read-modify-write); snapshot() from any thread.
 class LatencyHistogram {
  public:
   static constexpr std::array<double, 14> kBounds{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                  0.1,    0.25,  0.5,    1.0,   2.5,  5.0,   10.0};
+  struct Snapshot {
+    std::array<std::uint64_t, kBounds.size() + 1> buckets{};  // the last: +Inf only
+    double sum = 0;
+    Snapshot& operator+=(const Snapshot& other);
+    void render(std::string& out, std::string_view name, std::string_view help) const;
+  };
   void observe(double seconds);
-  void render(std::string& out, std::string_view name, std::string_view help) const;
+  Snapshot snapshot() const;
 
  private:
-  std::array<std::atomic<std::uint64_t>, kBounds.size() + 1> buckets_{};  // the last: +Inf only
-  std::atomic<std::uint64_t> count_{0};
+  std::array<std::atomic<std::uint64_t>, kBounds.size() + 1> buckets_{};
   std::atomic<double> sum_{0.0};
+};
+
+// The token-time histograms one HTTP thread's client feeds, on its loop thread.
+struct TokenTimings {
+  LatencyHistogram first_token;  // request received to first token chunk
+  LatencyHistogram inter_token;  // between chunks, per token
 };
 
 class HttpMetrics {
  public:
   static constexpr std::chrono::milliseconds kDefaultWorkerLoadTtl{3000};
-  explicit HttpMetrics(std::chrono::milliseconds worker_load_ttl = kDefaultWorkerLoadTtl)
-      : worker_load_ttl_(worker_load_ttl) {}
+  // `token_writers`: how many TokenTimings (one per HTTP thread).
+  explicit HttpMetrics(std::chrono::milliseconds worker_load_ttl = kDefaultWorkerLoadTtl, unsigned token_writers = 1);
 
   void count_request(unsigned status);
-  void observe_first_token(double seconds) { first_token_.observe(seconds); }
-  void observe_inter_token(double seconds) { inter_token_.observe(seconds); }
+  TokenTimings& token_timings(unsigned writer) { return *token_timings_.at(writer); }
   void count_tokens(std::uint64_t in, std::uint64_t out);
   void stream_opened() { ++streams_open_; }
   void stream_closed() { --streams_open_; }
@@ -66,8 +83,7 @@ class HttpMetrics {
   };
   mutable std::mutex requests_mutex_;
   std::map<unsigned, std::uint64_t> requests_;  // by status
-  LatencyHistogram first_token_;
-  LatencyHistogram inter_token_;
+  std::vector<std::unique_ptr<TokenTimings>> token_timings_;  // apart, each on lines of its own
   std::atomic<std::uint64_t> tokens_in_{0};
   std::atomic<std::uint64_t> tokens_out_{0};
   std::atomic<std::int64_t> streams_open_{0};
@@ -86,11 +102,11 @@ class HttpMetrics {
 };
 
 // Times one stream's token chunks as they arrive (on the client's loop
-// thread) for the first-token and inter-token histograms.
+// thread, `now` the time of the loop turn) for the token-time histograms.
 class TokenClock {
  public:
   explicit TokenClock(std::chrono::steady_clock::time_point received) : received_(received) {}
-  void observe(HttpMetrics& metrics, std::size_t tokens);
+  void observe(TokenTimings& timings, std::chrono::steady_clock::time_point now, std::size_t tokens);
 
  private:
   std::chrono::steady_clock::time_point received_;

@@ -229,7 +229,7 @@ void HttpSession::generate_whole(StreamIdentity identity, GenerateParams params)
   auto text = std::make_shared<std::string>();
   StreamCallbacks callbacks;
   callbacks.on_tokens = [self, text, clock = TokenClock(received_)](const TokenChunk& chunk) mutable {
-    clock.observe(self->gateway_.metrics(), chunk.token_ids.size());
+    clock.observe(self->thread_.token_timings(), self->thread_.turn_now(), chunk.token_ids.size());
     for (std::string_view piece : chunk.text_pieces) *text += piece;
   };
   callbacks.on_finish = [self, request, text](const Completion& completion) {

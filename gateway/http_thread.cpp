@@ -15,7 +15,10 @@ namespace fmwire::gateway {
 namespace asio = boost::asio;
 
 HttpThread::HttpThread(GatewayContext& context, unsigned index)
-    : context_(context), index_(index), work_(io_.get_executor()) {}
+    : context_(context),
+      index_(index),
+      work_(io_.get_executor()),
+      token_timings_(context.metrics().token_timings(index)) {}
 
 HttpThread::~HttpThread() {
   stop();
@@ -67,6 +70,7 @@ StreamIdentity HttpThread::new_identity(ApiKind kind) {
 // go, with one lock and at most one post (an allocation and a wake-up),
 // where a post per token would cost those per token.
 void HttpThread::hand_over() {
+  turn_now_.reset();
   if (gathered_.empty()) return;
   bool wake = false;
   {

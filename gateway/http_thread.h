@@ -11,11 +11,14 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "gateway/http_limits.h"
+#include "gateway/http_metrics.h"
 #include "gateway/openai_api.h"
 #include "transport/client.h"
 
@@ -54,6 +57,15 @@ class HttpThread {
   // A new stream's id and "created" time. This thread only.
   StreamIdentity new_identity(ApiKind kind);
 
+  // For the client's callbacks, on its loop thread: this thread's token
+  // times, and the time of the loop turn (read once per turn: its chunks
+  // arrived together).
+  TokenTimings& token_timings() { return token_timings_; }
+  Clock::time_point turn_now() {
+    if (!turn_now_) turn_now_ = Clock::now();
+    return *turn_now_;
+  }
+
   // What the client's loop thread hands this thread: a chunk's text for a
   // stream, or (`other`) a stream's finish or error, or a whole response's.
   struct Delivery {
@@ -78,6 +90,8 @@ class HttpThread {
   std::mt19937_64 random_{std::random_device{}()};
 
   // The client's loop thread's side.
+  TokenTimings& token_timings_;
+  std::optional<Clock::time_point> turn_now_;
   std::vector<Delivery> gathered_;
   // Between the two: one lock and at most one post per loop turn. A
   // take_deliveries() is posted while posted_, so deliveries keep their order.

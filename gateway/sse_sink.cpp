@@ -2,6 +2,7 @@
 
 #include <boost/asio/write.hpp>
 #include <boost/beast/http/status.hpp>
+#include <charconv>
 #include <cstdio>
 #include <limits>
 #include <string_view>
@@ -21,6 +22,14 @@ std::size_t decimal_digits(std::uint64_t n) {
     ++digits;
   }
   return digits;
+}
+
+// `n` in base 10 or 16 at the end of `out`, without a format string or a
+// temporary string: this is once or twice per event.
+void append_number(std::string& out, std::uint64_t n, int base) {
+  char digits[20];
+  const auto [end, error] = std::to_chars(digits, digits + sizeof digits, n, base);
+  out.append(digits, end);
 }
 
 std::string http_chunk(std::string_view data) {
@@ -71,14 +80,13 @@ void SseSink::write_events(std::span<const StreamEvent* const> events, WriteDone
   for (const StreamEvent* event : events) {
     bytes += kId.size() + decimal_digits(event->n) + kData.size() + event->json.size() + kEnd.size();
   }
-  char size[32];
-  std::snprintf(size, sizeof size, "%zx\r\n", bytes);
   out_.clear();
   take_header();
-  out_ += size;
+  append_number(out_, bytes, 16);
+  out_ += "\r\n";
   for (const StreamEvent* event : events) {
     out_ += kId;
-    out_ += std::to_string(event->n);
+    append_number(out_, event->n, 10);
     out_ += kData;
     out_ += event->json;
     out_ += kEnd;
