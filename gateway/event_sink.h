@@ -32,7 +32,7 @@ struct WriteDone {
   void operator()(bool ok) const;  // gateway_stream.cpp
 };
 
-// Everything on the stream's strand.
+// Everything on the stream's HTTP thread.
 class EventSink {
  public:
   virtual ~EventSink() = default;

@@ -129,7 +129,7 @@ void SseSink::take_header() {
 
 // A reader that keeps up takes the bytes at once: one non-blocking send,
 // and `done` runs before write() returns, with no asynchronous operation
-// and no completion queued through the strand for each event. What the
+// and no completion queued through the io_context for each event. What the
 // kernel does not take (or an error) goes on as an asynchronous write.
 template <typename Done>
 void SseSink::write(Done done) {
