@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every fmwire test; the last line is
-# "N passed, N failed", counting test cases, and the exit code is non-zero on
+# "N passed, N failed, N skipped", counting test cases, and the exit code is non-zero on
 # any failure. Three runs:
 #   release     the normal build, warnings as errors
 #   sanitized   the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 if ! bash scripts/setup.sh; then
   echo "setup failed"
-  echo "0 passed, 1 failed"
+  echo "0 passed, 1 failed, 0 skipped"
   exit 1
 fi
 

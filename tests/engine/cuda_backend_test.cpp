@@ -1,7 +1,8 @@
 // The CUDA backend against the CPU reference (DESIGN.md, "Engine": CPU and
 // CUDA agree on logits within a stated tolerance). Where no device is, the
-// cases that need one pass after printing the probe's line (a MESSAGE);
-// where CUDA is not built at all, one case says so.
+// cases that need one are skipped (doctest counts them as skipped) after the
+// probe's line is printed once; where CUDA is not built at all, one case says
+// so.
 #include <doctest/doctest.h>
 
 #ifdef FMWIRE_HAVE_CUDA
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <span>
@@ -40,12 +42,18 @@ constexpr std::uint32_t kSequences = 3;
 constexpr std::uint32_t kPrefillChunk = 16;
 constexpr std::uint32_t kDecodeSteps = 32;
 
-// True where a device is; otherwise prints why the case is skipped.
-bool device_present() {
-  const CudaProbe probe = probe_cuda();
-  if (!probe.available) MESSAGE("skipped: " << probe.log_line);
-  return probe.available;
+// The probe, taken once when the cases register (their skip decorators read
+// it); says on stderr why the cases that need a device are skipped.
+const CudaProbe& registration_probe() {
+  static const CudaProbe probe = [] {
+    CudaProbe result = probe_cuda();
+    if (!result.available) std::fprintf(stderr, "skipped, the cases that need a device: %s\n", result.log_line.c_str());
+    return result;
+  }();
+  return probe;
 }
+
+bool no_device() { return !registration_probe().available; }
 
 std::shared_ptr<const LlamaWeights> builtin_weights() {
   return std::make_shared<const LlamaWeights>(make_seeded_weights(builtin_llama_config(), 1));
@@ -165,18 +173,13 @@ TEST_CASE("the engine opens the CUDA backend's library at run time, and it is th
   CHECK(backend->name() == "cuda");
 }
 
-TEST_CASE("without a device, constructing the CUDA backend throws the probe's line") {
+TEST_CASE("without a device, constructing the CUDA backend throws the probe's line" * doctest::skip(!no_device())) {
   const CudaProbe probe = probe_cuda();
-  if (probe.available) {
-    MESSAGE("skipped: a device is present (" << probe.log_line << ")");
-    return;
-  }
   const auto construct = [] { CudaBackend backend(builtin_weights(), kTotalBlocks, kBlockTokens); };
   CHECK_THROWS_WITH_AS(construct(), probe.log_line.c_str(), std::runtime_error);
 }
 
-TEST_CASE("CUDA logits match the CPU reference through chunked prefill and 32 greedy decode steps") {
-  if (!device_present()) return;
+TEST_CASE("CUDA logits match the CPU reference through chunked prefill and 32 greedy decode steps" * doctest::skip(no_device())) {
   const auto weights = builtin_weights();
   CpuBackend cpu(weights, kTotalBlocks, kBlockTokens);
   CudaBackend cuda(weights, kTotalBlocks, kBlockTokens);
@@ -185,8 +188,7 @@ TEST_CASE("CUDA logits match the CPU reference through chunked prefill and 32 gr
   MESSAGE("worst logit difference: ", worst, " of the row's scale (tolerance ", kLogitTolerance, ")");
 }
 
-TEST_CASE("KV blocks read from the CUDA backend match the CPU's after the same steps") {
-  if (!device_present()) return;
+TEST_CASE("KV blocks read from the CUDA backend match the CPU's after the same steps" * doctest::skip(no_device())) {
   const auto weights = builtin_weights();
   CpuBackend cpu(weights, kTotalBlocks, kBlockTokens);
   CudaBackend cuda(weights, kTotalBlocks, kBlockTokens);
@@ -205,8 +207,7 @@ TEST_CASE("KV blocks read from the CUDA backend match the CPU's after the same s
   CHECK(difference <= kKvTolerance);
 }
 
-TEST_CASE("blocks written to the CUDA backend read back byte for byte, and other blocks are untouched") {
-  if (!device_present()) return;
+TEST_CASE("blocks written to the CUDA backend read back byte for byte, and other blocks are untouched" * doctest::skip(no_device())) {
   CudaBackend cuda(builtin_weights(), kTotalBlocks, kBlockTokens);
   const std::size_t block_bytes = cuda.kv_geometry().bytes_per_block();
   const std::vector<std::uint32_t> blocks = {5, 0, 63, 17};
@@ -226,8 +227,7 @@ TEST_CASE("blocks written to the CUDA backend read back byte for byte, and other
   CHECK(std::all_of(one.begin(), one.end(), [](std::byte b) { return b == std::byte{0}; }));
 }
 
-TEST_CASE("KV blocks moved from the CPU backend let the CUDA backend continue the sequence") {
-  if (!device_present()) return;
+TEST_CASE("KV blocks moved from the CPU backend let the CUDA backend continue the sequence" * doctest::skip(no_device())) {
   const auto weights = builtin_weights();
   CpuBackend cpu(weights, kTotalBlocks, kBlockTokens);
   CudaBackend cuda(weights, kTotalBlocks, kBlockTokens);
