@@ -15,7 +15,8 @@ using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("fmwire::protocol");
 
 const protocolMajor :UInt16 = 1;
-const protocolMinor :UInt16 = 1;   # 1: Hello/HelloAck tokenizerFingerprint
+const protocolMinor :UInt16 = 2;   # 1: Hello/HelloAck tokenizerFingerprint
+                                   # 2: disaggregation, worker roles, typed KV refusals
 
 # ---------------------------------------------------------------- connection
 
@@ -151,6 +152,22 @@ struct GenerateRequest {
   timeoutUs @5 :UInt64;        # budget left from receipt; 0 = none
   priority @6 :Int8;           # higher first
   streamOptions @7 :StreamOptions;
+  # Minor version 2: disaggregated prefill/decode, set by a router only.
+  disaggregation @8 :Disaggregation;
+}
+
+# A request split between a prefill worker and a decode worker (DESIGN.md,
+# "Flows"): both get the same request with the same transferKey; the
+# prefill worker computes the prompt's KV and first token, sends that token
+# on its stream and pushes the KV to the decode worker, which continues the
+# stream from the next token.
+struct Disaggregation {
+  transferKey @0 :Text;          # the router's name for this transfer; unique while it lasts
+  union {
+    none @1 :Void;               # served whole here (the default)
+    prefillTo @2 :Text;          # prefill here, push the KV to the decode worker at HOST:PORT
+    decode @3 :Void;             # wait for the KV offered under transferKey, then decode
+  }
 }
 
 # One or more generated tokens, in order.
@@ -168,6 +185,7 @@ enum FinishReason {
   cancelled @3;
   deadlineExceeded @4;
   error @5;
+  handedOff @6;                # minor version 2: a prefill worker's stream ends here, the decode worker's goes on
 }
 
 struct Usage {
@@ -185,6 +203,7 @@ struct HopTiming {
   decodeUs @4 :UInt64;
   firstTokenUs @5 :UInt64;     # from receipt to the first token leaving
   totalUs @6 :UInt64;          # from receipt to Finish leaving
+  kvTransferUs @7 :UInt64;     # minor version 2: Offer to Committed, at the side that sent the KV
 }
 
 # Last frame of a generation stream.
@@ -195,6 +214,15 @@ struct Finish {
   # Text released only at the end, with no token of its own (an unfinished
   # UTF-8 character as U+FFFD, text held back as a possible stop sequence).
   trailingText @3 :Text;
+  kvTransfer @4 :KvTransferSummary;  # minor version 2: where the KV came by transfer
+}
+
+# How a sequence's KV reached the worker that finished it.
+struct KvTransferSummary {
+  bytes @0 :UInt64;             # decoded bytes of the shard
+  wireBytes @1 :UInt64;         # attachment bytes sent (after compression)
+  compression @2 :Compression;  # the mode the sender chose
+  transferUs @3 :UInt64;        # Offer to Committed, at the receiver
 }
 
 enum CancelReason {
@@ -224,6 +252,16 @@ struct LoadReport {
   cachedPromptTokens @11 :UInt64;   # of those, served from the prefix cache
   generatedTokens @12 :UInt64;
   cachedKvBlocks @13 :UInt32;       # full blocks in the prefix cache
+  workerRole @14 :WorkerRole;       # minor version 2
+  kvTransfersActive @15 :UInt32;    # sessions open now, either direction
+  kvReservedBlocks @16 :UInt32;     # blocks held for incoming transfers
+}
+
+# What a worker serves in disaggregated serving (`fmwire worker --role`).
+enum WorkerRole {
+  both @0;
+  prefill @1;
+  decode @2;
 }
 
 # ---------------------------------------------------------------- KV transfer
@@ -263,6 +301,12 @@ struct KvOffer {
   compression @10 :Compression; # the sender's plan; chunks say what they are
   timeoutUs @11 :UInt64;        # the whole transfer's budget; 0 = none
   prefixHashes @12 :List(UInt64); # one per full block, for the receiver's cache
+  # Minor version 2.
+  layers @13 :UInt32;           # the model's, so a layer range is checked against it
+  kvHeads @14 :UInt32;
+  headDim @15 :UInt32;
+  generatedTokens @16 :List(UInt32); # tokens the sender generated after the prompt, in order
+  chunkBytes @17 :UInt32;       # the sender's plan: decoded bytes per chunk (whole blocks), the last may be shorter
 }
 
 # The receiver reserved blocks: chunks name this id and generation, so a
@@ -278,6 +322,22 @@ struct KvReject {
   code @0 :ErrorCode;
   message @1 :Text;
   retryable @2 :Bool;
+  reason @3 :KvEnd;             # minor version 2
+}
+
+# Why a KV transfer session ended without Committed (KvReject, KvAbort).
+enum KvEnd {
+  internal @0;
+  noCapacity @1;                # no free blocks for the shard; retryable elsewhere
+  layoutMismatch @2;            # layers, heads, head dim, dtype or layout differ
+  modelMismatch @3;             # another model fingerprint
+  shuttingDown @4;
+  integrity @5;                 # a chunk's digest did not match its bytes
+  deadline @6;                  # a state's deadline passed
+  cancelled @7;                 # the request was cancelled
+  peerLost @8;                  # the connection went away
+  badMessage @9;                # a message out of order or out of range
+  unknownRequest @10;           # no request is waiting under this transferKey
 }
 
 # Carries bytes [offset, offset + decoded size) of the shard as the frame's
@@ -306,4 +366,5 @@ struct KvAbort {
   generation @1 :UInt32;
   code @2 :ErrorCode;
   message @3 :Text;
+  reason @4 :KvEnd;             # minor version 2
 }

@@ -53,6 +53,7 @@ std::string_view to_string(protocol::FinishReason reason) {
     case protocol::FinishReason::CANCELLED: return "cancelled";
     case protocol::FinishReason::DEADLINE_EXCEEDED: return "deadline_exceeded";
     case protocol::FinishReason::ERROR: return "error";
+    case protocol::FinishReason::HANDED_OFF: return "handed_off";
   }
   return "unknown";
 }
