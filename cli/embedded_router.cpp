@@ -23,6 +23,7 @@ codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> EmbeddedRouter::star
   transport::ConnectionOptions connection;
   connection.role = protocol::Role::ROUTER;
   connection.name = "fmwire router (embedded)";
+  connection.capabilities.load_reports = true;
   try {
     embedded->group_ = std::make_unique<transport::ServerGroup>(
         1, transport::Endpoint{"127.0.0.1", 0}, connection,

@@ -10,9 +10,7 @@ codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> EmbeddedWorker::star
   if (!loaded) return loaded.error();
   std::unique_ptr<EmbeddedWorker> worker(new EmbeddedWorker());
   worker->model_ = std::move(*loaded);
-  transport::ConnectionOptions connection;
-  connection.role = protocol::Role::WORKER;
-  connection.name = "fmwire worker (embedded)";
+  const transport::ConnectionOptions connection = worker::WorkerService::server_options("fmwire worker (embedded)");
   try {
     worker->group_ = std::make_unique<transport::ServerGroup>(
         1, transport::Endpoint{"127.0.0.1", 0}, connection,

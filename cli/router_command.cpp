@@ -52,6 +52,7 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   transport::ConnectionOptions options;
   options.role = protocol::Role::ROUTER;
   options.name = "fmwire router";
+  options.capabilities.load_reports = true;
   router::RouterService* router = nullptr;
   transport::EventLoop* loop = nullptr;
 

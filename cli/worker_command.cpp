@@ -26,9 +26,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   engine::Engine& engine = *loaded->engine;
   const engine::Tokenizer& tokenizer = *loaded->tokenizer;
 
-  transport::ConnectionOptions options;
-  options.role = protocol::Role::WORKER;
-  options.name = "fmwire worker";
+  transport::ConnectionOptions options = worker::WorkerService::server_options("fmwire worker");
   worker::WorkerOptions worker_options;
   worker_options.load_report_interval = command.load_report_interval;
   worker::WorkerService* service = nullptr;  // read after the loop has stopped

@@ -87,6 +87,27 @@ void Connection::send_limits(protocol::Limits::Builder limits) const {
   limits.setInitialConnectionCreditBytes(options_.initial_connection_credit_bytes);
 }
 
+void Connection::send_capabilities(protocol::Capabilities::Builder capabilities) const {
+  capabilities.setZstdAttachments(options_.capabilities.zstd_attachments);
+  capabilities.setByteShuffle(options_.capabilities.byte_shuffle);
+  capabilities.setKvTransfer(options_.capabilities.kv_transfer);
+  capabilities.setLoadReports(options_.capabilities.load_reports);
+}
+
+Capabilities Connection::read_capabilities(protocol::Capabilities::Reader peer) {
+  return {peer.getZstdAttachments(), peer.getByteShuffle(), peer.getKvTransfer(), peer.getLoadReports()};
+}
+
+bool Connection::agree(const Capabilities& peer) {
+  agreed_ = options_.capabilities.intersect(peer);
+  if (options_.require_kv_transfer && !peer.kv_transfer) {
+    fail(protocol::ErrorCode::BAD_REQUEST, "peer " + (peer_name_.empty() ? std::string("(unnamed)") : peer_name_) +
+                                               " does not serve the KV transfer session (no kvTransfer in its capabilities)");
+    return false;
+  }
+  return true;
+}
+
 void Connection::send_hello() {
   send<protocol::Hello>(0, [&](protocol::Hello::Builder hello) {
     hello.setProtocolMajor(protocol::PROTOCOL_MAJOR);
@@ -94,9 +115,7 @@ void Connection::send_hello() {
     hello.setRole(options_.role);
     hello.setPeerName(options_.name);
     hello.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
-    auto capabilities = hello.initCapabilities();
-    capabilities.setZstdAttachments(true);
-    capabilities.setByteShuffle(true);
+    send_capabilities(hello.initCapabilities());
     send_limits(hello.initLimits());
   });
 }
@@ -345,10 +364,12 @@ void Connection::handle_frame(const codec::FrameView& frame) {
 void Connection::handle_hello(const codec::FrameView& frame) {
   std::uint16_t major = 0;
   std::uint16_t minor = 0;
+  Capabilities peer_capabilities;
   codec::Status read = codec::read_body<protocol::Hello>(frame, options_.limits, [&](protocol::Hello::Reader hello) {
     major = hello.getProtocolMajor();
     minor = hello.getProtocolMinor();
     peer_name_ = hello.getPeerName();
+    peer_capabilities = read_capabilities(hello.getCapabilities());
     peer_tokenizer_fingerprint_ = hello.getTokenizerFingerprint();
     peer_initial_stream_credit_ = hello.getLimits().getInitialStreamCreditBytes();
     const std::uint32_t peer_max_streams = hello.getLimits().getMaxStreams();
@@ -366,6 +387,7 @@ void Connection::handle_hello(const codec::FrameView& frame) {
              std::to_string(protocol::PROTOCOL_MAJOR) + "." + std::to_string(protocol::PROTOCOL_MINOR));
     return;
   }
+  if (!agree(peer_capabilities)) return;
   if (peer_initial_stream_credit_ == 0) peer_initial_stream_credit_ = kDefaultStreamCredit;
   if (connection_send_credit_ == 0) connection_send_credit_ = kDefaultConnectionCredit;
   send<protocol::HelloAck>(0, [&](protocol::HelloAck::Builder ack) {
@@ -374,9 +396,7 @@ void Connection::handle_hello(const codec::FrameView& frame) {
     ack.setRole(options_.role);
     ack.setPeerName(options_.name);
     ack.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
-    auto capabilities = ack.initCapabilities();
-    capabilities.setZstdAttachments(true);
-    capabilities.setByteShuffle(true);
+    send_capabilities(ack.initCapabilities());
     send_limits(ack.initLimits());
   });
   ready_ = true;
@@ -385,9 +405,11 @@ void Connection::handle_hello(const codec::FrameView& frame) {
 
 void Connection::handle_hello_ack(const codec::FrameView& frame) {
   std::uint16_t major = 0;
+  Capabilities peer_capabilities;
   codec::Status read = codec::read_body<protocol::HelloAck>(frame, options_.limits, [&](protocol::HelloAck::Reader ack) {
     major = ack.getProtocolMajor();
     peer_name_ = ack.getPeerName();
+    peer_capabilities = read_capabilities(ack.getCapabilities());
     peer_tokenizer_fingerprint_ = ack.getTokenizerFingerprint();
     peer_initial_stream_credit_ = ack.getLimits().getInitialStreamCreditBytes();
     const std::uint32_t peer_max_streams = ack.getLimits().getMaxStreams();
@@ -404,6 +426,7 @@ void Connection::handle_hello_ack(const codec::FrameView& frame) {
                                                        "; this side speaks " + std::to_string(protocol::PROTOCOL_MAJOR));
     return;
   }
+  if (!agree(peer_capabilities)) return;
   if (peer_initial_stream_credit_ == 0) peer_initial_stream_credit_ = kDefaultStreamCredit;
   if (connection_send_credit_ == 0) connection_send_credit_ = kDefaultConnectionCredit;
   ready_ = true;

@@ -46,8 +46,27 @@ inline constexpr std::uint16_t kEndStream = 1;  // the sender's last frame on th
 // be referenced: a copy of a few KiB costs less than an extra iovec.
 inline constexpr std::size_t kMinReferencedAttachmentBytes = 16 * 1024;
 
+// Features a side offers in its Hello or HelloAck (protocol Capabilities);
+// what a connection may use is the intersection of both sides' offers.
+struct Capabilities {
+  bool zstd_attachments = true;  // may receive zstd-compressed attachments
+  bool byte_shuffle = true;      // may receive byte-shuffled attachments
+  bool kv_transfer = false;      // serves the KV transfer session (a worker)
+  bool load_reports = false;     // sends LoadReport frames when subscribed (a worker, a router)
+
+  Capabilities intersect(const Capabilities& other) const {
+    return {zstd_attachments && other.zstd_attachments, byte_shuffle && other.byte_shuffle,
+            kv_transfer && other.kv_transfer, load_reports && other.load_reports};
+  }
+};
+
 struct ConnectionOptions {
   codec::FrameLimits limits;
+  Capabilities capabilities;       // what this side offers
+  // What this side needs of the peer: a peer that does not offer it is
+  // refused in the Hello exchange with an error that names it (a worker's
+  // KV link to a peer that serves no KV transfer session).
+  bool require_kv_transfer = false;
   protocol::Role role = protocol::Role::CLIENT;
   std::string name = "fmwire";
   // Streams open at once on one connection, either side's; a gateway or a
@@ -131,6 +150,8 @@ class Connection final : public SocketEvents {
   // What the peer said in its Hello or HelloAck: the fingerprint of the
   // tokenizer whose ids it reads; 0 when it said none (once ready).
   std::uint64_t peer_tokenizer_fingerprint() const { return peer_tokenizer_fingerprint_; }
+  // What both sides offered (once ready): the features this connection may use.
+  const Capabilities& agreed_capabilities() const { return agreed_; }
 
   // Opens a stream of ours: the next free id. Zero when the connection is
   // not ready, is draining or closing, the peer sent GoAway, or the
@@ -246,6 +267,11 @@ class Connection final : public SocketEvents {
   void after_frame_sent(std::uint32_t stream_id, codec::FrameKind kind, std::uint16_t flags, std::uint64_t wire_bytes);
   void send_hello();
   void send_limits(protocol::Limits::Builder limits) const;
+  void send_capabilities(protocol::Capabilities::Builder capabilities) const;
+  // Agrees on the peer's offer; false (and the connection failed) when the
+  // peer lacks what this side requires.
+  bool agree(const Capabilities& peer);
+  static Capabilities read_capabilities(protocol::Capabilities::Reader peer);
   void check_keepalive();
   void check_drained();
   void begin_close(const EndReason& reason);
@@ -270,6 +296,7 @@ class Connection final : public SocketEvents {
   EndReason close_reason_;
   std::string peer_name_;
   std::uint64_t peer_tokenizer_fingerprint_ = 0;
+  Capabilities agreed_{false, false, false, false};
 
   codec::ByteBuffer receive_;    // a partial frame carried between receives
   // The partial frame's attachment digested as its pieces arrive, while

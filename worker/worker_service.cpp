@@ -34,6 +34,15 @@ constexpr std::size_t kTokensPerFrame = 128;
 
 }  // namespace
 
+transport::ConnectionOptions WorkerService::server_options(std::string name) {
+  transport::ConnectionOptions options;
+  options.role = protocol::Role::WORKER;
+  options.name = std::move(name);
+  options.capabilities.kv_transfer = true;
+  options.capabilities.load_reports = true;
+  return options;
+}
+
 WorkerService::WorkerService(transport::EventLoop& loop, engine::Engine& engine, const engine::Tokenizer& tokenizer,
                              WorkerOptions options)
     : loop_(loop), tokenizer_(tokenizer), options_(std::move(options)), info_(engine.info()),

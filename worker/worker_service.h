@@ -53,6 +53,10 @@ struct WorkerCounters {
 
 class WorkerService final : public transport::ConnectionHandler {
  public:
+  // How a worker's server speaks: role worker, offering the KV transfer
+  // session and load reports in its Hello exchange.
+  static transport::ConnectionOptions server_options(std::string name);
+
   // `engine` is driven from the runner's thread from now on: touch it no more.
   WorkerService(transport::EventLoop& loop, engine::Engine& engine, const engine::Tokenizer& tokenizer, WorkerOptions options = {});
   ~WorkerService() override;

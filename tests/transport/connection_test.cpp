@@ -206,6 +206,44 @@ TEST_CASE("a peer that says no tokenizer fingerprint reads as 0") {
   }
 }
 
+TEST_CASE("both sides use the intersection of the capabilities they offer") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ConnectionOptions server_options;
+    server_options.capabilities = {.zstd_attachments = true, .byte_shuffle = false, .kv_transfer = true,
+                                   .load_reports = true};
+    ConnectionOptions client_options;
+    client_options.capabilities = {.zstd_attachments = true, .byte_shuffle = true, .kv_transfer = true,
+                                   .load_reports = false};
+    Rig rig(backend, client_options, server_options);
+    const Capabilities& agreed = rig.client->agreed_capabilities();
+    CHECK(agreed.zstd_attachments);
+    CHECK_FALSE(agreed.byte_shuffle);
+    CHECK(agreed.kv_transfer);
+    CHECK_FALSE(agreed.load_reports);
+  }
+}
+
+TEST_CASE("a side that requires the KV transfer session refuses a peer that does not serve it, saying so") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    EventLoop loop(backend);
+    EchoService service(loop, EchoOptions{});
+    ConnectionOptions server_options;
+    server_options.name = "echo";
+    Server server(loop, Endpoint{"127.0.0.1", 0}, server_options, service);  // offers no kvTransfer
+    Collector caller;
+    ConnectionOptions client_options;
+    client_options.require_kv_transfer = true;
+    std::unique_ptr<Connection> client;
+    test::connect_client(loop, server.port(), client_options, caller, client);
+    REQUIRE(run_until(loop, [&] { return caller.closed; }));
+    CHECK_FALSE(caller.ready);
+    CHECK(caller.closed_reason.error);
+    CHECK(caller.closed_reason.message.find("peer echo does not serve the KV transfer session") != std::string::npos);
+  }
+}
+
 TEST_CASE("many streams interleaved on one connection each arrive whole and in order") {
   for (const char* backend : kBackends) {
     CAPTURE(std::string(backend));
