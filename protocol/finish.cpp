@@ -31,6 +31,11 @@ HopTimingBuilder& HopTimingBuilder::total_us(std::uint64_t us) {
   return *this;
 }
 
+HopTimingBuilder& HopTimingBuilder::kv_transfer_us(std::uint64_t us) {
+  body_.setKvTransferUs(us);
+  return *this;
+}
+
 std::string_view FinishReader::trailing_text() const { return text_view(body_.getTrailingText()); }
 
 FinishBuilder& FinishBuilder::reason(FinishReason reason) {
@@ -49,6 +54,21 @@ FinishBuilder& FinishBuilder::usage(std::uint32_t prompt_tokens, std::uint32_t c
   usage.setPromptTokens(prompt_tokens);
   usage.setCompletionTokens(completion_tokens);
   usage.setCachedPromptTokens(cached_prompt_tokens);
+  return *this;
+}
+
+FinishBuilder& FinishBuilder::kv_transfer(std::uint64_t bytes, std::uint64_t wire_bytes, Compression compression,
+                                         std::uint64_t transfer_us) {
+  auto summary = body_.initKvTransfer();
+  summary.setBytes(bytes);
+  summary.setWireBytes(wire_bytes);
+  summary.setCompression(compression);
+  summary.setTransferUs(transfer_us);
+  return *this;
+}
+
+FinishBuilder& FinishBuilder::kv_transfer(KvTransferSummary::Reader summary) {
+  body_.setKvTransfer(summary);
   return *this;
 }
 

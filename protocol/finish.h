@@ -27,6 +27,7 @@ class HopTimingReader {
   std::uint64_t decode_us() const { return body_.getDecodeUs(); }
   std::uint64_t first_token_us() const { return body_.getFirstTokenUs(); }  // receipt to the first token leaving
   std::uint64_t total_us() const { return body_.getTotalUs(); }             // receipt to Finish leaving
+  std::uint64_t kv_transfer_us() const { return body_.getKvTransferUs(); }  // Offer to Committed, at the KV's sender
 
  private:
   HopTiming::Reader body_;
@@ -41,6 +42,7 @@ class HopTimingBuilder {
   HopTimingBuilder& decode_us(std::uint64_t us);
   HopTimingBuilder& first_token_us(std::uint64_t us);
   HopTimingBuilder& total_us(std::uint64_t us);
+  HopTimingBuilder& kv_transfer_us(std::uint64_t us);
 
  private:
   HopTiming::Builder body_;
@@ -59,6 +61,10 @@ class FinishReader {
   std::uint32_t cached_prompt_tokens() const { return body_.getUsage().getCachedPromptTokens(); }
   // One entry per hop, worker first (read them as HopTimingReader).
   capnp::List<HopTiming>::Reader timings() const { return body_.getTimings(); }
+  // Where the KV came by transfer (disaggregated serving): how many bytes,
+  // how many on the wire, the compression the sender chose, how long.
+  bool has_kv_transfer() const { return body_.hasKvTransfer(); }
+  KvTransferSummary::Reader kv_transfer() const { return body_.getKvTransfer(); }
 
  private:
   Finish::Reader body_;
@@ -77,6 +83,10 @@ class FinishBuilder {
   // hop's own, named `hop`, returned for its times. Called once.
   HopTimingBuilder timings(capnp::List<HopTiming>::Reader below, std::string_view hop, Role role);
   HopTimingBuilder timings(std::string_view hop, Role role) { return timings({}, hop, role); }
+  FinishBuilder& kv_transfer(std::uint64_t bytes, std::uint64_t wire_bytes, Compression compression,
+                             std::uint64_t transfer_us);
+  // A Finish passed on keeps the transfer summary of the one below.
+  FinishBuilder& kv_transfer(KvTransferSummary::Reader summary);
 
  private:
   Finish::Builder body_;

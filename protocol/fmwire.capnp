@@ -305,8 +305,7 @@ struct KvOffer {
   layers @13 :UInt32;           # the model's, so a layer range is checked against it
   kvHeads @14 :UInt32;
   headDim @15 :UInt32;
-  generatedTokens @16 :List(UInt32); # tokens the sender generated after the prompt, in order
-  chunkBytes @17 :UInt32;       # the sender's plan: decoded bytes per chunk (whole blocks), the last may be shorter
+  chunkBytes @16 :UInt32;       # the sender's plan: decoded bytes per chunk (whole blocks), the last may be shorter
 }
 
 # The receiver reserved blocks: chunks name this id and generation, so a
@@ -353,6 +352,10 @@ struct KvCommit {
   generation @1 :UInt32;
   totalBytes @2 :UInt64;
   chunkCount @3 :UInt32;
+  # Minor version 2: tokens the sender generated after the offered ones
+  # (a prefill worker's first token): the receiver's sequence goes on
+  # after them. Known only once the KV is computed, so here, not in Offer.
+  generatedTokens @4 :List(UInt32);
 }
 
 struct KvCommitted {

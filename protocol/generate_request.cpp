@@ -124,6 +124,28 @@ GenerateRequestBuilder& GenerateRequestBuilder::stream_options(bool include_usag
   return *this;
 }
 
+std::string_view GenerateRequestReader::transfer_key() const {
+  return text_view(body_.getDisaggregation().getTransferKey());
+}
+
+std::string_view GenerateRequestReader::prefill_to() const {
+  return prefill_only() ? text_view(body_.getDisaggregation().getPrefillTo()) : std::string_view();
+}
+
+GenerateRequestBuilder& GenerateRequestBuilder::prefill_to(std::string_view key, std::string_view decode_endpoint) {
+  auto disaggregation = body_.initDisaggregation();
+  fill_text(disaggregation.initTransferKey(text_size(key)), key);
+  fill_text(disaggregation.initPrefillTo(text_size(decode_endpoint)), decode_endpoint);
+  return *this;
+}
+
+GenerateRequestBuilder& GenerateRequestBuilder::decode_after_transfer(std::string_view key) {
+  auto disaggregation = body_.initDisaggregation();
+  fill_text(disaggregation.initTransferKey(text_size(key)), key);
+  disaggregation.setDecode();
+  return *this;
+}
+
 GenerateRequestBuilder& GenerateRequestBuilder::copy_all_but_prompt(const GenerateRequestReader& from) {
   const GenerateRequest::Reader in = from.body();
   body_.setRequestId(in.getRequestId());

@@ -54,6 +54,13 @@ class GenerateRequestReader {
   bool include_usage() const { return body_.getStreamOptions().getIncludeUsage(); }
   bool include_text() const { return body_.getStreamOptions().getIncludeText(); }
   bool include_timings() const { return body_.getStreamOptions().getIncludeTimings(); }
+  // Disaggregated serving (set by a router): the transfer's key, and where
+  // this side's part is: none (serve it whole), prefill here and push the KV
+  // to prefill_to(), or decode after the KV arrives.
+  std::string_view transfer_key() const;
+  bool prefill_only() const { return body_.getDisaggregation().isPrefillTo(); }
+  std::string_view prefill_to() const;  // HOST:PORT of the decode worker; empty unless prefill_only()
+  bool decode_only() const { return body_.getDisaggregation().isDecode(); }
 
   GenerateRequest::Reader body() const { return body_; }
 
@@ -77,6 +84,10 @@ class GenerateRequestBuilder {
   GenerateRequestBuilder& timeout_us(std::uint64_t budget_us);
   GenerateRequestBuilder& priority(std::int8_t priority);
   GenerateRequestBuilder& stream_options(bool include_usage, bool include_text, bool include_timings);
+  // This worker prefills and pushes the KV to `decode_endpoint` (HOST:PORT) under `key`.
+  GenerateRequestBuilder& prefill_to(std::string_view key, std::string_view decode_endpoint);
+  // This worker waits for the KV offered under `key`, then decodes.
+  GenerateRequestBuilder& decode_after_transfer(std::string_view key);
 
   // Everything `from` says except its prompt, which a relay that issues a
   // request again (with the prompt's token ids, or continued after a

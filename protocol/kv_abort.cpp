@@ -12,4 +12,10 @@ KvAbortBuilder& KvAbortBuilder::error(const MessageError& error) {
   return *this;
 }
 
+KvAbortBuilder& KvAbortBuilder::end(const KvEndError& end) {
+  error(MessageError{end.code(), end.message});
+  body_.setReason(end.reason);
+  return *this;
+}
+
 }  // namespace fmwire::protocol

@@ -7,6 +7,7 @@
 
 #include "protocol/fmwire.capnp.h"
 #include "protocol/kv_transfer_ref.h"
+#include "protocol/kv_end.h"
 #include "protocol/message_error.h"
 
 namespace fmwire::protocol {
@@ -18,6 +19,8 @@ class KvAbortReader {
   KvTransferRef transfer() const { return read_transfer_ref(body_); }
   ErrorCode code() const { return body_.getCode(); }
   std::string_view message() const;
+  KvEnd reason() const { return body_.getReason(); }
+  KvEndError end() const { return {reason(), std::string(message())}; }
 
  private:
   KvAbort::Reader body_;
@@ -34,6 +37,8 @@ class KvAbortBuilder {
   // Why: a chunk's or the commit's check (kv_chunk.h, kv_commit.h), a
   // deadline, a digest mismatch.
   KvAbortBuilder& error(const MessageError& error);
+  // Why, typed: the code follows from the reason.
+  KvAbortBuilder& end(const KvEndError& end);
 
  private:
   KvAbort::Builder body_;

@@ -4,6 +4,8 @@
 // KvCommitted (kv_committed.h), else KvAbort (kv_abort.h).
 #pragma once
 
+#include <span>
+
 #include <cstdint>
 #include <optional>
 
@@ -24,6 +26,8 @@ class KvCommitReader {
   KvTransferRef transfer() const { return read_transfer_ref(body_); }
   std::uint64_t total_bytes() const { return body_.getTotalBytes(); }
   std::uint32_t chunk_count() const { return body_.getChunkCount(); }
+  // Tokens the sender generated after the offered ones, in order.
+  capnp::List<std::uint32_t>::Reader generated_tokens() const { return body_.getGeneratedTokens(); }
 
  private:
   KvCommit::Reader body_;
@@ -40,6 +44,11 @@ class KvCommitBuilder {
   KvCommitBuilder& totals(std::uint64_t total_bytes, std::uint32_t chunk_count) {
     body_.setTotalBytes(total_bytes);
     body_.setChunkCount(chunk_count);
+    return *this;
+  }
+  KvCommitBuilder& generated_tokens(std::span<const std::uint32_t> tokens) {
+    auto list = body_.initGeneratedTokens(static_cast<unsigned>(tokens.size()));
+    for (unsigned i = 0; i < tokens.size(); ++i) list.set(i, tokens[i]);
     return *this;
   }
 

@@ -11,27 +11,39 @@
 #include <string_view>
 
 #include "protocol/fmwire.capnp.h"
+#include "protocol/kv_end.h"
 #include "protocol/message_error.h"
 
 namespace fmwire::protocol {
 
 // What a receiver runs and accepts: an offer outside it is refused,
-// naming the field and the limit.
+// naming the field and the limit. The block size is not among them: a
+// receiver with other blocks re-blocks.
 struct KvOfferLimits {
   std::uint64_t model_fingerprint = 0;   // the receiver's weights
   std::uint32_t layers = 0;              // the receiver's model's layer count
-  std::uint32_t block_tokens = 0;        // the receiver's KV block size
+  std::uint32_t kv_heads = 0;
+  std::uint32_t head_dim = 0;
+  DType dtype = DType::FLOAT16;          // of the receiver's KV cache
   std::uint64_t max_total_bytes = 0;     // the most one transfer may bring
 };
+
+// Bytes of one element of `dtype`.
+std::uint32_t element_bytes(DType dtype);
 
 class KvOfferReader {
  public:
   KvOfferReader(KvOffer::Reader body) : body_(body) {}
 
-  // Same model, layer and token ranges not empty and within the model, the
-  // receiver's block size, at most one prefix hash per full block, and a
-  // size within max_total_bytes.
-  std::optional<MessageError> check(const KvOfferLimits& limits) const;
+  // Same model (else model_mismatch), same layers, heads, head dim, dtype
+  // and layout, all layers offered (else layout_mismatch), a token range
+  // from 0 that is not empty, a block size, a total that is what those
+  // say, chunks of whole blocks, at most one prefix hash per full block
+  // (else bad_message), and a size within max_total_bytes (else
+  // no_capacity).
+  std::optional<KvEndError> check(const KvOfferLimits& limits) const;
+  // Bytes of one of the sender's blocks, as the offer describes them.
+  std::uint64_t block_bytes() const;
 
   std::string_view request_id() const;
   std::uint64_t model_fingerprint() const { return body_.getModelFingerprint(); }
@@ -46,6 +58,10 @@ class KvOfferReader {
   Compression compression() const { return body_.getCompression(); }  // the sender's plan; chunks say what they are
   std::uint64_t timeout_us() const { return body_.getTimeoutUs(); }    // the whole transfer's budget; 0: none
   capnp::List<std::uint64_t>::Reader prefix_hashes() const { return body_.getPrefixHashes(); }  // one per full block
+  std::uint32_t model_layers() const { return body_.getLayers(); }  // the sender model's layer count
+  std::uint32_t kv_heads() const { return body_.getKvHeads(); }
+  std::uint32_t head_dim() const { return body_.getHeadDim(); }
+  std::uint32_t chunk_bytes() const { return body_.getChunkBytes(); }  // the sender's plan; the last chunk may be shorter
 
  private:
   KvOffer::Reader body_;
@@ -66,6 +82,8 @@ class KvOfferBuilder {
   KvOfferBuilder& compression(Compression compression);
   KvOfferBuilder& timeout_us(std::uint64_t budget_us);
   KvOfferBuilder& prefix_hashes(std::span<const std::uint64_t> hashes);
+  KvOfferBuilder& geometry(std::uint32_t model_layers, std::uint32_t kv_heads, std::uint32_t head_dim);
+  KvOfferBuilder& chunk_bytes(std::uint32_t bytes);
 
  private:
   KvOffer::Builder body_;

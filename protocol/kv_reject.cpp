@@ -13,4 +13,10 @@ KvRejectBuilder& KvRejectBuilder::error(const MessageError& error, bool retryabl
   return *this;
 }
 
+KvRejectBuilder& KvRejectBuilder::end(const KvEndError& end) {
+  error(MessageError{end.code(), end.message}, end.retryable());
+  body_.setReason(end.reason);
+  return *this;
+}
+
 }  // namespace fmwire::protocol

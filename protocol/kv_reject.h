@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "protocol/fmwire.capnp.h"
+#include "protocol/kv_end.h"
 #include "protocol/message_error.h"
 
 namespace fmwire::protocol {
@@ -17,6 +18,8 @@ class KvRejectReader {
   ErrorCode code() const { return body_.getCode(); }
   std::string_view message() const;
   bool retryable() const { return body_.getRetryable(); }
+  KvEnd reason() const { return body_.getReason(); }
+  KvEndError end() const { return {reason(), std::string(message())}; }
 
  private:
   KvReject::Reader body_;
@@ -28,6 +31,8 @@ class KvRejectBuilder {
 
   // Why: an offer's check (KvOfferReader::check), or the receiver's own.
   KvRejectBuilder& error(const MessageError& error, bool retryable);
+  // Why, typed: the code and retryability follow from the reason.
+  KvRejectBuilder& end(const KvEndError& end);
 
  private:
   KvReject::Builder body_;

@@ -18,6 +18,9 @@ WorkerLoad LoadReportReader::load() const {
   load.prompt_tokens = body_.getPromptTokens();
   load.cached_prompt_tokens = body_.getCachedPromptTokens();
   load.generated_tokens = body_.getGeneratedTokens();
+  load.role = body_.getWorkerRole();
+  load.kv_transfers_active = body_.getKvTransfersActive();
+  load.kv_reserved_blocks = body_.getKvReservedBlocks();
   return load;
 }
 
@@ -34,6 +37,9 @@ LoadReportBuilder& LoadReportBuilder::load(const WorkerLoad& load, std::string_v
   body_.setPromptTokens(load.prompt_tokens);
   body_.setCachedPromptTokens(load.cached_prompt_tokens);
   body_.setGeneratedTokens(load.generated_tokens);
+  body_.setWorkerRole(load.role);
+  body_.setKvTransfersActive(load.kv_transfers_active);
+  body_.setKvReservedBlocks(load.kv_reserved_blocks);
   return *this;
 }
 

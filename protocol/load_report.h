@@ -36,6 +36,10 @@ struct WorkerLoad {
   std::uint64_t prompt_tokens = 0;        // admitted prompt tokens
   std::uint64_t cached_prompt_tokens = 0; // of those, served from the prefix cache
   std::uint64_t generated_tokens = 0;
+  // Disaggregated serving (minor version 2).
+  WorkerRole role = WorkerRole::BOTH;     // what it serves: prefill, decode, or both
+  std::uint32_t kv_transfers_active = 0;  // KV sessions open now, either direction
+  std::uint32_t kv_reserved_blocks = 0;   // blocks held for incoming transfers
 };
 
 class LoadReportReader {

@@ -19,16 +19,20 @@
 namespace fmwire::protocol {
 namespace {
 
-constexpr KvOfferLimits kReceiver{.model_fingerprint = 42, .layers = 4, .block_tokens = 16, .max_total_bytes = 1 << 20};
+constexpr KvOfferLimits kReceiver{.model_fingerprint = 42, .layers = 4, .kv_heads = 2, .head_dim = 8,
+                                   .dtype = DType::FLOAT16, .max_total_bytes = 1 << 20};
+// One block of the offer below: 4 layers x k,v x 2 heads x 8 dims x 2 bytes x 16 tokens.
+constexpr std::uint64_t kBlockBytes = 4 * 2 * 2 * 8 * 2 * 16;
 
 // An offer the receiver above accepts, changed by `change`.
 template <typename Change>
-std::optional<MessageError> check_offer(Change&& change) {
+std::optional<KvEndError> check_offer(Change&& change) {
   capnp::MallocMessageBuilder message;
   const std::vector<std::uint64_t> hashes{7, 8};
   KvOfferBuilder offer(message.initRoot<KvOffer>());
-  offer.request_id("r").model_fingerprint(42).layers(0, 4).tokens(0, 40).block_tokens(16);
-  offer.dtype(DType::FLOAT16).total_bytes(4096).compression(Compression::ZSTD).timeout_us(5).prefix_hashes(hashes);
+  offer.request_id("r").model_fingerprint(42).layers(0, 4).tokens(0, 40).block_tokens(16).geometry(4, 2, 8);
+  offer.dtype(DType::FLOAT16).total_bytes(3 * kBlockBytes).chunk_bytes(kBlockBytes).compression(Compression::ZSTD);
+  offer.timeout_us(5).prefix_hashes(hashes);
   change(offer);
   return KvOfferReader(message.getRoot<KvOffer>().asReader()).check(kReceiver);
 }
@@ -46,25 +50,47 @@ TEST_CASE("a KV offer within the receiver's limits passes, and reads back as bui
   CHECK_FALSE(check_offer([](KvOfferBuilder&) {}).has_value());
 }
 
-TEST_CASE("a KV offer outside the receiver's limits is refused, naming the field and the limit") {
+TEST_CASE("a KV offer in another block size passes: the receiver re-blocks") {
+  CHECK_FALSE(check_offer([](KvOfferBuilder& offer) {
+    offer.block_tokens(32).total_bytes(2 * 2 * kBlockBytes).chunk_bytes(2 * kBlockBytes).prefix_hashes({});
+  }).has_value());
+}
+
+TEST_CASE("a KV offer outside the receiver's limits is refused with a typed reason, naming the field and the limit") {
   auto other_model = check_offer([](KvOfferBuilder& offer) { offer.model_fingerprint(41); });
   REQUIRE(other_model.has_value());
+  CHECK(other_model->reason == KvEnd::MODEL_MISMATCH);
   CHECK(other_model->message == "KV offer for model fingerprint 41; this side runs 42");
-  auto layers = check_offer([](KvOfferBuilder& offer) { offer.layers(2, 5); });
+  auto heads = check_offer([](KvOfferBuilder& offer) { offer.geometry(4, 4, 8); });
+  REQUIRE(heads.has_value());
+  CHECK(heads->reason == KvEnd::LAYOUT_MISMATCH);
+  CHECK(heads->message == "KV offer of a model with 4 layers, 4 KV heads of 8; this side's has 4, 2 of 8");
+  auto dtype = check_offer([](KvOfferBuilder& offer) { offer.dtype(DType::BFLOAT16); });
+  REQUIRE(dtype.has_value());
+  CHECK(dtype->reason == KvEnd::LAYOUT_MISMATCH);
+  auto layers = check_offer([](KvOfferBuilder& offer) { offer.layers(1, 4); });
   REQUIRE(layers.has_value());
-  CHECK(layers->message == "KV offer of layers [2, 5); the model has layers [0, 4)");
-  CHECK(check_offer([](KvOfferBuilder& offer) { offer.tokens(8, 8); }).has_value());
-  auto blocks = check_offer([](KvOfferBuilder& offer) { offer.block_tokens(32); });
-  REQUIRE(blocks.has_value());
-  CHECK(blocks->message == "KV offer in blocks of 32 tokens; this side's blocks hold 16");
+  CHECK(layers->reason == KvEnd::LAYOUT_MISMATCH);
+  CHECK(layers->message == "KV offer of layers [1, 4); this side takes whole models, layers [0, 4)");
+  CHECK(check_offer([](KvOfferBuilder& offer) { offer.tokens(0, 0); })->reason == KvEnd::BAD_MESSAGE);
+  auto total = check_offer([](KvOfferBuilder& offer) { offer.total_bytes(4096); });
+  REQUIRE(total.has_value());
+  CHECK(total->reason == KvEnd::BAD_MESSAGE);
+  CHECK(total->message == "KV offer of 4096 bytes; 3 blocks of 4096 bytes are 12288");
+  auto chunks = check_offer([](KvOfferBuilder& offer) { offer.chunk_bytes(100); });
+  REQUIRE(chunks.has_value());
+  CHECK(chunks->message == "KV offer in chunks of 100 bytes; chunks are whole blocks of 4096");
   const std::vector<std::uint64_t> three{1, 2, 3};
   auto hashes = check_offer([&](KvOfferBuilder& offer) { offer.prefix_hashes(three); });
   REQUIRE(hashes.has_value());
   CHECK(hashes->message == "KV offer with 3 prefix hashes for 2 full blocks; at most one per full block");
-  auto large = check_offer([](KvOfferBuilder& offer) { offer.total_bytes(2 << 20); });
+  auto large = check_offer([](KvOfferBuilder& offer) {
+    offer.tokens(0, 16 * 300).total_bytes(300 * kBlockBytes);
+  });
   REQUIRE(large.has_value());
-  CHECK(large->code == ErrorCode::LIMIT_EXCEEDED);
-  CHECK(large->message == "KV offer of 2097152 bytes; this side takes 1 to 1048576 per transfer");
+  CHECK(large->reason == KvEnd::NO_CAPACITY);
+  CHECK(large->code() == ErrorCode::OVERLOADED);
+  CHECK(large->message == "KV offer of 1228800 bytes; this side takes at most 1048576 per transfer");
 }
 
 TEST_CASE("a KV chunk of an earlier generation, over the chunk limit or past the shard is refused") {
