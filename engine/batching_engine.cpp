@@ -639,9 +639,13 @@ EngineStats BatchingEngine::stats() const {
   stats.running = static_cast<std::uint32_t>(running_.size());
   stats.paused = paused_count_;
   stats.importing = static_cast<std::uint32_t>(importing_.size());
-  for (const Sequence* sequence : importing_) stats.reserved_blocks += static_cast<std::uint32_t>(sequence->blocks.size());
+  for (const Sequence* sequence : importing_) {
+    stats.reserved_blocks += static_cast<std::uint32_t>(sequence->blocks.size());
+  }
   stats.held = static_cast<std::uint32_t>(held_.size());
-  for (const Sequence* sequence : held_) stats.held_blocks += static_cast<std::uint32_t>(sequence->blocks.size());
+  for (const Sequence* sequence : held_) {
+    stats.held_blocks += static_cast<std::uint32_t>(sequence->blocks.size());
+  }
   stats.free_blocks = pool_.available_blocks();
   stats.total_blocks = pool_.total_blocks();
   stats.cached_blocks = pool_.cached_blocks();
