@@ -69,9 +69,17 @@ void EngineRunner::apply(Command& command, RunnerOutput& output) {
   } else if (auto* pause = std::get_if<Pause>(&command)) {
     engine_.set_paused(pause->id, pause->paused);
   } else if (auto* read = std::get_if<ReadKv>(&command)) {
-    read->into->resize(std::size_t{read->block_count} * engine_.info().kv.bytes_per_block());
-    auto done = engine_.read_kv(read->id, read->first_block, read->block_count, *read->into);
-    output.kv_reads.push_back({read->id, read->first_block, read->block_count, std::move(read->into), message(done)});
+    // The count may come from a peer: never size a buffer for more blocks than the cache has.
+    const std::uint32_t total_blocks = engine_.info().total_blocks;
+    std::string error;
+    if (read->block_count > total_blocks) {
+      error = "a KV read of " + std::to_string(read->block_count) + " blocks is more than the cache's " +
+              std::to_string(total_blocks);
+    } else {
+      read->into->resize(std::size_t{read->block_count} * engine_.info().kv.bytes_per_block());
+      error = message(engine_.read_kv(read->id, read->first_block, read->block_count, *read->into));
+    }
+    output.kv_reads.push_back({read->id, read->first_block, read->block_count, std::move(read->into), std::move(error)});
   } else if (auto* release = std::get_if<ReleaseKv>(&command)) {
     engine_.release_kv(release->id);
   } else if (auto* prepare = std::get_if<PrepareImport>(&command)) {

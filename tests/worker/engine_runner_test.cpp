@@ -198,3 +198,15 @@ TEST_CASE("a KV read the engine refuses comes back from the runner with the reas
   CHECK(collected.kv_reads[0].id == 9);
   CHECK(collected.kv_reads[0].error.find("no sequence 9") != std::string::npos);
 }
+
+TEST_CASE("a KV read of more blocks than the cache holds is refused before any buffer grows") {
+  auto engine = test::builtin_engine();
+  Collected collected;
+  EngineRunner runner(*engine, collected.sink());
+  auto into = std::make_shared<std::vector<std::byte>>();
+  runner.read_kv(9, 0, 1u << 30, into);
+  REQUIRE(collected.wait([&] { return !collected.kv_reads.empty(); }));
+  std::lock_guard lock(collected.mutex);
+  CHECK(collected.kv_reads[0].error.find("more than the cache's 256") != std::string::npos);
+  CHECK(into->empty());
+}
