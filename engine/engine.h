@@ -215,7 +215,8 @@ class Engine {
                                             std::span<std::byte> out) = 0;
 
   // Frees a held (hold_kv, finished) sequence: cancel() by another name, for
-  // the end of a transfer. Unknown ids are ignored.
+  // the end of a transfer. A hold_kv sequence that has not finished yet goes
+  // on and is freed when it finishes. Unknown ids are ignored.
   virtual void release_kv(SequenceId id) = 0;
 
   // --- KV transfer, receiver side ---
