@@ -88,6 +88,12 @@ engine::EngineResult<codec::Done> TimedEngine::submit_with_kv(engine::SequenceId
   return inner_.submit_with_kv(id, std::move(request), shard);
 }
 
+engine::EngineResult<codec::Done> TimedEngine::prepare_import(engine::SequenceId id, engine::SequenceRequest request,
+                                                              const engine::KvImport& import) {
+  stream_of_[id] = stream_of_prompt(request.prompt);
+  return inner_.prepare_import(id, std::move(request), import);
+}
+
 void TimedEngine::step(engine::StepOutput& output) {
   const Clock::time_point entered = Clock::now();
   if (last_step_end_ != Clock::time_point{}) {

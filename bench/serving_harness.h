@@ -96,6 +96,21 @@ class TimedEngine final : public engine::Engine {
   void cancel(engine::SequenceId id) override { inner_.cancel(id); }
   void set_paused(engine::SequenceId id, bool paused) override { inner_.set_paused(id, paused); }
   engine::EngineResult<engine::KvShard> export_kv(engine::SequenceId id) override { return inner_.export_kv(id); }
+  engine::EngineResult<std::uint32_t> computed_tokens(engine::SequenceId id) const override {
+    return inner_.computed_tokens(id);
+  }
+  engine::EngineResult<codec::Done> read_kv(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
+                                            std::span<std::byte> out) override {
+    return inner_.read_kv(id, first_block, block_count, out);
+  }
+  void release_kv(engine::SequenceId id) override { inner_.release_kv(id); }
+  engine::EngineResult<codec::Done> prepare_import(engine::SequenceId id, engine::SequenceRequest request,
+                                                   const engine::KvImport& import) override;
+  engine::EngineResult<codec::Done> write_import(engine::SequenceId id, std::uint32_t first_block,
+                                                 std::span<const std::byte> bytes) override {
+    return inner_.write_import(id, first_block, bytes);
+  }
+  engine::EngineResult<codec::Done> commit_import(engine::SequenceId id) override { return inner_.commit_import(id); }
   engine::EngineStats stats() const override { return inner_.stats(); }
   std::vector<std::uint64_t> cached_prefixes() const override { return inner_.cached_prefixes(); }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -13,6 +14,17 @@ std::uint64_t micros(std::chrono::steady_clock::duration duration) {
 }
 
 EngineError error(std::string message) { return EngineError{std::move(message)}; }
+EngineError refused(KvRefusal refusal, std::string message) { return EngineError{std::move(message), refusal}; }
+
+// Appended piece by piece: GCC 12 warns falsely (-Wrestrict) on "[" + std::string&&.
+std::string block_range(std::uint64_t first, std::uint64_t count) {
+  std::string range(1, '[');
+  range += std::to_string(first);
+  range += ", ";
+  range += std::to_string(first + count);
+  range += ')';
+  return range;
+}
 
 }  // namespace
 
@@ -104,44 +116,193 @@ EngineResult<codec::Done> BatchingEngine::submit(SequenceId id, SequenceRequest 
 
 EngineResult<codec::Done> BatchingEngine::submit_with_kv(SequenceId id, SequenceRequest request,
                                                          const KvShard& shard) {
+  // An import whose chunks are all here: prepare, write, commit in one go.
+  const KvImport import{shard.tokens, shard.geometry, shard.model_fingerprint};
+  if (auto checked = check_import(id, request, import); !checked) return checked;
+  const auto count = static_cast<std::uint32_t>(shard.tokens.size());
+  const std::size_t expected = std::size_t{(count + shard.geometry.block_tokens - 1) / shard.geometry.block_tokens} *
+                               shard.geometry.bytes_per_block();
+  if (shard.bytes.size() != expected) {
+    return error("the KV shard holds " + std::to_string(shard.bytes.size()) + " bytes, " + std::to_string(expected) +
+                 " expected for " + std::to_string(count) + " tokens");
+  }
+  auto started = reserve_import(id, std::move(request), import);
+  if (!started) return started.error();
+  Sequence& sequence = **started;
+  if (auto written = write_sender_blocks(sequence, 0, shard.bytes); !written) {
+    remove(sequence);
+    return written;
+  }
+  if (auto committed = finish_import(sequence); !committed) {
+    remove(sequence);
+    return committed;
+  }
+  // Not computed here: served from elsewhere, as a prefix-cache hit is.
+  sequence.cached_prompt_tokens = count;
+  return codec::Done{};
+}
+
+EngineResult<codec::Done> BatchingEngine::check_import(SequenceId id, const SequenceRequest& request,
+                                                       const KvImport& import) const {
   if (auto checked = check(id, request); !checked) return checked;
-  if (shard.model_fingerprint != info_.model_fingerprint) {
-    return error("the KV shard comes from another model (fingerprint " + std::to_string(shard.model_fingerprint) +
-                 ", this engine runs " + std::to_string(info_.model_fingerprint) + ")");
+  if (import.model_fingerprint != info_.model_fingerprint) {
+    return refused(KvRefusal::model_mismatch,
+                   "the KV comes from another model (fingerprint " + std::to_string(import.model_fingerprint) +
+                       ", this engine runs " + std::to_string(info_.model_fingerprint) + ")");
   }
   const KvGeometry& ours = info_.kv;
-  const KvGeometry& theirs = shard.geometry;
+  const KvGeometry& theirs = import.geometry;
   if (theirs.layers != ours.layers || theirs.kv_heads != ours.kv_heads || theirs.head_dim != ours.head_dim ||
-      theirs.block_tokens != ours.block_tokens || theirs.dtype != ours.dtype ||
-      theirs.element_bytes != ours.element_bytes) {
-    return error("the KV shard's geometry differs from this engine's cache");
+      theirs.dtype != ours.dtype || theirs.element_bytes != ours.element_bytes || theirs.block_tokens == 0) {
+    return refused(KvRefusal::layout_mismatch,
+                   "the KV's geometry (" + std::to_string(theirs.layers) + " layers, " +
+                       std::to_string(theirs.kv_heads) + " KV heads of " + std::to_string(theirs.head_dim) + ", " +
+                       std::to_string(theirs.element_bytes) + "-byte elements, blocks of " +
+                       std::to_string(theirs.block_tokens) + ") differs from this engine's (" +
+                       std::to_string(ours.layers) + ", " + std::to_string(ours.kv_heads) + " of " +
+                       std::to_string(ours.head_dim) + ", " + std::to_string(ours.element_bytes) + "-byte)");
   }
-  const auto count = static_cast<std::uint32_t>(shard.tokens.size());
+  const std::size_t count = import.tokens.size();
   if (count == 0 || count >= request.prompt.size() ||
-      !std::equal(shard.tokens.begin(), shard.tokens.end(), request.prompt.begin())) {
-    return error("the KV shard's tokens must be a prefix of the prompt, shorter than it");
+      !std::equal(import.tokens.begin(), import.tokens.end(), request.prompt.begin())) {
+    return error("the KV's " + std::to_string(count) + " tokens must be a non-empty prefix of the prompt of " +
+                 std::to_string(request.prompt.size()) + ", shorter than it");
   }
-  const std::uint32_t block_count = blocks_for(count);
-  if (shard.bytes.size() != std::size_t{block_count} * ours.bytes_per_block()) {
-    return error("the KV shard holds " + std::to_string(shard.bytes.size()) + " bytes, " +
-                 std::to_string(std::size_t{block_count} * ours.bytes_per_block()) + " expected for " +
-                 std::to_string(count) + " tokens");
+  return codec::Done{};
+}
+
+EngineResult<BatchingEngine::Sequence*> BatchingEngine::reserve_import(SequenceId id, SequenceRequest request,
+                                                                       const KvImport& import) {
+  const auto count = static_cast<std::uint32_t>(import.tokens.size());
+  const std::uint32_t need = blocks_for(count);
+  // Counted first: allocating and giving back would evict cached prefixes for nothing.
+  if (need > pool_.available_blocks()) {
+    return refused(KvRefusal::no_capacity, "the KV of " + std::to_string(count) + " tokens needs " +
+                                               std::to_string(need) + " blocks and " +
+                                               std::to_string(pool_.available_blocks()) + " are free");
   }
   std::vector<std::uint32_t> blocks;
-  for (std::uint32_t i = 0; i < block_count; ++i) {
-    auto block = pool_.allocate();
-    if (!block) {
-      for (std::uint32_t taken : blocks) pool_.release(taken);
-      return error("no free KV blocks for a shard of " + std::to_string(block_count) + " blocks");
-    }
-    blocks.push_back(*block);
+  blocks.reserve(need);
+  for (std::uint32_t i = 0; i < need; ++i) blocks.push_back(*pool_.allocate());
+
+  auto state = std::make_unique<Import>();
+  state->tokens = count;
+  state->sender = import.geometry;
+  state->arrived.assign((count + import.geometry.block_tokens - 1) / import.geometry.block_tokens, 0);
+  if (import.geometry.block_tokens != info_.kv.block_tokens) {
+    state->filled.assign(need, 0);
+    state->partial.resize(need);
   }
-  backend_->write_blocks(blocks, shard.bytes);
   Sequence& sequence = add(id, std::move(request));
   sequence.blocks = std::move(blocks);
-  sequence.computed = count;
-  sequence.cached_prompt_tokens = count;
+  sequence.import = std::move(state);
+  importing_.push_back(&sequence);
+  return &sequence;
+}
+
+EngineResult<codec::Done> BatchingEngine::prepare_import(SequenceId id, SequenceRequest request,
+                                                         const KvImport& import) {
+  if (auto checked = check_import(id, request, import); !checked) return checked;
+  auto started = reserve_import(id, std::move(request), import);
+  if (!started) return started.error();
+  return codec::Done{};
+}
+
+EngineResult<BatchingEngine::Sequence*> BatchingEngine::find_importing(SequenceId id) const {
+  Sequence* sequence = find(id);
+  if (sequence == nullptr || !sequence->import) return error("no importing sequence " + std::to_string(id));
+  return sequence;
+}
+
+EngineResult<codec::Done> BatchingEngine::write_import(SequenceId id, std::uint32_t first_block,
+                                                       std::span<const std::byte> bytes) {
+  auto found = find_importing(id);
+  if (!found) return found.error();
+  return write_sender_blocks(**found, first_block, bytes);
+}
+
+EngineResult<codec::Done> BatchingEngine::write_sender_blocks(Sequence& sequence, std::uint32_t first,
+                                                              std::span<const std::byte> bytes) {
+  Import& import = *sequence.import;
+  const std::size_t block_bytes = import.sender.bytes_per_block();
+  if (bytes.empty() || bytes.size() % block_bytes != 0) {
+    return error("a KV chunk of " + std::to_string(bytes.size()) + " bytes for sequence " +
+                 std::to_string(sequence.id) + " is not whole blocks of " + std::to_string(block_bytes) + " bytes");
+  }
+  const std::uint64_t count = bytes.size() / block_bytes;
+  if (first + count > import.sender_blocks()) {
+    return error("KV blocks " + block_range(first, count) + " for sequence " + std::to_string(sequence.id) +
+                 " are beyond the import's " + std::to_string(import.sender_blocks()) + " blocks");
+  }
+  for (std::uint64_t block = first; block < first + count; ++block) {
+    if (import.arrived[block] != 0) {
+      return error("KV block " + std::to_string(block) + " for sequence " + std::to_string(sequence.id) +
+                   " arrived already");
+    }
+  }
+  if (import.filled.empty()) {
+    // Same block size: the sender's blocks are ours, written where they lie.
+    backend_->write_blocks(std::span(sequence.blocks).subspan(first, count), bytes);
+  } else {
+    for (std::uint64_t i = 0; i < count; ++i) {
+      reblock(sequence, static_cast<std::uint32_t>(first + i), bytes.subspan(i * block_bytes, block_bytes));
+    }
+  }
+  for (std::uint64_t block = first; block < first + count; ++block) import.arrived[block] = 1;
+  import.arrived_count += static_cast<std::uint32_t>(count);
+  return codec::Done{};
+}
+
+void BatchingEngine::reblock(Sequence& sequence, std::uint32_t block, std::span<const std::byte> bytes) {
+  Import& import = *sequence.import;
+  const KvGeometry& ours = info_.kv;
+  const std::uint32_t theirs_tokens = import.sender.block_tokens;
+  const std::uint32_t our_tokens = ours.block_tokens;
+  // Each (layer, k|v, kv head) is one run of block_tokens slots in both
+  // layouts: copy the overlap of this sender block with each block of ours.
+  const std::uint32_t rows = ours.layers * 2 * ours.kv_heads;
+  const std::size_t slot_bytes = std::size_t{ours.head_dim} * ours.element_bytes;
+  const std::uint32_t begin = block * theirs_tokens;
+  const std::uint32_t end = std::min(begin + theirs_tokens, import.tokens);
+  for (std::uint32_t ours_index = begin / our_tokens; ours_index * our_tokens < end; ++ours_index) {
+    const std::uint32_t low = std::max(begin, ours_index * our_tokens);
+    const std::uint32_t high = std::min(end, (ours_index + 1) * our_tokens);
+    auto& partial = import.partial[ours_index];
+    if (partial.empty()) partial.resize(ours.bytes_per_block());  // zeroed: slots no chunk covers stay 0
+    for (std::uint32_t row = 0; row < rows; ++row) {
+      std::memcpy(partial.data() + (std::size_t{row} * our_tokens + (low - ours_index * our_tokens)) * slot_bytes,
+                  bytes.data() + (std::size_t{row} * theirs_tokens + (low - begin)) * slot_bytes,
+                  (high - low) * slot_bytes);
+    }
+    import.filled[ours_index] += high - low;
+    const std::uint32_t positions = std::min(our_tokens, import.tokens - ours_index * our_tokens);
+    if (import.filled[ours_index] == positions) {
+      backend_->write_blocks(std::span(sequence.blocks).subspan(ours_index, 1), partial);
+      std::vector<std::byte>().swap(partial);
+    }
+  }
+}
+
+EngineResult<codec::Done> BatchingEngine::commit_import(SequenceId id) {
+  auto found = find_importing(id);
+  if (!found) return found.error();
+  return finish_import(**found);
+}
+
+EngineResult<codec::Done> BatchingEngine::finish_import(Sequence& sequence) {
+  const Import& import = *sequence.import;
+  if (import.arrived_count != import.sender_blocks()) {
+    return error("sequence " + std::to_string(sequence.id) + " cannot commit: " +
+                 std::to_string(import.arrived_count) + " of its " + std::to_string(import.sender_blocks()) +
+                 " KV blocks arrived");
+  }
+  sequence.computed = import.tokens;
+  sequence.import.reset();
+  importing_.erase(std::find(importing_.begin(), importing_.end(), &sequence));
   publish_full_blocks(sequence);
+  // It enters the queue now: transfer time is not queueing time.
+  sequence.arrival = next_arrival_++;
+  sequence.submitted = Clock::now();
   enqueue(sequence);
   return codec::Done{};
 }
@@ -306,6 +467,7 @@ void BatchingEngine::step(StepOutput& output) {
     sequence.computed += static_cast<std::uint32_t>(entries_[i].tokens.size());
     output.batch_tokens += static_cast<std::uint32_t>(entries_[i].tokens.size());
     publish_full_blocks(sequence);
+    if (sequence.request.hold_kv) output.kv_progress.push_back({sequence.id, sequence.computed});
     if (!entries_[i].wants_logits) continue;
     const std::uint32_t token = sequence.sampler.sample(std::span(logits_).subspan(row++ * vocab, vocab));
     if (!sequence.has_first_token) {
@@ -327,7 +489,7 @@ void BatchingEngine::step(StepOutput& output) {
       finish(sequence, FinishCause::context_full, output);
     }
   }
-  for (Sequence* sequence : done_) remove(*sequence);
+  for (Sequence* sequence : done_) retire(*sequence);
 
   pool_.take_events(output.prefixes_added, output.prefixes_evicted);
   const std::uint64_t step_us = micros(Clock::now() - start);
@@ -350,13 +512,30 @@ void BatchingEngine::finish(Sequence& sequence, FinishCause cause, StepOutput& o
   done_.push_back(&sequence);
 }
 
+void BatchingEngine::retire(Sequence& sequence) {
+  if (!sequence.request.hold_kv) {
+    remove(sequence);
+    return;
+  }
+  // Only a running, unpaused sequence finishes: it was in the batch.
+  running_.erase(std::find(running_.begin(), running_.end(), &sequence));
+  sequence.running = false;
+  sequence.held = true;
+  held_.push_back(&sequence);
+}
+
 void BatchingEngine::remove(Sequence& sequence) {
   for (std::uint32_t block : sequence.blocks) pool_.release(block);
   sequence.blocks.clear();
+  const auto erase = [&](std::vector<Sequence*>& list) { list.erase(std::find(list.begin(), list.end(), &sequence)); };
   if (sequence.running) {
-    running_.erase(std::find(running_.begin(), running_.end(), &sequence));
+    erase(running_);
+  } else if (sequence.held) {
+    erase(held_);
+  } else if (sequence.import) {
+    erase(importing_);
   } else {
-    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), &sequence));
+    erase(waiting_);
   }
   if (sequence.paused) --paused_count_;
   sequences_.erase(sequence.id);
@@ -372,14 +551,30 @@ bool BatchingEngine::has_work() const {
   return false;
 }
 
-void BatchingEngine::cancel(SequenceId id) {
+BatchingEngine::Sequence* BatchingEngine::find(SequenceId id) const {
   auto found = sequences_.find(id);
-  if (found != sequences_.end()) remove(*found->second);
+  return found == sequences_.end() ? nullptr : found->second.get();
+}
+
+void BatchingEngine::cancel(SequenceId id) {
+  if (Sequence* sequence = find(id)) remove(*sequence);
+}
+
+void BatchingEngine::release_kv(SequenceId id) {
+  Sequence* sequence = find(id);
+  if (sequence == nullptr) return;
+  if (sequence->held) {
+    remove(*sequence);
+  } else {
+    // Not finished yet: it no longer needs holding, so it is freed when it finishes.
+    sequence->request.hold_kv = false;
+  }
 }
 
 void BatchingEngine::set_paused(SequenceId id, bool paused) {
   auto found = sequences_.find(id);
-  if (found == sequences_.end() || found->second->paused == paused) return;
+  // A held sequence never runs again: nothing to pause.
+  if (found == sequences_.end() || found->second->held || found->second->paused == paused) return;
   found->second->paused = paused;
   if (paused) {
     ++paused_count_;
@@ -399,8 +594,43 @@ EngineResult<KvShard> BatchingEngine::export_kv(SequenceId id) {
   shard.model_fingerprint = info_.model_fingerprint;
   const std::uint32_t block_count = blocks_for(sequence.computed);
   shard.bytes.resize(std::size_t{block_count} * info_.kv.bytes_per_block());
-  backend_->read_blocks(std::span(sequence.blocks).first(block_count), shard.bytes);
+  pack_blocks(sequence, 0, block_count, shard.bytes);
   return shard;
+}
+
+void BatchingEngine::pack_blocks(const Sequence& sequence, std::uint32_t first, std::uint32_t count,
+                                 std::span<std::byte> out) {
+  backend_->read_blocks(std::span(sequence.blocks).subspan(first, count), out);
+}
+
+EngineResult<std::uint32_t> BatchingEngine::computed_tokens(SequenceId id) const {
+  const Sequence* sequence = find(id);
+  if (sequence == nullptr) return error("no sequence " + std::to_string(id));
+  return sequence->computed;
+}
+
+EngineResult<codec::Done> BatchingEngine::read_kv(SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
+                                                  std::span<std::byte> out) {
+  const Sequence* sequence = find(id);
+  if (sequence == nullptr) return error("no sequence " + std::to_string(id));
+  if (sequence->import) return error("sequence " + std::to_string(id) + " is importing its KV: nothing to read");
+  if (block_count == 0) return error("a KV read of sequence " + std::to_string(id) + " asks for no blocks");
+  const std::size_t expected = std::size_t{block_count} * info_.kv.bytes_per_block();
+  if (out.size() != expected) {
+    return error("a KV read of " + std::to_string(block_count) + " blocks needs " + std::to_string(expected) +
+                 " bytes, the buffer holds " + std::to_string(out.size()));
+  }
+  // Whole blocks only, except the last one of a held sequence: its last
+  // positions are computed and no more will come.
+  const std::uint32_t readable =
+      sequence->held ? blocks_for(sequence->computed) : sequence->computed / info_.kv.block_tokens;
+  if (std::uint64_t{first_block} + block_count > readable) {
+    return error("KV blocks " + block_range(first_block, block_count) + " of sequence " + std::to_string(id) +
+                 " are not all computed: " + std::to_string(sequence->computed) + " tokens are, " +
+                 std::to_string(readable) + " blocks can be read");
+  }
+  pack_blocks(*sequence, first_block, block_count, out);
+  return codec::Done{};
 }
 
 EngineStats BatchingEngine::stats() const {
@@ -408,6 +638,14 @@ EngineStats BatchingEngine::stats() const {
   stats.waiting = static_cast<std::uint32_t>(waiting_.size());
   stats.running = static_cast<std::uint32_t>(running_.size());
   stats.paused = paused_count_;
+  stats.importing = static_cast<std::uint32_t>(importing_.size());
+  for (const Sequence* sequence : importing_) {
+    stats.reserved_blocks += static_cast<std::uint32_t>(sequence->blocks.size());
+  }
+  stats.held = static_cast<std::uint32_t>(held_.size());
+  for (const Sequence* sequence : held_) {
+    stats.held_blocks += static_cast<std::uint32_t>(sequence->blocks.size());
+  }
   stats.free_blocks = pool_.available_blocks();
   stats.total_blocks = pool_.total_blocks();
   stats.cached_blocks = pool_.cached_blocks();

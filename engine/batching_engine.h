@@ -6,6 +6,15 @@
 // running sequence needs a block and none is free, the most recently
 // admitted other sequence is preempted: its blocks are freed and it is
 // recomputed later from its prompt and the tokens it had generated.
+//
+// KV transfer (engine.h): a hold_kv sequence that finishes is moved to the
+// held list with its blocks; an import reserves its blocks at prepare and
+// sits on the importing list until commit, when it joins the waiting queue
+// with those blocks as its computed prefix. Neither list is ever scheduled
+// or preempted. When the sender's block size differs from ours, a chunk is
+// re-laid into our blocks; a block of ours that a chunk covers only in part
+// waits in host memory until the rest of its positions arrive, so no block
+// is written from bytes that never came.
 #pragma once
 
 #include <chrono>
@@ -40,6 +49,14 @@ class BatchingEngine final : public Engine {
   void cancel(SequenceId id) override;
   void set_paused(SequenceId id, bool paused) override;
   EngineResult<KvShard> export_kv(SequenceId id) override;
+  EngineResult<std::uint32_t> computed_tokens(SequenceId id) const override;
+  EngineResult<codec::Done> read_kv(SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
+                                    std::span<std::byte> out) override;
+  void release_kv(SequenceId id) override;
+  EngineResult<codec::Done> prepare_import(SequenceId id, SequenceRequest request, const KvImport& import) override;
+  EngineResult<codec::Done> write_import(SequenceId id, std::uint32_t first_block,
+                                         std::span<const std::byte> bytes) override;
+  EngineResult<codec::Done> commit_import(SequenceId id) override;
   EngineStats stats() const override;
   std::vector<std::uint64_t> cached_prefixes() const override { return pool_.cached_hashes(); }
 
@@ -47,6 +64,19 @@ class BatchingEngine final : public Engine {
 
  private:
   using Clock = std::chrono::steady_clock;
+
+  // An import between prepare and commit: which sender blocks arrived and,
+  // when block sizes differ, our blocks that are filled only in part.
+  struct Import {
+    std::uint32_t tokens = 0;               // positions whose KV arrives
+    KvGeometry sender;                      // the sender's geometry
+    std::vector<std::uint8_t> arrived;      // per sender block: 1 once written
+    std::uint32_t arrived_count = 0;
+    std::vector<std::uint32_t> filled;      // re-blocking: per block of ours, positions written
+    std::vector<std::vector<std::byte>> partial;  // re-blocking: a block of ours until it is whole
+
+    std::uint32_t sender_blocks() const { return static_cast<std::uint32_t>(arrived.size()); }
+  };
 
   struct Sequence {
     SequenceId id;
@@ -63,6 +93,8 @@ class BatchingEngine final : public Engine {
     bool running = false;
     bool in_batch = false;              // has an entry in the step being built
     bool paused = false;
+    bool held = false;                  // hold_kv and finished: only its blocks remain
+    std::unique_ptr<Import> import;     // set between prepare_import and commit_import
     Sampler sampler;
     Clock::time_point submitted, admitted, first_token, last_token;
     bool was_admitted = false;
@@ -85,7 +117,23 @@ class BatchingEngine final : public Engine {
   void publish_full_blocks(Sequence& sequence);
   void schedule(Sequence& sequence, std::uint32_t tokens);
   void finish(Sequence& sequence, FinishCause cause, StepOutput& output);
+  // After its Finished event: freed, or held when it asked for hold_kv.
+  void retire(Sequence& sequence);
   void remove(Sequence& sequence);
+  Sequence* find(SequenceId id) const;
+  // Packs the sequence's blocks [first, first + count) into `out`, unchecked.
+  void pack_blocks(const Sequence& sequence, std::uint32_t first, std::uint32_t count, std::span<std::byte> out);
+  // prepare_import's checks (check() included), then its reservation: the
+  // new sequence is importing, or nothing is kept (no_capacity).
+  EngineResult<codec::Done> check_import(SequenceId id, const SequenceRequest& request, const KvImport& import) const;
+  EngineResult<Sequence*> reserve_import(SequenceId id, SequenceRequest request, const KvImport& import);
+  EngineResult<Sequence*> find_importing(SequenceId id) const;
+  // Writes sender blocks [first, ...) of `bytes` into the reserved blocks.
+  EngineResult<codec::Done> write_sender_blocks(Sequence& sequence, std::uint32_t first,
+                                                std::span<const std::byte> bytes);
+  // Re-lays sender block `block` into our blocks (block sizes differ).
+  void reblock(Sequence& sequence, std::uint32_t block, std::span<const std::byte> bytes);
+  EngineResult<codec::Done> finish_import(Sequence& sequence);
 
   EngineInfo info_;
   std::unique_ptr<ModelBackend> backend_;
@@ -94,6 +142,8 @@ class BatchingEngine final : public Engine {
   std::unordered_map<SequenceId, std::unique_ptr<Sequence>> sequences_;
   std::vector<Sequence*> waiting_;  // by priority, then arrival
   std::vector<Sequence*> running_;  // by admission
+  std::vector<Sequence*> importing_;  // prepared, not committed
+  std::vector<Sequence*> held_;       // hold_kv, finished, not released
   std::uint64_t next_arrival_ = 0;
   std::uint64_t next_admission_ = 0;
 

@@ -3,13 +3,23 @@
 // move a sequence's KV blocks out and in. The worker server drives an Engine
 // from one thread; nothing here is thread-safe.
 //
+// KV transfer between workers (disaggregated prefill/decode) follows NIXL's
+// prepare / post / check: the sender submits with hold_kv, reads each block
+// as soon as kv_progress says it is computed (read_kv), and releases the
+// sequence when the transfer ends (release_kv); the receiver reserves blocks
+// (prepare_import), writes chunks into them in any order (write_import), and
+// turns the import into an ordinary sequence (commit_import). cancel() ends
+// either side in any phase and frees every block.
+//
 // A step is the unit of progress: every call to step() advances each running
 // sequence by at most one generated token (and prefills some prompt tokens),
 // and reports what it produced. Commands (submit, cancel, pause) take effect
 // at the next step at the latest, so a cancel is honoured within one step.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -22,8 +32,18 @@ namespace fmwire::engine {
 // Chosen by the caller, unique among the engine's live sequences.
 using SequenceId = std::uint64_t;
 
+// Why a KV import was refused, for the errors a KV transfer session maps to
+// the wire's typed reasons (none: any other error).
+enum class KvRefusal {
+  none,
+  no_capacity,      // not enough free KV blocks to reserve now
+  layout_mismatch,  // the sender's KV geometry differs (block size aside)
+  model_mismatch,   // the sender runs another model
+};
+
 struct EngineError {
   std::string message;
+  KvRefusal refusal = KvRefusal::none;
 };
 template <typename T>
 using EngineResult = codec::Result<T, EngineError>;
@@ -34,6 +54,11 @@ struct SequenceRequest {
   SamplingParams sampling;
   bool stop_at_eos = true;
   std::int8_t priority = 0;           // higher is admitted first
+  // When the sequence finishes (EOS, max_tokens, context full), keep its KV
+  // blocks: it is reported Finished as usual, then stays held (neither
+  // waiting nor running) until release_kv() or cancel(), so that a KV
+  // transfer can read blocks after the last one is computed.
+  bool hold_kv = false;
 };
 
 enum class FinishCause {
@@ -60,11 +85,22 @@ struct StepOutput {
     std::uint64_t prefill_us;            // first scheduled to first token
     std::uint64_t decode_us;             // first token to the last
   };
+  // A hold_kv sequence's computed-token count after this step: what lets a
+  // sender read each block as soon as it is complete, while prefill goes on.
+  // A preempted sequence's count can go back; blocks read before stay valid
+  // (recomputing the same tokens gives the same KV).
+  struct KvProgress {
+    SequenceId id;
+    std::uint32_t computed;
+  };
   std::vector<Token> tokens;      // in order per sequence
   std::vector<Finished> finished; // after that sequence's last token
   // Hashes of full KV blocks that entered or left the prefix cache this step.
   std::vector<std::uint64_t> prefixes_added;
   std::vector<std::uint64_t> prefixes_evicted;
+  // One entry per hold_kv sequence whose count advanced (prefill chunk or
+  // decode step); none for other sequences.
+  std::vector<KvProgress> kv_progress;
   std::uint32_t batch_tokens = 0;  // tokens the model ran this step
   std::uint64_t step_us = 0;
 
@@ -73,6 +109,7 @@ struct StepOutput {
     finished.clear();
     prefixes_added.clear();
     prefixes_evicted.clear();
+    kv_progress.clear();
     batch_tokens = 0;
     step_us = 0;
   }
@@ -94,6 +131,10 @@ struct EngineStats {
   std::uint32_t waiting = 0;        // submitted, not admitted yet
   std::uint32_t running = 0;        // admitted (paused ones included)
   std::uint32_t paused = 0;
+  std::uint32_t importing = 0;      // prepare_import()ed, not committed yet
+  std::uint32_t reserved_blocks = 0;  // the blocks those importing sequences hold
+  std::uint32_t held = 0;           // hold_kv sequences that finished, not released yet
+  std::uint32_t held_blocks = 0;    // the blocks they hold
   std::uint32_t free_blocks = 0;    // allocatable: free or cached with no reference
   std::uint32_t total_blocks = 0;
   std::uint32_t cached_blocks = 0;  // in the prefix cache
@@ -114,6 +155,15 @@ struct KvShard {
   std::vector<std::byte> bytes;       // ceil(tokens / block_tokens) blocks
 };
 
+// What a receiver is told about the KV it is about to import: the sender's
+// tokens, geometry and model. Only the block size may differ from the
+// receiver's (the chunks are then re-laid into its blocks).
+struct KvImport {
+  std::vector<std::uint32_t> tokens;  // positions 0 .. tokens.size() - 1 whose KV arrives
+  KvGeometry geometry;                // the sender's
+  std::uint64_t model_fingerprint = 0;
+};
+
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -127,8 +177,9 @@ class Engine {
   virtual EngineResult<codec::Done> submit(SequenceId id, SequenceRequest request) = 0;
 
   // Like submit, with the KV of the prompt's first shard.tokens.size()
-  // tokens taken from `shard` instead of computed (the shard's tokens must
-  // be a prefix of the prompt, shorter than it, from the same model).
+  // tokens taken from `shard` instead of computed: prepare_import,
+  // write_import of every block and commit_import in one call, with their
+  // checks and refusals. Those tokens count as cached_prompt_tokens.
   virtual EngineResult<codec::Done> submit_with_kv(SequenceId id, SequenceRequest request, const KvShard& shard) = 0;
 
   // One scheduling step. Appends to `output`; does nothing when no sequence
@@ -139,7 +190,8 @@ class Engine {
   // not paused.
   virtual bool has_work() const = 0;
 
-  // Ends a sequence now and frees its KV blocks; unknown ids are ignored.
+  // Ends a sequence now and frees its KV blocks, in any phase (waiting,
+  // running, held, importing); unknown ids are ignored.
   virtual void cancel(SequenceId id) = 0;
 
   // A paused sequence keeps its blocks but takes no part in steps (its
@@ -148,6 +200,43 @@ class Engine {
 
   // The KV computed so far for a running sequence.
   virtual EngineResult<KvShard> export_kv(SequenceId id) = 0;
+
+  // --- KV transfer, sender side ---
+
+  // Leading positions of a sequence whose KV is computed (0 while importing).
+  virtual EngineResult<std::uint32_t> computed_tokens(SequenceId id) const = 0;
+
+  // Packs blocks [first_block, first_block + block_count) of a running,
+  // paused or held sequence into `out` (block_count * bytes_per_block(), the
+  // wire layout of KvGeometry). A block may be read once all its positions
+  // are computed, or when it is the last block of a held sequence (no more
+  // positions will come); any other is refused.
+  virtual EngineResult<codec::Done> read_kv(SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
+                                            std::span<std::byte> out) = 0;
+
+  // Frees a held (hold_kv, finished) sequence: cancel() by another name, for
+  // the end of a transfer. A hold_kv sequence that has not finished yet goes
+  // on and is freed when it finishes. Unknown ids are ignored.
+  virtual void release_kv(SequenceId id) = 0;
+
+  // --- KV transfer, receiver side ---
+
+  // Checks `request` as submit() does and `import` against this engine
+  // (refusal model_mismatch, layout_mismatch), and reserves blocks for
+  // import.tokens (a non-empty prefix of the prompt, shorter than it) at
+  // once, or keeps nothing (no_capacity). The id is taken from now on, but
+  // the sequence neither waits nor runs until commit_import().
+  virtual EngineResult<codec::Done> prepare_import(SequenceId id, SequenceRequest request, const KvImport& import) = 0;
+
+  // Writes whole blocks in the sender's block size, from sender block
+  // `first_block` on, into the blocks prepare_import() reserved. Chunks may
+  // come in any order, each block once.
+  virtual EngineResult<codec::Done> write_import(SequenceId id, std::uint32_t first_block,
+                                                 std::span<const std::byte> bytes) = 0;
+
+  // Once every block of the import has been written: the sequence waits like
+  // a submitted one, with its first import.tokens.size() positions computed.
+  virtual EngineResult<codec::Done> commit_import(SequenceId id) = 0;
 
   virtual EngineStats stats() const = 0;
 

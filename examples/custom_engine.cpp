@@ -113,6 +113,26 @@ class ReverseEngine final : public engine::Engine {
     return EngineError{"the reverse engine keeps no KV cache to export"};
   }
 
+  // No KV cache, so no KV transfer: every part of it is refused, and there
+  // is never a held sequence to release.
+  engine::EngineResult<std::uint32_t> computed_tokens(SequenceId) const override {
+    return EngineError{"the reverse engine keeps no KV cache"};
+  }
+  engine::EngineResult<codec::Done> read_kv(SequenceId, std::uint32_t, std::uint32_t, std::span<std::byte>) override {
+    return EngineError{"the reverse engine keeps no KV cache to read"};
+  }
+  void release_kv(SequenceId) override {}
+  engine::EngineResult<codec::Done> prepare_import(SequenceId, engine::SequenceRequest,
+                                                   const engine::KvImport&) override {
+    return EngineError{"the reverse engine keeps no KV cache: submit the whole prompt"};
+  }
+  engine::EngineResult<codec::Done> write_import(SequenceId, std::uint32_t, std::span<const std::byte>) override {
+    return EngineError{"the reverse engine has no KV import"};
+  }
+  engine::EngineResult<codec::Done> commit_import(SequenceId) override {
+    return EngineError{"the reverse engine has no KV import"};
+  }
+
   engine::EngineStats stats() const override {
     engine::EngineStats stats = stats_;
     stats.running = static_cast<std::uint32_t>(sequences_.size());

@@ -43,6 +43,57 @@ std::shared_ptr<RunnerOutput> EngineRunner::make_output() {
 void EngineRunner::submit(engine::SequenceId id, engine::SequenceRequest request) { push(Submit{id, std::move(request)}); }
 void EngineRunner::cancel(engine::SequenceId id) { push(Cancel{id}); }
 void EngineRunner::set_paused(engine::SequenceId id, bool paused) { push(Pause{id, paused}); }
+void EngineRunner::read_kv(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
+                           std::shared_ptr<std::vector<std::byte>> into) {
+  push(ReadKv{id, first_block, block_count, std::move(into)});
+}
+void EngineRunner::release_kv(engine::SequenceId id) { push(ReleaseKv{id}); }
+void EngineRunner::prepare_import(engine::SequenceId id, engine::SequenceRequest request, engine::KvImport import) {
+  push(PrepareImport{id, std::move(request), std::move(import)});
+}
+void EngineRunner::write_import(engine::SequenceId id, std::uint32_t first_block,
+                                std::shared_ptr<const std::vector<std::byte>> bytes) {
+  push(WriteImport{id, first_block, std::move(bytes)});
+}
+void EngineRunner::commit_import(engine::SequenceId id) { push(CommitImport{id}); }
+
+void EngineRunner::apply(Command& command, RunnerOutput& output) {
+  using Step = RunnerOutput::KvImportResult::Step;
+  const auto message = [](const auto& result) { return result ? std::string() : result.error().message; };
+  const auto refusal = [](const auto& result) { return result ? engine::KvRefusal::none : result.error().refusal; };
+  if (auto* submit = std::get_if<Submit>(&command)) {
+    auto submitted = engine_.submit(submit->id, std::move(submit->request));
+    if (!submitted) output.rejected.push_back({submit->id, submitted.error().message});
+  } else if (auto* cancel = std::get_if<Cancel>(&command)) {
+    engine_.cancel(cancel->id);
+  } else if (auto* pause = std::get_if<Pause>(&command)) {
+    engine_.set_paused(pause->id, pause->paused);
+  } else if (auto* read = std::get_if<ReadKv>(&command)) {
+    // The count may come from a peer: never size a buffer for more blocks than the cache has.
+    const std::uint32_t total_blocks = engine_.info().total_blocks;
+    std::string error;
+    if (read->block_count > total_blocks) {
+      error = "a KV read of " + std::to_string(read->block_count) + " blocks is more than the cache's " +
+              std::to_string(total_blocks);
+    } else {
+      read->into->resize(std::size_t{read->block_count} * engine_.info().kv.bytes_per_block());
+      error = message(engine_.read_kv(read->id, read->first_block, read->block_count, *read->into));
+    }
+    output.kv_reads.push_back({read->id, read->first_block, read->block_count, std::move(read->into), std::move(error)});
+  } else if (auto* release = std::get_if<ReleaseKv>(&command)) {
+    engine_.release_kv(release->id);
+  } else if (auto* prepare = std::get_if<PrepareImport>(&command)) {
+    auto done = engine_.prepare_import(prepare->id, std::move(prepare->request), prepare->import);
+    output.kv_imports.push_back({prepare->id, Step::prepare, message(done), refusal(done), 0});
+  } else if (auto* write = std::get_if<WriteImport>(&command)) {
+    auto done = engine_.write_import(write->id, write->first_block, *write->bytes);
+    write->bytes.reset();  // in the KV cache now: the frame's copy can go
+    if (!done) output.kv_imports.push_back({write->id, Step::write, message(done), refusal(done), write->first_block});
+  } else if (auto* commit = std::get_if<CommitImport>(&command)) {
+    auto done = engine_.commit_import(commit->id);
+    output.kv_imports.push_back({commit->id, Step::commit, message(done), refusal(done), 0});
+  }
+}
 
 void EngineRunner::run() {
   // Named so that top -H, perf and bench/gateway's CPU accounting can tell
@@ -65,16 +116,7 @@ void EngineRunner::run() {
       applying.swap(shared_->commands);
     }
     auto output = make_output();
-    for (Command& command : applying) {
-      if (auto* submit = std::get_if<Submit>(&command)) {
-        auto submitted = engine_.submit(submit->id, std::move(submit->request));
-        if (!submitted) output->rejected.push_back({submit->id, submitted.error().message});
-      } else if (auto* cancel = std::get_if<Cancel>(&command)) {
-        engine_.cancel(cancel->id);
-      } else if (auto* pause = std::get_if<Pause>(&command)) {
-        engine_.set_paused(pause->id, pause->paused);
-      }
-    }
+    for (Command& command : applying) apply(command, *output);
     const bool had_commands = !applying.empty();
     applying.clear();
     if (had_commands) worth_stepping = true;
@@ -82,7 +124,8 @@ void EngineRunner::run() {
       engine_.step(output->step);
       worth_stepping = output->step.batch_tokens > 0;
     }
-    if (!had_commands && output->step.batch_tokens == 0 && output->step.finished.empty()) continue;
+    const bool has_results = !output->rejected.empty() || !output->kv_reads.empty() || !output->kv_imports.empty();
+    if (!had_commands && !has_results && output->step.batch_tokens == 0 && output->step.finished.empty()) continue;
     output->stats = engine_.stats();
     sink_(std::move(output));
   }

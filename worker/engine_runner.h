@@ -1,7 +1,10 @@
 // Runs an Engine on a thread of its own, so that a step (milliseconds of
 // model time) never holds up the I/O loop. Commands (submit, cancel, pause)
 // come from any thread and are applied before the next step, which is how a
-// cancel is honoured within one step. What each step produced goes to a
+// cancel is honoured within one step. KV transfer commands (read_kv,
+// release_kv, prepare/write/commit_import) are applied in the same order
+// with the others, so a read sees every step before it and none after.
+// What each step produced goes to a
 // sink in one piece: one hand-off per step for every sequence's tokens,
 // never one per token.
 //
@@ -13,9 +16,11 @@
 #pragma once
 
 #include <condition_variable>
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <variant>
 #include <vector>
@@ -29,8 +34,28 @@ struct RunnerOutput {
     engine::SequenceId id;
     std::string message;
   };
+  // A read_kv command's answer: `bytes` is the buffer it was given, filled.
+  struct KvRead {
+    engine::SequenceId id;
+    std::uint32_t first_block;
+    std::uint32_t block_count;
+    std::shared_ptr<std::vector<std::byte>> bytes;
+    std::string error;  // empty: ok
+  };
+  // An import command's answer: one per prepare and commit, and one per
+  // write only when it failed (a transfer's many chunks stay off the outputs).
+  struct KvImportResult {
+    enum class Step { prepare, write, commit };
+    engine::SequenceId id;
+    Step step;
+    std::string error;  // empty: ok
+    engine::KvRefusal refusal = engine::KvRefusal::none;
+    std::uint32_t first_block = 0;  // write: the chunk's first sender block
+  };
   engine::StepOutput step;
   std::vector<Rejected> rejected;  // submissions the engine refused
+  std::vector<KvRead> kv_reads;
+  std::vector<KvImportResult> kv_imports;
   engine::EngineStats stats;               // after the step
 };
 
@@ -53,6 +78,21 @@ class EngineRunner {
   void cancel(engine::SequenceId id);
   void set_paused(engine::SequenceId id, bool paused);
 
+  // KV transfer, sender side (engine::Engine::read_kv, release_kv). The
+  // runner resizes `into` to the blocks' bytes and fills it; the caller
+  // leaves it alone until the KvRead that carries it comes back.
+  void read_kv(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
+               std::shared_ptr<std::vector<std::byte>> into);
+  void release_kv(engine::SequenceId id);
+
+  // KV transfer, receiver side (engine::Engine::prepare_import, ...). The
+  // chunk's bytes are the ones copied once out of the received frame; the
+  // runner drops its reference once they are in the KV cache.
+  void prepare_import(engine::SequenceId id, engine::SequenceRequest request, engine::KvImport import);
+  void write_import(engine::SequenceId id, std::uint32_t first_block,
+                    std::shared_ptr<const std::vector<std::byte>> bytes);
+  void commit_import(engine::SequenceId id);
+
  private:
   struct Submit {
     engine::SequenceId id;
@@ -65,7 +105,29 @@ class EngineRunner {
     engine::SequenceId id;
     bool paused;
   };
-  using Command = std::variant<Submit, Cancel, Pause>;
+  struct ReadKv {
+    engine::SequenceId id;
+    std::uint32_t first_block;
+    std::uint32_t block_count;
+    std::shared_ptr<std::vector<std::byte>> into;
+  };
+  struct ReleaseKv {
+    engine::SequenceId id;
+  };
+  struct PrepareImport {
+    engine::SequenceId id;
+    engine::SequenceRequest request;
+    engine::KvImport import;
+  };
+  struct WriteImport {
+    engine::SequenceId id;
+    std::uint32_t first_block;
+    std::shared_ptr<const std::vector<std::byte>> bytes;
+  };
+  struct CommitImport {
+    engine::SequenceId id;
+  };
+  using Command = std::variant<Submit, Cancel, Pause, ReadKv, ReleaseKv, PrepareImport, WriteImport, CommitImport>;
 
   // What the runner's thread waits on; shared with the outputs' deleters,
   // which may outlive the runner.
@@ -79,6 +141,7 @@ class EngineRunner {
 
   void push(Command command);
   void run();
+  void apply(Command& command, RunnerOutput& output);
   std::shared_ptr<RunnerOutput> make_output();
 
   engine::Engine& engine_;

@@ -15,7 +15,8 @@ namespace fmwire::engine::test {
 
 std::shared_ptr<const LlamaWeights> builtin_weights();
 
-std::unique_ptr<BatchingEngine> builtin_engine(std::uint32_t kv_blocks = 256, BatchingOptions options = {});
+std::unique_ptr<BatchingEngine> builtin_engine(std::uint32_t kv_blocks = 256, BatchingOptions options = {},
+                                               std::uint32_t block_tokens = 16);
 std::unique_ptr<BatchingEngine> synthetic_engine(std::uint32_t kv_blocks = 64, BatchingOptions options = {});
 
 // A prompt of `count` byte tokens drawn from `seed`.
