@@ -98,7 +98,7 @@ Loaded load_model(const ModelSpec& spec) {
     const CudaChoice cuda = choose_cuda();
     loaded.log_lines.push_back(cuda.log_line);
     if (cuda.module != nullptr) {
-      backend = cuda.module->make_backend(weights, blocks, spec.block_tokens);
+      backend = cuda.module->make_backend(weights, blocks, spec.block_tokens, protocol::DType::FLOAT16);
     } else if (spec.device == "cuda") {
       return "--device cuda: " + cuda.log_line;
     }
