@@ -46,16 +46,17 @@ inline std::uint16_t float_to_half(float value) {
   return static_cast<std::uint16_t>(sign | units);
 }
 
+// Branch-free so that a loop over a row vectorises (attention widens every
+// cached key and value it reads): the f16 exponent and mantissa bits placed
+// in a float and scaled by 2^112 rebias normals and normalise subnormals
+// exactly; what lands at 2^16 or above was infinity or NaN. F. Giesen,
+// "half_to_float_fast5", https://gist.github.com/rygorous/2156668. Needs
+// float subnormals (no denormals-are-zero mode, which nothing here sets).
 inline float half_to_float(std::uint16_t half) {
-  const std::uint32_t sign = std::uint32_t{half & 0x8000u} << 16;
-  const std::uint32_t exponent = (half >> 10) & 0x1fu;
-  const std::uint32_t mantissa = half & 0x03ffu;
-  if (exponent == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));  // infinity, NaN
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
-    const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
-    return sign != 0 ? -magnitude : magnitude;
-  }
-  return std::bit_cast<float>(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  const float scaled = std::bit_cast<float>(std::uint32_t{half & 0x7fffu} << 13) * 0x1p112f;
+  std::uint32_t bits = std::bit_cast<std::uint32_t>(scaled);
+  bits |= scaled >= 0x1p16f ? 0x7f800000u : 0u;
+  return std::bit_cast<float>(bits | (std::uint32_t{half & 0x8000u} << 16));
 }
 
 inline std::uint16_t float_to_bfloat16(float value) {
