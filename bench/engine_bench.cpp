@@ -6,7 +6,9 @@
 // sequences of a short prompt). Only the steps after every sequence has its
 // first token are timed: decode, not prefill. There is no outside peer for
 // the CPU reference; the batch 16 row is compared with batch 1 of the same
-// run (ratio: the speedup batching gives).
+// run (ratio: the speedup batching gives). The KV cache is in f16, the
+// default; a last row compares batch 16 with f16 KV against f32 KV (ratio:
+// what the conversions cost).
 //
 // Worker overhead: the synthetic engine ("tiny" KV shape, 1 ms per step, no
 // prefill time) serving S concurrent streams of T tokens, two ways:
@@ -89,7 +91,8 @@ BenchSettings quick_settings() {
 
 // Decode tokens/s of the built-in model at `batch` sequences, one run.
 double cpu_decode_tokens_per_second(std::shared_ptr<const engine::LlamaWeights> weights, std::uint32_t batch,
-                                    const BenchSettings& settings) {
+                                    const BenchSettings& settings,
+                                    protocol::DType kv_dtype = protocol::DType::FLOAT16) {
   const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
   const std::uint32_t prompt_tokens = static_cast<std::uint32_t>(prompt_for(tokenizer, batch).size());
   const std::uint32_t blocks =
@@ -97,7 +100,7 @@ double cpu_decode_tokens_per_second(std::shared_ptr<const engine::LlamaWeights> 
   engine::EngineInfo info;
   info.model_name = "builtin";
   info.eos_token = engine::Tokenizer::kEos;
-  engine::BatchingEngine engine(std::move(info), std::make_unique<engine::CpuBackend>(weights, blocks, kBlockTokens));
+  engine::BatchingEngine engine(std::move(info), std::make_unique<engine::CpuBackend>(weights, blocks, kBlockTokens, kv_dtype));
 
   for (std::uint32_t s = 0; s < batch; ++s) {
     engine::SequenceRequest request;
@@ -161,6 +164,17 @@ void bench_cpu_decode(const BenchSettings& settings, std::vector<Comparison>& re
               "batch 1, same run", batch_1, rate / batch_1);
     }
   }
+  // The rows above keep the KV cache in f16 (the default); this one shows
+  // what the conversions cost against f32, which needs none.
+  std::vector<double> f16_rates, f32_rates;
+  for (int i = 0; i < settings.repetitions; ++i) {
+    f16_rates.push_back(cpu_decode_tokens_per_second(weights, 16, settings, protocol::DType::FLOAT16));
+    f32_rates.push_back(cpu_decode_tokens_per_second(weights, 16, settings, protocol::DType::FLOAT32));
+  }
+  const double f16_rate = median(std::move(f16_rates));
+  const double f32_rate = median(std::move(f32_rates));
+  add_row(results, "CPU decode, built-in model, batch 16, KV in f16 (ratio: against KV in f32)", f16_rate, "tokens/s",
+          "KV in f32, same run", f32_rate, f16_rate / f32_rate);
 }
 
 // ---------------------------------------------------------------- worker overhead

@@ -123,6 +123,8 @@ int run_worker_command(const std::vector<std::string>& arguments) {
        "builtin, a llama2.c checkpoint (.bin), or synthetic:NAME (llama-3-8b, llama-3-70b, tiny)")
       ("tokenizer", po::value(&model.tokenizer), "llama2.c tokenizer.bin (default: beside the checkpoint)")
       ("device", po::value(&model.device)->default_value(model.device), "auto, cpu or cuda")
+      ("kv-dtype", po::value(&model.kv_dtype)->default_value(model.kv_dtype),
+       "KV cache element type: f16, bf16 or f32 (the KV bytes per token, on the wire too)")
       ("kv-blocks", po::value(&model.kv_blocks), "KV cache blocks (default: as many as --kv-memory-mib holds)")
       ("kv-memory-mib", po::value(&model.kv_memory_mib)->default_value(model.kv_memory_mib), "KV cache size")
       ("block-tokens", po::value(&model.block_tokens)->default_value(model.block_tokens), "tokens per KV block")
@@ -259,6 +261,7 @@ int run_up_command(const std::vector<std::string>& arguments) {
        "builtin, a llama2.c checkpoint (.bin), or synthetic:NAME (llama-3-8b, llama-3-70b, tiny)")
       ("tokenizer", po::value(&model.tokenizer), "llama2.c tokenizer.bin (default: beside the checkpoint)")
       ("device", po::value(&model.device)->default_value(model.device), "auto, cpu or cuda")
+      ("kv-dtype", po::value(&model.kv_dtype)->default_value(model.kv_dtype), "KV cache element type: f16, bf16 or f32")
       ("kv-memory-mib", po::value(&model.kv_memory_mib)->default_value(model.kv_memory_mib), "KV cache size per worker")
       ("policy", po::value(&command.policy)->default_value(command.policy), "least-loaded, prefix, round-robin or sla")
       ("no-demo", "serve at once, without streaming a demo completion first")

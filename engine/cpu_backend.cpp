@@ -7,9 +7,53 @@
 #include <string>
 #include <utility>
 
+#include "engine/half_float.h"
+
 namespace fmwire::engine {
 
 namespace {
+
+// `count` floats into the cache's element type at `out`.
+void store_row(protocol::DType dtype, const float* in, std::byte* out, std::size_t count) {
+  switch (dtype) {
+    case protocol::DType::FLOAT16:
+      for (std::size_t i = 0; i < count; ++i) {
+        const std::uint16_t half = float_to_half(in[i]);
+        std::memcpy(out + i * 2, &half, 2);
+      }
+      return;
+    case protocol::DType::BFLOAT16:
+      for (std::size_t i = 0; i < count; ++i) {
+        const std::uint16_t bfloat16 = float_to_bfloat16(in[i]);
+        std::memcpy(out + i * 2, &bfloat16, 2);
+      }
+      return;
+    default:  // FLOAT32, the only other type the constructor accepts
+      std::memcpy(out, in, count * sizeof(float));
+  }
+}
+
+// `count` elements of the cache's type at `in`, widened to float.
+void load_row(protocol::DType dtype, const std::byte* in, float* out, std::size_t count) {
+  switch (dtype) {
+    case protocol::DType::FLOAT16:
+      for (std::size_t i = 0; i < count; ++i) {
+        std::uint16_t half;
+        std::memcpy(&half, in + i * 2, 2);
+        out[i] = half_to_float(half);
+      }
+      return;
+    case protocol::DType::BFLOAT16:
+      for (std::size_t i = 0; i < count; ++i) {
+        std::uint16_t bfloat16;
+        std::memcpy(&bfloat16, in + i * 2, 2);
+        out[i] = bfloat16_to_float(bfloat16);
+      }
+      return;
+    default:
+      std::memcpy(out, in, count * sizeof(float));
+  }
+}
 
 // sum_j a[j] * b[j] with eight running sums combined in a fixed tree: the
 // same order for every call (batch invariance), and independent chains the
@@ -87,22 +131,26 @@ void check_weights(const LlamaWeights* weights) {
 }  // namespace
 
 CpuBackend::CpuBackend(std::shared_ptr<const LlamaWeights> weights, std::uint32_t kv_blocks,
-                       std::uint32_t block_tokens)
+                       std::uint32_t block_tokens, protocol::DType kv_dtype)
     : weights_(std::move(weights)), total_blocks_(kv_blocks) {
   check_weights(weights_.get());
   if (kv_blocks == 0 || block_tokens == 0) {
     throw std::invalid_argument("cpu backend: " + std::to_string(kv_blocks) + " KV blocks of " +
                                 std::to_string(block_tokens) + " tokens; both must be positive");
   }
+  if (kv_dtype != protocol::DType::FLOAT16 && kv_dtype != protocol::DType::BFLOAT16 &&
+      kv_dtype != protocol::DType::FLOAT32) {
+    throw std::invalid_argument("cpu backend: KV dtype " + std::string(kv_dtype_name(kv_dtype)) +
+                                ": f16, bf16 or f32 only");
+  }
   const LlamaConfig& config = weights_->config;
   geometry_.layers = config.layers;
   geometry_.kv_heads = config.kv_heads;
   geometry_.head_dim = config.head_dim();
   geometry_.block_tokens = block_tokens;
-  geometry_.dtype = protocol::DType::FLOAT32;
-  geometry_.element_bytes = sizeof(float);
-  block_floats_ = geometry_.bytes_per_block() / sizeof(float);
-  kv_ = ZeroedArray<float>(block_floats_ * kv_blocks);
+  geometry_.set_dtype(kv_dtype);
+  block_bytes_ = geometry_.bytes_per_block();
+  kv_ = ZeroedArray<std::byte>(block_bytes_ * kv_blocks);
 
   // run.c: freq = 1 / theta^(i / head_size) for the pair starting at even i.
   const std::uint32_t head_dim = config.head_dim();
@@ -121,6 +169,8 @@ CpuBackend::CpuBackend(std::shared_ptr<const LlamaWeights> weights, std::uint32_
   att_.resize(config.max_context);
   rope_cos_.resize(head_dim / 2);
   rope_sin_.resize(head_dim / 2);
+  keys_.resize(std::size_t{config.max_context} * head_dim);
+  values_.resize(std::size_t{config.max_context} * head_dim);
 }
 
 std::uint32_t CpuBackend::vocab_size() const { return weights_->config.vocab_size; }
@@ -145,12 +195,12 @@ void CpuBackend::forward(std::span<const BatchEntry> batch, std::span<float> log
   }
 }
 
-float* CpuBackend::kv_at(std::span<const std::uint32_t> block_table, std::uint32_t position, std::uint32_t layer,
-                         std::uint32_t kv, std::uint32_t kv_head) {
+std::byte* CpuBackend::kv_at(std::span<const std::uint32_t> block_table, std::uint32_t position,
+                             std::uint32_t layer, std::uint32_t kv, std::uint32_t kv_head) {
   const std::uint32_t block = block_table[position / geometry_.block_tokens];
   assert(block < total_blocks_);
-  return kv_.data() + block * block_floats_ +
-         geometry_.element_offset(layer, kv, kv_head, position % geometry_.block_tokens);
+  return kv_.data() + block * block_bytes_ +
+         geometry_.element_offset(layer, kv, kv_head, position % geometry_.block_tokens) * geometry_.element_bytes;
 }
 
 // run.c's forward() for one token at `position`.
@@ -181,25 +231,29 @@ void CpuBackend::forward_token(std::uint32_t token, std::uint32_t position,
     matmul(v_.data(), w.wv.data() + layer * kv_dim * dim, xb_.data(), kv_dim, dim);
     rotate(q_.data(), dim, rope_cos_.data(), rope_sin_.data(), head_dim);
     rotate(k_.data(), kv_dim, rope_cos_.data(), rope_sin_.data(), head_dim);
+    const protocol::DType dtype = geometry_.dtype;
     for (std::uint32_t kv_head = 0; kv_head < c.kv_heads; ++kv_head) {
-      std::memcpy(kv_at(block_table, position, layer, 0, kv_head), k_.data() + kv_head * head_dim,
-                  head_dim * sizeof(float));
-      std::memcpy(kv_at(block_table, position, layer, 1, kv_head), v_.data() + kv_head * head_dim,
-                  head_dim * sizeof(float));
+      store_row(dtype, k_.data() + kv_head * head_dim, kv_at(block_table, position, layer, 0, kv_head), head_dim);
+      store_row(dtype, v_.data() + kv_head * head_dim, kv_at(block_table, position, layer, 1, kv_head), head_dim);
     }
 
-    for (std::uint32_t head = 0; head < c.heads; ++head) {
-      const float* query = q_.data() + head * head_dim;
-      const std::uint32_t kv_head = head / group;
+    for (std::uint32_t kv_head = 0; kv_head < c.kv_heads; ++kv_head) {
       for (std::uint32_t t = 0; t <= position; ++t) {
-        att_[t] = dot(query, kv_at(block_table, t, layer, 0, kv_head), head_dim) * attention_scale;
+        load_row(dtype, kv_at(block_table, t, layer, 0, kv_head), keys_.data() + t * head_dim, head_dim);
+        load_row(dtype, kv_at(block_table, t, layer, 1, kv_head), values_.data() + t * head_dim, head_dim);
       }
-      softmax(att_.data(), position + 1);
-      float* out = xb_.data() + head * head_dim;
-      std::memset(out, 0, head_dim * sizeof(float));
-      for (std::uint32_t t = 0; t <= position; ++t) {
-        const float* value = kv_at(block_table, t, layer, 1, kv_head);
-        for (std::size_t i = 0; i < head_dim; ++i) out[i] += att_[t] * value[i];
+      for (std::uint32_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+        const float* query = q_.data() + head * head_dim;
+        for (std::uint32_t t = 0; t <= position; ++t) {
+          att_[t] = dot(query, keys_.data() + t * head_dim, head_dim) * attention_scale;
+        }
+        softmax(att_.data(), position + 1);
+        float* out = xb_.data() + head * head_dim;
+        std::memset(out, 0, head_dim * sizeof(float));
+        for (std::uint32_t t = 0; t <= position; ++t) {
+          const float* value = values_.data() + t * head_dim;
+          for (std::size_t i = 0; i < head_dim; ++i) out[i] += att_[t] * value[i];
+        }
       }
     }
     matmul(xb2_.data(), w.wo.data() + layer * dim * dim, xb_.data(), dim, dim);
@@ -227,7 +281,7 @@ void CpuBackend::read_blocks(std::span<const std::uint32_t> blocks, std::span<st
   assert(out.size() == blocks.size() * block_bytes);
   for (std::size_t i = 0; i < blocks.size(); ++i) {
     assert(blocks[i] < total_blocks_);
-    std::memcpy(out.data() + i * block_bytes, kv_.data() + blocks[i] * block_floats_, block_bytes);
+    std::memcpy(out.data() + i * block_bytes, kv_.data() + blocks[i] * block_bytes_, block_bytes);
   }
 }
 
@@ -236,7 +290,7 @@ void CpuBackend::write_blocks(std::span<const std::uint32_t> blocks, std::span<c
   assert(in.size() == blocks.size() * block_bytes);
   for (std::size_t i = 0; i < blocks.size(); ++i) {
     assert(blocks[i] < total_blocks_);
-    std::memcpy(kv_.data() + blocks[i] * block_floats_, in.data() + i * block_bytes, block_bytes);
+    std::memcpy(kv_.data() + blocks[i] * block_bytes_, in.data() + i * block_bytes, block_bytes);
   }
 }
 

@@ -26,7 +26,7 @@ struct CudaModule {
   CudaProbe (*probe)();
   // CudaBackend's constructor: throws as it does.
   std::unique_ptr<ModelBackend> (*make_backend)(std::shared_ptr<const LlamaWeights> weights, std::uint32_t kv_blocks,
-                                                std::uint32_t block_tokens);
+                                                std::uint32_t block_tokens, protocol::DType kv_dtype);
 };
 
 // The symbol the module exports: `const CudaModule* fmwire_cuda_module()`.

@@ -1,10 +1,13 @@
 // The shape of a model's KV cache: how many bytes one token and one block
 // take, and the order of those bytes on the wire (protocol KvLayout
-// blockLayerKvHeadTokenDim: per block [layer][k|v][kv head][token][dim]).
+// blockLayerKvHeadTokenDim: per block [layer][k|v][kv head][token][dim]),
+// and the element types a cache may be kept in (f16, bf16, f32).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
+#include <string_view>
 
 #include "protocol/fmwire.capnp.h"
 
@@ -18,6 +21,12 @@ struct KvGeometry {
   protocol::DType dtype = protocol::DType::FLOAT32;
   std::uint32_t element_bytes = 4;
 
+  // Sets dtype and element_bytes together, so that they never disagree.
+  void set_dtype(protocol::DType kv_dtype) {
+    dtype = kv_dtype;
+    element_bytes = kv_dtype == protocol::DType::FLOAT32 ? 4 : kv_dtype == protocol::DType::FLOAT8E4M3 ? 1 : 2;
+  }
+
   std::size_t bytes_per_token() const {
     return std::size_t{layers} * 2 * kv_heads * head_dim * element_bytes;
   }
@@ -28,5 +37,25 @@ struct KvGeometry {
     return ((((std::size_t{layer} * 2 + kv) * kv_heads + kv_head) * block_tokens) + slot) * head_dim;
   }
 };
+
+// The KV element types an engine can keep its cache in, by the names of the
+// --kv-dtype flag: "f16", "bf16", "f32". Anything else (float8 included,
+// which no backend stores) is nullopt.
+inline std::optional<protocol::DType> parse_kv_dtype(std::string_view name) {
+  if (name == "f16") return protocol::DType::FLOAT16;
+  if (name == "bf16") return protocol::DType::BFLOAT16;
+  if (name == "f32") return protocol::DType::FLOAT32;
+  return std::nullopt;
+}
+
+inline std::string_view kv_dtype_name(protocol::DType dtype) {
+  switch (dtype) {
+    case protocol::DType::FLOAT16: return "f16";
+    case protocol::DType::BFLOAT16: return "bf16";
+    case protocol::DType::FLOAT32: return "f32";
+    case protocol::DType::FLOAT8E4M3: return "f8e4m3";
+  }
+  return "unknown";
+}
 
 }  // namespace fmwire::engine

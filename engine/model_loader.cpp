@@ -18,7 +18,7 @@ std::uint32_t blocks_in(std::uint64_t memory_mib, std::size_t bytes_per_block) {
   return static_cast<std::uint32_t>(std::clamp<std::uint64_t>(blocks, 1, 1u << 24));
 }
 
-Loaded load_synthetic(const ModelSpec& spec, std::string_view name) {
+Loaded load_synthetic(const ModelSpec& spec, std::string_view name, protocol::DType kv_dtype) {
   auto model = synthetic_model(name);
   if (!model) {
     std::string known;
@@ -26,13 +26,14 @@ Loaded load_synthetic(const ModelSpec& spec, std::string_view name) {
     return std::string("unknown synthetic model '") + std::string(name) + "'; known: " + known;
   }
   model->kv.block_tokens = spec.block_tokens;
+  model->kv.set_dtype(kv_dtype);
   if (spec.step_time) model->step_time = *spec.step_time;
   if (spec.prefill_time_per_token) model->prefill_time_per_token = *spec.prefill_time_per_token;
   const std::uint32_t blocks = spec.kv_blocks != 0 ? spec.kv_blocks : blocks_in(spec.kv_memory_mib, model->kv.bytes_per_block());
   LoadedModel loaded;
   loaded.tokenizer = std::make_unique<Tokenizer>(Tokenizer::byte_level());
   loaded.log_lines.push_back("model synthetic:" + model->name + ": " + std::to_string(model->kv.bytes_per_token()) +
-                             " bytes of KV per token, step " + std::to_string(model->step_time.count()) + " us + " +
+                             " bytes of KV per token (" + std::string(kv_dtype_name(kv_dtype)) + "), step " + std::to_string(model->step_time.count()) + " us + " +
                              std::to_string(model->prefill_time_per_token.count()) + " ns per prompt token, " +
                              std::to_string(blocks) + " KV blocks of " + std::to_string(spec.block_tokens) + " tokens");
   EngineInfo info;
@@ -53,7 +54,11 @@ Loaded load_model(const ModelSpec& spec) {
   if (spec.device != "auto" && spec.device != "cpu" && spec.device != "cuda") {
     return "unknown device '" + spec.device + "': auto, cpu or cuda";
   }
-  if (spec.model.starts_with("synthetic:")) return load_synthetic(spec, std::string_view(spec.model).substr(10));
+  const std::optional<protocol::DType> kv_dtype = parse_kv_dtype(spec.kv_dtype);
+  if (!kv_dtype) return "unknown KV dtype '" + spec.kv_dtype + "' (--kv-dtype): f16, bf16 or f32";
+  if (spec.model.starts_with("synthetic:")) {
+    return load_synthetic(spec, std::string_view(spec.model).substr(10), *kv_dtype);
+  }
 
   LoadedModel loaded;
   std::shared_ptr<LlamaWeights> weights;
@@ -91,21 +96,28 @@ Loaded load_model(const ModelSpec& spec) {
   info.model_fingerprint = weights->fingerprint();
 
   std::unique_ptr<ModelBackend> backend;
-  const std::size_t bytes_per_token = std::size_t{config.layers} * 2 * config.kv_dim() * sizeof(float);
+  KvGeometry geometry;  // to size the cache; the backend makes its own
+  geometry.layers = config.layers;
+  geometry.kv_heads = config.kv_heads;
+  geometry.head_dim = config.head_dim();
+  geometry.block_tokens = spec.block_tokens;
+  geometry.set_dtype(*kv_dtype);
   const std::uint32_t blocks =
-      spec.kv_blocks != 0 ? spec.kv_blocks : blocks_in(spec.kv_memory_mib, bytes_per_token * spec.block_tokens);
+      spec.kv_blocks != 0 ? spec.kv_blocks : blocks_in(spec.kv_memory_mib, geometry.bytes_per_block());
   if (spec.device != "cpu") {
     const CudaChoice cuda = choose_cuda();
     loaded.log_lines.push_back(cuda.log_line);
     if (cuda.module != nullptr) {
-      backend = cuda.module->make_backend(weights, blocks, spec.block_tokens);
+      backend = cuda.module->make_backend(weights, blocks, spec.block_tokens, *kv_dtype);
     } else if (spec.device == "cuda") {
       return "--device cuda: " + cuda.log_line;
     }
   }
-  if (!backend) backend = std::make_unique<CpuBackend>(weights, blocks, spec.block_tokens);
+  if (!backend) backend = std::make_unique<CpuBackend>(weights, blocks, spec.block_tokens, *kv_dtype);
   loaded.log_lines.push_back(backend->name() + " backend, " + std::to_string(blocks) + " KV blocks of " +
-                             std::to_string(spec.block_tokens) + " tokens");
+                             std::to_string(spec.block_tokens) + " tokens, KV in " +
+                             std::string(kv_dtype_name(*kv_dtype)) + " (" +
+                             std::to_string(backend->kv_geometry().bytes_per_token()) + " bytes per token)");
   loaded.engine = std::make_unique<BatchingEngine>(std::move(info), std::move(backend), spec.batching);
   return loaded;
 }

@@ -19,6 +19,7 @@ struct ModelSpec {
   std::string model = "builtin";   // builtin | PATH to a llama2.c .bin | synthetic:NAME
   std::string tokenizer;           // llama2.c tokenizer.bin; default: tokenizer.bin beside the checkpoint
   std::string device = "auto";     // auto | cpu | cuda
+  std::string kv_dtype = "f16";    // f16 | bf16 | f32: the KV cache's element type, hence the KV bytes on the wire
   std::uint32_t kv_blocks = 0;     // 0: as many as kv_memory_mib holds
   std::uint64_t kv_memory_mib = 256;
   std::uint32_t block_tokens = 16;
@@ -34,8 +35,8 @@ struct LoadedModel {
   std::vector<std::string> log_lines;    // what was chosen and why, for the start-up log
 };
 
-// Errors name what is wrong: an unknown synthetic model, an unreadable
-// checkpoint, a missing tokenizer, CUDA asked for where there is none.
+// Errors name what is wrong: an unknown synthetic model or KV dtype, an
+// unreadable checkpoint, a missing tokenizer, CUDA asked for where there is none.
 codec::Result<LoadedModel, std::string> load_model(const ModelSpec& spec);
 
 }  // namespace fmwire::engine

@@ -1,6 +1,7 @@
 // A model with no math: the KV shape and the timing of a named real model
 // (Llama-3-8B: 32 layers, 8 KV heads, head dim 128, fp16, 128 KiB of KV per
-// token), real KV bytes of that size written per token, and a step that
+// token; its kv.set_dtype() gives bf16 or f32 instead, as --kv-dtype does),
+// real KV bytes of that size written per token, and a step that
 // takes as long as the real one would. It isolates the middleware's own
 // cost in benchmarks. Its tokens are the byte-level vocabulary's printable
 // characters, chosen by a hash of the position, so text streams look real.

@@ -93,7 +93,7 @@ struct CudaBackend::Device {
   DeviceArray<float> token_embedding, attention_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3, final_norm, classifier;
   const float* classifier_rows = nullptr;  // `classifier`, or `token_embedding` when shared
 
-  DeviceArray<float> kv;  // total_blocks * bytes_per_block / 4 floats
+  DeviceArray<std::byte> kv;  // total_blocks * bytes_per_block, elements of the geometry's dtype
 
   // One step: its indices (token ids, positions, table offsets, logit rows,
   // block tables) go up in one copy; activations are [tokens][width].
@@ -147,9 +147,14 @@ struct CudaBackend::Device {
 };
 
 CudaBackend::CudaBackend(std::shared_ptr<const LlamaWeights> weights, std::uint32_t kv_blocks,
-                         std::uint32_t block_tokens)
+                         std::uint32_t block_tokens, protocol::DType kv_dtype)
     : weights_(std::move(weights)), total_blocks_(kv_blocks), device_(std::make_unique<Device>()) {
   if (!weights_) throw std::invalid_argument("CudaBackend: no weights");
+  if (kv_dtype != protocol::DType::FLOAT16 && kv_dtype != protocol::DType::BFLOAT16 &&
+      kv_dtype != protocol::DType::FLOAT32) {
+    throw std::invalid_argument("CudaBackend: KV dtype " + std::string(kv_dtype_name(kv_dtype)) +
+                                ": f16, bf16 or f32 only");
+  }
   const LlamaConfig& config = weights_->config;
   if (config.dim == 0 || config.hidden_dim == 0 || config.layers == 0 || config.heads == 0 ||
       config.kv_heads == 0 || config.vocab_size == 0 || config.max_context == 0 || block_tokens == 0) {
@@ -167,8 +172,7 @@ CudaBackend::CudaBackend(std::shared_ptr<const LlamaWeights> weights, std::uint3
   geometry_.kv_heads = config.kv_heads;
   geometry_.head_dim = config.head_dim();
   geometry_.block_tokens = block_tokens;
-  geometry_.dtype = protocol::DType::FLOAT32;
-  geometry_.element_bytes = sizeof(float);
+  geometry_.set_dtype(kv_dtype);
 
   Device& device = *device_;
   check(cudaSetDevice(0), "cudaSetDevice");
@@ -199,9 +203,9 @@ CudaBackend::CudaBackend(std::shared_ptr<const LlamaWeights> weights, std::uint3
     device.classifier_rows = device.classifier.data();
   }
 
-  const std::size_t kv_floats = std::size_t{total_blocks_} * geometry_.bytes_per_block() / sizeof(float);
-  device.kv.reserve(kv_floats, "cudaMalloc (KV cache)");
-  check(cudaMemsetAsync(device.kv.data(), 0, kv_floats * sizeof(float), device.stream), "cudaMemsetAsync (KV cache)");
+  const std::size_t kv_bytes = std::size_t{total_blocks_} * geometry_.bytes_per_block();
+  device.kv.reserve(kv_bytes, "cudaMalloc (KV cache)");
+  check(cudaMemsetAsync(device.kv.data(), 0, kv_bytes, device.stream), "cudaMemsetAsync (KV cache)");
   check(cuda::prepare_attention(config.max_context, config.head_dim()),
         "prepare_attention (max_context's scores in shared memory)");
   check(cudaStreamSynchronize(device.stream), "cudaStreamSynchronize (upload)");
@@ -314,6 +318,9 @@ void CudaBackend::forward(std::span<const BatchEntry> batch, std::span<float> lo
   const std::uint32_t* logit_source_rows = indices + 3 * tokens;
   cuda::KvCache cache;
   cache.data = device.kv.data();
+  cache.element = geometry_.dtype == protocol::DType::FLOAT16    ? cuda::KvElement::kFloat16
+                  : geometry_.dtype == protocol::DType::BFLOAT16 ? cuda::KvElement::kBfloat16
+                                                                 : cuda::KvElement::kFloat32;
   cache.layers = geometry_.layers;
   cache.kv_heads = geometry_.kv_heads;
   cache.head_dim = geometry_.head_dim;
@@ -393,7 +400,7 @@ std::span<const std::byte> CudaBackend::pack_blocks(std::span<const std::uint32_
   device.staging.reserve(bytes, "cudaMalloc (KV staging)");
   device.staging_host.reserve(bytes, "cudaHostAlloc (KV staging)");
   device.upload_block_ids(blocks);
-  check(cuda::launch_gather_blocks(device.staging.data(), reinterpret_cast<const std::byte*>(device.kv.data()),
+  check(cuda::launch_gather_blocks(device.staging.data(), device.kv.data(),
                                    device.block_ids.data(), static_cast<std::uint32_t>(blocks.size()), block_bytes,
                                    device.stream),
         "gather blocks");
@@ -428,7 +435,7 @@ void CudaBackend::unpack_blocks(std::span<const std::uint32_t> blocks) {
   check(cudaMemcpyAsync(device.staging.data(), device.staging_host.data(), bytes, cudaMemcpyHostToDevice,
                         device.stream),
         "cudaMemcpyAsync (KV staging to device)");
-  check(cuda::launch_scatter_blocks(reinterpret_cast<std::byte*>(device.kv.data()), device.staging.data(),
+  check(cuda::launch_scatter_blocks(device.kv.data(), device.staging.data(),
                                     device.block_ids.data(), static_cast<std::uint32_t>(blocks.size()), block_bytes,
                                     device.stream),
         "scatter blocks");

@@ -1,11 +1,13 @@
 // The Llama decoder of LlamaWeights on one CUDA device (device 0): weights
 // uploaded once, the paged KV cache in device memory, cuBLAS for every
 // matrix product over all tokens of a step at once, and own kernels for the
-// rest (engine/cuda/llama_kernels.h). KV is kept in float32 in the wire
-// layout of KvGeometry, the same bytes as CpuBackend's, so blocks move
-// between the two backends (and machines running either) unchanged.
+// rest (engine/cuda/llama_kernels.h). KV is kept in f16 (the default),
+// bf16 or float32 in the wire layout of KvGeometry, rounded as CpuBackend
+// rounds it (to nearest even), so blocks move between the two backends (and
+// machines running either) unchanged.
 //
-// Numerics: float32 throughout, no TF32 (cuBLAS's default math mode), the
+// Numerics: float32 arithmetic throughout (the KV cache's elements widened
+// to float as attention reads them), no TF32 (cuBLAS's default math mode), the
 // formulas of llama2.c's run.c. Logits agree with CpuBackend within rounding
 // (the test states the tolerance), not bit for bit: cuBLAS sums in its own
 // order, and may pick a different kernel for a different number of tokens
@@ -31,8 +33,10 @@ class CudaBackend final : public ModelBackend {
  public:
   // `kv_blocks` blocks of `block_tokens` tokens each, in device memory.
   // Throws std::runtime_error when there is no usable device or too little
-  // memory, std::invalid_argument for an inconsistent config.
-  CudaBackend(std::shared_ptr<const LlamaWeights> weights, std::uint32_t kv_blocks, std::uint32_t block_tokens = 16);
+  // memory, std::invalid_argument for an inconsistent config or a KV dtype
+  // other than FLOAT16, BFLOAT16 or FLOAT32.
+  CudaBackend(std::shared_ptr<const LlamaWeights> weights, std::uint32_t kv_blocks, std::uint32_t block_tokens = 16,
+              protocol::DType kv_dtype = protocol::DType::FLOAT16);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;

@@ -6,8 +6,9 @@
 namespace {
 
 std::unique_ptr<fmwire::engine::ModelBackend> make_backend(std::shared_ptr<const fmwire::engine::LlamaWeights> weights,
-                                                           std::uint32_t kv_blocks, std::uint32_t block_tokens) {
-  return std::make_unique<fmwire::engine::CudaBackend>(std::move(weights), kv_blocks, block_tokens);
+                                                           std::uint32_t kv_blocks, std::uint32_t block_tokens,
+                                                           fmwire::protocol::DType kv_dtype) {
+  return std::make_unique<fmwire::engine::CudaBackend>(std::move(weights), kv_blocks, block_tokens, kv_dtype);
 }
 
 constexpr fmwire::engine::CudaModule kModule{&fmwire::engine::probe_cuda, &make_backend};

@@ -1,8 +1,12 @@
 // Simple, exact-order kernels: one thread per element for the elementwise
 // steps, one thread block per row for the reductions. They mirror llama2.c's
-// run.c arithmetic (same formulas, float32 throughout, no fast math) so that
-// the CPU reference and this backend agree to rounding.
+// run.c arithmetic (same formulas, float32 arithmetic throughout, no fast
+// math; the KV cache stored in f16, bf16 or float32 as the CPU backend does)
+// so that the CPU reference and this backend agree to rounding.
 #include "engine/cuda/llama_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cmath>
 
@@ -103,19 +107,30 @@ __global__ void rope_kernel(float* q, float* k, const std::uint32_t* positions, 
   }
 }
 
-// Offset, in floats, of (layer, k=0|v=1, kv head, slot 0, dim 0) inside a
+// The KV cache's elements: rounded to nearest even on the way in, exact on
+// the way out.
+__device__ void store_element(float* to, float value) { *to = value; }
+__device__ void store_element(__half* to, float value) { *to = __float2half_rn(value); }
+__device__ void store_element(__nv_bfloat16* to, float value) { *to = __float2bfloat16_rn(value); }
+__device__ float load_element(const float* from) { return *from; }
+__device__ float load_element(const __half* from) { return __half2float(*from); }
+__device__ float load_element(const __nv_bfloat16* from) { return __bfloat162float(*from); }
+
+// Offset, in elements, of (layer, k=0|v=1, kv head, slot 0, dim 0) inside a
 // block: KvGeometry::element_offset with slot 0.
 __device__ std::size_t block_offset(const KvCache& cache, std::uint32_t layer, std::uint32_t kv,
                                     std::uint32_t kv_head) {
   return ((std::size_t{layer} * 2 + kv) * cache.kv_heads + kv_head) * cache.block_tokens * cache.head_dim;
 }
 
-__device__ std::size_t block_floats(const KvCache& cache) {
+__device__ std::size_t block_elements(const KvCache& cache) {
   return std::size_t{cache.layers} * 2 * cache.kv_heads * cache.block_tokens * cache.head_dim;
 }
 
+template <typename Element>
 __global__ void kv_write_kernel(KvCache cache, std::uint32_t layer, const float* k, const float* v,
                                 StepTokens tokens) {
+  Element* data = static_cast<Element*>(cache.data);
   const std::uint32_t kv_dim = cache.kv_heads * cache.head_dim;
   const std::size_t total = std::size_t{tokens.count} * kv_dim;
   for (std::size_t i = global_thread(); i < total; i += grid_threads()) {
@@ -126,17 +141,19 @@ __global__ void kv_write_kernel(KvCache cache, std::uint32_t layer, const float*
     const std::uint32_t position = tokens.positions[token];
     const std::uint32_t block = tokens.block_tables[tokens.table_offsets[token] + position / cache.block_tokens];
     const std::size_t slot = position % cache.block_tokens;
-    float* base = cache.data + std::size_t{block} * block_floats(cache) + slot * cache.head_dim + d;
-    base[block_offset(cache, layer, 0, kv_head)] = k[i];
-    base[block_offset(cache, layer, 1, kv_head)] = v[i];
+    Element* base = data + std::size_t{block} * block_elements(cache) + slot * cache.head_dim + d;
+    store_element(base + block_offset(cache, layer, 0, kv_head), k[i]);
+    store_element(base + block_offset(cache, layer, 1, kv_head), v[i]);
   }
 }
 
 // One block per (token, query head): grid (tokens, heads). Shared memory:
 // reduction scratch, the query, then one score per position 0..position.
+template <typename Element>
 __global__ void attention_kernel(float* out, const float* q, KvCache cache, std::uint32_t layer, StepTokens tokens,
                                  std::uint32_t heads) {
   extern __shared__ float shared[];
+  const Element* data = static_cast<const Element*>(cache.data);
   float* scratch = shared;
   float* query = scratch + kReduceScratch;
   float* scores = query + cache.head_dim;
@@ -148,7 +165,7 @@ __global__ void attention_kernel(float* out, const float* q, KvCache cache, std:
   const std::uint32_t position = tokens.positions[token];
   const std::uint32_t* table = tokens.block_tables + tokens.table_offsets[token];
   const std::size_t row = std::size_t{token} * heads * head_dim + std::size_t{head} * head_dim;
-  const std::size_t stride = block_floats(cache);
+  const std::size_t stride = block_elements(cache);
   const std::size_t key_offset = block_offset(cache, layer, 0, kv_head);
   const std::size_t value_offset = block_offset(cache, layer, 1, kv_head);
 
@@ -158,10 +175,10 @@ __global__ void attention_kernel(float* out, const float* q, KvCache cache, std:
   const float divisor = sqrtf(static_cast<float>(head_dim));
   float local_max = -INFINITY;
   for (std::uint32_t p = threadIdx.x; p <= position; p += blockDim.x) {
-    const float* key = cache.data + std::size_t{table[p / cache.block_tokens]} * stride + key_offset +
-                       std::size_t{p % cache.block_tokens} * head_dim;
+    const Element* key = data + std::size_t{table[p / cache.block_tokens]} * stride + key_offset +
+                         std::size_t{p % cache.block_tokens} * head_dim;
     float score = 0.0f;
-    for (std::uint32_t d = 0; d < head_dim; ++d) score += query[d] * key[d];
+    for (std::uint32_t d = 0; d < head_dim; ++d) score += query[d] * load_element(key + d);
     score /= divisor;
     scores[p] = score;
     local_max = fmaxf(local_max, score);
@@ -179,9 +196,9 @@ __global__ void attention_kernel(float* out, const float* q, KvCache cache, std:
   for (std::uint32_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
     float accumulated = 0.0f;
     for (std::uint32_t p = 0; p <= position; ++p) {
-      const float* value = cache.data + std::size_t{table[p / cache.block_tokens]} * stride + value_offset +
-                           std::size_t{p % cache.block_tokens} * head_dim;
-      accumulated += (scores[p] / sum) * value[d];
+      const Element* value = data + std::size_t{table[p / cache.block_tokens]} * stride + value_offset +
+                             std::size_t{p % cache.block_tokens} * head_dim;
+      accumulated += (scores[p] / sum) * load_element(value + d);
     }
     out[row + d] = accumulated;
   }
@@ -229,7 +246,19 @@ cudaError_t launch_rope(float* q, float* k, const StepTokens& tokens, std::uint3
 cudaError_t launch_kv_write(const KvCache& cache, std::uint32_t layer, const float* k, const float* v,
                             const StepTokens& tokens, cudaStream_t stream) {
   const std::size_t total = std::size_t{tokens.count} * cache.kv_heads * cache.head_dim;
-  kv_write_kernel<<<grid_for(total), kElementwiseThreads, 0, stream>>>(cache, layer, k, v, tokens);
+  switch (cache.element) {
+    case KvElement::kFloat32:
+      kv_write_kernel<float><<<grid_for(total), kElementwiseThreads, 0, stream>>>(cache, layer, k, v, tokens);
+      break;
+    case KvElement::kFloat16:
+      kv_write_kernel<__half><<<grid_for(total), kElementwiseThreads, 0, stream>>>(cache, layer, k, v, tokens);
+      break;
+    case KvElement::kBfloat16:
+      kv_write_kernel<__nv_bfloat16><<<grid_for(total), kElementwiseThreads, 0, stream>>>(cache, layer, k, v, tokens);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
   return cudaGetLastError();
 }
 
@@ -243,8 +272,17 @@ cudaError_t prepare_attention(std::uint32_t max_context, std::uint32_t head_dim)
     return error;
   }
   if (bytes > static_cast<std::size_t>(limit)) return cudaErrorInvalidValue;
-  return cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+  // Every element type's kernel: the limit is per function.
+  for (const void* kernel : {reinterpret_cast<const void*>(&attention_kernel<float>),
+                             reinterpret_cast<const void*>(&attention_kernel<__half>),
+                             reinterpret_cast<const void*>(&attention_kernel<__nv_bfloat16>)}) {
+    if (cudaError_t error =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+        error != cudaSuccess) {
+      return error;
+    }
+  }
+  return cudaSuccess;
 }
 
 cudaError_t launch_attention(float* out, const float* q, const KvCache& cache, std::uint32_t layer,
@@ -252,8 +290,21 @@ cudaError_t launch_attention(float* out, const float* q, const KvCache& cache, s
                              cudaStream_t stream) {
   if (tokens.count == 0) return cudaSuccess;
   const dim3 grid(tokens.count, heads);
-  attention_kernel<<<grid, kAttentionThreads, attention_shared_bytes(context, cache.head_dim), stream>>>(
-      out, q, cache, layer, tokens, heads);
+  const std::size_t shared_bytes = attention_shared_bytes(context, cache.head_dim);
+  switch (cache.element) {
+    case KvElement::kFloat32:
+      attention_kernel<float><<<grid, kAttentionThreads, shared_bytes, stream>>>(out, q, cache, layer, tokens, heads);
+      break;
+    case KvElement::kFloat16:
+      attention_kernel<__half><<<grid, kAttentionThreads, shared_bytes, stream>>>(out, q, cache, layer, tokens, heads);
+      break;
+    case KvElement::kBfloat16:
+      attention_kernel<__nv_bfloat16><<<grid, kAttentionThreads, shared_bytes, stream>>>(out, q, cache, layer, tokens,
+                                                                                         heads);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
   return cudaGetLastError();
 }
 

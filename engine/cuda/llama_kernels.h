@@ -4,8 +4,11 @@
 // returns the launch's error (cudaGetLastError); none synchronises.
 //
 // Shapes are row-major, one row per token of the step: x [tokens][dim],
-// k and v [tokens][kv_dim]. The KV cache is `blocks` blocks of float32 in
-// the wire layout of KvGeometry: per block [layer][k|v][kv head][slot][dim].
+// k and v [tokens][kv_dim]. The KV cache is `blocks` blocks of f16, bf16 or
+// float32 in the wire layout of KvGeometry: per block [layer][k|v][kv
+// head][slot][dim]. Keys and values are rounded to nearest even when
+// written (__float2half_rn, __float2bfloat16_rn: the same bits as the CPU
+// backend's engine/half_float.h) and widened to float when read.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -25,9 +28,13 @@ struct StepTokens {
   std::uint32_t count = 0;
 };
 
+// The element type of the KV cache (KvGeometry's dtype).
+enum class KvElement : std::uint8_t { kFloat32, kFloat16, kBfloat16 };
+
 // The paged KV cache in device memory.
 struct KvCache {
-  float* data = nullptr;
+  void* data = nullptr;  // elements of `element`
+  KvElement element = KvElement::kFloat32;
   std::uint32_t layers = 0;
   std::uint32_t kv_heads = 0;
   std::uint32_t head_dim = 0;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/cpu_backend.h"
+#include "engine/half_float.h"
 #include "engine/llama_weights.h"
 #include "temp_file.h"
 
@@ -47,10 +48,12 @@ std::shared_ptr<const LlamaWeights> small_weights(std::uint64_t seed = 11) {
 
 // The decoder written out plainly, in double precision, with a contiguous
 // KV cache per layer: what CpuBackend must compute, derived separately.
+// Keys (after RoPE) and values go into its cache rounded to `kv_dtype`, as
+// they would be stored, then read back as they are.
 class ReferenceDecoder {
  public:
-  explicit ReferenceDecoder(const LlamaWeights& weights)
-      : w_(weights), c_(weights.config), keys_(c_.layers), values_(c_.layers) {}
+  explicit ReferenceDecoder(const LlamaWeights& weights, protocol::DType kv_dtype = protocol::DType::FLOAT32)
+      : w_(weights), c_(weights.config), kv_dtype_(kv_dtype), keys_(c_.layers), values_(c_.layers) {}
 
   std::vector<double> step(std::uint32_t token, std::uint32_t position) {
     const std::size_t dim = c_.dim, hidden = c_.hidden_dim, kv_dim = c_.kv_dim(), head_dim = c_.head_dim();
@@ -62,6 +65,8 @@ class ReferenceDecoder {
       std::vector<double> v = matvec(w_.wv, layer * kv_dim * dim, kv_dim, dim, xb);
       rope(q, position);
       rope(k, position);
+      for (double& value : k) value = stored(value);
+      for (double& value : v) value = stored(value);
       keys_[layer].insert(keys_[layer].end(), k.begin(), k.end());
       values_[layer].insert(values_[layer].end(), v.begin(), v.end());
       REQUIRE(keys_[layer].size() == (position + 1) * kv_dim);
@@ -101,6 +106,15 @@ class ReferenceDecoder {
   }
 
  private:
+  double stored(double value) const {
+    const auto single = static_cast<float>(value);
+    switch (kv_dtype_) {
+      case protocol::DType::FLOAT16: return half_to_float(float_to_half(single));
+      case protocol::DType::BFLOAT16: return bfloat16_to_float(float_to_bfloat16(single));
+      default: return value;
+    }
+  }
+
   std::vector<double> rmsnorm(const std::vector<double>& x, const std::vector<float>& weight, std::size_t offset) {
     double squares = 0.0;
     for (double value : x) squares += value * value;
@@ -139,6 +153,7 @@ class ReferenceDecoder {
 
   const LlamaWeights& w_;
   const LlamaConfig& c_;
+  protocol::DType kv_dtype_;
   std::vector<std::vector<double>> keys_, values_;  // [layer][position][kv_dim]
 };
 
@@ -158,10 +173,11 @@ bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
 const std::vector<std::uint32_t> kPrompt{1, 4, 2, 6, 0, 3, 5, 5, 2};
 const std::vector<std::uint32_t> kContiguous{0, 1, 2, 3};
 
-TEST_CASE("token by token, the logits match a plain contiguous implementation within 1e-5") {
+// Token by token, logits against the plain implementation with the same KV dtype.
+void check_against_reference(protocol::DType kv_dtype) {
   const auto weights = small_weights();
-  CpuBackend backend(weights, 4, 4);  // nine tokens span three blocks
-  ReferenceDecoder reference(*weights);
+  CpuBackend backend(weights, 4, 4, kv_dtype);  // nine tokens span three blocks
+  ReferenceDecoder reference(*weights, kv_dtype);
   for (std::uint32_t position = 0; position < kPrompt.size(); ++position) {
     const std::vector<float> logits = run(backend, {&kPrompt[position], 1}, position, kContiguous);
     const std::vector<double> expected = reference.step(kPrompt[position], position);
@@ -172,9 +188,21 @@ TEST_CASE("token by token, the logits match a plain contiguous implementation wi
   }
 }
 
+TEST_CASE("token by token, the logits match a plain contiguous implementation within 1e-5") {
+  check_against_reference(protocol::DType::FLOAT32);
+}
+
+TEST_CASE("with the KV cache in f16, the logits match the plain implementation rounding keys and values to f16") {
+  check_against_reference(protocol::DType::FLOAT16);
+}
+
+TEST_CASE("with the KV cache in bf16, the logits match the plain implementation rounding keys and values to bf16") {
+  check_against_reference(protocol::DType::BFLOAT16);
+}
+
 TEST_CASE("a whole prompt in one pass gives the last token's logits of the plain implementation") {
   const auto weights = small_weights();
-  CpuBackend backend(weights, 4, 4);
+  CpuBackend backend(weights, 4, 4, protocol::DType::FLOAT32);
   ReferenceDecoder reference(*weights);
   std::vector<double> expected;
   for (std::uint32_t position = 0; position < kPrompt.size(); ++position) {
@@ -269,25 +297,63 @@ TEST_CASE("a checkpoint written and loaded gives the same logits as the weights 
   CHECK(bitwise_equal(run(from_file, kPrompt, 0, kContiguous), run(from_memory, kPrompt, 0, kContiguous)));
 }
 
-TEST_CASE("the KV geometry is the wire layout of the model's shape in float32") {
+TEST_CASE("the KV geometry is the wire layout of the model's shape, in f16 unless asked otherwise") {
   CpuBackend backend(small_weights(), 3, 4);
   const KvGeometry& geometry = backend.kv_geometry();
   CHECK(geometry.layers == 2);
   CHECK(geometry.kv_heads == 2);
   CHECK(geometry.head_dim == 2);
   CHECK(geometry.block_tokens == 4);
-  CHECK(geometry.dtype == protocol::DType::FLOAT32);
-  CHECK(geometry.bytes_per_block() == 2 * 2 * 2 * 2 * 4 * 4);
+  CHECK(geometry.dtype == protocol::DType::FLOAT16);
+  CHECK(geometry.element_bytes == 2);
+  CHECK(geometry.bytes_per_block() == 2 * 2 * 2 * 2 * 4 * 2);
   CHECK(backend.total_blocks() == 3);
   CHECK(backend.vocab_size() == 7);
   CHECK(backend.max_context() == 32);
   CHECK(backend.name() == "cpu");
 }
 
-TEST_CASE("a backend with no blocks, empty blocks or no weights is refused") {
+TEST_CASE("KV bytes per token halve in f16 and bf16 against f32") {
+  const auto weights = small_weights();
+  const std::size_t f32 = CpuBackend(weights, 1, 4, protocol::DType::FLOAT32).kv_geometry().bytes_per_token();
+  const KvGeometry f16 = CpuBackend(weights, 1, 4, protocol::DType::FLOAT16).kv_geometry();
+  const KvGeometry bf16 = CpuBackend(weights, 1, 4, protocol::DType::BFLOAT16).kv_geometry();
+  CHECK(f32 == 2 * 2 * 2 * 2 * 4);
+  CHECK(f16.bytes_per_token() * 2 == f32);
+  CHECK(bf16.bytes_per_token() * 2 == f32);
+  CHECK(bf16.dtype == protocol::DType::BFLOAT16);
+  CHECK(bf16.element_bytes == 2);
+}
+
+TEST_CASE("the first layer's keys and values in an f16 cache are the f16 roundings of the f32 cache's") {
+  // One token into both: the first layer's keys and values come from the
+  // embedding alone, so only their storage differs (later layers read the
+  // rounded values back and differ by more).
+  const auto weights = small_weights();
+  CpuBackend f32(weights, 4, 4, protocol::DType::FLOAT32);
+  CpuBackend f16(weights, 4, 4, protocol::DType::FLOAT16);
+  const std::uint32_t first = kPrompt[0];
+  run(f32, {&first, 1}, 0, kContiguous);
+  run(f16, {&first, 1}, 0, kContiguous);
+  std::vector<float> wide(f32.kv_geometry().bytes_per_block() / 4);
+  std::vector<std::uint16_t> narrow(f16.kv_geometry().bytes_per_block() / 2);
+  const std::vector<std::uint32_t> block{0};
+  f32.read_blocks(block, std::as_writable_bytes(std::span<float>(wide)));
+  f16.read_blocks(block, std::as_writable_bytes(std::span<std::uint16_t>(narrow)));
+  bool any_nonzero = false;
+  const std::size_t first_layer = f32.kv_geometry().element_offset(1, 0, 0, 0);
+  for (std::size_t i = 0; i < first_layer; ++i) {
+    CHECK(narrow[i] == float_to_half(wide[i]));
+    any_nonzero = any_nonzero || wide[i] != 0.0f;
+  }
+  CHECK(any_nonzero);
+}
+
+TEST_CASE("a backend with no blocks, empty blocks, no weights or a KV dtype it cannot store is refused") {
   CHECK_THROWS_AS(CpuBackend(small_weights(), 0, 4), std::invalid_argument);
   CHECK_THROWS_AS(CpuBackend(small_weights(), 4, 0), std::invalid_argument);
   CHECK_THROWS_AS(CpuBackend(nullptr, 4, 4), std::invalid_argument);
+  CHECK_THROWS_AS(CpuBackend(small_weights(), 4, 4, protocol::DType::FLOAT8E4M3), std::invalid_argument);
   LlamaWeights short_tensor = *small_weights();
   short_tensor.w2.pop_back();
   CHECK_THROWS_AS(CpuBackend(std::make_shared<const LlamaWeights>(short_tensor), 4, 4), std::invalid_argument);

@@ -8,6 +8,7 @@
 #ifdef FMWIRE_HAVE_CUDA
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -18,10 +19,14 @@
 #include <stdexcept>
 #include <vector>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "engine/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_probe.h"
 #include "engine/cuda_module.h"
+#include "engine/half_float.h"
 #include "engine/llama_weights.h"
 
 namespace fmwire::engine {
@@ -35,6 +40,13 @@ namespace {
 constexpr float kLogitTolerance = 1e-3f;
 // KV values (keys after RoPE, values) likewise, as a fraction of the largest.
 constexpr float kKvTolerance = 1e-3f;
+// With the KV cache in f16 or bf16 both sides round the same way (to
+// nearest even), but a key that differs in its last float bit may round to
+// the neighbouring 16-bit value: one f16 step is 2^-11 of the value, one
+// bf16 step 2^-8; twice that, over the float32 tolerances, for the logits
+// and the KV values alike.
+constexpr float kLogitTolerance16[] = {kLogitTolerance + 0x1p-10f, kLogitTolerance + 0x1p-7f};  // f16, bf16
+constexpr float kKvTolerance16[] = {kKvTolerance + 0x1p-10f, kKvTolerance + 0x1p-7f};
 
 constexpr std::uint32_t kBlockTokens = 16;
 constexpr std::uint32_t kTotalBlocks = 64;
@@ -87,6 +99,23 @@ std::uint32_t argmax(std::span<const float> row) {
   return static_cast<std::uint32_t>(std::max_element(row.begin(), row.end()) - row.begin());
 }
 
+// KV blocks as read out, widened to float.
+std::vector<float> widen(const std::vector<std::byte>& bytes, protocol::DType dtype) {
+  std::vector<float> out;
+  if (dtype == protocol::DType::FLOAT32) {
+    out.resize(bytes.size() / 4);
+    std::memcpy(out.data(), bytes.data(), bytes.size());
+    return out;
+  }
+  out.resize(bytes.size() / 2);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    std::uint16_t bits;
+    std::memcpy(&bits, bytes.data() + 2 * i, 2);
+    out[i] = dtype == protocol::DType::FLOAT16 ? half_to_float(bits) : bfloat16_to_float(bits);
+  }
+  return out;
+}
+
 // Largest |cpu - cuda| over the row, as a fraction of max(1, max |cpu|).
 float relative_difference(std::span<const float> cpu, std::span<const float> cuda) {
   float scale = 1.0f;
@@ -120,7 +149,7 @@ std::vector<BatchEntry> next_step(std::vector<Sequence>& sequences) {
 // Runs the same steps on both backends, prefill in chunks and then
 // kDecodeSteps greedy tokens (chosen from the CPU's logits and fed to both),
 // checking every row of logits. Returns the worst relative difference seen.
-float run_both(CpuBackend& cpu, CudaBackend& cuda, std::vector<Sequence>& sequences) {
+float run_both(CpuBackend& cpu, CudaBackend& cuda, std::vector<Sequence>& sequences, float tolerance) {
   const std::uint32_t vocab = cpu.vocab_size();
   std::vector<float> cpu_logits(kSequences * vocab), cuda_logits(kSequences * vocab);
   float worst = 0.0f;
@@ -140,7 +169,7 @@ float run_both(CpuBackend& cpu, CudaBackend& cuda, std::vector<Sequence>& sequen
       const std::span<const float> cuda_row = std::span<const float>(cuda_logits).subspan(row * vocab, vocab);
       const float difference = relative_difference(cpu_row, cuda_row);
       worst = std::max(worst, difference);
-      CHECK_MESSAGE(difference <= kLogitTolerance, "sequence ", e, " at position ", sequence.fed - 1);
+      CHECK_MESSAGE(difference <= tolerance, "sequence ", e, " at position ", sequence.fed - 1);
       const std::uint32_t greedy = argmax(cpu_row);
       CHECK_MESSAGE(argmax(cuda_row) == greedy, "sequence ", e, " at position ", sequence.fed - 1);
       sequence.tokens.push_back(greedy);
@@ -169,8 +198,10 @@ TEST_CASE("the engine opens the CUDA backend's library at run time, and it is th
   CHECK(choice.log_line.starts_with("CUDA: "));
   CHECK((choice.module != nullptr) == probe_cuda().available);
   if (choice.module == nullptr) return;
-  const std::unique_ptr<ModelBackend> backend = choice.module->make_backend(builtin_weights(), kTotalBlocks, kBlockTokens);
+  const std::unique_ptr<ModelBackend> backend =
+      choice.module->make_backend(builtin_weights(), kTotalBlocks, kBlockTokens, protocol::DType::FLOAT16);
   CHECK(backend->name() == "cuda");
+  CHECK(backend->kv_geometry().dtype == protocol::DType::FLOAT16);
 }
 
 TEST_CASE("without a device, constructing the CUDA backend throws the probe's line" * doctest::skip(!no_device())) {
@@ -179,32 +210,68 @@ TEST_CASE("without a device, constructing the CUDA backend throws the probe's li
   CHECK_THROWS_WITH_AS(construct(), probe.log_line.c_str(), std::runtime_error);
 }
 
+TEST_CASE("the CPU backend's f16 and bf16 rounding is CUDA's, bit for bit") {
+  // CUDA's conversions as the host compiler sees them (cuda_fp16.hpp,
+  // cuda_bf16.hpp), which implement the device's cvt.rn: a prime stride
+  // over every float bit pattern, NaNs and infinities included.
+  std::size_t half_wrong = 0, bfloat16_wrong = 0;
+  for (std::uint64_t bits = 0; bits <= 0xffffffffu; bits += 4093) {
+    const float value = std::bit_cast<float>(static_cast<std::uint32_t>(bits));
+    half_wrong += float_to_half(value) != __half_as_ushort(__float2half_rn(value));
+    bfloat16_wrong += float_to_bfloat16(value) != __bfloat16_as_ushort(__float2bfloat16_rn(value));
+  }
+  CHECK(half_wrong == 0);
+  CHECK(bfloat16_wrong == 0);
+  for (float value : {65520.0f, 0x1p-25f, 1.5f * 0x1p-24f, 1023.5f * 0x1p-24f, -0.0f}) {
+    CHECK(float_to_half(value) == __half_as_ushort(__float2half_rn(value)));
+  }
+}
+
 TEST_CASE("CUDA logits match the CPU reference through chunked prefill and 32 greedy decode steps" * doctest::skip(no_device())) {
   const auto weights = builtin_weights();
-  CpuBackend cpu(weights, kTotalBlocks, kBlockTokens);
-  CudaBackend cuda(weights, kTotalBlocks, kBlockTokens);
+  CpuBackend cpu(weights, kTotalBlocks, kBlockTokens, protocol::DType::FLOAT32);
+  CudaBackend cuda(weights, kTotalBlocks, kBlockTokens, protocol::DType::FLOAT32);
   std::vector<Sequence> sequences = make_sequences();
-  const float worst = run_both(cpu, cuda, sequences);
+  const float worst = run_both(cpu, cuda, sequences, kLogitTolerance);
   MESSAGE("worst logit difference: ", worst, " of the row's scale (tolerance ", kLogitTolerance, ")");
 }
 
-TEST_CASE("KV blocks read from the CUDA backend match the CPU's after the same steps" * doctest::skip(no_device())) {
+TEST_CASE("with the KV cache in f16 and in bf16, CUDA logits match the CPU's within a rounding step" * doctest::skip(no_device())) {
   const auto weights = builtin_weights();
-  CpuBackend cpu(weights, kTotalBlocks, kBlockTokens);
-  CudaBackend cuda(weights, kTotalBlocks, kBlockTokens);
-  REQUIRE(cuda.kv_geometry().bytes_per_block() == cpu.kv_geometry().bytes_per_block());
-  std::vector<Sequence> sequences = make_sequences();
-  (void)run_both(cpu, cuda, sequences);
+  const protocol::DType dtypes[] = {protocol::DType::FLOAT16, protocol::DType::BFLOAT16};
+  for (std::size_t i = 0; i < 2; ++i) {
+    CAPTURE(i);
+    CpuBackend cpu(weights, kTotalBlocks, kBlockTokens, dtypes[i]);
+    CudaBackend cuda(weights, kTotalBlocks, kBlockTokens, dtypes[i]);
+    std::vector<Sequence> sequences = make_sequences();
+    const float worst = run_both(cpu, cuda, sequences, kLogitTolerance16[i]);
+    MESSAGE(kv_dtype_name(dtypes[i]), ": worst logit difference: ", worst, " (tolerance ", kLogitTolerance16[i], ")");
+  }
+}
 
-  std::vector<std::uint32_t> blocks;
-  for (const Sequence& sequence : sequences) blocks.insert(blocks.end(), sequence.block_table.begin(), sequence.block_table.end());
-  const std::size_t floats = blocks.size() * cpu.kv_geometry().bytes_per_block() / sizeof(float);
-  std::vector<float> from_cpu(floats), from_cuda(floats);
-  cpu.read_blocks(blocks, std::as_writable_bytes(std::span<float>(from_cpu)));
-  cuda.read_blocks(blocks, std::as_writable_bytes(std::span<float>(from_cuda)));
-  const float difference = relative_difference(from_cpu, from_cuda);
-  MESSAGE("worst KV difference: ", difference, " of the largest value (tolerance ", kKvTolerance, ")");
-  CHECK(difference <= kKvTolerance);
+TEST_CASE("KV blocks read from the CUDA backend match the CPU's after the same steps, in f32, f16 and bf16" * doctest::skip(no_device())) {
+  const auto weights = builtin_weights();
+  const protocol::DType dtypes[] = {protocol::DType::FLOAT32, protocol::DType::FLOAT16, protocol::DType::BFLOAT16};
+  const float tolerances[] = {kKvTolerance, kKvTolerance16[0], kKvTolerance16[1]};
+  const float logit_tolerances[] = {kLogitTolerance, kLogitTolerance16[0], kLogitTolerance16[1]};
+  for (std::size_t i = 0; i < 3; ++i) {
+    CAPTURE(i);
+    CpuBackend cpu(weights, kTotalBlocks, kBlockTokens, dtypes[i]);
+    CudaBackend cuda(weights, kTotalBlocks, kBlockTokens, dtypes[i]);
+    REQUIRE(cuda.kv_geometry().bytes_per_block() == cpu.kv_geometry().bytes_per_block());
+    std::vector<Sequence> sequences = make_sequences();
+    (void)run_both(cpu, cuda, sequences, logit_tolerances[i]);
+
+    std::vector<std::uint32_t> blocks;
+    for (const Sequence& sequence : sequences) blocks.insert(blocks.end(), sequence.block_table.begin(), sequence.block_table.end());
+    std::vector<std::byte> from_cpu(blocks.size() * cpu.kv_geometry().bytes_per_block()), from_cuda(from_cpu.size());
+    cpu.read_blocks(blocks, from_cpu);
+    cuda.read_blocks(blocks, from_cuda);
+    const float difference = relative_difference(widen(from_cpu, dtypes[i]), widen(from_cuda, dtypes[i]));
+    MESSAGE(kv_dtype_name(dtypes[i]), ": worst KV difference: ", difference, " of the largest value (tolerance ",
+            tolerances[i], ")");
+    CHECK(difference <= tolerances[i]);
+  }
 }
 
 TEST_CASE("blocks written to the CUDA backend read back byte for byte, and other blocks are untouched" * doctest::skip(no_device())) {
@@ -227,10 +294,10 @@ TEST_CASE("blocks written to the CUDA backend read back byte for byte, and other
   CHECK(std::all_of(one.begin(), one.end(), [](std::byte b) { return b == std::byte{0}; }));
 }
 
-TEST_CASE("KV blocks moved from the CPU backend let the CUDA backend continue the sequence" * doctest::skip(no_device())) {
+TEST_CASE("f16 KV blocks moved from the CPU backend let the CUDA backend continue the sequence" * doctest::skip(no_device())) {
   const auto weights = builtin_weights();
-  CpuBackend cpu(weights, kTotalBlocks, kBlockTokens);
-  CudaBackend cuda(weights, kTotalBlocks, kBlockTokens);
+  CpuBackend cpu(weights, kTotalBlocks, kBlockTokens, protocol::DType::FLOAT16);
+  CudaBackend cuda(weights, kTotalBlocks, kBlockTokens, protocol::DType::FLOAT16);
   const std::uint32_t vocab = cpu.vocab_size();
 
   // Prefill 40 tokens on the CPU alone.
@@ -251,7 +318,7 @@ TEST_CASE("KV blocks moved from the CPU backend let the CUDA backend continue th
   BatchEntry cuda_decode{std::span<const std::uint32_t>(tokens).subspan(40, 1), 40, cuda_table, true};
   cpu.forward(std::span<const BatchEntry>(&cpu_decode, 1), cpu_logits);
   cuda.forward(std::span<const BatchEntry>(&cuda_decode, 1), cuda_logits);
-  CHECK(relative_difference(cpu_logits, cuda_logits) <= kLogitTolerance);
+  CHECK(relative_difference(cpu_logits, cuda_logits) <= kLogitTolerance16[0]);
   CHECK(argmax(cuda_logits) == argmax(cpu_logits));
 }
 

@@ -9,12 +9,13 @@ std::shared_ptr<const LlamaWeights> builtin_weights() {
   return weights;
 }
 
-std::unique_ptr<BatchingEngine> builtin_engine(std::uint32_t kv_blocks, BatchingOptions options, std::uint32_t block_tokens) {
+std::unique_ptr<BatchingEngine> builtin_engine(std::uint32_t kv_blocks, BatchingOptions options, std::uint32_t block_tokens,
+                                               protocol::DType kv_dtype) {
   EngineInfo info;
   info.model_name = "builtin";
   info.model_fingerprint = builtin_weights()->fingerprint();
   return std::make_unique<BatchingEngine>(
-      std::move(info), std::make_unique<CpuBackend>(builtin_weights(), kv_blocks, block_tokens), options);
+      std::move(info), std::make_unique<CpuBackend>(builtin_weights(), kv_blocks, block_tokens, kv_dtype), options);
 }
 
 std::unique_ptr<BatchingEngine> synthetic_engine(std::uint32_t kv_blocks, BatchingOptions options) {

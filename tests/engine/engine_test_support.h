@@ -15,8 +15,10 @@ namespace fmwire::engine::test {
 
 std::shared_ptr<const LlamaWeights> builtin_weights();
 
+// The KV cache in f16 unless `kv_dtype` says otherwise, as CpuBackend's default.
 std::unique_ptr<BatchingEngine> builtin_engine(std::uint32_t kv_blocks = 256, BatchingOptions options = {},
-                                               std::uint32_t block_tokens = 16);
+                                               std::uint32_t block_tokens = 16,
+                                               protocol::DType kv_dtype = protocol::DType::FLOAT16);
 std::unique_ptr<BatchingEngine> synthetic_engine(std::uint32_t kv_blocks = 64, BatchingOptions options = {});
 
 // A prompt of `count` byte tokens drawn from `seed`.

@@ -188,8 +188,8 @@ TEST_CASE("an import with other layers or another dtype is refused as layout_mis
   CHECK(layers.error().refusal == KvRefusal::layout_mismatch);
   CHECK(layers.error().message.find(std::to_string(import.geometry.layers) + " layers") != std::string::npos);
   import.geometry = engine->info().kv;
-  import.geometry.dtype = fmwire::protocol::DType::FLOAT16;
-  import.geometry.element_bytes = 2;
+  import.geometry.dtype = fmwire::protocol::DType::FLOAT32;  // the engine keeps f16
+  import.geometry.element_bytes = 4;
   auto dtype = engine->prepare_import(3, greedy(prompt_of(21, 1), 4), import);
   REQUIRE_FALSE(dtype);
   CHECK(dtype.error().refusal == KvRefusal::layout_mismatch);

@@ -75,6 +75,30 @@ def unknown_model(binary, env):
     check(missing.returncode == 2 and "/no/such/model.bin" in missing.stderr, f"stderr {missing.stderr!r}")
 
 
+def kv_dtype(binary, env):
+    """--kv-dtype sets the KV cache's element type (f16 by default), which the
+    start-up log states with the bytes per token; any other value is refused
+    with exit code 2, naming the flag and the values it takes."""
+    result = subprocess.run([binary, "worker", "--listen", "127.0.0.1:0", "--kv-dtype", "fp8"],
+                            capture_output=True, text=True, env=env, timeout=LIMIT_S)
+    check(result.returncode == 2, f"exit {result.returncode}")
+    check("--kv-dtype" in result.stderr and "f16, bf16 or f32" in result.stderr, f"stderr {result.stderr!r}")
+    for flags, line in ((["--model", "builtin", "--device", "cpu"], "KV in f16 (1024 bytes per token)"),
+                        (["--model", "builtin", "--device", "cpu", "--kv-dtype", "f32"], "KV in f32 (2048 bytes per token)"),
+                        (["--model", "synthetic:llama-3-8b", "--kv-dtype", "bf16", "--step-us", "500"],
+                         "131072 bytes of KV per token (bf16)")):
+        worker = Worker(binary, env, *flags)
+        try:
+            result = generate(binary, env, worker.endpoint, "--max-tokens", "8", "--json", "Hello")
+            check(result.returncode == 0, f"{flags}: exit {result.returncode}: {result.stderr}")
+            check(frames_of(result.stdout)[-1]["usage"]["completion_tokens"] == 8, f"{flags}: short stream")
+            check(worker.stop() == 0, f"{flags}: the worker did not stop cleanly")
+            _, errors = worker.process.communicate()
+            check(line in errors, f"{flags}: worker stderr {errors!r}")
+        finally:
+            worker.kill()
+
+
 def synthetic_8b(binary, env):
     # Llama-3-8B's KV shape (128 KiB a token) with a fast step.
     worker = Worker(binary, env, "--model", "synthetic:llama-3-8b", "--step-us", "500", "--kv-memory-mib", "64")
@@ -84,7 +108,7 @@ def synthetic_8b(binary, env):
         check(frames_of(result.stdout)[-1]["usage"]["completion_tokens"] == 100, "short stream")
         check(worker.stop() == 0, "the worker did not stop cleanly")
         _, errors = worker.process.communicate()
-        check("131072 bytes of KV per token" in errors, f"worker stderr {errors!r}")
+        check("131072 bytes of KV per token (f16)" in errors, f"worker stderr {errors!r}")
     finally:
         worker.kill()
 
@@ -175,6 +199,7 @@ SCENARIOS = {
     "bad_request": bad_request,
     "unknown_model": unknown_model,
     "synthetic_8b": synthetic_8b,
+    "kv_dtype": kv_dtype,
     "drain_finishes_open_stream": drain_finishes_open_stream,
     "worker_killed_mid_stream": worker_killed_mid_stream,
     "sigint_cancels": sigint_cancels,
