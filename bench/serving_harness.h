@@ -110,7 +110,9 @@ class TimedEngine final : public engine::Engine {
                                                  std::span<const std::byte> bytes) override {
     return inner_.write_import(id, first_block, bytes);
   }
-  engine::EngineResult<codec::Done> commit_import(engine::SequenceId id) override { return inner_.commit_import(id); }
+  engine::EngineResult<codec::Done> commit_import(engine::SequenceId id, std::span<const std::uint32_t> generated) override {
+    return inner_.commit_import(id, generated);
+  }
   engine::EngineStats stats() const override { return inner_.stats(); }
   std::vector<std::uint64_t> cached_prefixes() const override { return inner_.cached_prefixes(); }
 

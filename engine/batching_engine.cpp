@@ -133,7 +133,7 @@ EngineResult<codec::Done> BatchingEngine::submit_with_kv(SequenceId id, Sequence
     remove(sequence);
     return written;
   }
-  if (auto committed = finish_import(sequence); !committed) {
+  if (auto committed = finish_import(sequence, {}); !committed) {
     remove(sequence);
     return committed;
   }
@@ -163,10 +163,10 @@ EngineResult<codec::Done> BatchingEngine::check_import(SequenceId id, const Sequ
                        std::to_string(ours.head_dim) + ", " + std::to_string(ours.element_bytes) + "-byte)");
   }
   const std::size_t count = import.tokens.size();
-  if (count == 0 || count >= request.prompt.size() ||
+  if (count == 0 || count > request.prompt.size() ||
       !std::equal(import.tokens.begin(), import.tokens.end(), request.prompt.begin())) {
     return error("the KV's " + std::to_string(count) + " tokens must be a non-empty prefix of the prompt of " +
-                 std::to_string(request.prompt.size()) + ", shorter than it");
+                 std::to_string(request.prompt.size()));
   }
   return codec::Done{};
 }
@@ -283,19 +283,37 @@ void BatchingEngine::reblock(Sequence& sequence, std::uint32_t block, std::span<
   }
 }
 
-EngineResult<codec::Done> BatchingEngine::commit_import(SequenceId id) {
+EngineResult<codec::Done> BatchingEngine::commit_import(SequenceId id, std::span<const std::uint32_t> generated) {
   auto found = find_importing(id);
   if (!found) return found.error();
-  return finish_import(**found);
+  return finish_import(**found, generated);
 }
 
-EngineResult<codec::Done> BatchingEngine::finish_import(Sequence& sequence) {
+EngineResult<codec::Done> BatchingEngine::finish_import(Sequence& sequence, std::span<const std::uint32_t> generated) {
   const Import& import = *sequence.import;
   if (import.arrived_count != import.sender_blocks()) {
     return error("sequence " + std::to_string(sequence.id) + " cannot commit: " +
                  std::to_string(import.arrived_count) + " of its " + std::to_string(import.sender_blocks()) +
                  " KV blocks arrived");
   }
+  if (sequence.tokens.size() + generated.size() <= import.tokens) {
+    return error("sequence " + std::to_string(sequence.id) + " cannot commit: its KV covers all of its " +
+                 std::to_string(sequence.tokens.size() + generated.size()) + " tokens, nothing is left to compute");
+  }
+  if (generated.size() >= sequence.request.max_tokens) {
+    return error("sequence " + std::to_string(sequence.id) + " cannot commit: " + std::to_string(generated.size()) +
+                 " tokens generated elsewhere leave nothing of its max_tokens " +
+                 std::to_string(sequence.request.max_tokens));
+  }
+  for (std::uint32_t token : generated) {
+    if (token >= info_.vocab_size) {
+      return error("sequence " + std::to_string(sequence.id) + " cannot commit: generated token " +
+                   std::to_string(token) + " is outside the vocabulary of " + std::to_string(info_.vocab_size));
+    }
+  }
+  sequence.tokens.insert(sequence.tokens.end(), generated.begin(), generated.end());
+  sequence.request.prompt.insert(sequence.request.prompt.end(), generated.begin(), generated.end());
+  sequence.request.max_tokens -= static_cast<std::uint32_t>(generated.size());
   sequence.computed = import.tokens;
   sequence.import.reset();
   importing_.erase(std::find(importing_.begin(), importing_.end(), &sequence));

@@ -56,7 +56,7 @@ class BatchingEngine final : public Engine {
   EngineResult<codec::Done> prepare_import(SequenceId id, SequenceRequest request, const KvImport& import) override;
   EngineResult<codec::Done> write_import(SequenceId id, std::uint32_t first_block,
                                          std::span<const std::byte> bytes) override;
-  EngineResult<codec::Done> commit_import(SequenceId id) override;
+  EngineResult<codec::Done> commit_import(SequenceId id, std::span<const std::uint32_t> generated = {}) override;
   EngineStats stats() const override;
   std::vector<std::uint64_t> cached_prefixes() const override { return pool_.cached_hashes(); }
 
@@ -133,7 +133,7 @@ class BatchingEngine final : public Engine {
                                                 std::span<const std::byte> bytes);
   // Re-lays sender block `block` into our blocks (block sizes differ).
   void reblock(Sequence& sequence, std::uint32_t block, std::span<const std::byte> bytes);
-  EngineResult<codec::Done> finish_import(Sequence& sequence);
+  EngineResult<codec::Done> finish_import(Sequence& sequence, std::span<const std::uint32_t> generated);
 
   EngineInfo info_;
   std::unique_ptr<ModelBackend> backend_;

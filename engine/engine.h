@@ -223,7 +223,8 @@ class Engine {
 
   // Checks `request` as submit() does and `import` against this engine
   // (refusal model_mismatch, layout_mismatch), and reserves blocks for
-  // import.tokens (a non-empty prefix of the prompt, shorter than it) at
+  // import.tokens (a non-empty prefix of the prompt, the whole prompt at
+  // most: commit_import may append the sender's generated tokens) at
   // once, or keeps nothing (no_capacity). The id is taken from now on, but
   // the sequence neither waits nor runs until commit_import().
   virtual EngineResult<codec::Done> prepare_import(SequenceId id, SequenceRequest request, const KvImport& import) = 0;
@@ -236,7 +237,11 @@ class Engine {
 
   // Once every block of the import has been written: the sequence waits like
   // a submitted one, with its first import.tokens.size() positions computed.
-  virtual EngineResult<codec::Done> commit_import(SequenceId id) = 0;
+  // `generated`: tokens the sender generated after the imported ones (a
+  // prefill worker's first token), appended to the prompt and counted
+  // against max_tokens, so the sequence goes on after them; refused when
+  // nothing would be left to compute or to generate.
+  virtual EngineResult<codec::Done> commit_import(SequenceId id, std::span<const std::uint32_t> generated = {}) = 0;
 
   virtual EngineStats stats() const = 0;
 

@@ -129,7 +129,7 @@ class ReverseEngine final : public engine::Engine {
   engine::EngineResult<codec::Done> write_import(SequenceId, std::uint32_t, std::span<const std::byte>) override {
     return EngineError{"the reverse engine has no KV import"};
   }
-  engine::EngineResult<codec::Done> commit_import(SequenceId) override {
+  engine::EngineResult<codec::Done> commit_import(SequenceId, std::span<const std::uint32_t>) override {
     return EngineError{"the reverse engine has no KV import"};
   }
 

@@ -55,7 +55,9 @@ void EngineRunner::write_import(engine::SequenceId id, std::uint32_t first_block
                                 std::shared_ptr<const std::vector<std::byte>> bytes) {
   push(WriteImport{id, first_block, std::move(bytes)});
 }
-void EngineRunner::commit_import(engine::SequenceId id) { push(CommitImport{id}); }
+void EngineRunner::commit_import(engine::SequenceId id, std::vector<std::uint32_t> generated) {
+  push(CommitImport{id, std::move(generated)});
+}
 
 void EngineRunner::apply(Command& command, RunnerOutput& output) {
   using Step = RunnerOutput::KvImportResult::Step;
@@ -88,9 +90,11 @@ void EngineRunner::apply(Command& command, RunnerOutput& output) {
   } else if (auto* write = std::get_if<WriteImport>(&command)) {
     auto done = engine_.write_import(write->id, write->first_block, *write->bytes);
     write->bytes.reset();  // in the KV cache now: the frame's copy can go
-    if (!done) output.kv_imports.push_back({write->id, Step::write, message(done), refusal(done), write->first_block});
+    // Every write is answered: the worker grants the sender credit for a
+    // chunk only once it has landed, which bounds what waits here.
+    output.kv_imports.push_back({write->id, Step::write, message(done), refusal(done), write->first_block});
   } else if (auto* commit = std::get_if<CommitImport>(&command)) {
-    auto done = engine_.commit_import(commit->id);
+    auto done = engine_.commit_import(commit->id, commit->generated);
     output.kv_imports.push_back({commit->id, Step::commit, message(done), refusal(done), 0});
   }
 }

@@ -42,8 +42,8 @@ struct RunnerOutput {
     std::shared_ptr<std::vector<std::byte>> bytes;
     std::string error;  // empty: ok
   };
-  // An import command's answer: one per prepare and commit, and one per
-  // write only when it failed (a transfer's many chunks stay off the outputs).
+  // An import command's answer: one per prepare, write and commit (a write's
+  // answer says its chunk landed: the worker grants credit for more then).
   struct KvImportResult {
     enum class Step { prepare, write, commit };
     engine::SequenceId id;
@@ -91,7 +91,7 @@ class EngineRunner {
   void prepare_import(engine::SequenceId id, engine::SequenceRequest request, engine::KvImport import);
   void write_import(engine::SequenceId id, std::uint32_t first_block,
                     std::shared_ptr<const std::vector<std::byte>> bytes);
-  void commit_import(engine::SequenceId id);
+  void commit_import(engine::SequenceId id, std::vector<std::uint32_t> generated = {});
 
  private:
   struct Submit {
@@ -126,6 +126,7 @@ class EngineRunner {
   };
   struct CommitImport {
     engine::SequenceId id;
+    std::vector<std::uint32_t> generated;
   };
   using Command = std::variant<Submit, Cancel, Pause, ReadKv, ReleaseKv, PrepareImport, WriteImport, CommitImport>;
 

@@ -214,7 +214,7 @@ TEST_CASE("an import that needs more blocks than are free is refused as no_capac
   CHECK(all_blocks_free(*engine));
 }
 
-TEST_CASE("an import whose tokens are not a shorter prefix of the prompt is refused") {
+TEST_CASE("an import whose tokens are not a prefix of the prompt is refused") {
   auto engine = builtin_engine(64);
   const auto prompt = prompt_of(20, 1);
   auto refused = [&](std::vector<std::uint32_t> tokens) {
@@ -224,9 +224,42 @@ TEST_CASE("an import whose tokens are not a shorter prefix of the prompt is refu
     CHECK(result.error().refusal == KvRefusal::none);
   };
   refused({});
-  refused(prompt);                   // nothing left to compute
+  refused(prompt_of(21, 1));         // longer than the prompt
   refused(prompt_of(10, 2));         // another prompt's
   CHECK(all_blocks_free(*engine));
+}
+
+TEST_CASE("an import of the whole prompt commits only with generated tokens to go on after, within max_tokens") {
+  auto source = builtin_engine(64);
+  const auto prompt = prompt_of(20, 1);
+  SequenceRequest held = greedy(prompt, 1);
+  held.hold_kv = true;
+  REQUIRE(source->submit(1, held));
+  StepOutput output;
+  while (source->has_work()) source->step(output);
+  REQUIRE(output.tokens.size() == 1);
+  const std::uint32_t first = output.tokens[0].token;
+  std::vector<std::byte> bytes(2 * source->info().kv.bytes_per_block());
+  REQUIRE(source->read_kv(1, 0, 2, bytes));
+
+  auto target = builtin_engine(64);
+  const KvImport import{prompt, target->info().kv, target->info().model_fingerprint};
+  REQUIRE(target->prepare_import(2, greedy(prompt, 1), import));
+  REQUIRE(target->write_import(2, 0, bytes));
+  const std::vector<std::uint32_t> generated{first};
+  CHECK_FALSE(target->commit_import(2));            // nothing left to compute
+  CHECK_FALSE(target->commit_import(2, generated));  // max_tokens 1 is used up by the first token
+  target->cancel(2);
+  REQUIRE(target->prepare_import(2, greedy(prompt, 5), import));
+  REQUIRE(target->write_import(2, 0, bytes));
+  REQUIRE(target->commit_import(2, generated));
+  StepOutput decoded;
+  while (target->has_work()) target->step(decoded);
+  CHECK(decoded.tokens.size() == 4);  // max_tokens 5, one of them made by the source
+  CHECK(decoded.tokens.front().index == 0);
+  source->release_kv(1);
+  CHECK(all_blocks_free(*source));
+  CHECK(all_blocks_free(*target));
 }
 
 TEST_CASE("an importing sequence neither waits nor runs and its blocks count as reserved") {

@@ -144,11 +144,12 @@ TEST_CASE("a KV transfer between two runners gives the tokens of one engine") {
     receiver.commit_import(1);
     REQUIRE(received.wait([&] { return received.finished.contains(1); }));
     std::lock_guard lock(received.mutex);
-    REQUIRE(received.kv_imports.size() == 2);  // writes that succeed say nothing
-    CHECK(received.kv_imports[0].step == RunnerOutput::KvImportResult::Step::prepare);
-    CHECK(received.kv_imports[0].error.empty());
-    CHECK(received.kv_imports[1].step == RunnerOutput::KvImportResult::Step::commit);
-    CHECK(received.kv_imports[1].error.empty());
+    REQUIRE(received.kv_imports.size() == 5);  // prepare, a write per chunk, commit
+    using Step = RunnerOutput::KvImportResult::Step;
+    CHECK(received.kv_imports[0].step == Step::prepare);
+    for (std::size_t i = 1; i <= 3; ++i) CHECK(received.kv_imports[i].step == Step::write);
+    CHECK(received.kv_imports[4].step == Step::commit);
+    for (const auto& result : received.kv_imports) CHECK(result.error.empty());
   }
   std::vector<std::uint32_t> tokens{first_token};
   tokens.insert(tokens.end(), received.tokens[1].begin(), received.tokens[1].end());
