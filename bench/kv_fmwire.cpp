@@ -262,7 +262,7 @@ class KvSendSession final : public ConnectionHandler {
   }
 
   void on_stream_writable(Connection&, std::uint32_t stream_id) override {
-    if (stream_id == stream_id_ && accepted_) pump();
+    if (stream_id == stream_id_ && accepted_ && !pump_posted_) pump();
   }
 
   void on_stream_closed(Connection&, std::uint32_t stream_id, const EndReason& reason) override {
@@ -313,6 +313,20 @@ class KvSendSession final : public ConnectionHandler {
       prepared_.reset();
       sent_bytes_ += bytes;
       ++chunks_;
+      if (sent_bytes_ < total_bytes_) {
+        // One chunk per loop turn: the turn's end starts the write of this
+        // one, and the next is digested (and compressed) while it is on its
+        // way. Chunk after chunk in one turn would leave the link idle
+        // until all of them were prepared.
+        if (!pump_posted_) {
+          pump_posted_ = true;
+          loop_.post([this] {
+            pump_posted_ = false;
+            if (!closed_) pump();
+          });
+        }
+        return;
+      }
     }
     connection_->send<protocol::KvCommit>(stream_id_, [&](protocol::KvCommitBuilder commit) {
       commit.transfer(transfer_).totals(total_bytes_, chunks_);
@@ -334,6 +348,7 @@ class KvSendSession final : public ConnectionHandler {
   std::uint64_t wire_bytes_ = 0;
   std::uint32_t chunks_ = 0;
   bool accepted_ = false;
+  bool pump_posted_ = false;
   bool committed_ = false;
   bool closed_ = false;
   std::string failure_;
