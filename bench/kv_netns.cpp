@@ -45,6 +45,11 @@ std::string describe(const std::string& path, const std::vector<std::string>& ar
 // ---------------------------------------------------------------- signals
 
 SignalCleanup::SignalCleanup() {
+  // A shell starts background jobs with SIGINT ignored, and an ignored
+  // signal never reaches sigwait: take SIGINT and SIGTERM back (SIGHUP
+  // stays ignored under nohup).
+  ::signal(SIGINT, SIG_DFL);
+  ::signal(SIGTERM, SIG_DFL);
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGINT);
