@@ -21,6 +21,8 @@
 #include "transport/connection.h"
 #include "transport/server.h"
 
+#include "loop_until.h"
+
 namespace fmwire::bench {
 namespace {
 
@@ -32,22 +34,6 @@ using transport::EndReason;
 using transport::EventLoop;
 using transport::kEndStream;
 using transport::SendStatus;
-
-// ---------------------------------------------------------------- loops
-
-// Runs `loop` until done() holds, looking every `poll` (handlers that reach
-// their goal stop the loop at once); false when `limit` passed first.
-bool run_until(EventLoop& loop, const std::function<bool()>& done, std::chrono::milliseconds limit,
-               std::chrono::milliseconds poll = 1ms) {
-  const auto deadline = Clock::now() + limit;
-  while (!done()) {
-    if (Clock::now() >= deadline) return false;
-    const transport::TimerId tick = loop.backend().schedule(poll, [&loop] { loop.stop(); });
-    loop.run();
-    loop.backend().cancel(tick);
-  }
-  return true;
-}
 
 // A Server and its service on a loop thread of their own, listening on
 // 127.0.0.1 at a free port. stop() (or the destructor) ends the loop once the

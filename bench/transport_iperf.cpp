@@ -1,21 +1,17 @@
 #include "transport_iperf.h"
 
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
-#include <poll.h>
-#include <signal.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <boost/json.hpp>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <system_error>
 #include <thread>
@@ -25,104 +21,6 @@ namespace fmwire::bench {
 namespace {
 
 using namespace std::chrono_literals;
-// A child process, killed (SIGKILL) and reaped when this goes away unless it
-// has exited by then. Its stdout is a pipe to read, or /dev/null; stderr is
-// folded into stdout.
-class ChildProcess {
- public:
-  ChildProcess(const std::string& path, const std::vector<std::string>& arguments, bool capture_output) {
-    // Everything the child needs is built before fork(): between fork and
-    // exec a child of a threaded process may only make system calls.
-    std::vector<char*> argv;
-    argv.push_back(const_cast<char*>(path.c_str()));
-    for (const std::string& argument : arguments) argv.push_back(const_cast<char*>(argument.c_str()));
-    argv.push_back(nullptr);
-    int pipe_fds[2] = {-1, -1};
-    if (capture_output && ::pipe2(pipe_fds, O_CLOEXEC) != 0) {
-      throw std::system_error(errno, std::system_category(), "pipe for " + path);
-    }
-    const int null_fd = ::open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (null_fd < 0) throw std::system_error(errno, std::system_category(), "open /dev/null");
-    const pid_t parent = ::getpid();
-    pid_ = ::fork();
-    if (pid_ < 0) {
-      const int error = errno;
-      ::close(null_fd);
-      throw std::system_error(error, std::system_category(), "fork for " + path);
-    }
-    if (pid_ == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlives the bench
-      if (::getppid() != parent) ::_exit(127);
-      const int out = capture_output ? pipe_fds[1] : null_fd;
-      ::dup2(null_fd, STDIN_FILENO);
-      ::dup2(out, STDOUT_FILENO);
-      ::dup2(out, STDERR_FILENO);
-      ::execv(path.c_str(), argv.data());
-      ::_exit(127);
-    }
-    ::close(null_fd);
-    if (capture_output) {
-      ::close(pipe_fds[1]);
-      output_fd_ = pipe_fds[0];
-    }
-  }
-
-  ~ChildProcess() {
-    if (output_fd_ >= 0) ::close(output_fd_);
-    if (pid_ > 0 && !exited_) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-  }
-
-  ChildProcess(const ChildProcess&) = delete;
-  ChildProcess& operator=(const ChildProcess&) = delete;
-
-  // Everything the child writes until it closes its output or `limit` passes.
-  std::string read_output(std::chrono::milliseconds limit) {
-    std::string output;
-    const auto deadline = Clock::now() + limit;
-    char chunk[4096];
-    while (output_fd_ >= 0 && Clock::now() < deadline) {
-      pollfd readable{output_fd_, POLLIN, 0};
-      if (::poll(&readable, 1, 50) <= 0) continue;
-      const ssize_t got = ::read(output_fd_, chunk, sizeof chunk);
-      if (got <= 0) break;
-      output.append(chunk, static_cast<std::size_t>(got));
-    }
-    return output;
-  }
-
-  // CPU the child used, once wait() has seen it exit.
-  CpuTimes cpu_times() const { return cpu_times_; }
-
-  // The exit status once the child has exited within `limit`; else nullopt
-  // (it is still running, and the destructor kills it).
-  std::optional<int> wait(std::chrono::milliseconds limit) {
-    if (exited_) return exit_status_;
-    const auto deadline = Clock::now() + limit;
-    for (;;) {
-      int status = 0;
-      rusage usage{};
-      const pid_t done = ::wait4(pid_, &status, WNOHANG, &usage);
-      if (done == pid_) {
-        exited_ = true;
-        cpu_times_ = {timeval_seconds(usage.ru_utime), timeval_seconds(usage.ru_stime)};
-        exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        return exit_status_;
-      }
-      if (Clock::now() >= deadline) return std::nullopt;
-      std::this_thread::sleep_for(10ms);
-    }
-  }
-
- private:
-  pid_t pid_ = -1;
-  int output_fd_ = -1;
-  bool exited_ = false;
-  int exit_status_ = 0;
-  CpuTimes cpu_times_;
-};
 
 // A port on 127.0.0.1 that nobody listens on now.
 std::uint16_t free_loopback_port() {
@@ -172,16 +70,34 @@ std::string iperf3_version(const std::string& iperf3_path) {
   return output.substr(0, second_space);
 }
 
-BulkRun iperf3_bulk(const std::string& iperf3_path, std::uint64_t bytes) {
-  const std::string port = std::to_string(free_loopback_port());
-  ChildProcess server(iperf3_path, {"-s", "-1", "-B", "127.0.0.1", "-p", port}, false);
+namespace {
+
+// `prefix` then `iperf3_path` then `arguments`, as a child process.
+std::unique_ptr<ChildProcess> start_iperf3(const std::vector<std::string>& prefix, const std::string& iperf3_path,
+                                           const std::vector<std::string>& arguments, bool capture_output) {
+  if (prefix.empty()) return std::make_unique<ChildProcess>(iperf3_path, arguments, capture_output);
+  std::vector<std::string> rest(prefix.begin() + 1, prefix.end());
+  rest.push_back(iperf3_path);
+  rest.insert(rest.end(), arguments.begin(), arguments.end());
+  return std::make_unique<ChildProcess>(prefix.front(), rest, capture_output);
+}
+
+}  // namespace
+
+BulkRun iperf3_bulk(const std::string& iperf3_path, std::uint64_t bytes, const IperfLink& link) {
+  const std::string port = std::to_string(link.port != 0 ? link.port : free_loopback_port());
+  auto server_process = start_iperf3(link.server_prefix, iperf3_path,
+                                     {"-s", "-1", "-B", link.server_address, "-p", port}, false);
+  ChildProcess& server = *server_process;
   // The server listens a moment after it starts: a refused client tries again.
   for (int attempt = 0;; ++attempt) {
     // 1 MiB blocks: iperf3's default of 128 KiB leaves about a fifth of
     // loopback's throughput on the table (2.9 against 3.6 GB/s here), and the
     // peer is meant to be the physical limit.
-    ChildProcess client(iperf3_path, {"-c", "127.0.0.1", "-p", port, "-n", std::to_string(bytes), "-l", "1M", "-J"},
-                        true);
+    auto client_process = start_iperf3(
+        link.client_prefix, iperf3_path,
+        {"-c", link.server_address, "-p", port, "-n", std::to_string(bytes), "-l", "1M", "-J"}, true);
+    ChildProcess& client = *client_process;
     const std::string output = client.read_output(120'000ms);
     const std::optional<int> status = client.wait(5000ms);
     boost::system::error_code parse_error;

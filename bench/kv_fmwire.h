@@ -1,0 +1,72 @@
+// fmwire's side of bench_kv: a KV shard pushed over one connection with the
+// KV session's messages (protocol/kv_*.h): KvOffer -> KvAccept -> KvChunk*
+// -> KvCommit -> KvCommitted. Each side runs its own EventLoop on the
+// calling thread; bench_kv runs them in processes of their own. This is the
+// stand-in for the worker's KV session (worker/), which will replace it
+// behind the same two calls.
+//
+// Sender: chunks of whole KV blocks, each a KvChunk whose attachment is
+// digested (xxh3, always) and, unless compressed, sent from the source
+// memory by reference (no copy into the send queue). Receiver: checks each
+// chunk against the accepted transfer, checks its digest, and copies
+// (or, compressed, decodes) it into its blocks buffer, as an engine does
+// when the KV lands; KvCommitted once every byte is there.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "engine/kv_geometry.h"
+#include "transport/endpoint.h"
+
+namespace fmwire::bench {
+
+// One KV shard and how it goes on the wire.
+struct KvTransferShape {
+  engine::KvGeometry geometry;
+  std::uint32_t tokens = 0;        // a whole number of blocks
+  std::uint32_t chunk_blocks = 1;  // KV blocks per KvChunk
+  bool compress = false;           // shuffle by element + zstd level 1 per chunk
+
+  std::uint64_t total_bytes() const { return std::uint64_t{tokens} * geometry.bytes_per_token(); }
+  std::size_t chunk_bytes() const { return geometry.bytes_per_block() * chunk_blocks; }
+};
+
+// How the sender's transport is set up.
+struct KvSendOptions {
+  std::string backend;                  // "uring", "asio", or empty: the default choice
+  std::size_t zero_copy_min_bytes = 0;  // io_uring: zero-copy sends from this size (0: never)
+  bool register_source = false;         // io_uring: the source registered as fixed buffers
+  std::uint64_t warmup_bytes = 0;       // a first, unmeasured transfer of this many bytes (whole chunks)
+};
+
+// One side's view of one transfer: wall time and this process's CPU over
+// it (sender: KvOffer sent to KvCommitted received; receiver: KvOffer
+// received to KvCommitted sent), and the attachment bytes on the wire.
+struct KvSideRun {
+  double seconds = 0;
+  double cpu_seconds = 0;
+  std::uint64_t wire_bytes = 0;
+  std::uint64_t decoded_bytes = 0;
+};
+
+// Listens at `listen` (port 0: a free one, told to on_listening before any
+// transfer), accepts one connection and serves KV transfers on it into
+// `blocks` (at least one shard's bytes) until the peer closes. Returns one
+// run per transfer committed, the warm-up included. Throws
+// std::runtime_error when a transfer fails.
+std::vector<KvSideRun> fmwire_kv_receive(const std::string& backend, const transport::Endpoint& listen,
+                                         const engine::KvGeometry& geometry, std::span<std::byte> blocks,
+                                         const std::function<void(std::uint16_t port)>& on_listening);
+
+// Connects to `to`, pushes `kv` (shape.total_bytes() of it) as one
+// transfer after the warm-up, closes. Returns the measured transfer.
+// Throws std::runtime_error when the transfer fails or is refused.
+KvSideRun fmwire_kv_send(const transport::Endpoint& to, std::span<std::byte> kv, const KvTransferShape& shape,
+                         const KvSendOptions& options);
+
+}  // namespace fmwire::bench
