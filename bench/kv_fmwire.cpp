@@ -112,13 +112,19 @@ class KvReceiveService final : public ConnectionHandler {
     const double start_cpu_seconds = cpu_now();
     const protocol::KvOfferLimits limits{.model_fingerprint = kModelFingerprint,
                                          .layers = geometry_.layers,
-                                         .block_tokens = geometry_.block_tokens,
+                                         .kv_heads = geometry_.kv_heads,
+                                         .head_dim = geometry_.head_dim,
+                                         .dtype = geometry_.dtype,
                                          .max_total_bytes = blocks_.size()};
     std::optional<protocol::MessageError> problem =
         protocol::MessageError{protocol::ErrorCode::BAD_FRAME, "unreadable KvOffer"};
     std::uint64_t total_bytes = 0;
     (void)codec::read_body<protocol::KvOffer>(frame, limits_, [&](const protocol::KvOfferReader& offer) {
-      problem = offer.check(limits);
+      if (auto refused = offer.check(limits)) {
+        problem = protocol::MessageError{refused->code(), refused->message};
+      } else {
+        problem.reset();
+      }
       total_bytes = offer.total_bytes();
     });
     if (!problem && session_) problem = protocol::MessageError{protocol::ErrorCode::OVERLOADED, "a KV transfer is under way"};
@@ -223,6 +229,8 @@ class KvSendSession final : public ConnectionHandler {
       offer.request_id("bench-kv")
           .model_fingerprint(kModelFingerprint)
           .layers(0, shape.geometry.layers)
+          .geometry(shape.geometry.layers, shape.geometry.kv_heads, shape.geometry.head_dim)
+          .chunk_bytes(static_cast<std::uint32_t>(shape.chunk_bytes()))
           .tokens(0, tokens)
           .block_tokens(shape.geometry.block_tokens)
           .dtype(shape.geometry.dtype)
