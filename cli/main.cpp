@@ -112,6 +112,7 @@ int run_worker_command(const std::vector<std::string>& arguments) {
   std::string backend;
   std::uint32_t load_report_interval_ms = 100;
   std::uint32_t drain_timeout_ms = 30000;
+  std::uint32_t kv_timeout_ms = 10000;
   std::uint32_t step_us = 0;
   std::uint32_t prefill_ns_per_token = 0;
   auto& model = command.model;
@@ -144,9 +145,19 @@ int run_worker_command(const std::vector<std::string>& arguments) {
        "how often subscribers get a LoadReport")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
        "on SIGINT/SIGTERM, how long open streams may take to finish")
+      ("role", po::value(&command.role)->default_value(command.role),
+       "disaggregated serving: prefill, decode or both (routers with both kinds split requests)")
+      ("kv-compress", po::value(&command.kv_compress)->default_value(command.kv_compress),
+       "KV chunks sent to decode workers: shuffle+zstd auto (where it shortens the transfer), on or off")
+      ("kv-timeout-ms", po::value(&kv_timeout_ms)->default_value(kv_timeout_ms),
+       "a KV transfer session ends with a deadline error after this long without progress")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
+  command.kv_state_timeout = std::chrono::milliseconds(std::max<std::uint32_t>(kv_timeout_ms, 1));
+  if (const char* corrupt = std::getenv("FMWIRE_FAULT_CORRUPT_KV_CHUNK")) {
+    command.corrupt_kv_chunk = static_cast<std::uint32_t>(std::strtoul(corrupt, nullptr, 10));
+  }
   if (values.count("no-prefix-cache")) model.batching.prefix_cache = false;
   if (values.count("step-us")) model.step_time = std::chrono::microseconds(step_us);
   if (values.count("prefill-ns-per-token")) model.prefill_time_per_token = std::chrono::nanoseconds(prefill_ns_per_token);

@@ -29,6 +29,29 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   transport::ConnectionOptions options = worker::WorkerService::server_options("fmwire worker");
   worker::WorkerOptions worker_options;
   worker_options.load_report_interval = command.load_report_interval;
+  if (command.role == "both") {
+    worker_options.role = protocol::WorkerRole::BOTH;
+  } else if (command.role == "prefill") {
+    worker_options.role = protocol::WorkerRole::PREFILL;
+  } else if (command.role == "decode") {
+    worker_options.role = protocol::WorkerRole::DECODE;
+  } else {
+    err << "fmwire worker: unknown role '" << command.role << "' (--role): prefill, decode or both" << std::endl;
+    return 2;
+  }
+  if (command.kv_compress == "auto") {
+    worker_options.kv.compress = worker::KvCompressMode::auto_;
+  } else if (command.kv_compress == "on") {
+    worker_options.kv.compress = worker::KvCompressMode::on;
+  } else if (command.kv_compress == "off") {
+    worker_options.kv.compress = worker::KvCompressMode::off;
+  } else {
+    err << "fmwire worker: unknown mode '" << command.kv_compress << "' (--kv-compress): auto, on or off" << std::endl;
+    return 2;
+  }
+  worker_options.kv.state_timeout = command.kv_state_timeout;
+  worker_options.kv.match_timeout = command.kv_state_timeout;
+  worker_options.kv.corrupt_chunk = command.corrupt_kv_chunk;
   worker::WorkerService* service = nullptr;  // read after the loop has stopped
 
   // Before the loop and engine threads, which inherit its signal mask.

@@ -22,6 +22,12 @@ struct WorkerCommand {
   std::string etcd;                       // URL: register there for routers to find
   std::string etcd_prefix = "/fmwire/workers/";
   std::uint32_t etcd_ttl_s = 5;
+  std::string role = "both";              // disaggregated serving: prefill, decode or both
+  std::string kv_compress = "auto";       // KV chunks: shuffle+zstd auto, on or off
+  std::chrono::milliseconds kv_state_timeout{10000};  // a KV session's deadline per state
+  // Fault injection for tests (FMWIRE_FAULT_CORRUPT_KV_CHUNK): corrupt this
+  // chunk of each KV transfer sent after its digest was taken; 0: never.
+  std::uint32_t corrupt_kv_chunk = 0;
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad

@@ -55,9 +55,12 @@ WorkerService::WorkerService(transport::EventLoop& loop, engine::Engine& engine,
       if (alive.lock()) deliver(*output);
     });
   });
+  KvTransfersOwner& owner = *this;
+  kv_ = std::make_unique<KvTransfers>(loop_, *runner_, info_, options_.kv, owner, "fmwire worker " + options_.name);
 }
 
 WorkerService::~WorkerService() {
+  kv_.reset();      // its links close; it calls the runner no more
   runner_.reset();  // no step output arrives after this
   if (report_timer_ != 0) loop_.backend().cancel(report_timer_);
   for (auto& [key, stream] : streams_) {
@@ -66,6 +69,7 @@ WorkerService::~WorkerService() {
 }
 
 void WorkerService::on_stream_frame(Connection& connection, const codec::FrameView& frame) {
+  if (kv_->on_server_frame(connection, frame)) return;  // a KV session another worker opened
   switch (frame.kind()) {
     case codec::FrameKind::generate_request:
       start(connection, frame.header.stream_id, frame);
@@ -99,6 +103,8 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
   std::vector<std::string> stops;
   std::optional<protocol::MessageError> problem;
   std::uint64_t timeout_us = 0;
+  std::string transfer_key;
+  std::string prefill_to;
   const codec::Status read = codec::read_body<protocol::GenerateRequest>(
       frame, codec::FrameLimits{}, [&](const protocol::GenerateRequestReader& body) {
         const std::string_view model = body.model();
@@ -116,13 +122,40 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
         stream->include_text = body.include_text();
         stream->include_usage = body.include_usage();
         stream->include_timings = body.include_timings();
+        if (body.prefill_only()) {
+          stream->part = GenerationStream::Part::prefill;
+          prefill_to = std::string(body.prefill_to());
+        } else if (body.decode_only()) {
+          stream->part = GenerationStream::Part::decode;
+        }
+        transfer_key = std::string(body.transfer_key());
       });
   if (!read) {
     problem = protocol::MessageError{protocol::ErrorCode::BAD_FRAME, "unreadable GenerateRequest: " + read.error().message};
   }
+  std::optional<transport::Endpoint> decode_worker;
+  if (!problem && stream->part != GenerationStream::Part::whole && transfer_key.empty()) {
+    problem = protocol::MessageError{protocol::ErrorCode::BAD_REQUEST, "a disaggregated request without a transfer key"};
+  }
+  if (!problem && stream->part == GenerationStream::Part::prefill) {
+    std::string why;
+    decode_worker = transport::parse_endpoint(prefill_to, &why);
+    if (!decode_worker) {
+      problem = protocol::MessageError{protocol::ErrorCode::BAD_REQUEST, "the decode worker's address: " + why};
+    }
+  }
   if (problem) {
     refuse(connection, stream_id, problem->code, problem->message);
     return;
+  }
+  if (stream->part == GenerationStream::Part::prefill) {
+    if (request.max_tokens <= 1) {
+      stream->part = GenerationStream::Part::whole;  // done at its first token: nothing to hand over
+    } else {
+      stream->max_tokens = request.max_tokens;
+      request.max_tokens = 1;
+      request.hold_kv = true;
+    }
   }
   // The engine checks the rest (context, vocabulary, sampling ranges) and
   // refuses through the runner's output.
@@ -145,7 +178,21 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
       end_early(*found->second, protocol::FinishReason::DEADLINE_EXCEEDED);
     });
   }
-  runner_->submit(started.sequence, std::move(request));
+  switch (started.part) {
+    case GenerationStream::Part::whole:
+      runner_->submit(started.sequence, std::move(request));
+      break;
+    case GenerationStream::Part::prefill: {
+      const auto prompt_tokens = static_cast<std::uint32_t>(request.prompt.size());
+      runner_->submit(started.sequence, std::move(request));
+      // The offer leaves now: the transfer overlaps the prefill.
+      kv_->send(started.sequence, transfer_key, *decode_worker, prompt_tokens);
+      break;
+    }
+    case GenerationStream::Part::decode:
+      kv_->expect(started.sequence, transfer_key, std::move(request));
+      break;
+  }
 }
 
 engine::SequenceRequest WorkerService::sequence_request(const protocol::GenerateRequestReader& body) {
@@ -167,6 +214,8 @@ engine::SequenceRequest WorkerService::sequence_request(const protocol::Generate
 
 void WorkerService::deliver(const RunnerOutput& output) {
   engine_stats_ = output.stats;
+  for (const auto& read : output.kv_reads) kv_->on_read(read);
+  for (const auto& result : output.kv_imports) kv_->on_import(result);
   for (const auto& rejected : output.rejected) {
     auto found = by_sequence_.find(rejected.id);
     if (found == by_sequence_.end()) continue;
@@ -185,6 +234,15 @@ void WorkerService::deliver(const RunnerOutput& output) {
     if (found == by_sequence_.end()) continue;
     GenerationStream& stream = *found->second;
     if (stream.finish_reason) continue;  // ended here first (stop sequence)
+    if (stream.part == GenerationStream::Part::prefill && finished.cause == engine::FinishCause::max_tokens) {
+      // Its one token made, not the client's last: the decode worker goes
+      // on once the KV is there (on_kv_sent ends this stream).
+      stream.handing_off = true;
+      stream.queue_us = finished.queue_us;
+      stream.prefill_us = finished.prefill_us;
+      kv_->finished(finished.id, stream.generated);
+      continue;
+    }
     stream.finish_reason = finish_reason(finished.cause);
     stream.cached_prompt_tokens = finished.cached_prompt_tokens;
     stream.queue_us = finished.queue_us;
@@ -215,6 +273,7 @@ void WorkerService::deliver(const RunnerOutput& output) {
     auto found = by_sequence_.find(finished.id);
     if (found != by_sequence_.end()) flush(*found->second);
   }
+  for (const auto& progress : output.step.kv_progress) kv_->progress(progress.id, progress.computed);
   for (std::uint64_t hash : output.step.prefixes_added) prefixes_.insert(hash);
   for (std::uint64_t hash : output.step.prefixes_evicted) prefixes_.erase(hash);
   if (!subscribers_.empty()) {
@@ -226,6 +285,8 @@ void WorkerService::deliver(const RunnerOutput& output) {
 
 void WorkerService::take_token(GenerationStream& stream, std::uint32_t token, std::uint32_t index) {
   if (stream.finish_reason) return;  // after a stop sequence: the engine is being told to stop
+  index += stream.index_offset;
+  if (stream.part == GenerationStream::Part::prefill) stream.generated.push_back(token);
   if (stream.pending_ids.empty()) stream.pending_first_index = index;
   stream.pending_ids.push_back(token);
   ++stream.completion_tokens;
@@ -303,7 +364,12 @@ bool WorkerService::flush(GenerationStream& stream) {
           .prefill_us(owned->prefill_us)
           .decode_us(owned->decode_us)
           .first_token_us(owned->first_token_sent ? micros(*owned->first_token_sent - owned->received) : 0)
-          .total_us(micros(now - owned->received));
+          .total_us(micros(now - owned->received))
+          .kv_transfer_us(owned->kv_transfer ? owned->kv_transfer->transfer_us : 0);
+    }
+    if (owned->kv_transfer && owned->part == GenerationStream::Part::decode) {
+      finish.kv_transfer(owned->kv_transfer->bytes, owned->kv_transfer->wire_bytes, owned->kv_transfer->compression,
+                         owned->kv_transfer->transfer_us);
     }
   }, transport::kEndStream);
   ++counters_.streams_finished;
@@ -321,6 +387,12 @@ std::unique_ptr<WorkerService::GenerationStream> WorkerService::detach(Generatio
   if (stream.deadline_timer != 0) loop_.backend().cancel(stream.deadline_timer);
   stream.deadline_timer = 0;
   if (!stream.finish_reason) runner_->cancel(stream.sequence);
+  if (stream.part != GenerationStream::Part::whole) {
+    // Whatever KV session it still has ends; a held prefill sequence
+    // (finished, or handed over) gives its blocks back.
+    kv_->cancel(stream.sequence, {protocol::KvEnd::CANCELLED, "the request's stream ended"});
+    if (stream.part == GenerationStream::Part::prefill && stream.finish_reason) runner_->release_kv(stream.sequence);
+  }
   by_sequence_.erase(stream.sequence);
   auto found = streams_.find({stream.connection, stream.stream_id});
   std::unique_ptr<GenerationStream> owned = std::move(found->second);
@@ -337,6 +409,7 @@ void WorkerService::on_stream_writable(Connection& connection, std::uint32_t str
 
 void WorkerService::on_stream_closed(Connection& connection, std::uint32_t stream_id,
                                      const transport::EndReason& reason) {
+  if (kv_->on_server_stream_closed(connection, stream_id, reason)) return;
   subscribers_.erase({&connection, stream_id});
   auto found = streams_.find({&connection, stream_id});
   if (found == streams_.end()) return;
@@ -348,6 +421,7 @@ void WorkerService::on_stream_closed(Connection& connection, std::uint32_t strea
 
 void WorkerService::on_closed(Connection& connection, const transport::EndReason& reason) {
   (void)reason;
+  kv_->on_server_closed(connection);
   for (auto it = subscribers_.begin(); it != subscribers_.end();) {
     it = it->first.first == &connection ? subscribers_.erase(it) : std::next(it);
   }
@@ -360,6 +434,57 @@ void WorkerService::on_closed(Connection& connection, const transport::EndReason
     stream->finish_reason.reset();
     forget(*stream);
   }
+}
+
+void WorkerService::fail_stream(GenerationStream& stream, protocol::ErrorCode code, const std::string& message,
+                                bool retryable) {
+  Connection& connection = *stream.connection;
+  const std::uint32_t stream_id = stream.stream_id;
+  stream.finish_reason.reset();  // the engine must stop
+  forget(stream);
+  connection.reset_stream(stream_id, code, message, retryable);
+}
+
+void WorkerService::on_kv_sent(engine::SequenceId sequence, const KvTransferResult& result) {
+  auto found = by_sequence_.find(sequence);
+  if (found == by_sequence_.end()) return;
+  GenerationStream& stream = *found->second;
+  if (!result.committed) {
+    fail_stream(stream, result.error.code(), "KV transfer to the decode worker failed (" +
+                                                 std::string(protocol::to_string(result.error.reason)) +
+                                                 "): " + result.error.message,
+                result.error.retryable() || result.error.reason == protocol::KvEnd::CANCELLED);
+    return;
+  }
+  stream.kv_transfer = result;
+  if (!stream.handing_off) {
+    // Committed before this side saw its own sequence finish: cannot be,
+    // the shard is complete only then.
+    fail_stream(stream, protocol::ErrorCode::INTERNAL, "KV committed before the prefill finished", true);
+    return;
+  }
+  stream.finish_reason = protocol::FinishReason::HANDED_OFF;
+  flush(stream);
+}
+
+void WorkerService::on_kv_received(engine::SequenceId sequence, const KvTransferResult& result) {
+  auto found = by_sequence_.find(sequence);
+  if (found == by_sequence_.end()) return;
+  GenerationStream& stream = *found->second;
+  if (!result.committed) {
+    fail_stream(stream, result.error.code(), "KV transfer from the prefill worker failed (" +
+                                                 std::string(protocol::to_string(result.error.reason)) +
+                                                 "): " + result.error.message,
+                true);
+    return;
+  }
+  // The sequence runs now, after the prefill worker's tokens: they count
+  // in indexes and usage, and the text stream reads them first, so that a
+  // character or a stop sequence across the seam comes out whole.
+  stream.kv_transfer = result;
+  stream.index_offset = static_cast<std::uint32_t>(result.generated.size());
+  stream.completion_tokens += stream.index_offset;
+  for (std::uint32_t token : result.generated) (void)stream.text->push(token);
 }
 
 void WorkerService::subscribe(Connection& connection, std::uint32_t stream_id) {
@@ -411,6 +536,9 @@ protocol::WorkerLoad WorkerService::load() const {
   load.prompt_tokens = engine_stats_.prompt_tokens;
   load.cached_prompt_tokens = engine_stats_.cached_prompt_tokens;
   load.generated_tokens = engine_stats_.generated_tokens;
+  load.role = options_.role;
+  load.kv_transfers_active = static_cast<std::uint32_t>(kv_->active());
+  load.kv_reserved_blocks = engine_stats_.reserved_blocks;
   return load;
 }
 

@@ -8,6 +8,14 @@
 // blocks, generates nothing) until the peer grants more; at most the tokens
 // of the steps already under way wait here, never an unbounded queue.
 //
+// Disaggregated serving (a router sets GenerateRequest.disaggregation): a
+// prefill request runs with hold_kv and max_tokens 1, its first token goes
+// out at once, its KV to the decode worker (kv_transfers.h), and its stream
+// ends with Finish(handedOff) once the decode worker committed, or with a
+// retryable Error when the transfer failed; a decode request waits for the
+// KV offered under its key, then continues the sequence after the first
+// token, its indexes and usage counting that token.
+//
 // Load reports: a peer that opens a stream with a LoadReport frame (body
 // ignored) subscribes; it gets a full report at once (every prefix hash held)
 // and then one per interval with the prefixes added and evicted since.
@@ -30,7 +38,9 @@
 #include "protocol/generate_request.h"
 #include "protocol/load_report.h"
 #include "transport/connection.h"
+#include "transport/endpoint.h"
 #include "worker/engine_runner.h"
+#include "worker/kv_transfers.h"
 
 namespace fmwire::worker {
 
@@ -38,6 +48,8 @@ struct WorkerOptions {
   std::string name = "worker";
   std::chrono::milliseconds load_report_interval{100};
   protocol::GenerateRequestLimits request_limits;
+  protocol::WorkerRole role = protocol::WorkerRole::BOTH;
+  KvTransferOptions kv;
 };
 
 // What the worker has done, on the loop thread; for tests and the shutdown log.
@@ -51,7 +63,7 @@ struct WorkerCounters {
   std::uint64_t pauses = 0;             // sequences paused for lack of credit
 };
 
-class WorkerService final : public transport::ConnectionHandler {
+class WorkerService final : public transport::ConnectionHandler, private KvTransfersOwner {
  public:
   // How a worker's server speaks: role worker, offering the KV transfer
   // session and load reports in its Hello exchange.
@@ -70,8 +82,13 @@ class WorkerService final : public transport::ConnectionHandler {
   std::size_t active_streams() const { return streams_.size(); }
   // The name in load reports and timings; before the loop runs.
   void set_name(std::string name) { options_.name = std::move(name); }
-  // Marks load reports as draining (the server is shutting down).
-  void set_draining() { draining_ = true; }
+  // Marks load reports as draining (the server is shutting down) and
+  // refuses new KV transfers.
+  void set_draining() {
+    draining_ = true;
+    if (kv_) kv_->set_draining();
+  }
+  const KvTransferCounters& kv_counters() const { return kv_->counters(); }
 
   void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
   void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
@@ -112,6 +129,14 @@ class WorkerService final : public transport::ConnectionHandler {
     Clock::time_point received;
     std::optional<Clock::time_point> first_token_sent;
     transport::TimerId deadline_timer = 0;
+    // Disaggregated serving.
+    enum class Part { whole, prefill, decode };
+    Part part = Part::whole;
+    std::uint32_t max_tokens = 0;     // the client's, for a prefill part (which runs 1)
+    std::uint32_t index_offset = 0;   // decode part: tokens made by the prefill worker
+    bool handing_off = false;         // prefill part: the sequence is done, its KV on the way
+    std::vector<std::uint32_t> generated;  // prefill part: its token(s), for KvCommit
+    std::optional<KvTransferResult> kv_transfer;  // how the KV came or went
   };
 
   void start(transport::Connection& connection, std::uint32_t stream_id, const codec::FrameView& frame);
@@ -133,6 +158,11 @@ class WorkerService final : public transport::ConnectionHandler {
   // unless it had finished) and hands it over; forget() drops it.
   std::unique_ptr<GenerationStream> detach(GenerationStream& stream);
   void forget(GenerationStream& stream);
+  // KV transfer sessions (kv_transfers.h) ended.
+  void on_kv_sent(engine::SequenceId sequence, const KvTransferResult& result) override;
+  void on_kv_received(engine::SequenceId sequence, const KvTransferResult& result) override;
+  // Ends a stream with an Error frame (the sequence cancelled).
+  void fail_stream(GenerationStream& stream, protocol::ErrorCode code, const std::string& message, bool retryable);
   void send_load_reports();
   void send_load_report(transport::Connection& connection, std::uint32_t stream_id,
                         const std::vector<std::uint64_t>& added, const std::vector<std::uint64_t>& evicted);
@@ -158,7 +188,8 @@ class WorkerService final : public transport::ConnectionHandler {
   transport::TimerId report_timer_ = 0;
 
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
-  std::unique_ptr<EngineRunner> runner_;  // last: stopped first
+  std::unique_ptr<EngineRunner> runner_;  // stopped first but for kv_
+  std::unique_ptr<KvTransfers> kv_;       // uses runner_
 };
 
 }  // namespace fmwire::worker

@@ -1,0 +1,306 @@
+// Disaggregated prefill/decode between two real workers on loopback, with
+// the test in the router's place: it opens the decode stream and the
+// prefill stream as a router does, and reads both. The KV goes worker to
+// worker (worker/kv_transfers.h); these cases check the output is the
+// colocated output, that every way a session can end frees every block on
+// both workers, and that the ends are typed errors, never a hang.
+#include <doctest/doctest.h>
+
+#include <map>
+
+#include "engine/tokenizer.h"
+#include "protocol/generate_request.h"
+#include "tests/engine/engine_test_support.h"
+#include "tests/engine/stream_collector.h"
+#include "tests/transport/loopback.h"
+#include "transport/server.h"
+#include "worker/worker_service.h"
+
+namespace fmwire::worker {
+namespace {
+
+using namespace engine;
+using namespace std::chrono_literals;
+using transport::Connection;
+using transport::SendStatus;
+using transport::test::run_until;
+using test::Collector;
+using test::StreamLog;
+
+// One worker: its engine, service and server on the shared loop, and the
+// "router's" connection to it.
+struct Node {
+  Node(transport::EventLoop& loop, std::unique_ptr<Engine> engine_in, WorkerOptions options, const Tokenizer& tokenizer)
+      : engine(std::move(engine_in)),
+        service(std::make_unique<WorkerService>(loop, *engine, tokenizer, std::move(options))),
+        server(std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", 0},
+                                                   WorkerService::server_options("worker"), *service)) {
+    transport::ConnectionOptions client_options;
+    client_options.role = protocol::Role::ROUTER;
+    transport::test::connect_client(loop, server->port(), client_options, collector, client);
+    REQUIRE(run_until(loop, [&] { return client && collector.ready; }));
+  }
+  std::string endpoint() const { return "127.0.0.1:" + std::to_string(server->port()); }
+  // Sequences, reserved and held blocks all gone; every block free.
+  bool idle() const {
+    const EngineStats& stats = service->engine_stats();
+    return stats.running == 0 && stats.waiting == 0 && stats.importing == 0 && stats.held == 0 &&
+           stats.reserved_blocks == 0 && stats.free_blocks == stats.total_blocks;
+  }
+
+  std::unique_ptr<Engine> engine;
+  std::unique_ptr<WorkerService> service;
+  std::unique_ptr<transport::Server> server;
+  Collector collector;
+  std::unique_ptr<Connection> client;
+};
+
+WorkerOptions options(std::chrono::milliseconds kv_timeout = 2000ms) {
+  WorkerOptions made;
+  made.load_report_interval = 20ms;
+  made.kv.state_timeout = kv_timeout;
+  made.kv.match_timeout = kv_timeout;
+  made.kv.chunk_bytes = 1;  // one block a chunk: many chunks even for short prompts
+  return made;
+}
+
+enum class Part { whole, prefill, decode };
+
+std::uint32_t generate(Node& node, const std::vector<std::uint32_t>& prompt, std::uint32_t max_tokens, Part part,
+                       const std::string& key = "", const std::string& decode_endpoint = "") {
+  const std::uint32_t id = node.client->open_stream();
+  REQUIRE(id != 0);
+  const SendStatus status = node.client->send<protocol::GenerateRequest>(id, [&](protocol::GenerateRequestBuilder body) {
+    body.prompt_token_ids(prompt).max_tokens(max_tokens).temperature(0).seed(1);
+    if (part == Part::prefill) body.prefill_to(key, decode_endpoint);
+    if (part == Part::decode) body.decode_after_transfer(key);
+  }, transport::kEndStream);
+  REQUIRE(status == SendStatus::sent);
+  return id;
+}
+
+std::vector<std::uint32_t> prompt_of(std::uint32_t count) {
+  std::vector<std::uint32_t> prompt{1};
+  for (std::uint32_t i = 1; i < count; ++i) prompt.push_back(3 + (i * 37) % 250);
+  return prompt;
+}
+
+// Three workers on one loop: a colocated one for the reference output, a
+// prefill and a decode one.
+struct Rig {
+  explicit Rig(WorkerOptions prefill_options = options(), std::uint32_t decode_blocks = 256,
+               std::uint32_t decode_block_tokens = 16, WorkerOptions decode_options = options())
+      : whole(loop, test::builtin_engine(), options(), tokenizer),
+        prefill(loop, test::builtin_engine(256, batching()), std::move(prefill_options), tokenizer),
+        decode(loop, test::builtin_engine(decode_blocks, batching(), decode_block_tokens), std::move(decode_options),
+               tokenizer) {}
+
+  static BatchingOptions batching() {
+    BatchingOptions made;
+    made.max_batch_tokens = 32;  // long prompts prefill in several chunks
+    return made;
+  }
+
+  // The tokens of one request served whole.
+  std::vector<std::uint32_t> colocated(const std::vector<std::uint32_t>& prompt, std::uint32_t max_tokens) {
+    const std::uint32_t id = generate(whole, prompt, max_tokens, Part::whole);
+    REQUIRE(run_until(loop, [&] { return whole.collector.streams[id].closed; }));
+    return whole.collector.streams[id].token_ids;
+  }
+
+  struct Split {
+    std::uint32_t prefill_stream = 0;
+    std::uint32_t decode_stream = 0;
+    StreamLog& prefill_log() { return rig->prefill.collector.streams[prefill_stream]; }
+    StreamLog& decode_log() { return rig->decode.collector.streams[decode_stream]; }
+    Rig* rig = nullptr;
+  };
+
+  Split disaggregated(const std::vector<std::uint32_t>& prompt, std::uint32_t max_tokens, const std::string& key) {
+    Split split;
+    split.rig = this;
+    split.decode_stream = generate(decode, prompt, max_tokens, Part::decode, key);
+    split.prefill_stream = generate(prefill, prompt, max_tokens, Part::prefill, key, decode.endpoint());
+    return split;
+  }
+
+  bool both_closed(Split& split) {
+    return run_until(loop, [&] { return split.prefill_log().closed && split.decode_log().closed; }, 10000ms);
+  }
+  bool all_idle() {
+    return run_until(loop, [&] { return prefill.idle() && decode.idle(); }, 3000ms);
+  }
+
+  transport::EventLoop loop;
+  Tokenizer tokenizer = Tokenizer::byte_level();
+  Node whole;
+  Node prefill;
+  Node decode;
+};
+
+}  // namespace
+
+TEST_CASE("a request split between a prefill and a decode worker gives the colocated greedy tokens") {
+  Rig rig;
+  // 1 token; exactly one block; several blocks; longer than two prefill chunks.
+  for (std::uint32_t length : {1u, 16u, 40u, 100u}) {
+    CAPTURE(length);
+    const auto prompt = prompt_of(length);
+    const auto expected = rig.colocated(prompt, 20);
+    REQUIRE(expected.size() == 20);
+    std::string key = "key-";
+    key += std::to_string(length);
+    auto split = rig.disaggregated(prompt, 20, key);
+    REQUIRE(rig.both_closed(split));
+    StreamLog& first = split.prefill_log();
+    StreamLog& rest = split.decode_log();
+    CHECK_FALSE(first.end.error);
+    CHECK_FALSE(rest.end.error);
+    REQUIRE(first.finish.has_value());
+    CHECK(*first.finish == protocol::FinishReason::HANDED_OFF);
+    REQUIRE(first.indexes == std::vector<std::uint32_t>{0});
+    std::vector<std::uint32_t> tokens = first.token_ids;
+    tokens.insert(tokens.end(), rest.token_ids.begin(), rest.token_ids.end());
+    CHECK(tokens == expected);
+    REQUIRE(rest.indexes.size() == 19);
+    for (std::uint32_t i = 0; i < 19; ++i) CHECK(rest.indexes[i] == i + 1);
+    REQUIRE(rest.finish.has_value());
+    CHECK(*rest.finish == protocol::FinishReason::MAX_TOKENS);
+    CHECK(rest.prompt_tokens == length);
+    CHECK(rest.completion_tokens == 20);
+    CHECK(rig.all_idle());
+  }
+  CHECK(rig.prefill.service->kv_counters().sent == 4);
+  CHECK(rig.decode.service->kv_counters().received == 4);
+}
+
+TEST_CASE("a decode worker with other block sizes re-blocks the KV and gives the same tokens") {
+  for (std::uint32_t block_tokens : {8u, 32u}) {
+    CAPTURE(block_tokens);
+    Rig rig(options(), 256, block_tokens);
+    const auto prompt = prompt_of(70);
+    const auto expected = rig.colocated(prompt, 12);
+    auto split = rig.disaggregated(prompt, 12, "reblock");
+    REQUIRE(rig.both_closed(split));
+    std::vector<std::uint32_t> tokens = split.prefill_log().token_ids;
+    tokens.insert(tokens.end(), split.decode_log().token_ids.begin(), split.decode_log().token_ids.end());
+    CHECK(tokens == expected);
+    CHECK(rig.all_idle());
+  }
+}
+
+TEST_CASE("a decode worker with no free blocks refuses the KV as no_capacity and both workers free everything") {
+  Rig rig(options(), 8);  // room for one of the two requests below (7 blocks each), not both
+  const auto prompt = prompt_of(100);
+  auto first = rig.disaggregated(prompt, 8, "first");
+  auto second = rig.disaggregated(prompt, 8, "second");
+  REQUIRE(rig.both_closed(first));
+  REQUIRE(rig.both_closed(second));
+  const bool first_refused = first.prefill_log().end.error;
+  StreamLog& refused = first_refused ? first.prefill_log() : second.prefill_log();
+  StreamLog& served = first_refused ? second.decode_log() : first.decode_log();
+  INFO(refused.end.message);
+  CHECK(refused.end.error);
+  CHECK(refused.end.retryable);
+  CHECK(refused.end.code == protocol::ErrorCode::OVERLOADED);
+  CHECK(refused.end.message.find("no_capacity") != std::string::npos);
+  CHECK_FALSE(served.end.error);
+  CHECK(served.token_ids.size() == 7);
+  CHECK(rig.all_idle());
+}
+
+TEST_CASE("a decode worker whose cache can never hold the request refuses it, and both workers free everything") {
+  Rig rig(options(), 4);  // four blocks: 64 tokens at most
+  auto split = rig.disaggregated(prompt_of(100), 8, "never");
+  REQUIRE(rig.both_closed(split));
+  INFO(split.prefill_log().end.message);
+  CHECK(split.prefill_log().end.error);
+  CHECK(split.prefill_log().end.message.find("the cache holds 4") != std::string::npos);
+  CHECK(split.decode_log().end.error);
+  CHECK(rig.all_idle());
+}
+
+TEST_CASE("a request complete at its first token ends at the prefill worker with no transfer") {
+  Rig rig;
+  const auto prompt = prompt_of(20);
+  auto split = rig.disaggregated(prompt, 1, "one");
+  REQUIRE(run_until(rig.loop, [&] { return split.prefill_log().closed; }));
+  REQUIRE(split.prefill_log().finish.has_value());
+  CHECK(*split.prefill_log().finish == protocol::FinishReason::MAX_TOKENS);
+  CHECK(split.prefill_log().token_ids.size() == 1);
+  // The router cancels the decode stream; the test does.
+  rig.decode.client->reset_stream(split.decode_stream, protocol::ErrorCode::CANCELLED, "done at prefill");
+  CHECK(rig.all_idle());
+  CHECK(rig.prefill.service->kv_counters().sent == 0);
+}
+
+TEST_CASE("a chunk corrupted after its digest was taken aborts the transfer as integrity, freeing every block") {
+  WorkerOptions corrupting = options();
+  corrupting.kv.corrupt_chunk = 2;
+  Rig rig(corrupting);
+  auto split = rig.disaggregated(prompt_of(60), 8, "corrupt");
+  REQUIRE(rig.both_closed(split));
+  CHECK(split.prefill_log().end.error);
+  CHECK(split.prefill_log().end.code == protocol::ErrorCode::DIGEST_MISMATCH);
+  CHECK(split.prefill_log().end.retryable);
+  CHECK(split.decode_log().end.error);
+  CHECK(split.decode_log().end.message.find("integrity") != std::string::npos);
+  CHECK(rig.decode.service->kv_counters().integrity_failures == 1);
+  CHECK(rig.all_idle());
+}
+
+TEST_CASE("cancelling either stream mid-transfer ends the session on both workers and frees every block") {
+  for (const bool cancel_prefill : {true, false}) {
+    CAPTURE(cancel_prefill);
+    Rig rig;
+    auto split = rig.disaggregated(prompt_of(200), 50, "cancel");
+    // As soon as the decode worker has reserved blocks (mid-transfer).
+    REQUIRE(run_until(rig.loop, [&] { return rig.decode.service->engine_stats().importing > 0; }));
+    if (cancel_prefill) {
+      rig.prefill.client->reset_stream(split.prefill_stream, protocol::ErrorCode::CANCELLED, "client went away");
+    } else {
+      rig.decode.client->reset_stream(split.decode_stream, protocol::ErrorCode::CANCELLED, "client went away");
+    }
+    REQUIRE(rig.both_closed(split));
+    CHECK(rig.all_idle());
+  }
+}
+
+TEST_CASE("an offer that names no waiting decode request is refused after the match timeout") {
+  Rig rig(options(300ms), 256, 16, options(300ms));
+  const std::uint32_t id = generate(rig.prefill, prompt_of(30), 8, Part::prefill, "nobody", rig.decode.endpoint());
+  REQUIRE(run_until(rig.loop, [&] { return rig.prefill.collector.streams[id].closed; }, 5000ms));
+  const StreamLog& log = rig.prefill.collector.streams[id];
+  INFO(log.end.message);
+  CHECK(log.end.error);
+  CHECK(log.end.message.find("unknown_request") != std::string::npos);
+  CHECK(rig.all_idle());
+}
+
+TEST_CASE("a decode request whose KV never comes ends with a retryable error after the match timeout") {
+  Rig rig(options(300ms), 256, 16, options(300ms));
+  const std::uint32_t id = generate(rig.decode, prompt_of(30), 8, Part::decode, "never");
+  REQUIRE(run_until(rig.loop, [&] { return rig.decode.collector.streams[id].closed; }, 5000ms));
+  const StreamLog& log = rig.decode.collector.streams[id];
+  CHECK(log.end.error);
+  CHECK(log.end.retryable);
+  CHECK(rig.all_idle());
+}
+
+TEST_CASE("a prefill worker whose decode worker is unreachable ends its stream with a retryable error") {
+  Rig rig;
+  // A port nobody listens on: the decode worker's server, closed.
+  const std::string gone = rig.decode.endpoint();
+  rig.decode.client->close();
+  run_until(rig.loop, [&] { return rig.decode.client->closed(); }, 2000ms);
+  rig.decode.server.reset();
+  const std::uint32_t id = generate(rig.prefill, prompt_of(30), 8, Part::prefill, "gone", gone);
+  REQUIRE(run_until(rig.loop, [&] { return rig.prefill.collector.streams[id].closed; }, 5000ms));
+  const StreamLog& log = rig.prefill.collector.streams[id];
+  CHECK(log.end.error);
+  CHECK(log.end.retryable);
+  CHECK(log.end.message.find("peer_lost") != std::string::npos);
+  CHECK(run_until(rig.loop, [&] { return rig.prefill.idle(); }, 3000ms));
+}
+
+}  // namespace fmwire::worker
