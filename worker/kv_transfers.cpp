@@ -52,6 +52,10 @@ struct KvTransfers::Link {
   bool connecting = false;
   std::vector<engine::SequenceId> waiting;                  // to offer once ready
   std::map<std::uint32_t, engine::SequenceId> streams;      // session streams
+  // Wire bytes per second of the last committed transfer over this link,
+  // first chunk to KvCommitted: what --kv-compress auto weighs compression
+  // against. 0: not measured yet (the first transfer goes uncompressed).
+  double measured_bytes_per_s = 0;
 };
 
 // One sequence's KV on its way out.
@@ -80,6 +84,7 @@ struct KvTransfers::Outgoing {
   std::uint64_t wire_bytes = 0;
   bool compress = false;
   Clock::time_point started;
+  std::optional<Clock::time_point> first_chunk;
   transport::TimerId deadline = 0;
 };
 
@@ -205,13 +210,13 @@ void KvTransfers::send(engine::SequenceId sequence, std::string key, const trans
   session->block_bytes = info_.kv.bytes_per_block();
   session->blocks = (prompt_tokens + info_.kv.block_tokens - 1) / info_.kv.block_tokens;
   session->chunk_blocks = std::max<std::uint32_t>(1, options_.chunk_bytes / static_cast<std::uint32_t>(session->block_bytes));
-  session->compress = options_.compress == KvCompressMode::on;
   session->started = Clock::now();
   Outgoing& started = *session;
   outgoing_[sequence] = std::move(session);
   arm(started, options_.state_timeout);
   Link& link = link_to(to);
   started.link = &link;
+  started.compress = compress_over(link);
   if (link.connection && link.connection->ready()) {
     offer(started);
   } else {
@@ -288,6 +293,21 @@ void KvTransfers::pump(Outgoing& session) {
   send_ready(session);
 }
 
+bool KvTransfers::compress_over(const Link& link) const {
+  switch (options_.compress) {
+    case KvCompressMode::off: return false;
+    case KvCompressMode::on: return true;
+    case KvCompressMode::auto_: break;
+  }
+  // Decided per session from the link's measured throughput and the
+  // compressor's measured speed and ratio on this worker's KV: both known
+  // after a first transfer, which goes uncompressed.
+  if (link.measured_bytes_per_s <= 0 || !compressor_) return false;
+  codec::CompressionSpeeds speeds = *compressor_;
+  speeds.link_bytes_per_s = link.measured_bytes_per_s;
+  return codec::decide_compression(speeds).compress;
+}
+
 codec::AttachmentOptions KvTransfers::attachment_options(const Outgoing& session) const {
   return {.compress = session.compress, .element_bytes = static_cast<std::uint8_t>(info_.kv.element_bytes), .zstd_level = 1};
 }
@@ -316,6 +336,13 @@ void KvTransfers::send_ready(Outgoing& session) {
     // of credit keeps it, unless it lives in the codec's scratch and another
     // chunk was prepared since.
     if (!session.prepared || (session.compress && session.prepared_generation != prepares_)) {
+      if (options_.compress == KvCompressMode::auto_ && !compressor_) {
+        // Once per worker, on its first chunk of KV: the compressor's speed
+        // and ratio on what this model's KV looks like.
+        compressor_ = codec::measure_compression(codec_, std::span<const std::byte>(*read.bytes).first(std::min<std::size_t>(read.bytes->size(), 1u << 20)),
+                                                 {.compress = true, .element_bytes = static_cast<std::uint8_t>(info_.kv.element_bytes), .zstd_level = 1},
+                                                 0);
+      }
       session.prepared = codec_.prepare(*read.bytes, attachment_options(session));
       session.prepared_generation = ++prepares_;
       if (options_.corrupt_chunk != 0 && session.chunks + 1 == options_.corrupt_chunk && !session.prepared->wire.empty()) {
@@ -336,6 +363,7 @@ void KvTransfers::send_ready(Outgoing& session) {
                    false);
       return;
     }
+    if (!session.first_chunk) session.first_chunk = Clock::now();
     session.wire_bytes += session.prepared->wire.size();
     session.sent_bytes += raw_bytes;
     ++session.chunks;
@@ -414,6 +442,10 @@ void KvTransfers::on_link_frame(Link& link, const codec::FrameView& frame) {
       result.wire_bytes = session->wire_bytes;
       result.compression = session->compress ? protocol::Compression::ZSTD : protocol::Compression::NONE;
       result.transfer_us = micros(Clock::now() - session->started);
+      if (session->first_chunk) {
+        const double seconds = std::chrono::duration<double>(Clock::now() - *session->first_chunk).count();
+        if (seconds > 0) link.measured_bytes_per_s = static_cast<double>(session->wire_bytes) / seconds;
+      }
       end_outgoing(*session, std::move(result), false);
       return;
     }
@@ -559,7 +591,6 @@ void KvTransfers::on_offer(Connection& connection, const codec::FrameView& frame
     session->sender.block_tokens = offer.block_tokens();
     session->total_bytes = offer.total_bytes();
     session->max_chunk_bytes = offer.chunk_bytes();
-    session->compression = offer.compression();
   });
   if (!problem && draining_) problem = KvEndError{KvEnd::SHUTTING_DOWN, "this worker is shutting down"};
   if (problem) {
@@ -695,6 +726,7 @@ void KvTransfers::on_chunk(Incoming& session, const codec::FrameView& frame) {
   }
   session.received_bytes += bytes->size();
   session.wire_bytes += frame.header.attachment_bytes;
+  if (frame.header.encoding.compression != codec::Compression::none) session.compression = protocol::Compression::ZSTD;
   ++session.chunks;
   session.landing.push_back(frame.wire_bytes);
   runner_.write_import(session.sequence, static_cast<std::uint32_t>(offset / block_bytes), std::move(bytes));

@@ -151,6 +151,8 @@ class KvTransfers final : private transport::ConnectionHandler {
   void on_link_frame(Link& link, const codec::FrameView& frame);
   Outgoing* outgoing_on(Link& link, std::uint32_t stream_id);
   codec::AttachmentOptions attachment_options(const Outgoing& session) const;
+  // Whether a new session over `link` compresses its chunks (--kv-compress).
+  bool compress_over(const Link& link) const;
 
   // Receiver.
   void on_offer(transport::Connection& connection, const codec::FrameView& frame);
@@ -182,6 +184,7 @@ class KvTransfers final : private transport::ConnectionHandler {
   KvTransfersOwner& owner_;
   std::string name_;
   codec::AttachmentCodec codec_;
+  std::optional<codec::CompressionSpeeds> compressor_;  // measured once, on the first KV sent
   bool draining_ = false;
   KvTransferCounters counters_;
 

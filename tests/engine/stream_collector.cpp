@@ -29,6 +29,11 @@ void Collector::on_stream_frame(transport::Connection&, const codec::FrameView& 
       log.completion_tokens = finish.completion_tokens();
       log.cached_prompt_tokens = finish.cached_prompt_tokens();
       log.text += finish.trailing_text();
+      if (finish.has_kv_transfer()) {
+        log.kv_bytes = finish.kv_transfer().getBytes();
+        log.kv_wire_bytes = finish.kv_transfer().getWireBytes();
+        log.kv_compressed = finish.kv_transfer().getCompression() == protocol::Compression::ZSTD;
+      }
       const auto timings = finish.timings();
       if (timings.size() > 0) log.first_token_us = protocol::HopTimingReader(timings[0]).first_token_us();
       for (const protocol::HopTimingReader hop : timings) log.hops.emplace_back(hop.hop());

@@ -24,6 +24,10 @@ struct StreamLog {
   std::uint32_t cached_prompt_tokens = 0;
   std::uint64_t first_token_us = 0;
   std::vector<std::string> hops;  // the Finish's timings, in order
+  // The Finish's KV transfer summary (disaggregated serving); 0 without one.
+  std::uint64_t kv_bytes = 0;
+  std::uint64_t kv_wire_bytes = 0;
+  bool kv_compressed = false;
   bool closed = false;
   transport::EndReason end;
 };

@@ -174,6 +174,24 @@ TEST_CASE("a request split between a prefill and a decode worker gives the coloc
   CHECK(rig.decode.service->kv_counters().received == 4);
 }
 
+TEST_CASE("KV chunks compressed with shuffle+zstd give the same tokens, and the decode Finish says so") {
+  WorkerOptions compressing = options();
+  compressing.kv.compress = KvCompressMode::on;
+  Rig rig(compressing);
+  const auto prompt = prompt_of(90);
+  const auto expected = rig.colocated(prompt, 10);
+  auto split = rig.disaggregated(prompt, 10, "zstd");
+  REQUIRE(rig.both_closed(split));
+  std::vector<std::uint32_t> tokens = split.prefill_log().token_ids;
+  tokens.insert(tokens.end(), split.decode_log().token_ids.begin(), split.decode_log().token_ids.end());
+  CHECK(tokens == expected);
+  const StreamLog& decoded = split.decode_log();
+  CHECK(decoded.kv_bytes == 6 * rig.decode.engine->info().kv.bytes_per_block());
+  CHECK(decoded.kv_compressed);
+  CHECK(decoded.kv_wire_bytes < decoded.kv_bytes);
+  CHECK(rig.all_idle());
+}
+
 TEST_CASE("a decode worker with other block sizes re-blocks the KV and gives the same tokens") {
   for (std::uint32_t block_tokens : {8u, 32u}) {
     CAPTURE(block_tokens);
