@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <map>
+#include <random>
 
 #include "engine/tokenizer.h"
 #include "protocol/generate_request.h"
@@ -319,6 +320,69 @@ TEST_CASE("a prefill worker whose decode worker is unreachable ends its stream w
   CHECK(log.end.retryable);
   CHECK(log.end.message.find("peer_lost") != std::string::npos);
   CHECK(run_until(rig.loop, [&] { return rig.prefill.idle(); }, 3000ms));
+}
+
+}  // namespace fmwire::worker
+
+namespace fmwire::worker {
+
+TEST_CASE("10,000 transfers with random cancels on either side leave every block counter at its baseline") {
+  Rig rig;
+  std::mt19937 random(20261204);
+  constexpr std::uint32_t kTransfers = 10000;
+  constexpr std::uint32_t kInFlight = 32;
+  std::uint32_t started = 0;
+  std::uint32_t cancelled = 0;
+  std::uint64_t committed_before = rig.decode.service->kv_counters().received;
+  while (started < kTransfers) {
+    std::vector<Rig::Split> batch;
+    for (std::uint32_t i = 0; i < kInFlight && started < kTransfers; ++i, ++started) {
+      const std::uint32_t length = 1 + random() % 48;
+      const std::uint32_t max_tokens = 2 + random() % 6;
+      std::string key = "stress-";
+      key += std::to_string(started);
+      batch.push_back(rig.disaggregated(prompt_of(length), max_tokens, key));
+    }
+    // Let the batch get somewhere (queued, prefilling, transferring or
+    // decoding: random), then cancel about a third of it on a random side.
+    const auto wait = std::chrono::milliseconds(random() % 4);
+    run_until(rig.loop, [] { return false; }, wait);
+    for (Rig::Split& split : batch) {
+      const std::uint32_t draw = random() % 6;
+      if (draw == 0 && !split.prefill_log().closed) {
+        rig.prefill.client->reset_stream(split.prefill_stream, protocol::ErrorCode::CANCELLED, "random cancel");
+        ++cancelled;
+      } else if (draw == 1 && !split.decode_log().closed) {
+        rig.decode.client->reset_stream(split.decode_stream, protocol::ErrorCode::CANCELLED, "random cancel");
+        ++cancelled;
+      }
+    }
+    // A stream one side cancelled may leave the other waiting: the router
+    // would cancel it too; so does the test once the first has closed.
+    REQUIRE(run_until(rig.loop, [&] {
+      bool all = true;
+      for (Rig::Split& split : batch) {
+        StreamLog& prefill = split.prefill_log();
+        StreamLog& decode = split.decode_log();
+        if (prefill.closed && !decode.closed && (prefill.end.error || prefill.finish != protocol::FinishReason::HANDED_OFF)) {
+          rig.decode.client->reset_stream(split.decode_stream, protocol::ErrorCode::CANCELLED, "prefill ended");
+        }
+        if (decode.closed && decode.end.error && !prefill.closed) {
+          rig.prefill.client->reset_stream(split.prefill_stream, protocol::ErrorCode::CANCELLED, "decode ended");
+        }
+        all = all && prefill.closed && decode.closed;
+      }
+      return all;
+    }, 20000ms));
+    rig.prefill.collector.streams.clear();
+    rig.decode.collector.streams.clear();
+  }
+  CHECK(rig.all_idle());
+  CHECK(rig.prefill.service->active_streams() == 0);
+  CHECK(rig.decode.service->active_streams() == 0);
+  MESSAGE(started << " transfers, " << cancelled << " cancelled, "
+                  << rig.decode.service->kv_counters().received - committed_before << " committed");
+  CHECK(rig.decode.service->kv_counters().received - committed_before > kTransfers / 3);
 }
 
 }  // namespace fmwire::worker
