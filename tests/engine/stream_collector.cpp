@@ -32,6 +32,7 @@ void Collector::on_stream_frame(transport::Connection&, const codec::FrameView& 
       const auto timings = finish.timings();
       if (timings.size() > 0) log.first_token_us = protocol::HopTimingReader(timings[0]).first_token_us();
       for (const protocol::HopTimingReader hop : timings) log.hops.emplace_back(hop.hop());
+      if (finish.has_kv_transfer()) log.kv_transfer_bytes = finish.kv_transfer().getBytes();
     });
   } else if (frame.kind() == codec::FrameKind::load_report) {
     read = codec::read_body<protocol::LoadReport>(frame, codec::FrameLimits{}, [&](const protocol::LoadReportReader& body) {

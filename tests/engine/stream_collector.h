@@ -24,6 +24,7 @@ struct StreamLog {
   std::uint32_t cached_prompt_tokens = 0;
   std::uint64_t first_token_us = 0;
   std::vector<std::string> hops;  // the Finish's timings, in order
+  std::uint64_t kv_transfer_bytes = 0;  // the Finish's KV transfer summary; 0: none
   bool closed = false;
   transport::EndReason end;
 };
