@@ -38,6 +38,7 @@ struct WorkerOptions {
   std::string name = "worker";
   std::chrono::milliseconds load_report_interval{100};
   protocol::GenerateRequestLimits request_limits;
+  protocol::WorkerRole role = protocol::WorkerRole::BOTH;
 };
 
 // What the worker has done, on the loop thread; for tests and the shutdown log.
