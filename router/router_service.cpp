@@ -394,7 +394,16 @@ void RouterService::from_prefill(Route& route, const codec::FrameView& frame) {
     return;
   }
   if (handed_off) {
+    WorkerLink& prefill = *route.worker;
     release_worker(route);  // its stream ended with that Finish: nothing to reset
+    if (!route.prefill_token_relayed) {
+      // The client would miss index 0: served whole instead.
+      fall_back(route, prefill,
+                transport::EndReason::failure(protocol::ErrorCode::INTERNAL,
+                                              "it handed off without sending the first token", true),
+                "prefill");
+      return;
+    }
     hand_off(route);
     return;
   }
@@ -433,11 +442,12 @@ bool RouterService::release_held(Route& route) {
 
 void RouterService::hand_off(Route& route) {
   route.split = false;
-  route.worker = route.decode_worker;  // null when it has ended already, its Finish held or queued
+  // Nothing is held: the prefill's token is with the client. Null when the
+  // decode part has ended already, its Finish queued for the client.
+  route.worker = route.decode_worker;
   route.worker_stream = route.decode_stream;
   route.decode_worker = nullptr;
   route.decode_stream = 0;
-  release_held(route);  // a prefill that handed off without a token: the decode's frames go on
 }
 
 void RouterService::cancel_decode(Route& route) {
@@ -722,7 +732,7 @@ void RouterService::split_part_closed(Route& route, WorkerLink& link, std::uint3
     return;
   }
   release_worker(route);
-  if (route.decode_token_relayed || decode_finished) {
+  if (route.prefill_token_relayed && (route.decode_token_relayed || decode_finished)) {
     // The decode part has the sequence: the handoff happened, and only the
     // prefill's Finish(handedOff) was lost.
     hand_off(route);

@@ -218,8 +218,9 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   bool relay_to_client(Route& route, const codec::FrameView& frame, WorkerLink* source, std::uint32_t source_stream);
   // The prefill's token is with the client: the decode frames held follow.
   bool release_held(Route& route);
-  // The prefill stream ended with Finish(handedOff), or the decode stream
-  // showed it has the sequence: the decode stream is the route's from now.
+  // The prefill's token is with the client and its stream ended with
+  // Finish(handedOff), or the decode stream showed it has the sequence: the
+  // decode stream is the route's from now.
   void hand_off(Route& route);
   // A part of a split request failed before the handoff: the other is
   // cancelled, and the request served whole by one worker, after the

@@ -285,6 +285,20 @@ TEST_CASE("a decode error after some of its tokens went out falls back after the
   CHECK(rig.router->counters().disaggregation_fallbacks == 1);
 }
 
+TEST_CASE("a prefill that hands off without its first token is served whole: the client never misses index 0") {
+  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
+  const std::uint32_t id = rig.generate(5);
+  ScriptedStream& decode = rig.part_at(1);
+  ScriptedStream& prefill = rig.part_at(0);
+  rig.workers[1]->send_tokens(decode, 1, 2);
+  rig.workers[0]->send_finish(prefill, FinishReason::HANDED_OFF, 1);
+  const StreamLog& log = rig.wait(id);
+  CHECK_FALSE(log.end.error);
+  check_every_index_once(log, 5);
+  CHECK(cancelled(decode));
+  CHECK(rig.router->counters().disaggregation_fallbacks == 1);
+}
+
 TEST_CASE("a part's error that is not retryable goes to the client as it is") {
   Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
   const std::uint32_t id = rig.generate(6);
