@@ -432,10 +432,7 @@ bool RouterService::release_held(Route& route) {
     route.held.pop_front();
     const codec::FrameView view = frame.view();
     if (view.kind() == codec::FrameKind::tokens) route.decode_token_relayed = true;
-    // Before the handoff the decode stream is decode_worker; after it, worker.
-    WorkerLink* source = route.split ? route.decode_worker : route.worker;
-    const std::uint32_t source_stream = route.split ? route.decode_stream : route.worker_stream;
-    if (!relay_to_client(route, view, source, source_stream)) return false;
+    if (!relay_to_client(route, view, route.decode_worker, route.decode_stream)) return false;
   }
   return true;
 }
