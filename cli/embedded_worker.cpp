@@ -5,17 +5,22 @@
 namespace fmwire::cli {
 
 codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> EmbeddedWorker::start(const engine::ModelSpec& model,
-                                                                                  const std::string& backend) {
+                                                                                  const std::string& backend,
+                                                                                  protocol::WorkerRole role) {
   auto loaded = engine::load_model(model);
   if (!loaded) return loaded.error();
   std::unique_ptr<EmbeddedWorker> worker(new EmbeddedWorker());
   worker->model_ = std::move(*loaded);
+  worker->role_ = role;
+  worker::WorkerOptions options;
+  options.role = role;
   const transport::ConnectionOptions connection = worker::WorkerService::server_options("fmwire worker (embedded)");
   try {
     worker->group_ = std::make_unique<transport::ServerGroup>(
         1, transport::Endpoint{"127.0.0.1", 0}, connection,
         [&](transport::EventLoop& loop) {
-          auto made = std::make_unique<worker::WorkerService>(loop, *worker->model_.engine, *worker->model_.tokenizer);
+          auto made = std::make_unique<worker::WorkerService>(loop, *worker->model_.engine, *worker->model_.tokenizer,
+                                                              options);
           worker->service_ = made.get();
           return made;
         },

@@ -1,6 +1,8 @@
 // A worker inside `fmwire up`: its own engine (engine::load_model) and a
 // WorkerService on a loop thread of its own, listening on 127.0.0.1 at a free
 // port; the engine steps on a thread of its own (worker/engine_runner.h).
+// Its role (both, or the prefill or decode part of disaggregated serving)
+// is said in its load reports, where the router reads it.
 #pragma once
 
 #include <chrono>
@@ -21,13 +23,15 @@ class EmbeddedWorker {
   // Loads the model and starts serving. Errors: a model that cannot be
   // loaded, no port to listen on. Construct the RoleShutdown first (the
   // threads started here inherit the signal mask).
-  static codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> start(const engine::ModelSpec& model,
-                                                                           const std::string& backend);
+  static codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> start(
+      const engine::ModelSpec& model, const std::string& backend,
+      protocol::WorkerRole role = protocol::WorkerRole::BOTH);
   ~EmbeddedWorker();  // stops and joins the loop if still running, then frees the engine
   EmbeddedWorker(const EmbeddedWorker&) = delete;
   EmbeddedWorker& operator=(const EmbeddedWorker&) = delete;
 
   transport::Endpoint endpoint() const { return transport::Endpoint{"127.0.0.1", port_}; }
+  protocol::WorkerRole role() const { return role_; }
   // What load_model chose and why, for the start-up log.
   const std::vector<std::string>& log_lines() const { return model_.log_lines; }
   const engine::Tokenizer& tokenizer() const { return *model_.tokenizer; }
@@ -43,6 +47,7 @@ class EmbeddedWorker {
 
   engine::LoadedModel model_;                    // first: outlives the service that drives it
   std::uint16_t port_ = 0;
+  protocol::WorkerRole role_ = protocol::WorkerRole::BOTH;
   worker::WorkerService* service_ = nullptr;     // owned by the group
   std::unique_ptr<transport::ServerGroup> group_;  // null after drain()
   worker::WorkerCounters counters_;              // copied at the end of drain()

@@ -190,6 +190,7 @@ int run_router_command(const std::vector<std::string>& arguments) {
   std::uint32_t keepalive_ms = 1000;
   std::uint32_t dead_after_ms = 3000;
   std::uint32_t drain_timeout_ms = 30000;
+  std::string disaggregate = "auto";
   auto& router = command.router;
   po::options_description description("usage: fmwire router --listen HOST:PORT --workers HOST:PORT,... [options]\noptions");
   description.add_options()
@@ -200,6 +201,9 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("etcd", po::value(&command.etcd), "etcd URL (http://HOST:PORT): workers registered there join and leave")
       ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix of the workers in etcd")
       ("migrate", po::bool_switch(&router.migrate), "re-issue a lost worker's requests elsewhere, the stream going on")
+      ("disaggregate", po::value(&disaggregate)->default_value(disaggregate),
+       "auto: split each request between a prefill and a decode worker (fmwire worker --role) while both kinds "
+       "are up; off: every request served whole by one worker")
       ("tokenizer", po::value(&command.tokenizer),
        "the workers' llama2.c tokenizer.bin (default: the built-in byte-level one); with --policy prefix or sla, "
        "prompts are tokenized here with it and sent on as ids (with --migrate, those of a stream carried on "
@@ -216,6 +220,11 @@ int run_router_command(const std::vector<std::string>& arguments) {
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   command.workers = split_list(workers);
+  if (disaggregate != "auto" && disaggregate != "off") {
+    std::cerr << "fmwire router: --disaggregate " << disaggregate << ": give auto or off\n";
+    return 2;
+  }
+  router.disaggregate = disaggregate == "auto";
   router.worker_link.connection.keepalive_interval = std::chrono::milliseconds(std::max<std::uint32_t>(keepalive_ms, 1));
   router.worker_link.connection.dead_after = std::chrono::milliseconds(std::max(dead_after_ms, keepalive_ms + 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
@@ -267,7 +276,12 @@ int run_up_command(const std::vector<std::string>& arguments) {
       ("help,h", "show this help")
       ("port", po::value(&command.port)->default_value(command.port), "HTTP port; 0 picks a free one")
       ("host", po::value(&command.host)->default_value(command.host), "HTTP address (numeric)")
-      ("workers", po::value(&command.workers)->default_value(command.workers), "workers, each with its own engine")
+      ("workers", po::value(&command.workers)->default_value(command.workers),
+       "workers, each with its own engine (with --disaggregate: none unless given, besides the prefill and decode ones)")
+      ("disaggregate", "disaggregated prefill/decode: one prefill and one decode worker, each request split "
+       "between them (the KV pushed worker to worker)")
+      ("prefill-workers", po::value(&command.prefill_workers), "prefill workers (default 1); implies --disaggregate")
+      ("decode-workers", po::value(&command.decode_workers), "decode workers (default 1); implies --disaggregate")
       ("model", po::value(&model.model)->default_value(model.model),
        "builtin, a llama2.c checkpoint (.bin), or synthetic:NAME (llama-3-8b, llama-3-70b, tiny)")
       ("tokenizer", po::value(&model.tokenizer), "llama2.c tokenizer.bin (default: beside the checkpoint)")
@@ -285,6 +299,11 @@ int run_up_command(const std::vector<std::string>& arguments) {
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (values.count("no-demo")) command.demo = false;
+  if (values.count("disaggregate") || values.count("prefill-workers") || values.count("decode-workers")) {
+    if (!values.count("prefill-workers")) command.prefill_workers = 1;
+    if (!values.count("decode-workers")) command.decode_workers = 1;
+    if (values["workers"].defaulted()) command.workers = 0;
+  }
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_up(command, std::cout, std::cerr);

@@ -108,7 +108,8 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   }
 
   err << "fmwire router: " << group->backend_log_line() << ", policy " << command.router.policy
-      << (command.router.migrate ? ", migration on" : "");
+      << (command.router.migrate ? ", migration on" : "")
+      << (command.router.disaggregate ? ", disaggregation auto" : ", disaggregation off");
   if (router->checks_tokenizer()) {
     err << ", prompts tokenized here (tokenizer " << std::hex << tokenizer->fingerprint() << std::dec << ")";
   }
@@ -122,7 +123,9 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   const router::RouterCounters& counters = router->counters();
   err << "fmwire router: stopped after " << counters.streams_finished << " streams finished, "
       << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "
-      << counters.streams_refused << " refused, " << counters.streams_migrated << " migrated" << std::endl;
+      << counters.streams_refused << " refused, " << counters.streams_migrated << " migrated, "
+      << counters.streams_disaggregated << " split (" << counters.disaggregation_fallbacks << " served whole after a part failed)"
+      << std::endl;
   return result;
 }
 

@@ -27,6 +27,14 @@ struct DemoEnd {
   bool over = false;
 };
 
+std::string role_note(protocol::WorkerRole role) {
+  switch (role) {
+    case protocol::WorkerRole::PREFILL: return " (prefill)";
+    case protocol::WorkerRole::DECODE: return " (decode)";
+    default: return "";
+  }
+}
+
 std::string curl_line(const std::string& url, const std::string& model) {
   return "curl -N " + url + "/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\":\"" + model +
          "\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true}'";
@@ -94,8 +102,18 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
     err << "fmwire up: --host: " << problem << std::endl;
     return 2;
   }
-  if (command.workers == 0 || command.workers > kMaxWorkers) {
-    err << "fmwire up: --workers " << command.workers << ": give 1 to " << kMaxWorkers << std::endl;
+  if ((command.prefill_workers == 0) != (command.decode_workers == 0)) {
+    err << "fmwire up: --prefill-workers " << command.prefill_workers << " --decode-workers "
+        << command.decode_workers << ": a split request needs one of each, give at least 1 of both" << std::endl;
+    return 2;
+  }
+  // One role per worker, in the order they start: both, prefill, decode.
+  std::vector<protocol::WorkerRole> roles(command.workers, protocol::WorkerRole::BOTH);
+  roles.insert(roles.end(), command.prefill_workers, protocol::WorkerRole::PREFILL);
+  roles.insert(roles.end(), command.decode_workers, protocol::WorkerRole::DECODE);
+  if (roles.empty() || roles.size() > kMaxWorkers) {
+    err << "fmwire up: " << roles.size() << " workers in all (--workers, --prefill-workers, --decode-workers): give 1 to "
+        << kMaxWorkers << std::endl;
     return 2;
   }
 
@@ -104,8 +122,8 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
 
   std::vector<std::unique_ptr<EmbeddedWorker>> workers;
   std::vector<transport::Endpoint> worker_endpoints;
-  for (unsigned i = 0; i < command.workers; ++i) {
-    auto started = EmbeddedWorker::start(command.model, command.backend);
+  for (std::size_t i = 0; i < roles.size(); ++i) {
+    auto started = EmbeddedWorker::start(command.model, command.backend, roles[i]);
     if (!started) {
       err << "fmwire up: " << started.error() << std::endl;
       return 2;  // the workers started so far stop with `workers`
@@ -118,7 +136,9 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
     workers.push_back(std::move(*started));
   }
   err << "fmwire up: " << workers.size() << " worker(s) on";
-  for (const transport::Endpoint& endpoint : worker_endpoints) err << " " << endpoint.to_string();
+  for (const auto& worker : workers) {
+    err << " " << worker->endpoint().to_string() << role_note(worker->role());
+  }
   err << std::endl;
 
   router::RouterOptions router_options;
@@ -131,7 +151,8 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
     return 2;
   }
   std::unique_ptr<EmbeddedRouter> router = std::move(*router_started);
-  err << "fmwire up: router on " << router->endpoint().to_string() << ", policy " << command.policy << std::endl;
+  err << "fmwire up: router on " << router->endpoint().to_string() << ", policy " << command.policy
+      << (command.prefill_workers > 0 ? ", requests split between prefill and decode workers" : "") << std::endl;
   // Served from the start: the gateway opens once the router has reached every worker.
   const std::size_t healthy = router->wait_for_healthy_workers(workers.size(), kWorkersReadyTimeout);
   if (healthy < workers.size()) {
@@ -179,8 +200,12 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
     tokens_sent += worker->counters().tokens_sent;
     streams_finished += worker->counters().streams_finished;
   }
-  err << "fmwire up: stopped after " << streams_finished << " streams finished, " << tokens_sent << " tokens sent"
-      << std::endl;
+  err << "fmwire up: stopped after " << streams_finished << " streams finished, " << tokens_sent << " tokens sent";
+  if (command.prefill_workers > 0) {
+    err << "; " << router->counters().streams_disaggregated << " split, "
+        << router->counters().disaggregation_fallbacks << " of them served whole after a part failed";
+  }
+  err << std::endl;
   return result;
 }
 

@@ -1,5 +1,7 @@
 // `fmwire up`: the embedded default (DESIGN.md, Roles): N workers, a router
-// and the OpenAI-compatible HTTP gateway in one process, one command. The
+// and the OpenAI-compatible HTTP gateway in one process, one command; with
+// --disaggregate, prefill and decode workers, each request split between
+// them by the router (router/router_service.h). The
 // workers and the router listen on 127.0.0.1 at free ports; only the
 // gateway's port is the user's. Prints the URL and a curl line to paste,
 // streams one demo completion to the terminal, then serves until
@@ -18,7 +20,11 @@ namespace fmwire::cli {
 struct UpCommand {
   std::string host = "127.0.0.1";
   std::uint16_t port = 8000;          // 0: any free port (printed)
-  unsigned workers = 2;
+  unsigned workers = 2;               // of role both: each serves whole requests
+  // Disaggregated prefill/decode: workers of each part, besides `workers`;
+  // both 0 (no split), or both at least 1.
+  unsigned prefill_workers = 0;
+  unsigned decode_workers = 0;
   engine::ModelSpec model;            // each worker loads its own copy
   std::string policy = "least-loaded";
   bool demo = true;                   // stream one completion to the terminal once up

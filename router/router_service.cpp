@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <random>
 #include <stdexcept>
 
 #include "codec/frame_decoder.h"
@@ -17,6 +18,24 @@ using transport::SendStatus;
 
 std::uint64_t micros(std::chrono::steady_clock::duration duration) {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(duration).count());
+}
+
+bool serves_prefill(const WorkerView& worker) { return worker.role() == protocol::WorkerRole::PREFILL; }
+
+// A decode worker must have room for the KV it is about to receive.
+bool serves_decode(const WorkerView& worker) {
+  return worker.role() == protocol::WorkerRole::DECODE && worker.load.free_kv_blocks > 0;
+}
+
+bool is_finish(const OwnedFrame& frame) { return frame.view().kind() == codec::FrameKind::finish; }
+
+// Unique among this process's routers and across restarts: a decode
+// worker may serve several routers of the same name, and keys must not
+// meet there while a transfer lasts.
+std::string transfer_key_prefix(const std::string& router_name) {
+  char nonce[16];
+  std::snprintf(nonce, sizeof nonce, "%08x", static_cast<unsigned>(std::random_device{}()));
+  return router_name + "-" + nonce + "-";
 }
 
 }  // namespace
@@ -35,6 +54,7 @@ RouterService::RouterService(transport::EventLoop& loop, const engine::Tokenizer
   if (needs_token_ids_ || options_.migrate) options_.worker_link.tokenizer_fingerprint = tokenizer_.fingerprint();
   options_.worker_link.connection.role = protocol::Role::ROUTER;
   options_.worker_link.connection.initial_stream_credit_bytes = options_.worker_stream_window_bytes;
+  transfer_key_prefix_ = transfer_key_prefix(options_.name);
 }
 
 RouterService::~RouterService() {
@@ -147,6 +167,12 @@ void RouterService::start(Connection& client, std::uint32_t stream_id, const cod
       frame, options_.worker_link.connection.limits, [&](const protocol::GenerateRequestReader& request) {
         problem = request.check_prompt();
         if (problem) return;
+        if (request.prefill_only() || request.decode_only()) {
+          // A worker pushes KV wherever prefill_to says: only a router may say it.
+          problem = protocol::MessageError{protocol::ErrorCode::BAD_REQUEST,
+                                           "a client's request may not set disaggregation: a router sets it"};
+          return;
+        }
         route->max_tokens = request.max_tokens();
         route->timeout_us = request.timeout_us();
         if (needs_token_ids_) take_prompt_tokens(*route, request);
@@ -158,7 +184,9 @@ void RouterService::start(Connection& client, std::uint32_t stream_id, const cod
     return;
   }
   if (options_.migrate) route->request.emplace(frame);
-  if (auto refused = dispatch(*route, frame, nullptr)) {
+  if (options_.disaggregate && dispatch_split(*route, frame)) {
+    ++counters_.streams_disaggregated;
+  } else if (auto refused = dispatch(*route, frame, nullptr)) {
     ++counters_.streams_refused;
     client.reset_stream(stream_id, refused->code, refused->message, refused->retryable, refused->retry_after_ms);
     return;
@@ -179,9 +207,24 @@ void RouterService::take_prompt_tokens(Route& route, const protocol::GenerateReq
 
 std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::FrameView& request, WorkerLink* avoid) {
   scratch_views_.clear();
+  std::size_t other_tokenizer = 0;
   for (const auto& link : links_) {
-    scratch_views_.push_back(link->view());
-    if (link.get() == avoid) scratch_views_.back().healthy = false;
+    WorkerView& view = scratch_views_.emplace_back(link->view());
+    if (link.get() == avoid) view.healthy = false;
+    // Ids made here are right only for a worker with this tokenizer (the
+    // registration check does this for every worker when it is on).
+    if (route.tokenized && view.healthy && view.tokenizer_fingerprint != tokenizer_.fingerprint()) {
+      view.healthy = false;
+      ++other_tokenizer;
+    }
+  }
+  // A whole request goes to a worker of role BOTH while one is healthy;
+  // else any worker serves it (a role is about splitting, nothing more).
+  const bool both_healthy = std::any_of(scratch_views_.begin(), scratch_views_.end(), [](const WorkerView& view) {
+    return view.healthy && view.role() == protocol::WorkerRole::BOTH;
+  });
+  if (both_healthy) {
+    for (WorkerView& view : scratch_views_) view.healthy = view.healthy && view.role() == protocol::WorkerRole::BOTH;
   }
   std::vector<std::uint32_t> continued;  // a migration's prompt: the original plus what was sent
   std::span<const std::uint32_t> prompt = route.prompt_tokens;
@@ -204,6 +247,10 @@ std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::F
                                        [](const WorkerView& view) { return !view.refused.empty(); });
     if (refusal.code == protocol::ErrorCode::NO_WORKER && refused > 0) {
       refusal.message += "; " + std::to_string(refused) + " refused: their tokenizer is not this router's";
+    }
+    if (refusal.code == protocol::ErrorCode::NO_WORKER && other_tokenizer > 0) {
+      refusal.message += "; " + std::to_string(other_tokenizer) +
+                         " not used: the prompt's ids were made here and their tokenizer is not this router's";
     }
     return refusal;
   }
@@ -246,41 +293,203 @@ std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::F
   return std::nullopt;
 }
 
-void RouterService::on_worker_frame(WorkerLink& link, std::uint32_t stream_id, const codec::FrameView& frame) {
-  auto found = by_worker_.find({&link, stream_id});
-  if (found != by_worker_.end()) from_worker(*found->second, frame);
+bool RouterService::dispatch_split(Route& route, const codec::FrameView& request) {
+  scratch_views_.clear();
+  for (const auto& link : links_) scratch_views_.push_back(link->view());
+  const auto prefill = least_loaded_where(scratch_views_, serves_prefill);
+  const auto decode = least_loaded_where(scratch_views_, serves_decode);
+  if (!prefill || !decode) return false;
+  WorkerLink& prefill_link = *links_[*prefill];
+  WorkerLink& decode_link = *links_[*decode];
+  const std::string key = transfer_key_prefix_ + std::to_string(next_transfer_++);
+  // The decode part first: it waits for the KV, which the prefill part
+  // pushes there as soon as it has it.
+  const std::uint32_t decode_stream = open_part(route, decode_link, request, key, {});
+  if (decode_stream == 0) return false;
+  // The endpoint the router connects to: the one the prefill worker pushes to.
+  const std::uint32_t prefill_stream = open_part(route, prefill_link, request, key, decode_link.view().name);
+  if (prefill_stream == 0) {
+    if (Connection* connection = decode_link.connection()) {
+      connection->reset_stream(decode_stream, protocol::ErrorCode::CANCELLED, "its prefill part could not be opened");
+    }
+    return false;
+  }
+  if (!route.request) route.request.emplace(request);  // to serve it whole if a part fails
+  route.split = true;
+  route.worker = &prefill_link;
+  route.worker_stream = prefill_stream;
+  route.decode_worker = &decode_link;
+  route.decode_stream = decode_stream;
+  route.forwarded = Clock::now();
+  by_worker_[{&prefill_link, prefill_stream}] = &route;
+  by_worker_[{&decode_link, decode_stream}] = &route;
+  ++prefill_link.view().in_flight;
+  ++decode_link.view().in_flight;
+  return true;
 }
 
-void RouterService::from_worker(Route& route, const codec::FrameView& frame) {
+std::uint32_t RouterService::open_part(Route& route, WorkerLink& link, const codec::FrameView& request,
+                                       std::string_view key, std::string_view prefill_to) {
+  Connection* worker = link.connection();
+  if (worker == nullptr) return 0;
+  const std::uint32_t stream = worker->open_stream();
+  if (stream == 0) return 0;
+  worker->set_manual_consume(stream);
+  const SendStatus sent = worker->send<protocol::GenerateRequest>(stream, [&](protocol::GenerateRequestBuilder body) {
+    // The client's frame was read once already, under the same limits: it reads again.
+    (void)codec::read_body<protocol::GenerateRequest>(
+        request, options_.worker_link.connection.limits, [&](const protocol::GenerateRequestReader& original) {
+          body.copy_all_but_prompt(original);
+          if (!route.prompt_tokens.empty()) {
+            body.prompt_token_ids(route.prompt_tokens);
+          } else if (original.has_text_prompt()) {
+            body.prompt_text(original.prompt_text());
+          } else {
+            body.body().getPrompt().setTokenIds(original.prompt_token_ids());
+          }
+        });
+    if (prefill_to.empty()) {
+      body.decode_after_transfer(key);
+    } else {
+      body.prefill_to(key, prefill_to);
+    }
+  }, transport::kEndStream);
+  if (sent != SendStatus::sent) {
+    worker->reset_stream(stream, protocol::ErrorCode::CANCELLED, "router could not send the request");
+    return 0;
+  }
+  return stream;
+}
+
+void RouterService::on_worker_frame(WorkerLink& link, std::uint32_t stream_id, const codec::FrameView& frame) {
+  auto found = by_worker_.find({&link, stream_id});
+  if (found != by_worker_.end()) from_worker(*found->second, link, stream_id, frame);
+}
+
+void RouterService::from_worker(Route& route, WorkerLink& link, std::uint32_t stream_id, const codec::FrameView& frame) {
   const codec::FrameKind kind = frame.kind();
   if (kind != codec::FrameKind::tokens && kind != codec::FrameKind::finish) return;  // Error: on_worker_stream_closed
-  if (kind == codec::FrameKind::tokens && options_.migrate) {
-    // What a migration must carry on from: the ids, not the text.
+  if (!route.split) {
+    relay_to_client(route, frame, &link, stream_id);
+  } else if (&link == route.decode_worker && stream_id == route.decode_stream) {
+    from_decode(route, frame);
+  } else {
+    from_prefill(route, frame);
+  }
+}
+
+void RouterService::from_prefill(Route& route, const codec::FrameView& frame) {
+  if (frame.kind() == codec::FrameKind::tokens) {
+    if (!relay_to_client(route, frame, route.worker, route.worker_stream)) return;
+    route.prefill_token_relayed = true;
+    release_held(route);
+    return;
+  }
+  bool handed_off = false;
+  const codec::Status read = codec::read_body<protocol::Finish>(
+      frame, options_.worker_link.connection.limits,
+      [&](const protocol::FinishReader& finish) { handed_off = finish.reason() == protocol::FinishReason::HANDED_OFF; });
+  if (!read) {
+    fail(route, protocol::ErrorCode::BAD_FRAME, "the prefill worker sent an unreadable Finish frame", true);
+    return;
+  }
+  if (handed_off) {
+    WorkerLink& prefill = *route.worker;
+    release_worker(route);  // its stream ended with that Finish: nothing to reset
+    if (!route.prefill_token_relayed) {
+      // The client would miss index 0: served whole instead.
+      fall_back(route, prefill,
+                transport::EndReason::failure(protocol::ErrorCode::INTERNAL,
+                                              "it handed off without sending the first token", true),
+                "prefill");
+      return;
+    }
+    hand_off(route);
+    return;
+  }
+  // Complete at its first token (end of sequence, max_tokens 1, a stop
+  // sequence): its Finish ends the client's stream, the decode part has
+  // nothing to do.
+  cancel_decode(route);
+  route.split = false;
+  relay_to_client(route, frame, route.worker, route.worker_stream);
+}
+
+void RouterService::from_decode(Route& route, const codec::FrameView& frame) {
+  if (!route.prefill_token_relayed) {
+    // Not before index 0. Bounded: the decode worker gets no credit back
+    // for these until the client takes them.
+    route.held.emplace_back(frame);
+    return;
+  }
+  if (frame.kind() == codec::FrameKind::tokens) route.decode_token_relayed = true;
+  relay_to_client(route, frame, route.decode_worker, route.decode_stream);
+}
+
+bool RouterService::release_held(Route& route) {
+  while (!route.held.empty()) {
+    const OwnedFrame frame = std::move(route.held.front());
+    route.held.pop_front();
+    const codec::FrameView view = frame.view();
+    if (view.kind() == codec::FrameKind::tokens) route.decode_token_relayed = true;
+    if (!relay_to_client(route, view, route.decode_worker, route.decode_stream)) return false;
+  }
+  return true;
+}
+
+void RouterService::hand_off(Route& route) {
+  route.split = false;
+  // Nothing is held: the prefill's token is with the client. Null when the
+  // decode part has ended already, its Finish queued for the client.
+  route.worker = route.decode_worker;
+  route.worker_stream = route.decode_stream;
+  route.decode_worker = nullptr;
+  route.decode_stream = 0;
+}
+
+void RouterService::cancel_decode(Route& route) {
+  route.held.clear();
+  WorkerLink* worker = route.decode_worker;
+  const std::uint32_t stream = route.decode_stream;
+  release_decode(route);  // first: a reset closes the stream at once
+  if (worker == nullptr) return;
+  if (Connection* connection = worker->connection()) {
+    connection->reset_stream(stream, protocol::ErrorCode::CANCELLED, "the request no longer needs its decode part");
+  }
+}
+
+bool RouterService::relay_to_client(Route& route, const codec::FrameView& frame, WorkerLink* source,
+                                    std::uint32_t source_stream) {
+  const codec::FrameKind kind = frame.kind();
+  if (kind == codec::FrameKind::tokens && route.request) {
+    // What a migration or a fallback must carry on from: the ids, not the text.
     const codec::Status read = codec::read_body<protocol::Tokens>(
         frame, options_.worker_link.connection.limits, [&](protocol::Tokens::Reader tokens) {
           for (std::uint32_t id : tokens.getTokenIds()) route.sent_tokens.push_back(id);
         });
     if (!read) {
       fail(route, protocol::ErrorCode::BAD_FRAME, "worker sent an unreadable Tokens frame: " + read.error().message, true);
-      return;
+      return false;
     }
   }
   if (!route.pending.empty()) {
-    route.pending.push_back({OwnedFrame(frame), route.index_offset});
-    return;
+    route.pending.push_back({OwnedFrame(frame), route.index_offset, source, source_stream});
+    return true;
   }
   if (kind == codec::FrameKind::finish) {
-    send_finish(route, frame);
-    return;
+    send_finish(route, frame, source, source_stream);
+    return false;
   }
   const SendStatus status = send_tokens(route, frame, route.index_offset);
   if (status == SendStatus::sent) {
-    consume_at_worker(route, frame.wire_bytes);
+    consume_at_worker(route, source, source_stream, frame.wire_bytes);
   } else if (status == SendStatus::blocked) {
-    route.pending.push_back({OwnedFrame(frame), route.index_offset});  // on_stream_writable sends it
+    route.pending.push_back({OwnedFrame(frame), route.index_offset, source, source_stream});  // on_stream_writable sends it
   } else {
     end(route);  // the client is gone
+    return false;
   }
+  return true;
 }
 
 SendStatus RouterService::send_tokens(Route& route, const codec::FrameView& frame, std::uint32_t index_offset) {
@@ -307,19 +516,26 @@ SendStatus RouterService::send_tokens(Route& route, const codec::FrameView& fram
   return status;
 }
 
-void RouterService::send_finish(Route& route, const codec::FrameView& frame) {
+void RouterService::send_finish(Route& route, const codec::FrameView& frame, WorkerLink* source,
+                                std::uint32_t source_stream) {
   const auto now = Clock::now();
-  WorkerLink* worker = route.worker;
+  // Its relay time is learnt only while its stream is the route's (a link
+  // whose stream ended may be gone).
+  const bool open = (source == route.worker && source_stream == route.worker_stream) ||
+                    (source == route.decode_worker && source_stream == route.decode_stream);
+  WorkerLink* worker = open ? source : nullptr;
   // Out of the maps first: the last frame may close the client's stream at
   // once (it ended its side), and on_stream_closed must find nothing. The
-  // worker's stream ended with its Finish: nothing to reset there.
-  const std::unique_ptr<Route> owned = take(route, /*reset_worker=*/false);
+  // worker's stream ended with its Finish: nothing to reset there (a split
+  // request's other part, if still open, is cancelled).
+  const std::unique_ptr<Route> owned = take_finished(route, source, source_stream);
   std::uint64_t worker_total_us = 0;
   bool readable = true;
   const SendStatus status = owned->client->send<protocol::Finish>(owned->client_stream, [&](protocol::FinishBuilder out) {
     readable = codec::read_body<protocol::Finish>(frame, options_.worker_link.connection.limits,
                                                   [&](const protocol::FinishReader& in) {
       out.reason(in.reason()).trailing_text(in.trailing_text());
+      if (in.has_kv_transfer()) out.kv_transfer(in.kv_transfer());
       if (in.has_usage()) {
         // After a migration the last worker saw the prompt grown by the
         // tokens before it: usage says what the client asked and got.
@@ -365,17 +581,18 @@ void RouterService::finish_here(Route& route) {
 bool RouterService::drain_pending(Route& route) {
   while (!route.pending.empty()) {
     const codec::FrameView frame = route.pending.front().frame.view();
+    const Route::Pending& front = route.pending.front();
     if (frame.kind() == codec::FrameKind::finish) {
-      send_finish(route, frame);
+      send_finish(route, frame, front.source, front.source_stream);
       return false;
     }
-    const SendStatus status = send_tokens(route, frame, route.pending.front().index_offset);
+    const SendStatus status = send_tokens(route, frame, front.index_offset);
     if (status == SendStatus::blocked) return true;
     if (status != SendStatus::sent) {
       end(route);
       return false;
     }
-    consume_at_worker(route, frame.wire_bytes);
+    consume_at_worker(route, front.source, front.source_stream, frame.wire_bytes);
     route.pending.pop_front();
   }
   return true;
@@ -394,22 +611,42 @@ void RouterService::release_worker(Route& route) {
   route.worker_stream = 0;
 }
 
-void RouterService::consume_at_worker(Route& route, std::uint64_t bytes) {
-  if (route.worker == nullptr) return;  // it ended: nothing more will come from it
-  if (Connection* connection = route.worker->connection()) connection->consume(route.worker_stream, bytes);
+void RouterService::release_decode(Route& route) {
+  if (route.decode_worker == nullptr) return;
+  by_worker_.erase({route.decode_worker, route.decode_stream});
+  --route.decode_worker->view().in_flight;
+  route.decode_worker = nullptr;
+  route.decode_stream = 0;
+}
+
+void RouterService::consume_at_worker(Route& route, WorkerLink* source, std::uint32_t source_stream,
+                                      std::uint64_t bytes) {
+  // A stream that ended, or was cancelled, has nothing more to send.
+  const bool open = source != nullptr && ((source == route.worker && source_stream == route.worker_stream) ||
+                                          (source == route.decode_worker && source_stream == route.decode_stream));
+  if (!open) return;
+  if (Connection* connection = source->connection()) connection->consume(source_stream, bytes);
 }
 
 std::unique_ptr<RouterService::Route> RouterService::take(Route& route, bool reset_worker) {
+  return take_finished(route, reset_worker ? nullptr : route.worker, reset_worker ? 0 : route.worker_stream);
+}
+
+std::unique_ptr<RouterService::Route> RouterService::take_finished(Route& route, WorkerLink* finished,
+                                                                   std::uint32_t finished_stream) {
   auto found = routes_.find({route.client, route.client_stream});
   std::unique_ptr<Route> owned = std::move(found->second);
   routes_.erase(found);
-  WorkerLink* worker = route.worker;
-  const std::uint32_t worker_stream = route.worker_stream;
-  release_worker(route);
-  if (worker != nullptr && reset_worker) {
+  const std::pair<WorkerLink*, std::uint32_t> streams[] = {{route.worker, route.worker_stream},
+                                                           {route.decode_worker, route.decode_stream}};
+  release_worker(route);  // first: a reset closes the stream at once
+  release_decode(route);
+  route.held.clear();
+  for (const auto& [worker, stream] : streams) {
+    if (worker == nullptr || (worker == finished && stream == finished_stream)) continue;
     if (Connection* connection = worker->connection()) {
       // Nothing if it ended already (a Finish came); else a Cancel.
-      connection->reset_stream(worker_stream, protocol::ErrorCode::CANCELLED, "the client's stream ended");
+      connection->reset_stream(stream, protocol::ErrorCode::CANCELLED, "the client's stream ended");
     }
   }
   return owned;
@@ -433,6 +670,10 @@ void RouterService::on_worker_stream_closed(WorkerLink& link, std::uint32_t stre
   auto found = by_worker_.find({&link, stream_id});
   if (found == by_worker_.end()) return;  // the route ended first
   Route& route = *found->second;
+  if (route.split) {
+    split_part_closed(route, link, stream_id, reason);
+    return;
+  }
   release_worker(route);
   if (!reason.error) {
     // A clean end: its Finish is waiting in pending for the client's credit.
@@ -472,6 +713,75 @@ void RouterService::on_worker_stream_closed(WorkerLink& link, std::uint32_t stre
          options_.retry_after_ms);
   } else {
     fail(route, reason.code, reason.message, reason.retryable, reason.retry_after_ms);
+  }
+}
+
+void RouterService::split_part_closed(Route& route, WorkerLink& link, std::uint32_t stream_id,
+                                      const transport::EndReason& reason) {
+  // The decode part's Finish waits for the client's credit or for the
+  // prefill's token: the decode part is done, the request is not.
+  const bool decode_finished = (!route.held.empty() && is_finish(route.held.back())) ||
+                               (!route.pending.empty() && is_finish(route.pending.back().frame));
+  if (&link == route.decode_worker && stream_id == route.decode_stream) {
+    release_decode(route);
+    if (!reason.error && decode_finished) return;
+    fall_back(route, link, reason, "decode");
+    return;
+  }
+  release_worker(route);
+  if (route.prefill_token_relayed && (route.decode_token_relayed || decode_finished)) {
+    // The decode part has the sequence: the handoff happened, and only the
+    // prefill's Finish(handedOff) was lost.
+    hand_off(route);
+    return;
+  }
+  fall_back(route, link, reason, "prefill");
+}
+
+void RouterService::fall_back(Route& route, WorkerLink& failed, const transport::EndReason& reason,
+                              std::string_view part) {
+  const bool lost = reason.error && reason.code == protocol::ErrorCode::WORKER_LOST;
+  const std::string why = "the " + std::string(part) + " part at worker " + failed.view().name +
+                          (!reason.error          ? std::string(" ended without a Finish")
+                           : reason.message.empty() ? std::string(" failed")
+                                                    : " failed: " + reason.message);
+  if (reason.error && !reason.retryable && !lost) {
+    // The request itself is at fault (too long, say): a worker serving it
+    // whole would refuse it too.
+    fail(route, reason.code, reason.message, false, reason.retry_after_ms);
+    return;
+  }
+  ++counters_.disaggregation_fallbacks;
+  cancel_decode(route);
+  if (route.worker != nullptr) {
+    WorkerLink* prefill = route.worker;
+    const std::uint32_t stream = route.worker_stream;
+    release_worker(route);  // first: a reset closes the stream at once
+    if (Connection* connection = prefill->connection()) {
+      connection->reset_stream(stream, protocol::ErrorCode::CANCELLED, "the request is served whole elsewhere");
+    }
+  }
+  route.split = false;
+  // Served whole from here on, after what the client has (index 0 at most,
+  // unless the decode part had started): as a migration carries on.
+  route.index_offset = static_cast<std::uint32_t>(route.sent_tokens.size());
+  if (route.index_offset >= route.max_tokens) {
+    if (route.pending.empty()) {
+      finish_here(route);
+    } else {
+      fail(route, protocol::ErrorCode::TRANSFER_ABORTED, why, true, options_.retry_after_ms);
+    }
+    return;
+  }
+  const codec::FrameView request = route.request->view();
+  if (route.index_offset > 0 && route.prompt_tokens.empty()) {
+    (void)codec::read_body<protocol::GenerateRequest>(
+        request, options_.worker_link.connection.limits,
+        [&](const protocol::GenerateRequestReader& original) { take_prompt_tokens(route, original); });
+  }
+  if (auto refused = dispatch(route, request, lost ? &failed : nullptr)) {
+    fail(route, refused->code, why + "; no worker can serve it whole: " + refused->message, refused->retryable,
+         refused->retry_after_ms);
   }
 }
 

@@ -22,6 +22,24 @@
 // on at another worker with its prompt plus the tokens already sent, and
 // the client's stream continues with no index repeated or missing.
 //
+// Disaggregated prefill/decode (DESIGN.md, "Flows"): while a healthy
+// PREFILL worker and a healthy DECODE worker with free KV blocks exist
+// (their roles come in their load reports), a request is split: the
+// decode stream is opened first (decode_after_transfer(key), the worker
+// waits for the KV), then the prefill stream (prefill_to(key, the decode
+// worker's HOST:PORT)); the prefill worker sends the first token and pushes
+// the KV straight to the decode worker, which sends the rest. The client
+// sees one stream: the prefill's Tokens (index 0) first, the decode's
+// (from index 1) only after it (held until then, within the decode
+// stream's credit window), the prefill's Finish(handedOff) swallowed, the
+// decode's Finish passed on. A prefill complete at its first token ends the
+// stream with its own Finish and the decode stream is cancelled. Before the
+// handoff, a retryable failure of either part cancels the other and the
+// request is served colocated, continuing after the tokens already sent as
+// a migration does; a part's non-retryable error goes to the client. After
+// the handoff the decode stream is an ordinary one. Colocated requests go
+// to BOTH workers while one is healthy, else to any.
+//
 // Load reports, as a worker sends them: a peer (a gateway, through
 // Client::watch_load) that opens a stream with a LoadReport frame (body
 // ignored) subscribes; it gets at once, and then every
@@ -41,6 +59,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "engine/tokenizer.h"
@@ -67,6 +86,10 @@ struct RouterOptions {
   // (tokenized here if it came as text), so this also checks the workers'
   // tokenizer fingerprint.
   bool migrate = false;
+  // Split requests between a PREFILL and a DECODE worker whenever both
+  // kinds are healthy (`--disaggregate auto`); false: every request is
+  // served whole by one worker (`--disaggregate off`).
+  bool disaggregate = true;
   // How often a load subscriber gets its reports (one per worker).
   std::chrono::milliseconds load_report_interval{100};
   // Where the router's log lines go (a worker refused at registration, and
@@ -85,6 +108,8 @@ struct RouterCounters {
   std::uint64_t streams_migrated = 0;
   std::uint64_t frames_relayed = 0;
   std::uint64_t prompts_tokenized = 0;  // text prompts turned into ids here
+  std::uint64_t streams_disaggregated = 0;    // split between a prefill and a decode worker
+  std::uint64_t disaggregation_fallbacks = 0; // of those, served colocated after a part failed
 };
 
 class RouterService final : public transport::ConnectionHandler, private WorkerLinkOwner {
@@ -119,11 +144,23 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   struct Route {
     transport::Connection* client = nullptr;
     std::uint32_t client_stream = 0;
+    // The worker stream whose frames go to the client: the whole request,
+    // or, while a split request is before its handoff, the prefill part.
     WorkerLink* worker = nullptr;
     std::uint32_t worker_stream = 0;   // 0: none open now
-    // The client's GenerateRequest as it came, kept with migration on so
-    // that it can be issued again elsewhere: read in place then, never
-    // copied field by field.
+    // A split request before its handoff: the decode part (null once it
+    // ended), and its frames that came before the prefill's first token,
+    // held until that token has gone to the client. At the handoff the
+    // decode stream becomes `worker`, and the route an ordinary one.
+    bool split = false;
+    WorkerLink* decode_worker = nullptr;
+    std::uint32_t decode_stream = 0;
+    bool prefill_token_relayed = false;  // the prefill's Tokens went to the client (or its queue)
+    bool decode_token_relayed = false;   // and some of the decode's after it
+    std::deque<OwnedFrame> held;
+    // The client's GenerateRequest as it came, kept with migration on, or
+    // when the request is split, so that it can be issued again elsewhere:
+    // read in place then, never copied field by field.
     std::optional<OwnedFrame> request;
     // The prompt's ids, as the workers tokenize it: taken when the policy
     // needs them, or at a migration; empty until then.
@@ -134,9 +171,11 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
     struct Pending {
       OwnedFrame frame;
       std::uint32_t index_offset;      // of the worker that sent it
+      WorkerLink* source;              // the stream it came on: credited when the client takes it
+      std::uint32_t source_stream;
     };
     std::deque<Pending> pending;       // worker frames waiting for the client's credit
-    std::vector<std::uint32_t> sent_tokens;  // with migration: ids relayed so far
+    std::vector<std::uint32_t> sent_tokens;  // with a kept request: ids relayed so far
     std::uint32_t index_offset = 0;    // tokens from earlier workers (migration)
     std::uint32_t migrations = 0;
     Clock::time_point received;
@@ -159,23 +198,58 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   // its prompt needs no ids from here, else issued again from it with the
   // prompt's ids and, after a migration, the tokens already sent appended.
   std::optional<RouteRefusal> dispatch(Route& route, const codec::FrameView& request, WorkerLink* avoid);
-  void from_worker(Route& route, const codec::FrameView& frame);
+  // Splits the request between the least loaded PREFILL worker and the
+  // least loaded DECODE worker with free KV blocks; false (nothing opened)
+  // when there are not both, or a stream could not be opened.
+  bool dispatch_split(Route& route, const codec::FrameView& request);
+  // Opens a stream at `link` with the client's request, its prompt as it
+  // came (or the ids made here), and its part under `key`: prefill, pushing
+  // to `prefill_to` (HOST:PORT), or decode when that is empty; 0 when it
+  // could not.
+  std::uint32_t open_part(Route& route, WorkerLink& link, const codec::FrameView& request, std::string_view key,
+                          std::string_view prefill_to);
+  void from_worker(Route& route, WorkerLink& link, std::uint32_t stream_id, const codec::FrameView& frame);
+  // A split request's frames before its handoff, by the part they came on.
+  void from_prefill(Route& route, const codec::FrameView& frame);
+  void from_decode(Route& route, const codec::FrameView& frame);
+  // The frame goes to the client, or to its queue when the client has no
+  // credit: its token ids recorded when the request is kept, its bytes
+  // credited to `source` once taken. False when the route is gone.
+  bool relay_to_client(Route& route, const codec::FrameView& frame, WorkerLink* source, std::uint32_t source_stream);
+  // The prefill's token is with the client: the decode frames held follow.
+  bool release_held(Route& route);
+  // The prefill's token is with the client and its stream ended with
+  // Finish(handedOff), or the decode stream showed it has the sequence: the
+  // decode stream is the route's from now.
+  void hand_off(Route& route);
+  // A part of a split request failed before the handoff: the other is
+  // cancelled, and the request served whole by one worker, after the
+  // tokens already sent; a non-retryable error goes to the client instead.
+  void fall_back(Route& route, WorkerLink& failed, const transport::EndReason& reason, std::string_view part);
+  // A part's stream of a split request closed before the handoff.
+  void split_part_closed(Route& route, WorkerLink& link, std::uint32_t stream_id, const transport::EndReason& reason);
+  void cancel_decode(Route& route);
   // Sends what the client has credit for; false when the route is gone.
   bool drain_pending(Route& route);
   transport::SendStatus send_tokens(Route& route, const codec::FrameView& frame, std::uint32_t index_offset);
   // The worker's Finish with this hop's timing added (and usage made whole
-  // after a migration); the route is gone afterwards.
-  void send_finish(Route& route, const codec::FrameView& frame);
+  // after a migration); the route is gone afterwards, every other stream
+  // of it reset. `source`: the worker stream it came on.
+  void send_finish(Route& route, const codec::FrameView& frame, WorkerLink* source, std::uint32_t source_stream);
   void finish_here(Route& route);  // a migrated request had nothing left to make
   void fail(Route& route, protocol::ErrorCode code, const std::string& message, bool retryable,
             std::uint32_t retry_after_ms = 0);
-  // Takes the route out of every map (the worker's stream reset if still
-  // open) and hands it over; end() drops it.
+  // Takes the route out of every map (its worker streams reset if still
+  // open, but for the one that ended with the Finish `finished_*` names)
+  // and hands it over; end() drops it.
   std::unique_ptr<Route> take(Route& route, bool reset_worker);
-  // The client took `bytes` of this route's frames: the worker may send that much more.
-  void consume_at_worker(Route& route, std::uint64_t bytes);
+  std::unique_ptr<Route> take_finished(Route& route, WorkerLink* finished, std::uint32_t finished_stream);
+  // The client took `bytes` of this route's frames that came on `source`:
+  // that worker may send that much more, if its stream is still the route's.
+  void consume_at_worker(Route& route, WorkerLink* source, std::uint32_t source_stream, std::uint64_t bytes);
   void end(Route& route);
   void release_worker(Route& route);
+  void release_decode(Route& route);
   std::vector<WorkerView> views() const;
   WorkerLink* link_at(std::size_t index);
 
@@ -198,6 +272,8 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   std::set<ClientKey> load_subscribers_;
   transport::TimerId load_report_timer_ = 0;
   std::vector<WorkerView> scratch_views_;
+  std::string transfer_key_prefix_;  // "<name>-<nonce>-", then a counter
+  std::uint64_t next_transfer_ = 1;
   RouterCounters counters_;
   bool reap_posted_ = false;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);

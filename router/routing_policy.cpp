@@ -33,12 +33,7 @@ bool less_loaded(std::span<const WorkerView> workers, std::size_t a, std::size_t
 }
 
 std::optional<std::size_t> least_loaded(std::span<const WorkerView> workers) {
-  std::optional<std::size_t> best;
-  for (std::size_t i = 0; i < workers.size(); ++i) {
-    if (!workers[i].healthy) continue;
-    if (!best || less_loaded(workers, i, *best)) best = i;
-  }
-  return best;
+  return least_loaded_where(workers, [](const WorkerView&) { return true; });
 }
 
 RouteRefusal no_worker(std::span<const WorkerView> workers) {
@@ -75,6 +70,20 @@ std::uint64_t saturating_multiply(std::uint64_t a, std::uint64_t b) {
 std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) {
   return b > std::numeric_limits<std::uint64_t>::max() - a ? std::numeric_limits<std::uint64_t>::max() : a + b;
 }
+
+}  // namespace
+
+std::optional<std::size_t> least_loaded_where(std::span<const WorkerView> workers,
+                                              bool (*eligible)(const WorkerView& worker)) {
+  std::optional<std::size_t> best;
+  for (std::size_t i = 0; i < workers.size(); ++i) {
+    if (!workers[i].healthy || !eligible(workers[i])) continue;
+    if (!best || less_loaded(workers, i, *best)) best = i;
+  }
+  return best;
+}
+
+namespace {
 
 // ---------------------------------------------------------------- round-robin
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -71,6 +72,13 @@ class RoutingPolicy {
     (void)workers;
   }
 };
+
+// The least loaded healthy worker that `eligible` accepts, by the measure
+// every policy uses (running + queued + in flight here, then more free KV
+// blocks, then the lower index); none when no worker qualifies. What the
+// router picks a disaggregated request's prefill and decode workers with.
+std::optional<std::size_t> least_loaded_where(std::span<const WorkerView> workers,
+                                              bool (*eligible)(const WorkerView& worker));
 
 // "round-robin", "least-loaded", "prefix", "sla"; nullptr for other names.
 std::unique_ptr<RoutingPolicy> make_policy(std::string_view name, const PolicyOptions& options = {});

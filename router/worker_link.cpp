@@ -106,6 +106,7 @@ void WorkerLink::on_ready(transport::Connection& connection) {
   backoff_ = options_.reconnect_min;
   draining_ = false;
   view_.refused = registration_problem(connection);
+  view_.tokenizer_fingerprint = connection.peer_tokenizer_fingerprint();
   if (!view_.refused.empty()) {
     // Kept connected (a worker restarted with another tokenizer is a new
     // connection, checked again) but never picked and not subscribed.
@@ -169,6 +170,7 @@ void WorkerLink::on_go_away(transport::Connection& connection) {
 void WorkerLink::on_closed(transport::Connection&, const transport::EndReason&) {
   report_stream_ = 0;
   view_.has_load = false;
+  view_.tokenizer_fingerprint = 0;
   prefixes_.clear();
   // Not destroyed inside its own callback: after this turn of the loop.
   std::shared_ptr<transport::Connection> closed(connection_.release());

@@ -1,6 +1,7 @@
 // What the router knows of one worker when it picks where a request goes:
-// its health, its latest LoadReport, what this router has in flight there,
-// measured relay time, and the prefix hashes it says it holds.
+// its health, its latest LoadReport (its role among them), what this router
+// has in flight there, measured relay time, and the prefix hashes it says
+// it holds.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +24,15 @@ struct WorkerView {
   // empty and publishes_prefixes false when it sends none.
   const std::unordered_set<std::uint64_t>* prefixes = nullptr;
   bool publishes_prefixes = false;
+  // The tokenizer whose ids it reads, said in its Hello; 0: none said, or
+  // not connected. A request whose ids the router made goes only where
+  // this is the router's own.
+  std::uint64_t tokenizer_fingerprint = 0;
+
+  // What it serves in disaggregated serving, from its latest report; a
+  // worker that has not reported (or an fmwire before protocol 1.2, whose
+  // reports say nothing) counts as BOTH.
+  protocol::WorkerRole role() const { return has_load ? load.role : protocol::WorkerRole::BOTH; }
 };
 
 }  // namespace fmwire::router
