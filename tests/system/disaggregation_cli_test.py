@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Multi-process tests of disaggregated prefill/decode: `fmwire worker
+--role prefill|decode` processes behind `fmwire router`, `fmwire gateway`
+or `fmwire up --disaggregate`, on 127.0.0.1, with the KV moving worker to
+worker. Clients: `fmwire generate`, curl -N, OpenAI's Node SDK. Block
+counters are read from the gateway's /metrics (each worker's load report,
+passed on by the router).
+
+    disaggregation_cli_test.py FMWIRE_BINARY BACKEND SCENARIO
+
+Same rules as native_cli_test.py: free ports, bounded waits, every process
+killed on the way out.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from gateway_cli_test import HttpServer, check_sse, http, metric, run_openai_client, up
+from native_cli_test import LIMIT_S, Failure, check, generate
+from router_cli_test import Router, Worker, frames_of, stop_all
+
+# The synthetic Llama-3-8B shape: 128 KiB of KV per token in f16, so a
+# 1,500-token prompt moves 190 MiB; prefill made slow enough (0.4 ms a
+# token) that a signal sent 0.3 s in lands mid-prefill and mid-transfer.
+SYNTHETIC = ["--model", "synthetic:llama-3-8b", "--kv-blocks", "256", "--step-us", "2000",
+             "--load-report-interval-ms", "20"]
+SLOW_PREFILL = ["--prefill-ns-per-token", "400000"]
+LONG_PROMPT = "a" * 1500
+
+
+def token_ids(stdout):
+    return [t for frame in frames_of(stdout) if frame["type"] == "tokens" for t in frame["token_ids"]]
+
+
+def matches_colocated(binary, env):
+    """Greedy tokens through a prefill and a decode worker are the tokens
+    of one worker serving the request whole, for short and long prompts."""
+    prefill = Worker(binary, env, "--model", "builtin", "--role", "prefill", "--max-batch-tokens", "64")
+    decode = Worker(binary, env, "--model", "builtin", "--role", "decode")
+    whole = Worker(binary, env, "--model", "builtin")
+    router = None
+    try:
+        router = Router(binary, env, [prefill, decode])
+        time.sleep(0.5)  # the router learns the roles from the first load reports
+        for prompt in ("Hi", "Once upon a time there was a wire", "x" * 300):
+            direct = generate(binary, env, whole.endpoint, "--max-tokens", "24", "--json", prompt)
+            split = generate(binary, env, router.endpoint, "--max-tokens", "24", "--json", prompt)
+            check(direct.returncode == 0 and split.returncode == 0, f"exit {direct.stderr} {split.stderr}")
+            check(token_ids(split.stdout) == token_ids(direct.stdout),
+                  f"split {token_ids(split.stdout)} != whole {token_ids(direct.stdout)}")
+            finish = frames_of(split.stdout)[-1]
+            check(finish["usage"]["completion_tokens"] == 24, f"usage {finish['usage']}")
+        check(router.stop() == 0, "the router did not stop cleanly")
+        _, errors = router.process.communicate()
+        check("3 split" in errors, f"router stderr {errors!r}")
+    finally:
+        stop_all(router, prefill, decode, whole)
+
+
+class Topology:
+    """A prefill and a decode worker (synthetic Llama-3-8B) behind a gateway."""
+
+    def __init__(self, binary, env, prefill_extra=(), decode_extra=()):
+        self.prefill = Worker(binary, env, *SYNTHETIC, *SLOW_PREFILL, "--role", "prefill", *prefill_extra)
+        self.decode = Worker(binary, env, *SYNTHETIC, "--role", "decode", *decode_extra)
+        self.gateway = HttpServer(binary, env, "gateway", "--listen", "127.0.0.1:0", "--model", "synthetic:llama-3-8b",
+                                  "--workers", f"{self.prefill.endpoint},{self.decode.endpoint}")
+        self.wait_blocks(lambda used: all(value == 0 for value in used.values()), "both workers' load reports")
+
+    def blocks_in_use(self):
+        _, page = http(self.gateway.url + "/metrics")
+        return {name: metric(page, f'fmwire_gateway_worker_kv_blocks_in_use{{worker="{worker.endpoint}"}}')
+                for name, worker in (("prefill", self.prefill), ("decode", self.decode))}
+
+    def wait_blocks(self, predicate, what, limit_s=LIMIT_S):
+        """Seconds until predicate(blocks in use) holds, polled every 10 ms."""
+        started = time.monotonic()
+        used = {}
+        while time.monotonic() - started < limit_s:
+            used = self.blocks_in_use()
+            if None not in used.values() and predicate(used):
+                return time.monotonic() - started
+            time.sleep(0.01)
+        raise Failure(f"timed out waiting for {what}; blocks in use {used}")
+
+    def stream(self, max_tokens, prompt=LONG_PROMPT):
+        body = json.dumps({"model": "synthetic:llama-3-8b", "prompt": prompt, "max_tokens": max_tokens, "stream": True})
+        return subprocess.Popen(["curl", "-N", "-sS", "--noproxy", "*", "--max-time", str(LIMIT_S),
+                                 self.gateway.url + "/v1/completions", "-H", "Content-Type: application/json",
+                                 "-d", body], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def close(self):
+        self.gateway.kill()
+        stop_all(self.prefill, self.decode)
+
+
+def cancel_frees_blocks(binary, env):
+    """A client that goes away in each phase (queued for prefill, mid
+    prefill and transfer, decoding) leaves no block in use at either
+    worker; how long that takes is printed (it includes the load reports'
+    interval and the router's pass-on: an upper bound)."""
+    topology = Topology(binary, env, prefill_extra=("--max-running", "1"))
+    clients = []
+    try:
+        for phase, wait_s, max_tokens in (("mid-transfer", 0.3, 16), ("decoding", 1.2, 2000)):
+            client = topology.stream(max_tokens)
+            clients.append(client)
+            if phase == "mid-transfer":
+                topology.wait_blocks(lambda used: used["decode"] > 0, "the decode worker's reservation")
+            time.sleep(wait_s)
+            check(client.poll() is None, f"{phase}: the stream ended before the cancel: {client.stdout.read()[-300:]!r}")
+            client.kill()  # the HTTP client goes away
+            client.wait()
+            took = topology.wait_blocks(lambda used: used["prefill"] == 0 and used["decode"] == 0,
+                                        f"{phase}: blocks freed")
+            print(f"{phase}: blocks back to 0 at both workers {took * 1000:.0f} ms after the client went away")
+            check(took < 1.0, f"{phase}: blocks freed after {took:.2f} s")
+        # Queued: the prefill worker runs one sequence at a time, so a second
+        # request waits for it; cancel the waiting one, then the first.
+        first = topology.stream(2000)
+        clients.append(first)
+        topology.wait_blocks(lambda used: used["prefill"] > 0, "the first request's prefill")
+        queued = topology.stream(2000)
+        clients.append(queued)
+        time.sleep(0.2)
+        queued.kill()
+        queued.wait()
+        time.sleep(0.2)
+        first.kill()
+        first.wait()
+        took = topology.wait_blocks(lambda used: used["prefill"] == 0 and used["decode"] == 0, "queued: blocks freed")
+        print(f"queued: blocks back to 0 at both workers {took * 1000:.0f} ms after the clients went away")
+        check(took < 1.0, f"queued: blocks freed after {took:.2f} s")
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        topology.close()
+
+
+def killed_mid_transfer(binary, env, victim):
+    """SIGKILL of one worker while the KV moves: the client's stream goes
+    on (served whole by the survivor) or ends with an error, within a
+    bound; the survivor holds no block afterwards."""
+    topology = Topology(binary, env)
+    client = None
+    try:
+        client = topology.stream(8)
+        topology.wait_blocks(lambda used: used["decode"] > 0, "the decode worker's reservation")
+        time.sleep(0.1)
+        getattr(topology, victim).process.kill()
+        killed = time.monotonic()
+        output, errors = client.communicate(timeout=LIMIT_S)
+        took = time.monotonic() - killed
+        print(f"{victim} killed: the client's stream ended {took * 1000:.0f} ms later")
+        if "[DONE]" in output:
+            check_sse_completion(output)
+        else:
+            check('"error"' in output, f"neither a completion nor an error: {output[-600:]!r} {errors!r}")
+        # The continued stream recomputes the prompt (0.6 s of synthetic
+        # prefill) on the survivor: 2 s leaves room for that and this VM.
+        check(took < 3.0, f"the stream ended {took:.2f} s after the kill")
+        survivor = "decode" if victim == "prefill" else "prefill"
+        freed = topology.wait_blocks(lambda used: used[survivor] == 0, f"the {survivor} worker's blocks",
+                                     limit_s=5)
+        print(f"{victim} killed: the {survivor} worker holds no block {freed * 1000:.0f} ms after the stream ended")
+        check(freed < 1.0, f"the survivor freed its blocks {freed:.2f} s after the stream ended")
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        topology.close()
+
+
+def check_sse_completion(text):
+    data = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    check(data and data[-1] == "[DONE]", f"SSE {text[-600:]!r}")
+    chunks = [json.loads(payload) for payload in data[:-1]]
+    check(any(choice.get("finish_reason") for chunk in chunks for choice in chunk["choices"]),
+          f"no finish_reason in {text[-600:]!r}")
+
+
+def prefill_killed_mid_transfer(binary, env):
+    killed_mid_transfer(binary, env, "prefill")
+
+
+def decode_killed_mid_transfer(binary, env):
+    killed_mid_transfer(binary, env, "decode")
+
+
+def openai_sdk_up_disaggregated(binary, env):
+    """`fmwire up --disaggregate`: OpenAI's SDK streams through a prefill
+    and a decode worker, unchanged."""
+    server = up(binary, env, "--no-demo", "--disaggregate")
+    try:
+        run_openai_client(server.url, "builtin")
+        code, _, errors = server.stop()
+        check(code == 0, f"fmwire up exit {code}: {errors[-1000:]!r}")
+        check(" split" in errors and "0 split" not in errors, f"nothing was split: {errors[-600:]!r}")
+    finally:
+        server.kill()
+
+
+SCENARIOS = {name: function for name, function in globals().items()
+             if name in ("matches_colocated", "cancel_frees_blocks", "prefill_killed_mid_transfer",
+                         "decode_killed_mid_transfer", "openai_sdk_up_disaggregated")}
+
+
+def main():
+    binary, backend, scenario = sys.argv[1:4]
+    env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
+    try:
+        SCENARIOS[scenario](binary, env)
+    except (Failure, subprocess.TimeoutExpired) as failure:
+        print(f"FAILED disaggregation {scenario} [{backend}]: {failure!r}")
+        return 1
+    print(f"ok disaggregation {scenario} [{backend}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
