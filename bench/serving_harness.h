@@ -104,6 +104,7 @@ class TimedEngine final : public engine::Engine {
     return inner_.read_kv(id, first_block, block_count, out);
   }
   void release_kv(engine::SequenceId id) override { inner_.release_kv(id); }
+  engine::EngineResult<Held> hold(engine::SequenceId id) override { return inner_.hold(id); }
   engine::EngineResult<codec::Done> prepare_import(engine::SequenceId id, engine::SequenceRequest request,
                                                    const engine::KvImport& import) override;
   engine::EngineResult<codec::Done> write_import(engine::SequenceId id, std::uint32_t first_block,

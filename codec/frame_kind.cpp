@@ -23,6 +23,7 @@ std::string_view to_string(FrameKind kind) {
     case FrameKind::kv_committed: return "KvCommitted";
     case FrameKind::kv_abort: return "KvAbort";
     case FrameKind::go_away: return "GoAway";
+    case FrameKind::kv_handoff: return "KvHandoff";
   }
   return "unknown";
 }

@@ -589,6 +589,24 @@ void BatchingEngine::release_kv(SequenceId id) {
   }
 }
 
+EngineResult<Engine::Held> BatchingEngine::hold(SequenceId id) {
+  Sequence* sequence = find(id);
+  if (sequence == nullptr) return error("no sequence " + std::to_string(id));
+  if (!sequence->held) {
+    if (!sequence->running || sequence->computed == 0) {
+      return error("sequence " + std::to_string(id) + " is not running: it has no KV to hold");
+    }
+    running_.erase(std::find(running_.begin(), running_.end(), sequence));
+    if (sequence->paused) --paused_count_;
+    sequence->paused = false;
+    sequence->running = false;
+    sequence->held = true;
+    sequence->request.hold_kv = true;
+    held_.push_back(sequence);
+  }
+  return Held{sequence->tokens, static_cast<std::uint32_t>(sequence->request.prompt.size()), sequence->computed};
+}
+
 void BatchingEngine::set_paused(SequenceId id, bool paused) {
   auto found = sequences_.find(id);
   // A held sequence never runs again: nothing to pause.

@@ -53,6 +53,7 @@ class BatchingEngine final : public Engine {
   EngineResult<codec::Done> read_kv(SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
                                     std::span<std::byte> out) override;
   void release_kv(SequenceId id) override;
+  EngineResult<Held> hold(SequenceId id) override;
   EngineResult<codec::Done> prepare_import(SequenceId id, SequenceRequest request, const KvImport& import) override;
   EngineResult<codec::Done> write_import(SequenceId id, std::uint32_t first_block,
                                          std::span<const std::byte> bytes) override;

@@ -219,6 +219,17 @@ class Engine {
   // on and is freed when it finishes. Unknown ids are ignored.
   virtual void release_kv(SequenceId id) = 0;
 
+  // Stops a running sequence where it is and holds its KV, as a finished
+  // hold_kv sequence is held (live migration: its KV goes to another worker,
+  // which continues it). No Finished event. Refused for a sequence that is
+  // not running (waiting, importing, preempted: no KV to move).
+  struct Held {
+    std::vector<std::uint32_t> tokens;  // prompt, then what was generated
+    std::uint32_t prompt_tokens = 0;
+    std::uint32_t computed = 0;         // leading tokens whose KV is held
+  };
+  virtual EngineResult<Held> hold(SequenceId id) = 0;
+
   // --- KV transfer, receiver side ---
 
   // Checks `request` as submit() does and `import` against this engine

@@ -122,6 +122,9 @@ class ReverseEngine final : public engine::Engine {
     return EngineError{"the reverse engine keeps no KV cache to read"};
   }
   void release_kv(SequenceId) override {}
+  engine::EngineResult<Held> hold(SequenceId) override {
+    return engine::EngineError{"this engine keeps no KV cache to hand over"};
+  }
   engine::EngineResult<codec::Done> prepare_import(SequenceId, engine::SequenceRequest,
                                                    const engine::KvImport&) override {
     return EngineError{"the reverse engine keeps no KV cache: submit the whole prompt"};

@@ -306,6 +306,20 @@ struct KvOffer {
   kvHeads @14 :UInt32;
   headDim @15 :UInt32;
   chunkBytes @16 :UInt32;       # the sender's plan: decoded bytes per chunk (whole blocks), the last may be shorter
+  # The ids of the offered tokens past the receiver's prompt: a migrated
+  # sequence's generated tokens whose KV is computed (tokenEnd minus the
+  # prompt's length of them); empty when the shard ends within the prompt.
+  extraTokens @17 :List(UInt32);
+}
+
+# From a router to the worker serving a generation stream (which is
+# draining): stop the sequence where it is, push its KV to the worker at
+# decodeTo under transferKey, and end the stream with Finish(handedOff) once
+# that worker committed it; or with an Error if the transfer fails (the
+# router then re-issues the request). Minor version 2.
+struct KvHandoff {
+  transferKey @0 :Text;
+  decodeTo @1 :Text;            # HOST:PORT
 }
 
 # The receiver reserved blocks: chunks name this id and generation, so a

@@ -147,6 +147,12 @@ KvOfferBuilder& KvOfferBuilder::chunk_bytes(std::uint32_t bytes) {
   return *this;
 }
 
+KvOfferBuilder& KvOfferBuilder::extra_tokens(std::span<const std::uint32_t> tokens) {
+  auto list = body_.initExtraTokens(static_cast<unsigned>(tokens.size()));
+  for (unsigned i = 0; i < tokens.size(); ++i) list.set(i, tokens[i]);
+  return *this;
+}
+
 KvOfferBuilder& KvOfferBuilder::prefix_hashes(std::span<const std::uint64_t> hashes) {
   auto list = body_.initPrefixHashes(static_cast<unsigned>(hashes.size()));
   for (unsigned i = 0; i < hashes.size(); ++i) list.set(i, hashes[i]);

@@ -62,6 +62,8 @@ class KvOfferReader {
   std::uint32_t kv_heads() const { return body_.getKvHeads(); }
   std::uint32_t head_dim() const { return body_.getHeadDim(); }
   std::uint32_t chunk_bytes() const { return body_.getChunkBytes(); }  // the sender's plan; the last chunk may be shorter
+  // Offered tokens past the receiver's prompt (a migrated sequence's).
+  capnp::List<std::uint32_t>::Reader extra_tokens() const { return body_.getExtraTokens(); }
 
  private:
   KvOffer::Reader body_;
@@ -84,6 +86,7 @@ class KvOfferBuilder {
   KvOfferBuilder& prefix_hashes(std::span<const std::uint64_t> hashes);
   KvOfferBuilder& geometry(std::uint32_t model_layers, std::uint32_t kv_heads, std::uint32_t head_dim);
   KvOfferBuilder& chunk_bytes(std::uint32_t bytes);
+  KvOfferBuilder& extra_tokens(std::span<const std::uint32_t> tokens);
 
  private:
   KvOffer::Builder body_;

@@ -245,9 +245,11 @@ class Connection final : public SocketEvents {
     return kind == codec::FrameKind::tokens || kind == codec::FrameKind::kv_chunk;
   }
   // Frames a side may still send on a stream after its own last frame: it
-  // keeps granting credit to what it receives, and may reset the stream.
+  // keeps granting credit to what it receives, may reset the stream, and
+  // (a router) may ask the worker serving it to hand it over (KvHandoff).
   static bool is_control_after_end(codec::FrameKind kind) {
-    return kind == codec::FrameKind::credit || kind == codec::FrameKind::cancel || kind == codec::FrameKind::error;
+    return kind == codec::FrameKind::credit || kind == codec::FrameKind::cancel || kind == codec::FrameKind::error ||
+           kind == codec::FrameKind::kv_handoff;
   }
   bool is_local_stream(std::uint32_t stream_id) const { return (stream_id % 2 == 1) == outgoing_; }
 

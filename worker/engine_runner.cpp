@@ -48,6 +48,7 @@ void EngineRunner::read_kv(engine::SequenceId id, std::uint32_t first_block, std
   push(ReadKv{id, first_block, block_count, std::move(into)});
 }
 void EngineRunner::release_kv(engine::SequenceId id) { push(ReleaseKv{id}); }
+void EngineRunner::hold(engine::SequenceId id) { push(Hold{id}); }
 void EngineRunner::prepare_import(engine::SequenceId id, engine::SequenceRequest request, engine::KvImport import) {
   push(PrepareImport{id, std::move(request), std::move(import)});
 }
@@ -82,6 +83,13 @@ void EngineRunner::apply(Command& command, RunnerOutput& output) {
       error = message(engine_.read_kv(read->id, read->first_block, read->block_count, *read->into));
     }
     output.kv_reads.push_back({read->id, read->first_block, read->block_count, std::move(read->into), std::move(error)});
+  } else if (auto* hold = std::get_if<Hold>(&command)) {
+    auto held = engine_.hold(hold->id);
+    if (held) {
+      output.kv_holds.push_back({hold->id, std::move(*held), {}});
+    } else {
+      output.kv_holds.push_back({hold->id, {}, held.error().message});
+    }
   } else if (auto* release = std::get_if<ReleaseKv>(&command)) {
     engine_.release_kv(release->id);
   } else if (auto* prepare = std::get_if<PrepareImport>(&command)) {
@@ -128,7 +136,8 @@ void EngineRunner::run() {
       engine_.step(output->step);
       worth_stepping = output->step.batch_tokens > 0;
     }
-    const bool has_results = !output->rejected.empty() || !output->kv_reads.empty() || !output->kv_imports.empty();
+    const bool has_results = !output->rejected.empty() || !output->kv_reads.empty() || !output->kv_imports.empty() ||
+                             !output->kv_holds.empty();
     if (!had_commands && !has_results && output->step.batch_tokens == 0 && output->step.finished.empty()) continue;
     output->stats = engine_.stats();
     sink_(std::move(output));

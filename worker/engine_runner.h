@@ -56,6 +56,13 @@ struct RunnerOutput {
   std::vector<Rejected> rejected;  // submissions the engine refused
   std::vector<KvRead> kv_reads;
   std::vector<KvImportResult> kv_imports;
+  // hold()'s answers: the sequence stopped, its KV held (or why not).
+  struct KvHeld {
+    engine::SequenceId id;
+    engine::Engine::Held held;
+    std::string error;  // empty: ok
+  };
+  std::vector<KvHeld> kv_holds;
   engine::EngineStats stats;               // after the step
 };
 
@@ -84,6 +91,9 @@ class EngineRunner {
   void read_kv(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
                std::shared_ptr<std::vector<std::byte>> into);
   void release_kv(engine::SequenceId id);
+  // Stops a running sequence and holds its KV (live migration); the answer
+  // comes in RunnerOutput::kv_holds, after every token it made.
+  void hold(engine::SequenceId id);
 
   // KV transfer, receiver side (engine::Engine::prepare_import, ...). The
   // chunk's bytes are the ones copied once out of the received frame; the
@@ -128,7 +138,10 @@ class EngineRunner {
     engine::SequenceId id;
     std::vector<std::uint32_t> generated;
   };
-  using Command = std::variant<Submit, Cancel, Pause, ReadKv, ReleaseKv, PrepareImport, WriteImport, CommitImport>;
+  struct Hold {
+    engine::SequenceId id;
+  };
+  using Command = std::variant<Submit, Cancel, Pause, ReadKv, ReleaseKv, PrepareImport, WriteImport, CommitImport, Hold>;
 
   // What the runner's thread waits on; shared with the outputs' deleters,
   // which may outlive the runner.

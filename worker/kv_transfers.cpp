@@ -67,7 +67,8 @@ struct KvTransfers::Outgoing {
   std::uint32_t stream_id = 0;
   State state = State::connecting;
   protocol::KvTransferRef transfer;
-  std::uint32_t prompt_tokens = 0;
+  std::uint32_t prompt_tokens = 0; // positions offered
+  std::vector<std::uint32_t> extra;  // their ids past the receiver's prompt
   std::uint32_t blocks = 0;        // of the shard
   std::uint64_t block_bytes = 0;
   std::uint32_t chunk_blocks = 1;
@@ -99,6 +100,7 @@ struct KvTransfers::Incoming {
   engine::SequenceId sequence = 0;  // 0 until matched
   protocol::KvTransferRef transfer;
   std::uint32_t tokens = 0;
+  std::vector<std::uint32_t> extra; // offered tokens past the request's prompt
   engine::KvGeometry sender;        // the offer's geometry
   std::uint64_t total_bytes = 0;
   std::uint32_t max_chunk_bytes = 0;
@@ -202,11 +204,12 @@ KvTransfers::Link& KvTransfers::link_to(const transport::Endpoint& to) {
 }
 
 void KvTransfers::send(engine::SequenceId sequence, std::string key, const transport::Endpoint& to,
-                       std::uint32_t prompt_tokens) {
+                       std::uint32_t prompt_tokens, std::vector<std::uint32_t> extra) {
   auto session = std::make_unique<Outgoing>();
   session->sequence = sequence;
   session->key = std::move(key);
   session->prompt_tokens = prompt_tokens;
+  session->extra = std::move(extra);
   session->block_bytes = info_.kv.bytes_per_block();
   session->blocks = (prompt_tokens + info_.kv.block_tokens - 1) / info_.kv.block_tokens;
   session->chunk_blocks = std::max<std::uint32_t>(1, options_.chunk_bytes / static_cast<std::uint32_t>(session->block_bytes));
@@ -245,7 +248,8 @@ void KvTransfers::offer(Outgoing& session) {
         .total_bytes(std::uint64_t{session.blocks} * session.block_bytes)
         .chunk_bytes(static_cast<std::uint32_t>(session.chunk_blocks * session.block_bytes))
         .compression(session.compress ? protocol::Compression::ZSTD : protocol::Compression::NONE)
-        .timeout_us(micros(options_.state_timeout));
+        .timeout_us(micros(options_.state_timeout))
+        .extra_tokens(session.extra);
   });
   if (status != SendStatus::sent) {
     end_outgoing(session, failure(KvEnd::PEER_LOST, "KvOffer to " + session.link->name + ": " +
@@ -587,6 +591,7 @@ void KvTransfers::on_offer(Connection& connection, const codec::FrameView& frame
     problem = offer.check(limits);
     session->key = std::string(offer.request_id());
     session->tokens = offer.token_end();
+    for (std::uint32_t token : offer.extra_tokens()) session->extra.push_back(token);
     session->sender = kv;
     session->sender.block_tokens = offer.block_tokens();
     session->total_bytes = offer.total_bytes();
@@ -621,16 +626,26 @@ void KvTransfers::match(Incoming& session, Expected expected) {
   if (expected.deadline != 0) loop_.backend().cancel(expected.deadline);
   session.sequence = expected.sequence;
   incoming_by_sequence_[session.sequence] = session.id;
-  if (session.tokens != expected.request.prompt.size()) {
+  // The shard covers the prompt, or (a migrated sequence) the prompt and
+  // the generated tokens it names, or (migrated mid-prefill) a prefix of
+  // the prompt.
+  engine::SequenceRequest& request = expected.request;
+  const std::size_t prompt = request.prompt.size();
+  const bool fits = session.extra.empty() ? session.tokens <= prompt : session.tokens == prompt + session.extra.size();
+  if (!fits || session.extra.size() >= request.max_tokens) {
     end_incoming(session,
-                 failure(KvEnd::BAD_MESSAGE, "the KV offered covers " + std::to_string(session.tokens) +
-                                                 " tokens; the request's prompt has " +
-                                                 std::to_string(expected.request.prompt.size())),
+                 failure(KvEnd::BAD_MESSAGE, "the KV offered covers " + std::to_string(session.tokens) + " tokens (" +
+                                                 std::to_string(session.extra.size()) +
+                                                 " generated); the request's prompt has " + std::to_string(prompt) +
+                                                 " and max_tokens " + std::to_string(request.max_tokens)),
                  true);
     return;
   }
-  engine::KvImport import{expected.request.prompt, session.sender, info_.model_fingerprint};
-  runner_.prepare_import(session.sequence, std::move(expected.request), std::move(import));
+  request.prompt.insert(request.prompt.end(), session.extra.begin(), session.extra.end());
+  request.max_tokens -= static_cast<std::uint32_t>(session.extra.size());
+  engine::KvImport import{std::vector<std::uint32_t>(request.prompt.begin(), request.prompt.begin() + session.tokens),
+                          session.sender, info_.model_fingerprint};
+  runner_.prepare_import(session.sequence, std::move(request), std::move(import));
   session.state = Incoming::State::preparing;
   arm(session, options_.state_timeout);
 }
@@ -684,7 +699,9 @@ void KvTransfers::on_import(const RunnerOutput::KvImportResult& result) {
       done.wire_bytes = session.wire_bytes;
       done.compression = session.compression;
       done.transfer_us = micros(Clock::now() - session.started);
-      done.generated = std::move(session.generated);
+      // Every token after the prompt the sender made: those in the shard, then Commit's.
+      done.generated = std::move(session.extra);
+      done.generated.insert(done.generated.end(), session.generated.begin(), session.generated.end());
       end_incoming(session, std::move(done), false);
       return;
     }

@@ -99,9 +99,12 @@ class KvTransfers final : private transport::ConnectionHandler {
   KvTransfers& operator=(const KvTransfers&) = delete;
 
   // --- sender (a prefill worker) ---
-  // Starts pushing the KV of `sequence` (submitted with hold_kv) to `to`:
-  // its first `prompt_tokens` positions, under `key`.
-  void send(engine::SequenceId sequence, std::string key, const transport::Endpoint& to, std::uint32_t prompt_tokens);
+  // Starts pushing the KV of `sequence` (submitted with hold_kv, or held)
+  // to `to`: its first `tokens` positions, under `key`. `extra`: the ids of
+  // those positions past the receiver's prompt (a migrated sequence's
+  // generated tokens whose KV is computed); empty for a prefill.
+  void send(engine::SequenceId sequence, std::string key, const transport::Endpoint& to, std::uint32_t tokens,
+            std::vector<std::uint32_t> extra = {});
   // The engine computed the sequence's first `computed` positions.
   void progress(engine::SequenceId sequence, std::uint32_t computed);
   // The sequence finished with these tokens after the prompt: every block

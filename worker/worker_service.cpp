@@ -5,6 +5,7 @@
 
 #include "codec/frame_decoder.h"
 #include "protocol/finish.h"
+#include "protocol/kv_handoff.h"
 
 namespace fmwire::worker {
 namespace {
@@ -76,6 +77,9 @@ void WorkerService::on_stream_frame(Connection& connection, const codec::FrameVi
       break;
     case codec::FrameKind::load_report:
       subscribe(connection, frame.header.stream_id);
+      break;
+    case codec::FrameKind::kv_handoff:
+      hand_off(connection, frame);
       break;
     default:
       // Cancel and Error end the stream (on_stream_closed cleans up); a
@@ -216,6 +220,7 @@ void WorkerService::deliver(const RunnerOutput& output) {
   engine_stats_ = output.stats;
   for (const auto& read : output.kv_reads) kv_->on_read(read);
   for (const auto& result : output.kv_imports) kv_->on_import(result);
+  for (const auto& held : output.kv_holds) on_held(held);
   for (const auto& rejected : output.rejected) {
     auto found = by_sequence_.find(rejected.id);
     if (found == by_sequence_.end()) continue;
@@ -445,15 +450,66 @@ void WorkerService::fail_stream(GenerationStream& stream, protocol::ErrorCode co
   connection.reset_stream(stream_id, code, message, retryable);
 }
 
+void WorkerService::hand_off(Connection& connection, const codec::FrameView& frame) {
+  auto found = streams_.find({&connection, frame.header.stream_id});
+  if (found == streams_.end()) return;  // ended meanwhile: the router sees its Finish
+  GenerationStream& stream = *found->second;
+  std::string key;
+  std::string to;
+  const codec::Status read = codec::read_body<protocol::KvHandoff>(
+      frame, codec::FrameLimits{}, [&](const protocol::KvHandoffReader& handoff) {
+        key = std::string(handoff.transfer_key());
+        to = std::string(handoff.decode_to());
+      });
+  std::string why;
+  std::optional<transport::Endpoint> endpoint = read ? transport::parse_endpoint(to, &why) : std::nullopt;
+  if (!read || !endpoint || key.empty()) {
+    fail_stream(stream, protocol::ErrorCode::BAD_REQUEST,
+                "a KvHandoff without a transfer key or a worker address: " + (read ? why : read.error().message), false);
+    return;
+  }
+  if (stream.part != GenerationStream::Part::whole || stream.finish_reason || stream.handoff_to) {
+    return;  // a part of a split request, finishing, or handing off already: its end comes as it would
+  }
+  stream.handoff_key = std::move(key);
+  stream.handoff_to = *endpoint;
+  runner_->hold(stream.sequence);  // every token it made reaches the stream before the answer
+}
+
+void WorkerService::on_held(const RunnerOutput::KvHeld& held) {
+  auto found = by_sequence_.find(held.id);
+  if (found == by_sequence_.end()) return;
+  GenerationStream& stream = *found->second;
+  if (stream.finish_reason) return;  // it finished before the hold: its Finish went as usual
+  if (!held.error.empty()) {
+    fail_stream(stream, protocol::ErrorCode::TRANSFER_ABORTED, "cannot hand the sequence over: " + held.error, true);
+    return;
+  }
+  // From here on it ends like a prefill part: Finish(handedOff) once the
+  // other worker committed its KV, its held blocks released then.
+  stream.part = GenerationStream::Part::prefill;
+  stream.handing_off = true;
+  const engine::Engine::Held& state = held.held;
+  const std::uint32_t prompt = state.prompt_tokens;
+  const std::uint32_t computed = state.computed;
+  std::vector<std::uint32_t> extra;
+  if (computed > prompt) extra.assign(state.tokens.begin() + prompt, state.tokens.begin() + computed);
+  std::vector<std::uint32_t> rest(state.tokens.begin() + std::max(prompt, computed), state.tokens.end());
+  kv_->send(stream.sequence, stream.handoff_key, *stream.handoff_to, computed, std::move(extra));
+  kv_->finished(stream.sequence, std::move(rest));
+}
+
 void WorkerService::on_kv_sent(engine::SequenceId sequence, const KvTransferResult& result) {
   auto found = by_sequence_.find(sequence);
   if (found == by_sequence_.end()) return;
   GenerationStream& stream = *found->second;
   if (!result.committed) {
+    // Retryable whatever the reason: the request itself is good, and whoever
+    // sent it (a router) can serve it whole elsewhere.
     fail_stream(stream, result.error.code(), "KV transfer to the decode worker failed (" +
                                                  std::string(protocol::to_string(result.error.reason)) +
                                                  "): " + result.error.message,
-                result.error.retryable() || result.error.reason == protocol::KvEnd::CANCELLED);
+                true);
     return;
   }
   stream.kv_transfer = result;

@@ -136,6 +136,9 @@ class WorkerService final : public transport::ConnectionHandler, private KvTrans
     std::uint32_t index_offset = 0;   // decode part: tokens made by the prefill worker
     bool handing_off = false;         // prefill part: the sequence is done, its KV on the way
     std::vector<std::uint32_t> generated;  // prefill part: its token(s), for KvCommit
+    // Live migration (a router's KvHandoff): where the held sequence's KV goes.
+    std::string handoff_key;
+    std::optional<transport::Endpoint> handoff_to;
     std::optional<KvTransferResult> kv_transfer;  // how the KV came or went
   };
 
@@ -158,6 +161,10 @@ class WorkerService final : public transport::ConnectionHandler, private KvTrans
   // unless it had finished) and hands it over; forget() drops it.
   std::unique_ptr<GenerationStream> detach(GenerationStream& stream);
   void forget(GenerationStream& stream);
+  // A router's KvHandoff on a generation stream (this worker drains): stop
+  // the sequence, then push its KV (on_held) to the worker named.
+  void hand_off(transport::Connection& connection, const codec::FrameView& frame);
+  void on_held(const RunnerOutput::KvHeld& held);
   // KV transfer sessions (kv_transfers.h) ended.
   void on_kv_sent(engine::SequenceId sequence, const KvTransferResult& result) override;
   void on_kv_received(engine::SequenceId sequence, const KvTransferResult& result) override;

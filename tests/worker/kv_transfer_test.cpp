@@ -11,6 +11,7 @@
 
 #include "engine/tokenizer.h"
 #include "protocol/generate_request.h"
+#include "protocol/kv_handoff.h"
 #include "tests/engine/engine_test_support.h"
 #include "tests/engine/stream_collector.h"
 #include "tests/transport/loopback.h"
@@ -190,6 +191,61 @@ TEST_CASE("KV chunks compressed with shuffle+zstd give the same tokens, and the 
   CHECK(decoded.kv_bytes == 6 * rig.decode.engine->info().kv.bytes_per_block());
   CHECK(decoded.kv_compressed);
   CHECK(decoded.kv_wire_bytes < decoded.kv_bytes);
+  CHECK(rig.all_idle());
+}
+
+TEST_CASE("a running sequence handed to another worker mid-decode goes on there: no token lost or repeated") {
+  for (std::uint32_t after : {1u, 5u, 17u}) {
+    CAPTURE(after);
+    Rig rig;
+    const auto prompt = prompt_of(37);
+    const auto expected = rig.colocated(prompt, 40);
+    // The request runs whole at the "prefill" worker (it is any worker here);
+    // once `after` tokens arrived, the test does what a router does when that
+    // worker drains: opens the request at the other worker, waiting for the
+    // KV, and asks the first to hand the sequence over.
+    const std::uint32_t first = generate(rig.prefill, prompt, 40, Part::whole);
+    REQUIRE(run_until(rig.loop, [&] { return rig.prefill.collector.streams[first].token_ids.size() >= after; }));
+    const std::uint32_t second = generate(rig.decode, prompt, 40, Part::decode, "moved");
+    const SendStatus sent = rig.prefill.client->send<protocol::KvHandoff>(first, [&](protocol::KvHandoffBuilder handoff) {
+      handoff.to("moved", rig.decode.endpoint());
+    });
+    REQUIRE(sent == SendStatus::sent);
+    REQUIRE(run_until(rig.loop, [&] {
+      return rig.prefill.collector.streams[first].closed && rig.decode.collector.streams[second].closed;
+    }));
+    const StreamLog& before = rig.prefill.collector.streams[first];
+    const StreamLog& rest = rig.decode.collector.streams[second];
+    INFO(before.end.message << " / " << rest.end.message);
+    REQUIRE(before.finish.has_value());
+    CHECK(*before.finish == protocol::FinishReason::HANDED_OFF);
+    CHECK_FALSE(rest.end.error);
+    std::vector<std::uint32_t> tokens = before.token_ids;
+    tokens.insert(tokens.end(), rest.token_ids.begin(), rest.token_ids.end());
+    CHECK(tokens == expected);
+    std::vector<std::uint32_t> indexes = before.indexes;
+    indexes.insert(indexes.end(), rest.indexes.begin(), rest.indexes.end());
+    for (std::uint32_t i = 0; i < indexes.size(); ++i) CHECK(indexes[i] == i);
+    CHECK(rest.completion_tokens == 40);
+    CHECK(rig.all_idle());
+  }
+}
+
+TEST_CASE("a handoff the other worker cannot take ends the stream with a retryable error, freeing every block") {
+  Rig rig(options(), 2);  // the other worker's cache cannot hold the sequence
+  const std::uint32_t first = generate(rig.prefill, prompt_of(60), 40, Part::whole);
+  REQUIRE(run_until(rig.loop, [&] { return rig.prefill.collector.streams[first].token_ids.size() >= 3; }));
+  const std::uint32_t second = generate(rig.decode, prompt_of(60), 40, Part::decode, "nowhere");
+  rig.prefill.client->send<protocol::KvHandoff>(first, [&](protocol::KvHandoffBuilder handoff) {
+    handoff.to("nowhere", rig.decode.endpoint());
+  });
+  REQUIRE(run_until(rig.loop, [&] {
+    return rig.prefill.collector.streams[first].closed && rig.decode.collector.streams[second].closed;
+  }));
+  const StreamLog& log = rig.prefill.collector.streams[first];
+  INFO(log.end.message);
+  CHECK(log.end.error);
+  CHECK(log.end.retryable);
   CHECK(rig.all_idle());
 }
 
