@@ -124,7 +124,7 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   err << "fmwire router: stopped after " << counters.streams_finished << " streams finished, "
       << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "
       << counters.streams_refused << " refused, " << counters.streams_migrated << " migrated, "
-      << counters.streams_disaggregated << " split (" << counters.disaggregation_fallbacks << " served whole after a part failed)"
+      << counters.streams_handed_over << " handed over by KV transfer, " << counters.streams_disaggregated << " split (" << counters.disaggregation_fallbacks << " served whole after a part failed)"
       << std::endl;
   return result;
 }

@@ -8,6 +8,7 @@
 #include "codec/frame_decoder.h"
 #include "protocol/finish.h"
 #include "protocol/generate_request.h"
+#include "protocol/kv_handoff.h"
 #include "protocol/load_report.h"
 
 namespace fmwire::router {
@@ -381,6 +382,7 @@ void RouterService::from_worker(Route& route, WorkerLink& link, std::uint32_t st
 void RouterService::from_prefill(Route& route, const codec::FrameView& frame) {
   if (frame.kind() == codec::FrameKind::tokens) {
     if (!relay_to_client(route, frame, route.worker, route.worker_stream)) return;
+    if (route.handing_over) return;  // the new worker's frames wait for the handoff itself
     route.prefill_token_relayed = true;
     release_held(route);
     return;
@@ -391,6 +393,16 @@ void RouterService::from_prefill(Route& route, const codec::FrameView& frame) {
       [&](const protocol::FinishReader& finish) { handed_off = finish.reason() == protocol::FinishReason::HANDED_OFF; });
   if (!read) {
     fail(route, protocol::ErrorCode::BAD_FRAME, "the prefill worker sent an unreadable Finish frame", true);
+    return;
+  }
+  if (handed_off && route.handing_over) {
+    // Every token of the draining worker is with the client (or queued for
+    // it): the new worker's go after them.
+    release_worker(route);
+    route.handing_over = false;
+    route.prefill_token_relayed = true;
+    if (!release_held(route)) return;
+    hand_off(route);
     return;
   }
   if (handed_off) {
@@ -408,10 +420,11 @@ void RouterService::from_prefill(Route& route, const codec::FrameView& frame) {
     return;
   }
   // Complete at its first token (end of sequence, max_tokens 1, a stop
-  // sequence): its Finish ends the client's stream, the decode part has
-  // nothing to do.
+  // sequence), or, handing over, finished before the handoff took: its
+  // Finish ends the client's stream, the decode part has nothing to do.
   cancel_decode(route);
   route.split = false;
+  route.handing_over = false;
   relay_to_client(route, frame, route.worker, route.worker_stream);
 }
 
@@ -762,6 +775,7 @@ void RouterService::fall_back(Route& route, WorkerLink& failed, const transport:
     }
   }
   route.split = false;
+  route.handing_over = false;
   // Served whole from here on, after what the client has (index 0 at most,
   // unless the decode part had started): as a migration carries on.
   route.index_offset = static_cast<std::uint32_t>(route.sent_tokens.size());
@@ -785,7 +799,59 @@ void RouterService::fall_back(Route& route, WorkerLink& failed, const transport:
   }
 }
 
-void RouterService::on_worker_health(WorkerLink&) { reap_retired(); }
+void RouterService::on_worker_health(WorkerLink& link) {
+  if (link.draining() && options_.migrate && options_.migrate_on_drain) hand_over_streams(link);
+  reap_retired();
+}
+
+// Any healthy worker with room, a prefill-only one last: it would do the
+// decoding that the split keeps away from it.
+static bool takes_handover(const WorkerView& worker) {
+  return worker.load.free_kv_blocks > 0 && worker.role() != protocol::WorkerRole::PREFILL;
+}
+static bool takes_handover_at_all(const WorkerView& worker) { return worker.load.free_kv_blocks > 0; }
+
+void RouterService::hand_over_streams(WorkerLink& draining) {
+  std::vector<Route*> moving;
+  for (auto& [key, route] : routes_) {
+    if (route->worker == &draining && route->worker_stream != 0 && !route->split && route->request) {
+      moving.push_back(route.get());
+    }
+  }
+  for (Route* route : moving) hand_over(*route, draining);
+}
+
+bool RouterService::hand_over(Route& route, WorkerLink& draining) {
+  scratch_views_.clear();
+  for (const auto& link : links_) scratch_views_.push_back(link->view());
+  auto target = least_loaded_where(scratch_views_, takes_handover);
+  if (!target) target = least_loaded_where(scratch_views_, takes_handover_at_all);
+  if (!target || links_[*target].get() == &draining) return false;  // it finishes where it is
+  WorkerLink& decode_link = *links_[*target];
+  Connection* source = draining.connection();
+  if (source == nullptr) return false;
+  const std::string key = transfer_key_prefix_ + std::to_string(next_transfer_++);
+  const std::uint32_t decode_stream = open_part(route, decode_link, route.request->view(), key, {});
+  if (decode_stream == 0) return false;
+  const SendStatus asked = source->send<protocol::KvHandoff>(route.worker_stream, [&](protocol::KvHandoffBuilder handoff) {
+    handoff.to(key, decode_link.view().name);
+  });
+  if (asked != SendStatus::sent) {
+    if (Connection* connection = decode_link.connection()) {
+      connection->reset_stream(decode_stream, protocol::ErrorCode::CANCELLED, "the handover could not be asked");
+    }
+    return false;
+  }
+  route.split = true;
+  route.handing_over = true;
+  route.prefill_token_relayed = false;  // hold the new worker's frames until the handoff
+  route.decode_worker = &decode_link;
+  route.decode_stream = decode_stream;
+  by_worker_[{&decode_link, decode_stream}] = &route;
+  ++decode_link.view().in_flight;
+  ++counters_.streams_handed_over;
+  return true;
+}
 
 void RouterService::on_worker_refused(WorkerLink&, const std::string& reason) {
   if (options_.log) options_.log(reason);

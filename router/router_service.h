@@ -90,6 +90,12 @@ struct RouterOptions {
   // kinds are healthy (`--disaggregate auto`); false: every request is
   // served whole by one worker (`--disaggregate off`).
   bool disaggregate = true;
+  // When a worker drains, hand its running streams to other workers by KV
+  // transfer (live migration: KvHandoff), so that clients neither wait for
+  // the drain nor pay a recomputed prefill; a stream whose handoff fails is
+  // re-issued from its prompt (as --migrate does). Needs the requests kept:
+  // takes effect with migrate on.
+  bool migrate_on_drain = true;
   // How often a load subscriber gets its reports (one per worker).
   std::chrono::milliseconds load_report_interval{100};
   // Where the router's log lines go (a worker refused at registration, and
@@ -110,6 +116,7 @@ struct RouterCounters {
   std::uint64_t prompts_tokenized = 0;  // text prompts turned into ids here
   std::uint64_t streams_disaggregated = 0;    // split between a prefill and a decode worker
   std::uint64_t disaggregation_fallbacks = 0; // of those, served colocated after a part failed
+  std::uint64_t streams_handed_over = 0;      // live migration: KvHandoff asked of a draining worker
 };
 
 class RouterService final : public transport::ConnectionHandler, private WorkerLinkOwner {
@@ -153,6 +160,11 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
     // held until that token has gone to the client. At the handoff the
     // decode stream becomes `worker`, and the route an ordinary one.
     bool split = false;
+    // A live migration under way: `worker` is the draining worker asked to
+    // hand the sequence over, `decode_worker` the one that continues it;
+    // the latter's frames are held until the former's Finish(handedOff),
+    // after every token it made.
+    bool handing_over = false;
     WorkerLink* decode_worker = nullptr;
     std::uint32_t decode_stream = 0;
     bool prefill_token_relayed = false;  // the prefill's Tokens went to the client (or its queue)
@@ -257,6 +269,9 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   void on_worker_stream_closed(WorkerLink& link, std::uint32_t stream_id,
                                const transport::EndReason& reason) override;
   void on_worker_health(WorkerLink& link) override;
+  // Live migration: asks a draining worker to hand each of its streams over.
+  void hand_over_streams(WorkerLink& draining);
+  bool hand_over(Route& route, WorkerLink& draining);
   void on_worker_refused(WorkerLink& link, const std::string& reason) override;
   void reap_retired();
   WorkerLinkOwner& link_owner() { return *this; }

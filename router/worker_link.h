@@ -74,6 +74,9 @@ class WorkerLink final : private transport::ConnectionHandler {
   // owner destroys it once its last stream has ended.
   void retire();
   bool retired() const { return retired_; }
+  // The worker said it drains (GoAway, or a draining LoadReport) while
+  // still connected: its streams may still be handed over elsewhere.
+  bool draining() const { return draining_ && ready(); }
   // No connection and none being made: a retired link may be destroyed.
   bool idle() const { return !connection_ && !connecting_; }
 

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from gateway_cli_test import HttpServer, check_sse, http, metric, run_openai_client, up
@@ -205,9 +206,64 @@ def openai_sdk_up_disaggregated(binary, env):
         server.kill()
 
 
+def drain_hands_streams_over(binary, env):
+    """Live migration: SIGTERM to the worker serving a long stream hands the
+    sequence to the other worker by KV transfer; the client's stream goes
+    on with every index once, and the draining worker exits long before
+    the stream would have ended there."""
+    model = ["--model", "synthetic:tiny", "--step-us", "5000", "--load-report-interval-ms", "20"]
+    serving = Worker(binary, env, *model)                      # role both: whole requests go here
+    taking = Worker(binary, env, *model, "--role", "decode")   # takes handovers
+    router = None
+    client = None
+    try:
+        router = Router(binary, env, [serving, taking], "--migrate")
+        time.sleep(0.5)  # roles come with the first load reports
+        reference = generate(binary, env, serving.endpoint, "--max-tokens", "800", "--json", "move me")
+        check(reference.returncode == 0, f"reference: {reference.stderr}")
+        client = subprocess.Popen([binary, "generate", "--endpoint", router.endpoint, "--max-tokens", "800", "--json",
+                                   "move me"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        output = []
+        reader = threading.Thread(target=lambda: output.append(client.stdout.read()), daemon=True)
+        reader.start()
+        # A quarter into the stream, the drain starts (from a shell: on time
+        # whatever this process's threads are doing).
+        started = time.monotonic()
+        subprocess.run(["sh", "-c", f"sleep 1; kill -TERM {serving.process.pid}"], timeout=LIMIT_S)
+        signalled = time.monotonic()
+        check(client.poll() is None, "the stream ended before the drain")
+        code = serving.process.wait(timeout=LIMIT_S)
+        drained = time.monotonic() - signalled
+        reader.join(timeout=LIMIT_S)
+        streamed = "".join(output)
+        errors = client.stderr.read()
+        client.wait(timeout=LIMIT_S)
+        check(client.returncode == 0, f"generate exit {client.returncode}: {errors!r}")
+        frames = frames_of(streamed)
+        indexes = [frame["first_index"] + i for frame in frames if frame["type"] == "tokens"
+                   for i in range(len(frame["token_ids"]))]
+        check(indexes == list(range(800)), f"indexes {indexes[:20]}...")
+        check(token_ids(streamed) == token_ids(reference.stdout), "the tokens differ from the worker's own")
+        print(f"the draining worker exited {drained * 1000:.0f} ms after SIGTERM (code {code}); "
+              f"the stream had about 3000 ms of decoding left")
+        check(drained < 1.5, f"the draining worker took {drained:.2f} s: the stream was not handed over")
+        check(router.stop() == 0, "the router did not stop cleanly")
+        _, router_errors = router.process.communicate()
+        taking.stop()
+        _, taking_errors = taking.process.communicate()
+        _, serving_errors = serving.process.communicate()
+        check("1 handed over by KV transfer" in router_errors,
+              f"router stderr {router_errors!r}; serving {serving_errors!r}; taking {taking_errors!r}")
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        stop_all(router, serving, taking)
+
+
 SCENARIOS = {name: function for name, function in globals().items()
              if name in ("matches_colocated", "cancel_frees_blocks", "prefill_killed_mid_transfer",
-                         "decode_killed_mid_transfer", "openai_sdk_up_disaggregated")}
+                         "decode_killed_mid_transfer", "openai_sdk_up_disaggregated", "drain_hands_streams_over")}
 
 
 def main():
