@@ -6,10 +6,15 @@
 // and 2 GiB), in blocks of 16 tokens (2 MiB), pushed from a sender process
 // to a receiver process:
 //
-// - fmwire: the KV session's messages (KvOffer -> KvAccept -> KvChunk* ->
-//   KvCommit -> KvCommitted), chunks of whole blocks as attachments with
+// - fmwire wire: the KV session's messages (KvOffer -> KvAccept -> KvChunk*
+//   -> KvCommit -> KvCommitted), chunks of whole blocks as attachments with
 //   their xxh3 digest, sent from the source memory by reference; the
-//   receiver copies each chunk into its blocks buffer (kv_fmwire.h).
+//   receiver copies each chunk into its blocks buffer (kv_fmwire.h): the
+//   transport alone.
+// - fmwire session: the real session (worker/kv_transfers.h) between two
+//   `fmwire worker` processes, prefill and decode, synthetic:llama-3-8b
+//   with no step time, this program as their router (kv_session.h): GB/s
+//   from the decode Finish's kvTransfer summary, CPU both workers'.
 // - iperf3: one TCP stream, the same byte count (the link's limit).
 // - gRPC: a client-streaming call carrying the same bytes as protobuf
 //   `bytes` messages of the chunk's size, copied into the receiver's blocks
@@ -31,8 +36,14 @@
 // process CPU over the transfer. Each repetition takes fmwire, then gRPC,
 // then iperf3 in turn, and the medians are reported.
 //
+// Session rows: the workers start once per link and prompt, each where
+// the wire rows' sender (prefill) or receiver (decode) runs, and the
+// router is a role process beside the decode worker; one request per
+// repetition, taken after the wire rows, a warm-up request first.
+//
 // Run: build/bench/bench_kv [--quick] [--repetitions N] [--json FILE]
 //        [--links loopback,10g,1g] [--chunk-blocks N] [--skip-grpc] [--skip-iperf]
+//        [--skip-session] [--fmwire PATH]
 #include <unistd.h>
 
 #include <boost/program_options.hpp>
@@ -622,7 +633,7 @@ std::vector<Comparison> run(const BenchSettings& settings) {
 #endif
   std::printf("  warm-up transfer of %llu MiB per connection, then the measured one; median of %d repetitions,\n",
               static_cast<unsigned long long>(settings.warmup_bytes >> 20), settings.repetitions);
-  std::printf("  fmwire, gRPC and iperf3 taken in turn each repetition\n");
+  std::printf("  fmwire wire, fmwire session, gRPC and iperf3 taken in turn each repetition\n");
   std::printf("  GB/s: 1e9 decoded bytes per second; CPU-s/GB: sender + receiver process CPU over the transfer\n");
   std::printf("  (iperf3's: both processes' whole life, start-up included);\n");
   std::printf("  compressed (fmwire z, at 1 Gbit/s): shuffle + zstd 1, chunks of %u block(s), decoded bytes per second;\n",
