@@ -6,10 +6,15 @@
 // and 2 GiB), in blocks of 16 tokens (2 MiB), pushed from a sender process
 // to a receiver process:
 //
-// - fmwire: the KV session's messages (KvOffer -> KvAccept -> KvChunk* ->
-//   KvCommit -> KvCommitted), chunks of whole blocks as attachments with
+// - fmwire wire: the KV session's messages (KvOffer -> KvAccept -> KvChunk*
+//   -> KvCommit -> KvCommitted), chunks of whole blocks as attachments with
 //   their xxh3 digest, sent from the source memory by reference; the
-//   receiver copies each chunk into its blocks buffer (kv_fmwire.h).
+//   receiver copies each chunk into its blocks buffer (kv_fmwire.h): the
+//   transport alone.
+// - fmwire session: the real session (worker/kv_transfers.h) between two
+//   `fmwire worker` processes, prefill and decode, synthetic:llama-3-8b
+//   with no step time, this program as their router (kv_session.h): GB/s
+//   from the decode Finish's kvTransfer summary, CPU both workers'.
 // - iperf3: one TCP stream, the same byte count (the link's limit).
 // - gRPC: a client-streaming call carrying the same bytes as protobuf
 //   `bytes` messages of the chunk's size, copied into the receiver's blocks
@@ -31,8 +36,14 @@
 // process CPU over the transfer. Each repetition takes fmwire, then gRPC,
 // then iperf3 in turn, and the medians are reported.
 //
+// Session rows: the workers start once per link and prompt, each where
+// the wire rows' sender (prefill) or receiver (decode) runs, and the
+// router is a role process beside the decode worker; one request per
+// repetition, taken after the wire rows, a warm-up request first.
+//
 // Run: build/bench/bench_kv [--quick] [--repetitions N] [--json FILE]
 //        [--links loopback,10g,1g] [--chunk-blocks N] [--skip-grpc] [--skip-iperf]
+//        [--skip-session] [--fmwire PATH]
 #include <unistd.h>
 
 #include <boost/program_options.hpp>
@@ -58,6 +69,7 @@
 #include "kv_content.h"
 #include "kv_fmwire.h"
 #include "kv_netns.h"
+#include "kv_session.h"
 #include "transport_iperf.h"
 #include "transport_measure.h"
 
@@ -96,6 +108,12 @@ struct RoleFlags {
   std::string backend;
   bool zero_copy = false;
   int transfers = 1;
+  // session-router
+  std::string prefill;
+  std::string decode;
+  pid_t prefill_pid = 0;
+  pid_t decode_pid = 0;
+  int requests = 1;
 };
 
 void print_run(const KvSideRun& run) {
@@ -134,6 +152,20 @@ int run_role(const RoleFlags& flags) {
     print_run(fmwire_kv_send(endpoint_flag(flags.connect, "--connect"), kv.bytes(), shape, options));
     return 0;
   }
+  if (flags.role == "session-router") {
+    const KvSessionRoute route{.prefill = endpoint_flag(flags.prefill, "--prefill"),
+                               .decode = endpoint_flag(flags.decode, "--decode"),
+                               .prefill_pid = flags.prefill_pid,
+                               .decode_pid = flags.decode_pid,
+                               .prompt_tokens = flags.tokens,
+                               .requests = flags.requests,
+                               .backend = flags.backend};
+    for (const KvSessionRun& run : route_kv_sessions(route)) {
+      std::printf("%s\n", session_line(run).c_str());
+      std::fflush(stdout);
+    }
+    return 0;
+  }
 #ifdef FMWIRE_HAVE_GRPC
   if (flags.role == "grpc-receive") {
     KvBlocks blocks(shape.total_bytes());
@@ -165,7 +197,12 @@ int role_main(int argc, char** argv) {
       ("warmup-bytes", po::value(&flags.warmup_bytes))
       ("backend", po::value(&flags.backend))
       ("zero-copy", po::bool_switch(&flags.zero_copy))
-      ("transfers", po::value(&flags.transfers));
+      ("transfers", po::value(&flags.transfers))
+      ("prefill", po::value(&flags.prefill))
+      ("decode", po::value(&flags.decode))
+      ("prefill-pid", po::value(&flags.prefill_pid))
+      ("decode-pid", po::value(&flags.decode_pid))
+      ("requests", po::value(&flags.requests));
   try {
     po::variables_map values;
     po::store(po::parse_command_line(argc, argv, description), values);
@@ -184,6 +221,7 @@ struct Placement {
   std::vector<std::string> receiver_prefix;  // empty: here
   std::vector<std::string> sender_prefix;
   std::string receiver_host = "127.0.0.1";
+  std::string sender_host = "127.0.0.1";
 };
 
 // What one transfer cost, both sides together.
@@ -202,6 +240,11 @@ std::string self_path() {
   const ssize_t length = ::readlink("/proc/self/exe", path, sizeof path - 1);
   if (length <= 0) throw std::runtime_error("cannot read /proc/self/exe");
   return std::string(path, static_cast<std::size_t>(length));
+}
+
+std::string self_directory() {
+  const std::string path = self_path();
+  return path.substr(0, path.rfind('/'));
 }
 
 // This program as a role process, through `prefix` (ip netns exec) if any.
@@ -298,6 +341,89 @@ Measurement measure_transfer(const Placement& placement, const TransferPlan& pla
   return {sent.seconds, sent.cpu_seconds + received.cpu_seconds, sent.decoded_bytes, sent.wire_bytes};
 }
 
+// ---------------------------------------------------------------- session rows
+
+// A disaggregated request: one token from the prefill worker, one decoded
+// after the transfer, so that the decode Finish follows the transfer at once.
+constexpr std::uint32_t kSessionMaxTokens = 2;
+// synthetic:llama-3-8b's context, as Llama-3-8B's; longer prompts get
+// --max-context (Llama-3.1-8B: the same KV per token, 128K of context).
+constexpr std::uint32_t kSyntheticContext = 8192;
+
+// The prefill and the decode `fmwire worker` of a session cell.
+struct WorkerPair {
+  std::unique_ptr<ChildProcess> prefill;
+  std::unique_ptr<ChildProcess> decode;
+  transport::Endpoint prefill_endpoint;
+  transport::Endpoint decode_endpoint;
+};
+
+// One worker, through `prefix` (ip netns exec) if any, listening on `host`
+// (a free port): synthetic:llama-3-8b, f16 KV, with no step or prompt time
+// (the engine's thread still writes every KV row of the prompt, as the
+// synthetic model does), no prefix cache (each request's KV is computed and
+// sent whole), KV chunks uncompressed, and a cache of exactly one request's
+// blocks, so that after the warm-up every block is paged in.
+std::unique_ptr<ChildProcess> start_worker(const std::vector<std::string>& prefix, const std::string& fmwire_path,
+                                           const std::string& role, const std::string& host, std::uint32_t tokens,
+                                           const std::string& backend, transport::Endpoint& endpoint) {
+  const engine::KvGeometry geometry = llama3_8b_geometry();
+  const std::uint32_t context = tokens + kSessionMaxTokens;
+  const std::uint32_t blocks = (context + geometry.block_tokens - 1) / geometry.block_tokens;
+  std::vector<std::string> command = prefix;
+  command.insert(command.end(), {fmwire_path, "worker", "--listen", host + ":0", "--model", "synthetic:llama-3-8b",
+                                 "--kv-dtype", "f16", "--role", role, "--kv-blocks", std::to_string(blocks),
+                                 "--step-us", "0", "--prefill-ns-per-token", "0", "--no-prefix-cache",
+                                 "--kv-compress", "off", "--kv-timeout-ms", "60000", "--name", role});
+  if (context > kSyntheticContext) command.insert(command.end(), {"--max-context", std::to_string(context)});
+  if (!backend.empty()) command.insert(command.end(), {"--backend", backend});
+  const std::string path = command.front();
+  command.erase(command.begin());
+  auto worker = std::make_unique<ChildProcess>(path, command, true);
+  const std::string listening = expect_line(*worker, "fmwire worker --role " + role, "listening on ", 60'000ms);
+  endpoint = endpoint_flag(listening.substr(std::string("listening on ").size()), "the worker's address");
+  return worker;
+}
+
+// The prefill worker where the sender runs, the decode worker where the receiver does.
+WorkerPair start_workers(const Placement& placement, const std::string& fmwire_path, std::uint32_t tokens,
+                         const std::string& backend) {
+  WorkerPair pair;
+  pair.decode = start_worker(placement.receiver_prefix, fmwire_path, "decode", placement.receiver_host, tokens, backend,
+                             pair.decode_endpoint);
+  pair.prefill = start_worker(placement.sender_prefix, fmwire_path, "prefill", placement.sender_host, tokens, backend,
+                              pair.prefill_endpoint);
+  return pair;
+}
+
+// One measured request with the bench as the router (a role process beside
+// the decode worker, so that the decode request is there before the Offer),
+// after a warm-up request of the same size when asked.
+KvSessionRun measure_session(const Placement& placement, const WorkerPair& workers, std::uint32_t tokens, bool warm_up,
+                             const std::string& backend, std::chrono::milliseconds limit) {
+  const int requests = warm_up ? 2 : 1;
+  std::vector<std::string> arguments{"--role", "session-router", "--tokens", std::to_string(tokens),
+                                     "--prefill", workers.prefill_endpoint.to_string(),
+                                     "--decode", workers.decode_endpoint.to_string(),
+                                     "--prefill-pid", std::to_string(workers.prefill->pid()),
+                                     "--decode-pid", std::to_string(workers.decode->pid()),
+                                     "--requests", std::to_string(requests)};
+  if (!backend.empty()) arguments.insert(arguments.end(), {"--backend", backend});
+  auto router = start_role(placement.receiver_prefix, arguments);
+  KvSessionRun run;
+  for (int request = 0; request < requests; ++request) {
+    run = parse_session_line(expect_line(*router, "session router", "session ", limit));
+  }
+  const std::optional<int> status = router->wait(30'000ms);
+  if (!status || *status != 0) {
+    throw std::runtime_error("session router ended with exit " +
+                             (status ? std::to_string(*status) : std::string("none: still running")) + ": " +
+                             router->read_output(200ms));
+  }
+  if (run.compressed) throw std::runtime_error("session: the prefill worker compressed its KV despite --kv-compress off");
+  return run;
+}
+
 // ---------------------------------------------------------------- settings
 
 struct LinkPlan {
@@ -321,6 +447,8 @@ struct BenchSettings {
   bool zero_copy = false;
   bool skip_grpc = false;
   bool skip_iperf = false;
+  bool skip_session = false;
+  std::string fmwire_path;  // the `fmwire` program, for the session rows
 };
 
 BenchSettings quick_settings() {
@@ -367,10 +495,35 @@ std::optional<double> median_of(const std::vector<double>& values) {
 // The repetitions of one (link, prompt) cell.
 struct Cell {
   std::vector<double> fmwire_gb_per_s, fmwire_cpu_s_per_gb;
+  std::vector<KvSessionRun> sessions;
   std::vector<double> grpc_gb_per_s, grpc_cpu_s_per_gb;
   std::vector<double> iperf_gb_per_s, iperf_cpu_s_per_gb;
   std::vector<double> compressed_gb_per_s, compression_ratio;
 };
+
+// One table row: which side, GB/s and CPU-s/GB, then the ratios.
+void print_row(const std::string& link_label, const std::string& prompt, const std::string& side, double gb_per_s,
+               std::optional<double> cpu_s_per_gb, const std::string& ratios = "") {
+  char cpu[32] = "";
+  if (cpu_s_per_gb) std::snprintf(cpu, sizeof cpu, "%.3f", *cpu_s_per_gb);
+  std::printf("    %-12s %-10s %-15s %8.2f %10s%s\n", link_label.c_str(), prompt.c_str(), side.c_str(), gb_per_s, cpu,
+              ratios.c_str());
+}
+
+std::string ratio_columns(const Comparison& vs_iperf, const Comparison& vs_grpc, const Comparison& cpu_vs_grpc) {
+  auto ratio_of = [](const Comparison& row) { return row.ratio > 0 ? std::optional(row.ratio) : std::nullopt; };
+  char text[64];
+  std::snprintf(text, sizeof text, " %10s %12s %12s", ratio_text(ratio_of(vs_iperf)).c_str(),
+                ratio_text(ratio_of(vs_grpc)).c_str(), ratio_text(ratio_of(cpu_vs_grpc)).c_str());
+  return text;
+}
+
+// The median of one field over a cell's sessions.
+double session_median(const std::vector<KvSessionRun>& runs, double (*field)(const KvSessionRun&)) {
+  std::vector<double> values;
+  for (const KvSessionRun& run : runs) values.push_back(field(run));
+  return median(values);
+}
 
 void report_cell(const std::string& link_label, const std::string& link_key, std::uint32_t tokens, const Cell& cell,
                  std::vector<Comparison>& results) {
@@ -386,20 +539,65 @@ void report_cell(const std::string& link_label, const std::string& link_key, std
   results.push_back(vs_iperf);
   if (grpc) results.push_back(vs_grpc);
   if (grpc) results.push_back(cpu_vs_grpc);
-  auto ratio_of = [](const Comparison& row) { return row.ratio > 0 ? std::optional(row.ratio) : std::nullopt; };
   const std::string prompt = std::to_string(tokens) + " tok";
-  std::printf("    %-12s %-10s %-8s %8.2f %10.3f %10s %12s %12s\n", link_label.c_str(), prompt.c_str(), "fmwire", gb, cpu,
-              ratio_text(ratio_of(vs_iperf)).c_str(), ratio_text(ratio_of(vs_grpc)).c_str(),
-              ratio_text(ratio_of(cpu_vs_grpc)).c_str());
-  if (grpc) std::printf("    %-12s %-10s %-8s %8.2f %10.3f\n", "", "", "gRPC", *grpc, *grpc_cpu);
-  if (iperf) std::printf("    %-12s %-10s %-8s %8.2f %10.3f\n", "", "", "iperf3", *iperf, median(cell.iperf_cpu_s_per_gb));
+  print_row(link_label, prompt, "fmwire wire", gb, cpu, ratio_columns(vs_iperf, vs_grpc, cpu_vs_grpc));
+  if (!cell.sessions.empty()) {
+    const std::vector<KvSessionRun>& runs = cell.sessions;
+    const double session_gb = session_median(runs, [](const KvSessionRun& run) { return run.gb_per_s(); });
+    const double session_cpu = session_median(runs, [](const KvSessionRun& run) { return run.cpu_s_per_gb(); });
+    const std::string session_prefix = "kv session " + std::to_string(tokens) + " tokens " + link_key;
+    const Comparison session_vs_iperf = compare(session_prefix + " GB/s", session_gb, "GB/s", iperf, "iperf3", true);
+    const Comparison session_vs_grpc = compare(session_prefix + " vs grpc GB/s", session_gb, "GB/s", grpc, "grpc", true);
+    const Comparison session_cpu_vs_grpc =
+        compare(session_prefix + " cpu-s per GB", session_cpu, "CPU-s/GB", grpc_cpu, "grpc", false);
+    const Comparison session_vs_wire =
+        compare(session_prefix + " vs wire GB/s", session_gb, "GB/s", gb, "fmwire wire", true);
+    results.push_back(session_vs_iperf);
+    if (grpc) results.push_back(session_vs_grpc);
+    results.push_back(session_cpu_vs_grpc);
+    results.push_back(session_vs_wire);
+    const double prefill_engine = session_median(runs, [](const KvSessionRun& run) {
+      return run.prefill_cpu.engine_s / (static_cast<double>(run.bytes) / 1e9);
+    });
+    const double prefill_other = session_median(runs, [](const KvSessionRun& run) {
+      return run.prefill_cpu.other_s / (static_cast<double>(run.bytes) / 1e9);
+    });
+    const double decode_engine = session_median(runs, [](const KvSessionRun& run) {
+      return run.decode_cpu.engine_s / (static_cast<double>(run.bytes) / 1e9);
+    });
+    const double decode_other = session_median(runs, [](const KvSessionRun& run) {
+      return run.decode_cpu.other_s / (static_cast<double>(run.bytes) / 1e9);
+    });
+    results.push_back(Comparison{session_prefix + " prefill worker cpu-s per GB", prefill_engine + prefill_other,
+                                 "CPU-s/GB", "", 0, 0});
+    results.push_back(Comparison{session_prefix + " decode worker cpu-s per GB", decode_engine + decode_other,
+                                 "CPU-s/GB", "", 0, 0});
+    char versus_wire[64];
+    std::snprintf(versus_wire, sizeof versus_wire, "  (%.2fx wire)", session_vs_wire.ratio);
+    print_row("", "", "fmwire session", session_gb, session_cpu,
+              ratio_columns(session_vs_iperf, session_vs_grpc, session_cpu_vs_grpc) + versus_wire);
+    const double receiver_ms = session_median(runs, [](const KvSessionRun& run) { return run.transfer_us / 1e3; });
+    const double sender_ms = session_median(runs, [](const KvSessionRun& run) { return run.sender_transfer_us / 1e3; });
+    const double prefill_ms = session_median(runs, [](const KvSessionRun& run) { return run.prefill_us / 1e3; });
+    const double request_ms = session_median(runs, [](const KvSessionRun& run) { return run.request_seconds * 1e3; });
+    std::printf("    %-12s %-10s   session: Offer->Committed %.1f ms at the decode worker, %.1f ms at the prefill "
+                "worker;\n", "", "", receiver_ms, sender_ms);
+    std::printf("    %-12s %-10s   prefill engine %.1f ms; request %.1f ms (router: prefill sent to both Finish read);\n",
+                "", "", prefill_ms, request_ms);
+    std::printf("    %-12s %-10s   CPU-s/GB prefill worker %.3f engine + %.3f loop, decode worker %.3f engine + %.3f loop\n",
+                "", "", prefill_engine, prefill_other, decode_engine, decode_other);
+  }
+  if (grpc) print_row("", "", "gRPC", *grpc, *grpc_cpu);
+  if (iperf) print_row("", "", "iperf3", *iperf, median(cell.iperf_cpu_s_per_gb));
   if (!cell.compressed_gb_per_s.empty()) {
     const double compressed = median(cell.compressed_gb_per_s);
     const double ratio = median(cell.compression_ratio);
     results.push_back(compare(prefix + " compressed effective GB/s", compressed, "GB/s", gb, "fmwire uncompressed", true));
     results.push_back(Comparison{prefix + " compression ratio", ratio, "x", "", 0, 0});
-    std::printf("    %-12s %-10s %-8s %8.2f %10s %10s  compressed: %.2fx the uncompressed GB/s, %.3f decoded/wire bytes\n",
-                "", "", "fmwire z", compressed, "", "", compressed / gb, ratio);
+    char note[160];
+    std::snprintf(note, sizeof note, "  compressed: %.2fx the uncompressed GB/s, %.3f decoded/wire bytes",
+                  compressed / gb, ratio);
+    print_row("", "", "fmwire wire z", compressed, std::nullopt, note);
   }
 }
 
@@ -435,12 +633,37 @@ std::vector<Comparison> run(const BenchSettings& settings) {
 #endif
   std::printf("  warm-up transfer of %llu MiB per connection, then the measured one; median of %d repetitions,\n",
               static_cast<unsigned long long>(settings.warmup_bytes >> 20), settings.repetitions);
-  std::printf("  fmwire, gRPC and iperf3 taken in turn each repetition\n");
+  std::printf("  fmwire wire, fmwire session, gRPC and iperf3 taken in turn each repetition\n");
   std::printf("  GB/s: 1e9 decoded bytes per second; CPU-s/GB: sender + receiver process CPU over the transfer\n");
   std::printf("  (iperf3's: both processes' whole life, start-up included);\n");
   std::printf("  compressed (fmwire z, at 1 Gbit/s): shuffle + zstd 1, chunks of %u block(s), decoded bytes per second;\n",
               settings.compressed_chunk_blocks);
-  std::printf("  targets: >= 0.9x iperf3 GB/s, >= 1.5x gRPC GB/s, gRPC CPU / fmwire CPU >= 3x\n\n");
+  std::printf("  targets: >= 0.9x iperf3 GB/s, >= 1.5x gRPC GB/s, gRPC CPU / fmwire CPU >= 3x\n");
+  std::printf("  fmwire wire: the KV session's messages played by the bench's own sender and receiver processes\n");
+  std::printf("  (kv_fmwire.h): the transport alone, sent from the source memory, one copy into the receiver's blocks\n");
+  const bool run_sessions = !settings.skip_session && ::access(settings.fmwire_path.c_str(), X_OK) == 0;
+  if (run_sessions) {
+    std::printf("  fmwire session: the real session (worker/kv_transfers.h) between two `fmwire worker` processes,\n");
+    std::printf("  prefill (where the sender runs) and decode (where the receiver runs), synthetic:llama-3-8b, f16 KV,\n");
+    std::printf("  no step or prompt time, no prefix cache, a KV cache of one request's blocks (%u MiB at %u tokens%s);\n",
+                static_cast<unsigned>(((largest_tokens + kSessionMaxTokens + geometry.block_tokens - 1) /
+                                       geometry.block_tokens * geometry.bytes_per_block()) >> 20),
+                largest_tokens,
+                largest_tokens + kSessionMaxTokens > kSyntheticContext ? ", with --max-context over Llama-3-8B's 8,192"
+                                                                       : "");
+    std::printf("  the bench routes one request of max_tokens %u at a time, a warm-up first, from a process beside\n",
+                kSessionMaxTokens);
+    std::printf("  the decode worker; GB/s: the decode Finish's kvTransfer bytes / transferUs (Offer to Committed at\n");
+    std::printf("  the decode worker, the prefill overlapped); CPU-s/GB: both workers' CPU over the request\n");
+    std::printf("  (/proc/PID/task/*/stat, 10 ms ticks), the prefill engine writing the prompt's KV rows included.\n");
+    std::printf("  Its KV is what the synthetic model writes: each token's K and V rows one repeated byte, so it\n");
+    std::printf("  compresses to nearly nothing and says nothing about real KV: sessions run --kv-compress off\n");
+  } else {
+    std::printf("  fmwire session rows skipped: %s\n", settings.skip_session ? "--skip-session"
+                                                                            : ("no fmwire program at " + settings.fmwire_path +
+                                                                               " (--fmwire PATH)").c_str());
+  }
+  std::printf("\n");
 
   // The namespaces, made once for every shaped link.
   std::unique_ptr<NetnsLink> netns;
@@ -461,8 +684,8 @@ std::vector<Comparison> run(const BenchSettings& settings) {
   }
 
   std::vector<Comparison> results;
-  std::printf("    %-12s %-10s %-8s %8s %10s %10s %12s %12s\n", "link", "prompt", "peer", "GB/s", "CPU-s/GB", "vs iperf3",
-              "vs gRPC GB/s", "vs gRPC CPU");
+  std::printf("    %-12s %-10s %-15s %8s %10s %10s %12s %12s\n", "link", "prompt", "side", "GB/s", "CPU-s/GB",
+              "vs iperf3", "vs gRPC GB/s", "vs gRPC CPU");
   for (const std::string& name : settings.links) {
     const LinkPlan link = *link_plan(name);
     Placement placement;
@@ -474,6 +697,7 @@ std::vector<Comparison> run(const BenchSettings& settings) {
       placement.receiver_prefix = netns->exec_prefix(netns->receiver_namespace());
       placement.sender_prefix = netns->exec_prefix(netns->sender_namespace());
       placement.receiver_host = netns->receiver_address();
+      placement.sender_host = netns->sender_address();
       if (delay_us > 0) label += " +" + std::to_string(delay_us) + "us";
     }
     IperfLink iperf_link;
@@ -489,6 +713,10 @@ std::vector<Comparison> run(const BenchSettings& settings) {
       TransferPlan plan{"fmwire", tokens, settings.chunk_blocks, false, settings.warmup_bytes, settings.backend,
                         settings.zero_copy, kv.path()};
       Cell cell;
+      // Started once per cell, stopped (killed) when it is done.
+      const std::optional<WorkerPair> workers =
+          run_sessions ? std::optional(start_workers(placement, settings.fmwire_path, tokens, settings.backend))
+                       : std::nullopt;
       for (int repetition = 0; repetition < settings.repetitions; ++repetition) {
         plan.transport = "fmwire";
         plan.compress = false;
@@ -504,6 +732,10 @@ std::vector<Comparison> run(const BenchSettings& settings) {
           cell.compressed_gb_per_s.push_back(compressed.gb_per_s());
           cell.compression_ratio.push_back(static_cast<double>(compressed.decoded_bytes) /
                                            static_cast<double>(compressed.wire_bytes));
+        }
+        if (workers) {
+          const bool warm_up = repetition == 0 && settings.warmup_bytes > 0;
+          cell.sessions.push_back(measure_session(placement, *workers, tokens, warm_up, settings.backend, limit));
         }
         if (run_grpc) {
           plan.transport = "grpc";
@@ -554,6 +786,7 @@ int main(int argc, char** argv) {
   int chunk_blocks = 0;
   int warmup_mib = -1;
   std::string backend;
+  std::string fmwire_path;
   po::options_description own_flags;
   own_flags.add_options()
       ("links", po::value(&links), "comma-separated: loopback, 10g, 1g (default all; 10g and 1g need root)")
@@ -562,7 +795,9 @@ int main(int argc, char** argv) {
       ("backend", po::value(&backend), "fmwire's I/O backend: uring or asio (default: the usual choice)")
       ("zero-copy", "fmwire sends zero-copy from the KV registered with io_uring")
       ("skip-grpc", "leave out the gRPC peer")
-      ("skip-iperf", "leave out the iperf3 peer");
+      ("skip-iperf", "leave out the iperf3 peer")
+      ("skip-session", "leave out the session rows (two `fmwire worker` processes)")
+      ("fmwire", po::value(&fmwire_path), "the fmwire program, for the session rows (default: ../cli/fmwire beside this one)");
   const BenchProgram program{
       .name = "kv",
       .caption = "bench_kv: KV-cache transfer (synthetic:llama-3-8b, fp16) against iperf3 and gRPC, on loopback and "
@@ -593,6 +828,8 @@ int main(int argc, char** argv) {
     settings.zero_copy = values.count("zero-copy") > 0;
     settings.skip_grpc = values.count("skip-grpc") > 0;
     settings.skip_iperf = values.count("skip-iperf") > 0;
+    settings.skip_session = values.count("skip-session") > 0;
+    settings.fmwire_path = fmwire_path.empty() ? self_directory() + "/../cli/fmwire" : fmwire_path;
     return run(settings);
   });
 }

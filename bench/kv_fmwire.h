@@ -1,9 +1,9 @@
 // fmwire's side of bench_kv: a KV shard pushed over one connection with the
 // KV session's messages (protocol/kv_*.h): KvOffer -> KvAccept -> KvChunk*
 // -> KvCommit -> KvCommitted. Each side runs its own EventLoop on the
-// calling thread; bench_kv runs them in processes of their own. This is the
-// stand-in for the worker's KV session (worker/), which will replace it
-// behind the same two calls.
+// calling thread; bench_kv runs them in processes of their own. It is the
+// transport alone (bench_kv's "wire" rows); the workers' real session
+// (worker/kv_transfers.h) is measured beside it (kv_session.h).
 //
 // Sender: chunks of whole KV blocks, each a KvChunk whose attachment is
 // digested (xxh3, always) and, unless compressed, sent from the source

@@ -115,6 +115,7 @@ int run_worker_command(const std::vector<std::string>& arguments) {
   std::uint32_t kv_timeout_ms = 10000;
   std::uint32_t step_us = 0;
   std::uint32_t prefill_ns_per_token = 0;
+  std::uint32_t max_context = 0;
   auto& model = command.model;
   po::options_description description("usage: fmwire worker [options]\noptions");
   description.add_options()
@@ -136,6 +137,7 @@ int run_worker_command(const std::vector<std::string>& arguments) {
       ("no-prefix-cache", "do not reuse the KV blocks of shared prompt prefixes")
       ("step-us", po::value(&step_us), "synthetic models: time per step")
       ("prefill-ns-per-token", po::value(&prefill_ns_per_token), "synthetic models: time per prompt token")
+      ("max-context", po::value(&max_context), "synthetic models: context length in tokens (default: the named model's)")
       ("name", po::value(&command.name), "name in load reports and timings (default: the address)")
       ("etcd", po::value(&command.etcd), "register in etcd (http://HOST:PORT) for routers that watch it")
       ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix in etcd")
@@ -161,6 +163,13 @@ int run_worker_command(const std::vector<std::string>& arguments) {
   if (values.count("no-prefix-cache")) model.batching.prefix_cache = false;
   if (values.count("step-us")) model.step_time = std::chrono::microseconds(step_us);
   if (values.count("prefill-ns-per-token")) model.prefill_time_per_token = std::chrono::nanoseconds(prefill_ns_per_token);
+  if (values.count("max-context")) {
+    if (max_context == 0) {
+      std::cerr << "fmwire worker: --max-context must be at least 1\n";
+      return 2;
+    }
+    model.max_context = max_context;
+  }
   if (model.batching.max_batch_tokens == 0 || model.batching.max_running == 0) {
     std::cerr << "fmwire worker: --max-batch-tokens and --max-running must be at least 1\n";
     return 2;

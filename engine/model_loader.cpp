@@ -29,13 +29,15 @@ Loaded load_synthetic(const ModelSpec& spec, std::string_view name, protocol::DT
   model->kv.set_dtype(kv_dtype);
   if (spec.step_time) model->step_time = *spec.step_time;
   if (spec.prefill_time_per_token) model->prefill_time_per_token = *spec.prefill_time_per_token;
+  if (spec.max_context) model->max_context = *spec.max_context;
   const std::uint32_t blocks = spec.kv_blocks != 0 ? spec.kv_blocks : blocks_in(spec.kv_memory_mib, model->kv.bytes_per_block());
   LoadedModel loaded;
   loaded.tokenizer = std::make_unique<Tokenizer>(Tokenizer::byte_level());
   loaded.log_lines.push_back("model synthetic:" + model->name + ": " + std::to_string(model->kv.bytes_per_token()) +
                              " bytes of KV per token (" + std::string(kv_dtype_name(kv_dtype)) + "), step " + std::to_string(model->step_time.count()) + " us + " +
                              std::to_string(model->prefill_time_per_token.count()) + " ns per prompt token, " +
-                             std::to_string(blocks) + " KV blocks of " + std::to_string(spec.block_tokens) + " tokens");
+                             std::to_string(blocks) + " KV blocks of " + std::to_string(spec.block_tokens) + " tokens, context " +
+                             std::to_string(model->max_context) + " tokens");
   EngineInfo info;
   info.model_name = "synthetic:" + model->name;
   info.eos_token = Tokenizer::kEos;

@@ -27,6 +27,9 @@ struct ModelSpec {
   // Synthetic models' timing, instead of the named model's.
   std::optional<std::chrono::microseconds> step_time;
   std::optional<std::chrono::nanoseconds> prefill_time_per_token;
+  // Synthetic models' context length, instead of the named model's (Llama-3.1
+  // has Llama-3's KV geometry and 128K tokens of context).
+  std::optional<std::uint32_t> max_context;
 };
 
 struct LoadedModel {
