@@ -61,6 +61,32 @@ def matches_colocated(binary, env):
         stop_all(router, prefill, decode, whole)
 
 
+def corrupted_chunk_recomputed(binary, env):
+    """A KV chunk corrupted after its digest was taken (the prefill worker's
+    fault switch) is caught at the decode worker: the session aborts with
+    integrity, the router serves the request whole, the output is still the
+    colocated one."""
+    corrupting = dict(env, FMWIRE_FAULT_CORRUPT_KV_CHUNK="1")
+    prefill = Worker(binary, corrupting, "--model", "builtin", "--role", "prefill")
+    decode = Worker(binary, env, "--model", "builtin", "--role", "decode")
+    whole = Worker(binary, env, "--model", "builtin")
+    router = None
+    try:
+        router = Router(binary, env, [prefill, decode], "--migrate")
+        time.sleep(0.5)  # the router learns the roles from the first load reports
+        prompt = "y" * 120
+        direct = generate(binary, env, whole.endpoint, "--max-tokens", "16", "--json", prompt)
+        split = generate(binary, env, router.endpoint, "--max-tokens", "16", "--json", prompt)
+        check(direct.returncode == 0 and split.returncode == 0, f"exit {direct.stderr} {split.stderr}")
+        check(token_ids(split.stdout) == token_ids(direct.stdout),
+              f"split {token_ids(split.stdout)} != whole {token_ids(direct.stdout)}")
+        check(router.stop() == 0, "the router did not stop cleanly")
+        _, errors = router.process.communicate()
+        check("1 split (1 served whole after a part failed)" in errors, f"router stderr {errors!r}")
+    finally:
+        stop_all(router, prefill, decode, whole)
+
+
 class Topology:
     """A prefill and a decode worker (synthetic Llama-3-8B) behind a gateway."""
 
@@ -263,7 +289,8 @@ def drain_hands_streams_over(binary, env):
 
 SCENARIOS = {name: function for name, function in globals().items()
              if name in ("matches_colocated", "cancel_frees_blocks", "prefill_killed_mid_transfer",
-                         "decode_killed_mid_transfer", "openai_sdk_up_disaggregated", "drain_hands_streams_over")}
+                         "decode_killed_mid_transfer", "openai_sdk_up_disaggregated", "drain_hands_streams_over",
+                         "corrupted_chunk_recomputed")}
 
 
 def main():
