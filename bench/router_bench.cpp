@@ -896,8 +896,8 @@ void bench_disaggregation(const BenchSettings& settings, std::vector<Comparison>
   latency_row("decode itl p99", dis_itl99, co_itl99);
   latency_row("decode ttft p50", dis_ttft50, co_ttft50);
   latency_row("decode ttft p99", dis_ttft99, co_ttft99);
-  latency_row("decode first itl (token 0 to 1: the KV handoff) p50", dis_second50, co_second50);
-  latency_row("decode first itl (token 0 to 1: the KV handoff) p99", dis_second99, co_second99);
+  latency_row("decode first itl (kv handoff) p50", dis_second50, co_second50);
+  latency_row("decode first itl (kv handoff) p99", dis_second99, co_second99);
   latency_row("long-prompt ttft p50", dis_long50, co_long50);
   latency_row("long-prompt ttft p99", dis_long99, co_long99);
   const double itl_ratio = median(co_itl99) / std::max(median(dis_itl99), 1e-9);
