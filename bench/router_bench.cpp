@@ -42,8 +42,24 @@
 //    worker with DEADLINE_EXCEEDED) and refusals (DEADLINE_UNREACHABLE, at
 //    once at the router); ratio = SLA / least-loaded. Each worker serves one
 //    short request first, so that every worker has reported its step time.
+// 4. Disaggregated serving: two synthetic workers ("tiny" KV shape, 256 B of
+//    KV per token, so a 2,000-token prompt's KV is 500 KiB on loopback; 2 ms
+//    steps plus 20 us per prompt token, prompts in chunks of at most 256
+//    tokens a step after the decodes), colocated (both of role BOTH,
+//    least-loaded) against disaggregated (one PREFILL, one DECODE: the router
+//    splits every request, the prefill worker pushes the KV to the decode
+//    worker), same run, alternating. Open-loop arrivals (exponential gaps,
+//    fixed seed): decode-heavy requests (short prompt, 100-200 tokens) every
+//    25 ms and long prompts (1,000-2,000 prompt tokens, 2-8 tokens) every
+//    250 ms on average, for 5 s (--quick 1.5 s). At the client: TTFT
+//    (generate() to the first token) p50/p99 of either kind, and the
+//    decode-heavy requests' inter-token gaps p50/p99, all of them and the
+//    first alone (token 0 to 1: disaggregated, the KV handoff); ratio =
+//    colocated / disaggregated (target: >= 2 for the ITL p99). The steps
+//    sleep, so the engines barely compete for CPU; the loop threads do.
 //
-// Run: build/bench/bench_router [--quick] [--repetitions N] [--json FILE]
+// Run: build/bench/bench_router [--quick] [--repetitions N] [--only SECTION] [--json FILE]
+//      SECTION: hop, cache, goodput or disaggregation
 // Ratios: > 1 means the router (or the first policy named) is better.
 #include <algorithm>
 #include <chrono>
@@ -65,6 +81,7 @@
 #include "engine/batching_engine.h"
 #include "engine/cpu_backend.h"
 #include "engine/llama_weights.h"
+#include "engine/synthetic_backend.h"
 #include "engine/tokenizer.h"
 #include "router/router_service.h"
 #include "serving_harness.h"
@@ -90,6 +107,11 @@ struct BenchSettings {
   std::uint32_t prefix_concurrency = 4;
   std::uint32_t deadline_requests = 120;   // goodput
   std::chrono::microseconds deadline_mean_gap{4000};
+  // Disaggregated serving: open-loop arrivals for this long.
+  std::chrono::milliseconds disaggregation_run{5000};
+  std::chrono::milliseconds decode_mean_gap{25};
+  std::chrono::milliseconds long_mean_gap{250};
+  std::string only;  // one section: hop, cache, goodput or disaggregation; empty: all
 };
 
 BenchSettings quick_settings() {
@@ -100,6 +122,7 @@ BenchSettings quick_settings() {
   settings.latency = {4, 20, 1000us};
   settings.prefix_requests = 12;
   settings.deadline_requests = 15;
+  settings.disaggregation_run = 1500ms;
   return settings;
 }
 
@@ -114,6 +137,15 @@ constexpr double kDeadlineMinMsPerToken = 0.5;
 constexpr double kDeadlineMaxMsPerToken = 8.0;
 constexpr std::uint32_t kDeadlineMaxRunning = 8;
 const std::chrono::microseconds kWorkerSteps[] = {1000us, 3000us, 6000us};
+constexpr std::chrono::microseconds kMixedStepTime{2000};        // disaggregated serving: per step
+constexpr std::chrono::nanoseconds kMixedPrefillPerToken{20000};  // ... and per prompt token in it
+constexpr std::uint32_t kMixedMaxRunning = 64;
+constexpr std::uint32_t kDecodeMinTokens = 100;  // decode-heavy requests: short prompt
+constexpr std::uint32_t kDecodeMaxTokens = 200;
+constexpr std::uint32_t kLongMinPromptTokens = 1000;  // long prompts: the tiny shape's context is 2,048
+constexpr std::uint32_t kLongMaxPromptTokens = 2000;
+constexpr std::uint32_t kLongMinTokens = 2;
+constexpr std::uint32_t kLongMaxTokens = 8;
 
 // ---------------------------------------------------------------- the cluster
 
@@ -615,13 +647,275 @@ void bench_goodput(const BenchSettings& settings, std::vector<Comparison>& resul
               median(sla_refused), median(sla_refused_feasible));
 }
 
+// ---------------------------------------------------------------- 4. disaggregated serving
+
+// One request of the mixed workload: a long prompt with few output tokens,
+// or a short prompt with many.
+struct MixedRequest {
+  std::chrono::microseconds at{0};  // from the run's start
+  bool long_prompt = false;
+  std::uint32_t prompt_tokens = 0;  // BOS included; long prompts only (short ones are prompt_text())
+  std::uint32_t max_tokens = 0;
+};
+
+// Two open-loop arrival streams merged by time, from kWorkloadSeed (raw
+// mt19937_64 output, as deadline_workload()): decode-heavy requests every
+// settings.decode_mean_gap, long prompts every settings.long_mean_gap, on
+// average, for settings.disaggregation_run.
+std::vector<MixedRequest> mixed_workload(const BenchSettings& settings) {
+  std::mt19937_64 random(kWorkloadSeed);
+  const auto uniform = [&] { return static_cast<double>(random() >> 11) * 0x1.0p-53; };  // [0, 1)
+  const auto between = [&](std::uint32_t low, std::uint32_t high) {
+    return low + static_cast<std::uint32_t>(random() % (high - low + 1));
+  };
+  const auto end_us = static_cast<double>(std::chrono::microseconds(settings.disaggregation_run).count());
+  std::vector<MixedRequest> workload;
+  for (bool long_prompt : {false, true}) {
+    const std::chrono::microseconds mean_gap = long_prompt ? settings.long_mean_gap : settings.decode_mean_gap;
+    const auto mean_gap_us = static_cast<double>(mean_gap.count());
+    for (double at_us = -std::log(1.0 - uniform()) * mean_gap_us; at_us < end_us;
+         at_us += -std::log(1.0 - uniform()) * mean_gap_us) {
+      MixedRequest request;
+      request.at = std::chrono::microseconds(static_cast<std::int64_t>(at_us));
+      request.long_prompt = long_prompt;
+      if (long_prompt) {
+        request.prompt_tokens = between(kLongMinPromptTokens, kLongMaxPromptTokens);
+        request.max_tokens = between(kLongMinTokens, kLongMaxTokens);
+      } else {
+        request.max_tokens = between(kDecodeMinTokens, kDecodeMaxTokens);
+      }
+      workload.push_back(request);
+    }
+  }
+  std::stable_sort(workload.begin(), workload.end(),
+                   [](const MixedRequest& a, const MixedRequest& b) { return a.at < b.at; });
+  return workload;
+}
+
+// A prompt of `tokens` byte-level tokens, BOS included, that shares no KV
+// block with another request's: it opens with its own number.
+std::string long_prompt_text(std::uint32_t request, std::uint32_t tokens) {
+  std::string text = "long request " + std::to_string(request) + ": ";
+  std::uint64_t state = kWorkloadSeed + request;
+  while (text.size() + 1 < tokens) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    text.push_back(static_cast<char>('a' + (state >> 33) % 26));
+  }
+  text.resize(tokens - 1);
+  return text;
+}
+
+// A synthetic engine with the "tiny" KV shape (256 bytes of KV per token, so
+// a 2,000-token prompt's KV is 500 KiB on loopback) and real step and
+// prefill times, with KV blocks for kMixedMaxRunning full-context sequences.
+std::unique_ptr<engine::BatchingEngine> timed_prefill_engine() {
+  auto model = *engine::synthetic_model("tiny");
+  model.step_time = kMixedStepTime;
+  model.prefill_time_per_token = kMixedPrefillPerToken;
+  const std::uint32_t blocks = kMixedMaxRunning * (model.max_context / kBlockTokens + 1);
+  engine::EngineInfo info;
+  info.model_name = "synthetic:tiny";
+  info.eos_token = engine::Tokenizer::kEos;
+  engine::BatchingOptions options;
+  options.max_running = kMixedMaxRunning;
+  return std::make_unique<engine::BatchingEngine>(std::move(info),
+                                                  std::make_unique<engine::SyntheticBackend>(model, blocks), options);
+}
+
+std::unique_ptr<WorkerServer> start_role_worker(engine::Engine& engine, const engine::Tokenizer& tokenizer,
+                                                const std::string& name, protocol::WorkerRole role) {
+  return std::make_unique<WorkerServer>(
+      [&](transport::EventLoop& loop) {
+        worker::WorkerOptions options;
+        options.name = name;
+        options.role = role;
+        return std::make_unique<worker::WorkerService>(loop, engine, tokenizer, options);
+      },
+      worker::WorkerService::server_options(name), "bench_router: " + name);
+}
+
+// The value at fraction `q` (0.5, 0.99) of `values`, sorted here; 0 when empty.
+double percentile(std::vector<double> values, double q) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  return values[std::min(values.size() - 1, static_cast<std::size_t>(static_cast<double>(values.size()) * q))];
+}
+
+struct MixedRun {
+  double decode_ttft_p50_us = 0, decode_ttft_p99_us = 0;
+  double decode_itl_p50_us = 0, decode_itl_p99_us = 0;
+  double decode_second_token_p50_us = 0, decode_second_token_p99_us = 0;  // the first ITL: the KV handoff's, split
+  double long_ttft_p50_us = 0, long_ttft_p99_us = 0;
+  std::uint64_t disaggregated = 0;  // the router's streams_disaggregated
+  std::uint64_t fallbacks = 0;      // ... and disaggregation_fallbacks
+};
+
+// The workload through a router over two workers: both of role BOTH
+// (colocated), or one PREFILL and one DECODE (disaggregated). Times are the
+// client's: issue to first token, and between consecutive tokens (0 for a
+// token that came in the same frame as the one before it).
+MixedRun run_mixed(const std::vector<MixedRequest>& workload, bool disaggregated) {
+  const char* setup = disaggregated ? "disaggregated" : "colocated";
+  const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  const auto count = static_cast<std::uint32_t>(workload.size());
+  std::vector<std::unique_ptr<engine::BatchingEngine>> engines;
+  std::vector<std::unique_ptr<WorkerServer>> workers;
+  const protocol::WorkerRole roles[2] = {disaggregated ? protocol::WorkerRole::PREFILL : protocol::WorkerRole::BOTH,
+                                         disaggregated ? protocol::WorkerRole::DECODE : protocol::WorkerRole::BOTH};
+  for (int i = 0; i < 2; ++i) {
+    engines.push_back(timed_prefill_engine());
+    workers.push_back(start_role_worker(*engines.back(), tokenizer, "worker " + std::to_string(i), roles[i]));
+  }
+  // Roles come in load reports: the router splits nothing before it has them.
+  std::unique_ptr<RouterServer> router = start_router(tokenizer, "least-loaded", endpoints_of(workers), has_load);
+  std::unique_ptr<Client> client = connect_client(router->endpoint(), "the router");
+
+  // Written on the client's loop thread, read here once every request ended
+  // (Outcomes' lock orders the two).
+  std::vector<Clock::time_point> issued(count);
+  std::vector<std::vector<Clock::time_point>> arrived(count);
+  for (std::uint32_t i = 0; i < count; ++i) arrived[i].reserve(workload[i].max_tokens);
+  Outcomes outcomes;
+  const Clock::time_point start = Clock::now();
+  for (std::uint32_t i = 0; i < count; ++i) {
+    const MixedRequest& request = workload[i];
+    std::this_thread::sleep_until(start + request.at);
+    {
+      std::lock_guard lock(outcomes.mutex);
+      if (!outcomes.error.empty()) throw std::runtime_error(std::string(setup) + ": " + outcomes.error);
+      ++outcomes.open;
+    }
+    GenerateParams params;
+    params.prompt = request.long_prompt ? long_prompt_text(i, request.prompt_tokens) : prompt_text(i);
+    params.max_tokens = request.max_tokens;
+    params.seed = 1;
+    issued[i] = Clock::now();
+    StreamCallbacks callbacks = track(outcomes, issued[i], 0us, true);
+    callbacks.on_tokens = [times = &arrived[i]](const TokenChunk& chunk) {
+      times->insert(times->end(), chunk.token_ids.size(), Clock::now());
+    };
+    client->generate(std::move(params), std::move(callbacks));
+  }
+  outcomes.wait([&] { return outcomes.ended == count; }, setup);
+
+  MixedRun run;
+  const router::RouterCounters counters = router->call([](router::RouterService& service) { return service.counters(); });
+  run.disaggregated = counters.streams_disaggregated;
+  run.fallbacks = counters.disaggregation_fallbacks;
+  client.reset();
+  router.reset();
+  workers.clear();
+
+  std::vector<double> decode_ttft, decode_itl, decode_second_token, long_ttft;
+  for (std::uint32_t i = 0; i < count; ++i) {
+    const std::vector<Clock::time_point>& times = arrived[i];
+    if (times.size() != workload[i].max_tokens) {
+      throw std::runtime_error(std::string(setup) + ": request " + std::to_string(i) + " got " +
+                               std::to_string(times.size()) + " tokens of " + std::to_string(workload[i].max_tokens));
+    }
+    const double ttft = micros_between(issued[i], times.front());
+    if (workload[i].long_prompt) {
+      long_ttft.push_back(ttft);
+      continue;
+    }
+    decode_ttft.push_back(ttft);
+    for (std::size_t t = 1; t < times.size(); ++t) decode_itl.push_back(micros_between(times[t - 1], times[t]));
+    decode_second_token.push_back(micros_between(times[0], times[1]));
+  }
+  run.decode_ttft_p50_us = percentile(decode_ttft, 0.50);
+  run.decode_ttft_p99_us = percentile(decode_ttft, 0.99);
+  run.decode_itl_p50_us = percentile(decode_itl, 0.50);
+  run.decode_itl_p99_us = percentile(decode_itl, 0.99);
+  run.decode_second_token_p50_us = percentile(decode_second_token, 0.50);
+  run.decode_second_token_p99_us = percentile(decode_second_token, 0.99);
+  run.long_ttft_p50_us = percentile(long_ttft, 0.50);
+  run.long_ttft_p99_us = percentile(long_ttft, 0.99);
+  return run;
+}
+
+void bench_disaggregation(const BenchSettings& settings, std::vector<Comparison>& results) {
+  const std::vector<MixedRequest> workload = mixed_workload(settings);
+  const auto long_count = static_cast<std::uint32_t>(
+      std::count_if(workload.begin(), workload.end(), [](const MixedRequest& r) { return r.long_prompt; }));
+  const auto decode_count = static_cast<std::uint32_t>(workload.size()) - long_count;
+  std::printf("\n4. Disaggregated serving: 2 synthetic workers (tiny KV shape: 256 B of KV per token; %lld us steps\n"
+              "plus %lld ns per prompt token, prompts in chunks of at most 256 tokens a step after the decodes, at\n"
+              "most %u running), a router (least-loaded) and a client, each on a loop thread of its own; colocated\n"
+              "(both workers of role BOTH) against disaggregated (one PREFILL, one DECODE: the router splits every\n"
+              "request, the prefill worker pushes the KV to the decode worker), same run, alternating. Open-loop\n"
+              "arrivals over %.1f s (fixed seed): %u decode-heavy requests (short prompt, %u-%u tokens) every %lld ms\n"
+              "and %u long prompts (%u-%u prompt tokens, %u-%u tokens) every %lld ms on average. Client-side times:\n"
+              "TTFT from generate() to the first token, ITL between consecutive tokens; median of %d runs.\n"
+              "Target: disaggregated decode ITL p99 at most half of colocated's (ratio >= 2).\n",
+              static_cast<long long>(kMixedStepTime.count()), static_cast<long long>(kMixedPrefillPerToken.count()),
+              kMixedMaxRunning, std::chrono::duration<double>(settings.disaggregation_run).count(), decode_count,
+              kDecodeMinTokens, kDecodeMaxTokens,
+              static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(settings.decode_mean_gap).count()),
+              long_count, kLongMinPromptTokens, kLongMaxPromptTokens, kLongMinTokens, kLongMaxTokens,
+              static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(settings.long_mean_gap).count()),
+              settings.repetitions);
+  if (settings.warm_up) {
+    (void)run_mixed(workload, false);
+    (void)run_mixed(workload, true);
+  }
+  std::vector<double> co_ttft50, co_ttft99, co_itl50, co_itl99, co_second50, co_second99, co_long50, co_long99;
+  std::vector<double> dis_ttft50, dis_ttft99, dis_itl50, dis_itl99, dis_second50, dis_second99, dis_long50,
+      dis_long99, dis_split, dis_fallbacks;
+  for (int i = 0; i < settings.repetitions; ++i) {
+    const MixedRun colocated = run_mixed(workload, false);
+    const MixedRun split = run_mixed(workload, true);
+    co_ttft50.push_back(colocated.decode_ttft_p50_us);
+    co_ttft99.push_back(colocated.decode_ttft_p99_us);
+    co_itl50.push_back(colocated.decode_itl_p50_us);
+    co_itl99.push_back(colocated.decode_itl_p99_us);
+    co_second50.push_back(colocated.decode_second_token_p50_us);
+    co_second99.push_back(colocated.decode_second_token_p99_us);
+    co_long50.push_back(colocated.long_ttft_p50_us);
+    co_long99.push_back(colocated.long_ttft_p99_us);
+    dis_ttft50.push_back(split.decode_ttft_p50_us);
+    dis_ttft99.push_back(split.decode_ttft_p99_us);
+    dis_itl50.push_back(split.decode_itl_p50_us);
+    dis_itl99.push_back(split.decode_itl_p99_us);
+    dis_second50.push_back(split.decode_second_token_p50_us);
+    dis_second99.push_back(split.decode_second_token_p99_us);
+    dis_long50.push_back(split.long_ttft_p50_us);
+    dis_long99.push_back(split.long_ttft_p99_us);
+    dis_split.push_back(static_cast<double>(split.disaggregated));
+    dis_fallbacks.push_back(static_cast<double>(split.fallbacks));
+  }
+
+  print_table_header();
+  const std::string peer = "colocated";
+  const auto latency_row = [&](const std::string& name, const std::vector<double>& ours,
+                               const std::vector<double>& theirs) {
+    const double value = median(ours), peer_value = median(theirs);
+    add_row(results, "disaggregated serving " + name, value, "us", peer, peer_value,
+            value > 0 ? peer_value / value : 0);
+  };
+  latency_row("decode itl p50", dis_itl50, co_itl50);
+  latency_row("decode itl p99", dis_itl99, co_itl99);
+  latency_row("decode ttft p50", dis_ttft50, co_ttft50);
+  latency_row("decode ttft p99", dis_ttft99, co_ttft99);
+  latency_row("decode first itl (kv handoff) p50", dis_second50, co_second50);
+  latency_row("decode first itl (kv handoff) p99", dis_second99, co_second99);
+  latency_row("long-prompt ttft p50", dis_long50, co_long50);
+  latency_row("long-prompt ttft p99", dis_long99, co_long99);
+  const double itl_ratio = median(co_itl99) / std::max(median(dis_itl99), 1e-9);
+  std::printf("  decode ITL p99 colocated / disaggregated %.2f: %s the 2x target; the router split %.0f of %zu\n"
+              "  requests (median), %.0f served colocated after a part failed\n",
+              itl_ratio, itl_ratio >= 2 ? "meets" : "BELOW", median(dis_split), workload.size(),
+              median(dis_fallbacks));
+}
+
 std::vector<Comparison> run(const BenchSettings& settings) {
   std::vector<Comparison> results;
   std::printf("Ratios: > 1 means the router, or the first policy named, is better (ours / peer for rates and\n"
               "counts, peer / ours for latencies and CPU time).\n");
-  bench_hop_cost(settings, results);
-  bench_cache_hits(settings, results);
-  bench_goodput(settings, results);
+  const auto runs = [&](const char* section) { return settings.only.empty() || settings.only == section; };
+  if (runs("hop")) bench_hop_cost(settings, results);
+  if (runs("cache")) bench_cache_hits(settings, results);
+  if (runs("goodput")) bench_goodput(settings, results);
+  if (runs("disaggregation")) bench_disaggregation(settings, results);
   return results;
 }
 
@@ -629,15 +923,24 @@ std::vector<Comparison> run(const BenchSettings& settings) {
 }  // namespace fmwire::bench
 
 int main(int argc, char** argv) {
+  namespace po = boost::program_options;
   using namespace fmwire::bench;
+  std::string only;
+  po::options_description own_flags;
+  own_flags.add_options()("only", po::value(&only), "run one section: hop, cache, goodput or disaggregation");
   const BenchProgram program{
       .name = "router",
-      .caption = "bench_router: the router's hop cost (frames/s, token latency) and its policies' cache hits and goodput",
+      .caption = "bench_router: the router's hop cost (frames/s, token latency), its policies' cache hits and goodput, "
+                 "and disaggregated against colocated serving",
       .quick_help = "small counts, one run each: a smoke test of a few seconds",
       .repetitions_help = "measured runs per row (default 5)"};
-  return bench_main(argc, argv, program, {}, [](const CommonFlags& flags, const auto&) {
+  return bench_main(argc, argv, program, own_flags, [&](const CommonFlags& flags, const po::variables_map&) {
     BenchSettings settings = flags.quick ? quick_settings() : BenchSettings{};
     if (flags.repetitions) settings.repetitions = *flags.repetitions;
+    if (!only.empty() && only != "hop" && only != "cache" && only != "goodput" && only != "disaggregation") {
+      throw UsageError("--only " + only + ": choose hop, cache, goodput or disaggregation");
+    }
+    settings.only = only;
     return run(settings);
   });
 }
