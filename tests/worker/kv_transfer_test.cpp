@@ -13,7 +13,10 @@
 #include "protocol/generate_request.h"
 #include "protocol/kv_handoff.h"
 #include "tests/engine/engine_test_support.h"
+#include "engine/cpu_backend.h"
+#include "engine/llama_weights.h"
 #include "tests/engine/stream_collector.h"
+#include "tests/engine/temp_file.h"
 #include "tests/transport/loopback.h"
 #include "transport/server.h"
 #include "worker/worker_service.h"
@@ -247,6 +250,55 @@ TEST_CASE("a handoff the other worker cannot take ends the stream with a retryab
   CHECK(log.end.error);
   CHECK(log.end.retryable);
   CHECK(rig.all_idle());
+}
+
+TEST_CASE("a llama2.c checkpoint the test writes serves split requests with the colocated greedy tokens") {
+  // Another model than the built-in one: other widths, layers and GQA
+  // grouping, written as a llama2.c checkpoint and read back, as a user's
+  // model file is.
+  LlamaConfig config = builtin_llama_config();
+  config.dim = 96;
+  config.hidden_dim = 256;
+  config.layers = 3;
+  config.heads = 6;
+  config.kv_heads = 2;
+  test::TempFile file("kv-transfer-model.bin");
+  REQUIRE(save_llama2c_checkpoint(make_seeded_weights(config, 77), file.path()).has_value());
+  auto loaded = load_llama2c_checkpoint(file.path());
+  REQUIRE_MESSAGE(loaded.has_value(), loaded.error());
+  const auto weights = std::make_shared<const LlamaWeights>(std::move(*loaded));
+  const auto engine = [&](std::uint32_t max_batch_tokens) {
+    EngineInfo info;
+    info.model_name = "kv-transfer-model";
+    info.model_fingerprint = weights->fingerprint();
+    BatchingOptions batching;
+    batching.max_batch_tokens = max_batch_tokens;
+    return std::make_unique<BatchingEngine>(std::move(info), std::make_unique<CpuBackend>(weights, 256, 16), batching);
+  };
+  transport::EventLoop loop;
+  const Tokenizer tokenizer = Tokenizer::byte_level();
+  Node whole(loop, engine(256), options(), tokenizer);
+  Node prefill(loop, engine(32), options(), tokenizer);
+  Node decode(loop, engine(32), options(), tokenizer);
+  for (std::uint32_t length : {1u, 16u, 100u}) {
+    CAPTURE(length);
+    const auto prompt = prompt_of(length);
+    const std::uint32_t reference = generate(whole, prompt, 16, Part::whole);
+    std::string key = "checkpoint-";
+    key += std::to_string(length);
+    const std::uint32_t rest = generate(decode, prompt, 16, Part::decode, key);
+    const std::uint32_t first = generate(prefill, prompt, 16, Part::prefill, key, decode.endpoint());
+    REQUIRE(run_until(loop, [&] {
+      return whole.collector.streams[reference].closed && prefill.collector.streams[first].closed &&
+             decode.collector.streams[rest].closed;
+    }));
+    std::vector<std::uint32_t> tokens = prefill.collector.streams[first].token_ids;
+    const auto& continued = decode.collector.streams[rest].token_ids;
+    tokens.insert(tokens.end(), continued.begin(), continued.end());
+    CHECK(tokens.size() == 16);
+    CHECK(tokens == whole.collector.streams[reference].token_ids);
+  }
+  CHECK(run_until(loop, [&] { return prefill.idle() && decode.idle(); }, 3000ms));
 }
 
 TEST_CASE("a decode worker with other block sizes re-blocks the KV and gives the same tokens") {
