@@ -40,6 +40,13 @@
 // the handoff the decode stream is an ordinary one. Colocated requests go
 // to BOTH workers while one is healthy, else to any.
 //
+// Live migration (with migration on): when a worker drains (GoAway), each
+// of its streams is opened at another worker waiting for the KV, and the
+// draining worker is sent KvHandoff on the stream; the route then runs as
+// a split one whose prefill part is the draining worker, the other
+// worker's frames held until the draining one's Finish(handedOff). A
+// failed handover re-prefills elsewhere, as for a dead worker.
+//
 // Load reports, as a worker sends them: a peer (a gateway, through
 // Client::watch_load) that opens a stream with a LoadReport frame (body
 // ignored) subscribes; it gets at once, and then every
