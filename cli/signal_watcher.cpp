@@ -1,5 +1,6 @@
 #include "cli/signal_watcher.h"
 
+#include <pthread.h>
 #include <signal.h>
 
 #include <cerrno>
@@ -23,6 +24,9 @@ SignalWatcher::SignalWatcher(std::function<void(int signal, int count)> on_signa
   const sigset_t set = watched_signals();
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   thread_ = std::thread([this, set, on_signal = std::move(on_signal)] {
+    // Named so that a test can tell it from the threads that must block the
+    // signals: while it waits in sigtimedwait the kernel shows them unblocked.
+    pthread_setname_np(pthread_self(), "fmwire-signals");
     int count = 0;
     // A bounded wait, so that the destructor's stop is seen without a signal.
     const timespec tick{0, 50'000'000};

@@ -17,6 +17,11 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire worker: " << problem << std::endl;
     return 2;
   }
+  // Before the engine, loop and CUDA runtime threads, which inherit its
+  // signal mask: a thread that left SIGTERM unblocked would take it and end
+  // the process undrained (the CUDA runtime's did, on a GPU machine).
+  RoleShutdown shutdown("fmwire worker", err);
+
   auto loaded = engine::load_model(command.model);
   if (!loaded) {
     err << "fmwire worker: " << loaded.error() << std::endl;
@@ -53,9 +58,6 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   worker_options.kv.match_timeout = command.kv_state_timeout;
   worker_options.kv.corrupt_chunk = command.corrupt_kv_chunk;
   worker::WorkerService* service = nullptr;  // read after the loop has stopped
-
-  // Before the loop and engine threads, which inherit its signal mask.
-  RoleShutdown shutdown("fmwire worker", err);
 
   // One loop thread: the engine is the bottleneck, and it steps on a thread
   // of its own (worker/engine_runner.h).

@@ -113,11 +113,28 @@ def synthetic_8b(binary, env):
         worker.kill()
 
 
+def unblocked_shutdown_signals(pid):
+    """Threads of `pid` that would take SIGINT or SIGTERM themselves: the
+    kernel gives a process's signal to any thread not blocking it, so one
+    such thread ends the process undrained. The signal watcher's thread is
+    the one meant to take them (sigtimedwait unblocks them while it waits)."""
+    wanted = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    unblocked = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        if fields["Name"].strip() != "fmwire-signals" and int(fields["SigBlk"], 16) & wanted != wanted:
+            unblocked.append(f"{fields['Name'].strip()} ({task})")
+    return unblocked
+
+
 def drain_finishes_open_stream(binary, env):
     worker = Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "10000")
     client = start_generate(binary, env, worker.endpoint, "--max-tokens", "40", "--json", "drain me")
     try:
         read_until(client.stdout, lambda text: text.count("\n") >= 2)
+        unblocked = unblocked_shutdown_signals(worker.process.pid)
+        check(not unblocked, f"threads that would end the worker undrained: {unblocked}")
         worker.process.send_signal(signal.SIGTERM)
         rest, errors = client.communicate(timeout=LIMIT_S)
         check(client.returncode == 0, f"the open stream did not finish: exit {client.returncode}, {errors!r}")
@@ -180,9 +197,13 @@ def device_cuda(binary, env):
         if line.startswith("listening on 127.0.0.1:"):
             result = generate(binary, env, line.split()[-1], "--max-tokens", "4", "Hello")
             check(result.returncode == 0, f"on the GPU: exit {result.returncode}: {result.stderr}")
+            # The CUDA runtime starts threads of its own while the model loads.
+            unblocked = unblocked_shutdown_signals(process.pid)
             process.send_signal(signal.SIGTERM)
             _, errors = process.communicate(timeout=LIMIT_S)
-            check(process.returncode == 0 and "cuda backend" in errors, f"worker stderr {errors!r}")
+            check(not unblocked, f"threads that would end the worker undrained: {unblocked}")
+            check(process.returncode == 0 and "cuda backend" in errors and "stopped after 1 streams" in errors,
+                  f"worker exit {process.returncode}, stderr {errors!r}")
         else:
             _, errors = process.communicate(timeout=LIMIT_S)
             check(process.returncode == 2 and "--device cuda: CUDA: " in errors and "skipped" in errors,
