@@ -38,6 +38,7 @@
 #include "engine/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_probe.h"
+#include "engine/kv_geometry.h"
 #include "engine/llama_weights.h"
 
 namespace fmwire::bench {
@@ -193,6 +194,15 @@ void add_row(std::vector<Comparison>& results, std::string name, double value, s
   results.push_back({std::move(name), value, std::move(unit), std::move(peer), peer_value, ratio});
 }
 
+// Blocks of `bytes` of KV for `config` in the backends' default KV dtype
+// (f16), at least one: bench_kv_copies needs twice as many in the cache.
+std::uint32_t blocks_holding(std::size_t bytes, const engine::LlamaConfig& config) {
+  engine::KvGeometry geometry{.layers = config.layers, .kv_heads = config.kv_heads, .head_dim = config.head_dim(),
+                              .block_tokens = kBlockTokens};
+  geometry.set_dtype(protocol::DType::FLOAT16);
+  return static_cast<std::uint32_t>(std::max<std::size_t>(1, bytes / geometry.bytes_per_block()));
+}
+
 // Packs and unpacks settings.pack_bytes of scattered blocks on `backend`
 // (which must hold at least twice as many blocks), against pinned cudaMemcpy.
 void bench_kv_copies(engine::CudaBackend& backend, const std::string& model, const BenchSettings& settings,
@@ -237,10 +247,7 @@ std::vector<Comparison> run(const BenchSettings& settings) {
     {
       const auto weights = std::make_shared<const engine::LlamaWeights>(
           engine::make_seeded_weights(engine::builtin_llama_config(), 1));
-      const std::uint32_t pack_blocks = static_cast<std::uint32_t>(
-          std::max<std::size_t>(1, settings.pack_bytes / (std::size_t{weights->config.layers} * 2 *
-                                                           weights->config.kv_dim() * kBlockTokens * sizeof(float))));
-      const std::uint32_t kv_blocks = std::max(decode_blocks, 2 * pack_blocks);
+      const std::uint32_t kv_blocks = std::max(decode_blocks, 2 * blocks_holding(settings.pack_bytes, weights->config));
       engine::CudaBackend cuda(weights, kv_blocks, kBlockTokens);
       engine::CpuBackend cpu(weights, decode_blocks, kBlockTokens);
       for (std::uint32_t batch : kBatchSizes) {
@@ -253,10 +260,7 @@ std::vector<Comparison> run(const BenchSettings& settings) {
     }
     if (settings.big_model) {
       const auto weights = std::make_shared<const engine::LlamaWeights>(engine::make_seeded_weights(big_config(), 1));
-      const std::size_t block_bytes =
-          std::size_t{weights->config.layers} * 2 * weights->config.kv_dim() * kBlockTokens * sizeof(float);
-      const std::uint32_t pack_blocks =
-          static_cast<std::uint32_t>(std::max<std::size_t>(1, settings.pack_bytes / block_bytes));
+      const std::uint32_t pack_blocks = blocks_holding(settings.pack_bytes, weights->config);
       engine::CudaBackend cuda(weights, std::max(decode_blocks, 2 * pack_blocks), kBlockTokens);
       const double copy_seconds = device_copy_seconds(weight_bytes(*weights), settings.repetitions);
       for (std::uint32_t batch : kBatchSizes) {
