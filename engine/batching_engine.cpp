@@ -230,16 +230,7 @@ EngineResult<codec::Done> BatchingEngine::write_sender_blocks(Sequence& sequence
                  std::to_string(sequence.id) + " is not whole blocks of " + std::to_string(block_bytes) + " bytes");
   }
   const std::uint64_t count = bytes.size() / block_bytes;
-  if (first + count > import.sender_blocks()) {
-    return error("KV blocks " + block_range(first, count) + " for sequence " + std::to_string(sequence.id) +
-                 " are beyond the import's " + std::to_string(import.sender_blocks()) + " blocks");
-  }
-  for (std::uint64_t block = first; block < first + count; ++block) {
-    if (import.arrived[block] != 0) {
-      return error("KV block " + std::to_string(block) + " for sequence " + std::to_string(sequence.id) +
-                   " arrived already");
-    }
-  }
+  if (auto fresh = check_arrival(sequence, first, count); !fresh) return fresh;
   if (import.filled.empty()) {
     // Same block size: the sender's blocks are ours, written where they lie.
     backend_->write_blocks(std::span(sequence.blocks).subspan(first, count), bytes);
@@ -250,6 +241,49 @@ EngineResult<codec::Done> BatchingEngine::write_sender_blocks(Sequence& sequence
   }
   for (std::uint64_t block = first; block < first + count; ++block) import.arrived[block] = 1;
   import.arrived_count += static_cast<std::uint32_t>(count);
+  return codec::Done{};
+}
+
+EngineResult<std::vector<std::uint32_t>> BatchingEngine::import_blocks(SequenceId id) const {
+  auto found = find_importing(id);
+  if (!found) return found.error();
+  const Sequence& sequence = **found;
+  if (backend_->host_kv().empty()) return error("the " + backend_->name() + " backend keeps no KV in host memory");
+  if (!sequence.import->filled.empty()) {
+    return error("sequence " + std::to_string(id) + " imports blocks of " +
+                 std::to_string(sequence.import->sender.block_tokens) + " tokens into blocks of " +
+                 std::to_string(info_.kv.block_tokens) + ": they are re-blocked, not written in place");
+  }
+  return std::vector<std::uint32_t>(sequence.blocks.begin(), sequence.blocks.begin() + sequence.import->sender_blocks());
+}
+
+EngineResult<codec::Done> BatchingEngine::import_written(SequenceId id, std::uint32_t first_block,
+                                                         std::uint32_t block_count) {
+  auto found = find_importing(id);
+  if (!found) return found.error();
+  Sequence& sequence = **found;
+  Import& import = *sequence.import;
+  if (!import.filled.empty()) return error("sequence " + std::to_string(id) + " re-blocks its import: none is in place");
+  if (block_count == 0) return error("KV blocks written in place for sequence " + std::to_string(id) + ": none");
+  if (auto fresh = check_arrival(sequence, first_block, block_count); !fresh) return fresh;
+  for (std::uint64_t block = first_block; block < std::uint64_t{first_block} + block_count; ++block) import.arrived[block] = 1;
+  import.arrived_count += block_count;
+  return codec::Done{};
+}
+
+EngineResult<codec::Done> BatchingEngine::check_arrival(const Sequence& sequence, std::uint64_t first,
+                                                        std::uint64_t count) const {
+  const Import& import = *sequence.import;
+  if (first + count > import.sender_blocks()) {
+    return error("KV blocks " + block_range(first, count) + " for sequence " + std::to_string(sequence.id) +
+                 " are beyond the import's " + std::to_string(import.sender_blocks()) + " blocks");
+  }
+  for (std::uint64_t block = first; block < first + count; ++block) {
+    if (import.arrived[block] != 0) {
+      return error("KV block " + std::to_string(block) + " for sequence " + std::to_string(sequence.id) +
+                   " arrived already");
+    }
+  }
   return codec::Done{};
 }
 
@@ -647,15 +681,32 @@ EngineResult<std::uint32_t> BatchingEngine::computed_tokens(SequenceId id) const
 
 EngineResult<codec::Done> BatchingEngine::read_kv(SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
                                                   std::span<std::byte> out) {
-  const Sequence* sequence = find(id);
-  if (sequence == nullptr) return error("no sequence " + std::to_string(id));
-  if (sequence->import) return error("sequence " + std::to_string(id) + " is importing its KV: nothing to read");
-  if (block_count == 0) return error("a KV read of sequence " + std::to_string(id) + " asks for no blocks");
+  auto readable = find_readable(id, first_block, block_count);
+  if (!readable) return readable.error();
   const std::size_t expected = std::size_t{block_count} * info_.kv.bytes_per_block();
   if (out.size() != expected) {
     return error("a KV read of " + std::to_string(block_count) + " blocks needs " + std::to_string(expected) +
                  " bytes, the buffer holds " + std::to_string(out.size()));
   }
+  pack_blocks(**readable, first_block, block_count, out);
+  return codec::Done{};
+}
+
+EngineResult<std::vector<std::uint32_t>> BatchingEngine::locate_kv(SequenceId id, std::uint32_t first_block,
+                                                                   std::uint32_t block_count) {
+  if (backend_->host_kv().empty()) return error("the " + backend_->name() + " backend keeps no KV in host memory");
+  auto readable = find_readable(id, first_block, block_count);
+  if (!readable) return readable.error();
+  const auto blocks = std::span((*readable)->blocks).subspan(first_block, block_count);
+  return std::vector<std::uint32_t>(blocks.begin(), blocks.end());
+}
+
+EngineResult<const BatchingEngine::Sequence*> BatchingEngine::find_readable(SequenceId id, std::uint32_t first_block,
+                                                                           std::uint32_t block_count) const {
+  const Sequence* sequence = find(id);
+  if (sequence == nullptr) return error("no sequence " + std::to_string(id));
+  if (sequence->import) return error("sequence " + std::to_string(id) + " is importing its KV: nothing to read");
+  if (block_count == 0) return error("a KV read of sequence " + std::to_string(id) + " asks for no blocks");
   // Whole blocks only, except the last one of a held sequence: its last
   // positions are computed and no more will come.
   const std::uint32_t readable =
@@ -665,8 +716,7 @@ EngineResult<codec::Done> BatchingEngine::read_kv(SequenceId id, std::uint32_t f
                  " are not all computed: " + std::to_string(sequence->computed) + " tokens are, " +
                  std::to_string(readable) + " blocks can be read");
   }
-  pack_blocks(*sequence, first_block, block_count, out);
-  return codec::Done{};
+  return sequence;
 }
 
 EngineStats BatchingEngine::stats() const {

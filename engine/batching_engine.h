@@ -52,11 +52,16 @@ class BatchingEngine final : public Engine {
   EngineResult<std::uint32_t> computed_tokens(SequenceId id) const override;
   EngineResult<codec::Done> read_kv(SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
                                     std::span<std::byte> out) override;
+  std::span<std::byte> host_kv() override { return backend_->host_kv(); }
+  EngineResult<std::vector<std::uint32_t>> locate_kv(SequenceId id, std::uint32_t first_block,
+                                                     std::uint32_t block_count) override;
   void release_kv(SequenceId id) override;
   EngineResult<Held> hold(SequenceId id) override;
   EngineResult<codec::Done> prepare_import(SequenceId id, SequenceRequest request, const KvImport& import) override;
   EngineResult<codec::Done> write_import(SequenceId id, std::uint32_t first_block,
                                          std::span<const std::byte> bytes) override;
+  EngineResult<std::vector<std::uint32_t>> import_blocks(SequenceId id) const override;
+  EngineResult<codec::Done> import_written(SequenceId id, std::uint32_t first_block, std::uint32_t block_count) override;
   EngineResult<codec::Done> commit_import(SequenceId id, std::span<const std::uint32_t> generated = {}) override;
   EngineStats stats() const override;
   std::vector<std::uint64_t> cached_prefixes() const override { return pool_.cached_hashes(); }
@@ -129,6 +134,10 @@ class BatchingEngine final : public Engine {
   EngineResult<codec::Done> check_import(SequenceId id, const SequenceRequest& request, const KvImport& import) const;
   EngineResult<Sequence*> reserve_import(SequenceId id, SequenceRequest request, const KvImport& import);
   EngineResult<Sequence*> find_importing(SequenceId id) const;
+  // Sender blocks [first, first + count) are within the import and none has arrived yet.
+  EngineResult<codec::Done> check_arrival(const Sequence& sequence, std::uint64_t first, std::uint64_t count) const;
+  // read_kv's checks: a sequence whose blocks [first_block, +block_count) are computed.
+  EngineResult<const Sequence*> find_readable(SequenceId id, std::uint32_t first_block, std::uint32_t block_count) const;
   // Writes sender blocks [first, ...) of `bytes` into the reserved blocks.
   EngineResult<codec::Done> write_sender_blocks(Sequence& sequence, std::uint32_t first,
                                                 std::span<const std::byte> bytes);

@@ -32,6 +32,7 @@ class CpuBackend final : public ModelBackend {
   void forward(std::span<const BatchEntry> batch, std::span<float> logits) override;
   void read_blocks(std::span<const std::uint32_t> blocks, std::span<std::byte> out) override;
   void write_blocks(std::span<const std::uint32_t> blocks, std::span<const std::byte> in) override;
+  std::span<std::byte> host_kv() override { return {kv_.data(), kv_.size()}; }
 
  private:
   // Runs one token through every layer, its keys and values into the cache;

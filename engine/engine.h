@@ -214,6 +214,22 @@ class Engine {
   virtual EngineResult<codec::Done> read_kv(SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
                                             std::span<std::byte> out) = 0;
 
+  // The KV cache where it lies in this process's memory: block b at
+  // b * bytes_per_block(), in KvGeometry's layout (the CPU and synthetic
+  // backends). A transfer then sends blocks from there and lands chunks
+  // there, with no packing copy (locate_kv, import_blocks). Empty where the
+  // cache is elsewhere (CUDA): read_kv and write_import copy instead.
+  virtual std::span<std::byte> host_kv() { return {}; }
+
+  // read_kv's checks, but the blocks' places in host_kv() instead of their
+  // bytes, for a sender that sends them from there: they stay where they
+  // are, unchanged, until release_kv() or cancel().
+  virtual EngineResult<std::vector<std::uint32_t>> locate_kv(SequenceId id, std::uint32_t first_block,
+                                                             std::uint32_t block_count) {
+    (void)id, (void)first_block, (void)block_count;
+    return EngineError{"this engine keeps no KV in host memory"};
+  }
+
   // Frees a held (hold_kv, finished) sequence: cancel() by another name, for
   // the end of a transfer. A hold_kv sequence that has not finished yet goes
   // on and is freed when it finishes. Unknown ids are ignored.
@@ -245,6 +261,23 @@ class Engine {
   // come in any order, each block once.
   virtual EngineResult<codec::Done> write_import(SequenceId id, std::uint32_t first_block,
                                                  std::span<const std::byte> bytes) = 0;
+
+  // Where an import's blocks lie in host_kv(), one per sender block, when
+  // the sender's block size is ours (nothing to re-block): a receiver may
+  // write each chunk there itself, then say so with import_written().
+  // Refused otherwise; write_import() works either way.
+  virtual EngineResult<std::vector<std::uint32_t>> import_blocks(SequenceId id) const {
+    (void)id;
+    return EngineError{"this engine keeps no KV in host memory"};
+  }
+  // Sender blocks [first_block, first_block + block_count) were written
+  // where import_blocks() said: they count as arrived, as write_import()'s
+  // would (each block once).
+  virtual EngineResult<codec::Done> import_written(SequenceId id, std::uint32_t first_block,
+                                                   std::uint32_t block_count) {
+    (void)id, (void)first_block, (void)block_count;
+    return EngineError{"this engine keeps no KV in host memory"};
+  }
 
   // Once every block of the import has been written: the sequence waits like
   // a submitted one, with its first import.tokens.size() positions computed.

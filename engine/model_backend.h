@@ -51,6 +51,11 @@ class ModelBackend {
   // them back: the KV export/import path.
   virtual void read_blocks(std::span<const std::uint32_t> blocks, std::span<std::byte> out) = 0;
   virtual void write_blocks(std::span<const std::uint32_t> blocks, std::span<const std::byte> in) = 0;
+
+  // The KV storage where it lies in host memory (block b at b *
+  // bytes_per_block()), for sending and receiving blocks in place; empty
+  // where the backend keeps it elsewhere (device memory).
+  virtual std::span<std::byte> host_kv() { return {}; }
 };
 
 }  // namespace fmwire::engine

@@ -45,6 +45,7 @@ class SyntheticBackend final : public ModelBackend {
   void forward(std::span<const BatchEntry> batch, std::span<float> logits) override;
   void read_blocks(std::span<const std::uint32_t> blocks, std::span<std::byte> out) override;
   void write_blocks(std::span<const std::uint32_t> blocks, std::span<const std::byte> in) override;
+  std::span<std::byte> host_kv() override { return {kv_.data(), kv_.size()}; }
 
  private:
   SyntheticModel model_;

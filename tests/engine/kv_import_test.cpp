@@ -515,3 +515,89 @@ TEST_CASE("a KV shard in another block size is re-laid by submit_with_kv") {
   CHECK(tokens == alone(prompt, 12));
   CHECK(outcomes[1].finished->cached_prompt_tokens == 45);
 }
+
+// In place (host_kv, locate_kv, import_blocks, import_written): what a
+// worker does with a cache in host memory, with no packing copy.
+
+TEST_CASE("blocks located in the sender's cache and written into the receiver's in place give the same tokens") {
+  const std::vector<std::uint32_t> prompt = prompt_of(70, 4);  // 5 blocks, the last one partial
+  constexpr std::uint32_t kTokens = 12;
+  auto sender = builtin_engine();
+  auto receiver = builtin_engine();
+  auto request = greedy(prompt, 1);
+  request.hold_kv = true;
+  REQUIRE(sender->submit(7, std::move(request)));
+  auto outcomes = run_to_end(*sender);
+  REQUIRE(outcomes[7].tokens.size() == 1);
+  const std::uint32_t blocks = blocks_of(70, 16);
+  const std::size_t block_bytes = sender->info().kv.bytes_per_block();
+
+  // What read_kv would pack is what lies at the located blocks.
+  auto located = sender->locate_kv(7, 0, blocks);
+  REQUIRE(located);
+  REQUIRE(located->size() == blocks);
+  std::vector<std::byte> packed(blocks * block_bytes);
+  REQUIRE(sender->read_kv(7, 0, blocks, packed));
+  const std::span<std::byte> from = sender->host_kv();
+  REQUIRE(!from.empty());
+  for (std::uint32_t i = 0; i < blocks; ++i) {
+    CHECK(std::equal(packed.begin() + i * block_bytes, packed.begin() + (i + 1) * block_bytes,
+                     from.begin() + (*located)[i] * block_bytes));
+  }
+
+  auto continued = prompt;
+  continued.push_back(outcomes[7].tokens[0]);
+  REQUIRE(receiver->prepare_import(3, greedy(continued, kTokens - 1),
+                                   KvImport{prompt, sender->info().kv, sender->info().model_fingerprint}));
+  auto places = receiver->import_blocks(3);
+  REQUIRE(places);
+  REQUIRE(places->size() == blocks);
+  const std::span<std::byte> to = receiver->host_kv();
+  for (std::uint32_t i = 0; i < blocks; ++i) {
+    std::copy_n(from.begin() + (*located)[i] * block_bytes, block_bytes, to.begin() + (*places)[i] * block_bytes);
+  }
+  sender->release_kv(7);
+  CHECK(all_blocks_free(*sender));
+  REQUIRE(receiver->import_written(3, 0, 2));
+  CHECK_FALSE(receiver->commit_import(3));  // three blocks have not arrived yet
+  REQUIRE(receiver->import_written(3, 2, 3));
+  REQUIRE(receiver->commit_import(3));
+  auto decoded = run_to_end(*receiver);
+  std::vector<std::uint32_t> tokens{outcomes[7].tokens[0]};
+  tokens.insert(tokens.end(), decoded[3].tokens.begin(), decoded[3].tokens.end());
+  CHECK(tokens == alone(prompt, kTokens));
+  CHECK(all_blocks_free(*receiver));
+}
+
+TEST_CASE("locate_kv refuses what read_kv refuses: uncomputed blocks, unknown and importing sequences") {
+  auto engine = builtin_engine(256, batching(16));
+  auto request = greedy(prompt_of(40, 5), 4);
+  request.hold_kv = true;
+  REQUIRE(engine->submit(1, std::move(request)));
+  StepOutput output;
+  engine->step(output);  // 16 of 40 positions computed: block 0 only
+  CHECK(engine->locate_kv(1, 0, 1));
+  CHECK_FALSE(engine->locate_kv(1, 0, 2));
+  CHECK_FALSE(engine->locate_kv(1, 0, 0));
+  CHECK_FALSE(engine->locate_kv(9, 0, 1));
+  auto importing = prepared(prompt_of(33, 6));
+  CHECK_FALSE(importing.receiver->locate_kv(3, 0, 1));
+}
+
+TEST_CASE("in-place writes count each block once, only for a prepared import in our block size") {
+  auto same = prepared(prompt_of(33, 6));  // 3 sender blocks
+  CHECK(same.receiver->import_blocks(3));
+  CHECK_FALSE(same.receiver->import_blocks(9));
+  CHECK_FALSE(same.receiver->import_written(3, 2, 2));  // beyond the import
+  CHECK_FALSE(same.receiver->import_written(3, 0, 0));
+  REQUIRE(same.receiver->import_written(3, 0, 1));
+  CHECK_FALSE(same.receiver->import_written(3, 0, 1));          // again
+  CHECK_FALSE(same.receiver->write_import(3, 0, same.block(0)));  // by the other way
+  REQUIRE(same.receiver->write_import(3, 1, same.block(1)));    // the two ways mix
+  REQUIRE(same.receiver->import_written(3, 2, 1));
+  CHECK(same.receiver->commit_import(3));
+
+  auto reblocked = prepared(prompt_of(33, 6), 8);  // blocks of 8: re-laid, never in place
+  CHECK_FALSE(reblocked.receiver->import_blocks(3));
+  CHECK_FALSE(reblocked.receiver->import_written(3, 0, 1));
+}
