@@ -4,7 +4,8 @@
 
 namespace fmwire::worker {
 
-EngineRunner::EngineRunner(engine::Engine& engine, Sink sink) : engine_(engine), sink_(std::move(sink)) {
+EngineRunner::EngineRunner(engine::Engine& engine, Sink sink)
+    : engine_(engine), host_kv_(engine.host_kv()), sink_(std::move(sink)) {
   thread_ = std::thread([this] { run(); });
 }
 
@@ -56,6 +57,9 @@ void EngineRunner::write_import(engine::SequenceId id, std::uint32_t first_block
                                 std::shared_ptr<const std::vector<std::byte>> bytes) {
   push(WriteImport{id, first_block, std::move(bytes)});
 }
+void EngineRunner::import_written(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count) {
+  push(WriteImport{id, first_block, nullptr, block_count});
+}
 void EngineRunner::commit_import(engine::SequenceId id, std::vector<std::uint32_t> generated) {
   push(CommitImport{id, std::move(generated)});
 }
@@ -75,14 +79,23 @@ void EngineRunner::apply(Command& command, RunnerOutput& output) {
     // The count may come from a peer: never size a buffer for more blocks than the cache has.
     const std::uint32_t total_blocks = engine_.info().total_blocks;
     std::string error;
+    std::vector<std::uint32_t> located;
     if (read->block_count > total_blocks) {
       error = "a KV read of " + std::to_string(read->block_count) + " blocks is more than the cache's " +
               std::to_string(total_blocks);
+    } else if (!read->into) {
+      auto found = engine_.locate_kv(read->id, read->first_block, read->block_count);
+      if (found) {
+        located = std::move(*found);
+      } else {
+        error = found.error().message;
+      }
     } else {
       read->into->resize(std::size_t{read->block_count} * engine_.info().kv.bytes_per_block());
       error = message(engine_.read_kv(read->id, read->first_block, read->block_count, *read->into));
     }
-    output.kv_reads.push_back({read->id, read->first_block, read->block_count, std::move(read->into), std::move(error)});
+    output.kv_reads.push_back({read->id, read->first_block, read->block_count, std::move(read->into), std::move(error),
+                               std::move(located)});
   } else if (auto* hold = std::get_if<Hold>(&command)) {
     auto held = engine_.hold(hold->id);
     if (held) {
@@ -94,16 +107,21 @@ void EngineRunner::apply(Command& command, RunnerOutput& output) {
     engine_.release_kv(release->id);
   } else if (auto* prepare = std::get_if<PrepareImport>(&command)) {
     auto done = engine_.prepare_import(prepare->id, std::move(prepare->request), prepare->import);
-    output.kv_imports.push_back({prepare->id, Step::prepare, message(done), refusal(done), 0});
+    std::vector<std::uint32_t> in_place;
+    if (done && !host_kv_.empty()) {
+      if (auto blocks = engine_.import_blocks(prepare->id)) in_place = std::move(*blocks);
+    }
+    output.kv_imports.push_back({prepare->id, Step::prepare, message(done), refusal(done), 0, std::move(in_place)});
   } else if (auto* write = std::get_if<WriteImport>(&command)) {
-    auto done = engine_.write_import(write->id, write->first_block, *write->bytes);
+    auto done = write->bytes ? engine_.write_import(write->id, write->first_block, *write->bytes)
+                             : engine_.import_written(write->id, write->first_block, write->block_count);
     write->bytes.reset();  // in the KV cache now: the frame's copy can go
     // Every write is answered: the worker grants the sender credit for a
     // chunk only once it has landed, which bounds what waits here.
-    output.kv_imports.push_back({write->id, Step::write, message(done), refusal(done), write->first_block});
+    output.kv_imports.push_back({write->id, Step::write, message(done), refusal(done), write->first_block, {}});
   } else if (auto* commit = std::get_if<CommitImport>(&command)) {
     auto done = engine_.commit_import(commit->id, commit->generated);
-    output.kv_imports.push_back({commit->id, Step::commit, message(done), refusal(done), 0});
+    output.kv_imports.push_back({commit->id, Step::commit, message(done), refusal(done), 0, {}});
   }
 }
 

@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <variant>
@@ -34,13 +35,15 @@ struct RunnerOutput {
     engine::SequenceId id;
     std::string message;
   };
-  // A read_kv command's answer: `bytes` is the buffer it was given, filled.
+  // A read_kv command's answer: `bytes` is the buffer it was given, filled;
+  // without one, `located` says where the blocks lie in host_kv().
   struct KvRead {
     engine::SequenceId id;
     std::uint32_t first_block;
     std::uint32_t block_count;
     std::shared_ptr<std::vector<std::byte>> bytes;
     std::string error;  // empty: ok
+    std::vector<std::uint32_t> located;
   };
   // An import command's answer: one per prepare, write and commit (a write's
   // answer says its chunk landed: the worker grants credit for more then).
@@ -51,6 +54,9 @@ struct RunnerOutput {
     std::string error;  // empty: ok
     engine::KvRefusal refusal = engine::KvRefusal::none;
     std::uint32_t first_block = 0;  // write: the chunk's first sender block
+    // prepare: where the import's blocks lie in host_kv(), one per sender
+    // block, when chunks may be written there in place; else empty.
+    std::vector<std::uint32_t> blocks;
   };
   engine::StepOutput step;
   std::vector<Rejected> rejected;  // submissions the engine refused
@@ -85,9 +91,14 @@ class EngineRunner {
   void cancel(engine::SequenceId id);
   void set_paused(engine::SequenceId id, bool paused);
 
+  // The engine's host_kv(), read before the runner's thread started: where
+  // located blocks lie (empty: the engine keeps its KV elsewhere).
+  std::span<std::byte> host_kv() const { return host_kv_; }
+
   // KV transfer, sender side (engine::Engine::read_kv, release_kv). The
   // runner resizes `into` to the blocks' bytes and fills it; the caller
-  // leaves it alone until the KvRead that carries it comes back.
+  // leaves it alone until the KvRead that carries it comes back. Without
+  // `into` (null), the blocks are located instead (Engine::locate_kv).
   void read_kv(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
                std::shared_ptr<std::vector<std::byte>> into);
   void release_kv(engine::SequenceId id);
@@ -101,6 +112,9 @@ class EngineRunner {
   void prepare_import(engine::SequenceId id, engine::SequenceRequest request, engine::KvImport import);
   void write_import(engine::SequenceId id, std::uint32_t first_block,
                     std::shared_ptr<const std::vector<std::byte>> bytes);
+  // Blocks the caller wrote in place (KvImportResult::blocks): they count as
+  // arrived (Engine::import_written), answered as a write is.
+  void import_written(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count);
   void commit_import(engine::SequenceId id, std::vector<std::uint32_t> generated = {});
 
  private:
@@ -132,7 +146,8 @@ class EngineRunner {
   struct WriteImport {
     engine::SequenceId id;
     std::uint32_t first_block;
-    std::shared_ptr<const std::vector<std::byte>> bytes;
+    std::shared_ptr<const std::vector<std::byte>> bytes;  // null: written in place
+    std::uint32_t block_count = 0;                        // when in place
   };
   struct CommitImport {
     engine::SequenceId id;
@@ -159,6 +174,7 @@ class EngineRunner {
   std::shared_ptr<RunnerOutput> make_output();
 
   engine::Engine& engine_;
+  std::span<std::byte> host_kv_;
   Sink sink_;
   std::shared_ptr<Shared> shared_ = std::make_shared<Shared>();
   std::thread thread_;

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "codec/frame_decoder.h"
 #include "codec/frame_header.h"
@@ -77,8 +78,10 @@ struct KvTransfers::Outgoing {
   std::vector<std::uint32_t> generated;
   std::uint32_t next_read = 0;     // first block not asked of the engine yet
   int reads_in_flight = 0;
-  std::deque<RunnerOutput::KvRead> ready;  // read, waiting to go
+  std::deque<Chunk> ready;                 // read or located, waiting to go
+  std::shared_ptr<BlockPin> pin;           // while chunks go from the cache in place
   std::optional<codec::PreparedAttachment> prepared;  // ready.front(), prepared
+  std::shared_ptr<const void> prepared_keep;          // a wire copy of its own (the fault switch's)
   std::uint64_t prepared_generation = 0;
   std::uint32_t chunks = 0;
   std::uint64_t sent_bytes = 0;
@@ -87,6 +90,32 @@ struct KvTransfers::Outgoing {
   Clock::time_point started;
   std::optional<Clock::time_point> first_chunk;
   transport::TimerId deadline = 0;
+};
+
+// Blocks of a sequence that chunks are sent from where they lie in the KV
+// cache (host_kv): the transport holds a reference per send until the
+// kernel is done with the bytes, so the blocks go back to the engine
+// (release_kv or cancel, as the worker asked in let_go()) only once the
+// worker has asked and the last send has let go, whichever is later.
+struct KvTransfers::BlockPin {
+  std::shared_ptr<EngineRunner*> runner;  // null inside once KvTransfers is gone
+  engine::SequenceId sequence = 0;
+  std::optional<LetGo> let_go;
+  ~BlockPin() {
+    if (!let_go || *runner == nullptr) return;
+    if (*let_go == LetGo::release) {
+      (*runner)->release_kv(sequence);
+    } else {
+      (*runner)->cancel(sequence);
+    }
+  }
+};
+
+// One chunk ready to go: bytes read into a buffer, or blocks in the cache.
+struct KvTransfers::Chunk {
+  std::uint32_t first_block = 0;
+  std::span<const std::byte> bytes;
+  std::shared_ptr<const void> keep;  // what keeps `bytes` alive while sent
 };
 
 // One shard on its way in.
@@ -108,6 +137,7 @@ struct KvTransfers::Incoming {
   std::uint64_t wire_bytes = 0;
   std::uint32_t chunks = 0;
   std::deque<std::uint64_t> landing;  // wire bytes of chunks at the engine, in order
+  std::vector<std::uint32_t> in_place;  // where chunks land in host KV (empty: through the engine)
   protocol::Compression compression = protocol::Compression::NONE;
   std::vector<std::uint32_t> generated;
   Clock::time_point started;
@@ -123,9 +153,26 @@ struct KvTransfers::Expected {
 
 KvTransfers::KvTransfers(transport::EventLoop& loop, EngineRunner& runner, const engine::EngineInfo& info,
                          KvTransferOptions options, KvTransfersOwner& owner, std::string name)
-    : loop_(loop), runner_(runner), info_(info), options_(options), owner_(owner), name_(std::move(name)) {}
+    : loop_(loop), runner_(runner), info_(info), options_(options), owner_(owner), name_(std::move(name)),
+      pin_runner_(std::make_shared<EngineRunner*>(&runner)) {
+  // Chunks leave from the cache itself: registered, the loop's zero-copy
+  // sends of them use fixed buffers (no page pinning per send). Where
+  // zero-copy is off the loop registers nothing and says so (false), and
+  // sends copy as usual. A fixed buffer holds at most 1 GiB: whole blocks
+  // of it per slot, the rest of the cache unregistered.
+  const std::span<std::byte> cache = runner_.host_kv();
+  const std::size_t block_bytes = info_.kv.bytes_per_block();
+  const std::size_t piece = block_bytes == 0 ? 0 : (std::size_t{1} << 30) / block_bytes * block_bytes;
+  for (std::size_t at = 0; piece != 0 && at < cache.size() && registered_.size() < kRegisteredPieces; at += piece) {
+    const std::span<const std::byte> memory = cache.subspan(at, std::min(piece, cache.size() - at));
+    if (!loop_.register_memory(memory)) break;
+    registered_.push_back(memory);
+  }
+}
 
 KvTransfers::~KvTransfers() {
+  *pin_runner_ = nullptr;  // the engine goes with the worker: nothing to give back
+  for (std::span<const std::byte> memory : registered_) loop_.unregister_memory(memory);
   auto& backend = loop_.backend();
   for (auto& [sequence, session] : outgoing_) {
     if (session->deadline != 0) backend.cancel(session->deadline);
@@ -290,7 +337,10 @@ void KvTransfers::pump(Outgoing& session) {
   // previous one is on the wire.
   while (session.reads_in_flight < 2 && session.next_read < readable) {
     const std::uint32_t count = std::min(session.chunk_blocks, readable - session.next_read);
-    runner_.read_kv(session.sequence, session.next_read, count, std::make_shared<std::vector<std::byte>>());
+    // Located where the cache is in host memory (sent from there), else
+    // packed into a buffer by the engine (CUDA: from the device).
+    runner_.read_kv(session.sequence, session.next_read, count,
+                    runner_.host_kv().empty() ? std::make_shared<std::vector<std::byte>>() : nullptr);
     session.next_read += count;
     ++session.reads_in_flight;
   }
@@ -325,7 +375,24 @@ void KvTransfers::on_read(const RunnerOutput::KvRead& read) {
     end_outgoing(session, failure(KvEnd::INTERNAL, "reading the KV: " + read.error), true);
     return;
   }
-  session.ready.push_back(read);
+  if (read.bytes) {
+    session.ready.push_back({read.first_block, *read.bytes, read.bytes});
+  } else {
+    // One chunk per run of blocks that lie side by side in the cache.
+    if (!session.pin) {
+      session.pin = std::make_shared<BlockPin>(BlockPin{pin_runner_, session.sequence, {}});
+      pins_[session.sequence] = session.pin;
+    }
+    const std::span<const std::byte> cache = runner_.host_kv();
+    for (std::size_t i = 0; i < read.located.size();) {
+      std::size_t run = 1;
+      while (i + run < read.located.size() && read.located[i + run] == read.located[i] + run) ++run;
+      session.ready.push_back({read.first_block + static_cast<std::uint32_t>(i),
+                               cache.subspan(read.located[i] * session.block_bytes, run * session.block_bytes),
+                               session.pin});
+      i += run;
+    }
+  }
   send_ready(session);
   if (outgoing_.contains(read.id)) pump(session);
 }
@@ -334,8 +401,8 @@ void KvTransfers::send_ready(Outgoing& session) {
   if (session.state != Outgoing::State::sending || session.link == nullptr || !session.link->connection) return;
   Connection& connection = *session.link->connection;
   while (!session.ready.empty()) {
-    const RunnerOutput::KvRead& read = session.ready.front();
-    const std::uint64_t raw_bytes = read.bytes->size();
+    Chunk& read = session.ready.front();
+    const std::uint64_t raw_bytes = read.bytes.size();
     // Prepared (digested, maybe compressed) once: a chunk refused for lack
     // of credit keeps it, unless it lives in the codec's scratch and another
     // chunk was prepared since.
@@ -343,23 +410,26 @@ void KvTransfers::send_ready(Outgoing& session) {
       if (options_.compress == KvCompressMode::auto_ && !compressor_) {
         // Once per worker, on its first chunk of KV: the compressor's speed
         // and ratio on what this model's KV looks like.
-        compressor_ = codec::measure_compression(codec_, std::span<const std::byte>(*read.bytes).first(std::min<std::size_t>(read.bytes->size(), 1u << 20)),
+        compressor_ = codec::measure_compression(codec_, read.bytes.first(std::min<std::size_t>(read.bytes.size(), 1u << 20)),
                                                  {.compress = true, .element_bytes = static_cast<std::uint8_t>(info_.kv.element_bytes), .zstd_level = 1},
                                                  0);
       }
-      session.prepared = codec_.prepare(*read.bytes, attachment_options(session));
+      session.prepared = codec_.prepare(read.bytes, attachment_options(session));
       session.prepared_generation = ++prepares_;
       if (options_.corrupt_chunk != 0 && session.chunks + 1 == options_.corrupt_chunk && !session.prepared->wire.empty()) {
-        // The digest is taken: flip a byte the receiver must catch.
-        auto* byte = const_cast<std::byte*>(session.prepared->wire.data());
-        *byte ^= std::byte{0x5a};
+        // The digest is taken: flip a byte the receiver must catch, in a
+        // copy (the bytes may be the sender's own KV cache).
+        auto corrupted = std::make_shared<std::vector<std::byte>>(session.prepared->wire.begin(), session.prepared->wire.end());
+        (*corrupted)[0] ^= std::byte{0x5a};
+        session.prepared->wire = *corrupted;
+        session.prepared_keep = std::move(corrupted);
       }
     }
-    const bool as_is = session.prepared->wire.data() == read.bytes->data();
+    const bool as_is = session.prepared->wire.data() == read.bytes.data();
     const std::uint64_t offset = std::uint64_t{read.first_block} * session.block_bytes;
     const SendStatus status = connection.send<protocol::KvChunk>(session.stream_id, [&](protocol::KvChunkBuilder chunk) {
       chunk.transfer(session.transfer).offset(offset);
-    }, 0, &*session.prepared, as_is ? std::shared_ptr<const void>(read.bytes) : nullptr);
+    }, 0, &*session.prepared, session.prepared_keep ? session.prepared_keep : as_is ? read.keep : nullptr);
     if (status == SendStatus::blocked) return;  // on_stream_writable goes on
     if (status != SendStatus::sent) {
       end_outgoing(session, failure(KvEnd::PEER_LOST, "KvChunk to " + session.link->name + ": " +
@@ -371,7 +441,10 @@ void KvTransfers::send_ready(Outgoing& session) {
     session.wire_bytes += session.prepared->wire.size();
     session.sent_bytes += raw_bytes;
     ++session.chunks;
+    ++counters_.chunks_sent;
+    if (read.keep == session.pin) ++counters_.chunks_sent_in_place;
     session.prepared.reset();
+    session.prepared_keep.reset();
     session.ready.pop_front();
   }
   maybe_commit(session);
@@ -492,7 +565,23 @@ void KvTransfers::end_outgoing(Outgoing& session, KvTransferResult result, bool 
     ++counters_.failed;
   }
   outgoing_.erase(sequence);  // `session` is gone
+  if (auto pin = pins_.find(sequence); pin != pins_.end() && pin->second.expired()) pins_.erase(pin);
   owner_.on_kv_sent(sequence, result);
+}
+
+void KvTransfers::let_go(engine::SequenceId sequence, LetGo how) {
+  auto found = pins_.find(sequence);
+  std::shared_ptr<BlockPin> pin = found == pins_.end() ? nullptr : found->second.lock();
+  if (found != pins_.end()) pins_.erase(found);
+  if (pin) {
+    pin->let_go = how;  // done as the last send lets go of the blocks
+    return;
+  }
+  if (how == LetGo::release) {
+    runner_.release_kv(sequence);
+  } else {
+    runner_.cancel(sequence);
+  }
 }
 
 void KvTransfers::expire_outgoing(engine::SequenceId sequence) {
@@ -669,6 +758,7 @@ void KvTransfers::on_import(const RunnerOutput::KvImportResult& result) {
   Connection& connection = *session.connection;
   switch (result.step) {
     case Step::prepare: {
+      session.in_place = result.blocks;
       session.transfer = {static_cast<std::uint32_t>(session.id), next_generation_++};
       const SendStatus status = connection.send<protocol::KvAccept>(session.stream_id, [&](protocol::KvAcceptBuilder accept) {
         accept.transfer(session.transfer)
@@ -731,22 +821,51 @@ void KvTransfers::on_chunk(Incoming& session, const codec::FrameView& frame) {
     end_incoming(session, failure(KvEnd::BAD_MESSAGE, problem->message), true);
     return;
   }
-  // The one copy on the way in: out of the receive buffer (checking its
-  // digest, decompressing) into bytes the engine's thread writes into the
-  // reserved blocks.
-  auto bytes = std::make_shared<std::vector<std::byte>>(frame.descriptor.decoded_bytes);
-  if (const codec::Status landed = codec_.decode(frame, *bytes); !landed) {
+  const auto first = static_cast<std::uint32_t>(offset / block_bytes);
+  const auto count = static_cast<std::uint32_t>(frame.descriptor.decoded_bytes / block_bytes);
+  const auto integrity = [&](const codec::Status& landed) {
     ++counters_.integrity_failures;
     end_incoming(session, failure(KvEnd::INTEGRITY, "KvChunk at offset " + std::to_string(offset) + ": " + landed.error().message),
                  true);
-    return;
+  };
+  if (!session.in_place.empty() && std::uint64_t{first} + count <= session.in_place.size()) {
+    // The one copy on the way in goes out of the receive buffer (checking
+    // the digest first, decompressing) straight into the reserved blocks:
+    // the engine touches them only once the import is committed. Blocks
+    // not side by side in the cache land through a scratch buffer.
+    const std::span<std::byte> cache = runner_.host_kv();
+    const std::span<const std::uint32_t> blocks = std::span(session.in_place).subspan(first, count);
+    bool side_by_side = true;
+    for (std::size_t i = 1; i < blocks.size(); ++i) side_by_side = side_by_side && blocks[i] == blocks[0] + i;
+    ++counters_.chunks_landed_in_place;
+    if (side_by_side) {
+      if (const codec::Status landed = codec_.decode(frame, cache.subspan(blocks[0] * block_bytes, count * block_bytes)); !landed) {
+        return integrity(landed);
+      }
+    } else {
+      landing_scratch_.resize(frame.descriptor.decoded_bytes);
+      if (const codec::Status landed = codec_.decode(frame, landing_scratch_); !landed) return integrity(landed);
+      for (std::size_t i = 0; i < blocks.size(); ++i) {
+        std::memcpy(cache.data() + blocks[i] * block_bytes, landing_scratch_.data() + i * block_bytes, block_bytes);
+      }
+    }
+    // Landed: the sender may send the next chunk into the window at once.
+    session.connection->consume(session.stream_id, frame.wire_bytes);
+    runner_.import_written(session.sequence, first, count);
+  } else {
+    // The one copy on the way in: out of the receive buffer (checking its
+    // digest, decompressing) into bytes the engine's thread writes into the
+    // reserved blocks (re-blocking them, or into device memory).
+    auto bytes = std::make_shared<std::vector<std::byte>>(frame.descriptor.decoded_bytes);
+    if (const codec::Status landed = codec_.decode(frame, *bytes); !landed) return integrity(landed);
+    session.landing.push_back(frame.wire_bytes);
+    runner_.write_import(session.sequence, first, std::move(bytes));
   }
-  session.received_bytes += bytes->size();
+  ++counters_.chunks_received;
+  session.received_bytes += frame.descriptor.decoded_bytes;
   session.wire_bytes += frame.header.attachment_bytes;
   if (frame.header.encoding.compression != codec::Compression::none) session.compression = protocol::Compression::ZSTD;
   ++session.chunks;
-  session.landing.push_back(frame.wire_bytes);
-  runner_.write_import(session.sequence, static_cast<std::uint32_t>(offset / block_bytes), std::move(bytes));
   arm(session, options_.state_timeout);
 }
 

@@ -28,6 +28,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -88,6 +89,10 @@ struct KvTransferCounters {
   std::uint64_t bytes_sent = 0;
   std::uint64_t bytes_received = 0;
   std::uint64_t integrity_failures = 0;
+  std::uint64_t chunks_sent = 0;
+  std::uint64_t chunks_sent_in_place = 0;    // from the KV cache itself, not a packed copy
+  std::uint64_t chunks_received = 0;
+  std::uint64_t chunks_landed_in_place = 0;  // decoded straight into the reserved blocks
 };
 
 class KvTransfers final : private transport::ConnectionHandler {
@@ -110,6 +115,11 @@ class KvTransfers final : private transport::ConnectionHandler {
   // The sequence finished with these tokens after the prompt: every block
   // may go, and Commit carries them.
   void finished(engine::SequenceId sequence, std::vector<std::uint32_t> generated);
+  // The worker is done with a sender sequence: its blocks go back to the
+  // engine (release_kv, or cancel while it still runs), at once, or once
+  // the last chunk sent from them in place has left (BlockPin).
+  enum class LetGo { release, cancel };
+  void let_go(engine::SequenceId sequence, LetGo how);
 
   // --- receiver (a decode worker) ---
   // A decode request waits under `key` for its Offer; `request` is what
@@ -143,6 +153,9 @@ class KvTransfers final : private transport::ConnectionHandler {
   struct Outgoing;
   struct Incoming;
   struct Expected;
+  struct BlockPin;
+  struct Chunk;
+  static constexpr std::size_t kRegisteredPieces = 8;  // of the loop's fixed-buffer slots
 
   // Sender.
   Link& link_to(const transport::Endpoint& to);
@@ -190,6 +203,11 @@ class KvTransfers final : private transport::ConnectionHandler {
   std::optional<codec::CompressionSpeeds> compressor_;  // measured once, on the first KV sent
   bool draining_ = false;
   KvTransferCounters counters_;
+
+  std::shared_ptr<EngineRunner*> pin_runner_;  // what BlockPins call; null once this is gone
+  std::vector<std::span<const std::byte>> registered_;  // the cache's pieces registered with the loop
+  std::unordered_map<engine::SequenceId, std::weak_ptr<BlockPin>> pins_;
+  std::vector<std::byte> landing_scratch_;  // a chunk whose blocks are not side by side in the cache
 
   std::map<std::string, std::unique_ptr<Link>> links_;  // by HOST:PORT
   std::unordered_map<engine::SequenceId, std::unique_ptr<Outgoing>> outgoing_;

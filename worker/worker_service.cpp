@@ -305,7 +305,7 @@ void WorkerService::take_token(GenerationStream& stream, std::uint32_t token, st
 void WorkerService::end_early(GenerationStream& stream, protocol::FinishReason reason) {
   if (stream.finish_reason) return;
   stream.finish_reason = reason;
-  runner_->cancel(stream.sequence);
+  kv_->let_go(stream.sequence, KvTransfers::LetGo::cancel);  // after any chunk sent from its blocks
   flush(stream);
 }
 
@@ -391,13 +391,16 @@ void WorkerService::set_paused(GenerationStream& stream, bool paused) {
 std::unique_ptr<WorkerService::GenerationStream> WorkerService::detach(GenerationStream& stream) {
   if (stream.deadline_timer != 0) loop_.backend().cancel(stream.deadline_timer);
   stream.deadline_timer = 0;
-  if (!stream.finish_reason) runner_->cancel(stream.sequence);
   if (stream.part != GenerationStream::Part::whole) {
     // Whatever KV session it still has ends; a held prefill sequence
-    // (finished, or handed over) gives its blocks back.
+    // (finished, or handed over) gives its blocks back, once no chunk is
+    // being sent from them any more.
     kv_->cancel(stream.sequence, {protocol::KvEnd::CANCELLED, "the request's stream ended"});
-    if (stream.part == GenerationStream::Part::prefill && stream.finish_reason) runner_->release_kv(stream.sequence);
+    if (stream.part == GenerationStream::Part::prefill && stream.finish_reason) {
+      kv_->let_go(stream.sequence, KvTransfers::LetGo::release);
+    }
   }
+  if (!stream.finish_reason) kv_->let_go(stream.sequence, KvTransfers::LetGo::cancel);
   by_sequence_.erase(stream.sequence);
   auto found = streams_.find({stream.connection, stream.stream_id});
   std::unique_ptr<GenerationStream> owned = std::move(found->second);

@@ -177,6 +177,14 @@ TEST_CASE("a request split between a prefill and a decode worker gives the coloc
   }
   CHECK(rig.prefill.service->kv_counters().sent == 4);
   CHECK(rig.decode.service->kv_counters().received == 4);
+  // Both caches are in host memory: every chunk left from the prefill
+  // worker's cache and landed in the decode worker's, with no packed copy.
+  const KvTransferCounters& sent = rig.prefill.service->kv_counters();
+  const KvTransferCounters& received = rig.decode.service->kv_counters();
+  CHECK(sent.chunks_sent > 0);
+  CHECK(sent.chunks_sent_in_place == sent.chunks_sent);
+  CHECK(received.chunks_received == sent.chunks_sent);
+  CHECK(received.chunks_landed_in_place == received.chunks_received);
 }
 
 TEST_CASE("KV chunks compressed with shuffle+zstd give the same tokens, and the decode Finish says so") {
@@ -313,6 +321,9 @@ TEST_CASE("a decode worker with other block sizes re-blocks the KV and gives the
     tokens.insert(tokens.end(), split.decode_log().token_ids.begin(), split.decode_log().token_ids.end());
     CHECK(tokens == expected);
     CHECK(rig.all_idle());
+    // Re-laid by the engine, so not landed in place.
+    CHECK(rig.decode.service->kv_counters().chunks_received > 0);
+    CHECK(rig.decode.service->kv_counters().chunks_landed_in_place == 0);
   }
 }
 
