@@ -363,10 +363,11 @@ struct WorkerPair {
 // (the engine's thread still writes every KV row of the prompt, as the
 // synthetic model does), no prefix cache (each request's KV is computed and
 // sent whole), KV chunks uncompressed, and a cache of exactly one request's
-// blocks, so that after the warm-up every block is paged in.
+// blocks, so that after the warm-up every block is paged in. With
+// `zero_copy`, chunks of 64 KiB and more go zero-copy from the cache.
 std::unique_ptr<ChildProcess> start_worker(const std::vector<std::string>& prefix, const std::string& fmwire_path,
                                            const std::string& role, const std::string& host, std::uint32_t tokens,
-                                           const std::string& backend, transport::Endpoint& endpoint) {
+                                           const std::string& backend, bool zero_copy, transport::Endpoint& endpoint) {
   const engine::KvGeometry geometry = llama3_8b_geometry();
   const std::uint32_t context = tokens + kSessionMaxTokens;
   const std::uint32_t blocks = (context + geometry.block_tokens - 1) / geometry.block_tokens;
@@ -377,6 +378,7 @@ std::unique_ptr<ChildProcess> start_worker(const std::vector<std::string>& prefi
                                  "--kv-compress", "off", "--kv-timeout-ms", "60000", "--name", role});
   if (context > kSyntheticContext) command.insert(command.end(), {"--max-context", std::to_string(context)});
   if (!backend.empty()) command.insert(command.end(), {"--backend", backend});
+  if (zero_copy) command.insert(command.end(), {"--zero-copy-min-bytes", "65536"});
   const std::string path = command.front();
   command.erase(command.begin());
   auto worker = std::make_unique<ChildProcess>(path, command, true);
@@ -387,12 +389,12 @@ std::unique_ptr<ChildProcess> start_worker(const std::vector<std::string>& prefi
 
 // The prefill worker where the sender runs, the decode worker where the receiver does.
 WorkerPair start_workers(const Placement& placement, const std::string& fmwire_path, std::uint32_t tokens,
-                         const std::string& backend) {
+                         const std::string& backend, bool zero_copy) {
   WorkerPair pair;
   pair.decode = start_worker(placement.receiver_prefix, fmwire_path, "decode", placement.receiver_host, tokens, backend,
-                             pair.decode_endpoint);
+                             zero_copy, pair.decode_endpoint);
   pair.prefill = start_worker(placement.sender_prefix, fmwire_path, "prefill", placement.sender_host, tokens, backend,
-                              pair.prefill_endpoint);
+                              zero_copy, pair.prefill_endpoint);
   return pair;
 }
 
@@ -715,7 +717,7 @@ std::vector<Comparison> run(const BenchSettings& settings) {
       Cell cell;
       // Started once per cell, stopped (killed) when it is done.
       const std::optional<WorkerPair> workers =
-          run_sessions ? std::optional(start_workers(placement, settings.fmwire_path, tokens, settings.backend))
+          run_sessions ? std::optional(start_workers(placement, settings.fmwire_path, tokens, settings.backend, settings.zero_copy))
                        : std::nullopt;
       for (int repetition = 0; repetition < settings.repetitions; ++repetition) {
         plan.transport = "fmwire";

@@ -103,6 +103,11 @@ class TimedEngine final : public engine::Engine {
                                             std::span<std::byte> out) override {
     return inner_.read_kv(id, first_block, block_count, out);
   }
+  std::span<std::byte> host_kv() override { return inner_.host_kv(); }
+  engine::EngineResult<std::vector<std::uint32_t>> locate_kv(engine::SequenceId id, std::uint32_t first_block,
+                                                             std::uint32_t block_count) override {
+    return inner_.locate_kv(id, first_block, block_count);
+  }
   void release_kv(engine::SequenceId id) override { inner_.release_kv(id); }
   engine::EngineResult<Held> hold(engine::SequenceId id) override { return inner_.hold(id); }
   engine::EngineResult<codec::Done> prepare_import(engine::SequenceId id, engine::SequenceRequest request,
@@ -110,6 +115,13 @@ class TimedEngine final : public engine::Engine {
   engine::EngineResult<codec::Done> write_import(engine::SequenceId id, std::uint32_t first_block,
                                                  std::span<const std::byte> bytes) override {
     return inner_.write_import(id, first_block, bytes);
+  }
+  engine::EngineResult<std::vector<std::uint32_t>> import_blocks(engine::SequenceId id) const override {
+    return inner_.import_blocks(id);
+  }
+  engine::EngineResult<codec::Done> import_written(engine::SequenceId id, std::uint32_t first_block,
+                                                   std::uint32_t block_count) override {
+    return inner_.import_written(id, first_block, block_count);
   }
   engine::EngineResult<codec::Done> commit_import(engine::SequenceId id, std::span<const std::uint32_t> generated) override {
     return inner_.commit_import(id, generated);

@@ -70,7 +70,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
           service = made.get();
           return made;
         },
-        command.backend);
+        command.backend, transport::UringOptions{.zero_copy_min_bytes = command.zero_copy_min_bytes});
   } catch (const std::system_error& error) {
     err << "fmwire worker: cannot listen on " << command.listen << ": " << error.what() << std::endl;
     return 2;
@@ -78,6 +78,13 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   const std::string address = transport::Endpoint{endpoint->host, group->port()}.to_string();
   service->set_name(command.name.empty() ? address : command.name);
   err << "fmwire worker: " << group->backend_log_line() << std::endl;
+  if (command.zero_copy_min_bytes > 0) {
+    const std::uint64_t registered = service->kv_counters().cache_registered_bytes;
+    err << "fmwire worker: zero-copy sends from " << command.zero_copy_min_bytes << " bytes; KV cache "
+        << (registered > 0 ? "registered with the loop (" + std::to_string(registered >> 20) + " MiB)"
+                           : std::string("not registered (no io_uring zero-copy here, or not in host memory)"))
+        << std::endl;
+  }
   group->start();
   // Registered once it serves; deregistered (the lease revoked) before it drains.
   std::unique_ptr<discovery::EtcdRegistration> registration;

@@ -25,6 +25,9 @@ struct WorkerCommand {
   std::string role = "both";              // disaggregated serving: prefill, decode or both
   std::string kv_compress = "auto";       // KV chunks: shuffle+zstd auto, on or off
   std::chrono::milliseconds kv_state_timeout{10000};  // a KV session's deadline per state
+  // io_uring sends of at least this many bytes go zero-copy (KV chunks from
+  // the cache, registered with the loop, on fixed buffers); 0: never.
+  std::size_t zero_copy_min_bytes = 0;
   // Fault injection for tests (FMWIRE_FAULT_CORRUPT_KV_CHUNK): corrupt this
   // chunk of each KV transfer sent after its digest was taken; 0: never.
   std::uint32_t corrupt_kv_chunk = 0;

@@ -9,11 +9,11 @@
 namespace fmwire::transport {
 
 ServerGroup::ServerGroup(unsigned threads, const Endpoint& endpoint, ConnectionOptions options,
-                         const ServiceFactory& make_service, std::string_view backend) {
+                         const ServiceFactory& make_service, std::string_view backend, const UringOptions& uring) {
   if (threads == 0) throw std::invalid_argument("a server group needs at least one loop thread");
   Endpoint shared = endpoint;
   for (unsigned i = 0; i < threads; ++i) {
-    auto shard = std::make_unique<Shard>(backend);
+    auto shard = std::make_unique<Shard>(backend, uring);
     shard->service = make_service(shard->loop);
     shard->server = std::make_unique<Server>(shard->loop, shared, options, *shard->service, /*share_port=*/threads > 1);
     shared.port = shard->server->port();  // port 0: the first loop's pick, for the rest

@@ -29,7 +29,7 @@ class ServerGroup {
   // the threads start with start(). Port 0: the first loop picks a free port
   // and the others share it.
   ServerGroup(unsigned threads, const Endpoint& endpoint, ConnectionOptions options, const ServiceFactory& make_service,
-              std::string_view backend = {});
+              std::string_view backend = {}, const UringOptions& uring = {});
   // Stops and joins the loops if still running.
   ~ServerGroup();
   ServerGroup(const ServerGroup&) = delete;
@@ -59,7 +59,7 @@ class ServerGroup {
 
  private:
   struct Shard {
-    explicit Shard(std::string_view backend) : loop(backend) {}
+    Shard(std::string_view backend, const UringOptions& uring) : loop(backend, uring) {}
     EventLoop loop;
     std::unique_ptr<ConnectionHandler> service;
     std::unique_ptr<Server> server;

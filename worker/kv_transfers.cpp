@@ -167,6 +167,7 @@ KvTransfers::KvTransfers(transport::EventLoop& loop, EngineRunner& runner, const
     const std::span<const std::byte> memory = cache.subspan(at, std::min(piece, cache.size() - at));
     if (!loop_.register_memory(memory)) break;
     registered_.push_back(memory);
+    counters_.cache_registered_bytes += memory.size();
   }
 }
 

@@ -93,6 +93,7 @@ struct KvTransferCounters {
   std::uint64_t chunks_sent_in_place = 0;    // from the KV cache itself, not a packed copy
   std::uint64_t chunks_received = 0;
   std::uint64_t chunks_landed_in_place = 0;  // decoded straight into the reserved blocks
+  std::uint64_t cache_registered_bytes = 0;  // of the KV cache, registered with the loop for zero-copy sends
 };
 
 class KvTransfers final : private transport::ConnectionHandler {
