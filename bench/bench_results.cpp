@@ -3,10 +3,33 @@
 #include <boost/json.hpp>
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <stdexcept>
 
 namespace fmwire::bench {
+
+Comparison compare(std::string name, double value, std::string unit, std::optional<double> peer_value,
+                   const std::string& peer, bool higher_is_better) {
+  Comparison row{std::move(name), value, std::move(unit), "", 0, 0};
+  if (peer_value && *peer_value > 0 && value > 0) {
+    row.peer = peer;
+    row.peer_value = *peer_value;
+    row.ratio = higher_is_better ? value / *peer_value : *peer_value / value;
+  }
+  return row;
+}
+
+std::optional<double> ratio_of(const Comparison& row) {
+  return row.ratio > 0 ? std::optional(row.ratio) : std::nullopt;
+}
+
+std::string ratio_text(std::optional<double> ratio) {
+  if (!ratio) return "-";
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2fx", *ratio);
+  return text;
+}
 
 double median(std::vector<double> values) {
   if (values.empty()) throw std::logic_error("median of no values");

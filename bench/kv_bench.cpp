@@ -470,25 +470,6 @@ std::optional<LinkPlan> link_plan(const std::string& name) {
 
 // ---------------------------------------------------------------- report
 
-// Rows without a peer keep the peer's name empty and its value and the ratio 0.
-Comparison compare(std::string name, double value, std::string unit, std::optional<double> peer_value,
-                   const std::string& peer, bool higher_is_better) {
-  Comparison row{std::move(name), value, std::move(unit), "", 0, 0};
-  if (peer_value && *peer_value > 0 && value > 0) {
-    row.peer = peer;
-    row.peer_value = *peer_value;
-    row.ratio = higher_is_better ? value / *peer_value : *peer_value / value;
-  }
-  return row;
-}
-
-std::string ratio_text(std::optional<double> ratio) {
-  if (!ratio) return "-";
-  char text[32];
-  std::snprintf(text, sizeof text, "%.2fx", *ratio);
-  return text;
-}
-
 std::optional<double> median_of(const std::vector<double>& values) {
   if (values.empty()) return std::nullopt;
   return median(values);
@@ -513,7 +494,6 @@ void print_row(const std::string& link_label, const std::string& prompt, const s
 }
 
 std::string ratio_columns(const Comparison& vs_iperf, const Comparison& vs_grpc, const Comparison& cpu_vs_grpc) {
-  auto ratio_of = [](const Comparison& row) { return row.ratio > 0 ? std::optional(row.ratio) : std::nullopt; };
   char text[64];
   std::snprintf(text, sizeof text, " %10s %12s %12s", ratio_text(ratio_of(vs_iperf)).c_str(),
                 ratio_text(ratio_of(vs_grpc)).c_str(), ratio_text(ratio_of(cpu_vs_grpc)).c_str());

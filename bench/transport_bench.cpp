@@ -101,26 +101,6 @@ BenchSettings quick_settings() {
 
 std::string backend_label(const std::string& backend) { return backend == "uring" ? "io_uring" : "asio"; }
 
-// Rows without a peer (skipped or not built) keep the peer's name empty and
-// its value and the ratio 0.
-Comparison compare(std::string name, double value, std::string unit, std::optional<double> peer_value,
-                   const std::string& peer, bool higher_is_better) {
-  Comparison row{std::move(name), value, std::move(unit), "", 0, 0};
-  if (peer_value && *peer_value > 0 && value > 0) {
-    row.peer = peer;
-    row.peer_value = *peer_value;
-    row.ratio = higher_is_better ? value / *peer_value : *peer_value / value;
-  }
-  return row;
-}
-
-std::string ratio_text(std::optional<double> ratio) {
-  if (!ratio) return "-";
-  char text[32];
-  std::snprintf(text, sizeof text, "%.2fx", *ratio);
-  return text;
-}
-
 // ---------------------------------------------------------------- token streaming
 
 struct ThroughputSummary {
@@ -386,8 +366,8 @@ void run_connect_rate(const BenchSettings& settings, std::vector<Comparison>& re
     const Comparison cpu = compare("connect_" + settings.backends[i] + "_cpu_us", ours.cpu_us_per_connection,
                                    "CPU-us/conn", peer.cpu_us_per_connection, "raw_tcp", false);
     std::printf("    %-16s %12.0f %12.1f %14s %14s\n", ("fmwire " + backend_label(settings.backends[i])).c_str(),
-                ours.connections_per_s, ours.cpu_us_per_connection, ratio_text(rate.ratio > 0 ? std::optional(rate.ratio) : std::nullopt).c_str(),
-                ratio_text(cpu.ratio > 0 ? std::optional(cpu.ratio) : std::nullopt).c_str());
+                ours.connections_per_s, ours.cpu_us_per_connection, ratio_text(ratio_of(rate)).c_str(),
+                ratio_text(ratio_of(cpu)).c_str());
     results.push_back(rate);
     results.push_back(cpu);
   }

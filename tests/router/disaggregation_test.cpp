@@ -118,32 +118,91 @@ bool cancelled(const ScriptedStream& stream) {
   return stream.closed && stream.end.error && stream.end.code == protocol::ErrorCode::CANCELLED;
 }
 
+// One part of a split request: the worker that got it and its stream there,
+// so that a case says which part sends what.
+struct SplitPart {
+  ScriptedWorker& worker;
+  ScriptedStream& stream;
+
+  void send_tokens(std::uint32_t first_index, std::uint32_t count = 1) { worker.send_tokens(stream, first_index, count); }
+  void send_finish(FinishReason reason, std::uint32_t completion_tokens) {
+    worker.send_finish(stream, reason, completion_tokens);
+  }
+  void send_error(protocol::ErrorCode code, const std::string& message, bool retryable) {
+    worker.send_error(stream, code, message, retryable);
+  }
+  std::uint64_t send_credit() const { return worker.send_credit(stream); }
+};
+
+// A prefill worker (workers[0]) and a decode worker (workers[1]), and one
+// client request of `max_tokens` that the router split between them: the
+// client's stream and both parts, once each worker got its own.
+struct SplitRig : Rig {
+  explicit SplitRig(std::uint32_t max_tokens, RouterOptions options = {})
+      : Rig({WorkerRole::PREFILL, WorkerRole::DECODE}, std::move(options)),
+        id(generate(max_tokens)),
+        decode{*workers[1], part_at(1)},
+        prefill{*workers[0], part_at(0)} {}
+
+  // What the client has seen of the request so far.
+  const StreamLog& client_log() { return collector.streams[id]; }
+  // Runs until the client has `count` indexes.
+  void wait_for_indexes(std::size_t count) {
+    REQUIRE(run_until(loop, [&] { return client_log().indexes.size() == count; }));
+  }
+  // Waits for the client's stream to end, and checks that it ended without
+  // an error with every index once.
+  const StreamLog& wait_every_index_once(std::uint32_t count) {
+    const StreamLog& log = wait(id);
+    CHECK_FALSE(log.end.error);
+    check_every_index_once(log, count);
+    return log;
+  }
+  // Runs until `part`'s stream is closed, and checks that the router cancelled it.
+  void wait_cancelled(const SplitPart& part) {
+    REQUIRE(run_until(loop, [&] { return part.stream.closed; }));
+    CHECK(cancelled(part.stream));
+  }
+  // The decode worker dies after the handoff, once the prefill's token and
+  // three of its own (indexes 0 to 3) reached the client.
+  void lose_decode_after_handoff() {
+    prefill.send_tokens(0);
+    prefill.send_finish(FinishReason::HANDED_OFF, 1);
+    decode.send_tokens(1, 3);
+    wait_for_indexes(4);
+    decode.worker.kill();
+  }
+
+  const std::uint32_t id;
+  // Declared, so waited for, decode first: the router opens the decode part
+  // first (router_service.h).
+  SplitPart decode;
+  SplitPart prefill;
+};
+
 }  // namespace
 
 TEST_CASE("a split request reaches the client as one stream: every index once, one Finish, the decode's usage") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(8);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
+  SplitRig rig(8);
+  const ScriptedStream& decode = rig.decode.stream;
+  const ScriptedStream& prefill = rig.prefill.stream;
   CHECK(decode.part == Part::decode);
   CHECK(prefill.part == Part::prefill);
   CHECK_FALSE(decode.transfer_key.empty());
   CHECK(prefill.transfer_key == decode.transfer_key);
-  CHECK(prefill.prefill_to == rig.workers[1]->endpoint());
+  CHECK(prefill.prefill_to == rig.decode.worker.endpoint());
   // Both parts get the client's request as it came: prompt, max_tokens.
   CHECK(prefill.prompt_text == kPrompt);
   CHECK(decode.prompt_text == kPrompt);
   CHECK(prefill.max_tokens == 8);
   CHECK(decode.max_tokens == 8);
 
-  rig.workers[0]->send_tokens(prefill, 0);
-  rig.workers[1]->send_tokens(decode, 1, 3);
-  rig.workers[0]->send_finish(prefill, FinishReason::HANDED_OFF, 1);
-  rig.workers[1]->send_tokens(decode, 4, 4);
-  rig.workers[1]->send_finish(decode, FinishReason::MAX_TOKENS, 8);
-  const StreamLog& log = rig.wait(id);
-  CHECK_FALSE(log.end.error);
-  check_every_index_once(log, 8);
+  rig.prefill.send_tokens(0);
+  rig.decode.send_tokens(1, 3);
+  rig.prefill.send_finish(FinishReason::HANDED_OFF, 1);
+  rig.decode.send_tokens(4, 4);
+  rig.decode.send_finish(FinishReason::MAX_TOKENS, 8);
+  const StreamLog& log = rig.wait_every_index_once(8);
   REQUIRE(log.finish.has_value());
   CHECK(*log.finish == FinishReason::MAX_TOKENS);
   CHECK(log.completion_tokens == 8);
@@ -159,24 +218,19 @@ TEST_CASE("a split request reaches the client as one stream: every index once, o
 }
 
 TEST_CASE("the decode stream's frames that come before the prefill's token are held until it reached the client") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(5);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[1]->send_tokens(decode, 1, 2);
-  rig.workers[1]->send_tokens(decode, 3, 2);
-  rig.workers[1]->send_finish(decode, FinishReason::MAX_TOKENS, 5);
+  SplitRig rig(5);
+  rig.decode.send_tokens(1, 2);
+  rig.decode.send_tokens(3, 2);
+  rig.decode.send_finish(FinishReason::MAX_TOKENS, 5);
   rig.settle();
-  CHECK(rig.collector.streams[id].indexes.empty());
-  CHECK_FALSE(rig.collector.streams[id].closed);
+  CHECK(rig.client_log().indexes.empty());
+  CHECK_FALSE(rig.client_log().closed);
 
-  rig.workers[0]->send_tokens(prefill, 0);
-  const StreamLog& log = rig.wait(id);
-  CHECK_FALSE(log.end.error);
-  check_every_index_once(log, 5);
+  rig.prefill.send_tokens(0);
+  const StreamLog& log = rig.wait_every_index_once(5);
   CHECK(*log.finish == FinishReason::MAX_TOKENS);
   // The decode part finished first: the prefill part, still open, is cancelled.
-  REQUIRE(run_until(rig.loop, [&] { return prefill.closed; }));
+  REQUIRE(run_until(rig.loop, [&] { return rig.prefill.stream.closed; }));
   CHECK(rig.router->open_streams() == 0);
   CHECK(rig.in_flight() == 0);
 }
@@ -184,50 +238,41 @@ TEST_CASE("the decode stream's frames that come before the prefill's token are h
 TEST_CASE("decode frames held for the prefill's token stay within the decode stream's credit window") {
   RouterOptions options;
   options.worker_stream_window_bytes = 2048;
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE}, options);
-  const std::uint32_t id = rig.generate(1000);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  REQUIRE(run_until(rig.loop, [&] { return rig.workers[1]->send_credit(decode) == 2048; }));
+  SplitRig rig(1000, options);
+  REQUIRE(run_until(rig.loop, [&] { return rig.decode.send_credit() == 2048; }));
   std::uint32_t next = 1;
-  while (rig.workers[1]->send_credit(decode) >= 256) {
-    rig.workers[1]->send_tokens(decode, next, 4);
+  while (rig.decode.send_credit() >= 256) {
+    rig.decode.send_tokens(next, 4);
     next += 4;
   }
   rig.settle();
   // Nothing went to the client, and the router gave the decode worker no credit back.
-  CHECK(rig.collector.streams[id].indexes.empty());
-  CHECK(rig.workers[1]->send_credit(decode) < 256);
+  CHECK(rig.client_log().indexes.empty());
+  CHECK(rig.decode.send_credit() < 256);
 
-  rig.workers[0]->send_tokens(prefill, 0);
-  REQUIRE(run_until(rig.loop, [&] { return rig.collector.streams[id].indexes.size() == next; }));
-  check_every_index_once(rig.collector.streams[id], next);
+  rig.prefill.send_tokens(0);
+  rig.wait_for_indexes(next);
+  check_every_index_once(rig.client_log(), next);
   // Taken by the client: the decode worker may send again.
-  REQUIRE(run_until(rig.loop, [&] { return rig.workers[1]->send_credit(decode) >= 256; }));
-  rig.client->reset_stream(id, protocol::ErrorCode::CANCELLED, "done");
+  REQUIRE(run_until(rig.loop, [&] { return rig.decode.send_credit() >= 256; }));
+  rig.client->reset_stream(rig.id, protocol::ErrorCode::CANCELLED, "done");
 }
 
 TEST_CASE("a prefill error after its token falls back to one worker, and the client gets every index once") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(6);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[0]->send_tokens(prefill, 0);
-  rig.workers[0]->send_error(prefill, protocol::ErrorCode::TRANSFER_ABORTED, "the decode worker refused: NO_CAPACITY",
-                             true);
-  const StreamLog& log = rig.wait(id);
-  CHECK_FALSE(log.end.error);
-  check_every_index_once(log, 6);
+  SplitRig rig(6);
+  rig.prefill.send_tokens(0);
+  rig.prefill.send_error(protocol::ErrorCode::TRANSFER_ABORTED, "the decode worker refused: NO_CAPACITY", true);
+  const StreamLog& log = rig.wait_every_index_once(6);
   CHECK(*log.finish == FinishReason::MAX_TOKENS);
   CHECK(log.completion_tokens == 6);
-  CHECK(log.prompt_tokens == decode.prompt.size());
-  CHECK(cancelled(decode));
+  CHECK(log.prompt_tokens == rig.decode.stream.prompt.size());
+  CHECK(cancelled(rig.decode.stream));
   // Served whole by one of them: the prompt, then the token already sent, as ids.
-  CHECK(rig.workers[0]->count(Part::whole) + rig.workers[1]->count(Part::whole) == 1);
-  const ScriptedStream& whole = rig.workers[0]->count(Part::whole) == 1 ? rig.workers[0]->stream(1)
-                                                                        : rig.workers[1]->stream(1);
+  CHECK(rig.prefill.worker.count(Part::whole) + rig.decode.worker.count(Part::whole) == 1);
+  const ScriptedStream& whole = rig.prefill.worker.count(Part::whole) == 1 ? rig.prefill.worker.stream(1)
+                                                                           : rig.decode.worker.stream(1);
   CHECK(whole.prompt_text.empty());
-  CHECK(whole.prompt.size() == decode.prompt.size() + 1);
+  CHECK(whole.prompt.size() == rig.decode.stream.prompt.size() + 1);
   CHECK(whole.max_tokens == 5);
   CHECK(rig.router->counters().disaggregation_fallbacks == 1);
   CHECK(rig.router->counters().prompts_tokenized == 1);
@@ -236,131 +281,90 @@ TEST_CASE("a prefill error after its token falls back to one worker, and the cli
 }
 
 TEST_CASE("a prefill lost before its token falls back to the request as it came, at another worker") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(4);
-  ScriptedStream& decode = rig.part_at(1);
-  rig.part_at(0);
-  rig.workers[0]->kill();
-  const StreamLog& log = rig.wait(id);
-  CHECK_FALSE(log.end.error);
-  check_every_index_once(log, 4);
-  CHECK(cancelled(decode));
+  SplitRig rig(4);
+  rig.prefill.worker.kill();
+  rig.wait_every_index_once(4);
+  CHECK(cancelled(rig.decode.stream));
   // Nothing was sent: the text goes on as it came, to the worker still up.
-  REQUIRE(rig.workers[1]->count(Part::whole) == 1);
-  CHECK(rig.workers[1]->stream(1).prompt_text == kPrompt);
+  REQUIRE(rig.decode.worker.count(Part::whole) == 1);
+  CHECK(rig.decode.worker.stream(1).prompt_text == kPrompt);
   CHECK(rig.router->counters().disaggregation_fallbacks == 1);
   CHECK(rig.router->counters().prompts_tokenized == 0);
 }
 
 TEST_CASE("a decode error before the handoff cancels the prefill part and falls back to one worker") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(6);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[0]->send_tokens(prefill, 0);
-  rig.workers[1]->send_error(decode, protocol::ErrorCode::TRANSFER_ABORTED, "no KV came", true);
-  const StreamLog& log = rig.wait(id);
-  CHECK_FALSE(log.end.error);
-  check_every_index_once(log, 6);
+  SplitRig rig(6);
+  rig.prefill.send_tokens(0);
+  rig.decode.send_error(protocol::ErrorCode::TRANSFER_ABORTED, "no KV came", true);
+  const StreamLog& log = rig.wait_every_index_once(6);
   CHECK(log.completion_tokens == 6);
-  REQUIRE(run_until(rig.loop, [&] { return prefill.closed; }));
-  CHECK(cancelled(prefill));
+  rig.wait_cancelled(rig.prefill);
   CHECK(rig.router->counters().disaggregation_fallbacks == 1);
   CHECK(rig.router->open_streams() == 0);
   CHECK(rig.in_flight() == 0);
 }
 
 TEST_CASE("a decode error after some of its tokens went out falls back after them") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(8);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[0]->send_tokens(prefill, 0);
-  rig.workers[1]->send_tokens(decode, 1, 2);
-  rig.workers[1]->send_error(decode, protocol::ErrorCode::OVERLOADED, "shedding", true);
-  const StreamLog& log = rig.wait(id);
-  CHECK_FALSE(log.end.error);
-  check_every_index_once(log, 8);
+  SplitRig rig(8);
+  rig.prefill.send_tokens(0);
+  rig.decode.send_tokens(1, 2);
+  rig.decode.send_error(protocol::ErrorCode::OVERLOADED, "shedding", true);
+  const StreamLog& log = rig.wait_every_index_once(8);
   CHECK(log.completion_tokens == 8);
   CHECK(rig.router->counters().disaggregation_fallbacks == 1);
 }
 
 TEST_CASE("a prefill that hands off without its first token is served whole: the client never misses index 0") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(5);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[1]->send_tokens(decode, 1, 2);
-  rig.workers[0]->send_finish(prefill, FinishReason::HANDED_OFF, 1);
-  const StreamLog& log = rig.wait(id);
-  CHECK_FALSE(log.end.error);
-  check_every_index_once(log, 5);
-  CHECK(cancelled(decode));
+  SplitRig rig(5);
+  rig.decode.send_tokens(1, 2);
+  rig.prefill.send_finish(FinishReason::HANDED_OFF, 1);
+  rig.wait_every_index_once(5);
+  CHECK(cancelled(rig.decode.stream));
   CHECK(rig.router->counters().disaggregation_fallbacks == 1);
 }
 
 TEST_CASE("a part's error that is not retryable goes to the client as it is") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(6);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[0]->send_error(prefill, protocol::ErrorCode::BAD_REQUEST, "the prompt exceeds the context", false);
-  const StreamLog& log = rig.wait(id);
+  SplitRig rig(6);
+  rig.prefill.send_error(protocol::ErrorCode::BAD_REQUEST, "the prompt exceeds the context", false);
+  const StreamLog& log = rig.wait(rig.id);
   CHECK(log.end.error);
   CHECK(log.end.code == protocol::ErrorCode::BAD_REQUEST);
   CHECK(log.end.message == "the prompt exceeds the context");
-  REQUIRE(run_until(rig.loop, [&] { return decode.closed; }));
-  CHECK(cancelled(decode));
+  rig.wait_cancelled(rig.decode);
   CHECK(rig.router->counters().disaggregation_fallbacks == 0);
   CHECK(rig.in_flight() == 0);
 }
 
 TEST_CASE("a prefill complete at its first token ends the stream with its Finish and cancels the decode part") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(6);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[0]->send_tokens(prefill, 0);
-  rig.workers[0]->send_finish(prefill, FinishReason::END_OF_SEQUENCE, 1);
-  const StreamLog& log = rig.wait(id);
-  CHECK_FALSE(log.end.error);
-  check_every_index_once(log, 1);
+  SplitRig rig(6);
+  rig.prefill.send_tokens(0);
+  rig.prefill.send_finish(FinishReason::END_OF_SEQUENCE, 1);
+  const StreamLog& log = rig.wait_every_index_once(1);
   CHECK(*log.finish == FinishReason::END_OF_SEQUENCE);
   CHECK(log.completion_tokens == 1);
-  REQUIRE(run_until(rig.loop, [&] { return decode.closed; }));
-  CHECK(cancelled(decode));
+  rig.wait_cancelled(rig.decode);
   CHECK(rig.router->counters().disaggregation_fallbacks == 0);
   CHECK(rig.router->open_streams() == 0);
   CHECK(rig.in_flight() == 0);
 }
 
 TEST_CASE("a client's cancel of a split request reaches both the prefill and the decode worker") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(50);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[0]->send_tokens(prefill, 0);
-  REQUIRE(run_until(rig.loop, [&] { return rig.collector.streams[id].indexes.size() == 1; }));
-  rig.client->reset_stream(id, protocol::ErrorCode::CANCELLED, "client went away");
-  REQUIRE(run_until(rig.loop, [&] { return prefill.closed && decode.closed; }));
-  CHECK(cancelled(prefill));
-  CHECK(cancelled(decode));
+  SplitRig rig(50);
+  rig.prefill.send_tokens(0);
+  rig.wait_for_indexes(1);
+  rig.client->reset_stream(rig.id, protocol::ErrorCode::CANCELLED, "client went away");
+  REQUIRE(run_until(rig.loop, [&] { return rig.prefill.stream.closed && rig.decode.stream.closed; }));
+  CHECK(cancelled(rig.prefill.stream));
+  CHECK(cancelled(rig.decode.stream));
   CHECK(rig.router->open_streams() == 0);
   CHECK(rig.in_flight() == 0);
   CHECK(rig.router->counters().streams_cancelled == 1);
 }
 
 TEST_CASE("a decode worker lost after the handoff ends the stream with a retryable worker_lost error") {
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE});
-  const std::uint32_t id = rig.generate(20);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[0]->send_tokens(prefill, 0);
-  rig.workers[0]->send_finish(prefill, FinishReason::HANDED_OFF, 1);
-  rig.workers[1]->send_tokens(decode, 1, 3);
-  REQUIRE(run_until(rig.loop, [&] { return rig.collector.streams[id].indexes.size() == 4; }));
-  rig.workers[1]->kill();
-  const StreamLog& log = rig.wait(id);
+  SplitRig rig(20);
+  rig.lose_decode_after_handoff();
+  const StreamLog& log = rig.wait(rig.id);
   CHECK(log.end.error);
   CHECK(log.end.code == protocol::ErrorCode::WORKER_LOST);
   CHECK(log.end.retryable);
@@ -370,21 +374,12 @@ TEST_CASE("a decode worker lost after the handoff ends the stream with a retryab
 TEST_CASE("with migration a decode worker lost after the handoff is migrated, every index once") {
   RouterOptions options;
   options.migrate = true;
-  Rig rig({WorkerRole::PREFILL, WorkerRole::DECODE}, options);
-  const std::uint32_t id = rig.generate(10);
-  ScriptedStream& decode = rig.part_at(1);
-  ScriptedStream& prefill = rig.part_at(0);
-  rig.workers[0]->send_tokens(prefill, 0);
-  rig.workers[0]->send_finish(prefill, FinishReason::HANDED_OFF, 1);
-  rig.workers[1]->send_tokens(decode, 1, 3);
-  REQUIRE(run_until(rig.loop, [&] { return rig.collector.streams[id].indexes.size() == 4; }));
-  rig.workers[1]->kill();
-  const StreamLog& log = rig.wait(id);
-  CHECK_FALSE(log.end.error);
-  check_every_index_once(log, 10);
+  SplitRig rig(10, options);
+  rig.lose_decode_after_handoff();
+  rig.wait_every_index_once(10);
   CHECK(rig.router->counters().streams_migrated == 1);
-  REQUIRE(rig.workers[0]->count(Part::whole) == 1);
-  CHECK(rig.workers[0]->stream(1).max_tokens == 6);
+  REQUIRE(rig.prefill.worker.count(Part::whole) == 1);
+  CHECK(rig.prefill.worker.stream(1).max_tokens == 6);
 }
 
 TEST_CASE("without a healthy decode worker requests are served whole, by a BOTH worker while there is one") {
