@@ -342,6 +342,22 @@ bool BatchingEngine::admittable(const Sequence& sequence) const {
   return need <= have || need - have <= available;
 }
 
+bool BatchingEngine::stuck_on_waiting_blocks(const Sequence& head) const {
+  for (const Sequence* sequence : running_) {
+    if (!sequence->paused) return false;  // it frees its blocks when it finishes or gives way
+  }
+  return std::any_of(waiting_.begin(), waiting_.end(),
+                     [&](const Sequence* other) { return other != &head && !other->blocks.empty(); });
+}
+
+void BatchingEngine::preempt_waiting_for(const Sequence& head) {
+  for (auto it = waiting_.rbegin(); it != waiting_.rend() && !admittable(head); ++it) {
+    if (*it == &head || (*it)->blocks.empty()) continue;
+    release_blocks(**it);
+    ++preemptions_;
+  }
+}
+
 void BatchingEngine::admit(Sequence& sequence) {
   waiting_.erase(std::find(waiting_.begin(), waiting_.end(), &sequence));
   sequence.running = true;
@@ -463,7 +479,9 @@ void BatchingEngine::step(StepOutput& output) {
   }
   while (budget > 0) {
     const auto next = std::find_if(waiting_.begin(), waiting_.end(), [](const Sequence* s) { return !s->paused; });
-    if (next == waiting_.end() || !admittable(**next)) break;  // in priority order: no overtaking
+    if (next == waiting_.end()) break;
+    if (!admittable(**next) && stuck_on_waiting_blocks(**next)) preempt_waiting_for(**next);
+    if (!admittable(**next)) break;  // in priority order: no overtaking
     Sequence& sequence = **next;
     admit(sequence);
     const auto tokens = std::min(budget, static_cast<std::uint32_t>(sequence.tokens.size() - sequence.computed));
@@ -564,7 +582,7 @@ bool BatchingEngine::has_work() const {
     if (!sequence->paused) return true;
   }
   for (const Sequence* sequence : waiting_) {
-    if (!sequence->paused) return admittable(*sequence);
+    if (!sequence->paused) return admittable(*sequence) || stuck_on_waiting_blocks(*sequence);
   }
   return false;
 }

@@ -323,6 +323,40 @@ TEST_CASE("a committed import is admitted with the blocks it holds") {
   CHECK(stats.running == 1);
 }
 
+TEST_CASE("committed imports that fill the cache do not wait for each other for ever") {
+  // Two prompts of 3 blocks each fill a receiver of 6 blocks; each needs a
+  // 4th block for its next token. Nothing runs that could free one: the
+  // younger import gives its blocks up and is recomputed after the older.
+  constexpr std::uint32_t kTokens = 6;
+  auto sender = builtin_engine();
+  auto receiver = builtin_engine(6);
+  std::vector<std::vector<std::uint32_t>> prompts{prompt_of(48, 1), prompt_of(48, 2)};
+  std::vector<std::uint32_t> first_tokens;
+  for (std::uint32_t i = 0; i < 2; ++i) {
+    const Prefilled prefilled = prefill(*sender, prompts[i]);
+    auto continued = prompts[i];
+    continued.push_back(prefilled.first_token);
+    first_tokens.push_back(prefilled.first_token);
+    REQUIRE(receiver->prepare_import(3 + i, greedy(continued, kTokens - 1), prefilled.import));
+    REQUIRE(receiver->write_import(3 + i, 0, prefilled.bytes));
+    REQUIRE(receiver->commit_import(3 + i));
+  }
+  CHECK(receiver->stats().free_blocks == 0);
+  CHECK(receiver->stats().waiting == 2);
+  CHECK(receiver->has_work());
+  auto outcomes = run_to_end(*receiver);
+  for (std::uint32_t i = 0; i < 2; ++i) {
+    CAPTURE(i);
+    REQUIRE(outcomes[3 + i].finished.has_value());
+    std::vector<std::uint32_t> tokens{first_tokens[i]};
+    tokens.insert(tokens.end(), outcomes[3 + i].tokens.begin(), outcomes[3 + i].tokens.end());
+    CHECK(tokens == alone(prompts[i], kTokens));
+  }
+  CHECK(outcomes[3].finished->cached_prompt_tokens == 0);
+  CHECK(receiver->stats().preemptions == 1);
+  CHECK(all_blocks_free(*receiver));
+}
+
 TEST_CASE("cancelling an import frees its blocks whether prepared, partly written or committed") {
   const auto prompt = prompt_of(40, 1);
   for (std::uint32_t receiver_block_tokens : {16u, 8u, 32u}) {
