@@ -328,14 +328,20 @@ EngineResult<codec::Done> BatchingEngine::finish_import(Sequence& sequence, std:
 bool BatchingEngine::admittable(const Sequence& sequence) const {
   if (running_.size() >= options_.max_running) return false;
   std::uint32_t have = static_cast<std::uint32_t>(sequence.blocks.size());
+  std::size_t available = pool_.available_blocks();
   if (have == 0 && options_.prefix_cache) {
     const auto limit = static_cast<std::uint32_t>((sequence.tokens.size() - 1) / info_.kv.block_tokens);
-    have = pool_.count_prefix(sequence.tokens, limit);
+    const KvBlockPool::PrefixCount prefix = pool_.count_prefix(sequence.tokens, limit);
+    have = prefix.blocks;
+    // Cached prefix blocks nobody holds (a preempted sequence's own) are
+    // counted once: as the sequence's, not also as available. Counted
+    // twice, it would be admitted, fail to reserve and give way, step
+    // after step, while holding up the queue behind it.
+    available -= prefix.unreferenced;
   }
   // Blocks for every token so far and the next one; paused sequences'
   // blocks count as available: admission may preempt them.
   const std::uint32_t need = blocks_for(static_cast<std::uint32_t>(sequence.tokens.size() + 1));
-  std::size_t available = pool_.available_blocks();
   for (const Sequence* other : running_) {
     if (other->paused) available += other->blocks.size();
   }
