@@ -362,18 +362,40 @@ EngineResult<codec::Done> BatchingEngine::finish_import(Sequence& sequence, std:
 bool BatchingEngine::admittable(const Sequence& sequence) const {
   if (running_.size() >= options_.max_running) return false;
   std::uint32_t have = static_cast<std::uint32_t>(sequence.blocks.size());
+  std::size_t available = pool_.available_blocks();
   if (have == 0 && options_.prefix_cache) {
     const auto limit = static_cast<std::uint32_t>((sequence.tokens.size() - 1) / info_.kv.block_tokens);
-    have = pool_.count_prefix(sequence.tokens, limit);
+    const KvBlockPool::PrefixCount prefix = pool_.count_prefix(sequence.tokens, limit);
+    have = prefix.blocks;
+    // Cached prefix blocks nobody holds (a preempted sequence's own) are
+    // counted once: as the sequence's, not also as available. Counted
+    // twice, it would be admitted, fail to reserve and give way, step
+    // after step, while holding up the queue behind it.
+    available -= prefix.unreferenced;
   }
   // Blocks for every token so far and the next one; paused sequences'
   // blocks count as available: admission may preempt them.
   const std::uint32_t need = blocks_for(static_cast<std::uint32_t>(sequence.tokens.size() + 1));
-  std::size_t available = pool_.available_blocks();
   for (const Sequence* other : running_) {
     if (other->paused) available += other->blocks.size();
   }
   return need <= have || need - have <= available;
+}
+
+bool BatchingEngine::stuck_on_waiting_blocks(const Sequence& head) const {
+  for (const Sequence* sequence : running_) {
+    if (!sequence->paused) return false;  // it frees its blocks when it finishes or gives way
+  }
+  return std::any_of(waiting_.begin(), waiting_.end(),
+                     [&](const Sequence* other) { return other != &head && !other->blocks.empty(); });
+}
+
+void BatchingEngine::preempt_waiting_for(const Sequence& head) {
+  for (auto it = waiting_.rbegin(); it != waiting_.rend() && !admittable(head); ++it) {
+    if (*it == &head || (*it)->blocks.empty()) continue;
+    release_blocks(**it);
+    ++preemptions_;
+  }
 }
 
 void BatchingEngine::admit(Sequence& sequence) {
@@ -497,7 +519,9 @@ void BatchingEngine::step(StepOutput& output) {
   }
   while (budget > 0) {
     const auto next = std::find_if(waiting_.begin(), waiting_.end(), [](const Sequence* s) { return !s->paused; });
-    if (next == waiting_.end() || !admittable(**next)) break;  // in priority order: no overtaking
+    if (next == waiting_.end()) break;
+    if (!admittable(**next) && stuck_on_waiting_blocks(**next)) preempt_waiting_for(**next);
+    if (!admittable(**next)) break;  // in priority order: no overtaking
     Sequence& sequence = **next;
     admit(sequence);
     const auto tokens = std::min(budget, static_cast<std::uint32_t>(sequence.tokens.size() - sequence.computed));
@@ -598,7 +622,7 @@ bool BatchingEngine::has_work() const {
     if (!sequence->paused) return true;
   }
   for (const Sequence* sequence : waiting_) {
-    if (!sequence->paused) return admittable(*sequence);
+    if (!sequence->paused) return admittable(*sequence) || stuck_on_waiting_blocks(*sequence);
   }
   return false;
 }

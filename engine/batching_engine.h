@@ -11,10 +11,12 @@
 // held list with its blocks; an import reserves its blocks at prepare and
 // sits on the importing list until commit, when it joins the waiting queue
 // with those blocks as its computed prefix. Neither list is ever scheduled
-// or preempted. When the sender's block size differs from ours, a chunk is
-// re-laid into our blocks; a block of ours that a chunk covers only in part
-// waits in host memory until the rest of its positions arrive, so no block
-// is written from bytes that never came.
+// or preempted; a committed import waiting with its blocks gives them up
+// only when nothing runs and the sequence ahead of it needs them. When the
+// sender's block size differs from ours, a chunk is re-laid into our
+// blocks; a block of ours that a chunk covers only in part waits in host
+// memory until the rest of its positions arrive, so no block is written
+// from bytes that never came.
 #pragma once
 
 #include <chrono>
@@ -117,6 +119,14 @@ class BatchingEngine final : public Engine {
   // younger sequences if it must; false when it cannot (it was preempted).
   bool reserve(Sequence& sequence, std::uint32_t tokens);
   bool admittable(const Sequence& sequence) const;
+  // Nothing runs that will free a block, and other waiting sequences hold
+  // some: committed imports wait with their KV, and when they fill the
+  // cache, each waits for a block the others hold, for ever.
+  bool stuck_on_waiting_blocks(const Sequence& head) const;
+  // The way out: the youngest of those give their blocks up (to be
+  // recomputed when admitted, as a preempted sequence is) until `head`,
+  // first in the queue, is admittable.
+  void preempt_waiting_for(const Sequence& head);
   void admit(Sequence& sequence);
   void preempt(Sequence& sequence);
   void release_blocks(Sequence& sequence);

@@ -91,14 +91,18 @@ std::vector<std::uint32_t> KvBlockPool::match_prefix(std::span<const std::uint32
   return found;
 }
 
-std::uint32_t KvBlockPool::count_prefix(std::span<const std::uint32_t> tokens, std::uint32_t max_blocks) const {
-  std::uint32_t count = 0;
+KvBlockPool::PrefixCount KvBlockPool::count_prefix(std::span<const std::uint32_t> tokens,
+                                                   std::uint32_t max_blocks) const {
+  PrefixCount count;
   std::uint64_t hash = 0;
-  for (std::size_t begin = 0; begin + block_tokens_ <= tokens.size() && count < max_blocks; begin += block_tokens_) {
+  for (std::size_t begin = 0; begin + block_tokens_ <= tokens.size() && count.blocks < max_blocks;
+       begin += block_tokens_) {
     const auto block_tokens = tokens.subspan(begin, block_tokens_);
     hash = chain_hash(hash, block_tokens);
-    if (!find_cached(hash, block_tokens)) break;
-    ++count;
+    const auto block = find_cached(hash, block_tokens);
+    if (!block) break;
+    ++count.blocks;
+    if (blocks_[*block].references == 0) ++count.unreferenced;
   }
   return count;
 }

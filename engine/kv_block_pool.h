@@ -47,8 +47,14 @@ class KvBlockPool {
   // the caller. Tokens are compared, not only hashes, so a hash collision
   // can never hand out another prompt's KV.
   std::vector<std::uint32_t> match_prefix(std::span<const std::uint32_t> tokens, std::uint32_t max_blocks);
-  // How many blocks match_prefix would find, without taking them.
-  std::uint32_t count_prefix(std::span<const std::uint32_t> tokens, std::uint32_t max_blocks) const;
+  // How many blocks match_prefix would find, without taking them, and how
+  // many of those nobody references: those are among available_blocks()
+  // until match_prefix takes them, so they cannot also be allocated.
+  struct PrefixCount {
+    std::uint32_t blocks = 0;
+    std::uint32_t unreferenced = 0;
+  };
+  PrefixCount count_prefix(std::span<const std::uint32_t> tokens, std::uint32_t max_blocks) const;
 
   // `block` (referenced) is full and holds `tokens`, ending a prefix whose
   // chained hash is `hash`: cache it under that hash. When another block

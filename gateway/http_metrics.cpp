@@ -171,6 +171,10 @@ void HttpMetrics::render_workers(std::string& out) const {
        [](const WorkerLoad& load) { return load.queue_depth; }},
       {"fmwire_gateway_worker_paused_sequences", "Sequences at each worker paused until their readers take more tokens.",
        [](const WorkerLoad& load) { return load.paused; }},
+      {"fmwire_gateway_worker_kv_reserved_blocks", "KV cache blocks each worker holds for incoming KV transfers.",
+       [](const WorkerLoad& load) { return load.kv_reserved_blocks; }},
+      {"fmwire_gateway_worker_kv_transfers_active", "KV transfer sessions open at each worker, either direction.",
+       [](const WorkerLoad& load) { return load.kv_transfers_active; }},
   };
   std::lock_guard lock(workers_mutex_);
   const auto now = std::chrono::steady_clock::now();

@@ -62,8 +62,24 @@ TEST_CASE("a shared prefix is found block by block and referenced for the caller
   CHECK(found[0] == blocks[0]);
   CHECK(found[1] == blocks[1]);
   CHECK(pool.references(blocks[0]) == 2);
-  CHECK(pool.count_prefix(other, 100) == 2);
-  CHECK(pool.count_prefix(other, 1) == 1);
+  CHECK(pool.count_prefix(other, 100).blocks == 2);
+  CHECK(pool.count_prefix(other, 100).unreferenced == 0);  // the caller holds them now
+  CHECK(pool.count_prefix(other, 1).blocks == 1);
+}
+
+TEST_CASE("a prefix count says which of its blocks nobody holds: those are also available ones") {
+  KvBlockPool pool(8, 4);
+  const auto prompt = tokens_from(100, 12);
+  const auto blocks = publish_all(pool, prompt);
+  pool.release(blocks[1]);
+  pool.release(blocks[2]);
+  CHECK(pool.available_blocks() == 7);  // 5 free, 2 cached with no reference
+  const KvBlockPool::PrefixCount count = pool.count_prefix(prompt, 100);
+  CHECK(count.blocks == 3);
+  CHECK(count.unreferenced == 2);
+  const auto found = pool.match_prefix(prompt, 100);
+  CHECK(found.size() == 3);
+  CHECK(pool.available_blocks() == 5);
 }
 
 TEST_CASE("a prefix differing in its first block matches nothing") {

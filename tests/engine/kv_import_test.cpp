@@ -323,6 +323,78 @@ TEST_CASE("a committed import is admitted with the blocks it holds") {
   CHECK(stats.running == 1);
 }
 
+TEST_CASE("committed imports that fill the cache do not wait for each other for ever") {
+  // Two prompts of 3 blocks each fill a receiver of 6 blocks; each needs a
+  // 4th block for its next token. Nothing runs that could free one: the
+  // younger import gives its blocks up and is recomputed after the older.
+  constexpr std::uint32_t kTokens = 6;
+  auto sender = builtin_engine();
+  auto receiver = builtin_engine(6);
+  std::vector<std::vector<std::uint32_t>> prompts{prompt_of(48, 1), prompt_of(48, 2)};
+  std::vector<std::uint32_t> first_tokens;
+  for (std::uint32_t i = 0; i < 2; ++i) {
+    const Prefilled prefilled = prefill(*sender, prompts[i]);
+    auto continued = prompts[i];
+    continued.push_back(prefilled.first_token);
+    first_tokens.push_back(prefilled.first_token);
+    REQUIRE(receiver->prepare_import(3 + i, greedy(continued, kTokens - 1), prefilled.import));
+    REQUIRE(receiver->write_import(3 + i, 0, prefilled.bytes));
+    REQUIRE(receiver->commit_import(3 + i));
+  }
+  CHECK(receiver->stats().free_blocks == 0);
+  CHECK(receiver->stats().waiting == 2);
+  CHECK(receiver->has_work());
+  auto outcomes = run_to_end(*receiver);
+  for (std::uint32_t i = 0; i < 2; ++i) {
+    CAPTURE(i);
+    REQUIRE(outcomes[3 + i].finished.has_value());
+    std::vector<std::uint32_t> tokens{first_tokens[i]};
+    tokens.insert(tokens.end(), outcomes[3 + i].tokens.begin(), outcomes[3 + i].tokens.end());
+    CHECK(tokens == alone(prompts[i], kTokens));
+  }
+  CHECK(outcomes[3].finished->cached_prompt_tokens == 0);
+  CHECK(receiver->stats().preemptions == 1);
+  CHECK(all_blocks_free(*receiver));
+}
+
+TEST_CASE("a sequence whose cached prefix is most of what is available waits, and an import behind it gives way") {
+  // 8 blocks. A finished prompt leaves its 4 blocks cached with no
+  // reference; an import takes 3 of the other 4 and waits behind a prompt
+  // that extends the cached one to 7 blocks. Counting the cached 4 both as
+  // that prompt's and as available, it would be admitted, fail to reserve
+  // and give way, step after step, with the import stuck behind it. Counted
+  // once, it does not fit: nothing runs, so the import gives its blocks up.
+  auto receiver = builtin_engine(8);
+  const auto cached = prompt_of(64, 5);
+  REQUIRE(receiver->submit(1, greedy(cached, 1)));
+  REQUIRE(run_to_end(*receiver)[1].finished.has_value());
+  REQUIRE(receiver->stats().cached_blocks == 4);
+
+  auto sender = builtin_engine();
+  const auto imported = prompt_of(48, 6);
+  const Prefilled prefilled = prefill(*sender, imported);
+  auto continued = imported;
+  continued.push_back(prefilled.first_token);
+  REQUIRE(receiver->prepare_import(4, greedy(continued, 3), prefilled.import));
+  REQUIRE(receiver->write_import(4, 0, prefilled.bytes));
+  auto extended = cached;
+  const auto more = prompt_of(40, 7);
+  extended.insert(extended.end(), more.begin(), more.end());
+  REQUIRE(receiver->submit(3, greedy(extended, 2)));
+  REQUIRE(receiver->commit_import(4));
+  CHECK(receiver->stats().waiting == 2);
+
+  auto outcomes = run_to_end(*receiver);
+  REQUIRE(outcomes[3].finished.has_value());
+  CHECK(outcomes[3].tokens == alone(extended, 2));
+  CHECK(outcomes[3].finished->cached_prompt_tokens == 64);
+  REQUIRE(outcomes[4].finished.has_value());
+  std::vector<std::uint32_t> tokens{prefilled.first_token};
+  tokens.insert(tokens.end(), outcomes[4].tokens.begin(), outcomes[4].tokens.end());
+  CHECK(tokens == alone(imported, 4));
+  CHECK(all_blocks_free(*receiver));
+}
+
 TEST_CASE("cancelling an import frees its blocks whether prepared, partly written or committed") {
   const auto prompt = prompt_of(40, 1);
   for (std::uint32_t receiver_block_tokens : {16u, 8u, 32u}) {

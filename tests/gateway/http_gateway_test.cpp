@@ -568,7 +568,8 @@ TEST_CASE("http_gateway: /metrics passes promtool check metrics") {
   for (const std::string& series :
        {std::string("fmwire_gateway_worker_kv_blocks_in_use"), std::string("fmwire_gateway_worker_kv_blocks_capacity"),
         std::string("fmwire_gateway_worker_running_sequences"), std::string("fmwire_gateway_worker_queued_sequences"),
-        std::string("fmwire_gateway_worker_paused_sequences")}) {
+        std::string("fmwire_gateway_worker_paused_sequences"), std::string("fmwire_gateway_worker_kv_reserved_blocks"),
+        std::string("fmwire_gateway_worker_kv_transfers_active")}) {
     CHECK_MESSAGE(sample(metrics.body, worker_series(series, worker)).has_value(), series);
   }
   for (const char* name : {"fmwire_gateway_requests_total{status=\"200\"}", "fmwire_gateway_requests_total{status=\"400\"}",
