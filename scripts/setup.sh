@@ -22,6 +22,8 @@ packages=(
   # iperf3 are the peers of bench/transport
   libprotobuf-dev protobuf-compiler
   libgrpc++-dev protobuf-compiler-grpc iperf3
+  # charts from result files (scripts/plot.py)
+  python3-matplotlib
 )
 
 missing=()
