@@ -231,6 +231,17 @@ void bench_kv_copies(engine::CudaBackend& backend, const std::string& model, con
           "cudaMemcpy H2D pinned", gigabytes / peer.host_to_device_seconds);
   add_row(results, "read_blocks (pack + copy to caller), " + what, gigabytes / read, "GB/s", "cudaMemcpy D2H pinned",
           gigabytes / peer.device_to_host_seconds);
+  // What a KV transfer uses: the transfer arena is pinned, so the packed
+  // blocks go there in one DMA, with no copy to the caller.
+  const std::span<std::byte> arena = backend.transfer_arena();
+  if (arena.size() >= bytes) {
+    const double into = median_seconds(settings.repetitions, [&] { backend.read_blocks(blocks, arena.first(bytes)); });
+    const double from = median_seconds(settings.repetitions, [&] { backend.write_blocks(blocks, arena.first(bytes)); });
+    add_row(results, "read_blocks into the transfer arena, " + what, gigabytes / into, "GB/s", "cudaMemcpy D2H pinned",
+            gigabytes / peer.device_to_host_seconds);
+    add_row(results, "write_blocks from the transfer arena, " + what, gigabytes / from, "GB/s", "cudaMemcpy H2D pinned",
+            gigabytes / peer.host_to_device_seconds);
+  }
 }
 
 std::vector<Comparison> run(const BenchSettings& settings) {

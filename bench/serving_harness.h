@@ -104,6 +104,7 @@ class TimedEngine final : public engine::Engine {
     return inner_.read_kv(id, first_block, block_count, out);
   }
   std::span<std::byte> host_kv() override { return inner_.host_kv(); }
+  std::span<std::byte> transfer_arena() override { return inner_.transfer_arena(); }
   engine::EngineResult<std::vector<std::uint32_t>> locate_kv(engine::SequenceId id, std::uint32_t first_block,
                                                              std::uint32_t block_count) override {
     return inner_.locate_kv(id, first_block, block_count);

@@ -119,6 +119,14 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
       << counters.streams_cancelled << " cancelled, " << counters.streams_refused << " refused; "
       << counters.tokens_sent << " tokens sent; prompt tokens " << stats.prompt_tokens << " of which "
       << stats.cached_prompt_tokens << " from the prefix cache" << std::endl;
+  const worker::KvTransferCounters& kv = service->kv_counters();
+  if (kv.sent + kv.received + kv.failed > 0) {
+    err << "fmwire worker: KV transfers " << kv.sent << " sent, " << kv.received << " received, " << kv.failed
+        << " failed; chunks sent " << kv.chunks_sent << " (" << kv.chunks_sent_in_place << " from the cache, "
+        << kv.chunks_sent_from_arena << " from the pinned arena), received " << kv.chunks_received << " ("
+        << kv.chunks_landed_in_place << " into the cache, " << kv.chunks_landed_through_arena
+        << " through the pinned arena)" << std::endl;
+  }
   group.reset();  // the service (and its engine thread) before the engine
   return result;
 }

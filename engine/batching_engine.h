@@ -55,6 +55,7 @@ class BatchingEngine final : public Engine {
   EngineResult<codec::Done> read_kv(SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
                                     std::span<std::byte> out) override;
   std::span<std::byte> host_kv() override { return backend_->host_kv(); }
+  std::span<std::byte> transfer_arena() override { return backend_->transfer_arena(); }
   EngineResult<std::vector<std::uint32_t>> locate_kv(SequenceId id, std::uint32_t first_block,
                                                      std::uint32_t block_count) override;
   void release_kv(SequenceId id) override;

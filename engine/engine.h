@@ -220,6 +220,10 @@ class Engine {
   // there, with no packing copy (locate_kv, import_blocks). Empty where the
   // cache is elsewhere (CUDA): read_kv and write_import copy instead.
   virtual std::span<std::byte> host_kv() { return {}; }
+  // Pinned host memory where the cache is on a device (ModelBackend::
+  // transfer_arena): read_kv into it and write_import from it take one DMA,
+  // no host copy. Empty where there is none.
+  virtual std::span<std::byte> transfer_arena() { return {}; }
 
   // read_kv's checks, but the blocks' places in host_kv() instead of their
   // bytes, for a sender that sends them from there: they stay where they

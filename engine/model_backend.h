@@ -56,6 +56,12 @@ class ModelBackend {
   // bytes_per_block()), for sending and receiving blocks in place; empty
   // where the backend keeps it elsewhere (device memory).
   virtual std::span<std::byte> host_kv() { return {}; }
+
+  // Pinned host memory the backend moves KV through where the cache is on a
+  // device: read_blocks into it and write_blocks from it skip the host copy
+  // through the backend's own staging (one DMA each way). Empty where there
+  // is none (a cache in host memory has host_kv instead).
+  virtual std::span<std::byte> transfer_arena() { return {}; }
 };
 
 }  // namespace fmwire::engine

@@ -5,7 +5,7 @@
 namespace fmwire::worker {
 
 EngineRunner::EngineRunner(engine::Engine& engine, Sink sink)
-    : engine_(engine), host_kv_(engine.host_kv()), sink_(std::move(sink)) {
+    : engine_(engine), host_kv_(engine.host_kv()), transfer_arena_(engine.transfer_arena()), sink_(std::move(sink)) {
   thread_ = std::thread([this] { run(); });
 }
 
@@ -48,6 +48,10 @@ void EngineRunner::read_kv(engine::SequenceId id, std::uint32_t first_block, std
                            std::shared_ptr<std::vector<std::byte>> into) {
   push(ReadKv{id, first_block, block_count, std::move(into)});
 }
+void EngineRunner::read_kv_into_arena(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
+                                      std::span<std::byte> into, std::shared_ptr<const void> keep) {
+  push(ReadKv{id, first_block, block_count, nullptr, into, std::move(keep)});
+}
 void EngineRunner::release_kv(engine::SequenceId id) { push(ReleaseKv{id}); }
 void EngineRunner::hold(engine::SequenceId id) { push(Hold{id}); }
 void EngineRunner::prepare_import(engine::SequenceId id, engine::SequenceRequest request, engine::KvImport import) {
@@ -56,6 +60,10 @@ void EngineRunner::prepare_import(engine::SequenceId id, engine::SequenceRequest
 void EngineRunner::write_import(engine::SequenceId id, std::uint32_t first_block,
                                 std::shared_ptr<const std::vector<std::byte>> bytes) {
   push(WriteImport{id, first_block, std::move(bytes)});
+}
+void EngineRunner::write_import_from_arena(engine::SequenceId id, std::uint32_t first_block,
+                                           std::span<const std::byte> bytes, std::shared_ptr<const void> keep) {
+  push(WriteImport{id, first_block, nullptr, 0, bytes, std::move(keep)});
 }
 void EngineRunner::import_written(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count) {
   push(WriteImport{id, first_block, nullptr, block_count});
@@ -83,6 +91,15 @@ void EngineRunner::apply(Command& command, RunnerOutput& output) {
     if (read->block_count > total_blocks) {
       error = "a KV read of " + std::to_string(read->block_count) + " blocks is more than the cache's " +
               std::to_string(total_blocks);
+    } else if (!read->arena.empty()) {
+      const std::size_t bytes = std::size_t{read->block_count} * engine_.info().kv.bytes_per_block();
+      if (bytes > read->arena.size()) {
+        error = "a KV read of " + std::to_string(read->block_count) + " blocks does not fit its " +
+                std::to_string(read->arena.size()) + " bytes of the transfer arena";
+      } else {
+        read->arena = read->arena.first(bytes);
+        error = message(engine_.read_kv(read->id, read->first_block, read->block_count, read->arena));
+      }
     } else if (!read->into) {
       auto found = engine_.locate_kv(read->id, read->first_block, read->block_count);
       if (found) {
@@ -95,7 +112,7 @@ void EngineRunner::apply(Command& command, RunnerOutput& output) {
       error = message(engine_.read_kv(read->id, read->first_block, read->block_count, *read->into));
     }
     output.kv_reads.push_back({read->id, read->first_block, read->block_count, std::move(read->into), std::move(error),
-                               std::move(located)});
+                               std::move(located), read->arena, std::move(read->keep)});
   } else if (auto* hold = std::get_if<Hold>(&command)) {
     auto held = engine_.hold(hold->id);
     if (held) {
@@ -113,9 +130,11 @@ void EngineRunner::apply(Command& command, RunnerOutput& output) {
     }
     output.kv_imports.push_back({prepare->id, Step::prepare, message(done), refusal(done), 0, std::move(in_place)});
   } else if (auto* write = std::get_if<WriteImport>(&command)) {
-    auto done = write->bytes ? engine_.write_import(write->id, write->first_block, *write->bytes)
-                             : engine_.import_written(write->id, write->first_block, write->block_count);
+    auto done = write->bytes           ? engine_.write_import(write->id, write->first_block, *write->bytes)
+                : !write->arena.empty() ? engine_.write_import(write->id, write->first_block, write->arena)
+                                        : engine_.import_written(write->id, write->first_block, write->block_count);
     write->bytes.reset();  // in the KV cache now: the frame's copy can go
+    write->keep.reset();   // and the arena's bytes
     // Every write is answered: the worker grants the sender credit for a
     // chunk only once it has landed, which bounds what waits here.
     output.kv_imports.push_back({write->id, Step::write, message(done), refusal(done), write->first_block, {}});

@@ -36,7 +36,9 @@ struct RunnerOutput {
     std::string message;
   };
   // A read_kv command's answer: `bytes` is the buffer it was given, filled;
-  // without one, `located` says where the blocks lie in host_kv().
+  // or `in_arena`, the transfer-arena bytes it was given (with `keep`,
+  // what holds them), filled; without either, `located` says where the
+  // blocks lie in host_kv().
   struct KvRead {
     engine::SequenceId id;
     std::uint32_t first_block;
@@ -44,6 +46,8 @@ struct RunnerOutput {
     std::shared_ptr<std::vector<std::byte>> bytes;
     std::string error;  // empty: ok
     std::vector<std::uint32_t> located;
+    std::span<std::byte> in_arena;
+    std::shared_ptr<const void> keep;
   };
   // An import command's answer: one per prepare, write and commit (a write's
   // answer says its chunk landed: the worker grants credit for more then).
@@ -94,6 +98,8 @@ class EngineRunner {
   // The engine's host_kv(), read before the runner's thread started: where
   // located blocks lie (empty: the engine keeps its KV elsewhere).
   std::span<std::byte> host_kv() const { return host_kv_; }
+  // The engine's transfer_arena(), read likewise.
+  std::span<std::byte> transfer_arena() const { return transfer_arena_; }
 
   // KV transfer, sender side (engine::Engine::read_kv, release_kv). The
   // runner resizes `into` to the blocks' bytes and fills it; the caller
@@ -101,6 +107,10 @@ class EngineRunner {
   // `into` (null), the blocks are located instead (Engine::locate_kv).
   void read_kv(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
                std::shared_ptr<std::vector<std::byte>> into);
+  // The same into bytes of the transfer arena (block_count blocks' worth),
+  // which `keep` holds until the answer has been dropped.
+  void read_kv_into_arena(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
+                          std::span<std::byte> into, std::shared_ptr<const void> keep);
   void release_kv(engine::SequenceId id);
   // Stops a running sequence and holds its KV (live migration); the answer
   // comes in RunnerOutput::kv_holds, after every token it made.
@@ -112,6 +122,9 @@ class EngineRunner {
   void prepare_import(engine::SequenceId id, engine::SequenceRequest request, engine::KvImport import);
   void write_import(engine::SequenceId id, std::uint32_t first_block,
                     std::shared_ptr<const std::vector<std::byte>> bytes);
+  // The same from bytes of the transfer arena, held by `keep` until written.
+  void write_import_from_arena(engine::SequenceId id, std::uint32_t first_block, std::span<const std::byte> bytes,
+                               std::shared_ptr<const void> keep);
   // Blocks the caller wrote in place (KvImportResult::blocks): they count as
   // arrived (Engine::import_written), answered as a write is.
   void import_written(engine::SequenceId id, std::uint32_t first_block, std::uint32_t block_count);
@@ -134,6 +147,8 @@ class EngineRunner {
     std::uint32_t first_block;
     std::uint32_t block_count;
     std::shared_ptr<std::vector<std::byte>> into;
+    std::span<std::byte> arena{};  // into the transfer arena instead
+    std::shared_ptr<const void> keep{};
   };
   struct ReleaseKv {
     engine::SequenceId id;
@@ -146,8 +161,10 @@ class EngineRunner {
   struct WriteImport {
     engine::SequenceId id;
     std::uint32_t first_block;
-    std::shared_ptr<const std::vector<std::byte>> bytes;  // null: written in place
+    std::shared_ptr<const std::vector<std::byte>> bytes;  // null: written in place, or from the arena
     std::uint32_t block_count = 0;                        // when in place
+    std::span<const std::byte> arena{};                   // from the transfer arena
+    std::shared_ptr<const void> keep{};
   };
   struct CommitImport {
     engine::SequenceId id;
@@ -175,6 +192,7 @@ class EngineRunner {
 
   engine::Engine& engine_;
   std::span<std::byte> host_kv_;
+  std::span<std::byte> transfer_arena_;
   Sink sink_;
   std::shared_ptr<Shared> shared_ = std::make_shared<Shared>();
   std::thread thread_;

@@ -116,6 +116,7 @@ struct KvTransfers::Chunk {
   std::uint32_t first_block = 0;
   std::span<const std::byte> bytes;
   std::shared_ptr<const void> keep;  // what keeps `bytes` alive while sent
+  bool from_arena = false;           // a slot of the transfer arena
 };
 
 // One shard on its way in.
@@ -169,6 +170,41 @@ KvTransfers::KvTransfers(transport::EventLoop& loop, EngineRunner& runner, const
     registered_.push_back(memory);
     counters_.cache_registered_bytes += memory.size();
   }
+  // A device's cache moves through the engine's pinned transfer arena, a
+  // chunk per slot: registered likewise, the engine's DMA fills a slot the
+  // loop then sends from (or drains one the loop decoded into).
+  const std::span<std::byte> arena = runner_.transfer_arena();
+  const std::size_t slot = std::max<std::size_t>(block_bytes, options_.chunk_bytes / std::max<std::size_t>(block_bytes, 1) * block_bytes);
+  if (!arena.empty() && block_bytes != 0 && arena.size() >= slot) {
+    arena_ = std::make_shared<ArenaSlots>(arena, slot);
+    if (registered_.size() < kRegisteredPieces && arena.size() <= (std::size_t{1} << 30) && loop_.register_memory(arena)) {
+      registered_.push_back(arena);
+      counters_.cache_registered_bytes += arena.size();
+    }
+  }
+}
+
+KvTransfers::ArenaSlots::ArenaSlots(std::span<std::byte> arena, std::size_t slot_bytes)
+    : arena_(arena), slot_bytes_(slot_bytes) {
+  for (std::size_t slot = arena.size() / slot_bytes; slot-- > 0;) free_.push_back(slot);
+}
+
+std::shared_ptr<std::span<std::byte>> KvTransfers::ArenaSlots::take() {
+  std::size_t slot = 0;
+  {
+    std::lock_guard lock(mutex_);
+    if (free_.empty()) return nullptr;
+    slot = free_.back();
+    free_.pop_back();
+  }
+  // Dropped by whoever holds it last (the loop after a send, the engine's
+  // thread after writing a chunk into the cache): the slot is free again.
+  return std::shared_ptr<std::span<std::byte>>(new std::span<std::byte>(arena_.subspan(slot * slot_bytes_, slot_bytes_)),
+                                               [self = shared_from_this(), slot](std::span<std::byte>* bytes) {
+                                                 delete bytes;
+                                                 std::lock_guard lock(self->mutex_);
+                                                 self->free_.push_back(slot);
+                                               });
 }
 
 KvTransfers::~KvTransfers() {
@@ -338,10 +374,18 @@ void KvTransfers::pump(Outgoing& session) {
   // previous one is on the wire.
   while (session.reads_in_flight < 2 && session.next_read < readable) {
     const std::uint32_t count = std::min(session.chunk_blocks, readable - session.next_read);
-    // Located where the cache is in host memory (sent from there), else
-    // packed into a buffer by the engine (CUDA: from the device).
-    runner_.read_kv(session.sequence, session.next_read, count,
-                    runner_.host_kv().empty() ? std::make_shared<std::vector<std::byte>>() : nullptr);
+    // Located where the cache is in host memory (sent from there); else
+    // packed by the engine (CUDA: from the device) into a slot of the
+    // transfer arena, or, with none free, into a buffer of its own.
+    if (!runner_.host_kv().empty()) {
+      runner_.read_kv(session.sequence, session.next_read, count, nullptr);
+    } else if (auto slot = arena_ && std::size_t{count} * session.block_bytes <= arena_->slot_bytes()
+                               ? arena_->take() : nullptr) {
+      const std::span<std::byte> bytes = *slot;
+      runner_.read_kv_into_arena(session.sequence, session.next_read, count, bytes, std::move(slot));
+    } else {
+      runner_.read_kv(session.sequence, session.next_read, count, std::make_shared<std::vector<std::byte>>());
+    }
     session.next_read += count;
     ++session.reads_in_flight;
   }
@@ -378,6 +422,8 @@ void KvTransfers::on_read(const RunnerOutput::KvRead& read) {
   }
   if (read.bytes) {
     session.ready.push_back({read.first_block, *read.bytes, read.bytes});
+  } else if (!read.in_arena.empty()) {
+    session.ready.push_back({read.first_block, read.in_arena, read.keep, true});
   } else {
     // One chunk per run of blocks that lie side by side in the cache.
     if (!session.pin) {
@@ -444,6 +490,7 @@ void KvTransfers::send_ready(Outgoing& session) {
     ++session.chunks;
     ++counters_.chunks_sent;
     if (read.keep == session.pin) ++counters_.chunks_sent_in_place;
+    if (read.from_arena) ++counters_.chunks_sent_from_arena;
     session.prepared.reset();
     session.prepared_keep.reset();
     session.ready.pop_front();
@@ -853,6 +900,15 @@ void KvTransfers::on_chunk(Incoming& session, const codec::FrameView& frame) {
     // Landed: the sender may send the next chunk into the window at once.
     session.connection->consume(session.stream_id, frame.wire_bytes);
     runner_.import_written(session.sequence, first, count);
+  } else if (auto slot = arena_ && frame.descriptor.decoded_bytes <= arena_->slot_bytes() ? arena_->take()
+                                                                                             : nullptr) {
+    // Decoded into a slot of the transfer arena, which the engine's DMA
+    // takes to the device: no copy between them.
+    const std::span<std::byte> bytes = slot->first(frame.descriptor.decoded_bytes);
+    if (const codec::Status landed = codec_.decode(frame, bytes); !landed) return integrity(landed);
+    ++counters_.chunks_landed_through_arena;
+    session.landing.push_back(frame.wire_bytes);
+    runner_.write_import_from_arena(session.sequence, first, bytes, std::move(slot));
   } else {
     // The one copy on the way in: out of the receive buffer (checking its
     // digest, decompressing) into bytes the engine's thread writes into the

@@ -27,6 +27,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -93,7 +94,9 @@ struct KvTransferCounters {
   std::uint64_t chunks_sent_in_place = 0;    // from the KV cache itself, not a packed copy
   std::uint64_t chunks_received = 0;
   std::uint64_t chunks_landed_in_place = 0;  // decoded straight into the reserved blocks
-  std::uint64_t cache_registered_bytes = 0;  // of the KV cache, registered with the loop for zero-copy sends
+  std::uint64_t chunks_sent_from_arena = 0;      // packed by a device into the pinned transfer arena
+  std::uint64_t chunks_landed_through_arena = 0; // decoded into the arena for the device
+  std::uint64_t cache_registered_bytes = 0;  // of the KV cache (or transfer arena), registered with the loop
 };
 
 class KvTransfers final : private transport::ConnectionHandler {
@@ -156,6 +159,23 @@ class KvTransfers final : private transport::ConnectionHandler {
   struct Expected;
   struct BlockPin;
   struct Chunk;
+  // The engine's transfer arena (a device's cache) cut into slots of one
+  // chunk, shared with the engine's thread, which lets go of a slot once it
+  // has written a chunk from it to the device.
+  class ArenaSlots : public std::enable_shared_from_this<ArenaSlots> {
+   public:
+    ArenaSlots(std::span<std::byte> arena, std::size_t slot_bytes);
+    // A free slot, free again once the last holder drops it; null when none
+    // is (the chunk then goes through a buffer of its own).
+    std::shared_ptr<std::span<std::byte>> take();
+    std::size_t slot_bytes() const { return slot_bytes_; }
+
+   private:
+    std::span<std::byte> arena_;
+    std::size_t slot_bytes_;
+    std::mutex mutex_;
+    std::vector<std::size_t> free_;  // guarded by mutex_
+  };
   static constexpr std::size_t kRegisteredPieces = 8;  // of the loop's fixed-buffer slots
 
   // Sender.
@@ -209,6 +229,7 @@ class KvTransfers final : private transport::ConnectionHandler {
   std::vector<std::span<const std::byte>> registered_;  // the cache's pieces registered with the loop
   std::unordered_map<engine::SequenceId, std::weak_ptr<BlockPin>> pins_;
   std::vector<std::byte> landing_scratch_;  // a chunk whose blocks are not side by side in the cache
+  std::shared_ptr<ArenaSlots> arena_;       // a device's cache: its pinned transfer arena
 
   std::map<std::string, std::unique_ptr<Link>> links_;  // by HOST:PORT
   std::unordered_map<engine::SequenceId, std::unique_ptr<Outgoing>> outgoing_;

@@ -107,6 +107,7 @@ struct CudaBackend::Device {
   DeviceArray<std::uint32_t> block_ids;
   DeviceArray<std::byte> staging;
   PinnedArray<std::byte> staging_host;
+  PinnedArray<std::byte> arena;  // transfer_arena(): KV chunks on their way to or from the wire
 
   Device() = default;
   Device(const Device&) = delete;
@@ -179,6 +180,7 @@ CudaBackend::CudaBackend(std::shared_ptr<const LlamaWeights> weights, std::uint3
   check(cudaStreamCreate(&device.stream), "cudaStreamCreate");
   check(cublasCreate(&device.cublas), "cublasCreate");
   check(cublasSetStream(device.cublas, device.stream), "cublasSetStream");
+  device.arena.reserve(kTransferArenaBytes, "cudaHostAlloc (KV transfer arena)");
 
   const std::size_t dim = config.dim;
   const std::size_t kv_dim = config.kv_dim();
@@ -442,11 +444,34 @@ void CudaBackend::unpack_blocks(std::span<const std::uint32_t> blocks) {
   check(cudaStreamSynchronize(device.stream), "unpack blocks");
 }
 
+std::span<std::byte> CudaBackend::transfer_arena() { return {device_->arena.data(), device_->arena.size()}; }
+
+bool CudaBackend::in_arena(std::span<const std::byte> bytes) const {
+  const std::byte* begin = device_->arena.data();
+  return !bytes.empty() && bytes.data() >= begin && bytes.data() + bytes.size() <= begin + device_->arena.size();
+}
+
 void CudaBackend::read_blocks(std::span<const std::uint32_t> blocks, std::span<std::byte> out) {
   if (out.size() != blocks.size() * geometry_.bytes_per_block()) {
     throw std::invalid_argument("CudaBackend::read_blocks: " + std::to_string(out.size()) + " bytes for " +
                                 std::to_string(blocks.size()) + " blocks of " +
                                 std::to_string(geometry_.bytes_per_block()));
+  }
+  if (in_arena(out)) {
+    // Pinned already: the gathered blocks go there in one DMA.
+    check_blocks(blocks);
+    Device& device = *device_;
+    check(cudaSetDevice(0), "cudaSetDevice");
+    device.staging.reserve(out.size(), "cudaMalloc (KV staging)");
+    device.upload_block_ids(blocks);
+    check(cuda::launch_gather_blocks(device.staging.data(), device.kv.data(), device.block_ids.data(),
+                                     static_cast<std::uint32_t>(blocks.size()), geometry_.bytes_per_block(),
+                                     device.stream),
+          "gather blocks");
+    check(cudaMemcpyAsync(out.data(), device.staging.data(), out.size(), cudaMemcpyDeviceToHost, device.stream),
+          "cudaMemcpyAsync (KV to the transfer arena)");
+    check(cudaStreamSynchronize(device.stream), "read blocks");
+    return;
   }
   const std::span<const std::byte> packed = pack_blocks(blocks);
   if (!packed.empty()) std::memcpy(out.data(), packed.data(), packed.size());
@@ -459,6 +484,21 @@ void CudaBackend::write_blocks(std::span<const std::uint32_t> blocks, std::span<
                                 std::to_string(geometry_.bytes_per_block()));
   }
   check_blocks(blocks);
+  if (in_arena(in)) {
+    // Pinned already: one DMA up, then the scatter.
+    Device& device = *device_;
+    check(cudaSetDevice(0), "cudaSetDevice");
+    device.staging.reserve(in.size(), "cudaMalloc (KV staging)");
+    device.upload_block_ids(blocks);
+    check(cudaMemcpyAsync(device.staging.data(), in.data(), in.size(), cudaMemcpyHostToDevice, device.stream),
+          "cudaMemcpyAsync (KV from the transfer arena)");
+    check(cuda::launch_scatter_blocks(device.kv.data(), device.staging.data(), device.block_ids.data(),
+                                      static_cast<std::uint32_t>(blocks.size()), geometry_.bytes_per_block(),
+                                      device.stream),
+          "scatter blocks");
+    check(cudaStreamSynchronize(device.stream), "write blocks");
+    return;
+  }
   const std::span<std::byte> staging = unpack_staging(blocks.size());
   if (!staging.empty()) std::memcpy(staging.data(), in.data(), in.size());
   unpack_blocks(blocks);

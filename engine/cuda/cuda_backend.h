@@ -49,9 +49,13 @@ class CudaBackend final : public ModelBackend {
   void forward(std::span<const BatchEntry> batch, std::span<float> logits) override;
 
   // Copies: device blocks -> (gather kernel) device staging -> (one DMA)
-  // pinned host staging -> `out`. write_blocks is the reverse.
+  // pinned host staging -> `out`. write_blocks is the reverse. With `out`
+  // (`in`) inside transfer_arena(), the DMA goes straight there: no host copy.
   void read_blocks(std::span<const std::uint32_t> blocks, std::span<std::byte> out) override;
   void write_blocks(std::span<const std::uint32_t> blocks, std::span<const std::byte> in) override;
+  // kTransferArenaBytes of pinned host memory, allocated with the backend.
+  std::span<std::byte> transfer_arena() override;
+  static constexpr std::size_t kTransferArenaBytes = 64u << 20;
 
   // The same without the last host copy, for a caller that can send from or
   // receive into the pinned staging buffer itself. pack_blocks returns the
@@ -66,6 +70,7 @@ class CudaBackend final : public ModelBackend {
   struct Device;  // streams, cuBLAS, device and pinned buffers (cuda_backend.cpp)
 
   void check_blocks(std::span<const std::uint32_t> blocks) const;
+  bool in_arena(std::span<const std::byte> bytes) const;
 
   std::shared_ptr<const LlamaWeights> weights_;
   KvGeometry geometry_;

@@ -294,6 +294,30 @@ TEST_CASE("blocks written to the CUDA backend read back byte for byte, and other
   CHECK(std::all_of(one.begin(), one.end(), [](std::byte b) { return b == std::byte{0}; }));
 }
 
+TEST_CASE("blocks read into the transfer arena and written from it are the copying path's bytes" * doctest::skip(no_device())) {
+  const auto weights = builtin_weights();
+  CudaBackend cuda(weights, kTotalBlocks, kBlockTokens, protocol::DType::FLOAT16);
+  const std::size_t block_bytes = cuda.kv_geometry().bytes_per_block();
+  const std::vector<std::uint32_t> blocks = {5, 2, 40};
+  std::vector<std::byte> written(blocks.size() * block_bytes);
+  for (std::size_t i = 0; i < written.size(); ++i) written[i] = static_cast<std::byte>((i * 131 + 7) % 251);
+  cuda.write_blocks(blocks, written);
+
+  const std::span<std::byte> arena = cuda.transfer_arena();
+  REQUIRE(arena.size() >= 2 * written.size());
+  // Read through the arena (one DMA), from an offset as a slot would be.
+  const std::span<std::byte> slot = arena.subspan(written.size(), written.size());
+  cuda.read_blocks(blocks, slot);
+  CHECK(std::memcmp(slot.data(), written.data(), written.size()) == 0);
+
+  // Written from the arena into other blocks, read back by the copying path.
+  const std::vector<std::uint32_t> others = {60, 61, 7};
+  cuda.write_blocks(others, slot);
+  std::vector<std::byte> back(written.size());
+  cuda.read_blocks(others, back);
+  CHECK(std::memcmp(back.data(), written.data(), written.size()) == 0);
+}
+
 TEST_CASE("f16 KV blocks moved from the CPU backend let the CUDA backend continue the sequence" * doctest::skip(no_device())) {
   const auto weights = builtin_weights();
   CpuBackend cpu(weights, kTotalBlocks, kBlockTokens, protocol::DType::FLOAT16);

@@ -13,6 +13,7 @@ killed on the way out.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,14 @@ def matches_colocated(binary, env):
         check(router.stop() == 0, "the router did not stop cleanly")
         _, errors = router.process.communicate()
         check("3 split" in errors, f"router stderr {errors!r}")
+        # Both caches in host memory: every chunk left the prefill worker's
+        # cache as it lies and landed in the decode worker's reserved blocks.
+        for worker, pattern in ((prefill, r"chunks sent (\d+) \((\d+) from the cache"),
+                                (decode, r"received (\d+) \((\d+) into the cache")):
+            check(worker.stop() == 0, "a worker did not stop cleanly")
+            _, errors = worker.process.communicate()
+            found = re.search(pattern, errors)
+            check(found and int(found.group(1)) > 0 and found.group(2) == found.group(1), f"worker stderr {errors!r}")
     finally:
         stop_all(router, prefill, decode, whole)
 
@@ -343,6 +352,20 @@ def cuda_matches_colocated(binary, env):
             check(each.stop() == 0, "a router did not stop cleanly")
             _, errors = each.process.communicate()
             check("3 split" in errors, f"router stderr {errors!r}")
+        # The device's KV went through the pinned transfer arena both ways
+        # (one DMA, no host copy), the CPU worker's from its cache in place.
+        lines = {}
+        for name, worker in (("cuda prefill", prefill), ("cuda decode", decode), ("cpu prefill", cpu_prefill)):
+            check(worker.stop() == 0, f"the {name} worker did not stop cleanly")
+            _, errors = worker.process.communicate()
+            lines[name] = next((line for line in errors.splitlines() if "KV transfers" in line), "")
+            print(f"{name}: {lines[name]}")
+        sent = re.search(r"chunks sent (\d+) \((\d+) from the cache, (\d+) from the pinned arena\)", lines["cuda prefill"])
+        check(sent and int(sent.group(1)) > 0 and sent.group(3) == sent.group(1), f"cuda prefill: {lines['cuda prefill']!r}")
+        landed = re.search(r"received (\d+) \((\d+) into the cache, (\d+) through the pinned arena\)", lines["cuda decode"])
+        check(landed and int(landed.group(1)) > 0 and landed.group(3) == landed.group(1), f"cuda decode: {lines['cuda decode']!r}")
+        cpu = re.search(r"chunks sent (\d+) \((\d+) from the cache", lines["cpu prefill"])
+        check(cpu and int(cpu.group(1)) > 0 and cpu.group(2) == cpu.group(1), f"cpu prefill: {lines['cpu prefill']!r}")
     finally:
         stop_all(router, mixed, prefill, decode, whole, cpu_prefill)
 

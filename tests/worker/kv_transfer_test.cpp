@@ -69,6 +69,63 @@ WorkerOptions options(std::chrono::milliseconds kv_timeout = 2000ms) {
   return made;
 }
 
+// A CUDA worker's engine as KvTransfers sees it, where no GPU is: its KV is
+// not in host memory (no host_kv, so nothing is sent or landed in place) and
+// moves through a transfer arena (pinned memory on a device; here plain
+// memory), read into and written from by the real engine underneath.
+class ArenaEngine final : public Engine {
+ public:
+  ArenaEngine(std::unique_ptr<Engine> inner, std::size_t arena_bytes)
+      : inner_(std::move(inner)), arena_(arena_bytes) {}
+
+  std::span<std::byte> host_kv() override { return {}; }
+  std::span<std::byte> transfer_arena() override { return arena_; }
+  // How many reads and writes came through the arena.
+  std::uint64_t arena_reads = 0;
+  std::uint64_t arena_writes = 0;
+
+  const EngineInfo& info() const override { return inner_->info(); }
+  EngineResult<codec::Done> submit(SequenceId id, SequenceRequest request) override {
+    return inner_->submit(id, std::move(request));
+  }
+  EngineResult<codec::Done> submit_with_kv(SequenceId id, SequenceRequest request, const KvShard& shard) override {
+    return inner_->submit_with_kv(id, std::move(request), shard);
+  }
+  void step(StepOutput& output) override { inner_->step(output); }
+  bool has_work() const override { return inner_->has_work(); }
+  void cancel(SequenceId id) override { inner_->cancel(id); }
+  void set_paused(SequenceId id, bool paused) override { inner_->set_paused(id, paused); }
+  EngineResult<KvShard> export_kv(SequenceId id) override { return inner_->export_kv(id); }
+  EngineResult<std::uint32_t> computed_tokens(SequenceId id) const override { return inner_->computed_tokens(id); }
+  EngineResult<codec::Done> read_kv(SequenceId id, std::uint32_t first_block, std::uint32_t block_count,
+                                    std::span<std::byte> out) override {
+    if (in_arena(out)) ++arena_reads;
+    return inner_->read_kv(id, first_block, block_count, out);
+  }
+  void release_kv(SequenceId id) override { inner_->release_kv(id); }
+  EngineResult<Held> hold(SequenceId id) override { return inner_->hold(id); }
+  EngineResult<codec::Done> prepare_import(SequenceId id, SequenceRequest request, const KvImport& import) override {
+    return inner_->prepare_import(id, std::move(request), import);
+  }
+  EngineResult<codec::Done> write_import(SequenceId id, std::uint32_t first_block,
+                                         std::span<const std::byte> bytes) override {
+    if (in_arena(bytes)) ++arena_writes;
+    return inner_->write_import(id, first_block, bytes);
+  }
+  EngineResult<codec::Done> commit_import(SequenceId id, std::span<const std::uint32_t> generated) override {
+    return inner_->commit_import(id, generated);
+  }
+  EngineStats stats() const override { return inner_->stats(); }
+  std::vector<std::uint64_t> cached_prefixes() const override { return inner_->cached_prefixes(); }
+
+ private:
+  bool in_arena(std::span<const std::byte> bytes) const {
+    return !bytes.empty() && bytes.data() >= arena_.data() && bytes.data() + bytes.size() <= arena_.data() + arena_.size();
+  }
+  std::unique_ptr<Engine> inner_;
+  std::vector<std::byte> arena_;
+};
+
 enum class Part { whole, prefill, decode };
 
 std::uint32_t generate(Node& node, const std::vector<std::uint32_t>& prompt, std::uint32_t max_tokens, Part part,
@@ -185,6 +242,58 @@ TEST_CASE("a request split between a prefill and a decode worker gives the coloc
   CHECK(sent.chunks_sent_in_place == sent.chunks_sent);
   CHECK(received.chunks_received == sent.chunks_sent);
   CHECK(received.chunks_landed_in_place == received.chunks_received);
+}
+
+TEST_CASE("KV of engines whose cache is on a device moves through their transfer arenas and gives the same tokens") {
+  // Arenas of 8 slots of one block (the tests' chunk size) each, and of 1
+  // slot, too few for the chunks in flight: those go through buffers of
+  // their own, and the output is the same.
+  for (const std::size_t slots : {std::size_t{8}, std::size_t{1}}) {
+    CAPTURE(slots);
+    transport::EventLoop loop;
+    const Tokenizer tokenizer = Tokenizer::byte_level();
+    const std::size_t block_bytes = test::builtin_engine()->info().kv.bytes_per_block();
+    Node whole(loop, test::builtin_engine(), options(), tokenizer);
+    auto prefill_engine = std::make_unique<ArenaEngine>(test::builtin_engine(256, Rig::batching()), slots * block_bytes);
+    auto decode_engine = std::make_unique<ArenaEngine>(test::builtin_engine(), slots * block_bytes);
+    ArenaEngine& sender = *prefill_engine;
+    ArenaEngine& receiver = *decode_engine;
+    Node prefill(loop, std::move(prefill_engine), options(), tokenizer);
+    Node decode(loop, std::move(decode_engine), options(), tokenizer);
+    for (std::uint32_t length : {1u, 40u, 100u}) {
+      CAPTURE(length);
+      const auto prompt = prompt_of(length);
+      const std::uint32_t whole_id = generate(whole, prompt, 16, Part::whole);
+      REQUIRE(run_until(loop, [&] { return whole.collector.streams[whole_id].closed; }));
+      const std::uint32_t decode_id = generate(decode, prompt, 16, Part::decode, "arena-" + std::to_string(length));
+      const std::uint32_t prefill_id =
+          generate(prefill, prompt, 16, Part::prefill, "arena-" + std::to_string(length), decode.endpoint());
+      REQUIRE(run_until(loop, [&] {
+        return prefill.collector.streams[prefill_id].closed && decode.collector.streams[decode_id].closed;
+      }, 10000ms));
+      std::vector<std::uint32_t> tokens = prefill.collector.streams[prefill_id].token_ids;
+      const auto& rest = decode.collector.streams[decode_id].token_ids;
+      tokens.insert(tokens.end(), rest.begin(), rest.end());
+      CHECK(tokens == whole.collector.streams[whole_id].token_ids);
+      CHECK(run_until(loop, [&] { return prefill.idle() && decode.idle(); }, 3000ms));
+    }
+    const KvTransferCounters& sent = prefill.service->kv_counters();
+    const KvTransferCounters& received = decode.service->kv_counters();
+    CHECK(sent.sent == 3);
+    CHECK(sent.chunks_sent_in_place == 0);
+    CHECK(received.chunks_landed_in_place == 0);
+    CHECK(sent.chunks_sent_from_arena == sender.arena_reads);
+    CHECK(received.chunks_landed_through_arena == receiver.arena_writes);
+    CHECK(sent.chunks_sent_from_arena > 0);
+    CHECK(received.chunks_landed_through_arena > 0);
+    if (slots == 8) {
+      CHECK(sent.chunks_sent_from_arena == sent.chunks_sent);
+      CHECK(received.chunks_landed_through_arena == received.chunks_received);
+    }
+    MESSAGE(slots << " slots: " << sent.chunks_sent_from_arena << " of " << sent.chunks_sent
+                  << " chunks sent from the arena, " << received.chunks_landed_through_arena << " of "
+                  << received.chunks_received << " landed through it");
+  }
 }
 
 TEST_CASE("KV chunks compressed with shuffle+zstd give the same tokens, and the decode Finish says so") {
