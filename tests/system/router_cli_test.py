@@ -149,6 +149,9 @@ def migration_continues_stream(binary, env):
         expected = [t for f in frames_of(direct.stdout) if f["type"] == "tokens" for t in f["token_ids"]]
         router = Router(binary, env, workers, "--policy", "round-robin", "--migrate",
                         "--keepalive-ms", "200", "--dead-after-ms", "600")
+        # Round-robin over the workers the router has reached: on a loaded
+        # machine the second may answer first, and the request must go to the first.
+        time.sleep(0.5)
         client = start_generate(binary, env, router.endpoint, "--max-tokens", "150", "--json", "move me")
         before = read_until(client.stdout, lambda text: text.count("\n") >= 20)
         workers[0].kill()  # round-robin: the first request went to the first worker
