@@ -108,9 +108,18 @@ def streams_move_the_counters(binary, env):
               f"per-worker streams:\n{router_page}")
         check(http(serving.metrics_url.replace("/metrics", "/health")) == (200, "ok\n"), "the worker's /health")
         check(http(front.metrics_url.replace("/metrics", "/nowhere"))[0] == 404, "an unknown path is not 404")
-        # The services carry on after the scrapes, and stop cleanly.
-        check(front.stop() == 0, "the router did not stop cleanly")
+        # The services carry on after the scrapes, and stop cleanly; with
+        # its worker gone the router refuses, and counts it by code.
         check(serving.stop() == 0, "the worker did not stop cleanly")
+        until(lambda: metric(front.page(), f'fmwire_router_worker_healthy{{worker="{serving.endpoint}"}}') != 1,
+              what="the router to see its worker gone")
+        refused = generate(binary, env, front.endpoint, "--max-tokens", "4", "Hello")
+        check(refused.returncode == 1 and "no_worker" in refused.stderr, f"no worker: {refused.stderr!r}")
+        router_page = front.page()
+        check(metric(router_page, 'fmwire_router_refusals_total{code="no_worker"}') == 1, f"refusals:\n{router_page}")
+        check(metric(router_page, 'fmwire_router_routing_decisions_total{policy="least-loaded",decision="refused"}') == 1,
+              f"refused decisions:\n{router_page}")
+        check(front.stop() == 0, "the router did not stop cleanly")
     finally:
         stop_all(front, serving)
 
