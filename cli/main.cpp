@@ -121,6 +121,8 @@ int run_worker_command(const std::vector<std::string>& arguments) {
   description.add_options()
       ("help,h", "show this help")
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
+      ("metrics-listen", po::value(&command.metrics_listen),
+       "serve Prometheus /metrics on HOST:PORT (port 0 picks a free one, printed); default: none")
       ("model", po::value(&model.model)->default_value(model.model),
        "builtin, a llama2.c checkpoint (.bin), or synthetic:NAME (llama-3-8b, llama-3-70b, tiny)")
       ("tokenizer", po::value(&model.tokenizer), "llama2.c tokenizer.bin (default: beside the checkpoint)")
@@ -209,6 +211,8 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("help,h", "show this help")
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
       ("workers", po::value(&workers), "the workers, HOST:PORT,HOST:PORT,...")
+      ("metrics-listen", po::value(&command.metrics_listen),
+       "serve Prometheus /metrics on HOST:PORT (port 0 picks a free one, printed); default: none")
       ("policy", po::value(&router.policy)->default_value(router.policy), "round-robin, least-loaded, prefix or sla")
       ("etcd", po::value(&command.etcd), "etcd URL (http://HOST:PORT): workers registered there join and leave")
       ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix of the workers in etcd")

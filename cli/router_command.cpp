@@ -3,6 +3,7 @@
 #include <ostream>
 
 #include "cli/embedded_router.h"
+#include "cli/loop_metrics.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
 #include "transport/server_group.h"
@@ -33,6 +34,7 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire router: " << problem << std::endl;
     return 2;
   }
+  if (!command.metrics_listen.empty() && !check_metrics_listen(command.metrics_listen, "fmwire router", err)) return 2;
   const auto workers = parse_endpoints(command.workers, problem);
   if (!workers) {
     err << "fmwire router: " << problem << std::endl;
@@ -107,6 +109,17 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     watcher = std::move(*started);
   }
 
+  // Its own thread, never the loop's: a scrape posts one snapshot there.
+  std::unique_ptr<metrics::MetricsServer> metrics_server;
+  if (!command.metrics_listen.empty()) {
+    metrics_server = start_metrics_server(
+        command.metrics_listen,
+        render_from_loop<router::RouterMetrics>(*loop, [router] { return router->metrics(); },
+                                                router::render_router_metrics),
+        "fmwire router", err);
+    if (!metrics_server) return 2;
+  }
+
   err << "fmwire router: " << group->backend_log_line() << ", policy " << command.router.policy
       << (command.router.migrate ? ", migration on" : "")
       << (command.router.disaggregate ? ", disaggregation auto" : ", disaggregation off");
@@ -115,11 +128,13 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   }
   err << std::endl;
   out << "listening on " << transport::Endpoint{endpoint->host, group->port()}.to_string() << std::endl;
+  if (metrics_server) out << "metrics on " << metrics_server->url() << std::endl;
   group->start();
 
   shutdown.wait_for_signal();
   const int result = shutdown.drain(*group, "router shutting down", command.drain_timeout);
   watcher.reset();  // no more etcd lines, nor posts to the stopped loop
+  metrics_server.reset();  // nor scrapes
   const router::RouterCounters& counters = router->counters();
   err << "fmwire router: stopped after " << counters.streams_finished << " streams finished, "
       << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "

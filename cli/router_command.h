@@ -14,6 +14,7 @@ namespace fmwire::cli {
 
 struct RouterCommand {
   std::string listen = "127.0.0.1:7000";
+  std::string metrics_listen;           // HOST:PORT for /metrics (port 0: any, printed); empty: none
   std::vector<std::string> workers;     // HOST:PORT each
   std::string etcd;                     // URL: workers from etcd instead of (or besides) the list
   std::string etcd_prefix = "/fmwire/workers/";

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <ostream>
 
+#include "cli/loop_metrics.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
 #include "transport/server_group.h"
@@ -17,6 +18,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire worker: " << problem << std::endl;
     return 2;
   }
+  if (!command.metrics_listen.empty() && !check_metrics_listen(command.metrics_listen, "fmwire worker", err)) return 2;
   // Before the engine, loop and CUDA runtime threads, which inherit its
   // signal mask: a thread that left SIGTERM unblocked would take it and end
   // the process undrained (the CUDA runtime's did, on a GPU machine).
@@ -58,6 +60,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   worker_options.kv.match_timeout = command.kv_state_timeout;
   worker_options.kv.corrupt_chunk = command.corrupt_kv_chunk;
   worker::WorkerService* service = nullptr;  // read after the loop has stopped
+  transport::EventLoop* service_loop = nullptr;
 
   // One loop thread: the engine is the bottleneck, and it steps on a thread
   // of its own (worker/engine_runner.h).
@@ -68,6 +71,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
         [&](transport::EventLoop& loop) {
           auto made = std::make_unique<worker::WorkerService>(loop, engine, tokenizer, worker_options);
           service = made.get();
+          service_loop = &loop;
           return made;
         },
         command.backend, transport::UringOptions{.zero_copy_min_bytes = command.zero_copy_min_bytes});
@@ -86,6 +90,20 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
         << std::endl;
   }
   group->start();
+  // Its own thread, never the loop's: a scrape posts one snapshot there.
+  std::unique_ptr<metrics::MetricsServer> metrics_server;
+  if (!command.metrics_listen.empty()) {
+    metrics_server = start_metrics_server(
+        command.metrics_listen,
+        render_from_loop<worker::WorkerMetrics>(*service_loop, [service] { return service->metrics(); },
+                                                worker::render_worker_metrics),
+        "fmwire worker", err);
+    if (!metrics_server) {
+      group->stop();
+      group->join();
+      return 2;
+    }
+  }
   // Registered once it serves; deregistered (the lease revoked) before it drains.
   std::unique_ptr<discovery::EtcdRegistration> registration;
   if (!command.etcd.empty()) {
@@ -108,6 +126,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire worker: registered in etcd as " << command.etcd_prefix << address << std::endl;
   }
   out << "listening on " << address << std::endl;
+  if (metrics_server) out << "metrics on " << metrics_server->url() << std::endl;
 
   shutdown.wait_for_signal();
   registration.reset();  // routers stop sending here first
@@ -127,6 +146,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
         << kv.chunks_landed_in_place << " into the cache, " << kv.chunks_landed_through_arena
         << " through the pinned arena)" << std::endl;
   }
+  metrics_server.reset();  // no scrape posts to the loop any more
   group.reset();  // the service (and its engine thread) before the engine
   return result;
 }

@@ -14,6 +14,7 @@ namespace fmwire::cli {
 
 struct WorkerCommand {
   std::string listen = "127.0.0.1:7100";  // port 0: any free port (printed)
+  std::string metrics_listen;             // HOST:PORT for /metrics (port 0: any, printed); empty: none
   std::string name;                       // in load reports and timings; default: the address
   engine::ModelSpec model;
   std::string backend;                    // I/O backend: "", "uring" or "asio"

@@ -1,42 +1,20 @@
 #include "gateway/http_metrics.h"
 
 #include <algorithm>
-#include <cstdio>
+
+#include "metrics/prometheus_text.h"
 
 namespace fmwire::gateway {
 namespace {
 
-std::string number(double value) {
-  char text[64];
-  std::snprintf(text, sizeof text, "%.9g", value);
-  return text;
-}
-
-// A label value as the text format wants it: backslash, quote and newline escaped.
-std::string label_value(std::string_view text) {
-  std::string out;
-  out.reserve(text.size());
-  for (const char c : text) {
-    if (c == '\\' || c == '"') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
+// The text format's spelling, shared with the worker's and router's pages.
+std::string number(double value) { return metrics::PrometheusText::number(value); }
+std::string label_value(std::string_view text) { return metrics::PrometheusText::label_value(text); }
 
 void header(std::string& out, std::string_view name, std::string_view type, std::string_view help) {
-  out += "# HELP ";
-  out += name;
-  out += ' ';
-  out += help;
-  out += "\n# TYPE ";
-  out += name;
-  out += ' ';
-  out += type;
-  out += '\n';
+  metrics::PrometheusText family;
+  family.family(name, type, help);
+  out += family.text();
 }
 
 }  // namespace

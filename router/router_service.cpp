@@ -95,6 +95,18 @@ void RouterService::reap_retired() {
 
 std::vector<WorkerView> RouterService::workers() const { return views(); }
 
+RouterMetrics RouterService::metrics() const {
+  RouterMetrics metrics;
+  metrics.name = options_.name;
+  metrics.policy = std::string(policy_->name());
+  metrics.counters = counters_;
+  metrics.open_streams = routes_.size();
+  metrics.load_subscribers = load_subscribers_.size();
+  metrics.workers = views();
+  for (WorkerView& view : metrics.workers) view.prefixes = nullptr;  // the loop's set: not to be read elsewhere
+  return metrics;
+}
+
 std::vector<WorkerView> RouterService::views() const {
   std::vector<WorkerView> views;
   views.reserve(links_.size());
@@ -153,11 +165,10 @@ void RouterService::start(Connection& client, std::uint32_t stream_id, const cod
     return;
   }
   if (routes_.size() >= options_.max_streams) {
-    ++counters_.streams_refused;
-    client.reset_stream(stream_id, protocol::ErrorCode::OVERLOADED,
-                        "the router has " + std::to_string(routes_.size()) + " streams open, its limit",
-                        true, options_.retry_after_ms);
-    return;
+    return refuse(client, stream_id,
+                  RouteRefusal{protocol::ErrorCode::OVERLOADED,
+                               "the router has " + std::to_string(routes_.size()) + " streams open, its limit", true,
+                               options_.retry_after_ms});
   }
   auto route = std::make_unique<Route>();
   route->client = &client;
@@ -179,21 +190,21 @@ void RouterService::start(Connection& client, std::uint32_t stream_id, const cod
         if (needs_token_ids_) take_prompt_tokens(*route, request);
       });
   if (!read) problem = protocol::MessageError{protocol::ErrorCode::BAD_FRAME, "unreadable GenerateRequest: " + read.error().message};
-  if (problem) {
-    ++counters_.streams_refused;
-    client.reset_stream(stream_id, problem->code, problem->message);
-    return;
-  }
+  if (problem) return refuse(client, stream_id, RouteRefusal{problem->code, problem->message, false, 0});
   if (options_.migrate) route->request.emplace(frame);
   if (options_.disaggregate && dispatch_split(*route, frame)) {
     ++counters_.streams_disaggregated;
   } else if (auto refused = dispatch(*route, frame, nullptr)) {
-    ++counters_.streams_refused;
-    client.reset_stream(stream_id, refused->code, refused->message, refused->retryable, refused->retry_after_ms);
-    return;
+    return refuse(client, stream_id, *refused);
   }
   ++counters_.streams_started;
   routes_.emplace(ClientKey{&client, stream_id}, std::move(route));
+}
+
+void RouterService::refuse(Connection& client, std::uint32_t stream_id, const RouteRefusal& refusal) {
+  ++counters_.streams_refused;
+  ++counters_.refusals[refusal.code];
+  client.reset_stream(stream_id, refusal.code, refusal.message, refusal.retryable, refusal.retry_after_ms);
 }
 
 void RouterService::take_prompt_tokens(Route& route, const protocol::GenerateRequestReader& request) {
@@ -243,6 +254,7 @@ std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::F
   }
   auto picked = policy_->pick(wanted, scratch_views_);
   if (!picked) {
+    ++counters_.policy_refusals;
     RouteRefusal refusal = picked.error();
     const auto refused = std::count_if(scratch_views_.begin(), scratch_views_.end(),
                                        [](const WorkerView& view) { return !view.refused.empty(); });
@@ -291,6 +303,8 @@ std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::F
   route.forwarded = Clock::now();
   by_worker_[{&link, worker_stream}] = &route;
   ++link.view().in_flight;
+  ++link.view().streams_opened;
+  ++counters_.routed_whole;
   return std::nullopt;
 }
 
@@ -326,6 +340,8 @@ bool RouterService::dispatch_split(Route& route, const codec::FrameView& request
   by_worker_[{&decode_link, decode_stream}] = &route;
   ++prefill_link.view().in_flight;
   ++decode_link.view().in_flight;
+  ++prefill_link.view().streams_opened;
+  ++decode_link.view().streams_opened;
   return true;
 }
 
@@ -849,6 +865,7 @@ bool RouterService::hand_over(Route& route, WorkerLink& draining) {
   route.decode_stream = decode_stream;
   by_worker_[{&decode_link, decode_stream}] = &route;
   ++decode_link.view().in_flight;
+  ++decode_link.view().streams_opened;
   ++counters_.streams_handed_over;
   return true;
 }

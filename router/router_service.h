@@ -72,6 +72,7 @@
 #include "engine/tokenizer.h"
 #include "protocol/generate_request.h"
 #include "router/owned_frame.h"
+#include "router/router_metrics.h"
 #include "router/routing_policy.h"
 #include "router/worker_link.h"
 
@@ -112,20 +113,6 @@ struct RouterOptions {
   static void log_to_stderr(const std::string& line);
 };
 
-struct RouterCounters {
-  std::uint64_t streams_started = 0;
-  std::uint64_t streams_finished = 0;
-  std::uint64_t streams_failed = 0;    // ended with an error to the client
-  std::uint64_t streams_cancelled = 0; // by the client
-  std::uint64_t streams_refused = 0;   // no worker, overloaded, deadline unreachable, bad request
-  std::uint64_t streams_migrated = 0;
-  std::uint64_t frames_relayed = 0;
-  std::uint64_t prompts_tokenized = 0;  // text prompts turned into ids here
-  std::uint64_t streams_disaggregated = 0;    // split between a prefill and a decode worker
-  std::uint64_t disaggregation_fallbacks = 0; // of those, served colocated after a part failed
-  std::uint64_t streams_handed_over = 0;      // live migration: KvHandoff asked of a draining worker
-};
-
 class RouterService final : public transport::ConnectionHandler, private WorkerLinkOwner {
  public:
   // `tokenizer` is the workers' (it must outlive the router); it is used
@@ -140,6 +127,9 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   // Every worker's view, in the order of set_workers (loop thread).
   std::vector<WorkerView> workers() const;
   const RouterCounters& counters() const { return counters_; }
+  // Everything its /metrics page shows, copied (loop thread): post this to
+  // the loop from another thread, never read the parts from there.
+  RouterMetrics metrics() const;
   std::size_t open_streams() const { return routes_.size(); }
   std::size_t load_subscribers() const { return load_subscribers_.size(); }
   // True when it tokenizes prompts for its workers (the policy needs ids,
@@ -205,6 +195,8 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   using WorkerKey = std::pair<WorkerLink*, std::uint32_t>;
 
   void start(transport::Connection& client, std::uint32_t stream_id, const codec::FrameView& frame);
+  // A client stream refused before it was routed: counted, then reset.
+  void refuse(transport::Connection& client, std::uint32_t stream_id, const RouteRefusal& refusal);
   void subscribe_load(transport::Connection& subscriber, std::uint32_t stream_id);
   void send_load_reports();
   // One report per worker with a load; false when the subscriber is gone.

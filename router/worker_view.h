@@ -19,6 +19,7 @@ struct WorkerView {
   bool has_load = false;            // a LoadReport has arrived
   protocol::WorkerLoad load;        // from its latest LoadReport (load.name: the name it gives itself)
   std::uint32_t in_flight = 0;      // streams this router has open there now
+  std::uint64_t streams_opened = 0; // streams this router has opened there, all told
   std::uint64_t relay_us = 0;       // measured router<->worker overhead per request; 0: not yet
   // Prefix hashes of full KV blocks it holds (its added/evicted events);
   // empty and publishes_prefixes false when it sends none.

@@ -218,6 +218,8 @@ engine::SequenceRequest WorkerService::sequence_request(const protocol::Generate
 
 void WorkerService::deliver(const RunnerOutput& output) {
   engine_stats_ = output.stats;
+  // One output per step: one observation per step, never per token.
+  if (output.step.batch_tokens > 0) step_seconds_.observe(static_cast<double>(output.step.step_us) / 1e6);
   for (const auto& read : output.kv_reads) kv_->on_read(read);
   for (const auto& result : output.kv_imports) kv_->on_import(result);
   for (const auto& held : output.kv_holds) on_held(held);
@@ -579,6 +581,25 @@ void WorkerService::send_load_reports() {
     report_timer_ = 0;
     send_load_reports();
   });
+}
+
+WorkerMetrics WorkerService::metrics() const {
+  WorkerMetrics metrics;
+  metrics.name = options_.name;
+  metrics.role = options_.role;
+  metrics.streams_started = counters_.streams_started;
+  metrics.streams_finished = counters_.streams_finished;
+  metrics.streams_cancelled = counters_.streams_cancelled;
+  metrics.streams_refused = counters_.streams_refused;
+  metrics.tokens_sent = counters_.tokens_sent;
+  metrics.pauses = counters_.pauses;
+  metrics.open_streams = streams_.size();
+  metrics.engine = engine_stats_;
+  if (metrics.engine.total_blocks == 0) metrics.engine.total_blocks = info_.total_blocks;  // as load() does
+  metrics.step_seconds = step_seconds_;
+  metrics.kv = kv_->counters();
+  metrics.kv_transfers_active = kv_->active();
+  return metrics;
 }
 
 protocol::WorkerLoad WorkerService::load() const {

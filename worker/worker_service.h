@@ -41,6 +41,7 @@
 #include "transport/endpoint.h"
 #include "worker/engine_runner.h"
 #include "worker/kv_transfers.h"
+#include "worker/worker_metrics.h"
 
 namespace fmwire::worker {
 
@@ -89,6 +90,9 @@ class WorkerService final : public transport::ConnectionHandler, private KvTrans
     if (kv_) kv_->set_draining();
   }
   const KvTransferCounters& kv_counters() const { return kv_->counters(); }
+  // Everything its /metrics page shows, copied (loop thread): post this to
+  // the loop from another thread, never read the parts from there.
+  WorkerMetrics metrics() const;
 
   void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
   void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
@@ -185,6 +189,7 @@ class WorkerService final : public transport::ConnectionHandler, private KvTrans
   std::mt19937_64 seeds_;            // for requests that ask for a random seed
   WorkerCounters counters_;
   engine::EngineStats engine_stats_;
+  metrics::Histogram step_seconds_{kStepSecondsBounds};  // steps that ran the model, as their outputs arrive
   bool draining_ = false;
 
   // The prefix hashes the engine holds, mirrored here from its step
