@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <ostream>
 
+#include "cli/advertise.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
 #include "transport/server_group.h"
@@ -15,6 +16,10 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   const std::optional<transport::Endpoint> endpoint = transport::parse_endpoint(command.listen, &problem);
   if (!endpoint) {
     err << "fmwire worker: " << problem << std::endl;
+    return 2;
+  }
+  if (auto bad = check_advertise("worker", *endpoint, command.advertise, !command.etcd.empty())) {
+    err << "fmwire worker: " << *bad << std::endl;
     return 2;
   }
   // Before the engine, loop and CUDA runtime threads, which inherit its
@@ -75,7 +80,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire worker: cannot listen on " << command.listen << ": " << error.what() << std::endl;
     return 2;
   }
-  const std::string address = transport::Endpoint{endpoint->host, group->port()}.to_string();
+  const std::string address = advertised_address(*endpoint, group->port(), command.advertise);
   service->set_name(command.name.empty() ? address : command.name);
   err << "fmwire worker: " << group->backend_log_line() << std::endl;
   if (command.zero_copy_min_bytes > 0) {
@@ -107,7 +112,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     registration = std::move(*registered);
     err << "fmwire worker: registered in etcd as " << command.etcd_prefix << address << std::endl;
   }
-  out << "listening on " << address << std::endl;
+  out << "listening on " << transport::Endpoint{endpoint->host, group->port()}.to_string() << std::endl;
 
   shutdown.wait_for_signal();
   registration.reset();  // routers stop sending here first

@@ -111,7 +111,7 @@ std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* error
 Listener listen_on(const Endpoint& endpoint, bool share_port) {
   SocketAddresses addresses;
   if (const std::error_code lookup = resolve_blocking(endpoint.host, endpoint.port, kLookupTimeout, addresses)) {
-    throw std::system_error(lookup, "listen on " + endpoint.to_string() + ": looking up " + endpoint.host);
+    throw std::system_error(lookup, "looking up " + endpoint.host);
   }
   const SocketAddress& address = addresses.front();
   const int fd = ::socket(address.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);

@@ -78,6 +78,16 @@ std::string SocketAddress::to_string() const {
   return "(address family " + std::to_string(family()) + ")";
 }
 
+std::string SocketAddress::host() const {
+  char text[INET6_ADDRSTRLEN] = {};
+  if (family() == AF_INET) {
+    ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(&storage)->sin_addr, text, sizeof text);
+  } else if (family() == AF_INET6) {
+    ::inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_addr, text, sizeof text);
+  }
+  return text;
+}
+
 std::optional<SocketAddress> numeric_address(const std::string& host, std::uint16_t port) {
   SocketAddress address;
   auto* v4 = reinterpret_cast<sockaddr_in*>(&address.storage);
@@ -167,6 +177,15 @@ std::error_code resolve_blocking(const std::string& host, std::uint16_t port, st
   if (answer->addresses.empty()) return LookupErrc::no_addresses;
   addresses = with_port(std::move(answer->addresses), port);
   return {};
+}
+
+Endpoint numeric_endpoint(const Endpoint& endpoint) {
+  if (endpoint.numeric()) return endpoint;
+  SocketAddresses addresses;
+  if (const std::error_code error = resolve_blocking(endpoint.host, endpoint.port, kLookupTimeout, addresses)) {
+    throw std::system_error(error, "looking up " + endpoint.host);
+  }
+  return Endpoint{addresses.front().host(), endpoint.port};
 }
 
 // ------------------------------------------------------------ HostResolver

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "transport/endpoint.h"
 #include "transport/io_backend.h"
 
 namespace fmwire::transport {
@@ -33,6 +34,8 @@ struct SocketAddress {
   const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&storage); }
   // "127.0.0.1:7000", "[::1]:7000".
   std::string to_string() const;
+  // The address alone, numeric, IPv6 without brackets: "::1".
+  std::string host() const;
 };
 using SocketAddresses = std::vector<SocketAddress>;
 
@@ -66,6 +69,12 @@ std::error_code system_lookup(const std::string& host, SocketAddresses& addresse
 // A lookup still running at the deadline is left to finish on its own.
 std::error_code resolve_blocking(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout,
                                  SocketAddresses& addresses, const LookupFunction& lookup = system_lookup);
+
+// `endpoint` with a name replaced by its first address, looked up with
+// resolve_blocking: for binding through APIs that take numeric addresses
+// only (Asio's acceptor). Start-up only. Throws std::system_error naming
+// the host.
+Endpoint numeric_endpoint(const Endpoint& endpoint);
 
 // Looks names up for one loop. One helper thread per name in flight: a
 // second request for a name already being looked up waits for that lookup
