@@ -115,8 +115,8 @@ def router_reaches_worker_by_name(binary, env):
 
 def unresolvable_name_is_an_error(binary, env):
     """A name that does not resolve: `generate` fails within its bound,
-    naming the host; a router given it starts and refuses streams, naming
-    no worker as healthy, rather than hanging."""
+    naming the host; a router given it starts, logs the lookup error once
+    (not on every retry) and refuses streams rather than hanging."""
     started = time.monotonic()
     result = generate(binary, env, "no-such-worker.invalid:7000", "--connect-timeout-ms", "8000", "hello")
     took = time.monotonic() - started
@@ -128,8 +128,10 @@ def unresolvable_name_is_an_error(binary, env):
     try:
         refused = generate(binary, env, router.endpoint, "--max-tokens", "2", "anyone?")
         check(refused.returncode == 1 and "no_worker" in refused.stderr, f"stderr {refused.stderr!r}")
-        code, _ = router.stop()
+        code, errors = router.stop()
         check(code == 0, "the router did not stop cleanly")
+        said = "worker no-such-worker.invalid:7000: looking up no-such-worker.invalid: "
+        check(errors.count(said) == 1, f"router stderr {errors!r}")
     finally:
         stop_all(router)
 
