@@ -6,6 +6,7 @@
 #include "cli/embedded_router.h"
 #include "cli/role_shutdown.h"
 #include "gateway/http_gateway.h"
+#include "transport/host_resolver.h"
 
 namespace fmwire::cli {
 
@@ -33,7 +34,12 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
     err << "fmwire gateway: --listen: " << problem << std::endl;
     return 2;
   }
-  options.listen = *listen;
+  try {
+    options.listen = transport::numeric_endpoint(*listen);  // the HTTP listener binds numeric addresses
+  } catch (const std::system_error& error) {
+    err << "fmwire gateway: cannot listen on " << command.listen << ": " << error.what() << std::endl;
+    return 2;
+  }
   if (command.router.empty() == command.workers.empty()) {
     err << "fmwire gateway: give either --router HOST:PORT or --workers HOST:PORT,..." << std::endl;
     return 2;

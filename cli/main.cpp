@@ -142,6 +142,9 @@ int run_worker_command(const std::vector<std::string>& arguments) {
       ("max-context", po::value(&max_context), "synthetic models: context length in tokens (default: the named model's)")
       ("name", po::value(&command.name), "name in load reports and timings (default: the address)")
       ("etcd", po::value(&command.etcd), "register in etcd (http://HOST:PORT) for routers that watch it")
+      ("advertise", po::value(&command.advertise),
+       "HOST:PORT to register in etcd, as other hosts reach this one (needed when --listen is 0.0.0.0 or [::]); "
+       "port 0: the port listened on")
       ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix in etcd")
       ("etcd-ttl-s", po::value(&command.etcd_ttl_s)->default_value(command.etcd_ttl_s),
        "lease time: a worker that dies leaves etcd this long after")
@@ -216,6 +219,13 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("policy", po::value(&router.policy)->default_value(router.policy), "round-robin, least-loaded, prefix or sla")
       ("etcd", po::value(&command.etcd), "etcd URL (http://HOST:PORT): workers registered there join and leave")
       ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix of the workers in etcd")
+      ("advertise", po::value(&command.advertise),
+       "with --etcd, HOST:PORT to register this router as, as other hosts reach it (needed when --listen is 0.0.0.0 "
+       "or [::]); port 0: the port listened on")
+      ("etcd-router-prefix", po::value(&command.etcd_router_prefix)->default_value(command.etcd_router_prefix),
+       "key prefix this router registers under, for gateways that find routers in etcd")
+      ("etcd-ttl-s", po::value(&command.etcd_ttl_s)->default_value(command.etcd_ttl_s),
+       "lease time: a router that dies leaves etcd this long after")
       ("migrate", po::bool_switch(&router.migrate), "re-issue a lost worker's requests elsewhere, the stream going on")
       ("disaggregate", po::value(&disaggregate)->default_value(disaggregate),
        "auto: split each request between a prefill and a decode worker (fmwire worker --role) while both kinds "
@@ -291,7 +301,7 @@ int run_up_command(const std::vector<std::string>& arguments) {
   description.add_options()
       ("help,h", "show this help")
       ("port", po::value(&command.port)->default_value(command.port), "HTTP port; 0 picks a free one")
-      ("host", po::value(&command.host)->default_value(command.host), "HTTP address (numeric)")
+      ("host", po::value(&command.host)->default_value(command.host), "HTTP address: a name, IPv4 or IPv6")
       ("workers", po::value(&command.workers)->default_value(command.workers),
        "workers, each with its own engine (with --disaggregate: none unless given, besides the prefill and decode ones)")
       ("disaggregate", "disaggregated prefill/decode: one prefill and one decode worker, each request split "

@@ -1,7 +1,9 @@
 #include "cli/router_command.h"
 
+#include <algorithm>
 #include <ostream>
 
+#include "cli/advertise.h"
 #include "cli/embedded_router.h"
 #include "cli/loop_metrics.h"
 #include "cli/role_shutdown.h"
@@ -35,6 +37,10 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     return 2;
   }
   if (!command.metrics_listen.empty() && !check_metrics_listen(command.metrics_listen, "fmwire router", err)) return 2;
+  if (auto bad = check_advertise("router", *endpoint, command.advertise, !command.etcd.empty())) {
+    err << "fmwire router: " << *bad << std::endl;
+    return 2;
+  }
   const auto workers = parse_endpoints(command.workers, problem);
   if (!workers) {
     err << "fmwire router: " << problem << std::endl;
@@ -83,12 +89,22 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
 
   // etcd: the membership comes from the watcher's thread to the loop.
   std::unique_ptr<discovery::EtcdWatcher> watcher;
+  std::unique_ptr<discovery::EtcdRegistration> registration;
   if (!command.etcd.empty()) {
     auto url = discovery::parse_etcd_url(command.etcd);
     if (!url) {
       err << "fmwire router: --etcd: " << url.error() << std::endl;
       return 2;
     }
+    const std::string address = advertised_address(*endpoint, group->port(), command.advertise);
+    auto registered = discovery::EtcdRegistration::start(*url, command.etcd_router_prefix, address,
+                                                       std::chrono::seconds(std::max<std::uint32_t>(command.etcd_ttl_s, 1)));
+    if (!registered) {
+      err << "fmwire router: " << registered.error() << std::endl;
+      return 2;
+    }
+    registration = std::move(*registered);
+    err << "fmwire router: registered in etcd as " << command.etcd_router_prefix << address << std::endl;
     const std::vector<transport::Endpoint> static_workers = *workers;
     auto started = discovery::EtcdWatcher::start(
         *url, command.etcd_prefix,
@@ -132,6 +148,7 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   group->start();
 
   shutdown.wait_for_signal();
+  registration.reset();  // gateways stop sending here first
   const int result = shutdown.drain(*group, "router shutting down", command.drain_timeout);
   watcher.reset();  // no more etcd lines, nor posts to the stopped loop
   metrics_server.reset();  // nor scrapes

@@ -18,6 +18,12 @@ struct RouterCommand {
   std::vector<std::string> workers;     // HOST:PORT each
   std::string etcd;                     // URL: workers from etcd instead of (or besides) the list
   std::string etcd_prefix = "/fmwire/workers/";
+  // With --etcd the router registers too, for gateways and clients to find:
+  // this address (cli/advertise.h; default: the listen address) under this
+  // prefix, under a lease of etcd_ttl_s.
+  std::string advertise;
+  std::string etcd_router_prefix = "/fmwire/routers/";
+  std::uint32_t etcd_ttl_s = 5;
   std::string tokenizer;                // the workers' llama2.c tokenizer.bin; default byte-level (load_router_tokenizer)
   router::RouterOptions router;
   std::string backend;

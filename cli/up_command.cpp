@@ -13,6 +13,7 @@
 #include "cli/role_shutdown.h"
 #include "gateway/http_gateway.h"
 #include "transport/client.h"
+#include "transport/host_resolver.h"
 
 namespace fmwire::cli {
 namespace {
@@ -102,6 +103,13 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
     err << "fmwire up: --host: " << problem << std::endl;
     return 2;
   }
+  transport::Endpoint bind_to;  // the HTTP listener binds numeric addresses
+  try {
+    bind_to = transport::numeric_endpoint(*listen);
+  } catch (const std::system_error& error) {
+    err << "fmwire up: --host " << command.host << ": " << error.what() << std::endl;
+    return 2;
+  }
   if ((command.prefill_workers == 0) != (command.decode_workers == 0)) {
     err << "fmwire up: --prefill-workers " << command.prefill_workers << " --decode-workers "
         << command.decode_workers << ": a split request needs one of each, give at least 1 of both" << std::endl;
@@ -162,7 +170,7 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
   }
 
   gateway::HttpGatewayOptions gateway_options;
-  gateway_options.listen = *listen;
+  gateway_options.listen = bind_to;
   gateway_options.upstream = router->endpoint();
   gateway_options.model = served_model_name(command.model.model);
   gateway_options.io_backend = command.backend;

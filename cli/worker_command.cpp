@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <ostream>
 
+#include "cli/advertise.h"
 #include "cli/loop_metrics.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
@@ -19,6 +20,10 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     return 2;
   }
   if (!command.metrics_listen.empty() && !check_metrics_listen(command.metrics_listen, "fmwire worker", err)) return 2;
+  if (auto bad = check_advertise("worker", *endpoint, command.advertise, !command.etcd.empty())) {
+    err << "fmwire worker: " << *bad << std::endl;
+    return 2;
+  }
   // Before the engine, loop and CUDA runtime threads, which inherit its
   // signal mask: a thread that left SIGTERM unblocked would take it and end
   // the process undrained (the CUDA runtime's did, on a GPU machine).
@@ -79,7 +84,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire worker: cannot listen on " << command.listen << ": " << error.what() << std::endl;
     return 2;
   }
-  const std::string address = transport::Endpoint{endpoint->host, group->port()}.to_string();
+  const std::string address = advertised_address(*endpoint, group->port(), command.advertise);
   service->set_name(command.name.empty() ? address : command.name);
   err << "fmwire worker: " << group->backend_log_line() << std::endl;
   if (command.zero_copy_min_bytes > 0) {
@@ -125,7 +130,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     registration = std::move(*registered);
     err << "fmwire worker: registered in etcd as " << command.etcd_prefix << address << std::endl;
   }
-  out << "listening on " << address << std::endl;
+  out << "listening on " << transport::Endpoint{endpoint->host, group->port()}.to_string() << std::endl;
   if (metrics_server) out << "metrics on " << metrics_server->url() << std::endl;
 
   shutdown.wait_for_signal();

@@ -21,6 +21,7 @@ struct WorkerCommand {
   std::chrono::milliseconds load_report_interval{100};
   std::chrono::milliseconds drain_timeout{30000};
   std::string etcd;                       // URL: register there for routers to find
+  std::string advertise;                  // HOST:PORT registered in etcd (cli/advertise.h); default: the listen address
   std::string etcd_prefix = "/fmwire/workers/";
   std::uint32_t etcd_ttl_s = 5;
   std::string role = "both";              // disaggregated serving: prefill, decode or both

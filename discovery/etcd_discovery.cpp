@@ -15,6 +15,7 @@
 #include <boost/beast/http/write.hpp>
 #include <boost/json.hpp>
 #include <charconv>
+#include <cstring>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -22,8 +23,10 @@
 #include <string_view>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "transport/endpoint.h"
+#include "transport/host_resolver.h"
 
 namespace fmwire::discovery {
 namespace {
@@ -162,11 +165,12 @@ std::string etcd_error_text(const json::object& answer) {
 // ---- one etcd endpoint over HTTP/1.1 ----
 
 // An EtcdUrl made by hand rather than by parse_etcd_url: its host must still
-// be numeric (nothing here resolves names).
+// be one an endpoint could have (numeric, or a well-formed name).
 Outcome check_url(const EtcdUrl& url) {
-  boost::system::error_code error;
-  (void)asio::ip::make_address(url.host, error);
-  if (error) return "etcd host '" + url.host + "': expected a numeric IPv4 or IPv6 address";
+  std::string problem;
+  if (!transport::parse_endpoint(transport::Endpoint{url.host, url.port}.to_string(), &problem)) {
+    return "etcd host '" + url.host + "': " + problem;
+  }
   if (url.port == 0) return "etcd at " + url.host + ": port must be from 1 to 65535";
   return codec::Done{};
 }
@@ -178,9 +182,9 @@ Outcome check_url(const EtcdUrl& url) {
 // from any thread, ends the call in progress and refuses later ones.
 class EtcdClient {
  public:
-  // `url` has a numeric host (check_url).
+  // `url` has passed check_url.
   explicit EtcdClient(const EtcdUrl& url)
-      : endpoint_(asio::ip::make_address(url.host), url.port),
+      : url_(url),
         name_(transport::Endpoint{url.host, url.port}.to_string()),
         stream_(io_),
         timer_(io_) {}
@@ -250,8 +254,21 @@ class EtcdClient {
   // `timeout`.
   Outcome open(std::string_view target, const json::object& request, milliseconds timeout,
                std::optional<std::uint64_t> body_limit) {
+    // A name is looked up again on every call (on this thread, which is
+    // no loop), so an etcd that moves is found at its new address.
+    transport::SocketAddresses addresses;
+    if (const std::error_code lookup = transport::resolve_blocking(url_.host, url_.port, timeout, addresses)) {
+      return "cannot reach etcd at " + name_ + ": looking up " + url_.host + ": " + lookup.message();
+    }
+    std::vector<asio::ip::tcp::endpoint> endpoints;
+    for (const transport::SocketAddress& address : addresses) {
+      asio::ip::tcp::endpoint endpoint;
+      std::memcpy(endpoint.data(), address.get(), address.bytes);
+      endpoint.resize(address.bytes);
+      endpoints.push_back(endpoint);
+    }
     stream_.expires_after(timeout);
-    if (auto error = run([&](auto done) { stream_.async_connect(endpoint_, done); })) {
+    if (auto error = run([&](auto done) { stream_.async_connect(endpoints, done); })) {
       close();
       if (error == beast::error::timeout) {
         return "cannot reach etcd at " + name_ + ": no answer to connect in " + std::to_string(timeout.count()) + " ms";
@@ -361,7 +378,7 @@ class EtcdClient {
     stream_.close();
   }
 
-  asio::ip::tcp::endpoint endpoint_;
+  EtcdUrl url_;
   std::string name_;
   std::atomic<bool> stopping_{false};
   asio::io_context io_{1};

@@ -20,7 +20,8 @@
 
 namespace fmwire::discovery {
 
-// "http://127.0.0.1:2379" (numeric host or localhost, no TLS).
+// "http://127.0.0.1:2379", "http://[::1]:2379", "http://etcd-0:2379" (no
+// TLS). A name is looked up again on every call, off any loop.
 struct EtcdUrl {
   std::string host;
   std::uint16_t port = 2379;

@@ -874,6 +874,10 @@ void RouterService::on_worker_refused(WorkerLink&, const std::string& reason) {
   if (options_.log) options_.log(reason);
 }
 
+void RouterService::on_worker_unresolved(WorkerLink&, const std::string& reason) {
+  if (options_.log) options_.log(reason);
+}
+
 void RouterService::on_stream_closed(Connection& connection, std::uint32_t stream_id,
                                      const transport::EndReason& reason) {
   load_subscribers_.erase({&connection, stream_id});

@@ -272,6 +272,7 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   void hand_over_streams(WorkerLink& draining);
   bool hand_over(Route& route, WorkerLink& draining);
   void on_worker_refused(WorkerLink& link, const std::string& reason) override;
+  void on_worker_unresolved(WorkerLink& link, const std::string& reason) override;
   void reap_retired();
   WorkerLinkOwner& link_owner() { return *this; }
 

@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "codec/frame_decoder.h"
+#include "transport/host_resolver.h"
 
 namespace fmwire::router {
 namespace {
@@ -45,9 +46,18 @@ void WorkerLink::connect() {
     }
     connecting_ = false;
     if (error || fd < 0) {
+      if (error.category() == transport::lookup_category()) {
+        std::string reason = "worker " + endpoint_.to_string() + ": looking up " + endpoint_.host + ": " +
+                             error.message() + " (retrying)";
+        if (reason != lookup_error_) {
+          lookup_error_ = reason;
+          owner_.on_worker_unresolved(*this, lookup_error_);
+        }
+      }
       schedule_reconnect();
       return;
     }
+    lookup_error_.clear();
     if (retired_) {
       ::close(fd);
       return;

@@ -41,6 +41,12 @@ class WorkerLinkOwner {
     (void)link;
     (void)reason;
   }
+  // The worker's name did not resolve (the link retries with backoff);
+  // said once per distinct error until the link connects.
+  virtual void on_worker_unresolved(WorkerLink& link, const std::string& reason) {
+    (void)link;
+    (void)reason;
+  }
 };
 
 struct WorkerLinkOptions {
@@ -105,6 +111,7 @@ class WorkerLink final : private transport::ConnectionHandler {
   std::unique_ptr<transport::Connection> connection_;
   std::uint32_t report_stream_ = 0;
   bool connecting_ = false;
+  std::string lookup_error_;  // the last one told to the owner; cleared on connecting
   bool draining_ = false;   // GoAway or a draining LoadReport
   bool retired_ = false;
   std::chrono::milliseconds backoff_;

@@ -10,6 +10,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/write.hpp>
 #include <cerrno>
+#include <cstring>
 #include <stdexcept>
 #include <utility>
 
@@ -62,6 +63,7 @@ AsioBackend::AsioBackend() : io_(1), work_(boost::asio::make_work_guard(io_)) {
 }
 
 AsioBackend::~AsioBackend() {
+  resolver_.reset();  // first: its helper threads post to this backend until it has gone
   // Destroying the Asio objects closes their descriptors and cancels their
   // operations; nothing runs the context again, so the cancelled handlers
   // (and any posted on_close) are destroyed by io_'s destructor, unrun.
@@ -162,37 +164,62 @@ void AsioBackend::stop_accepting(int listen_fd) {
 void AsioBackend::connect(const std::string& host, std::uint16_t port,
                           std::function<void(int fd, std::error_code error)> on_connected) {
   if (!on_connected) throw std::invalid_argument("connect to " + host + ": on_connected is empty");
-  boost::system::error_code parse_error;
-  const boost::asio::ip::address address = boost::asio::ip::make_address(host, parse_error);
-  if (parse_error) {
-    boost::asio::post(io_, [on_connected = std::move(on_connected), error = std::error_code(parse_error)] {
-      on_connected(-1, error);
-    });
+  if (auto address = numeric_address(host, port)) {
+    connect_next(std::make_shared<SocketAddresses>(1, *address), 0, std::move(on_connected), {});
     return;
   }
+  if (!resolver_) resolver_ = std::make_unique<HostResolver>(*this);
+  resolver_->resolve(host, port, [this, on_connected = std::move(on_connected)](SocketAddresses addresses,
+                                                                                std::error_code error) mutable {
+    if (error) {
+      on_connected(-1, error);
+      return;
+    }
+    connect_next(std::make_shared<SocketAddresses>(std::move(addresses)), 0, std::move(on_connected), {});
+  });
+}
+
+// Connects to (*addresses)[next], then to the ones after it while each
+// fails; with none left, reports the last error (from the loop).
+void AsioBackend::connect_next(std::shared_ptr<SocketAddresses> addresses, std::size_t next,
+                               std::function<void(int fd, std::error_code error)> on_connected,
+                               std::error_code last_error) {
+  if (next >= addresses->size()) {
+    if (!last_error) last_error = std::make_error_code(std::errc::invalid_argument);
+    boost::asio::post(io_, [on_connected = std::move(on_connected), last_error] { on_connected(-1, last_error); });
+    return;
+  }
+  const SocketAddress& address = (*addresses)[next];
+  tcp::endpoint endpoint;
+  std::memcpy(endpoint.data(), address.get(), address.bytes);
+  endpoint.resize(address.bytes);
   // The handler owns the socket until the descriptor is released to the
   // caller; if the backend is destroyed first, both go unrun.
   auto socket = std::make_shared<tcp::socket>(io_);
-  socket->async_connect(tcp::endpoint(address, port),
-                        [socket, on_connected = std::move(on_connected)](const boost::system::error_code& error) {
-                          if (error) {
-                            on_connected(-1, error);
-                            return;
-                          }
-                          boost::system::error_code option_error;
-                          socket->set_option(tcp::no_delay(true), option_error);
-                          if (option_error) {
-                            on_connected(-1, option_error);
-                            return;
-                          }
-                          boost::system::error_code release_error;
-                          const int fd = socket->release(release_error);
-                          if (release_error) {
-                            on_connected(-1, release_error);
-                            return;
-                          }
-                          on_connected(fd, {});
-                        });
+  socket->async_connect(endpoint, [this, socket, addresses, next, on_connected = std::move(on_connected)](
+                                      const boost::system::error_code& error) mutable {
+    if (error) {
+      if (error != boost::asio::error::operation_aborted && next + 1 < addresses->size()) {
+        connect_next(std::move(addresses), next + 1, std::move(on_connected), error);
+        return;
+      }
+      on_connected(-1, error);
+      return;
+    }
+    boost::system::error_code option_error;
+    socket->set_option(tcp::no_delay(true), option_error);
+    if (option_error) {
+      on_connected(-1, option_error);
+      return;
+    }
+    boost::system::error_code release_error;
+    const int fd = socket->release(release_error);
+    if (release_error) {
+      on_connected(-1, release_error);
+      return;
+    }
+    on_connected(fd, {});
+  });
 }
 
 // ---- connected sockets: open, receive, send, close ----

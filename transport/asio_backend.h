@@ -35,6 +35,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "transport/host_resolver.h"
 #include "transport/io_backend.h"
 
 namespace fmwire::transport {
@@ -63,7 +64,10 @@ class AsioBackend final : public IoBackend {
   void accept(int listen_fd, std::function<void(int fd)> on_accept) override;
   void stop_accepting(int listen_fd) override;
 
-  // An unparsable host is reported through on_connected, from the loop.
+  // A name is looked up off the loop (host_resolver.h; not Asio's resolver,
+  // whose one private thread a stalled lookup would hold up for every other
+  // name), and its addresses tried in order until one connects. A name that
+  // does not resolve is reported through on_connected, from the loop.
   void connect(const std::string& host, std::uint16_t port,
                std::function<void(int fd, std::error_code error)> on_connected) override;
 
@@ -140,6 +144,8 @@ class AsioBackend final : public IoBackend {
   SocketState* find_socket(int fd, std::uint64_t serial);
   SocketState& require_socket(int fd, const char* operation);
   void run_batch();
+  void connect_next(std::shared_ptr<SocketAddresses> addresses, std::size_t next,
+                    std::function<void(int fd, std::error_code error)> on_connected, std::error_code last_error);
 
   // Declared first, destroyed last: every Asio object below is destroyed
   // (and its operations cancelled) while the context still exists, and the
@@ -154,6 +160,7 @@ class AsioBackend final : public IoBackend {
   std::unordered_map<int, std::unique_ptr<AcceptorState>> acceptors_;
   std::unordered_map<int, std::unique_ptr<SocketState>> sockets_;
   std::unordered_map<TimerId, std::unique_ptr<boost::asio::steady_timer>> timers_;
+  std::unique_ptr<HostResolver> resolver_;  // made at the first name; gone first in the destructor
 };
 
 }  // namespace fmwire::transport

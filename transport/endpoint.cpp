@@ -5,15 +5,59 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstring>
 #include <system_error>
 
+#include "transport/host_resolver.h"
+
 namespace fmwire::transport {
+namespace {
+
+// A DNS name as RFC 1123 allows it (letters, digits and hyphens in labels
+// of 1 to 63 characters, 253 in all, one trailing dot allowed), with
+// underscores too: container and service names use them.
+std::optional<std::string> bad_name(std::string_view host) {
+  if (host.size() > 253) return "a host name has at most 253 characters";
+  std::string_view rest = host.ends_with('.') ? host.substr(0, host.size() - 1) : host;
+  if (rest.empty()) return "the host is empty";
+  while (!rest.empty()) {
+    const std::size_t dot = std::min(rest.find('.'), rest.size());
+    const std::string_view label = rest.substr(0, dot);
+    if (label.empty()) return "the host name '" + std::string(host) + "' has an empty label";
+    if (label.size() > 63) return "the host name '" + std::string(host) + "' has a label over 63 characters";
+    for (const char c : label) {
+      const bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
+      if (!allowed) return "the host name '" + std::string(host) + "' has a character a name cannot have";
+    }
+    if (label.front() == '-' || label.back() == '-') {
+      return "the host name '" + std::string(host) + "' has a label that starts or ends with '-'";
+    }
+    rest = dot < rest.size() ? rest.substr(dot + 1) : std::string_view();
+  }
+  return std::nullopt;
+}
+
+bool dotted_digits(std::string_view host) {
+  return std::all_of(host.begin(), host.end(), [](char c) { return c == '.' || (c >= '0' && c <= '9'); });
+}
+
+}  // namespace
 
 std::string Endpoint::to_string() const {
   if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
   return host + ":" + std::to_string(port);
+}
+
+bool Endpoint::numeric() const { return numeric_address(host, port).has_value(); }
+
+bool Endpoint::unspecified() const {
+  in_addr v4;
+  in6_addr v6;
+  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) return v4.s_addr == htonl(INADDR_ANY);
+  if (::inet_pton(AF_INET6, host.c_str(), &v6) == 1) return IN6_IS_ADDR_UNSPECIFIED(&v6);
+  return false;
 }
 
 std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* error) {
@@ -23,7 +67,8 @@ std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* error
   };
   std::string_view host;
   std::string_view port;
-  if (!text.empty() && text.front() == '[') {
+  const bool bracketed = !text.empty() && text.front() == '[';
+  if (bracketed) {
     const auto close = text.find(']');
     if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':') {
       return fail("expected [IPv6]:PORT");
@@ -35,40 +80,41 @@ std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* error
     if (colon == std::string_view::npos) return fail("expected HOST:PORT");
     host = text.substr(0, colon);
     port = text.substr(colon + 1);
+    if (host.find(':') != std::string_view::npos) {
+      return fail("an IPv6 address goes in brackets, as in [::1]:7000");
+    }
   }
+  if (port.empty()) return fail("expected a port after ':'");
   unsigned value = 0;
   const auto [end, parsed] = std::from_chars(port.data(), port.data() + port.size(), value);
   if (parsed != std::errc() || end != port.data() + port.size() || value > 65535) {
     return fail("port must be a number from 0 to 65535");
   }
-  Endpoint endpoint;
-  endpoint.port = static_cast<std::uint16_t>(value);
-  endpoint.host = host == "localhost" ? "127.0.0.1" : std::string(host);
+  if (host.empty()) return fail("the host is empty (0.0.0.0 or [::] listen on every address)");
+  Endpoint endpoint{std::string(host), static_cast<std::uint16_t>(value)};
   in6_addr v6;
   in_addr v4;
-  if (::inet_pton(AF_INET, endpoint.host.c_str(), &v4) != 1 && ::inet_pton(AF_INET6, endpoint.host.c_str(), &v6) != 1) {
-    return fail("host must be a numeric IPv4 or IPv6 address, or localhost");
+  if (bracketed) {
+    if (::inet_pton(AF_INET6, endpoint.host.c_str(), &v6) != 1) {
+      return fail("'" + endpoint.host + "' in brackets is not an IPv6 address");
+    }
+  } else if (dotted_digits(host)) {
+    if (::inet_pton(AF_INET, endpoint.host.c_str(), &v4) != 1) {
+      return fail("'" + endpoint.host + "' is not an IPv4 address (four numbers from 0 to 255)");
+    }
+  } else if (auto problem = bad_name(host)) {
+    return fail(*problem);
   }
   return endpoint;
 }
 
 Listener listen_on(const Endpoint& endpoint, bool share_port) {
-  sockaddr_storage address{};
-  socklen_t address_bytes = 0;
-  auto* v4 = reinterpret_cast<sockaddr_in*>(&address);
-  auto* v6 = reinterpret_cast<sockaddr_in6*>(&address);
-  if (::inet_pton(AF_INET, endpoint.host.c_str(), &v4->sin_addr) == 1) {
-    v4->sin_family = AF_INET;
-    v4->sin_port = htons(endpoint.port);
-    address_bytes = sizeof(sockaddr_in);
-  } else if (::inet_pton(AF_INET6, endpoint.host.c_str(), &v6->sin6_addr) == 1) {
-    v6->sin6_family = AF_INET6;
-    v6->sin6_port = htons(endpoint.port);
-    address_bytes = sizeof(sockaddr_in6);
-  } else {
-    throw std::system_error(std::make_error_code(std::errc::invalid_argument), "listen on " + endpoint.to_string());
+  SocketAddresses addresses;
+  if (const std::error_code lookup = resolve_blocking(endpoint.host, endpoint.port, kLookupTimeout, addresses)) {
+    throw std::system_error(lookup, "looking up " + endpoint.host);
   }
-  const int fd = ::socket(address.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const SocketAddress& address = addresses.front();
+  const int fd = ::socket(address.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) throw std::system_error(errno, std::system_category(), "socket");
   const int one = 1;
   ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -77,7 +123,7 @@ Listener listen_on(const Endpoint& endpoint, bool share_port) {
     ::close(fd);
     throw std::system_error(error, std::system_category(), "SO_REUSEPORT on " + endpoint.to_string());
   }
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&address), address_bytes) != 0 || ::listen(fd, 1024) != 0) {
+  if (::bind(fd, address.get(), address.bytes) != 0 || ::listen(fd, 1024) != 0) {
     const int error = errno;
     ::close(fd);
     throw std::system_error(error, std::system_category(), "listen on " + endpoint.to_string());

@@ -65,10 +65,12 @@ struct UringBackend::Listener {
   std::function<void(int)> on_accept;
 };
 
+// A connect under way: the socket trying addresses[next - 1], and those
+// left to try after it.
 struct UringBackend::PendingConnect {
   int fd = -1;
-  sockaddr_storage address{};
-  socklen_t address_bytes = 0;
+  SocketAddresses addresses;
+  std::size_t next = 0;
   std::function<void(int, std::error_code)> on_connected;
 };
 
@@ -178,6 +180,7 @@ UringBackend::UringBackend(UringOptions options) : options_(options) {
 }
 
 UringBackend::~UringBackend() {
+  resolver_.reset();  // first: its helper threads post to this backend until it has gone
   for (auto& socket : sockets_) {
     if (socket) ::close(socket->fd);
   }
@@ -254,32 +257,46 @@ void UringBackend::stop_accepting(int listen_fd) {
 
 void UringBackend::connect(const std::string& host, std::uint16_t port,
                            std::function<void(int fd, std::error_code error)> on_connected) {
+  if (auto address = numeric_address(host, port)) {
+    connect_to({*address}, std::move(on_connected));
+    return;
+  }
+  if (!resolver_) resolver_ = std::make_unique<HostResolver>(*this);
+  resolver_->resolve(host, port, [this, on_connected = std::move(on_connected)](SocketAddresses addresses,
+                                                                                std::error_code error) mutable {
+    if (error) {
+      on_connected(-1, error);
+      return;
+    }
+    connect_to(std::move(addresses), std::move(on_connected));
+  });
+}
+
+void UringBackend::connect_to(SocketAddresses addresses, std::function<void(int, std::error_code)> on_connected) {
   auto pending = std::make_unique<PendingConnect>();
-  auto* v4 = reinterpret_cast<sockaddr_in*>(&pending->address);
-  auto* v6 = reinterpret_cast<sockaddr_in6*>(&pending->address);
-  if (::inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
-    v4->sin_family = AF_INET;
-    v4->sin_port = htons(port);
-    pending->address_bytes = sizeof(sockaddr_in);
-  } else if (::inet_pton(AF_INET6, host.c_str(), &v6->sin6_addr) == 1) {
-    v6->sin6_family = AF_INET6;
-    v6->sin6_port = htons(port);
-    pending->address_bytes = sizeof(sockaddr_in6);
-  } else {
-    post([on_connected = std::move(on_connected)] { on_connected(-1, std::make_error_code(std::errc::invalid_argument)); });
-    return;
-  }
-  pending->fd = ::socket(pending->address.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (pending->fd < 0) {
-    post([on_connected = std::move(on_connected), error = errno_code(errno)] { on_connected(-1, error); });
-    return;
-  }
+  pending->addresses = std::move(addresses);
   pending->on_connected = std::move(on_connected);
-  const std::uint32_t id = next_connect_++;
-  io_uring_sqe* sqe = next_sqe();
-  io_uring_prep_connect(sqe, pending->fd, reinterpret_cast<sockaddr*>(&pending->address), pending->address_bytes);
-  io_uring_sqe_set_data64(sqe, user_data(Op::connect, 0, id));
-  connects_.emplace(id, std::move(pending));
+  connect_next(std::move(pending), std::make_error_code(std::errc::invalid_argument));
+}
+
+// Tries the next address; with none left, reports the last error (posted:
+// on_connected never runs inside connect()).
+void UringBackend::connect_next(std::unique_ptr<PendingConnect> pending, std::error_code last_error) {
+  while (pending->next < pending->addresses.size()) {
+    const SocketAddress& address = pending->addresses[pending->next++];
+    pending->fd = ::socket(address.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (pending->fd < 0) {
+      last_error = errno_code(errno);
+      continue;
+    }
+    const std::uint32_t id = next_connect_++;
+    io_uring_sqe* sqe = next_sqe();
+    io_uring_prep_connect(sqe, pending->fd, address.get(), address.bytes);
+    io_uring_sqe_set_data64(sqe, user_data(Op::connect, 0, id));
+    connects_.emplace(id, std::move(pending));
+    return;
+  }
+  post([on_connected = std::move(pending->on_connected), last_error] { on_connected(-1, last_error); });
 }
 
 void UringBackend::open(int fd, SocketEvents* events) {
@@ -689,7 +706,13 @@ void UringBackend::handle(const io_uring_cqe& cqe) {
       connects_.erase(found);
       if (cqe.res < 0) {
         ::close(pending->fd);
-        pending->on_connected(-1, errno_code(-cqe.res));
+        pending->fd = -1;
+        const std::error_code error = errno_code(-cqe.res);
+        if (pending->next < pending->addresses.size()) {
+          connect_next(std::move(pending), error);
+        } else {
+          pending->on_connected(-1, error);
+        }
       } else {
         set_no_delay(pending->fd);
         pending->on_connected(pending->fd, {});

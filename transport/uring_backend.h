@@ -31,6 +31,7 @@
 #include <mutex>
 #include <vector>
 
+#include "transport/host_resolver.h"
 #include "transport/io_backend.h"
 
 namespace fmwire::transport {
@@ -66,6 +67,8 @@ class UringBackend final : public IoBackend {
   BackendKind kind() const override { return BackendKind::io_uring; }
   void accept(int listen_fd, std::function<void(int fd)> on_accept) override;
   void stop_accepting(int listen_fd) override;
+  // A name is looked up off the loop (host_resolver.h), and its addresses
+  // tried in order until one connects.
   void connect(const std::string& host, std::uint16_t port,
                std::function<void(int fd, std::error_code error)> on_connected) override;
   void open(int fd, SocketEvents* events) override;
@@ -102,6 +105,8 @@ class UringBackend final : public IoBackend {
   void submit_send(Socket& socket);
   void submit_send_chain(Socket& socket);
   int registered_slot(const iovec& buffer) const;
+  void connect_to(SocketAddresses addresses, std::function<void(int, std::error_code)> on_connected);
+  void connect_next(std::unique_ptr<PendingConnect> pending, std::error_code last_error);
   void arm_wake();
   void handle(const io_uring_cqe& cqe);
   void handle_receive(Socket& socket, const io_uring_cqe& cqe);
@@ -122,6 +127,7 @@ class UringBackend final : public IoBackend {
   std::vector<std::unique_ptr<Socket>> sockets_;     // by fd
   std::vector<std::unique_ptr<Listener>> listeners_; // by fd
   std::vector<std::unique_ptr<Listener>> retired_listeners_;  // stopped during this batch
+  std::unique_ptr<HostResolver> resolver_;  // made at the first name; gone first in the destructor
   std::map<std::uint32_t, std::unique_ptr<PendingConnect>> connects_;
   std::uint32_t next_connect_ = 1;
   std::uint32_t next_generation_ = 1;

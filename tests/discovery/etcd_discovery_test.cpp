@@ -273,7 +273,7 @@ std::string joined(const std::vector<std::string>& lines) {
   return text;
 }
 
-TEST_CASE("parse_etcd_url accepts http with a numeric host or localhost") {
+TEST_CASE("parse_etcd_url accepts http with a numeric host or a name") {
   auto v4 = parse_etcd_url("http://127.0.0.1:2379");
   REQUIRE_MESSAGE(v4.has_value(), v4.error());
   CHECK(v4->host == "127.0.0.1");
@@ -286,15 +286,24 @@ TEST_CASE("parse_etcd_url accepts http with a numeric host or localhost") {
 
   auto local = parse_etcd_url("http://localhost:2380");
   REQUIRE_MESSAGE(local.has_value(), local.error());
-  CHECK(local->host == "127.0.0.1");
+  CHECK(local->host == "localhost");
   CHECK(local->port == 2380);
+
+  auto named = parse_etcd_url("http://etcd-0.etcd.svc:2379");
+  REQUIRE_MESSAGE(named.has_value(), named.error());
+  CHECK(named->host == "etcd-0.etcd.svc");
+
+  auto v6_no_port = parse_etcd_url("http://[::1]");
+  REQUIRE_MESSAGE(v6_no_port.has_value(), v6_no_port.error());
+  CHECK(v6_no_port->host == "::1");
+  CHECK(v6_no_port->port == 2379);
 
   auto no_port = parse_etcd_url("http://10.0.0.7");
   REQUIRE_MESSAGE(no_port.has_value(), no_port.error());
   CHECK(no_port->port == 2379);
 }
 
-TEST_CASE("parse_etcd_url refuses https, other schemes, names, paths and bad ports") {
+TEST_CASE("parse_etcd_url refuses https, other schemes, malformed hosts, paths and bad ports") {
   const auto refusal = [](const std::string& url) {
     auto parsed = parse_etcd_url(url);
     REQUIRE_MESSAGE(!parsed.has_value(), url, " parsed");
@@ -304,7 +313,8 @@ TEST_CASE("parse_etcd_url refuses https, other schemes, names, paths and bad por
   CHECK(refusal("127.0.0.1:2379").find("expected http://HOST:PORT") != std::string::npos);
   CHECK(refusal("grpc://127.0.0.1:2379").find("expected http://HOST:PORT") != std::string::npos);
   CHECK(refusal("http://").find("expected a host") != std::string::npos);
-  CHECK(refusal("http://etcd.example.com:2379").find("numeric IPv4 or IPv6") != std::string::npos);
+  CHECK(refusal("http://etcd example:2379").find("character") != std::string::npos);
+  CHECK(refusal("http://::1:2379").find("brackets") != std::string::npos);
   CHECK(refusal("http://127.0.0.1:2379/v3").find("no path") != std::string::npos);
   CHECK(refusal("http://127.0.0.1:http").find("port must be") != std::string::npos);
   CHECK(refusal("http://127.0.0.1:65536").find("port must be") != std::string::npos);
@@ -323,6 +333,31 @@ TEST_CASE("starting against a port with no etcd fails and says why") {
   REQUIRE(!registration.has_value());
   CHECK(registration.error() == expected);
   CHECK(recorder.sets().empty());
+}
+
+TEST_CASE("an etcd whose name does not resolve fails to start, naming the name") {
+  Recorder recorder;
+  const auto started = Clock::now();
+  auto watcher = EtcdWatcher::start({"etcd.invalid", 2379}, "/workers/", recorder.changed(), recorder.error());
+  REQUIRE(!watcher.has_value());
+  CHECK_MESSAGE(watcher.error().find("cannot reach etcd at etcd.invalid:2379: looking up etcd.invalid: ") == 0,
+                watcher.error());
+  auto registration = EtcdRegistration::start({"etcd.invalid", 2379}, "/workers/", "127.0.0.1:7000", 10s);
+  REQUIRE(!registration.has_value());
+  CHECK_MESSAGE(registration.error().find("etcd.invalid") != std::string::npos, registration.error());
+  CHECK(Clock::now() - started < kLimit);
+}
+
+TEST_CASE("workers register and are watched through etcd by the name localhost") {
+  EtcdProcess& etcd = shared_etcd();
+  const EtcdUrl by_name{"localhost", etcd.url().port};
+  const std::string prefix = "/fmwire-test/by-name/";
+  Recorder recorder;
+  auto watcher = watch(by_name, prefix, recorder);
+  CHECK(recorder.wait_for({}));
+  auto worker = register_worker(by_name, prefix, "worker-1.example:7001");
+  CHECK(recorder.wait_for({"worker-1.example:7001"}));
+  CHECK(recorder.errors().empty());
 }
 
 TEST_CASE("a registered worker appears to a watcher") {

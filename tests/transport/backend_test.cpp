@@ -35,6 +35,8 @@
 #include <vector>
 
 #include "transport/asio_backend.h"
+#include "transport/endpoint.h"
+#include "transport/host_resolver.h"
 #include "transport/io_backend.h"
 #include "transport/uring_backend.h"
 
@@ -580,7 +582,7 @@ TEST_CASE("connecting to a port nobody listens on reports ECONNREFUSED and no de
   }
 }
 
-TEST_CASE("connecting to a host that is not a numeric address reports an error, from the loop") {
+TEST_CASE("connecting to a name that does not resolve reports the lookup error, from the loop") {
   for (const TestBackend& kind : backends_under_test()) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
@@ -600,10 +602,79 @@ TEST_CASE("connecting to a host that is not a numeric address reports an error, 
       });
       inside_connect = false;
 
-      REQUIRE(run_until_stopped(*backend));
+      // Within the lookup bound (kLookupTimeout), under the loop's limit.
+      REQUIRE(run_until_stopped(*backend, kLookupTimeout + 2s));
       CHECK_FALSE(called_inside_connect);
       CHECK(connected_fd == -1);
       CHECK(connect_error);
+      CHECK(connect_error.category() == lookup_category());
+    }
+  }
+}
+
+// Connects `backend` to host:port and accepts on `listen_fd` (which it takes
+// over); both descriptors, or the connect error.
+struct NamedConnect {
+  OwnedFd accepted;
+  OwnedFd connected;
+  std::error_code error;
+};
+
+NamedConnect connect_by(IoBackend& backend, int listen_fd, const std::string& host, std::uint16_t port) {
+  NamedConnect result;
+  bool connect_done = false;
+  auto stop_when_both = [&] {
+    if ((result.accepted.valid() && connect_done) || result.error) backend.stop();
+  };
+  backend.accept(listen_fd, [&](int fd) {
+    result.accepted = OwnedFd(fd);
+    stop_when_both();
+  });
+  backend.connect(host, port, [&](int fd, std::error_code error) {
+    result.connected = OwnedFd(fd);
+    result.error = error;
+    connect_done = true;
+    stop_when_both();
+  });
+  REQUIRE(run_until_stopped(backend));
+  backend.stop_accepting(listen_fd);
+  return result;
+}
+
+TEST_CASE("connecting by the name localhost reaches a listener on loopback") {
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = kind.make();
+      const Listener listener = listen_on(Endpoint{"localhost", 0});
+      NamedConnect result = connect_by(*backend, listener.fd, "localhost", listener.port);
+      REQUIRE_MESSAGE(!result.error, result.error.message());
+      CHECK(result.connected.valid());
+      CHECK(result.accepted.valid());
+    }
+  }
+}
+
+TEST_CASE("connecting to ::1 reaches a listener on IPv6 loopback") {
+  Listener probe;
+  try {
+    probe = listen_on(Endpoint{"::1", 0});
+  } catch (const std::system_error& error) {
+    MESSAGE("skipped: no IPv6 loopback here (", error.what(), ")");
+    return;
+  }
+  ::close(probe.fd);
+  for (const TestBackend& kind : backends_under_test()) {
+    const std::string name = kind.name;
+    SUBCASE(name.c_str()) {
+      CAPTURE(name);
+      auto backend = kind.make();
+      const Listener listener = listen_on(Endpoint{"::1", 0});
+      NamedConnect result = connect_by(*backend, listener.fd, "::1", listener.port);
+      REQUIRE_MESSAGE(!result.error, result.error.message());
+      CHECK(result.connected.valid());
+      CHECK(result.accepted.valid());
     }
   }
 }
