@@ -158,7 +158,13 @@ def cancel_frees_blocks(binary, env):
         # request waits for it; cancel the waiting one, then the first.
         first = topology.stream(2000)
         clients.append(first)
-        topology.wait_blocks(lambda used: used["prefill"] > 0, "the first request's prefill")
+        try:
+            topology.wait_blocks(lambda used: used["prefill"] > 0 or first.poll() is not None,
+                                 "the first request's prefill")
+        finally:
+            if first.poll() is not None:  # what ended it, for the failure below
+                raise Failure(f"the first request ended before its prefill was seen: exit {first.returncode}, "
+                              f"{first.stdout.read()[-600:]!r} {first.stderr.read()[-300:]!r}")
         queued = topology.stream(2000)
         clients.append(queued)
         time.sleep(0.2)
