@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from native_cli_test import LIMIT_S, Failure, check, generate
+from native_cli_test import LIMIT_S, Failure, check, generate, run_scenario
 from router_cli_test import Etcd, frames_of, until
 
 SKIP = 77
@@ -198,17 +198,6 @@ SCENARIOS = {
 }
 
 
-def main():
-    binary, backend, scenario = sys.argv[1:4]
-    env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
-    try:
-        SCENARIOS[scenario](binary, env)
-    except (Failure, subprocess.TimeoutExpired) as failure:
-        print(f"FAILED address {scenario} [{backend}]: {failure}")
-        return 1
-    print(f"ok address {scenario} [{backend}]")
-    return 0
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenario("address", SCENARIOS))

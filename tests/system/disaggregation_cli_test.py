@@ -21,7 +21,7 @@ import threading
 import time
 
 from gateway_cli_test import HttpServer, check_sse, http, metric, run_openai_client, up
-from native_cli_test import LIMIT_S, Failure, check, generate
+from native_cli_test import LIMIT_S, SKIPPED, Failure, check, generate, run_scenario
 from router_cli_test import Router, Worker, frames_of, stop_all
 
 # The synthetic Llama-3-8B shape: 128 KiB of KV per token in f16, so a
@@ -302,9 +302,6 @@ def drain_hands_streams_over(binary, env):
         stop_all(router, serving, taking)
 
 
-SKIPPED = 77  # meson's exit status for a test that cannot run here
-
-
 def cuda_device(binary, env):
     """None where a worker can serve with --device cuda, else the reason
     (the worker's own line: no driver, no device, not built)."""
@@ -382,18 +379,6 @@ SCENARIOS = {name: function for name, function in globals().items()
                          "corrupted_chunk_recomputed", "cuda_matches_colocated")}
 
 
-def main():
-    binary, backend, scenario = sys.argv[1:4]
-    env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
-    try:
-        if SCENARIOS[scenario](binary, env) == SKIPPED:
-            return SKIPPED
-    except (Failure, subprocess.TimeoutExpired) as failure:
-        print(f"FAILED disaggregation {scenario} [{backend}]: {failure!r}")
-        return 1
-    print(f"ok disaggregation {scenario} [{backend}]")
-    return 0
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenario("disaggregation", SCENARIOS))

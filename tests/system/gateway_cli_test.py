@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 
-from native_cli_test import LIMIT_S, Failure, check, read_until
+from native_cli_test import LIMIT_S, Failure, check, read_until, run_scenario
 from worker_cli_test import Worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -463,17 +463,6 @@ SCENARIOS = {
 }
 
 
-def main():
-    binary, backend, scenario = sys.argv[1:4]
-    env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
-    try:
-        SCENARIOS[scenario](binary, env)
-    except (Failure, subprocess.TimeoutExpired) as failure:
-        print(f"FAILED gateway {scenario} [{backend}]: {failure!r}")
-        return 1
-    print(f"ok gateway {scenario} [{backend}]")
-    return 0
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenario("gateway", SCENARIOS))

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from gateway_cli_test import HttpServer, http, metric
-from native_cli_test import LIMIT_S, Failure, Server, check, generate
+from native_cli_test import LIMIT_S, Failure, Server, check, generate, run_scenario
 from router_cli_test import frames_of, stop_all, until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -263,17 +263,6 @@ SCENARIOS = {
 }
 
 
-def main():
-    binary, backend, scenario = sys.argv[1:4]
-    env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
-    try:
-        SCENARIOS[scenario](binary, env)
-    except (Failure, subprocess.TimeoutExpired) as failure:
-        print(f"FAILED metrics {scenario} [{backend}]: {failure}")
-        return 1
-    print(f"ok metrics {scenario} [{backend}]")
-    return 0
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenario("metrics", SCENARIOS))

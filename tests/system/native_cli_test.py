@@ -272,17 +272,27 @@ SCENARIOS = {
 }
 
 
-def main():
+
+SKIPPED = 77  # meson's exit status for a test that cannot run here
+
+
+def run_scenario(label, scenarios):
+    """The main of every *_cli_test.py (SCRIPT FMWIRE_BINARY BACKEND
+    SCENARIO): runs one scenario over that I/O backend. 0 when it passed, 1
+    with the reason when it failed, SKIPPED when it returned SKIPPED (having
+    said why)."""
     binary, backend, scenario = sys.argv[1:4]
     env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
+    name = f"{label} {scenario}" if label else scenario
     try:
-        SCENARIOS[scenario](binary, env)
+        if scenarios[scenario](binary, env) == SKIPPED:
+            return SKIPPED
     except (Failure, subprocess.TimeoutExpired) as failure:
-        print(f"FAILED {scenario} [{backend}]: {failure}")
+        print(f"FAILED {name} [{backend}]: {failure!r}")
         return 1
-    print(f"ok {scenario} [{backend}]")
+    print(f"ok {name} [{backend}]")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenario("", SCENARIOS))

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from native_cli_test import LIMIT_S, Failure, Server, check, generate, read_until, start_generate
+from native_cli_test import LIMIT_S, Failure, Server, check, generate, read_until, start_generate, run_scenario
 
 
 class Worker(Server):
@@ -253,17 +253,6 @@ SCENARIOS = {
 }
 
 
-def main():
-    binary, backend, scenario = sys.argv[1:4]
-    env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
-    try:
-        SCENARIOS[scenario](binary, env)
-    except (Failure, subprocess.TimeoutExpired) as failure:
-        print(f"FAILED router {scenario} [{backend}]: {failure}")
-        return 1
-    print(f"ok router {scenario} [{backend}]")
-    return 0
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenario("router", SCENARIOS))

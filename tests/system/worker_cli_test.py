@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from native_cli_test import LIMIT_S, Failure, Server, check, generate, read_until, start_generate
+from native_cli_test import LIMIT_S, Failure, Server, check, generate, read_until, start_generate, run_scenario
 
 
 class Worker(Server):
@@ -227,17 +227,6 @@ SCENARIOS = {
 }
 
 
-def main():
-    binary, backend, scenario = sys.argv[1:4]
-    env = dict(os.environ, FMWIRE_IO_BACKEND=backend)
-    try:
-        SCENARIOS[scenario](binary, env)
-    except (Failure, subprocess.TimeoutExpired) as failure:
-        print(f"FAILED worker {scenario} [{backend}]: {failure}")
-        return 1
-    print(f"ok worker {scenario} [{backend}]")
-    return 0
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenario("worker", SCENARIOS))
