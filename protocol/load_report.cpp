@@ -4,6 +4,15 @@
 
 namespace fmwire::protocol {
 
+std::string_view to_string(WorkerRole role) {
+  switch (role) {
+    case WorkerRole::PREFILL: return "prefill";
+    case WorkerRole::DECODE: return "decode";
+    case WorkerRole::BOTH: return "both";
+  }
+  return "both";
+}
+
 WorkerLoad LoadReportReader::load() const {
   WorkerLoad load;
   load.name = text_view(body_.getWorkerName());

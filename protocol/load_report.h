@@ -42,6 +42,9 @@ struct WorkerLoad {
   std::uint32_t kv_reserved_blocks = 0;   // blocks held for incoming transfers
 };
 
+// "prefill", "decode" or "both": a role as logs, flags and metrics labels spell it.
+std::string_view to_string(WorkerRole role);
+
 class LoadReportReader {
  public:
   LoadReportReader(LoadReport::Reader body) : body_(body) {}

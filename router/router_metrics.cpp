@@ -1,22 +1,10 @@
 #include "router/router_metrics.h"
 
 #include "metrics/prometheus_text.h"
+#include "protocol/load_report.h"
 #include "transport/client.h"
 
 namespace fmwire::router {
-namespace {
-
-const char* role_name(protocol::WorkerRole role) {
-  switch (role) {
-    case protocol::WorkerRole::PREFILL: return "prefill";
-    case protocol::WorkerRole::DECODE: return "decode";
-    case protocol::WorkerRole::BOTH: return "both";
-  }
-  return "both";
-}
-
-}  // namespace
-
 std::string render_router_metrics(const RouterMetrics& m) {
   const RouterCounters& c = m.counters;
   metrics::PrometheusText page;
@@ -61,7 +49,7 @@ std::string render_router_metrics(const RouterMetrics& m) {
   // Per worker, as this router sees it: worker="HOST:PORT".
   page.family("fmwire_router_worker_info", "gauge", "Each worker's role, from its load reports; always 1.");
   for (const WorkerView& w : m.workers) {
-    page.sample("fmwire_router_worker_info", {{"worker", w.name}, {"role", role_name(w.role())}}, std::uint64_t{1});
+    page.sample("fmwire_router_worker_info", {{"worker", w.name}, {"role", std::string(protocol::to_string(w.role()))}}, std::uint64_t{1});
   }
   struct PerWorker {
     const char* name;

@@ -1,23 +1,12 @@
 #include "worker/worker_metrics.h"
 
+#include "protocol/load_report.h"
+
 namespace fmwire::worker {
-namespace {
-
-const char* role_name(protocol::WorkerRole role) {
-  switch (role) {
-    case protocol::WorkerRole::PREFILL: return "prefill";
-    case protocol::WorkerRole::DECODE: return "decode";
-    case protocol::WorkerRole::BOTH: return "both";
-  }
-  return "both";
-}
-
-}  // namespace
-
 std::string render_worker_metrics(const WorkerMetrics& m) {
   metrics::PrometheusText page;
   page.family("fmwire_worker_info", "gauge", "This worker: its name (in load reports) and its role; always 1.")
-      .sample("fmwire_worker_info", {{"name", m.name}, {"role", role_name(m.role)}}, std::uint64_t{1});
+      .sample("fmwire_worker_info", {{"name", m.name}, {"role", std::string(protocol::to_string(m.role))}}, std::uint64_t{1});
 
   // Sequences, as the engine saw them after its latest step.
   page.gauge("fmwire_worker_running_sequences", "Sequences admitted to the batch, paused ones included.", m.engine.running);
