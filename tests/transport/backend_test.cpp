@@ -1,10 +1,12 @@
 // Conformance tests of the IoBackend contract (transport/io_backend.h), run
-// against every backend in backends_under_test(). They use the interface
-// only, so a new backend is tested by adding it to that list and the factory.
+// against every backend in test::io_backends(true) (loopback.h). They use the
+// interface only, so a new backend is tested by adding it to that list and
+// the factory.
 //
-// Every loop run is bounded twice: a schedule()d timer stops the loop and
-// fails the test after kLoopLimit, and a watchdog thread aborts the process
-// if even that does not end it, so a broken backend fails, never hangs.
+// Every loop run is bounded twice (test::run_until_stopped): a schedule()d
+// timer stops the loop and fails the test after 5 s, and a watchdog thread
+// aborts the process if even that does not end it, so a broken backend
+// fails, never hangs.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -39,70 +41,13 @@
 #include "transport/host_resolver.h"
 #include "transport/io_backend.h"
 #include "transport/uring_backend.h"
+#include "loopback.h"
 
 namespace fmwire::transport {
 namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
-
-constexpr std::chrono::milliseconds kLoopLimit = 5s;
-
-// Each backend, and io_uring once more with every send zero-copy.
-struct TestBackend {
-  std::string name;
-  std::function<std::unique_ptr<IoBackend>()> make;
-};
-
-std::vector<TestBackend> backends_under_test() {
-  return {{"io_uring", [] { return std::make_unique<UringBackend>(); }},
-          {"io_uring zero-copy", [] { return std::make_unique<UringBackend>(UringOptions{.zero_copy_min_bytes = 1}); }},
-          {"asio", [] { return std::make_unique<AsioBackend>(); }}};
-}
-
-// Aborts the whole test binary if it is still armed after `limit`: the last
-// line of defence against a loop that ignores its own stop timer.
-class Watchdog {
- public:
-  explicit Watchdog(std::chrono::milliseconds limit)
-      : thread_([this, limit] {
-          std::unique_lock lock(mutex_);
-          if (!disarmed_.wait_for(lock, limit, [this] { return done_; })) {
-            std::fprintf(stderr, "backend_test: a loop ran past %lld ms and ignored stop(); aborting\n",
-                         static_cast<long long>(limit.count()));
-            std::abort();
-          }
-        }) {}
-  ~Watchdog() {
-    {
-      std::lock_guard lock(mutex_);
-      done_ = true;
-    }
-    disarmed_.notify_one();
-  }
-  Watchdog(const Watchdog&) = delete;
-  Watchdog& operator=(const Watchdog&) = delete;
-
- private:
-  std::mutex mutex_;
-  std::condition_variable disarmed_;
-  bool done_ = false;
-  std::jthread thread_;  // last: starts after, and is joined before, the members it uses
-};
-
-// Runs the loop on this thread until something calls stop(). False when the
-// safety timer had to stop it instead.
-bool run_until_stopped(IoBackend& backend, std::chrono::milliseconds limit = kLoopLimit) {
-  Watchdog watchdog(limit + 10s);
-  bool timed_out = false;
-  const TimerId guard = backend.schedule(limit, [&] {
-    timed_out = true;
-    backend.stop();
-  });
-  backend.run();
-  backend.cancel(guard);
-  return !timed_out;
-}
 
 // A descriptor the test owns until it hands it over with release().
 class OwnedFd {
@@ -175,7 +120,7 @@ ConnectedPair connect_pair(IoBackend& backend) {
     connect_done = true;
     stop_when_both();
   });
-  REQUIRE(run_until_stopped(backend));
+  REQUIRE(test::run_until_stopped(backend));
   REQUIRE_FALSE(connect_error);
   REQUIRE(pair.accepted.valid());
   REQUIRE(pair.connected.valid());
@@ -232,7 +177,7 @@ void close_all(IoBackend& backend, std::initializer_list<std::pair<int, Recordin
   for (const auto& [fd, events] : sockets) {
     if (events->closes == 0) backend.close(fd);
   }
-  REQUIRE(run_until_stopped(backend));
+  REQUIRE(test::run_until_stopped(backend));
 }
 
 std::size_t open_descriptor_count() {
@@ -293,7 +238,7 @@ std::vector<iovec> uneven_pieces(std::span<const std::byte> bytes, std::size_t c
 }
 
 TEST_CASE("a connection made with connect() and accepted by accept() carries gathered sends in order") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -323,7 +268,7 @@ TEST_CASE("a connection made with connect() and accepted by accept() carries gat
       backend->send(client_fd, list);
       list.assign(list.size(), iovec{nullptr, 0});
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(as_string(server.received) == expected);
       CHECK(client.send_completions == 2);
       CHECK(server.send_completions == 0);
@@ -333,7 +278,7 @@ TEST_CASE("a connection made with connect() and accepted by accept() carries gat
 }
 
 TEST_CASE("8 MiB given to one gathered send arrive complete and in order") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -354,7 +299,7 @@ TEST_CASE("8 MiB given to one gathered send arrive complete and in order") {
       };
       backend->send(client_fd, pieces);
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       REQUIRE(server.received.size() == payload.size());
       CHECK(server.received == payload);
       CHECK(client.send_completions == 1);
@@ -365,7 +310,7 @@ TEST_CASE("8 MiB given to one gathered send arrive complete and in order") {
 }
 
 TEST_CASE("the peer closing gives one on_close with an empty error") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -378,7 +323,7 @@ TEST_CASE("the peer closing gives one on_close with an empty error") {
       server.after_close = [&] { backend->schedule(50ms, [&] { backend->stop(); }); };
       pair.connected.reset();
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(server.closes == 1);
       CHECK_FALSE(server.close_error);
       CHECK_FALSE(server.event_after_close);
@@ -387,7 +332,7 @@ TEST_CASE("the peer closing gives one on_close with an empty error") {
 }
 
 TEST_CASE("close() gives exactly one on_close, delivered after close() returned") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -410,7 +355,7 @@ TEST_CASE("close() gives exactly one on_close, delivered after close() returned"
         inside_close = false;
       });
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(server.closes == 1);
       CHECK_FALSE(on_close_inside_close);
       CHECK_FALSE(server.event_after_close);
@@ -423,7 +368,7 @@ TEST_CASE("close() gives exactly one on_close, delivered after close() returned"
 }
 
 TEST_CASE("a peer that goes away while a send is in flight gives one on_close with an error") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -442,7 +387,7 @@ TEST_CASE("a peer that goes away while a send is in flight gives one on_close wi
       backend->schedule(50ms, [&] { pair.connected.reset(); });
       server.after_close = [&] { backend->schedule(100ms, [&] { backend->stop(); }); };
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(server.closes == 1);
       CHECK(server.close_error);
       CHECK(server.send_completions == 0);
@@ -452,7 +397,7 @@ TEST_CASE("a peer that goes away while a send is in flight gives one on_close wi
 }
 
 TEST_CASE("after stop_accepting() the port refuses connections") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -475,7 +420,7 @@ TEST_CASE("after stop_accepting() the port refuses connections") {
         backend->stop();
       });
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(connected_fd == -1);
       CHECK(connect_error == std::errc::connection_refused);
       CHECK(accepted == 0);
@@ -484,7 +429,7 @@ TEST_CASE("after stop_accepting() the port refuses connections") {
 }
 
 TEST_CASE("after stop_accepting() the port can be listened on again at once, with the loop idle") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -501,7 +446,7 @@ TEST_CASE("after stop_accepting() the port can be listened on again at once, wit
       const int listen_fd = listener.release();
       backend->accept(listen_fd, [](int fd) { OwnedFd closes_it(fd); });
       backend->post([&] { backend->stop(); });
-      REQUIRE(run_until_stopped(*backend));  // the accept is armed in the kernel now
+      REQUIRE(test::run_until_stopped(*backend));  // the accept is armed in the kernel now
 
       // A server being replaced: the old one stops accepting, and a new one
       // must get the port before the old loop runs again, if it ever does.
@@ -515,7 +460,7 @@ TEST_CASE("after stop_accepting() the port can be listened on again at once, wit
 }
 
 TEST_CASE("an accept that fails for want of descriptors is retried later, without spinning") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -543,14 +488,14 @@ TEST_CASE("an accept that fails for want of descriptors is retried later, withou
           backend->stop();
         });
         backend->schedule(300ms, [&] { backend->stop(); });
-        REQUIRE(run_until_stopped(*backend));
+        REQUIRE(test::run_until_stopped(*backend));
       }
       CHECK_FALSE(accepted.valid());
       // An accept retried at once would fail again at once, thousands of times.
       CHECK(batches < 100);
 
       // With descriptors to spare again, the waiting connection is accepted.
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(accepted.valid());
       backend->set_before_wait({});
       backend->stop_accepting(listen_fd);
@@ -559,7 +504,7 @@ TEST_CASE("an accept that fails for want of descriptors is retried later, withou
 }
 
 TEST_CASE("connecting to a port nobody listens on reports ECONNREFUSED and no descriptor") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -575,7 +520,7 @@ TEST_CASE("connecting to a port nobody listens on reports ECONNREFUSED and no de
         backend->stop();
       });
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(connected_fd == -1);
       CHECK(connect_error == std::errc::connection_refused);
     }
@@ -583,7 +528,7 @@ TEST_CASE("connecting to a port nobody listens on reports ECONNREFUSED and no de
 }
 
 TEST_CASE("connecting to a name that does not resolve reports the lookup error, from the loop") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -603,7 +548,7 @@ TEST_CASE("connecting to a name that does not resolve reports the lookup error, 
       inside_connect = false;
 
       // Within the lookup bound (kLookupTimeout), under the loop's limit.
-      REQUIRE(run_until_stopped(*backend, kLookupTimeout + 2s));
+      REQUIRE(test::run_until_stopped(*backend, kLookupTimeout + 2s));
       CHECK_FALSE(called_inside_connect);
       CHECK(connected_fd == -1);
       CHECK(connect_error);
@@ -636,13 +581,13 @@ NamedConnect connect_by(IoBackend& backend, int listen_fd, const std::string& ho
     connect_done = true;
     stop_when_both();
   });
-  REQUIRE(run_until_stopped(backend));
+  REQUIRE(test::run_until_stopped(backend));
   backend.stop_accepting(listen_fd);
   return result;
 }
 
 TEST_CASE("connecting by the name localhost reaches a listener on loopback") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -665,7 +610,7 @@ TEST_CASE("connecting to ::1 reaches a listener on IPv6 loopback") {
     return;
   }
   ::close(probe.fd);
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -680,7 +625,7 @@ TEST_CASE("connecting to ::1 reaches a listener on IPv6 loopback") {
 }
 
 TEST_CASE("timers fire no earlier than their delay, shorter first, and a cancelled one never") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -707,7 +652,7 @@ TEST_CASE("timers fire no earlier than their delay, shorter first, and a cancell
       const TimerId early = backend->schedule(1ms, [&] { fired.push_back("early"); });
       backend->schedule(30ms, [&] { backend->cancel(early); });
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(fired == std::vector<std::string>{"early", "short", "long"});
       CHECK(short_elapsed >= 10ms);
       CHECK(long_elapsed >= 200ms);
@@ -716,7 +661,7 @@ TEST_CASE("timers fire no earlier than their delay, shorter first, and a cancell
 }
 
 TEST_CASE("post() from another thread runs every fn on the loop thread") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -734,7 +679,7 @@ TEST_CASE("post() from another thread runs every fn on the loop thread") {
         }
       });
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       poster.join();
       CHECK(ran == kPosts);
       CHECK(ran_elsewhere == 0);
@@ -743,7 +688,7 @@ TEST_CASE("post() from another thread runs every fn on the loop thread") {
 }
 
 TEST_CASE("the before-wait hook runs after a receive, before the loop waits again") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -767,7 +712,7 @@ TEST_CASE("the before-wait hook runs after a receive, before the loop waits agai
       const iovec message[] = {as_iovec(ping)};
       backend->send(client_fd, message);
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(receives_seen_by_hook == server.receive_calls);
       CHECK(as_string(server.received) == ping);
       backend->set_before_wait({});
@@ -777,7 +722,7 @@ TEST_CASE("the before-wait hook runs after a receive, before the loop waits agai
 }
 
 TEST_CASE("the before-wait hook runs before the first wait, so work queued before run() goes out") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -792,7 +737,7 @@ TEST_CASE("the before-wait hook runs before the first wait, so work queued befor
 
       // Settle: every handler that opening made ready has run.
       backend->post([&] { backend->stop(); });
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
 
       // As a Connection does: the send waits for the hook. Nothing else
       // happens, so a loop that waited before calling the hook would sit
@@ -810,7 +755,7 @@ TEST_CASE("the before-wait hook runs before the first wait, so work queued befor
         if (as_string(server.received) == ping) backend->stop();
       };
 
-      REQUIRE(run_until_stopped(*backend, 2s));
+      REQUIRE(test::run_until_stopped(*backend, 2s));
       CHECK(as_string(server.received) == ping);
       backend->set_before_wait({});
       server.after_receive = nullptr;
@@ -820,7 +765,7 @@ TEST_CASE("the before-wait hook runs before the first wait, so work queued befor
 }
 
 TEST_CASE("the before-wait hook runs after a fn posted from another thread") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -837,14 +782,14 @@ TEST_CASE("the before-wait hook runs after a fn posted from another thread") {
         backend->post([&] { posted_ran = true; });
       });
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(hook_saw_it);
     }
   }
 }
 
 TEST_CASE("a send made in the before-wait hook goes out without another event") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -880,7 +825,7 @@ TEST_CASE("a send made in the before-wait hook goes out without another event") 
       const iovec message[] = {as_iovec(hello)};
       backend->send(client_fd, message);
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(as_string(client.received) == hello);
       backend->set_before_wait({});
       close_all(*backend, {{server_fd, &server}, {client_fd, &client}});
@@ -889,7 +834,7 @@ TEST_CASE("a send made in the before-wait hook goes out without another event") 
 }
 
 TEST_CASE("stop() from another thread makes run() return") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -901,7 +846,7 @@ TEST_CASE("stop() from another thread makes run() return") {
         backend->stop();
       });
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       // run() waited for the stop rather than returning while idle.
       CHECK(stop_called);
     }
@@ -909,7 +854,7 @@ TEST_CASE("stop() from another thread makes run() return") {
 }
 
 TEST_CASE("received bytes start 8-byte aligned") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -946,7 +891,7 @@ TEST_CASE("received bytes start 8-byte aligned") {
       client.after_send_complete = send_next_when_ready;
       send_next();
 
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend));
       CHECK(as_string(server.received) == "abcdefghijklmnopqrstuvwxyz123");
       CHECK(server.receive_calls >= 1);
       CHECK(server.misaligned_receives == 0);
@@ -956,7 +901,7 @@ TEST_CASE("received bytes start 8-byte aligned") {
 }
 
 TEST_CASE("destroying the backend with work outstanding calls nothing back and leaks no descriptor") {
-  for (const TestBackend& kind : backends_under_test()) {
+  for (const test::NamedBackend& kind : test::io_backends(true)) {
     const std::string name = kind.name;
     SUBCASE(name.c_str()) {
       CAPTURE(name);
@@ -1047,7 +992,7 @@ TEST_CASE("slices of registered memory go out on fixed buffers, in order with th
     if (server.received.size() >= expected.size()) backend->stop();
   };
   backend->send(client_fd, pieces);
-  REQUIRE(run_until_stopped(*backend));
+  REQUIRE(test::run_until_stopped(*backend));
   REQUIRE(server.received.size() == expected.size());
   CHECK(server.received == expected);
   CHECK(client.send_completions == 1);
@@ -1057,7 +1002,7 @@ TEST_CASE("slices of registered memory go out on fixed buffers, in order with th
   backend->unregister_memory(region);
   server.received.clear();
   backend->send(client_fd, pieces);
-  REQUIRE(run_until_stopped(*backend));
+  REQUIRE(test::run_until_stopped(*backend));
   CHECK(server.received == expected);
   CHECK(client.send_completions == 2);
   CHECK(backend->fixed_buffer_sends() == fixed_expected);
@@ -1083,7 +1028,7 @@ TEST_CASE("a peer that goes away during a send from registered memory gives one 
   backend->send(server_fd, pieces);
   backend->schedule(50ms, [&] { pair.connected.reset(); });
   server.after_close = [&] { backend->schedule(100ms, [&] { backend->stop(); }); };
-  REQUIRE(run_until_stopped(*backend));
+  REQUIRE(test::run_until_stopped(*backend));
   CHECK(server.closes == 1);
   CHECK(server.close_error);
   CHECK(server.send_completions == 0);

@@ -21,34 +21,13 @@
 #include "transport/asio_backend.h"
 #include "transport/host_resolver.h"
 #include "transport/uring_backend.h"
+#include "loopback.h"
 
 namespace fmwire::transport {
 namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
-
-struct NamedBackend {
-  std::string name;
-  std::function<std::unique_ptr<IoBackend>()> make;
-};
-
-std::vector<NamedBackend> backends() {
-  return {{"io_uring", [] { return std::make_unique<UringBackend>(); }},
-          {"asio", [] { return std::make_unique<AsioBackend>(); }}};
-}
-
-// Runs the loop until stop(), or `limit`: false when the limit stopped it.
-bool run_until_stopped(IoBackend& backend, std::chrono::milliseconds limit = 10s) {
-  bool timed_out = false;
-  const TimerId guard = backend.schedule(limit, [&] {
-    timed_out = true;
-    backend.stop();
-  });
-  backend.run();
-  backend.cancel(guard);
-  return !timed_out;
-}
 
 struct Answer {
   bool called = false;
@@ -72,7 +51,7 @@ Answer resolve(IoBackend& backend, HostResolver& resolver, const std::string& ho
     backend.stop();
   });
   inside = false;
-  REQUIRE(run_until_stopped(backend));
+  REQUIRE(test::run_until_stopped(backend, 10s));
   REQUIRE(answer.called);
   return answer;
 }
@@ -103,7 +82,7 @@ LookupFunction stalling_lookup(std::shared_ptr<StallingLookup> state) {
 }
 
 TEST_CASE("a numeric host resolves to itself, from the loop, with no lookup") {
-  for (const NamedBackend& kind : backends()) {
+  for (const test::NamedBackend& kind : test::io_backends()) {
     SUBCASE(kind.name.c_str()) {
       auto backend = kind.make();
       std::atomic<int> lookups{0};
@@ -126,7 +105,7 @@ TEST_CASE("a numeric host resolves to itself, from the loop, with no lookup") {
 }
 
 TEST_CASE("localhost resolves to a loopback address, the port set") {
-  for (const NamedBackend& kind : backends()) {
+  for (const test::NamedBackend& kind : test::io_backends()) {
     SUBCASE(kind.name.c_str()) {
       auto backend = kind.make();
       HostResolver resolver(*backend);
@@ -143,7 +122,7 @@ TEST_CASE("localhost resolves to a loopback address, the port set") {
 }
 
 TEST_CASE("a name under .invalid is an error within the bound, saying the name was not found or timed out") {
-  for (const NamedBackend& kind : backends()) {
+  for (const test::NamedBackend& kind : test::io_backends()) {
     SUBCASE(kind.name.c_str()) {
       auto backend = kind.make();
       constexpr auto kBound = 3s;
@@ -158,7 +137,7 @@ TEST_CASE("a name under .invalid is an error within the bound, saying the name w
 }
 
 TEST_CASE("a stalled lookup is a timed_out error at the bound, and the loop runs on meanwhile") {
-  for (const NamedBackend& kind : backends()) {
+  for (const test::NamedBackend& kind : test::io_backends()) {
     SUBCASE(kind.name.c_str()) {
       auto backend = kind.make();
       auto stalling = std::make_shared<StallingLookup>();
@@ -177,7 +156,7 @@ TEST_CASE("a stalled lookup is a timed_out error at the bound, and the loop runs
 }
 
 TEST_CASE("requests for a name already being looked up share its one lookup") {
-  for (const NamedBackend& kind : backends()) {
+  for (const test::NamedBackend& kind : test::io_backends()) {
     SUBCASE(kind.name.c_str()) {
       auto backend = kind.make();
       auto stalling = std::make_shared<StallingLookup>();
@@ -192,7 +171,7 @@ TEST_CASE("requests for a name already being looked up share its one lookup") {
       }
       CHECK(resolver.lookups_in_flight() == 1);
       backend->schedule(50ms, [&] { stalling->release(); });
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend, 10s));
       CHECK(stalling->calls == 1);
       CHECK(answers == std::vector<std::string>{"127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"});
       CHECK(resolver.lookups_in_flight() == 0);
@@ -201,7 +180,7 @@ TEST_CASE("requests for a name already being looked up share its one lookup") {
 }
 
 TEST_CASE("a name is looked up again on every request once the last lookup has answered") {
-  for (const NamedBackend& kind : backends()) {
+  for (const test::NamedBackend& kind : test::io_backends()) {
     SUBCASE(kind.name.c_str()) {
       auto backend = kind.make();
       std::atomic<int> lookups{0};
@@ -217,7 +196,7 @@ TEST_CASE("a name is looked up again on every request once the last lookup has a
 }
 
 TEST_CASE("destroying a resolver with a lookup in flight neither waits for it nor calls back") {
-  for (const NamedBackend& kind : backends()) {
+  for (const test::NamedBackend& kind : test::io_backends()) {
     SUBCASE(kind.name.c_str()) {
       auto backend = kind.make();
       auto stalling = std::make_shared<StallingLookup>();
@@ -227,13 +206,13 @@ TEST_CASE("destroying a resolver with a lookup in flight neither waits for it no
         resolver.resolve("abandoned.invalid", 80, [&](SocketAddresses, std::error_code) { called = true; });
         const Clock::time_point start = Clock::now();
         backend->schedule(50ms, [&] { backend->stop(); });
-        REQUIRE(run_until_stopped(*backend));
+        REQUIRE(test::run_until_stopped(*backend, 10s));
         CHECK(Clock::now() - start < 2s);
       }
       const Clock::time_point destroyed = Clock::now();
       stalling->release();  // the orphaned thread finishes; its answer goes nowhere
       backend->schedule(100ms, [&] { backend->stop(); });
-      REQUIRE(run_until_stopped(*backend));
+      REQUIRE(test::run_until_stopped(*backend, 10s));
       CHECK_FALSE(called);
       CHECK(Clock::now() - destroyed < 2s);
     }

@@ -7,12 +7,74 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
 #include <stdexcept>
 #include <system_error>
+#include <thread>
 
 #include "codec/frame_encoder.h"
+#include "transport/asio_backend.h"
+#include "transport/uring_backend.h"
 
 namespace fmwire::transport::test {
+namespace {
+
+// Aborts the whole test binary if it is still armed after `limit`: the last
+// line of defence against a loop that ignores its own stop timer.
+class Watchdog {
+ public:
+  explicit Watchdog(std::chrono::milliseconds limit)
+      : thread_([this, limit] {
+          std::unique_lock lock(mutex_);
+          if (!disarmed_.wait_for(lock, limit, [this] { return done_; })) {
+            std::fprintf(stderr, "transport test: a loop ran past %lld ms and ignored stop(); aborting\n",
+                         static_cast<long long>(limit.count()));
+            std::abort();
+          }
+        }) {}
+  ~Watchdog() {
+    {
+      std::lock_guard lock(mutex_);
+      done_ = true;
+    }
+    disarmed_.notify_one();
+  }
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable disarmed_;
+  bool done_ = false;
+  std::jthread thread_;  // last: starts after, and is joined before, the members it uses
+};
+
+}  // namespace
+
+std::vector<NamedBackend> io_backends(bool zero_copy) {
+  std::vector<NamedBackend> made{{"io_uring", [] { return std::make_unique<UringBackend>(); }},
+                                 {"asio", [] { return std::make_unique<AsioBackend>(); }}};
+  if (zero_copy) {
+    made.insert(made.begin() + 1, {"io_uring zero-copy",
+                                   [] { return std::make_unique<UringBackend>(UringOptions{.zero_copy_min_bytes = 1}); }});
+  }
+  return made;
+}
+
+bool run_until_stopped(IoBackend& backend, std::chrono::milliseconds limit) {
+  Watchdog watchdog(limit + std::chrono::seconds(10));
+  bool timed_out = false;
+  const TimerId guard = backend.schedule(limit, [&] {
+    timed_out = true;
+    backend.stop();
+  });
+  backend.run();
+  backend.cancel(guard);
+  return !timed_out;
+}
 
 bool run_until(EventLoop& loop, const std::function<bool()>& done, std::chrono::milliseconds limit) {
   const auto deadline = std::chrono::steady_clock::now() + limit;

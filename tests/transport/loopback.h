@@ -13,6 +13,7 @@
 
 #include "codec/byte_buffer.h"
 #include "transport/connection.h"
+#include "transport/io_backend.h"
 
 namespace fmwire::transport::test {
 
@@ -22,6 +23,19 @@ inline constexpr const char* kBackends[] = {"uring", "asio"};
 // `limit` passed first.
 bool run_until(EventLoop& loop, const std::function<bool()>& done,
                std::chrono::milliseconds limit = std::chrono::milliseconds(10000));
+
+// An I/O backend made fresh for each case: io_uring and Asio, and with
+// `zero_copy` io_uring once more with every send zero-copy.
+struct NamedBackend {
+  std::string name;
+  std::function<std::unique_ptr<IoBackend>()> make;
+};
+std::vector<NamedBackend> io_backends(bool zero_copy = false);
+
+// Runs a bare backend's loop on this thread until something calls stop():
+// false when the `limit` timer had to stop it instead. A watchdog aborts
+// the test binary if the loop ignores even that stop (10 s later).
+bool run_until_stopped(IoBackend& backend, std::chrono::milliseconds limit = std::chrono::milliseconds(5000));
 
 // Connects to 127.0.0.1:port and makes an outgoing Connection (its Hello
 // goes at once). The connection appears in `out` from the loop.
