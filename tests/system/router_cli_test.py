@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from gateway_cli_test import http, metric
 from native_cli_test import LIMIT_S, Failure, Server, check, generate, read_until, start_generate, run_scenario
 
 
@@ -148,10 +149,13 @@ def migration_continues_stream(binary, env):
         check(direct.returncode == 0, f"direct: {direct.stderr}")
         expected = [t for f in frames_of(direct.stdout) if f["type"] == "tokens" for t in f["token_ids"]]
         router = Router(binary, env, workers, "--policy", "round-robin", "--migrate",
-                        "--keepalive-ms", "200", "--dead-after-ms", "600")
-        # Round-robin over the workers the router has reached: on a loaded
-        # machine the second may answer first, and the request must go to the first.
-        time.sleep(0.5)
+                        "--keepalive-ms", "200", "--dead-after-ms", "600", "--metrics-listen", "127.0.0.1:0")
+        # Round-robin goes over the workers the router has reached: on a
+        # loaded machine the second may answer first, and the request must go
+        # to the first. The router's /metrics says when both are healthy.
+        metrics_url = router.process.stdout.readline().split()[-1]
+        until(lambda: all(metric(http(metrics_url)[1], f'fmwire_router_worker_healthy{{worker="{w.endpoint}"}}') == 1
+                          for w in workers), what="the router reaching both workers")
         client = start_generate(binary, env, router.endpoint, "--max-tokens", "150", "--json", "move me")
         before = read_until(client.stdout, lambda text: text.count("\n") >= 20)
         workers[0].kill()  # round-robin: the first request went to the first worker
