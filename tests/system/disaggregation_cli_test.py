@@ -31,6 +31,8 @@ SYNTHETIC = ["--model", "synthetic:llama-3-8b", "--kv-blocks", "256", "--step-us
              "--load-report-interval-ms", "20"]
 SLOW_PREFILL = ["--prefill-ns-per-token", "400000"]
 LONG_PROMPT = "a" * 1500
+WORKER_LOAD = ("kv_blocks_in_use", "running_sequences", "queued_sequences", "paused_sequences", "kv_reserved_blocks",
+               "kv_transfers_active")
 
 
 def token_ids(stdout):
@@ -107,20 +109,35 @@ class Topology:
         self.wait_blocks(lambda used: all(value == 0 for value in used.values()), "both workers' load reports")
 
     def blocks_in_use(self):
+        return {name: numbers["kv_blocks_in_use"] for name, numbers in self.loads().items()}
+
+    def loads(self):
+        """Each worker's latest load report, as the gateway shows it."""
         _, page = http(self.gateway.url + "/metrics")
-        return {name: metric(page, f'fmwire_gateway_worker_kv_blocks_in_use{{worker="{worker.endpoint}"}}')
+        return {name: {key: metric(page, f'fmwire_gateway_worker_{key}{{worker="{worker.endpoint}"}}')
+                       for key in WORKER_LOAD}
                 for name, worker in (("prefill", self.prefill), ("decode", self.decode))}
+
+    def wait_idle(self, what):
+        """Seconds until neither worker holds anything: no block in use or
+        reserved, no sequence running or queued, no transfer open."""
+        return self.wait_loads(lambda loads: all(value == 0 for numbers in loads.values() for value in numbers.values()),
+                               what)
+
+    def wait_loads(self, predicate, what, limit_s=LIMIT_S):
+        started = time.monotonic()
+        loads = {}
+        while time.monotonic() - started < limit_s:
+            loads = self.loads()
+            if all(None not in numbers.values() for numbers in loads.values()) and predicate(loads):
+                return time.monotonic() - started
+            time.sleep(0.01)
+        raise Failure(f"timed out waiting for {what}; loads {loads}")
 
     def wait_blocks(self, predicate, what, limit_s=LIMIT_S):
         """Seconds until predicate(blocks in use) holds, polled every 10 ms."""
-        started = time.monotonic()
-        used = {}
-        while time.monotonic() - started < limit_s:
-            used = self.blocks_in_use()
-            if None not in used.values() and predicate(used):
-                return time.monotonic() - started
-            time.sleep(0.01)
-        raise Failure(f"timed out waiting for {what}; blocks in use {used}")
+        return self.wait_loads(lambda loads: predicate({name: numbers["kv_blocks_in_use"]
+                                                        for name, numbers in loads.items()}), what, limit_s)
 
     def stream(self, max_tokens, prompt=LONG_PROMPT):
         body = json.dumps({"model": "synthetic:llama-3-8b", "prompt": prompt, "max_tokens": max_tokens, "stream": True})
@@ -132,6 +149,16 @@ class Topology:
         self.gateway.kill()
         stop_all(self.prefill, self.decode)
 
+    def stop_and_tell(self):
+        """Stops every process with SIGTERM: the tail of what each wrote to
+        stderr (a worker's last line holds its KV counters), for a failure."""
+        _, _, errors = self.gateway.stop()
+        tails = [f"gateway: {errors[-800:]!r}"]
+        for name, worker in (("prefill", self.prefill), ("decode", self.decode)):
+            worker.stop()
+            tails.append(f"{name}: {worker.process.stderr.read()[-800:]!r}")
+        return "; ".join(tails)
+
 
 def cancel_frees_blocks(binary, env):
     """A client that goes away in each phase (queued for prefill, mid
@@ -141,41 +168,47 @@ def cancel_frees_blocks(binary, env):
     topology = Topology(binary, env, prefill_extra=("--max-running", "1"))
     clients = []
     try:
-        for phase, wait_s, max_tokens in (("mid-transfer", 0.3, 16), ("decoding", 1.2, 2000)):
-            client = topology.stream(max_tokens)
+        # Each phase its own prompt: one seen before would be found in the
+        # prefill worker's prefix cache, and not prefilled nor queued.
+        for phase, prompt, max_tokens in (("mid-transfer", "a" * 1500, 16), ("decoding", "b" * 1500, 2000)):
+            client = topology.stream(max_tokens, prompt)
             clients.append(client)
             if phase == "mid-transfer":
                 topology.wait_blocks(lambda used: used["decode"] > 0, "the decode worker's reservation")
-            time.sleep(wait_s)
+                time.sleep(0.3)
+            else:  # the decode worker has the sequence, the transfer is over
+                topology.wait_loads(lambda loads: loads["decode"]["running_sequences"] > 0
+                                    and loads["decode"]["kv_transfers_active"] == 0
+                                    and loads["prefill"]["running_sequences"] == 0, "decoding at the decode worker")
+                time.sleep(0.2)
             check(client.poll() is None, f"{phase}: the stream ended before the cancel: {client.stdout.read()[-300:]!r}")
             client.kill()  # the HTTP client goes away
             client.wait()
-            took = topology.wait_blocks(lambda used: used["prefill"] == 0 and used["decode"] == 0,
-                                        f"{phase}: blocks freed")
-            print(f"{phase}: blocks back to 0 at both workers {took * 1000:.0f} ms after the client went away")
+            took = topology.wait_idle(f"{phase}: blocks freed")
+            print(f"{phase}: both workers idle {took * 1000:.0f} ms after the client went away")
             check(took < 1.0, f"{phase}: blocks freed after {took:.2f} s")
         # Queued: the prefill worker runs one sequence at a time, so a second
-        # request waits for it; cancel the waiting one, then the first.
-        first = topology.stream(2000)
+        # request waits while the first prefills (0.6 s); cancel the waiting
+        # one, then the first.
+        first = topology.stream(2000, "c" * 1500)
         clients.append(first)
-        try:
-            topology.wait_blocks(lambda used: used["prefill"] > 0 or first.poll() is not None,
-                                 "the first request's prefill")
-        finally:
-            if first.poll() is not None:  # what ended it, for the failure below
-                raise Failure(f"the first request ended before its prefill was seen: exit {first.returncode}, "
-                              f"{first.stdout.read()[-600:]!r} {first.stderr.read()[-300:]!r}")
-        queued = topology.stream(2000)
+        topology.wait_loads(lambda loads: loads["prefill"]["running_sequences"] > 0, "the first request's prefill")
+        queued = topology.stream(2000, "d" * 1500)
         clients.append(queued)
-        time.sleep(0.2)
+        topology.wait_loads(lambda loads: loads["prefill"]["queued_sequences"] > 0, "the second request queued")
         queued.kill()
         queued.wait()
-        time.sleep(0.2)
+        took = topology.wait_loads(lambda loads: loads["prefill"]["queued_sequences"] == 0,
+                                   "the queued request's cancel at the prefill worker")
+        print(f"queued: gone from the prefill worker's queue {took * 1000:.0f} ms after its client went away")
+        check(first.poll() is None, f"the first request ended with the second's cancel: {first.stdout.read()[-300:]!r}")
         first.kill()
         first.wait()
-        took = topology.wait_blocks(lambda used: used["prefill"] == 0 and used["decode"] == 0, "queued: blocks freed")
-        print(f"queued: blocks back to 0 at both workers {took * 1000:.0f} ms after the clients went away")
+        took = topology.wait_idle("queued: blocks freed")
+        print(f"queued: both workers idle {took * 1000:.0f} ms after the clients went away")
         check(took < 1.0, f"queued: blocks freed after {took:.2f} s")
+    except Failure as failure:
+        raise Failure(f"{failure}; {topology.stop_and_tell()}") from None
     finally:
         for client in clients:
             if client.poll() is None:
