@@ -747,6 +747,7 @@ EngineStats BatchingEngine::stats() const {
   EngineStats stats;
   stats.waiting = static_cast<std::uint32_t>(waiting_.size());
   stats.running = static_cast<std::uint32_t>(running_.size());
+  stats.max_running = options_.max_running;
   stats.paused = paused_count_;
   stats.importing = static_cast<std::uint32_t>(importing_.size());
   for (const Sequence* sequence : importing_) {

@@ -130,6 +130,7 @@ struct EngineInfo {
 struct EngineStats {
   std::uint32_t waiting = 0;        // submitted, not admitted yet
   std::uint32_t running = 0;        // admitted (paused ones included)
+  std::uint32_t max_running = 0;    // admitted at once, at most; 0: no such limit said
   std::uint32_t paused = 0;
   std::uint32_t importing = 0;      // prepare_import()ed, not committed yet
   std::uint32_t reserved_blocks = 0;  // the blocks those importing sequences hold

@@ -255,6 +255,7 @@ struct LoadReport {
   workerRole @14 :WorkerRole;       # minor version 2
   kvTransfersActive @15 :UInt32;    # sessions open now, either direction
   kvReservedBlocks @16 :UInt32;     # blocks held for incoming transfers
+  maxRunning @17 :UInt32;           # batch slots: sequences admitted at once, at most; 0: not said
 }
 
 # What a worker serves in disaggregated serving (`fmwire worker --role`).

@@ -30,6 +30,7 @@ WorkerLoad LoadReportReader::load() const {
   load.role = body_.getWorkerRole();
   load.kv_transfers_active = body_.getKvTransfersActive();
   load.kv_reserved_blocks = body_.getKvReservedBlocks();
+  load.max_running = body_.getMaxRunning();
   return load;
 }
 
@@ -49,6 +50,7 @@ LoadReportBuilder& LoadReportBuilder::load(const WorkerLoad& load, std::string_v
   body_.setWorkerRole(load.role);
   body_.setKvTransfersActive(load.kv_transfers_active);
   body_.setKvReservedBlocks(load.kv_reserved_blocks);
+  body_.setMaxRunning(load.max_running);
   return *this;
 }
 

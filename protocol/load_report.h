@@ -40,6 +40,9 @@ struct WorkerLoad {
   WorkerRole role = WorkerRole::BOTH;     // what it serves: prefill, decode, or both
   std::uint32_t kv_transfers_active = 0;  // KV sessions open now, either direction
   std::uint32_t kv_reserved_blocks = 0;   // blocks held for incoming transfers
+  // Batch slots: sequences it admits at once, at most (its --max-running);
+  // 0 when it does not say (an engine of its own, an older fmwire).
+  std::uint32_t max_running = 0;
 };
 
 // "prefill", "decode" or "both": a role as logs, flags and metrics labels spell it.

@@ -205,11 +205,15 @@ class PrefixAffinityPolicy final : public RoutingPolicy {
 
 // ---------------------------------------------------------------- SLA-aware
 
-// l_est = l_x + l_q + l_r, after the FMware paper's replica router: the
-// worker that meets the deadline with the most slack, or an early refusal
-// when none can. The most slack, deadline - l_est, is the smallest l_est, so
-// with or without a deadline the pick is the same; the deadline only decides
-// whether to refuse.
+// l_est = l_x + l_q + l_r, after the FMware paper's replica router, or an
+// early refusal when no worker can meet the deadline. Without a deadline:
+// the smallest l_est. With one, best fit rather than the paper's most
+// slack: the worker with the largest l_est still within the deadline less
+// its headroom, so that a request a slow worker can serve leaves the fast
+// workers' batch slots to requests only they can meet (most slack sends
+// every request to the fastest worker until its queue refuses the tight
+// ones); when none is within the headroom, the smallest l_est that meets
+// the deadline.
 class SlaAwarePolicy final : public RoutingPolicy {
  public:
   explicit SlaAwarePolicy(const PolicyOptions& options) : options_(options) {}
@@ -221,26 +225,36 @@ class SlaAwarePolicy final : public RoutingPolicy {
     const std::uint32_t limit = reusable_blocks(request.prompt_tokens.size(), options_.block_tokens);
     prompt_block_hashes(request.prompt_tokens, options_.block_tokens, limit, hashes_);
 
-    std::optional<std::size_t> best;
-    Estimate best_estimate;
+    // The fastest (smallest l_est) and, with a deadline, the best fit.
+    const std::uint64_t fit_limit_us =
+        request.deadline_us - static_cast<std::uint64_t>(static_cast<double>(request.deadline_us) * options_.sla_headroom);
+    std::optional<std::size_t> best, fit;
+    Estimate best_estimate, fit_estimate;
     for (std::size_t i = 0; i < workers.size(); ++i) {
       if (!workers[i].healthy) continue;
       const Estimate estimate = estimate_for(request, workers[i]);
-      if (!best || estimate.total_us() < best_estimate.total_us() ||
-          (estimate.total_us() == best_estimate.total_us() && less_loaded(workers, i, *best))) {
+      const std::uint64_t total_us = estimate.total_us();
+      if (!best || total_us < best_estimate.total_us() ||
+          (total_us == best_estimate.total_us() && less_loaded(workers, i, *best))) {
         best = i;
         best_estimate = estimate;
       }
+      if (request.deadline_us > 0 && total_us <= fit_limit_us &&
+          (!fit || total_us > fit_estimate.total_us() ||
+           (total_us == fit_estimate.total_us() && less_loaded(workers, i, *fit)))) {
+        fit = i;
+        fit_estimate = estimate;
+      }
     }
     if (!best) return no_worker(workers);
-
-    const std::uint64_t total_us = best_estimate.total_us();
-    if (request.deadline_us > 0 && total_us > request.deadline_us) {
+    if (options_.sla_refuse && request.deadline_us > 0 && best_estimate.total_us() > request.deadline_us) {
       return unreachable(request, workers[*best], best_estimate);
     }
-    RouteDecision decision = decision_for(*best);
-    decision.estimate_us = total_us;
-    decision.expected_cached_tokens = best_estimate.cached_tokens;
+    const std::size_t pick = fit ? *fit : *best;
+    const Estimate& estimate = fit ? fit_estimate : best_estimate;
+    RouteDecision decision = decision_for(pick);
+    decision.estimate_us = estimate.total_us();
+    decision.expected_cached_tokens = estimate.cached_tokens;
     return decision;
   }
 
@@ -264,15 +278,30 @@ class SlaAwarePolicy final : public RoutingPolicy {
     const std::uint64_t per_step = std::max<std::uint32_t>(options_.prefill_tokens_per_step, 1);
     const std::uint64_t prefill_steps = (uncached + per_step - 1) / per_step;
     estimate.execution_us = saturating_multiply(prefill_steps + request.max_tokens, step_us);
-    // l_q: the requests ahead of this one there, each taken to hold a batch
-    // slot for as many steps as this request decodes (max_tokens is the
-    // proxy for a request's length; the router sees no other). Ahead: the
-    // worker's queue, or, when its report is older than this router's own
-    // streams, those of them it is not running yet. Not their sum: the
-    // streams open here are in the reported queue already once it reports.
-    const std::uint64_t own_waiting = worker.in_flight > worker.load.running ? worker.in_flight - worker.load.running : 0;
-    const std::uint64_t ahead = std::max<std::uint64_t>(worker.has_load ? worker.load.queue_depth : 0, own_waiting);
-    estimate.queue_us = saturating_multiply(saturating_multiply(ahead, request.max_tokens), step_us);
+    // l_q: the wait for a batch slot. max_tokens is the proxy for a
+    // request's length (the router sees no other).
+    if (worker.has_load && worker.load.max_running > 0) {
+      // The sequences there: what it reported running and queued, or this
+      // router's own streams there when more (the report is older than
+      // they are). With S slots and N sequences it is admitted at once
+      // while N < S; else once N - S + 1 of them have finished, and with S
+      // running one finishes about every max_tokens / S steps.
+      const std::uint64_t reported = std::uint64_t{worker.load.running} + worker.load.queue_depth;
+      const std::uint64_t present = std::max<std::uint64_t>(reported, worker.in_flight);
+      const std::uint64_t slots = worker.load.max_running;
+      const std::uint64_t ahead = present >= slots ? present - slots + 1 : 0;
+      estimate.queue_us = saturating_multiply(saturating_multiply(ahead, request.max_tokens), step_us) / slots;
+    } else {
+      // Its slots unknown: each request ahead taken to hold the worker for
+      // as many steps as this one decodes. Ahead: its queue, or, when its
+      // report is older than this router's own streams, those of them it is
+      // not running yet. Not their sum: the streams open here are in the
+      // reported queue already once it reports.
+      const std::uint64_t own_waiting =
+          worker.in_flight > worker.load.running ? worker.in_flight - worker.load.running : 0;
+      const std::uint64_t ahead = std::max<std::uint64_t>(worker.has_load ? worker.load.queue_depth : 0, own_waiting);
+      estimate.queue_us = saturating_multiply(saturating_multiply(ahead, request.max_tokens), step_us);
+    }
     // l_r: the relay's measured overhead per request (0 until measured).
     estimate.relay_us = worker.relay_us;
     return estimate;

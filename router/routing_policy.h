@@ -52,6 +52,14 @@ struct PolicyOptions {
   // SLA-aware: assumed when a worker has not reported a step time yet.
   std::uint32_t default_step_us = 20000;
   std::uint32_t prefill_tokens_per_step = 256;  // the workers' --max-batch-tokens
+  // SLA-aware, best fit: the share of a deadline kept free when picking the
+  // slowest worker that meets it (estimates are averages; a request is
+  // packed only where its estimate is this far inside its deadline).
+  double sla_headroom = 0.25;
+  // SLA-aware: false sends a request no worker can meet to the best one
+  // anyway, refusing nothing: bench_router's counterfactual run (would a
+  // refused request have met its deadline?).
+  bool sla_refuse = true;
 };
 
 class RoutingPolicy {

@@ -607,6 +607,7 @@ protocol::WorkerLoad WorkerService::load() const {
   load.name = options_.name;
   load.queue_depth = engine_stats_.waiting;
   load.running = engine_stats_.running;
+  load.max_running = engine_stats_.max_running;
   load.paused = engine_stats_.paused;
   load.free_kv_blocks = engine_stats_.free_blocks;
   load.total_kv_blocks = engine_stats_.total_blocks != 0 ? engine_stats_.total_blocks : info_.total_blocks;

@@ -25,6 +25,7 @@ WorkerLoad busy_worker() {
   load.prompt_tokens = 8;
   load.cached_prompt_tokens = 9;
   load.generated_tokens = 10;
+  load.max_running = 14;
   return load;
 }
 
@@ -48,6 +49,7 @@ TEST_CASE("a WorkerLoad written to a LoadReport reads back whole, with the prefi
   CHECK(load.prompt_tokens == expected.prompt_tokens);
   CHECK(load.cached_prompt_tokens == expected.cached_prompt_tokens);
   CHECK(load.generated_tokens == expected.generated_tokens);
+  CHECK(load.max_running == expected.max_running);
   REQUIRE(report.prefixes_added().size() == 2);
   CHECK(report.prefixes_added()[1] == 12);
   REQUIRE(report.prefixes_evicted().size() == 1);

@@ -366,14 +366,64 @@ std::vector<WorkerView> sla_workers() {
 
 }  // namespace
 
-TEST_CASE("sla picks the worker that meets the deadline with the most slack") {
-  auto policy = make_policy("sla");
+TEST_CASE("sla picks the worker that meets the deadline with the most slack when only it has the headroom") {
+  auto policy = make_policy("sla");  // headroom 25%: within 30000 of a 40000 us deadline
   const auto views = sla_workers();
   const auto prompt = tokens(1, 100);
   auto picked = policy->pick(request_for(prompt, 10, 40000), views);
   REQUIRE(picked);
   CHECK(picked->worker == 1);
   CHECK(picked->estimate_us == 23000);
+}
+
+TEST_CASE("sla picks the slowest worker still within the deadline's headroom, keeping the fast one free") {
+  auto policy = make_policy("sla");
+  const auto views = sla_workers();
+  const auto prompt = tokens(1, 100);
+  // Within 45000 of 60000 us: 7102 (23000) and 7103 (33000); 7103 fits best.
+  auto picked = policy->pick(request_for(prompt, 10, 60000), views);
+  REQUIRE(picked);
+  CHECK(picked->worker == 2);
+  CHECK(picked->estimate_us == 33000);
+  // Within 27000 of 36000 us only 7102; 7103's 33000 meets the deadline but
+  // without the headroom, so the most slack wins.
+  picked = policy->pick(request_for(prompt, 10, 36000), views);
+  REQUIRE(picked);
+  CHECK(picked->worker == 1);
+  // None within the headroom of 25000 us: the smallest estimate, 23000.
+  picked = policy->pick(request_for(prompt, 10, 25000), views);
+  REQUIRE(picked);
+  CHECK(picked->worker == 1);
+}
+
+TEST_CASE("sla with refusals off sends a request no worker can meet to the best one") {
+  PolicyOptions options;
+  options.sla_refuse = false;
+  auto policy = make_policy("sla", options);
+  auto picked = policy->pick(request_for(tokens(1, 100), 10, 20000), sla_workers());
+  REQUIRE(picked);
+  CHECK(picked->worker == 1);
+  CHECK(picked->estimate_us == 23000);
+}
+
+TEST_CASE("sla queues nothing while a worker that says its batch slots has one free") {
+  auto policy = make_policy("sla");
+  auto views = workers(1);
+  views[0].has_load = true;
+  views[0].load.recent_step_time_us = 1000;
+  views[0].load.max_running = 8;
+  views[0].load.running = 5;
+  views[0].in_flight = 7;  // the report is older than two of this router's streams: 7 there, 1 slot free
+  auto picked = policy->pick(request_for(tokens(1, 100), 10), views);
+  REQUIRE(picked);
+  CHECK(picked->estimate_us == (1 + 10) * 1000);
+  // 8 running and 2 queued: it waits for 3 of the 8 to finish, one every
+  // 10 / 8 steps: 3 * 10 * 1000 / 8.
+  views[0].load.running = 8;
+  views[0].load.queue_depth = 2;
+  picked = policy->pick(request_for(tokens(1, 100), 10), views);
+  REQUIRE(picked);
+  CHECK(picked->estimate_us == (1 + 10) * 1000 + 3750);
 }
 
 TEST_CASE("sla refuses at once with DEADLINE_UNREACHABLE naming the best estimate when no worker can meet it") {

@@ -265,6 +265,7 @@ TEST_CASE("a load report subscriber gets the cache's state and then its changes"
   REQUIRE(rig.client->send<protocol::LoadReport>(reports, [](protocol::LoadReport::Builder) {}) == SendStatus::sent);
   REQUIRE(run_until(rig.loop, [&] { return !rig.collector.reports.empty(); }));
   CHECK(rig.collector.reports.front().load.total_kv_blocks == 64);
+  CHECK(rig.collector.reports.front().load.max_running == engine::BatchingOptions{}.max_running);  // its batch slots
   CHECK(rig.collector.reports.front().added.empty());
 
   rig.wait(rig.generate(ask(std::string(40, 'x'), 2)));  // 41 prompt tokens: 2 full blocks
