@@ -82,7 +82,12 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     group = std::make_unique<transport::ServerGroup>(
         command.threads, *endpoint, options,
         [&](transport::EventLoop& router_loop) {
-          auto made = std::make_unique<router::RouterService>(router_loop, *tokenizer, loop_options);
+          router::RouterOptions these = loop_options;
+          // Every loop links to the same workers and would say the same
+          // thing of each (a name that does not resolve, a tokenizer
+          // refused) once per loop: the first loop says it for all.
+          if (!loops.empty()) these.log = nullptr;
+          auto made = std::make_unique<router::RouterService>(router_loop, *tokenizer, std::move(these));
           routers.push_back(made.get());
           loops.push_back(&router_loop);
           return made;
