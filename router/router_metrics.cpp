@@ -1,6 +1,7 @@
 #include "router/router_metrics.h"
 
 #include <algorithm>
+#include <iterator>
 #include <stdexcept>
 
 #include "metrics/prometheus_text.h"
@@ -10,19 +11,18 @@
 namespace fmwire::router {
 
 RouterCounters& RouterCounters::operator+=(const RouterCounters& other) {
-  streams_started += other.streams_started;
-  streams_finished += other.streams_finished;
-  streams_failed += other.streams_failed;
-  streams_cancelled += other.streams_cancelled;
-  streams_refused += other.streams_refused;
-  streams_migrated += other.streams_migrated;
-  frames_relayed += other.frames_relayed;
-  prompts_tokenized += other.prompts_tokenized;
-  streams_disaggregated += other.streams_disaggregated;
-  disaggregation_fallbacks += other.disaggregation_fallbacks;
-  streams_handed_over += other.streams_handed_over;
-  routed_whole += other.routed_whole;
-  policy_refusals += other.policy_refusals;
+  // Every plain count; the refusals by code are added below.
+  static constexpr std::uint64_t RouterCounters::*kCounts[] = {
+      &RouterCounters::streams_started,     &RouterCounters::streams_finished,
+      &RouterCounters::streams_failed,      &RouterCounters::streams_cancelled,
+      &RouterCounters::streams_refused,     &RouterCounters::streams_migrated,
+      &RouterCounters::frames_relayed,      &RouterCounters::prompts_tokenized,
+      &RouterCounters::streams_disaggregated, &RouterCounters::disaggregation_fallbacks,
+      &RouterCounters::streams_handed_over, &RouterCounters::routed_whole,
+      &RouterCounters::policy_refusals};
+  static_assert(sizeof(RouterCounters) == std::size(kCounts) * sizeof(std::uint64_t) + sizeof(refusals),
+                "a count added to RouterCounters must be added to kCounts too");
+  for (std::uint64_t RouterCounters::*count : kCounts) this->*count += other.*count;
   for (const auto& [code, count] : other.refusals) refusals[code] += count;
   return *this;
 }
