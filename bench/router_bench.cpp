@@ -57,9 +57,20 @@
 //    first alone (token 0 to 1: disaggregated, the KV handoff); ratio =
 //    colocated / disaggregated (target: >= 2 for the ITL p99). The steps
 //    sleep, so the engines barely compete for CPU; the loop threads do.
+// 5. Router loop threads (`fmwire router --threads N`): two synthetic workers
+//    (0 us steps, as in 1.), a router of 1 and of 2 loop threads sharing its
+//    port (transport::ServerGroup, one RouterService each), and K clients
+//    (each a connection, so the kernel spreads them over the loops) of S
+//    streams x T tokens each, all at once; same run, alternating. Token
+//    frames/s at the clients, from the first generate() to the last Finish,
+//    and the router loops' CPU time (all loops summed) per million frames;
+//    ratio = 2 loops / 1 loop. Every thread (workers' loops and engines,
+//    clients, router loops) shares this machine's cores: on 2 cores a second
+//    router loop gains only what the others leave idle. The streams each
+//    loop served are printed, to show the clients were spread.
 //
 // Run: build/bench/bench_router [--quick] [--repetitions N] [--only SECTION] [--json FILE]
-//      SECTION: hop, cache, goodput or disaggregation
+//      SECTION: hop, cache, goodput, disaggregation or threads
 // Ratios: > 1 means the router (or the first policy named) is better.
 #include <algorithm>
 #include <chrono>
@@ -68,12 +79,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "bench_main.h"
@@ -86,6 +99,7 @@
 #include "router/router_service.h"
 #include "serving_harness.h"
 #include "transport/client.h"
+#include "transport/server_group.h"
 #include "worker/worker_service.h"
 
 namespace fmwire::bench {
@@ -111,7 +125,10 @@ struct BenchSettings {
   std::chrono::milliseconds disaggregation_run{5000};
   std::chrono::milliseconds decode_mean_gap{25};
   std::chrono::milliseconds long_mean_gap{250};
-  std::string only;  // one section: hop, cache, goodput or disaggregation; empty: all
+  // Router loop threads: K clients of S streams x T tokens, 0 us steps.
+  std::uint32_t threads_clients = 8;
+  StreamShape threads_shape{32, 500, 0us};
+  std::string only;  // one section: hop, cache, goodput, disaggregation or threads; empty: all
 };
 
 BenchSettings quick_settings() {
@@ -123,6 +140,7 @@ BenchSettings quick_settings() {
   settings.prefix_requests = 12;
   settings.deadline_requests = 15;
   settings.disaggregation_run = 1500ms;
+  settings.threads_shape = {4, 100, 0us};
   return settings;
 }
 
@@ -956,6 +974,169 @@ void bench_disaggregation(const BenchSettings& settings, std::vector<Comparison>
               median(dis_fallbacks));
 }
 
+// ---------------------------------------------------------------- 5. router loop threads
+
+// A router of `threads` loops on one port (as `fmwire router --threads`
+// runs it), each loop's RouterService reached through call_on().
+class RouterGroup {
+ public:
+  RouterGroup(unsigned threads, const engine::Tokenizer& tokenizer, const std::vector<transport::Endpoint>& workers) {
+    group_ = std::make_unique<transport::ServerGroup>(
+        threads, transport::Endpoint{"127.0.0.1", 0}, server_options(protocol::Role::ROUTER, "bench_router router"),
+        [&](transport::EventLoop& loop) {
+          auto service = std::make_unique<router::RouterService>(loop, tokenizer, router::RouterOptions{});
+          service->set_workers(workers);
+          services_.push_back(service.get());
+          loops_.push_back(&loop);
+          return service;
+        });
+    group_->start();
+  }
+  ~RouterGroup() { stop(); }
+  RouterGroup(const RouterGroup&) = delete;
+  RouterGroup& operator=(const RouterGroup&) = delete;
+
+  transport::Endpoint endpoint() const { return {"127.0.0.1", group_->port()}; }
+  unsigned threads() const { return group_->threads(); }
+
+  // Runs fn(service) on loop `index`'s thread and returns what it returns.
+  template <typename Fn>
+  auto call_on(unsigned index, Fn fn) -> std::invoke_result_t<Fn&, router::RouterService&> {
+    using Result = std::invoke_result_t<Fn&, router::RouterService&>;
+    std::packaged_task<Result()> task([&] { return fn(*services_[index]); });
+    std::future<Result> result = task.get_future();
+    loops_[index]->post([&task] { task(); });
+    return result.get();
+  }
+
+  // Returns once every loop sees every worker healthy; throws after 10 s.
+  void wait_until_routable() {
+    const Clock::time_point give_up = Clock::now() + 10s;
+    for (unsigned index = 0; index < threads(); ++index) {
+      while (!call_on(index, [](router::RouterService& service) {
+        for (const router::WorkerView& view : service.workers()) {
+          if (!view.healthy) return false;
+        }
+        return true;
+      })) {
+        if (Clock::now() > give_up) throw std::runtime_error("a router loop's workers were not ready within 10 s");
+        std::this_thread::sleep_for(2ms);
+      }
+    }
+  }
+
+  // Drains and joins the loops; then counters() may be read.
+  void stop() {
+    if (stopped_) return;
+    stopped_ = true;
+    if (!group_->drain_and_stop("bench finished", 5s)) {
+      std::fprintf(stderr, "bench_router: the router took over 5 s to drain; stopped anyway\n");
+    }
+  }
+  const router::RouterCounters& counters(unsigned index) const { return services_[index]->counters(); }
+
+ private:
+  std::vector<router::RouterService*> services_;  // owned by the group
+  std::vector<transport::EventLoop*> loops_;
+  std::unique_ptr<transport::ServerGroup> group_;
+  bool stopped_ = false;
+};
+
+struct ThreadsRun {
+  double frames_per_second = 0;
+  double router_cpu_per_million_frames = 0;  // CPU seconds, every router loop summed
+  std::vector<std::uint64_t> streams_per_loop;
+};
+
+// K clients' streams through a router of `threads` loops to two synthetic workers.
+ThreadsRun run_router_threads(const BenchSettings& settings, unsigned threads) {
+  const StreamShape& shape = settings.threads_shape;
+  const std::uint32_t clients_n = settings.threads_clients;
+  const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
+  // Each engine with KV blocks for every stream: the router may send it all.
+  const StreamShape whole{shape.streams * clients_n, shape.stream_tokens, shape.step_time};
+  std::vector<std::unique_ptr<engine::BatchingEngine>> engines;
+  std::vector<std::unique_ptr<WorkerServer>> workers;
+  for (int i = 0; i < 2; ++i) {
+    engines.push_back(synthetic_engine(whole));
+    workers.push_back(start_worker(*engines.back(), tokenizer, "worker " + std::to_string(i)));
+  }
+  ThreadsRun run;
+  {
+    RouterGroup router(threads, tokenizer, endpoints_of(workers));
+    router.wait_until_routable();
+    std::vector<std::unique_ptr<Client>> clients;
+    std::vector<std::unique_ptr<Arrivals>> arrivals;
+    for (std::uint32_t c = 0; c < clients_n; ++c) {
+      clients.push_back(connect_client(router.endpoint(), "the router"));
+      arrivals.push_back(std::make_unique<Arrivals>(shape));
+    }
+    const auto cpu = [](router::RouterService&) { return thread_cpu_seconds(); };
+    double cpu_before = 0;
+    for (unsigned loop = 0; loop < threads; ++loop) cpu_before += router.call_on(loop, cpu);
+    const Clock::time_point start = Clock::now();
+    for (std::uint32_t c = 0; c < clients_n; ++c) generate_streams(*clients[c], shape, *arrivals[c]);
+    Clock::time_point last = start;
+    std::uint64_t frames = 0;
+    for (std::uint32_t c = 0; c < clients_n; ++c) {
+      arrivals[c]->wait(shape.streams, "through the router's loops");
+      std::lock_guard lock(arrivals[c]->mutex);
+      const std::uint64_t expected = std::uint64_t{shape.streams} * shape.stream_tokens;
+      if (arrivals[c]->tokens != expected) {
+        throw std::runtime_error("client " + std::to_string(c) + ": " + std::to_string(arrivals[c]->tokens) +
+                                 " tokens, expected " + std::to_string(expected));
+      }
+      frames += arrivals[c]->frames;
+      last = std::max(last, arrivals[c]->last_finished);
+    }
+    double cpu_after = 0;
+    for (unsigned loop = 0; loop < threads; ++loop) cpu_after += router.call_on(loop, cpu);
+    run.frames_per_second = static_cast<double>(frames) / seconds_between(start, last);
+    run.router_cpu_per_million_frames = (cpu_after - cpu_before) / static_cast<double>(frames) * 1e6;
+    clients.clear();  // their loops joined: nothing more arrives
+    router.stop();
+    for (unsigned loop = 0; loop < threads; ++loop) run.streams_per_loop.push_back(router.counters(loop).streams_started);
+  }
+  for (auto& worker : workers) worker->stop();
+  return run;
+}
+
+void bench_router_threads(const BenchSettings& settings, std::vector<Comparison>& results) {
+  const StreamShape& shape = settings.threads_shape;
+  std::printf("\n5. Router loop threads: a router of 2 loops on one port against 1 loop, two synthetic workers (tiny\n"
+              "KV shape, %lld us steps), %u clients x %u streams x %u tokens at once, 127.0.0.1; median of %d runs.\n"
+              "Every thread (workers, engines, clients, router loops) shares this machine's %u cores.\n",
+              static_cast<long long>(shape.step_time.count()), settings.threads_clients, shape.streams,
+              shape.stream_tokens, settings.repetitions, std::max(std::thread::hardware_concurrency(), 1u));
+  if (settings.warm_up) {
+    (void)run_router_threads(settings, 1);
+    (void)run_router_threads(settings, 2);
+  }
+  std::vector<double> one_frames, two_frames, one_cpu, two_cpu;
+  std::string spread;
+  for (int i = 0; i < settings.repetitions; ++i) {
+    const ThreadsRun one = run_router_threads(settings, 1);
+    const ThreadsRun two = run_router_threads(settings, 2);
+    one_frames.push_back(one.frames_per_second);
+    two_frames.push_back(two.frames_per_second);
+    one_cpu.push_back(one.router_cpu_per_million_frames);
+    two_cpu.push_back(two.router_cpu_per_million_frames);
+    if (!spread.empty()) spread += ", ";
+    spread += std::to_string(two.streams_per_loop[0]) + "/" + std::to_string(two.streams_per_loop[1]);
+  }
+  const double frames_one = median(one_frames), frames_two = median(two_frames);
+  const double cpu_one = median(one_cpu), cpu_two = median(two_cpu);
+  print_table_header();
+  const std::string load = std::to_string(settings.threads_clients) + " clients x " + std::to_string(shape.streams) +
+                           " x " + std::to_string(shape.stream_tokens);
+  add_row(results, "token frames/s via a 2-loop router, " + load, frames_two, "frames/s", "1-loop router", frames_one,
+          frames_two / frames_one);
+  add_row(results, "router CPU per 1M frames relayed, 2 loops summed", cpu_two, "cpu s", "1-loop router", cpu_one,
+          cpu_two > 0 ? cpu_one / cpu_two : 0);
+  std::printf("  2 loops / 1 loop frames/s %.3f; streams per loop (2 loops, each run): %s\n", frames_two / frames_one,
+              spread.c_str());
+}
+
 std::vector<Comparison> run(const BenchSettings& settings) {
   std::vector<Comparison> results;
   std::printf("Ratios: > 1 means the router, or the first policy named, is better (ours / peer for rates and\n"
@@ -965,6 +1146,7 @@ std::vector<Comparison> run(const BenchSettings& settings) {
   if (runs("cache")) bench_cache_hits(settings, results);
   if (runs("goodput")) bench_goodput(settings, results);
   if (runs("disaggregation")) bench_disaggregation(settings, results);
+  if (runs("threads")) bench_router_threads(settings, results);
   return results;
 }
 
@@ -976,18 +1158,19 @@ int main(int argc, char** argv) {
   using namespace fmwire::bench;
   std::string only;
   po::options_description own_flags;
-  own_flags.add_options()("only", po::value(&only), "run one section: hop, cache, goodput or disaggregation");
+  own_flags.add_options()("only", po::value(&only), "run one section: hop, cache, goodput, disaggregation or threads");
   const BenchProgram program{
       .name = "router",
       .caption = "bench_router: the router's hop cost (frames/s, token latency), its policies' cache hits and goodput, "
-                 "and disaggregated against colocated serving",
+                 "disaggregated against colocated serving, and 2 router loop threads against 1",
       .quick_help = "small counts, one run each: a smoke test of a few seconds",
       .repetitions_help = "measured runs per row (default 5)"};
   return bench_main(argc, argv, program, own_flags, [&](const CommonFlags& flags, const po::variables_map&) {
     BenchSettings settings = flags.quick ? quick_settings() : BenchSettings{};
     if (flags.repetitions) settings.repetitions = *flags.repetitions;
-    if (!only.empty() && only != "hop" && only != "cache" && only != "goodput" && only != "disaggregation") {
-      throw UsageError("--only " + only + ": choose hop, cache, goodput or disaggregation");
+    if (!only.empty() && only != "hop" && only != "cache" && only != "goodput" && only != "disaggregation" &&
+        only != "threads") {
+      throw UsageError("--only " + only + ": choose hop, cache, goodput, disaggregation or threads");
     }
     settings.only = only;
     return run(settings);

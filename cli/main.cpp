@@ -2,9 +2,12 @@
 #include <boost/program_options.hpp>
 
 #include <algorithm>
+#include <charconv>
 #include <cstdlib>
 #include <iostream>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cli/demo.h"
@@ -200,6 +203,20 @@ std::vector<std::string> split_list(const std::string& text) {
   return pieces;
 }
 
+// Loop threads, at most: far past any core count, so that a typo (an extra
+// digit) is refused rather than starting thousands of threads.
+constexpr unsigned kMaxLoopThreads = 1024;
+
+// A --threads value: a whole number from 1 to kMaxLoopThreads, read here
+// rather than by program_options, which takes "-1" as 4294967295.
+std::optional<unsigned> parse_loop_threads(const std::string& text) {
+  unsigned threads = 0;
+  const char* end = text.data() + text.size();
+  const auto [stop, error] = std::from_chars(text.data(), end, threads);
+  if (error != std::errc() || stop != end || threads == 0 || threads > kMaxLoopThreads) return std::nullopt;
+  return threads;
+}
+
 int run_router_command(const std::vector<std::string>& arguments) {
   fmwire::cli::RouterCommand command;
   std::string backend;
@@ -208,11 +225,14 @@ int run_router_command(const std::vector<std::string>& arguments) {
   std::uint32_t dead_after_ms = 3000;
   std::uint32_t drain_timeout_ms = 30000;
   std::string disaggregate = "auto";
+  std::string threads = std::to_string(std::max(std::thread::hardware_concurrency(), 1u));
   auto& router = command.router;
   po::options_description description("usage: fmwire router --listen HOST:PORT --workers HOST:PORT,... [options]\noptions");
   description.add_options()
       ("help,h", "show this help")
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
+      ("threads", po::value(&threads)->default_value(threads),
+       "loop threads sharing the port, each with its own links to every worker (default: one per core)")
       ("workers", po::value(&workers), "the workers, HOST:PORT,HOST:PORT,...")
       ("metrics-listen", po::value(&command.metrics_listen),
        "serve Prometheus /metrics on HOST:PORT (port 0 picks a free one, printed); default: none")
@@ -236,7 +256,8 @@ int run_router_command(const std::vector<std::string>& arguments) {
        "too), and a worker whose tokenizer differs is refused with a log line")
       ("block-tokens", po::value(&router.policy_options.block_tokens)->default_value(router.policy_options.block_tokens),
        "the workers' KV block size, for prefix routing")
-      ("max-streams", po::value(&router.max_streams)->default_value(router.max_streams), "open client streams; then overloaded")
+      ("max-streams", po::value(&router.max_streams)->default_value(router.max_streams),
+       "open client streams; then overloaded (split evenly over the loop threads)")
       ("keepalive-ms", po::value(&keepalive_ms)->default_value(keepalive_ms), "Ping a silent worker after this long")
       ("dead-after-ms", po::value(&dead_after_ms)->default_value(dead_after_ms), "a worker silent this long is lost")
       ("name", po::value(&router.name)->default_value(router.name), "name in the hop timings")
@@ -246,6 +267,13 @@ int run_router_command(const std::vector<std::string>& arguments) {
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   command.workers = split_list(workers);
+  const std::optional<unsigned> loop_threads = parse_loop_threads(threads);
+  if (!loop_threads) {
+    std::cerr << "fmwire router: --threads " << threads << ": give a whole number of loop threads from 1 to "
+              << kMaxLoopThreads << "\n";
+    return 2;
+  }
+  command.threads = *loop_threads;
   if (disaggregate != "auto" && disaggregate != "off") {
     std::cerr << "fmwire router: --disaggregate " << disaggregate << ": give auto or off\n";
     return 2;

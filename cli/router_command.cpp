@@ -41,6 +41,10 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire router: " << *bad << std::endl;
     return 2;
   }
+  if (command.threads == 0) {
+    err << "fmwire router: --threads must be at least 1" << std::endl;
+    return 2;
+  }
   const auto workers = parse_endpoints(command.workers, problem);
   if (!workers) {
     err << "fmwire router: " << problem << std::endl;
@@ -61,8 +65,14 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   options.role = protocol::Role::ROUTER;
   options.name = "fmwire router";
   options.capabilities.load_reports = true;
-  router::RouterService* router = nullptr;
-  transport::EventLoop* loop = nullptr;
+  // One RouterService per loop, each touched only on its loop's thread (or
+  // after the loops have stopped).
+  std::vector<router::RouterService*> routers;
+  std::vector<transport::EventLoop*> loops;
+  // --max-streams is router-wide: each loop refuses past its share, so that
+  // no count is shared between loops.
+  router::RouterOptions loop_options = command.router;
+  loop_options.max_streams = (command.router.max_streams + command.threads - 1) / command.threads;
 
   // Before the loop and etcd threads, which inherit its signal mask.
   RoleShutdown shutdown("fmwire router", err);
@@ -70,11 +80,16 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   std::unique_ptr<transport::ServerGroup> group;
   try {
     group = std::make_unique<transport::ServerGroup>(
-        1, *endpoint, options,
+        command.threads, *endpoint, options,
         [&](transport::EventLoop& router_loop) {
-          auto made = std::make_unique<router::RouterService>(router_loop, *tokenizer, command.router);
-          router = made.get();
-          loop = &router_loop;
+          router::RouterOptions these = loop_options;
+          // Every loop links to the same workers and would say the same
+          // thing of each (a name that does not resolve, a tokenizer
+          // refused) once per loop: the first loop says it for all.
+          if (!loops.empty()) these.log = nullptr;
+          auto made = std::make_unique<router::RouterService>(router_loop, *tokenizer, std::move(these));
+          routers.push_back(made.get());
+          loops.push_back(&router_loop);
           return made;
         },
         command.backend);
@@ -85,9 +100,10 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire router: cannot listen on " << command.listen << ": " << error.what() << std::endl;
     return 2;
   }
-  router->set_workers(*workers);  // the loop does not run yet
+  for (router::RouterService* router : routers) router->set_workers(*workers);  // the loops do not run yet
 
-  // etcd: the membership comes from the watcher's thread to the loop.
+  // etcd: the membership comes from the watcher's thread to every loop; the
+  // router registers once, whatever its loop count.
   std::unique_ptr<discovery::EtcdWatcher> watcher;
   std::unique_ptr<discovery::EtcdRegistration> registration;
   if (!command.etcd.empty()) {
@@ -114,7 +130,9 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
             std::string bad;
             if (auto parsed = transport::parse_endpoint(address, &bad)) all.push_back(*parsed);
           }
-          loop->post([&, all] { router->set_workers(all); });
+          for (std::size_t index = 0; index < loops.size(); ++index) {
+            loops[index]->post([router = routers[index], all] { router->set_workers(all); });
+          }
           shutdown.log("etcd lists " + std::to_string(addresses.size()) + " worker(s)");
         },
         [&](const std::string& message) { shutdown.log("etcd: " + message); });
@@ -125,21 +143,23 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     watcher = std::move(*started);
   }
 
-  // Its own thread, never the loop's: a scrape posts one snapshot there.
+  // Its own thread, never a loop's: a scrape posts one snapshot to each loop.
   std::unique_ptr<metrics::MetricsServer> metrics_server;
   if (!command.metrics_listen.empty()) {
     metrics_server = start_metrics_server(
         command.metrics_listen,
-        render_from_loop<router::RouterMetrics>(*loop, [router] { return router->metrics(); },
-                                                router::render_router_metrics),
+        render_from_loops<router::RouterMetrics>(
+            loops, [routers](std::size_t index) { return routers[index]->metrics(); },
+            router::merge_router_metrics, router::render_router_metrics),
         "fmwire router", err);
     if (!metrics_server) return 2;
   }
 
-  err << "fmwire router: " << group->backend_log_line() << ", policy " << command.router.policy
+  err << "fmwire router: " << group->backend_log_line() << ", " << group->threads() << " loop thread(s), policy "
+      << command.router.policy
       << (command.router.migrate ? ", migration on" : "")
       << (command.router.disaggregate ? ", disaggregation auto" : ", disaggregation off");
-  if (router->checks_tokenizer()) {
+  if (routers.front()->checks_tokenizer()) {
     err << ", prompts tokenized here (tokenizer " << std::hex << tokenizer->fingerprint() << std::dec << ")";
   }
   err << std::endl;
@@ -152,12 +172,19 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   const int result = shutdown.drain(*group, "router shutting down", command.drain_timeout);
   watcher.reset();  // no more etcd lines, nor posts to the stopped loop
   metrics_server.reset();  // nor scrapes
-  const router::RouterCounters& counters = router->counters();
+  router::RouterCounters counters;
+  std::string per_loop;
+  for (const router::RouterService* router : routers) {
+    counters += router->counters();
+    if (!per_loop.empty()) per_loop += ' ';
+    per_loop += std::to_string(router->counters().streams_started);
+  }
   err << "fmwire router: stopped after " << counters.streams_finished << " streams finished, "
       << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "
       << counters.streams_refused << " refused, " << counters.streams_migrated << " migrated, "
-      << counters.streams_handed_over << " handed over by KV transfer, " << counters.streams_disaggregated << " split (" << counters.disaggregation_fallbacks << " served whole after a part failed)"
-      << std::endl;
+      << counters.streams_handed_over << " handed over by KV transfer, " << counters.streams_disaggregated << " split (" << counters.disaggregation_fallbacks << " served whole after a part failed)";
+  if (routers.size() > 1) err << "; streams started per loop: " << per_loop;
+  err << std::endl;
   return result;
 }
 

@@ -1,6 +1,8 @@
 // `fmwire router`: the native-protocol front door (router/router_service.h)
 // in a process of its own: takes client streams, routes each to a worker
 // from a static list or from etcd, relays, and drains on SIGINT/SIGTERM.
+// With --threads N, N loops share the port, shared nothing: a client's
+// connection and its streams stay on the loop that accepted it.
 #pragma once
 
 #include <chrono>
@@ -14,6 +16,9 @@ namespace fmwire::cli {
 
 struct RouterCommand {
   std::string listen = "127.0.0.1:7000";
+  // Loop threads serving the port (transport/server_group.h), each with a
+  // RouterService and links to every worker of its own; at least 1.
+  unsigned threads = 1;
   std::string metrics_listen;           // HOST:PORT for /metrics (port 0: any, printed); empty: none
   std::vector<std::string> workers;     // HOST:PORT each
   std::string etcd;                     // URL: workers from etcd instead of (or besides) the list

@@ -102,8 +102,12 @@ RouterMetrics RouterService::metrics() const {
   metrics.counters = counters_;
   metrics.open_streams = routes_.size();
   metrics.load_subscribers = load_subscribers_.size();
-  metrics.workers = views();
-  for (WorkerView& view : metrics.workers) view.prefixes = nullptr;  // the loop's set: not to be read elsewhere
+  metrics.workers.reserve(links_.size());
+  for (const auto& link : links_) {
+    WorkerRow& row = metrics.workers.emplace_back(WorkerRow{link->view(), link->view().healthy ? 1u : 0u});
+    row.view.prefixes = nullptr;  // the loop's set: not to be read elsewhere
+  }
+  metrics.loop_streams_started = {counters_.streams_started};
   return metrics;
 }
 

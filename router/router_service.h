@@ -83,7 +83,9 @@ struct RouterOptions {
   std::string policy = "least-loaded";
   PolicyOptions policy_options;
   WorkerLinkOptions worker_link;
-  std::uint32_t max_streams = 10000;  // open client streams, router-wide; then overloaded
+  // Open client streams on this service; then overloaded. `fmwire router
+  // --threads N` gives each loop's service its share of --max-streams.
+  std::uint32_t max_streams = 10000;
   std::uint32_t retry_after_ms = 200; // the hint given with overloaded
   // Credit the router grants a worker per stream: the most it ever holds for
   // one stream whose client is slow. Token streams need little (a few

@@ -60,7 +60,8 @@ def routes_to_three_workers(binary, env):
     workers = [Worker(binary, env, "--model", "builtin") for _ in range(3)]
     router = None
     try:
-        router = Router(binary, env, workers, "--policy", "round-robin")
+        # One loop: each loop keeps its own round-robin turn.
+        router = Router(binary, env, workers, "--policy", "round-robin", "--threads", "1")
         direct = generate(binary, env, workers[0].endpoint, "--max-tokens", "12", "--json", "same answer")
         check(direct.returncode == 0, f"direct: {direct.stderr}")
         for _ in range(3):
@@ -248,12 +249,129 @@ def etcd_discovery(binary, env):
         etcd.stop()
 
 
+def stream_tokens(client, max_tokens, label):
+    """Waits for a `fmwire generate --json` client; fails unless its stream
+    came whole: indexes 0..max_tokens-1 once each, then a Finish that says so."""
+    out, errors = client.communicate(timeout=LIMIT_S)
+    check(client.returncode == 0, f"{label}: exit {client.returncode}: {errors!r}")
+    frames = frames_of(out)
+    check(indexes_of(frames) == list(range(max_tokens)), f"{label}: indexes {indexes_of(frames)}")
+    check(frames[-1]["type"] == "finish" and frames[-1]["usage"]["completion_tokens"] == max_tokens,
+          f"{label}: finish {frames[-1]}")
+
+
+def stop_clients(clients):
+    for client in clients:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
+def streams_per_loop(router_errors):
+    return [int(n) for n in router_errors.split("streams started per loop: ")[1].split()]
+
+
+def finished_at(worker):
+    check(worker.stop() == 0, "a worker did not stop cleanly")
+    return int(worker.process.communicate()[1].split("stopped after ")[1].split()[0])
+
+
+def threads_spread_streams_over_loops(binary, env):
+    """`--threads 2`: many concurrent clients, as separate processes (so
+    separate connections the kernel spreads by hash), are served by both
+    loops, every stream whole; /metrics sums the loops and stays valid."""
+    clients_n, tokens = 24, 40
+    workers = [Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "1000") for _ in range(2)]
+    router = None
+    clients = []
+    try:
+        router = Router(binary, env, workers, "--threads", "2", "--metrics-listen", "127.0.0.1:0")
+        metrics_url = router.process.stdout.readline().split()[-1]
+        # Healthy 1: on every loop (the share of loops whose link is up).
+        until(lambda: all(metric(http(metrics_url)[1], f'fmwire_router_worker_healthy{{worker="{w.endpoint}"}}') == 1
+                          for w in workers), what="both loops reaching both workers")
+        clients = [start_generate(binary, env, router.endpoint, "--max-tokens", str(tokens), "--json", f"client {i}")
+                   for i in range(clients_n)]
+        for i, client in enumerate(clients):
+            stream_tokens(client, tokens, f"client {i}")
+        from metrics_cli_test import promtool  # here: metrics_cli_test imports this module
+        page = http(metrics_url)[1]
+        promtool(page, "the router with two loops")
+        check(metric(page, "fmwire_router_loop_threads") == 2, f"loop threads:\n{page}")
+        per_loop = [metric(page, f'fmwire_router_loop_streams_started_total{{loop="{i}"}}') for i in range(2)]
+        check(sum(per_loop) == clients_n and min(per_loop) > 0, f"streams per loop on /metrics {per_loop}")
+        check(metric(page, 'fmwire_router_streams_total{event="finished"}') == clients_n, f"finished:\n{page}")
+        opened = [metric(page, f'fmwire_router_worker_streams_opened_total{{worker="{w.endpoint}"}}') for w in workers]
+        check(sum(opened) == clients_n, f"streams opened per worker {opened}")
+        check(router.stop() == 0, "the router did not stop cleanly")
+        _, router_errors = router.process.communicate()
+        check(f"{clients_n} streams finished" in router_errors, f"router stderr {router_errors!r}")
+        per_loop = streams_per_loop(router_errors)
+        check(len(per_loop) == 2 and sum(per_loop) == clients_n and min(per_loop) > 0,
+              f"streams per loop in the shutdown line {per_loop}")
+        # Each loop routes by the workers' own load reports plus its own
+        # streams: both workers get work, and between them every stream.
+        served = [finished_at(worker) for worker in workers]
+        check(sum(served) == clients_n and min(served) > 0, f"streams per worker {served}")
+    finally:
+        stop_all(router, *workers)
+        stop_clients(clients)
+
+
+def threads_drain_every_loop(binary, env):
+    """SIGTERM drains every loop: streams open on both finish whole, the
+    router exits 0 after saying what each loop drained."""
+    clients_n, tokens = 12, 300
+    worker = Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "2000")
+    router = None
+    clients = []
+    try:
+        router = Router(binary, env, [worker], "--threads", "2")
+        clients = [start_generate(binary, env, router.endpoint, "--max-tokens", str(tokens), "--json", f"client {i}")
+                   for i in range(clients_n)]
+        firsts = [read_until(client.stdout, lambda text: text.count("\n") >= 2) for client in clients]
+        router.process.send_signal(signal.SIGTERM)
+        for i, client in enumerate(clients):
+            # Not communicate(): it reads the pipe itself, past what
+            # read_until left buffered in client.stdout. 300 frames fit in
+            # the pipe, so waiting first cannot block the client.
+            client.wait(timeout=LIMIT_S)
+            rest, errors = client.stdout.read(), client.stderr.read()
+            check(client.returncode == 0, f"client {i}: exit {client.returncode}: {errors!r}")
+            frames = frames_of(firsts[i] + rest)
+            check(indexes_of(frames) == list(range(tokens)), f"client {i}: indexes {indexes_of(frames)}")
+        check(router.process.wait(timeout=LIMIT_S) == 0, "the router did not drain cleanly")
+        _, router_errors = router.process.communicate()
+        for loop in range(2):
+            check(f"loop {loop} draining" in router_errors, f"loop {loop} did not drain: {router_errors!r}")
+        check(f"{clients_n} streams finished" in router_errors, f"router stderr {router_errors!r}")
+        per_loop = streams_per_loop(router_errors)
+        check(sum(per_loop) == clients_n and min(per_loop) > 0, f"streams per loop {per_loop}")
+    finally:
+        stop_all(router, worker)
+        stop_clients(clients)
+
+
+def threads_bad_values_refused(binary, env):
+    """--threads takes a whole number from 1: anything else exits 2 saying so."""
+    for value in ["0", "abc", "-1", "2x", "", "100000"]:
+        refused = subprocess.run([binary, "router", "--listen", "127.0.0.1:0", "--workers", "127.0.0.1:1",
+                                  "--threads", value], capture_output=True, text=True, env=env, timeout=LIMIT_S)
+        check(refused.returncode == 2, f"--threads {value!r}: exit {refused.returncode}")
+        check(f"--threads {value}: give a whole number of loop threads from 1" in refused.stderr,
+              f"--threads {value!r}: stderr {refused.stderr!r}")
+        check(refused.stdout == "", f"--threads {value!r} listened: {refused.stdout!r}")
+
+
 SCENARIOS = {
     "routes_to_three_workers": routes_to_three_workers,
     "worker_killed_mid_stream": worker_killed_mid_stream,
     "silent_worker_detected": silent_worker_detected,
     "migration_continues_stream": migration_continues_stream,
     "etcd_discovery": etcd_discovery,
+    "threads_spread_streams_over_loops": threads_spread_streams_over_loops,
+    "threads_drain_every_loop": threads_drain_every_loop,
+    "threads_bad_values_refused": threads_bad_values_refused,
 }
 
 
