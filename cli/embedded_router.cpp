@@ -1,6 +1,8 @@
 #include "cli/embedded_router.h"
 
+#include <algorithm>
 #include <condition_variable>
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -14,6 +16,41 @@ codec::Result<engine::Tokenizer, std::string> load_router_tokenizer(const std::s
   auto loaded = engine::Tokenizer::load_llama2c(path, 32000);
   if (!loaded) return loaded.error();
   return std::move(*loaded);
+}
+
+std::size_t wait_for_healthy_workers(const std::vector<transport::EventLoop*>& loops,
+                                     const std::vector<router::RouterService*>& routers, std::size_t wanted,
+                                     std::chrono::milliseconds timeout) {
+  // Shared with the loops, since a late answer may come after this
+  // function has returned.
+  struct Answer {
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::size_t fewest = SIZE_MAX;
+    std::size_t answered = 0;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::size_t fewest = 0;
+  while (true) {
+    auto answer = std::make_shared<Answer>();
+    for (std::size_t index = 0; index < loops.size(); ++index) {
+      loops[index]->post([router = routers[index], answer] {
+        std::size_t count = 0;
+        for (const router::WorkerView& view : router->workers()) count += view.healthy ? 1 : 0;
+        std::lock_guard lock(answer->mutex);
+        answer->fewest = std::min(answer->fewest, count);
+        ++answer->answered;
+        answer->changed.notify_all();
+      });
+    }
+    {
+      std::unique_lock lock(answer->mutex);
+      if (!answer->changed.wait_until(lock, deadline, [&] { return answer->answered == loops.size(); })) return fewest;
+      fewest = answer->fewest;
+    }
+    if (fewest >= wanted || std::chrono::steady_clock::now() >= deadline) return fewest;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
 }
 
 codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> EmbeddedRouter::start(
@@ -55,34 +92,7 @@ EmbeddedRouter::~EmbeddedRouter() {
 transport::Endpoint EmbeddedRouter::endpoint() const { return transport::Endpoint{"127.0.0.1", port_}; }
 
 std::size_t EmbeddedRouter::wait_for_healthy_workers(std::size_t wanted, std::chrono::milliseconds timeout) {
-  // Asked of the loop thread, which owns the router's view of its workers;
-  // shared, since a late answer may come after this function has returned.
-  struct Answer {
-    std::mutex mutex;
-    std::condition_variable changed;
-    std::size_t healthy = 0;
-    bool ready = false;
-  };
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  std::size_t healthy = 0;
-  while (true) {
-    auto answer = std::make_shared<Answer>();
-    loop_->post([router = router_, answer] {
-      std::size_t count = 0;
-      for (const router::WorkerView& view : router->workers()) count += view.healthy ? 1 : 0;
-      std::lock_guard lock(answer->mutex);
-      answer->healthy = count;
-      answer->ready = true;
-      answer->changed.notify_all();
-    });
-    {
-      std::unique_lock lock(answer->mutex);
-      if (!answer->changed.wait_until(lock, deadline, [&] { return answer->ready; })) return healthy;
-      healthy = answer->healthy;
-    }
-    if (healthy >= wanted || std::chrono::steady_clock::now() >= deadline) return healthy;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  return cli::wait_for_healthy_workers({loop_}, {router_}, wanted, timeout);
 }
 
 bool EmbeddedRouter::drain(std::chrono::milliseconds timeout) {

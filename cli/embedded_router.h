@@ -24,6 +24,14 @@ namespace fmwire::cli {
 // empty. The router refuses a worker whose tokenizer's fingerprint differs.
 codec::Result<engine::Tokenizer, std::string> load_router_tokenizer(const std::string& path);
 
+// Waits until every router (routers[i] runs on loops[i], which must be
+// running) has `wanted` workers connected and healthy, or `timeout` passes;
+// returns the fewest any of them has. Asks each loop, which owns its
+// router's view of the workers.
+std::size_t wait_for_healthy_workers(const std::vector<transport::EventLoop*>& loops,
+                                     const std::vector<router::RouterService*>& routers, std::size_t wanted,
+                                     std::chrono::milliseconds timeout);
+
 class EmbeddedRouter {
  public:
   // Listens and starts routing to `workers`. `tokenizer` (the workers':

@@ -163,9 +163,16 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     err << ", prompts tokenized here (tokenizer " << std::hex << tokenizer->fingerprint() << std::dec << ")";
   }
   err << std::endl;
+  group->start();
+  // Workers named on the command line: "listening" is said once every loop
+  // has reached them (or after 3 s; they may come up later), so that a
+  // client started on that line is not refused for want of a worker it
+  // named while a loop is still connecting.
+  if (!workers->empty()) {
+    (void)wait_for_healthy_workers(loops, routers, workers->size(), std::chrono::milliseconds(3000));
+  }
   out << "listening on " << transport::Endpoint{endpoint->host, group->port()}.to_string() << std::endl;
   if (metrics_server) out << "metrics on " << metrics_server->url() << std::endl;
-  group->start();
 
   shutdown.wait_for_signal();
   registration.reset();  // gateways stop sending here first
