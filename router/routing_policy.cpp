@@ -149,16 +149,17 @@ class PrefixAffinityPolicy final : public RoutingPolicy {
     }
     if (longest == 0) match_approximately(workers);
 
-    // The longest match; among equal ones, the least loaded.
-    std::size_t affine = *least;
+    // The longest match among the workers loaded no more than the least
+    // loaded plus the slack; among equal ones, the least loaded. A busy
+    // worker's prefix is worth less than an idle one that holds it too.
+    const std::uint64_t limit_load = load_of(workers[*least]) + options_.affinity_load_slack;
+    std::size_t pick = *least;
     for (std::size_t i = 0; i < workers.size(); ++i) {
-      if (!workers[i].healthy) continue;
-      if (matched_[i] > matched_[affine] || (matched_[i] == matched_[affine] && less_loaded(workers, i, affine))) {
-        affine = i;
+      if (!workers[i].healthy || load_of(workers[i]) > limit_load) continue;
+      if (matched_[i] > matched_[pick] || (matched_[i] == matched_[pick] && less_loaded(workers, i, pick))) {
+        pick = i;
       }
     }
-    const bool overloaded = load_of(workers[affine]) > load_of(workers[*least]) + options_.affinity_load_slack;
-    const std::size_t pick = overloaded ? *least : affine;
     RouteDecision decision = decision_for(pick);
     decision.expected_cached_tokens = matched_[pick] * options_.block_tokens;
     return decision;

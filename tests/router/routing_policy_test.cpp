@@ -175,6 +175,30 @@ TEST_CASE("prefix-affinity skips the prefix's worker when its load exceeds the l
   CHECK(picked->expected_cached_tokens == 0);  // what the actual pick holds
 }
 
+TEST_CASE("prefix-affinity past an overloaded worker takes the longest match among the others, not the idlest") {
+  PolicyOptions options;
+  options.affinity_load_slack = 8;
+  auto policy = make_policy("prefix", options);
+  const auto prompt = concat(tokens(100, 64), tokens(5000, 10));
+  const auto whole = held_prefix(prompt, 4);
+  const auto half = held_prefix(prompt, 2);
+  const std::unordered_set<std::uint64_t> nothing;
+  auto views = workers(3);
+  for (auto& view : views) {
+    view.has_load = true;
+    view.publishes_prefixes = true;
+  }
+  views[0].prefixes = &whole;
+  views[0].load.running = 9;  // beyond the slack over worker 2
+  views[1].prefixes = &half;
+  views[1].load.running = 1;
+  views[2].prefixes = &nothing;
+  auto picked = policy->pick(request_for(prompt), views);
+  REQUIRE(picked);
+  CHECK(picked->worker == 1);
+  CHECK(picked->expected_cached_tokens == 32);
+}
+
 TEST_CASE("prefix-affinity without worker events sends a shared prefix where it sent it before") {
   auto policy = make_policy("prefix");
   auto views = workers(3);  // none publishes prefixes
