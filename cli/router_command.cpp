@@ -11,23 +11,6 @@
 #include "transport/server_group.h"
 
 namespace fmwire::cli {
-namespace {
-
-std::optional<std::vector<transport::Endpoint>> parse_endpoints(const std::vector<std::string>& texts,
-                                                                 std::string& problem) {
-  std::vector<transport::Endpoint> endpoints;
-  for (const std::string& text : texts) {
-    auto endpoint = transport::parse_endpoint(text, &problem);
-    if (!endpoint) {
-      problem = "worker '" + text + "': " + problem;
-      return std::nullopt;
-    }
-    endpoints.push_back(*endpoint);
-  }
-  return endpoints;
-}
-
-}  // namespace
 
 int run_router(const RouterCommand& command, std::ostream& out, std::ostream& err) {
   std::string problem;
@@ -45,9 +28,9 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire router: --threads must be at least 1" << std::endl;
     return 2;
   }
-  const auto workers = parse_endpoints(command.workers, problem);
+  const auto workers = transport::parse_endpoints(command.workers, &problem);
   if (!workers) {
-    err << "fmwire router: " << problem << std::endl;
+    err << "fmwire router: worker " << problem << std::endl;
     return 2;
   }
   if (workers->empty() && command.etcd.empty()) {

@@ -32,14 +32,14 @@ void HttpThread::connect_upstream(bool wait) {
   client_options.connect_timeout = kUpstreamConnectTimeout;
   client_options.connection.initial_stream_credit_bytes = kStreamCreditBytes;
   client_options.on_turn_end = [this] { hand_over(); };
-  if (wait) {
-    auto connected = Client::connect(options.upstream, client_options);
+  if (wait && !options.upstreams.empty()) {
+    auto connected = Client::connect(options.upstreams, client_options);
     if (connected) {
       upstream_ = std::move(*connected);
       return;
     }
   }
-  upstream_ = Client::connect_in_background(options.upstream, client_options);
+  upstream_ = Client::connect_in_background(options.upstreams, client_options);
 }
 
 void HttpThread::start() {

@@ -139,7 +139,7 @@ struct Upstream {
 HttpGatewayOptions options_for(const transport::Endpoint& upstream) {
   HttpGatewayOptions options;
   options.listen = {"127.0.0.1", 0};
-  options.upstream = upstream;
+  options.upstreams = {upstream};
   options.api_keys = {kKey};
   options.model = "builtin";
   // More than one HTTP thread, so that connections spread over threads
