@@ -5,6 +5,7 @@
 #include <ostream>
 
 #include "cli/embedded_router.h"
+#include "cli/etcd_membership.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
 #include "gateway/http_gateway.h"
@@ -113,19 +114,9 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
   gateway::HttpGateway* serving = nullptr;  // under routers_mutex
   std::unique_ptr<discovery::EtcdWatcher> watcher;
   if (etcd) {
-    auto started = discovery::EtcdWatcher::start(
-        *etcd, command.etcd_router_prefix,
-        [&](const std::vector<std::string>& addresses) {
-          std::vector<transport::Endpoint> found;
-          for (const std::string& address : addresses) {
-            std::string bad;
-            if (auto parsed = transport::parse_endpoint(address, &bad)) {
-              found.push_back(*parsed);
-            } else {
-              shutdown.log("etcd: router '" + address + "' skipped: " + bad);
-            }
-          }
-          shutdown.log("etcd lists " + std::to_string(found.size()) + " router(s)");
+    auto started = watch_etcd_endpoints(
+        *etcd, command.etcd_router_prefix, "router",
+        [&](std::vector<transport::Endpoint> found) {
           std::lock_guard lock(routers_mutex);
           if (serving != nullptr) {
             serving->set_upstreams(std::move(found));
@@ -133,7 +124,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
             options.upstreams = std::move(found);
           }
         },
-        [&](const std::string& message) { shutdown.log("etcd: " + message); });
+        shutdown);
     if (!started) {
       err << "fmwire gateway: " << started.error() << std::endl;
       return 2;
