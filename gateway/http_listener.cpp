@@ -106,7 +106,7 @@ void HttpListener::accept() {
 void HttpListener::set_upstreams(std::vector<transport::Endpoint> upstreams) {
   std::lock_guard lock(upstreams_mutex_);
   if (stopped_.load()) return;
-  for (const auto& thread : threads_) thread->upstream().set_endpoints(upstreams);
+  for (const auto& thread : threads_) thread->set_upstreams(upstreams);
 }
 
 void HttpListener::stop() {

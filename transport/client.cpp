@@ -116,11 +116,16 @@ class Client::Session final : public transport::ConnectionHandler {
   void set_endpoints(std::vector<transport::Endpoint> endpoints) {
     loop_.post([this, endpoints = std::move(endpoints)]() mutable {
       endpoints_ = std::move(endpoints);
-      // The next attempt after the connected endpoint is the one after it in the new list.
-      const auto connected = std::find(endpoints_.begin(), endpoints_.end(), peer_);
-      current_ = state_ == State::ready && connected != endpoints_.end()
-                     ? static_cast<std::size_t>(connected - endpoints_.begin())
-                     : 0;
+      round_errors_.clear();  // a round in progress goes on over the new list, all of it
+      // Connected or connecting, current_ is that endpoint, and the next
+      // attempt is the one after it in the new list, or the new list's
+      // first when it is not there. Idle, current_ is the next attempt.
+      const auto peer = std::find(endpoints_.begin(), endpoints_.end(), peer_);
+      if (state_ == State::idle || endpoints_.empty()) {
+        current_ = 0;
+      } else {
+        current_ = peer != endpoints_.end() ? static_cast<std::size_t>(peer - endpoints_.begin()) : endpoints_.size() - 1;
+      }
       if (state_ == State::idle && !shutting_down_ && !endpoints_.empty() && wants_connection()) start_round();
     });
   }
