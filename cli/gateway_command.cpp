@@ -1,10 +1,13 @@
 #include "cli/gateway_command.h"
 
 #include <fstream>
+#include <mutex>
 #include <ostream>
 
 #include "cli/embedded_router.h"
+#include "cli/etcd_membership.h"
 #include "cli/role_shutdown.h"
+#include "discovery/etcd_discovery.h"
 #include "gateway/http_gateway.h"
 #include "transport/host_resolver.h"
 
@@ -40,26 +43,29 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
     err << "fmwire gateway: cannot listen on " << command.listen << ": " << error.what() << std::endl;
     return 2;
   }
-  if (command.router.empty() == command.workers.empty()) {
-    err << "fmwire gateway: give either --router HOST:PORT or --workers HOST:PORT,..." << std::endl;
+  if (!command.routers.empty() + !command.etcd.empty() + !command.workers.empty() != 1) {
+    err << "fmwire gateway: give one of --router HOST:PORT,..., --etcd URL or --workers HOST:PORT,..." << std::endl;
     return 2;
   }
-  std::vector<transport::Endpoint> workers;
-  for (const std::string& text : command.workers) {
-    auto worker = transport::parse_endpoint(text, &problem);
-    if (!worker) {
-      err << "fmwire gateway: worker '" << text << "': " << problem << std::endl;
-      return 2;
-    }
-    workers.push_back(*worker);
+  const auto workers = transport::parse_endpoints(command.workers, &problem);
+  if (!workers) {
+    err << "fmwire gateway: worker " << problem << std::endl;
+    return 2;
   }
-  if (!command.router.empty()) {
-    auto router = transport::parse_endpoint(command.router, &problem);
-    if (!router) {
-      err << "fmwire gateway: --router: " << problem << std::endl;
+  const auto routers = transport::parse_endpoints(command.routers, &problem);
+  if (!routers) {
+    err << "fmwire gateway: --router " << problem << std::endl;
+    return 2;
+  }
+  options.upstreams = *routers;
+  std::optional<discovery::EtcdUrl> etcd;
+  if (!command.etcd.empty()) {
+    auto url = discovery::parse_etcd_url(command.etcd);
+    if (!url) {
+      err << "fmwire gateway: --etcd: " << url.error() << std::endl;
       return 2;
     }
-    options.upstream = *router;
+    etcd = *url;
   }
   options.api_keys = command.api_keys;
   if (!command.api_keys_file.empty()) {
@@ -83,33 +89,64 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
     return 2;
   }
   std::unique_ptr<EmbeddedRouter> router;
-  if (!workers.empty()) {
-    auto started = EmbeddedRouter::start(workers, *tokenizer, command.router_options, command.backend);
+  if (!workers->empty()) {
+    auto started = EmbeddedRouter::start(*workers, *tokenizer, command.router_options, command.backend);
     if (!started) {
       err << "fmwire gateway: " << started.error() << std::endl;
       return 2;
     }
     router = std::move(*started);
-    options.upstream = router->endpoint();
+    options.upstreams = {router->endpoint()};
     // Not required: workers may come up later, and the router connects then.
-    const std::size_t healthy = router->wait_for_healthy_workers(workers.size(), std::chrono::milliseconds(3000));
-    if (healthy < workers.size()) {
-      err << "fmwire gateway: " << healthy << " of " << workers.size() << " workers reachable so far" << std::endl;
+    const std::size_t healthy = router->wait_for_healthy_workers(workers->size(), std::chrono::milliseconds(3000));
+    if (healthy < workers->size()) {
+      err << "fmwire gateway: " << healthy << " of " << workers->size() << " workers reachable so far" << std::endl;
     }
     err << "fmwire gateway: embedded router on " << router->endpoint().to_string() << ", "
         << router->backend_log_line() << ", policy " << command.router_options.policy << ", "
-        << workers.size() << " worker(s)" << std::endl;
+        << workers->size() << " worker(s)" << std::endl;
   }
 
-  auto started = gateway::HttpGateway::start(options);
-  if (!started) {
-    err << "fmwire gateway: " << started.error() << std::endl;
-    return 2;  // the embedded router stops with `router`
+  // Routers from etcd: the watcher lists them once before it returns (the
+  // gateway starts with that list), then on its own thread as they change.
+  // Until the gateway exists, a change only updates the list it starts with.
+  std::mutex routers_mutex;
+  gateway::HttpGateway* serving = nullptr;  // under routers_mutex
+  std::unique_ptr<discovery::EtcdWatcher> watcher;
+  if (etcd) {
+    auto started = watch_etcd_endpoints(
+        *etcd, command.etcd_router_prefix, "router",
+        [&](std::vector<transport::Endpoint> found) {
+          std::lock_guard lock(routers_mutex);
+          if (serving != nullptr) {
+            serving->set_upstreams(std::move(found));
+          } else {
+            options.upstreams = std::move(found);
+          }
+        },
+        shutdown);
+    if (!started) {
+      err << "fmwire gateway: " << started.error() << std::endl;
+      return 2;
+    }
+    watcher = std::move(*started);
   }
-  std::unique_ptr<gateway::HttpGateway> http = std::move(*started);
+
+  std::unique_ptr<gateway::HttpGateway> http;
+  {
+    std::lock_guard lock(routers_mutex);
+    auto started = gateway::HttpGateway::start(options);
+    if (!started) {
+      err << "fmwire gateway: " << started.error() << std::endl;
+      return 2;  // the embedded router stops with `router`
+    }
+    http = std::move(*started);
+    serving = http.get();
+  }
   out << "listening on http://" << transport::Endpoint{listen->host, http->port()}.to_string() << std::endl;
 
   shutdown.wait_for_signal();
+  watcher.reset();  // no more changes to the gateway's list
   err << "fmwire gateway: draining" << std::endl;
   http->drain(command.drain_timeout);
   http.reset();

@@ -1,5 +1,6 @@
 // `fmwire gateway`: the OpenAI-compatible HTTP front (gateway/http_gateway.h)
-// in a process of its own. Requests go on to a router (--router), or to a
+// in a process of its own. Requests go on to routers (--router, a list, or
+// --etcd, where routers register), failing over between them, or to a
 // router embedded in this process that routes to a list of workers
 // (--workers). Prints its URL, and drains on SIGINT/SIGTERM: the HTTP side
 // first (open streams finish), then the embedded router.
@@ -17,7 +18,9 @@ namespace fmwire::cli {
 
 struct GatewayCommand {
   std::string listen = "127.0.0.1:8000";  // port 0: any free port (printed)
-  std::string router;                     // HOST:PORT of a router, or
+  std::vector<std::string> routers;       // HOST:PORT of each router, or
+  std::string etcd;                       // etcd's URL, where routers register, or
+  std::string etcd_router_prefix = "/fmwire/routers/";
   std::vector<std::string> workers;       // HOST:PORT of each worker, for an embedded router
   std::string api_keys_file;              // one key per line
   std::vector<std::string> api_keys;      // besides the file's

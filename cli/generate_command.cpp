@@ -51,9 +51,9 @@ void report_error(const ClientError& error, bool json, std::ostream& out, std::o
 
 int run_generate(const GenerateCommand& command, std::ostream& out, std::ostream& err) {
   std::string problem;
-  const std::optional<transport::Endpoint> endpoint = transport::parse_endpoint(command.endpoint, &problem);
-  if (!endpoint) {
-    err << "fmwire generate: " << problem << std::endl;
+  const auto endpoints = transport::parse_endpoints(command.endpoints, &problem);
+  if (!endpoints || endpoints->empty()) {
+    err << "fmwire generate: --endpoint " << (endpoints ? "names no endpoint" : problem) << std::endl;
     return 2;
   }
   if (command.prompt.empty()) {
@@ -76,7 +76,7 @@ int run_generate(const GenerateCommand& command, std::ostream& out, std::ostream
   ClientOptions options;
   options.backend = command.backend;
   options.connect_timeout = command.connect_timeout;
-  ClientResult<std::unique_ptr<Client>> client = Client::connect(*endpoint, options);
+  ClientResult<std::unique_ptr<Client>> client = Client::connect(*endpoints, options);
   if (!client) {
     report_error(client.error(), command.json, out, err);
     return 1;

@@ -9,11 +9,12 @@
 #include <iosfwd>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace fmwire::cli {
 
 struct GenerateCommand {
-  std::string endpoint;        // HOST:PORT
+  std::vector<std::string> endpoints;  // HOST:PORT each; the first that accepts serves
   std::string prompt;
   std::uint32_t max_tokens = 16;
   float temperature = 0.0f;

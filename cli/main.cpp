@@ -61,15 +61,29 @@ bool parse(const std::vector<std::string>& arguments, const po::options_descript
   return false;
 }
 
+// "a,b,c" -> {"a", "b", "c"}, empty pieces dropped.
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> pieces;
+  std::size_t begin = 0;
+  while (begin <= text.size()) {
+    const std::size_t end = std::min(text.find(',', begin), text.size());
+    if (end > begin) pieces.push_back(text.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return pieces;
+}
+
 int run_generate_command(const std::vector<std::string>& arguments) {
   fmwire::cli::GenerateCommand command;
   std::string backend;
   std::uint64_t seed = 0;
   std::uint32_t connect_timeout_ms = 5000;
-  po::options_description description("usage: fmwire generate --endpoint HOST:PORT [options] PROMPT\noptions");
+  std::string endpoints;
+  po::options_description description("usage: fmwire generate --endpoint HOST:PORT[,HOST:PORT...] [options] PROMPT\noptions");
   description.add_options()
       ("help,h", "show this help")
-      ("endpoint", po::value(&command.endpoint)->required(), "the worker, router or echo-server, HOST:PORT")
+      ("endpoint", po::value(&endpoints)->required(),
+       "the worker, router or echo-server, HOST:PORT; or a list, HOST:PORT,...: the first that accepts serves")
       ("max-tokens", po::value(&command.max_tokens)->default_value(command.max_tokens), "tokens to generate at most")
       ("temperature", po::value(&command.temperature)->default_value(command.temperature), "0 is greedy")
       ("seed", po::value(&seed), "sampling seed (default: the endpoint picks one)")
@@ -83,6 +97,7 @@ int run_generate_command(const std::vector<std::string>& arguments) {
   po::variables_map values;
   if (parse(arguments, description, &positional, values)) return 0;
   if (values.count("seed")) command.seed = seed;
+  command.endpoints = split_list(endpoints);
   command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_generate(command, std::cout, std::cerr);
@@ -191,17 +206,6 @@ int run_worker_command(const std::vector<std::string>& arguments) {
   return fmwire::cli::run_worker(command, std::cout, std::cerr);
 }
 
-// "a,b,c" -> {"a", "b", "c"}, empty pieces dropped.
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> pieces;
-  std::size_t begin = 0;
-  while (begin <= text.size()) {
-    const std::size_t end = std::min(text.find(',', begin), text.size());
-    if (end > begin) pieces.push_back(text.substr(begin, end - begin));
-    begin = end + 1;
-  }
-  return pieces;
-}
 
 // Loop threads, at most: far past any core count, so that a typo (an extra
 // digit) is refused rather than starting thousands of threads.
@@ -290,13 +294,19 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
   fmwire::cli::GatewayCommand command;
   std::string backend;
   std::string workers;
+  std::string routers;
   std::uint32_t drain_timeout_ms = 30000;
   po::options_description description(
-      "usage: fmwire gateway --listen HOST:PORT (--router HOST:PORT | --workers HOST:PORT,...) [options]\noptions");
+      "usage: fmwire gateway --listen HOST:PORT (--router HOST:PORT,... | --etcd URL | --workers HOST:PORT,...) "
+      "[options]\noptions");
   description.add_options()
       ("help,h", "show this help")
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT for HTTP; port 0 picks a free one")
-      ("router", po::value(&command.router), "the router requests go to, HOST:PORT")
+      ("router", po::value(&routers),
+       "the routers requests go to, HOST:PORT,...: one connection at a time, the next one when it is lost")
+      ("etcd", po::value(&command.etcd), "or find the routers in etcd (http://HOST:PORT), as they come and go")
+      ("etcd-router-prefix", po::value(&command.etcd_router_prefix)->default_value(command.etcd_router_prefix),
+       "with --etcd: the key prefix routers register under")
       ("workers", po::value(&workers), "or the workers, HOST:PORT,...: a router runs inside the gateway")
       ("api-keys", po::value(&command.api_keys_file), "file of API keys, one per line (# comments)")
       ("api-key", po::value(&command.api_keys)->composing(), "an API key (repeatable); none: no key needed")
@@ -315,6 +325,7 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   command.workers = split_list(workers);
+  command.routers = split_list(routers);
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_gateway(command, std::cout, std::cerr);

@@ -5,29 +5,13 @@
 
 #include "cli/advertise.h"
 #include "cli/embedded_router.h"
+#include "cli/etcd_membership.h"
 #include "cli/loop_metrics.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
 #include "transport/server_group.h"
 
 namespace fmwire::cli {
-namespace {
-
-std::optional<std::vector<transport::Endpoint>> parse_endpoints(const std::vector<std::string>& texts,
-                                                                 std::string& problem) {
-  std::vector<transport::Endpoint> endpoints;
-  for (const std::string& text : texts) {
-    auto endpoint = transport::parse_endpoint(text, &problem);
-    if (!endpoint) {
-      problem = "worker '" + text + "': " + problem;
-      return std::nullopt;
-    }
-    endpoints.push_back(*endpoint);
-  }
-  return endpoints;
-}
-
-}  // namespace
 
 int run_router(const RouterCommand& command, std::ostream& out, std::ostream& err) {
   std::string problem;
@@ -45,9 +29,9 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     err << "fmwire router: --threads must be at least 1" << std::endl;
     return 2;
   }
-  const auto workers = parse_endpoints(command.workers, problem);
+  const auto workers = transport::parse_endpoints(command.workers, &problem);
   if (!workers) {
-    err << "fmwire router: " << problem << std::endl;
+    err << "fmwire router: worker " << problem << std::endl;
     return 2;
   }
   if (workers->empty() && command.etcd.empty()) {
@@ -122,20 +106,16 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     registration = std::move(*registered);
     err << "fmwire router: registered in etcd as " << command.etcd_router_prefix << address << std::endl;
     const std::vector<transport::Endpoint> static_workers = *workers;
-    auto started = discovery::EtcdWatcher::start(
-        *url, command.etcd_prefix,
-        [&, static_workers](const std::vector<std::string>& addresses) {
+    auto started = watch_etcd_endpoints(
+        *url, command.etcd_prefix, "worker",
+        [&, static_workers](std::vector<transport::Endpoint> found) {
           std::vector<transport::Endpoint> all = static_workers;
-          for (const std::string& address : addresses) {
-            std::string bad;
-            if (auto parsed = transport::parse_endpoint(address, &bad)) all.push_back(*parsed);
-          }
+          all.insert(all.end(), found.begin(), found.end());
           for (std::size_t index = 0; index < loops.size(); ++index) {
             loops[index]->post([router = routers[index], all] { router->set_workers(all); });
           }
-          shutdown.log("etcd lists " + std::to_string(addresses.size()) + " worker(s)");
         },
-        [&](const std::string& message) { shutdown.log("etcd: " + message); });
+        shutdown);
     if (!started) {
       err << "fmwire router: " << started.error() << std::endl;
       return 2;

@@ -171,7 +171,7 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
 
   gateway::HttpGatewayOptions gateway_options;
   gateway_options.listen = bind_to;
-  gateway_options.upstream = router->endpoint();
+  gateway_options.upstreams = {router->endpoint()};
   gateway_options.model = served_model_name(command.model.model);
   gateway_options.io_backend = command.backend;
   gateway_options.http_threads = command.http_threads;

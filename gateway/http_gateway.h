@@ -3,7 +3,9 @@
 // one JSON response), a WebSocket stream, /v1/models, /health, /ready and
 // /metrics, with API keys and size limits, on Boost.Beast. Requests go on to
 // a router (or a worker) over the native protocol through fmwire::Client,
-// with manual flow control: a slow HTTP reader holds back its own stream at
+// which fails over between the routers of a list (a stream on a lost one
+// ends with a retryable error event; new ones go to a survivor), with
+// manual flow control: a slow HTTP reader holds back its own stream at
 // the worker, and a client that goes away cancels its request end to end.
 //
 // Endpoints (an API key, `Authorization: Bearer KEY`, on the /v1 ones when
@@ -66,7 +68,10 @@ namespace fmwire::gateway {
 
 struct HttpGatewayOptions {
   transport::Endpoint listen{"127.0.0.1", 8000};  // port 0: any free port (see port())
-  transport::Endpoint upstream;                   // the router (or a worker) requests go to
+  // The routers (or a worker) requests go to: one connection per HTTP
+  // thread, to the first of these that accepts, then the next on a loss.
+  // Empty at start only when set_upstreams() fills it (routers from etcd).
+  std::vector<transport::Endpoint> upstreams;
   std::vector<std::string> api_keys;              // empty: no key needed (a warning at start)
   std::string model = "builtin";                  // what /v1/models lists; requests may name it or nothing
   std::size_t max_body_bytes = 1 << 20;           // then 413
@@ -99,6 +104,10 @@ class HttpGateway {
   // Stops taking connections; open streams finish (or are cut off after
   // `grace`), then the threads end. Any thread.
   virtual void drain(std::chrono::milliseconds grace) = 0;
+  // Replaces the upstream routers (those etcd lists now): each thread's
+  // client keeps its connection and uses the new list on its next attempt.
+  // Any thread; after drain() it does nothing.
+  virtual void set_upstreams(std::vector<transport::Endpoint> upstreams) = 0;
 };
 
 }  // namespace fmwire::gateway

@@ -103,7 +103,14 @@ void HttpListener::accept() {
   });
 }
 
+void HttpListener::set_upstreams(std::vector<transport::Endpoint> upstreams) {
+  std::lock_guard lock(upstreams_mutex_);
+  if (stopped_.load()) return;
+  for (const auto& thread : threads_) thread->set_upstreams(upstreams);
+}
+
 void HttpListener::stop() {
+  std::lock_guard lock(upstreams_mutex_);
   if (stopped_.exchange(true)) return;
   // Every thread ends before any client goes (another thread's /ready reads
   // them all), and every client before any io_context: a stream, its sink

@@ -8,6 +8,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <cstddef>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -30,6 +31,7 @@ class HttpListener final : public HttpGateway {
   void run();
   std::uint16_t port() const override { return port_; }
   void drain(std::chrono::milliseconds grace) override;
+  void set_upstreams(std::vector<transport::Endpoint> upstreams) override;
 
  private:
   void accept();
@@ -44,6 +46,9 @@ class HttpListener final : public HttpGateway {
   std::size_t next_thread_ = 0;
   std::uint16_t port_ = 0;
   std::atomic<bool> stopped_{false};
+  // Held by set_upstreams() while it reaches the clients, and by stop()
+  // while it closes them: an etcd thread never reaches a closed client.
+  std::mutex upstreams_mutex_;
 };
 
 }  // namespace fmwire::gateway

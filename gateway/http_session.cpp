@@ -126,8 +126,7 @@ void HttpSession::handle() {
     if (path == "/health") return respond(200, R"({"status":"ok"})", "application/json");
     if (path == "/metrics") return respond(200, gateway_.metrics().render(), "text/plain; version=0.0.4; charset=utf-8");
     if (gateway_.upstream_ready()) return respond(200, R"({"status":"ready"})", "application/json");
-    return respond(503, R"({"status":"unavailable","reason":"the upstream )" + gateway_.options().upstream.to_string() +
-                            R"( is not reachable"})", "application/json");
+    return respond(503, R"({"status":"unavailable","reason":"no upstream router is connected"})", "application/json");
   }
   if (path == "/v1/models") {
     if (method != http::verb::get) return respond_error(wrong_method(path, "GET"));

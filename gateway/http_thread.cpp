@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <boost/asio/post.hpp>
 #include <cstdio>
 #include <iterator>
@@ -32,14 +33,23 @@ void HttpThread::connect_upstream(bool wait) {
   client_options.connect_timeout = kUpstreamConnectTimeout;
   client_options.connection.initial_stream_credit_bytes = kStreamCreditBytes;
   client_options.on_turn_end = [this] { hand_over(); };
-  if (wait) {
-    auto connected = Client::connect(options.upstream, client_options);
+  if (wait && !options.upstreams.empty()) {
+    auto connected = Client::connect(in_own_order(options.upstreams), client_options);
     if (connected) {
       upstream_ = std::move(*connected);
       return;
     }
   }
-  upstream_ = Client::connect_in_background(options.upstream, client_options);
+  upstream_ = Client::connect_in_background(in_own_order(options.upstreams), client_options);
+}
+
+void HttpThread::set_upstreams(const std::vector<transport::Endpoint>& upstreams) {
+  upstream_->set_endpoints(in_own_order(upstreams));
+}
+
+std::vector<transport::Endpoint> HttpThread::in_own_order(std::vector<transport::Endpoint> upstreams) const {
+  if (!upstreams.empty()) std::rotate(upstreams.begin(), upstreams.begin() + index_ % upstreams.size(), upstreams.end());
+  return upstreams;
 }
 
 void HttpThread::start() {

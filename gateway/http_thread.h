@@ -40,6 +40,9 @@ class HttpThread {
   // connect timeout) when `wait`, else connecting in the background; a
   // client that is not connected connects again on its next request.
   void connect_upstream(bool wait);
+  // The routers changed (etcd): the client's list, in this thread's order.
+  // Any thread, while the client is there.
+  void set_upstreams(const std::vector<transport::Endpoint>& upstreams);
   void start();
   // The thread ends (its io_context stopped, its handlers kept until it goes).
   void stop();
@@ -79,6 +82,10 @@ class HttpThread {
   void gather(Delivery delivery) { gathered_.push_back(std::move(delivery)); }
 
  private:
+  // The routers in this thread's order: the list turned by the thread's
+  // index, so that a gateway's threads spread over the routers instead of
+  // all starting at the first (each still fails over round the whole list).
+  std::vector<transport::Endpoint> in_own_order(std::vector<transport::Endpoint> upstreams) const;
   void hand_over();
   void take_deliveries();
 

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <deque>
 #include <future>
+#include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <unordered_map>
 
@@ -59,11 +61,12 @@ std::string_view to_string(protocol::FinishReason reason) {
 }
 
 // Everything that lives on the loop thread: the loop, the connection, the
-// requests. Client is a thin shell that posts into it.
+// requests, the endpoints and which one is tried. Client is a thin shell
+// that posts into it.
 class Client::Session final : public transport::ConnectionHandler {
  public:
-  Session(const transport::Endpoint& endpoint, ClientOptions options)
-      : endpoint_(endpoint), options_(std::move(options)), loop_(options_.backend),
+  Session(std::vector<transport::Endpoint> endpoints, ClientOptions options)
+      : endpoints_(std::move(endpoints)), options_(std::move(options)), loop_(options_.backend),
         reconnect_backoff_(options_.reconnect_min) {
     options_.connection.role = protocol::Role::CLIENT;
     if (options_.on_turn_end) loop_.set_turn_end(options_.on_turn_end);
@@ -83,6 +86,10 @@ class Client::Session final : public transport::ConnectionHandler {
 
   const std::string& backend_log_line() const { return loop_.backend_log_line(); }
   bool connected() const { return connected_.load(std::memory_order_relaxed); }
+  std::string connected_endpoint() const {
+    std::lock_guard lock(connected_endpoint_mutex_);
+    return connected_endpoint_;
+  }
   bool on_loop_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
 
   // Connects (if not connected) and waits for the Hello exchange.
@@ -95,14 +102,31 @@ class Client::Session final : public transport::ConnectionHandler {
         return;
       }
       connect_waiters_.push_back(done);
-      if (state_ == State::idle) connect_now();
+      if (state_ == State::idle) start_round();
     });
     return result.get();
   }
 
   void connect_in_background() {
     loop_.post([this] {
-      if (state_ == State::idle && !shutting_down_) connect_now();
+      if (state_ == State::idle && !shutting_down_ && !endpoints_.empty()) start_round();
+    });
+  }
+
+  void set_endpoints(std::vector<transport::Endpoint> endpoints) {
+    loop_.post([this, endpoints = std::move(endpoints)]() mutable {
+      endpoints_ = std::move(endpoints);
+      round_errors_.clear();  // a round in progress goes on over the new list, all of it
+      // Connected or connecting, current_ is that endpoint, and the next
+      // attempt is the one after it in the new list, or the new list's
+      // first when it is not there. Idle, current_ is the next attempt.
+      const auto peer = std::find(endpoints_.begin(), endpoints_.end(), peer_);
+      if (state_ == State::idle || endpoints_.empty()) {
+        current_ = 0;
+      } else {
+        current_ = peer != endpoints_.end() ? static_cast<std::size_t>(peer - endpoints_.begin()) : endpoints_.size() - 1;
+      }
+      if (state_ == State::idle && !shutting_down_ && !endpoints_.empty() && wants_connection()) start_round();
     });
   }
 
@@ -120,7 +144,7 @@ class Client::Session final : public transport::ConnectionHandler {
         return;
       }
       pending_.push_back(id);
-      if (state_ == State::idle) connect_now();
+      if (state_ == State::idle) start_round();
     });
   }
 
@@ -158,7 +182,7 @@ class Client::Session final : public transport::ConnectionHandler {
       if (state_ == State::ready) {
         subscribe_load();
       } else if (state_ == State::idle) {
-        connect_now();  // on_ready subscribes
+        start_round();  // on_ready subscribes
       }
     });
   }
@@ -167,7 +191,13 @@ class Client::Session final : public transport::ConnectionHandler {
   void on_ready(transport::Connection&) override {
     state_ = State::ready;
     connected_.store(true, std::memory_order_relaxed);
+    {
+      std::lock_guard lock(connected_endpoint_mutex_);
+      connected_endpoint_ = peer_.to_string();
+    }
     cancel_connect_timer();
+    round_errors_.clear();
+    ready_at_ = Clock::now();
     reconnect_backoff_ = options_.reconnect_min;
     subscribe_load();
     for (auto& waiter : connect_waiters_) waiter->set_value(std::nullopt);
@@ -197,7 +227,8 @@ class Client::Session final : public transport::ConnectionHandler {
     }
   }
 
-  void on_stream_closed(transport::Connection&, std::uint32_t stream_id, const transport::EndReason& reason) override {
+  void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
+                        const transport::EndReason& reason) override {
     if (stream_id == load_stream_ && load_stream_ != 0) {
       // The peer ended it (or sends no load reports): not asked again on this connection.
       load_stream_ = 0;
@@ -214,6 +245,8 @@ class Client::Session final : public transport::ConnectionHandler {
     // the stream was reset or its connection lost.
     ClientError error = reason.error ? error_of(reason)
                                      : ClientError{ErrorCode::INTERNAL, "stream ended without a Finish frame", true, 0};
+    // The caller retries elsewhere: it needs to know which endpoint went.
+    if (connection.closed()) error.message = "connection to " + peer_.to_string() + " lost: " + error.message;
     finish_with_error(found, std::move(error));
   }
 
@@ -221,16 +254,15 @@ class Client::Session final : public transport::ConnectionHandler {
   void on_go_away(transport::Connection&) override { unsubscribe_load(); }
 
   void on_closed(transport::Connection& connection, const transport::EndReason& reason) override {
+    const bool was_ready = connection.ready();
     state_ = State::idle;
     connected_.store(false, std::memory_order_relaxed);
+    {
+      std::lock_guard lock(connected_endpoint_mutex_);
+      connected_endpoint_.clear();
+    }
     load_stream_ = 0;
     cancel_connect_timer();
-    ClientError error = reason.error ? error_of(reason)
-                                     : ClientError{ErrorCode::WORKER_LOST, "connection closed by the peer", true, 0};
-    if (!connection.ready() && !reason.error) {
-      error.message = "connection to " + endpoint_.to_string() + " closed during the Hello exchange";
-    }
-    fail_waiting(error);
     // Not destroyed inside its own callback: later, from the loop.
     if (connection_.get() == &connection) retired_.push_back(std::move(connection_));
     loop_.post([this] { retired_.clear(); });
@@ -238,7 +270,17 @@ class Client::Session final : public transport::ConnectionHandler {
       loop_.stop();
       return;
     }
-    reconnect_while_watching();
+    if (!was_ready) {
+      ClientError error = reason.error ? error_of(reason) : ClientError{ErrorCode::NO_WORKER, "", true, 0};
+      error.message = "connection to " + peer_.to_string() + " failed in the Hello exchange" +
+                      (reason.message.empty() ? std::string() : ": " + reason.message);
+      return attempt_failed(std::move(error));
+    }
+    // Lost after its Hello (its streams have ended, naming it): on to the
+    // next endpoint, at once unless this one lived too briefly to trust.
+    next_endpoint();
+    if (Clock::now() - ready_at_ < options_.reconnect_min) return reconnect_later();
+    if (wants_connection() || !pending_.empty()) start_round();
   }
 
  private:
@@ -251,38 +293,74 @@ class Client::Session final : public transport::ConnectionHandler {
   };
   using Requests = std::unordered_map<std::uint64_t, Request>;
 
+  // A round: the endpoints in turn from current_, until one accepts or each
+  // has failed once.
+  void start_round() {
+    cancel_reconnect_timer();
+    round_errors_.clear();
+    connect_now();
+  }
+
   void connect_now() {
+    if (endpoints_.empty()) {
+      state_ = State::idle;
+      fail_waiting({ErrorCode::NO_WORKER, "no endpoint to connect to: the list is empty", true, 0});
+      return;
+    }
+    if (current_ >= endpoints_.size()) current_ = 0;
+    peer_ = endpoints_[current_];
     state_ = State::connecting;
     const std::uint64_t attempt = ++attempt_;
     connect_timer_ = loop_.backend().schedule(options_.connect_timeout, [this, attempt] {
       connect_timer_ = 0;
       if (attempt != attempt_ || state_ != State::connecting) return;
-      const std::string message = "no connection to " + endpoint_.to_string() + " within " +
+      const std::string message = "no connection to " + peer_.to_string() + " within " +
                                   std::to_string(options_.connect_timeout.count()) + " ms";
       if (connection_) {
         connection_->fail(ErrorCode::INTERNAL, message);  // on_closed reports it
         return;
       }
       ++attempt_;  // the TCP connect is still pending: its late answer is dropped
-      state_ = State::idle;
-      fail_waiting({ErrorCode::NO_WORKER, message, true, 0});
-      reconnect_while_watching();
+      attempt_failed({ErrorCode::NO_WORKER, message, true, 0});
     });
-    loop_.backend().connect(endpoint_.host, endpoint_.port, [this, attempt](int fd, std::error_code error) {
+    loop_.backend().connect(peer_.host, peer_.port, [this, attempt](int fd, std::error_code error) {
       if (attempt != attempt_ || shutting_down_) {
         if (fd >= 0) ::close(fd);
         return;
       }
       if (error) {
-        state_ = State::idle;
         cancel_connect_timer();
-        fail_waiting({ErrorCode::NO_WORKER, "cannot connect to " + endpoint_.to_string() + ": " + error.message(), true, 0});
-        reconnect_while_watching();
+        attempt_failed({ErrorCode::NO_WORKER, "cannot connect to " + peer_.to_string() + ": " + error.message(), true, 0});
         return;
       }
       connection_ = std::make_unique<transport::Connection>(loop_, fd, true, options_.connection, *this);
     });
   }
+
+  // One endpoint of the round failed: the next one, or, when each has
+  // failed, the requests waiting fail with every endpoint's reason.
+  void attempt_failed(ClientError error) {
+    state_ = State::idle;
+    cancel_connect_timer();
+    round_errors_.push_back(std::move(error));
+    next_endpoint();
+    if (round_errors_.size() < endpoints_.size()) return connect_now();
+    ClientError failed = round_errors_.front();
+    if (round_errors_.size() > 1) {
+      failed = {ErrorCode::NO_WORKER,
+                "none of the " + std::to_string(round_errors_.size()) + " endpoints accepts a connection", true, 0};
+      for (const ClientError& each : round_errors_) failed.message += "; " + each.message;
+    }
+    round_errors_.clear();
+    fail_waiting(failed);
+    reconnect_later();
+  }
+
+  void next_endpoint() {
+    if (!endpoints_.empty()) current_ = (current_ + 1) % endpoints_.size();
+  }
+
+  bool wants_connection() const { return (options_.stay_connected || on_load_) && !shutting_down_; }
 
   void cancel_connect_timer() {
     if (connect_timer_ != 0) loop_.backend().cancel(connect_timer_);
@@ -323,12 +401,13 @@ class Client::Session final : public transport::ConnectionHandler {
     on_load_(load);
   }
 
-  // A watch wants a connection: after a lost one, or a failed attempt, try again.
-  void reconnect_while_watching() {
-    if (!on_load_ || shutting_down_ || reconnect_timer_ != 0) return;
+  // A new round after the backoff, for a client that stays connected or
+  // watches load; others connect again on their next request.
+  void reconnect_later() {
+    if (!wants_connection() || reconnect_timer_ != 0) return;
     reconnect_timer_ = loop_.backend().schedule(reconnect_backoff_, [this] {
       reconnect_timer_ = 0;
-      if (on_load_ && !shutting_down_ && state_ == State::idle) connect_now();
+      if (wants_connection() && state_ == State::idle && !endpoints_.empty()) start_round();
     });
     reconnect_backoff_ = std::min(reconnect_backoff_ * 2, options_.reconnect_max);
   }
@@ -358,7 +437,7 @@ class Client::Session final : public transport::ConnectionHandler {
                                             "more than " + std::to_string(connection_->stream_limit()) +
                                                 " streams open on this connection",
                                             true, 0}
-                              : ClientError{ErrorCode::OVERLOADED, endpoint_.to_string() + " is draining (GoAway)", true, 0};
+                              : ClientError{ErrorCode::OVERLOADED, peer_.to_string() + " is draining (GoAway)", true, 0};
       return finish_with_error(requests_.find(id), std::move(error));
     }
     const GenerateParams& params = request.params;
@@ -460,13 +539,19 @@ class Client::Session final : public transport::ConnectionHandler {
     loop_.stop();
   }
 
-  transport::Endpoint endpoint_;
+  std::vector<transport::Endpoint> endpoints_;
+  std::size_t current_ = 0;                // the endpoint tried next, or connected to
+  transport::Endpoint peer_;               // the endpoint of the attempt or connection now
+  std::vector<ClientError> round_errors_;  // this round's failed attempts
+  Clock::time_point ready_at_;
   ClientOptions options_;
   transport::EventLoop loop_;
   std::thread thread_;
 
   State state_ = State::idle;
   std::atomic<bool> connected_{false};  // state_ == ready, for other threads
+  mutable std::mutex connected_endpoint_mutex_;
+  std::string connected_endpoint_;      // peer_ while ready, for other threads
   std::uint64_t attempt_ = 0;
   transport::TimerId connect_timer_ = 0;
   bool shutting_down_ = false;
@@ -491,24 +576,41 @@ class Client::Session final : public transport::ConnectionHandler {
 
 // ------------------------------------------------------------------ Client
 
-Client::Client(const transport::Endpoint& endpoint, ClientOptions options)
-    : endpoint_(endpoint), session_(std::make_unique<Session>(endpoint, std::move(options))) {}
+Client::Client(std::vector<transport::Endpoint> endpoints, ClientOptions options)
+    : session_(std::make_unique<Session>(std::move(endpoints), std::move(options))) {}
 
 Client::~Client() = default;
 
-ClientResult<std::unique_ptr<Client>> Client::connect(const transport::Endpoint& endpoint, ClientOptions options) {
-  std::unique_ptr<Client> client(new Client(endpoint, std::move(options)));
+ClientResult<std::unique_ptr<Client>> Client::connect(std::vector<transport::Endpoint> endpoints,
+                                                      ClientOptions options) {
+  if (endpoints.empty()) throw std::invalid_argument("Client::connect: no endpoint given");
+  std::unique_ptr<Client> client(new Client(std::move(endpoints), std::move(options)));
   if (std::optional<ClientError> error = client->session_->connect_and_wait()) return std::move(*error);
   return client;
 }
 
-std::unique_ptr<Client> Client::connect_in_background(const transport::Endpoint& endpoint, ClientOptions options) {
-  std::unique_ptr<Client> client(new Client(endpoint, std::move(options)));
+ClientResult<std::unique_ptr<Client>> Client::connect(const transport::Endpoint& endpoint, ClientOptions options) {
+  return connect(std::vector<transport::Endpoint>{endpoint}, std::move(options));
+}
+
+std::unique_ptr<Client> Client::connect_in_background(std::vector<transport::Endpoint> endpoints,
+                                                      ClientOptions options) {
+  std::unique_ptr<Client> client(new Client(std::move(endpoints), std::move(options)));
   client->session_->connect_in_background();
   return client;
 }
 
+std::unique_ptr<Client> Client::connect_in_background(const transport::Endpoint& endpoint, ClientOptions options) {
+  return connect_in_background(std::vector<transport::Endpoint>{endpoint}, std::move(options));
+}
+
+void Client::set_endpoints(std::vector<transport::Endpoint> endpoints) {
+  session_->set_endpoints(std::move(endpoints));
+}
+
 bool Client::connected() const { return session_->connected(); }
+
+std::string Client::connected_endpoint() const { return session_->connected_endpoint(); }
 
 const std::string& Client::backend_log_line() const { return session_->backend_log_line(); }
 

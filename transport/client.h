@@ -1,17 +1,25 @@
-// fmwire::Client, the native SDK (first cut): one connection to a worker or
-// router, driven by a loop thread the client owns; generation streams whose
-// tokens arrive through callbacks, cancellation, errors as typed values, and
-// a blocking call for simple programs.
+// fmwire::Client, the native SDK: one connection at a time to one of a list
+// of routers (or workers), driven by a loop thread the client owns;
+// generation streams whose tokens arrive through callbacks, cancellation,
+// errors as typed values, and a blocking call for simple programs.
 //
 // Threading: every member function may be called from any thread. Callbacks
 // run on the client's loop thread, one at a time, in stream order; they must
 // not block for long (they hold up every stream of this client) and must not
 // call complete() (it would wait on the thread that has to answer it).
 //
-// Reconnection: when the connection is lost, its streams end with a
-// retryable error (worker_lost); the next generate() connects again. A
-// client that watches load (watch_load) connects again by itself, after a
-// backoff, so that reports resume once the peer is back.
+// Failover: when the connection is lost (peer closed, reset, keepalive
+// expiry), every stream open on it ends at once with a retryable worker_lost
+// error that names the endpoint lost, and the client connects to the next
+// endpoint of its list at once, going round the list until one accepts, so
+// that new streams go to a survivor. A round in which none accepts fails
+// the requests waiting for it (retryable no_worker, naming each endpoint and
+// why), and, with ClientOptions::stay_connected (the default) or a load
+// watch, the client tries again after a backoff (reconnect_min doubling to
+// reconnect_max); a generate() while none is connected starts a round at
+// once. Names are resolved again on every attempt. Streams are never moved
+// to another endpoint: a stream's tokens came from one worker's state, and
+// only the caller knows whether to send it again.
 #pragma once
 
 #include <atomic>
@@ -113,10 +121,17 @@ struct ClientOptions {
   std::string backend;  // "": io_uring where it works, else Asio; or "uring", "asio"
   transport::ConnectionOptions connection;
   std::chrono::milliseconds connect_timeout{5000};  // TCP connect plus the Hello exchange
-  // While load is watched, a lost connection (or a failed attempt) is tried
-  // again after reconnect_min, doubling up to reconnect_max.
+  // After a round of the endpoints in which none accepted, the next round
+  // starts after reconnect_min, doubling up to reconnect_max (with
+  // stay_connected or while load is watched). A connection lost within
+  // reconnect_min of its Hello waits that backoff too, so that a peer that
+  // accepts and closes at once is not hammered.
   std::chrono::milliseconds reconnect_min{100};
   std::chrono::milliseconds reconnect_max{2000};
+  // Keep a connection up without being asked: after a loss or a failed
+  // round, connect again (next endpoint, backoff as above). Off: a client
+  // that lost its connection connects again on its next generate().
+  bool stay_connected = true;
   // Called on the loop thread once per loop turn, after that turn's
   // callbacks and before the loop waits again (every turn, whether or not a
   // callback ran: it should return at once when it has nothing to do). A
@@ -152,14 +167,21 @@ class GenerationHandle {
 
 class Client {
  public:
-  // Connects and waits for the Hello exchange; an error says why it failed
-  // (refused, timed out, version refused by the peer).
+  // Connects to the first endpoint of the list that accepts (in order) and
+  // waits for its Hello exchange; an error says why each one failed
+  // (refused, timed out, version refused by the peer). An empty list is a
+  // programmer error (std::invalid_argument).
+  static ClientResult<std::unique_ptr<Client>> connect(std::vector<transport::Endpoint> endpoints,
+                                                      ClientOptions options = {});
   static ClientResult<std::unique_ptr<Client>> connect(const transport::Endpoint& endpoint,
                                                       ClientOptions options = {});
   // Starts connecting and returns at once: for a caller that needs the
-  // client before its peer is reachable. If this attempt fails, the next
-  // generate() (or, while load is watched, the reconnection backoff) tries
-  // again; connected() tells how it stands.
+  // client before its peers are reachable, or before it knows them (an
+  // empty list, filled by set_endpoints()). If no endpoint accepts, the
+  // next generate() (or the reconnection backoff) tries again; connected()
+  // tells how it stands.
+  static std::unique_ptr<Client> connect_in_background(std::vector<transport::Endpoint> endpoints,
+                                                       ClientOptions options = {});
   static std::unique_ptr<Client> connect_in_background(const transport::Endpoint& endpoint, ClientOptions options = {});
   // Open streams end with on_error (cancelled, "client closed"), then the
   // loop thread stops.
@@ -185,22 +207,29 @@ class Client {
   // the function; an empty one ends the watch. Any thread.
   void watch_load(std::function<void(const WorkerLoad&)> on_load);
 
+  // Replaces the list of endpoints (routers found in etcd come and go). The
+  // connection up now stays, even when its endpoint left the list (a router
+  // that deregisters drains with GoAway); the next attempt uses the new
+  // list. An empty list: requests while none is connected fail at once.
+  // Any thread.
+  void set_endpoints(std::vector<transport::Endpoint> endpoints);
+
   // Whether the connection is up (its Hello exchange done) now. Any
   // thread; a snapshot, which the loop thread may change right after.
   bool connected() const;
+  // The endpoint connected to ("" when none), as a snapshot. Any thread.
+  std::string connected_endpoint() const;
 
   // The I/O backend's start-up line ("I/O backend: io_uring").
   const std::string& backend_log_line() const;
-  const transport::Endpoint& endpoint() const { return endpoint_; }
 
  private:
   class Session;
   friend class GenerationHandle;
-  Client(const transport::Endpoint& endpoint, ClientOptions options);
+  Client(std::vector<transport::Endpoint> endpoints, ClientOptions options);
   void cancel(std::uint64_t request);
   void consumed(std::uint64_t request, std::uint64_t wire_bytes);
 
-  transport::Endpoint endpoint_;
   std::atomic<std::uint64_t> next_request_{1};
   std::unique_ptr<Session> session_;  // lives on, and dies after, the loop thread
 };

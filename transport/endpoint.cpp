@@ -108,6 +108,20 @@ std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* error
   return endpoint;
 }
 
+std::optional<std::vector<Endpoint>> parse_endpoints(std::span<const std::string> texts, std::string* error) {
+  std::vector<Endpoint> endpoints;
+  for (const std::string& text : texts) {
+    std::string problem;
+    auto endpoint = parse_endpoint(text, &problem);
+    if (!endpoint) {
+      if (error != nullptr) *error = "'" + text + "': " + problem;
+      return std::nullopt;
+    }
+    endpoints.push_back(*endpoint);
+  }
+  return endpoints;
+}
+
 Listener listen_on(const Endpoint& endpoint, bool share_port) {
   SocketAddresses addresses;
   if (const std::error_code lookup = resolve_blocking(endpoint.host, endpoint.port, kLookupTimeout, addresses)) {

@@ -7,8 +7,10 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace fmwire::transport {
 
@@ -22,12 +24,17 @@ struct Endpoint {
   bool numeric() const;
   // 0.0.0.0 or [::]: every local address, and so none a peer can connect to.
   bool unspecified() const;
+
+  bool operator==(const Endpoint&) const = default;  // as written: a name never equals its address
 };
 
 // The endpoint, or nullopt with `error` saying what is wrong with the text:
 // a missing or out-of-range port, an empty host, IPv6 without brackets
 // ("::1:7000" is ambiguous), a malformed name or dotted address.
 std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* error);
+// Each of a list (--workers, --router, --endpoint): nullopt at the first
+// bad one, with `error` naming it ("'text': what is wrong").
+std::optional<std::vector<Endpoint>> parse_endpoints(std::span<const std::string> texts, std::string* error);
 
 // A bound, listening TCP socket (SO_REUSEADDR, backlog 1024) and its port,
 // which is the chosen one when `endpoint.port` is 0. With `share_port`

@@ -139,7 +139,7 @@ struct Upstream {
 HttpGatewayOptions options_for(const transport::Endpoint& upstream) {
   HttpGatewayOptions options;
   options.listen = {"127.0.0.1", 0};
-  options.upstream = upstream;
+  options.upstreams = {upstream};
   options.api_keys = {kKey};
   options.model = "builtin";
   // More than one HTTP thread, so that connections spread over threads
@@ -549,6 +549,38 @@ TEST_CASE("http_gateway: /health is always up, /ready follows the upstream") {
   CHECK(get(gateway->port(), "/ready", "").status == 200);
   upstream.reset();
   CHECK(wait_until([&] { return get(gateway->port(), "/ready", "").status == 503; }, 5000ms));
+}
+
+TEST_CASE("http_gateway: every HTTP thread goes on through the other upstream when one is gone") {
+  auto first = std::make_unique<Upstream>(builtin());
+  Upstream second(builtin());
+  HttpGatewayOptions options = options_for(first->endpoint());
+  options.upstreams.push_back(second.endpoint());
+  auto gateway = start_gateway(options);
+  const json::object body{{"prompt", "fail over"}, {"max_tokens", 2}};
+  first.reset();
+  // Connections go round the threads: a run of http_threads answers, each
+  // 200, is one through every thread's own client.
+  CHECK(wait_until([&] {
+    for (unsigned i = 0; i < options.http_threads; ++i) {
+      if (post(gateway->port(), "/v1/completions", body).status != 200) return false;
+    }
+    return true;
+  }));
+  CHECK(get(gateway->port(), "/ready", "").status == 200);
+}
+
+TEST_CASE("http_gateway: set_upstreams() brings in a router that was not there at start") {
+  HttpGatewayOptions options = options_for({"127.0.0.1", unused_port()});
+  options.upstreams.clear();  // as with etcd listing no router yet
+  auto gateway = start_gateway(options);
+  const Reply refused = post(gateway->port(), "/v1/completions", json::object{{"prompt", "x"}});
+  CHECK(refused.status == 503);
+  CHECK(refused.body.find("the list is empty") != std::string::npos);
+  Upstream upstream(builtin());
+  gateway->set_upstreams({upstream.endpoint()});
+  CHECK(wait_until([&] { return get(gateway->port(), "/ready", "").status == 200; }));
+  CHECK(post(gateway->port(), "/v1/completions", json::object{{"prompt", "x"}, {"max_tokens", 2}}).status == 200);
 }
 
 TEST_CASE("http_gateway: /metrics passes promtool check metrics") {

@@ -406,5 +406,120 @@ TEST_CASE("connect_in_background returns at once, and connected() follows the co
   }
 }
 
+// A port that refuses connections: a server that was there and is gone.
+std::uint16_t refused_port(const char* backend) {
+  ServerThread gone(backend);
+  return gone.port();
+}
+
+TEST_CASE("a client with a list fails over to the next endpoint when its connection is lost") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    auto first = std::make_unique<ServerThread>(backend, EchoOptions{.token_interval = 1ms});
+    ServerThread second(backend);
+    const std::string lost = first->endpoint().to_string();
+    Recorder doomed;
+    auto client = Client::connect({first->endpoint(), second.endpoint()}, options_for(backend));
+    REQUIRE(client.has_value());
+    CHECK((*client)->connected_endpoint() == lost);
+    (*client)->generate(prompt("doomed", 1'000'000), doomed.callbacks());
+    REQUIRE(doomed.wait([](const Recorder& r) { return r.indexes.size() >= 2; }));
+    first.reset();  // its sockets close, as a killed process's would
+    REQUIRE(doomed.wait([](const Recorder& r) { return r.ended(); }));
+    REQUIRE(doomed.error.has_value());
+    CHECK(doomed.error->code == protocol::ErrorCode::WORKER_LOST);
+    CHECK(doomed.error->retryable);
+    CHECK(doomed.error->message.find("connection to " + lost + " lost") != std::string::npos);
+    // A new stream goes to the survivor.
+    auto after = (*client)->complete(prompt("survivor", 1));
+    REQUIRE(after.has_value());
+    CHECK(after->text == " survivor");
+    CHECK((*client)->connected_endpoint() == second.endpoint().to_string());
+  }
+}
+
+TEST_CASE("every stream open on a lost connection ends at once, each retryable") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    auto server = std::make_unique<ServerThread>(backend, EchoOptions{.token_interval = 1ms});
+    ServerThread survivor(backend);
+    std::vector<std::unique_ptr<Recorder>> recorders;
+    for (int i = 0; i < 8; ++i) recorders.push_back(std::make_unique<Recorder>());
+    auto client = Client::connect({server->endpoint(), survivor.endpoint()}, options_for(backend));
+    REQUIRE(client.has_value());
+    for (auto& recorder : recorders) (*client)->generate(prompt("many", 1'000'000), recorder->callbacks());
+    for (auto& recorder : recorders) REQUIRE(recorder->wait([](const Recorder& r) { return !r.indexes.empty(); }));
+    const auto lost_at = std::chrono::steady_clock::now();
+    server.reset();
+    for (auto& recorder : recorders) {
+      REQUIRE(recorder->wait([](const Recorder& r) { return r.ended(); }, 2s));
+      REQUIRE(recorder->error.has_value());
+      CHECK(recorder->error->code == protocol::ErrorCode::WORKER_LOST);
+      CHECK(recorder->error->retryable);
+    }
+    // The socket's close is seen at once, not at keepalive expiry (6 s).
+    CHECK(std::chrono::steady_clock::now() - lost_at < 1s);
+  }
+}
+
+TEST_CASE("connecting goes past endpoints that refuse to the first that accepts") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    const std::uint16_t refused = refused_port(backend);
+    ServerThread server(backend);
+    auto client = Client::connect({{"127.0.0.1", refused}, server.endpoint()}, options_for(backend));
+    REQUIRE(client.has_value());
+    CHECK((*client)->connected_endpoint() == server.endpoint().to_string());
+  }
+}
+
+TEST_CASE("a request while no endpoint of the list accepts fails at once, retryable, naming each") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    const std::uint16_t one = refused_port(backend);
+    const std::uint16_t two = refused_port(backend);
+    auto client = Client::connect_in_background(
+        std::vector<Endpoint>{{"127.0.0.1", one}, {"127.0.0.1", two}}, options_for(backend));
+    const auto asked_at = std::chrono::steady_clock::now();
+    auto refused = client->complete(prompt("anyone?", 1));
+    CHECK(std::chrono::steady_clock::now() - asked_at < 2s);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().code == protocol::ErrorCode::NO_WORKER);
+    CHECK(refused.error().retryable);
+    CHECK(refused.error().message.find("none of the 2 endpoints") != std::string::npos);
+    CHECK(refused.error().message.find("127.0.0.1:" + std::to_string(one)) != std::string::npos);
+    CHECK(refused.error().message.find("127.0.0.1:" + std::to_string(two)) != std::string::npos);
+  }
+}
+
+TEST_CASE("a client that lost every endpoint connects by itself once one is back, and takes a new list") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    auto wait_until_connected = [](const Client& client) {
+      for (int i = 0; i < 500 && !client.connected(); ++i) std::this_thread::sleep_for(10ms);
+      return client.connected();
+    };
+    auto server = std::make_unique<ServerThread>(backend);
+    const std::uint16_t port = server->port();
+    ClientOptions options = options_for(backend);
+    options.reconnect_max = 200ms;
+    auto client = Client::connect_in_background(server->endpoint(), options);
+    REQUIRE(wait_until_connected(*client));
+    server.reset();
+    // The backoff rounds find it again with no request to prompt them.
+    ServerThread back(backend, {}, port);
+    CHECK(wait_until_connected(*client));
+
+    // An empty list: nothing to try, said at once.
+    auto empty = Client::connect_in_background(std::vector<Endpoint>{}, options);
+    auto refused = empty->complete(prompt("nobody", 1));
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().message.find("list is empty") != std::string::npos);
+    empty->set_endpoints({back.endpoint()});
+    CHECK(wait_until_connected(*empty));
+    CHECK(empty->complete(prompt("found", 1)).has_value());
+  }
+}
+
 }  // namespace
 }  // namespace fmwire::transport
