@@ -302,7 +302,8 @@ def main():
         for router in routers:
             wait_listening(cluster, router, ROUTER_PORT)
         cluster.start("gateway", [binary, "gateway", "--listen", f"0.0.0.0:{GATEWAY_PORT}", "--router",
-                                  f"{routers[0]}:{ROUTER_PORT}", "--model", arguments.model],
+                                  ",".join(f"{router}:{ROUTER_PORT}" for router in routers), "--model",
+                                  arguments.model],
                       stdout=None, stderr=None)
         wait_listening(cluster, "gateway", GATEWAY_PORT)
         print(f"cluster {cluster.tag}: {', '.join(f'{h} {a}' for h, a in cluster.addresses.items())}")

@@ -218,7 +218,93 @@ def worker_link_cut_and_restored(fleet):
     check(after.returncode == 0 and completion_pieces(output)[2] == "length", f"after the restore: {output[-400:]!r}")
 
 
+def carrying_router(fleet, routers):
+    """The router with a client stream open now, or None."""
+    for router in routers:
+        found = re.search(r"^fmwire_router_open_streams (\S+)$", fleet.router_metrics(router), re.MULTILINE)
+        if found and float(found.group(1)) > 0:
+            return router
+    return None
+
+
+def served_since(fleet, since, limit_s=LIMIT_S):
+    """Seconds from `since` until a short completion through the gateway is
+    served whole (tried again at once after each failure)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        client = fleet.stream("synthetic:tiny", "quick", 2)
+        output, _ = client.communicate(timeout=LIMIT_S)
+        if client.returncode == 0 and completion_pieces(output)[2] == "length":
+            return time.monotonic() - since
+        time.sleep(0.01)
+    raise Failure(f"no completion served within {limit_s} s")
+
+
+def routers_behind_gateway(fleet):
+    """etcd, 2 workers, 2 routers registered in etcd by name, and a gateway
+    with one HTTP thread (one upstream connection) finding them there."""
+    etcd = fleet.etcd()
+    for worker in ("worker1", "worker2"):
+        fleet.worker(worker, etcd, *SLOW_MODEL)
+    for router in ("router1", "router2"):
+        fleet.router(router, etcd, "--etcd-ttl-s", "2")
+        fleet.wait(lambda: len(fleet.healthy_workers(router)) == 2, f"{router} to find both workers")
+    fleet.gateway("--etcd", etcd, "--http-threads", "1", "--model", "synthetic:tiny")
+    served_since(fleet, time.monotonic())
+
+
+@with_cluster(["etcd", "router1", "router2", "worker1", "worker2", "gateway", "client"])
+def router_killed_mid_stream(fleet):
+    """The gateway finds two routers in etcd by name; the one carrying a
+    stream is SIGKILLed: that stream ends with a retryable worker_lost
+    error naming it, and new streams reach the other router within 1 s."""
+    routers_behind_gateway(fleet)
+    client = fleet.stream("synthetic:tiny", "a long story", 1000)
+    fleet.wait(lambda: carrying_router(fleet, ("router1", "router2")), "the stream at a router")
+    victim = carrying_router(fleet, ("router1", "router2"))
+    killed = time.monotonic()
+    fleet.processes[victim].kill()
+    new_stream_s = served_since(fleet, killed)
+    output, errors = client.communicate(timeout=LIMIT_S)
+    ids, pieces, finish, problems = completion_pieces(output)
+    print(f"SIGKILL of {victim}: a new stream served {new_stream_s * 1000:.0f} ms after; the lost stream "
+          f"ended after {len(pieces)} pieces with {problems}")
+    check(finish is None and problems and problems[-1].get("code") == "worker_lost" and victim in
+          problems[-1].get("message", ""), f"the lost stream's end: {output[-500:]!r}")
+    check(new_stream_s < 1.0, f"the first new stream took {new_stream_s:.2f} s")
+
+
+@with_cluster(["etcd", "router1", "router2", "worker1", "worker2", "gateway", "client"])
+def router_link_cut_and_restored(fleet):
+    """The link of the router carrying a stream goes down (the router runs
+    on, unreachable): the gateway finds it silent (keepalive), the stream
+    ends with a retryable error, new streams go to the other router; with
+    the link back the router serves again."""
+    routers_behind_gateway(fleet)
+    client = fleet.stream("synthetic:tiny", "a long story", 1000)
+    fleet.wait(lambda: carrying_router(fleet, ("router1", "router2")), "the stream at a router")
+    victim = carrying_router(fleet, ("router1", "router2"))
+    survivor = "router2" if victim == "router1" else "router1"
+    fleet.cluster.cut(victim)
+    cut = time.monotonic()
+    output, _ = client.communicate(timeout=LIMIT_S)
+    ended_s = time.monotonic() - cut
+    new_stream_s = served_since(fleet, cut)
+    problems = completion_pieces(output)[3]
+    print(f"cut {victim}'s link: its stream ended {ended_s:.2f} s later with {problems}; a new stream served "
+          f"{new_stream_s:.2f} s after the cut")
+    check(problems and problems[-1].get("code") == "worker_lost", f"the cut stream's end: {output[-500:]!r}")
+    fleet.cluster.restore(victim)
+    # The survivor gone, the restored router must serve (the gateway finds
+    # it in etcd again once it re-registers, or still has it listed).
+    fleet.processes[survivor].kill()
+    restored_s = served_since(fleet, time.monotonic())
+    print(f"{victim} serving again {restored_s:.2f} s after its link came back and {survivor} was killed")
+
+
 SCENARIOS = {
+    "router_killed_mid_stream": router_killed_mid_stream,
+    "router_link_cut_and_restored": router_link_cut_and_restored,
     "streams_across_hosts": streams_across_hosts,
     "worker_link_cut_and_restored": worker_link_cut_and_restored,
 }
