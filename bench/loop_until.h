@@ -1,27 +1,12 @@
-// Runs an EventLoop until a condition holds: how the benches' drivers wait
-// for a round, a transfer or a connection on a loop they own.
+// Runs an EventLoop until a condition holds (perf/run_until.h, shared with
+// `fmwire perf`), under the bench's namespace.
 #pragma once
 
-#include <chrono>
-#include <functional>
-
-#include "transport/event_loop.h"
+#include "perf/run_until.h"
 #include "transport_measure.h"
 
 namespace fmwire::bench {
 
-// Runs `loop` until done() holds, looking every `poll` (handlers that reach
-// their goal stop the loop at once); false when `limit` passed first.
-inline bool run_until(transport::EventLoop& loop, const std::function<bool()>& done, std::chrono::milliseconds limit,
-                      std::chrono::milliseconds poll = std::chrono::milliseconds(1)) {
-  const auto deadline = Clock::now() + limit;
-  while (!done()) {
-    if (Clock::now() >= deadline) return false;
-    const transport::TimerId tick = loop.backend().schedule(poll, [&loop] { loop.stop(); });
-    loop.run();
-    loop.backend().cancel(tick);
-  }
-  return true;
-}
+using perf::run_until;
 
 }  // namespace fmwire::bench

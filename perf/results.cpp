@@ -1,4 +1,4 @@
-#include "bench_results.h"
+#include "perf/results.h"
 
 #include <boost/json.hpp>
 
@@ -7,7 +7,7 @@
 #include <fstream>
 #include <stdexcept>
 
-namespace fmwire::bench {
+namespace fmwire::perf {
 
 Comparison compare(std::string name, double value, std::string unit, std::optional<double> peer_value,
                    const std::string& peer, bool higher_is_better) {
@@ -56,4 +56,4 @@ void write_results_json(const std::string& path, const std::string& bench_name,
   if (!file) throw std::runtime_error("could not write " + path);
 }
 
-}  // namespace fmwire::bench
+}  // namespace fmwire::perf

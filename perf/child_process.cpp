@@ -1,4 +1,4 @@
-#include "child_process.h"
+#include "perf/child_process.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -12,7 +12,7 @@
 #include <system_error>
 #include <thread>
 
-namespace fmwire::bench {
+namespace fmwire::perf {
 
 using namespace std::chrono_literals;
 
@@ -117,4 +117,4 @@ std::optional<int> ChildProcess::wait(std::chrono::milliseconds limit) {
   }
 }
 
-}  // namespace fmwire::bench
+}  // namespace fmwire::perf

@@ -1,4 +1,4 @@
-#include "transport_iperf.h"
+#include "perf/iperf3.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -17,7 +17,7 @@
 #include <thread>
 #include <vector>
 
-namespace fmwire::bench {
+namespace fmwire::perf {
 namespace {
 
 using namespace std::chrono_literals;
@@ -84,19 +84,16 @@ std::unique_ptr<ChildProcess> start_iperf3(const std::vector<std::string>& prefi
 
 }  // namespace
 
-BulkRun iperf3_bulk(const std::string& iperf3_path, std::uint64_t bytes, const IperfLink& link) {
-  const std::string port = std::to_string(link.port != 0 ? link.port : free_loopback_port());
-  auto server_process = start_iperf3(link.server_prefix, iperf3_path,
-                                     {"-s", "-1", "-B", link.server_address, "-p", port}, false);
-  ChildProcess& server = *server_process;
+IperfClientRun iperf3_client(const std::string& iperf3_path, std::uint64_t bytes, const std::string& server_address,
+                             std::uint16_t port, const std::vector<std::string>& prefix) {
   // The server listens a moment after it starts: a refused client tries again.
   for (int attempt = 0;; ++attempt) {
     // 1 MiB blocks: iperf3's default of 128 KiB leaves about a fifth of
     // loopback's throughput on the table (2.9 against 3.6 GB/s here), and the
     // peer is meant to be the physical limit.
     auto client_process = start_iperf3(
-        link.client_prefix, iperf3_path,
-        {"-c", link.server_address, "-p", port, "-n", std::to_string(bytes), "-l", "1M", "-J"}, true);
+        prefix, iperf3_path,
+        {"-c", server_address, "-p", std::to_string(port), "-n", std::to_string(bytes), "-l", "1M", "-J"}, true);
     ChildProcess& client = *client_process;
     const std::string output = client.read_output(120'000ms);
     const std::optional<int> status = client.wait(5000ms);
@@ -122,16 +119,24 @@ BulkRun iperf3_bulk(const std::string& iperf3_path, std::uint64_t bytes, const I
       }
     }
     if (bits == nullptr || !bits->is_number()) throw std::runtime_error("iperf3 report has no end.sum_received.bits_per_second");
-    if (!server.wait(5000ms)) {
-      // A one-off server exits after its test; the destructor kills one that did not.
-      throw std::runtime_error("iperf3 server still running 5 s after its test");
-    }
-    const double gigabytes = static_cast<double>(bytes) / 1e9;
-    const CpuTimes client_cpu = client.cpu_times();
-    const CpuTimes server_cpu = server.cpu_times();
-    return {bits->to_number<double>() / 8, (client_cpu.user_s + server_cpu.user_s) / gigabytes,
-            (client_cpu.system_s + server_cpu.system_s) / gigabytes, 0};
+    return {bits->to_number<double>() / 8, client.cpu_times()};
   }
 }
 
-}  // namespace fmwire::bench
+BulkRun iperf3_bulk(const std::string& iperf3_path, std::uint64_t bytes, const IperfLink& link) {
+  const std::uint16_t port = link.port != 0 ? link.port : free_loopback_port();
+  auto server_process = start_iperf3(link.server_prefix, iperf3_path,
+                                     {"-s", "-1", "-B", link.server_address, "-p", std::to_string(port)}, false);
+  ChildProcess& server = *server_process;
+  const IperfClientRun client = iperf3_client(iperf3_path, bytes, link.server_address, port, link.client_prefix);
+  if (!server.wait(5000ms)) {
+    // A one-off server exits after its test; the destructor kills one that did not.
+    throw std::runtime_error("iperf3 server still running 5 s after its test");
+  }
+  const double gigabytes = static_cast<double>(bytes) / 1e9;
+  const CpuTimes server_cpu = server.cpu_times();
+  return {client.bytes_per_s, (client.cpu.user_s + server_cpu.user_s) / gigabytes,
+          (client.cpu.system_s + server_cpu.system_s) / gigabytes, 0};
+}
+
+}  // namespace fmwire::perf

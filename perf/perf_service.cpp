@@ -1,0 +1,127 @@
+#include "perf/perf_service.h"
+
+#include <charconv>
+#include <stdexcept>
+
+#include "protocol/finish.h"
+#include "protocol/generate_request.h"
+#include "transport/event_loop.h"
+
+namespace fmwire::perf {
+
+using transport::Connection;
+using transport::EndReason;
+using transport::kEndStream;
+using transport::SendStatus;
+
+transport::ConnectionOptions perf_server_options() {
+  transport::ConnectionOptions options = bulk_options(kMaxBulkChunkBytes);
+  options.role = protocol::Role::WORKER;
+  options.name = "fmwire perf serve";
+  return options;
+}
+
+// ---------------------------------------------------------------- PerfService
+
+void PerfService::on_stream_frame(Connection& connection, const codec::FrameView& frame) {
+  switch (frame.kind()) {
+    case codec::FrameKind::generate_request: {
+      bool cpu_report = false;
+      (void)codec::read_body<protocol::GenerateRequest>(
+          frame, codec::FrameLimits{},
+          [&](const protocol::GenerateRequestReader& request) { cpu_report = request.prompt_text() == kCpuReportPrompt; });
+      if (cpu_report) {
+        send_cpu_report(connection, frame.header.stream_id);
+      } else {
+        tokens_.on_stream_frame(connection, frame);  // resets an unreadable request's stream
+      }
+      return;
+    }
+    case codec::FrameKind::kv_chunk:
+    case codec::FrameKind::kv_commit:
+      bulk_.on_stream_frame(connection, frame);
+      return;
+    default:
+      connection.reset_stream(frame.header.stream_id, protocol::ErrorCode::BAD_REQUEST,
+                              "fmwire perf serve takes GenerateRequest, KvChunk and KvCommit frames only");
+  }
+}
+
+void PerfService::on_stream_writable(Connection& connection, std::uint32_t stream_id) {
+  tokens_.on_stream_writable(connection, stream_id);
+}
+
+void PerfService::on_stream_closed(Connection& connection, std::uint32_t stream_id, const EndReason& reason) {
+  tokens_.on_stream_closed(connection, stream_id, reason);
+  bulk_.on_stream_closed(connection, stream_id, reason);
+}
+
+void PerfService::on_closed(Connection& connection, const EndReason& reason) {
+  tokens_.on_closed(connection, reason);
+  bulk_.on_closed(connection, reason);
+}
+
+void PerfService::send_cpu_report(Connection& connection, std::uint32_t stream_id) {
+  const auto nanoseconds = static_cast<std::int64_t>(process_cpu_seconds() * 1e9);
+  char text[24];
+  const auto written = std::to_chars(text, text + sizeof text, nanoseconds).ptr;
+  const SendStatus status = connection.send<protocol::Tokens>(stream_id, [&](protocol::Tokens::Builder tokens) {
+    tokens.setFirstIndex(0);
+    tokens.initTokenIds(1).set(0, 0);
+    tokens.initTextPieces(1).set(0, capnp::Text::Reader(text, static_cast<std::size_t>(written - text)));
+  });
+  if (status != SendStatus::sent) {
+    connection.reset_stream(stream_id, protocol::ErrorCode::INTERNAL,
+                            "CPU report not sent: " + std::string(transport::to_string(status)));
+    return;
+  }
+  connection.send<protocol::Finish>(stream_id, [&](protocol::FinishBuilder finish) {
+    finish.reason(protocol::FinishReason::MAX_TOKENS).usage(0, 1, 0);
+  }, kEndStream);
+}
+
+// ---------------------------------------------------------------- CpuReportClient
+
+void CpuReportClient::request(Connection& connection) {
+  done_ = false;
+  cpu_seconds_.reset();
+  failure_.clear();
+  const std::uint32_t stream_id = connection.open_stream();
+  if (stream_id == 0) throw std::runtime_error("no stream free for the CPU report");
+  const SendStatus status = connection.send<protocol::GenerateRequest>(
+      stream_id,
+      [&](protocol::GenerateRequestBuilder request) { request.prompt_text(kCpuReportPrompt).max_tokens(1); },
+      kEndStream);
+  if (status != SendStatus::sent) {
+    throw std::runtime_error("CPU report request not sent: " + std::string(transport::to_string(status)));
+  }
+}
+
+void CpuReportClient::on_stream_frame(Connection&, const codec::FrameView& frame) {
+  if (frame.kind() != codec::FrameKind::tokens) return;
+  const codec::Status read = codec::read_body<protocol::Tokens>(frame, limits_, [&](protocol::Tokens::Reader tokens) {
+    if (tokens.getTextPieces().size() != 1) return;
+    const capnp::Text::Reader piece = tokens.getTextPieces()[0];
+    std::int64_t nanoseconds = 0;
+    const auto parsed = std::from_chars(piece.begin(), piece.end(), nanoseconds);
+    if (parsed.ec == std::errc() && parsed.ptr == piece.end()) cpu_seconds_ = static_cast<double>(nanoseconds) / 1e9;
+  });
+  if (!read) failure_ = "unreadable CPU report: " + read.error().message;
+  if (!cpu_seconds_ && failure_.empty()) failure_ = "a CPU report without a number in it";
+}
+
+void CpuReportClient::on_stream_closed(Connection&, std::uint32_t, const EndReason& reason) {
+  if (reason.error && failure_.empty()) failure_ = "CPU report stream failed: " + reason.message;
+  if (!cpu_seconds_ && failure_.empty()) failure_ = "the CPU report stream ended without a report";
+  done_ = true;
+  loop_.stop();
+}
+
+void CpuReportClient::on_closed(Connection&, const EndReason& reason) {
+  if (done_) return;
+  failure_ = "connection closed before the CPU report: " + (reason.error ? reason.message : std::string("by the peer"));
+  done_ = true;
+  loop_.stop();
+}
+
+}  // namespace fmwire::perf

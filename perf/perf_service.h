@@ -1,0 +1,88 @@
+// What `fmwire perf serve` serves on every connection: the server ends of
+// the token, latency and bulk tests, and a report of its own process CPU,
+// told apart by the first frame of each stream, so that one port serves any
+// test. The wire, with existing frames only:
+//
+//   tokens, latency   client: GenerateRequest{promptText "bench", maxTokens N}
+//                     server: N one-token Tokens frames, then Finish (end)
+//                     (latency asks for N = 1 and times the round trip)
+//   bulk              client: KvChunk{transfer 1/1, offset} + attachment
+//                     (xxh3 digest), ..., KvCommit{totals} (end)
+//                     server: KvCommitted (end) when bytes and chunks agree,
+//                     else the stream reset (DIGEST_MISMATCH, ...)
+//   CPU report        client: GenerateRequest{promptText kCpuReportPrompt,
+//                     maxTokens 1} (end)
+//                     server: one Tokens frame whose one text piece is its
+//                     process CPU time in decimal nanoseconds, then Finish
+//
+// The client asks for a CPU report on a control connection of its own before
+// and after a measured round: the difference is the server's CPU for the
+// round (its whole process, every thread).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "perf/bulk_handlers.h"
+#include "perf/token_handlers.h"
+#include "transport/connection.h"
+
+namespace fmwire::perf {
+
+inline constexpr std::string_view kCpuReportPrompt = "fmwire-perf:cpu";
+
+// The largest bulk chunk a perf server takes (its connections' attachment
+// limit): 64 MiB.
+inline constexpr std::size_t kMaxBulkChunkBytes = std::size_t{64} << 20;
+
+// The connection options of a perf server: bulk windows (bulk_options) for
+// chunks up to kMaxBulkChunkBytes.
+transport::ConnectionOptions perf_server_options();
+
+class PerfService final : public transport::ConnectionHandler {
+ public:
+  explicit PerfService(transport::EventLoop& loop) : tokens_(loop, TokenSourceOptions{}) {}
+
+  void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
+  void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
+  void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
+                        const transport::EndReason& reason) override;
+  void on_closed(transport::Connection& connection, const transport::EndReason& reason) override;
+
+ private:
+  void send_cpu_report(transport::Connection& connection, std::uint32_t stream_id);
+
+  TokenSource tokens_;
+  BulkSink bulk_;
+};
+
+// The client end of the CPU report, on a connection that carries nothing
+// else: request() asks, the loop runs until done(), then cpu_seconds() is
+// the answer or failure() says why there is none.
+class CpuReportClient final : public transport::ConnectionHandler {
+ public:
+  explicit CpuReportClient(transport::EventLoop& loop) : loop_(loop) {}
+
+  // Throws std::runtime_error when the connection refuses the request.
+  void request(transport::Connection& connection);
+  bool done() const { return done_; }
+  std::optional<double> cpu_seconds() const { return cpu_seconds_; }
+  const std::string& failure() const { return failure_; }
+
+  void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
+  void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
+                        const transport::EndReason& reason) override;
+  void on_closed(transport::Connection& connection, const transport::EndReason& reason) override;
+
+ private:
+  transport::EventLoop& loop_;
+  codec::FrameLimits limits_;
+  bool done_ = true;
+  std::optional<double> cpu_seconds_;
+  std::string failure_;
+};
+
+}  // namespace fmwire::perf
