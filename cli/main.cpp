@@ -14,6 +14,7 @@
 #include "cli/echo_server_command.h"
 #include "cli/gateway_command.h"
 #include "cli/generate_command.h"
+#include "cli/perf_command.h"
 #include "cli/router_command.h"
 #include "cli/up_command.h"
 #include "cli/worker_command.h"
@@ -33,6 +34,7 @@ constexpr const char* kUsage =
     "  router       route client streams to workers (policies, etcd discovery, failover)\n"
     "  gateway      OpenAI-compatible HTTP (SSE) in front of a router, or of workers with one embedded\n"
     "  echo-server  a native endpoint with no model: streams the prompt's words back\n"
+    "  perf         protocol benchmarks across nodes: `perf serve` on one host, `perf run --to` on another\n"
     "  demo         encode a token stream and a KV transfer, decode them from a byte stream, report\n"
     "  version      print the version and the protocol version\n"
     "\n"
@@ -123,6 +125,79 @@ int run_echo_server_command(const std::vector<std::string>& arguments) {
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_echo_server(command, std::cout, std::cerr);
+}
+
+constexpr const char* kPerfUsage =
+    "usage: fmwire perf serve --listen HOST:PORT [options]\n"
+    "       fmwire perf run --to HOST:PORT --test tokens|latency|bulk [options]\n"
+    "`fmwire perf serve --help` and `fmwire perf run --help` describe the options.\n";
+
+int run_perf_serve_command(const std::vector<std::string>& arguments) {
+  fmwire::cli::PerfServeCommand command;
+  std::string backend;
+  std::uint16_t iperf3_port = 0;
+  po::options_description description("usage: fmwire perf serve --listen HOST:PORT [options]\noptions");
+  description.add_options()
+      ("help,h", "show this help")
+      ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
+      ("iperf3-port", po::value(&iperf3_port), "also run `iperf3 -s -p PORT` (the peer of `perf run --compare`), killed on exit")
+      ("backend", po::value(&backend), "I/O backend: uring or asio");
+  po::variables_map values;
+  if (parse(arguments, description, nullptr, values)) return 0;
+  if (values.count("iperf3-port")) command.iperf3_port = iperf3_port;
+  command.backend = backend_choice(backend);
+  return fmwire::cli::run_perf_serve(command, std::cout, std::cerr);
+}
+
+int run_perf_run_command(const std::vector<std::string>& arguments) {
+  fmwire::cli::PerfRunCommand command;
+  std::string backend;
+  double seconds = 0;
+  int repetitions = 0;
+  std::uint32_t connect_timeout_ms = 5000;
+  po::options_description description(
+      "usage: fmwire perf run --to HOST:PORT --test tokens|latency|bulk [options]\n"
+      "prints medians over rounds (a warm-up round first); exit 1 when a measurement fails\noptions");
+  description.add_options()
+      ("help,h", "show this help")
+      ("to", po::value(&command.to)->required(), "the `fmwire perf serve` to test against, HOST:PORT")
+      ("test", po::value(&command.test)->required(),
+       "tokens (token frames/s, CPU on both ends), latency (round trip p50/p99), "
+       "bulk (GB/s of KvChunk attachments, CPU on both ends)")
+      ("seconds", po::value(&seconds), "measured rounds until this many seconds have passed")
+      ("repetitions", po::value(&repetitions), "measured rounds (default 5)")
+      ("json", po::value(&command.json_path), "also write the results to FILE (bench results format)")
+      ("compare", po::bool_switch(&command.compare),
+       "bulk: iperf3 against the same host (its `perf serve --iperf3-port`), as a ratio")
+      ("iperf3-port", po::value(&command.iperf3_port)->default_value(command.iperf3_port), "where the server host runs iperf3 -s")
+      ("frames", po::value(&command.frames)->default_value(command.frames), "tokens: frames per round, over all streams")
+      ("streams", po::value(&command.streams)->default_value(command.streams), "tokens: concurrent streams on one connection")
+      ("requests", po::value(&command.requests)->default_value(command.requests), "latency: round trips per round")
+      ("chunk-bytes", po::value(&command.chunk_bytes)->default_value(command.chunk_bytes), "bulk: attachment bytes per KvChunk")
+      ("bytes", po::value(&command.bytes)->default_value(command.bytes), "bulk: bytes per round")
+      ("connect-timeout-ms", po::value(&connect_timeout_ms)->default_value(connect_timeout_ms),
+       "connecting and the Hello exchange")
+      ("backend", po::value(&backend), "I/O backend: uring or asio");
+  po::variables_map values;
+  if (parse(arguments, description, nullptr, values)) return 0;
+  if (values.count("seconds")) command.seconds = seconds;
+  if (values.count("repetitions")) command.repetitions = repetitions;
+  command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
+  command.backend = backend_choice(backend);
+  return fmwire::cli::run_perf_run(command, std::cout, std::cerr);
+}
+
+int run_perf_command(const std::vector<std::string>& arguments) {
+  const std::string mode = arguments.empty() ? "" : arguments.front();
+  const std::vector<std::string> rest(arguments.begin() + (arguments.empty() ? 0 : 1), arguments.end());
+  if (mode == "serve") return run_perf_serve_command(rest);
+  if (mode == "run") return run_perf_run_command(rest);
+  if (mode == "--help" || mode == "-h") {
+    std::cout << kPerfUsage;
+    return 0;
+  }
+  std::cerr << "fmwire perf: " << (mode.empty() ? "serve or run?" : "unknown mode '" + mode + "'") << "\n" << kPerfUsage;
+  return 2;
 }
 
 int run_worker_command(const std::vector<std::string>& arguments) {
@@ -411,6 +486,7 @@ int main(int argc, char** argv) {
     if (command == "demo") return run_demo_command(arguments);
     if (command == "generate") return run_generate_command(arguments);
     if (command == "echo-server") return run_echo_server_command(arguments);
+    if (command == "perf") return run_perf_command(arguments);
     if (command == "worker") return run_worker_command(arguments);
     if (command == "router") return run_router_command(arguments);
     if (command == "gateway") return run_gateway_command(arguments);

@@ -1,0 +1,373 @@
+#include "cli/perf_command.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <ostream>
+#include <stdexcept>
+#include <vector>
+
+#include "cli/role_shutdown.h"
+#include "perf/bulk_handlers.h"
+#include "perf/client_connections.h"
+#include "perf/iperf3.h"
+#include "perf/measure.h"
+#include "perf/perf_service.h"
+#include "perf/results.h"
+#include "perf/run_until.h"
+#include "perf/token_handlers.h"
+#include "transport/endpoint.h"
+#include "transport/server_group.h"
+
+namespace fmwire::cli {
+
+using namespace std::chrono_literals;
+using perf::Clock;
+using perf::Comparison;
+
+// ---------------------------------------------------------------- perf serve
+
+int run_perf_serve(const PerfServeCommand& command, std::ostream& out, std::ostream& err) {
+  std::string problem;
+  const std::optional<transport::Endpoint> endpoint = transport::parse_endpoint(command.listen, &problem);
+  if (!endpoint) {
+    err << "fmwire perf serve: --listen " << problem << std::endl;
+    return 2;
+  }
+  // Before the loop thread, which inherits its signal mask.
+  RoleShutdown shutdown("fmwire perf serve", err);
+
+  // The peer of `perf run --test bulk --compare`: killed when this returns
+  // (the ChildProcess destructor), and by the kernel should we die first.
+  std::unique_ptr<perf::ChildProcess> iperf3_server;
+  if (command.iperf3_port) {
+    if (const std::optional<std::string> iperf3 = perf::find_on_path("iperf3")) {
+      iperf3_server = std::make_unique<perf::ChildProcess>(
+          *iperf3, std::vector<std::string>{"-s", "-p", std::to_string(*command.iperf3_port)}, false);
+      shutdown.log("iperf3 -s on port " + std::to_string(*command.iperf3_port) + " (" + perf::iperf3_version(*iperf3) +
+                   ")");
+    } else {
+      shutdown.log("iperf3 not installed: no iperf3 server, --compare runs against this host will skip it");
+    }
+  }
+
+  transport::ServerGroup group(1, *endpoint, perf::perf_server_options(),
+                               [](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop); },
+                               command.backend);
+  shutdown.log(group.backend_log_line());
+  out << "listening on " << transport::Endpoint{endpoint->host, group.port()}.to_string() << std::endl;
+  group.start();
+
+  shutdown.wait_for_signal();
+  return shutdown.drain(group, "perf server shutting down", command.drain_timeout);
+}
+
+// ---------------------------------------------------------------- perf run
+
+namespace {
+
+// A round's limit: no test round on a working link comes near it, and a
+// server that stops answering without closing ends the run within it.
+constexpr std::chrono::milliseconds kRoundLimit{120'000};
+
+// Rounds as asked: a warm-up, then `repetitions` measured rounds, or
+// measured rounds until `seconds` have passed (at least one).
+class Rounds {
+ public:
+  explicit Rounds(const PerfRunCommand& command)
+      : repetitions_(command.repetitions.value_or(5)), seconds_(command.seconds) {}
+
+  bool more(std::size_t measured) const {
+    if (seconds_) return measured == 0 || perf::seconds_between(start_, Clock::now()) < *seconds_;
+    return measured < static_cast<std::size_t>(repetitions_);
+  }
+  void start_measuring() { start_ = Clock::now(); }
+
+ private:
+  int repetitions_;
+  std::optional<double> seconds_;
+  Clock::time_point start_;
+};
+
+// The server's end of the measurement: its process CPU, asked for on a
+// connection of its own before and after each round.
+class ServerCpu {
+ public:
+  ServerCpu(perf::ClientConnections& client, const transport::Endpoint& server, std::chrono::milliseconds timeout)
+      : client_(client), report_(client.loop) {
+    client_.connect(server.host, server.port, 1, {}, report_, timeout);
+    connection_ = client_.connections.back().get();
+  }
+
+  // Throws std::runtime_error when the server does not answer.
+  double seconds() {
+    report_.request(*connection_);
+    if (!perf::run_until(client_.loop, [&] { return report_.done(); }, 10'000ms)) {
+      throw std::runtime_error("the server sent no CPU report within 10 s");
+    }
+    if (!report_.cpu_seconds()) throw std::runtime_error(report_.failure());
+    return *report_.cpu_seconds();
+  }
+
+ private:
+  perf::ClientConnections& client_;
+  perf::CpuReportClient report_;
+  transport::Connection* connection_ = nullptr;
+};
+
+std::string format(const char* pattern, double value) {
+  char text[64];
+  std::snprintf(text, sizeof text, pattern, value);
+  return text;
+}
+
+// tokens: frames/s, and CPU per million frames here and on the server.
+std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transport::Endpoint& server,
+                                   std::ostream& out) {
+  perf::ClientConnections client(command.backend);
+  ServerCpu server_cpu(client, server, command.connect_timeout);
+  perf::TokenSink sink(client.loop);
+  client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
+  transport::Connection& connection = *client.connections.back();
+
+  const std::uint32_t frames_per_stream = std::max<std::uint32_t>(1, command.frames / command.streams);
+  const std::uint64_t frames = std::uint64_t{frames_per_stream} * command.streams;
+  const std::uint64_t expected_checksum = perf::expected_stream_checksum(frames_per_stream) * command.streams;
+  std::vector<double> rates, client_cpu, server_cpu_per_million;
+  Rounds rounds(command);
+  for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
+    const double server_start = server_cpu.seconds();
+    sink.expect_streams(command.streams);
+    const auto start = Clock::now();
+    const double client_start = perf::process_cpu_seconds();
+    for (std::uint32_t i = 0; i < command.streams; ++i) {
+      const std::uint32_t stream_id = connection.open_stream();
+      if (stream_id == 0) throw std::runtime_error("no stream free on the connection (--streams too many?)");
+      perf::send_generate_request(connection, stream_id, frames_per_stream);
+    }
+    const bool finished = perf::run_until(
+        client.loop, [&] { return sink.round_done() || sink.connection_closed(); }, kRoundLimit, 100ms);
+    if (sink.connection_closed()) {
+      throw std::runtime_error("the server closed the connection mid-test" +
+                               (sink.failure().empty() ? std::string() : ": " + sink.failure()));
+    }
+    if (!finished) throw std::runtime_error("token round not finished within 120 s");
+    if (!sink.failure().empty()) throw std::runtime_error(sink.failure());
+    if (sink.frames() != frames || sink.checksum() != expected_checksum) {
+      throw std::runtime_error("received " + std::to_string(sink.frames()) + " token frames of " +
+                               std::to_string(frames) + ", or their content differs");
+    }
+    const double server_end = server_cpu.seconds();
+    if (warm_up) {
+      rounds.start_measuring();
+      continue;
+    }
+    const double millions = static_cast<double>(frames) / 1e6;
+    rates.push_back(static_cast<double>(frames) / perf::seconds_between(start, sink.finished_at()));
+    client_cpu.push_back((sink.finished_cpu_seconds() - client_start) / millions);
+    server_cpu_per_million.push_back((server_end - server_start) / millions);
+  }
+  client.close_all();
+
+  const double rate = perf::median(rates);
+  const double client_median = perf::median(client_cpu);
+  const double server_median = perf::median(server_cpu_per_million);
+  out << "tokens: " << rates.size() << " rounds of " << frames << " one-token frames on " << command.streams
+      << " streams of one connection (medians)\n"
+      << "  token frames/s                  " << format("%.0f", rate) << "\n"
+      << "  client CPU-s per million frames " << format("%.3f", client_median) << "\n"
+      << "  server CPU-s per million frames " << format("%.3f", server_median) << "\n"
+      << "  peer: none across hosts for token streams (skipped)\n";
+  return {perf::compare("tokens_frames_per_s", rate, "frames/s", std::nullopt, "", true),
+          perf::compare("tokens_client_cpu_s_per_million_frames", client_median, "CPU-s/Mframe", std::nullopt, "", false),
+          perf::compare("tokens_server_cpu_s_per_million_frames", server_median, "CPU-s/Mframe", std::nullopt, "", false)};
+}
+
+// latency: round trips of a one-frame answer, one after another on one
+// connection, each on a stream of its own.
+std::vector<Comparison> run_latency(const PerfRunCommand& command, const transport::Endpoint& server,
+                                    std::ostream& out) {
+  perf::ClientConnections client(command.backend);
+  perf::TokenSink sink(client.loop);
+  client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
+  transport::Connection& connection = *client.connections.back();
+
+  std::vector<double> p50s, p99s;
+  std::vector<double> round_trips_us;
+  round_trips_us.reserve(command.requests);
+  Rounds rounds(command);
+  for (bool warm_up = true; warm_up || rounds.more(p50s.size()); warm_up = false) {
+    round_trips_us.clear();
+    for (std::uint32_t request = 0; request < command.requests; ++request) {
+      sink.expect_streams(1);
+      const std::uint32_t stream_id = connection.open_stream();
+      if (stream_id == 0) throw std::runtime_error("no stream free on the connection");
+      const auto sent = Clock::now();
+      perf::send_generate_request(connection, stream_id, 1);
+      const bool finished = perf::run_until(
+          client.loop, [&] { return sink.round_done() || sink.connection_closed(); }, 10'000ms);
+      if (sink.connection_closed()) {
+        throw std::runtime_error("the server closed the connection mid-test" +
+                                 (sink.failure().empty() ? std::string() : ": " + sink.failure()));
+      }
+      if (!finished) throw std::runtime_error("no answer to a latency request within 10 s");
+      if (!sink.failure().empty()) throw std::runtime_error(sink.failure());
+      if (sink.frames() != 1) throw std::runtime_error("a latency request answered without its one Tokens frame");
+      round_trips_us.push_back(std::chrono::duration<double, std::micro>(sink.first_frame_at() - sent).count());
+    }
+    if (warm_up) {
+      rounds.start_measuring();
+      continue;
+    }
+    p50s.push_back(perf::percentile(round_trips_us, 0.50));
+    p99s.push_back(perf::percentile(round_trips_us, 0.99));
+  }
+  client.close_all();
+
+  const double p50 = perf::median(p50s);
+  const double p99 = perf::median(p99s);
+  out << "latency: " << p50s.size() << " rounds of " << command.requests
+      << " round trips (GenerateRequest -> one Tokens frame), medians of each round's percentiles\n"
+      << "  round trip p50 us               " << format("%.1f", p50) << "\n"
+      << "  round trip p99 us               " << format("%.1f", p99) << "\n"
+      << "  half the round trip, p50 / p99  " << format("%.1f", p50 / 2) << " / " << format("%.1f", p99 / 2)
+      << " us (round trip / 2, not a one-way measurement: the hosts' clocks differ)\n"
+      << "  peer: none across hosts for latency (skipped)\n";
+  return {perf::compare("latency_round_trip_p50", p50, "us", std::nullopt, "", false),
+          perf::compare("latency_round_trip_p99", p99, "us", std::nullopt, "", false)};
+}
+
+// bulk: GB/s of KvChunk attachments, CPU per GB on both ends; iperf3 on the
+// same bytes with --compare.
+std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport::Endpoint& server,
+                                 std::ostream& out, std::ostream& err) {
+  const std::vector<std::byte> source = perf::bulk_source_bytes(command.chunk_bytes);
+  std::vector<double> rates, client_cpu, server_cpu_per_gb;
+  {
+    perf::ClientConnections client(command.backend);
+    ServerCpu server_cpu(client, server, command.connect_timeout);
+    perf::BulkSender sender(client.loop, source);
+    client.connect(server.host, server.port, 1, perf::bulk_options(command.chunk_bytes), sender,
+                   command.connect_timeout);
+    transport::Connection& connection = *client.connections.back();
+    const std::uint64_t warm_up_bytes =
+        std::min<std::uint64_t>(command.bytes, std::max<std::uint64_t>(4 * command.chunk_bytes, 64u << 20));
+    Rounds rounds(command);
+    for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
+      const std::uint64_t bytes = warm_up ? warm_up_bytes : command.bytes;
+      const double server_start = server_cpu.seconds();
+      const perf::CpuTimes client_start = perf::process_cpu_times();
+      const auto start = Clock::now();
+      sender.start(connection, command.chunk_bytes, bytes);
+      if (!perf::run_until(client.loop, [&] { return sender.done(); }, kRoundLimit, 100ms)) {
+        throw std::runtime_error("bulk transfer not finished within 120 s");
+      }
+      if (!sender.failure().empty()) throw std::runtime_error(sender.failure());
+      if (!sender.committed()) throw std::runtime_error("bulk transfer ended without KvCommitted");
+      const perf::CpuTimes client_end = perf::process_cpu_times();
+      const double server_end = server_cpu.seconds();
+      if (warm_up) {
+        rounds.start_measuring();
+        continue;
+      }
+      const double gigabytes = static_cast<double>(bytes) / 1e9;
+      rates.push_back(static_cast<double>(bytes) / perf::seconds_between(start, sender.finished_at()));
+      client_cpu.push_back((client_end.user_s + client_end.system_s - client_start.user_s - client_start.system_s) /
+                           gigabytes);
+      server_cpu_per_gb.push_back((server_end - server_start) / gigabytes);
+    }
+    client.close_all();
+  }
+
+  // The peer, after fmwire's rounds: as many iperf3 runs of the same bytes.
+  std::optional<double> iperf3_rate;
+  std::optional<double> iperf3_client_cpu;
+  std::string peer_note = "not asked for (--compare)";
+  if (command.compare) {
+    if (const std::optional<std::string> iperf3 = perf::find_on_path("iperf3")) {
+      std::vector<double> peer_rates, peer_cpu;
+      for (std::size_t run = 0; run < rates.size(); ++run) {
+        const perf::IperfClientRun result =
+            perf::iperf3_client(*iperf3, command.bytes, server.host, command.iperf3_port);
+        peer_rates.push_back(result.bytes_per_s);
+        peer_cpu.push_back((result.cpu.user_s + result.cpu.system_s) / (static_cast<double>(command.bytes) / 1e9));
+      }
+      iperf3_rate = perf::median(peer_rates);
+      iperf3_client_cpu = perf::median(peer_cpu);
+      peer_note = perf::iperf3_version(*iperf3) + ", one TCP stream to " + server.host + ":" +
+                  std::to_string(command.iperf3_port) + ", the same bytes, " + std::to_string(peer_rates.size()) +
+                  " runs";
+    } else {
+      peer_note = "iperf3 not installed here: skipped";
+      err << "fmwire perf run: iperf3 not installed: the iperf3 comparison is skipped" << std::endl;
+    }
+  }
+
+  const double rate = perf::median(rates);
+  const double client_median = perf::median(client_cpu);
+  const double server_median = perf::median(server_cpu_per_gb);
+  std::vector<Comparison> rows{
+      perf::compare("bulk_gb_per_s", rate / 1e9, "GB/s", iperf3_rate ? std::optional(*iperf3_rate / 1e9) : std::nullopt,
+                    "iperf3", true),
+      perf::compare("bulk_client_cpu_s_per_gb", client_median, "CPU-s/GB", iperf3_client_cpu, "iperf3", false),
+      perf::compare("bulk_server_cpu_s_per_gb", server_median, "CPU-s/GB", std::nullopt, "", false)};
+  out << "bulk: " << rates.size() << " rounds of " << command.bytes << " bytes in " << command.chunk_bytes
+      << "-byte KvChunk attachments, digested and checked (medians)\n"
+      << "  fmwire GB/s                     " << format("%.3f", rate / 1e9) << "\n"
+      << "  client CPU-s per GB             " << format("%.3f", client_median) << "\n"
+      << "  server CPU-s per GB             " << format("%.3f", server_median) << "\n";
+  if (iperf3_rate) {
+    out << "  iperf3 GB/s                     " << format("%.3f", *iperf3_rate / 1e9) << "\n"
+        << "  iperf3 client CPU-s per GB      " << format("%.3f", *iperf3_client_cpu) << "\n"
+        << "  fmwire / iperf3                 " << perf::ratio_text(perf::ratio_of(rows[0])) << "\n";
+  }
+  out << "  peer: " << peer_note << "\n";
+  return rows;
+}
+
+}  // namespace
+
+int run_perf_run(const PerfRunCommand& command, std::ostream& out, std::ostream& err) {
+  std::string problem;
+  const std::optional<transport::Endpoint> server = transport::parse_endpoint(command.to, &problem);
+  const auto usage_error = [&](const std::string& message) {
+    err << "fmwire perf run: " << message << std::endl;
+    return 2;
+  };
+  if (!server) return usage_error("--to " + problem);
+  if (command.test != "tokens" && command.test != "latency" && command.test != "bulk") {
+    return usage_error("unknown --test '" + command.test + "': tokens, latency or bulk");
+  }
+  if (command.seconds && command.repetitions) return usage_error("--seconds and --repetitions: give one");
+  if (command.seconds && *command.seconds <= 0) return usage_error("--seconds must be above 0");
+  if (command.repetitions && *command.repetitions < 1) return usage_error("--repetitions must be at least 1");
+  if (command.frames == 0 || command.streams == 0 || command.requests == 0 || command.bytes == 0) {
+    return usage_error("--frames, --streams, --requests and --bytes must be at least 1");
+  }
+  if (command.chunk_bytes == 0 || command.chunk_bytes > perf::kMaxBulkChunkBytes) {
+    return usage_error("--chunk-bytes must be 1 to " + std::to_string(perf::kMaxBulkChunkBytes) + " (the server's limit)");
+  }
+  if (command.compare && command.test != "bulk") {
+    err << "fmwire perf run: --compare: no peer for " << command.test << " across hosts, skipped" << std::endl;
+  }
+
+  std::vector<Comparison> rows;
+  try {
+    if (command.test == "tokens") rows = run_tokens(command, *server, out);
+    if (command.test == "latency") rows = run_latency(command, *server, out);
+    if (command.test == "bulk") rows = run_bulk(command, *server, out, err);
+  } catch (const std::exception& error) {
+    err << "fmwire perf run: " << command.test << " against " << server->to_string() << ": " << error.what()
+        << std::endl;
+    return 1;
+  }
+  out.flush();
+  if (!command.json_path.empty()) {
+    perf::write_results_json(command.json_path, "perf", rows);
+    err << "fmwire perf run: wrote " << rows.size() << " results to " << command.json_path << std::endl;
+  }
+  return 0;
+}
+
+}  // namespace fmwire::cli
