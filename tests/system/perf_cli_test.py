@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""`fmwire perf serve` and `fmwire perf run` as separate processes, as a
+user runs them across two hosts: on 127.0.0.1 for each test kind, with
+bad input and a server killed mid-test, and across two network namespaces
+(scripts/netns_cluster.py) on links held to 1 and 10 Gbit/s, bulk against
+iperf3 (root only: skipped, 77, with the reason where namespaces cannot be
+made).
+
+    perf_cli_test.py FMWIRE_BINARY BACKEND SCENARIO
+
+Every wait is bounded and every process (iperf3 included) is stopped, and
+every namespace removed, on the way out, also when a scenario fails. The
+numbers are checked to be there and positive, never against a target: the
+machines are shared.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = os.path.join(HERE, "..", "..", "scripts")
+sys.path.insert(0, SCRIPTS)
+
+from native_cli_test import LIMIT_S, SKIPPED, Failure, Server, check, run_scenario  # noqa: E402
+from netns_cluster import Cluster, ClusterUnavailable, wait_listening  # noqa: E402
+
+PERF_PORT = 7100
+IPERF3_PORT = 5201
+
+
+class PerfServer(Server):
+    """`fmwire perf serve` on a free port of 127.0.0.1 (Server's stop and
+    kill; its own start, the subcommand being two words)."""
+
+    def __init__(self, binary, env, *extra):
+        self.process = subprocess.Popen([binary, "perf", "serve", "--listen", "127.0.0.1:0", *extra],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = self.process.stdout.readline()
+        if not line.startswith("listening on 127.0.0.1:"):
+            self.kill()
+            raise Failure(f"perf serve printed {line!r}; stderr {self.process.stderr.read()!r}")
+        self.endpoint = line.split()[-1]
+
+
+def perf_run(binary, env, endpoint, *arguments, timeout=LIMIT_S * 3):
+    return subprocess.run([binary, "perf", "run", "--to", endpoint, *arguments],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def number(output, label):
+    """The number after `label` in perf run's table, or Failure."""
+    match = re.search(re.escape(label) + r"\s+([0-9.]+)", output)
+    check(match is not None, f"no {label!r} in {output!r}")
+    return float(match.group(1))
+
+
+def results(path):
+    with open(path) as file:
+        document = json.load(file)
+    check(document.get("bench") == "perf", f"bench name {document.get('bench')!r}")
+    return {row["name"]: row for row in document["results"]}
+
+
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def children(pid):
+    """The pids of pid's child processes (every thread's)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as file:
+            found += [int(child) for child in file.read().split()]
+    return found
+
+
+# ---------------------------------------------------------------- loopback
+
+
+def tokens_loopback(binary, env):
+    server = PerfServer(binary, env)
+    folder = tempfile.mkdtemp(prefix="fmwire-perf-")
+    try:
+        path = os.path.join(folder, "tokens.json")
+        result = perf_run(binary, env, server.endpoint, "--test", "tokens", "--repetitions", "3",
+                          "--frames", "200000", "--json", path)
+        print(result.stdout, end="")
+        check(result.returncode == 0, f"exit {result.returncode}: {result.stderr!r}")
+        check(number(result.stdout, "token frames/s") > 0, "no token frames/s")
+        check(number(result.stdout, "client CPU-s per million frames") > 0, "no client CPU")
+        check(number(result.stdout, "server CPU-s per million frames") > 0, "no server CPU (its report)")
+        rows = results(path)
+        for name in ("tokens_frames_per_s", "tokens_client_cpu_s_per_million_frames",
+                     "tokens_server_cpu_s_per_million_frames"):
+            check(rows.get(name, {}).get("value", 0) > 0, f"JSON row {name}: {rows.get(name)!r}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        check(server.stop() == 0, f"perf serve did not drain cleanly: {server.process.stderr.read()!r}")
+
+
+def latency_loopback(binary, env):
+    server = PerfServer(binary, env)
+    folder = tempfile.mkdtemp(prefix="fmwire-perf-")
+    try:
+        path = os.path.join(folder, "latency.json")
+        result = perf_run(binary, env, server.endpoint, "--test", "latency", "--seconds", "1",
+                          "--requests", "500", "--json", path)
+        print(result.stdout, end="")
+        check(result.returncode == 0, f"exit {result.returncode}: {result.stderr!r}")
+        p50 = number(result.stdout, "round trip p50 us")
+        p99 = number(result.stdout, "round trip p99 us")
+        check(0 < p50 <= p99, f"p50 {p50}, p99 {p99}")
+        check("not a one-way measurement" in result.stdout, "the halved round trip is not said to be one")
+        rows = results(path)
+        check(abs(rows["latency_round_trip_p50"]["value"] - p50) < 0.1,
+              f"JSON p50 {rows['latency_round_trip_p50']!r} against printed {p50}")
+        check(rows["latency_round_trip_p99"]["value"] > 0, "JSON p99")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        server.stop()
+
+
+def bulk_loopback_compare(binary, env):
+    """Bulk with --compare against the iperf3 server `perf serve` runs; the
+    JSON has iperf3 as the peer and scripts/plot.py charts it; the iperf3
+    child is gone once perf serve has stopped."""
+    iperf3_port = free_port()
+    server = PerfServer(binary, env, "--iperf3-port", str(iperf3_port))
+    folder = tempfile.mkdtemp(prefix="fmwire-perf-")
+    try:
+        iperf3_children = children(server.process.pid) if shutil.which("iperf3") else []
+        path = os.path.join(folder, "bulk.json")
+        result = perf_run(binary, env, server.endpoint, "--test", "bulk", "--repetitions", "3",
+                          "--bytes", str(128 << 20), "--compare", "--iperf3-port", str(iperf3_port), "--json", path)
+        print(result.stdout, end="")
+        check(result.returncode == 0, f"exit {result.returncode}: {result.stderr!r}")
+        check(number(result.stdout, "fmwire GB/s") > 0, "no GB/s")
+        check(number(result.stdout, "client CPU-s per GB") > 0, "no client CPU")
+        check(number(result.stdout, "server CPU-s per GB") > 0, "no server CPU (its report)")
+        rows = results(path)
+        if shutil.which("iperf3") is None:
+            check("iperf3 not installed" in result.stderr + result.stdout, "a missing iperf3 not said to be skipped")
+            check(rows["bulk_gb_per_s"]["peer"] == "", "a peer that did not run has a value")
+        else:
+            check(len(iperf3_children) == 1, f"perf serve --iperf3-port has children {iperf3_children}")
+            check(number(result.stdout, "iperf3 GB/s") > 0, "no iperf3 GB/s")
+            ratio = re.search(r"fmwire / iperf3\s+([0-9.]+)x", result.stdout)
+            check(ratio is not None and float(ratio.group(1)) > 0, "no fmwire / iperf3 ratio")
+            check(rows["bulk_gb_per_s"]["peer"] == "iperf3" and rows["bulk_gb_per_s"]["ratio"] > 0,
+                  f"JSON row {rows['bulk_gb_per_s']!r}")
+            plotted = subprocess.run(["/usr/bin/python3", os.path.join(SCRIPTS, "plot.py"), "--out", folder, path],
+                                     capture_output=True, text=True, timeout=LIMIT_S * 3)
+            check(plotted.returncode == 0, f"plot.py exit {plotted.returncode}: {plotted.stderr!r}")
+            check(os.path.exists(os.path.join(folder, "perf-ratios.svg")), f"plot.py wrote {os.listdir(folder)}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        server.stop()
+    for child in iperf3_children:
+        check(not os.path.exists(f"/proc/{child}"), f"iperf3 {child} outlived perf serve")
+
+
+def bad_test_exits_2(binary, env):
+    result = perf_run(binary, env, "127.0.0.1:1", "--test", "throughput")
+    check(result.returncode == 2, f"exit {result.returncode}: {result.stderr!r}")
+    check("unknown --test 'throughput'" in result.stderr, f"stderr {result.stderr!r}")
+
+
+def server_unreachable(binary, env):
+    started = time.monotonic()
+    result = perf_run(binary, env, f"127.0.0.1:{free_port()}", "--test", "tokens", timeout=LIMIT_S)
+    check(result.returncode == 1, f"exit {result.returncode}: {result.stderr!r}")
+    check("connect to 127.0.0.1" in result.stderr, f"stderr {result.stderr!r}")
+    check(time.monotonic() - started < 10, "took more than 10 s to say so")
+
+
+def server_killed_mid_test(binary, env):
+    """SIGKILL under a run that would last 30 s: it ends, non-zero, with a
+    message, within 10 s."""
+    for test in ("tokens", "bulk"):
+        server = PerfServer(binary, env)
+        try:
+            run = subprocess.Popen([binary, "perf", "run", "--to", server.endpoint, "--test", test, "--seconds", "30",
+                                    "--bytes", str(64 << 20)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            time.sleep(1.0)
+            if run.poll() is not None:
+                raise Failure(f"{test} run ended before the kill: {run.communicate()!r}")
+            server.process.kill()
+            killed = time.monotonic()
+            try:
+                _, stderr = run.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                run.wait()
+                raise Failure(f"{test} run still running 10 s after the server was killed")
+            print(f"{test}: exit {run.returncode} {time.monotonic() - killed:.2f} s after the kill: {stderr.strip()}")
+            check(run.returncode == 1, f"{test} exit {run.returncode}: {stderr!r}")
+            check(f"fmwire perf run: {test} against {server.endpoint}" in stderr, f"stderr {stderr!r}")
+        finally:
+            server.kill()
+
+
+# ---------------------------------------------------------------- across namespaces
+
+
+def across_namespaces(rate_mbit):
+    def scenario(binary, env):
+        try:
+            cluster = Cluster(["server", "client"], rate_mbit=rate_mbit)
+        except ClusterUnavailable as reason:
+            print(f"skipped: {reason}")
+            return SKIPPED
+        with cluster:
+            server_log = tempfile.NamedTemporaryFile("w+", prefix="fmwire-perf-serve-")
+            server = cluster.start("server", [binary, "perf", "serve", "--listen",
+                                              f"{cluster.addresses['server']}:{PERF_PORT}",
+                                              "--iperf3-port", str(IPERF3_PORT)],
+                                   stdout=server_log, stderr=subprocess.STDOUT, env=env)
+            try:
+                wait_listening(cluster, "server", PERF_PORT)
+                # 1 Gbit/s: 125 MB/s, so 128 MiB a round is about a second.
+                bytes_per_round = (128 << 20) if rate_mbit <= 1000 else (512 << 20)
+                result = cluster.run("client", [binary, "perf", "run", "--to", f"server:{PERF_PORT}", "--test", "bulk",
+                                                "--repetitions", "3", "--bytes", str(bytes_per_round), "--compare",
+                                                "--iperf3-port", str(IPERF3_PORT)],
+                                     timeout=LIMIT_S * 6, env=env)
+                print(f"bulk across namespaces, links held to {rate_mbit} Mbit/s:")
+                print(result.stdout, end="")
+                check(result.returncode == 0, f"exit {result.returncode}: {result.stderr!r}")
+                check(number(result.stdout, "fmwire GB/s") > 0, "no GB/s")
+                check(number(result.stdout, "server CPU-s per GB") > 0, "no server CPU (its report)")
+                if shutil.which("iperf3"):
+                    check(number(result.stdout, "iperf3 GB/s") > 0, "no iperf3 GB/s")
+                    check(re.search(r"fmwire / iperf3\s+[0-9.]+x", result.stdout), "no ratio")
+                latency = cluster.run("client", [binary, "perf", "run", "--to", f"server:{PERF_PORT}", "--test",
+                                                 "latency", "--repetitions", "3", "--requests", "1000"],
+                                      timeout=LIMIT_S * 3, env=env)
+                print(latency.stdout, end="")
+                check(latency.returncode == 0, f"latency exit {latency.returncode}: {latency.stderr!r}")
+            finally:
+                if server.poll() is None:
+                    server.send_signal(signal.SIGTERM)
+                    try:
+                        server.wait(timeout=LIMIT_S)
+                    except subprocess.TimeoutExpired:
+                        server.kill()
+                server_log.seek(0)
+                log = server_log.read()
+                server_log.close()
+            check(server.returncode == 0, f"perf serve exit {server.returncode}: {log!r}")
+    return scenario
+
+
+SCENARIOS = {
+    "tokens_loopback": tokens_loopback,
+    "latency_loopback": latency_loopback,
+    "bulk_loopback_compare": bulk_loopback_compare,
+    "bad_test_exits_2": bad_test_exits_2,
+    "server_unreachable": server_unreachable,
+    "server_killed_mid_test": server_killed_mid_test,
+    "across_namespaces_1g": across_namespaces(1000),
+    "across_namespaces_10g": across_namespaces(10000),
+}
+
+if __name__ == "__main__":
+    sys.exit(run_scenario("perf", SCENARIOS))
