@@ -122,6 +122,18 @@ std::string format(const char* pattern, double value) {
   return text;
 }
 
+// Throws std::runtime_error saying why a token or latency round did not end
+// well: the server gone, `late` when it did not end in time, or a stream's
+// failure.
+void check_round(const perf::TokenSink& sink, bool finished, const char* late) {
+  if (sink.connection_closed()) {
+    throw std::runtime_error("the server closed the connection mid-test" +
+                             (sink.failure().empty() ? std::string() : ": " + sink.failure()));
+  }
+  if (!finished) throw std::runtime_error(late);
+  if (!sink.failure().empty()) throw std::runtime_error(sink.failure());
+}
+
 // tokens: frames/s, and CPU per million frames here and on the server.
 std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transport::Endpoint& server,
                                    std::ostream& out) {
@@ -148,12 +160,7 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
     }
     const bool finished = perf::run_until(
         client.loop, [&] { return sink.round_done() || sink.connection_closed(); }, kRoundLimit, 100ms);
-    if (sink.connection_closed()) {
-      throw std::runtime_error("the server closed the connection mid-test" +
-                               (sink.failure().empty() ? std::string() : ": " + sink.failure()));
-    }
-    if (!finished) throw std::runtime_error("token round not finished within 120 s");
-    if (!sink.failure().empty()) throw std::runtime_error(sink.failure());
+    check_round(sink, finished, "token round not finished within 120 s");
     if (sink.frames() != frames || sink.checksum() != expected_checksum) {
       throw std::runtime_error("received " + std::to_string(sink.frames()) + " token frames of " +
                                std::to_string(frames) + ", or their content differs");
@@ -207,12 +214,7 @@ std::vector<Comparison> run_latency(const PerfRunCommand& command, const transpo
       perf::send_generate_request(connection, stream_id, 1);
       const bool finished = perf::run_until(
           client.loop, [&] { return sink.round_done() || sink.connection_closed(); }, 10'000ms);
-      if (sink.connection_closed()) {
-        throw std::runtime_error("the server closed the connection mid-test" +
-                                 (sink.failure().empty() ? std::string() : ": " + sink.failure()));
-      }
-      if (!finished) throw std::runtime_error("no answer to a latency request within 10 s");
-      if (!sink.failure().empty()) throw std::runtime_error(sink.failure());
+      check_round(sink, finished, "no answer to a latency request within 10 s");
       if (sink.frames() != 1) throw std::runtime_error("a latency request answered without its one Tokens frame");
       round_trips_us.push_back(std::chrono::duration<double, std::micro>(sink.first_frame_at() - sent).count());
     }
