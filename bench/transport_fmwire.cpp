@@ -4,9 +4,7 @@
 #include <functional>
 #include <future>
 #include <iostream>
-#include <map>
 #include <memory>
-#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <utility>
@@ -28,10 +26,10 @@ using transport::ConnectionHandler;
 using transport::ConnectionOptions;
 using transport::EndReason;
 using transport::EventLoop;
-using perf::ClientConnections;
+using perf::bulk_options;
 using perf::BulkSender;
 using perf::BulkSink;
-using perf::bulk_options;
+using perf::ClientConnections;
 using perf::send_generate_request;
 using perf::TokenSink;
 using perf::TokenSource;

@@ -1,7 +1,9 @@
 // fmwire's side of bench/transport: a Server with a bench service on a loop
 // thread of its own, and the client connections on the calling thread's loop,
 // both on 127.0.0.1 and on the backend named ("uring" or "asio"). Every
-// function starts its server and stops it before returning.
+// function starts its server and stops it before returning. The two ends of
+// each test (perf/token_handlers.h, perf/bulk_handlers.h) are the ones
+// `fmwire perf` runs across hosts.
 #pragma once
 
 #include <cstddef>
