@@ -63,8 +63,10 @@ void PerfService::on_closed(Connection& connection, const EndReason& reason) {
 
 void PerfService::send_cpu_report(Connection& connection, std::uint32_t stream_id) {
   const auto nanoseconds = static_cast<std::int64_t>(process_cpu_seconds() * 1e9);
-  char text[24];
-  const auto written = std::to_chars(text, text + sizeof text, nanoseconds).ptr;
+  // At most 20 characters, then the NUL that capnp::Text::Reader requires
+  // (kj checks it in debug builds).
+  char text[24]{};
+  const auto written = std::to_chars(text, text + sizeof text - 1, nanoseconds).ptr;
   const SendStatus status = connection.send<protocol::Tokens>(stream_id, [&](protocol::Tokens::Builder tokens) {
     tokens.setFirstIndex(0);
     tokens.initTokenIds(1).set(0, 0);
