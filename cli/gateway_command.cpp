@@ -79,6 +79,8 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
   options.model = command.model;
   options.io_backend = command.backend;
   options.http_threads = command.http_threads;
+  options.upstream_keepalive = command.upstream_keepalive;
+  options.upstream_dead_after = command.upstream_dead_after;
 
   // Before any other thread: they inherit its signal mask.
   RoleShutdown shutdown("fmwire gateway", err);

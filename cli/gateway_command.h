@@ -29,6 +29,8 @@ struct GatewayCommand {
   std::string tokenizer;                  // the workers' tokenizer.bin, for it; default byte-level
   std::string backend;                    // I/O backend: "", "uring" or "asio"
   unsigned http_threads = 0;              // 0: the gateway's default
+  std::chrono::milliseconds upstream_keepalive{1000};   // Ping a silent router after this long
+  std::chrono::milliseconds upstream_dead_after{3000};  // a router silent this long is lost
   std::chrono::milliseconds drain_timeout{30000};
 };
 

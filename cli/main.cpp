@@ -371,6 +371,8 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
   std::string workers;
   std::string routers;
   std::uint32_t drain_timeout_ms = 30000;
+  std::uint32_t keepalive_ms = 1000;
+  std::uint32_t dead_after_ms = 3000;
   po::options_description description(
       "usage: fmwire gateway --listen HOST:PORT (--router HOST:PORT,... | --etcd URL | --workers HOST:PORT,...) "
       "[options]\noptions");
@@ -396,11 +398,16 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
        "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("http-threads", po::value(&command.http_threads)->default_value(command.http_threads),
        "threads for HTTP; 0: one per four cores, at least one")
+      ("keepalive-ms", po::value(&keepalive_ms)->default_value(keepalive_ms), "Ping a silent router after this long")
+      ("dead-after-ms", po::value(&dead_after_ms)->default_value(dead_after_ms),
+       "a router silent this long is lost: its streams end retryable, new ones go to the next router")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   command.workers = split_list(workers);
   command.routers = split_list(routers);
+  command.upstream_keepalive = std::chrono::milliseconds(std::max<std::uint32_t>(keepalive_ms, 1));
+  command.upstream_dead_after = std::chrono::milliseconds(std::max(dead_after_ms, keepalive_ms + 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_gateway(command, std::cout, std::cerr);

@@ -92,6 +92,12 @@ struct HttpGatewayOptions {
   // with an upstream client of its own (a native connection and its loop
   // thread), shared nothing with the others.
   unsigned http_threads = 0;
+  // The upstream connection: a Ping after this much silence, and lost
+  // after this much (its streams end retryable, the next router is tried).
+  // What a router cut off without a reset costs new requests, at most: they
+  // go to the silent connection until it is given up.
+  std::chrono::milliseconds upstream_keepalive{1000};
+  std::chrono::milliseconds upstream_dead_after{3000};
 };
 
 class HttpGateway {

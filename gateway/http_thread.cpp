@@ -32,6 +32,8 @@ void HttpThread::connect_upstream(bool wait) {
   client_options.backend = options.io_backend;
   client_options.connect_timeout = kUpstreamConnectTimeout;
   client_options.connection.initial_stream_credit_bytes = kStreamCreditBytes;
+  client_options.connection.keepalive_interval = options.upstream_keepalive;
+  client_options.connection.dead_after = options.upstream_dead_after;
   client_options.on_turn_end = [this] { hand_over(); };
   if (wait && !options.upstreams.empty()) {
     auto connected = Client::connect(in_own_order(options.upstreams), client_options);

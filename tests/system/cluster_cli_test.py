@@ -240,7 +240,7 @@ def served_since(fleet, since, limit_s=LIMIT_S):
     raise Failure(f"no completion served within {limit_s} s")
 
 
-def routers_behind_gateway(fleet):
+def routers_behind_gateway(fleet, *gateway_extra):
     """etcd, 2 workers, 2 routers registered in etcd by name, and a gateway
     with one HTTP thread (one upstream connection) finding them there."""
     etcd = fleet.etcd()
@@ -249,7 +249,7 @@ def routers_behind_gateway(fleet):
     for router in ("router1", "router2"):
         fleet.router(router, etcd, "--etcd-ttl-s", "2")
         fleet.wait(lambda: len(fleet.healthy_workers(router)) == 2, f"{router} to find both workers")
-    fleet.gateway("--etcd", etcd, "--http-threads", "1", "--model", "synthetic:tiny")
+    fleet.gateway("--etcd", etcd, "--http-threads", "1", "--model", "synthetic:tiny", *gateway_extra)
     served_since(fleet, time.monotonic())
 
 
@@ -277,10 +277,11 @@ def router_killed_mid_stream(fleet):
 @with_cluster(["etcd", "router1", "router2", "worker1", "worker2", "gateway", "client"])
 def router_link_cut_and_restored(fleet):
     """The link of the router carrying a stream goes down (the router runs
-    on, unreachable): the gateway finds it silent (keepalive), the stream
-    ends with a retryable error, new streams go to the other router; with
-    the link back the router serves again."""
-    routers_behind_gateway(fleet)
+    on, unreachable): the gateway finds it silent (keepalive: given up after
+    1 s here, --dead-after-ms), the stream ends with a retryable error, new
+    streams go to the other router; with the link back the router serves
+    again."""
+    routers_behind_gateway(fleet, "--keepalive-ms", "300", "--dead-after-ms", "1000")
     client = fleet.stream("synthetic:tiny", "a long story", 1000)
     fleet.wait(lambda: carrying_router(fleet, ("router1", "router2")), "the stream at a router")
     victim = carrying_router(fleet, ("router1", "router2"))
@@ -294,6 +295,8 @@ def router_link_cut_and_restored(fleet):
     print(f"cut {victim}'s link: its stream ended {ended_s:.2f} s later with {problems}; a new stream served "
           f"{new_stream_s:.2f} s after the cut")
     check(problems and problems[-1].get("code") == "worker_lost", f"the cut stream's end: {output[-500:]!r}")
+    # Silent for 1 s, then given up; the default (3 s) would take longer.
+    check(ended_s < 2.5 and new_stream_s < 2.5, f"ended after {ended_s:.2f} s, new stream after {new_stream_s:.2f} s")
     fleet.cluster.restore(victim)
     # The survivor gone, the restored router must serve (the gateway finds
     # it in etcd again once it re-registers, or still has it listed).
