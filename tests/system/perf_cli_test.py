@@ -13,6 +13,7 @@ every namespace removed, on the way out, also when a scenario fails. The
 numbers are checked to be there and positive, never against a target: the
 machines are shared.
 """
+import contextlib
 import json
 import os
 import re
@@ -86,10 +87,23 @@ def children(pid):
 # ---------------------------------------------------------------- loopback
 
 
-def tokens_loopback(binary, env):
-    server = PerfServer(binary, env)
+@contextlib.contextmanager
+def served(binary, env, *extra):
+    """A perf server and a scratch folder for one scenario: the folder is
+    removed on the way out, and a server that does not drain cleanly (exit
+    0 on SIGTERM) fails the scenario."""
+    server = PerfServer(binary, env, *extra)
     folder = tempfile.mkdtemp(prefix="fmwire-perf-")
     try:
+        yield server, folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        code = server.stop()
+    check(code == 0, f"perf serve did not drain cleanly: exit {code}, {server.process.stderr.read()!r}")
+
+
+def tokens_loopback(binary, env):
+    with served(binary, env) as (server, folder):
         path = os.path.join(folder, "tokens.json")
         result = perf_run(binary, env, server.endpoint, "--test", "tokens", "--repetitions", "3",
                           "--frames", "200000", "--json", path)
@@ -102,15 +116,10 @@ def tokens_loopback(binary, env):
         for name in ("tokens_frames_per_s", "tokens_client_cpu_s_per_million_frames",
                      "tokens_server_cpu_s_per_million_frames"):
             check(rows.get(name, {}).get("value", 0) > 0, f"JSON row {name}: {rows.get(name)!r}")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        check(server.stop() == 0, f"perf serve did not drain cleanly: {server.process.stderr.read()!r}")
 
 
 def latency_loopback(binary, env):
-    server = PerfServer(binary, env)
-    folder = tempfile.mkdtemp(prefix="fmwire-perf-")
-    try:
+    with served(binary, env) as (server, folder):
         path = os.path.join(folder, "latency.json")
         result = perf_run(binary, env, server.endpoint, "--test", "latency", "--seconds", "1",
                           "--requests", "500", "--json", path)
@@ -124,9 +133,6 @@ def latency_loopback(binary, env):
         check(abs(rows["latency_round_trip_p50"]["value"] - p50) < 0.1,
               f"JSON p50 {rows['latency_round_trip_p50']!r} against printed {p50}")
         check(rows["latency_round_trip_p99"]["value"] > 0, "JSON p99")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        server.stop()
 
 
 def bulk_loopback_compare(binary, env):
@@ -134,9 +140,7 @@ def bulk_loopback_compare(binary, env):
     JSON has iperf3 as the peer and scripts/plot.py charts it; the iperf3
     child is gone once perf serve has stopped."""
     iperf3_port = free_port()
-    server = PerfServer(binary, env, "--iperf3-port", str(iperf3_port))
-    folder = tempfile.mkdtemp(prefix="fmwire-perf-")
-    try:
+    with served(binary, env, "--iperf3-port", str(iperf3_port)) as (server, folder):
         iperf3_children = children(server.process.pid) if shutil.which("iperf3") else []
         path = os.path.join(folder, "bulk.json")
         result = perf_run(binary, env, server.endpoint, "--test", "bulk", "--repetitions", "3",
@@ -161,9 +165,6 @@ def bulk_loopback_compare(binary, env):
                                      capture_output=True, text=True, timeout=LIMIT_S * 3)
             check(plotted.returncode == 0, f"plot.py exit {plotted.returncode}: {plotted.stderr!r}")
             check(os.path.exists(os.path.join(folder, "perf-ratios.svg")), f"plot.py wrote {os.listdir(folder)}")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        server.stop()
     for child in iperf3_children:
         check(not os.path.exists(f"/proc/{child}"), f"iperf3 {child} outlived perf serve")
 
