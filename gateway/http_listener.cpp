@@ -2,10 +2,10 @@
 
 #include <algorithm>
 #include <boost/asio/post.hpp>
-#include <iostream>
 #include <thread>
 
 #include "gateway/http_session.h"
+#include "log/log.h"
 
 namespace fmwire::gateway {
 namespace {
@@ -49,7 +49,7 @@ std::optional<std::string> HttpListener::listen() {
 
 void HttpListener::run() {
   if (context_.options().api_keys.empty()) {
-    std::cerr << "fmwire gateway: no API keys: the API is open to anyone who can reach it" << std::endl;
+    log::warn("no API keys: the API is open to anyone who can reach it");
   }
   // The first thread's client is connected before serving, so that a
   // reachable upstream is ready at once; the others connect meanwhile.
@@ -86,8 +86,7 @@ void HttpListener::accept() {
   acceptor_->async_accept(next.io(), [this, &next](beast::error_code error, tcp::socket socket) {
     if (error == asio::error::operation_aborted || !acceptor_->is_open()) return;
     if (error) {
-      std::cerr << "fmwire gateway: accept failed (" << error.message() << "); trying again in "
-                << kAcceptRetryDelay.count() << " ms" << std::endl;
+      log::error("accept failed, trying again", {{"why", error.message()}, {"retry_ms", kAcceptRetryDelay.count()}});
       accept_retry_->expires_after(kAcceptRetryDelay);
       accept_retry_->async_wait([this](beast::error_code waited) {
         if (!waited) accept();
