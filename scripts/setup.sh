@@ -20,6 +20,9 @@ packages=(
   curl nodejs
   # tests: promtool checks the gateway's /metrics page (Debian's prometheus)
   prometheus
+  # tests: the instruction-count gate (callgrind, and callgrind.h for
+  # bench/instruction_gate's counted regions)
+  valgrind
   # benchmarks only: protobuf is the peer format in bench/codec; gRPC and
   # iperf3 are the peers of bench/transport
   libprotobuf-dev protobuf-compiler
