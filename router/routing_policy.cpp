@@ -265,7 +265,9 @@ class SlaAwarePolicy final : public RoutingPolicy {
       }
     }
     if (!best) return no_worker(workers);
-    if (options_.sla_refuse && request.deadline_us > 0 && best_estimate.total_us() > request.deadline_us) {
+    const auto refuse_above_us = static_cast<std::uint64_t>(static_cast<double>(request.deadline_us) *
+                                                            (1.0 + std::max(options_.sla_refuse_margin, 0.0)));
+    if (options_.sla_refuse && request.deadline_us > 0 && best_estimate.total_us() > refuse_above_us) {
       return unreachable(request, workers[*best], best_estimate);
     }
     const std::size_t pick = fit ? *fit : *best;

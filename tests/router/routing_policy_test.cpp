@@ -483,14 +483,33 @@ TEST_CASE("sla refuses at once with DEADLINE_UNREACHABLE naming the best estimat
   auto policy = make_policy("sla");
   const auto views = sla_workers();
   const auto prompt = tokens(1, 100);
-  auto picked = policy->pick(request_for(prompt, 10, 20000), views);
+  // The best estimate, 23000 us, is over 15000 by more than half of it.
+  auto picked = policy->pick(request_for(prompt, 10, 15000), views);
   REQUIRE_FALSE(picked);
   CHECK(picked.error().code == protocol::ErrorCode::DEADLINE_UNREACHABLE);
   CHECK(picked.error().retryable);
-  CHECK(picked.error().retry_after_ms == 3);
+  CHECK(picked.error().retry_after_ms == 8);
   CHECK(picked.error().message ==
-        "no worker can finish within 20000 us: the best estimate is 23000 us "
+        "no worker can finish within 15000 us: the best estimate is 23000 us "
         "(worker 127.0.0.1:7102: 22000 execution + 0 queue + 1000 relay)");
+}
+
+TEST_CASE("sla admits a request whose best estimate is over its deadline by less than the refusal margin") {
+  const auto views = sla_workers();
+  const auto prompt = tokens(1, 100);
+  // 23000 us against 20000: within the default margin (half the deadline),
+  // to the fastest worker; refused with no margin.
+  auto admitting = make_policy("sla");
+  auto picked = admitting->pick(request_for(prompt, 10, 20000), views);
+  REQUIRE(picked);
+  CHECK(picked->worker == 1);
+  CHECK(picked->estimate_us == 23000);
+  PolicyOptions strict;
+  strict.sla_refuse_margin = 0;
+  auto refusing = make_policy("sla", strict);
+  picked = refusing->pick(request_for(prompt, 10, 20000), views);
+  REQUIRE_FALSE(picked);
+  CHECK(picked.error().retry_after_ms == 3);
 }
 
 TEST_CASE("sla without a deadline picks the smallest estimate") {
