@@ -9,7 +9,8 @@
 // the worker, and a client that goes away cancels its request end to end.
 //
 // Endpoints (an API key, `Authorization: Bearer KEY`, on the /v1 ones when
-// keys are configured; /health, /ready and /metrics are open):
+// keys are configured; /health, /ready and /metrics are open; rate limits,
+// when set, on the /v1 ones, per key or else per client address):
 //   POST /v1/completions, POST /v1/chat/completions   OpenAI's shapes; chat
 //        messages become one prompt, "<role>: <content>\n" each, then "assistant:"
 //   GET  /v1/models
@@ -38,8 +39,9 @@
 // reader for up to resume_window, into a replay buffer of replay_events
 // events; when that is full the gateway stops taking the stream's tokens,
 // so flow control holds it at the worker. `GET /v1/streams/<id>` with
-// `Last-Event-ID: n` gets events n+1.. from the buffer, then the live ones,
-// without generating anything again (410 when n+1 is no longer kept; 404
+// `Last-Event-ID: n` and the API key that opened it (another key gets the
+// 404 of an unknown id; ids are 128 random bits) gets events n+1.. from
+// the buffer, then the live ones, without generating anything again (410 when n+1 is no longer kept; 404
 // once the stream is resume_window past its end, or was never resumable).
 // WebSocket streams are not resumable.
 //
@@ -62,6 +64,7 @@
 #include <vector>
 
 #include "codec/codec_error.h"
+#include "gateway/rate_limiter.h"
 #include "transport/endpoint.h"
 
 namespace fmwire::gateway {
@@ -72,7 +75,15 @@ struct HttpGatewayOptions {
   // thread, to the first of these that accepts, then the next on a loss.
   // Empty at start only when set_upstreams() fills it (routers from etcd).
   std::vector<transport::Endpoint> upstreams;
-  std::vector<std::string> api_keys;              // empty: no key needed (a warning at start)
+  // Empty: no key needed (a warning at start). Kept hashed (SHA-256): the
+  // gateway drops its clear-text copy once it has hashed them.
+  std::vector<std::string> api_keys;
+  // Per caller (API key; client address without keys): requests per second
+  // and tokens per minute, past which a request is a 429 with Retry-After
+  // (rate_limiter.h). Callers told apart by address: at most this many
+  // remembered, the least recently seen forgotten first.
+  RateLimits rate_limits;
+  std::size_t rate_limit_addresses = 10'000;
   std::string model = "builtin";                  // what /v1/models lists; requests may name it or nothing
   std::size_t max_body_bytes = 1 << 20;           // then 413
   std::size_t max_header_bytes = 16 << 10;        // then 431

@@ -48,7 +48,7 @@ std::optional<std::string> HttpListener::listen() {
 }
 
 void HttpListener::run() {
-  if (context_.options().api_keys.empty()) {
+  if (context_.api_keys().empty()) {
     std::cerr << "fmwire gateway: no API keys: the API is open to anyone who can reach it" << std::endl;
   }
   // The first thread's client is connected before serving, so that a

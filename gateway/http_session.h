@@ -16,13 +16,13 @@
 #include <string>
 #include <string_view>
 
+#include "gateway/gateway_context.h"
 #include "gateway/http_limits.h"
 #include "gateway/openai_api.h"
 #include "transport/client.h"
 
 namespace fmwire::gateway {
 
-class GatewayContext;
 class HttpThread;
 
 // On its HTTP thread, from the first read to the close (or to the hand-over
@@ -41,10 +41,11 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
   void read_body();
   void on_read(boost::beast::error_code error);
   void handle();
-  void generate(ApiKind kind);
-  void resume(const std::string& id);
+  bool admitted(const std::optional<Caller>& caller);
+  void generate(ApiKind kind, const Caller& caller);
+  void resume(const std::string& id, const Caller& caller);
   // stream: false
-  void generate_whole(StreamIdentity identity, GenerateParams params);
+  void generate_whole(StreamIdentity identity, GenerateParams params, std::shared_ptr<TokenCharge> charge);
   void watch_disconnect(std::uint64_t request);
   void on_whole_finish(std::uint64_t request, std::string text, const Completion& completion);
   void on_whole_error(std::uint64_t request, const ClientError& error);
@@ -60,6 +61,7 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
   std::optional<boost::beast::http::request_parser<boost::beast::http::string_body>> parser_;
   boost::beast::http::request<boost::beast::http::string_body> request_;
   Clock::time_point received_;
+  std::string address_;  // the client's, when rate limits go by address
   // stream: false
   StreamIdentity identity_;
   GenerationHandle handle_;

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "gateway/event_sink.h"
+#include "gateway/gateway_context.h"
 #include "gateway/http_limits.h"
 
 namespace fmwire::gateway {
@@ -25,8 +26,9 @@ class WebSocketSink final : public EventSink, public std::enable_shared_from_thi
  public:
   WebSocketSink(HttpThread& thread, boost::beast::tcp_stream stream);
 
-  // Answers the upgrade, then reads the one request message.
-  void accept(boost::beast::http::request<boost::beast::http::string_body> request);
+  // Answers the upgrade, then reads the one request message, whose
+  // max_tokens are `caller`'s to be charged (GatewayContext::admit).
+  void accept(boost::beast::http::request<boost::beast::http::string_body> request, Caller caller);
 
   void watch(std::function<void()> lost) override;
   // One message per event: one at a time.
@@ -51,6 +53,7 @@ class WebSocketSink final : public EventSink, public std::enable_shared_from_thi
   std::string out_;
   bool have_request_ = false;
   Clock::time_point received_;
+  Caller caller_;
   std::function<void()> lost_;
 };
 
