@@ -8,6 +8,7 @@
 #include "cli/etcd_membership.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
+#include "gateway/api_keys.h"
 #include "gateway/http_gateway.h"
 #include "transport/host_resolver.h"
 
@@ -75,7 +76,9 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
       return 2;
     }
     options.api_keys.insert(options.api_keys.end(), keys->begin(), keys->end());
+    gateway::forget_api_keys(*keys);
   }
+  options.rate_limits = command.rate_limits;
   options.model = command.model;
   options.io_backend = command.backend;
   options.http_threads = command.http_threads;
@@ -144,6 +147,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
     }
     http = std::move(*started);
     serving = http.get();
+    gateway::forget_api_keys(options.api_keys);  // the gateway keeps their hashes only
   }
   out << "listening on http://" << transport::Endpoint{listen->host, http->port()}.to_string() << std::endl;
 

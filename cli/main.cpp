@@ -63,6 +63,14 @@ bool parse(const std::vector<std::string>& arguments, const po::options_descript
   return false;
 }
 
+// --rate-limit RPS[,TPM] (gateway/rate_limiter.h); a bad one exits 2.
+fmwire::gateway::RateLimits rate_limits_flag(const std::string& text) {
+  if (text.empty()) return {};
+  auto limits = fmwire::gateway::parse_rate_limits(text);
+  if (!limits) throw po::error("--rate-limit: " + limits.error());
+  return *limits;
+}
+
 // "a,b,c" -> {"a", "b", "c"}, empty pieces dropped.
 std::vector<std::string> split_list(const std::string& text) {
   std::vector<std::string> pieces;
@@ -368,6 +376,7 @@ int run_router_command(const std::vector<std::string>& arguments) {
 int run_gateway_command(const std::vector<std::string>& arguments) {
   fmwire::cli::GatewayCommand command;
   std::string backend;
+  std::string rate_limit;
   std::string workers;
   std::string routers;
   std::uint32_t drain_timeout_ms = 30000;
@@ -387,6 +396,10 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("workers", po::value(&workers), "or the workers, HOST:PORT,...: a router runs inside the gateway")
       ("api-keys", po::value(&command.api_keys_file), "file of API keys, one per line (# comments)")
       ("api-key", po::value(&command.api_keys)->composing(), "an API key (repeatable); none: no key needed")
+      ("rate-limit", po::value(&rate_limit),
+       "RPS[,TPM]: per API key (per client address without keys), requests per second and tokens per minute "
+       "(max_tokens charged on admission, the unused part given back at the stream's end); past them a 429 "
+       "with Retry-After; 0: no limit on that one")
       ("model", po::value(&command.model)->default_value(command.model), "the model name /v1/models lists")
       ("policy", po::value(&command.router_options.policy)->default_value(command.router_options.policy),
        "with --workers: round-robin, least-loaded, prefix or sla")
@@ -406,6 +419,7 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
   if (parse(arguments, description, nullptr, values)) return 0;
   command.workers = split_list(workers);
   command.routers = split_list(routers);
+  command.rate_limits = rate_limits_flag(rate_limit);
   command.upstream_keepalive = std::chrono::milliseconds(std::max<std::uint32_t>(keepalive_ms, 1));
   command.upstream_dead_after = std::chrono::milliseconds(std::max(dead_after_ms, keepalive_ms + 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
@@ -416,6 +430,7 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
 int run_up_command(const std::vector<std::string>& arguments) {
   fmwire::cli::UpCommand command;
   std::string backend;
+  std::string rate_limit;
   std::uint32_t drain_timeout_ms = 30000;
   auto& model = command.model;
   po::options_description description("usage: fmwire up [options]\noptions");
@@ -442,9 +457,14 @@ int run_up_command(const std::vector<std::string>& arguments) {
        "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("http-threads", po::value(&command.http_threads)->default_value(command.http_threads),
        "threads for HTTP; 0: one per four cores, at least one")
+      ("rate-limit", po::value(&rate_limit),
+       "RPS[,TPM]: per client address, requests per second and tokens per minute "
+       "(max_tokens charged on admission, the unused part given back at the stream's end); past them a 429 "
+       "with Retry-After; 0: no limit on that one")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
+  command.rate_limits = rate_limits_flag(rate_limit);
   if (values.count("no-demo")) command.demo = false;
   if (values.count("disaggregate") || values.count("prefill-workers") || values.count("decode-workers")) {
     if (!values.count("prefill-workers")) command.prefill_workers = 1;

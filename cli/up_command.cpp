@@ -175,6 +175,7 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
   gateway_options.model = served_model_name(command.model.model);
   gateway_options.io_backend = command.backend;
   gateway_options.http_threads = command.http_threads;
+  gateway_options.rate_limits = command.rate_limits;
   auto gateway_started = gateway::HttpGateway::start(gateway_options);
   if (!gateway_started) {
     err << "fmwire up: " << gateway_started.error()

@@ -26,15 +26,15 @@ codec::Result<double, std::string> parse_limit(std::string_view text, std::strin
 codec::Result<RateLimits, std::string> parse_rate_limits(std::string_view text) {
   const std::size_t comma = text.find(',');
   auto requests = parse_limit(text.substr(0, comma), "requests per second");
-  if (!requests) return requests.error() + " in --rate-limit RPS[,TPM]";
+  if (!requests) return requests.error() + "; the form is RPS[,TPM]";
   RateLimits limits;
   limits.requests_per_s = *requests;
   if (comma != std::string_view::npos) {
     auto tokens = parse_limit(text.substr(comma + 1), "tokens per minute");
-    if (!tokens) return tokens.error() + " in --rate-limit RPS[,TPM]";
+    if (!tokens) return tokens.error() + "; the form is RPS[,TPM]";
     limits.tokens_per_minute = *tokens;
   }
-  if (!limits.any()) return std::string("--rate-limit 0 or 0,0 limits nothing: leave it out");
+  if (!limits.any()) return std::string("0 or 0,0 limits nothing: leave the limit out");
   return limits;
 }
 

@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 
 from native_cli_test import LIMIT_S, Failure, check, read_until, run_scenario
 from worker_cli_test import Worker
@@ -77,13 +78,19 @@ def up(binary, env, *extra):
 
 def http(url, body=None, headers=None):
     """(status, body text) of a GET, or of a POST of `body` as JSON."""
+    status, _, text = http_with_headers(url, body, headers)
+    return status, text
+
+
+def http_with_headers(url, body=None, headers=None):
+    """(status, response headers, body text), as http()."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with NO_PROXY.open(request, timeout=LIMIT_S) as response:
-            return response.status, response.read().decode()
+            return response.status, response.headers, response.read().decode()
     except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+        return error.code, error.headers, error.read().decode()
 
 
 def metric(page, series):
@@ -260,6 +267,124 @@ def gateway_router_api_keys_file(binary, env):
                 router.kill()
                 router.wait()
             worker.kill()
+
+
+class KeyedGateway:
+    """`fmwire gateway` with an embedded router in front of one builtin
+    worker, taking the keys sk-first and sk-second; `extra` are more flags."""
+
+    KEYS = ("sk-first", "sk-second")
+
+    def __init__(self, binary, env, *extra):
+        self.worker = Worker(binary, env, "--model", "builtin")
+        self.server = None
+        try:
+            self.server = HttpServer(binary, env, "gateway", "--listen", "127.0.0.1:0", "--workers",
+                                     self.worker.endpoint, "--api-key", self.KEYS[0], "--api-key", self.KEYS[1], *extra)
+        except BaseException:
+            self.worker.kill()
+            raise
+        self.url = self.server.url
+
+    def stop(self):
+        code, _, errors = self.server.stop(signal.SIGTERM)
+        check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
+        check(self.worker.stop() == 0, "the worker did not stop cleanly")
+
+    def kill(self):
+        if self.server:
+            self.server.kill()
+        self.worker.kill()
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def gateway_wrong_key_refused(binary, env):
+    """No key, a wrong key, and a configured key's prefix are a 401 with
+    WWW-Authenticate and OpenAI's error; either configured key is served."""
+    gateway = KeyedGateway(binary, env)
+    try:
+        request = dict(CHAT, stream=False)
+        for headers in ({}, bearer("sk-wrong"), bearer("sk-firs"), bearer("sk-firstx"), {"Authorization": "sk-first"}):
+            status, answer_headers, body = http_with_headers(gateway.url + "/v1/chat/completions", request, headers)
+            check(status == 401, f"{headers}: {status} {body!r}")
+            check(answer_headers.get("WWW-Authenticate") == "Bearer", f"{headers}: headers {dict(answer_headers)}")
+            check(json.loads(body)["error"]["code"] == "invalid_api_key", f"{headers}: {body!r}")
+        for key in KeyedGateway.KEYS:
+            status, body = http(gateway.url + "/v1/chat/completions", request, bearer(key))
+            check(status == 200, f"{key}: {status} {body!r}")
+        gateway.stop()
+    finally:
+        gateway.kill()
+
+
+def gateway_rate_limit_429(binary, env):
+    """--rate-limit 0.5 (a request per 2 s a key): a key's second request at
+    once is a 429 with Retry-After: 2 and OpenAI's rate-limit error; the
+    other key is served meanwhile; after the wait the first is again. A bad
+    --rate-limit exits 2 with the reason."""
+    for command in (["gateway", "--router", "127.0.0.1:1"], ["up", "--no-demo", "--port", "0"]):
+        result = subprocess.run([binary, *command, "--rate-limit", "5,lots"], capture_output=True, text=True,
+                                env=env, timeout=LIMIT_S)
+        check(result.returncode == 2 and "bad tokens per minute 'lots'" in result.stderr,
+              f"{command[0]} --rate-limit 5,lots: exit {result.returncode} {result.stderr!r}")
+    gateway = KeyedGateway(binary, env, "--rate-limit", "0.5")
+    try:
+        request = dict(CHAT, stream=False, max_tokens=4)
+        status, body = http(gateway.url + "/v1/chat/completions", request, bearer("sk-first"))
+        check(status == 200, f"first request: {status} {body!r}")
+        refused_at = time.monotonic()
+        status, headers, body = http_with_headers(gateway.url + "/v1/chat/completions", request, bearer("sk-first"))
+        check(status == 429, f"second request at once: {status} {body!r}")
+        check(headers.get("Retry-After") == "2", f"Retry-After {headers.get('Retry-After')!r}")
+        error = json.loads(body)["error"]
+        check(error["code"] == "rate_limit_exceeded" and error["type"] == "requests", f"429 body {body!r}")
+        status, body = http(gateway.url + "/v1/chat/completions", request, bearer("sk-second"))
+        check(status == 200, f"the other key: {status} {body!r}")
+        time.sleep(max(0.0, refused_at + 2.05 - time.monotonic()))  # what Retry-After said
+        status, body = http(gateway.url + "/v1/chat/completions", request, bearer("sk-first"))
+        check(status == 200, f"after Retry-After: {status} {body!r}")
+        gateway.stop()
+    finally:
+        gateway.kill()
+
+
+def gateway_resume_other_key_404(binary, env):
+    """A resumable stream cut after its first event: another key's GET
+    /v1/streams/<id> is the 404 of an id that never was; the opener's key
+    gets the rest, from event 2 to [DONE]."""
+    gateway = KeyedGateway(binary, env)
+    try:
+        host, port = gateway.url[len("http://"):].rsplit(":", 1)
+        connection = HTTPConnection(host, int(port), timeout=LIMIT_S)
+        connection.request("POST", "/v1/chat/completions", json.dumps(dict(CHAT, max_tokens=40)),
+                           {"Content-Type": "application/json", "X-Fmwire-Resumable": "1", **bearer("sk-first")})
+        response = connection.getresponse()
+        check(response.status == 200, f"resumable stream: {response.status}")
+        stream_id = response.getheader("X-Fmwire-Stream-Id")
+        check(re.fullmatch(r"chatcmpl-[0-9a-f]{32}", stream_id or ""), f"stream id {stream_id!r}: not 128 bits")
+        first = response.readline().decode()
+        check(first == "id: 1\n", f"first line {first!r}")
+        connection.close()
+
+        status, body = http(gateway.url + "/v1/streams/" + stream_id, None,
+                            {**bearer("sk-second"), "Last-Event-ID": "1"})
+        never = "chatcmpl-" + "0" * 32
+        status_never, body_never = http(gateway.url + "/v1/streams/" + never, None, bearer("sk-second"))
+        check(status == 404 and status_never == 404, f"another key: {status} {body!r}; unknown id: {status_never}")
+        check(json.loads(body)["error"]["code"] == json.loads(body_never)["error"]["code"] == "stream_not_found",
+              f"{body!r} / {body_never!r}")
+
+        status, body = http(gateway.url + "/v1/streams/" + stream_id, None, {**bearer("sk-first"), "Last-Event-ID": "1"})
+        check(status == 200, f"the opener's key: {status} {body[-400:]!r}")
+        ids = [int(line[len("id: "):]) for line in body.splitlines() if line.startswith("id: ")]
+        check(ids and ids[0] == 2 and ids == list(range(2, 2 + len(ids))), f"event ids {ids}")
+        check(body.rstrip().endswith("data: [DONE]"), f"resumed stream's end {body[-400:]!r}")
+        gateway.stop()
+    finally:
+        gateway.kill()
 
 
 def up_serves_then_exits_on_sigint(binary, env):
@@ -456,6 +581,9 @@ SCENARIOS = {
     "openai_sdk_gateway_workers": openai_sdk_gateway_workers,
     "curl_streams_sse": curl_streams_sse,
     "gateway_router_api_keys_file": gateway_router_api_keys_file,
+    "gateway_wrong_key_refused": gateway_wrong_key_refused,
+    "gateway_rate_limit_429": gateway_rate_limit_429,
+    "gateway_resume_other_key_404": gateway_resume_other_key_404,
     "up_serves_then_exits_on_sigint": up_serves_then_exits_on_sigint,
     "up_streams_its_demo": up_streams_its_demo,
     "up_port_taken": up_port_taken,
