@@ -79,6 +79,8 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
     gateway::forget_api_keys(*keys);
   }
   options.rate_limits = command.rate_limits;
+  options.tls_cert_file = command.tls_cert;
+  options.tls_key_file = command.tls_key;
   options.model = command.model;
   options.io_backend = command.backend;
   options.http_threads = command.http_threads;
@@ -149,7 +151,8 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
     serving = http.get();
     gateway::forget_api_keys(options.api_keys);  // the gateway keeps their hashes only
   }
-  out << "listening on http://" << transport::Endpoint{listen->host, http->port()}.to_string() << std::endl;
+  out << "listening on " << (command.tls_cert.empty() ? "http://" : "https://")
+      << transport::Endpoint{listen->host, http->port()}.to_string() << std::endl;
 
   shutdown.wait_for_signal();
   watcher.reset();  // no more changes to the gateway's list

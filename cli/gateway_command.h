@@ -26,6 +26,8 @@ struct GatewayCommand {
   std::string api_keys_file;              // one key per line
   std::vector<std::string> api_keys;      // besides the file's
   gateway::RateLimits rate_limits;        // per key (per address without keys); none by default
+  std::string tls_cert;                   // HTTPS: certificate chain (PEM), and
+  std::string tls_key;                    // its key (PEM); both or neither
   std::string model = "builtin";          // what /v1/models lists
   router::RouterOptions router_options;  // the embedded router's
   std::string tokenizer;                  // the workers' tokenizer.bin, for it; default byte-level

@@ -63,6 +63,21 @@ bool parse(const std::vector<std::string>& arguments, const po::options_descript
   return false;
 }
 
+// The HTTP front's --tls-cert, --tls-key and --rate-limit, for `gateway`
+// and `up`; `callers` says whom the limits count.
+void add_https_and_rate_limit_flags(po::options_description& description, std::string& tls_cert, std::string& tls_key,
+                                    std::string& rate_limit, const std::string& callers) {
+  const std::string rate_limit_help =
+      "RPS[,TPM]: " + callers + ", requests per second and tokens per minute (max_tokens charged on admission, "
+      "the unused part given back at the stream's end); past them a 429 with Retry-After; 0: no limit on that one";
+  description.add_options()
+      ("tls-cert", po::value(&tls_cert),
+       "HTTPS: the certificate chain (PEM) to serve, with --tls-key; TLS 1.2 and 1.3 only; read again on SIGHUP "
+       "(open streams keep going)")
+      ("tls-key", po::value(&tls_key), "HTTPS: the certificate's private key (PEM)")
+      ("rate-limit", po::value(&rate_limit), rate_limit_help.c_str());
+}
+
 // --rate-limit RPS[,TPM] (gateway/rate_limiter.h); a bad one exits 2.
 fmwire::gateway::RateLimits rate_limits_flag(const std::string& text) {
   if (text.empty()) return {};
@@ -396,10 +411,6 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("workers", po::value(&workers), "or the workers, HOST:PORT,...: a router runs inside the gateway")
       ("api-keys", po::value(&command.api_keys_file), "file of API keys, one per line (# comments)")
       ("api-key", po::value(&command.api_keys)->composing(), "an API key (repeatable); none: no key needed")
-      ("rate-limit", po::value(&rate_limit),
-       "RPS[,TPM]: per API key (per client address without keys), requests per second and tokens per minute "
-       "(max_tokens charged on admission, the unused part given back at the stream's end); past them a 429 "
-       "with Retry-After; 0: no limit on that one")
       ("model", po::value(&command.model)->default_value(command.model), "the model name /v1/models lists")
       ("policy", po::value(&command.router_options.policy)->default_value(command.router_options.policy),
        "with --workers: round-robin, least-loaded, prefix or sla")
@@ -415,6 +426,8 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("dead-after-ms", po::value(&dead_after_ms)->default_value(dead_after_ms),
        "a router silent this long is lost: its streams end retryable, new ones go to the next router")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
+  add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit,
+                                 "per API key (per client address without keys)");
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   command.workers = split_list(workers);
@@ -457,11 +470,8 @@ int run_up_command(const std::vector<std::string>& arguments) {
        "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("http-threads", po::value(&command.http_threads)->default_value(command.http_threads),
        "threads for HTTP; 0: one per four cores, at least one")
-      ("rate-limit", po::value(&rate_limit),
-       "RPS[,TPM]: per client address, requests per second and tokens per minute "
-       "(max_tokens charged on admission, the unused part given back at the stream's end); past them a 429 "
-       "with Retry-After; 0: no limit on that one")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
+  add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit, "per client address");
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   command.rate_limits = rate_limits_flag(rate_limit);

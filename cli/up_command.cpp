@@ -176,6 +176,8 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
   gateway_options.io_backend = command.backend;
   gateway_options.http_threads = command.http_threads;
   gateway_options.rate_limits = command.rate_limits;
+  gateway_options.tls_cert_file = command.tls_cert;
+  gateway_options.tls_key_file = command.tls_key;
   auto gateway_started = gateway::HttpGateway::start(gateway_options);
   if (!gateway_started) {
     err << "fmwire up: " << gateway_started.error()
@@ -183,7 +185,8 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
     return 2;
   }
   std::unique_ptr<gateway::HttpGateway> http = std::move(*gateway_started);
-  const std::string url = "http://" + transport::Endpoint{listen->host, http->port()}.to_string();
+  const std::string url = (command.tls_cert.empty() ? "http://" : "https://") +
+                          transport::Endpoint{listen->host, http->port()}.to_string();
   out << "listening on " << url << std::endl
       << "try: " << curl_line(url, gateway_options.model) << std::endl
       << "OpenAI SDKs: base URL " << url << "/v1, any API key; Ctrl-C stops" << std::endl;

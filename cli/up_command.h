@@ -34,6 +34,8 @@ struct UpCommand {
   std::string backend;                // I/O backend: "", "uring" or "asio"
   unsigned http_threads = 0;          // 0: the gateway's default
   gateway::RateLimits rate_limits;    // per client address; none by default
+  std::string tls_cert;               // HTTPS: certificate chain (PEM), and
+  std::string tls_key;                // its key (PEM); both or neither
   std::chrono::milliseconds drain_timeout{30000};
 };
 

@@ -5,8 +5,9 @@
 
 namespace fmwire::gateway {
 
-GatewayContext::GatewayContext(HttpGatewayOptions options)
+GatewayContext::GatewayContext(HttpGatewayOptions options, std::unique_ptr<TlsContext> tls)
     : options_(std::move(options)),
+      tls_(std::move(tls)),
       api_keys_(options_.api_keys),
       defaults_{options_.model, options_.max_tokens_default},
       metrics_(HttpMetrics::kDefaultWorkerLoadTtl, options_.http_threads) {

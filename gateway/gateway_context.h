@@ -20,6 +20,7 @@
 #include "gateway/openai_api.h"
 #include "gateway/rate_limiter.h"
 #include "gateway/resumable_registry.h"
+#include "gateway/tls_context.h"
 #include "transport/client.h"
 
 namespace fmwire::gateway {
@@ -37,7 +38,8 @@ class GatewayContext {
  public:
   // options.http_threads resolved (not 0): one TokenTimings each. The
   // clear-text options.api_keys are hashed, then overwritten and dropped.
-  explicit GatewayContext(HttpGatewayOptions options);
+  // `tls`: HTTPS (null: plain HTTP).
+  GatewayContext(HttpGatewayOptions options, std::unique_ptr<TlsContext> tls);
 
   const HttpGatewayOptions& options() const { return options_; }
   const ApiDefaults& defaults() const { return defaults_; }
@@ -48,6 +50,7 @@ class GatewayContext {
   std::shared_ptr<void> activity();
   std::int64_t requests_under_way() const { return active_.load(); }
 
+  TlsContext* tls() const { return tls_.get(); }
   const ApiKeys& api_keys() const { return api_keys_; }
   // Whether callers are told apart by their address (limits, and no keys):
   // then authenticate() needs it.
@@ -69,6 +72,7 @@ class GatewayContext {
 
  private:
   HttpGatewayOptions options_;
+  std::unique_ptr<TlsContext> tls_;
   ApiKeys api_keys_;
   std::optional<RateLimiter> limiter_;  // none without --rate-limit
   ApiDefaults defaults_;

@@ -45,6 +45,14 @@
 // once the stream is resume_window past its end, or was never resumable).
 // WebSocket streams are not resumable.
 //
+// HTTPS (tls_cert_file and tls_key_file): TLS 1.2 and 1.3 only, ECDHE and
+// AEAD ciphers (tls_context.h); the files are read again on SIGHUP or
+// reload_tls(), for new connections, while open ones go on. Over TLS an
+// SSE write is always asynchronous (plain HTTP tries a non-blocking send
+// first), and a stream: false request whose client goes away is not
+// cancelled until its response is written: the disconnect watch peeks at
+// the socket, where a TLS close_notify reads as more bytes.
+//
 // Events waiting for a slow reader leave together, up to 8 KiB of them in
 // one write: one send and one acknowledgement upstream per write.
 //
@@ -60,6 +68,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -84,6 +93,12 @@ struct HttpGatewayOptions {
   // remembered, the least recently seen forgotten first.
   RateLimits rate_limits;
   std::size_t rate_limit_addresses = 10'000;
+  // HTTPS with this certificate (chain, PEM) and key (PEM): both or
+  // neither; TLS 1.2 and 1.3 only (tls_context.h). On SIGHUP (when
+  // reload_tls_on_sighup) both are read again, as by reload_tls().
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  bool reload_tls_on_sighup = true;
   std::string model = "builtin";                  // what /v1/models lists; requests may name it or nothing
   std::size_t max_body_bytes = 1 << 20;           // then 413
   std::size_t max_header_bytes = 16 << 10;        // then 431
@@ -125,6 +140,10 @@ class HttpGateway {
   // client keeps its connection and uses the new list on its next attempt.
   // Any thread; after drain() it does nothing.
   virtual void set_upstreams(std::vector<transport::Endpoint> upstreams) = 0;
+  // HTTPS: reads the certificate and key again; connections from now on
+  // get them, open ones (and their streams) go on as they were. An error
+  // (the files, or no HTTPS) says why, and the old ones stay. Any thread.
+  virtual std::optional<std::string> reload_tls() = 0;
 };
 
 }  // namespace fmwire::gateway

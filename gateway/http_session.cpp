@@ -1,7 +1,6 @@
 #include "gateway/http_session.h"
 
 #include <sys/socket.h>
-#include <unistd.h>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -57,10 +56,15 @@ ApiError unauthorized() {
   return error;
 }
 
+HttpStream accepted(GatewayContext& gateway, tcp::socket socket) {
+  if (TlsContext* tls = gateway.tls()) return HttpStream(beast::tcp_stream(std::move(socket)), *tls->current());
+  return HttpStream(beast::tcp_stream(std::move(socket)));
+}
+
 }  // namespace
 
 HttpSession::HttpSession(HttpThread& thread, tcp::socket socket)
-    : thread_(thread), gateway_(thread.context()), stream_(std::move(socket)) {
+    : thread_(thread), gateway_(thread.context()), stream_(accepted(gateway_, std::move(socket))) {
   if (gateway_.limits_by_address()) {
     beast::error_code error;
     const tcp::endpoint peer = stream_.socket().remote_endpoint(error);
@@ -69,7 +73,18 @@ HttpSession::HttpSession(HttpThread& thread, tcp::socket socket)
 }
 
 void HttpSession::run() {
-  asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->read_request(); });
+  asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->handshake(); });
+}
+
+// HTTPS: within the time a request has to arrive. A client that fails it
+// (TLS 1.1, a certificate it does not trust) is closed.
+void HttpSession::handshake() {
+  if (!stream_.tls()) return read_request();
+  stream_.expires_after(kRequestReadTimeout);
+  stream_.async_handshake([self = shared_from_this()](beast::error_code error) {
+    if (error) return self->close();
+    self->read_request();
+  });
 }
 
 
@@ -214,23 +229,13 @@ void HttpSession::resume(const std::string& id, const Caller& caller) {
       return respond_error(bad_request("Last-Event-ID must be a number", "Last-Event-ID"));
     }
   }
-  // The socket moves to the stream's HTTP thread, which may be another:
-  // the stream stays where its client is.
-  beast::error_code error;
-  tcp::socket& socket = stream_.socket();
-  const auto protocol = socket.local_endpoint(error).protocol();
-  if (error) return close();
-  const auto native = socket.release(error);
-  if (error) return close();
-  tcp::socket rebound(stream->thread().io());
-  rebound.assign(protocol, native, error);
-  if (error) {
-    ::close(native);
-    return;
-  }
-  asio::post(stream->thread().io(), [stream, socket = std::move(rebound), id, last_event_id,
+  // The connection moves to the stream's HTTP thread, which may be
+  // another: the stream stays where its client is.
+  std::optional<HttpStream> moved = std::move(stream_).move_to(stream->thread().io());
+  if (!moved) return;
+  asio::post(stream->thread().io(), [stream, connection = std::move(*moved), id, last_event_id,
                                      timeout = gateway_.options().stalled_write_timeout]() mutable {
-    stream->attach(std::make_shared<SseSink>(beast::tcp_stream(std::move(socket)), id, timeout), last_event_id);
+    stream->attach(std::make_shared<SseSink>(std::move(connection), id, timeout), last_event_id);
   });
 }
 

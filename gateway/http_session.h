@@ -1,12 +1,11 @@
 // One HTTP connection to the gateway, its member functions in the order of
-// its life: read a request, handle it (answer it here, or hand the
+// its life: the TLS handshake (HTTPS), read a request, handle it (answer it here, or hand the
 // connection to a stream: SSE or WebSocket), write, read the next while
 // keep-alive holds, close.
 #pragma once
 
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
@@ -18,6 +17,7 @@
 
 #include "gateway/gateway_context.h"
 #include "gateway/http_limits.h"
+#include "gateway/http_stream.h"
 #include "gateway/openai_api.h"
 #include "transport/client.h"
 
@@ -37,6 +37,7 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
  private:
   using Response = boost::beast::http::response<boost::beast::http::string_body>;
 
+  void handshake();
   void read_request();
   void read_body();
   void on_read(boost::beast::error_code error);
@@ -56,7 +57,7 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
 
   HttpThread& thread_;
   GatewayContext& gateway_;
-  boost::beast::tcp_stream stream_;
+  HttpStream stream_;
   boost::beast::flat_buffer buffer_;
   std::optional<boost::beast::http::request_parser<boost::beast::http::string_body>> parser_;
   boost::beast::http::request<boost::beast::http::string_body> request_;

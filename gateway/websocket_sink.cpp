@@ -14,7 +14,7 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 namespace websocket = beast::websocket;
 
-WebSocketSink::WebSocketSink(HttpThread& thread, beast::tcp_stream stream)
+WebSocketSink::WebSocketSink(HttpThread& thread, HttpStream stream)
     : thread_(thread), socket_(std::move(stream)), first_message_timer_(socket_.get_executor()) {
   beast::error_code ignored;
   beast::get_lowest_layer(socket_).socket().set_option(asio::socket_base::send_buffer_size(kStreamSocketSendBytes),

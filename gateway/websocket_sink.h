@@ -5,7 +5,6 @@
 
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/websocket/stream.hpp>
@@ -16,6 +15,7 @@
 #include "gateway/event_sink.h"
 #include "gateway/gateway_context.h"
 #include "gateway/http_limits.h"
+#include "gateway/http_stream.h"
 
 namespace fmwire::gateway {
 
@@ -24,7 +24,7 @@ class HttpThread;
 // On its HTTP thread, as its stream.
 class WebSocketSink final : public EventSink, public std::enable_shared_from_this<WebSocketSink> {
  public:
-  WebSocketSink(HttpThread& thread, boost::beast::tcp_stream stream);
+  WebSocketSink(HttpThread& thread, HttpStream stream);
 
   // Answers the upgrade, then reads the one request message, whose
   // max_tokens are `caller`'s to be charged (GatewayContext::admit).
@@ -47,7 +47,7 @@ class WebSocketSink final : public EventSink, public std::enable_shared_from_thi
   void peer_gone();
 
   HttpThread& thread_;
-  boost::beast::websocket::stream<boost::beast::tcp_stream> socket_;
+  boost::beast::websocket::stream<HttpStream> socket_;
   boost::asio::steady_timer first_message_timer_;
   boost::beast::flat_buffer buffer_;
   std::string out_;

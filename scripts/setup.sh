@@ -10,8 +10,9 @@ packages=(
   # libraries (Boost 1.81 for Asio, Beast, JSON, program_options)
   libboost1.81-dev libboost-json1.81-dev libboost-program-options1.81-dev
   capnproto libcapnp-dev liburing-dev libzstd-dev libxxhash-dev
-  # OpenSSL 3: the gateway's API key hashes and stream ids (libcrypto)
-  libssl-dev
+  # OpenSSL 3: the gateway's API key hashes, stream ids and HTTPS; the
+  # openssl command makes the HTTPS tests' certificates and runs s_client
+  libssl-dev openssl
   # tests: doctest, clang's libFuzzer runtime for the decoder fuzzer
   doctest-dev clang libclang-rt-14-dev
   # tests: a real etcd (3.4) for the gateway's discovery tests
