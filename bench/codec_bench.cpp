@@ -170,8 +170,8 @@ std::uint64_t expected_checksum(std::span<const TokenFrame> frames) {
 
 // ---------------------------------------------------------------- fmwire
 
-// Frames into a pooled ByteBuffer, decoded in place with the receive path's
-// full body check.
+// Frames into a pooled ByteBuffer, decoded in place as the receive path
+// does: FrameDecoder::next with BodyCheck::on_read, then read_body.
 class FmwireTokenCodec {
  public:
   static constexpr const char* kName = "fmwire";
@@ -497,7 +497,9 @@ void run_token_benchmarks(const BenchSettings& settings, std::vector<Comparison>
 #ifndef FMWIRE_HAVE_PROTOBUF
   std::printf("  protobuf peer skipped: built without libprotobuf-dev/protoc\n");
 #endif
-  std::printf("  fmwire decode includes FrameDecoder's full body check (the receive path's default).\n");
+  std::printf("  fmwire decode: FrameDecoder::next with BodyCheck::on_read, the receive path's default (header and\n"
+              "  segment table checked before any field is read, each pointer as read_body follows it; no\n"
+              "  BodyCheck::full walk of the body first), then read_body reading every field.\n");
   std::printf("  protobuf and Boost.JSON validate text as UTF-8 while parsing; Cap'n Proto does not.\n");
   std::printf("  JSON bytes count the newline delimiter; SSE's \"data: \" framing would add 7 more.\n\n");
 }

@@ -25,7 +25,13 @@
 //    - Latency, 1 ms steps (paced, so it is not queueing): per token, the
 //      end of the engine step that made it to its arrival at the client's
 //      on_tokens, p50 and p99; the router's added latency is via router minus
-//      direct, paired per repetition (target: < 10 us at p50).
+//      direct, paired per repetition (target: < 10 us at p50). Peer: the
+//      same through a raw relay (raw_relay.h: a plain TCP forwarder, epoll,
+//      read then write, no framing) in the router's place, its added
+//      latency paired the same way (target: the router's <= 1.5x it, p50
+//      and p99); and a raw one-way hop, half the p50 round trip of a 64-byte
+//      ping-pong over blocking sockets, for the direct path's p50 (target:
+//      <= 2x). Ratios are the floor's / the router's (or direct path's).
 // 2. Policies, cache hits: three workers with the built-in CPU model, R
 //    requests of 4 shared 64-token prefixes (BOS included: 4 KV blocks) and a
 //    unique ending, max_tokens 4, C at once; prefix-affinity against
@@ -96,6 +102,8 @@
 #include "engine/llama_weights.h"
 #include "engine/synthetic_backend.h"
 #include "engine/tokenizer.h"
+#include "perf/measure.h"
+#include "raw_relay.h"
 #include "router/router_service.h"
 #include "serving_harness.h"
 #include "transport/client.h"
@@ -117,6 +125,7 @@ struct BenchSettings {
   // Hop cost, frames/s: at most 500 tokens a stream (see the note above).
   StreamShape throughput{32, 500, 0us};
   StreamShape latency{16, 500, 1000us};    // hop cost: per-token latency
+  int ping_pongs = 20000;                  // hop cost: raw one-way hop, round trips a repetition
   std::uint32_t prefix_requests = 60;      // cache hits
   std::uint32_t prefix_concurrency = 4;
   std::uint32_t deadline_requests = 120;   // goodput
@@ -137,6 +146,7 @@ BenchSettings quick_settings() {
   settings.warm_up = false;
   settings.throughput = {4, 200, 0us};
   settings.latency = {4, 20, 1000us};
+  settings.ping_pongs = 1000;
   settings.prefix_requests = 12;
   settings.deadline_requests = 15;
   settings.disaggregation_run = 1500ms;
@@ -303,9 +313,13 @@ struct HopRun {
   double router_cpu_seconds = 0;  // the router's loop thread; 0 on the direct path
 };
 
-// The shape's streams from one synthetic worker, directly or through a router.
-HopRun run_hop(const StreamShape& shape, bool via_router) {
-  const char* path = via_router ? "via the router" : "direct";
+// Between the client and the worker: nothing, the router, or the raw
+// relay (a plain TCP forwarder: what a hop costs with no framing at all).
+enum class Hop { direct, router, raw_relay };
+
+// The shape's streams from one synthetic worker, through `hop`.
+HopRun run_hop(const StreamShape& shape, Hop hop) {
+  const char* path = hop == Hop::router ? "via the router" : hop == Hop::raw_relay ? "via the raw relay" : "direct";
   const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
   auto engine = synthetic_engine(shape);
   TimedEngine timed(*engine, shape.streams, shape.stream_tokens);
@@ -315,9 +329,16 @@ HopRun run_hop(const StreamShape& shape, bool via_router) {
   {
     std::unique_ptr<WorkerServer> worker = start_worker(timed, tokenizer, "worker");
     std::unique_ptr<RouterServer> router;
-    if (via_router) router = start_router(tokenizer, "least-loaded", {worker->endpoint()}, any_view);
-    std::unique_ptr<Client> client =
-        connect_client(via_router ? router->endpoint() : worker->endpoint(), via_router ? "the router" : "the worker");
+    std::unique_ptr<RawRelay> relay;
+    transport::Endpoint entry = worker->endpoint();
+    if (hop == Hop::router) {
+      router = start_router(tokenizer, "least-loaded", {worker->endpoint()}, any_view);
+      entry = router->endpoint();
+    } else if (hop == Hop::raw_relay) {
+      relay = std::make_unique<RawRelay>(worker->endpoint());
+      entry = relay->endpoint();
+    }
+    std::unique_ptr<Client> client = connect_client(entry, path);
 
     const auto cpu = [](auto&) { return thread_cpu_seconds(); };
     const double worker_before = worker->call(cpu);
@@ -330,6 +351,7 @@ HopRun run_hop(const StreamShape& shape, bool via_router) {
 
     client.reset();  // its loop thread is joined: arrivals are complete
     router.reset();  // drained, its loop joined, its links to the worker closed
+    relay.reset();   // its thread joined, its sockets closed
     worker->stop();  // the engine's thread is joined: timed.made() may be read
   }
   run.path = summarise(shape, start, arrivals, timed, path);
@@ -343,18 +365,20 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
   std::printf("\n1. Hop cost: client -> router -> worker against client -> worker, one synthetic worker (tiny KV\n"
               "shape, no prefill time), each process on a loop thread of its own, 127.0.0.1; throughput: %u streams\n"
               "x %u tokens, %lld us steps; latency: %u streams x %u tokens, %lld us steps; median of %d runs.\n"
-              "Targets: via router >= 0.8 of direct frames/s; added token latency < 10 us at p50.\n",
+              "Targets: via router >= 0.8 of direct frames/s; added token latency < 10 us at p50, and <= 1.5x the\n"
+              "raw relay's at p50 and p99; direct step end to client p50 <= 2x a raw one-way hop.\n",
               fast.streams, fast.stream_tokens, static_cast<long long>(fast.step_time.count()), paced.streams,
               paced.stream_tokens, static_cast<long long>(paced.step_time.count()), settings.repetitions);
   if (settings.warm_up) {
-    (void)run_hop(fast, false);
-    (void)run_hop(fast, true);
+    (void)run_hop(fast, Hop::direct);
+    (void)run_hop(fast, Hop::router);
   }
   std::vector<double> direct_frames, router_frames, direct_per_frame, router_per_frame, router_cpu, worker_cpu,
-      router_capacity, direct_p50, router_p50, direct_p99, router_p99, added_p50, added_p99;
+      router_capacity, direct_p50, router_p50, direct_p99, router_p99, added_p50, added_p99, relay_added_p50,
+      relay_added_p99, ping_pong_p50, ping_pong_p99;
   for (int i = 0; i < settings.repetitions; ++i) {
-    const HopRun direct = run_hop(fast, false);
-    const HopRun routed = run_hop(fast, true);
+    const HopRun direct = run_hop(fast, Hop::direct);
+    const HopRun routed = run_hop(fast, Hop::router);
     direct_frames.push_back(direct.path.frames_per_second);
     router_frames.push_back(routed.path.frames_per_second);
     direct_per_frame.push_back(direct.path.tokens_per_second / direct.path.frames_per_second);
@@ -363,14 +387,21 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
     worker_cpu.push_back(direct.worker_cpu_seconds / static_cast<double>(direct.frames) * 1e6);
     router_capacity.push_back(static_cast<double>(routed.frames) / std::max(routed.router_cpu_seconds, 1e-9));
 
-    const HopRun direct_paced = run_hop(paced, false);
-    const HopRun routed_paced = run_hop(paced, true);
+    const HopRun direct_paced = run_hop(paced, Hop::direct);
+    const HopRun routed_paced = run_hop(paced, Hop::router);
+    const HopRun relayed_paced = run_hop(paced, Hop::raw_relay);
     direct_p50.push_back(direct_paced.path.p50_latency_us);
     router_p50.push_back(routed_paced.path.p50_latency_us);
     direct_p99.push_back(direct_paced.path.p99_latency_us);
     router_p99.push_back(routed_paced.path.p99_latency_us);
     added_p50.push_back(routed_paced.path.p50_latency_us - direct_paced.path.p50_latency_us);
     added_p99.push_back(routed_paced.path.p99_latency_us - direct_paced.path.p99_latency_us);
+    relay_added_p50.push_back(relayed_paced.path.p50_latency_us - direct_paced.path.p50_latency_us);
+    relay_added_p99.push_back(relayed_paced.path.p99_latency_us - direct_paced.path.p99_latency_us);
+
+    std::vector<double> round_trips = raw_ping_pong_us(settings.ping_pongs, settings.ping_pongs / 10);
+    ping_pong_p50.push_back(perf::percentile(round_trips, 0.50));
+    ping_pong_p99.push_back(perf::percentile(round_trips, 0.99));
   }
   const double frames_direct = median(direct_frames), frames_routed = median(router_frames);
   const double cpu_router = median(router_cpu), cpu_worker = median(worker_cpu);
@@ -378,6 +409,9 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
   const double p50_direct = median(direct_p50), p50_routed = median(router_p50);
   const double p99_direct = median(direct_p99), p99_routed = median(router_p99);
   const double added_median_p50 = median(added_p50), added_median_p99 = median(added_p99);
+  const double relay_added_median_p50 = median(relay_added_p50), relay_added_median_p99 = median(relay_added_p99);
+  const double round_trip_p50 = median(ping_pong_p50), round_trip_p99 = median(ping_pong_p99);
+  const double one_way_p50 = round_trip_p50 / 2;
 
   print_table_header();
   const std::string throughput_shape = std::to_string(fast.streams) + " x " + std::to_string(fast.stream_tokens) +
@@ -395,10 +429,15 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
           direct_peer, p50_direct, p50_routed > 0 ? p50_direct / p50_routed : 0);
   add_row(results, "token latency via router, step end to client, p99, " + latency_shape, p99_routed, "us",
           direct_peer, p99_direct, p99_routed > 0 ? p99_direct / p99_routed : 0);
-  add_row(results, "token latency the router adds, p50 (via router - direct, paired)", added_median_p50, "us", "none",
-          0, 0);
-  add_row(results, "token latency the router adds, p99 (via router - direct, paired)", added_median_p99, "us", "none",
-          0, 0);
+  const std::string relay_peer = "raw TCP relay (epoll, read then write)";
+  add_row(results, "token latency the router adds, p50 (via router - direct, paired)", added_median_p50, "us",
+          relay_peer, relay_added_median_p50, added_median_p50 > 0 ? relay_added_median_p50 / added_median_p50 : 0);
+  add_row(results, "token latency the router adds, p99 (via router - direct, paired)", added_median_p99, "us",
+          relay_peer, relay_added_median_p99, added_median_p99 > 0 ? relay_added_median_p99 / added_median_p99 : 0);
+  add_row(results, "raw TCP 64-byte ping-pong round trip, p50", round_trip_p50, "us", "none", 0, 0);
+  add_row(results, "raw TCP 64-byte ping-pong round trip, p99", round_trip_p99, "us", "none", 0, 0);
+  add_row(results, "token latency direct, step end to client, p50, " + latency_shape, p50_direct, "us",
+          "raw TCP one-way hop (ping-pong p50 / 2)", one_way_p50, p50_direct > 0 ? one_way_p50 / p50_direct : 0);
   const double kept = frames_routed / frames_direct;
   std::printf("  via router / direct frames/s %.3f: %s the 0.8 target (tokens per frame: %.2f via router, %.2f "
               "direct); one router core relays %.2fx the direct path's frames/s\n",
@@ -406,6 +445,27 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
               capacity / frames_direct);
   std::printf("  the router adds %.1f us per token at p50: %s the 10 us target (%.1f us at p99)\n", added_median_p50,
               added_median_p50 < 10 ? "meets" : "ABOVE", added_median_p99);
+  // Targets (issue 16): the router's added latency <= 1.5x the raw relay's,
+  // and the direct path's step end to client <= 2x a raw one-way hop. A
+  // floor that came out <= 0 (noise in a short run) makes no ratio.
+  const auto times = [](double ours, double floor) {
+    char text[32] = "n/a";
+    if (floor > 0) std::snprintf(text, sizeof text, "%.2fx", ours / floor);
+    return std::string(text);
+  };
+  const auto against = [](double ours, double floor, double limit) {
+    return floor <= 0 ? "no floor for" : ours <= limit * floor ? "meets" : "ABOVE";
+  };
+  std::printf("  the router adds %s the raw relay's added latency at p50 (%.1f us against %.1f us): %s the 1.5x "
+              "target;\n  %s at p99 (%.1f us against %.1f us): %s the 1.5x target\n",
+              times(added_median_p50, relay_added_median_p50).c_str(), added_median_p50, relay_added_median_p50,
+              against(added_median_p50, relay_added_median_p50, 1.5),
+              times(added_median_p99, relay_added_median_p99).c_str(), added_median_p99, relay_added_median_p99,
+              against(added_median_p99, relay_added_median_p99, 1.5));
+  std::printf("  direct, step end to client p50 %.1f us is %s a raw one-way hop (%.1f us: 64-byte ping-pong RTT "
+              "p50 %.1f us / 2): %s the 2x target\n",
+              p50_direct, times(p50_direct, one_way_p50).c_str(), one_way_p50, round_trip_p50,
+              against(p50_direct, one_way_p50, 2.0));
 }
 
 // ---------------------------------------------------------------- 2. cache hits

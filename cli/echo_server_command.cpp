@@ -2,21 +2,24 @@
 
 #include <ostream>
 
+#include <fmt/format.h>
+
 #include "cli/role_shutdown.h"
+#include "log/log.h"
 #include "transport/echo_service.h"
 #include "transport/server_group.h"
 
 namespace fmwire::cli {
 
-int run_echo_server(const EchoServerCommand& command, std::ostream& out, std::ostream& err) {
+int run_echo_server(const EchoServerCommand& command, std::ostream& out) {
   std::string problem;
   const std::optional<transport::Endpoint> endpoint = transport::parse_endpoint(command.listen, &problem);
   if (!endpoint) {
-    err << "fmwire echo-server: " << problem << std::endl;
+    log::error(problem);
     return 2;
   }
   if (command.threads == 0) {
-    err << "fmwire echo-server: --threads must be at least 1" << std::endl;
+    log::error("--threads must be at least 1");
     return 2;
   }
   transport::ConnectionOptions options;
@@ -26,7 +29,7 @@ int run_echo_server(const EchoServerCommand& command, std::ostream& out, std::os
   const transport::EchoOptions echo{command.token_interval, command.tokens_per_frame};
 
   // Before the loop threads, which inherit its signal mask.
-  RoleShutdown shutdown("fmwire echo-server", err);
+  RoleShutdown shutdown;
 
   transport::ServerGroup group(command.threads, *endpoint, options,
                                [&](transport::EventLoop& loop) {
@@ -35,7 +38,8 @@ int run_echo_server(const EchoServerCommand& command, std::ostream& out, std::os
                                  return service;
                                },
                                command.backend);
-  err << "fmwire echo-server: " << group.backend_log_line() << ", " << group.threads() << " loop thread(s)" << std::endl;
+  log::info(fmt::format("{}, {} loop thread(s)", group.backend_log_line(), group.threads()),
+            {{"listen", command.listen}, {"threads", group.threads()}, {"tokens_per_frame", command.tokens_per_frame}});
   out << "listening on " << transport::Endpoint{endpoint->host, group.port()}.to_string() << std::endl;
   group.start();
 
@@ -50,8 +54,7 @@ int run_echo_server(const EchoServerCommand& command, std::ostream& out, std::os
     if (!per_loop.empty()) per_loop += ' ';
     per_loop += std::to_string(service->tokens_sent());
   }
-  err << "fmwire echo-server: stopped after " << tokens << " tokens, " << cancelled
-      << " streams cancelled; tokens per loop: " << per_loop << std::endl;
+  log::info(fmt::format("stopped after {} tokens, {} streams cancelled; tokens per loop: {}", tokens, cancelled, per_loop));
   return result;
 }
 

@@ -21,6 +21,6 @@ struct EchoServerCommand {
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off.
-int run_echo_server(const EchoServerCommand& command, std::ostream& out, std::ostream& err);
+int run_echo_server(const EchoServerCommand& command, std::ostream& out);
 
 }  // namespace fmwire::cli

@@ -1,7 +1,7 @@
 // Who is there, from etcd, for the roles that follow a set of peers there
 // (a router its workers, a gateway its routers): an EtcdWatcher whose
-// addresses arrive parsed as endpoints, with each change, each address that
-// does not parse, and each etcd error logged as a line of the role's.
+// addresses arrive parsed as endpoints, with each peer that joins or leaves,
+// each address that does not parse, and each etcd error logged.
 #pragma once
 
 #include <functional>
@@ -9,7 +9,6 @@
 #include <string>
 #include <vector>
 
-#include "cli/role_shutdown.h"
 #include "codec/codec_error.h"
 #include "discovery/etcd_discovery.h"
 #include "transport/endpoint.h"
@@ -22,6 +21,6 @@ namespace fmwire::cli {
 // at start.
 codec::Result<std::unique_ptr<discovery::EtcdWatcher>, std::string> watch_etcd_endpoints(
     const discovery::EtcdUrl& url, const std::string& prefix, const std::string& what,
-    std::function<void(std::vector<transport::Endpoint>)> changed, RoleShutdown& log);
+    std::function<void(std::vector<transport::Endpoint>)> changed);
 
 }  // namespace fmwire::cli

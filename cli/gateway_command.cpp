@@ -4,12 +4,15 @@
 #include <mutex>
 #include <ostream>
 
+#include <fmt/format.h>
+
 #include "cli/embedded_router.h"
 #include "cli/etcd_membership.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
 #include "gateway/api_keys.h"
 #include "gateway/http_gateway.h"
+#include "log/log.h"
 #include "transport/host_resolver.h"
 
 namespace fmwire::cli {
@@ -30,32 +33,32 @@ codec::Result<std::vector<std::string>, std::string> read_api_keys(const std::st
   return keys;
 }
 
-int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& err) {
+int run_gateway(const GatewayCommand& command, std::ostream& out) {
   std::string problem;
   gateway::HttpGatewayOptions options;
   const auto listen = transport::parse_endpoint(command.listen, &problem);
   if (!listen) {
-    err << "fmwire gateway: --listen: " << problem << std::endl;
+    log::error(std::string("--listen: ") + problem);
     return 2;
   }
   try {
     options.listen = transport::numeric_endpoint(*listen);  // the HTTP listener binds numeric addresses
   } catch (const std::system_error& error) {
-    err << "fmwire gateway: cannot listen on " << command.listen << ": " << error.what() << std::endl;
+    log::error(std::string("cannot listen on ") + command.listen + ": " + error.what());
     return 2;
   }
   if (!command.routers.empty() + !command.etcd.empty() + !command.workers.empty() != 1) {
-    err << "fmwire gateway: give one of --router HOST:PORT,..., --etcd URL or --workers HOST:PORT,..." << std::endl;
+    log::error("give one of --router HOST:PORT,..., --etcd URL or --workers HOST:PORT,...");
     return 2;
   }
   const auto workers = transport::parse_endpoints(command.workers, &problem);
   if (!workers) {
-    err << "fmwire gateway: worker " << problem << std::endl;
+    log::error(std::string("worker ") + problem);
     return 2;
   }
   const auto routers = transport::parse_endpoints(command.routers, &problem);
   if (!routers) {
-    err << "fmwire gateway: --router " << problem << std::endl;
+    log::error(std::string("--router ") + problem);
     return 2;
   }
   options.upstreams = *routers;
@@ -63,7 +66,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
   if (!command.etcd.empty()) {
     auto url = discovery::parse_etcd_url(command.etcd);
     if (!url) {
-      err << "fmwire gateway: --etcd: " << url.error() << std::endl;
+      log::error(std::string("--etcd: ") + url.error());
       return 2;
     }
     etcd = *url;
@@ -72,7 +75,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
   if (!command.api_keys_file.empty()) {
     auto keys = read_api_keys(command.api_keys_file);
     if (!keys) {
-      err << "fmwire gateway: --api-keys: " << keys.error() << std::endl;
+      log::error(std::string("--api-keys: ") + keys.error());
       return 2;
     }
     options.api_keys.insert(options.api_keys.end(), keys->begin(), keys->end());
@@ -88,18 +91,18 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
   options.upstream_dead_after = command.upstream_dead_after;
 
   // Before any other thread: they inherit its signal mask.
-  RoleShutdown shutdown("fmwire gateway", err);
+  RoleShutdown shutdown;
 
   auto tokenizer = load_router_tokenizer(command.tokenizer);
   if (!tokenizer) {
-    err << "fmwire gateway: --tokenizer: " << tokenizer.error() << std::endl;
+    log::error(std::string("--tokenizer: ") + tokenizer.error());
     return 2;
   }
   std::unique_ptr<EmbeddedRouter> router;
   if (!workers->empty()) {
     auto started = EmbeddedRouter::start(*workers, *tokenizer, command.router_options, command.backend);
     if (!started) {
-      err << "fmwire gateway: " << started.error() << std::endl;
+      log::error(started.error());
       return 2;
     }
     router = std::move(*started);
@@ -107,11 +110,10 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
     // Not required: workers may come up later, and the router connects then.
     const std::size_t healthy = router->wait_for_healthy_workers(workers->size(), std::chrono::milliseconds(3000));
     if (healthy < workers->size()) {
-      err << "fmwire gateway: " << healthy << " of " << workers->size() << " workers reachable so far" << std::endl;
+      log::warn(fmt::format("{} of {} workers reachable so far", healthy, workers->size()));
     }
-    err << "fmwire gateway: embedded router on " << router->endpoint().to_string() << ", "
-        << router->backend_log_line() << ", policy " << command.router_options.policy << ", "
-        << workers->size() << " worker(s)" << std::endl;
+    log::info(fmt::format("embedded router on {}, {}, policy {}, {} worker(s)", router->endpoint().to_string(),
+                          router->backend_log_line(), command.router_options.policy, workers->size()));
   }
 
   // Routers from etcd: the watcher lists them once before it returns (the
@@ -130,10 +132,9 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
           } else {
             options.upstreams = std::move(found);
           }
-        },
-        shutdown);
+        });
     if (!started) {
-      err << "fmwire gateway: " << started.error() << std::endl;
+      log::error(started.error());
       return 2;
     }
     watcher = std::move(*started);
@@ -144,33 +145,48 @@ int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& 
     std::lock_guard lock(routers_mutex);
     auto started = gateway::HttpGateway::start(options);
     if (!started) {
-      err << "fmwire gateway: " << started.error() << std::endl;
+      log::error(started.error());
       return 2;  // the embedded router stops with `router`
     }
     http = std::move(*started);
     serving = http.get();
-    gateway::forget_api_keys(options.api_keys);  // the gateway keeps their hashes only
   }
+  std::string upstreams;
+  for (const transport::Endpoint& upstream : options.upstreams) {
+    if (!upstreams.empty()) upstreams += ',';
+    upstreams += upstream.to_string();
+  }
+  log::info("started", {{"listen", command.listen},
+                        {"upstreams", upstreams},
+                        {"etcd", command.etcd},
+                        {"embedded_router", router != nullptr},
+                        {"model", command.model},
+                        {"api_keys", options.api_keys.size()},
+                        {"https", !command.tls_cert.empty()},
+                        {"http_threads", command.http_threads},
+                        {"keepalive_ms", command.upstream_keepalive.count()},
+                        {"dead_after_ms", command.upstream_dead_after.count()}});
+  gateway::forget_api_keys(options.api_keys);  // the gateway keeps their hashes only
   out << "listening on " << (command.tls_cert.empty() ? "http://" : "https://")
       << transport::Endpoint{listen->host, http->port()}.to_string() << std::endl;
 
   shutdown.wait_for_signal();
   watcher.reset();  // no more changes to the gateway's list
-  err << "fmwire gateway: draining" << std::endl;
+  log::info("draining");
   http->drain(command.drain_timeout);
   http.reset();
   int result = 0;
   if (router) {
     if (!router->drain(command.drain_timeout)) {
-      err << "fmwire gateway: the router's drain took over " << command.drain_timeout.count() << " ms" << std::endl;
+      log::warn(fmt::format("the router's drain took over {} ms", command.drain_timeout.count()));
       result = 1;
     }
     const router::RouterCounters& counters = router->counters();
-    err << "fmwire gateway: stopped after " << counters.streams_finished << " streams finished, "
-        << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "
-        << counters.streams_refused << " refused" << std::endl;
+    log::info(fmt::format("stopped after {} streams finished, {} failed, {} cancelled, {} refused",
+                          counters.streams_finished, counters.streams_failed, counters.streams_cancelled,
+                          counters.streams_refused));
   } else {
-    err << "fmwire gateway: stopped" << std::endl;
+    log::info("stopped");
   }
   return result;
 }

@@ -40,7 +40,7 @@ struct GatewayCommand {
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad
 // options (a port that cannot be listened on included).
-int run_gateway(const GatewayCommand& command, std::ostream& out, std::ostream& err);
+int run_gateway(const GatewayCommand& command, std::ostream& out);
 
 // The keys in an API keys file: one per line, surrounding blanks trimmed,
 // blank lines and lines starting with # skipped. Errors: the file cannot be

@@ -7,6 +7,7 @@
 #include <ostream>
 
 #include "cli/signal_watcher.h"
+#include "log/log.h"
 #include "transport/client.h"
 
 namespace fmwire::cli {
@@ -41,23 +42,22 @@ boost::json::object finish_json(const Completion& completion) {
           {"timings", std::move(timings)}};
 }
 
-void report_error(const ClientError& error, bool json, std::ostream& out, std::ostream& err) {
+void report_error(const ClientError& error, bool json, std::ostream& out) {
   if (json) out << boost::json::serialize(error_json(error)) << std::endl;
-  err << "fmwire generate: " << to_string(error.code) << ": " << error.message
-      << (error.retryable ? " (retryable)" : "") << std::endl;
+  log::error(std::string(to_string(error.code)) + ": " + error.message + (error.retryable ? " (retryable)" : ""));
 }
 
 }  // namespace
 
-int run_generate(const GenerateCommand& command, std::ostream& out, std::ostream& err) {
+int run_generate(const GenerateCommand& command, std::ostream& out) {
   std::string problem;
   const auto endpoints = transport::parse_endpoints(command.endpoints, &problem);
   if (!endpoints || endpoints->empty()) {
-    err << "fmwire generate: --endpoint " << (endpoints ? "names no endpoint" : problem) << std::endl;
+    log::error(std::string("--endpoint ") + (endpoints ? "names no endpoint" : problem));
     return 2;
   }
   if (command.prompt.empty()) {
-    err << "fmwire generate: the prompt is empty" << std::endl;
+    log::error("the prompt is empty");
     return 2;
   }
 
@@ -78,7 +78,7 @@ int run_generate(const GenerateCommand& command, std::ostream& out, std::ostream
   options.connect_timeout = command.connect_timeout;
   ClientResult<std::unique_ptr<Client>> client = Client::connect(*endpoints, options);
   if (!client) {
-    report_error(client.error(), command.json, out, err);
+    report_error(client.error(), command.json, out);
     return 1;
   }
 
@@ -119,11 +119,11 @@ int run_generate(const GenerateCommand& command, std::ostream& out, std::ostream
   callbacks.on_error = [&](const ClientError& error) {
     if (!command.json) out << std::endl;
     if (cancelled.load() && error.code == protocol::ErrorCode::CANCELLED) {
-      err << "fmwire generate: cancelled" << std::endl;
+      log::warn("cancelled");
       exit_code.set_value(130);
       return;
     }
-    report_error(error, command.json, out, err);
+    report_error(error, command.json, out);
     exit_code.set_value(1);
   };
   handle = (*client)->generate(std::move(params), std::move(callbacks));

@@ -26,6 +26,6 @@ struct GenerateCommand {
 
 // Exit codes: 0 finished, 1 an error from the peer or the connection,
 // 130 cancelled by SIGINT/SIGTERM.
-int run_generate(const GenerateCommand& command, std::ostream& out, std::ostream& err);
+int run_generate(const GenerateCommand& command, std::ostream& out);
 
 }  // namespace fmwire::cli

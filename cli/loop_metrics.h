@@ -68,13 +68,12 @@ metrics::MetricsServer::Render render_from_loop(transport::EventLoop& loop, std:
       [](std::span<const Snapshot> one) { return one.front(); }, render);
 }
 
-// Starts the server on `listen` (HOST:PORT); on failure writes "ROLE: why"
-// to `err` and returns null.
+// Starts the server on `listen` (HOST:PORT); on failure logs why and
+// returns null.
 std::unique_ptr<metrics::MetricsServer> start_metrics_server(const std::string& listen,
-                                                             metrics::MetricsServer::Render render,
-                                                             const std::string& role, std::ostream& err);
+                                                             metrics::MetricsServer::Render render);
 
-// Whether `listen` is a HOST:PORT --metrics-listen takes; else writes why to `err`.
-bool check_metrics_listen(const std::string& listen, const std::string& role, std::ostream& err);
+// Whether `listen` is a HOST:PORT --metrics-listen takes; else logs why.
+bool check_metrics_listen(const std::string& listen);
 
 }  // namespace fmwire::cli

@@ -18,6 +18,7 @@
 #include "cli/router_command.h"
 #include "cli/up_command.h"
 #include "cli/worker_command.h"
+#include "log/log.h"
 #include "protocol/fmwire.capnp.h"
 
 namespace po = boost::program_options;
@@ -86,6 +87,33 @@ fmwire::gateway::RateLimits rate_limits_flag(const std::string& text) {
   return *limits;
 }
 
+// --log-level and --log-format, which every command takes.
+struct LogFlags {
+  std::string level = "info";
+  std::string format = "text";
+};
+
+void add_log_options(po::options_description& description, LogFlags& flags) {
+  description.add_options()
+      ("log-level", po::value(&flags.level)->default_value(flags.level), "debug, info, warn, error or off")
+      ("log-format", po::value(&flags.format)->default_value(flags.format),
+       "text (a line per event) or json (an object per line, for log collectors), on standard error");
+}
+
+// Sets the process's log from its flags; false (with a line why) for a bad value.
+bool start_log(const LogFlags& flags, const std::string& process) {
+  const auto level = fmwire::log::parse_level(flags.level);
+  const auto format = fmwire::log::parse_format(flags.format);
+  if (!level || !format) {
+    std::cerr << process << ": " << (!level ? "--log-level " + flags.level + ": give debug, info, warn, error or off"
+                                             : "--log-format " + flags.format + ": give text or json")
+              << "\n";
+    return false;
+  }
+  fmwire::log::configure({*level, *format, process});
+  return true;
+}
+
 // "a,b,c" -> {"a", "b", "c"}, empty pieces dropped.
 std::vector<std::string> split_list(const std::string& text) {
   std::vector<std::string> pieces;
@@ -99,6 +127,7 @@ std::vector<std::string> split_list(const std::string& text) {
 }
 
 int run_generate_command(const std::vector<std::string>& arguments) {
+  LogFlags log_flags;
   fmwire::cli::GenerateCommand command;
   std::string backend;
   std::uint64_t seed = 0;
@@ -119,16 +148,19 @@ int run_generate_command(const std::vector<std::string>& arguments) {
       ("prompt", po::value(&command.prompt)->required(), "the prompt (positional)");
   po::positional_options_description positional;
   positional.add("prompt", 1);
+  add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, &positional, values)) return 0;
+  if (!start_log(log_flags, "fmwire generate")) return 2;
   if (values.count("seed")) command.seed = seed;
   command.endpoints = split_list(endpoints);
   command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
   command.backend = backend_choice(backend);
-  return fmwire::cli::run_generate(command, std::cout, std::cerr);
+  return fmwire::cli::run_generate(command, std::cout);
 }
 
 int run_echo_server_command(const std::vector<std::string>& arguments) {
+  LogFlags log_flags;
   fmwire::cli::EchoServerCommand command;
   std::string backend;
   std::uint32_t token_interval_ms = 0;
@@ -142,12 +174,14 @@ int run_echo_server_command(const std::vector<std::string>& arguments) {
       ("threads", po::value(&command.threads)->default_value(command.threads), "loop threads sharing the port (one per core)")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms), "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
+  if (!start_log(log_flags, "fmwire echo-server")) return 2;
   command.token_interval = std::chrono::milliseconds(token_interval_ms);
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
-  return fmwire::cli::run_echo_server(command, std::cout, std::cerr);
+  return fmwire::cli::run_echo_server(command, std::cout);
 }
 
 constexpr const char* kPerfUsage =
@@ -156,6 +190,7 @@ constexpr const char* kPerfUsage =
     "`fmwire perf serve --help` and `fmwire perf run --help` describe the options.\n";
 
 int run_perf_serve_command(const std::vector<std::string>& arguments) {
+  LogFlags log_flags;
   fmwire::cli::PerfServeCommand command;
   std::string backend;
   std::uint16_t iperf3_port = 0;
@@ -165,14 +200,17 @@ int run_perf_serve_command(const std::vector<std::string>& arguments) {
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
       ("iperf3-port", po::value(&iperf3_port), "also run `iperf3 -s -p PORT` (the peer of `perf run --compare`), killed on exit")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
+  if (!start_log(log_flags, "fmwire perf serve")) return 2;
   if (values.count("iperf3-port")) command.iperf3_port = iperf3_port;
   command.backend = backend_choice(backend);
-  return fmwire::cli::run_perf_serve(command, std::cout, std::cerr);
+  return fmwire::cli::run_perf_serve(command, std::cout);
 }
 
 int run_perf_run_command(const std::vector<std::string>& arguments) {
+  LogFlags log_flags;
   fmwire::cli::PerfRunCommand command;
   std::string backend;
   double seconds = 0;
@@ -201,13 +239,15 @@ int run_perf_run_command(const std::vector<std::string>& arguments) {
       ("connect-timeout-ms", po::value(&connect_timeout_ms)->default_value(connect_timeout_ms),
        "connecting and the Hello exchange")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
+  if (!start_log(log_flags, "fmwire perf run")) return 2;
   if (values.count("seconds")) command.seconds = seconds;
   if (values.count("repetitions")) command.repetitions = repetitions;
   command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
   command.backend = backend_choice(backend);
-  return fmwire::cli::run_perf_run(command, std::cout, std::cerr);
+  return fmwire::cli::run_perf_run(command, std::cout);
 }
 
 int run_perf_command(const std::vector<std::string>& arguments) {
@@ -224,6 +264,7 @@ int run_perf_command(const std::vector<std::string>& arguments) {
 }
 
 int run_worker_command(const std::vector<std::string>& arguments) {
+  LogFlags log_flags;
   fmwire::cli::WorkerCommand command;
   std::string backend;
   std::uint32_t load_report_interval_ms = 100;
@@ -278,8 +319,10 @@ int run_worker_command(const std::vector<std::string>& arguments) {
        "io_uring sends of at least this many bytes go zero-copy, KV chunks from the registered cache; 0: never "
        "(on loopback and veth links copying measured faster: bench_kv --zero-copy)")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
+  if (!start_log(log_flags, "fmwire worker")) return 2;
   command.kv_state_timeout = std::chrono::milliseconds(std::max<std::uint32_t>(kv_timeout_ms, 1));
   if (const char* corrupt = std::getenv("FMWIRE_FAULT_CORRUPT_KV_CHUNK")) {
     command.corrupt_kv_chunk = static_cast<std::uint32_t>(std::strtoul(corrupt, nullptr, 10));
@@ -289,19 +332,19 @@ int run_worker_command(const std::vector<std::string>& arguments) {
   if (values.count("prefill-ns-per-token")) model.prefill_time_per_token = std::chrono::nanoseconds(prefill_ns_per_token);
   if (values.count("max-context")) {
     if (max_context == 0) {
-      std::cerr << "fmwire worker: --max-context must be at least 1\n";
+      fmwire::log::error("--max-context must be at least 1");
       return 2;
     }
     model.max_context = max_context;
   }
   if (model.batching.max_batch_tokens == 0 || model.batching.max_running == 0) {
-    std::cerr << "fmwire worker: --max-batch-tokens and --max-running must be at least 1\n";
+    fmwire::log::error("--max-batch-tokens and --max-running must be at least 1");
     return 2;
   }
   command.load_report_interval = std::chrono::milliseconds(std::max<std::uint32_t>(load_report_interval_ms, 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
-  return fmwire::cli::run_worker(command, std::cout, std::cerr);
+  return fmwire::cli::run_worker(command, std::cout);
 }
 
 
@@ -320,6 +363,7 @@ std::optional<unsigned> parse_loop_threads(const std::string& text) {
 }
 
 int run_router_command(const std::vector<std::string>& arguments) {
+  LogFlags log_flags;
   fmwire::cli::RouterCommand command;
   std::string backend;
   std::string workers;
@@ -366,18 +410,20 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
        "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
+  if (!start_log(log_flags, "fmwire router")) return 2;
   command.workers = split_list(workers);
   const std::optional<unsigned> loop_threads = parse_loop_threads(threads);
   if (!loop_threads) {
-    std::cerr << "fmwire router: --threads " << threads << ": give a whole number of loop threads from 1 to "
-              << kMaxLoopThreads << "\n";
+    fmwire::log::error("--threads " + threads + ": give a whole number of loop threads from 1 to " +
+                       std::to_string(kMaxLoopThreads));
     return 2;
   }
   command.threads = *loop_threads;
   if (disaggregate != "auto" && disaggregate != "off") {
-    std::cerr << "fmwire router: --disaggregate " << disaggregate << ": give auto or off\n";
+    fmwire::log::error("--disaggregate " + disaggregate + ": give auto or off");
     return 2;
   }
   router.disaggregate = disaggregate == "auto";
@@ -385,10 +431,11 @@ int run_router_command(const std::vector<std::string>& arguments) {
   router.worker_link.connection.dead_after = std::chrono::milliseconds(std::max(dead_after_ms, keepalive_ms + 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
-  return fmwire::cli::run_router(command, std::cout, std::cerr);
+  return fmwire::cli::run_router(command, std::cout);
 }
 
 int run_gateway_command(const std::vector<std::string>& arguments) {
+  LogFlags log_flags;
   fmwire::cli::GatewayCommand command;
   std::string backend;
   std::string rate_limit;
@@ -428,8 +475,10 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit,
                                  "per API key (per client address without keys)");
+  add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
+  if (!start_log(log_flags, "fmwire gateway")) return 2;
   command.workers = split_list(workers);
   command.routers = split_list(routers);
   command.rate_limits = rate_limits_flag(rate_limit);
@@ -437,10 +486,11 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
   command.upstream_dead_after = std::chrono::milliseconds(std::max(dead_after_ms, keepalive_ms + 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
-  return fmwire::cli::run_gateway(command, std::cout, std::cerr);
+  return fmwire::cli::run_gateway(command, std::cout);
 }
 
 int run_up_command(const std::vector<std::string>& arguments) {
+  LogFlags log_flags;
   fmwire::cli::UpCommand command;
   std::string backend;
   std::string rate_limit;
@@ -472,8 +522,10 @@ int run_up_command(const std::vector<std::string>& arguments) {
        "threads for HTTP; 0: one per four cores, at least one")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit, "per client address");
+  add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
+  if (!start_log(log_flags, "fmwire up")) return 2;
   command.rate_limits = rate_limits_flag(rate_limit);
   if (values.count("no-demo")) command.demo = false;
   if (values.count("disaggregate") || values.count("prefill-workers") || values.count("decode-workers")) {
@@ -483,7 +535,7 @@ int run_up_command(const std::vector<std::string>& arguments) {
   }
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
-  return fmwire::cli::run_up(command, std::cout, std::cerr);
+  return fmwire::cli::run_up(command, std::cout);
 }
 
 int run_demo_command(const std::vector<std::string>& arguments) {
@@ -543,7 +595,7 @@ int main(int argc, char** argv) {
     std::cerr << "fmwire " << command << ": " << error.what() << "\n";
     return 2;
   } catch (const std::exception& error) {
-    std::cerr << "fmwire " << command << ": " << error.what() << "\n";
+    fmwire::log::error(error.what());
     return 1;
   }
 }

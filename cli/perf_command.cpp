@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli/role_shutdown.h"
+#include "log/log.h"
 #include "perf/bulk_handlers.h"
 #include "perf/client_connections.h"
 #include "perf/iperf3.h"
@@ -28,15 +29,15 @@ using perf::Comparison;
 
 // ---------------------------------------------------------------- perf serve
 
-int run_perf_serve(const PerfServeCommand& command, std::ostream& out, std::ostream& err) {
+int run_perf_serve(const PerfServeCommand& command, std::ostream& out) {
   std::string problem;
   const std::optional<transport::Endpoint> endpoint = transport::parse_endpoint(command.listen, &problem);
   if (!endpoint) {
-    err << "fmwire perf serve: --listen " << problem << std::endl;
+    log::error("--listen " + problem);
     return 2;
   }
   // Before the loop thread, which inherits its signal mask.
-  RoleShutdown shutdown("fmwire perf serve", err);
+  RoleShutdown shutdown;
 
   // The peer of `perf run --test bulk --compare`: killed when this returns
   // (the ChildProcess destructor), and by the kernel should we die first.
@@ -45,17 +46,17 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out, std::ostr
     if (const std::optional<std::string> iperf3 = perf::find_on_path("iperf3")) {
       iperf3_server = std::make_unique<perf::ChildProcess>(
           *iperf3, std::vector<std::string>{"-s", "-p", std::to_string(*command.iperf3_port)}, false);
-      shutdown.log("iperf3 -s on port " + std::to_string(*command.iperf3_port) + " (" + perf::iperf3_version(*iperf3) +
+      log::info("iperf3 -s on port " + std::to_string(*command.iperf3_port) + " (" + perf::iperf3_version(*iperf3) +
                    ")");
     } else {
-      shutdown.log("iperf3 not installed: no iperf3 server, --compare runs against this host will skip it");
+      log::warn("iperf3 not installed: no iperf3 server, --compare runs against this host will skip it");
     }
   }
 
   transport::ServerGroup group(1, *endpoint, perf::perf_server_options(),
                                [](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop); },
                                command.backend);
-  shutdown.log(group.backend_log_line());
+  log::info(group.backend_log_line());
   out << "listening on " << transport::Endpoint{endpoint->host, group.port()}.to_string() << std::endl;
   group.start();
 
@@ -243,7 +244,7 @@ std::vector<Comparison> run_latency(const PerfRunCommand& command, const transpo
 // bulk: GB/s of KvChunk attachments, CPU per GB on both ends; iperf3 on the
 // same bytes with --compare.
 std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport::Endpoint& server,
-                                 std::ostream& out, std::ostream& err) {
+                                 std::ostream& out) {
   const std::vector<std::byte> source = perf::bulk_source_bytes(command.chunk_bytes);
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
   {
@@ -302,7 +303,7 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
                   " runs";
     } else {
       peer_note = "iperf3 not installed here: skipped";
-      err << "fmwire perf run: iperf3 not installed: the iperf3 comparison is skipped" << std::endl;
+      log::warn("iperf3 not installed: the iperf3 comparison is skipped");
     }
   }
 
@@ -330,11 +331,11 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
 
 }  // namespace
 
-int run_perf_run(const PerfRunCommand& command, std::ostream& out, std::ostream& err) {
+int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
   std::string problem;
   const std::optional<transport::Endpoint> server = transport::parse_endpoint(command.to, &problem);
   const auto usage_error = [&](const std::string& message) {
-    err << "fmwire perf run: " << message << std::endl;
+    log::error(message);
     return 2;
   };
   if (!server) return usage_error("--to " + problem);
@@ -351,23 +352,22 @@ int run_perf_run(const PerfRunCommand& command, std::ostream& out, std::ostream&
     return usage_error("--chunk-bytes must be 1 to " + std::to_string(perf::kMaxBulkChunkBytes) + " (the server's limit)");
   }
   if (command.compare && command.test != "bulk") {
-    err << "fmwire perf run: --compare: no peer for " << command.test << " across hosts, skipped" << std::endl;
+    log::warn("--compare: no peer for " + command.test + " across hosts, skipped");
   }
 
   std::vector<Comparison> rows;
   try {
     if (command.test == "tokens") rows = run_tokens(command, *server, out);
     if (command.test == "latency") rows = run_latency(command, *server, out);
-    if (command.test == "bulk") rows = run_bulk(command, *server, out, err);
+    if (command.test == "bulk") rows = run_bulk(command, *server, out);
   } catch (const std::exception& error) {
-    err << "fmwire perf run: " << command.test << " against " << server->to_string() << ": " << error.what()
-        << std::endl;
+    log::error(command.test + " against " + server->to_string() + ": " + error.what());
     return 1;
   }
   out.flush();
   if (!command.json_path.empty()) {
     perf::write_results_json(command.json_path, "perf", rows);
-    err << "fmwire perf run: wrote " << rows.size() << " results to " << command.json_path << std::endl;
+    log::info("wrote " + std::to_string(rows.size()) + " results to " + command.json_path);
   }
   return 0;
 }

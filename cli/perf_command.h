@@ -34,7 +34,7 @@ struct PerfServeCommand {
 
 // Serves until SIGINT/SIGTERM; returns 0 after a clean drain, 1 when it had
 // to cut streams off, 2 for a bad --listen.
-int run_perf_serve(const PerfServeCommand& command, std::ostream& out, std::ostream& err);
+int run_perf_serve(const PerfServeCommand& command, std::ostream& out);
 
 struct PerfRunCommand {
   std::string to;                           // HOST:PORT of `perf serve`
@@ -53,6 +53,6 @@ struct PerfRunCommand {
   std::chrono::milliseconds connect_timeout{5000};
 };
 
-int run_perf_run(const PerfRunCommand& command, std::ostream& out, std::ostream& err);
+int run_perf_run(const PerfRunCommand& command, std::ostream& out);
 
 }  // namespace fmwire::cli

@@ -1,13 +1,14 @@
 #include "cli/role_shutdown.h"
 
 #include <condition_variable>
-#include <ostream>
-#include <utility>
+#include <mutex>
+
+#include "log/log.h"
 
 namespace fmwire::cli {
 
-RoleShutdown::RoleShutdown(std::string role, std::ostream& err)
-    : role_(std::move(role)), err_(err), watcher_([this](int, int count) {
+RoleShutdown::RoleShutdown()
+    : watcher_([this](int, int count) {
         if (count == 1) {
           first_signal_.request_stop();
         } else {
@@ -28,21 +29,19 @@ int RoleShutdown::drain(transport::ServerGroup& group, const std::string& reason
   const bool drained = group.drain_and_stop(
       reason, grace, second_signal_.get_token(), [&](unsigned loop, std::size_t connections) {
         if (on_loop_draining) on_loop_draining(loop);
-        log((name_the_loop ? "loop " + std::to_string(loop) + " " : std::string()) + "draining " +
-            std::to_string(connections) + " connection(s)");
+        if (name_the_loop) {
+          log::info("draining", {{"loop", loop}, {"connections", connections}, {"reason", reason}});
+        } else {
+          log::info("draining", {{"connections", connections}, {"reason", reason}});
+        }
       });
   if (drained) return 0;
   if (second_signal_.stop_requested()) {
-    log("second signal, closing now");
+    log::warn("second signal, closing now");
   } else {
-    log("drain took over " + std::to_string(grace.count()) + " ms, closing now");
+    log::warn("drain took too long, closing now", {{"grace_ms", grace.count()}});
   }
   return 1;
-}
-
-void RoleShutdown::log(std::string_view line) {
-  std::lock_guard lock(log_mutex_);
-  err_ << role_ << ": " << line << std::endl;
 }
 
 }  // namespace fmwire::cli

@@ -6,11 +6,8 @@
 
 #include <chrono>
 #include <functional>
-#include <iosfwd>
-#include <mutex>
 #include <stop_token>
 #include <string>
-#include <string_view>
 
 #include "cli/signal_watcher.h"
 #include "transport/server_group.h"
@@ -21,8 +18,7 @@ namespace fmwire::cli {
 // constructing thread, and threads started later inherit that mask.
 class RoleShutdown {
  public:
-  // `role` opens every line it writes to `err`: "fmwire worker".
-  RoleShutdown(std::string role, std::ostream& err);
+  RoleShutdown();
 
   // Blocks until the first signal.
   void wait_for_signal();
@@ -32,19 +28,12 @@ class RoleShutdown {
   // Drains `group` within `grace` (ServerGroup::drain_and_stop), saying how
   // many connections each loop drains; a second signal cuts it short.
   // `on_loop_draining` (optional) runs first, on each loop's thread. Returns
-  // the role's exit code: 0 when every loop drained, else 1, with a line
-  // saying why.
+  // the role's exit code: 0 when every loop drained, else 1, with a log
+  // line saying why.
   int drain(transport::ServerGroup& group, const std::string& reason, std::chrono::milliseconds grace,
             const std::function<void(unsigned loop)>& on_loop_draining = {});
 
-  // Writes "ROLE: LINE" to `err`, from any thread, never interleaved with
-  // another line written here.
-  void log(std::string_view line);
-
  private:
-  const std::string role_;
-  std::ostream& err_;
-  std::mutex log_mutex_;
   std::stop_source first_signal_;
   std::stop_source second_signal_;
   SignalWatcher watcher_;  // last: its thread requests the stops above

@@ -3,44 +3,47 @@
 #include <algorithm>
 #include <ostream>
 
+#include <fmt/format.h>
+
 #include "cli/advertise.h"
 #include "cli/embedded_router.h"
 #include "cli/etcd_membership.h"
 #include "cli/loop_metrics.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
+#include "log/log.h"
 #include "transport/server_group.h"
 
 namespace fmwire::cli {
 
-int run_router(const RouterCommand& command, std::ostream& out, std::ostream& err) {
+int run_router(const RouterCommand& command, std::ostream& out) {
   std::string problem;
   const std::optional<transport::Endpoint> endpoint = transport::parse_endpoint(command.listen, &problem);
   if (!endpoint) {
-    err << "fmwire router: " << problem << std::endl;
+    log::error(problem);
     return 2;
   }
-  if (!command.metrics_listen.empty() && !check_metrics_listen(command.metrics_listen, "fmwire router", err)) return 2;
+  if (!command.metrics_listen.empty() && !check_metrics_listen(command.metrics_listen)) return 2;
   if (auto bad = check_advertise("router", *endpoint, command.advertise, !command.etcd.empty())) {
-    err << "fmwire router: " << *bad << std::endl;
+    log::error(*bad);
     return 2;
   }
   if (command.threads == 0) {
-    err << "fmwire router: --threads must be at least 1" << std::endl;
+    log::error("--threads must be at least 1");
     return 2;
   }
   const auto workers = transport::parse_endpoints(command.workers, &problem);
   if (!workers) {
-    err << "fmwire router: worker " << problem << std::endl;
+    log::error(std::string("worker ") + problem);
     return 2;
   }
   if (workers->empty() && command.etcd.empty()) {
-    err << "fmwire router: no workers: give --workers HOST:PORT,... or --etcd URL" << std::endl;
+    log::error("no workers: give --workers HOST:PORT,... or --etcd URL");
     return 2;
   }
   auto loaded = load_router_tokenizer(command.tokenizer);
   if (!loaded) {
-    err << "fmwire router: --tokenizer: " << loaded.error() << std::endl;
+    log::error(std::string("--tokenizer: ") + loaded.error());
     return 2;
   }
   const auto tokenizer = std::make_unique<engine::Tokenizer>(std::move(*loaded));
@@ -59,7 +62,7 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   loop_options.max_streams = (command.router.max_streams + command.threads - 1) / command.threads;
 
   // Before the loop and etcd threads, which inherit its signal mask.
-  RoleShutdown shutdown("fmwire router", err);
+  RoleShutdown shutdown;
 
   std::unique_ptr<transport::ServerGroup> group;
   try {
@@ -70,7 +73,7 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
           // Every loop links to the same workers and would say the same
           // thing of each (a name that does not resolve, a tokenizer
           // refused) once per loop: the first loop says it for all.
-          if (!loops.empty()) these.log = nullptr;
+          if (!loops.empty()) these.log_worker_events = false;
           auto made = std::make_unique<router::RouterService>(router_loop, *tokenizer, std::move(these));
           routers.push_back(made.get());
           loops.push_back(&router_loop);
@@ -78,10 +81,10 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
         },
         command.backend);
   } catch (const std::invalid_argument& error) {
-    err << "fmwire router: " << error.what() << std::endl;
+    log::error(error.what());
     return 2;
   } catch (const std::system_error& error) {
-    err << "fmwire router: cannot listen on " << command.listen << ": " << error.what() << std::endl;
+    log::error(std::string("cannot listen on ") + command.listen + ": " + error.what());
     return 2;
   }
   for (router::RouterService* router : routers) router->set_workers(*workers);  // the loops do not run yet
@@ -93,18 +96,18 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
   if (!command.etcd.empty()) {
     auto url = discovery::parse_etcd_url(command.etcd);
     if (!url) {
-      err << "fmwire router: --etcd: " << url.error() << std::endl;
+      log::error(std::string("--etcd: ") + url.error());
       return 2;
     }
     const std::string address = advertised_address(*endpoint, group->port(), command.advertise);
     auto registered = discovery::EtcdRegistration::start(*url, command.etcd_router_prefix, address,
                                                        std::chrono::seconds(std::max<std::uint32_t>(command.etcd_ttl_s, 1)));
     if (!registered) {
-      err << "fmwire router: " << registered.error() << std::endl;
+      log::error(registered.error());
       return 2;
     }
     registration = std::move(*registered);
-    err << "fmwire router: registered in etcd as " << command.etcd_router_prefix << address << std::endl;
+    log::info("registered in etcd as " + command.etcd_router_prefix + address, {{"key", command.etcd_router_prefix + address}});
     const std::vector<transport::Endpoint> static_workers = *workers;
     auto started = watch_etcd_endpoints(
         *url, command.etcd_prefix, "worker",
@@ -114,10 +117,9 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
           for (std::size_t index = 0; index < loops.size(); ++index) {
             loops[index]->post([router = routers[index], all] { router->set_workers(all); });
           }
-        },
-        shutdown);
+        });
     if (!started) {
-      err << "fmwire router: " << started.error() << std::endl;
+      log::error(started.error());
       return 2;
     }
     watcher = std::move(*started);
@@ -130,19 +132,23 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
         command.metrics_listen,
         render_from_loops<router::RouterMetrics>(
             loops, [routers](std::size_t index) { return routers[index]->metrics(); },
-            router::merge_router_metrics, router::render_router_metrics),
-        "fmwire router", err);
+            router::merge_router_metrics, router::render_router_metrics));
     if (!metrics_server) return 2;
   }
 
-  err << "fmwire router: " << group->backend_log_line() << ", " << group->threads() << " loop thread(s), policy "
-      << command.router.policy
-      << (command.router.migrate ? ", migration on" : "")
-      << (command.router.disaggregate ? ", disaggregation auto" : ", disaggregation off");
-  if (routers.front()->checks_tokenizer()) {
-    err << ", prompts tokenized here (tokenizer " << std::hex << tokenizer->fingerprint() << std::dec << ")";
-  }
-  err << std::endl;
+  const std::string tokenized_here =
+      routers.front()->checks_tokenizer() ? fmt::format("{:x}", tokenizer->fingerprint()) : std::string("no");
+  log::info(group->backend_log_line());
+  log::info("started",
+            {{"listen", command.listen},
+             {"threads", group->threads()},
+             {"policy", command.router.policy},
+             {"migrate", command.router.migrate},
+             {"disaggregate", command.router.disaggregate},
+             {"workers", command.workers.size()},
+             {"etcd", command.etcd},
+             {"max_streams", command.router.max_streams},
+             {"tokenizer", tokenized_here}});
   group->start();
   // Workers named on the command line: "listening" is said once every loop
   // has reached them (or after 3 s; they may come up later), so that a
@@ -166,12 +172,12 @@ int run_router(const RouterCommand& command, std::ostream& out, std::ostream& er
     if (!per_loop.empty()) per_loop += ' ';
     per_loop += std::to_string(router->counters().streams_started);
   }
-  err << "fmwire router: stopped after " << counters.streams_finished << " streams finished, "
-      << counters.streams_failed << " failed, " << counters.streams_cancelled << " cancelled, "
-      << counters.streams_refused << " refused, " << counters.streams_migrated << " migrated, "
-      << counters.streams_handed_over << " handed over by KV transfer, " << counters.streams_disaggregated << " split (" << counters.disaggregation_fallbacks << " served whole after a part failed)";
-  if (routers.size() > 1) err << "; streams started per loop: " << per_loop;
-  err << std::endl;
+  log::info(fmt::format("stopped after {} streams finished, {} failed, {} cancelled, {} refused, {} migrated, {} handed "
+                        "over by KV transfer, {} split ({} served whole after a part failed){}",
+                        counters.streams_finished, counters.streams_failed, counters.streams_cancelled,
+                        counters.streams_refused, counters.streams_migrated, counters.streams_handed_over,
+                        counters.streams_disaggregated, counters.disaggregation_fallbacks,
+                        routers.size() > 1 ? "; streams started per loop: " + per_loop : std::string()));
   return result;
 }
 

@@ -35,6 +35,6 @@ struct RouterCommand {
   std::chrono::milliseconds drain_timeout{30000};
 };
 
-int run_router(const RouterCommand& command, std::ostream& out, std::ostream& err);
+int run_router(const RouterCommand& command, std::ostream& out);
 
 }  // namespace fmwire::cli

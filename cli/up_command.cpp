@@ -8,10 +8,13 @@
 #include <stop_token>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "cli/embedded_router.h"
 #include "cli/embedded_worker.h"
 #include "cli/role_shutdown.h"
 #include "gateway/http_gateway.h"
+#include "log/log.h"
 #include "transport/client.h"
 #include "transport/host_resolver.h"
 
@@ -44,13 +47,13 @@ std::string curl_line(const std::string& url, const std::string& model) {
 // Streams one completion from the router to `out` as it arrives. Returns
 // early (the stream cancelled) when a signal comes.
 void run_demo(const UpCommand& command, const transport::Endpoint& router, std::stop_token signalled,
-              std::ostream& out, std::ostream& err) {
+              std::ostream& out) {
   DemoEnd end;  // before the client, whose thread may tell it while the client goes
   ClientOptions options;
   options.backend = command.backend;
   auto client = Client::connect(router, options);
   if (!client) {
-    err << "fmwire up: demo: cannot connect to the router: " << client.error().message << std::endl;
+    log::error(std::string("demo: cannot connect to the router: ") + client.error().message);
     return;
   }
   out << "demo: streaming a completion of \"" << command.demo_prompt << "\" (" << command.demo_max_tokens
@@ -74,7 +77,7 @@ void run_demo(const UpCommand& command, const transport::Endpoint& router, std::
   };
   callbacks.on_error = [&](const ClientError& error) {
     out << std::endl;
-    err << "fmwire up: demo: " << to_string(error.code) << ": " << error.message << std::endl;
+    log::error(std::string("demo: ") + std::string(to_string(error.code)) + ": " + error.message);
     std::lock_guard lock(end.mutex);
     end.over = true;
     end.changed.notify_all();
@@ -94,25 +97,26 @@ std::string served_model_name(const std::string& model) {
   return std::filesystem::path(model).stem().string();
 }
 
-int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
+int run_up(const UpCommand& command, std::ostream& out) {
   std::string problem;
   const bool ipv6 = command.host.find(':') != std::string::npos;
   const std::string host = ipv6 && !command.host.starts_with('[') ? "[" + command.host + "]" : command.host;
   const auto listen = transport::parse_endpoint(host + ":" + std::to_string(command.port), &problem);
   if (!listen) {
-    err << "fmwire up: --host: " << problem << std::endl;
+    log::error(std::string("--host: ") + problem);
     return 2;
   }
   transport::Endpoint bind_to;  // the HTTP listener binds numeric addresses
   try {
     bind_to = transport::numeric_endpoint(*listen);
   } catch (const std::system_error& error) {
-    err << "fmwire up: --host " << command.host << ": " << error.what() << std::endl;
+    log::error(std::string("--host ") + command.host + ": " + error.what());
     return 2;
   }
   if ((command.prefill_workers == 0) != (command.decode_workers == 0)) {
-    err << "fmwire up: --prefill-workers " << command.prefill_workers << " --decode-workers "
-        << command.decode_workers << ": a split request needs one of each, give at least 1 of both" << std::endl;
+    log::error(fmt::format("--prefill-workers {} --decode-workers {}: a split request needs one of each, give at least 1 "
+                           "of both",
+                           command.prefill_workers, command.decode_workers));
     return 2;
   }
   // One role per worker, in the order they start: both, prefill, decode.
@@ -120,34 +124,32 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
   roles.insert(roles.end(), command.prefill_workers, protocol::WorkerRole::PREFILL);
   roles.insert(roles.end(), command.decode_workers, protocol::WorkerRole::DECODE);
   if (roles.empty() || roles.size() > kMaxWorkers) {
-    err << "fmwire up: " << roles.size() << " workers in all (--workers, --prefill-workers, --decode-workers): give 1 to "
-        << kMaxWorkers << std::endl;
+    log::error(fmt::format("{} workers in all (--workers, --prefill-workers, --decode-workers): give 1 to {}",
+                           roles.size(), kMaxWorkers));
     return 2;
   }
 
   // Before any other thread (engines, loops, the gateway's): they inherit its signal mask.
-  RoleShutdown shutdown("fmwire up", err);
+  RoleShutdown shutdown;
 
   std::vector<std::unique_ptr<EmbeddedWorker>> workers;
   std::vector<transport::Endpoint> worker_endpoints;
   for (std::size_t i = 0; i < roles.size(); ++i) {
     auto started = EmbeddedWorker::start(command.model, command.backend, roles[i]);
     if (!started) {
-      err << "fmwire up: " << started.error() << std::endl;
+      log::error(started.error());
       return 2;  // the workers started so far stop with `workers`
     }
     if (i == 0) {
-      for (const std::string& line : (*started)->log_lines()) err << "fmwire up: " << line << std::endl;
-      err << "fmwire up: " << (*started)->backend_log_line() << std::endl;
+      for (const std::string& line : (*started)->log_lines()) log::info(line);
+      log::info((*started)->backend_log_line());
     }
     worker_endpoints.push_back((*started)->endpoint());
     workers.push_back(std::move(*started));
   }
-  err << "fmwire up: " << workers.size() << " worker(s) on";
-  for (const auto& worker : workers) {
-    err << " " << worker->endpoint().to_string() << role_note(worker->role());
-  }
-  err << std::endl;
+  std::string worker_list;
+  for (const auto& worker : workers) worker_list += " " + worker->endpoint().to_string() + role_note(worker->role());
+  log::info(fmt::format("{} worker(s) on{}", workers.size(), worker_list));
 
   router::RouterOptions router_options;
   router_options.policy = command.policy;
@@ -155,17 +157,18 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
   auto router_started =
       EmbeddedRouter::start(worker_endpoints, workers.front()->tokenizer(), router_options, command.backend);
   if (!router_started) {
-    err << "fmwire up: " << router_started.error() << std::endl;
+    log::error(router_started.error());
     return 2;
   }
   std::unique_ptr<EmbeddedRouter> router = std::move(*router_started);
-  err << "fmwire up: router on " << router->endpoint().to_string() << ", policy " << command.policy
-      << (command.prefill_workers > 0 ? ", requests split between prefill and decode workers" : "") << std::endl;
+  log::info(fmt::format("router on {}, policy {}{}", router->endpoint().to_string(), command.policy,
+                        command.prefill_workers > 0 ? ", requests split between prefill and decode workers" : ""));
   // Served from the start: the gateway opens once the router has reached every worker.
   const std::size_t healthy = router->wait_for_healthy_workers(workers.size(), kWorkersReadyTimeout);
   if (healthy < workers.size()) {
-    err << "fmwire up: the router reached " << healthy << " of " << workers.size() << " workers in "
-        << kWorkersReadyTimeout.count() << " ms" << std::endl;
+    (healthy == 0 ? log::error : log::warn)(
+        fmt::format("the router reached {} of {} workers in {} ms", healthy, workers.size(), kWorkersReadyTimeout.count()),
+        {});
     if (healthy == 0) return 1;
   }
 
@@ -180,44 +183,52 @@ int run_up(const UpCommand& command, std::ostream& out, std::ostream& err) {
   gateway_options.tls_key_file = command.tls_key;
   auto gateway_started = gateway::HttpGateway::start(gateway_options);
   if (!gateway_started) {
-    err << "fmwire up: " << gateway_started.error()
-        << " (is another server on that port? --port picks another, 0 any free one)" << std::endl;
+    log::error(gateway_started.error() + " (is another server on that port? --port picks another, 0 any free one)");
     return 2;
   }
   std::unique_ptr<gateway::HttpGateway> http = std::move(*gateway_started);
+  log::info("started", {{"listen", bind_to.to_string()},
+                        {"model", command.model.model},
+                        {"device", command.model.device},
+                        {"workers", command.workers},
+                        {"prefill_workers", command.prefill_workers},
+                        {"decode_workers", command.decode_workers},
+                        {"policy", command.policy},
+                        {"http_threads", command.http_threads},
+                        {"https", !command.tls_cert.empty()}});
   const std::string url = (command.tls_cert.empty() ? "http://" : "https://") +
                           transport::Endpoint{listen->host, http->port()}.to_string();
   out << "listening on " << url << std::endl
       << "try: " << curl_line(url, gateway_options.model) << std::endl
       << "OpenAI SDKs: base URL " << url << "/v1, any API key; Ctrl-C stops" << std::endl;
 
-  if (command.demo) run_demo(command, router->endpoint(), shutdown.signalled(), out, err);
+  if (command.demo) run_demo(command, router->endpoint(), shutdown.signalled(), out);
 
   shutdown.wait_for_signal();
-  err << "fmwire up: shutting down" << std::endl;
+  log::info("shutting down");
   int result = 0;
   http->drain(command.drain_timeout);
   http.reset();
   if (!router->drain(command.drain_timeout)) {
-    err << "fmwire up: the router's drain took over " << command.drain_timeout.count() << " ms" << std::endl;
+    log::warn(fmt::format("the router's drain took over {} ms", command.drain_timeout.count()));
     result = 1;
   }
   std::uint64_t tokens_sent = 0, streams_finished = 0;
   for (auto& worker : workers) {
     if (!worker->drain(command.drain_timeout)) {
-      err << "fmwire up: worker " << worker->endpoint().to_string() << "'s drain took over "
-          << command.drain_timeout.count() << " ms" << std::endl;
+      log::warn(fmt::format("worker {}'s drain took over {} ms", worker->endpoint().to_string(),
+                            command.drain_timeout.count()));
       result = 1;
     }
     tokens_sent += worker->counters().tokens_sent;
     streams_finished += worker->counters().streams_finished;
   }
-  err << "fmwire up: stopped after " << streams_finished << " streams finished, " << tokens_sent << " tokens sent";
-  if (command.prefill_workers > 0) {
-    err << "; " << router->counters().streams_disaggregated << " split, "
-        << router->counters().disaggregation_fallbacks << " of them served whole after a part failed";
-  }
-  err << std::endl;
+  log::info(fmt::format("stopped after {} streams finished, {} tokens sent{}", streams_finished, tokens_sent,
+                        command.prefill_workers == 0
+                            ? std::string()
+                            : fmt::format("; {} split, {} of them served whole after a part failed",
+                                          router->counters().streams_disaggregated,
+                                          router->counters().disaggregation_fallbacks)));
   return result;
 }
 

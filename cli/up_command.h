@@ -41,7 +41,7 @@ struct UpCommand {
 
 // Returns 0 after a clean shutdown, 1 when streams had to be cut off, 2 for
 // bad options (a model that cannot be loaded, a port that is taken).
-int run_up(const UpCommand& command, std::ostream& out, std::ostream& err);
+int run_up(const UpCommand& command, std::ostream& out);
 
 // The name the gateway serves a model under: "builtin", "synthetic:NAME", or
 // a checkpoint's file name without its directory and extension.

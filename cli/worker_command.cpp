@@ -3,38 +3,41 @@
 #include <algorithm>
 #include <ostream>
 
+#include <fmt/format.h>
+
 #include "cli/advertise.h"
 #include "cli/loop_metrics.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
+#include "log/log.h"
 #include "transport/server_group.h"
 #include "worker/worker_service.h"
 
 namespace fmwire::cli {
 
-int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& err) {
+int run_worker(const WorkerCommand& command, std::ostream& out) {
   std::string problem;
   const std::optional<transport::Endpoint> endpoint = transport::parse_endpoint(command.listen, &problem);
   if (!endpoint) {
-    err << "fmwire worker: " << problem << std::endl;
+    log::error(problem);
     return 2;
   }
-  if (!command.metrics_listen.empty() && !check_metrics_listen(command.metrics_listen, "fmwire worker", err)) return 2;
+  if (!command.metrics_listen.empty() && !check_metrics_listen(command.metrics_listen)) return 2;
   if (auto bad = check_advertise("worker", *endpoint, command.advertise, !command.etcd.empty())) {
-    err << "fmwire worker: " << *bad << std::endl;
+    log::error(*bad);
     return 2;
   }
   // Before the engine, loop and CUDA runtime threads, which inherit its
   // signal mask: a thread that left SIGTERM unblocked would take it and end
   // the process undrained (the CUDA runtime's did, on a GPU machine).
-  RoleShutdown shutdown("fmwire worker", err);
+  RoleShutdown shutdown;
 
   auto loaded = engine::load_model(command.model);
   if (!loaded) {
-    err << "fmwire worker: " << loaded.error() << std::endl;
+    log::error(loaded.error());
     return 2;
   }
-  for (const std::string& line : loaded->log_lines) err << "fmwire worker: " << line << std::endl;
+  for (const std::string& line : loaded->log_lines) log::info(line);
   engine::Engine& engine = *loaded->engine;
   const engine::Tokenizer& tokenizer = *loaded->tokenizer;
 
@@ -48,7 +51,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   } else if (command.role == "decode") {
     worker_options.role = protocol::WorkerRole::DECODE;
   } else {
-    err << "fmwire worker: unknown role '" << command.role << "' (--role): prefill, decode or both" << std::endl;
+    log::error(std::string("unknown role '") + command.role + "' (--role): prefill, decode or both");
     return 2;
   }
   if (command.kv_compress == "auto") {
@@ -58,7 +61,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   } else if (command.kv_compress == "off") {
     worker_options.kv.compress = worker::KvCompressMode::off;
   } else {
-    err << "fmwire worker: unknown mode '" << command.kv_compress << "' (--kv-compress): auto, on or off" << std::endl;
+    log::error(std::string("unknown mode '") + command.kv_compress + "' (--kv-compress): auto, on or off");
     return 2;
   }
   worker_options.kv.state_timeout = command.kv_state_timeout;
@@ -81,19 +84,29 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
         },
         command.backend, transport::UringOptions{.zero_copy_min_bytes = command.zero_copy_min_bytes});
   } catch (const std::system_error& error) {
-    err << "fmwire worker: cannot listen on " << command.listen << ": " << error.what() << std::endl;
+    log::error(std::string("cannot listen on ") + command.listen + ": " + error.what());
     return 2;
   }
   const std::string address = advertised_address(*endpoint, group->port(), command.advertise);
   service->set_name(command.name.empty() ? address : command.name);
-  err << "fmwire worker: " << group->backend_log_line() << std::endl;
+  log::info(group->backend_log_line());
   if (command.zero_copy_min_bytes > 0) {
     const std::uint64_t registered = service->kv_counters().cache_registered_bytes;
-    err << "fmwire worker: zero-copy sends from " << command.zero_copy_min_bytes << " bytes; KV cache "
-        << (registered > 0 ? "registered with the loop (" + std::to_string(registered >> 20) + " MiB)"
-                           : std::string("not registered (no io_uring zero-copy here, or not in host memory)"))
-        << std::endl;
+    log::info(fmt::format("zero-copy sends from {} bytes; KV cache {}", command.zero_copy_min_bytes,
+                          registered > 0 ? fmt::format("registered with the loop ({} MiB)", registered >> 20)
+                                         : "not registered (no io_uring zero-copy here, or not in host memory)"));
   }
+  log::info("started", {{"listen", command.listen},
+                        {"name", command.name.empty() ? address : command.name},
+                        {"model", command.model.model},
+                        {"device", command.model.device},
+                        {"role", command.role},
+                        {"kv_dtype", command.model.kv_dtype},
+                        {"max_running", command.model.batching.max_running},
+                        {"max_batch_tokens", command.model.batching.max_batch_tokens},
+                        {"prefix_cache", command.model.batching.prefix_cache},
+                        {"kv_compress", command.kv_compress},
+                        {"etcd", command.etcd}});
   group->start();
   // Its own thread, never the loop's: a scrape posts one snapshot there.
   std::unique_ptr<metrics::MetricsServer> metrics_server;
@@ -101,8 +114,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     metrics_server = start_metrics_server(
         command.metrics_listen,
         render_from_loop<worker::WorkerMetrics>(*service_loop, [service] { return service->metrics(); },
-                                                worker::render_worker_metrics),
-        "fmwire worker", err);
+                                                worker::render_worker_metrics));
     if (!metrics_server) {
       group->stop();
       group->join();
@@ -114,7 +126,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
   if (!command.etcd.empty()) {
     auto url = discovery::parse_etcd_url(command.etcd);
     if (!url) {
-      err << "fmwire worker: --etcd: " << url.error() << std::endl;
+      log::error(std::string("--etcd: ") + url.error());
       group->stop();
       group->join();
       return 2;
@@ -122,13 +134,13 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
     auto registered = discovery::EtcdRegistration::start(*url, command.etcd_prefix, address,
                                                        std::chrono::seconds(std::max<std::uint32_t>(command.etcd_ttl_s, 1)));
     if (!registered) {
-      err << "fmwire worker: " << registered.error() << std::endl;
+      log::error(registered.error());
       group->stop();
       group->join();
       return 2;
     }
     registration = std::move(*registered);
-    err << "fmwire worker: registered in etcd as " << command.etcd_prefix << address << std::endl;
+    log::info("registered in etcd as " + command.etcd_prefix + address);
   }
   out << "listening on " << transport::Endpoint{endpoint->host, group->port()}.to_string() << std::endl;
   if (metrics_server) out << "metrics on " << metrics_server->url() << std::endl;
@@ -139,17 +151,17 @@ int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& er
                                     [&](unsigned) { service->set_draining(); });  // on the loop thread
   const worker::WorkerCounters& counters = service->counters();
   const engine::EngineStats& stats = service->engine_stats();
-  err << "fmwire worker: stopped after " << counters.streams_finished << " streams finished, "
-      << counters.streams_cancelled << " cancelled, " << counters.streams_refused << " refused; "
-      << counters.tokens_sent << " tokens sent; prompt tokens " << stats.prompt_tokens << " of which "
-      << stats.cached_prompt_tokens << " from the prefix cache" << std::endl;
+  log::info(fmt::format("stopped after {} streams finished, {} cancelled, {} refused; {} tokens sent; prompt tokens {} "
+                        "of which {} from the prefix cache",
+                        counters.streams_finished, counters.streams_cancelled, counters.streams_refused,
+                        counters.tokens_sent, stats.prompt_tokens, stats.cached_prompt_tokens));
   const worker::KvTransferCounters& kv = service->kv_counters();
   if (kv.sent + kv.received + kv.failed > 0) {
-    err << "fmwire worker: KV transfers " << kv.sent << " sent, " << kv.received << " received, " << kv.failed
-        << " failed; chunks sent " << kv.chunks_sent << " (" << kv.chunks_sent_in_place << " from the cache, "
-        << kv.chunks_sent_from_arena << " from the pinned arena), received " << kv.chunks_received << " ("
-        << kv.chunks_landed_in_place << " into the cache, " << kv.chunks_landed_through_arena
-        << " through the pinned arena)" << std::endl;
+    log::info(fmt::format("KV transfers {} sent, {} received, {} failed; chunks sent {} ({} from the cache, {} from the "
+                          "pinned arena), received {} ({} into the cache, {} through the pinned arena)",
+                          kv.sent, kv.received, kv.failed, kv.chunks_sent, kv.chunks_sent_in_place,
+                          kv.chunks_sent_from_arena, kv.chunks_received, kv.chunks_landed_in_place,
+                          kv.chunks_landed_through_arena));
   }
   metrics_server.reset();  // no scrape posts to the loop any more
   group.reset();  // the service (and its engine thread) before the engine

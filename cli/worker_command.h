@@ -37,6 +37,6 @@ struct WorkerCommand {
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad
 // options (a model that cannot be loaded included).
-int run_worker(const WorkerCommand& command, std::ostream& out, std::ostream& err);
+int run_worker(const WorkerCommand& command, std::ostream& out);
 
 }  // namespace fmwire::cli

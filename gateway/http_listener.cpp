@@ -2,10 +2,10 @@
 
 #include <algorithm>
 #include <boost/asio/post.hpp>
-#include <iostream>
 #include <thread>
 
 #include "gateway/http_session.h"
+#include "log/log.h"
 
 namespace fmwire::gateway {
 namespace {
@@ -50,7 +50,7 @@ std::optional<std::string> HttpListener::listen() {
 
 void HttpListener::run() {
   if (context_.api_keys().empty()) {
-    std::cerr << "fmwire gateway: no API keys: the API is open to anyone who can reach it" << std::endl;
+    log::warn("no API keys: the API is open to anyone who can reach it");
   }
   // The first thread's client is connected before serving, so that a
   // reachable upstream is ready at once; the others connect meanwhile.
@@ -91,8 +91,7 @@ void HttpListener::accept() {
   acceptor_->async_accept(next.io(), [this, &next](beast::error_code error, tcp::socket socket) {
     if (error == asio::error::operation_aborted || !acceptor_->is_open()) return;
     if (error) {
-      std::cerr << "fmwire gateway: accept failed (" << error.message() << "); trying again in "
-                << kAcceptRetryDelay.count() << " ms" << std::endl;
+      log::error("accept failed, trying again", {{"why", error.message()}, {"retry_ms", kAcceptRetryDelay.count()}});
       accept_retry_->expires_after(kAcceptRetryDelay);
       accept_retry_->async_wait([this](beast::error_code waited) {
         if (!waited) accept();
@@ -113,10 +112,9 @@ void HttpListener::wait_for_hangup() {
   hangup_->async_wait([this](beast::error_code error, int) {
     if (error) return;
     if (auto problem = reload_tls()) {
-      std::cerr << "fmwire gateway: SIGHUP: " << *problem << "; still serving the certificate loaded before" << std::endl;
+      log::error("SIGHUP: TLS certificate not reloaded, still serving the one loaded before", {{"why", *problem}});
     } else {
-      std::cerr << "fmwire gateway: SIGHUP: TLS certificate " << context_.tls()->cert_file() << " loaded again"
-                << std::endl;
+      log::info("SIGHUP: TLS certificate loaded again", {{"cert", context_.tls()->cert_file()}});
     }
     wait_for_hangup();
   });

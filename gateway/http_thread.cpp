@@ -10,6 +10,7 @@
 #include "gateway/gateway_context.h"
 #include "gateway/gateway_stream.h"
 #include "gateway/http_limits.h"
+#include "log/log.h"
 #include "gateway/random_id.h"
 
 namespace fmwire::gateway {
@@ -36,6 +37,23 @@ void HttpThread::connect_upstream(bool wait) {
   client_options.connection.keepalive_interval = options.upstream_keepalive;
   client_options.connection.dead_after = options.upstream_dead_after;
   client_options.on_turn_end = [this] { hand_over(); };
+  // Failovers in the log: which router each HTTP thread's connection went
+  // to, when it was lost and why; "none accepts" once until one does.
+  client_options.on_connection_change = [index = index_, told_none = false](const ConnectionChange& change) mutable {
+    switch (change.kind) {
+      case ConnectionChange::Kind::connected:
+        told_none = false;
+        log::info("upstream router connected", {{"router", change.endpoint}, {"http_thread", index}});
+        return;
+      case ConnectionChange::Kind::lost:
+        log::warn("upstream router lost", {{"router", change.endpoint}, {"http_thread", index}, {"why", change.why}});
+        return;
+      case ConnectionChange::Kind::none_accepts:
+        if (!told_none) log::error("no upstream router accepts", {{"http_thread", index}, {"why", change.why}});
+        told_none = true;
+        return;
+    }
+  };
   if (wait && !options.upstreams.empty()) {
     auto connected = Client::connect(in_own_order(options.upstreams), client_options);
     if (connected) {

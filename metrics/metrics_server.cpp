@@ -12,7 +12,8 @@
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/http/write.hpp>
 #include <chrono>
-#include <iostream>
+
+#include "log/log.h"
 
 namespace fmwire::metrics {
 namespace {
@@ -151,8 +152,8 @@ void MetricsServer::accept() {
     if (error == asio::error::operation_aborted || !acceptor_.is_open()) return;
     if (error) {
       // Out of descriptors, say: at once would spin on the same error.
-      std::cerr << "fmwire metrics: accept failed (" << error.message() << "); trying again in "
-                << kAcceptRetryDelay.count() << " ms" << std::endl;
+      log::error("metrics: accept failed, trying again",
+                 {{"why", error.message()}, {"retry_ms", kAcceptRetryDelay.count()}});
       accept_retry_.expires_after(kAcceptRetryDelay);
       accept_retry_.async_wait([this](beast::error_code waited) {
         if (!waited) accept();

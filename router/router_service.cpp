@@ -41,7 +41,6 @@ std::string transfer_key_prefix(const std::string& router_name) {
 
 }  // namespace
 
-void RouterOptions::log_to_stderr(const std::string& line) { std::fprintf(stderr, "fmwire router: %s\n", line.c_str()); }
 
 RouterService::RouterService(transport::EventLoop& loop, const engine::Tokenizer& tokenizer, RouterOptions options)
     : loop_(loop), tokenizer_(tokenizer), options_(std::move(options)) {
@@ -54,6 +53,10 @@ RouterService::RouterService(transport::EventLoop& loop, const engine::Tokenizer
   // Ids this router makes must be the workers' own: checked at registration.
   if (needs_token_ids_ || options_.migrate) options_.worker_link.tokenizer_fingerprint = tokenizer_.fingerprint();
   options_.worker_link.connection.role = protocol::Role::ROUTER;
+  // What the workers' logs call it (their "peer connected" lines).
+  if (options_.worker_link.connection.name == transport::ConnectionOptions{}.name) {
+    options_.worker_link.connection.name = "fmwire router";
+  }
   options_.worker_link.connection.initial_stream_credit_bytes = options_.worker_stream_window_bytes;
   transfer_key_prefix_ = transfer_key_prefix(options_.name);
 }
@@ -692,6 +695,13 @@ void RouterService::end(Route& route) {
 
 void RouterService::fail(Route& route, protocol::ErrorCode code, const std::string& message, bool retryable,
                          std::uint32_t retry_after_ms) {
+  say(log::Level::warn, "stream failed",
+      {{"stream", route.client_stream},
+       {"worker", route.worker != nullptr ? std::string_view(route.worker->view().name) : std::string_view()},
+       {"worker_stream", route.worker_stream},
+       {"code", static_cast<std::uint32_t>(code)},
+       {"retryable", retryable},
+       {"why", message}});
   const std::unique_ptr<Route> owned = take(route, /*reset_worker=*/true);
   ++counters_.streams_failed;
   owned->client->reset_stream(owned->client_stream, code, message, retryable, retry_after_ms);
@@ -738,6 +748,12 @@ void RouterService::on_worker_stream_closed(WorkerLink& link, std::uint32_t stre
     if (!route.prompt_tokens.empty() && !dispatch(route, request, &link)) {
       ++route.migrations;
       ++counters_.streams_migrated;
+      say(log::Level::info, "stream migrated: its worker was lost, another carries it on",
+          {{"stream", route.client_stream},
+           {"from", link.view().name},
+           {"to", route.worker != nullptr ? std::string_view(route.worker->view().name) : std::string_view()},
+           {"worker_stream", route.worker_stream},
+           {"tokens_sent", route.index_offset}});
       return;
     }
   }
@@ -785,6 +801,8 @@ void RouterService::fall_back(Route& route, WorkerLink& failed, const transport:
     return;
   }
   ++counters_.disaggregation_fallbacks;
+  say(log::Level::warn, "split request served whole: a part failed",
+      {{"stream", route.client_stream}, {"part", part}, {"worker", failed.view().name}, {"why", why}});
   cancel_decode(route);
   if (route.worker != nullptr) {
     WorkerLink* prefill = route.worker;
@@ -820,6 +838,16 @@ void RouterService::fall_back(Route& route, WorkerLink& failed, const transport:
 }
 
 void RouterService::on_worker_health(WorkerLink& link) {
+  const WorkerView& view = link.view();
+  if (view.healthy) {
+    say_of_worker(log::Level::info, "worker joined",
+                  {{"worker", view.name}, {"role", protocol::to_string(view.role())}, {"name", view.load.name}});
+  } else if (link.draining()) {
+    say_of_worker(log::Level::info, "worker draining", {{"worker", view.name}, {"streams", view.in_flight}});
+  } else if (!link.retired() && view.refused.empty()) {
+    say_of_worker(log::Level::warn, "worker lost",
+                  {{"worker", view.name}, {"streams", view.in_flight}, {"why", link.last_close_reason()}});
+  }
   if (link.draining() && options_.migrate && options_.migrate_on_drain) hand_over_streams(link);
   reap_retired();
 }
@@ -871,15 +899,28 @@ bool RouterService::hand_over(Route& route, WorkerLink& draining) {
   ++decode_link.view().in_flight;
   ++decode_link.view().streams_opened;
   ++counters_.streams_handed_over;
+  say(log::Level::info, "stream handed over by KV transfer: its worker drains",
+      {{"stream", route.client_stream},
+       {"from", draining.view().name},
+       {"to", decode_link.view().name},
+       {"transfer", key}});
   return true;
 }
 
-void RouterService::on_worker_refused(WorkerLink&, const std::string& reason) {
-  if (options_.log) options_.log(reason);
+void RouterService::on_worker_refused(WorkerLink& link, const std::string& reason) {
+  say_of_worker(log::Level::warn, reason, {{"worker", link.view().name}});
 }
 
-void RouterService::on_worker_unresolved(WorkerLink&, const std::string& reason) {
-  if (options_.log) options_.log(reason);
+void RouterService::on_worker_unresolved(WorkerLink& link, const std::string& reason) {
+  say_of_worker(log::Level::warn, reason, {{"worker", link.view().name}});
+}
+
+void RouterService::say(log::Level level, std::string_view message, log::Fields fields) const {
+  if (options_.log) options_.log(level, message, fields);
+}
+
+void RouterService::say_of_worker(log::Level level, std::string_view message, log::Fields fields) const {
+  if (options_.log_worker_events) say(level, message, fields);
 }
 
 void RouterService::on_stream_closed(Connection& connection, std::uint32_t stream_id,
@@ -891,7 +932,18 @@ void RouterService::on_stream_closed(Connection& connection, std::uint32_t strea
   end(*found->second);
 }
 
-void RouterService::on_closed(Connection& connection, const transport::EndReason&) {
+// Clients (gateways, SDK processes) at debug: an SDK user may connect per
+// request.
+void RouterService::on_ready(Connection& connection) {
+  say(log::Level::debug, "client connected", {{"peer", connection.peer_address()}, {"name", connection.peer_name()}});
+}
+
+void RouterService::on_closed(Connection& connection, const transport::EndReason& reason) {
+  if (connection.ready()) {
+    say(log::Level::debug, "client left", {{"peer", connection.peer_address()},
+                                           {"name", connection.peer_name()},
+                                           {"why", reason.message}});
+  }
   std::erase_if(load_subscribers_, [&](const ClientKey& key) { return key.first == &connection; });
   std::vector<Route*> gone;
   for (auto& [key, route] : routes_) {

@@ -70,6 +70,7 @@
 #include <vector>
 
 #include "engine/tokenizer.h"
+#include "log/log.h"
 #include "protocol/generate_request.h"
 #include "router/owned_frame.h"
 #include "router/router_metrics.h"
@@ -108,11 +109,14 @@ struct RouterOptions {
   bool migrate_on_drain = true;
   // How often a load subscriber gets its reports (one per worker).
   std::chrono::milliseconds load_report_interval{100};
-  // Where the router's log lines go (a worker refused at registration, and
-  // why); by default standard error, after "fmwire router: ".
-  std::function<void(const std::string& line)> log = log_to_stderr;
-
-  static void log_to_stderr(const std::string& line);
+  // Where the router's events go: workers joining, lost, draining and
+  // refused; streams failed, migrated, handed over, or served whole after
+  // a part failed, with their stream ids. By default the process's log.
+  std::function<void(log::Level level, std::string_view message, log::Fields fields)> log = log::write;
+  // Whether this router says what happens to its workers: a router of
+  // several loops has each loop link to every worker, and one loop says it
+  // for all (each says its own streams' events).
+  bool log_worker_events = true;
 };
 
 class RouterService final : public transport::ConnectionHandler, private WorkerLinkOwner {
@@ -142,6 +146,7 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
   void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
                         const transport::EndReason& reason) override;
+  void on_ready(transport::Connection& connection) override;
   void on_closed(transport::Connection& connection, const transport::EndReason& reason) override;
 
  private:
@@ -199,6 +204,9 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   void start(transport::Connection& client, std::uint32_t stream_id, const codec::FrameView& frame);
   // A client stream refused before it was routed: counted, then reset.
   void refuse(transport::Connection& client, std::uint32_t stream_id, const RouteRefusal& refusal);
+  // One event to options_.log; worker events only where this loop says them.
+  void say(log::Level level, std::string_view message, log::Fields fields) const;
+  void say_of_worker(log::Level level, std::string_view message, log::Fields fields) const;
   void subscribe_load(transport::Connection& subscriber, std::uint32_t stream_id);
   void send_load_reports();
   // One report per worker with a load; false when the subscriber is gone.

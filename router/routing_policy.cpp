@@ -156,7 +156,7 @@ class PrefixAffinityPolicy final : public RoutingPolicy {
     std::size_t pick = *least;
     for (std::size_t i = 0; i < workers.size(); ++i) {
       if (!workers[i].healthy || load_of(workers[i]) > limit_load) continue;
-      if (matched_[i] > matched_[pick] || (matched_[i] == matched_[pick] && less_loaded(workers, i, pick))) {
+      if (matched_[i] > matched_[pick] || (matched_[i] == matched_[pick] && better_tie(workers, i, pick))) {
         pick = i;
       }
     }
@@ -174,6 +174,23 @@ class PrefixAffinityPolicy final : public RoutingPolicy {
   }
 
  private:
+  bool better_tie(std::span<const WorkerView> workers, std::size_t a, std::size_t b) const {
+    if (!options_.affinity_ranked_ties || hashes_.empty()) return less_loaded(workers, a, b);
+    const std::uint64_t rank_a = rank(hashes_.front(), workers[a].name);
+    const std::uint64_t rank_b = rank(hashes_.front(), workers[b].name);
+    return rank_a != rank_b ? rank_a > rank_b : less_loaded(workers, a, b);
+  }
+
+  // Rendezvous hashing: the worker whose mix with the block is highest
+  // ranks first; the order is the same for every router that knows the
+  // same names.
+  static std::uint64_t rank(std::uint64_t block_hash, const std::string& worker) {
+    std::uint64_t x = block_hash ^ std::hash<std::string>{}(worker);
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;  // splitmix64's finalizer
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+  }
+
   // Fills matched_ for healthy workers that publish no prefixes from the
   // approximate tree: a worker matches up to the deepest remembered block of
   // the prompt whose last prompt went to it. Workers that publish are left

@@ -177,7 +177,8 @@ void WorkerLink::on_go_away(transport::Connection& connection) {
   update_health();
 }
 
-void WorkerLink::on_closed(transport::Connection&, const transport::EndReason&) {
+void WorkerLink::on_closed(transport::Connection&, const transport::EndReason& reason) {
+  last_close_reason_ = reason.message.empty() ? std::string("connection closed") : reason.message;
   report_stream_ = 0;
   view_.has_load = false;
   view_.tokenizer_fingerprint = 0;

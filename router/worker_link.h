@@ -85,6 +85,9 @@ class WorkerLink final : private transport::ConnectionHandler {
   bool draining() const { return draining_ && ready(); }
   // No connection and none being made: a retired link may be destroyed.
   bool idle() const { return !connection_ && !connecting_; }
+  // Why the last connection ended ("" before any did), for the log line
+  // that says the worker was lost.
+  const std::string& last_close_reason() const { return last_close_reason_; }
 
  private:
   void connect();
@@ -112,6 +115,7 @@ class WorkerLink final : private transport::ConnectionHandler {
   std::uint32_t report_stream_ = 0;
   bool connecting_ = false;
   std::string lookup_error_;  // the last one told to the owner; cleared on connecting
+  std::string last_close_reason_;
   bool draining_ = false;   // GoAway or a draining LoadReport
   bool retired_ = false;
   std::chrono::milliseconds backoff_;

@@ -13,6 +13,8 @@ packages=(
   # OpenSSL 3: the gateway's API key hashes, stream ids and HTTPS; the
   # openssl command makes the HTTPS tests' certificates and runs s_client
   libssl-dev openssl
+  # logging: spdlog (on Debian's fmt), one log for every process (log/log.h)
+  libspdlog-dev
   # tests: doctest, clang's libFuzzer runtime for the decoder fuzzer
   doctest-dev clang libclang-rt-14-dev
   # tests: a real etcd (3.4) for the gateway's discovery tests
@@ -21,6 +23,9 @@ packages=(
   curl nodejs
   # tests: promtool checks the gateway's /metrics page (Debian's prometheus)
   prometheus
+  # tests: the instruction-count gate (callgrind, and callgrind.h for
+  # bench/instruction_gate's counted regions)
+  valgrind
   # benchmarks only: protobuf is the peer format in bench/codec; gRPC and
   # iperf3 are the peers of bench/transport
   libprotobuf-dev protobuf-compiler

@@ -6,7 +6,10 @@ skipped by its decorator, such as a CUDA case where no device is, counts as
 skipped); any other meson test counts as one, a meson SKIP as one skipped. A
 binary that failed without a summary (a crash, a sanitizer report at exit)
 counts one more failure than its summary shows.
-Extra results (steps outside meson) are given as NAME=EXIT_CODE.
+Extra results (steps outside meson) are given as NAME=EXIT_CODE, or as
+NAME=FILE.json when the step writes one test case per line in the same JSON
+lines as meson's testlog.json (name, result, stdout), as
+scripts/instruction_gate.py does.
 """
 import json
 import re

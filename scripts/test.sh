@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every fmwire test; the last line is
 # "N passed, N failed, N skipped", counting test cases, and the exit code is non-zero on
-# any failure. Three runs:
+# any failure. Four runs:
 #   release     the normal build, warnings as errors
 #   sanitized   the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   fuzz        the frame decoder's libFuzzer target for a bounded time
 #               (FMWIRE_FUZZ_SECONDS, default 30; scripts/fuzz.sh runs it longer)
+#   instructions  the hot paths' instruction counts under callgrind against
+#               bench/instruction_baseline.json (scripts/instruction_gate.py),
+#               one test case per workload, with the release build's program
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,6 +59,12 @@ results+=("sanitized=build-sanitized/meson-logs/testlog.json")
 echo "== fuzz"
 bash scripts/fuzz.sh "${FMWIRE_FUZZ_SECONDS:-30}"
 results+=("fuzz=$?")
+
+echo "== instruction gate"
+gate_results=build-release/instruction-gate.json
+rm -f "$gate_results"
+python3 scripts/instruction_gate.py --build build-release --results "$gate_results"
+results+=("instructions=$gate_results")
 
 # A suite that did not build leaves no log: count it as one failure.
 checked=()

@@ -198,6 +198,7 @@ class Client::Session final : public transport::ConnectionHandler {
     cancel_connect_timer();
     round_errors_.clear();
     ready_at_ = Clock::now();
+    tell_change({ConnectionChange::Kind::connected, peer_.to_string(), {}});
     reconnect_backoff_ = options_.reconnect_min;
     subscribe_load();
     for (auto& waiter : connect_waiters_) waiter->set_value(std::nullopt);
@@ -278,6 +279,8 @@ class Client::Session final : public transport::ConnectionHandler {
     }
     // Lost after its Hello (its streams have ended, naming it): on to the
     // next endpoint, at once unless this one lived too briefly to trust.
+    tell_change({ConnectionChange::Kind::lost, peer_.to_string(),
+                 reason.message.empty() ? std::string("closed by the peer") : reason.message});
     next_endpoint();
     if (Clock::now() - ready_at_ < options_.reconnect_min) return reconnect_later();
     if (wants_connection() || !pending_.empty()) start_round();
@@ -352,8 +355,13 @@ class Client::Session final : public transport::ConnectionHandler {
       for (const ClientError& each : round_errors_) failed.message += "; " + each.message;
     }
     round_errors_.clear();
+    tell_change({ConnectionChange::Kind::none_accepts, {}, failed.message});
     fail_waiting(failed);
     reconnect_later();
+  }
+
+  void tell_change(const ConnectionChange& change) {
+    if (options_.on_connection_change && !shutting_down_) options_.on_connection_change(change);
   }
 
   void next_endpoint() {

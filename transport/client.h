@@ -117,6 +117,18 @@ struct CompletionText {
   Completion finish;
 };
 
+// A change of a client's connection, for a log of failovers.
+struct ConnectionChange {
+  enum class Kind {
+    connected,     // to `endpoint`, its Hello exchange done
+    lost,          // the connection to `endpoint` went; `why` says how
+    none_accepts,  // a round of every endpoint failed; `why` names each reason
+  };
+  Kind kind;
+  std::string endpoint;  // empty for none_accepts
+  std::string why;       // empty for connected
+};
+
 struct ClientOptions {
   std::string backend;  // "": io_uring where it works, else Asio; or "uring", "asio"
   transport::ConnectionOptions connection;
@@ -140,6 +152,10 @@ struct ClientOptions {
   // The callbacks of a client being destroyed (cancelled, "client closed")
   // may come in a last turn without it.
   std::function<void()> on_turn_end;
+  // Called on the loop thread as the connection comes up, is lost, or no
+  // endpoint accepts one: for a log line (the gateway's failovers). It must
+  // not block, nor call the client.
+  std::function<void(const ConnectionChange&)> on_connection_change;
 };
 
 class Client;

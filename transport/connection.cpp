@@ -1,5 +1,9 @@
 #include "transport/connection.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -32,6 +36,25 @@ protocol::ErrorCode error_code_for(codec::CodecErrc code) {
   }
 }
 
+// HOST:PORT of the socket's peer, [HOST]:PORT for IPv6; "" when unknown.
+std::string address_of_peer(int fd) {
+  sockaddr_storage address{};
+  socklen_t length = sizeof address;
+  if (fd < 0 || ::getpeername(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) return {};
+  char host[INET6_ADDRSTRLEN] = {};
+  if (address.ss_family == AF_INET) {
+    const auto& v4 = reinterpret_cast<const sockaddr_in&>(address);
+    if (::inet_ntop(AF_INET, &v4.sin_addr, host, sizeof host) == nullptr) return {};
+    return std::string(host) + ":" + std::to_string(ntohs(v4.sin_port));
+  }
+  if (address.ss_family == AF_INET6) {
+    const auto& v6 = reinterpret_cast<const sockaddr_in6&>(address);
+    if (::inet_ntop(AF_INET6, &v6.sin6_addr, host, sizeof host) == nullptr) return {};
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(v6.sin6_port));
+  }
+  return {};
+}
+
 std::string milliseconds(Clock::duration duration) {
   return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(duration).count()) + " ms";
 }
@@ -56,6 +79,7 @@ Connection::Connection(EventLoop& loop, int fd, bool outgoing, ConnectionOptions
     : loop_(loop),
       backend_(loop.backend()),
       fd_(fd),
+      peer_address_(address_of_peer(fd)),
       outgoing_(outgoing),
       options_(std::move(options)),
       handler_(handler),

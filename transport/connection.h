@@ -147,6 +147,9 @@ class Connection final : public SocketEvents {
   bool ready() const { return ready_; }
   bool closed() const { return closed_; }
   const std::string& peer_name() const { return peer_name_; }
+  // The peer's address, HOST:PORT as the socket has it ("" if unknown):
+  // for log lines.
+  const std::string& peer_address() const { return peer_address_; }
   // What the peer said in its Hello or HelloAck: the fingerprint of the
   // tokenizer whose ids it reads; 0 when it said none (once ready).
   std::uint64_t peer_tokenizer_fingerprint() const { return peer_tokenizer_fingerprint_; }
@@ -282,6 +285,7 @@ class Connection final : public SocketEvents {
   EventLoop& loop_;
   IoBackend& backend_;
   int fd_;
+  std::string peer_address_;
   bool outgoing_;
   ConnectionOptions options_;
   ConnectionHandler& handler_;

@@ -7,6 +7,7 @@
 
 #include "codec/frame_decoder.h"
 #include "codec/frame_header.h"
+#include "log/log.h"
 #include "protocol/kv_abort.h"
 #include "protocol/kv_accept.h"
 #include "protocol/kv_chunk.h"
@@ -611,6 +612,14 @@ void KvTransfers::end_outgoing(Outgoing& session, KvTransferResult result, bool 
     counters_.bytes_sent += result.bytes;
   } else {
     ++counters_.failed;
+    log::warn("KV transfer failed (sending)",
+              {{"transfer", session.transfer.transfer_id},
+               {"generation", session.transfer.generation},
+               {"key", session.key},
+               {"to", link != nullptr ? std::string_view(link->name) : std::string_view()},
+               {"stream", session.stream_id},
+               {"end", protocol::to_string(result.error.reason)},
+               {"why", result.error.message}});
   }
   outgoing_.erase(sequence);  // `session` is gone
   if (auto pin = pins_.find(sequence); pin != pins_.end() && pin->second.expired()) pins_.erase(pin);
@@ -667,6 +676,8 @@ void KvTransfers::expect(engine::SequenceId sequence, std::string key, engine::S
     const engine::SequenceId sequence = found->second->sequence;
     expected_.erase(found);
     ++counters_.failed;
+    log::warn("KV transfer failed (receiving): none offered in time",
+              {{"key", key}, {"timeout_ms", options_.match_timeout.count()}});
     owner_.on_kv_received(sequence, failure(KvEnd::DEADLINE, "no KV offered under transfer key '" + key + "' within " +
                                                                  std::to_string(options_.match_timeout.count()) + " ms"));
   });
@@ -737,6 +748,10 @@ void KvTransfers::on_offer(Connection& connection, const codec::FrameView& frame
   if (!problem && draining_) problem = KvEndError{KvEnd::SHUTTING_DOWN, "this worker is shutting down"};
   if (problem) {
     ++counters_.failed;
+    log::warn("KV offer refused", {{"key", session->key},
+                                   {"stream", stream_id},
+                                   {"end", protocol::to_string(problem->reason)},
+                                   {"why", problem->message}});
     reject(connection, stream_id, *problem);
     return;
   }
@@ -977,6 +992,13 @@ void KvTransfers::end_incoming(Incoming& ending, KvTransferResult result, bool t
     counters_.bytes_received += result.bytes;
   } else {
     ++counters_.failed;
+    log::warn("KV transfer failed (receiving)",
+              {{"transfer", session->transfer.transfer_id},
+               {"generation", session->transfer.generation},
+               {"key", session->key},
+               {"stream", session->stream_id},
+               {"end", protocol::to_string(result.error.reason)},
+               {"why", result.error.message}});
   }
   if (session->sequence != 0) owner_.on_kv_received(session->sequence, result);
 }
@@ -1044,6 +1066,10 @@ void KvTransfers::cancel(engine::SequenceId sequence, const KvEndError& why) {
       }
     }
     ++counters_.failed;
+    log::info("KV transfer cancelled (sending)", {{"transfer", session.transfer.transfer_id},
+                                                  {"key", session.key},
+                                                  {"end", protocol::to_string(why.reason)},
+                                                  {"why", why.message}});
     outgoing_.erase(found);
     return;
   }

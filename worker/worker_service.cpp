@@ -4,6 +4,7 @@
 #include <span>
 
 #include "codec/frame_decoder.h"
+#include "log/log.h"
 #include "protocol/finish.h"
 #include "protocol/kv_handoff.h"
 
@@ -429,8 +430,18 @@ void WorkerService::on_stream_closed(Connection& connection, std::uint32_t strea
   forget(stream);
 }
 
+// Its peers (routers, KV peers, clients) are few and long-lived: each
+// comes and goes in the log.
+void WorkerService::on_ready(Connection& connection) {
+  log::info("peer connected", {{"peer", connection.peer_address()}, {"name", connection.peer_name()}});
+}
+
 void WorkerService::on_closed(Connection& connection, const transport::EndReason& reason) {
-  (void)reason;
+  if (connection.ready()) {
+    log::info("peer left", {{"peer", connection.peer_address()},
+                            {"name", connection.peer_name()},
+                            {"why", reason.message.empty() ? std::string_view("closed") : std::string_view(reason.message)}});
+  }
   kv_->on_server_closed(connection);
   for (auto it = subscribers_.begin(); it != subscribers_.end();) {
     it = it->first.first == &connection ? subscribers_.erase(it) : std::next(it);

@@ -98,6 +98,7 @@ class WorkerService final : public transport::ConnectionHandler, private KvTrans
   void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
   void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,
                         const transport::EndReason& reason) override;
+  void on_ready(transport::Connection& connection) override;
   void on_closed(transport::Connection& connection, const transport::EndReason& reason) override;
   // Its tokenizer's, said in the Hello exchange: a router that tokenizes
   // prompts for it checks that it has the same (router/worker_link.h).

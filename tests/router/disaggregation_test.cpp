@@ -39,7 +39,9 @@ struct Rig {
     for (std::size_t i = 0; i < roles.size(); ++i) {
       workers.push_back(std::make_unique<ScriptedWorker>(loop, roles[i], i < free_blocks.size() ? free_blocks[i] : 64));
     }
-    options.log = [this](const std::string& line) { log_lines.push_back(line); };
+    options.log = [this](log::Level, std::string_view message, log::Fields fields) {
+      log_lines.push_back(log::format_line(log::Format::text, message, fields));
+    };
     router = std::make_unique<RouterService>(loop, tokenizer, std::move(options));
     std::vector<transport::Endpoint> endpoints;
     for (const auto& worker : workers) endpoints.push_back({"127.0.0.1", worker->port()});

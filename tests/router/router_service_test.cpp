@@ -81,7 +81,10 @@ struct Rig {
           loop, make_engine(),
           i < static_cast<int>(worker_tokenizers.size()) ? worker_tokenizers[i] : engine::Tokenizer::byte_level()));
     }
-    options.log = [this](const std::string& line) { log_lines.push_back(line); };
+    options.log = [this](log::Level level, std::string_view message, log::Fields fields) {
+      events.push_back(log::format_line(log::Format::text, message, fields));
+      if (level >= log::Level::warn) log_lines.push_back(std::string(message));
+    };
     router = std::make_unique<RouterService>(loop, tokenizer, std::move(options));
     std::vector<transport::Endpoint> endpoints;
     for (const auto& worker : workers) endpoints.push_back({"127.0.0.1", worker->server->port()});
@@ -144,7 +147,8 @@ struct Rig {
   std::unique_ptr<transport::Server> server;
   Collector collector;
   std::unique_ptr<Connection> client;
-  std::vector<std::string> log_lines;
+  std::vector<std::string> log_lines;  // the router's warnings and errors
+  std::vector<std::string> events;     // every event it logged, as text
 };
 
 RouterOptions with_policy(const std::string& policy) {
@@ -545,8 +549,10 @@ TEST_CASE("with migration a stream whose worker dies carries on at another, ever
     RouterOptions options = with_policy(policy);
     options.migrate = true;
     options.worker_stream_window_bytes = 1024;  // the worker soon waits for the client
-    std::vector<std::string> log_lines;
-    options.log = [&](const std::string& line) { log_lines.push_back(line); };
+    std::vector<std::string> events;
+    options.log = [&](log::Level, std::string_view message, log::Fields fields) {
+      events.push_back(log::format_line(log::Format::text, message, fields));
+    };
     RouterService router(loop, tokenizer, options);
     router.set_workers({{"127.0.0.1", first.server->port()}, {"127.0.0.1", second.server->port()}});
     transport::Server server(loop, transport::Endpoint{"127.0.0.1", 0}, side(protocol::Role::ROUTER), router);
@@ -601,7 +607,17 @@ TEST_CASE("with migration a stream whose worker dies carries on at another, ever
     // Tokenized once: at the router (prefix, from the start; round-robin,
     // at the migration), and the worker that carried on took the ids.
     CHECK(router.counters().prompts_tokenized == 1);
-    CHECK(log_lines.empty());
+    // The log says who was lost and where the stream went, by its ids.
+    const auto said = [&](std::string_view start) {
+      return std::count_if(events.begin(), events.end(), [&](const std::string& line) { return line.starts_with(start); });
+    };
+    std::string all_events;
+    for (const std::string& line : events) all_events += line + "\n";
+    CAPTURE(all_events);
+    CHECK(said("worker lost worker=127.0.0.1:") == 1);
+    CHECK(said("stream migrated: its worker was lost, another carries it on stream=") == 1);
+    CHECK(said("worker joined") == 2);
+    CHECK(said("stream failed") == 0);
 
     client->close();
     run_until(loop, [&] { return client->closed(); }, 2000ms);

@@ -222,9 +222,38 @@ TEST_CASE("prefix-affinity without worker events sends a shared prefix where it 
   CHECK(elsewhere->expected_cached_tokens == 0);
 }
 
+TEST_CASE("prefix-affinity places a new prefix, and spills a busy one, on the same workers whatever their loads") {
+  auto policy = make_policy("prefix");  // ranked ties, slack 6
+  const auto prompt = concat(tokens(100, 64), tokens(5000, 10));
+  std::size_t first = 3;
+  for (const std::array<std::uint32_t, 3>& loads : {std::array<std::uint32_t, 3>{0, 1, 2}, {2, 0, 1}, {1, 2, 0}}) {
+    auto views = workers(3);  // none publishes, and nothing was routed: no match anywhere
+    for (std::size_t i = 0; i < 3; ++i) views[i].in_flight = loads[i];
+    const std::size_t picked = pick_index(*policy, request_for(prompt), views);
+    if (first == 3) first = picked;
+    CHECK(picked == first);  // its ranked worker, whichever is least loaded
+  }
+  // Its first worker past the slack: the spill goes to the prompt's second
+  // ranked worker, again whatever the loads of the other two.
+  std::size_t second = 3;
+  for (const std::array<std::uint32_t, 2>& loads : {std::array<std::uint32_t, 2>{0, 3}, {3, 0}}) {
+    auto views = workers(3);
+    views[first].in_flight = 10;
+    std::size_t other = 0;
+    for (std::size_t i = 0; i < 3; ++i) {
+      if (i != first) views[i].in_flight = loads[other++];
+    }
+    const std::size_t picked = pick_index(*policy, request_for(prompt), views);
+    CHECK(picked != first);
+    if (second == 3) second = picked;
+    CHECK(picked == second);
+  }
+}
+
 TEST_CASE("prefix-affinity forgets the least recently routed prompt beyond approximate_prompts") {
   PolicyOptions options;
   options.approximate_prompts = 2;
+  options.affinity_ranked_ties = false;  // a forgotten prompt goes to the least loaded
   auto policy = make_policy("prefix", options);
   auto views = workers(3);
   const std::array prompts{tokens(100, 40), tokens(200, 40), tokens(300, 40)};

@@ -536,8 +536,8 @@ def https_reload_keeps_stream(binary, env):
             check(rest.rstrip().endswith("data: [DONE]"), f"the open stream's end {rest[-400:]!r}")
             code, _, errors = server.stop(signal.SIGTERM)
             check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
-            check("SIGHUP: TLS certificate " + certificate + " loaded again" in errors, f"stderr {errors[-1000:]!r}")
-            check("still serving the certificate loaded before" in errors, f"stderr {errors[-1000:]!r}")
+            check("SIGHUP: TLS certificate loaded again" in errors, f"stderr {errors[-1000:]!r}")
+            check("still serving the one loaded before" in errors, f"stderr {errors[-1000:]!r}")
             check(worker.stop() == 0, "the worker did not stop cleanly")
         finally:
             if server:

@@ -195,7 +195,7 @@ def drain_finishes_open_stream(binary, env):
         check(json.loads(rest.splitlines()[-1])["usage"]["completion_tokens"] == 60, f"last {rest.splitlines()[-1]!r}")
         check(server.process.wait(timeout=LIMIT_S) == 0, "echo-server did not exit 0 after draining")
         _, server_errors = server.process.communicate()
-        check("draining 1 connection" in server_errors, f"server stderr {server_errors!r}")
+        check("draining connections=1" in server_errors, f"server stderr {server_errors!r}")
     finally:
         server.kill()
         if client.poll() is None:

@@ -343,7 +343,7 @@ def threads_drain_every_loop(binary, env):
         check(router.process.wait(timeout=LIMIT_S) == 0, "the router did not drain cleanly")
         _, router_errors = router.process.communicate()
         for loop in range(2):
-            check(f"loop {loop} draining" in router_errors, f"loop {loop} did not drain: {router_errors!r}")
+            check(f"draining loop={loop}" in router_errors, f"loop {loop} did not drain: {router_errors!r}")
         check(f"{clients_n} streams finished" in router_errors, f"router stderr {router_errors!r}")
         per_loop = streams_per_loop(router_errors)
         check(sum(per_loop) == clients_n and min(per_loop) > 0, f"streams per loop {per_loop}")
