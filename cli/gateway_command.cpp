@@ -10,6 +10,7 @@
 #include "cli/etcd_membership.h"
 #include "cli/role_shutdown.h"
 #include "discovery/etcd_discovery.h"
+#include "gateway/api_keys.h"
 #include "gateway/http_gateway.h"
 #include "log/log.h"
 #include "transport/host_resolver.h"
@@ -78,7 +79,11 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
       return 2;
     }
     options.api_keys.insert(options.api_keys.end(), keys->begin(), keys->end());
+    gateway::forget_api_keys(*keys);
   }
+  options.rate_limits = command.rate_limits;
+  options.tls_cert_file = command.tls_cert;
+  options.tls_key_file = command.tls_key;
   options.model = command.model;
   options.io_backend = command.backend;
   options.http_threads = command.http_threads;
@@ -157,10 +162,13 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
                         {"embedded_router", router != nullptr},
                         {"model", command.model},
                         {"api_keys", options.api_keys.size()},
+                        {"https", !command.tls_cert.empty()},
                         {"http_threads", command.http_threads},
                         {"keepalive_ms", command.upstream_keepalive.count()},
                         {"dead_after_ms", command.upstream_dead_after.count()}});
-  out << "listening on http://" << transport::Endpoint{listen->host, http->port()}.to_string() << std::endl;
+  gateway::forget_api_keys(options.api_keys);  // the gateway keeps their hashes only
+  out << "listening on " << (command.tls_cert.empty() ? "http://" : "https://")
+      << transport::Endpoint{listen->host, http->port()}.to_string() << std::endl;
 
   shutdown.wait_for_signal();
   watcher.reset();  // no more changes to the gateway's list

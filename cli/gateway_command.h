@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "codec/codec_error.h"
+#include "gateway/rate_limiter.h"
 #include "router/router_service.h"
 
 namespace fmwire::cli {
@@ -24,6 +25,9 @@ struct GatewayCommand {
   std::vector<std::string> workers;       // HOST:PORT of each worker, for an embedded router
   std::string api_keys_file;              // one key per line
   std::vector<std::string> api_keys;      // besides the file's
+  gateway::RateLimits rate_limits;        // per key (per address without keys); none by default
+  std::string tls_cert;                   // HTTPS: certificate chain (PEM), and
+  std::string tls_key;                    // its key (PEM); both or neither
   std::string model = "builtin";          // what /v1/models lists
   router::RouterOptions router_options;  // the embedded router's
   std::string tokenizer;                  // the workers' tokenizer.bin, for it; default byte-level

@@ -64,6 +64,29 @@ bool parse(const std::vector<std::string>& arguments, const po::options_descript
   return false;
 }
 
+// The HTTP front's --tls-cert, --tls-key and --rate-limit, for `gateway`
+// and `up`; `callers` says whom the limits count.
+void add_https_and_rate_limit_flags(po::options_description& description, std::string& tls_cert, std::string& tls_key,
+                                    std::string& rate_limit, const std::string& callers) {
+  const std::string rate_limit_help =
+      "RPS[,TPM]: " + callers + ", requests per second and tokens per minute (max_tokens charged on admission, "
+      "the unused part given back at the stream's end); past them a 429 with Retry-After; 0: no limit on that one";
+  description.add_options()
+      ("tls-cert", po::value(&tls_cert),
+       "HTTPS: the certificate chain (PEM) to serve, with --tls-key; TLS 1.2 and 1.3 only; read again on SIGHUP "
+       "(open streams keep going)")
+      ("tls-key", po::value(&tls_key), "HTTPS: the certificate's private key (PEM)")
+      ("rate-limit", po::value(&rate_limit), rate_limit_help.c_str());
+}
+
+// --rate-limit RPS[,TPM] (gateway/rate_limiter.h); a bad one exits 2.
+fmwire::gateway::RateLimits rate_limits_flag(const std::string& text) {
+  if (text.empty()) return {};
+  auto limits = fmwire::gateway::parse_rate_limits(text);
+  if (!limits) throw po::error("--rate-limit: " + limits.error());
+  return *limits;
+}
+
 // --log-level and --log-format, which every command takes.
 struct LogFlags {
   std::string level = "info";
@@ -415,6 +438,7 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
   LogFlags log_flags;
   fmwire::cli::GatewayCommand command;
   std::string backend;
+  std::string rate_limit;
   std::string workers;
   std::string routers;
   std::uint32_t drain_timeout_ms = 30000;
@@ -449,12 +473,15 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("dead-after-ms", po::value(&dead_after_ms)->default_value(dead_after_ms),
        "a router silent this long is lost: its streams end retryable, new ones go to the next router")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
+  add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit,
+                                 "per API key (per client address without keys)");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire gateway")) return 2;
   command.workers = split_list(workers);
   command.routers = split_list(routers);
+  command.rate_limits = rate_limits_flag(rate_limit);
   command.upstream_keepalive = std::chrono::milliseconds(std::max<std::uint32_t>(keepalive_ms, 1));
   command.upstream_dead_after = std::chrono::milliseconds(std::max(dead_after_ms, keepalive_ms + 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
@@ -466,6 +493,7 @@ int run_up_command(const std::vector<std::string>& arguments) {
   LogFlags log_flags;
   fmwire::cli::UpCommand command;
   std::string backend;
+  std::string rate_limit;
   std::uint32_t drain_timeout_ms = 30000;
   auto& model = command.model;
   po::options_description description("usage: fmwire up [options]\noptions");
@@ -493,10 +521,12 @@ int run_up_command(const std::vector<std::string>& arguments) {
       ("http-threads", po::value(&command.http_threads)->default_value(command.http_threads),
        "threads for HTTP; 0: one per four cores, at least one")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
+  add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit, "per client address");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire up")) return 2;
+  command.rate_limits = rate_limits_flag(rate_limit);
   if (values.count("no-demo")) command.demo = false;
   if (values.count("disaggregate") || values.count("prefill-workers") || values.count("decode-workers")) {
     if (!values.count("prefill-workers")) command.prefill_workers = 1;

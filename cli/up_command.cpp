@@ -178,6 +178,9 @@ int run_up(const UpCommand& command, std::ostream& out) {
   gateway_options.model = served_model_name(command.model.model);
   gateway_options.io_backend = command.backend;
   gateway_options.http_threads = command.http_threads;
+  gateway_options.rate_limits = command.rate_limits;
+  gateway_options.tls_cert_file = command.tls_cert;
+  gateway_options.tls_key_file = command.tls_key;
   auto gateway_started = gateway::HttpGateway::start(gateway_options);
   if (!gateway_started) {
     log::error(gateway_started.error() + " (is another server on that port? --port picks another, 0 any free one)");
@@ -191,8 +194,10 @@ int run_up(const UpCommand& command, std::ostream& out) {
                         {"prefill_workers", command.prefill_workers},
                         {"decode_workers", command.decode_workers},
                         {"policy", command.policy},
-                        {"http_threads", command.http_threads}});
-  const std::string url = "http://" + transport::Endpoint{listen->host, http->port()}.to_string();
+                        {"http_threads", command.http_threads},
+                        {"https", !command.tls_cert.empty()}});
+  const std::string url = (command.tls_cert.empty() ? "http://" : "https://") +
+                          transport::Endpoint{listen->host, http->port()}.to_string();
   out << "listening on " << url << std::endl
       << "try: " << curl_line(url, gateway_options.model) << std::endl
       << "OpenAI SDKs: base URL " << url << "/v1, any API key; Ctrl-C stops" << std::endl;

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "engine/model_loader.h"
+#include "gateway/rate_limiter.h"
 
 namespace fmwire::cli {
 
@@ -32,6 +33,9 @@ struct UpCommand {
   std::uint32_t demo_max_tokens = 48;
   std::string backend;                // I/O backend: "", "uring" or "asio"
   unsigned http_threads = 0;          // 0: the gateway's default
+  gateway::RateLimits rate_limits;    // per client address; none by default
+  std::string tls_cert;               // HTTPS: certificate chain (PEM), and
+  std::string tls_key;                // its key (PEM); both or neither
   std::chrono::milliseconds drain_timeout{30000};
 };
 

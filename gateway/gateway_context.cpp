@@ -1,42 +1,58 @@
 #include "gateway/gateway_context.h"
 
 #include <algorithm>
+#include <utility>
 
 namespace fmwire::gateway {
-namespace {
 
-// Compares without an early exit on the first differing byte.
-bool constant_time_equal(std::string_view a, std::string_view b) {
-  const std::size_t length = std::max(a.size(), b.size());
-  unsigned char difference = a.size() == b.size() ? 0 : 1;
-  for (std::size_t i = 0; i < length; ++i) {
-    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
-    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
-    difference |= static_cast<unsigned char>(x ^ y);
-  }
-  return difference == 0;
-}
-
-}  // namespace
-
-GatewayContext::GatewayContext(HttpGatewayOptions options)
+GatewayContext::GatewayContext(HttpGatewayOptions options, std::unique_ptr<TlsContext> tls)
     : options_(std::move(options)),
+      tls_(std::move(tls)),
+      api_keys_(options_.api_keys),
       defaults_{options_.model, options_.max_tokens_default},
-      metrics_(HttpMetrics::kDefaultWorkerLoadTtl, options_.http_threads) {}
+      metrics_(HttpMetrics::kDefaultWorkerLoadTtl, options_.http_threads) {
+  forget_api_keys(options_.api_keys);
+  if (options_.rate_limits.any()) limiter_.emplace(options_.rate_limits, options_.rate_limit_addresses);
+}
 
 std::shared_ptr<void> GatewayContext::activity() {
   active_.fetch_add(1);
   return std::shared_ptr<void>(nullptr, [this](void*) { active_.fetch_sub(1); });
 }
 
-bool GatewayContext::authorized(std::string_view authorization) const {
-  if (options_.api_keys.empty()) return true;
+std::optional<Caller> GatewayContext::authenticate(std::string_view authorization, std::string_view address) const {
+  Caller caller;
+  if (api_keys_.empty()) {
+    if (limits_by_address()) caller.bucket = address;
+    return caller;
+  }
   constexpr std::string_view kBearer = "Bearer ";
-  if (!authorization.starts_with(kBearer)) return false;
-  const std::string_view key = authorization.substr(kBearer.size());
-  bool match = false;
-  for (const std::string& allowed : options_.api_keys) match |= constant_time_equal(key, allowed);
-  return match;
+  if (!authorization.starts_with(kBearer)) return std::nullopt;
+  const std::optional<KeyHash> key = api_keys_.find(authorization.substr(kBearer.size()));
+  if (!key) return std::nullopt;
+  caller.key = *key;
+  if (limiter_) caller.bucket.assign(reinterpret_cast<const char*>(key->data()), key->size());
+  return caller;
+}
+
+codec::Result<std::shared_ptr<TokenCharge>, ApiError> GatewayContext::admit(const Caller& caller,
+                                                                            std::uint32_t requests,
+                                                                            std::uint32_t max_tokens) {
+  if (!limiter_) return std::shared_ptr<TokenCharge>();
+  const RateLimits& limits = limiter_->limits();
+  const std::uint32_t requests_taken = limits.requests_per_s > 0 ? requests : 0;
+  const std::uint32_t tokens_taken = limits.tokens_per_minute > 0 ? max_tokens : 0;
+  if (auto refusal = limiter_->admit(caller.bucket, requests_taken, tokens_taken, RateLimiter::Clock::now())) {
+    ApiError error;
+    error.status = 429;
+    error.message = std::move(refusal->message);
+    error.type = std::move(refusal->limit);
+    error.code = "rate_limit_exceeded";
+    error.retry_after_s = refusal->retry_after_s;
+    return error;
+  }
+  if (tokens_taken == 0) return std::shared_ptr<TokenCharge>();
+  return std::make_shared<TokenCharge>(*limiter_, caller.bucket, tokens_taken);
 }
 
 bool GatewayContext::upstream_ready() const {

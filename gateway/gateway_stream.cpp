@@ -28,7 +28,8 @@ GatewayStream::GatewayStream(HttpThread& thread, StreamIdentity identity, bool i
       received_(received),
       expiry_(thread.io()) {}
 
-void GatewayStream::begin(GenerateParams params, std::shared_ptr<EventSink> sink) {
+void GatewayStream::begin(GenerateParams params, std::shared_ptr<EventSink> sink,
+                          std::shared_ptr<TokenCharge> charge) {
   activity_ = gateway_.activity();
   set_sink(std::move(sink));
   gateway_.metrics().stream_opened();
@@ -38,14 +39,17 @@ void GatewayStream::begin(GenerateParams params, std::shared_ptr<EventSink> sink
   auto self = shared_from_this();
   // On the client's loop thread: gathered, and handed to this stream's
   // thread at the end of the loop turn.
-  callbacks.on_tokens = [self, clock = TokenClock(received_)](const TokenChunk& chunk) mutable {
+  callbacks.on_tokens = [self, charge, clock = TokenClock(received_)](const TokenChunk& chunk) mutable {
     clock.observe(self->thread_.token_timings(), self->thread_.turn_now(), chunk.token_ids.size());
+    if (charge) charge->count(chunk.token_ids.size());
     self->thread_.gather({self, joined(chunk.text_pieces), chunk.wire_bytes, nullptr});
   };
-  callbacks.on_finish = [self](const Completion& completion) {
+  callbacks.on_finish = [self, charge](const Completion& completion) {
+    if (charge) charge->settle_finished(completion.prompt_tokens, completion.completion_tokens);
     self->thread_.gather({self, {}, 0, [self, completion] { self->on_finish(completion); }});
   };
-  callbacks.on_error = [self](const ClientError& error) {
+  callbacks.on_error = [self, charge](const ClientError& error) {
+    if (charge) charge->settle_failed();
     self->thread_.gather({self, {}, 0, [self, error] { self->on_error(error); }});
   };
   handle_ = thread_.upstream().generate(std::move(params), std::move(callbacks));

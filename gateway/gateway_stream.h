@@ -15,6 +15,7 @@
 #include "gateway/http_limits.h"
 #include "gateway/http_thread.h"
 #include "gateway/openai_api.h"
+#include "gateway/rate_limiter.h"
 #include "transport/client.h"
 
 namespace fmwire::gateway {
@@ -35,8 +36,9 @@ class GatewayStream final : public std::enable_shared_from_this<GatewayStream> {
   HttpThread& thread() const { return thread_; }
   bool resumable() const { return resumable_; }
 
-  // Sends the request upstream through this thread's client.
-  void begin(GenerateParams params, std::shared_ptr<EventSink> sink);
+  // Sends the request upstream through this thread's client; `charge`
+  // (none without a tokens-per-minute limit) is settled at its end.
+  void begin(GenerateParams params, std::shared_ptr<EventSink> sink, std::shared_ptr<TokenCharge> charge);
   // A reader back after a cut: the events after `last_event_id`, then live ones.
   void attach(std::shared_ptr<EventSink> sink, std::uint64_t last_event_id);
 

@@ -9,7 +9,8 @@
 // the worker, and a client that goes away cancels its request end to end.
 //
 // Endpoints (an API key, `Authorization: Bearer KEY`, on the /v1 ones when
-// keys are configured; /health, /ready and /metrics are open):
+// keys are configured; /health, /ready and /metrics are open; rate limits,
+// when set, on the /v1 ones, per key or else per client address):
 //   POST /v1/completions, POST /v1/chat/completions   OpenAI's shapes; chat
 //        messages become one prompt, "<role>: <content>\n" each, then "assistant:"
 //   GET  /v1/models
@@ -38,10 +39,19 @@
 // reader for up to resume_window, into a replay buffer of replay_events
 // events; when that is full the gateway stops taking the stream's tokens,
 // so flow control holds it at the worker. `GET /v1/streams/<id>` with
-// `Last-Event-ID: n` gets events n+1.. from the buffer, then the live ones,
-// without generating anything again (410 when n+1 is no longer kept; 404
+// `Last-Event-ID: n` and the API key that opened it (another key gets the
+// 404 of an unknown id; ids are 128 random bits) gets events n+1.. from
+// the buffer, then the live ones, without generating anything again (410 when n+1 is no longer kept; 404
 // once the stream is resume_window past its end, or was never resumable).
 // WebSocket streams are not resumable.
+//
+// HTTPS (tls_cert_file and tls_key_file): TLS 1.2 and 1.3 only, ECDHE and
+// AEAD ciphers (tls_context.h); the files are read again on SIGHUP or
+// reload_tls(), for new connections, while open ones go on. Over TLS an
+// SSE write is always asynchronous (plain HTTP tries a non-blocking send
+// first), and a stream: false request whose client goes away is not
+// cancelled until its response is written: the disconnect watch peeks at
+// the socket, where a TLS close_notify reads as more bytes.
 //
 // Events waiting for a slow reader leave together, up to 8 KiB of them in
 // one write: one send and one acknowledgement upstream per write.
@@ -58,10 +68,12 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "codec/codec_error.h"
+#include "gateway/rate_limiter.h"
 #include "transport/endpoint.h"
 
 namespace fmwire::gateway {
@@ -72,7 +84,21 @@ struct HttpGatewayOptions {
   // thread, to the first of these that accepts, then the next on a loss.
   // Empty at start only when set_upstreams() fills it (routers from etcd).
   std::vector<transport::Endpoint> upstreams;
-  std::vector<std::string> api_keys;              // empty: no key needed (a warning at start)
+  // Empty: no key needed (a warning at start). Kept hashed (SHA-256): the
+  // gateway drops its clear-text copy once it has hashed them.
+  std::vector<std::string> api_keys;
+  // Per caller (API key; client address without keys): requests per second
+  // and tokens per minute, past which a request is a 429 with Retry-After
+  // (rate_limiter.h). Callers told apart by address: at most this many
+  // remembered, the least recently seen forgotten first.
+  RateLimits rate_limits;
+  std::size_t rate_limit_addresses = 10'000;
+  // HTTPS with this certificate (chain, PEM) and key (PEM): both or
+  // neither; TLS 1.2 and 1.3 only (tls_context.h). On SIGHUP (when
+  // reload_tls_on_sighup) both are read again, as by reload_tls().
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  bool reload_tls_on_sighup = true;
   std::string model = "builtin";                  // what /v1/models lists; requests may name it or nothing
   std::size_t max_body_bytes = 1 << 20;           // then 413
   std::size_t max_header_bytes = 16 << 10;        // then 431
@@ -114,6 +140,10 @@ class HttpGateway {
   // client keeps its connection and uses the new list on its next attempt.
   // Any thread; after drain() it does nothing.
   virtual void set_upstreams(std::vector<transport::Endpoint> upstreams) = 0;
+  // HTTPS: reads the certificate and key again; connections from now on
+  // get them, open ones (and their streams) go on as they were. An error
+  // (the files, or no HTTPS) says why, and the old ones stay. Any thread.
+  virtual std::optional<std::string> reload_tls() = 0;
 };
 
 }  // namespace fmwire::gateway

@@ -22,7 +22,8 @@ constexpr auto kAcceptRetryDelay = 100ms;
 
 }  // namespace
 
-HttpListener::HttpListener(HttpGatewayOptions options) : context_(std::move(options)) {
+HttpListener::HttpListener(HttpGatewayOptions options, std::unique_ptr<TlsContext> tls)
+    : context_(std::move(options), std::move(tls)) {
   for (unsigned i = 0; i < context_.options().http_threads; ++i) {
     threads_.push_back(std::make_unique<HttpThread>(context_, i));
   }
@@ -48,7 +49,7 @@ std::optional<std::string> HttpListener::listen() {
 }
 
 void HttpListener::run() {
-  if (context_.options().api_keys.empty()) {
+  if (context_.api_keys().empty()) {
     log::warn("no API keys: the API is open to anyone who can reach it");
   }
   // The first thread's client is connected before serving, so that a
@@ -63,6 +64,10 @@ void HttpListener::run() {
   threads_.front()->upstream().watch_load(
       [&metrics = context_.metrics()](const WorkerLoad& load) { metrics.observe_worker_load(load); });
   accept();
+  if (context_.tls() != nullptr && context_.options().reload_tls_on_sighup) {
+    hangup_.emplace(threads_.front()->io(), SIGHUP);
+    wait_for_hangup();
+  }
   for (const auto& thread : threads_) thread->start();
 }
 
@@ -102,6 +107,24 @@ void HttpListener::accept() {
   });
 }
 
+// SIGHUP: the certificate and key read again (a renewed certificate).
+void HttpListener::wait_for_hangup() {
+  hangup_->async_wait([this](beast::error_code error, int) {
+    if (error) return;
+    if (auto problem = reload_tls()) {
+      log::error("SIGHUP: TLS certificate not reloaded, still serving the one loaded before", {{"why", *problem}});
+    } else {
+      log::info("SIGHUP: TLS certificate loaded again", {{"cert", context_.tls()->cert_file()}});
+    }
+    wait_for_hangup();
+  });
+}
+
+std::optional<std::string> HttpListener::reload_tls() {
+  if (context_.tls() == nullptr) return std::string("the gateway serves plain HTTP: no certificate to reload");
+  return context_.tls()->reload();
+}
+
 void HttpListener::set_upstreams(std::vector<transport::Endpoint> upstreams) {
   std::lock_guard lock(upstreams_mutex_);
   if (stopped_.load()) return;
@@ -118,6 +141,7 @@ void HttpListener::stop() {
   for (const auto& thread : threads_) thread->close_upstream();
   context_.resumable().clear();
   accept_retry_.reset();
+  hangup_.reset();
   acceptor_.reset();
   threads_.clear();
 }
@@ -136,7 +160,16 @@ codec::Result<std::unique_ptr<HttpGateway>, std::string> HttpGateway::start(Http
     return "http_threads is " + std::to_string(options.http_threads) + "; at most " + std::to_string(kMaxHttpThreads);
   }
   if (options.http_threads == 0) options.http_threads = std::max(1u, std::thread::hardware_concurrency() / 4);
-  auto gateway = std::make_unique<HttpListener>(std::move(options));
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+    return std::string("HTTPS takes both a certificate (--tls-cert) and its key (--tls-key)");
+  }
+  std::unique_ptr<TlsContext> tls;
+  if (!options.tls_cert_file.empty()) {
+    auto loaded = TlsContext::load(options.tls_cert_file, options.tls_key_file);
+    if (!loaded) return loaded.error();
+    tls = std::move(*loaded);
+  }
+  auto gateway = std::make_unique<HttpListener>(std::move(options), std::move(tls));
   if (auto problem = gateway->listen()) return *problem;
   gateway->run();
   return std::unique_ptr<HttpGateway>(std::move(gateway));

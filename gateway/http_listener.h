@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <cstddef>
 #include <memory>
@@ -22,7 +23,7 @@ namespace fmwire::gateway {
 class HttpListener final : public HttpGateway {
  public:
   // options.http_threads resolved (not 0).
-  explicit HttpListener(HttpGatewayOptions options);
+  HttpListener(HttpGatewayOptions options, std::unique_ptr<TlsContext> tls);
   ~HttpListener() override;
 
   // Binds and listens; an error says why it cannot.
@@ -32,9 +33,11 @@ class HttpListener final : public HttpGateway {
   std::uint16_t port() const override { return port_; }
   void drain(std::chrono::milliseconds grace) override;
   void set_upstreams(std::vector<transport::Endpoint> upstreams) override;
+  std::optional<std::string> reload_tls() override;
 
  private:
   void accept();
+  void wait_for_hangup();
   void stop();
 
   GatewayContext context_;
@@ -43,6 +46,7 @@ class HttpListener final : public HttpGateway {
   // next thread's in turn (round-robin), and its session starts there.
   std::optional<boost::asio::ip::tcp::acceptor> acceptor_;
   std::optional<boost::asio::steady_timer> accept_retry_;  // after an accept error (EMFILE)
+  std::optional<boost::asio::signal_set> hangup_;          // SIGHUP: reload_tls()
   std::size_t next_thread_ = 0;
   std::uint16_t port_ = 0;
   std::atomic<bool> stopped_{false};

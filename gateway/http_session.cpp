@@ -1,7 +1,6 @@
 #include "gateway/http_session.h"
 
 #include <sys/socket.h>
-#include <unistd.h>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -57,13 +56,35 @@ ApiError unauthorized() {
   return error;
 }
 
+HttpStream accepted(GatewayContext& gateway, tcp::socket socket) {
+  if (TlsContext* tls = gateway.tls()) return HttpStream(beast::tcp_stream(std::move(socket)), *tls->current());
+  return HttpStream(beast::tcp_stream(std::move(socket)));
+}
+
 }  // namespace
 
 HttpSession::HttpSession(HttpThread& thread, tcp::socket socket)
-    : thread_(thread), gateway_(thread.context()), stream_(std::move(socket)) {}
+    : thread_(thread), gateway_(thread.context()), stream_(accepted(gateway_, std::move(socket))) {
+  if (gateway_.limits_by_address()) {
+    beast::error_code error;
+    const tcp::endpoint peer = stream_.socket().remote_endpoint(error);
+    if (!error) address_ = peer.address().to_string();
+  }
+}
 
 void HttpSession::run() {
-  asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->read_request(); });
+  asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->handshake(); });
+}
+
+// HTTPS: within the time a request has to arrive. A client that fails it
+// (TLS 1.1, a certificate it does not trust) is closed.
+void HttpSession::handshake() {
+  if (!stream_.tls()) return read_request();
+  stream_.expires_after(kRequestReadTimeout);
+  stream_.async_handshake([self = shared_from_this()](beast::error_code error) {
+    if (error) return self->close();
+    self->read_request();
+  });
 }
 
 
@@ -119,7 +140,7 @@ void HttpSession::handle() {
   const std::string_view target = request_.target();
   const std::string path(target.substr(0, target.find('?')));
   const http::verb method = request_.method();
-  const bool authorized = gateway_.authorized(request_[http::field::authorization]);
+  const std::optional<Caller> caller = gateway_.authenticate(request_[http::field::authorization], address_);
 
   if (path == "/health" || path == "/ready" || path == "/metrics") {
     if (method != http::verb::get) return respond_error(wrong_method(path, "GET"));
@@ -130,52 +151,67 @@ void HttpSession::handle() {
   }
   if (path == "/v1/models") {
     if (method != http::verb::get) return respond_error(wrong_method(path, "GET"));
-    if (!authorized) return respond_error(unauthorized());
+    if (!admitted(caller)) return;
     return respond(200, models_json(gateway_.options().model, unix_seconds()), "application/json");
   }
   if (path == "/v1/completions" || path == "/v1/chat/completions") {
     if (method != http::verb::post) return respond_error(wrong_method(path, "POST"));
-    if (!authorized) return respond_error(unauthorized());
-    return generate(path == "/v1/chat/completions" ? ApiKind::chat : ApiKind::completions);
+    if (!caller) return respond_error(unauthorized());
+    return generate(path == "/v1/chat/completions" ? ApiKind::chat : ApiKind::completions, *caller);
   }
   if (path == "/v1/stream") {
     if (method != http::verb::get) return respond_error(wrong_method(path, "GET"));
-    if (!authorized) return respond_error(unauthorized());
+    if (!admitted(caller)) return;
     if (!websocket::is_upgrade(request_)) return respond_error(bad_request("/v1/stream takes a WebSocket upgrade"));
     gateway_.metrics().count_request(101);
-    std::make_shared<WebSocketSink>(thread_, std::move(stream_))->accept(std::move(request_));
+    std::make_shared<WebSocketSink>(thread_, std::move(stream_))->accept(std::move(request_), *caller);
     return;
   }
   constexpr std::string_view kStreams = "/v1/streams/";
   if (path.starts_with(kStreams) && path.size() > kStreams.size()) {
     if (method != http::verb::get) return respond_error(wrong_method(path, "GET"));
-    if (!authorized) return respond_error(unauthorized());
-    return resume(path.substr(kStreams.size()));
+    if (!admitted(caller)) return;
+    return resume(path.substr(kStreams.size()), *caller);
   }
   return respond_error(not_found(path));
 }
 
-void HttpSession::generate(ApiKind kind) {
+// A 401 for a request from no caller (a wrong key), a 429 for one past its
+// rate limits; true when it may go on.
+bool HttpSession::admitted(const std::optional<Caller>& caller) {
+  if (!caller) {
+    respond_error(unauthorized());
+    return false;
+  }
+  auto charge = gateway_.admit(*caller, 1, 0);
+  if (!charge) respond_error(charge.error());
+  return bool(charge);
+}
+
+void HttpSession::generate(ApiKind kind, const Caller& caller) {
   auto parsed = parse_api_request(kind, request_.body(), gateway_.defaults());
   if (!parsed) return respond_error(parsed.error());
   ApiRequest& request = parsed.value();
+  auto charge = gateway_.admit(caller, 1, request.params.max_tokens);
+  if (!charge) return respond_error(charge.error());
   const std::string_view resumable_header = request_["X-Fmwire-Resumable"];
   if (resumable_header == "1" || resumable_header == "true") request.resumable = true;
   StreamIdentity identity = thread_.new_identity(kind);
-  if (!request.stream) return generate_whole(std::move(identity), std::move(request.params));
+  if (!request.stream) return generate_whole(std::move(identity), std::move(request.params), std::move(*charge));
 
   const bool resumable = request.resumable;
   auto stream = std::make_shared<GatewayStream>(thread_, identity, request.include_usage, resumable, received_);
-  if (resumable) gateway_.resumable().keep(identity.id, stream);
+  if (resumable) gateway_.resumable().keep(identity.id, caller.key, stream);
   stream_.expires_never();
   stream->begin(std::move(request.params),
-                std::make_shared<SseSink>(std::move(stream_), identity.id, gateway_.options().stalled_write_timeout));
+                std::make_shared<SseSink>(std::move(stream_), identity.id, gateway_.options().stalled_write_timeout),
+                std::move(*charge));
   // The connection is the stream's now; this session ends here.
 }
 
 // GET /v1/streams/<id> with Last-Event-ID: a resumable stream's reader back.
-void HttpSession::resume(const std::string& id) {
-  std::shared_ptr<GatewayStream> stream = gateway_.resumable().find(id);
+void HttpSession::resume(const std::string& id, const Caller& caller) {
+  std::shared_ptr<GatewayStream> stream = gateway_.resumable().find(id, caller.key);
   if (!stream) {
     ApiError error;
     error.status = 404;
@@ -193,29 +229,20 @@ void HttpSession::resume(const std::string& id) {
       return respond_error(bad_request("Last-Event-ID must be a number", "Last-Event-ID"));
     }
   }
-  // The socket moves to the stream's HTTP thread, which may be another:
-  // the stream stays where its client is.
-  beast::error_code error;
-  tcp::socket& socket = stream_.socket();
-  const auto protocol = socket.local_endpoint(error).protocol();
-  if (error) return close();
-  const auto native = socket.release(error);
-  if (error) return close();
-  tcp::socket rebound(stream->thread().io());
-  rebound.assign(protocol, native, error);
-  if (error) {
-    ::close(native);
-    return;
-  }
-  asio::post(stream->thread().io(), [stream, socket = std::move(rebound), id, last_event_id,
+  // The connection moves to the stream's HTTP thread, which may be
+  // another: the stream stays where its client is.
+  std::optional<HttpStream> moved = std::move(stream_).move_to(stream->thread().io());
+  if (!moved) return;
+  asio::post(stream->thread().io(), [stream, connection = std::move(*moved), id, last_event_id,
                                      timeout = gateway_.options().stalled_write_timeout]() mutable {
-    stream->attach(std::make_shared<SseSink>(beast::tcp_stream(std::move(socket)), id, timeout), last_event_id);
+    stream->attach(std::make_shared<SseSink>(std::move(connection), id, timeout), last_event_id);
   });
 }
 
 // stream: false: the whole text in one response. The connection is
 // watched meanwhile: a client that goes away cancels the request.
-void HttpSession::generate_whole(StreamIdentity identity, GenerateParams params) {
+void HttpSession::generate_whole(StreamIdentity identity, GenerateParams params,
+                                 std::shared_ptr<TokenCharge> charge) {
   identity_ = std::move(identity);
   waiting_ = true;
   activity_ = gateway_.activity();
@@ -227,16 +254,19 @@ void HttpSession::generate_whole(StreamIdentity identity, GenerateParams params)
   // one at a time) and comes to this thread whole, with the finish.
   auto text = std::make_shared<std::string>();
   StreamCallbacks callbacks;
-  callbacks.on_tokens = [self, text, clock = TokenClock(received_)](const TokenChunk& chunk) mutable {
+  callbacks.on_tokens = [self, text, charge, clock = TokenClock(received_)](const TokenChunk& chunk) mutable {
     clock.observe(self->thread_.token_timings(), self->thread_.turn_now(), chunk.token_ids.size());
+    if (charge) charge->count(chunk.token_ids.size());
     for (std::string_view piece : chunk.text_pieces) *text += piece;
   };
-  callbacks.on_finish = [self, request, text](const Completion& completion) {
+  callbacks.on_finish = [self, request, text, charge](const Completion& completion) {
+    if (charge) charge->settle_finished(completion.prompt_tokens, completion.completion_tokens);
     self->thread_.gather({nullptr, {}, 0, [self, request, completion, whole = std::move(*text)]() mutable {
                             self->on_whole_finish(request, std::move(whole), completion);
                           }});
   };
-  callbacks.on_error = [self, request](const ClientError& error) {
+  callbacks.on_error = [self, request, charge](const ClientError& error) {
+    if (charge) charge->settle_failed();
     self->thread_.gather({nullptr, {}, 0, [self, request, error] { self->on_whole_error(request, error); }});
   };
   params.request_id = identity_.id;

@@ -11,6 +11,7 @@
 #include "gateway/gateway_stream.h"
 #include "gateway/http_limits.h"
 #include "log/log.h"
+#include "gateway/random_id.h"
 
 namespace fmwire::gateway {
 
@@ -88,11 +89,8 @@ void HttpThread::stop() {
 }
 
 StreamIdentity HttpThread::new_identity(ApiKind kind) {
-  char hex[40];
-  std::snprintf(hex, sizeof hex, "%016llx%08llx", static_cast<unsigned long long>(random_()),
-                static_cast<unsigned long long>(random_() & 0xffffffffu));
-  return StreamIdentity{kind, std::string(kind == ApiKind::chat ? "chatcmpl-" : "cmpl-") + hex, unix_seconds(),
-                        context_.options().model};
+  return StreamIdentity{kind, std::string(kind == ApiKind::chat ? "chatcmpl-" : "cmpl-") + random_id_128(),
+                        unix_seconds(), context_.options().model};
 }
 
 // The end of the client's loop turn (its loop thread): what the turn's

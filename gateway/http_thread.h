@@ -12,7 +12,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -57,7 +56,7 @@ class HttpThread {
   Client& upstream() { return *upstream_; }
   const Client* upstream_if_any() const { return upstream_.get(); }
 
-  // A new stream's id and "created" time. This thread only.
+  // A new stream's id (128 random bits: random_id.h) and "created" time.
   StreamIdentity new_identity(ApiKind kind);
 
   // For the client's callbacks, on its loop thread: this thread's token
@@ -94,7 +93,6 @@ class HttpThread {
   boost::asio::io_context io_{1};  // run by one thread (Asio's hint; posts from others stay safe)
   boost::asio::executor_work_guard<Executor> work_;
   std::thread thread_;
-  std::mt19937_64 random_{std::random_device{}()};
 
   // The client's loop thread's side.
   TokenTimings& token_timings_;

@@ -2,9 +2,9 @@
 
 namespace fmwire::gateway {
 
-void ResumableRegistry::keep(const std::string& id, std::shared_ptr<GatewayStream> stream) {
+void ResumableRegistry::keep(const std::string& id, const KeyHash& opener, std::shared_ptr<GatewayStream> stream) {
   std::lock_guard lock(mutex_);
-  streams_[id] = std::move(stream);
+  streams_[id] = Kept{opener, std::move(stream)};
 }
 
 void ResumableRegistry::forget(const std::string& id) {
@@ -12,15 +12,16 @@ void ResumableRegistry::forget(const std::string& id) {
   streams_.erase(id);
 }
 
-std::shared_ptr<GatewayStream> ResumableRegistry::find(const std::string& id) const {
+std::shared_ptr<GatewayStream> ResumableRegistry::find(const std::string& id, const KeyHash& key) const {
   std::lock_guard lock(mutex_);
   auto found = streams_.find(id);
-  return found == streams_.end() ? nullptr : found->second;
+  if (found == streams_.end() || !same_key_hash(found->second.opener, key)) return nullptr;
+  return found->second.stream;
 }
 
 void ResumableRegistry::clear() {
   // Destroyed outside the lock: a stream's end may call back into forget().
-  std::map<std::string, std::shared_ptr<GatewayStream>> streams;
+  std::map<std::string, Kept> streams;
   {
     std::lock_guard lock(mutex_);
     streams.swap(streams_);

@@ -56,7 +56,7 @@ std::string response_bytes(const ApiError& error) {
 
 }  // namespace
 
-SseSink::SseSink(beast::tcp_stream stream, const std::string& stream_id, std::chrono::milliseconds stalled_write_timeout)
+SseSink::SseSink(HttpStream stream, const std::string& stream_id, std::chrono::milliseconds stalled_write_timeout)
     : stream_(std::move(stream)), stall_timer_(stream_.get_executor()), stalled_write_timeout_(stalled_write_timeout) {
   // Stalled writes are watched by stall_timer_, not by a deadline re-armed
   // (a timer wait queued and cancelled) on every write.
@@ -131,10 +131,12 @@ void SseSink::take_header() {
 // and `done` runs before write() returns, with no asynchronous operation
 // and no completion queued through the io_context for each event. What the
 // kernel does not take (or an error) goes on as an asynchronous write.
+// Over TLS every write is asynchronous: a synchronous TLS write that the
+// socket cuts short would leave part of an encrypted record unsent.
 template <typename Done>
 void SseSink::write(Done done) {
   beast::error_code error;
-  const std::size_t sent = stream_.socket().write_some(asio::buffer(out_), error);
+  const std::size_t sent = stream_.tls() ? 0 : stream_.socket().write_some(asio::buffer(out_), error);
   if (!error && sent == out_.size()) {
     const auto keep_alive = shared_from_this();  // `done` may drop the stream's hold on this sink
     return done(true);
@@ -168,12 +170,15 @@ void SseSink::watch_for_stall(Clock::time_point deadline) {
   });
 }
 
-// Reads (and drops) whatever the client sends, to see it go away.
+// Reads (and drops) whatever the client sends, to see it go away; over
+// TLS through the session (a close_notify is the client going away).
 void SseSink::read_some() {
-  stream_.socket().async_read_some(asio::buffer(scratch_), [self = shared_from_this()](beast::error_code error, std::size_t) {
+  auto on_read = [self = shared_from_this()](beast::error_code error, std::size_t) {
     if (error) return self->peer_gone();
     self->read_some();
-  });
+  };
+  if (stream_.tls()) return stream_.async_read_some(asio::buffer(scratch_), std::move(on_read));
+  stream_.socket().async_read_some(asio::buffer(scratch_), std::move(on_read));
 }
 
 void SseSink::peer_gone() {

@@ -5,7 +5,6 @@
 
 #include <array>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/beast/core/tcp_stream.hpp>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -13,12 +12,13 @@
 
 #include "gateway/event_sink.h"
 #include "gateway/http_limits.h"
+#include "gateway/http_stream.h"
 
 namespace fmwire::gateway {
 
 class SseSink final : public EventSink, public std::enable_shared_from_this<SseSink> {
  public:
-  SseSink(boost::beast::tcp_stream stream, const std::string& stream_id, std::chrono::milliseconds stalled_write_timeout);
+  SseSink(HttpStream stream, const std::string& stream_id, std::chrono::milliseconds stalled_write_timeout);
 
   void watch(std::function<void()> lost) override;
   // All the events in one HTTP chunk.
@@ -36,7 +36,7 @@ class SseSink final : public EventSink, public std::enable_shared_from_this<SseS
   void read_some();
   void peer_gone();
 
-  boost::beast::tcp_stream stream_;
+  HttpStream stream_;
   boost::asio::steady_timer stall_timer_;
   std::chrono::milliseconds stalled_write_timeout_;
   bool stall_timer_armed_ = false;

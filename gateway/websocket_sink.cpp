@@ -14,14 +14,15 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 namespace websocket = beast::websocket;
 
-WebSocketSink::WebSocketSink(HttpThread& thread, beast::tcp_stream stream)
+WebSocketSink::WebSocketSink(HttpThread& thread, HttpStream stream)
     : thread_(thread), socket_(std::move(stream)), first_message_timer_(socket_.get_executor()) {
   beast::error_code ignored;
   beast::get_lowest_layer(socket_).socket().set_option(asio::socket_base::send_buffer_size(kStreamSocketSendBytes),
                                                         ignored);
 }
 
-void WebSocketSink::accept(http::request<http::string_body> request) {
+void WebSocketSink::accept(http::request<http::string_body> request, Caller caller) {
+  caller_ = std::move(caller);
   beast::get_lowest_layer(socket_).expires_never();
   socket_.set_option(websocket::stream_base::timeout::suggested(beast::role_type::server));
   socket_.read_message_max(thread_.context().options().max_body_bytes);
@@ -86,9 +87,11 @@ void WebSocketSink::on_request() {
   auto parsed = parse_any_api_request(body, thread_.context().defaults());
   if (!parsed) return refuse(parsed.error());
   ApiRequest& request = parsed.value();
+  auto charge = thread_.context().admit(caller_, 0, request.params.max_tokens);
+  if (!charge) return refuse(charge.error());
   // Over a WebSocket the finish (and usage) messages always come; no resumption.
   auto stream = std::make_shared<GatewayStream>(thread_, thread_.new_identity(request.kind), true, false, received_);
-  stream->begin(std::move(request.params), shared_from_this());
+  stream->begin(std::move(request.params), shared_from_this(), std::move(*charge));
 }
 
 void WebSocketSink::read_more() {

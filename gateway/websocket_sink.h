@@ -5,7 +5,6 @@
 
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/websocket/stream.hpp>
@@ -14,7 +13,9 @@
 #include <string>
 
 #include "gateway/event_sink.h"
+#include "gateway/gateway_context.h"
 #include "gateway/http_limits.h"
+#include "gateway/http_stream.h"
 
 namespace fmwire::gateway {
 
@@ -23,10 +24,11 @@ class HttpThread;
 // On its HTTP thread, as its stream.
 class WebSocketSink final : public EventSink, public std::enable_shared_from_this<WebSocketSink> {
  public:
-  WebSocketSink(HttpThread& thread, boost::beast::tcp_stream stream);
+  WebSocketSink(HttpThread& thread, HttpStream stream);
 
-  // Answers the upgrade, then reads the one request message.
-  void accept(boost::beast::http::request<boost::beast::http::string_body> request);
+  // Answers the upgrade, then reads the one request message, whose
+  // max_tokens are `caller`'s to be charged (GatewayContext::admit).
+  void accept(boost::beast::http::request<boost::beast::http::string_body> request, Caller caller);
 
   void watch(std::function<void()> lost) override;
   // One message per event: one at a time.
@@ -45,12 +47,13 @@ class WebSocketSink final : public EventSink, public std::enable_shared_from_thi
   void peer_gone();
 
   HttpThread& thread_;
-  boost::beast::websocket::stream<boost::beast::tcp_stream> socket_;
+  boost::beast::websocket::stream<HttpStream> socket_;
   boost::asio::steady_timer first_message_timer_;
   boost::beast::flat_buffer buffer_;
   std::string out_;
   bool have_request_ = false;
   Clock::time_point received_;
+  Caller caller_;
   std::function<void()> lost_;
 };
 

@@ -10,6 +10,9 @@ packages=(
   # libraries (Boost 1.81 for Asio, Beast, JSON, program_options)
   libboost1.81-dev libboost-json1.81-dev libboost-program-options1.81-dev
   capnproto libcapnp-dev liburing-dev libzstd-dev libxxhash-dev
+  # OpenSSL 3: the gateway's API key hashes, stream ids and HTTPS; the
+  # openssl command makes the HTTPS tests' certificates and runs s_client
+  libssl-dev openssl
   # logging: spdlog (on Debian's fmt), one log for every process (log/log.h)
   libspdlog-dev
   # tests: doctest, clang's libFuzzer runtime for the decoder fuzzer

@@ -841,6 +841,95 @@ TEST_CASE("http_gateway: a resumable stream cut mid-way resumes from Last-Event-
   CHECK(get(gateway->port(), "/v1/streams/cmpl-none").status == 404);
 }
 
+TEST_CASE("http_gateway: a resumable stream resumes only with its opener's key; another key gets the 404 of no stream") {
+  Upstream upstream(synthetic(2000us));
+  HttpGatewayOptions options = options_for(upstream.endpoint());
+  const std::string other_key = "sk-other-key";
+  options.api_keys.push_back(other_key);
+  auto gateway = start_gateway(std::move(options));
+  std::string stream_id;
+  {
+    SseReader reader(gateway->port(), stream_request(json::object{{"prompt", "mine"}, {"max_tokens", 100}, {"stream", true}}, true));
+    REQUIRE(reader.status() == 200);
+    stream_id = reader.header("X-Fmwire-Stream-Id");
+    REQUIRE(reader.next().has_value());
+    reader.cut();
+  }
+  // 128 random bits: "cmpl-" and 32 hex digits.
+  CHECK(stream_id.size() == 5 + 32);
+  CHECK(stream_id.substr(5).find_first_not_of("0123456789abcdef") == std::string::npos);
+  const Reply stranger = get(gateway->port(), "/v1/streams/" + stream_id, other_key);
+  const Reply unknown = get(gateway->port(), "/v1/streams/cmpl-00000000000000000000000000000000", other_key);
+  CHECK(stranger.status == 404);
+  CHECK(unknown.status == 404);
+  CHECK(stranger.json().at("error").at("code") == unknown.json().at("error").at("code"));
+  CHECK(get(gateway->port(), "/v1/streams/" + stream_id, "sk-wrong").status == 401);
+  auto resume = make_request(http::verb::get, "/v1/streams/" + stream_id, "");
+  resume.set("Last-Event-ID", "1");
+  SseReader resumed(gateway->port(), std::move(resume));
+  CHECK(resumed.status() == 200);
+  const std::vector<SseEvent> rest = resumed.rest();
+  REQUIRE(!rest.empty());
+  CHECK(rest.front().id == 2);
+  CHECK(rest.back().data == "[DONE]");
+}
+
+TEST_CASE("http_gateway: past a key's requests per second a request is a 429 with Retry-After; other keys go on") {
+  Upstream upstream(builtin());
+  HttpGatewayOptions options = options_for(upstream.endpoint());
+  options.api_keys.push_back("sk-other-key");
+  options.rate_limits = {0.5, 0};  // one request per 2 s
+  auto gateway = start_gateway(std::move(options));
+  const json::object body{{"prompt", "x"}, {"max_tokens", 2}};
+  CHECK(post(gateway->port(), "/v1/completions", body).status == 200);
+  const Reply refused = post(gateway->port(), "/v1/completions", body);
+  CHECK(refused.status == 429);
+  CHECK(refused.headers["Retry-After"] == "2");
+  CHECK(refused.json().at("error").at("code").as_string() == "rate_limit_exceeded");
+  CHECK(refused.json().at("error").at("type").as_string() == "requests");
+  CHECK(get(gateway->port(), "/v1/models").status == 429);  // every /v1 request counts
+  CHECK(get(gateway->port(), "/health").status == 200);     // not limited
+  CHECK(post(gateway->port(), "/v1/completions", body, "sk-other-key").status == 200);
+}
+
+TEST_CASE("http_gateway: without keys the rate limit goes by client address") {
+  Upstream upstream(builtin());
+  HttpGatewayOptions options = options_for(upstream.endpoint());
+  options.api_keys.clear();
+  options.rate_limits = {1, 0};
+  auto gateway = start_gateway(std::move(options));
+  CHECK(get(gateway->port(), "/v1/models", "").status == 200);
+  const Reply refused = get(gateway->port(), "/v1/models", "");
+  CHECK(refused.status == 429);
+  CHECK(refused.headers["Retry-After"] == "1");
+}
+
+TEST_CASE("http_gateway: a stream cut after a few tokens gives its unused max_tokens back to the key's tokens per minute") {
+  Upstream upstream(synthetic(2000us));
+  HttpGatewayOptions options = options_for(upstream.endpoint());
+  options.rate_limits = {0, 120};  // two tokens a second
+  auto gateway = start_gateway(std::move(options));
+  const json::object body{{"prompt", "p"}, {"max_tokens", 100}, {"stream", true}};
+  {
+    SseReader reader(gateway->port(), stream_request(body));
+    REQUIRE(reader.status() == 200);
+    REQUIRE(reader.next().has_value());
+    const Reply refused = post(gateway->port(), "/v1/completions", body);
+    CHECK(refused.status == 429);
+    CHECK(refused.json().at("error").at("type").as_string() == "tokens");
+    CHECK(std::stoi(refused.headers["Retry-After"]) >= 30);  // ~80 tokens short at 2 a second
+    reader.cut();
+  }
+  // Charged what it received (a few tokens; the prompt unknown on a cancel).
+  REQUIRE(wait_until([&] { return upstream.counters().streams_cancelled == 1; }, 2000ms));
+  REQUIRE(wait_until([&] {
+    return post(gateway->port(), "/v1/completions", json::object{{"prompt", "p"}, {"max_tokens", 50}}).status == 200;
+  }, 2000ms));
+  const Reply over = post(gateway->port(), "/v1/completions", json::object{{"prompt", "p"}, {"max_tokens", 121}});
+  CHECK(over.status == 429);
+  CHECK(over.headers["Retry-After"] == "");
+}
+
 TEST_CASE("http_gateway: a reader that stops reading holds back only its own stream and memory stays bounded") {
   Upstream upstream(synthetic(0us, 1024));
   auto gateway = start_gateway(options_for(upstream.endpoint()));

@@ -19,6 +19,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection, HTTPSConnection
 
 from native_cli_test import LIMIT_S, Failure, check, read_until, run_scenario
 from worker_cli_test import Worker
@@ -49,7 +51,7 @@ class HttpServer:
         self.watchdog.daemon = True
         self.watchdog.start()
         line = self.process.stdout.readline()
-        if not line.startswith("listening on http://127.0.0.1:"):
+        if not re.match(r"listening on https?://127\.0\.0\.1:", line):
             self.kill()
             raise Failure(f"{arguments[0]} printed {line!r}; stderr {self.process.stderr.read()!r}")
         self.url = line.split()[-1]
@@ -77,13 +79,19 @@ def up(binary, env, *extra):
 
 def http(url, body=None, headers=None):
     """(status, body text) of a GET, or of a POST of `body` as JSON."""
+    status, _, text = http_with_headers(url, body, headers)
+    return status, text
+
+
+def http_with_headers(url, body=None, headers=None):
+    """(status, response headers, body text), as http()."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with NO_PROXY.open(request, timeout=LIMIT_S) as response:
-            return response.status, response.read().decode()
+            return response.status, response.headers, response.read().decode()
     except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+        return error.code, error.headers, error.read().decode()
 
 
 def metric(page, series):
@@ -130,10 +138,10 @@ def install_openai_package():
         check(result.returncode == 0, f"npm ci --prefix {NODE_DIR} failed: {result.stderr[-2000:]}")
 
 
-def run_openai_client(base_url, model, api_key=None):
+def run_openai_client(base_url, model, api_key=None, env=None):
     install_openai_package()
     arguments = ["node", CLIENT_TEST, base_url + "/v1", model] + ([api_key] if api_key else [])
-    result = subprocess.run(arguments, capture_output=True, text=True, timeout=3 * LIMIT_S)
+    result = subprocess.run(arguments, capture_output=True, text=True, timeout=3 * LIMIT_S, env=env)
     check(result.returncode == 0, f"the openai client test failed:\n{result.stdout}{result.stderr}")
     passed = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
     check(len(passed) >= (8 if api_key else 7), f"too few checks ran:\n{result.stdout}")
@@ -260,6 +268,307 @@ def gateway_router_api_keys_file(binary, env):
                 router.kill()
                 router.wait()
             worker.kill()
+
+
+class KeyedGateway:
+    """`fmwire gateway` with an embedded router in front of one builtin
+    worker, taking the keys sk-first and sk-second; `extra` are more flags."""
+
+    KEYS = ("sk-first", "sk-second")
+
+    def __init__(self, binary, env, *extra):
+        self.worker = Worker(binary, env, "--model", "builtin")
+        self.server = None
+        try:
+            self.server = HttpServer(binary, env, "gateway", "--listen", "127.0.0.1:0", "--workers",
+                                     self.worker.endpoint, "--api-key", self.KEYS[0], "--api-key", self.KEYS[1], *extra)
+        except BaseException:
+            self.worker.kill()
+            raise
+        self.url = self.server.url
+
+    def stop(self):
+        code, _, errors = self.server.stop(signal.SIGTERM)
+        check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
+        check(self.worker.stop() == 0, "the worker did not stop cleanly")
+
+    def kill(self):
+        if self.server:
+            self.server.kill()
+        self.worker.kill()
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def gateway_wrong_key_refused(binary, env):
+    """No key, a wrong key, and a configured key's prefix are a 401 with
+    WWW-Authenticate and OpenAI's error; either configured key is served."""
+    gateway = KeyedGateway(binary, env)
+    try:
+        request = dict(CHAT, stream=False)
+        for headers in ({}, bearer("sk-wrong"), bearer("sk-firs"), bearer("sk-firstx"), {"Authorization": "sk-first"}):
+            status, answer_headers, body = http_with_headers(gateway.url + "/v1/chat/completions", request, headers)
+            check(status == 401, f"{headers}: {status} {body!r}")
+            check(answer_headers.get("WWW-Authenticate") == "Bearer", f"{headers}: headers {dict(answer_headers)}")
+            check(json.loads(body)["error"]["code"] == "invalid_api_key", f"{headers}: {body!r}")
+        for key in KeyedGateway.KEYS:
+            status, body = http(gateway.url + "/v1/chat/completions", request, bearer(key))
+            check(status == 200, f"{key}: {status} {body!r}")
+        gateway.stop()
+    finally:
+        gateway.kill()
+
+
+def gateway_rate_limit_429(binary, env):
+    """--rate-limit 0.5 (a request per 2 s a key): a key's second request at
+    once is a 429 with Retry-After: 2 and OpenAI's rate-limit error; the
+    other key is served meanwhile; after the wait the first is again. A bad
+    --rate-limit exits 2 with the reason."""
+    for command in (["gateway", "--router", "127.0.0.1:1"], ["up", "--no-demo", "--port", "0"]):
+        result = subprocess.run([binary, *command, "--rate-limit", "5,lots"], capture_output=True, text=True,
+                                env=env, timeout=LIMIT_S)
+        check(result.returncode == 2 and "bad tokens per minute 'lots'" in result.stderr,
+              f"{command[0]} --rate-limit 5,lots: exit {result.returncode} {result.stderr!r}")
+    gateway = KeyedGateway(binary, env, "--rate-limit", "0.5")
+    try:
+        request = dict(CHAT, stream=False, max_tokens=4)
+        status, body = http(gateway.url + "/v1/chat/completions", request, bearer("sk-first"))
+        check(status == 200, f"first request: {status} {body!r}")
+        refused_at = time.monotonic()
+        status, headers, body = http_with_headers(gateway.url + "/v1/chat/completions", request, bearer("sk-first"))
+        check(status == 429, f"second request at once: {status} {body!r}")
+        check(headers.get("Retry-After") == "2", f"Retry-After {headers.get('Retry-After')!r}")
+        error = json.loads(body)["error"]
+        check(error["code"] == "rate_limit_exceeded" and error["type"] == "requests", f"429 body {body!r}")
+        status, body = http(gateway.url + "/v1/chat/completions", request, bearer("sk-second"))
+        check(status == 200, f"the other key: {status} {body!r}")
+        time.sleep(max(0.0, refused_at + 2.05 - time.monotonic()))  # what Retry-After said
+        status, body = http(gateway.url + "/v1/chat/completions", request, bearer("sk-first"))
+        check(status == 200, f"after Retry-After: {status} {body!r}")
+        gateway.stop()
+    finally:
+        gateway.kill()
+
+
+def gateway_resume_other_key_404(binary, env):
+    """A resumable stream cut after its first event: another key's GET
+    /v1/streams/<id> is the 404 of an id that never was; the opener's key
+    gets the rest, from event 2 to [DONE]."""
+    gateway = KeyedGateway(binary, env)
+    try:
+        host, port = gateway.url[len("http://"):].rsplit(":", 1)
+        connection = HTTPConnection(host, int(port), timeout=LIMIT_S)
+        connection.request("POST", "/v1/chat/completions", json.dumps(dict(CHAT, max_tokens=40)),
+                           {"Content-Type": "application/json", "X-Fmwire-Resumable": "1", **bearer("sk-first")})
+        response = connection.getresponse()
+        check(response.status == 200, f"resumable stream: {response.status}")
+        stream_id = response.getheader("X-Fmwire-Stream-Id")
+        check(re.fullmatch(r"chatcmpl-[0-9a-f]{32}", stream_id or ""), f"stream id {stream_id!r}: not 128 bits")
+        first = response.readline().decode()
+        check(first == "id: 1\n", f"first line {first!r}")
+        connection.close()
+
+        status, body = http(gateway.url + "/v1/streams/" + stream_id, None,
+                            {**bearer("sk-second"), "Last-Event-ID": "1"})
+        never = "chatcmpl-" + "0" * 32
+        status_never, body_never = http(gateway.url + "/v1/streams/" + never, None, bearer("sk-second"))
+        check(status == 404 and status_never == 404, f"another key: {status} {body!r}; unknown id: {status_never}")
+        check(json.loads(body)["error"]["code"] == json.loads(body_never)["error"]["code"] == "stream_not_found",
+              f"{body!r} / {body_never!r}")
+
+        status, body = http(gateway.url + "/v1/streams/" + stream_id, None, {**bearer("sk-first"), "Last-Event-ID": "1"})
+        check(status == 200, f"the opener's key: {status} {body[-400:]!r}")
+        ids = [int(line[len("id: "):]) for line in body.splitlines() if line.startswith("id: ")]
+        check(ids and ids[0] == 2 and ids == list(range(2, 2 + len(ids))), f"event ids {ids}")
+        check(body.rstrip().endswith("data: [DONE]"), f"resumed stream's end {body[-400:]!r}")
+        gateway.stop()
+    finally:
+        gateway.kill()
+
+
+def make_certificate(folder, name, ca=None):
+    """A P-256 key and certificate for 127.0.0.1 and localhost, made now
+    (never committed): self-signed (a CA) when `ca` is None, else signed
+    by `ca`, a (certificate, key) pair. Returns (certificate, key) paths."""
+    key, certificate = os.path.join(folder, name + ".key"), os.path.join(folder, name + ".pem")
+    request = ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
+               "-subj", f"/CN={name}", "-days", "1"]
+    if ca is None:
+        request += ["-x509", "-out", certificate]
+    else:
+        request += ["-out", certificate + ".csr"]
+    result = subprocess.run(request, capture_output=True, text=True, timeout=LIMIT_S)
+    check(result.returncode == 0, f"openssl req: {result.stderr}")
+    if ca is not None:
+        extensions = os.path.join(folder, name + ".ext")
+        with open(extensions, "w") as file:
+            file.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        result = subprocess.run(["openssl", "x509", "-req", "-in", certificate + ".csr", "-CA", ca[0], "-CAkey", ca[1],
+                                 "-CAcreateserial", "-days", "1", "-extfile", extensions, "-out", certificate],
+                                capture_output=True, text=True, timeout=LIMIT_S)
+        check(result.returncode == 0, f"openssl x509: {result.stderr}")
+    return certificate, key
+
+
+def tls_files(folder):
+    """A test CA and a server certificate it signed: (ca, certificate, key)."""
+    ca = make_certificate(folder, "fmwire-test-ca")
+    certificate, key = make_certificate(folder, "server", ca)
+    return ca[0], certificate, key
+
+
+def s_client(port, version, ca):
+    """`openssl s_client -VERSION` to the port, willing to speak old
+    versions (security level 0, so that a refusal is the server's): (exit
+    code, output)."""
+    result = subprocess.run(["openssl", "s_client", "-" + version, "-cipher", "DEFAULT:@SECLEVEL=0", "-connect",
+                             f"127.0.0.1:{port}", "-CAfile", ca, "-verify_return_error"],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=LIMIT_S)
+    return result.returncode, result.stdout + result.stderr
+
+
+def https_tls_versions(binary, env):
+    """`fmwire up --tls-cert --tls-key`: TLS 1.0 and 1.1 refused (a
+    protocol_version alert), 1.2 and 1.3 accepted with AEAD ciphers, curl
+    streams SSE over https with the test CA; half a pair exits 2."""
+    with tempfile.TemporaryDirectory() as folder:
+        ca, certificate, key = tls_files(folder)
+        result = subprocess.run([binary, "up", "--no-demo", "--port", "0", "--tls-cert", certificate],
+                                capture_output=True, text=True, env=env, timeout=LIMIT_S)
+        check(result.returncode == 2 and "--tls-key" in result.stderr, f"no key: {result.returncode} {result.stderr!r}")
+        server = up(binary, env, "--no-demo", "--workers", "1", "--tls-cert", certificate, "--tls-key", key)
+        try:
+            check(server.url.startswith("https://"), f"url {server.url}")
+            port = int(server.url.rsplit(":", 1)[1])
+            for version in ("tls1", "tls1_1"):
+                code, text = s_client(port, version, ca)
+                check(code != 0 and "alert protocol version" in text, f"{version} not refused: {code} {text[-800:]!r}")
+            for version, name in (("tls1_2", "TLSv1.2"), ("tls1_3", "TLSv1.3")):
+                code, text = s_client(port, version, ca)
+                agreed = re.search(r"New, (\S+), Cipher is (\S+)", text)
+                check(code == 0 and agreed and agreed.group(1) == name, f"{version} refused: {code} {text[-800:]!r}")
+                check("GCM" in agreed.group(2) or "CHACHA20" in agreed.group(2), f"{version}: {agreed.group(2)}")
+            arguments = ["curl", "-N", "-sS", "--noproxy", "*", "--cacert", ca, "--max-time", str(LIMIT_S),
+                         server.url + "/v1/chat/completions", "-H", "Content-Type: application/json",
+                         "-d", json.dumps(CHAT)]
+            result = subprocess.run(arguments, capture_output=True, text=True, timeout=LIMIT_S + 5)
+            check(result.returncode == 0, f"curl over https: exit {result.returncode} {result.stderr!r}")
+            check_sse(result.stdout)
+            code, _, errors = server.stop()
+            check(code == 0, f"fmwire up exit {code}: {errors[-1000:]!r}")
+        finally:
+            server.kill()
+
+
+def openai_sdk_https(binary, env):
+    """OpenAI's Node SDK against `fmwire gateway` over https, trusting the
+    test CA through NODE_EXTRA_CA_CERTS."""
+    with tempfile.TemporaryDirectory() as folder:
+        ca, certificate, key = tls_files(folder)
+        gateway = KeyedGateway(binary, env, "--tls-cert", certificate, "--tls-key", key)
+        try:
+            check(gateway.url.startswith("https://"), f"url {gateway.url}")
+            run_openai_client(gateway.url, "builtin", KeyedGateway.KEYS[1], dict(os.environ, NODE_EXTRA_CA_CERTS=ca))
+            gateway.stop()
+        finally:
+            gateway.kill()
+
+
+def https_client(url, cafile):
+    host, port = url[len("https://"):].rsplit(":", 1)
+    return HTTPSConnection(host, int(port), timeout=LIMIT_S, context=ssl.create_default_context(cafile=cafile))
+
+
+def served_certificate(url, cafile):
+    """The DER certificate a new TLS connection to the gateway gets."""
+    connection = https_client(url, cafile)
+    try:
+        connection.connect()
+        return connection.sock.getpeercert(binary_form=True)
+    finally:
+        connection.close()
+
+
+def open_sse(url, cafile, body, headers):
+    """A streaming request over https: (connection, response) once its
+    first event line has come."""
+    connection = https_client(url, cafile)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json", **headers})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise Failure(f"stream over https: {response.status} {response.read()[:400]!r}")
+    first = response.readline().decode()
+    check(first == "id: 1\n", f"first line {first!r}")
+    return connection, response
+
+
+def https_reload_keeps_stream(binary, env):
+    """SIGHUP with a new certificate in the files: new connections get it,
+    a stream open over the old one goes on to [DONE] with every event; a
+    SIGHUP with a broken file keeps the certificate served and says so."""
+    with tempfile.TemporaryDirectory() as folder:
+        ca, certificate, key = tls_files(folder)
+        worker = Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "10000")
+        server = None
+        try:
+            server = HttpServer(binary, env, "gateway", "--listen", "127.0.0.1:0", "--workers", worker.endpoint,
+                                "--tls-cert", certificate, "--tls-key", key)
+            before = served_certificate(server.url, ca)
+            connection, response = open_sse(server.url, ca, dict(CHAT, max_tokens=200), {})
+            renewed, renewed_key = make_certificate(folder, "renewed", (os.path.join(folder, "fmwire-test-ca.pem"),
+                                                                       os.path.join(folder, "fmwire-test-ca.key")))
+            shutil.copyfile(renewed, certificate)
+            shutil.copyfile(renewed_key, key)
+            server.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: served_certificate(server.url, ca) != before, LIMIT_S, "the renewed certificate served")
+            after = served_certificate(server.url, ca)
+            with open(certificate, "w") as file:
+                file.write("not a certificate\n")
+            server.process.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+            check(served_certificate(server.url, ca) == after, "a broken certificate file replaced the one served")
+            rest = response.read().decode()
+            connection.close()
+            ids = [int(line[len("id: "):]) for line in rest.splitlines() if line.startswith("id: ")]
+            check(ids and ids == list(range(2, 2 + len(ids))), f"the open stream's event ids after the reload: {ids}")
+            check(rest.rstrip().endswith("data: [DONE]"), f"the open stream's end {rest[-400:]!r}")
+            code, _, errors = server.stop(signal.SIGTERM)
+            check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
+            check("SIGHUP: TLS certificate loaded again" in errors, f"stderr {errors[-1000:]!r}")
+            check("still serving the one loaded before" in errors, f"stderr {errors[-1000:]!r}")
+            check(worker.stop() == 0, "the worker did not stop cleanly")
+        finally:
+            if server:
+                server.kill()
+            worker.kill()
+
+
+def https_resume_on_another_thread(binary, env):
+    """A resumable stream over https, cut and resumed: the resuming
+    connection lands on the next HTTP thread (connections are handed round
+    in turn) and its TLS session moves to the stream's thread."""
+    with tempfile.TemporaryDirectory() as folder:
+        ca, certificate, key = tls_files(folder)
+        gateway = KeyedGateway(binary, env, "--tls-cert", certificate, "--tls-key", key, "--http-threads", "3")
+        try:
+            headers = {"X-Fmwire-Resumable": "1", **bearer("sk-first")}
+            connection, response = open_sse(gateway.url, ca, dict(CHAT, max_tokens=40), headers)
+            stream_id = response.getheader("X-Fmwire-Stream-Id")
+            connection.close()
+            resumed = https_client(gateway.url, ca)
+            resumed.request("GET", "/v1/streams/" + stream_id, headers={**bearer("sk-first"), "Last-Event-ID": "1"})
+            answer = resumed.getresponse()
+            check(answer.status == 200, f"resume over https: {answer.status}")
+            body = answer.read().decode()
+            resumed.close()
+            ids = [int(line[len("id: "):]) for line in body.splitlines() if line.startswith("id: ")]
+            check(ids and ids == list(range(2, 2 + len(ids))), f"resumed event ids {ids}")
+            check(body.rstrip().endswith("data: [DONE]"), f"resumed stream's end {body[-400:]!r}")
+            gateway.stop()
+        finally:
+            gateway.kill()
 
 
 def up_serves_then_exits_on_sigint(binary, env):
@@ -456,6 +765,13 @@ SCENARIOS = {
     "openai_sdk_gateway_workers": openai_sdk_gateway_workers,
     "curl_streams_sse": curl_streams_sse,
     "gateway_router_api_keys_file": gateway_router_api_keys_file,
+    "gateway_wrong_key_refused": gateway_wrong_key_refused,
+    "gateway_rate_limit_429": gateway_rate_limit_429,
+    "gateway_resume_other_key_404": gateway_resume_other_key_404,
+    "https_tls_versions": https_tls_versions,
+    "openai_sdk_https": openai_sdk_https,
+    "https_reload_keeps_stream": https_reload_keeps_stream,
+    "https_resume_on_another_thread": https_resume_on_another_thread,
     "up_serves_then_exits_on_sigint": up_serves_then_exits_on_sigint,
     "up_streams_its_demo": up_streams_its_demo,
     "up_port_taken": up_port_taken,
