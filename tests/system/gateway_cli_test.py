@@ -233,10 +233,6 @@ def curl_refuses_tools(binary, env):
             error = json.loads(text)["error"]
             check(error["param"] == "tools" and error["code"] == "unsupported_parameter"
                   and "not supported" in error["message"], f"{path} with tools: {text!r}")
-        # The same body without them streams.
-        code, text = curl_sse(server.url, CHAT)
-        check(code == 0, f"curl exit {code}")
-        check_sse(text)
         code, _, errors = server.stop()
         check(code == 0, f"fmwire up exit {code}: {errors[-1000:]!r}")
     finally:
