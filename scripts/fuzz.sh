@@ -18,6 +18,7 @@ targets=(
   "openai_request 16384"     # a request body (JSON)
   "http_request 16384"       # what a client sends: request line, headers, body
   "websocket_message 16384"  # WebSocket frames after the upgrade
+  "kv_session 4096"          # a KV session peer's steps (worker/kv_transfers.h)
 )
 if [[ ${1:-} == --list ]]; then
   for entry in "${targets[@]}"; do echo "${entry%% *}"; done

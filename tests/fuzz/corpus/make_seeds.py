@@ -56,8 +56,72 @@ def http_request(method, target, headers=(), body=b""):
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+class Steps:
+    """Input for kv_session_fuzz, which reads it with libFuzzer's
+    FuzzedDataProvider: integers from the end of the input backwards, one
+    byte per 8 bits of a range, the first byte the most significant."""
+
+    def __init__(self):
+        self.consumed = []
+
+    def pick(self, value, low, high):
+        span, size = high - low, 0
+        while size < 8 and span >> (8 * size) > 0:
+            size += 1
+        self.consumed += list((value - low).to_bytes(size, "big")) if size else []
+        return self
+
+    def bytes(self):
+        return bytes(reversed(self.consumed))
+
+    # The steps of kv_session_fuzz.cpp, with the values that keep to the protocol.
+    def expect(self, key, prompt=20, max_tokens=4):
+        return self.pick(0, 0, 8).pick(prompt, 1, 80).pick(max_tokens, 1, 8).pick(key, 0, 2)
+
+    def offer(self, key, tokens=20, first=True, streams=1):
+        self.pick(1, 0, 8)
+        if not first:
+            self.pick(0, 0, 7)  # a new stream
+        return self.pick(tokens, 0, 90).pick(1, 0, 7).pick(1, 0, 5).pick(key, 0, 2).pick(2, 1, 4)
+
+    def chunk(self, first_block, blocks, stream=0, streams=1, corrupt=False):
+        self.pick(2, 0, 8).pick(1, 0, 7).pick(stream, 0, streams - 1).pick(1, 0, 15)
+        self.pick(first_block, 0, 6).pick(blocks, 1, 3).pick(1, 0, 15).pick(0, 0, 1)
+        if corrupt:
+            return self.pick(0, 0, 15).pick(0, 0, (1 << 64) - 1)
+        return self.pick(1, 0, 15)
+
+    def commit(self, blocks, chunks, stream=0, streams=1):
+        return self.pick(4, 0, 8).pick(1, 0, 7).pick(stream, 0, streams - 1).pick(1, 0, 15) \
+            .pick(blocks, 0, 8).pick(chunks, 0, 8).pick(1, 0, 2)
+
+    def abort(self, stream=0, streams=1):
+        return self.pick(5, 0, 8).pick(1, 0, 7).pick(stream, 0, streams - 1).pick(1, 0, 15)
+
+    def cancel(self, sequence, sequences):
+        return self.pick(7, 0, 8).pick(sequence, 0, sequences - 1)
+
+    def settle(self):
+        return self.pick(8, 0, 8)
+
+
+def kv_session_seeds():
+    window = lambda: Steps().pick(1 << 20, 1, 1 << 20)
+    return {
+        # The decode request first, then a whole transfer in one chunk.
+        "committed": window().expect(0).offer(0).settle().chunk(0, 2).settle().commit(2, 1).settle(),
+        # The Offer first, waiting for its request; two chunks.
+        "offer-first": window().offer(1).settle().expect(1).settle().chunk(0, 1).chunk(1, 1).settle()
+        .commit(2, 2).settle(),
+        "aborted": window().expect(2).offer(2).settle().chunk(0, 1).abort().settle(),
+        "cancelled": window().expect(0).offer(0).settle().cancel(0, 1).settle(),
+        "corrupt-chunk": window().expect(0).offer(0).settle().chunk(0, 2, corrupt=True).settle(),
+        "commit-short": window().expect(0).offer(0).settle().chunk(0, 1).commit(1, 1).settle(),
+    }
+
+
 def main():
-    for target in ("openai_request", "http_request", "websocket_message"):
+    for target in ("openai_request", "http_request", "websocket_message", "kv_session"):
         shutil.rmtree(os.path.join(HERE, target), ignore_errors=True)
     bodies = [json.dumps(body).encode() for body in BODIES] + [b'{"prompt": ', b"[]", b'"x"']
     for number, body in enumerate(bodies):
@@ -88,6 +152,8 @@ def main():
     ]
     for number, frame in enumerate(frames):
         write("websocket_message", f"frames-{number:02}", frame)
+    for name, steps in kv_session_seeds().items():
+        write("kv_session", name, steps.bytes())
     total = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(HERE) for name in names)
     print(f"seeds written under {HERE}: {total} bytes")
 
