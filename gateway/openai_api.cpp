@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <boost/json.hpp>
 #include <chrono>
-#include <initializer_list>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <stdexcept>
@@ -329,9 +329,11 @@ codec::Result<ApiRequest, ApiError> parse_api_request(ApiKind kind, std::string_
     params.temperature = static_cast<float>(*value);
   }
   if (const json::value* top_p = field(object, "top_p")) {
+    // Checked as the float it becomes: 1e-50 is above 0 but its float is not.
     const std::optional<double> value = number_of(*top_p);
-    if (!value || *value <= 0.0 || *value > 1.0) return bad_request("top_p must be a number in (0, 1]", "top_p");
-    params.top_p = static_cast<float>(*value);
+    const float as_float = value ? static_cast<float>(*value) : 0.0f;
+    if (!value || as_float <= 0.0f || *value > 1.0) return bad_request("top_p must be a number in (0, 1]", "top_p");
+    params.top_p = as_float;
   }
   if (const json::value* seed = field(object, "seed")) {
     const std::optional<std::int64_t> value = integer_of(*seed);

@@ -52,5 +52,15 @@ TEST_CASE("openai_api: TextChunkEncoder writes the bytes text_chunk_json writes"
   }
 }
 
+TEST_CASE("openai_api: a top_p above 0 whose float is 0 is refused, not taken as greedy") {
+  const ApiDefaults defaults{.model = "builtin", .max_tokens = 16};
+  auto tiny = parse_api_request(ApiKind::completions, R"({"prompt": "x", "top_p": 1e-50})", defaults);
+  REQUIRE_FALSE(tiny);
+  CHECK(tiny.error().param == "top_p");
+  auto small = parse_api_request(ApiKind::completions, R"({"prompt": "x", "top_p": 1e-30})", defaults);
+  REQUIRE(small);
+  CHECK(small->params.top_p > 0.0f);
+}
+
 }  // namespace
 }  // namespace fmwire::gateway

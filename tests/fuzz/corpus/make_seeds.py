@@ -26,6 +26,7 @@ BODIES = [
     {"prompt": "x", "max_tokens": -3, "echo": False, "best_of": 1, "suffix": ""},
     {"model": "gpt-9", "prompt": "x"},
     {"max_tokens": 3},
+    {"prompt": "x", "top_p": 1e-50},  # above 0, but 0 as a float: was accepted as 0
 ]
 
 
