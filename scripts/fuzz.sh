@@ -12,13 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# TARGET, then libFuzzer's -max_len for it.
+# TARGET, libFuzzer's -max_len for it, then any other libFuzzer options.
 targets=(
   "frame_decoder 65536"      # a receive buffer: whole frames with attachments
   "openai_request 16384"     # a request body (JSON)
   "http_request 16384"       # what a client sends: request line, headers, body
   "websocket_message 16384"  # WebSocket frames after the upgrade
-  "kv_session 4096"          # a KV session peer's steps (worker/kv_transfers.h)
+  # A KV session peer's steps (worker/kv_transfers.h): ~60 runs a second,
+  # too few for libFuzzer's slow growth of input lengths (it would stay
+  # under 40 bytes, a dozen steps, for minutes): whole lengths at once.
+  "kv_session 512 -len_control=0"
 )
 if [[ ${1:-} == --list ]]; then
   for entry in "${targets[@]}"; do echo "${entry%% *}"; done
@@ -43,6 +46,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 # Runs one target; non-zero when it found something.
 fuzz() {
   local target=$1 max_len=$2
+  shift 2
   local corpus=$build/corpus-$target log=$build/fuzz-$target.log
   local seeds=tests/fuzz/corpus/$target
   mkdir -p "$corpus"
@@ -57,7 +61,7 @@ fuzz() {
   # New inputs go to the first folder, never into the checked-in seeds;
   # -rss_limit_mb bounds memory.
   if ! "$build/tests/fuzz/${target}_fuzz" "$corpus" "$seeds" -max_total_time="$seconds" -max_len="$max_len" \
-    -rss_limit_mb=2048 -timeout=10 -artifact_prefix="$build/$target-" -print_final_stats=1 2>"$log"; then
+    -rss_limit_mb=2048 -timeout=10 -artifact_prefix="$build/$target-" -print_final_stats=1 "$@" 2>"$log"; then
     tail -60 "$log"
     echo "fuzz: $target failed; the crashing input is named above"
     return 1
@@ -68,15 +72,16 @@ fuzz() {
 
 failed=0
 for target in "${wanted[@]}"; do
-  max_len=
+  found=
   for entry in "${targets[@]}"; do
-    [[ ${entry%% *} == "$target" ]] && max_len=${entry##* }
+    [[ ${entry%% *} == "$target" ]] && found=$entry
   done
-  if [[ -z $max_len ]]; then
+  if [[ -z $found ]]; then
     echo "fuzz: no target $target (scripts/fuzz.sh --list)"
     failed=1
     continue
   fi
-  fuzz "$target" "$max_len" || failed=1
+  # shellcheck disable=SC2086  # the entry's words: name, -max_len, options
+  fuzz $found || failed=1
 done
 exit "$failed"
