@@ -21,9 +21,14 @@ json::value null_or(const std::string& text) {
   return json::value(text);
 }
 
-// A JSON number as a double (integers included); none for other kinds.
+// A JSON number as a double (integers included); none for other kinds,
+// and none for what is not finite: Boost.JSON reads 1e999 as infinity
+// and 0e350 as NaN (0 times 10^350), which no range check would stop.
 std::optional<double> number_of(const json::value& value) {
-  if (value.is_double()) return value.get_double();
+  if (value.is_double()) {
+    if (!std::isfinite(value.get_double())) return std::nullopt;
+    return value.get_double();
+  }
   if (value.is_int64()) return static_cast<double>(value.get_int64());
   if (value.is_uint64()) return static_cast<double>(value.get_uint64());
   return std::nullopt;
