@@ -8,11 +8,11 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/websocket/rfc6455.hpp>
 #include <cerrno>
-#include <cstdlib>
 
 #include "gateway/gateway_stream.h"
 #include "gateway/gateway_context.h"
 #include "gateway/http_thread.h"
+#include "gateway/request_headers.h"
 #include "gateway/sse_sink.h"
 #include "gateway/websocket_sink.h"
 
@@ -137,8 +137,7 @@ void HttpSession::on_read(beast::error_code error) {
 }
 
 void HttpSession::handle() {
-  const std::string_view target = request_.target();
-  const std::string path(target.substr(0, target.find('?')));
+  const std::string path(path_of(request_.target()));
   const http::verb method = request_.method();
   const std::optional<Caller> caller = gateway_.authenticate(request_[http::field::authorization], address_);
 
@@ -167,11 +166,10 @@ void HttpSession::handle() {
     std::make_shared<WebSocketSink>(thread_, std::move(stream_))->accept(std::move(request_), *caller);
     return;
   }
-  constexpr std::string_view kStreams = "/v1/streams/";
-  if (path.starts_with(kStreams) && path.size() > kStreams.size()) {
+  if (const std::optional<std::string_view> id = resumed_stream_id(path)) {
     if (method != http::verb::get) return respond_error(wrong_method(path, "GET"));
     if (!admitted(caller)) return;
-    return resume(path.substr(kStreams.size()), *caller);
+    return resume(std::string(*id), *caller);
   }
   return respond_error(not_found(path));
 }
@@ -194,8 +192,7 @@ void HttpSession::generate(ApiKind kind, const Caller& caller) {
   ApiRequest& request = parsed.value();
   auto charge = gateway_.admit(caller, 1, request.params.max_tokens);
   if (!charge) return respond_error(charge.error());
-  const std::string_view resumable_header = request_["X-Fmwire-Resumable"];
-  if (resumable_header == "1" || resumable_header == "true") request.resumable = true;
+  if (resumable_requested(request_["X-Fmwire-Resumable"])) request.resumable = true;
   StreamIdentity identity = thread_.new_identity(kind);
   if (!request.stream) return generate_whole(std::move(identity), std::move(request.params), std::move(*charge));
 
@@ -220,15 +217,9 @@ void HttpSession::resume(const std::string& id, const Caller& caller) {
     error.code = "stream_not_found";
     return respond_error(error);
   }
-  std::uint64_t last_event_id = 0;
-  const std::string last(request_["Last-Event-ID"]);
-  if (!last.empty()) {
-    char* end = nullptr;
-    last_event_id = std::strtoull(last.c_str(), &end, 10);
-    if (end == last.c_str() || *end != '\0') {
-      return respond_error(bad_request("Last-Event-ID must be a number", "Last-Event-ID"));
-    }
-  }
+  auto last = last_event_id_of(request_["Last-Event-ID"]);
+  if (!last) return respond_error(last.error());
+  const std::uint64_t last_event_id = last.value();
   // The connection moves to the stream's HTTP thread, which may be
   // another: the stream stays where its client is.
   std::optional<HttpStream> moved = std::move(stream_).move_to(stream->thread().io());

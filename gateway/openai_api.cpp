@@ -1,9 +1,12 @@
 #include "gateway/openai_api.h"
 
+#include <algorithm>
 #include <boost/json.hpp>
 #include <chrono>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 
 namespace fmwire::gateway {
@@ -18,9 +21,14 @@ json::value null_or(const std::string& text) {
   return json::value(text);
 }
 
-// A JSON number as a double (integers included); none for other kinds.
+// A JSON number as a double (integers included); none for other kinds,
+// and none for what is not finite: Boost.JSON reads 1e999 as infinity
+// and 0e350 as NaN (0 times 10^350), which no range check would stop.
 std::optional<double> number_of(const json::value& value) {
-  if (value.is_double()) return value.get_double();
+  if (value.is_double()) {
+    if (!std::isfinite(value.get_double())) return std::nullopt;
+    return value.get_double();
+  }
   if (value.is_int64()) return static_cast<double>(value.get_int64());
   if (value.is_uint64()) return static_cast<double>(value.get_uint64());
   return std::nullopt;
@@ -44,6 +52,122 @@ const json::value* field(const json::object& object, std::string_view name) {
   const json::value* value = object.if_contains(name);
   if (value == nullptr || value->is_null()) return nullptr;
   return value;
+}
+
+// The request fields the gateway knows, by endpoint. Honoured ones are
+// read in parse_api_request(); the others are accepted only at the value
+// that changes nothing (client libraries send some with their defaults),
+// so that no client ever gets plain text where it asked for tools, JSON
+// mode, log probabilities or several choices. Any field not here is refused
+// by name too. A null field counts as absent (field()).
+enum Endpoints : unsigned { kCompletions = 1, kChat = 2, kBoth = 3 };
+
+struct KnownField {
+  std::string_view name;
+  unsigned endpoints;
+  // Null: honoured. Else whether a value is one that changes nothing, and
+  // that value in words for the refusal.
+  bool (*changes_nothing)(const json::value&);
+  std::string_view accepted;
+};
+
+bool is_false(const json::value& value) { return value.is_bool() && !value.get_bool(); }
+bool is_true(const json::value& value) { return value.is_bool() && value.get_bool(); }
+bool is_zero(const json::value& value) { return number_of(value) == 0.0; }
+bool is_one(const json::value& value) { return integer_of(value) == 1; }
+bool is_string(const json::value& value) { return value.is_string(); }
+bool is_empty_string(const json::value& value) { return value.is_string() && value.get_string().empty(); }
+bool is_empty_object(const json::value& value) { return value.is_object() && value.get_object().empty(); }
+bool is_text_format(const json::value& value) {
+  const json::object* format = value.if_object();
+  const json::value* type = format != nullptr && format->size() == 1 ? format->if_contains("type") : nullptr;
+  return type != nullptr && type->is_string() && type->get_string() == "text";
+}
+bool is_text_modality(const json::value& value) {
+  const json::array* modalities = value.if_array();
+  return modalities != nullptr && modalities->size() == 1 && (*modalities)[0].is_string() &&
+         (*modalities)[0].get_string() == "text";
+}
+bool is_default_tier(const json::value& value) {
+  return value.is_string() && (value.get_string() == "auto" || value.get_string() == "default");
+}
+
+constexpr KnownField kKnownFields[] = {
+    // Honoured.
+    {"model", kBoth, nullptr, {}},
+    {"prompt", kCompletions, nullptr, {}},
+    {"messages", kChat, nullptr, {}},
+    {"max_tokens", kBoth, nullptr, {}},
+    {"max_completion_tokens", kChat, nullptr, {}},
+    {"temperature", kBoth, nullptr, {}},
+    {"top_p", kBoth, nullptr, {}},
+    {"seed", kBoth, nullptr, {}},
+    {"stop", kBoth, nullptr, {}},
+    {"stream", kBoth, nullptr, {}},
+    {"stream_options", kBoth, nullptr, {}},
+    {"fmwire", kBoth, nullptr, {}},
+    // One choice, no log probabilities, no penalties or biases.
+    {"n", kBoth, is_one, "1"},
+    {"logprobs", kBoth, is_false, "false"},
+    {"presence_penalty", kBoth, is_zero, "0"},
+    {"frequency_penalty", kBoth, is_zero, "0"},
+    {"logit_bias", kBoth, is_empty_object, "{}"},
+    {"echo", kCompletions, is_false, "false"},
+    {"best_of", kCompletions, is_one, "1"},
+    {"suffix", kCompletions, is_empty_string, "\"\""},
+    // Plain text, no tools (so parallel tool calls change nothing), nothing stored.
+    {"response_format", kChat, is_text_format, "{\"type\": \"text\"}"},
+    {"modalities", kChat, is_text_modality, "[\"text\"]"},
+    {"parallel_tool_calls", kChat, is_true, "true"},
+    {"store", kChat, is_false, "false"},
+    {"metadata", kChat, is_empty_object, "{}"},
+    {"service_tier", kChat, is_default_tier, "\"auto\" or \"default\""},
+    // Who asks, for the provider's abuse monitoring and caching: no effect on the text.
+    {"user", kBoth, is_string, "a string"},
+    {"safety_identifier", kChat, is_string, "a string"},
+    {"prompt_cache_key", kChat, is_string, "a string"},
+};
+
+ApiError unsupported(std::string message, std::string param, std::string code) {
+  ApiError error = bad_request(std::move(message), std::move(param));
+  error.code = std::move(code);
+  return error;
+}
+
+// The first field of `object` the gateway would otherwise ignore, refused.
+std::optional<ApiError> refuse_ignored_field(ApiKind kind, const json::object& object) {
+  const unsigned endpoint = kind == ApiKind::chat ? kChat : kCompletions;
+  for (const json::key_value_pair& entry : object) {
+    if (entry.value().is_null()) continue;
+    const std::string name(entry.key());
+    const KnownField* known = nullptr;
+    for (const KnownField& each : kKnownFields) {
+      if (each.name == name && (each.endpoints & endpoint) != 0) known = &each;
+    }
+    if (known == nullptr) {
+      return unsupported("`" + name + "` is not supported by this gateway (" +
+                             (kind == ApiKind::chat ? "/v1/chat/completions" : "/v1/completions") + ")",
+                         name, "unsupported_parameter");
+    }
+    if (known->changes_nothing != nullptr && !known->changes_nothing(entry.value())) {
+      return unsupported("`" + name + "` is not supported by this gateway other than as " +
+                             std::string(known->accepted),
+                         name, "unsupported_value");
+    }
+  }
+  return std::nullopt;
+}
+
+// Fields of an object-valued parameter other than `known`, refused by
+// their dotted name ("stream_options.continuous_usage_stats").
+std::optional<ApiError> refuse_unknown_member(std::string_view parent, const json::object& object,
+                                              std::initializer_list<std::string_view> known) {
+  for (const json::key_value_pair& entry : object) {
+    if (entry.value().is_null() || std::find(known.begin(), known.end(), entry.key()) != known.end()) continue;
+    const std::string name = std::string(parent) + "." + std::string(entry.key());
+    return unsupported("`" + name + "` is not supported by this gateway", name, "unsupported_parameter");
+  }
+  return std::nullopt;
 }
 
 json::object chunk_base(const StreamIdentity& stream) {
@@ -143,6 +267,7 @@ codec::Result<ApiRequest, ApiError> parse_api_request(ApiKind kind, std::string_
   if (parse_error) return bad_request("the request body is not valid JSON: " + parse_error.message());
   if (!document.is_object()) return bad_request("the request body must be a JSON object");
   const json::object& object = document.get_object();
+  if (std::optional<ApiError> refused = refuse_ignored_field(kind, object)) return *refused;
 
   ApiRequest request;
   request.kind = kind;
@@ -209,18 +334,16 @@ codec::Result<ApiRequest, ApiError> parse_api_request(ApiKind kind, std::string_
     params.temperature = static_cast<float>(*value);
   }
   if (const json::value* top_p = field(object, "top_p")) {
+    // Checked as the float it becomes: 1e-50 is above 0 but its float is not.
     const std::optional<double> value = number_of(*top_p);
-    if (!value || *value <= 0.0 || *value > 1.0) return bad_request("top_p must be a number in (0, 1]", "top_p");
-    params.top_p = static_cast<float>(*value);
+    const float as_float = value ? static_cast<float>(*value) : 0.0f;
+    if (!value || as_float <= 0.0f || *value > 1.0) return bad_request("top_p must be a number in (0, 1]", "top_p");
+    params.top_p = as_float;
   }
   if (const json::value* seed = field(object, "seed")) {
     const std::optional<std::int64_t> value = integer_of(*seed);
     if (!value || *value < 0) return bad_request("seed must be a non-negative integer", "seed");
     params.seed = static_cast<std::uint64_t>(*value);
-  }
-  if (const json::value* n = field(object, "n")) {
-    const std::optional<std::int64_t> value = integer_of(*n);
-    if (!value || *value != 1) return bad_request("n must be 1 (one choice per request)", "n");
   }
   if (const json::value* stop = field(object, "stop")) {
     constexpr std::size_t kMaxStops = 16;
@@ -242,6 +365,15 @@ codec::Result<ApiRequest, ApiError> parse_api_request(ApiKind kind, std::string_
   if (const json::value* options = field(object, "stream_options")) {
     const json::object* fields = options->if_object();
     if (fields == nullptr) return bad_request("stream_options must be an object", "stream_options");
+    // include_obfuscation: false asks for what the gateway does anyway (no padding field).
+    const json::value* obfuscation = field(*fields, "include_obfuscation");
+    if (obfuscation != nullptr && !is_false(*obfuscation)) {
+      return unsupported("`stream_options.include_obfuscation` is not supported by this gateway other than as false",
+                         "stream_options.include_obfuscation", "unsupported_value");
+    }
+    if (auto refused = refuse_unknown_member("stream_options", *fields, {"include_usage", "include_obfuscation"})) {
+      return *refused;
+    }
     if (const json::value* include_usage = field(*fields, "include_usage")) {
       if (!include_usage->is_bool()) {
         return bad_request("stream_options.include_usage must be a boolean", "stream_options");
@@ -252,6 +384,7 @@ codec::Result<ApiRequest, ApiError> parse_api_request(ApiKind kind, std::string_
   if (const json::value* extension = field(object, "fmwire")) {
     const json::object* fields = extension->if_object();
     if (fields == nullptr) return bad_request("fmwire must be an object", "fmwire");
+    if (auto refused = refuse_unknown_member("fmwire", *fields, {"resumable"})) return *refused;
     if (const json::value* resumable = field(*fields, "resumable")) {
       if (!resumable->is_bool()) return bad_request("fmwire.resumable must be a boolean", "fmwire");
       request.resumable = resumable->get_bool();

@@ -52,7 +52,12 @@ struct ApiRequest {
 };
 
 // Checks a request body. Errors name the field: 400 for bad JSON or
-// parameters, 404 for a model other than defaults.model.
+// parameters, 404 for a model other than defaults.model. A field the
+// gateway does not honour (tools, response_format other than text,
+// logprobs, n > 1, any field it does not know) is a 400 naming it, code
+// "unsupported_parameter", or "unsupported_value" for one accepted only at
+// the value that changes nothing (n: 1, logprobs: false, presence_penalty:
+// 0, ...); a null field counts as absent.
 codec::Result<ApiRequest, ApiError> parse_api_request(ApiKind kind, std::string_view body,
                                                       const ApiDefaults& defaults);
 // A WebSocket message: a chat request when it has "messages", else a completion.

@@ -4,8 +4,9 @@
 # any failure. Four runs:
 #   release     the normal build, warnings as errors
 #   sanitized   the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
-#   fuzz        the frame decoder's libFuzzer target for a bounded time
-#               (FMWIRE_FUZZ_SECONDS, default 30; scripts/fuzz.sh runs it longer)
+#   fuzz        each libFuzzer target (scripts/fuzz.sh --list) for a bounded
+#               time (FMWIRE_FUZZ_SECONDS, default 30 each; scripts/fuzz.sh
+#               runs them longer), one counted case per target
 #   instructions  the hot paths' instruction counts under callgrind against
 #               bench/instruction_baseline.json (scripts/instruction_gate.py),
 #               one test case per workload, with the release build's program
@@ -56,9 +57,12 @@ export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 run_suite build-sanitized -Dbuildtype=debug -Db_sanitize=address,undefined -Dbenchmarks=false
 results+=("sanitized=build-sanitized/meson-logs/testlog.json")
 
-echo "== fuzz"
-bash scripts/fuzz.sh "${FMWIRE_FUZZ_SECONDS:-30}"
-results+=("fuzz=$?")
+# One case per fuzz target, each its own run of scripts/fuzz.sh.
+for target in $(bash scripts/fuzz.sh --list); do
+  echo "== fuzz $target"
+  bash scripts/fuzz.sh "${FMWIRE_FUZZ_SECONDS:-30}" "$target"
+  results+=("fuzz $target=$?")
+done
 
 echo "== instruction gate"
 gate_results=build-release/instruction-gate.json

@@ -52,5 +52,30 @@ TEST_CASE("openai_api: TextChunkEncoder writes the bytes text_chunk_json writes"
   }
 }
 
+TEST_CASE("openai_api: a top_p above 0 whose float is 0 is refused, not taken as greedy") {
+  const ApiDefaults defaults{.model = "builtin", .max_tokens = 16};
+  auto tiny = parse_api_request(ApiKind::completions, R"({"prompt": "x", "top_p": 1e-50})", defaults);
+  REQUIRE_FALSE(tiny);
+  CHECK(tiny.error().param == "top_p");
+  auto small = parse_api_request(ApiKind::completions, R"({"prompt": "x", "top_p": 1e-30})", defaults);
+  REQUIRE(small);
+  CHECK(small->params.top_p > 0.0f);
+}
+
+TEST_CASE("openai_api: a number Boost.JSON reads as NaN or infinity is refused, not taken") {
+  const ApiDefaults defaults{.model = "builtin", .max_tokens = 16};
+  // 0e350 is 0 times 10^350: NaN, which passed every range check.
+  for (const std::string number : {"0e350", "1e999", "-1e999"}) {
+    for (const std::string name : {"temperature", "top_p", "presence_penalty"}) {
+      CAPTURE(number);
+      CAPTURE(name);
+      auto parsed = parse_api_request(ApiKind::completions,
+                                      R"({"prompt": "x", ")" + name + R"(": )" + number + "}", defaults);
+      REQUIRE_FALSE(parsed);
+      CHECK(parsed.error().param == name);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fmwire::gateway

@@ -117,6 +117,23 @@ const checks = {
     await expectError(BadRequestError, 400,
       () => client.chat.completions.create({ model, messages, max_tokens: -1 }));
   },
+
+  async 'tools, which the gateway does not honour, are a BadRequestError naming them'() {
+    const tools = [{ type: 'function', function: { name: 'get_weather', parameters: { type: 'object' } } }];
+    const error = await expectError(BadRequestError, 400,
+      () => client.chat.completions.create({ model, messages, max_tokens: 4, tools }));
+    check(error.param === 'tools', `param ${error.param}`);
+    check(error.code === 'unsupported_parameter', `code ${error.code}`);
+  },
+
+  async 'the defaults clients send are accepted'() {
+    const completion = await client.chat.completions.create({
+      model, messages, max_tokens: 4, n: 1, logprobs: false, presence_penalty: 0, frequency_penalty: 0,
+      logit_bias: {}, user: 'user-1', response_format: { type: 'text' }, tools: null, top_logprobs: null,
+    });
+    check(completion.choices.length === 1 && completion.choices[0].message.content.length > 0,
+      `completion ${JSON.stringify(completion)}`);
+  },
 };
 
 if (apiKey) {
