@@ -45,9 +45,10 @@ struct PolicyOptions {
   std::uint32_t block_tokens = 16;          // the workers' KV block size (prefix hashes are per block)
   // prefix-affinity: the prefix's worker is skipped when its load exceeds
   // the least loaded worker's by more than this (load: running + queued +
-  // in flight here). 6 with ranked ties: bench_router's cache section kept
-  // 1.10-1.11x the cache hits of round-robin at 1.1x its requests/s (median
-  // of 5 runs); 8 lost requests/s to the busy holder, 2-3 lost the hits.
+  // in flight here). bench_router's cache section on an idle machine
+  // (prefix / round-robin): slack 0-2 keeps 1.0-1.06x the hits at 1.12-1.25x
+  // the requests/s; 3-6 keeps 1.105x the hits at 0.77-0.83x. 6 keeps the
+  // hits: its workload's prefixes are short, real prompts' prefill costs more.
   std::uint32_t affinity_load_slack = 6;
   // prefix-affinity: among workers that match the prompt equally (none
   // yet, say), the one ranked first for the prompt's first block (a
