@@ -72,7 +72,7 @@ struct PolicyOptions {
   // the worker ends it then (DEADLINE_EXCEEDED). bench_router's goodput
   // section: at 0, 12.5-25% of refusals were false (the request, admitted
   // in the counterfactual run, met its deadline); at 0.5, none of 2-3 was,
-  // goodput 1.41-1.44x least-loaded either way.
+  // goodput 1.39-1.46x least-loaded either way (idle machine and loaded).
   double sla_refuse_margin = 0.5;
   // SLA-aware: false sends a request no worker can meet to the best one
   // anyway, refusing nothing: bench_router's counterfactual run (would a
