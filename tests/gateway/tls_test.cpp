@@ -35,8 +35,9 @@ using tcp = asio::ip::tcp;
 class TestCertificates {
  public:
   TestCertificates() {
-    char pattern[] = "/tmp/fmwire-tls-test.XXXXXX";
-    REQUIRE(::mkdtemp(pattern) != nullptr);
+    // mkdtemp's template: the X's become a unique name, made 0700.
+    std::string pattern = (std::filesystem::temp_directory_path() / "fmwire-tls-test-XXXXXX").string();
+    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
     folder_ = pattern;
   }
   ~TestCertificates() { std::filesystem::remove_all(folder_); }
