@@ -554,10 +554,17 @@ TEST_CASE("a prefill worker whose decode worker is unreachable ends its stream w
 
 namespace fmwire::worker {
 
-TEST_CASE("10,000 transfers with random cancels on either side leave every block counter at its baseline") {
+TEST_CASE("10,000 transfers (1,000 under a sanitizer) with random cancels on either side leave every block counter at its baseline") {
   Rig rig;
   std::mt19937 random(20261204);
+  // Under a sanitizer a tenth as many: each path is still taken hundreds of
+  // times, and ASan ran the 10,000 for 562 s, over half of that build's
+  // test time in CI (issue 17). The release run keeps the whole count.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  constexpr std::uint32_t kTransfers = 1000;
+#else
   constexpr std::uint32_t kTransfers = 10000;
+#endif
   constexpr std::uint32_t kInFlight = 32;
   std::uint32_t started = 0;
   std::uint32_t cancelled = 0;
