@@ -30,7 +30,13 @@
 //    stream open then (target: under 16 KiB per open stream; no stream here
 //    is resumable, so no replay buffer is kept).
 //
-// Run: build/bench/bench_gateway [--quick] [--repetitions N] [--clients C] [--http-threads N] [--json FILE]
+// 3. Overload: requests arriving open-loop at twice what one worker serves
+//    (measured first, closed loop), through the gateway to a worker with
+//    --max-waiting R (R its batch slots) against the same worker with no
+//    bound: time to first token p99 of the admitted requests, requests/s
+//    served, and the share refused with 429 + Retry-After (issue 17).
+//
+// Run: build/bench/bench_gateway [--quick] [--repetitions N] [--clients C] [--http-threads N] [--only PART] [--json FILE]
 //      (finds ../cli/fmwire and bench_gateway_peer beside itself; --fmwire PATH)
 #include <boost/asio.hpp>
 #include <boost/program_options.hpp>
@@ -430,6 +436,182 @@ LoadResult native_load(std::uint16_t worker_port, const LoadShape& shape) {
   return result;
 }
 
+// ---------------------------------------------------------------- open-loop overload
+
+// What an open-loop run saw: requests that arrived at a fixed rate whatever
+// the front did with the earlier ones (a closed loop would slow down with
+// the server and never overload it).
+struct OverloadResult {
+  std::uint32_t sent = 0;
+  std::uint32_t served = 0;              // 200, every token, [DONE]
+  std::uint32_t refused = 0;             // 429
+  std::uint32_t refused_without_hint = 0;  // of those, no Retry-After
+  std::vector<double> first_token_us;    // of the served ones
+  double seconds = 0;                    // first arrival to the last end
+  std::string error;                     // the first failure
+};
+
+// Streaming completions arriving `rate` a second for `duration`, each on a
+// connection of its own, on one thread.
+class OpenLoopLoad {
+ public:
+  OpenLoopLoad(std::uint16_t port, double rate, std::chrono::milliseconds duration, std::uint32_t tokens)
+      : endpoint_(asio::ip::make_address("127.0.0.1"), port), tokens_(tokens), timer_(ioc_) {
+    total_ = static_cast<std::uint32_t>(rate * std::chrono::duration<double>(duration).count());
+    interval_ = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(1.0 / rate));
+  }
+
+  OverloadResult run() {
+    start_ = Clock::now();
+    arrive();
+    ioc_.run_for(std::chrono::seconds(300));
+    if (ended_ < total_ && result_.error.empty()) {
+      result_.error = std::to_string(total_ - ended_) + " requests did not end in 300 s";
+    }
+    result_.seconds = bench::seconds_between(start_, last_end_);
+    return std::move(result_);
+  }
+
+ private:
+  struct Request {
+    explicit Request(asio::io_context& ioc) : socket(ioc) {}
+    tcp::socket socket;
+    std::string out;
+    std::string in;
+    std::array<char, 16384> buffer{};
+    Clock::time_point sent;
+    bool headers_read = false;
+    bool first = true;
+    std::uint32_t tokens = 0;
+  };
+
+  void arrive() {
+    if (result_.sent == total_) return;
+    launch(result_.sent++);
+    timer_.expires_at(start_ + interval_ * result_.sent);
+    timer_.async_wait([this](boost::system::error_code error) {
+      if (!error) arrive();
+    });
+  }
+
+  void launch(std::uint32_t index) {
+    auto request = std::make_shared<Request>(ioc_);
+    const std::string body = "{\"model\":\"builtin\",\"prompt\":\"" + bench::prompt_text(index) +
+                             "\",\"max_tokens\":" + std::to_string(tokens_) + ",\"stream\":true}";
+    request->out = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   "Connection: close\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+    request->sent = Clock::now();
+    request->socket.async_connect(endpoint_, [this, request](boost::system::error_code error) {
+      if (error) return fail(request, "connect: " + error.message());
+      request->socket.set_option(tcp::no_delay(true));
+      asio::async_write(request->socket, asio::buffer(request->out), [this, request](boost::system::error_code e, std::size_t) {
+        if (e) return fail(request, "write: " + e.message());
+        read(request);
+      });
+    });
+  }
+
+  void read(const std::shared_ptr<Request>& request) {
+    request->socket.async_read_some(asio::buffer(request->buffer), [this, request](boost::system::error_code error, std::size_t n) {
+      if (!error) request->in.append(request->buffer.data(), n);
+      if (!request->headers_read && !take_headers(*request, error)) return;
+      if (request->headers_read && take_events(*request)) return end(request, true);
+      if (error) return fail(request, "read: " + error.message() + " before [DONE]");
+      read(request);
+    });
+  }
+
+  // False when the request has ended here (a 429 read whole, or a failure).
+  bool take_headers(Request& request, boost::system::error_code error) {
+    const std::size_t end = request.in.find("\r\n\r\n");
+    if (end == std::string::npos) {
+      if (!error) return true;
+      fail_now("read: " + error.message() + " before the headers");
+      finish(request);
+      return false;
+    }
+    const std::string_view head = std::string_view(request.in).substr(0, end);
+    if (head.starts_with("HTTP/1.1 429")) {
+      ++result_.refused;
+      if (head.find("\r\nRetry-After: ") == std::string_view::npos) ++result_.refused_without_hint;
+      finish(request);
+      return false;
+    }
+    if (!head.starts_with("HTTP/1.1 200")) {
+      fail_now("status " + std::string(head.substr(0, head.find('\r'))));
+      finish(request);
+      return false;
+    }
+    request.headers_read = true;
+    request.in.erase(0, end + 4);
+    return true;
+  }
+
+  // Takes every complete event; true at [DONE].
+  bool take_events(Request& request) {
+    std::size_t begin = 0;
+    bool done = false;
+    for (std::size_t end = request.in.find("\n\n"); end != std::string::npos; end = request.in.find("\n\n", begin)) {
+      const std::string_view event = std::string_view(request.in).substr(begin, end - begin);
+      begin = end + 2;
+      if (event.find("data: [DONE]") != std::string_view::npos) {
+        done = true;
+        break;
+      }
+      if (event.find("\"error\"") != std::string_view::npos) fail_now("an error event: " + std::string(event.substr(0, 300)));
+      const std::size_t text = event.find("\"text\":\"");
+      if (text == std::string_view::npos) continue;
+      const std::size_t quote = event.find('"', text + 8);
+      const std::uint32_t tokens = quote == std::string_view::npos ? 0 : static_cast<std::uint32_t>(quote - (text + 8));
+      if (tokens == 0) continue;
+      request.tokens += tokens;  // one character each
+      if (request.first) {
+        request.first = false;
+        result_.first_token_us.push_back(bench::micros_between(request.sent, Clock::now()));
+      }
+    }
+    request.in.erase(0, begin);
+    return done;
+  }
+
+  void end(const std::shared_ptr<Request>& request, bool served) {
+    if (served && request->tokens != tokens_) {
+      fail_now(std::to_string(request->tokens) + " tokens of " + std::to_string(tokens_));
+    } else if (served) {
+      ++result_.served;
+    }
+    finish(*request);
+  }
+
+  void finish(Request& request) {
+    boost::system::error_code ignored;
+    request.socket.close(ignored);
+    ++ended_;
+    last_end_ = Clock::now();
+    if (ended_ == total_) ioc_.stop();
+  }
+
+  void fail(const std::shared_ptr<Request>& request, const std::string& what) {
+    fail_now(what);
+    finish(*request);
+  }
+
+  void fail_now(const std::string& what) {
+    if (result_.error.empty()) result_.error = what;
+  }
+
+  asio::io_context ioc_{1};
+  tcp::endpoint endpoint_;
+  std::uint32_t tokens_;
+  std::uint32_t total_ = 0;
+  std::uint32_t ended_ = 0;
+  Clock::duration interval_{};
+  asio::steady_timer timer_;
+  OverloadResult result_;
+  Clock::time_point start_;
+  Clock::time_point last_end_;
+};
+
 // ---------------------------------------------------------------- the runs
 
 struct PipelineRun {
@@ -494,6 +676,7 @@ void raise_file_limit(std::uint32_t needed) {
 int main(int argc, char** argv) {
   std::uint32_t clients = 10000;
   std::string fmwire_path;
+  std::string only;
   // What `fmwire gateway` picks by default (HttpGatewayOptions::http_threads).
   unsigned http_threads = std::max(1u, std::thread::hardware_concurrency() / 4);
   po::options_description own_flags;
@@ -501,13 +684,23 @@ int main(int argc, char** argv) {
       ("clients", po::value(&clients)->default_value(clients), "concurrent clients in part 2")
       ("http-threads", po::value(&http_threads)->default_value(http_threads),
        "HTTP threads of both fronts, fmwire's gateway and the peer's (1 to 256)")
-      ("fmwire", po::value(&fmwire_path), "the fmwire program (default: ../cli/fmwire beside this one)");
+      ("fmwire", po::value(&fmwire_path), "the fmwire program (default: ../cli/fmwire beside this one)")
+      ("only", po::value(&only), "one part: pipeline, concurrency or overload (default: all)");
   const bench::BenchProgram program{.name = "gateway",
                                     .caption = "bench_gateway options",
                                     .quick_help = "small shapes and one repetition (a smoke test)",
                                     .repetitions_help = "runs of each path (default 5)"};
   return bench::bench_main(argc, argv, program, own_flags, [&](const bench::CommonFlags& flags, const auto&) {
     if (http_threads < 1 || http_threads > 256) throw bench::UsageError("--http-threads must be from 1 to 256");
+    if (!only.empty() && only != "pipeline" && only != "concurrency" && only != "overload") {
+      throw bench::UsageError("--only must be pipeline, concurrency or overload");
+    }
+    const auto part = [&](const char* name) { return only.empty() || only == name; };
+    bool headed = false;
+    const auto heading = [&] {
+      if (!headed) bench::print_table_header();
+      headed = true;
+    };
     const bool quick = flags.quick;
     std::uint32_t repetitions = static_cast<std::uint32_t>(flags.repetitions.value_or(5));
     signal(SIGPIPE, SIG_IGN);
@@ -537,72 +730,74 @@ int main(int argc, char** argv) {
     raise_file_limit(crowd.streams + 200);
     std::vector<bench::Comparison> results;
 
-    // ---- 1. pipeline
-    const std::string running = std::to_string(shape.streams);
-    Child worker("worker", {fmwire_path, "worker", "--listen", "127.0.0.1:0", "--model", "synthetic:tiny",
-                            "--step-us", std::to_string(step_us), "--prefill-ns-per-token", "0",
-                            "--max-running", running});
     const std::string threads = std::to_string(http_threads);
-    Child gateway("gateway", {fmwire_path, "gateway", "--listen", "127.0.0.1:0", "--workers", worker.address(),
-                              "--http-threads", threads});
-    Child peer_worker("peer-worker", {peer_path, "worker", "--listen", "127.0.0.1:0", "--step-us",
-                                      std::to_string(step_us), "--max-running", running});
-    Child peer_front("peer-front", {peer_path, "front", "--listen", "127.0.0.1:0", "--upstream", peer_worker.address(),
-                                    "--http-threads", threads});
-
-    std::printf("bench/gateway: %u streams x %u tokens at once, synthetic:tiny, %u us steps, %u repetition(s); "
-                "HTTP threads: fmwire gateway %u, peer front %u\n",
-                shape.streams, shape.tokens, step_us, repetitions, http_threads, http_threads);
     // One small run of each first: connections, pools and caches warm.
     LoadShape warm = shape;
     warm.streams = std::min<std::uint32_t>(shape.streams, 4);
     warm.tokens = 10;
-    measure_http("fmwire warm-up", gateway.port(), {gateway.pid()}, warm);
-    measure_http("peer warm-up", peer_front.port(), {peer_front.pid()}, warm);
-    native_load(worker.port(), warm);
 
-    std::vector<double> ours_tps, peer_tps, ours_cpu, peer_cpu, ours_ttft, peer_ttft, native_ttft;
-    std::vector<double> ours_front_cpu, ours_worker_cpu, peer_front_cpu, peer_worker_cpu;
-    std::vector<double> ours_itl50, ours_itl99, peer_itl50, peer_itl99, native_itl50, native_itl99, added;
-    std::vector<double> single_gateway, single_native;
-    LoadShape single;
-    single.streams = 1;
-    single.tokens = 32;
-    for (std::uint32_t r = 0; r < repetitions; ++r) {
-      const PipelineRun ours = measure_http("fmwire", gateway.port(), {gateway.pid(), worker.pid()}, shape);
-      const PipelineRun peer = measure_http("peer", peer_front.port(), {peer_front.pid(), peer_worker.pid()}, shape);
-      const LoadResult native = native_load(worker.port(), shape);
-      ours_tps.push_back(ours.tokens_per_second);
-      peer_tps.push_back(peer.tokens_per_second);
-      ours_cpu.push_back(ours.cpu_us_per_token);
-      peer_cpu.push_back(peer.cpu_us_per_token);
-      ours_front_cpu.push_back(ours.cpu_us_per_token_by_process.at(0));
-      ours_worker_cpu.push_back(ours.cpu_us_per_token_by_process.at(1));
-      peer_front_cpu.push_back(peer.cpu_us_per_token_by_process.at(0));
-      peer_worker_cpu.push_back(peer.cpu_us_per_token_by_process.at(1));
-      ours_ttft.push_back(ours.ttft_p50_us);
-      peer_ttft.push_back(peer.ttft_p50_us);
-      const double native_first = percentile(native.first_token_us, 0.5);
-      native_ttft.push_back(native_first);
-      ours_itl50.push_back(ours.itl_p50_us);
-      ours_itl99.push_back(ours.itl_p99_us);
-      peer_itl50.push_back(peer.itl_p50_us);
-      peer_itl99.push_back(peer.itl_p99_us);
-      native_itl50.push_back(percentile(native.inter_token_us, 0.5));
-      native_itl99.push_back(percentile(native.inter_token_us, 0.99));
-      std::vector<double> via_gateway;
-      std::vector<double> direct;
-      for (int i = 0; i < 10; ++i) {
-        LoadResult one = SseLoad(gateway.port(), single).run();
-        if (!one.error.empty() || one.first_token_us.empty()) throw std::runtime_error("single stream: " + one.error);
-        via_gateway.push_back(one.first_token_us[0]);
-        direct.push_back(native_load(worker.port(), single).first_token_us.at(0));
-      }
-      single_gateway.push_back(median(via_gateway));
-      single_native.push_back(median(direct));
-      added.push_back(median(via_gateway) - median(direct));
+    // ---- 1. pipeline
+    if (part("pipeline")) {
+      const std::string running = std::to_string(shape.streams);
+      Child worker("worker", {fmwire_path, "worker", "--listen", "127.0.0.1:0", "--model", "synthetic:tiny",
+                              "--step-us", std::to_string(step_us), "--prefill-ns-per-token", "0",
+                              "--max-running", running});
+      Child gateway("gateway", {fmwire_path, "gateway", "--listen", "127.0.0.1:0", "--workers", worker.address(),
+                                "--http-threads", threads});
+      Child peer_worker("peer-worker", {peer_path, "worker", "--listen", "127.0.0.1:0", "--step-us",
+                                        std::to_string(step_us), "--max-running", running});
+      Child peer_front("peer-front", {peer_path, "front", "--listen", "127.0.0.1:0", "--upstream", peer_worker.address(),
+                                      "--http-threads", threads});
+
+      std::printf("bench/gateway: %u streams x %u tokens at once, synthetic:tiny, %u us steps, %u repetition(s); "
+                  "HTTP threads: fmwire gateway %u, peer front %u\n",
+                  shape.streams, shape.tokens, step_us, repetitions, http_threads, http_threads);
+      measure_http("fmwire warm-up", gateway.port(), {gateway.pid()}, warm);
+      measure_http("peer warm-up", peer_front.port(), {peer_front.pid()}, warm);
+      native_load(worker.port(), warm);
+
+      std::vector<double> ours_tps, peer_tps, ours_cpu, peer_cpu, ours_ttft, peer_ttft, native_ttft;
+      std::vector<double> ours_front_cpu, ours_worker_cpu, peer_front_cpu, peer_worker_cpu;
+      std::vector<double> ours_itl50, ours_itl99, peer_itl50, peer_itl99, native_itl50, native_itl99, added;
+      std::vector<double> single_gateway, single_native;
+      LoadShape single;
+      single.streams = 1;
+      single.tokens = 32;
+      for (std::uint32_t r = 0; r < repetitions; ++r) {
+        const PipelineRun ours = measure_http("fmwire", gateway.port(), {gateway.pid(), worker.pid()}, shape);
+        const PipelineRun peer = measure_http("peer", peer_front.port(), {peer_front.pid(), peer_worker.pid()}, shape);
+        const LoadResult native = native_load(worker.port(), shape);
+        ours_tps.push_back(ours.tokens_per_second);
+        peer_tps.push_back(peer.tokens_per_second);
+        ours_cpu.push_back(ours.cpu_us_per_token);
+        peer_cpu.push_back(peer.cpu_us_per_token);
+        ours_front_cpu.push_back(ours.cpu_us_per_token_by_process.at(0));
+        ours_worker_cpu.push_back(ours.cpu_us_per_token_by_process.at(1));
+        peer_front_cpu.push_back(peer.cpu_us_per_token_by_process.at(0));
+        peer_worker_cpu.push_back(peer.cpu_us_per_token_by_process.at(1));
+        ours_ttft.push_back(ours.ttft_p50_us);
+        peer_ttft.push_back(peer.ttft_p50_us);
+        const double native_first = percentile(native.first_token_us, 0.5);
+        native_ttft.push_back(native_first);
+        ours_itl50.push_back(ours.itl_p50_us);
+        ours_itl99.push_back(ours.itl_p99_us);
+        peer_itl50.push_back(peer.itl_p50_us);
+        peer_itl99.push_back(peer.itl_p99_us);
+        native_itl50.push_back(percentile(native.inter_token_us, 0.5));
+        native_itl99.push_back(percentile(native.inter_token_us, 0.99));
+        std::vector<double> via_gateway;
+        std::vector<double> direct;
+        for (int i = 0; i < 10; ++i) {
+          LoadResult one = SseLoad(gateway.port(), single).run();
+          if (!one.error.empty() || one.first_token_us.empty()) throw std::runtime_error("single stream: " + one.error);
+          via_gateway.push_back(one.first_token_us[0]);
+          direct.push_back(native_load(worker.port(), single).first_token_us.at(0));
+        }
+        single_gateway.push_back(median(via_gateway));
+        single_native.push_back(median(direct));
+        added.push_back(median(via_gateway) - median(direct));
     }
-    bench::print_table_header();
+    heading();
     bench::add_row(results, "pipeline tokens/s at the clients", median(ours_tps), "tok/s", "JSON over HTTP/1.1 chunked",
                    median(peer_tps), median(ours_tps) / median(peer_tps));
     bench::add_row(results, "pipeline CPU per token, front + worker (target ratio >= 3)", median(ours_cpu), "us",
@@ -629,42 +824,116 @@ int main(int argc, char** argv) {
     gateway.stop();
     peer_front.stop();
     peer_worker.stop();
+    }
 
     // ---- 2. concurrency
-    const std::string crowd_running = std::to_string(crowd.streams);
-    Child crowd_worker("crowd-worker", {fmwire_path, "worker", "--listen", "127.0.0.1:0", "--model", "synthetic:tiny",
-                                        "--step-us", std::to_string(crowd_step_us), "--prefill-ns-per-token", "0",
-                                        "--max-running", crowd_running, "--max-batch-tokens",
-                                        std::to_string(crowd.streams * 2 + 256), "--kv-memory-mib", "1024"});
-    Child crowd_gateway("crowd-gateway", {fmwire_path, "gateway", "--listen", "127.0.0.1:0", "--workers",
-                                          crowd_worker.address(), "--max-streams",
-                                          std::to_string(crowd.streams + 1000), "--http-threads", threads});
-    measure_http("concurrency warm-up", crowd_gateway.port(), {crowd_gateway.pid()}, warm);
-    const double idle_kib = rss_kib(crowd_gateway.pid());
-    double peak_kib = idle_kib;
-    std::uint32_t open_at_peak = 0;
-    const pid_t gateway_pid = crowd_gateway.pid();
-    LoadResult crowd_result = SseLoad(crowd_gateway.port(), crowd, [&](std::uint32_t open) {
-      const double kib = rss_kib(gateway_pid);
-      // The sample with the most streams open; the larger RSS among equals.
-      if (open > open_at_peak || (open == open_at_peak && kib > peak_kib)) {
-        open_at_peak = open;
-        peak_kib = kib;
+    if (part("concurrency")) {
+      const std::string crowd_running = std::to_string(crowd.streams);
+      Child crowd_worker("crowd-worker", {fmwire_path, "worker", "--listen", "127.0.0.1:0", "--model", "synthetic:tiny",
+                                          "--step-us", std::to_string(crowd_step_us), "--prefill-ns-per-token", "0",
+                                          "--max-running", crowd_running, "--max-batch-tokens",
+                                          std::to_string(crowd.streams * 2 + 256), "--kv-memory-mib", "1024"});
+      Child crowd_gateway("crowd-gateway", {fmwire_path, "gateway", "--listen", "127.0.0.1:0", "--workers",
+                                            crowd_worker.address(), "--max-streams",
+                                            std::to_string(crowd.streams + 1000), "--http-threads", threads});
+      measure_http("concurrency warm-up", crowd_gateway.port(), {crowd_gateway.pid()}, warm);
+      const double idle_kib = rss_kib(crowd_gateway.pid());
+      double peak_kib = idle_kib;
+      std::uint32_t open_at_peak = 0;
+      const pid_t gateway_pid = crowd_gateway.pid();
+      LoadResult crowd_result = SseLoad(crowd_gateway.port(), crowd, [&](std::uint32_t open) {
+        const double kib = rss_kib(gateway_pid);
+        // The sample with the most streams open; the larger RSS among equals.
+        if (open > open_at_peak || (open == open_at_peak && kib > peak_kib)) {
+          open_at_peak = open;
+          peak_kib = kib;
+        }
+      }).run();
+      if (!crowd_result.error.empty()) throw std::runtime_error("concurrency: " + crowd_result.error);
+      const double per_stream_kib = open_at_peak > 0 ? (peak_kib - idle_kib) / open_at_peak : 0;
+      std::printf("\nconcurrency: %u clients x %u tokens, %u us steps, %u open at most at once\n", crowd.streams,
+                  crowd.tokens, crowd_step_us, crowd_result.max_open);
+      heading();
+      bench::add_row(results, "concurrency: tokens/s at the clients", static_cast<double>(crowd_result.tokens) / crowd_result.seconds,
+                     "tok/s", "", 0, 0);
+      bench::add_row(results, "concurrency: inter-token latency p99", percentile(crowd_result.inter_token_us, 0.99), "us",
+                     "", 0, 0);
+      bench::add_row(results, "concurrency: time to first token p99", percentile(crowd_result.first_token_us, 0.99), "us",
+                     "", 0, 0);
+      bench::add_row(results, "concurrency: streams open at the RSS sample", open_at_peak, "streams", "", 0, 0);
+      bench::add_row(results, "concurrency: gateway RSS per open stream (target < 16)", per_stream_kib, "KiB",
+                     "16 KiB target", 16, 16 / std::max(per_stream_kib, 1e-9));
+      crowd_gateway.stop();
+      crowd_worker.stop();
+    }
+
+    // ---- 3. overload
+    if (part("overload")) {
+      // Requests arrive open-loop at twice what one worker serves, measured
+      // first; the same gateway and worker flags but the worker's queue
+      // bound: --max-waiting R (a 429 with Retry-After past R waiting) against
+      // no bound (every request queued, the queue growing all run long).
+      const std::uint32_t overload_running = quick ? 4 : 8;
+      const std::uint32_t overload_tokens = 25;
+      const std::uint32_t overload_step_us = 4000;
+      const auto overload_duration = std::chrono::milliseconds(quick ? 1000 : 5000);
+      const auto overload_worker = [&](const char* label, std::uint32_t max_waiting) {
+        return std::make_unique<Child>(label, std::vector<std::string>{
+            fmwire_path, "worker", "--listen", "127.0.0.1:0", "--model", "synthetic:tiny", "--step-us",
+            std::to_string(overload_step_us), "--prefill-ns-per-token", "0", "--max-running",
+            std::to_string(overload_running), "--max-waiting", std::to_string(max_waiting)});
+      };
+      auto bounded_worker = overload_worker("bounded-worker", overload_running);
+      auto unbounded_worker = overload_worker("unbounded-worker", 0);
+      Child bounded_gateway("bounded-gateway", {fmwire_path, "gateway", "--listen", "127.0.0.1:0", "--workers",
+                                                bounded_worker->address(), "--http-threads", threads});
+      Child unbounded_gateway("unbounded-gateway", {fmwire_path, "gateway", "--listen", "127.0.0.1:0", "--workers",
+                                                    unbounded_worker->address(), "--http-threads", threads});
+      // Capacity: a closed loop keeping the batch full, four batches' worth.
+      LoadShape full;
+      full.streams = overload_running * 4;
+      full.tokens = overload_tokens;
+      measure_http("overload warm-up", bounded_gateway.port(), {bounded_gateway.pid()}, warm);
+      measure_http("overload warm-up", unbounded_gateway.port(), {unbounded_gateway.pid()}, warm);
+      std::vector<double> capacities;
+      for (std::uint32_t r = 0; r < std::max<std::uint32_t>(repetitions, 3); ++r) {
+        LoadResult closed = SseLoad(unbounded_gateway.port(), full).run();
+        if (!closed.error.empty()) throw std::runtime_error("overload capacity: " + closed.error);
+        capacities.push_back(full.streams / closed.seconds);
+    }
+    const double capacity = median(capacities);
+    std::vector<double> bounded_p99, unbounded_p99, bounded_served, unbounded_served, refused_share;
+    for (std::uint32_t r = 0; r < repetitions; ++r) {
+      for (const bool bounded : {true, false}) {
+        const std::uint16_t port = bounded ? bounded_gateway.port() : unbounded_gateway.port();
+        OverloadResult run = OpenLoopLoad(port, 2 * capacity, overload_duration, overload_tokens).run();
+        const char* which = bounded ? "bounded" : "unbounded";
+        if (!run.error.empty()) throw std::runtime_error(std::string("overload, ") + which + ": " + run.error);
+        if (run.refused_without_hint > 0) {
+          throw std::runtime_error("overload: " + std::to_string(run.refused_without_hint) + " 429s without Retry-After");
+        }
+        if (!bounded && run.refused > 0) throw std::runtime_error("overload: the unbounded worker refused requests");
+        const double p99_ms = percentile(run.first_token_us, 0.99) / 1000;
+        const double served_per_s = run.served / run.seconds;
+        (bounded ? bounded_p99 : unbounded_p99).push_back(p99_ms);
+        (bounded ? bounded_served : unbounded_served).push_back(served_per_s);
+        if (bounded) refused_share.push_back(100.0 * run.refused / run.sent);
       }
-    }).run();
-    if (!crowd_result.error.empty()) throw std::runtime_error("concurrency: " + crowd_result.error);
-    const double per_stream_kib = open_at_peak > 0 ? (peak_kib - idle_kib) / open_at_peak : 0;
-    std::printf("\nconcurrency: %u clients x %u tokens, %u us steps, %u open at most at once\n", crowd.streams,
-                crowd.tokens, crowd_step_us, crowd_result.max_open);
-    bench::add_row(results, "concurrency: tokens/s at the clients", static_cast<double>(crowd_result.tokens) / crowd_result.seconds,
-                   "tok/s", "", 0, 0);
-    bench::add_row(results, "concurrency: inter-token latency p99", percentile(crowd_result.inter_token_us, 0.99), "us",
+    }
+    std::printf("\noverload: one worker, %u batch slots, %u tokens a request at %u us steps: %.1f requests/s "
+                "(closed loop); arrivals at %.1f/s for %.1f s\n",
+                overload_running, overload_tokens, overload_step_us, capacity, 2 * capacity,
+                std::chrono::duration<double>(overload_duration).count());
+    heading();
+    bench::add_row(results, "overload 2x: time to first token p99 of admitted, --max-waiting R", median(bounded_p99),
+                   "ms", "no bound (--max-waiting 0)", median(unbounded_p99), median(unbounded_p99) / median(bounded_p99));
+    bench::add_row(results, "overload 2x: requests/s served, --max-waiting R", median(bounded_served), "req/s",
+                   "capacity (closed loop)", capacity, median(bounded_served) / capacity);
+    bench::add_row(results, "overload 2x: requests/s served, no bound", median(unbounded_served), "req/s",
+                   "capacity (closed loop)", capacity, median(unbounded_served) / capacity);
+    bench::add_row(results, "overload 2x: refused with 429 + Retry-After, --max-waiting R", median(refused_share), "%",
                    "", 0, 0);
-    bench::add_row(results, "concurrency: time to first token p99", percentile(crowd_result.first_token_us, 0.99), "us",
-                   "", 0, 0);
-    bench::add_row(results, "concurrency: streams open at the RSS sample", open_at_peak, "streams", "", 0, 0);
-    bench::add_row(results, "concurrency: gateway RSS per open stream (target < 16)", per_stream_kib, "KiB",
-                   "16 KiB target", 16, 16 / std::max(per_stream_kib, 1e-9));
+    }
     return results;
   });
 }

@@ -293,6 +293,9 @@ int run_worker_command(const std::vector<std::string>& arguments) {
        "tokens per step (decodes plus prompt chunks)")
       ("max-running", po::value(&model.batching.max_running)->default_value(model.batching.max_running),
        "sequences in the batch at once")
+      ("max-waiting", po::value(&command.max_waiting)->default_value(command.max_waiting),
+       "requests waiting for a batch slot, at most; past it new ones are refused as overloaded (a gateway's 429 "
+       "with Retry-After); 0: no bound")
       ("no-prefix-cache", "do not reuse the KV blocks of shared prompt prefixes")
       ("step-us", po::value(&step_us), "synthetic models: time per step")
       ("prefill-ns-per-token", po::value(&prefill_ns_per_token), "synthetic models: time per prompt token")

@@ -44,6 +44,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out) {
   transport::ConnectionOptions options = worker::WorkerService::server_options("fmwire worker");
   worker::WorkerOptions worker_options;
   worker_options.load_report_interval = command.load_report_interval;
+  worker_options.max_waiting = command.max_waiting;
   if (command.role == "both") {
     worker_options.role = protocol::WorkerRole::BOTH;
   } else if (command.role == "prefill") {
@@ -104,6 +105,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out) {
                         {"kv_dtype", command.model.kv_dtype},
                         {"max_running", command.model.batching.max_running},
                         {"max_batch_tokens", command.model.batching.max_batch_tokens},
+                        {"max_waiting", command.max_waiting},
                         {"prefix_cache", command.model.batching.prefix_cache},
                         {"kv_compress", command.kv_compress},
                         {"etcd", command.etcd}});

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "engine/model_loader.h"
+#include "worker/worker_service.h"
 
 namespace fmwire::cli {
 
@@ -26,6 +27,7 @@ struct WorkerCommand {
   std::uint32_t etcd_ttl_s = 5;
   std::string role = "both";              // disaggregated serving: prefill, decode or both
   std::string kv_compress = "auto";       // KV chunks: shuffle+zstd auto, on or off
+  std::uint32_t max_waiting = worker::WorkerOptions{}.max_waiting;  // then overloaded; 0: no bound
   std::chrono::milliseconds kv_state_timeout{10000};  // a KV session's deadline per state
   // io_uring sends of at least this many bytes go zero-copy (KV chunks from
   // the cache, registered with the loop, on fixed buffers); 0: never.

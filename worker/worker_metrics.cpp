@@ -36,7 +36,8 @@ std::string render_worker_metrics(const WorkerMetrics& m) {
       .sample("fmwire_worker_streams_total", {{"event", "started"}}, m.streams_started)
       .sample("fmwire_worker_streams_total", {{"event", "finished"}}, m.streams_finished)
       .sample("fmwire_worker_streams_total", {{"event", "cancelled"}}, m.streams_cancelled)
-      .sample("fmwire_worker_streams_total", {{"event", "refused"}}, m.streams_refused);
+      .sample("fmwire_worker_streams_total", {{"event", "refused"}}, m.streams_refused)
+      .sample("fmwire_worker_streams_total", {{"event", "overloaded"}}, m.streams_overloaded);
   page.counter("fmwire_worker_pauses_total", "Sequences paused for lack of their reader's credit.", m.pauses);
   page.counter("fmwire_worker_preemptions_total", "Sequences preempted by the scheduler for KV blocks.",
                m.engine.preemptions);

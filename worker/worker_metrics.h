@@ -31,6 +31,7 @@ struct WorkerMetrics {
   std::uint64_t streams_finished = 0;
   std::uint64_t streams_cancelled = 0;
   std::uint64_t streams_refused = 0;
+  std::uint64_t streams_overloaded = 0;  // refused past --max-waiting
   std::uint64_t tokens_sent = 0;
   std::uint64_t pauses = 0;
   std::size_t open_streams = 0;

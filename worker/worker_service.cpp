@@ -153,6 +153,14 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
     refuse(connection, stream_id, problem->code, problem->message);
     return;
   }
+  if (const std::optional<std::uint32_t> retry_after_ms = overloaded(stream->part)) {
+    ++counters_.streams_overloaded;
+    connection.reset_stream(stream_id, protocol::ErrorCode::OVERLOADED,
+                            "worker " + options_.name + " is overloaded: " + std::to_string(options_.max_waiting) +
+                                " requests are waiting for a batch slot (--max-waiting)",
+                            true, *retry_after_ms);
+    return;
+  }
   if (stream->part == GenerationStream::Part::prefill) {
     if (request.max_tokens <= 1) {
       stream->part = GenerationStream::Part::whole;  // done at its first token: nothing to hand over
@@ -183,6 +191,10 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
       end_early(*found->second, protocol::FinishReason::DEADLINE_EXCEEDED);
     });
   }
+  if (started.part != GenerationStream::Part::decode) {
+    started.awaiting_first_token = true;
+    ++awaiting_first_token_;
+  }
   switch (started.part) {
     case GenerationStream::Part::whole:
       runner_->submit(started.sequence, std::move(request));
@@ -198,6 +210,22 @@ void WorkerService::start(Connection& connection, std::uint32_t stream_id, const
       kv_->expect(started.sequence, transfer_key, std::move(request));
       break;
   }
+}
+
+std::optional<std::uint32_t> WorkerService::overloaded(GenerationStream::Part part) const {
+  // A decode part's sequence is admitted with its KV, past any queue.
+  if (options_.max_waiting == 0 || part == GenerationStream::Part::decode) return std::nullopt;
+  // Those awaiting a first token are the queued ones and those in their
+  // prefill, which the batch holds (max_running at most).
+  if (awaiting_first_token_ < std::uint64_t{engine_stats_.max_running} + options_.max_waiting) return std::nullopt;
+  constexpr double kMinHintMs = 100, kMaxHintMs = 60000;
+  return static_cast<std::uint32_t>(std::clamp(recent_first_token_ms_, kMinHintMs, kMaxHintMs));
+}
+
+void WorkerService::first_token_or_end(GenerationStream& stream) {
+  if (!stream.awaiting_first_token) return;
+  stream.awaiting_first_token = false;
+  --awaiting_first_token_;
 }
 
 engine::SequenceRequest WorkerService::sequence_request(const protocol::GenerateRequestReader& body) {
@@ -293,6 +321,11 @@ void WorkerService::deliver(const RunnerOutput& output) {
 
 void WorkerService::take_token(GenerationStream& stream, std::uint32_t token, std::uint32_t index) {
   if (stream.finish_reason) return;  // after a stop sequence: the engine is being told to stop
+  if (stream.awaiting_first_token) {
+    first_token_or_end(stream);
+    const double waited_ms = std::chrono::duration<double, std::milli>(Clock::now() - stream.received).count();
+    recent_first_token_ms_ += (waited_ms - recent_first_token_ms_) / 8;
+  }
   index += stream.index_offset;
   if (stream.part == GenerationStream::Part::prefill) stream.generated.push_back(token);
   if (stream.pending_ids.empty()) stream.pending_first_index = index;
@@ -404,6 +437,7 @@ std::unique_ptr<WorkerService::GenerationStream> WorkerService::detach(Generatio
     }
   }
   if (!stream.finish_reason) kv_->let_go(stream.sequence, KvTransfers::LetGo::cancel);
+  first_token_or_end(stream);
   by_sequence_.erase(stream.sequence);
   auto found = streams_.find({stream.connection, stream.stream_id});
   std::unique_ptr<GenerationStream> owned = std::move(found->second);
@@ -602,6 +636,7 @@ WorkerMetrics WorkerService::metrics() const {
   metrics.streams_finished = counters_.streams_finished;
   metrics.streams_cancelled = counters_.streams_cancelled;
   metrics.streams_refused = counters_.streams_refused;
+  metrics.streams_overloaded = counters_.streams_overloaded;
   metrics.tokens_sent = counters_.tokens_sent;
   metrics.pauses = counters_.pauses;
   metrics.open_streams = streams_.size();

@@ -51,6 +51,12 @@ struct WorkerOptions {
   protocol::GenerateRequestLimits request_limits;
   protocol::WorkerRole role = protocol::WorkerRole::BOTH;
   KvTransferOptions kv;
+  // Requests waiting for a batch slot, at most, beyond those the batch
+  // holds: past it a new request is refused as overloaded (retryable, with
+  // a hint of how long the queue has been taking), so that overload is
+  // shed at once instead of growing a queue whose every request waits
+  // longer (issue 17). 0: no bound.
+  std::uint32_t max_waiting = 256;
 };
 
 // What the worker has done, on the loop thread; for tests and the shutdown log.
@@ -59,6 +65,7 @@ struct WorkerCounters {
   std::uint64_t streams_finished = 0;   // with a Finish frame
   std::uint64_t streams_cancelled = 0;  // by the peer or a lost connection
   std::uint64_t streams_refused = 0;    // bad requests
+  std::uint64_t streams_overloaded = 0; // refused because max_waiting were waiting
   std::uint64_t tokens_sent = 0;
   std::uint64_t prompts_tokenized = 0;  // text prompts; a router that tokenizes sends ids
   std::uint64_t pauses = 0;             // sequences paused for lack of credit
@@ -133,6 +140,8 @@ class WorkerService final : public transport::ConnectionHandler, private KvTrans
     std::uint64_t queue_us = 0, prefill_us = 0, decode_us = 0;
     Clock::time_point received;
     std::optional<Clock::time_point> first_token_sent;
+    // Submitted to the engine, no token from it yet: queued or in its prefill.
+    bool awaiting_first_token = false;
     transport::TimerId deadline_timer = 0;
     // Disaggregated serving.
     enum class Part { whole, prefill, decode };
@@ -155,6 +164,11 @@ class WorkerService final : public transport::ConnectionHandler, private KvTrans
   void subscribe(transport::Connection& connection, std::uint32_t stream_id);
   void refuse(transport::Connection& connection, std::uint32_t stream_id, protocol::ErrorCode code,
               const std::string& message);
+  // Whether a request of this part would go past max_waiting; and its
+  // retry hint (ms) when it would.
+  std::optional<std::uint32_t> overloaded(GenerationStream::Part part) const;
+  // The stream's first token came, or it ended before one did.
+  void first_token_or_end(GenerationStream& stream);
   void deliver(const RunnerOutput& output);
   void take_token(GenerationStream& stream, std::uint32_t token, std::uint32_t index);
   // The sequence ended here (stop sequence, deadline) before the engine said so.
@@ -192,6 +206,10 @@ class WorkerService final : public transport::ConnectionHandler, private KvTrans
   engine::EngineStats engine_stats_;
   metrics::Histogram step_seconds_{kStepSecondsBounds};  // steps that ran the model, as their outputs arrive
   bool draining_ = false;
+  // Streams with awaiting_first_token; and how long recent ones waited for
+  // it (a moving average, ms), the hint an overloaded refusal gives.
+  std::uint32_t awaiting_first_token_ = 0;
+  double recent_first_token_ms_ = 0;
 
   // The prefix hashes the engine holds, mirrored here from its step
   // outputs, and what changed since the last load report.

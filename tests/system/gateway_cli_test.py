@@ -375,6 +375,62 @@ def gateway_rate_limit_429(binary, env):
         gateway.kill()
 
 
+def gateway_overload_429(binary, env):
+    """A worker of 2 batch slots and --max-waiting 2 behind a gateway, 12
+    streaming requests at once: those past the 4 it holds get a 429 with
+    Retry-After and OpenAI's error (code "overloaded") at once, before any
+    event; the ones taken stream every token; the worker counts the
+    refusals; once its queue drains it serves again."""
+    from metrics_cli_test import Served  # here: it imports this module
+    worker = Served(binary, env, "worker", "--model", "synthetic:tiny", "--step-us", "3000", "--max-running", "2",
+                    "--max-waiting", "2")
+    gateway = None
+    try:
+        gateway = HttpServer(binary, env, "gateway", "--listen", "127.0.0.1:0", "--workers", worker.endpoint,
+                             "--model", "synthetic:tiny")
+        request = dict(CHAT, model="synthetic:tiny", max_tokens=40)
+        outcomes = [None] * 12
+        ready = threading.Barrier(len(outcomes))
+
+        def send(i):
+            ready.wait()
+            outcomes[i] = http_with_headers(gateway.url + "/v1/chat/completions", request)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(outcomes))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(LIMIT_S)
+        check(all(outcome is not None for outcome in outcomes), f"unanswered: {outcomes}")
+        served = [body for status, _, body in outcomes if status == 200]
+        refused = [(headers, body) for status, headers, body in outcomes if status == 429]
+        check(len(served) + len(refused) == len(outcomes), f"statuses {[outcome[0] for outcome in outcomes]}")
+        check(len(served) >= 4 and len(refused) >= 1, f"{len(served)} served, {len(refused)} refused")
+        for body in served:
+            events = [line for line in body.splitlines() if line.startswith("data: {")]
+            content = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in events
+                              if json.loads(line[6:])["choices"])
+            check(body.rstrip().endswith("data: [DONE]") and len(events) >= 40,
+                  f"a served stream: {len(events)} events, {body[-200:]!r}")
+            check(content, "a served stream carried no text")
+        for headers, body in refused:
+            check(int(headers.get("Retry-After", "0")) >= 1, f"Retry-After {headers.get('Retry-After')!r}")
+            error = json.loads(body)["error"]
+            check(error["code"] == "overloaded" and error["type"] == "rate_limit_error" and
+                  "--max-waiting" in error["message"], f"429 body {body!r}")
+        overloaded = worker.value('fmwire_worker_streams_total{event="overloaded"}')
+        check(overloaded == len(refused), f"the worker counted {overloaded} overloaded of {len(refused)} refused")
+        status, body = http(gateway.url + "/v1/chat/completions", dict(request, stream=False, max_tokens=4))
+        check(status == 200, f"after the burst: {status} {body!r}")
+        code, _, errors = gateway.stop()
+        check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
+        check(worker.stop() == 0, "the worker did not stop cleanly")
+    finally:
+        if gateway:
+            gateway.kill()
+        worker.kill()
+
+
 def gateway_resume_other_key_404(binary, env):
     """A resumable stream cut after its first event: another key's GET
     /v1/streams/<id> is the 404 of an id that never was; the opener's key
@@ -791,6 +847,7 @@ SCENARIOS = {
     "gateway_router_api_keys_file": gateway_router_api_keys_file,
     "gateway_wrong_key_refused": gateway_wrong_key_refused,
     "gateway_rate_limit_429": gateway_rate_limit_429,
+    "gateway_overload_429": gateway_overload_429,
     "gateway_resume_other_key_404": gateway_resume_other_key_404,
     "https_tls_versions": https_tls_versions,
     "openai_sdk_https": openai_sdk_https,

@@ -56,10 +56,10 @@ transport::ConnectionOptions worker_side() {
 // A worker (service, server, engine) and one client connection, on one loop.
 struct Rig {
   explicit Rig(std::unique_ptr<Engine> engine_in, transport::ConnectionOptions client_options = {},
-               const char* backend = "")
+               const char* backend = "", WorkerOptions worker_options = quick_reports())
       : engine(std::move(engine_in)),
         loop(backend),
-        service(std::make_unique<WorkerService>(loop, *engine, tokenizer, quick_reports())),
+        service(std::make_unique<WorkerService>(loop, *engine, tokenizer, std::move(worker_options))),
         server(std::make_unique<transport::Server>(loop, transport::Endpoint{"127.0.0.1", 0},
                                                    worker_side(),
                                                    *service)) {
@@ -109,12 +109,12 @@ struct Rig {
   std::unique_ptr<Connection> client;
 };
 
-std::unique_ptr<BatchingEngine> slow_synthetic(std::chrono::microseconds step) {
+std::unique_ptr<BatchingEngine> slow_synthetic(std::chrono::microseconds step, BatchingOptions batching = {}) {
   auto model = *synthetic_model("tiny");
   model.step_time = step;
   EngineInfo info;
   info.model_name = "synthetic:tiny";
-  return std::make_unique<BatchingEngine>(std::move(info), std::make_unique<SyntheticBackend>(model, 256));
+  return std::make_unique<BatchingEngine>(std::move(info), std::make_unique<SyntheticBackend>(model, 256), batching);
 }
 
 }  // namespace
@@ -231,6 +231,54 @@ TEST_CASE("a cancelled stream frees its KV blocks within a step") {
   }));
   CHECK(rig.service->counters().streams_cancelled == 1);
   CHECK(rig.service->active_streams() == 0);
+}
+
+TEST_CASE("past max_running + max_waiting a worker refuses new requests as overloaded, and serves the others whole") {
+  BatchingOptions batching;
+  batching.max_running = 2;
+  WorkerOptions options = quick_reports();
+  options.max_waiting = 3;
+  Rig rig(slow_synthetic(2000us, batching), {}, "", options);
+  // Ten at once: two in the batch and three queued are taken, five refused.
+  std::vector<std::uint32_t> ids;
+  for (int i = 0; i < 10; ++i) ids.push_back(rig.generate(ask("request " + std::to_string(i), 20)));
+  int served = 0;
+  int overloaded = 0;
+  for (std::uint32_t id : ids) {
+    const StreamLog& log = rig.wait(id);
+    if (!log.end.error) {
+      CHECK(log.completion_tokens == 20);
+      ++served;
+      continue;
+    }
+    CHECK(log.end.code == protocol::ErrorCode::OVERLOADED);
+    CHECK(log.end.retryable);
+    CHECK(log.end.retry_after_ms >= 100);  // the hint's floor: none waited yet
+    CHECK(log.end.message.find("--max-waiting") != std::string::npos);
+    CHECK(log.indexes.empty());
+    ++overloaded;
+  }
+  CHECK(served == 5);
+  CHECK(overloaded == 5);
+  CHECK(rig.service->counters().streams_overloaded == 5);
+  CHECK(rig.service->counters().streams_refused == 0);
+  // The queue drained: a new request is served again.
+  const StreamLog& later = rig.wait(rig.generate(ask("later", 5)));
+  CHECK_FALSE(later.end.error);
+  CHECK(later.completion_tokens == 5);
+  REQUIRE(run_until(rig.loop, [&] { return rig.service->active_streams() == 0; }));
+}
+
+TEST_CASE("max_waiting 0 queues every request") {
+  BatchingOptions batching;
+  batching.max_running = 1;
+  WorkerOptions options = quick_reports();
+  options.max_waiting = 0;
+  Rig rig(slow_synthetic(500us, batching), {}, "", options);
+  std::vector<std::uint32_t> ids;
+  for (int i = 0; i < 12; ++i) ids.push_back(rig.generate(ask("queued " + std::to_string(i), 4)));
+  for (std::uint32_t id : ids) CHECK_FALSE(rig.wait(id).end.error);
+  CHECK(rig.service->counters().streams_overloaded == 0);
 }
 
 TEST_CASE("a stop sequence ends the stream with the text before it") {
