@@ -84,10 +84,7 @@ using namespace std::chrono_literals;
 namespace po = boost::program_options;
 
 // synthetic:llama-3-8b's KV: 32 x 2 x 8 x 128 x 2 bytes = 128 KiB per token.
-engine::KvGeometry llama3_8b_geometry() {
-  return engine::KvGeometry{.layers = 32, .kv_heads = 8, .head_dim = 128, .block_tokens = 16,
-                            .dtype = protocol::DType::FLOAT16, .element_bytes = 2};
-}
+engine::KvGeometry llama3_8b_geometry() { return perf::llama3_8b_kv_geometry(); }
 
 constexpr std::uint64_t kKvSeed = 0x6b76'2d62'656e'6368ull;
 

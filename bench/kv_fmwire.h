@@ -21,20 +21,15 @@
 #include <vector>
 
 #include "engine/kv_geometry.h"
+#include "perf/kv_handlers.h"
 #include "transport/endpoint.h"
 
 namespace fmwire::bench {
 
-// One KV shard and how it goes on the wire.
-struct KvTransferShape {
-  engine::KvGeometry geometry;
-  std::uint32_t tokens = 0;        // a whole number of blocks
-  std::uint32_t chunk_blocks = 1;  // KV blocks per KvChunk
-  bool compress = false;           // shuffle by element + zstd level 1 per chunk
-
-  std::uint64_t total_bytes() const { return std::uint64_t{tokens} * geometry.bytes_per_token(); }
-  std::size_t chunk_bytes() const { return geometry.bytes_per_block() * chunk_blocks; }
-};
+// The shard's shape and one side's run: perf/kv_handlers.h's, which these
+// ends are built on.
+using perf::KvSideRun;
+using perf::KvTransferShape;
 
 // How the sender's transport is set up.
 struct KvSendOptions {
@@ -42,16 +37,6 @@ struct KvSendOptions {
   std::size_t zero_copy_min_bytes = 0;  // io_uring: zero-copy sends from this size (0: never)
   bool register_source = false;         // io_uring: the source registered as fixed buffers
   std::uint64_t warmup_bytes = 0;       // a first, unmeasured transfer of this many bytes (whole chunks)
-};
-
-// One side's view of one transfer: wall time and this process's CPU over
-// it (sender: KvOffer sent to KvCommitted received; receiver: KvOffer
-// received to KvCommitted sent), and the attachment bytes on the wire.
-struct KvSideRun {
-  double seconds = 0;
-  double cpu_seconds = 0;
-  std::uint64_t wire_bytes = 0;
-  std::uint64_t decoded_bytes = 0;
 };
 
 // Listens at `listen` (port 0: a free one, told to on_listening before any

@@ -186,7 +186,7 @@ int run_echo_server_command(const std::vector<std::string>& arguments) {
 
 constexpr const char* kPerfUsage =
     "usage: fmwire perf serve --listen HOST:PORT [options]\n"
-    "       fmwire perf run --to HOST:PORT --test tokens|latency|bulk [options]\n"
+    "       fmwire perf run --to HOST:PORT --test tokens|latency|bulk|kv [options]\n"
     "`fmwire perf serve --help` and `fmwire perf run --help` describe the options.\n";
 
 int run_perf_serve_command(const std::vector<std::string>& arguments) {
@@ -217,25 +217,26 @@ int run_perf_run_command(const std::vector<std::string>& arguments) {
   int repetitions = 0;
   std::uint32_t connect_timeout_ms = 5000;
   po::options_description description(
-      "usage: fmwire perf run --to HOST:PORT --test tokens|latency|bulk [options]\n"
+      "usage: fmwire perf run --to HOST:PORT --test tokens|latency|bulk|kv [options]\n"
       "prints medians over rounds (a warm-up round first); exit 1 when a measurement fails\noptions");
   description.add_options()
       ("help,h", "show this help")
       ("to", po::value(&command.to)->required(), "the `fmwire perf serve` to test against, HOST:PORT")
       ("test", po::value(&command.test)->required(),
        "tokens (token frames/s, CPU on both ends), latency (round trip p50/p99), "
-       "bulk (GB/s of KvChunk attachments, CPU on both ends)")
+       "bulk (GB/s of KvChunk attachments, CPU on both ends), "
+       "kv (GB/s of a KV shard pushed with the KV session's messages: offer, chunks copied into blocks, commit)")
       ("seconds", po::value(&seconds), "measured rounds until this many seconds have passed")
       ("repetitions", po::value(&repetitions), "measured rounds (default 5)")
       ("json", po::value(&command.json_path), "also write the results to FILE (bench results format)")
       ("compare", po::bool_switch(&command.compare),
-       "bulk: iperf3 against the same host (its `perf serve --iperf3-port`), as a ratio")
+       "bulk and kv: iperf3 against the same host (its `perf serve --iperf3-port`), as a ratio")
       ("iperf3-port", po::value(&command.iperf3_port)->default_value(command.iperf3_port), "where the server host runs iperf3 -s")
       ("frames", po::value(&command.frames)->default_value(command.frames), "tokens: frames per round, over all streams")
       ("streams", po::value(&command.streams)->default_value(command.streams), "tokens: concurrent streams on one connection")
       ("requests", po::value(&command.requests)->default_value(command.requests), "latency: round trips per round")
-      ("chunk-bytes", po::value(&command.chunk_bytes)->default_value(command.chunk_bytes), "bulk: attachment bytes per KvChunk")
-      ("bytes", po::value(&command.bytes)->default_value(command.bytes), "bulk: bytes per round")
+      ("chunk-bytes", po::value(&command.chunk_bytes)->default_value(command.chunk_bytes), "bulk and kv: attachment bytes per KvChunk (kv: whole 2 MiB blocks)")
+      ("bytes", po::value(&command.bytes)->default_value(command.bytes), "bulk and kv: bytes per round (kv: whole blocks, at most 2 GiB)")
       ("connect-timeout-ms", po::value(&connect_timeout_ms)->default_value(connect_timeout_ms),
        "connecting and the Hello exchange")
       ("backend", po::value(&backend), "I/O backend: uring or asio");

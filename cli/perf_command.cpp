@@ -13,6 +13,7 @@
 #include "perf/bulk_handlers.h"
 #include "perf/client_connections.h"
 #include "perf/iperf3.h"
+#include "perf/kv_handlers.h"
 #include "perf/measure.h"
 #include "perf/perf_service.h"
 #include "perf/results.h"
@@ -241,6 +242,37 @@ std::vector<Comparison> run_latency(const PerfRunCommand& command, const transpo
           perf::compare("latency_round_trip_p99", p99, "us", std::nullopt, "", false)};
 }
 
+// The peer of bulk and kv, after fmwire's rounds: as many iperf3 runs of
+// the same bytes, with --compare.
+struct IperfPeer {
+  std::optional<double> rate;        // bytes/s, median
+  std::optional<double> client_cpu;  // CPU-s per GB, median
+  std::string note;
+};
+
+IperfPeer iperf3_peer(const PerfRunCommand& command, const transport::Endpoint& server, std::uint64_t bytes,
+                      std::size_t runs) {
+  IperfPeer peer{std::nullopt, std::nullopt, "not asked for (--compare)"};
+  if (!command.compare) return peer;
+  const std::optional<std::string> iperf3 = perf::find_on_path("iperf3");
+  if (!iperf3) {
+    log::warn("iperf3 not installed: the iperf3 comparison is skipped");
+    peer.note = "iperf3 not installed here: skipped";
+    return peer;
+  }
+  std::vector<double> rates, cpu;
+  for (std::size_t run = 0; run < runs; ++run) {
+    const perf::IperfClientRun result = perf::iperf3_client(*iperf3, bytes, server.host, command.iperf3_port);
+    rates.push_back(result.bytes_per_s);
+    cpu.push_back((result.cpu.user_s + result.cpu.system_s) / (static_cast<double>(bytes) / 1e9));
+  }
+  peer.rate = perf::median(rates);
+  peer.client_cpu = perf::median(cpu);
+  peer.note = perf::iperf3_version(*iperf3) + ", one TCP stream to " + server.host + ":" +
+              std::to_string(command.iperf3_port) + ", the same bytes, " + std::to_string(rates.size()) + " runs";
+  return peer;
+}
+
 // bulk: GB/s of KvChunk attachments, CPU per GB on both ends; iperf3 on the
 // same bytes with --compare.
 std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport::Endpoint& server,
@@ -283,29 +315,10 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
     client.close_all();
   }
 
-  // The peer, after fmwire's rounds: as many iperf3 runs of the same bytes.
-  std::optional<double> iperf3_rate;
-  std::optional<double> iperf3_client_cpu;
-  std::string peer_note = "not asked for (--compare)";
-  if (command.compare) {
-    if (const std::optional<std::string> iperf3 = perf::find_on_path("iperf3")) {
-      std::vector<double> peer_rates, peer_cpu;
-      for (std::size_t run = 0; run < rates.size(); ++run) {
-        const perf::IperfClientRun result =
-            perf::iperf3_client(*iperf3, command.bytes, server.host, command.iperf3_port);
-        peer_rates.push_back(result.bytes_per_s);
-        peer_cpu.push_back((result.cpu.user_s + result.cpu.system_s) / (static_cast<double>(command.bytes) / 1e9));
-      }
-      iperf3_rate = perf::median(peer_rates);
-      iperf3_client_cpu = perf::median(peer_cpu);
-      peer_note = perf::iperf3_version(*iperf3) + ", one TCP stream to " + server.host + ":" +
-                  std::to_string(command.iperf3_port) + ", the same bytes, " + std::to_string(peer_rates.size()) +
-                  " runs";
-    } else {
-      peer_note = "iperf3 not installed here: skipped";
-      log::warn("iperf3 not installed: the iperf3 comparison is skipped");
-    }
-  }
+  const IperfPeer peer = iperf3_peer(command, server, command.bytes, rates.size());
+  const std::optional<double>& iperf3_rate = peer.rate;
+  const std::optional<double>& iperf3_client_cpu = peer.client_cpu;
+  const std::string& peer_note = peer.note;
 
   const double rate = perf::median(rates);
   const double client_median = perf::median(client_cpu);
@@ -329,6 +342,77 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
   return rows;
 }
 
+// kv: GB/s of one KV shard pushed with the KV session's messages, CPU per
+// GB on both ends; iperf3 on the same bytes with --compare.
+std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::Endpoint& server, std::ostream& out) {
+  perf::KvTransferShape shape;
+  shape.geometry = perf::llama3_8b_kv_geometry();
+  const std::size_t block_bytes = shape.geometry.bytes_per_block();
+  shape.chunk_blocks = static_cast<std::uint32_t>(std::max<std::size_t>(1, command.chunk_bytes / block_bytes));
+  const std::uint64_t blocks = command.bytes / block_bytes;
+  shape.tokens = static_cast<std::uint32_t>(blocks * shape.geometry.block_tokens);
+  const std::uint64_t bytes = shape.total_bytes();
+  // The shard the sender reads from, as a prefill worker's cache: bytes
+  // that are not all alike.
+  std::vector<std::byte> kv = perf::bulk_source_bytes(bytes);
+  std::vector<double> rates, client_cpu, server_cpu_per_gb;
+  {
+    perf::ClientConnections client(command.backend);
+    ServerCpu server_cpu(client, server, command.connect_timeout);
+    perf::KvSender sender(client.loop, kv);
+    client.connect(server.host, server.port, 1, perf::kv_connection_options(protocol::Role::WORKER, "fmwire perf run"),
+                   sender, command.connect_timeout);
+    transport::Connection& connection = *client.connections.back();
+    // The warm-up round is the whole shard: the server's blocks grow to it then.
+    Rounds rounds(command);
+    for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
+      const double server_start = server_cpu.seconds();
+      const double client_start = perf::process_cpu_seconds();
+      const auto start = Clock::now();
+      sender.start(connection, shape, bytes);
+      if (!perf::run_until(client.loop, [&] { return sender.done(); }, kRoundLimit, 100ms)) {
+        throw std::runtime_error("KV transfer not finished within 120 s");
+      }
+      if (!sender.failure().empty()) throw std::runtime_error(sender.failure());
+      if (!sender.committed()) throw std::runtime_error("KV transfer ended without KvCommitted");
+      const double client_end = perf::process_cpu_seconds();
+      const double server_end = server_cpu.seconds();
+      if (warm_up) {
+        rounds.start_measuring();
+        continue;
+      }
+      const double gigabytes = static_cast<double>(bytes) / 1e9;
+      rates.push_back(static_cast<double>(bytes) / perf::seconds_between(start, sender.finished_at()));
+      client_cpu.push_back((client_end - client_start) / gigabytes);
+      server_cpu_per_gb.push_back((server_end - server_start) / gigabytes);
+    }
+    client.close_all();
+  }
+  const IperfPeer peer = iperf3_peer(command, server, bytes, rates.size());
+
+  const double rate = perf::median(rates);
+  const double client_median = perf::median(client_cpu);
+  const double server_median = perf::median(server_cpu_per_gb);
+  std::vector<Comparison> rows{
+      perf::compare("kv_gb_per_s", rate / 1e9, "GB/s", peer.rate ? std::optional(*peer.rate / 1e9) : std::nullopt,
+                    "iperf3", true),
+      perf::compare("kv_client_cpu_s_per_gb", client_median, "CPU-s/GB", peer.client_cpu, "iperf3", false),
+      perf::compare("kv_server_cpu_s_per_gb", server_median, "CPU-s/GB", std::nullopt, "", false)};
+  out << "kv: " << rates.size() << " rounds of a " << bytes << "-byte KV shard (" << shape.tokens
+      << " tokens of Llama 3 8B fp16, " << shape.chunk_bytes() << "-byte chunks): offer, chunks digested, checked "
+      << "and copied into the server's blocks, commit (medians)\n"
+      << "  fmwire GB/s                     " << format("%.3f", rate / 1e9) << "\n"
+      << "  client CPU-s per GB             " << format("%.3f", client_median) << "\n"
+      << "  server CPU-s per GB             " << format("%.3f", server_median) << "\n";
+  if (peer.rate) {
+    out << "  iperf3 GB/s                     " << format("%.3f", *peer.rate / 1e9) << "\n"
+        << "  iperf3 client CPU-s per GB      " << format("%.3f", *peer.client_cpu) << "\n"
+        << "  fmwire / iperf3                 " << perf::ratio_text(perf::ratio_of(rows[0])) << "\n";
+  }
+  out << "  peer: " << peer.note << "\n";
+  return rows;
+}
+
 }  // namespace
 
 int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
@@ -339,8 +423,8 @@ int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
     return 2;
   };
   if (!server) return usage_error("--to " + problem);
-  if (command.test != "tokens" && command.test != "latency" && command.test != "bulk") {
-    return usage_error("unknown --test '" + command.test + "': tokens, latency or bulk");
+  if (command.test != "tokens" && command.test != "latency" && command.test != "bulk" && command.test != "kv") {
+    return usage_error("unknown --test '" + command.test + "': tokens, latency, bulk or kv");
   }
   if (command.seconds && command.repetitions) return usage_error("--seconds and --repetitions: give one");
   if (command.seconds && *command.seconds <= 0) return usage_error("--seconds must be above 0");
@@ -351,7 +435,14 @@ int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
   if (command.chunk_bytes == 0 || command.chunk_bytes > perf::kMaxBulkChunkBytes) {
     return usage_error("--chunk-bytes must be 1 to " + std::to_string(perf::kMaxBulkChunkBytes) + " (the server's limit)");
   }
-  if (command.compare && command.test != "bulk") {
+  if (command.test == "kv") {
+    const std::uint64_t block_bytes = perf::llama3_8b_kv_geometry().bytes_per_block();
+    if (command.bytes < block_bytes || command.bytes > perf::kMaxKvTransferBytes) {
+      return usage_error("--bytes for kv must be " + std::to_string(block_bytes) + " (one KV block) to " +
+                         std::to_string(perf::kMaxKvTransferBytes) + " (the server's limit)");
+    }
+  }
+  if (command.compare && command.test != "bulk" && command.test != "kv") {
     log::warn("--compare: no peer for " + command.test + " across hosts, skipped");
   }
 
@@ -360,6 +451,7 @@ int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
     if (command.test == "tokens") rows = run_tokens(command, *server, out);
     if (command.test == "latency") rows = run_latency(command, *server, out);
     if (command.test == "bulk") rows = run_bulk(command, *server, out);
+    if (command.test == "kv") rows = run_kv(command, *server, out);
   } catch (const std::exception& error) {
     log::error(command.test + " against " + server->to_string() + ": " + error.what());
     return 1;

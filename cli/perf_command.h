@@ -11,6 +11,10 @@
 //   bulk     KvChunk attachments (digested by the sender, checked by the
 //            receiver) in GB/s; CPU-s per GB on both ends; with --compare,
 //            iperf3 against the iperf3 server `perf serve --iperf3-port` runs
+//   kv       a KV shard (Llama 3 8B's fp16 geometry) pushed with the KV
+//            session's messages: KvOffer, KvChunks the server checks and
+//            copies into its blocks, KvCommit; GB/s, CPU-s per GB on both
+//            ends; with --compare, iperf3 as for bulk
 //
 // Exit codes: 0 measured, 1 a measurement failed (server unreachable or gone
 // mid-test: said on stderr), 2 a bad command line.
@@ -38,18 +42,18 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out);
 
 struct PerfRunCommand {
   std::string to;                           // HOST:PORT of `perf serve`
-  std::string test;                         // tokens, latency or bulk
+  std::string test;                         // tokens, latency, bulk or kv
   std::optional<double> seconds;            // measured rounds until this much time has passed
   std::optional<int> repetitions;           // else this many measured rounds (default 5)
   std::string json_path;                    // --json FILE: bench results format
-  bool compare = false;                     // bulk: iperf3 against the same host
+  bool compare = false;                     // bulk, kv: iperf3 against the same host
   std::uint16_t iperf3_port = 5201;         // where `perf serve --iperf3-port` runs iperf3 -s
   std::string backend;                      // "", "uring" or "asio"
   std::uint32_t frames = 1'000'000;         // tokens: frames per round, over every stream
   std::uint32_t streams = 16;               // tokens: concurrent streams on one connection
   std::uint32_t requests = 2'000;           // latency: round trips per round
-  std::size_t chunk_bytes = std::size_t{4} << 20;  // bulk: attachment bytes per KvChunk
-  std::uint64_t bytes = std::uint64_t{1} << 30;    // bulk: bytes per round
+  std::size_t chunk_bytes = std::size_t{4} << 20;  // bulk, kv: attachment bytes per KvChunk
+  std::uint64_t bytes = std::uint64_t{1} << 30;    // bulk, kv: bytes per round
   std::chrono::milliseconds connect_timeout{5000};
 };
 

@@ -37,13 +37,20 @@ void PerfService::on_stream_frame(Connection& connection, const codec::FrameView
       }
       return;
     }
+    case codec::FrameKind::kv_offer:
+      kv_.on_stream_frame(connection, frame);
+      return;
     case codec::FrameKind::kv_chunk:
     case codec::FrameKind::kv_commit:
-      bulk_.on_stream_frame(connection, frame);
+      if (kv_.owns(connection, frame.header.stream_id)) {
+        kv_.on_stream_frame(connection, frame);
+      } else {
+        bulk_.on_stream_frame(connection, frame);
+      }
       return;
     default:
       connection.reset_stream(frame.header.stream_id, protocol::ErrorCode::BAD_REQUEST,
-                              "fmwire perf serve takes GenerateRequest, KvChunk and KvCommit frames only");
+                              "fmwire perf serve takes GenerateRequest, KvOffer, KvChunk and KvCommit frames only");
   }
 }
 
@@ -54,11 +61,13 @@ void PerfService::on_stream_writable(Connection& connection, std::uint32_t strea
 void PerfService::on_stream_closed(Connection& connection, std::uint32_t stream_id, const EndReason& reason) {
   tokens_.on_stream_closed(connection, stream_id, reason);
   bulk_.on_stream_closed(connection, stream_id, reason);
+  kv_.on_stream_closed(connection, stream_id, reason);
 }
 
 void PerfService::on_closed(Connection& connection, const EndReason& reason) {
   tokens_.on_closed(connection, reason);
   bulk_.on_closed(connection, reason);
+  kv_.on_closed(connection, reason);
 }
 
 void PerfService::send_cpu_report(Connection& connection, std::uint32_t stream_id) {

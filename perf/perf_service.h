@@ -10,6 +10,11 @@
 //                     (xxh3 digest), ..., KvCommit{totals} (end)
 //                     server: KvCommitted (end) when bytes and chunks agree,
 //                     else the stream reset (DIGEST_MISMATCH, ...)
+//   kv                client: KvOffer (llama3_8b_kv_geometry()), then on
+//                     KvAccept KvChunk*, KvCommit (end)
+//                     server: KvAccept, KvCommitted (end) once each chunk
+//                     was checked and copied into its blocks, or KvReject
+//                     (one transfer at a time per loop)
 //   CPU report        client: GenerateRequest{promptText kCpuReportPrompt,
 //                     maxTokens 1} (end)
 //                     server: one Tokens frame whose one text piece is its
@@ -27,6 +32,7 @@
 #include <string_view>
 
 #include "perf/bulk_handlers.h"
+#include "perf/kv_handlers.h"
 #include "perf/token_handlers.h"
 #include "transport/connection.h"
 
@@ -38,13 +44,18 @@ inline constexpr std::string_view kCpuReportPrompt = "fmwire-perf:cpu";
 // limit): 64 MiB.
 inline constexpr std::size_t kMaxBulkChunkBytes = std::size_t{64} << 20;
 
+// The largest KV transfer a perf server takes: its blocks buffer grows to
+// the largest offer, up to this (2 GiB); a larger offer is refused.
+inline constexpr std::uint64_t kMaxKvTransferBytes = std::uint64_t{2} << 30;
+
 // The connection options of a perf server: bulk windows (bulk_options) for
 // chunks up to kMaxBulkChunkBytes.
 transport::ConnectionOptions perf_server_options();
 
 class PerfService final : public transport::ConnectionHandler {
  public:
-  explicit PerfService(transport::EventLoop& loop) : tokens_(loop, TokenSourceOptions{}) {}
+  explicit PerfService(transport::EventLoop& loop)
+      : tokens_(loop, TokenSourceOptions{}), kv_(llama3_8b_kv_geometry(), kMaxKvTransferBytes) {}
 
   void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
   void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
@@ -57,6 +68,7 @@ class PerfService final : public transport::ConnectionHandler {
 
   TokenSource tokens_;
   BulkSink bulk_;
+  KvReceiver kv_;
 };
 
 // The client end of the CPU report, on a connection that carries nothing

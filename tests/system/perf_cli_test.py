@@ -135,44 +135,50 @@ def latency_loopback(binary, env):
         check(rows["latency_round_trip_p99"]["value"] > 0, "JSON p99")
 
 
-def bulk_loopback_compare(binary, env):
-    """Bulk with --compare against the iperf3 server `perf serve` runs; the
-    JSON has iperf3 as the peer and scripts/plot.py charts it; the iperf3
-    child is gone once perf serve has stopped."""
-    iperf3_port = free_port()
-    with served(binary, env, "--iperf3-port", str(iperf3_port)) as (server, folder):
-        iperf3_children = children(server.process.pid) if shutil.which("iperf3") else []
-        path = os.path.join(folder, "bulk.json")
-        result = perf_run(binary, env, server.endpoint, "--test", "bulk", "--repetitions", "3",
-                          "--bytes", str(128 << 20), "--compare", "--iperf3-port", str(iperf3_port), "--json", path)
-        print(result.stdout, end="")
-        check(result.returncode == 0, f"exit {result.returncode}: {result.stderr!r}")
-        check(number(result.stdout, "fmwire GB/s") > 0, "no GB/s")
-        check(number(result.stdout, "client CPU-s per GB") > 0, "no client CPU")
-        check(number(result.stdout, "server CPU-s per GB") > 0, "no server CPU (its report)")
-        rows = results(path)
-        if shutil.which("iperf3") is None:
-            check("iperf3 not installed" in result.stderr + result.stdout, "a missing iperf3 not said to be skipped")
-            check(rows["bulk_gb_per_s"]["peer"] == "", "a peer that did not run has a value")
-        else:
-            check(len(iperf3_children) == 1, f"perf serve --iperf3-port has children {iperf3_children}")
-            check(number(result.stdout, "iperf3 GB/s") > 0, "no iperf3 GB/s")
-            ratio = re.search(r"fmwire / iperf3\s+([0-9.]+)x", result.stdout)
-            check(ratio is not None and float(ratio.group(1)) > 0, "no fmwire / iperf3 ratio")
-            check(rows["bulk_gb_per_s"]["peer"] == "iperf3" and rows["bulk_gb_per_s"]["ratio"] > 0,
-                  f"JSON row {rows['bulk_gb_per_s']!r}")
-            plotted = subprocess.run(["/usr/bin/python3", os.path.join(SCRIPTS, "plot.py"), "--out", folder, path],
-                                     capture_output=True, text=True, timeout=LIMIT_S * 3)
-            check(plotted.returncode == 0, f"plot.py exit {plotted.returncode}: {plotted.stderr!r}")
-            check(os.path.exists(os.path.join(folder, "perf-ratios.svg")), f"plot.py wrote {os.listdir(folder)}")
-    for child in iperf3_children:
-        check(not os.path.exists(f"/proc/{child}"), f"iperf3 {child} outlived perf serve")
+def loopback_compare(test):
+    """bulk or kv with --compare against the iperf3 server `perf serve`
+    runs; the JSON has iperf3 as the peer and scripts/plot.py charts it; the
+    iperf3 child is gone once perf serve has stopped."""
+    def scenario(binary, env):
+        iperf3_port = free_port()
+        with served(binary, env, "--iperf3-port", str(iperf3_port)) as (server, folder):
+            iperf3_children = children(server.process.pid) if shutil.which("iperf3") else []
+            path = os.path.join(folder, f"{test}.json")
+            result = perf_run(binary, env, server.endpoint, "--test", test, "--repetitions", "3",
+                              "--bytes", str(128 << 20), "--compare", "--iperf3-port", str(iperf3_port), "--json", path)
+            print(result.stdout, end="")
+            check(result.returncode == 0, f"exit {result.returncode}: {result.stderr!r}")
+            check(number(result.stdout, "fmwire GB/s") > 0, "no GB/s")
+            check(number(result.stdout, "client CPU-s per GB") > 0, "no client CPU")
+            check(number(result.stdout, "server CPU-s per GB") > 0, "no server CPU (its report)")
+            rows = results(path)
+            row = rows[f"{test}_gb_per_s"]
+            if shutil.which("iperf3") is None:
+                check("iperf3 not installed" in result.stderr + result.stdout, "a missing iperf3 not said to be skipped")
+                check(row["peer"] == "", "a peer that did not run has a value")
+            else:
+                check(len(iperf3_children) == 1, f"perf serve --iperf3-port has children {iperf3_children}")
+                check(number(result.stdout, "iperf3 GB/s") > 0, "no iperf3 GB/s")
+                ratio = re.search(r"fmwire / iperf3\s+([0-9.]+)x", result.stdout)
+                check(ratio is not None and float(ratio.group(1)) > 0, "no fmwire / iperf3 ratio")
+                check(row["peer"] == "iperf3" and row["ratio"] > 0, f"JSON row {row!r}")
+                plotted = subprocess.run(["/usr/bin/python3", os.path.join(SCRIPTS, "plot.py"), "--out", folder, path],
+                                         capture_output=True, text=True, timeout=LIMIT_S * 3)
+                check(plotted.returncode == 0, f"plot.py exit {plotted.returncode}: {plotted.stderr!r}")
+                check(os.path.exists(os.path.join(folder, "perf-ratios.svg")), f"plot.py wrote {os.listdir(folder)}")
+        for child in iperf3_children:
+            check(not os.path.exists(f"/proc/{child}"), f"iperf3 {child} outlived perf serve")
+    return scenario
 
 
 def bad_test_exits_2(binary, env):
     result = perf_run(binary, env, "127.0.0.1:1", "--test", "throughput")
     check(result.returncode == 2, f"exit {result.returncode}: {result.stderr!r}")
     check("unknown --test 'throughput'" in result.stderr, f"stderr {result.stderr!r}")
+    for size in (1000, 3 << 30):  # under one KV block; over the server's 2 GiB
+        result = perf_run(binary, env, "127.0.0.1:1", "--test", "kv", "--bytes", str(size))
+        check(result.returncode == 2 and "--bytes for kv must be" in result.stderr,
+              f"kv --bytes {size}: exit {result.returncode} {result.stderr!r}")
 
 
 def server_unreachable(binary, env):
@@ -186,7 +192,7 @@ def server_unreachable(binary, env):
 def server_killed_mid_test(binary, env):
     """SIGKILL under a run that would last 30 s: it ends, non-zero, with a
     message, within 10 s."""
-    for test in ("tokens", "bulk"):
+    for test in ("tokens", "bulk", "kv"):
         server = PerfServer(binary, env)
         try:
             run = subprocess.Popen([binary, "perf", "run", "--to", server.endpoint, "--test", test, "--seconds", "30",
@@ -242,6 +248,16 @@ def across_namespaces(rate_mbit):
                 if shutil.which("iperf3"):
                     check(number(result.stdout, "iperf3 GB/s") > 0, "no iperf3 GB/s")
                     check(re.search(r"fmwire / iperf3\s+[0-9.]+x", result.stdout), "no ratio")
+                kv = cluster.run("client", [binary, "perf", "run", "--to", f"server:{PERF_PORT}", "--test", "kv",
+                                            "--repetitions", "3", "--bytes", str(bytes_per_round), "--compare",
+                                            "--iperf3-port", str(IPERF3_PORT)],
+                                 timeout=LIMIT_S * 6, env=env)
+                print(f"kv across namespaces, links held to {rate_mbit} Mbit/s:")
+                print(kv.stdout, end="")
+                check(kv.returncode == 0, f"kv exit {kv.returncode}: {kv.stderr!r}")
+                check(number(kv.stdout, "fmwire GB/s") > 0, "no kv GB/s")
+                if shutil.which("iperf3"):
+                    check(re.search(r"fmwire / iperf3\s+[0-9.]+x", kv.stdout), "no kv ratio")
                 latency = cluster.run("client", [binary, "perf", "run", "--to", f"server:{PERF_PORT}", "--test",
                                                  "latency", "--repetitions", "3", "--requests", "1000"],
                                       timeout=LIMIT_S * 3, env=env)
@@ -264,7 +280,8 @@ def across_namespaces(rate_mbit):
 SCENARIOS = {
     "tokens_loopback": tokens_loopback,
     "latency_loopback": latency_loopback,
-    "bulk_loopback_compare": bulk_loopback_compare,
+    "bulk_loopback_compare": loopback_compare("bulk"),
+    "kv_loopback_compare": loopback_compare("kv"),
     "bad_test_exits_2": bad_test_exits_2,
     "server_unreachable": server_unreachable,
     "server_killed_mid_test": server_killed_mid_test,
