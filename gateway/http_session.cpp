@@ -1,5 +1,6 @@
 #include "gateway/http_session.h"
 
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <boost/asio/dispatch.hpp>
@@ -64,7 +65,8 @@ HttpStream accepted(GatewayContext& gateway, tcp::socket socket) {
 }  // namespace
 
 HttpSession::HttpSession(HttpThread& thread, tcp::socket socket)
-    : thread_(thread), gateway_(thread.context()), stream_(accepted(gateway_, std::move(socket))) {
+    : thread_(thread), gateway_(thread.context()), stream_(accepted(gateway_, std::move(socket))),
+      hangup_timer_(stream_.get_executor()) {
   if (gateway_.limits_by_address()) {
     beast::error_code error;
     const tcp::endpoint peer = stream_.socket().remote_endpoint(error);
@@ -278,12 +280,35 @@ void HttpSession::watch_disconnect(std::uint64_t request) {
       self->watch_disconnect(request);
       return;
     }
-    if (peeked > 0) return;  // more bytes (a pipelined request): the client is there
-    self->waiting_ = false;  // 0: closed; an error: the connection failed
-    self->handle_.cancel();
-    self->activity_.reset();
-    self->close();
+    if (peeked > 0) {
+      // Bytes wait unread: a pipelined request, or, over TLS, records this
+      // side cannot read yet (a close_notify among them). The socket stays
+      // readable, so only the client's FIN can tell that it has gone.
+      self->watch_hangup(request);
+      return;
+    }
+    self->cancel_whole();  // 0: closed; an error: the connection failed
   });
+}
+
+void HttpSession::watch_hangup(std::uint64_t request) {
+  hangup_timer_.expires_after(kHangupPoll);
+  hangup_timer_.async_wait([self = shared_from_this(), request](beast::error_code error) {
+    if (error || !self->waiting_ || request != self->request_count_) return;
+    pollfd hangup{self->stream_.socket().native_handle(), POLLRDHUP, 0};
+    if (::poll(&hangup, 1, 0) == 1 && (hangup.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) {
+      self->cancel_whole();
+      return;
+    }
+    self->watch_hangup(request);
+  });
+}
+
+void HttpSession::cancel_whole() {
+  waiting_ = false;
+  handle_.cancel();
+  activity_.reset();
+  close();
 }
 
 // Each request ends with exactly one of these two.

@@ -5,10 +5,12 @@
 #pragma once
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -48,6 +50,10 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
   // stream: false
   void generate_whole(StreamIdentity identity, GenerateParams params, std::shared_ptr<TokenCharge> charge);
   void watch_disconnect(std::uint64_t request);
+  // While bytes wait unread: polls for the client's FIN every kHangupPoll.
+  void watch_hangup(std::uint64_t request);
+  // The client went away: the request is cancelled, the connection closed.
+  void cancel_whole();
   void on_whole_finish(std::uint64_t request, std::string text, const Completion& completion);
   void on_whole_error(std::uint64_t request, const ClientError& error);
   void respond(unsigned status, std::string body, std::string_view content_type);
@@ -69,6 +75,8 @@ class HttpSession final : public std::enable_shared_from_this<HttpSession> {
   bool waiting_ = false;
   std::uint64_t request_count_ = 0;
   std::shared_ptr<void> activity_;
+  boost::asio::steady_timer hangup_timer_;
+  static constexpr std::chrono::milliseconds kHangupPoll{100};
 };
 
 }  // namespace fmwire::gateway

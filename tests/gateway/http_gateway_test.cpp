@@ -1048,6 +1048,31 @@ TEST_CASE("http_gateway: a client that goes away before its whole response cance
   CHECK(upstream.counters().streams_cancelled == 1);
 }
 
+TEST_CASE("http_gateway: a client that pipelined bytes and goes away before its whole response cancels the request") {
+  // The bytes wait unread while the request runs, so the socket stays
+  // readable: only the FIN says the client has gone (as a TLS client's
+  // close_notify does before its FIN).
+  Upstream upstream(synthetic(2000us));
+  auto gateway = start_gateway(options_for(upstream.endpoint()));
+  asio::io_context io;
+  tcp::socket socket = connect_to(io, gateway->port());
+  auto request = make_request(http::verb::post, "/v1/completions",
+                              json::serialize(json::object{{"prompt", "never read"}, {"max_tokens", 3000}}));
+  REQUIRE(!await(io, [&](auto done) { http::async_write(socket, request, done); }));
+  REQUIRE(wait_until([&] { return upstream.stats().running == 1; }));
+  asio::write(socket, asio::buffer(std::string_view("GET /health HTTP/1.1\r\n")));
+  std::this_thread::sleep_for(50ms);  // the watch wakes on these bytes first
+  const Clock::time_point cut = Clock::now();
+  socket.close();
+  REQUIRE(wait_until([&] {
+    const engine::EngineStats stats = upstream.stats();
+    return stats.running == 0 && stats.free_blocks == stats.total_blocks;
+  }, 2000ms));
+  MESSAGE("disconnect to all blocks free (stream: false, bytes unread): "
+          << std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - cut).count() << " us");
+  CHECK(upstream.counters().streams_cancelled == 1);
+}
+
 TEST_CASE("http_gateway: drain lets an open stream finish, then stops taking connections") {
   Upstream upstream(synthetic(2000us));
   auto gateway = start_gateway(options_for(upstream.endpoint()));

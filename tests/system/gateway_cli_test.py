@@ -650,6 +650,44 @@ def https_resume_on_another_thread(binary, env):
             gateway.kill()
 
 
+def https_whole_request_cancelled_on_disconnect(binary, env):
+    """A stream:false request over https whose client leaves (close_notify,
+    then FIN) before the answer: the worker's sequence is cancelled within
+    seconds, not run to its end."""
+    from metrics_cli_test import Served  # here: it imports this module
+    worker = Served(binary, env, "worker", "--model", "synthetic:tiny", "--step-us", "20000")  # 2,000 tokens: 40 s
+    gateway = None
+    with tempfile.TemporaryDirectory() as folder:
+        ca, certificate, key = tls_files(folder)
+        try:
+            gateway = HttpServer(binary, env, "gateway", "--listen", "127.0.0.1:0", "--workers", worker.endpoint,
+                                 "--model", "synthetic:tiny", "--tls-cert", certificate, "--tls-key", key)
+            host, port = gateway.url[len("https://"):].rsplit(":", 1)
+            body = json.dumps({"model": "synthetic:tiny", "prompt": "never read", "max_tokens": 2000}).encode()
+            raw = socket.create_connection((host, int(port)), timeout=LIMIT_S)
+            client = ssl.create_default_context(cafile=ca).wrap_socket(raw, server_hostname=host)
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            wait_for(lambda: worker.value("fmwire_worker_running_sequences") == 1, LIMIT_S, "the request running")
+            client.setblocking(False)
+            try:
+                client.unwrap()  # sends close_notify; the gateway's answer is not awaited
+            except (ssl.SSLError, OSError):
+                pass
+            left = time.monotonic()
+            client.close()  # FIN (wrap_socket took over the raw socket's descriptor)
+            wait_for(lambda: worker.value('fmwire_worker_streams_total{event="cancelled"}') == 1, 5,
+                     "the worker's sequence cancelled")
+            print(f"cancelled {time.monotonic() - left:.2f} s after the client left")
+            wait_for(lambda: worker.value("fmwire_worker_running_sequences") == 0, 5, "no sequence running")
+            code, _, errors = gateway.stop()
+            check(code == 0, f"fmwire gateway exit {code}: {errors[-1000:]!r}")
+        finally:
+            if gateway:
+                gateway.kill()
+            worker.kill()
+
+
 def up_serves_then_exits_on_sigint(binary, env):
     server = up(binary, env, "--no-demo")
     try:
@@ -853,6 +891,7 @@ SCENARIOS = {
     "openai_sdk_https": openai_sdk_https,
     "https_reload_keeps_stream": https_reload_keeps_stream,
     "https_resume_on_another_thread": https_resume_on_another_thread,
+    "https_whole_request_cancelled_on_disconnect": https_whole_request_cancelled_on_disconnect,
     "up_serves_then_exits_on_sigint": up_serves_then_exits_on_sigint,
     "up_streams_its_demo": up_streams_its_demo,
     "up_port_taken": up_port_taken,
