@@ -2,7 +2,7 @@
 """Chaos soak: clients stream through fmwire while its processes die and
 its links fail, and every request is checked (issue 17).
 
-    scripts/soak.py --fmwire build-release/cli/fmwire [--minutes 10] [--clients 4]
+    scripts/soak.py --fmwire build-release/cli/fmwire [--minutes 10] [--clients 6]
 
 Topology: etcd, two routers (etcd discovery, --migrate), four workers (two
 --role prefill, two --role decode: every request is split, the KV moving
@@ -16,13 +16,16 @@ link faults are skipped with a line saying so.
 Before the soak a colocated run (one worker, no fault) computes each
 request's expected output. Requests are greedy (temperature 0) and seeded.
 
-Faults, one per slot, in this order, repeated while time remains:
+A warm-up (20 s, twice the clients, then on until the survivors' RSS
+holds still, at most 60 s) precedes the baseline. Then faults, one per
+15 s slot, in this order, repeated while time remains (each at least once):
   kill-worker    SIGKILL decode1, restarted 2 s later
   kill-router    SIGKILL a router (router1, router2 in turns), restarted 2 s later
   stop-worker    SIGSTOP prefill1 for 5 s, then SIGCONT
   cut-link       decode2's link down for 5 s, then up (netns only)
   netem          5% loss and 20 ms delay on prefill2's link for 8 s (netns with
-                 the kernel's netem only)
+                 the kernel's netem; without netem, loss is skipped with a line
+                 and the link is held to 4 Mbit/s by tbf instead, a queue's delay)
   etcd-restart   etcd SIGTERMed and started again on its data 2 s later (skipped
                  when no etcd binary is installed; then workers are found by list)
   corrupt-chunk  prefill2 restarted with FMWIRE_FAULT_CORRUPT_KV_CHUNK=1 for 8 s
@@ -30,14 +33,20 @@ Faults, one per slot, in this order, repeated while time remains:
                  after the digest), then restarted clean
 
 The checker: every request ends either with exactly the expected output or
-with a typed retryable error, within REQUEST_BOUND_S; the SSE event ids
+with a typed retryable error (HTTP 429/503 with an OpenAI error body, or
+an SSE error event, whose code is worker_lost, no_worker, overloaded or
+limit_exceeded; natively an error frame marked retryable or with one of
+those codes), within REQUEST_BOUND_S (28 s: the longest outage, 5 s, plus
+the dead-after time, 3 s, plus a KV session's timeout, 10 s, plus 10 s for
+a shared machine); the SSE event ids
 and the native frames' token indexes run 0..n-1 without a gap or a repeat,
 and a stream cut by an error carries a prefix of the expected output.
 After the run (clients stopped, the cluster left idle) the processes that
 were never restarted are measured against their baseline (taken after the
 warm-up, idle): KV blocks in use, reserved and held and open streams
-(worker /metrics), open file descriptors (/proc/PID/fd), RSS (VmRSS), each
-within 10%. The last line:
+(worker /metrics), open file descriptors (/proc/PID/fd), RSS (VmRSS; a
+worker's without its KV cache's mapping, which is paged in as blocks are
+first used and whose blocks are the counters above), each within 10%. The last line:
 
     soak: N requests, N exact, N retryable errors, 0 wrong, 0 hung, 0 leaked
 
@@ -65,6 +74,7 @@ sys.path.insert(0, HERE)
 import netns_cluster  # noqa: E402
 
 MODEL = "builtin"
+KV_MEMORY_MIB = 256       # each worker's KV cache
 DEAD_AFTER_MS = 3000      # routers and the gateway: a silent peer is lost after this
 KV_TIMEOUT_MS = 10000     # workers: a KV session without progress ends after this
 LONGEST_OUTAGE_S = 5      # SIGSTOP and link cut
@@ -73,8 +83,12 @@ LONGEST_OUTAGE_S = 5      # SIGSTOP and link cut
 # shared 2-core machine (a request takes well under 1 s unloaded).
 REQUEST_BOUND_S = LONGEST_OUTAGE_S + DEAD_AFTER_MS / 1000 + KV_TIMEOUT_MS / 1000 + 10
 CLIENT_LIMIT_S = REQUEST_BOUND_S + 15   # curl's --max-time: past the bound, so a hang is seen as one
-SLOT_S = 20
-WARMUP_S = 12
+SLOT_S = 15
+# The warm-up runs twice the clients (the load a survivor carries while its
+# twin is down), so that the baseline is taken with every buffer and the
+# allocator's heap at the high-water mark the faults will bring about.
+WARMUP_S = 20
+WARMUP_MAX_S = 60
 COOLDOWN_S = 5
 IDLE_LIMIT_S = 30
 RETRYABLE_CODES = {"worker_lost", "no_worker", "overloaded", "limit_exceeded"}
@@ -340,11 +354,12 @@ class Soak:
             if outcome == "retryable":
                 self.errors_by_kind[detail] += 1
 
-    def gateway_client(self, number):
+    def gateway_client(self, number, stop=None, kinds=None):
         rng = random.Random(self.arguments.seed * 1000 + number)
-        kinds = request_kinds()
+        kinds = kinds or request_kinds()
         url = f"http://{self.address('gateway')}:{self.roles['gateway'].port}"
-        while not self.stop_clients.is_set():
+        stop = stop or self.stop_clients
+        while not stop.is_set():
             if self.pause_clients.is_set():
                 time.sleep(0.05)
                 continue
@@ -466,6 +481,7 @@ class Soak:
         def worker_argv(name):
             role = "prefill" if name.startswith("prefill") else "decode"
             argv = [binary, "worker", "--listen", f"{listen_host}:{ports[name]}", "--model", MODEL, "--role", role,
+                    "--kv-memory-mib", str(KV_MEMORY_MIB),
                     "--name", name, "--metrics-listen", f"{listen_host}:{metrics_port[name]}",
                     "--kv-timeout-ms", str(KV_TIMEOUT_MS), "--load-report-interval-ms", "50"]
             if etcd_url:
@@ -517,6 +533,11 @@ class Soak:
                     pass
         return values
 
+    def integrity_failures(self):
+        """KV chunks the decode workers refused for a digest mismatch."""
+        return sum((self.worker_metrics(name) or {}).get("fmwire_worker_kv_integrity_failures_total", 0)
+                   for name in ("decode1", "decode2"))
+
     def wait_split_ready(self, limit_s=30):
         """Until a request through the gateway is served exactly (the
         routers know both kinds of worker)."""
@@ -544,6 +565,12 @@ class Soak:
             for line in status:
                 if line.startswith("VmRSS:"):
                     numbers["rss_kib"] = int(line.split()[1])
+        if name.startswith(("prefill", "decode")):
+            # The KV cache is one mapping, paged in as blocks are first
+            # used and kept by the prefix cache: it grows until every block
+            # has been touched, bounded by --kv-memory-mib, and its blocks
+            # are counted below. The rest of the RSS is what must come back.
+            numbers["rss_kib"] -= mapping_rss_kib(pid, KV_MEMORY_MIB * 1024)
         if name.startswith(("prefill", "decode")):
             page = self.worker_metrics(name) or {}
             capacity = page.get("fmwire_worker_kv_blocks_capacity")
@@ -634,12 +661,15 @@ class Soak:
             self.roles["etcd"].restarted()
             return "etcd SIGTERM, restarted on its data"
         if name == "corrupt-chunk":
+            caught_before = self.integrity_failures()
             self.roles["prefill2"].stop()
             self.roles["prefill2"].restarted({"FMWIRE_FAULT_CORRUPT_KV_CHUNK": "1"})
             time.sleep(8)
             self.roles["prefill2"].stop()
             self.roles["prefill2"].restarted()
-            return "prefill2 corrupting the first chunk of every KV transfer for 8 s"
+            caught = self.integrity_failures() - caught_before
+            return f"prefill2 corrupting the first chunk of every KV transfer for 8 s " \
+                   f"({caught:g} caught by the decode workers' digest check)"
         raise ValueError(name)
 
     def skip_reason(self, name):
@@ -665,19 +695,43 @@ class Soak:
         threads = [threading.Thread(target=self.gateway_client, args=(n,), daemon=True)
                    for n in range(self.arguments.clients)]
         threads.append(threading.Thread(target=self.native_client, daemon=True))
-        for thread in threads:
+        warmup_done = threading.Event()
+        # The extra warm-up clients move the most KV (the longest prompt,
+        # a short completion): each loop's provided receive buffers (16 MiB,
+        # paged in as the ring cycles through them) fill sooner.
+        heavy = [kind for kind in request_kinds() if kind[1] == PROMPTS[-1] and kind[2] == MAX_TOKENS[0]]
+        extra = [threading.Thread(target=self.gateway_client, args=(100 + n, warmup_done, heavy), daemon=True)
+                 for n in range(self.arguments.clients)]
+        for thread in threads + extra:
             thread.start()
         time.sleep(WARMUP_S)
+        # Then on until the survivors' RSS holds still (within 3% over 10 s),
+        # for at most WARMUP_MAX_S in all.
+        previous = {name: self.measure(name)["rss_kib"] for name in self.survivors()}
+        moving = {}
+        while time.monotonic() - self.t0 < WARMUP_MAX_S:
+            time.sleep(10)
+            now = {name: self.measure(name)["rss_kib"] for name in self.survivors()}
+            moving = {name: (previous[name], now[name]) for name in now if now[name] > previous[name] * 1.03}
+            if not moving:
+                break
+            previous = now
+        else:
+            self.note(f"RSS still growing after {WARMUP_MAX_S} s of warm-up: {moving}; baseline taken anyway")
+        warmup_s = time.monotonic() - self.t0
         # Baseline: clients paused, the cluster idle.
+        warmup_done.set()
         self.pause_clients.set()
         self.wait_clients_quiet()
+        for thread in extra:
+            thread.join(timeout=CLIENT_LIMIT_S + 40)
         busy = self.wait_idle()
         if busy:
             raise RuntimeError(f"not idle after the warm-up: {busy}")
         baseline = {name: self.measure(name) for name in self.survivors()}
         self.pause_clients.clear()
-        self.note(f"baseline after {WARMUP_S} s of warm-up: {json.dumps(baseline)}")
-        slots = max(1, int((total_s - WARMUP_S - COOLDOWN_S - (time.monotonic() - self.t0 - WARMUP_S)) // SLOT_S))
+        self.note(f"baseline after {warmup_s:.0f} s of warm-up: {json.dumps(baseline)}")
+        slots = max(len(FAULTS), int((total_s - COOLDOWN_S - (time.monotonic() - self.t0)) // SLOT_S))
         self.note(f"{slots} fault slots of {SLOT_S} s; every request bounded by {REQUEST_BOUND_S:.0f} s")
         for slot in range(slots):
             name = FAULTS[slot % len(FAULTS)]
@@ -743,6 +797,20 @@ class Soak:
             self.note(f"process logs kept in {self.logs}")
         else:
             shutil.rmtree(self.logs, ignore_errors=True)
+
+
+def mapping_rss_kib(pid, size_kib):
+    """Resident KiB of the process's mappings of exactly size_kib (the KV
+    cache's; glibc maps an allocation that large on its own)."""
+    resident = 0
+    size = None
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            if line.startswith("Size:"):
+                size = int(line.split()[1])
+            elif line.startswith("Rss:") and size is not None and size_kib <= size <= size_kib + 8:
+                resident += int(line.split()[1])
+    return resident
 
 
 class _Probe:
