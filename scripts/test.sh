@@ -10,6 +10,8 @@
 #   instructions  the hot paths' instruction counts under callgrind against
 #               bench/instruction_baseline.json (scripts/instruction_gate.py),
 #               one test case per workload, with the release build's program
+#   soak        the chaos soak (scripts/soak.sh) for 3 minutes with the release
+#               build: one counted case
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,6 +71,12 @@ gate_results=build-release/instruction-gate.json
 rm -f "$gate_results"
 python3 scripts/instruction_gate.py --build build-release --results "$gate_results"
 results+=("instructions=$gate_results")
+
+# The chaos soak: clients streaming while processes die and links fail; one
+# case, failed by any wrong, hung or leaked request (its last line says).
+echo "== soak"
+FMWIRE_BINARY=build-release/cli/fmwire bash scripts/soak.sh --minutes 3
+results+=("soak=$?")
 
 # A suite that did not build leaves no log: count it as one failure.
 checked=()
