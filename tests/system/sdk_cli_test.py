@@ -46,6 +46,7 @@ def example(binary, program):
     try:
         output = run_example(program, worker.endpoint)
         check(output.strip(), f"{program} printed nothing")
+        print(output, end="")
         check(worker.stop() == 0, "the worker did not stop cleanly")
     finally:
         worker.kill()
@@ -134,10 +135,12 @@ def install(build_dir, source_dir, sanitize):
     try:
         run(["meson", "install", "-C", build_dir, "--no-rebuild", "--quiet", "--destdir", root], "meson install")
         libdir, include, pc_dir, cmake_dir, binary = check_installed_tree(root, build_dir)
+        print(f"installed into {root}: library, headers, pkg-config, CMake and binary checked")
         env = dict(os.environ, PKG_CONFIG_PATH=pc_dir)
         env.pop("PKG_CONFIG_LIBDIR", None)
         flags = run(["pkg-config", "--cflags", "--libs", "fmwire"], "pkg-config --cflags --libs fmwire", env=env).split()
-        check(f"-I{include}" in flags, f"pkg-config's -I is not the installed tree: {flags}")
+        include_flags = [os.path.realpath(flag[2:]) for flag in flags if flag.startswith("-I")]
+        check(os.path.realpath(include) in include_flags, f"pkg-config's -I is not the installed tree: {flags}")
 
         # Out of tree with pkg-config: every installed header on its own
         # include path (none missing), then each example.
@@ -157,12 +160,14 @@ def install(build_dir, source_dir, sanitize):
             built[name] = output
         linked = run(["ldd", built["stream_tokens"]], "ldd")
         check(f"{libdir}/libfmwire.so.0" in linked, f"not linked to the installed library: {linked}")
+        print(f"built with g++ {' '.join(sanitizers)} $(pkg-config --cflags --libs fmwire): {', '.join(built)}")
 
         # Out of tree with CMake: examples/CMakeLists.txt, find_package(fmwire).
         cmake_build = os.path.join(work, "cmake")
         run(["cmake", "-S", examples, "-B", cmake_build, f"-Dfmwire_DIR={cmake_dir}",
              f"-DCMAKE_CXX_FLAGS={' '.join(sanitizers)}"], "cmake configure", env=env)
         run(["cmake", "--build", cmake_build, "--parallel", "2"], "cmake --build", env=env)
+        print(f"built with CMake (find_package(fmwire)): {', '.join(built)}")
 
         # Run both builds against the installed binary's worker.
         worker = Server(binary, dict(os.environ), "worker", "--model", "builtin")
@@ -172,6 +177,7 @@ def install(build_dir, source_dir, sanitize):
         for name in STANDALONE_EXAMPLES:
             for program in (built[name], os.path.join(cmake_build, name)):
                 run_example(program)
+        print(f"ran both builds of {', '.join(built)}; the worker was the installed {binary}")
         check(worker.stop() == 0, "the installed worker did not stop cleanly")
     finally:
         if worker:
