@@ -28,7 +28,9 @@ class EngineWithoutKv : public Engine {
   std::vector<std::uint64_t> cached_prefixes() const override { return {}; }
 
  private:
-  EngineError refused() const { return EngineError{"engine '" + info().model_name + "' keeps no KV cache to transfer"}; }
+  EngineError refused() const {
+    return EngineError{"engine '" + info().model_name + "' keeps no KV cache to transfer"};
+  }
 };
 
 }  // namespace fmwire::engine

@@ -138,7 +138,7 @@ def install(build_dir, source_dir, sanitize):
         print(f"installed into {root}: library, headers, pkg-config, CMake and binary checked")
         env = dict(os.environ, PKG_CONFIG_PATH=pc_dir)
         env.pop("PKG_CONFIG_LIBDIR", None)
-        flags = run(["pkg-config", "--cflags", "--libs", "fmwire"], "pkg-config --cflags --libs fmwire", env=env).split()
+        flags = run(["pkg-config", "--cflags", "--libs", "fmwire"], "pkg-config", env=env).split()
         include_flags = [os.path.realpath(flag[2:]) for flag in flags if flag.startswith("-I")]
         check(os.path.realpath(include) in include_flags, f"pkg-config's -I is not the installed tree: {flags}")
 
