@@ -29,7 +29,7 @@ from gateway_cli_test import install_openai_package, up
 
 SKIPPED = 77
 # Examples that need a worker's address, and those that bring their own.
-WORKER_EXAMPLES = ["stream_tokens", "pull_tokens", "cancel"]
+WORKER_EXAMPLES = ["stream_tokens", "pull_tokens", "cancel", "watch_load"]
 STANDALONE_EXAMPLES = ["custom_engine", "kv_transfer"]
 BUILD_LIMIT_S = 300  # compiling against Cap'n Proto's headers, under the sanitizers too
 
