@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "stream_tokens: %s\n", error.c_str());
     return 2;
   }
+  std::promise<int> done;  // before the client: it outlives the client's callbacks
   auto client = fmwire::Client::connect(*endpoint);
   if (!client) {
     std::fprintf(stderr, "stream_tokens: %s\n", client.error().message.c_str());
@@ -33,7 +34,6 @@ int main(int argc, char** argv) {
 
   // The callbacks run on the client's loop thread, in order; exactly one of
   // on_finish and on_error ends the stream.
-  std::promise<int> done;
   fmwire::StreamCallbacks callbacks;
   callbacks.on_tokens = [](const fmwire::TokenChunk& chunk) {
     for (std::string_view piece : chunk.text_pieces) std::fwrite(piece.data(), 1, piece.size(), stdout);
