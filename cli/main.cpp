@@ -18,6 +18,7 @@
 #include "cli/router_command.h"
 #include "cli/up_command.h"
 #include "cli/worker_command.h"
+#include "engine/cuda_module.h"
 #include "log/log.h"
 #include "protocol/fmwire.capnp.h"
 
@@ -37,7 +38,7 @@ constexpr const char* kUsage =
     "  echo-server  a native endpoint with no model: streams the prompt's words back\n"
     "  perf         protocol benchmarks across nodes: `perf serve` on one host, `perf run --to` on another\n"
     "  demo         encode a token stream and a KV transfer, decode them from a byte stream, report\n"
-    "  version      print the version and the protocol version\n"
+    "  version      print the version, the protocol version and where the CUDA module is\n"
     "\n"
     "`fmwire <command> --help` describes a command's options. The I/O backend is io_uring where\n"
     "it can be set up, else Boost.Asio; --backend or FMWIRE_IO_BACKEND=uring|asio forces one.\n";
@@ -587,6 +588,9 @@ int main(int argc, char** argv) {
     if (command == "version" || command == "--version") {
       std::cout << "fmwire " << FMWIRE_VERSION << ", protocol " << fmwire::protocol::PROTOCOL_MAJOR << "."
                 << fmwire::protocol::PROTOCOL_MINOR << "\n";
+      // Where a worker would open the CUDA backend from (not opened here).
+      const fmwire::engine::CudaModuleFile cuda = fmwire::engine::find_cuda_module();
+      std::cout << "CUDA module: " << (cuda.path.empty() ? cuda.problem : cuda.path) << "\n";
       return 0;
     }
     if (command == "help" || command == "--help" || command == "-h") {

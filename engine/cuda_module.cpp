@@ -18,42 +18,69 @@ std::string dl_error() {
   return error != nullptr ? error : "unknown dlopen error";
 }
 
+// The folder of the file this code was loaded from: the shared libfmwire
+// (in <libdir>) for an SDK program, the executable for a static link.
+std::filesystem::path loaded_from() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<const void*>(&loaded_from), &info) == 0 || info.dli_fname == nullptr) return {};
+  std::error_code error;
+  const std::filesystem::path file = std::filesystem::canonical(info.dli_fname, error);
+  return error ? std::filesystem::path{} : file.parent_path();
+}
+
 std::vector<std::string> module_candidates() {
   if (const char* chosen = std::getenv("FMWIRE_CUDA_MODULE"); chosen != nullptr && *chosen != '\0') return {chosen};
   std::vector<std::string> candidates;
+  if (const std::filesystem::path library = loaded_from(); !library.empty()) {
+    candidates.push_back((library / "fmwire" / kModuleFile).string());
+  }
   std::error_code error;
   const std::filesystem::path executable = std::filesystem::read_symlink("/proc/self/exe", error);
-  if (!error) candidates.push_back((executable.parent_path() / kModuleFile).string());
+  if (!error) {
+#ifdef FMWIRE_CUDA_MODULE_FROM_BINDIR
+    // The installed binary: <prefix>/bin/fmwire, the module in <prefix>/<libdir>/fmwire.
+    candidates.push_back(
+        (executable.parent_path() / FMWIRE_CUDA_MODULE_FROM_BINDIR / kModuleFile).lexically_normal().string());
+#endif
+    candidates.push_back((executable.parent_path() / kModuleFile).string());
+  }
   candidates.push_back(FMWIRE_CUDA_MODULE);
   return candidates;
 }
 #endif
 
 CudaModuleLoad open_module() {
-#ifndef FMWIRE_CUDA_MODULE
-  return {nullptr, "not built (no CUDA toolkit when this build was configured)"};
+  const CudaModuleFile file = find_cuda_module();
+  if (file.path.empty()) return {nullptr, file.problem};
+#ifdef FMWIRE_CUDA_MODULE
+  // RTLD_LOCAL: the CUDA runtime's symbols stay out of the process's namespace.
+  void* handle = dlopen(file.path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr) return {nullptr, dl_error()};
+  void* entry = dlsym(handle, kCudaModuleEntry);
+  if (entry == nullptr) return {nullptr, file.path + ": " + dl_error()};
+  // The module stays open for the life of the process: backends it made may
+  // live until exit.
+  return {reinterpret_cast<const CudaModule* (*)()>(entry)(), {}};
 #else
-  std::string looked_in;
-  for (const std::string& path : module_candidates()) {
-    std::error_code error;
-    if (!std::filesystem::exists(path, error)) {
-      looked_in += (looked_in.empty() ? "" : ", ") + path;
-      continue;
-    }
-    // RTLD_LOCAL: the CUDA runtime's symbols stay out of the process's namespace.
-    void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (handle == nullptr) return {nullptr, dl_error()};
-    void* entry = dlsym(handle, kCudaModuleEntry);
-    if (entry == nullptr) return {nullptr, path + ": " + dl_error()};
-    // The module stays open for the life of the process: backends it made may
-    // live until exit.
-    return {reinterpret_cast<const CudaModule* (*)()>(entry)(), {}};
-  }
-  return {nullptr, "module not found (looked for " + looked_in + ")"};
+  return {nullptr, "not built"};
 #endif
 }
 
 }  // namespace
+
+CudaModuleFile find_cuda_module() {
+#ifndef FMWIRE_CUDA_MODULE
+  return {{}, "not built (no CUDA toolkit when this build was configured)"};
+#else
+  std::string looked_in;
+  for (const std::string& path : module_candidates()) {
+    std::error_code error;
+    if (std::filesystem::exists(path, error)) return {path, {}};
+    looked_in += (looked_in.empty() ? "" : ", ") + path;
+  }
+  return {{}, "module not found (looked for " + looked_in + ")"};
+#endif
+}
 
 const CudaModuleLoad& cuda_module() {
   static const CudaModuleLoad load = open_module();

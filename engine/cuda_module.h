@@ -37,9 +37,19 @@ struct CudaModuleLoad {
   std::string problem;                  // "not built ...", or dlopen's error
 };
 
-// Opens the module once per process (later calls return the first answer).
-// Looks at $FMWIRE_CUDA_MODULE when set, else beside the executable, else
-// where the build put it.
+// Where the module is, without opening it: $FMWIRE_CUDA_MODULE when set;
+// else the first that exists of <libdir>/fmwire/ as installed (beside the
+// shared libfmwire holding this code, or from the executable's bin/),
+// beside the executable, and where the build put it (uninstalled runs).
+// Empty with `problem` saying where it looked when none is there.
+struct CudaModuleFile {
+  std::string path;
+  std::string problem;
+};
+CudaModuleFile find_cuda_module();
+
+// Opens the module found by find_cuda_module() once per process (later
+// calls return the first answer).
 const CudaModuleLoad& cuda_module();
 
 struct CudaChoice {

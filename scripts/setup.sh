@@ -7,6 +7,10 @@ set -euo pipefail
 packages=(
   # build
   g++ meson ninja-build pkg-config python3
+  # tests: the install test builds examples/ out of tree with CMake
+  # (find_package(fmwire)), as well as with pkg-config; readelf and nm (binutils)
+  # check the installed library's soname and exports
+  cmake binutils
   # libraries (Boost 1.81 for Asio, Beast, JSON, program_options)
   libboost1.81-dev libboost-json1.81-dev libboost-program-options1.81-dev
   capnproto libcapnp-dev liburing-dev libzstd-dev libxxhash-dev

@@ -13,6 +13,7 @@
 #include "transport/client.h"
 #include "transport/echo_service.h"
 #include "transport/server.h"
+#include "transport/token_stream.h"
 
 namespace fmwire::transport {
 namespace {
@@ -518,6 +519,79 @@ TEST_CASE("a client that lost every endpoint connects by itself once one is back
     empty->set_endpoints({back.endpoint()});
     CHECK(wait_until_connected(*empty));
     CHECK(empty->complete(prompt("found", 1)).has_value());
+  }
+}
+
+TEST_CASE("a TokenStream hands over every token in order by pulling, then the Finish") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend);
+    auto client = Client::connect(server.endpoint(), options_for(backend));
+    REQUIRE(client.has_value());
+    auto stream = TokenStream::open(**client, prompt("red green blue", 5));
+    std::vector<std::uint32_t> indexes;
+    std::string text;
+    for (const PulledTokens& tokens : *stream) {
+      for (std::size_t i = 0; i < tokens.token_ids.size(); ++i) {
+        indexes.push_back(tokens.first_index + static_cast<std::uint32_t>(i));
+      }
+      text += tokens.text;
+    }
+    CHECK(text == " red green blue red green");
+    CHECK(indexes == std::vector<std::uint32_t>{0, 1, 2, 3, 4});
+    REQUIRE(stream->completion().has_value());
+    CHECK_FALSE(stream->error().has_value());
+    CHECK(stream->completion()->reason == protocol::FinishReason::MAX_TOKENS);
+    CHECK_FALSE(stream->next().has_value());  // an ended stream stays ended
+  }
+}
+
+TEST_CASE("a TokenStream nobody pulls holds its stream back at the credit window") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend);
+    ClientOptions options = options_for(backend);
+    options.connection.initial_stream_credit_bytes = 4096;
+    auto client = Client::connect(server.endpoint(), options);
+    REQUIRE(client.has_value());
+    {
+      auto stream = TokenStream::open(**client, prompt("hold back", 100000));
+      REQUIRE(stream->next().has_value());
+      std::this_thread::sleep_for(200ms);  // unbounded, the echo server would send thousands meanwhile
+    }  // destroyed before its end: cancelled
+    auto after = (*client)->complete(prompt("after", 2));
+    REQUIRE(after.has_value());
+    client->reset();
+    server.stop();
+    // One window of 4096 bytes, and one more acknowledged by the one pull:
+    // tens of tokens, never the 100,000 asked for.
+    CHECK(server.service().tokens_sent() < 1000);
+    CHECK(server.service().streams_cancelled() == 1);
+    CHECK(server.service().active_streams() == 0);
+  }
+}
+
+TEST_CASE("cancel() ends a TokenStream: what arrived comes out, then a cancelled error") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    ServerThread server(backend, EchoOptions{.token_interval = 2ms});
+    auto client = Client::connect(server.endpoint(), options_for(backend));
+    REQUIRE(client.has_value());
+    auto stream = TokenStream::open(**client, prompt("slow", 1'000'000));
+    std::size_t chunks = 0;
+    while (auto tokens = stream->next()) {
+      if (++chunks == 3) stream->cancel();
+    }
+    CHECK(chunks >= 3);
+    CHECK_FALSE(stream->completion().has_value());
+    REQUIRE(stream->error().has_value());
+    CHECK(stream->error()->code == protocol::ErrorCode::CANCELLED);
+    // The connection carries on, and its next stream comes after the Cancel.
+    REQUIRE((*client)->complete(prompt("after", 2)).has_value());
+    stream.reset();
+    client->reset();
+    server.stop();
+    CHECK(server.service().streams_cancelled() == 1);
   }
 }
 
