@@ -96,6 +96,10 @@ class Stream {
     for (;;) {
       if (py::object chunk = deliver(); chunk) return chunk;
       if (reading_) throw std::runtime_error("another thread is reading this stream");
+      if (take(StreamQueue::kNoWait)) {  // queued already: no GIL hand-off
+        after_take();
+        continue;
+      }
       reading_ = true;
       bool took = false;
       {
@@ -115,7 +119,7 @@ class Stream {
   // then armed: it rings when one does); StopAsyncIteration at the end.
   py::object next_nowait() {
     py::object chunk = deliver();
-    if (!chunk && take(std::chrono::milliseconds(0))) {
+    if (!chunk && take(StreamQueue::kArm)) {
       after_take();
       chunk = deliver();
     }
@@ -155,12 +159,14 @@ class Stream {
   py::object deliver() {
     if (cancelled_) stop();  // what was queued goes with the stream
     if (next_entry_ < taken_.entries.size()) {
+      // Every frame taken in one chunk: a reader that keeps up gets a frame
+      // at a time, one that falls behind catches up in one step.
       const ChunkBatch::Entry& entry = taken_.entries[next_entry_];
       const std::uint32_t ids_begin = next_entry_ == 0 ? 0 : taken_.entries[next_entry_ - 1].ids_end;
       const std::uint32_t text_begin = next_entry_ == 0 ? 0 : taken_.entries[next_entry_ - 1].text_end;
-      ++next_entry_;
-      return make_chunk(std::string_view(taken_.text).substr(text_begin, entry.text_end - text_begin),
-                        taken_.token_ids.data() + ids_begin, entry.ids_end - ids_begin, entry.first_index);
+      next_entry_ = taken_.entries.size();
+      return make_chunk(std::string_view(taken_.text).substr(text_begin), taken_.token_ids.data() + ids_begin,
+                        taken_.token_ids.size() - ids_begin, entry.first_index);
     }
     if (!end_) return {};
     if (!ended_) {

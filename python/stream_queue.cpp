@@ -53,10 +53,14 @@ void Notifier::ring() {
 }
 
 std::vector<std::uint64_t> Notifier::take_ready() {
-  // Cleared before the lists are swapped: a turn that adds after the swap rings again.
-  rung_.store(false);
+  // In this order: the eventfd read, rung_ cleared, the list swapped. A
+  // ring that finds rung_ still set added its id before the swap; one that
+  // finds it cleared writes the eventfd after the read, so the loop wakes
+  // again. (Cleared before the read, a write between the two was read here
+  // and rung_ stayed set with the eventfd empty: no wake-up ever again.)
   std::uint64_t count = 0;
   [[maybe_unused]] const ssize_t read = ::read(fd_, &count, sizeof count);  // EAGAIN: an extra wake, harmless
+  rung_.store(false);
   std::vector<std::uint64_t> ready;
   std::lock_guard lock(mutex_);
   ready.swap(ready_);
@@ -99,7 +103,8 @@ bool StreamQueue::take(ChunkBatch& into, std::optional<StreamEnd>& end, std::chr
   std::unique_lock lock(mutex_);
   const auto has_some = [this] { return !queued_.empty() || end_.has_value(); };
   if (!has_some()) {
-    if (wait.count() == 0) {
+    if (wait == kNoWait) return false;
+    if (wait == kArm) {
       armed_ = true;
       return false;
     }

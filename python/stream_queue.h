@@ -94,9 +94,12 @@ class StreamQueue {
   bool hand_over();
 
   // Reader: moves everything queued into `into` (which must be empty) and
-  // the end, when it came, into `end`. With nothing queued it waits up to
-  // `wait` (a thread reader), or (wait of 0) arms the notifier for the
-  // next hand-over (an asyncio reader) and returns false.
+  // the end, when it came, into `end`, and returns true. With nothing
+  // queued it returns false: at once (kNoWait), after waiting up to `wait`
+  // in vain (a thread reader), or (kArm) once the notifier is armed for the
+  // next hand-over (an asyncio reader).
+  static constexpr std::chrono::milliseconds kNoWait{-1};
+  static constexpr std::chrono::milliseconds kArm{0};
   bool take(ChunkBatch& into, std::optional<StreamEnd>& end, std::chrono::milliseconds wait);
 
  private:

@@ -320,3 +320,19 @@ def test_bad_client_options_are_refused(worker):
         fmwire.Client(worker.endpoint, connect_timeout=0)
     with pytest.raises(ValueError, match="backend"):
         fmwire.Client(worker.endpoint, backend="kqueue")
+
+
+def test_many_asyncio_rounds_never_stall(start):
+    """64 streams at once from a worker with no step time, round after
+    round on new event loops: every stream ends (a lost eventfd wake-up
+    once left all of a loop's streams waiting after ~75 such rounds)."""
+    fast = start("worker", "--model", "synthetic:tiny", "--step-us", "0")
+
+    async def round_of(client):
+        async def one(i):
+            return sum([len(chunk.token_ids) async for chunk in client.agenerate(PROMPT, max_tokens=300, seed=i)])
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), LIMIT_S)
+
+    with fmwire.Client(fast.endpoint) as client:
+        for _ in range(40):
+            assert asyncio.run(round_of(client)) == [300] * 64
