@@ -3,10 +3,13 @@
 against the C++ SDK (fmwire::Client, bench_sdk_stream_peer) in the same run,
 from the same worker, with the same request shape: one stream, and 64
 concurrent streams (Python: asyncio in one thread, and one thread per
-stream). The worker serves a synthetic model with no step time
+stream), as tokens/s and as CPU time per token of the receiving process
+(its client thread included; the worker's not), the second less at the
+mercy of other load on the machine. The worker serves a synthetic model with no step time
 (synthetic:tiny --step-us 0), so that the SDKs' receiving is measured, not
 a model. Each repetition runs the C++ side, then each Python side; the table
-shows medians and the ratio Python/C++ (> 1: Python faster).
+shows medians and the ratios: Python/C++ for tokens/s, C++/Python for CPU
+per token (> 1 either way: Python better).
 
     python_sdk_bench.py --fmwire build/cli/fmwire --peer build/bench/bench_sdk_stream_peer
                         [--quick] [--repetitions N] [--json FILE]
@@ -41,6 +44,7 @@ def python_sync(client, streams, max_tokens):
         texts[i] = "".join(pieces)
 
     start = time.perf_counter()
+    cpu_start = time.process_time()
     if streams == 1:
         read(0)
     else:
@@ -49,7 +53,7 @@ def python_sync(client, streams, max_tokens):
             thread.start()
         for thread in threads:
             thread.join()
-    return sum(counts), time.perf_counter() - start
+    return sum(counts), time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def python_asyncio(client, streams, max_tokens):
@@ -63,8 +67,9 @@ def python_asyncio(client, streams, max_tokens):
 
     async def main():
         start = time.perf_counter()
+        cpu_start = time.process_time()
         counts = await asyncio.gather(*(read(i) for i in range(streams)))
-        return sum(counts), time.perf_counter() - start
+        return sum(counts), time.perf_counter() - start, time.process_time() - cpu_start
 
     return asyncio.run(main())
 
@@ -74,8 +79,8 @@ def cpp_peer(peer, endpoint, streams, max_tokens):
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"{peer} exit {result.returncode}: {result.stderr.strip()}")
-    tokens, seconds = result.stdout.split()
-    return int(tokens), float(seconds)
+    tokens, seconds, cpu_seconds = result.stdout.split()
+    return int(tokens), float(seconds), float(cpu_seconds)
 
 
 def start_worker(fmwire_binary):
@@ -114,20 +119,27 @@ def main():
                     sides["Python, asyncio"] = lambda: python_asyncio(client, streams, max_tokens)
                     sides["Python, a thread per stream"] = lambda: python_sync(client, streams, max_tokens)
                 rates = {side: [] for side in sides}
+                cpu_per_token = {side: [] for side in sides}
                 for _ in range(repetitions):
                     for side, run in sides.items():
-                        tokens, seconds = run()
+                        tokens, seconds, cpu_seconds = run()
                         if tokens != streams * max_tokens:
                             raise RuntimeError(f"{side}: {tokens} tokens, not {streams * max_tokens}")
                         rates[side].append(tokens / seconds)
+                        cpu_per_token[side].append(cpu_seconds / tokens * 1e6)
+                peer = "C++ SDK (fmwire::Client)"
                 peer_rate = statistics.median(rates["C++ SDK"])
+                peer_cpu = statistics.median(cpu_per_token["C++ SDK"])
+                shape = f"{streams} stream{'s' if streams > 1 else ''} x {max_tokens} tokens"
                 for side in sides:
                     if side == "C++ SDK":
                         continue
                     rate = statistics.median(rates[side])
-                    rows.append({"name": f"{streams} stream{'s' if streams > 1 else ''} x {max_tokens} tokens, {side}",
-                                 "value": rate, "unit": "tokens/s", "peer": "C++ SDK (fmwire::Client)",
+                    cpu = statistics.median(cpu_per_token[side])
+                    rows.append({"name": f"{shape}, {side}", "value": rate, "unit": "tokens/s", "peer": peer,
                                  "peer_value": peer_rate, "ratio": rate / peer_rate})
+                    rows.append({"name": f"{shape}, {side}, CPU per token", "value": cpu, "unit": "us/token",
+                                 "peer": peer, "peer_value": peer_cpu, "ratio": peer_cpu / cpu})
     except (RuntimeError, fmwire.Error) as error:
         print(f"python_sdk_bench: {error}", file=sys.stderr)
         return 1
@@ -136,9 +148,10 @@ def main():
         worker.wait()
 
     print(f"python_sdk_bench: medians of {repetitions}, worker synthetic:tiny --step-us 0 on {endpoint}")
-    print(f"{'row':<58} {'Python tok/s':>13} {'C++ tok/s':>11} {'Py/C++':>7}")
+    print(f"{'row':<72} {'Python':>10} {'C++':>10} {'unit':>9} {'ratio':>6}")
     for row in rows:
-        print(f"{row['name']:<58} {row['value']:>13,.0f} {row['peer_value']:>11,.0f} {row['ratio']:>7.2f}")
+        print(f"{row['name']:<72} {row['value']:>10,.1f} {row['peer_value']:>10,.1f} {row['unit']:>9} "
+              f"{row['ratio']:>6.2f}")
     if options.json:
         with open(options.json, "w") as out:
             json.dump({"bench": "python_sdk", "results": rows}, out, indent=2)

@@ -2,12 +2,15 @@
 // N concurrent streams of one request shape through fmwire::Client, their
 // tokens received by callback (each chunk's text appended to its stream's
 // string, as `fmwire generate` does), timed from the first request to the
-// last Finish; one line per repetition: "TOKENS SECONDS".
+// last Finish; one line per repetition: "TOKENS SECONDS CPU_SECONDS" (the
+// process's user + system time over the round, its loop thread included).
 //
 //   bench_sdk_stream_peer ENDPOINT STREAMS MAX_TOKENS REPETITIONS PROMPT
 //
 // The connection is made before the first repetition and is not timed, as
 // the Python side's is not.
+#include <sys/resource.h>
+
 #include <chrono>
 #include <cstdio>
 #include <future>
@@ -21,9 +24,17 @@ using namespace fmwire;
 
 namespace {
 
+double cpu_seconds() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+}
+
 struct Round {
   std::uint64_t tokens = 0;
   double seconds = 0;
+  double cpu_seconds = 0;
   std::string error;
 };
 
@@ -39,6 +50,7 @@ Round run_round(Client& client, unsigned streams, std::uint32_t max_tokens, cons
   shared->texts.resize(streams);
   shared->open = streams;
   const auto start = std::chrono::steady_clock::now();
+  const double cpu_start = cpu_seconds();
   for (unsigned i = 0; i < streams; ++i) {
     GenerateParams params;
     params.prompt = prompt;
@@ -62,6 +74,7 @@ Round run_round(Client& client, unsigned streams, std::uint32_t max_tokens, cons
   shared->done.get_future().wait();
   Round round;
   round.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  round.cpu_seconds = cpu_seconds() - cpu_start;
   round.tokens = shared->tokens;
   round.error = shared->error;
   return round;
@@ -94,7 +107,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "%s: %s\n", argv[0], round.error.c_str());
       return 1;
     }
-    std::printf("%llu %.6f\n", static_cast<unsigned long long>(round.tokens), round.seconds);
+    std::printf("%llu %.6f %.6f\n", static_cast<unsigned long long>(round.tokens), round.seconds, round.cpu_seconds);
     std::fflush(stdout);
   }
   return 0;

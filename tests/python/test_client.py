@@ -43,7 +43,8 @@ def test_token_ids_as_prompt(worker):
         by_text = list(client.generate("Hi", max_tokens=8))
         # The byte-level tokenizer: BOS (1), then byte + 3.
         by_ids = list(client.generate([1] + [b + 3 for b in b"Hi"], max_tokens=8))
-    assert [c.token_ids for c in by_ids] == [c.token_ids for c in by_text]
+    # Chunks hold what arrived together, so compare the tokens, not the chunks.
+    assert [t for c in by_ids for t in c.token_ids] == [t for c in by_text for t in c.token_ids]
 
 
 def test_stop_sequence_ends_the_stream(worker):
@@ -205,7 +206,7 @@ def test_async_streams_match_the_sync_ones(binary, endpoint):
                 text = "".join([chunk.text async for chunk in stream])
                 assert stream.completion.completion_tokens == 32
                 return text + "\n"
-            return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(16))), LIMIT_S)
+            return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(16))), 3 * LIMIT_S)
 
     assert asyncio.run(main()) == [expected] * 16
 
@@ -331,7 +332,7 @@ def test_many_asyncio_rounds_never_stall(start):
     async def round_of(client):
         async def one(i):
             return sum([len(chunk.token_ids) async for chunk in client.agenerate(PROMPT, max_tokens=300, seed=i)])
-        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), LIMIT_S)
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), 3 * LIMIT_S)
 
     with fmwire.Client(fast.endpoint) as client:
         for _ in range(40):
