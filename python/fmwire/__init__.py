@@ -205,14 +205,6 @@ class _Hub:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-    async def wait(self, stream_id):
-        waiter = self.loop.create_future()
-        self.waiters[stream_id] = waiter
-        try:
-            await waiter
-        finally:
-            self.waiters.pop(stream_id, None)
-
     def close(self):
         if not self.loop.is_closed():
             self.loop.remove_reader(self.notifier.fd)
@@ -225,7 +217,10 @@ class AsyncStream:
 
     def __init__(self, stream, hub):
         self._stream = stream
-        self._hub = hub
+        self._hub = hub  # kept: its eventfd is this stream's
+        self._loop = hub.loop
+        self._waiters = hub.waiters
+        self._id = stream.id
 
     def __aiter__(self):
         return self
@@ -233,9 +228,14 @@ class AsyncStream:
     async def __anext__(self):
         chunk = self._stream.next_nowait()
         while chunk is None:
+            # Armed: the hub resolves this future when chunks come (inline,
+            # not a coroutine of the hub's: this runs once per wake-up).
+            waiter = self._loop.create_future()
+            self._waiters[self._id] = waiter
             try:
-                await self._hub.wait(self._stream.id)
+                await waiter
             except asyncio.CancelledError:
+                self._waiters.pop(self._id, None)
                 self._stream.cancel()
                 raise
             chunk = self._stream.next_nowait()
