@@ -2,8 +2,8 @@
 """bench/python_sdk_bench: tokens/s received in Python (module fmwire)
 against the C++ SDK (fmwire::Client, bench_sdk_stream_peer) in the same run,
 from the same worker, with the same request shape: one stream, and 64
-concurrent streams (Python: asyncio in one thread, and one thread per
-stream), as tokens/s and as CPU time per token of the receiving process
+concurrent streams (Python: asyncio with a task per stream, asyncio with
+one task reading all (Client.agenerate_many), and a thread per stream), as tokens/s and as CPU time per token of the receiving process
 (its client thread included; the worker's not), the second less at the
 mercy of other load on the machine. The worker serves a synthetic model with no step time
 (synthetic:tiny --step-us 0), so that the SDKs' receiving is measured, not
@@ -74,6 +74,18 @@ def python_asyncio(client, streams, max_tokens):
     return asyncio.run(main())
 
 
+def python_group(client, streams, max_tokens):
+    async def main():
+        start = time.perf_counter()
+        cpu_start = time.process_time()
+        count = 0
+        async for _, chunk in client.agenerate_many([PROMPT] * streams, max_tokens=max_tokens):
+            count += len(chunk.token_ids)
+        return count, time.perf_counter() - start, time.process_time() - cpu_start
+
+    return asyncio.run(main())
+
+
 def cpp_peer(peer, endpoint, streams, max_tokens):
     result = subprocess.run([peer, endpoint, str(streams), str(max_tokens), "1", PROMPT],
                             capture_output=True, text=True, timeout=300)
@@ -116,7 +128,9 @@ def main():
                 if streams == 1:
                     sides["Python, for loop"] = lambda: python_sync(client, streams, max_tokens)
                 else:
-                    sides["Python, asyncio"] = lambda: python_asyncio(client, streams, max_tokens)
+                    sides["Python, asyncio, a task per stream"] = lambda: python_asyncio(client, streams, max_tokens)
+                    sides["Python, asyncio, one task (agenerate_many)"] = lambda: python_group(client, streams,
+                                                                                                max_tokens)
                     sides["Python, a thread per stream"] = lambda: python_sync(client, streams, max_tokens)
                 rates = {side: [] for side in sides}
                 cpu_per_token = {side: [] for side in sides}
@@ -148,9 +162,10 @@ def main():
         worker.wait()
 
     print(f"python_sdk_bench: medians of {repetitions}, worker synthetic:tiny --step-us 0 on {endpoint}")
-    print(f"{'row':<72} {'Python':>10} {'C++':>10} {'unit':>9} {'ratio':>6}")
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'row':<{width}} {'Python':>10} {'C++':>10} {'unit':>9} {'ratio':>6}")
     for row in rows:
-        print(f"{row['name']:<72} {row['value']:>10,.1f} {row['peer_value']:>10,.1f} {row['unit']:>9} "
+        print(f"{row['name']:<{width}} {row['value']:>10,.1f} {row['peer_value']:>10,.1f} {row['unit']:>9} "
               f"{row['ratio']:>6.2f}")
     if options.json:
         with open(options.json, "w") as out:

@@ -161,6 +161,24 @@ class Client:
             hub = self._hubs[loop] = _Hub(loop)
         return AsyncStream(self._core.generate(*arguments, hub.notifier), hub)
 
+    def agenerate_many(self, prompts, *, max_tokens=16, temperature=0.0, top_p=1.0, seed=None, stop=None,
+                       timeout=None, priority=0, request_id="", model=""):
+        """Many streams read by one task: `async for index, chunk in
+        client.agenerate_many(prompts, ...)` yields each stream's chunks as
+        they come, with the index of its prompt; the options apply to every
+        prompt. One wake-up serves every stream that got tokens in it, where
+        an AsyncStream per stream costs a task switch per stream: the way to
+        read many streams at a high rate. The first error raises (the other
+        streams are cancelled); .streams[i].completion once each has ended."""
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+            raise TypeError(f"prompts must be a list of prompts, not {type(prompts).__name__}")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty")
+        return AsyncStreamGroup([self.agenerate(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                seed=seed, stop=stop, timeout=timeout, priority=priority,
+                                                request_id=request_id, model=model) for prompt in prompts])
+
     @property
     def connected(self):
         """Whether a connection is up now."""
@@ -265,3 +283,51 @@ class AsyncStream:
     @property
     def ended(self):
         return self._stream.ended
+
+
+class AsyncStreamGroup:
+    """Client.agenerate_many's streams, read together: `async for index,
+    chunk in group`. cancel() or aclose() cancels every stream still open;
+    .streams holds each stream (its .completion once it has ended)."""
+
+    def __init__(self, streams):
+        self.streams = streams
+        self._chunks = self._read()
+
+    def __aiter__(self):
+        return self._chunks
+
+    async def _read(self):
+        loop = self.streams[0]._loop
+        waiters = self.streams[0]._waiters
+        live = dict(enumerate(stream._stream for stream in self.streams))
+        try:
+            while live:
+                # One future for every armed stream: whichever gets chunks first wakes the group.
+                waiter = loop.create_future()
+                for index, stream in list(live.items()):
+                    while True:
+                        try:
+                            chunk = stream.next_nowait()
+                        except StopAsyncIteration:
+                            del live[index]
+                            break
+                        if chunk is None:
+                            waiters[stream.id] = waiter
+                            break
+                        yield index, chunk
+                if live:
+                    await waiter
+        finally:
+            for stream in live.values():
+                waiters.pop(stream.id, None)
+            self.cancel()
+
+    def cancel(self):
+        """Cancels every stream of the group that has not ended."""
+        for stream in self.streams:
+            stream.cancel()
+
+    async def aclose(self):
+        self.cancel()
+        await self._chunks.aclose()

@@ -337,3 +337,43 @@ def test_many_asyncio_rounds_never_stall(start):
     with fmwire.Client(fast.endpoint) as client:
         for _ in range(40):
             assert asyncio.run(round_of(client)) == [300] * 64
+
+
+def test_async_group_reads_many_streams_in_one_task(binary, worker):
+    expected = cli_text(binary, worker.endpoint, 24, 9)
+
+    async def main():
+        with fmwire.Client(worker.endpoint) as client:
+            group = client.agenerate_many([PROMPT] * 12, max_tokens=24, seed=9)
+            texts = [""] * 12
+            async for index, chunk in group:
+                texts[index] += chunk.text
+            assert [stream.completion.completion_tokens for stream in group.streams] == [24] * 12
+            return [text + "\n" for text in texts]
+
+    assert asyncio.run(main()) == [expected] * 12
+
+
+def test_async_group_break_cancels_every_stream(slow_worker):
+    before = cancelled_streams(slow_worker)
+
+    async def main():
+        with fmwire.Client(slow_worker.endpoint) as client:
+            group = client.agenerate_many([PROMPT] * 4, max_tokens=1500)
+            async for index, chunk in group:
+                break
+            await group.aclose()
+
+    asyncio.run(main())
+    until(lambda: cancelled_streams(slow_worker) == before + 4, "the worker to count 4 streams cancelled")
+    until(lambda: open_streams(slow_worker) == 0, "the worker to free the streams")
+
+
+def test_async_group_refuses_bad_prompts(worker):
+    async def main():
+        with fmwire.Client(worker.endpoint) as client:
+            with pytest.raises(TypeError, match="prompts must be a list"):
+                client.agenerate_many("one prompt")
+            with pytest.raises(ValueError, match="prompts is empty"):
+                client.agenerate_many([])
+    asyncio.run(main())
