@@ -9,6 +9,9 @@
     async for chunk in client.agenerate("Hello", max_tokens=64):   # asyncio
         ...
 
+    async for index, chunk in client.agenerate_many(prompts, max_tokens=64):
+        ...                                           # many streams, one task
+
 Leaving the loop (break, an exception, the stream dropped), stream.cancel()
 or stream.close() cancels the stream: the worker is told and frees it.
 stream.completion holds the finish (reason, usage, timings) once it ended.
