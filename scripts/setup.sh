@@ -36,6 +36,9 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc iperf3
   # charts from result files (scripts/plot.py)
   python3-matplotlib
+  # the Python module fmwire (python/): pybind11 and CPython's headers for
+  # Debian's python3; its tests run under Debian's pytest
+  pybind11-dev python3-dev python3-pytest
 )
 
 missing=()
