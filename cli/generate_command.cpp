@@ -4,6 +4,7 @@
 
 #include <csignal>
 #include <future>
+#include <memory>
 #include <ostream>
 
 #include "cli/signal_watcher.h"
@@ -67,6 +68,10 @@ int run_generate(const GenerateCommand& command, std::ostream& out) {
   GenerationHandle handle;
   std::promise<GenerationHandle> handle_ready;
   std::shared_future<GenerationHandle> started = handle_ready.get_future().share();
+  // Declared before the watcher, so destroyed after it: a signal that comes
+  // as the stream ends cancels through the client on the watcher's thread,
+  // and the watcher's destructor joins that thread before the client goes.
+  std::unique_ptr<Client> client;
   // Before the client's thread starts, so that it inherits the blocked signals.
   SignalWatcher signals([&](int, int) {
     cancelled.store(true);
@@ -76,11 +81,12 @@ int run_generate(const GenerateCommand& command, std::ostream& out) {
   ClientOptions options;
   options.backend = command.backend;
   options.connect_timeout = command.connect_timeout;
-  ClientResult<std::unique_ptr<Client>> client = Client::connect(*endpoints, options);
-  if (!client) {
-    report_error(client.error(), command.json, out);
+  ClientResult<std::unique_ptr<Client>> connected = Client::connect(*endpoints, options);
+  if (!connected) {
+    report_error(connected.error(), command.json, out);
     return 1;
   }
+  client = std::move(*connected);
 
   GenerateParams params;
   params.prompt = command.prompt;
@@ -126,7 +132,7 @@ int run_generate(const GenerateCommand& command, std::ostream& out) {
     report_error(error, command.json, out);
     exit_code.set_value(1);
   };
-  handle = (*client)->generate(std::move(params), std::move(callbacks));
+  handle = client->generate(std::move(params), std::move(callbacks));
   handle_ready.set_value(handle);
   if (cancelled.load()) handle.cancel();  // a signal that came before the handle
   return done.get();

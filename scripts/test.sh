@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every fmwire test; the last line is
 # "N passed, N failed, N skipped", counting test cases, and the exit code is non-zero on
-# any failure. Four runs:
+# any failure. Five runs:
 #   release     the normal build, warnings as errors
 #   sanitized   the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   tsan        the same tests under ThreadSanitizer, less the slowest (see
+#               tests/meson.build: 'worker kv transfer' and the engine's
+#               slowest cases), and one more case: no ThreadSanitizer report
+#               from any process, the system tests' servers included
 #   fuzz        each libFuzzer target (scripts/fuzz.sh --list) for a bounded
 #               time (FMWIRE_FUZZ_SECONDS, default 30 each; scripts/fuzz.sh
 #               runs them longer), one counted case per target
@@ -58,6 +62,24 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 run_suite build-sanitized -Dbuildtype=debug -Db_sanitize=address,undefined -Dbenchmarks=false
 results+=("sanitized=build-sanitized/meson-logs/testlog.json")
+
+# Every process writes its reports to build-tsan.reports/report.PID (the
+# system tests' servers too, whose exit codes a test may not read); any
+# report is a failure. Suppressions: scripts/tsan.supp (third-party code only).
+rm -rf build-tsan.reports
+mkdir -p build-tsan.reports
+export TSAN_OPTIONS="halt_on_error=0:second_deadlock_stack=1:suppressions=$PWD/scripts/tsan.supp:log_path=$PWD/build-tsan.reports/report"
+run_suite build-tsan -Dbuildtype=debugoptimized -Db_sanitize=thread -Dbenchmarks=false -Dcuda=disabled
+results+=("tsan=build-tsan/meson-logs/testlog.json")
+unset TSAN_OPTIONS
+tsan_reports=(build-tsan.reports/report.*)
+if [[ -e ${tsan_reports[0]} ]]; then
+  echo "== tsan: ${#tsan_reports[@]} processes reported"
+  for report in "${tsan_reports[@]}"; do grep -m1 -A40 'WARNING: ThreadSanitizer' "$report"; done
+  results+=("tsan reports=1")
+else
+  results+=("tsan reports=0")
+fi
 
 # One case per fuzz target, each its own run of scripts/fuzz.sh.
 for target in $(bash scripts/fuzz.sh --list); do
