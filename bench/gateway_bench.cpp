@@ -233,6 +233,15 @@ struct LoadResult {
   std::string error;           // the first failure
 };
 
+// Tokens in one completions event: the synthetic model's tokens are one
+// character each, so its "text" piece's length (0: none, or no text).
+std::size_t event_tokens(std::string_view event) {
+  const std::size_t text = event.find("\"text\":\"");
+  if (text == std::string_view::npos) return 0;
+  const std::size_t quote = event.find('"', text + 8);
+  return quote == std::string_view::npos ? 0 : quote - (text + 8);
+}
+
 // Streaming completions against an OpenAI-compatible front, on one thread:
 // raw HTTP/1.1, events taken from the bytes as they come.
 class SseLoad {
@@ -321,10 +330,7 @@ class SseLoad {
         result_.error = "an error event: " + std::string(event.substr(0, 300));
         continue;
       }
-      const std::size_t text = event.find("\"text\":\"");
-      if (text == std::string_view::npos) continue;
-      const std::size_t quote = event.find('"', text + 8);
-      const std::size_t tokens = quote == std::string_view::npos ? 0 : quote - (text + 8);  // one character each
+      const std::size_t tokens = event_tokens(event);
       if (tokens == 0) continue;
       result_.tokens += tokens;
       if (client.first) {
@@ -559,12 +565,9 @@ class OpenLoopLoad {
         break;
       }
       if (event.find("\"error\"") != std::string_view::npos) fail_now("an error event: " + std::string(event.substr(0, 300)));
-      const std::size_t text = event.find("\"text\":\"");
-      if (text == std::string_view::npos) continue;
-      const std::size_t quote = event.find('"', text + 8);
-      const std::uint32_t tokens = quote == std::string_view::npos ? 0 : static_cast<std::uint32_t>(quote - (text + 8));
+      const auto tokens = static_cast<std::uint32_t>(event_tokens(event));
       if (tokens == 0) continue;
-      request.tokens += tokens;  // one character each
+      request.tokens += tokens;
       if (request.first) {
         request.first = false;
         result_.first_token_us.push_back(bench::micros_between(request.sent, Clock::now()));

@@ -273,6 +273,34 @@ IperfPeer iperf3_peer(const PerfRunCommand& command, const transport::Endpoint& 
   return peer;
 }
 
+// The rows and the report of a test that moves bytes (bulk, kv): GB/s and
+// CPU-s per GB on both ends, medians of the rounds, and iperf3's beside
+// them when it ran.
+std::vector<Comparison> byte_rate_rows(const std::string& test, const std::string& caption,
+                                       const std::vector<double>& rates, const std::vector<double>& client_cpu,
+                                       const std::vector<double>& server_cpu_per_gb, const IperfPeer& peer,
+                                       std::ostream& out) {
+  const double rate = perf::median(rates);
+  const double client_median = perf::median(client_cpu);
+  const double server_median = perf::median(server_cpu_per_gb);
+  std::vector<Comparison> rows{
+      perf::compare(test + "_gb_per_s", rate / 1e9, "GB/s", peer.rate ? std::optional(*peer.rate / 1e9) : std::nullopt,
+                    "iperf3", true),
+      perf::compare(test + "_client_cpu_s_per_gb", client_median, "CPU-s/GB", peer.client_cpu, "iperf3", false),
+      perf::compare(test + "_server_cpu_s_per_gb", server_median, "CPU-s/GB", std::nullopt, "", false)};
+  out << caption << "\n"
+      << "  fmwire GB/s                     " << format("%.3f", rate / 1e9) << "\n"
+      << "  client CPU-s per GB             " << format("%.3f", client_median) << "\n"
+      << "  server CPU-s per GB             " << format("%.3f", server_median) << "\n";
+  if (peer.rate) {
+    out << "  iperf3 GB/s                     " << format("%.3f", *peer.rate / 1e9) << "\n"
+        << "  iperf3 client CPU-s per GB      " << format("%.3f", *peer.client_cpu) << "\n"
+        << "  fmwire / iperf3                 " << perf::ratio_text(perf::ratio_of(rows[0])) << "\n";
+  }
+  out << "  peer: " << peer.note << "\n";
+  return rows;
+}
+
 // bulk: GB/s of KvChunk attachments, CPU per GB on both ends; iperf3 on the
 // same bytes with --compare.
 std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport::Endpoint& server,
@@ -315,31 +343,11 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
     client.close_all();
   }
 
-  const IperfPeer peer = iperf3_peer(command, server, command.bytes, rates.size());
-  const std::optional<double>& iperf3_rate = peer.rate;
-  const std::optional<double>& iperf3_client_cpu = peer.client_cpu;
-  const std::string& peer_note = peer.note;
-
-  const double rate = perf::median(rates);
-  const double client_median = perf::median(client_cpu);
-  const double server_median = perf::median(server_cpu_per_gb);
-  std::vector<Comparison> rows{
-      perf::compare("bulk_gb_per_s", rate / 1e9, "GB/s", iperf3_rate ? std::optional(*iperf3_rate / 1e9) : std::nullopt,
-                    "iperf3", true),
-      perf::compare("bulk_client_cpu_s_per_gb", client_median, "CPU-s/GB", iperf3_client_cpu, "iperf3", false),
-      perf::compare("bulk_server_cpu_s_per_gb", server_median, "CPU-s/GB", std::nullopt, "", false)};
-  out << "bulk: " << rates.size() << " rounds of " << command.bytes << " bytes in " << command.chunk_bytes
-      << "-byte KvChunk attachments, digested and checked (medians)\n"
-      << "  fmwire GB/s                     " << format("%.3f", rate / 1e9) << "\n"
-      << "  client CPU-s per GB             " << format("%.3f", client_median) << "\n"
-      << "  server CPU-s per GB             " << format("%.3f", server_median) << "\n";
-  if (iperf3_rate) {
-    out << "  iperf3 GB/s                     " << format("%.3f", *iperf3_rate / 1e9) << "\n"
-        << "  iperf3 client CPU-s per GB      " << format("%.3f", *iperf3_client_cpu) << "\n"
-        << "  fmwire / iperf3                 " << perf::ratio_text(perf::ratio_of(rows[0])) << "\n";
-  }
-  out << "  peer: " << peer_note << "\n";
-  return rows;
+  const std::string caption = "bulk: " + std::to_string(rates.size()) + " rounds of " + std::to_string(command.bytes) +
+                              " bytes in " + std::to_string(command.chunk_bytes) +
+                              "-byte KvChunk attachments, digested and checked (medians)";
+  return byte_rate_rows("bulk", caption, rates, client_cpu, server_cpu_per_gb,
+                        iperf3_peer(command, server, command.bytes, rates.size()), out);
 }
 
 // kv: GB/s of one KV shard pushed with the KV session's messages, CPU per
@@ -388,29 +396,13 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
     }
     client.close_all();
   }
-  const IperfPeer peer = iperf3_peer(command, server, bytes, rates.size());
-
-  const double rate = perf::median(rates);
-  const double client_median = perf::median(client_cpu);
-  const double server_median = perf::median(server_cpu_per_gb);
-  std::vector<Comparison> rows{
-      perf::compare("kv_gb_per_s", rate / 1e9, "GB/s", peer.rate ? std::optional(*peer.rate / 1e9) : std::nullopt,
-                    "iperf3", true),
-      perf::compare("kv_client_cpu_s_per_gb", client_median, "CPU-s/GB", peer.client_cpu, "iperf3", false),
-      perf::compare("kv_server_cpu_s_per_gb", server_median, "CPU-s/GB", std::nullopt, "", false)};
-  out << "kv: " << rates.size() << " rounds of a " << bytes << "-byte KV shard (" << shape.tokens
-      << " tokens of Llama 3 8B fp16, " << shape.chunk_bytes() << "-byte chunks): offer, chunks digested, checked "
-      << "and copied into the server's blocks, commit (medians)\n"
-      << "  fmwire GB/s                     " << format("%.3f", rate / 1e9) << "\n"
-      << "  client CPU-s per GB             " << format("%.3f", client_median) << "\n"
-      << "  server CPU-s per GB             " << format("%.3f", server_median) << "\n";
-  if (peer.rate) {
-    out << "  iperf3 GB/s                     " << format("%.3f", *peer.rate / 1e9) << "\n"
-        << "  iperf3 client CPU-s per GB      " << format("%.3f", *peer.client_cpu) << "\n"
-        << "  fmwire / iperf3                 " << perf::ratio_text(perf::ratio_of(rows[0])) << "\n";
-  }
-  out << "  peer: " << peer.note << "\n";
-  return rows;
+  const std::string caption = "kv: " + std::to_string(rates.size()) + " rounds of a " + std::to_string(bytes) +
+                              "-byte KV shard (" + std::to_string(shape.tokens) + " tokens of Llama 3 8B fp16, " +
+                              std::to_string(shape.chunk_bytes()) +
+                              "-byte chunks): offer, chunks digested, checked and copied into the server's blocks, "
+                              "commit (medians)";
+  return byte_rate_rows("kv", caption, rates, client_cpu, server_cpu_per_gb, iperf3_peer(command, server, bytes, rates.size()),
+                        out);
 }
 
 }  // namespace
