@@ -44,6 +44,18 @@ SUBNET = "10.214.0."     # inside the cluster's namespaces only
 NETNS_ETC = "/etc/netns"
 
 
+def kill_all(processes):
+    """SIGKILL to every process still running, then each waited for (10 s at most)."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 class ClusterUnavailable(Exception):
     """Why no cluster can be made here: not root, no ip or tc, no veth."""
 
@@ -169,14 +181,7 @@ class Cluster:
         if self.removed:
             return
         self.removed = True
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_all(self.processes)
         for host in self.hosts:
             space = self.namespace(host)
             _run("ip", "netns", "del", space, check=False)  # its veth end, and so the pair, with it

@@ -163,14 +163,7 @@ class Loopback:
         if self.removed:
             return
         self.removed = True
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        netns_cluster.kill_all(self.processes)
 
 
 class Role:
