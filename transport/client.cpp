@@ -69,6 +69,7 @@ class Client::Session final : public transport::ConnectionHandler {
       : endpoints_(std::move(endpoints)), options_(std::move(options)), loop_(options_.backend),
         reconnect_backoff_(options_.reconnect_min) {
     options_.connection.role = protocol::Role::CLIENT;
+    loop_.use_tls(options_.connection.tls);  // (null: plaintext)
     if (options_.on_turn_end) loop_.set_turn_end(options_.on_turn_end);
     thread_ = std::thread([this] {
       pthread_setname_np(pthread_self(), "fmwire-client");  // named so that per-thread CPU can be told apart

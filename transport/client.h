@@ -131,6 +131,8 @@ struct ConnectionChange {
 
 struct ClientOptions {
   std::string backend;  // "": io_uring where it works, else Asio; or "uring", "asio"
+  // connection.tls: TLS 1.3 with mutual authentication to every endpoint
+  // (transport::TlsCredentials::load from the CA, certificate and key files).
   transport::ConnectionOptions connection;
   std::chrono::milliseconds connect_timeout{5000};  // TCP connect plus the Hello exchange
   // After a round of the endpoints in which none accepted, the next round

@@ -34,6 +34,7 @@
 #include "protocol/fmwire.capnp.h"
 #include "transport/event_loop.h"
 #include "transport/io_backend.h"
+#include "transport/tls_credentials.h"
 
 namespace fmwire::transport {
 
@@ -78,6 +79,11 @@ struct ConnectionOptions {
   std::chrono::milliseconds dead_after{6000};               // closed after this much silence
   std::chrono::milliseconds hello_timeout{5000};
   std::chrono::milliseconds close_linger{1000};             // for an Error frame to leave
+  // TLS 1.3 with mutual authentication (TlsCredentials::load), or null:
+  // plaintext. A Server or Client given it makes its loop run TLS for every
+  // socket (EventLoop::use_tls), the loop's other connections included (a
+  // worker's KV links to other workers).
+  std::shared_ptr<const TlsCredentials> tls;
 };
 
 // Why a connection or a stream ended: empty when it ended cleanly.

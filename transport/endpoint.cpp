@@ -150,4 +150,24 @@ Listener listen_on(const Endpoint& endpoint, bool share_port) {
   return {fd, port};
 }
 
+std::string address_of_peer(int fd) {
+  sockaddr_storage address{};
+  socklen_t length = sizeof address;
+  if (fd < 0 || ::getpeername(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) return {};
+  char host[INET6_ADDRSTRLEN] = {};
+  if (address.ss_family == AF_INET) {
+    const auto& v4 = reinterpret_cast<const sockaddr_in&>(address);
+    if (::inet_ntop(AF_INET, &v4.sin_addr, host, sizeof host) == nullptr) return {};
+    return std::string(host) + ":" + std::to_string(ntohs(v4.sin_port));
+  }
+  if (address.ss_family == AF_INET6) {
+    const auto& v6 = reinterpret_cast<const sockaddr_in6&>(address);
+    if (::inet_ntop(AF_INET6, &v6.sin6_addr, host, sizeof host) == nullptr) return {};
+    std::string text = "[";  // (appended piece by piece: GCC 12 warns wrongly on "[" + std::string(host))
+    text.append(host).append("]:").append(std::to_string(ntohs(v6.sin6_port)));
+    return text;
+  }
+  return {};
+}
+
 }  // namespace fmwire::transport

@@ -49,4 +49,8 @@ struct Listener {
 };
 Listener listen_on(const Endpoint& endpoint, bool share_port = false);
 
+// HOST:PORT of a connected socket's peer, [HOST]:PORT for IPv6; "" when
+// unknown: for log lines.
+std::string address_of_peer(int fd);
+
 }  // namespace fmwire::transport

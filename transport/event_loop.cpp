@@ -1,8 +1,10 @@
 #include "transport/event_loop.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 #include "transport/connection.h"
+#include "transport/tls_backend.h"
 
 namespace fmwire::transport {
 
@@ -16,6 +18,15 @@ EventLoop::EventLoop(std::string_view forced_backend, const UringOptions& uring)
 }
 
 EventLoop::~EventLoop() = default;
+
+void EventLoop::use_tls(std::shared_ptr<const TlsCredentials> credentials) {
+  if (!credentials || credentials == tls_) return;
+  if (tls_) throw std::logic_error("EventLoop::use_tls: the loop runs TLS with other credentials already");
+  tls_ = credentials;
+  // The inner backend keeps the before-wait hook set above.
+  backend_ = std::make_unique<TlsBackend>(std::move(backend_), std::move(credentials));
+  backend_log_line_ += "; " + tls_engine_line();
+}
 
 void EventLoop::end_turn() {
   if (turn_end_) turn_end_();

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "transport/io_backend.h"
+#include "transport/tls_credentials.h"
 #include "transport/uring_backend.h"
 
 namespace fmwire::transport {
@@ -28,6 +29,14 @@ class EventLoop {
   ~EventLoop();
 
   IoBackend& backend() { return *backend_; }
+  // Every socket of this loop, accepted or connected, runs TLS 1.3 with
+  // mutual authentication from now on (tls_backend.h): call before the
+  // first socket. A second call with the same credentials does nothing;
+  // other credentials are a programmer error (std::logic_error). The
+  // backend's log line then says which TLS does the work.
+  void use_tls(std::shared_ptr<const TlsCredentials> credentials);
+  // The credentials of use_tls(), or null: plaintext.
+  const TlsCredentials* tls() const { return tls_.get(); }
   const std::string& backend_log_line() const { return backend_log_line_; }
   void run() { backend_->run(); }
   void stop() { backend_->stop(); }
@@ -53,6 +62,7 @@ class EventLoop {
   void flush_all();
 
   std::unique_ptr<IoBackend> backend_;
+  std::shared_ptr<const TlsCredentials> tls_;
   std::string backend_log_line_;
   std::vector<Connection*> flush_list_;
   std::vector<Connection*> flushing_;

@@ -7,6 +7,7 @@ namespace fmwire::transport {
 Server::Server(EventLoop& loop, const Endpoint& endpoint, ConnectionOptions options, ConnectionHandler& service,
                bool share_port)
     : loop_(loop), options_(std::move(options)), service_(service) {
+  if (options_.tls) loop_.use_tls(options_.tls);
   const Listener listener = listen_on(endpoint, share_port);
   listen_fd_ = listener.fd;
   port_ = listener.port;
