@@ -197,7 +197,7 @@ std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_b
 
   const std::vector<std::byte> source = perf::bulk_source_bytes(chunk_bytes);
 
-  ClientConnections client(backend, transport::UringOptions{.zero_copy_min_bytes = zero_copy_min_bytes});
+  ClientConnections client(backend, nullptr, transport::UringOptions{.zero_copy_min_bytes = zero_copy_min_bytes});
   if (register_source && !client.loop.register_memory(std::as_bytes(std::span(source)))) {
     throw std::runtime_error("fmwire: the ring refused to register the " + std::to_string(chunk_bytes >> 20) +
                              " MiB source buffer");

@@ -7,7 +7,10 @@
 #include <chrono>
 #include <cstdint>
 #include <iosfwd>
+#include <memory>
 #include <string>
+
+#include "transport/tls_credentials.h"
 
 namespace fmwire::cli {
 
@@ -18,6 +21,7 @@ struct EchoServerCommand {
   unsigned threads = 1;                   // loop threads sharing the port (thread per core)
   std::string backend;                    // "", "uring" or "asio"
   std::chrono::milliseconds drain_timeout{10000};  // then close what is left
+  std::shared_ptr<const transport::TlsCredentials> tls;  // TLS 1.3, mutual; null: plaintext
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off.

@@ -55,12 +55,13 @@ std::size_t wait_for_healthy_workers(const std::vector<transport::EventLoop*>& l
 
 codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> EmbeddedRouter::start(
     const std::vector<transport::Endpoint>& workers, const engine::Tokenizer& tokenizer,
-    router::RouterOptions options, const std::string& backend) {
+    router::RouterOptions options, const std::string& backend, std::shared_ptr<const transport::TlsCredentials> tls) {
   std::unique_ptr<EmbeddedRouter> embedded(new EmbeddedRouter());
   transport::ConnectionOptions connection;
   connection.role = protocol::Role::ROUTER;
   connection.name = "fmwire router (embedded)";
   connection.capabilities.load_reports = true;
+  connection.tls = std::move(tls);
   try {
     embedded->group_ = std::make_unique<transport::ServerGroup>(
         1, transport::Endpoint{"127.0.0.1", 0}, connection,

@@ -41,7 +41,8 @@ class EmbeddedRouter {
   // the loop thread inherits the signal mask of the thread that starts it.
   static codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> start(
       const std::vector<transport::Endpoint>& workers, const engine::Tokenizer& tokenizer,
-      router::RouterOptions options, const std::string& backend);
+      router::RouterOptions options, const std::string& backend,
+      std::shared_ptr<const transport::TlsCredentials> tls = nullptr);
   ~EmbeddedRouter();  // stops and joins the loop if still running
   EmbeddedRouter(const EmbeddedRouter&) = delete;
   EmbeddedRouter& operator=(const EmbeddedRouter&) = delete;

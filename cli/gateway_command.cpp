@@ -89,6 +89,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
   options.http_threads = command.http_threads;
   options.upstream_keepalive = command.upstream_keepalive;
   options.upstream_dead_after = command.upstream_dead_after;
+  options.upstream_tls = command.native_tls;
 
   // Before any other thread: they inherit its signal mask.
   RoleShutdown shutdown;
@@ -100,7 +101,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
   }
   std::unique_ptr<EmbeddedRouter> router;
   if (!workers->empty()) {
-    auto started = EmbeddedRouter::start(*workers, *tokenizer, command.router_options, command.backend);
+    auto started = EmbeddedRouter::start(*workers, *tokenizer, command.router_options, command.backend, command.native_tls);
     if (!started) {
       log::error(started.error());
       return 2;

@@ -14,6 +14,7 @@
 #include "codec/codec_error.h"
 #include "gateway/rate_limiter.h"
 #include "router/router_service.h"
+#include "transport/tls_credentials.h"
 
 namespace fmwire::cli {
 
@@ -35,6 +36,9 @@ struct GatewayCommand {
   unsigned http_threads = 0;              // 0: the gateway's default
   std::chrono::milliseconds upstream_keepalive{1000};   // Ping a silent router after this long
   std::chrono::milliseconds upstream_dead_after{3000};  // a router silent this long is lost
+  // Native TLS 1.3, mutual (--native-tls-*): to the routers, and the embedded
+  // router's own sockets; null: plaintext.
+  std::shared_ptr<const transport::TlsCredentials> native_tls;
   std::chrono::milliseconds drain_timeout{30000};
 };
 

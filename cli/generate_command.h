@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "transport/tls_credentials.h"
+
 namespace fmwire::cli {
 
 struct GenerateCommand {
@@ -22,6 +24,7 @@ struct GenerateCommand {
   bool json = false;
   std::string backend;         // "", "uring" or "asio"
   std::chrono::milliseconds connect_timeout{5000};
+  std::shared_ptr<const transport::TlsCredentials> tls;  // TLS 1.3, mutual; null: plaintext
 };
 
 // Exit codes: 0 finished, 1 an error from the peer or the connection,

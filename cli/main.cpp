@@ -14,6 +14,7 @@
 #include "cli/echo_server_command.h"
 #include "cli/gateway_command.h"
 #include "cli/generate_command.h"
+#include "cli/native_tls_flags.h"
 #include "cli/perf_command.h"
 #include "cli/router_command.h"
 #include "cli/up_command.h"
@@ -149,6 +150,8 @@ int run_generate_command(const std::vector<std::string>& arguments) {
       ("prompt", po::value(&command.prompt)->required(), "the prompt (positional)");
   po::positional_options_description positional;
   positional.add("prompt", 1);
+  fmwire::cli::NativeTlsFlags native_tls;
+  add_native_tls_flags(description, native_tls);
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, &positional, values)) return 0;
@@ -156,6 +159,7 @@ int run_generate_command(const std::vector<std::string>& arguments) {
   if (values.count("seed")) command.seed = seed;
   command.endpoints = split_list(endpoints);
   command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
+  command.tls = fmwire::cli::load_native_tls(native_tls);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_generate(command, std::cout);
 }
@@ -175,12 +179,15 @@ int run_echo_server_command(const std::vector<std::string>& arguments) {
       ("threads", po::value(&command.threads)->default_value(command.threads), "loop threads sharing the port (one per core)")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms), "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  fmwire::cli::NativeTlsFlags native_tls;
+  add_native_tls_flags(description, native_tls);
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire echo-server")) return 2;
   command.token_interval = std::chrono::milliseconds(token_interval_ms);
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.tls = fmwire::cli::load_native_tls(native_tls);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_echo_server(command, std::cout);
 }
@@ -201,11 +208,14 @@ int run_perf_serve_command(const std::vector<std::string>& arguments) {
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
       ("iperf3-port", po::value(&iperf3_port), "also run `iperf3 -s -p PORT` (the peer of `perf run --compare`), killed on exit")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  fmwire::cli::NativeTlsFlags native_tls;
+  add_native_tls_flags(description, native_tls);
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire perf serve")) return 2;
   if (values.count("iperf3-port")) command.iperf3_port = iperf3_port;
+  command.tls = fmwire::cli::load_native_tls(native_tls);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_perf_serve(command, std::cout);
 }
@@ -241,6 +251,8 @@ int run_perf_run_command(const std::vector<std::string>& arguments) {
       ("connect-timeout-ms", po::value(&connect_timeout_ms)->default_value(connect_timeout_ms),
        "connecting and the Hello exchange")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  fmwire::cli::NativeTlsFlags native_tls;
+  add_native_tls_flags(description, native_tls);
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
@@ -248,6 +260,7 @@ int run_perf_run_command(const std::vector<std::string>& arguments) {
   if (values.count("seconds")) command.seconds = seconds;
   if (values.count("repetitions")) command.repetitions = repetitions;
   command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
+  command.tls = fmwire::cli::load_native_tls(native_tls);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_perf_run(command, std::cout);
 }
@@ -324,6 +337,8 @@ int run_worker_command(const std::vector<std::string>& arguments) {
        "io_uring sends of at least this many bytes go zero-copy, KV chunks from the registered cache; 0: never "
        "(on loopback and veth links copying measured faster: bench_kv --zero-copy)")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  fmwire::cli::NativeTlsFlags native_tls;
+  add_native_tls_flags(description, native_tls);
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
@@ -348,6 +363,7 @@ int run_worker_command(const std::vector<std::string>& arguments) {
   }
   command.load_report_interval = std::chrono::milliseconds(std::max<std::uint32_t>(load_report_interval_ms, 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.tls = fmwire::cli::load_native_tls(native_tls);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_worker(command, std::cout);
 }
@@ -415,6 +431,8 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
        "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  fmwire::cli::NativeTlsFlags native_tls;
+  add_native_tls_flags(description, native_tls);
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
@@ -435,6 +453,7 @@ int run_router_command(const std::vector<std::string>& arguments) {
   router.worker_link.connection.keepalive_interval = std::chrono::milliseconds(std::max<std::uint32_t>(keepalive_ms, 1));
   router.worker_link.connection.dead_after = std::chrono::milliseconds(std::max(dead_after_ms, keepalive_ms + 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.tls = fmwire::cli::load_native_tls(native_tls);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_router(command, std::cout);
 }
@@ -480,6 +499,9 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit,
                                  "per API key (per client address without keys)");
+  fmwire::cli::NativeTlsFlags native_tls;
+  native_tls.prefix = "native-tls-";
+  add_native_tls_flags(description, native_tls);
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
@@ -490,6 +512,7 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
   command.upstream_keepalive = std::chrono::milliseconds(std::max<std::uint32_t>(keepalive_ms, 1));
   command.upstream_dead_after = std::chrono::milliseconds(std::max(dead_after_ms, keepalive_ms + 1));
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.native_tls = fmwire::cli::load_native_tls(native_tls);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_gateway(command, std::cout);
 }
@@ -527,6 +550,9 @@ int run_up_command(const std::vector<std::string>& arguments) {
        "threads for HTTP; 0: one per four cores, at least one")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit, "per client address");
+  fmwire::cli::NativeTlsFlags native_tls;
+  native_tls.prefix = "native-tls-";
+  add_native_tls_flags(description, native_tls);
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
@@ -539,6 +565,7 @@ int run_up_command(const std::vector<std::string>& arguments) {
     if (values["workers"].defaulted()) command.workers = 0;
   }
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
+  command.native_tls = fmwire::cli::load_native_tls(native_tls);
   command.backend = backend_choice(backend);
   return fmwire::cli::run_up(command, std::cout);
 }

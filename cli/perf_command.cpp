@@ -54,7 +54,9 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out) {
     }
   }
 
-  transport::ServerGroup group(1, *endpoint, perf::perf_server_options(),
+  transport::ConnectionOptions options = perf::perf_server_options();
+  options.tls = command.tls;
+  transport::ServerGroup group(1, *endpoint, options,
                                [](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop); },
                                command.backend);
   log::info(group.backend_log_line());
@@ -139,7 +141,7 @@ void check_round(const perf::TokenSink& sink, bool finished, const char* late) {
 // tokens: frames/s, and CPU per million frames here and on the server.
 std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transport::Endpoint& server,
                                    std::ostream& out) {
-  perf::ClientConnections client(command.backend);
+  perf::ClientConnections client(command.backend, command.tls);
   ServerCpu server_cpu(client, server, command.connect_timeout);
   perf::TokenSink sink(client.loop);
   client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
@@ -197,7 +199,7 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
 // connection, each on a stream of its own.
 std::vector<Comparison> run_latency(const PerfRunCommand& command, const transport::Endpoint& server,
                                     std::ostream& out) {
-  perf::ClientConnections client(command.backend);
+  perf::ClientConnections client(command.backend, command.tls);
   perf::TokenSink sink(client.loop);
   client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
   transport::Connection& connection = *client.connections.back();
@@ -308,7 +310,7 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
   const std::vector<std::byte> source = perf::bulk_source_bytes(command.chunk_bytes);
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
   {
-    perf::ClientConnections client(command.backend);
+    perf::ClientConnections client(command.backend, command.tls);
     ServerCpu server_cpu(client, server, command.connect_timeout);
     perf::BulkSender sender(client.loop, source);
     client.connect(server.host, server.port, 1, perf::bulk_options(command.chunk_bytes), sender,
@@ -365,7 +367,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
   std::vector<std::byte> kv = perf::bulk_source_bytes(bytes);
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
   {
-    perf::ClientConnections client(command.backend);
+    perf::ClientConnections client(command.backend, command.tls);
     ServerCpu server_cpu(client, server, command.connect_timeout);
     perf::KvSender sender(client.loop, kv);
     client.connect(server.host, server.port, 1, perf::kv_connection_options(protocol::Role::WORKER, "fmwire perf run"),

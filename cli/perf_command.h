@@ -25,7 +25,10 @@
 #include <cstdint>
 #include <iosfwd>
 #include <optional>
+#include <memory>
 #include <string>
+
+#include "transport/tls_credentials.h"
 
 namespace fmwire::cli {
 
@@ -34,6 +37,7 @@ struct PerfServeCommand {
   std::string backend;                    // "", "uring" or "asio"
   std::optional<std::uint16_t> iperf3_port;  // run `iperf3 -s -p PORT` beside, killed on exit
   std::chrono::milliseconds drain_timeout{5000};
+  std::shared_ptr<const transport::TlsCredentials> tls;  // TLS 1.3, mutual; null: plaintext
 };
 
 // Serves until SIGINT/SIGTERM; returns 0 after a clean drain, 1 when it had
@@ -55,6 +59,7 @@ struct PerfRunCommand {
   std::size_t chunk_bytes = std::size_t{4} << 20;  // bulk, kv: attachment bytes per KvChunk
   std::uint64_t bytes = std::uint64_t{1} << 30;    // bulk, kv: bytes per round
   std::chrono::milliseconds connect_timeout{5000};
+  std::shared_ptr<const transport::TlsCredentials> tls;  // TLS 1.3, mutual; null: plaintext
 };
 
 int run_perf_run(const PerfRunCommand& command, std::ostream& out);

@@ -52,6 +52,7 @@ int run_router(const RouterCommand& command, std::ostream& out) {
   options.role = protocol::Role::ROUTER;
   options.name = "fmwire router";
   options.capabilities.load_reports = true;
+  options.tls = command.tls;
   // One RouterService per loop, each touched only on its loop's thread (or
   // after the loops have stopped).
   std::vector<router::RouterService*> routers;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "router/router_service.h"
+#include "transport/tls_credentials.h"
 
 namespace fmwire::cli {
 
@@ -33,6 +34,8 @@ struct RouterCommand {
   router::RouterOptions router;
   std::string backend;
   std::chrono::milliseconds drain_timeout{30000};
+  // TLS 1.3, mutual, on every native socket: clients and worker links; null: plaintext.
+  std::shared_ptr<const transport::TlsCredentials> tls;
 };
 
 int run_router(const RouterCommand& command, std::ostream& out);

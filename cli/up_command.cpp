@@ -51,6 +51,7 @@ void run_demo(const UpCommand& command, const transport::Endpoint& router, std::
   DemoEnd end;  // before the client, whose thread may tell it while the client goes
   ClientOptions options;
   options.backend = command.backend;
+  options.connection.tls = command.native_tls;
   auto client = Client::connect(router, options);
   if (!client) {
     log::error(std::string("demo: cannot connect to the router: ") + client.error().message);
@@ -135,7 +136,7 @@ int run_up(const UpCommand& command, std::ostream& out) {
   std::vector<std::unique_ptr<EmbeddedWorker>> workers;
   std::vector<transport::Endpoint> worker_endpoints;
   for (std::size_t i = 0; i < roles.size(); ++i) {
-    auto started = EmbeddedWorker::start(command.model, command.backend, roles[i]);
+    auto started = EmbeddedWorker::start(command.model, command.backend, roles[i], command.native_tls);
     if (!started) {
       log::error(started.error());
       return 2;  // the workers started so far stop with `workers`
@@ -155,7 +156,8 @@ int run_up(const UpCommand& command, std::ostream& out) {
   router_options.policy = command.policy;
   router_options.policy_options.block_tokens = command.model.block_tokens;
   auto router_started =
-      EmbeddedRouter::start(worker_endpoints, workers.front()->tokenizer(), router_options, command.backend);
+      EmbeddedRouter::start(worker_endpoints, workers.front()->tokenizer(), router_options, command.backend,
+                             command.native_tls);
   if (!router_started) {
     log::error(router_started.error());
     return 2;
@@ -177,6 +179,7 @@ int run_up(const UpCommand& command, std::ostream& out) {
   gateway_options.upstreams = {router->endpoint()};
   gateway_options.model = served_model_name(command.model.model);
   gateway_options.io_backend = command.backend;
+  gateway_options.upstream_tls = command.native_tls;
   gateway_options.http_threads = command.http_threads;
   gateway_options.rate_limits = command.rate_limits;
   gateway_options.tls_cert_file = command.tls_cert;

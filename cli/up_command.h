@@ -15,6 +15,7 @@
 
 #include "engine/model_loader.h"
 #include "gateway/rate_limiter.h"
+#include "transport/tls_credentials.h"
 
 namespace fmwire::cli {
 
@@ -36,6 +37,9 @@ struct UpCommand {
   gateway::RateLimits rate_limits;    // per client address; none by default
   std::string tls_cert;               // HTTPS: certificate chain (PEM), and
   std::string tls_key;                // its key (PEM); both or neither
+  // Native TLS 1.3, mutual (--native-tls-*): the gateway, the router and the
+  // workers between themselves; null: plaintext (they talk over loopback).
+  std::shared_ptr<const transport::TlsCredentials> native_tls;
   std::chrono::milliseconds drain_timeout{30000};
 };
 

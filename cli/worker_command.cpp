@@ -42,6 +42,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out) {
   const engine::Tokenizer& tokenizer = *loaded->tokenizer;
 
   transport::ConnectionOptions options = worker::WorkerService::server_options("fmwire worker");
+  options.tls = command.tls;
   worker::WorkerOptions worker_options;
   worker_options.load_report_interval = command.load_report_interval;
   worker_options.max_waiting = command.max_waiting;

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "engine/model_loader.h"
+#include "transport/tls_credentials.h"
 #include "worker/worker_service.h"
 
 namespace fmwire::cli {
@@ -35,6 +36,8 @@ struct WorkerCommand {
   // Fault injection for tests (FMWIRE_FAULT_CORRUPT_KV_CHUNK): corrupt this
   // chunk of each KV transfer sent after its digest was taken; 0: never.
   std::uint32_t corrupt_kv_chunk = 0;
+  // TLS 1.3, mutual, on every native socket: served and KV links to other workers; null: plaintext.
+  std::shared_ptr<const transport::TlsCredentials> tls;
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad

@@ -75,6 +75,7 @@
 #include "codec/codec_error.h"
 #include "gateway/rate_limiter.h"
 #include "transport/endpoint.h"
+#include "transport/tls_credentials.h"
 
 namespace fmwire::gateway {
 
@@ -124,6 +125,8 @@ struct HttpGatewayOptions {
   // go to the silent connection until it is given up.
   std::chrono::milliseconds upstream_keepalive{1000};
   std::chrono::milliseconds upstream_dead_after{3000};
+  // TLS 1.3 with mutual authentication to the routers (--native-tls-*); null: plaintext.
+  std::shared_ptr<const transport::TlsCredentials> upstream_tls;
 };
 
 class HttpGateway {

@@ -19,8 +19,12 @@ namespace fmwire::perf {
 
 class ClientConnections {
  public:
-  explicit ClientConnections(const std::string& backend, const transport::UringOptions& uring = {})
-      : loop(backend, uring) {}
+  // With `tls`, every connection runs TLS 1.3 with mutual authentication.
+  explicit ClientConnections(const std::string& backend, std::shared_ptr<const transport::TlsCredentials> tls = nullptr,
+                             const transport::UringOptions& uring = {})
+      : loop(backend, uring) {
+    loop.use_tls(std::move(tls));
+  }
   ~ClientConnections() { connections.clear(); }
 
   // Connects `count` more connections to host:port (a name is looked up by

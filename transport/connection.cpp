@@ -9,6 +9,7 @@
 
 #include "protocol/cancel.h"
 #include "transport/endpoint.h"
+#include "transport/tls_backend.h"
 
 namespace fmwire::transport {
 
@@ -738,7 +739,12 @@ void Connection::on_close(std::error_code error) {
 
   EndReason reason = close_reason_;
   if (!reason.error && reason.message.empty() && !draining_) {
-    if (error && error != std::errc::operation_canceled) {
+    if (error && error.category() == tls_category() && error != TlsError::closed_during_handshake &&
+        error != TlsError::bad_record) {
+      // A certificate refused either way, or a peer without TLS: trying
+      // again changes nothing until someone fixes the set-up.
+      reason = EndReason::failure(protocol::ErrorCode::UNAUTHORIZED, error.message());
+    } else if (error && error != std::errc::operation_canceled) {
       reason = EndReason::failure(protocol::ErrorCode::WORKER_LOST, "connection lost: " + error.message(), true);
     } else if (!streams_.empty()) {
       reason = EndReason::failure(protocol::ErrorCode::WORKER_LOST,

@@ -14,6 +14,7 @@ ServerGroup::ServerGroup(unsigned threads, const Endpoint& endpoint, ConnectionO
   Endpoint shared = endpoint;
   for (unsigned i = 0; i < threads; ++i) {
     auto shard = std::make_unique<Shard>(backend, uring);
+    shard->loop.use_tls(options.tls);  // before the service, which may connect out (null: plaintext)
     shard->service = make_service(shard->loop);
     shard->server = std::make_unique<Server>(shard->loop, shared, options, *shard->service, /*share_port=*/threads > 1);
     shared.port = shard->server->port();  // port 0: the first loop's pick, for the rest

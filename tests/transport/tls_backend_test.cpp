@@ -352,6 +352,8 @@ TEST_CASE("tls: the SDK client streams a completion over TLS, and one with anoth
       REQUIRE_FALSE(refused);
       INFO(refused.error().message);
       CHECK(refused.error().message.find("our certificate does not chain to its CA") != std::string::npos);
+      CHECK(refused.error().code == protocol::ErrorCode::UNAUTHORIZED);
+      CHECK_FALSE(refused.error().retryable);  // trying again changes nothing
     }
   }
 }
