@@ -18,7 +18,7 @@ namespace fmwire::transport {
 namespace {
 
 // Plaintext handed to an owner per call at most: a few records' worth.
-constexpr std::size_t kPlaintextBytes = 256 * 1024;
+constexpr std::size_t kPlaintextBytes = 64 * 1024;
 // A piece of a send at least this big is encrypted from where it lies; smaller
 // ones are gathered first, up to kGatherBytes, so that many small frames make
 // full records rather than a record each.
