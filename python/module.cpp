@@ -16,6 +16,7 @@
 
 #include "python/client_core.h"
 #include "python/stream_queue.h"
+#include "transport/tls_credentials.h"
 
 namespace py = pybind11;
 
@@ -222,9 +223,16 @@ std::vector<transport::Endpoint> endpoints_of(const std::vector<std::string>& te
 }
 
 std::shared_ptr<ClientCore> connect_core(const std::vector<std::string>& endpoints, double connect_timeout_s,
-                                    const std::string& backend) {
+                                    const std::string& backend, const std::vector<std::string>& tls_files) {
   ClientOptions options;
   options.backend = backend;
+  if (!tls_files.empty()) {
+    // (CA, certificate, key): TLS 1.3 with mutual authentication.
+    if (tls_files.size() != 3) throw py::value_error("tls must be (ca_file, cert_file, key_file)");
+    auto credentials = transport::TlsCredentials::load({tls_files[0], tls_files[1], tls_files[2]});
+    if (!credentials) throw py::value_error("tls: " + credentials.error());
+    options.connection.tls = std::move(*credentials);
+  }
   options.connect_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(connect_timeout_s * 1000.0));
   std::vector<transport::Endpoint> parsed = endpoints_of(endpoints);
   ClientResult<std::shared_ptr<ClientCore>> core = [&] {
@@ -322,7 +330,8 @@ PYBIND11_MODULE(_fmwire, m) {
                              "the Completion once the stream has finished (None before, or after an error)");
 
   py::class_<ClientCore, std::shared_ptr<ClientCore>>(m, "Core", "One fmwire::Client and its loop thread.")
-      .def(py::init(&connect_core), py::arg("endpoints"), py::arg("connect_timeout_s"), py::arg("backend"))
+      .def(py::init(&connect_core), py::arg("endpoints"), py::arg("connect_timeout_s"), py::arg("backend"),
+           py::arg("tls_files"))
       .def("generate", &generate, py::arg("prompt"), py::arg("prompt_token_ids"), py::arg("max_tokens"),
            py::arg("temperature"), py::arg("top_p"), py::arg("seed"), py::arg("stop"), py::arg("timeout_us"),
            py::arg("priority"), py::arg("request_id"), py::arg("model"), py::arg("notifier").none(true))

@@ -24,6 +24,7 @@ for tokens releases the GIL.
 """
 import asyncio
 import math
+import os
 import weakref
 
 from . import _fmwire
@@ -128,16 +129,24 @@ class Client:
     the client goes on to the next. Connects in the constructor (up to
     connect_timeout seconds per endpoint) and raises fmwire.Error (NoWorker,
     ...) when none accepts. backend: "" (io_uring where it works, else
-    epoll), "uring" or "asio". Close it with close() or `with`."""
+    epoll), "uring" or "asio". tls: (ca_file, cert_file, key_file), PEM
+    files for TLS 1.3 with mutual authentication (the peer's certificate
+    must chain to the CA; a refusal either way raises Unauthorized); None:
+    plaintext. Close it with close() or `with`."""
 
-    def __init__(self, endpoints, *, connect_timeout=5.0, backend=""):
+    def __init__(self, endpoints, *, connect_timeout=5.0, backend="", tls=None):
         endpoints = _endpoint_list(endpoints)
         connect_timeout = _number("connect_timeout", connect_timeout)
         if connect_timeout <= 0:
             raise ValueError(f"connect_timeout must be > 0 seconds, not {connect_timeout}")
         if backend not in ("", "uring", "asio"):
             raise ValueError(f"backend must be '', 'uring' or 'asio', not {backend!r}")
-        self._core = _fmwire.Core(endpoints, connect_timeout, backend)
+        if tls is None:
+            tls = []
+        elif (not isinstance(tls, (tuple, list)) or len(tls) != 3
+              or not all(isinstance(path, (str, os.PathLike)) for path in tls)):
+            raise TypeError(f"tls must be (ca_file, cert_file, key_file), not {tls!r}")
+        self._core = _fmwire.Core(endpoints, connect_timeout, backend, [os.fspath(path) for path in tls])
         self._hubs = weakref.WeakKeyDictionary()  # asyncio loop -> _Hub
 
     def generate(self, prompt, *, max_tokens=16, temperature=0.0, top_p=1.0, seed=None, stop=None, timeout=None,

@@ -4,6 +4,7 @@ leaving the loop and by cancel() (the worker frees the stream), a worker
 SIGKILLed mid-stream, asyncio, typed errors and bad arguments."""
 import asyncio
 import gc
+import os
 import subprocess
 import threading
 
@@ -377,3 +378,33 @@ def test_async_group_refuses_bad_prompts(worker):
             with pytest.raises(ValueError, match="prompts is empty"):
                 client.agenerate_many([])
     asyncio.run(main())
+
+
+def make_certificate(folder, name, ca=None):
+    """A P-256 certificate `name` made now with openssl (never committed):
+    self-signed (a CA) without `ca`, else signed by `ca`; (cert, key)."""
+    key, cert = os.path.join(folder, name + ".key"), os.path.join(folder, name + ".pem")
+    request = ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
+               "-subj", f"/CN={name}", "-days", "1"]
+    subprocess.run(request + (["-x509", "-out", cert] if ca is None else ["-out", cert + ".csr"]), check=True,
+                   capture_output=True, timeout=20)
+    if ca is not None:
+        subprocess.run(["openssl", "x509", "-req", "-in", cert + ".csr", "-CA", ca[0], "-CAkey", ca[1],
+                        "-CAcreateserial", "-days", "1", "-out", cert], check=True, capture_output=True, timeout=20)
+    return cert, key
+
+
+def test_tls_client_streams_and_one_from_another_ca_is_unauthorized(start, tmp_path):
+    folder = str(tmp_path)
+    ca, other_ca = make_certificate(folder, "ca"), make_certificate(folder, "other-ca")
+    worker_cert, worker_key = make_certificate(folder, "worker", ca)
+    tls_worker = start("worker", "--model", "builtin", "--tls-ca", ca[0], "--tls-cert", worker_cert,
+                       "--tls-key", worker_key)
+    with fmwire.Client(tls_worker.endpoint, tls=(ca[0], *make_certificate(folder, "client", ca))) as client:
+        text = "".join(chunk.text for chunk in client.generate("Hello", max_tokens=8))
+        assert text
+    rogue = (ca[0], *make_certificate(folder, "rogue", other_ca))
+    with pytest.raises(fmwire.Unauthorized, match="our certificate does not chain to its CA"):
+        fmwire.Client(tls_worker.endpoint, tls=rogue, connect_timeout=5)
+    with pytest.raises(TypeError, match="tls must be"):
+        fmwire.Client(tls_worker.endpoint, tls=(ca[0],))
