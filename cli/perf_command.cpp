@@ -440,6 +440,7 @@ int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
     log::warn("--compare: no peer for " + command.test + " across hosts, skipped");
   }
 
+  if (command.tls) out << "every connection over TLS 1.3 with mutual authentication\n";
   std::vector<Comparison> rows;
   try {
     if (command.test == "tokens") rows = run_tokens(command, *server, out);
@@ -452,6 +453,10 @@ int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
   }
   out.flush();
   if (!command.json_path.empty()) {
+    // TLS rows named apart, so that a plaintext and a TLS run compare in one file set.
+    if (command.tls) {
+      for (Comparison& row : rows) row.name += " (tls)";
+    }
     perf::write_results_json(command.json_path, "perf", rows);
     log::info("wrote " + std::to_string(rows.size()) + " results to " + command.json_path);
   }

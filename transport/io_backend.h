@@ -4,6 +4,7 @@
 // liburing) and asio_backend.h (Boost.Asio's epoll reactor) implement it;
 // everything per frame (framing, streams, credits) lives above it, so the
 // backend is called once per write and once per receive, never per frame.
+// tls_backend.h wraps any of them in TLS 1.3 (EventLoop::use_tls).
 //
 // Threading: every member except post() and stop() is called on the loop
 // thread only. No locks on the data path.

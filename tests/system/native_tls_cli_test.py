@@ -18,6 +18,7 @@ import time
 
 from gateway_cli_test import HttpServer, curl_sse, make_certificate, run_openai_client
 from native_cli_test import LIMIT_S, check, generate, run_scenario
+from perf_cli_test import PerfServer, perf_run
 from router_cli_test import Router, Worker, frames_of, stop_all
 
 
@@ -196,8 +197,39 @@ def kv_transfer_over_tls(binary, env):
             stop_all(router, prefill, decode, whole)
 
 
+def perf_over_tls(binary, env):
+    """`fmwire perf serve` and `perf run` with TLS: tokens and a KV shard
+    measured over TLS (JSON rows named "(tls)"); a plaintext run against
+    the TLS server fails (exit 1)."""
+    with tempfile.TemporaryDirectory() as folder:
+        pki = Pki(folder)
+        server = PerfServer(binary, env, *pki.flags("perf-server"))
+        try:
+            client = pki.flags("perf-client")
+            path = folder + "/tokens.json"
+            tokens = perf_run(binary, env, server.endpoint, "--test", "tokens", "--repetitions", "2",
+                              "--frames", "100000", "--json", path, *client)
+            print(tokens.stdout, end="")
+            check(tokens.returncode == 0, f"exit {tokens.returncode}: {tokens.stderr!r}")
+            check("over TLS 1.3" in tokens.stdout, f"no TLS line in {tokens.stdout!r}")
+            with open(path) as file:
+                names = [row["name"] for row in json.load(file)["results"]]
+            check(names and all(name.endswith(" (tls)") for name in names), f"JSON rows {names}")
+            kv = perf_run(binary, env, server.endpoint, "--test", "kv", "--repetitions", "2", "--bytes",
+                          str(64 << 20), *client)
+            print(kv.stdout, end="")
+            check(kv.returncode == 0 and "fmwire GB/s" in kv.stdout, f"exit {kv.returncode}: {kv.stderr!r}")
+            plain = perf_run(binary, env, server.endpoint, "--test", "tokens", "--repetitions", "1",
+                             "--frames", "1000", "--connect-timeout-ms", "3000")
+            check(plain.returncode == 1, f"a plaintext perf run against TLS: exit {plain.returncode}")
+            check(server.stop() == 0, "perf serve did not drain cleanly")
+        finally:
+            server.kill()
+
+
 SCENARIOS = {name: function for name, function in globals().items()
-             if name in ("gateway_router_worker_over_tls", "generate_with_other_ca_refused", "kv_transfer_over_tls")}
+             if name in ("gateway_router_worker_over_tls", "generate_with_other_ca_refused", "kv_transfer_over_tls",
+                         "perf_over_tls")}
 
 if __name__ == "__main__":
     raise SystemExit(run_scenario("native_tls", SCENARIOS))
