@@ -13,6 +13,8 @@
 
 #include "protocol/finish.h"
 #include "protocol/generate_request.h"
+#include "protocol/load_report.h"
+#include "transport/connection.h"
 
 namespace fmwire {
 

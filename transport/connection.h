@@ -32,6 +32,7 @@
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
 #include "protocol/fmwire.capnp.h"
+#include "transport/connection_options.h"
 #include "transport/event_loop.h"
 #include "transport/io_backend.h"
 
@@ -45,40 +46,6 @@ inline constexpr std::uint16_t kEndStream = 1;  // the sender's last frame on th
 // Below this an attachment is copied into the send queue even when it could
 // be referenced: a copy of a few KiB costs less than an extra iovec.
 inline constexpr std::size_t kMinReferencedAttachmentBytes = 16 * 1024;
-
-// Features a side offers in its Hello or HelloAck (protocol Capabilities);
-// what a connection may use is the intersection of both sides' offers.
-struct Capabilities {
-  bool zstd_attachments = true;  // may receive zstd-compressed attachments
-  bool byte_shuffle = true;      // may receive byte-shuffled attachments
-  bool kv_transfer = false;      // serves the KV transfer session (a worker)
-  bool load_reports = false;     // sends LoadReport frames when subscribed (a worker, a router)
-
-  Capabilities intersect(const Capabilities& other) const {
-    return {zstd_attachments && other.zstd_attachments, byte_shuffle && other.byte_shuffle,
-            kv_transfer && other.kv_transfer, load_reports && other.load_reports};
-  }
-};
-
-struct ConnectionOptions {
-  codec::FrameLimits limits;
-  Capabilities capabilities;       // what this side offers
-  // What this side needs of the peer: a peer that does not offer it is
-  // refused in the Hello exchange with an error that names it (a worker's
-  // KV link to a peer that serves no KV transfer session).
-  bool require_kv_transfer = false;
-  protocol::Role role = protocol::Role::CLIENT;
-  std::string name = "fmwire";
-  // Streams open at once on one connection, either side's; a gateway or a
-  // router carries every client's stream to a worker on one connection.
-  std::uint32_t max_streams = 16384;
-  std::uint32_t initial_stream_credit_bytes = 256 * 1024;   // what we grant each stream
-  std::uint64_t initial_connection_credit_bytes = 16ull << 20;
-  std::chrono::milliseconds keepalive_interval{2000};       // a Ping after this much silence
-  std::chrono::milliseconds dead_after{6000};               // closed after this much silence
-  std::chrono::milliseconds hello_timeout{5000};
-  std::chrono::milliseconds close_linger{1000};             // for an Error frame to leave
-};
 
 // Why a connection or a stream ended: empty when it ended cleanly.
 struct EndReason {
