@@ -32,6 +32,7 @@
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
 #include "protocol/fmwire.capnp.h"
+#include "transport/auth_token.h"
 #include "transport/event_loop.h"
 #include "transport/io_backend.h"
 
@@ -78,6 +79,10 @@ struct ConnectionOptions {
   std::chrono::milliseconds dead_after{6000};               // closed after this much silence
   std::chrono::milliseconds hello_timeout{5000};
   std::chrono::milliseconds close_linger{1000};             // for an Error frame to leave
+  // The shared secret both sides must hold (--auth-token-file): proved in
+  // the Hello exchange (transport/auth_token.h). Null: none, and a peer
+  // that holds one is refused as clearly as one that lacks it.
+  std::shared_ptr<const AuthToken> auth_token;
 };
 
 // Why a connection or a stream ended: empty when it ended cleanly.
@@ -265,6 +270,8 @@ class Connection final : public SocketEvents {
   void handle_connection_frame(const codec::FrameView& frame);
   void handle_hello(const codec::FrameView& frame);
   void handle_hello_ack(const codec::FrameView& frame);
+  void handle_hello_proof(const codec::FrameView& frame);
+  void become_ready();
   void handle_credit(std::uint32_t stream_id, std::uint64_t bytes);
   void handle_stream_frame(const codec::FrameView& frame);
   void grant(std::uint32_t stream_id, StreamState& stream, std::uint64_t bytes);
@@ -303,6 +310,8 @@ class Connection final : public SocketEvents {
   std::string peer_name_;
   std::uint64_t peer_tokenizer_fingerprint_ = 0;
   Capabilities agreed_{false, false, false, false};
+  AuthHandshake auth_;
+  bool awaiting_auth_proof_ = false;  // a server that sent HelloAck and waits for HelloProof
 
   codec::ByteBuffer receive_;    // a partial frame carried between receives
   // The partial frame's attachment digested as its pieces arrive, while
