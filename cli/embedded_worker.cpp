@@ -6,7 +6,8 @@ namespace fmwire::cli {
 
 codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> EmbeddedWorker::start(const engine::ModelSpec& model,
                                                                                   const std::string& backend,
-                                                                                  protocol::WorkerRole role) {
+                                                                                  protocol::WorkerRole role,
+                                                                                  std::shared_ptr<const transport::AuthToken> auth_token) {
   auto loaded = engine::load_model(model);
   if (!loaded) return loaded.error();
   std::unique_ptr<EmbeddedWorker> worker(new EmbeddedWorker());
@@ -14,7 +15,9 @@ codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> EmbeddedWorker::star
   worker->role_ = role;
   worker::WorkerOptions options;
   options.role = role;
-  const transport::ConnectionOptions connection = worker::WorkerService::server_options("fmwire worker (embedded)");
+  options.kv.auth_token = auth_token;
+  transport::ConnectionOptions connection = worker::WorkerService::server_options("fmwire worker (embedded)");
+  connection.auth_token = std::move(auth_token);
   try {
     worker->group_ = std::make_unique<transport::ServerGroup>(
         1, transport::Endpoint{"127.0.0.1", 0}, connection,

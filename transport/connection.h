@@ -151,6 +151,9 @@ class Connection final : public SocketEvents {
 
   bool ready() const { return ready_; }
   bool closed() const { return closed_; }
+  // Why it closed or is closing (an Error frame's words: an auth refusal,
+  // a version the peer does not speak); clean while it is open.
+  const EndReason& close_reason() const { return close_reason_; }
   const std::string& peer_name() const { return peer_name_; }
   // The peer's address, HOST:PORT as the socket has it ("" if unknown):
   // for log lines.
