@@ -45,7 +45,9 @@ std::vector<ConnectRun> fmwire_connect_rate(const std::string& backend, int tota
 // Set-up times, connect to ready, of `connects` connections opened one at a
 // time to a server without an auth token and, in turn, to one with
 // (transport/auth_token.h: HMAC challenge and response, a third Hello
-// message), each closed before the next; microseconds each.
+// message), each closed before the next; microseconds each. Ready is the
+// client's: it may send; the server checks the client's proof as that
+// first frame arrives (one more HMAC there, not in this time).
 struct ConnectSetupTimes {
   std::vector<double> plain_us;
   std::vector<double> token_us;
