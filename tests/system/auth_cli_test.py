@@ -11,6 +11,7 @@ killed on the way out.
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -190,6 +191,38 @@ def perf_with_token(binary, env):
         secrets.remove()
 
 
+def up_disaggregated_with_token(binary, env):
+    """`fmwire up` split into a prefill and a decode worker, all with the
+    token: its demo streams, so every hop proved it, the prefill worker's KV
+    link to the decode worker included."""
+    secrets = Secrets()
+    up = None
+    try:
+        up = subprocess.Popen([binary, "up", "--port", "0", "--prefill-workers", "1", "--decode-workers", "1",
+                               "--demo-prompt", "hello there", *token(secrets.good)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + LIMIT_S
+        out = ""
+        while time.monotonic() < deadline and "demo: " not in out.split("streaming", 1)[-1]:
+            line = up.stdout.readline()
+            if not line:
+                break
+            out += line
+        check("demo: done: 48 tokens" in out, f"stdout {out!r}")
+        up.send_signal(signal.SIGINT)
+        _, errors = up.communicate(timeout=LIMIT_S)
+        check(up.returncode == 0, f"exit {up.returncode}: {errors[-800:]!r}")
+        # The split went through the KV link: had the decode worker refused
+        # it, the router would have served the request whole instead.
+        check("1 split, 0 of them served whole after a part failed" in errors, f"stderr {errors[-600:]!r}")
+        check(SECRET not in errors + out, "the secret is in a log")
+    finally:
+        if up is not None and up.poll() is None:
+            up.kill()
+            up.wait()
+        secrets.remove()
+
+
 class TlsEtcd(Etcd):
     """A real etcd serving https only, with --client-cert-auth, on
     certificates made now by tests/make_test_certs.sh."""
@@ -261,6 +294,7 @@ SCENARIOS = {
     "router_without_token_refused": router_without_token_refused,
     "bad_token_file_refused": bad_token_file_refused,
     "perf_with_token": perf_with_token,
+    "up_disaggregated_with_token": up_disaggregated_with_token,
     "etcd_tls_discovery": etcd_tls_discovery,
 }
 
