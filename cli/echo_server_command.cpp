@@ -25,6 +25,7 @@ int run_echo_server(const EchoServerCommand& command, std::ostream& out) {
   transport::ConnectionOptions options;
   options.role = protocol::Role::WORKER;
   options.name = "fmwire echo-server";
+  options.auth_token = command.auth_token;
   std::vector<transport::EchoService*> services;  // read after the loops have stopped
   const transport::EchoOptions echo{command.token_interval, command.tokens_per_frame};
 

@@ -7,7 +7,10 @@
 #include <chrono>
 #include <cstdint>
 #include <iosfwd>
+#include <memory>
 #include <string>
+
+#include "transport/auth_token.h"
 
 namespace fmwire::cli {
 
@@ -18,6 +21,9 @@ struct EchoServerCommand {
   unsigned threads = 1;                   // loop threads sharing the port (thread per core)
   std::string backend;                    // "", "uring" or "asio"
   std::chrono::milliseconds drain_timeout{10000};  // then close what is left
+  // --auth-token-file: the shared secret its native connections prove
+  // (transport/auth_token.h); null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off.

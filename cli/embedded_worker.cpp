@@ -4,7 +4,8 @@ namespace fmwire::cli {
 
 codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> EmbeddedWorker::start(const engine::ModelSpec& model,
                                                                                   const std::string& backend,
-                                                                                  protocol::WorkerRole role) {
+                                                                                  protocol::WorkerRole role,
+                                                                                  std::shared_ptr<const transport::AuthToken> auth_token) {
   auto loaded = engine::load_model(model);
   if (!loaded) return loaded.error();
   std::unique_ptr<EmbeddedWorker> worker(new EmbeddedWorker());
@@ -13,6 +14,7 @@ codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> EmbeddedWorker::star
   worker::EngineServerOptions options;
   options.backend = backend;
   options.role = role;
+  options.auth_token = std::move(auth_token);
   auto server = worker::EngineServer::start(*worker->model_.engine, *worker->model_.tokenizer, options);
   if (!server) return "an embedded worker cannot start: " + server.error();
   worker->endpoint_ = (*server)->endpoint();

@@ -24,7 +24,8 @@ class EmbeddedWorker {
   // threads started here inherit the signal mask).
   static codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> start(
       const engine::ModelSpec& model, const std::string& backend,
-      protocol::WorkerRole role = protocol::WorkerRole::BOTH);
+      protocol::WorkerRole role = protocol::WorkerRole::BOTH,
+      std::shared_ptr<const transport::AuthToken> auth_token = nullptr);  // proved by its peers
   ~EmbeddedWorker() = default;  // the server (stopped if still running) goes before the engine
   EmbeddedWorker(const EmbeddedWorker&) = delete;
   EmbeddedWorker& operator=(const EmbeddedWorker&) = delete;

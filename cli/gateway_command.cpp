@@ -64,7 +64,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
   options.upstreams = *routers;
   std::optional<discovery::EtcdUrl> etcd;
   if (!command.etcd.empty()) {
-    auto url = discovery::parse_etcd_url(command.etcd);
+    auto url = discovery::parse_etcd_url(command.etcd, command.etcd_tls);
     if (!url) {
       log::error(std::string("--etcd: ") + url.error());
       return 2;
@@ -89,6 +89,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
   options.http_threads = command.http_threads;
   options.upstream_keepalive = command.upstream_keepalive;
   options.upstream_dead_after = command.upstream_dead_after;
+  options.upstream_auth_token = command.auth_token;
 
   // Before any other thread: they inherit its signal mask.
   RoleShutdown shutdown;
@@ -100,7 +101,9 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
   }
   std::unique_ptr<EmbeddedRouter> router;
   if (!workers->empty()) {
-    auto started = EmbeddedRouter::start(*workers, *tokenizer, command.router_options, command.backend);
+    router::RouterOptions router_options = command.router_options;
+    router_options.worker_link.connection.auth_token = command.auth_token;
+    auto started = EmbeddedRouter::start(*workers, *tokenizer, router_options, command.backend);
     if (!started) {
       log::error(started.error());
       return 2;

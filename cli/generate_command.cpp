@@ -81,6 +81,7 @@ int run_generate(const GenerateCommand& command, std::ostream& out) {
   ClientOptions options;
   options.backend = command.backend;
   options.connect_timeout = command.connect_timeout;
+  options.connection.auth_token = command.auth_token;
   ClientResult<std::unique_ptr<Client>> connected = Client::connect(*endpoints, options);
   if (!connected) {
     report_error(connected.error(), command.json, out);

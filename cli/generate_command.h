@@ -7,9 +7,12 @@
 #include <chrono>
 #include <cstdint>
 #include <iosfwd>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "transport/auth_token.h"
 
 namespace fmwire::cli {
 
@@ -22,6 +25,9 @@ struct GenerateCommand {
   bool json = false;
   std::string backend;         // "", "uring" or "asio"
   std::chrono::milliseconds connect_timeout{5000};
+  // --auth-token-file: the shared secret its native connections prove
+  // (transport/auth_token.h); null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // Exit codes: 0 finished, 1 an error from the peer or the connection,

@@ -21,6 +21,7 @@
 #include "engine/cuda_module.h"
 #include "log/log.h"
 #include "protocol/fmwire.capnp.h"
+#include "transport/auth_token.h"
 
 namespace po = boost::program_options;
 
@@ -88,6 +89,32 @@ fmwire::gateway::RateLimits rate_limits_flag(const std::string& text) {
   return *limits;
 }
 
+// --auth-token-file FILE, which every command with a native connection
+// takes (transport/auth_token.h); `help` says who proves it to whom.
+void add_auth_token_flag(po::options_description& description, const std::string& help) {
+  description.add_options()("auth-token-file", po::value<std::string>()->value_name("FILE"), help.c_str());
+}
+
+// The secret of --auth-token-file, null without the flag; an unreadable,
+// empty or too short file exits 2 with a line naming it (never the secret).
+std::shared_ptr<const fmwire::transport::AuthToken> auth_token_flag(const po::variables_map& values) {
+  if (!values.count("auth-token-file")) return nullptr;
+  auto token = fmwire::transport::AuthToken::read_file(values["auth-token-file"].as<std::string>());
+  if (!token) throw po::error(token.error());
+  return *token;
+}
+
+// --etcd-cacert, --etcd-cert, --etcd-key: an https --etcd's files, named as
+// etcdctl names them (--cacert, --cert, --key).
+void add_etcd_tls_flags(po::options_description& description, fmwire::discovery::EtcdTlsFiles& files) {
+  description.add_options()
+      ("etcd-cacert", po::value(&files.ca_file)->value_name("FILE"),
+       "https --etcd: the CA (PEM) etcd's certificate must chain to (default: the system's CAs)")
+      ("etcd-cert", po::value(&files.cert_file)->value_name("FILE"),
+       "https --etcd: the client certificate (PEM) to present, for an etcd started with --client-cert-auth")
+      ("etcd-key", po::value(&files.key_file)->value_name("FILE"), "https --etcd: the client certificate's key (PEM)");
+}
+
 // --log-level and --log-format, which every command takes.
 struct LogFlags {
   std::string level = "info";
@@ -149,10 +176,13 @@ int run_generate_command(const std::vector<std::string>& arguments) {
       ("prompt", po::value(&command.prompt)->required(), "the prompt (positional)");
   po::positional_options_description positional;
   positional.add("prompt", 1);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) to prove to the endpoint, which must hold the same one");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, &positional, values)) return 0;
   if (!start_log(log_flags, "fmwire generate")) return 2;
+  command.auth_token = auth_token_flag(values);
   if (values.count("seed")) command.seed = seed;
   command.endpoints = split_list(endpoints);
   command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
@@ -175,10 +205,13 @@ int run_echo_server_command(const std::vector<std::string>& arguments) {
       ("threads", po::value(&command.threads)->default_value(command.threads), "loop threads sharing the port (one per core)")
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms), "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) every client must prove; none: clients must hold none");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire echo-server")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.token_interval = std::chrono::milliseconds(token_interval_ms);
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.backend = backend_choice(backend);
@@ -201,10 +234,13 @@ int run_perf_serve_command(const std::vector<std::string>& arguments) {
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
       ("iperf3-port", po::value(&iperf3_port), "also run `iperf3 -s -p PORT` (the peer of `perf run --compare`), killed on exit")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) every `perf run` must prove");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire perf serve")) return 2;
+  command.auth_token = auth_token_flag(values);
   if (values.count("iperf3-port")) command.iperf3_port = iperf3_port;
   command.backend = backend_choice(backend);
   return fmwire::cli::run_perf_serve(command, std::cout);
@@ -241,10 +277,13 @@ int run_perf_run_command(const std::vector<std::string>& arguments) {
       ("connect-timeout-ms", po::value(&connect_timeout_ms)->default_value(connect_timeout_ms),
        "connecting and the Hello exchange")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) to prove to `perf serve`");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire perf run")) return 2;
+  command.auth_token = auth_token_flag(values);
   if (values.count("seconds")) command.seconds = seconds;
   if (values.count("repetitions")) command.repetitions = repetitions;
   command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
@@ -303,7 +342,7 @@ int run_worker_command(const std::vector<std::string>& arguments) {
       ("prefill-ns-per-token", po::value(&prefill_ns_per_token), "synthetic models: time per prompt token")
       ("max-context", po::value(&max_context), "synthetic models: context length in tokens (default: the named model's)")
       ("name", po::value(&command.name), "name in load reports and timings (default: the address)")
-      ("etcd", po::value(&command.etcd), "register in etcd (http://HOST:PORT) for routers that watch it")
+      ("etcd", po::value(&command.etcd), "register in etcd (http://HOST:PORT, or https:// with --etcd-cacert/--etcd-cert/--etcd-key) for routers that watch it")
       ("advertise", po::value(&command.advertise),
        "HOST:PORT to register in etcd, as other hosts reach this one (needed when --listen is 0.0.0.0 or [::]); "
        "port 0: the port listened on")
@@ -324,10 +363,14 @@ int run_worker_command(const std::vector<std::string>& arguments) {
        "io_uring sends of at least this many bytes go zero-copy, KV chunks from the registered cache; 0: never "
        "(on loopback and veth links copying measured faster: bench_kv --zero-copy)")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_etcd_tls_flags(description, command.etcd_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) that routers, clients and other workers must prove, and that this worker proves to the workers it pushes KV to; none: peers must hold none");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire worker")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.kv_state_timeout = std::chrono::milliseconds(std::max<std::uint32_t>(kv_timeout_ms, 1));
   if (const char* corrupt = std::getenv("FMWIRE_FAULT_CORRUPT_KV_CHUNK")) {
     command.corrupt_kv_chunk = static_cast<std::uint32_t>(std::strtoul(corrupt, nullptr, 10));
@@ -388,7 +431,7 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("metrics-listen", po::value(&command.metrics_listen),
        "serve Prometheus /metrics on HOST:PORT (port 0 picks a free one, printed); default: none")
       ("policy", po::value(&router.policy)->default_value(router.policy), "round-robin, least-loaded, prefix or sla")
-      ("etcd", po::value(&command.etcd), "etcd URL (http://HOST:PORT): workers registered there join and leave")
+      ("etcd", po::value(&command.etcd), "etcd URL (http://HOST:PORT, or https://): workers registered there join and leave")
       ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix of the workers in etcd")
       ("advertise", po::value(&command.advertise),
        "with --etcd, HOST:PORT to register this router as, as other hosts reach it (needed when --listen is 0.0.0.0 "
@@ -415,10 +458,14 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("drain-timeout-ms", po::value(&drain_timeout_ms)->default_value(drain_timeout_ms),
        "on SIGINT/SIGTERM, how long open streams may take to finish")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
+  add_etcd_tls_flags(description, command.etcd_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) that clients and gateways must prove, and that this router proves to its workers");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire router")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.workers = split_list(workers);
   const std::optional<unsigned> loop_threads = parse_loop_threads(threads);
   if (!loop_threads) {
@@ -457,7 +504,7 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT for HTTP; port 0 picks a free one")
       ("router", po::value(&routers),
        "the routers requests go to, HOST:PORT,...: one connection at a time, the next one when it is lost")
-      ("etcd", po::value(&command.etcd), "or find the routers in etcd (http://HOST:PORT), as they come and go")
+      ("etcd", po::value(&command.etcd), "or find the routers in etcd (http://HOST:PORT, or https://), as they come and go")
       ("etcd-router-prefix", po::value(&command.etcd_router_prefix)->default_value(command.etcd_router_prefix),
        "with --etcd: the key prefix routers register under")
       ("workers", po::value(&workers), "or the workers, HOST:PORT,...: a router runs inside the gateway")
@@ -480,10 +527,14 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit,
                                  "per API key (per client address without keys)");
+  add_etcd_tls_flags(description, command.etcd_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) to prove to the routers (with --workers: the embedded router proves it to the workers)");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire gateway")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.workers = split_list(workers);
   command.routers = split_list(routers);
   command.rate_limits = rate_limits_flag(rate_limit);
@@ -527,10 +578,13 @@ int run_up_command(const std::vector<std::string>& arguments) {
        "threads for HTTP; 0: one per four cores, at least one")
       ("backend", po::value(&backend), "I/O backend of the native side: uring or asio");
   add_https_and_rate_limit_flags(description, command.tls_cert, command.tls_key, rate_limit, "per client address");
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) that every native hop inside proves (gateway -> router -> workers on 127.0.0.1), so no other local user can open streams on their ports");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire up")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.rate_limits = rate_limits_flag(rate_limit);
   if (values.count("no-demo")) command.demo = false;
   if (values.count("disaggregate") || values.count("prefill-workers") || values.count("decode-workers")) {

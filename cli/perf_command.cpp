@@ -54,7 +54,9 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out) {
     }
   }
 
-  transport::ServerGroup group(1, *endpoint, perf::perf_server_options(),
+  transport::ConnectionOptions options = perf::perf_server_options();
+  options.auth_token = command.auth_token;
+  transport::ServerGroup group(1, *endpoint, options,
                                [](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop); },
                                command.backend);
   log::info(group.backend_log_line());
@@ -140,6 +142,7 @@ void check_round(const perf::TokenSink& sink, bool finished, const char* late) {
 std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transport::Endpoint& server,
                                    std::ostream& out) {
   perf::ClientConnections client(command.backend);
+  client.auth_token = command.auth_token;
   ServerCpu server_cpu(client, server, command.connect_timeout);
   perf::TokenSink sink(client.loop);
   client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
@@ -198,6 +201,7 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
 std::vector<Comparison> run_latency(const PerfRunCommand& command, const transport::Endpoint& server,
                                     std::ostream& out) {
   perf::ClientConnections client(command.backend);
+  client.auth_token = command.auth_token;
   perf::TokenSink sink(client.loop);
   client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
   transport::Connection& connection = *client.connections.back();
@@ -309,6 +313,7 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
   {
     perf::ClientConnections client(command.backend);
+  client.auth_token = command.auth_token;
     ServerCpu server_cpu(client, server, command.connect_timeout);
     perf::BulkSender sender(client.loop, source);
     client.connect(server.host, server.port, 1, perf::bulk_options(command.chunk_bytes), sender,
@@ -366,6 +371,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
   {
     perf::ClientConnections client(command.backend);
+  client.auth_token = command.auth_token;
     ServerCpu server_cpu(client, server, command.connect_timeout);
     perf::KvSender sender(client.loop, kv);
     client.connect(server.host, server.port, 1, perf::kv_connection_options(protocol::Role::WORKER, "fmwire perf run"),

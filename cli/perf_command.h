@@ -24,8 +24,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <iosfwd>
+#include <memory>
 #include <optional>
 #include <string>
+
+#include "transport/auth_token.h"
 
 namespace fmwire::cli {
 
@@ -34,6 +37,9 @@ struct PerfServeCommand {
   std::string backend;                    // "", "uring" or "asio"
   std::optional<std::uint16_t> iperf3_port;  // run `iperf3 -s -p PORT` beside, killed on exit
   std::chrono::milliseconds drain_timeout{5000};
+  // --auth-token-file: the shared secret its native connections prove
+  // (transport/auth_token.h); null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // Serves until SIGINT/SIGTERM; returns 0 after a clean drain, 1 when it had
@@ -55,6 +61,9 @@ struct PerfRunCommand {
   std::size_t chunk_bytes = std::size_t{4} << 20;  // bulk, kv: attachment bytes per KvChunk
   std::uint64_t bytes = std::uint64_t{1} << 30;    // bulk, kv: bytes per round
   std::chrono::milliseconds connect_timeout{5000};
+  // --auth-token-file: the shared secret its native connections prove
+  // (transport/auth_token.h); null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 int run_perf_run(const PerfRunCommand& command, std::ostream& out);

@@ -8,7 +8,9 @@
 #include <iosfwd>
 #include <string>
 
+#include "discovery/etcd_discovery.h"
 #include "engine/model_loader.h"
+#include "transport/auth_token.h"
 #include "worker/worker_service.h"
 
 namespace fmwire::cli {
@@ -24,6 +26,7 @@ struct WorkerCommand {
   std::string etcd;                       // URL: register there for routers to find
   std::string advertise;                  // HOST:PORT registered in etcd (cli/advertise.h); default: the listen address
   std::string etcd_prefix = "/fmwire/workers/";
+  discovery::EtcdTlsFiles etcd_tls;       // https etcd: --etcd-cacert, --etcd-cert, --etcd-key
   std::uint32_t etcd_ttl_s = 5;
   std::string role = "both";              // disaggregated serving: prefill, decode or both
   std::string kv_compress = "auto";       // KV chunks: shuffle+zstd auto, on or off
@@ -35,6 +38,9 @@ struct WorkerCommand {
   // Fault injection for tests (FMWIRE_FAULT_CORRUPT_KV_CHUNK): corrupt this
   // chunk of each KV transfer sent after its digest was taken; 0: never.
   std::uint32_t corrupt_kv_chunk = 0;
+  // --auth-token-file: proved by every peer (routers, clients, workers that
+  // push KV) and to the workers it pushes KV to; null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad

@@ -31,9 +31,10 @@ enum class FrameKind : std::uint8_t {
   kv_abort = 18,
   go_away = 19,
   kv_handoff = 20,
+  hello_proof = 21,
 };
 
-inline constexpr std::uint8_t kLastFrameKind = 20;
+inline constexpr std::uint8_t kLastFrameKind = 21;
 
 // True for the kinds this version knows; a receiver answers others with an
 // Error frame rather than guessing at their body.
@@ -68,6 +69,7 @@ FMWIRE_FRAME_KIND(KvCommitted, kv_committed)
 FMWIRE_FRAME_KIND(KvAbort, kv_abort)
 FMWIRE_FRAME_KIND(GoAway, go_away)
 FMWIRE_FRAME_KIND(KvHandoff, kv_handoff)
+FMWIRE_FRAME_KIND(HelloProof, hello_proof)
 #undef FMWIRE_FRAME_KIND
 
 template <typename Body>

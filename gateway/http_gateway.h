@@ -74,6 +74,7 @@
 
 #include "codec/codec_error.h"
 #include "gateway/rate_limiter.h"
+#include "transport/auth_token.h"
 #include "transport/endpoint.h"
 
 namespace fmwire::gateway {
@@ -124,6 +125,9 @@ struct HttpGatewayOptions {
   // go to the silent connection until it is given up.
   std::chrono::milliseconds upstream_keepalive{1000};
   std::chrono::milliseconds upstream_dead_after{3000};
+  // The shared secret the upstream connections prove (--auth-token-file,
+  // transport/auth_token.h); null: none.
+  std::shared_ptr<const transport::AuthToken> upstream_auth_token;
 };
 
 class HttpGateway {

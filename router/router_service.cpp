@@ -911,6 +911,10 @@ void RouterService::on_worker_refused(WorkerLink& link, const std::string& reaso
   say_of_worker(log::Level::warn, reason, {{"worker", link.view().name}});
 }
 
+void RouterService::on_worker_hello_failed(WorkerLink& link, const std::string& reason) {
+  say_of_worker(log::Level::warn, reason, {{"worker", link.view().name}});
+}
+
 void RouterService::on_worker_unresolved(WorkerLink& link, const std::string& reason) {
   say_of_worker(log::Level::warn, reason, {{"worker", link.view().name}});
 }

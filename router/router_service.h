@@ -283,6 +283,7 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   bool hand_over(Route& route, WorkerLink& draining);
   void on_worker_refused(WorkerLink& link, const std::string& reason) override;
   void on_worker_unresolved(WorkerLink& link, const std::string& reason) override;
+  void on_worker_hello_failed(WorkerLink& link, const std::string& reason) override;
   void reap_retired();
   WorkerLinkOwner& link_owner() { return *this; }
 

@@ -55,6 +55,14 @@ std::string address_of_peer(int fd) {
   return {};
 }
 
+capnp::Data::Reader as_capnp_data(std::span<const std::byte> bytes) {
+  return {reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()};
+}
+
+std::span<const std::byte> as_bytes(capnp::Data::Reader data) {
+  return {reinterpret_cast<const std::byte*>(data.begin()), data.size()};
+}
+
 std::string milliseconds(Clock::duration duration) {
   return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(duration).count()) + " ms";
 }
@@ -85,6 +93,7 @@ Connection::Connection(EventLoop& loop, int fd, bool outgoing, ConnectionOptions
       handler_(handler),
       encoder_(options_.limits),
       decoder_(options_.limits),
+      auth_(options_.auth_token),
       next_local_stream_(outgoing ? 1 : 2),
       connection_receive_window_(options_.initial_connection_credit_bytes),
       last_received_(Clock::now()) {
@@ -133,6 +142,7 @@ bool Connection::agree(const Capabilities& peer) {
 }
 
 void Connection::send_hello() {
+  const std::span<const std::byte> challenge = auth_.client_challenge();
   send<protocol::Hello>(0, [&](protocol::Hello::Builder hello) {
     hello.setProtocolMajor(protocol::PROTOCOL_MAJOR);
     hello.setProtocolMinor(protocol::PROTOCOL_MINOR);
@@ -141,6 +151,7 @@ void Connection::send_hello() {
     hello.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
     send_capabilities(hello.initCapabilities());
     send_limits(hello.initLimits());
+    if (!challenge.empty()) hello.setAuthNonce(as_capnp_data(challenge));
   });
 }
 
@@ -370,10 +381,14 @@ void Connection::handle_frame(const codec::FrameView& frame) {
       handle_hello(frame);
     } else if (frame.kind() == FrameKind::hello_ack && outgoing_) {
       handle_hello_ack(frame);
+    } else if (frame.kind() == FrameKind::hello_proof && awaiting_auth_proof_) {
+      handle_hello_proof(frame);
     } else if (frame.kind() == FrameKind::error) {
       handle_connection_frame(frame);
     } else {
-      fail(protocol::ErrorCode::BAD_FRAME, std::string("expected ") + (outgoing_ ? "HelloAck" : "Hello") + " first, got " +
+      fail(protocol::ErrorCode::BAD_FRAME, std::string("expected ") +
+                                               (outgoing_ ? "HelloAck" : awaiting_auth_proof_ ? "HelloProof" : "Hello") +
+                                               " first, got " +
                                                std::string(codec::to_string(frame.kind())));
     }
     return;
@@ -389,7 +404,9 @@ void Connection::handle_hello(const codec::FrameView& frame) {
   std::uint16_t major = 0;
   std::uint16_t minor = 0;
   Capabilities peer_capabilities;
+  AuthStep auth;
   codec::Status read = codec::read_body<protocol::Hello>(frame, options_.limits, [&](protocol::Hello::Reader hello) {
+    auth = auth_.on_hello(as_bytes(hello.getAuthNonce()));
     major = hello.getProtocolMajor();
     minor = hello.getProtocolMinor();
     peer_name_ = hello.getPeerName();
@@ -411,6 +428,7 @@ void Connection::handle_hello(const codec::FrameView& frame) {
              std::to_string(protocol::PROTOCOL_MAJOR) + "." + std::to_string(protocol::PROTOCOL_MINOR));
     return;
   }
+  if (auth.refused) return fail(protocol::ErrorCode::UNAUTHORIZED, auth.message);
   if (!agree(peer_capabilities)) return;
   if (peer_initial_stream_credit_ == 0) peer_initial_stream_credit_ = kDefaultStreamCredit;
   if (connection_send_credit_ == 0) connection_send_credit_ = kDefaultConnectionCredit;
@@ -422,7 +440,31 @@ void Connection::handle_hello(const codec::FrameView& frame) {
     ack.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
     send_capabilities(ack.initCapabilities());
     send_limits(ack.initLimits());
+    if (!auth.proof.empty()) {
+      ack.setAuthNonce(as_capnp_data(auth.nonce));
+      ack.setAuthProof(as_capnp_data(auth.proof));
+    }
   });
+  // Streams wait for the client's proof: nothing but HelloProof is taken
+  // before it.
+  if (auth_.enabled()) {
+    awaiting_auth_proof_ = true;
+    return;
+  }
+  become_ready();
+}
+
+void Connection::handle_hello_proof(const codec::FrameView& frame) {
+  AuthStep auth;
+  codec::Status read = codec::read_body<protocol::HelloProof>(
+      frame, options_.limits, [&](protocol::HelloProof::Reader proof) { auth = auth_.on_hello_proof(as_bytes(proof.getAuthProof())); });
+  if (!read) return fail(protocol::ErrorCode::BAD_FRAME, "HelloProof: " + read.error().message);
+  if (auth.refused) return fail(protocol::ErrorCode::UNAUTHORIZED, auth.message);
+  awaiting_auth_proof_ = false;
+  become_ready();
+}
+
+void Connection::become_ready() {
   ready_ = true;
   handler_.on_ready(*this);
 }
@@ -430,7 +472,9 @@ void Connection::handle_hello(const codec::FrameView& frame) {
 void Connection::handle_hello_ack(const codec::FrameView& frame) {
   std::uint16_t major = 0;
   Capabilities peer_capabilities;
+  AuthStep auth;
   codec::Status read = codec::read_body<protocol::HelloAck>(frame, options_.limits, [&](protocol::HelloAck::Reader ack) {
+    auth = auth_.on_hello_ack(as_bytes(ack.getAuthNonce()), as_bytes(ack.getAuthProof()));
     major = ack.getProtocolMajor();
     peer_name_ = ack.getPeerName();
     peer_capabilities = read_capabilities(ack.getCapabilities());
@@ -450,11 +494,17 @@ void Connection::handle_hello_ack(const codec::FrameView& frame) {
                                                        "; this side speaks " + std::to_string(protocol::PROTOCOL_MAJOR));
     return;
   }
+  if (auth.refused) return fail(protocol::ErrorCode::UNAUTHORIZED, auth.message);
   if (!agree(peer_capabilities)) return;
   if (peer_initial_stream_credit_ == 0) peer_initial_stream_credit_ = kDefaultStreamCredit;
   if (connection_send_credit_ == 0) connection_send_credit_ = kDefaultConnectionCredit;
-  ready_ = true;
-  handler_.on_ready(*this);
+  if (!auth.proof.empty()) {
+    // Ready at once: TCP keeps our streams' frames behind the proof.
+    send<protocol::HelloProof>(0, [&](protocol::HelloProof::Builder proof) {
+      proof.setAuthProof(as_capnp_data(auth.proof));
+    });
+  }
+  become_ready();
 }
 
 void Connection::handle_connection_frame(const codec::FrameView& frame) {
@@ -499,6 +549,7 @@ void Connection::handle_connection_frame(const codec::FrameView& frame) {
     }
     case FrameKind::hello:
     case FrameKind::hello_ack:
+    case FrameKind::hello_proof:
       return fail(protocol::ErrorCode::BAD_FRAME, "a second Hello on one connection");
     default:
       handler_.on_stream_frame(*this, frame);  // connection-wide messages: LoadReport

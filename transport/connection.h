@@ -113,6 +113,9 @@ class Connection final : public SocketEvents {
 
   bool ready() const { return ready_; }
   bool closed() const { return closed_; }
+  // Why it closed or is closing (an Error frame's words: an auth refusal,
+  // a version the peer does not speak); clean while it is open.
+  const EndReason& close_reason() const { return close_reason_; }
   const std::string& peer_name() const { return peer_name_; }
   // The peer's address, HOST:PORT as the socket has it ("" if unknown):
   // for log lines.
@@ -232,6 +235,8 @@ class Connection final : public SocketEvents {
   void handle_connection_frame(const codec::FrameView& frame);
   void handle_hello(const codec::FrameView& frame);
   void handle_hello_ack(const codec::FrameView& frame);
+  void handle_hello_proof(const codec::FrameView& frame);
+  void become_ready();
   void handle_credit(std::uint32_t stream_id, std::uint64_t bytes);
   void handle_stream_frame(const codec::FrameView& frame);
   void grant(std::uint32_t stream_id, StreamState& stream, std::uint64_t bytes);
@@ -270,6 +275,8 @@ class Connection final : public SocketEvents {
   std::string peer_name_;
   std::uint64_t peer_tokenizer_fingerprint_ = 0;
   Capabilities agreed_{false, false, false, false};
+  AuthHandshake auth_;
+  bool awaiting_auth_proof_ = false;  // a server that sent HelloAck and waits for HelloProof
 
   codec::ByteBuffer receive_;    // a partial frame carried between receives
   // The partial frame's attachment digested as its pieces arrive, while

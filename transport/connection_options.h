@@ -6,10 +6,12 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "codec/frame_limits.h"
 #include "protocol/fmwire.capnp.h"
+#include "transport/auth_token.h"
 
 namespace fmwire::transport {
 
@@ -45,6 +47,10 @@ struct ConnectionOptions {
   std::chrono::milliseconds dead_after{6000};               // closed after this much silence
   std::chrono::milliseconds hello_timeout{5000};
   std::chrono::milliseconds close_linger{1000};             // for an Error frame to leave
+  // The shared secret both sides must hold (--auth-token-file): proved in
+  // the Hello exchange (transport/auth_token.h). Null: none, and a peer
+  // that holds one is refused as clearly as one that lacks it.
+  std::shared_ptr<const AuthToken> auth_token;
 };
 
 }  // namespace fmwire::transport

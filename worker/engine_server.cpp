@@ -23,8 +23,10 @@ codec::Result<std::unique_ptr<EngineServer>, std::string> EngineServer::start(en
   WorkerOptions worker_options;
   worker_options.role = options.role;
   worker_options.max_waiting = options.max_waiting;
-  const transport::ConnectionOptions connection =
+  worker_options.kv.auth_token = options.auth_token;
+  transport::ConnectionOptions connection =
       WorkerService::server_options(options.name.empty() ? "fmwire worker" : options.name);
+  connection.auth_token = options.auth_token;
   try {
     impl->group = std::make_unique<transport::ServerGroup>(
         1, options.listen, connection,

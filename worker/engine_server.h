@@ -14,6 +14,7 @@
 #include "engine/engine.h"
 #include "engine/tokenizer.h"
 #include "protocol/fmwire.capnp.h"
+#include "transport/auth_token.h"
 #include "transport/endpoint.h"
 #include "worker/worker_counters.h"
 
@@ -27,6 +28,9 @@ struct EngineServerOptions {
   // Requests waiting for a batch slot beyond those the batch holds, at
   // most; past it a request is refused as overloaded (retryable). 0: no bound.
   std::uint32_t max_waiting = 256;
+  // The shared secret its peers must prove (--auth-token-file), and that it
+  // proves to the workers it pushes KV to. Null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 class EngineServer {
