@@ -12,6 +12,7 @@
 #include "log/log.h"
 #include "perf/bulk_handlers.h"
 #include "perf/client_connections.h"
+#include "perf/grpc_tokens.h"
 #include "perf/iperf3.h"
 #include "perf/kv_handlers.h"
 #include "perf/measure.h"
@@ -54,11 +55,36 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out) {
     }
   }
 
-  transport::ServerGroup group(1, *endpoint, perf::perf_server_options(),
-                               [](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop); },
-                               command.backend);
+  // The peer of `perf run --test tokens|latency --compare`, in this process
+  // so that the CPU reports count its threads; clients learn its port from
+  // the gRPC port report. Shut down when this returns, after the group.
+  std::unique_ptr<perf::GrpcTokenServer> grpc_server;
+  if (!perf::grpc_built_in()) {
+    log::warn("gRPC not built in: no gRPC server, --compare runs against this host will skip it");
+  } else {
+    try {
+      grpc_server = std::make_unique<perf::GrpcTokenServer>(endpoint->host, command.grpc_port.value_or(0));
+    } catch (const std::exception& error) {
+      if (command.grpc_port) {
+        log::error(std::string("--grpc-port: ") + error.what());
+        return 1;
+      }
+      log::warn(std::string(error.what()) + ": --compare runs against this host will skip gRPC");
+    }
+  }
+  const std::uint16_t grpc_port = grpc_server ? grpc_server->port() : 0;
+
+  transport::ServerGroup group(
+      1, *endpoint, perf::perf_server_options(),
+      [grpc_port](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop, grpc_port); },
+      command.backend);
   log::info(group.backend_log_line());
   out << "listening on " << transport::Endpoint{endpoint->host, group.port()}.to_string() << std::endl;
+  if (grpc_server) {
+    const std::string grpc_endpoint = transport::Endpoint{endpoint->host, grpc_port}.to_string();
+    out << "gRPC peer on " << grpc_endpoint << std::endl;
+    log::info("gRPC TokenStream server on " + grpc_endpoint + " (gRPC " + perf::grpc_version() + ")");
+  }
   group.start();
 
   shutdown.wait_for_signal();
@@ -92,29 +118,45 @@ class Rounds {
   Clock::time_point start_;
 };
 
-// The server's end of the measurement: its process CPU, asked for on a
-// connection of its own before and after each round.
-class ServerCpu {
+// What the server reports of itself, asked for on a connection of its own:
+// its process CPU before and after each round, and where its gRPC peer runs.
+class ServerReports {
  public:
-  ServerCpu(perf::ClientConnections& client, const transport::Endpoint& server, std::chrono::milliseconds timeout)
+  ServerReports(perf::ClientConnections& client, const transport::Endpoint& server, std::chrono::milliseconds timeout)
       : client_(client), report_(client.loop) {
     client_.connect(server.host, server.port, 1, {}, report_, timeout);
     connection_ = client_.connections.back().get();
   }
 
   // Throws std::runtime_error when the server does not answer.
-  double seconds() {
-    report_.request(*connection_);
-    if (!perf::run_until(client_.loop, [&] { return report_.done(); }, 10'000ms)) {
-      throw std::runtime_error("the server sent no CPU report within 10 s");
-    }
-    if (!report_.cpu_seconds()) throw std::runtime_error(report_.failure());
-    return *report_.cpu_seconds();
+  double cpu_seconds() {
+    ask(perf::kCpuReportPrompt);
+    if (!report_.number()) throw std::runtime_error(report_.failure());
+    return static_cast<double>(*report_.number()) / 1e9;
+  }
+
+  // The gRPC peer's port on the server host, 0 where it runs none, or
+  // nullopt where its answer is not a port (an fmwire that predates it).
+  // Throws std::runtime_error when the server does not answer.
+  std::optional<std::uint16_t> grpc_port() {
+    ask(perf::kGrpcPortPrompt);
+    if (!report_.number() || *report_.number() < 0 || *report_.number() > 65535) return std::nullopt;
+    return static_cast<std::uint16_t>(*report_.number());
   }
 
  private:
+  void ask(std::string_view prompt) {
+    report_.request(*connection_, prompt);
+    if (!perf::run_until(client_.loop, [&] { return report_.done(); }, 10'000ms)) {
+      throw std::runtime_error("the server sent no report within 10 s");
+    }
+    if (!report_.number() && report_.failure().starts_with("connection closed")) {
+      throw std::runtime_error(report_.failure());
+    }
+  }
+
   perf::ClientConnections& client_;
-  perf::CpuReportClient report_;
+  perf::ReportClient report_;
   transport::Connection* connection_ = nullptr;
 };
 
@@ -136,11 +178,78 @@ void check_round(const perf::TokenSink& sink, bool finished, const char* late) {
   if (!sink.failure().empty()) throw std::runtime_error(sink.failure());
 }
 
+// Where the gRPC peer of tokens and latency runs on the server host, with
+// --compare: its port, or nullopt and `note` saying why it is skipped.
+std::optional<std::uint16_t> grpc_peer_port(const PerfRunCommand& command, ServerReports& reports,
+                                            std::string& note) {
+  if (!command.compare) {
+    note = "not asked for (--compare)";
+    return std::nullopt;
+  }
+  if (!perf::grpc_built_in()) {
+    log::warn("gRPC not built in: the gRPC comparison is skipped");
+    note = "gRPC not built in here: skipped";
+    return std::nullopt;
+  }
+  const std::optional<std::uint16_t> port = reports.grpc_port();
+  if (!port) {
+    log::warn("the server does not say where a gRPC peer runs (an older fmwire?): the gRPC comparison is skipped");
+    note = "the server does not say where a gRPC peer runs (an older fmwire?): skipped";
+    return std::nullopt;
+  }
+  if (*port == 0) {
+    log::warn("the server runs no gRPC peer (gRPC not built in there): the gRPC comparison is skipped");
+    note = "the server runs no gRPC peer (gRPC not built in there): skipped";
+    return std::nullopt;
+  }
+  return port;
+}
+
+// The peer of tokens, after fmwire's rounds: gRPC's TokenStream in the same
+// shape (one channel, as many concurrent calls as streams, the same frames
+// per stream) for as many rounds after a warm-up, the server's CPU from its
+// report as for fmwire (the gRPC server runs in its process).
+struct GrpcTokensPeer {
+  std::optional<double> rate;                    // frames/s, median
+  std::optional<double> client_cpu_per_million;  // CPU-s per million frames, median
+  std::optional<double> server_cpu_per_million;
+  std::string note;
+};
+
+GrpcTokensPeer grpc_tokens_peer(const PerfRunCommand& command, const transport::Endpoint& server,
+                                ServerReports& reports, std::uint32_t frames_per_stream, std::size_t rounds) {
+  GrpcTokensPeer peer;
+  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, peer.note);
+  if (!port) return peer;
+  const std::string address = transport::Endpoint{server.host, *port}.to_string();
+  log::info("gRPC token rounds against " + address);
+  perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout);
+  std::vector<double> rates, client_cpu, server_cpu;
+  for (std::size_t round = 0; round <= rounds; ++round) {  // round 0 warms up
+    const double server_start = reports.cpu_seconds();
+    const perf::GrpcTokenRound measured =
+        client.stream_tokens(static_cast<int>(command.streams), frames_per_stream, kRoundLimit);
+    const double server_end = reports.cpu_seconds();
+    if (round == 0) continue;
+    const double millions = static_cast<double>(measured.frames) / 1e6;
+    rates.push_back(static_cast<double>(measured.frames) / measured.seconds);
+    client_cpu.push_back(measured.cpu_seconds / millions);
+    server_cpu.push_back((server_end - server_start) / millions);
+  }
+  peer.rate = perf::median(rates);
+  peer.client_cpu_per_million = perf::median(client_cpu);
+  peer.server_cpu_per_million = perf::median(server_cpu);
+  peer.note = "gRPC " + perf::grpc_version() + ", TokenStream (callback API, gRPC's own threads) on " + address +
+              ", one channel, " + std::to_string(command.streams) + " concurrent calls, the same frames, " +
+              std::to_string(rates.size()) + " rounds";
+  return peer;
+}
+
 // tokens: frames/s, and CPU per million frames here and on the server.
 std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transport::Endpoint& server,
                                    std::ostream& out) {
   perf::ClientConnections client(command.backend);
-  ServerCpu server_cpu(client, server, command.connect_timeout);
+  ServerReports server_reports(client, server, command.connect_timeout);
   perf::TokenSink sink(client.loop);
   client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
   transport::Connection& connection = *client.connections.back();
@@ -151,7 +260,7 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
   std::vector<double> rates, client_cpu, server_cpu_per_million;
   Rounds rounds(command);
   for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
-    const double server_start = server_cpu.seconds();
+    const double server_start = server_reports.cpu_seconds();
     sink.expect_streams(command.streams);
     const auto start = Clock::now();
     const double client_start = perf::process_cpu_seconds();
@@ -167,7 +276,7 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
       throw std::runtime_error("received " + std::to_string(sink.frames()) + " token frames of " +
                                std::to_string(frames) + ", or their content differs");
     }
-    const double server_end = server_cpu.seconds();
+    const double server_end = server_reports.cpu_seconds();
     if (warm_up) {
       rounds.start_measuring();
       continue;
@@ -177,20 +286,69 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
     client_cpu.push_back((sink.finished_cpu_seconds() - client_start) / millions);
     server_cpu_per_million.push_back((server_end - server_start) / millions);
   }
+  const GrpcTokensPeer peer = grpc_tokens_peer(command, server, server_reports, frames_per_stream, rates.size());
   client.close_all();
 
   const double rate = perf::median(rates);
   const double client_median = perf::median(client_cpu);
   const double server_median = perf::median(server_cpu_per_million);
+  std::vector<Comparison> rows{
+      perf::compare("tokens_frames_per_s", rate, "frames/s", peer.rate, "grpc", true),
+      perf::compare("tokens_client_cpu_s_per_million_frames", client_median, "CPU-s/Mframe",
+                    peer.client_cpu_per_million, "grpc", false),
+      perf::compare("tokens_server_cpu_s_per_million_frames", server_median, "CPU-s/Mframe",
+                    peer.server_cpu_per_million, "grpc", false)};
   out << "tokens: " << rates.size() << " rounds of " << frames << " one-token frames on " << command.streams
       << " streams of one connection (medians)\n"
       << "  token frames/s                  " << format("%.0f", rate) << "\n"
       << "  client CPU-s per million frames " << format("%.3f", client_median) << "\n"
-      << "  server CPU-s per million frames " << format("%.3f", server_median) << "\n"
-      << "  peer: none across hosts for token streams (skipped)\n";
-  return {perf::compare("tokens_frames_per_s", rate, "frames/s", std::nullopt, "", true),
-          perf::compare("tokens_client_cpu_s_per_million_frames", client_median, "CPU-s/Mframe", std::nullopt, "", false),
-          perf::compare("tokens_server_cpu_s_per_million_frames", server_median, "CPU-s/Mframe", std::nullopt, "", false)};
+      << "  server CPU-s per million frames " << format("%.3f", server_median) << "\n";
+  if (peer.rate) {
+    out << "  gRPC frames/s                   " << format("%.0f", *peer.rate) << "\n"
+        << "  gRPC client CPU-s per Mframe    " << format("%.3f", *peer.client_cpu_per_million) << "\n"
+        << "  gRPC server CPU-s per Mframe    " << format("%.3f", *peer.server_cpu_per_million) << "\n"
+        << "  fmwire / gRPC frames/s          " << perf::ratio_text(perf::ratio_of(rows[0])) << "\n"
+        << "  gRPC / fmwire client CPU/frame  " << perf::ratio_text(perf::ratio_of(rows[1])) << "\n"
+        << "  gRPC / fmwire server CPU/frame  " << perf::ratio_text(perf::ratio_of(rows[2])) << "\n";
+  }
+  out << "  peer: " << peer.note << "\n";
+  return rows;
+}
+
+// The peer of latency, after fmwire's rounds: as many rounds of as many
+// gRPC round trips (Generate asking for one Token, one call after another on
+// one channel) after a warm-up round, medians of each round's percentiles.
+struct GrpcLatencyPeer {
+  std::optional<double> p50_us;
+  std::optional<double> p99_us;
+  std::string note;
+};
+
+GrpcLatencyPeer grpc_latency_peer(const PerfRunCommand& command, const transport::Endpoint& server,
+                                  ServerReports& reports, std::size_t rounds) {
+  GrpcLatencyPeer peer;
+  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, peer.note);
+  if (!port) return peer;
+  const std::string address = transport::Endpoint{server.host, *port}.to_string();
+  log::info("gRPC round trips against " + address);
+  perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout);
+  std::vector<double> p50s, p99s, round_trips_us;
+  round_trips_us.reserve(command.requests);
+  for (std::size_t round = 0; round <= rounds; ++round) {  // round 0 warms up
+    round_trips_us.clear();
+    for (std::uint32_t request = 0; request < command.requests; ++request) {
+      round_trips_us.push_back(client.round_trip_us(10'000ms));
+    }
+    if (round == 0) continue;
+    p50s.push_back(perf::percentile(round_trips_us, 0.50));
+    p99s.push_back(perf::percentile(round_trips_us, 0.99));
+  }
+  peer.p50_us = perf::median(p50s);
+  peer.p99_us = perf::median(p99s);
+  peer.note = "gRPC " + perf::grpc_version() + ", TokenStream on " + address +
+              ", Generate asking for one Token (synchronous client, callback server), the same requests, " +
+              std::to_string(p50s.size()) + " rounds";
+  return peer;
 }
 
 // latency: round trips of a one-frame answer, one after another on one
@@ -198,6 +356,9 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
 std::vector<Comparison> run_latency(const PerfRunCommand& command, const transport::Endpoint& server,
                                     std::ostream& out) {
   perf::ClientConnections client(command.backend);
+  // Only --compare asks the server anything (where its gRPC peer runs).
+  std::optional<ServerReports> server_reports;
+  if (command.compare) server_reports.emplace(client, server, command.connect_timeout);
   perf::TokenSink sink(client.loop);
   client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
   transport::Connection& connection = *client.connections.back();
@@ -227,19 +388,28 @@ std::vector<Comparison> run_latency(const PerfRunCommand& command, const transpo
     p50s.push_back(perf::percentile(round_trips_us, 0.50));
     p99s.push_back(perf::percentile(round_trips_us, 0.99));
   }
+  GrpcLatencyPeer peer{std::nullopt, std::nullopt, "not asked for (--compare)"};
+  if (server_reports) peer = grpc_latency_peer(command, server, *server_reports, p50s.size());
   client.close_all();
 
   const double p50 = perf::median(p50s);
   const double p99 = perf::median(p99s);
+  std::vector<Comparison> rows{perf::compare("latency_round_trip_p50", p50, "us", peer.p50_us, "grpc", false),
+                               perf::compare("latency_round_trip_p99", p99, "us", peer.p99_us, "grpc", false)};
   out << "latency: " << p50s.size() << " rounds of " << command.requests
       << " round trips (GenerateRequest -> one Tokens frame), medians of each round's percentiles\n"
       << "  round trip p50 us               " << format("%.1f", p50) << "\n"
       << "  round trip p99 us               " << format("%.1f", p99) << "\n"
       << "  half the round trip, p50 / p99  " << format("%.1f", p50 / 2) << " / " << format("%.1f", p99 / 2)
-      << " us (round trip / 2, not a one-way measurement: the hosts' clocks differ)\n"
-      << "  peer: none across hosts for latency (skipped)\n";
-  return {perf::compare("latency_round_trip_p50", p50, "us", std::nullopt, "", false),
-          perf::compare("latency_round_trip_p99", p99, "us", std::nullopt, "", false)};
+      << " us (round trip / 2, not a one-way measurement: the hosts' clocks differ)\n";
+  if (peer.p50_us) {
+    out << "  gRPC round trip p50 us          " << format("%.1f", *peer.p50_us) << "\n"
+        << "  gRPC round trip p99 us          " << format("%.1f", *peer.p99_us) << "\n"
+        << "  gRPC / fmwire p50, p99          " << perf::ratio_text(perf::ratio_of(rows[0])) << ", "
+        << perf::ratio_text(perf::ratio_of(rows[1])) << "\n";
+  }
+  out << "  peer: " << peer.note << "\n";
+  return rows;
 }
 
 // The peer of bulk and kv, after fmwire's rounds: as many iperf3 runs of
@@ -309,7 +479,7 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
   {
     perf::ClientConnections client(command.backend);
-    ServerCpu server_cpu(client, server, command.connect_timeout);
+    ServerReports server_reports(client, server, command.connect_timeout);
     perf::BulkSender sender(client.loop, source);
     client.connect(server.host, server.port, 1, perf::bulk_options(command.chunk_bytes), sender,
                    command.connect_timeout);
@@ -319,7 +489,7 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
     Rounds rounds(command);
     for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
       const std::uint64_t bytes = warm_up ? warm_up_bytes : command.bytes;
-      const double server_start = server_cpu.seconds();
+      const double server_start = server_reports.cpu_seconds();
       const perf::CpuTimes client_start = perf::process_cpu_times();
       const auto start = Clock::now();
       sender.start(connection, command.chunk_bytes, bytes);
@@ -329,7 +499,7 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
       if (!sender.failure().empty()) throw std::runtime_error(sender.failure());
       if (!sender.committed()) throw std::runtime_error("bulk transfer ended without KvCommitted");
       const perf::CpuTimes client_end = perf::process_cpu_times();
-      const double server_end = server_cpu.seconds();
+      const double server_end = server_reports.cpu_seconds();
       if (warm_up) {
         rounds.start_measuring();
         continue;
@@ -366,7 +536,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
   {
     perf::ClientConnections client(command.backend);
-    ServerCpu server_cpu(client, server, command.connect_timeout);
+    ServerReports server_reports(client, server, command.connect_timeout);
     perf::KvSender sender(client.loop, kv);
     client.connect(server.host, server.port, 1, perf::kv_connection_options(protocol::Role::WORKER, "fmwire perf run"),
                    sender, command.connect_timeout);
@@ -374,7 +544,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
     // The warm-up round is the whole shard: the server's blocks grow to it then.
     Rounds rounds(command);
     for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
-      const double server_start = server_cpu.seconds();
+      const double server_start = server_reports.cpu_seconds();
       const double client_start = perf::process_cpu_seconds();
       const auto start = Clock::now();
       sender.start(connection, shape, bytes);
@@ -384,7 +554,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
       if (!sender.failure().empty()) throw std::runtime_error(sender.failure());
       if (!sender.committed()) throw std::runtime_error("KV transfer ended without KvCommitted");
       const double client_end = perf::process_cpu_seconds();
-      const double server_end = server_cpu.seconds();
+      const double server_end = server_reports.cpu_seconds();
       if (warm_up) {
         rounds.start_measuring();
         continue;
@@ -434,10 +604,6 @@ int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
                          std::to_string(perf::kMaxKvTransferBytes) + " (the server's limit)");
     }
   }
-  if (command.compare && command.test != "bulk" && command.test != "kv") {
-    log::warn("--compare: no peer for " + command.test + " across hosts, skipped");
-  }
-
   std::vector<Comparison> rows;
   try {
     if (command.test == "tokens") rows = run_tokens(command, *server, out);

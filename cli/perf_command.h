@@ -5,9 +5,12 @@
 // the server's own CPU for each round, which it reports over the protocol:
 //
 //   tokens   one-token Tokens frames/s on `streams` streams of one
-//            connection; CPU-s per million frames on both ends
+//            connection; CPU-s per million frames on both ends; with
+//            --compare, gRPC's TokenStream with the same shape against the
+//            gRPC server `perf serve` runs (perf/grpc_tokens.h)
 //   latency  round trips of a GenerateRequest answered by one Tokens frame,
-//            p50 and p99 (hosts' clocks differ: never one-way stamps)
+//            p50 and p99 (hosts' clocks differ: never one-way stamps); with
+//            --compare, gRPC's round trips as for tokens
 //   bulk     KvChunk attachments (digested by the sender, checked by the
 //            receiver) in GB/s; CPU-s per GB on both ends; with --compare,
 //            iperf3 against the iperf3 server `perf serve --iperf3-port` runs
@@ -33,11 +36,13 @@ struct PerfServeCommand {
   std::string listen = "127.0.0.1:7100";  // port 0: any free port (printed)
   std::string backend;                    // "", "uring" or "asio"
   std::optional<std::uint16_t> iperf3_port;  // run `iperf3 -s -p PORT` beside, killed on exit
+  std::optional<std::uint16_t> grpc_port;    // the gRPC peer's port; by default a free one (printed)
   std::chrono::milliseconds drain_timeout{5000};
 };
 
 // Serves until SIGINT/SIGTERM; returns 0 after a clean drain, 1 when it had
-// to cut streams off, 2 for a bad --listen.
+// to cut streams off or the gRPC server cannot listen on --grpc-port, 2 for
+// a bad --listen.
 int run_perf_serve(const PerfServeCommand& command, std::ostream& out);
 
 struct PerfRunCommand {
@@ -46,7 +51,7 @@ struct PerfRunCommand {
   std::optional<double> seconds;            // measured rounds until this much time has passed
   std::optional<int> repetitions;           // else this many measured rounds (default 5)
   std::string json_path;                    // --json FILE: bench results format
-  bool compare = false;                     // bulk, kv: iperf3 against the same host
+  bool compare = false;                     // the peers against the same host: gRPC, iperf3
   std::uint16_t iperf3_port = 5201;         // where `perf serve --iperf3-port` runs iperf3 -s
   std::string backend;                      // "", "uring" or "asio"
   std::uint32_t frames = 1'000'000;         // tokens: frames per round, over every stream
