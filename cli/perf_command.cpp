@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cstdio>
 #include <functional>
+#include <future>
 #include <memory>
 #include <ostream>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "cli/role_shutdown.h"
@@ -144,6 +146,8 @@ class ServerReports {
     return static_cast<std::uint16_t>(*report_.number());
   }
 
+  transport::EventLoop& loop() { return client_.loop; }
+
  private:
   void ask(std::string_view prompt) {
     report_.request(*connection_, prompt);
@@ -176,6 +180,25 @@ void check_round(const perf::TokenSink& sink, bool finished, const char* late) {
   }
   if (!finished) throw std::runtime_error(late);
   if (!sink.failure().empty()) throw std::runtime_error(sink.failure());
+}
+
+// Runs `work` on a thread of its own while `loop` turns on this one: the
+// gRPC peer's rounds, during which the fmwire connections (the server's
+// reports) must still answer keepalive Pings, or the server closes them
+// after ConnectionOptions::dead_after. The loop wakes a few times a second
+// only. Returns work's result or rethrows what it threw.
+template <typename Result>
+Result while_loop_turns(transport::EventLoop& loop, std::function<Result()> work) {
+  std::packaged_task<Result()> task(std::move(work));
+  std::future<Result> result = task.get_future();
+  {
+    std::jthread thread(std::move(task));
+    while (!perf::run_until(
+        loop, [&] { return result.wait_for(0s) == std::future_status::ready; }, kRoundLimit, 250ms)) {
+      // the work bounds itself (its round limit): wait on
+    }
+  }
+  return result.get();
 }
 
 // Where the gRPC peer of tokens and latency runs on the server host, with
@@ -227,8 +250,9 @@ GrpcTokensPeer grpc_tokens_peer(const PerfRunCommand& command, const transport::
   std::vector<double> rates, client_cpu, server_cpu;
   for (std::size_t round = 0; round <= rounds; ++round) {  // round 0 warms up
     const double server_start = reports.cpu_seconds();
-    const perf::GrpcTokenRound measured =
-        client.stream_tokens(static_cast<int>(command.streams), frames_per_stream, kRoundLimit);
+    const perf::GrpcTokenRound measured = while_loop_turns<perf::GrpcTokenRound>(reports.loop(), [&] {
+      return client.stream_tokens(static_cast<int>(command.streams), frames_per_stream, kRoundLimit);
+    });
     const double server_end = reports.cpu_seconds();
     if (round == 0) continue;
     const double millions = static_cast<double>(measured.frames) / 1e6;
@@ -336,9 +360,12 @@ GrpcLatencyPeer grpc_latency_peer(const PerfRunCommand& command, const transport
   round_trips_us.reserve(command.requests);
   for (std::size_t round = 0; round <= rounds; ++round) {  // round 0 warms up
     round_trips_us.clear();
-    for (std::uint32_t request = 0; request < command.requests; ++request) {
-      round_trips_us.push_back(client.round_trip_us(10'000ms));
-    }
+    while_loop_turns<bool>(reports.loop(), [&] {
+      for (std::uint32_t request = 0; request < command.requests; ++request) {
+        round_trips_us.push_back(client.round_trip_us(10'000ms));
+      }
+      return true;
+    });
     if (round == 0) continue;
     p50s.push_back(perf::percentile(round_trips_us, 0.50));
     p99s.push_back(perf::percentile(round_trips_us, 0.99));
