@@ -62,6 +62,10 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out) {
   // the gRPC port report. Shut down when this returns, after the group.
   std::unique_ptr<perf::GrpcTokenServer> grpc_server;
   if (!perf::grpc_built_in()) {
+    if (command.grpc_port) {
+      log::error("--grpc-port: gRPC not built in (libgrpc++-dev, grpc_cpp_plugin and protobuf at build time)");
+      return 2;
+    }
     log::warn("gRPC not built in: no gRPC server, --compare runs against this host will skip it");
   } else {
     try {

@@ -42,7 +42,7 @@ struct PerfServeCommand {
 
 // Serves until SIGINT/SIGTERM; returns 0 after a clean drain, 1 when it had
 // to cut streams off or the gRPC server cannot listen on --grpc-port, 2 for
-// a bad --listen.
+// a bad --listen or a --grpc-port where gRPC is not built in.
 int run_perf_serve(const PerfServeCommand& command, std::ostream& out);
 
 struct PerfRunCommand {

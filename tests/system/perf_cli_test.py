@@ -248,7 +248,8 @@ def bad_test_exits_2(binary, env):
 
 def grpc_port_taken_exits_1(binary, env):
     """perf serve --grpc-port on a port that is taken: exit 1, saying so,
-    at once (where gRPC is not built in, the flag is unused: skipped)."""
+    at once (where gRPC is not built in, the flag is refused, exit 2, and
+    the scenario skipped)."""
     import socket
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -257,6 +258,7 @@ def grpc_port_taken_exits_1(binary, env):
         process = subprocess.run([binary, "perf", "serve", "--listen", "127.0.0.1:0", "--grpc-port", str(port)],
                                  capture_output=True, text=True, env=env, timeout=LIMIT_S)
     if "gRPC not built in" in process.stderr:
+        check(process.returncode == 2, f"--grpc-port without gRPC: exit {process.returncode}")
         print("skipped: gRPC not built in")
         return SKIPPED
     check(process.returncode == 1, f"exit {process.returncode}: {process.stderr!r}")
