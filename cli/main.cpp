@@ -20,6 +20,7 @@
 #include "cli/worker_command.h"
 #include "engine/cuda_module.h"
 #include "log/log.h"
+#include "perf/grpc_tokens.h"
 #include "protocol/fmwire.capnp.h"
 
 namespace po = boost::program_options;
@@ -596,6 +597,9 @@ int main(int argc, char** argv) {
       // Where a worker would open the CUDA backend from (not opened here).
       const fmwire::engine::CudaModuleFile cuda = fmwire::engine::find_cuda_module();
       std::cout << "CUDA module: " << (cuda.path.empty() ? cuda.problem : cuda.path) << "\n";
+      std::cout << "gRPC peer (perf --compare): "
+                << (fmwire::perf::grpc_built_in() ? "gRPC " + fmwire::perf::grpc_version() : std::string("not built in"))
+                << "\n";
       return 0;
     }
     if (command == "help" || command == "--help" || command == "-h") {

@@ -140,6 +140,14 @@ def latency_loopback(binary, env):
 GRPC_NOT_BUILT = "gRPC not built in here: skipped"
 
 
+def grpc_built_in(binary):
+    """Whether `fmwire version` says the gRPC peer is built in."""
+    version = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=LIMIT_S).stdout
+    match = re.search(r"^gRPC peer \(perf --compare\): (.*)$", version, re.MULTILINE)
+    check(match is not None, f"fmwire version does not say whether gRPC is built in: {version!r}")
+    return match.group(1) != "not built in"
+
+
 def check_grpc_rows(output, rows, names):
     """The gRPC peer's rows of tokens or latency: in the table with a
     ratio, and in the JSON with gRPC's value and a ratio."""
@@ -173,8 +181,9 @@ def grpc_compare(test):
     Where gRPC is not built in, the rows say so, have no peer, and the
     scenario is skipped."""
     def scenario(binary, env):
-        # latency names the gRPC port (--grpc-port); tokens takes the free one perf serve picks.
-        grpc_port = free_port() if test == "latency" else None
+        # latency names the gRPC port (--grpc-port, refused where gRPC is not
+        # built in); tokens takes the free one perf serve picks.
+        grpc_port = free_port() if test == "latency" and grpc_built_in(binary) else None
         extra = ["--grpc-port", str(grpc_port)] if grpc_port else []
         with served(binary, env, *extra) as (server, folder):
             path = os.path.join(folder, f"{test}.json")
