@@ -197,6 +197,7 @@ int run_perf_serve_command(const std::vector<std::string>& arguments) {
   std::string backend;
   std::uint16_t iperf3_port = 0;
   std::uint16_t grpc_port = 0;
+  std::uint16_t grpc_kv_port = 0;
   po::options_description description("usage: fmwire perf serve --listen HOST:PORT [options]\noptions");
   description.add_options()
       ("help,h", "show this help")
@@ -204,6 +205,7 @@ int run_perf_serve_command(const std::vector<std::string>& arguments) {
       ("iperf3-port", po::value(&iperf3_port), "also run `iperf3 -s -p PORT` (the peer of `perf run --compare`), killed on exit")
       ("grpc-port", po::value(&grpc_port),
        "where the gRPC peer of tokens and latency listens (same host; default: a free port, printed, told to clients)")
+      ("grpc-kv-port", po::value(&grpc_kv_port), "where the gRPC peer of kv listens (likewise)")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
   add_log_options(description, log_flags);
   po::variables_map values;
@@ -211,6 +213,7 @@ int run_perf_serve_command(const std::vector<std::string>& arguments) {
   if (!start_log(log_flags, "fmwire perf serve")) return 2;
   if (values.count("iperf3-port")) command.iperf3_port = iperf3_port;
   if (values.count("grpc-port")) command.grpc_port = grpc_port;
+  if (values.count("grpc-kv-port")) command.grpc_kv_port = grpc_kv_port;
   command.backend = backend_choice(backend);
   return fmwire::cli::run_perf_serve(command, std::cout);
 }
@@ -236,7 +239,7 @@ int run_perf_run_command(const std::vector<std::string>& arguments) {
       ("repetitions", po::value(&repetitions), "measured rounds (default 5)")
       ("json", po::value(&command.json_path), "also write the results to FILE (bench results format)")
       ("compare", po::bool_switch(&command.compare),
-       "the peers against the same host, as ratios: tokens and latency: gRPC (the server `perf serve` runs, "
+       "the peers against the same host, as ratios: tokens, latency and kv: gRPC (the servers `perf serve` runs, "
        "where it is built in); bulk and kv: iperf3 (its `perf serve --iperf3-port`)")
       ("iperf3-port", po::value(&command.iperf3_port)->default_value(command.iperf3_port), "where the server host runs iperf3 -s")
       ("frames", po::value(&command.frames)->default_value(command.frames), "tokens: frames per round, over all streams")

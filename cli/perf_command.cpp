@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <functional>
 #include <future>
+#include <span>
 #include <memory>
 #include <ostream>
 #include <stdexcept>
@@ -14,6 +15,7 @@
 #include "log/log.h"
 #include "perf/bulk_handlers.h"
 #include "perf/client_connections.h"
+#include "perf/grpc_kv.h"
 #include "perf/grpc_tokens.h"
 #include "perf/iperf3.h"
 #include "perf/kv_handlers.h"
@@ -57,39 +59,58 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out) {
     }
   }
 
-  // The peer of `perf run --test tokens|latency --compare`, in this process
-  // so that the CPU reports count its threads; clients learn its port from
-  // the gRPC port report. Shut down when this returns, after the group.
-  std::unique_ptr<perf::GrpcTokenServer> grpc_server;
+  // The peers of `perf run --test tokens|latency|kv --compare`, in this
+  // process so that the CPU reports count their threads; clients learn their
+  // ports from the gRPC port reports. Shut down when this returns, after the
+  // group.
+  std::unique_ptr<perf::GrpcTokenServer> grpc_tokens;
+  std::unique_ptr<perf::GrpcKvServer> grpc_kv;
   if (!perf::grpc_built_in()) {
-    if (command.grpc_port) {
-      log::error("--grpc-port: gRPC not built in (libgrpc++-dev, grpc_cpp_plugin and protobuf at build time)");
+    if (command.grpc_port || command.grpc_kv_port) {
+      log::error("--grpc-port, --grpc-kv-port: gRPC not built in (libgrpc++-dev, grpc_cpp_plugin and protobuf at "
+                 "build time)");
       return 2;
     }
     log::warn("gRPC not built in: no gRPC server, --compare runs against this host will skip it");
   } else {
-    try {
-      grpc_server = std::make_unique<perf::GrpcTokenServer>(endpoint->host, command.grpc_port.value_or(0));
-    } catch (const std::exception& error) {
-      if (command.grpc_port) {
-        log::error(std::string("--grpc-port: ") + error.what());
-        return 1;
+    const auto start = [&](const char* flag, std::optional<std::uint16_t> port, auto make) {
+      try {
+        make(port.value_or(0));
+      } catch (const std::exception& error) {
+        if (port) {
+          log::error(std::string(flag) + ": " + error.what());
+          return false;
+        }
+        log::warn(std::string(error.what()) + ": --compare runs against this host will skip gRPC");
       }
-      log::warn(std::string(error.what()) + ": --compare runs against this host will skip gRPC");
-    }
+      return true;
+    };
+    const bool started =
+        start("--grpc-port", command.grpc_port,
+              [&](std::uint16_t port) { grpc_tokens = std::make_unique<perf::GrpcTokenServer>(endpoint->host, port); }) &&
+        start("--grpc-kv-port", command.grpc_kv_port, [&](std::uint16_t port) {
+          grpc_kv = std::make_unique<perf::GrpcKvServer>(endpoint->host, port, perf::kMaxKvTransferBytes);
+        });
+    if (!started) return 1;
   }
-  const std::uint16_t grpc_port = grpc_server ? grpc_server->port() : 0;
+  const perf::GrpcPorts grpc_ports{grpc_tokens ? grpc_tokens->port() : std::uint16_t{0},
+                                   grpc_kv ? grpc_kv->port() : std::uint16_t{0}};
 
   transport::ServerGroup group(
       1, *endpoint, perf::perf_server_options(),
-      [grpc_port](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop, grpc_port); },
+      [grpc_ports](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop, grpc_ports); },
       command.backend);
   log::info(group.backend_log_line());
   out << "listening on " << transport::Endpoint{endpoint->host, group.port()}.to_string() << std::endl;
-  if (grpc_server) {
-    const std::string grpc_endpoint = transport::Endpoint{endpoint->host, grpc_port}.to_string();
+  if (grpc_tokens) {
+    const std::string grpc_endpoint = transport::Endpoint{endpoint->host, grpc_ports.tokens}.to_string();
     out << "gRPC peer on " << grpc_endpoint << std::endl;
     log::info("gRPC TokenStream server on " + grpc_endpoint + " (gRPC " + perf::grpc_version() + ")");
+  }
+  if (grpc_kv) {
+    const std::string grpc_endpoint = transport::Endpoint{endpoint->host, grpc_ports.kv}.to_string();
+    out << "gRPC KV peer on " << grpc_endpoint << std::endl;
+    log::info("gRPC KvTransfer server on " + grpc_endpoint);
   }
   group.start();
 
@@ -141,11 +162,12 @@ class ServerReports {
     return static_cast<double>(*report_.number()) / 1e9;
   }
 
-  // The gRPC peer's port on the server host, 0 where it runs none, or
+  // A gRPC peer's port on the server host (`prompt`: perf::kGrpcPortPrompt
+  // or kGrpcKvPortPrompt), 0 where it runs none, or
   // nullopt where its answer is not a port (an fmwire that predates it).
   // Throws std::runtime_error when the server does not answer.
-  std::optional<std::uint16_t> grpc_port() {
-    ask(perf::kGrpcPortPrompt);
+  std::optional<std::uint16_t> grpc_port(std::string_view prompt) {
+    ask(prompt);
     if (!report_.number() || *report_.number() < 0 || *report_.number() > 65535) return std::nullopt;
     return static_cast<std::uint16_t>(*report_.number());
   }
@@ -205,10 +227,10 @@ Result while_loop_turns(transport::EventLoop& loop, std::function<Result()> work
   return result.get();
 }
 
-// Where the gRPC peer of tokens and latency runs on the server host, with
+// Where a gRPC peer of tokens, latency or kv runs on the server host, with
 // --compare: its port, or nullopt and `note` saying why it is skipped.
 std::optional<std::uint16_t> grpc_peer_port(const PerfRunCommand& command, ServerReports& reports,
-                                            std::string& note) {
+                                            std::string_view prompt, std::string& note) {
   if (!command.compare) {
     note = "not asked for (--compare)";
     return std::nullopt;
@@ -218,7 +240,7 @@ std::optional<std::uint16_t> grpc_peer_port(const PerfRunCommand& command, Serve
     note = "gRPC not built in here: skipped";
     return std::nullopt;
   }
-  const std::optional<std::uint16_t> port = reports.grpc_port();
+  const std::optional<std::uint16_t> port = reports.grpc_port(prompt);
   if (!port) {
     log::warn("the server does not say where a gRPC peer runs (an older fmwire?): the gRPC comparison is skipped");
     note = "the server does not say where a gRPC peer runs (an older fmwire?): skipped";
@@ -246,7 +268,7 @@ struct GrpcTokensPeer {
 GrpcTokensPeer grpc_tokens_peer(const PerfRunCommand& command, const transport::Endpoint& server,
                                 ServerReports& reports, std::uint32_t frames_per_stream, std::size_t rounds) {
   GrpcTokensPeer peer;
-  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, peer.note);
+  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, perf::kGrpcPortPrompt, peer.note);
   if (!port) return peer;
   const std::string address = transport::Endpoint{server.host, *port}.to_string();
   log::info("gRPC token rounds against " + address);
@@ -355,7 +377,7 @@ struct GrpcLatencyPeer {
 GrpcLatencyPeer grpc_latency_peer(const PerfRunCommand& command, const transport::Endpoint& server,
                                   ServerReports& reports, std::size_t rounds) {
   GrpcLatencyPeer peer;
-  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, peer.note);
+  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, perf::kGrpcPortPrompt, peer.note);
   if (!port) return peer;
   const std::string address = transport::Endpoint{server.host, *port}.to_string();
   log::info("gRPC round trips against " + address);
@@ -551,6 +573,68 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
                         iperf3_peer(command, server, command.bytes, rates.size()), out);
 }
 
+// The gRPC peer of kv, after fmwire's rounds: as many Push calls of the same
+// shard in messages of the same size after a warm-up call, each copied into
+// the server's blocks; the server's CPU from its report (its KvTransfer
+// server runs in its process).
+struct GrpcKvPeer {
+  std::optional<double> rate;        // bytes/s, median
+  std::optional<double> client_cpu;  // CPU-s per GB, median
+  std::optional<double> server_cpu;
+  std::string note = "not asked for (--compare)";
+};
+
+GrpcKvPeer grpc_kv_peer(const PerfRunCommand& command, const transport::Endpoint& server, ServerReports& reports,
+                        std::span<const std::byte> kv, std::uint64_t bytes, std::size_t chunk_bytes,
+                        std::size_t rounds) {
+  GrpcKvPeer peer;
+  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, perf::kGrpcKvPortPrompt, peer.note);
+  if (!port) return peer;
+  const std::string address = transport::Endpoint{server.host, *port}.to_string();
+  log::info("gRPC KV pushes against " + address);
+  perf::GrpcKvClient client(server.host, *port, command.connect_timeout);
+  std::vector<double> rates, client_cpu, server_cpu;
+  const double gigabytes = static_cast<double>(bytes) / 1e9;
+  for (std::size_t round = 0; round <= rounds; ++round) {  // round 0 warms up: the server's blocks grow then
+    const double server_start = reports.cpu_seconds();
+    const perf::KvSideRun run =
+        while_loop_turns<perf::KvSideRun>(reports.loop(), [&] { return client.push(kv, bytes, chunk_bytes); });
+    const double server_end = reports.cpu_seconds();
+    if (round == 0) continue;
+    rates.push_back(static_cast<double>(bytes) / run.seconds);
+    client_cpu.push_back(run.cpu_seconds / gigabytes);
+    server_cpu.push_back((server_end - server_start) / gigabytes);
+  }
+  peer.rate = perf::median(rates);
+  peer.client_cpu = perf::median(client_cpu);
+  peer.server_cpu = perf::median(server_cpu);
+  peer.note = "gRPC " + perf::grpc_version() + ", KvTransfer (synchronous streaming API both ends) on " + address +
+              ", the same shard in " + std::to_string(chunk_bytes) +
+              "-byte bytes messages copied into the server's blocks, " + std::to_string(rates.size()) + " rounds";
+  return peer;
+}
+
+// kv's rows against gRPC, beside byte_rate_rows' (whose first three rows
+// are fmwire's GB/s and CPU-s per GB, client and server).
+void append_grpc_kv_rows(std::vector<Comparison>& rows, const GrpcKvPeer& peer, std::ostream& out) {
+  const double rate = rows[0].value;
+  const double client_cpu = rows[1].value;
+  const double server_cpu = rows[2].value;
+  rows.push_back(perf::compare("kv_gb_per_s_vs_grpc", rate, "GB/s",
+                               peer.rate ? std::optional(*peer.rate / 1e9) : std::nullopt, "grpc", true));
+  rows.push_back(perf::compare("kv_client_cpu_s_per_gb_vs_grpc", client_cpu, "CPU-s/GB", peer.client_cpu, "grpc", false));
+  rows.push_back(perf::compare("kv_server_cpu_s_per_gb_vs_grpc", server_cpu, "CPU-s/GB", peer.server_cpu, "grpc", false));
+  if (peer.rate) {
+    out << "  gRPC GB/s                       " << format("%.3f", *peer.rate / 1e9) << "\n"
+        << "  gRPC client CPU-s per GB        " << format("%.3f", *peer.client_cpu) << "\n"
+        << "  gRPC server CPU-s per GB        " << format("%.3f", *peer.server_cpu) << "\n"
+        << "  fmwire / gRPC GB/s              " << perf::ratio_text(perf::ratio_of(rows[rows.size() - 3])) << "\n"
+        << "  gRPC / fmwire client CPU per GB " << perf::ratio_text(perf::ratio_of(rows[rows.size() - 2])) << "\n"
+        << "  gRPC / fmwire server CPU per GB " << perf::ratio_text(perf::ratio_of(rows[rows.size() - 1])) << "\n";
+  }
+  out << "  gRPC peer: " << peer.note << "\n";
+}
+
 // kv: GB/s of one KV shard pushed with the KV session's messages, CPU per
 // GB on both ends; iperf3 on the same bytes with --compare.
 std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::Endpoint& server, std::ostream& out) {
@@ -565,6 +649,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
   // that are not all alike.
   std::vector<std::byte> kv = perf::bulk_source_bytes(bytes);
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
+  GrpcKvPeer grpc;
   {
     perf::ClientConnections client(command.backend);
     ServerReports server_reports(client, server, command.connect_timeout);
@@ -595,6 +680,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
       client_cpu.push_back((client_end - client_start) / gigabytes);
       server_cpu_per_gb.push_back((server_end - server_start) / gigabytes);
     }
+    grpc = grpc_kv_peer(command, server, server_reports, kv, bytes, shape.chunk_bytes(), rates.size());
     client.close_all();
   }
   const std::string caption = "kv: " + std::to_string(rates.size()) + " rounds of a " + std::to_string(bytes) +
@@ -602,8 +688,10 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
                               std::to_string(shape.chunk_bytes()) +
                               "-byte chunks): offer, chunks digested, checked and copied into the server's blocks, "
                               "commit (medians)";
-  return byte_rate_rows("kv", caption, rates, client_cpu, server_cpu_per_gb, iperf3_peer(command, server, bytes, rates.size()),
-                        out);
+  std::vector<Comparison> rows = byte_rate_rows("kv", caption, rates, client_cpu, server_cpu_per_gb,
+                                                iperf3_peer(command, server, bytes, rates.size()), out);
+  append_grpc_kv_rows(rows, grpc, out);
+  return rows;
 }
 
 }  // namespace

@@ -17,7 +17,9 @@
 //   kv       a KV shard (Llama 3 8B's fp16 geometry) pushed with the KV
 //            session's messages: KvOffer, KvChunks the server checks and
 //            copies into its blocks, KvCommit; GB/s, CPU-s per GB on both
-//            ends; with --compare, iperf3 as for bulk
+//            ends; with --compare, iperf3 as for bulk, and gRPC's
+//            KvTransfer (protobuf bytes messages of the same size, copied
+//            into the server's blocks) against the one `perf serve` runs
 //
 // Exit codes: 0 measured, 1 a measurement failed (server unreachable or gone
 // mid-test: said on stderr), 2 a bad command line.
@@ -36,13 +38,15 @@ struct PerfServeCommand {
   std::string listen = "127.0.0.1:7100";  // port 0: any free port (printed)
   std::string backend;                    // "", "uring" or "asio"
   std::optional<std::uint16_t> iperf3_port;  // run `iperf3 -s -p PORT` beside, killed on exit
-  std::optional<std::uint16_t> grpc_port;    // the gRPC peer's port; by default a free one (printed)
+  std::optional<std::uint16_t> grpc_port;    // the gRPC token peer's port; by default a free one (printed)
+  std::optional<std::uint16_t> grpc_kv_port;  // the gRPC KV peer's port; likewise
   std::chrono::milliseconds drain_timeout{5000};
 };
 
 // Serves until SIGINT/SIGTERM; returns 0 after a clean drain, 1 when it had
-// to cut streams off or the gRPC server cannot listen on --grpc-port, 2 for
-// a bad --listen or a --grpc-port where gRPC is not built in.
+// to cut streams off or a gRPC server cannot listen on --grpc-port or
+// --grpc-kv-port, 2 for a bad --listen or either of those where gRPC is not
+// built in.
 int run_perf_serve(const PerfServeCommand& command, std::ostream& out);
 
 struct PerfRunCommand {

@@ -26,17 +26,16 @@ transport::ConnectionOptions perf_server_options() {
 void PerfService::on_stream_frame(Connection& connection, const codec::FrameView& frame) {
   switch (frame.kind()) {
     case codec::FrameKind::generate_request: {
-      bool cpu_report = false;
-      bool grpc_port = false;
+      std::optional<std::int64_t> report;
       (void)codec::read_body<protocol::GenerateRequest>(
           frame, codec::FrameLimits{}, [&](const protocol::GenerateRequestReader& request) {
-            cpu_report = request.prompt_text() == kCpuReportPrompt;
-            grpc_port = request.prompt_text() == kGrpcPortPrompt;
+            const auto prompt = request.prompt_text();
+            if (prompt == kCpuReportPrompt) report = static_cast<std::int64_t>(process_cpu_seconds() * 1e9);
+            if (prompt == kGrpcPortPrompt) report = grpc_ports_.tokens;
+            if (prompt == kGrpcKvPortPrompt) report = grpc_ports_.kv;
           });
-      if (cpu_report) {
-        send_report(connection, frame.header.stream_id, static_cast<std::int64_t>(process_cpu_seconds() * 1e9));
-      } else if (grpc_port) {
-        send_report(connection, frame.header.stream_id, grpc_port_);
+      if (report) {
+        send_report(connection, frame.header.stream_id, *report);
       } else {
         tokens_.on_stream_frame(connection, frame);  // resets an unreadable request's stream
       }

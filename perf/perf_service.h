@@ -19,11 +19,12 @@
 //                     maxTokens 1} (end)
 //                     server: one Tokens frame whose one text piece is its
 //                     process CPU time in decimal nanoseconds, then Finish
-//   gRPC port         client: GenerateRequest{promptText kGrpcPortPrompt,
-//                     maxTokens 1} (end)
+//   gRPC ports        client: GenerateRequest{promptText kGrpcPortPrompt
+//                     or kGrpcKvPortPrompt, maxTokens 1} (end)
 //                     server: as the CPU report, the port of the gRPC
-//                     TokenStream server it runs (grpc_tokens.h) on the
-//                     same host, 0 where it runs none
+//                     TokenStream (grpc_tokens.h) or KvTransfer server
+//                     (grpc_kv.h) it runs on the same host, 0 where it
+//                     runs none
 //
 // The client asks for a CPU report on a control connection of its own before
 // and after a measured round: the difference is the server's CPU for the
@@ -46,6 +47,13 @@ namespace fmwire::perf {
 
 inline constexpr std::string_view kCpuReportPrompt = "fmwire-perf:cpu";
 inline constexpr std::string_view kGrpcPortPrompt = "fmwire-perf:grpc-port";
+inline constexpr std::string_view kGrpcKvPortPrompt = "fmwire-perf:grpc-kv-port";
+
+// Where a perf server's gRPC peers listen on its host (0: none).
+struct GrpcPorts {
+  std::uint16_t tokens = 0;
+  std::uint16_t kv = 0;
+};
 
 // The largest bulk chunk a perf server takes (its connections' attachment
 // limit): 64 MiB.
@@ -61,10 +69,9 @@ transport::ConnectionOptions perf_server_options();
 
 class PerfService final : public transport::ConnectionHandler {
  public:
-  // `grpc_port`: the gRPC peer's port on this host that a client is told of
-  // (0: none).
-  PerfService(transport::EventLoop& loop, std::uint16_t grpc_port)
-      : tokens_(loop, TokenSourceOptions{}), kv_(llama3_8b_kv_geometry(), kMaxKvTransferBytes), grpc_port_(grpc_port) {}
+  // `grpc_ports`: the gRPC peers' ports on this host that a client is told of.
+  PerfService(transport::EventLoop& loop, GrpcPorts grpc_ports)
+      : tokens_(loop, TokenSourceOptions{}), kv_(llama3_8b_kv_geometry(), kMaxKvTransferBytes), grpc_ports_(grpc_ports) {}
 
   void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
   void on_stream_writable(transport::Connection& connection, std::uint32_t stream_id) override;
@@ -78,7 +85,7 @@ class PerfService final : public transport::ConnectionHandler {
   TokenSource tokens_;
   BulkSink bulk_;
   KvReceiver kv_;
-  std::uint16_t grpc_port_;
+  GrpcPorts grpc_ports_;
 };
 
 // The client end of a report (the CPU report, the gRPC port), on a
@@ -88,7 +95,7 @@ class ReportClient final : public transport::ConnectionHandler {
  public:
   explicit ReportClient(transport::EventLoop& loop) : loop_(loop) {}
 
-  // `prompt`: kCpuReportPrompt or kGrpcPortPrompt. Throws
+  // `prompt`: kCpuReportPrompt, kGrpcPortPrompt or kGrpcKvPortPrompt. Throws
   // std::runtime_error when the connection refuses the request.
   void request(transport::Connection& connection, std::string_view prompt);
   bool done() const { return done_; }

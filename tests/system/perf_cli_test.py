@@ -175,6 +175,18 @@ def check_latency_against_grpc(output, rows):
     check_grpc_rows(output, rows, ("latency_round_trip_p50", "latency_round_trip_p99"))
 
 
+def check_kv_against_grpc(output, rows):
+    """kv's rows against the gRPC KvTransfer server perf serve runs."""
+    check(number(output, "gRPC GB/s") > 0, "no gRPC GB/s")
+    check(number(output, "gRPC server CPU-s per GB") > 0, "no gRPC server CPU (perf serve's report)")
+    check(re.search(r"fmwire / gRPC GB/s\s+[0-9.]+x", output), f"no fmwire / gRPC ratio in {output!r}")
+    check(re.search(r"gRPC peer: gRPC \d", output), f"no gRPC peer note in {output!r}")
+    for name in ("kv_gb_per_s_vs_grpc", "kv_client_cpu_s_per_gb_vs_grpc", "kv_server_cpu_s_per_gb_vs_grpc"):
+        row = rows.get(name, {})
+        check(row.get("peer") == "grpc" and row.get("peer_value", 0) > 0 and row.get("ratio", 0) > 0,
+              f"JSON row {name}: {row!r}")
+
+
 def grpc_compare(test):
     """tokens or latency with --compare against the gRPC server `perf serve`
     runs in its process: its rows and ratios in the table and the JSON.
@@ -236,6 +248,8 @@ def loopback_compare(test):
                 ratio = re.search(r"fmwire / iperf3\s+([0-9.]+)x", result.stdout)
                 check(ratio is not None and float(ratio.group(1)) > 0, "no fmwire / iperf3 ratio")
                 check(row["peer"] == "iperf3" and row["ratio"] > 0, f"JSON row {row!r}")
+            if test == "kv" and grpc_built_in(binary):
+                check_kv_against_grpc(result.stdout, rows)
                 plotted = subprocess.run(["/usr/bin/python3", os.path.join(SCRIPTS, "plot.py"), "--out", folder, path],
                                          capture_output=True, text=True, timeout=LIMIT_S * 3)
                 check(plotted.returncode == 0, f"plot.py exit {plotted.returncode}: {plotted.stderr!r}")
@@ -256,23 +270,24 @@ def bad_test_exits_2(binary, env):
 
 
 def grpc_port_taken_exits_1(binary, env):
-    """perf serve --grpc-port on a port that is taken: exit 1, saying so,
-    at once (where gRPC is not built in, the flag is refused, exit 2, and
-    the scenario skipped)."""
+    """perf serve --grpc-port or --grpc-kv-port on a port that is taken:
+    exit 1, saying so, at once (where gRPC is not built in, the flags are
+    refused, exit 2, and the scenario skipped)."""
     import socket
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        process = subprocess.run([binary, "perf", "serve", "--listen", "127.0.0.1:0", "--grpc-port", str(port)],
-                                 capture_output=True, text=True, env=env, timeout=LIMIT_S)
-    if "gRPC not built in" in process.stderr:
-        check(process.returncode == 2, f"--grpc-port without gRPC: exit {process.returncode}")
-        print("skipped: gRPC not built in")
-        return SKIPPED
-    check(process.returncode == 1, f"exit {process.returncode}: {process.stderr!r}")
-    check(f"--grpc-port: gRPC server could not listen on 127.0.0.1:{port}" in process.stderr,
-          f"stderr {process.stderr!r}")
+    for flag in ("--grpc-port", "--grpc-kv-port"):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            process = subprocess.run([binary, "perf", "serve", "--listen", "127.0.0.1:0", flag, str(port)],
+                                     capture_output=True, text=True, env=env, timeout=LIMIT_S)
+        if "gRPC not built in" in process.stderr:
+            check(process.returncode == 2, f"{flag} without gRPC: exit {process.returncode}")
+            print("skipped: gRPC not built in")
+            return SKIPPED
+        check(process.returncode == 1, f"{flag}: exit {process.returncode}: {process.stderr!r}")
+        check(f"{flag}: gRPC server could not listen on 127.0.0.1:{port}" in process.stderr,
+              f"{flag}: stderr {process.stderr!r}")
 
 
 def server_unreachable(binary, env):
@@ -362,9 +377,10 @@ def across_namespaces(rate_mbit):
                 if shutil.which("iperf3"):
                     check(number(result.stdout, "iperf3 GB/s") > 0, "no iperf3 GB/s")
                     check(re.search(r"fmwire / iperf3\s+[0-9.]+x", result.stdout), "no ratio")
+                kv_path = os.path.join(folder, "kv.json")
                 kv = cluster.run("client", [binary, "perf", "run", "--to", f"server:{PERF_PORT}", "--test", "kv",
                                             "--repetitions", "3", "--bytes", str(bytes_per_round), "--compare",
-                                            "--iperf3-port", str(IPERF3_PORT)],
+                                            "--iperf3-port", str(IPERF3_PORT), "--json", kv_path],
                                  timeout=LIMIT_S * 6, env=env)
                 print(f"kv across namespaces, links held to {rate_mbit} Mbit/s:")
                 print(kv.stdout, end="")
@@ -372,6 +388,8 @@ def across_namespaces(rate_mbit):
                 check(number(kv.stdout, "fmwire GB/s") > 0, "no kv GB/s")
                 if shutil.which("iperf3"):
                     check(re.search(r"fmwire / iperf3\s+[0-9.]+x", kv.stdout), "no kv ratio")
+                if grpc_built_in(binary):
+                    check_kv_against_grpc(kv.stdout, results(kv_path))
                 # tokens and latency against the gRPC peer perf serve runs, found
                 # by name across the link as fmwire's server is.
                 for test, shape in (("tokens", ["--frames", "500000"]), ("latency", ["--requests", "1000"])):
