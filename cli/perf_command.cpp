@@ -247,8 +247,10 @@ std::optional<std::uint16_t> grpc_peer_port(const PerfRunCommand& command, Serve
     return std::nullopt;
   }
   if (*port == 0) {
-    log::warn("the server runs no gRPC peer (gRPC not built in there): the gRPC comparison is skipped");
-    note = "the server runs no gRPC peer (gRPC not built in there): skipped";
+    log::warn("the server runs no gRPC peer for " + command.test +
+              " (gRPC not built in there, or its gRPC server did not start): the gRPC comparison is skipped");
+    note = "the server runs no gRPC peer for " + command.test +
+           " (gRPC not built in there, or its gRPC server did not start): skipped";
     return std::nullopt;
   }
   return port;
