@@ -258,8 +258,9 @@ std::optional<std::uint16_t> grpc_peer_port(const PerfRunCommand& command, Serve
 
 // The peer of tokens, after fmwire's rounds: gRPC's TokenStream in the same
 // shape (one channel, as many concurrent calls as streams, the same frames
-// per stream) for as many rounds after a warm-up, the server's CPU from its
-// report as for fmwire (the gRPC server runs in its process).
+// per stream), rounds as asked (--repetitions, --seconds) after a warm-up,
+// the server's CPU from its report as for fmwire (the gRPC server runs in
+// its process).
 struct GrpcTokensPeer {
   std::optional<double> rate;                    // frames/s, median
   std::optional<double> client_cpu_per_million;  // CPU-s per million frames, median
@@ -268,7 +269,7 @@ struct GrpcTokensPeer {
 };
 
 GrpcTokensPeer grpc_tokens_peer(const PerfRunCommand& command, const transport::Endpoint& server,
-                                ServerReports& reports, std::uint32_t frames_per_stream, std::size_t rounds) {
+                                ServerReports& reports, std::uint32_t frames_per_stream) {
   GrpcTokensPeer peer;
   const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, perf::kGrpcPortPrompt, peer.note);
   if (!port) return peer;
@@ -276,13 +277,17 @@ GrpcTokensPeer grpc_tokens_peer(const PerfRunCommand& command, const transport::
   log::info("gRPC token rounds against " + address);
   perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout);
   std::vector<double> rates, client_cpu, server_cpu;
-  for (std::size_t round = 0; round <= rounds; ++round) {  // round 0 warms up
+  Rounds rounds(command);
+  for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
     const double server_start = reports.cpu_seconds();
     const perf::GrpcTokenRound measured = while_loop_turns<perf::GrpcTokenRound>(reports.loop(), [&] {
       return client.stream_tokens(static_cast<int>(command.streams), frames_per_stream, kRoundLimit);
     });
     const double server_end = reports.cpu_seconds();
-    if (round == 0) continue;
+    if (warm_up) {
+      rounds.start_measuring();
+      continue;
+    }
     const double millions = static_cast<double>(measured.frames) / 1e6;
     rates.push_back(static_cast<double>(measured.frames) / measured.seconds);
     client_cpu.push_back(measured.cpu_seconds / millions);
@@ -338,7 +343,7 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
     client_cpu.push_back((sink.finished_cpu_seconds() - client_start) / millions);
     server_cpu_per_million.push_back((server_end - server_start) / millions);
   }
-  const GrpcTokensPeer peer = grpc_tokens_peer(command, server, server_reports, frames_per_stream, rates.size());
+  const GrpcTokensPeer peer = grpc_tokens_peer(command, server, server_reports, frames_per_stream);
   client.close_all();
 
   const double rate = perf::median(rates);
@@ -367,7 +372,7 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
   return rows;
 }
 
-// The peer of latency, after fmwire's rounds: as many rounds of as many
+// The peer of latency, after fmwire's rounds: rounds as asked of as many
 // gRPC round trips (Generate asking for one Token, one call after another on
 // one channel) after a warm-up round, medians of each round's percentiles.
 struct GrpcLatencyPeer {
@@ -377,7 +382,7 @@ struct GrpcLatencyPeer {
 };
 
 GrpcLatencyPeer grpc_latency_peer(const PerfRunCommand& command, const transport::Endpoint& server,
-                                  ServerReports& reports, std::size_t rounds) {
+                                  ServerReports& reports) {
   GrpcLatencyPeer peer;
   const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, perf::kGrpcPortPrompt, peer.note);
   if (!port) return peer;
@@ -386,7 +391,8 @@ GrpcLatencyPeer grpc_latency_peer(const PerfRunCommand& command, const transport
   perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout);
   std::vector<double> p50s, p99s, round_trips_us;
   round_trips_us.reserve(command.requests);
-  for (std::size_t round = 0; round <= rounds; ++round) {  // round 0 warms up
+  Rounds rounds(command);
+  for (bool warm_up = true; warm_up || rounds.more(p50s.size()); warm_up = false) {
     round_trips_us.clear();
     while_loop_turns<bool>(reports.loop(), [&] {
       for (std::uint32_t request = 0; request < command.requests; ++request) {
@@ -394,7 +400,10 @@ GrpcLatencyPeer grpc_latency_peer(const PerfRunCommand& command, const transport
       }
       return true;
     });
-    if (round == 0) continue;
+    if (warm_up) {
+      rounds.start_measuring();
+      continue;
+    }
     p50s.push_back(perf::percentile(round_trips_us, 0.50));
     p99s.push_back(perf::percentile(round_trips_us, 0.99));
   }
@@ -444,7 +453,7 @@ std::vector<Comparison> run_latency(const PerfRunCommand& command, const transpo
     p99s.push_back(perf::percentile(round_trips_us, 0.99));
   }
   GrpcLatencyPeer peer{std::nullopt, std::nullopt, "not asked for (--compare)"};
-  if (server_reports) peer = grpc_latency_peer(command, server, *server_reports, p50s.size());
+  if (server_reports) peer = grpc_latency_peer(command, server, *server_reports);
   client.close_all();
 
   const double p50 = perf::median(p50s);
@@ -575,10 +584,10 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
                         iperf3_peer(command, server, command.bytes, rates.size()), out);
 }
 
-// The gRPC peer of kv, after fmwire's rounds: as many Push calls of the same
-// shard in messages of the same size after a warm-up call, each copied into
-// the server's blocks; the server's CPU from its report (its KvTransfer
-// server runs in its process).
+// The gRPC peer of kv, after fmwire's rounds: Push calls of the same shard
+// in messages of the same size, rounds as asked after a warm-up call, each
+// copied into the server's blocks; the server's CPU from its report (its
+// KvTransfer server runs in its process).
 struct GrpcKvPeer {
   std::optional<double> rate;        // bytes/s, median
   std::optional<double> client_cpu;  // CPU-s per GB, median
@@ -587,8 +596,7 @@ struct GrpcKvPeer {
 };
 
 GrpcKvPeer grpc_kv_peer(const PerfRunCommand& command, const transport::Endpoint& server, ServerReports& reports,
-                        std::span<const std::byte> kv, std::uint64_t bytes, std::size_t chunk_bytes,
-                        std::size_t rounds) {
+                        std::span<const std::byte> kv, std::uint64_t bytes, std::size_t chunk_bytes) {
   GrpcKvPeer peer;
   const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, perf::kGrpcKvPortPrompt, peer.note);
   if (!port) return peer;
@@ -597,12 +605,17 @@ GrpcKvPeer grpc_kv_peer(const PerfRunCommand& command, const transport::Endpoint
   perf::GrpcKvClient client(server.host, *port, command.connect_timeout);
   std::vector<double> rates, client_cpu, server_cpu;
   const double gigabytes = static_cast<double>(bytes) / 1e9;
-  for (std::size_t round = 0; round <= rounds; ++round) {  // round 0 warms up: the server's blocks grow then
+  Rounds rounds(command);
+  // The warm-up push is the whole shard: the server's blocks grow to it then.
+  for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
     const double server_start = reports.cpu_seconds();
     const perf::KvSideRun run =
         while_loop_turns<perf::KvSideRun>(reports.loop(), [&] { return client.push(kv, bytes, chunk_bytes); });
     const double server_end = reports.cpu_seconds();
-    if (round == 0) continue;
+    if (warm_up) {
+      rounds.start_measuring();
+      continue;
+    }
     rates.push_back(static_cast<double>(bytes) / run.seconds);
     client_cpu.push_back(run.cpu_seconds / gigabytes);
     server_cpu.push_back((server_end - server_start) / gigabytes);
@@ -682,7 +695,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
       client_cpu.push_back((client_end - client_start) / gigabytes);
       server_cpu_per_gb.push_back((server_end - server_start) / gigabytes);
     }
-    grpc = grpc_kv_peer(command, server, server_reports, kv, bytes, shape.chunk_bytes(), rates.size());
+    grpc = grpc_kv_peer(command, server, server_reports, kv, bytes, shape.chunk_bytes());
     client.close_all();
   }
   const std::string caption = "kv: " + std::to_string(rates.size()) + " rounds of a " + std::to_string(bytes) +
