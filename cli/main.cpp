@@ -20,6 +20,7 @@
 #include "cli/worker_command.h"
 #include "engine/cuda_module.h"
 #include "log/log.h"
+#include "perf/grpc_tokens.h"
 #include "protocol/fmwire.capnp.h"
 #include "transport/auth_token.h"
 
@@ -228,11 +229,16 @@ int run_perf_serve_command(const std::vector<std::string>& arguments) {
   fmwire::cli::PerfServeCommand command;
   std::string backend;
   std::uint16_t iperf3_port = 0;
+  std::uint16_t grpc_port = 0;
+  std::uint16_t grpc_kv_port = 0;
   po::options_description description("usage: fmwire perf serve --listen HOST:PORT [options]\noptions");
   description.add_options()
       ("help,h", "show this help")
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
       ("iperf3-port", po::value(&iperf3_port), "also run `iperf3 -s -p PORT` (the peer of `perf run --compare`), killed on exit")
+      ("grpc-port", po::value(&grpc_port),
+       "where the gRPC peer of tokens and latency listens (same host; default: a free port, printed, told to clients)")
+      ("grpc-kv-port", po::value(&grpc_kv_port), "where the gRPC peer of kv listens (likewise)")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
   add_auth_token_flag(description,
                       "the shared secret (at least 16 bytes, surrounding whitespace trimmed) every `perf run` must prove");
@@ -242,6 +248,8 @@ int run_perf_serve_command(const std::vector<std::string>& arguments) {
   if (!start_log(log_flags, "fmwire perf serve")) return 2;
   command.auth_token = auth_token_flag(values);
   if (values.count("iperf3-port")) command.iperf3_port = iperf3_port;
+  if (values.count("grpc-port")) command.grpc_port = grpc_port;
+  if (values.count("grpc-kv-port")) command.grpc_kv_port = grpc_kv_port;
   command.backend = backend_choice(backend);
   return fmwire::cli::run_perf_serve(command, std::cout);
 }
@@ -267,7 +275,8 @@ int run_perf_run_command(const std::vector<std::string>& arguments) {
       ("repetitions", po::value(&repetitions), "measured rounds (default 5)")
       ("json", po::value(&command.json_path), "also write the results to FILE (bench results format)")
       ("compare", po::bool_switch(&command.compare),
-       "bulk and kv: iperf3 against the same host (its `perf serve --iperf3-port`), as a ratio")
+       "the peers against the same host, as ratios: tokens, latency and kv: gRPC (the servers `perf serve` runs, "
+       "where it is built in); bulk and kv: iperf3 (its `perf serve --iperf3-port`)")
       ("iperf3-port", po::value(&command.iperf3_port)->default_value(command.iperf3_port), "where the server host runs iperf3 -s")
       ("frames", po::value(&command.frames)->default_value(command.frames), "tokens: frames per round, over all streams")
       ("streams", po::value(&command.streams)->default_value(command.streams), "tokens: concurrent streams on one connection")
@@ -645,6 +654,9 @@ int main(int argc, char** argv) {
       // Where a worker would open the CUDA backend from (not opened here).
       const fmwire::engine::CudaModuleFile cuda = fmwire::engine::find_cuda_module();
       std::cout << "CUDA module: " << (cuda.path.empty() ? cuda.problem : cuda.path) << "\n";
+      std::cout << "gRPC peer (perf --compare): "
+                << (fmwire::perf::grpc_built_in() ? "gRPC " + fmwire::perf::grpc_version() : std::string("not built in"))
+                << "\n";
       return 0;
     }
     if (command == "help" || command == "--help" || command == "-h") {
