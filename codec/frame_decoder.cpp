@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string_view>
 
+#include "codec/token_frame.h"
+
 namespace fmwire::codec {
 
 namespace {
@@ -154,7 +156,8 @@ Result<DecodeProgress> FrameDecoder::next(std::span<const std::byte> bytes, Body
   // The common case, one segment filling the body, in one comparison.
   const bool one_segment_fits = load_le<std::uint32_t>(at + kFrameHeaderBytes) == 0 &&
                                 std::uint64_t{load_le<std::uint32_t>(at + kFrameHeaderBytes + 4)} + 1 == header.body_words;
-  if (!one_segment_fits) {
+  // A CompactTokens body has no segment table: read_tokens checks its layout.
+  if (!one_segment_fits && header.kind != static_cast<std::uint8_t>(FrameKind::compact_tokens)) {
     if (Status status = check_segment_table(frame.body); !status) return status.error();
   }
 
@@ -176,7 +179,9 @@ Result<DecodeProgress> FrameDecoder::next(std::span<const std::byte> bytes, Body
   }
 
   if (check == BodyCheck::full) {
-    if (Status status = check_body(frame.body); !status) return status.error();
+    Status status = header.kind == static_cast<std::uint8_t>(FrameKind::compact_tokens) ? check_compact_tokens(frame.body)
+                                                                                          : check_body(frame.body);
+    if (!status) return status.error();
   }
   return progress;
 }

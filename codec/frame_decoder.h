@@ -44,6 +44,7 @@ enum class BodyCheck {
   on_read,  // the segment table now, pointers as read_body() reads them: the
             // receive path (no second pass over the body) and a relay's
   full,     // every pointer now: a malformed body is refused before dispatch
+            // (a CompactTokens body: its whole layout, as read_tokens checks it)
 };
 
 // The front of a receive buffer: a whole frame, or how much a partial one needs.

@@ -24,6 +24,7 @@ std::string_view to_string(FrameKind kind) {
     case FrameKind::kv_abort: return "KvAbort";
     case FrameKind::go_away: return "GoAway";
     case FrameKind::kv_handoff: return "KvHandoff";
+    case FrameKind::compact_tokens: return "CompactTokens";
   }
   return "unknown";
 }
