@@ -26,7 +26,7 @@ bool compact_tokens_by_default() {
   return offered;
 }
 
-Result<TokensView> compact_tokens_view(std::span<const capnp::word> body) {
+CodecError compact_tokens_error(std::span<const capnp::word> body) {
   const auto* at = reinterpret_cast<const std::byte*>(body.data());
   const std::size_t body_bytes = body.size() * 8;
   if (body_bytes < kCompactTokensFixedBytes) {
@@ -38,11 +38,7 @@ Result<TokensView> compact_tokens_view(std::span<const capnp::word> body) {
   }
   const std::size_t count = load_le<std::uint16_t>(at + 4);
   const bool has_text = (flags & kCompactTokensHasText) != 0;
-  const bool has_logprobs = (flags & kCompactTokensHasLogprobs) != 0;
-  // Every size below is at most 10 * 65535 bytes: no overflow before the test.
-  const std::size_t ids_at = kCompactTokensFixedBytes;
-  const std::size_t logprobs_at = ids_at + 4 * count;
-  const std::size_t ends_at = logprobs_at + (has_logprobs ? 4 * count : 0);
+  const std::size_t ends_at = kCompactTokensFixedBytes + 4 * count + ((flags & kCompactTokensHasLogprobs) ? 4 * count : 0);
   const std::size_t text_at = ends_at + (has_text ? 2 * count : 0);
   if (text_at > body_bytes) {
     return malformed(std::to_string(count) + " tokens need " + std::to_string(text_at) + " bytes; the body has " +
@@ -59,25 +55,9 @@ Result<TokensView> compact_tokens_view(std::span<const capnp::word> body) {
       text_bytes = end;
     }
   }
-  if (padded_to_word(text_at + text_bytes) != body_bytes) {
-    return malformed(std::to_string(count) + " tokens and " + std::to_string(text_bytes) + " text bytes need " +
-                     std::to_string(padded_to_word(text_at + text_bytes)) + " bytes; the body has " +
-                     std::to_string(body_bytes));
-  }
-  TokensView view;
-  view.first_index_ = load_le<std::uint32_t>(at);
-  view.count_ = static_cast<std::uint32_t>(count);
-  view.compact_ids_ = at + ids_at;
-  if (has_logprobs) {
-    view.compact_logprobs_ = at + logprobs_at;
-    view.logprob_count_ = view.count_;
-  }
-  if (has_text) {
-    view.compact_ends_ = at + ends_at;
-    view.compact_text_ = at + text_at;
-    view.piece_count_ = view.count_;
-  }
-  return view;
+  return malformed(std::to_string(count) + " tokens and " + std::to_string(text_bytes) + " text bytes need " +
+                   std::to_string(padded_to_word(text_at + text_bytes)) + " bytes; the body has " +
+                   std::to_string(body_bytes));
 }
 
 TokenBatch<ViewPieces> batch_of(const TokensView& view, std::vector<std::uint32_t>& ids,

@@ -192,18 +192,72 @@ Result<EncodedFrame> encode_tokens(FrameEncoder& encoder, ByteBuffer& out, std::
   return encode_tokens_capnp(encoder, out, stream_id, batch, flags);
 }
 
+// True when a CompactTokens body of `body_bytes` at `at` is as long as its
+// count, flags and text end offsets say (the offsets non-decreasing): then
+// every field the view reads lies inside the body. Inline: the receive path
+// runs it once per frame; compact_tokens_error says what broke.
+inline bool compact_tokens_fit(const std::byte* at, std::size_t body_bytes) {
+  if (body_bytes < kCompactTokensFixedBytes) return false;
+  const auto flags = std::to_integer<std::uint8_t>(at[6]);
+  if ((flags & ~(kCompactTokensHasText | kCompactTokensHasLogprobs)) != 0 || at[7] != std::byte{0}) return false;
+  const std::size_t count = load_le<std::uint16_t>(at + 4);
+  const bool has_text = (flags & kCompactTokensHasText) != 0;
+  // At most 8 + 10 * 65535 bytes: no overflow before the test.
+  const std::size_t ends_at = kCompactTokensFixedBytes + 4 * count + ((flags & kCompactTokensHasLogprobs) ? 4 * count : 0);
+  const std::size_t text_at = ends_at + (has_text ? 2 * count : 0);
+  if (text_at > body_bytes) return false;
+  std::size_t text_bytes = 0;
+  if (has_text) {
+    for (std::size_t i = 0; i < count; ++i) {
+      const std::size_t end = load_le<std::uint16_t>(at + ends_at + 2 * i);
+      if (end < text_bytes) return false;
+      text_bytes = end;
+    }
+  }
+  return padded_to_word(text_at + text_bytes) == body_bytes;
+}
+
+// Why compact_tokens_fit refused a body: a malformed_body error naming it.
+[[gnu::cold]] CodecError compact_tokens_error(std::span<const capnp::word> body);
+
+// Checks a CompactTokens body against its layout (BodyCheck::full's check).
+inline Status check_compact_tokens(std::span<const capnp::word> body) {
+  if (!compact_tokens_fit(reinterpret_cast<const std::byte*>(body.data()), body.size() * 8)) {
+    return compact_tokens_error(body);
+  }
+  return Done{};
+}
+
 // The tokens of one frame, either form, read in place: valid while the
 // frame's bytes are, and (Tokens form) only inside read_tokens' visit.
 class TokensView {
  public:
   explicit TokensView(protocol::Tokens::Reader tokens)
-      : first_index_(tokens.getFirstIndex()),
-        ids_(tokens.getTokenIds()),
-        pieces_(tokens.getTextPieces()),
-        logprobs_(tokens.getLogprobs()),
-        count_(ids_.size()),
-        piece_count_(pieces_.size()),
-        logprob_count_(logprobs_.size()) {}
+      : capnp_{tokens.getTokenIds(), tokens.getTextPieces(), tokens.getLogprobs()},
+        first_index_(tokens.getFirstIndex()),
+        count_(capnp_.ids.size()),
+        piece_count_(capnp_.pieces.size()),
+        logprob_count_(capnp_.logprobs.size()),
+        is_compact_(false) {}
+
+  // A CompactTokens body that compact_tokens_fit accepted.
+  explicit TokensView(const std::byte* body) : compact_form_{}, first_index_(load_le<std::uint32_t>(body)), is_compact_(true) {
+    const std::uint32_t count = load_le<std::uint16_t>(body + 4);
+    const auto flags = std::to_integer<std::uint8_t>(body[6]);
+    count_ = count;
+    compact_form_.ids = body + kCompactTokensFixedBytes;
+    const std::byte* after = compact_form_.ids + 4 * std::size_t{count};
+    if ((flags & kCompactTokensHasLogprobs) != 0) {
+      compact_form_.logprobs = after;
+      logprob_count_ = count;
+      after += 4 * std::size_t{count};
+    }
+    if ((flags & kCompactTokensHasText) != 0) {
+      compact_form_.ends = after;
+      compact_form_.text = after + 2 * std::size_t{count};
+      piece_count_ = count;
+    }
+  }
 
   std::uint32_t first_index() const { return first_index_; }
   std::uint32_t size() const { return count_; }
@@ -211,40 +265,48 @@ class TokensView {
   // this build) size().
   std::uint32_t piece_count() const { return piece_count_; }
   std::uint32_t logprob_count() const { return logprob_count_; }
-  bool compact() const { return compact_ids_ != nullptr; }
+  bool compact() const { return is_compact_; }
 
   // i < size(), piece_count(), logprob_count() respectively.
   std::uint32_t id(std::uint32_t i) const {
-    return compact() ? load_le<std::uint32_t>(compact_ids_ + 4 * std::size_t{i}) : ids_[i];
+    return is_compact_ ? load_le<std::uint32_t>(compact_form_.ids + 4 * std::size_t{i}) : capnp_.ids[i];
   }
   std::string_view piece(std::uint32_t i) const {
-    if (compact()) {
-      const std::uint32_t begin = i == 0 ? 0 : load_le<std::uint16_t>(compact_ends_ + 2 * std::size_t{i - 1});
-      const std::uint32_t end = load_le<std::uint16_t>(compact_ends_ + 2 * std::size_t{i});
-      return {reinterpret_cast<const char*>(compact_text_) + begin, end - begin};
+    if (is_compact_) {
+      const std::uint32_t begin = i == 0 ? 0 : load_le<std::uint16_t>(compact_form_.ends + 2 * std::size_t{i - 1});
+      const std::uint32_t end = load_le<std::uint16_t>(compact_form_.ends + 2 * std::size_t{i});
+      return {reinterpret_cast<const char*>(compact_form_.text) + begin, end - begin};
     }
-    const capnp::Text::Reader text = pieces_[i];
+    const capnp::Text::Reader text = capnp_.pieces[i];
     return {text.begin(), text.size()};
   }
   float logprob(std::uint32_t i) const {
-    return compact() ? load_le<float>(compact_logprobs_ + 4 * std::size_t{i}) : logprobs_[i];
+    return is_compact_ ? load_le<float>(compact_form_.logprobs + 4 * std::size_t{i}) : capnp_.logprobs[i];
   }
 
  private:
-  friend Result<TokensView> compact_tokens_view(std::span<const capnp::word> body);
-  TokensView() = default;
-
+  struct CompactForm {
+    const std::byte* ids = nullptr;
+    const std::byte* logprobs = nullptr;
+    const std::byte* ends = nullptr;
+    const std::byte* text = nullptr;
+  };
+  struct CapnpForm {
+    capnp::List<std::uint32_t>::Reader ids;
+    capnp::List<capnp::Text>::Reader pieces;
+    capnp::List<float>::Reader logprobs;
+  };
+  // One form's fields: the Cap'n Proto readers are large, and a compact
+  // view is made once per frame on the receive path.
+  union {
+    CompactForm compact_form_;
+    CapnpForm capnp_;
+  };
   std::uint32_t first_index_ = 0;
-  capnp::List<std::uint32_t>::Reader ids_;
-  capnp::List<capnp::Text>::Reader pieces_;
-  capnp::List<float>::Reader logprobs_;
-  const std::byte* compact_ids_ = nullptr;
-  const std::byte* compact_logprobs_ = nullptr;
-  const std::byte* compact_ends_ = nullptr;
-  const std::byte* compact_text_ = nullptr;
   std::uint32_t count_ = 0;
   std::uint32_t piece_count_ = 0;
   std::uint32_t logprob_count_ = 0;
+  bool is_compact_;
 };
 
 // A view's pieces, for a TokenBatch that sends its tokens on.
@@ -259,24 +321,16 @@ struct ViewPieces {
 // foreign Tokens sender makes them) are left out.
 TokenBatch<ViewPieces> batch_of(const TokensView& view, std::vector<std::uint32_t>& ids, std::vector<float>& logprobs);
 
-// Checks a CompactTokens body against its layout (every length and offset
-// inside the body, the body exactly as long as they say) and views it.
-Result<TokensView> compact_tokens_view(std::span<const capnp::word> body);
-inline Status check_compact_tokens(std::span<const capnp::word> body) {
-  Result<TokensView> view = compact_tokens_view(body);
-  if (!view) return view.error();
-  return Done{};
-}
-
 // Calls visit(const TokensView&) on a Tokens or CompactTokens frame, read in
 // place; wrong_body_kind for any other kind, malformed_body for a body that
 // breaks its form. The one way a consumer reads a token frame.
 template <typename Visit>
 Status read_tokens(const FrameView& frame, const FrameLimits& limits, Visit&& visit) {
   if (frame.kind() == FrameKind::compact_tokens) {
-    Result<TokensView> view = compact_tokens_view(frame.body);
-    if (!view) return view.error();
-    visit(static_cast<const TokensView&>(*view));
+    const auto* body = reinterpret_cast<const std::byte*>(frame.body.data());
+    if (!compact_tokens_fit(body, frame.body.size() * 8)) [[unlikely]] return compact_tokens_error(frame.body);
+    const TokensView view(body);
+    visit(view);
     return Done{};
   }
   return read_body<protocol::Tokens>(frame, limits, [&](protocol::Tokens::Reader tokens) {
