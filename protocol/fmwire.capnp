@@ -15,8 +15,9 @@ using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("fmwire::protocol");
 
 const protocolMajor :UInt16 = 1;
-const protocolMinor :UInt16 = 2;   # 1: Hello/HelloAck tokenizerFingerprint
+const protocolMinor :UInt16 = 3;   # 1: Hello/HelloAck tokenizerFingerprint
                                    # 2: disaggregation, worker roles, typed KV refusals
+                                   # 3: Capabilities.compactTokens (the CompactTokens frame)
 
 # ---------------------------------------------------------------- connection
 
@@ -33,6 +34,10 @@ struct Capabilities {
   byteShuffle @1 :Bool;       # may receive byte-shuffled attachments
   kvTransfer @2 :Bool;        # serves the KV transfer session
   loadReports @3 :Bool;       # sends LoadReport frames when subscribed
+  # Minor version 3: may receive CompactTokens frames (frame kind 21), the
+  # fixed little-endian form of Tokens for small frames (codec/token_frame.h).
+  # An older peer leaves it false and gets Tokens only.
+  compactTokens @4 :Bool;
 }
 
 # What a receiver enforces on read; a peer that exceeds them is disconnected.
