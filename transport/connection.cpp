@@ -210,14 +210,6 @@ void Connection::after_frame_sent(std::uint32_t stream_id, FrameKind kind, std::
   }
 }
 
-std::optional<Connection::StreamState*> Connection::sendable_stream(std::uint32_t stream_id, FrameKind kind) {
-  if (stream_id == 0) return nullptr;
-  auto found = streams_.find(stream_id);
-  if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) return &found->second;
-  if (kind == FrameKind::error) return nullptr;  // an Error may refuse a stream we never took
-  return std::nullopt;
-}
-
 SendStatus Connection::relay(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags) {
   if (closing_ || closed_) return SendStatus::connection_closed;
   const FrameKind kind = frame.kind();

@@ -353,6 +353,16 @@ class Connection final : public SocketEvents {
   std::uint64_t ping_sequence_ = 0;
 };
 
+// Inline: every frame sent or relayed asks, and the relay's count is gated.
+inline std::optional<Connection::StreamState*> Connection::sendable_stream(std::uint32_t stream_id,
+                                                                          codec::FrameKind kind) {
+  if (stream_id == 0) return nullptr;
+  auto found = streams_.find(stream_id);
+  if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) return &found->second;
+  if (kind == codec::FrameKind::error) return nullptr;  // an Error may refuse a stream we never took
+  return std::nullopt;
+}
+
 template <typename Body, typename Fill>
 SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t flags,
                             const codec::PreparedAttachment* attachment, std::shared_ptr<const void> keep_alive) {
