@@ -106,7 +106,8 @@ int run_generate(const GenerateCommand& command, std::ostream& out) {
       out << boost::json::serialize(boost::json::object{{"type", "tokens"},
                                                         {"first_index", chunk.first_index},
                                                         {"token_ids", std::move(ids)},
-                                                        {"text", std::move(pieces)}})
+                                                        {"text", std::move(pieces)},
+                                                        {"wire_bytes", chunk.wire_bytes}})
           << '\n';
     } else {
       text.clear();

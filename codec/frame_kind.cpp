@@ -25,6 +25,7 @@ std::string_view to_string(FrameKind kind) {
     case FrameKind::go_away: return "GoAway";
     case FrameKind::kv_handoff: return "KvHandoff";
     case FrameKind::hello_proof: return "HelloProof";
+    case FrameKind::compact_tokens: return "CompactTokens";
   }
   return "unknown";
 }

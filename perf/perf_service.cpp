@@ -79,11 +79,10 @@ void PerfService::send_report(Connection& connection, std::uint32_t stream_id, s
   // (kj checks it in debug builds).
   char text[24]{};
   const auto written = std::to_chars(text, text + sizeof text - 1, number).ptr;
-  const SendStatus status = connection.send<protocol::Tokens>(stream_id, [&](protocol::Tokens::Builder tokens) {
-    tokens.setFirstIndex(0);
-    tokens.initTokenIds(1).set(0, 0);
-    tokens.initTextPieces(1).set(0, capnp::Text::Reader(text, static_cast<std::size_t>(written - text)));
-  });
+  const std::uint32_t id = 0;
+  const std::string_view report(text, static_cast<std::size_t>(written - text));
+  const auto piece = [report](std::uint32_t) { return report; };
+  const SendStatus status = connection.send_tokens(stream_id, codec::text_batch(0, {&id, 1}, piece));
   if (status != SendStatus::sent) {
     connection.reset_stream(stream_id, protocol::ErrorCode::INTERNAL,
                             "report not sent: " + std::string(transport::to_string(status)));
@@ -111,13 +110,13 @@ void ReportClient::request(Connection& connection, std::string_view prompt) {
 }
 
 void ReportClient::on_stream_frame(Connection&, const codec::FrameView& frame) {
-  if (frame.kind() != codec::FrameKind::tokens) return;
-  const codec::Status read = codec::read_body<protocol::Tokens>(frame, limits_, [&](protocol::Tokens::Reader tokens) {
-    if (tokens.getTextPieces().size() != 1) return;
-    const capnp::Text::Reader piece = tokens.getTextPieces()[0];
+  if (!codec::is_token_frame(frame.kind())) return;
+  const codec::Status read = codec::read_tokens(frame, limits_, [&](const codec::TokensView& tokens) {
+    if (tokens.piece_count() != 1) return;
+    const std::string_view piece = tokens.piece(0);
     std::int64_t number = 0;
-    const auto parsed = std::from_chars(piece.begin(), piece.end(), number);
-    if (parsed.ec == std::errc() && parsed.ptr == piece.end()) number_ = number;
+    const auto parsed = std::from_chars(piece.data(), piece.data() + piece.size(), number);
+    if (parsed.ec == std::errc() && parsed.ptr == piece.data() + piece.size()) number_ = number;
   });
   if (!read) failure_ = "unreadable report: " + read.error().message;
   if (!number_ && failure_.empty()) failure_ = "a report without a number in it";

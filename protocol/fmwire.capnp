@@ -18,7 +18,8 @@ const protocolMajor :UInt16 = 1;
 const protocolMinor :UInt16 = 3;   # 1: Hello/HelloAck tokenizerFingerprint
                                    # 2: disaggregation, worker roles, typed KV refusals
                                    # 3: shared-secret authentication (authNonce,
-                                   #    authProof, HelloProof)
+                                   #    authProof, HelloProof); Capabilities.compactTokens
+                                   #    (the CompactTokens frame)
 
 # ---------------------------------------------------------------- connection
 
@@ -35,6 +36,10 @@ struct Capabilities {
   byteShuffle @1 :Bool;       # may receive byte-shuffled attachments
   kvTransfer @2 :Bool;        # serves the KV transfer session
   loadReports @3 :Bool;       # sends LoadReport frames when subscribed
+  # Minor version 3: may receive CompactTokens frames (frame kind 22), the
+  # fixed little-endian form of Tokens for small frames (codec/token_frame.h).
+  # An older peer leaves it false and gets Tokens only.
+  compactTokens @4 :Bool;
 }
 
 # What a receiver enforces on read; a peer that exceeds them is disconnected.

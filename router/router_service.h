@@ -301,6 +301,8 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   std::string transfer_key_prefix_;  // "<name>-<nonce>-", then a counter
   std::uint64_t next_transfer_ = 1;
   RouterCounters counters_;
+  std::vector<std::uint32_t> rebuild_ids_;  // send_tokens' scratch for a rebuilt frame, reused
+  std::vector<float> rebuild_logprobs_;
   bool reap_posted_ = false;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };

@@ -5,7 +5,10 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string_view>
 
 #include "protocol/cancel.h"
 
@@ -97,6 +100,9 @@ Connection::Connection(EventLoop& loop, int fd, bool outgoing, ConnectionOptions
       next_local_stream_(outgoing ? 1 : 2),
       connection_receive_window_(options_.initial_connection_credit_bytes),
       last_received_(Clock::now()) {
+  // Offered only where the process's ablation switch leaves it on; what
+  // this side then agrees to is what it offered.
+  options_.capabilities.compact_tokens = options_.capabilities.compact_tokens && codec::compact_tokens_by_default();
   queued_.reserve(64 * 1024);
   in_flight_.reserve(64 * 1024);
   backend_.open(fd_, this);
@@ -120,15 +126,25 @@ void Connection::send_limits(protocol::Limits::Builder limits) const {
   limits.setInitialConnectionCreditBytes(options_.initial_connection_credit_bytes);
 }
 
+SendStatus Connection::relay_as_tokens(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags) {
+  SendStatus status = SendStatus::too_large;
+  const codec::Status read = codec::read_tokens(frame, options_.limits, [&](const codec::TokensView& tokens) {
+    status = send_tokens(stream_id, codec::batch_of(tokens, relay_ids_, relay_logprobs_), flags);
+  });
+  return read ? status : SendStatus::too_large;
+}
+
 void Connection::send_capabilities(protocol::Capabilities::Builder capabilities) const {
   capabilities.setZstdAttachments(options_.capabilities.zstd_attachments);
   capabilities.setByteShuffle(options_.capabilities.byte_shuffle);
   capabilities.setKvTransfer(options_.capabilities.kv_transfer);
   capabilities.setLoadReports(options_.capabilities.load_reports);
+  capabilities.setCompactTokens(options_.capabilities.compact_tokens);
 }
 
 Capabilities Connection::read_capabilities(protocol::Capabilities::Reader peer) {
-  return {peer.getZstdAttachments(), peer.getByteShuffle(), peer.getKvTransfer(), peer.getLoadReports()};
+  return {peer.getZstdAttachments(), peer.getByteShuffle(), peer.getKvTransfer(), peer.getLoadReports(),
+          peer.getCompactTokens()};
 }
 
 bool Connection::agree(const Capabilities& peer) {
@@ -211,15 +227,12 @@ void Connection::after_frame_sent(std::uint32_t stream_id, FrameKind kind, std::
 SendStatus Connection::relay(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags) {
   if (closing_ || closed_) return SendStatus::connection_closed;
   const FrameKind kind = frame.kind();
-  StreamState* stream = nullptr;
-  if (stream_id != 0) {
-    auto found = streams_.find(stream_id);
-    if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) {
-      stream = &found->second;
-    } else if (kind != FrameKind::error) {
-      return SendStatus::no_such_stream;
-    }
+  if (kind == FrameKind::compact_tokens && !agreed_.compact_tokens) [[unlikely]] {
+    return relay_as_tokens(stream_id, frame, flags);
   }
+  const std::optional<StreamState*> sendable = sendable_stream(stream_id, kind);
+  if (!sendable) return SendStatus::no_such_stream;
+  StreamState* stream = *sendable;
   if (frame.body.size_bytes() > options_.limits.max_body_bytes ||
       frame.descriptor.decoded_bytes > options_.limits.max_attachment_bytes) {
     return SendStatus::too_large;

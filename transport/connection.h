@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <system_error>
@@ -31,6 +32,7 @@
 #include "codec/buffer_pool.h"
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
+#include "codec/token_frame.h"
 #include "protocol/fmwire.capnp.h"
 #include "transport/connection_options.h"
 #include "transport/event_loop.h"
@@ -143,10 +145,19 @@ class Connection final : public SocketEvents {
                   const codec::PreparedAttachment* attachment = nullptr,
                   std::shared_ptr<const void> keep_alive = nullptr);
 
+  // Encodes one token frame onto a stream: CompactTokens where the peer
+  // agreed on it and the batch fits that form, else Tokens. Every producer
+  // of tokens sends through here, so none decides the form itself.
+  template <typename Pieces>
+  SendStatus send_tokens(std::uint32_t stream_id, const codec::TokenBatch<Pieces>& batch, std::uint16_t flags = 0);
+
   // Sends a frame that arrived on another connection as it is: its header
   // with this side's stream id and `flags`, its body and attachment copied
   // byte for byte into the send queue, never decoded or built again (the
   // router's relay). The same checks as send(): stream state, limits, credit.
+  // A CompactTokens frame for a peer that did not agree on that form goes
+  // as Tokens, rebuilt from its fields: a relay never sends what the peer
+  // cannot read.
   SendStatus relay(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags);
 
   // Bytes a data frame on this stream may still take (the smaller of the
@@ -215,8 +226,13 @@ class Connection final : public SocketEvents {
   };
 
   static bool counts_against_credit(codec::FrameKind kind) {
-    return kind == codec::FrameKind::tokens || kind == codec::FrameKind::kv_chunk;
+    return codec::is_token_frame(kind) || kind == codec::FrameKind::kv_chunk;
   }
+  // The stream a frame of `kind` may go on: its state, or nullptr for stream
+  // 0 or an Error on a stream we never took; nullopt when it may not go.
+  std::optional<StreamState*> sendable_stream(std::uint32_t stream_id, codec::FrameKind kind);
+  // relay() of a CompactTokens frame to a peer that takes Tokens only.
+  [[gnu::cold]] SendStatus relay_as_tokens(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags);
   // Frames a side may still send on a stream after its own last frame: it
   // keeps granting credit to what it receives, may reset the stream, and
   // (a router) may ask the worker serving it to hand it over (KvHandoff).
@@ -262,6 +278,8 @@ class Connection final : public SocketEvents {
   ConnectionOptions options_;
   ConnectionHandler& handler_;
   codec::FrameEncoder encoder_;
+  std::vector<std::uint32_t> relay_ids_;  // relay_as_tokens' scratch, kept for reuse
+  std::vector<float> relay_logprobs_;
   codec::FrameDecoder decoder_;
 
   bool ready_ = false;
@@ -274,7 +292,7 @@ class Connection final : public SocketEvents {
   EndReason close_reason_;
   std::string peer_name_;
   std::uint64_t peer_tokenizer_fingerprint_ = 0;
-  Capabilities agreed_{false, false, false, false};
+  Capabilities agreed_{false, false, false, false, false};
   AuthHandshake auth_;
   bool awaiting_auth_proof_ = false;  // a server that sent HelloAck and waits for HelloProof
 
@@ -307,20 +325,24 @@ class Connection final : public SocketEvents {
   std::uint64_t ping_sequence_ = 0;
 };
 
+// Inline: every frame sent or relayed asks, and the relay's count is gated.
+inline std::optional<Connection::StreamState*> Connection::sendable_stream(std::uint32_t stream_id,
+                                                                          codec::FrameKind kind) {
+  if (stream_id == 0) return nullptr;
+  auto found = streams_.find(stream_id);
+  if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) return &found->second;
+  if (kind == codec::FrameKind::error) return nullptr;  // an Error may refuse a stream we never took
+  return std::nullopt;
+}
+
 template <typename Body, typename Fill>
 SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t flags,
                             const codec::PreparedAttachment* attachment, std::shared_ptr<const void> keep_alive) {
   if (closing_ || closed_) return SendStatus::connection_closed;
   constexpr codec::FrameKind kind = codec::kKindOf<Body>;
-  StreamState* stream = nullptr;
-  if (stream_id != 0) {
-    auto found = streams_.find(stream_id);
-    if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) {
-      stream = &found->second;
-    } else if (kind != codec::FrameKind::error) {
-      return SendStatus::no_such_stream;  // an Error may refuse a stream we never took
-    }
-  }
+  const std::optional<StreamState*> sendable = sendable_stream(stream_id, kind);
+  if (!sendable) return SendStatus::no_such_stream;
+  StreamState* stream = *sendable;
   if (counts_against_credit(kind) && attachment != nullptr) {
     // Refused before encoding when even header + attachment exceed the
     // credit: a bulk sender that waits on credit must not pay a copy of its
@@ -350,6 +372,27 @@ SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t 
   if (!encoded->attachment.empty()) {
     queued_references_.push_back({queued_.size(), encoded->attachment, encoded->padding_bytes, std::move(keep_alive)});
   }
+  after_frame_sent(stream_id, kind, flags, encoded->wire_bytes);
+  return SendStatus::sent;
+}
+
+template <typename Pieces>
+SendStatus Connection::send_tokens(std::uint32_t stream_id, const codec::TokenBatch<Pieces>& batch,
+                                   std::uint16_t flags) {
+  if (closing_ || closed_) return SendStatus::connection_closed;
+  const std::optional<StreamState*> sendable = sendable_stream(stream_id, codec::FrameKind::tokens);
+  if (!sendable || *sendable == nullptr) return SendStatus::no_such_stream;
+  StreamState& stream = **sendable;
+  const std::size_t mark = queued_.size();
+  auto encoded = codec::encode_tokens(encoder_, queued_, stream_id, batch, agreed_.compact_tokens, flags);
+  if (!encoded) return SendStatus::too_large;
+  const auto bytes = static_cast<std::int64_t>(encoded->wire_bytes);
+  if (bytes > stream.send_credit || bytes > connection_send_credit_) {
+    queued_.resize(mark);  // take the frame back: it may not go yet
+    stream.blocked = true;
+    return SendStatus::blocked;
+  }
+  const auto kind = static_cast<codec::FrameKind>(std::to_integer<std::uint8_t>(queued_.data()[mark + 4]));
   after_frame_sent(stream_id, kind, flags, encoded->wire_bytes);
   return SendStatus::sent;
 }

@@ -22,10 +22,14 @@ struct Capabilities {
   bool byte_shuffle = true;      // may receive byte-shuffled attachments
   bool kv_transfer = false;      // serves the KV transfer session (a worker)
   bool load_reports = false;     // sends LoadReport frames when subscribed (a worker, a router)
+  // May receive CompactTokens frames; a Connection offers it only where the
+  // ablation switch (FMWIRE_COMPACT_TOKENS, codec/token_frame.h) leaves it on.
+  bool compact_tokens = true;
 
   Capabilities intersect(const Capabilities& other) const {
     return {zstd_attachments && other.zstd_attachments, byte_shuffle && other.byte_shuffle,
-            kv_transfer && other.kv_transfer, load_reports && other.load_reports};
+            kv_transfer && other.kv_transfer, load_reports && other.load_reports,
+            compact_tokens && other.compact_tokens};
   }
 };
 
