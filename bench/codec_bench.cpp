@@ -2,7 +2,8 @@
 // against a peer measured in the same run (DESIGN.md, Measuring).
 //
 // Token frames (one token, sixteen tokens): encode and decode of
-// protocol::Tokens through FrameEncoder / FrameDecoder + read_body, against
+// token frames through codec::encode_tokens / FrameDecoder + read_tokens, in
+// the compact form (CompactTokens) and in the Cap'n Proto form (Tokens), against
 //   - protobuf (when built with it): one reused message, ByteSizeLong +
 //     SerializeWithCachedSizesToArray behind a varint length prefix, and
 //     ParseFromArray into another reused message;
@@ -34,7 +35,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <random>
 #include <span>
 #include <stdexcept>
@@ -48,6 +51,7 @@
 #include "codec/buffer_pool.h"
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
+#include "codec/token_frame.h"
 #include "protocol/fmwire.capnp.h"
 
 #ifdef FMWIRE_HAVE_PROTOBUF
@@ -55,6 +59,18 @@
 
 #include "token_frame.pb.h"
 #endif
+
+// operator new calls so far: the token rows report them per frame.
+// Replaced below for the whole program; the bench is single-threaded.
+std::uint64_t allocation_count = 0;
+
+void* operator new(std::size_t bytes) {
+  ++allocation_count;
+  if (void* memory = std::malloc(bytes == 0 ? 1 : bytes)) return memory;
+  throw std::bad_alloc();
+}
+void operator delete(void* memory) noexcept { std::free(memory); }
+void operator delete(void* memory, std::size_t) noexcept { std::free(memory); }
 
 namespace fmwire::bench {
 namespace {
@@ -171,29 +187,26 @@ std::uint64_t expected_checksum(std::span<const TokenFrame> frames) {
 // ---------------------------------------------------------------- fmwire
 
 // Frames into a pooled ByteBuffer, decoded in place as the receive path
-// does: FrameDecoder::next with BodyCheck::on_read, then read_body.
+// does: FrameDecoder::next with BodyCheck::on_read, then read_tokens, the
+// view every consumer reads token frames through. `compact`: the form a
+// peer that offered compactTokens gets (CompactTokens, falling back to
+// Tokens for a frame that does not fit it); else Tokens, what an older peer
+// gets.
 class FmwireTokenCodec {
  public:
-  static constexpr const char* kName = "fmwire";
+  FmwireTokenCodec(std::size_t frames_per_batch, bool compact)
+      : pool_(frames_per_batch * 128, 1, frames_per_batch * 4096), buffer_(pool_.acquire()), compact_(compact) {}
 
-  explicit FmwireTokenCodec(std::size_t frames_per_batch)
-      : pool_(frames_per_batch * 128, 1, frames_per_batch * 4096), buffer_(pool_.acquire()) {}
+  const char* name() const { return compact_ ? "fmwire" : "fmwire.capnp"; }
 
   // Returns the wire bytes of the batch.
   std::uint64_t encode_batch(std::span<const TokenFrame> frames) {
     buffer_->clear();
     std::uint64_t wire_bytes = 0;
     for (const TokenFrame& frame : frames) {
-      auto encoded = encoder_.encode<protocol::Tokens>(*buffer_, frame.stream_id, [&](protocol::Tokens::Builder tokens) {
-        tokens.setFirstIndex(frame.first_index);
-        const auto count = static_cast<unsigned>(frame.ids.size());
-        auto ids = tokens.initTokenIds(count);
-        for (unsigned i = 0; i < count; ++i) ids.set(i, frame.ids[i]);
-        auto pieces = tokens.initTextPieces(count);
-        for (unsigned i = 0; i < count; ++i) {
-          pieces.set(i, capnp::Text::Reader(frame.pieces[i].data(), frame.pieces[i].size()));
-        }
-      });
+      const auto piece = [&](std::uint32_t i) { return std::string_view(frame.pieces[i]); };
+      auto encoded = codec::encode_tokens(encoder_, *buffer_, frame.stream_id,
+                                          codec::text_batch(frame.first_index, frame.ids, piece), compact_);
       if (!encoded) throw std::runtime_error("fmwire encode: " + encoded.error().message);
       wire_bytes += encoded->wire_bytes;
     }
@@ -210,12 +223,12 @@ class FmwireTokenCodec {
       if (!progress->frame) throw std::runtime_error("fmwire decode: batch ends inside a frame");
       const codec::FrameView& frame = *progress->frame;
       sum += frame.header.stream_id;
-      codec::Status read = codec::read_body<protocol::Tokens>(frame, decoder_.limits(), [&](protocol::Tokens::Reader tokens) {
-        sum += tokens.getFirstIndex();
-        for (std::uint32_t id : tokens.getTokenIds()) sum += id;
-        for (capnp::Text::Reader piece : tokens.getTextPieces()) sum += text_checksum({piece.begin(), piece.size()});
+      codec::Status read = codec::read_tokens(frame, decoder_.limits(), [&](const codec::TokensView& tokens) {
+        sum += tokens.first_index();
+        for (std::uint32_t i = 0; i < tokens.size(); ++i) sum += tokens.id(i);
+        for (std::uint32_t i = 0; i < tokens.piece_count(); ++i) sum += text_checksum(tokens.piece(i));
       });
-      if (!read) throw std::runtime_error("fmwire read_body: " + read.error().message);
+      if (!read) throw std::runtime_error("fmwire read_tokens: " + read.error().message);
       rest = rest.subspan(frame.wire_bytes);
     }
     return sum;
@@ -226,6 +239,7 @@ class FmwireTokenCodec {
   codec::PooledBuffer buffer_;
   codec::FrameEncoder encoder_;
   codec::FrameDecoder decoder_;
+  bool compact_;
 };
 
 // ---------------------------------------------------------------- protobuf
@@ -237,6 +251,7 @@ class FmwireTokenCodec {
 class ProtobufTokenCodec {
  public:
   static constexpr const char* kName = "protobuf";
+  const char* name() const { return kName; }
 
   std::uint64_t encode_batch(std::span<const TokenFrame> frames) {
     using google::protobuf::io::CodedOutputStream;
@@ -312,6 +327,7 @@ class ProtobufTokenCodec {
 class JsonTokenCodec {
  public:
   static constexpr const char* kName = "boost.json";
+  const char* name() const { return kName; }
 
   std::uint64_t encode_batch(std::span<const TokenFrame> frames) {
     text_.clear();
@@ -380,6 +396,7 @@ struct TokenTimes {
   std::vector<double> decode_ns_per_frame;
   std::vector<double> round_trip_ns_per_frame;
   double bytes_per_frame = 0;
+  double allocations_per_frame = 0;  // the most of any batch: encode + decode
 };
 
 struct TokenSummary {
@@ -388,18 +405,21 @@ struct TokenSummary {
   double decode_ns_per_frame = 0;
   double round_trip_ns_per_frame = 0;
   double bytes_per_frame = 0;
+  double allocations_per_frame = 0;
 };
 
 // Encodes the batch, decodes it, checks what was read, and records the times.
 template <typename Codec>
 void time_token_batch(Codec& codec, std::span<const TokenFrame> frames, std::uint64_t checksum, TokenTimes& times) {
+  const std::uint64_t allocations_before = allocation_count;
   const auto start = Clock::now();
   const std::uint64_t wire_bytes = codec.encode_batch(frames);
   const auto encoded = Clock::now();
   const std::uint64_t read_checksum = codec.decode_batch();
   const auto decoded = Clock::now();
+  const std::uint64_t allocations = allocation_count - allocations_before;
   if (read_checksum != checksum) {
-    throw std::runtime_error(std::string(Codec::kName) + " read back checksum " + std::to_string(read_checksum) +
+    throw std::runtime_error(std::string(codec.name()) + " read back checksum " + std::to_string(read_checksum) +
                              ", expected " + std::to_string(checksum));
   }
   const double frames_count = static_cast<double>(frames.size());
@@ -409,11 +429,12 @@ void time_token_batch(Codec& codec, std::span<const TokenFrame> frames, std::uin
   times.decode_ns_per_frame.push_back(decode_ns);
   times.round_trip_ns_per_frame.push_back(encode_ns + decode_ns);
   times.bytes_per_frame = static_cast<double>(wire_bytes) / frames_count;
+  times.allocations_per_frame = std::max(times.allocations_per_frame, static_cast<double>(allocations) / frames_count);
 }
 
 TokenSummary summarise(const char* format, const TokenTimes& times) {
   return {format, median(times.encode_ns_per_frame), median(times.decode_ns_per_frame),
-          median(times.round_trip_ns_per_frame), times.bytes_per_frame};
+          median(times.round_trip_ns_per_frame), times.bytes_per_frame, times.allocations_per_frame};
 }
 
 // All formats on the same frames; within a repetition they take turns, so
@@ -423,9 +444,12 @@ std::vector<TokenSummary> measure_token_frames(const TokenCorpus& corpus, std::u
   const std::vector<TokenFrame> frames = make_frames(corpus, settings.frames_per_batch, tokens_per_frame);
   const std::uint64_t checksum = expected_checksum(frames);
 
-  FmwireTokenCodec fmwire(settings.frames_per_batch);
+  // FMWIRE_COMPACT_TOKENS=0 turns the compact form off here as in every
+  // process: then both fmwire rows are the Tokens form.
+  FmwireTokenCodec fmwire(settings.frames_per_batch, codec::compact_tokens_by_default());
+  FmwireTokenCodec fmwire_capnp(settings.frames_per_batch, false);
   JsonTokenCodec json;
-  TokenTimes fmwire_times, json_times, warm_up;
+  TokenTimes fmwire_times, fmwire_capnp_times, json_times, warm_up;
 #ifdef FMWIRE_HAVE_PROTOBUF
   ProtobufTokenCodec protobuf;
   TokenTimes protobuf_times;
@@ -433,6 +457,7 @@ std::vector<TokenSummary> measure_token_frames(const TokenCorpus& corpus, std::u
 
   for (int round = 0; round < 2; ++round) {  // buffers and arenas reach their working size
     time_token_batch(fmwire, frames, checksum, warm_up);
+    time_token_batch(fmwire_capnp, frames, checksum, warm_up);
 #ifdef FMWIRE_HAVE_PROTOBUF
     time_token_batch(protobuf, frames, checksum, warm_up);
 #endif
@@ -440,13 +465,15 @@ std::vector<TokenSummary> measure_token_frames(const TokenCorpus& corpus, std::u
   }
   for (int repetition = 0; repetition < settings.token_repetitions; ++repetition) {
     time_token_batch(fmwire, frames, checksum, fmwire_times);
+    time_token_batch(fmwire_capnp, frames, checksum, fmwire_capnp_times);
 #ifdef FMWIRE_HAVE_PROTOBUF
     time_token_batch(protobuf, frames, checksum, protobuf_times);
 #endif
     time_token_batch(json, frames, checksum, json_times);
   }
 
-  std::vector<TokenSummary> summaries{summarise(FmwireTokenCodec::kName, fmwire_times)};
+  std::vector<TokenSummary> summaries{summarise(fmwire.name(), fmwire_times),
+                                      summarise(fmwire_capnp.name(), fmwire_capnp_times)};
 #ifdef FMWIRE_HAVE_PROTOBUF
   summaries.push_back(summarise(ProtobufTokenCodec::kName, protobuf_times));
 #endif
@@ -459,8 +486,9 @@ void report_token_frames(std::uint32_t tokens_per_frame, const std::vector<Token
   const TokenSummary& ours = summaries.front();
   std::printf("  %u token%s a frame\n", tokens_per_frame, tokens_per_frame == 1 ? "" : "s");
   for (const TokenSummary& summary : summaries) {
-    std::printf("    %-11s %9.1f %9.1f %11.1f %11.1f", summary.format.c_str(), summary.encode_ns_per_frame,
-                summary.decode_ns_per_frame, summary.round_trip_ns_per_frame, summary.bytes_per_frame);
+    std::printf("    %-12s %9.1f %9.1f %11.1f %11.1f %7.2f", summary.format.c_str(), summary.encode_ns_per_frame,
+                summary.decode_ns_per_frame, summary.round_trip_ns_per_frame, summary.bytes_per_frame,
+                summary.allocations_per_frame);
     if (&summary == &ours) {
       std::printf("%12s %12s %12s %12s\n", "-", "-", "-", "-");
       continue;
@@ -471,6 +499,7 @@ void report_token_frames(std::uint32_t tokens_per_frame, const std::vector<Token
     const double size_ratio = summary.bytes_per_frame / ours.bytes_per_frame;
     std::printf("%11.2fx %11.2fx %11.2fx %11.2fx\n", encode_ratio, decode_ratio, round_trip_ratio, size_ratio);
 
+    // "fmwire.capnp" is our own Tokens form: the compact form's worth.
     const std::string prefix = "tokens_x" + std::to_string(tokens_per_frame) + "_";
     results.push_back({prefix + "round_trip", ours.round_trip_ns_per_frame, "ns/frame", summary.format,
                        summary.round_trip_ns_per_frame, round_trip_ratio});
@@ -481,6 +510,9 @@ void report_token_frames(std::uint32_t tokens_per_frame, const std::vector<Token
     results.push_back({prefix + "wire_size", ours.bytes_per_frame, "bytes/frame", summary.format,
                        summary.bytes_per_frame, size_ratio});
   }
+  // Allocations per frame, encode + decode, after warm-up: the target is 0.
+  results.push_back({"tokens_x" + std::to_string(tokens_per_frame) + "_allocations", ours.allocations_per_frame,
+                     "allocations/frame", "", 0, 0});
 }
 
 void run_token_benchmarks(const BenchSettings& settings, std::vector<Comparison>& results) {
@@ -488,8 +520,8 @@ void run_token_benchmarks(const BenchSettings& settings, std::vector<Comparison>
               settings.frames_per_batch, settings.token_repetitions);
   std::printf("  ns per frame (round trip: median of each batch's encode + decode); bytes per frame on the wire\n");
   std::printf("  (mean over the batch); ratios are peer / fmwire, > 1: fmwire better\n");
-  std::printf("    %-11s %9s %9s %11s %11s %12s %12s %12s %12s\n", "format", "encode", "decode", "round trip",
-              "bytes", "encode", "decode", "round trip", "size");
+  std::printf("    %-12s %9s %9s %11s %11s %7s %12s %12s %12s %12s\n", "format", "encode", "decode", "round trip",
+              "bytes", "allocs", "encode", "decode", "round trip", "size");
   const TokenCorpus corpus = make_corpus(42);
   for (std::uint32_t tokens_per_frame : {1u, 16u}) {
     report_token_frames(tokens_per_frame, measure_token_frames(corpus, tokens_per_frame, settings), results);
@@ -497,9 +529,14 @@ void run_token_benchmarks(const BenchSettings& settings, std::vector<Comparison>
 #ifndef FMWIRE_HAVE_PROTOBUF
   std::printf("  protobuf peer skipped: built without libprotobuf-dev/protoc\n");
 #endif
-  std::printf("  fmwire decode: FrameDecoder::next with BodyCheck::on_read, the receive path's default (header and\n"
-              "  segment table checked before any field is read, each pointer as read_body follows it; no\n"
-              "  BodyCheck::full walk of the body first), then read_body reading every field.\n");
+  std::printf("  fmwire: CompactTokens, the form a peer that offered compactTokens gets (FMWIRE_COMPACT_TOKENS=%s);\n"
+              "  fmwire.capnp: Tokens (Cap'n Proto), what an older peer gets. allocs: operator new calls per frame,\n"
+              "  encode + decode, the most of any batch after warm-up.\n",
+              codec::compact_tokens_by_default() ? "on" : "0: off, both rows Tokens");
+  std::printf("  fmwire decode: FrameDecoder::next with BodyCheck::on_read, the receive path's default (header,\n"
+              "  and a Cap'n Proto body's segment table, checked before any field is read), then read_tokens\n"
+              "  reading every field: a CompactTokens body's whole layout (counts, offsets, length) is checked\n"
+              "  against its size before the view is made; a Tokens body's pointers as read_body follows them.\n");
   std::printf("  protobuf and Boost.JSON validate text as UTF-8 while parsing; Cap'n Proto does not.\n");
   std::printf("  JSON bytes count the newline delimiter; SSE's \"data: \" framing would add 7 more.\n\n");
 }

@@ -2,10 +2,12 @@
 // sub-command, for scripts/instruction_gate.py to count under callgrind.
 //
 // Workloads (each 10,000 frames or chunks, the same content every run):
-//   encode-1, decode-1     one-token Tokens frames: FrameEncoder::encode into
-//   encode-16, decode-16   a buffer reserved up front; FrameDecoder::next
+//   encode-1, decode-1     one-token frames in the form two peers of this
+//   encode-16, decode-16   build agree on (CompactTokens, or Tokens under
+//                          FMWIRE_COMPACT_TOKENS=0): codec::encode_tokens
+//                          into a buffer reserved up front; FrameDecoder::next
 //                          (BodyCheck::on_read, the receive path's) and
-//                          read_body reading every field
+//                          read_tokens reading every field
 //   relay                  one-token frames from a worker through a
 //                          RouterService to a client, all on one loop over
 //                          127.0.0.1; counted inside the router's per-frame
@@ -33,10 +35,12 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <vector>
 
 #include "codec/byte_buffer.h"
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
+#include "codec/token_frame.h"
 #include "engine/tokenizer.h"
 #include "gateway/openai_api.h"
 #include "protocol/finish.h"
@@ -74,16 +78,11 @@ class TokenFrames {
     buffer_.clear();
     std::uint32_t index = 0;
     for (std::uint32_t frame = 0; frame < frames_; ++frame) {
-      auto encoded = encoder_.encode<protocol::Tokens>(buffer_, 1 + frame % 7, [&](protocol::Tokens::Builder tokens) {
-        tokens.setFirstIndex(index);
-        auto ids = tokens.initTokenIds(tokens_per_frame_);
-        auto pieces = tokens.initTextPieces(tokens_per_frame_);
-        for (std::uint32_t i = 0; i < tokens_per_frame_; ++i) {
-          ids.set(i, token_at(index + i));
-          const std::string_view piece = piece_at(index + i);
-          pieces.set(i, capnp::Text::Reader(piece.data(), piece.size()));
-        }
-      });
+      for (std::uint32_t i = 0; i < tokens_per_frame_; ++i) ids_[i] = token_at(index + i);
+      const auto piece = [&](std::uint32_t i) { return piece_at(index + i); };
+      auto encoded = codec::encode_tokens(encoder_, buffer_, 1 + frame % 7,
+                                          codec::text_batch(index, std::span(ids_).first(tokens_per_frame_), piece),
+                                          compact_);
       if (!encoded) throw std::runtime_error("encode: " + encoded.error().message);
       index += tokens_per_frame_;
     }
@@ -97,13 +96,12 @@ class TokenFrames {
       auto progress = decoder_.next(rest);
       if (!progress || !progress->frame) throw std::runtime_error("decode: a frame did not decode");
       const codec::FrameView& frame = *progress->frame;
-      const codec::Status read =
-          codec::read_body<protocol::Tokens>(frame, decoder_.limits(), [&](protocol::Tokens::Reader tokens) {
-            sum += tokens.getFirstIndex();
-            for (std::uint32_t id : tokens.getTokenIds()) sum += id;
-            for (capnp::Text::Reader piece : tokens.getTextPieces()) sum += piece.size();
-          });
-      if (!read) throw std::runtime_error("read_body: " + read.error().message);
+      const codec::Status read = codec::read_tokens(frame, decoder_.limits(), [&](const codec::TokensView& tokens) {
+        sum += tokens.first_index();
+        for (std::uint32_t i = 0; i < tokens.size(); ++i) sum += tokens.id(i);
+        for (std::uint32_t i = 0; i < tokens.piece_count(); ++i) sum += tokens.piece(i).size();
+      });
+      if (!read) throw std::runtime_error("read_tokens: " + read.error().message);
       rest = rest.subspan(frame.wire_bytes);
     }
     return sum;
@@ -124,6 +122,9 @@ class TokenFrames {
   codec::ByteBuffer buffer_;
   codec::FrameEncoder encoder_;
   codec::FrameDecoder decoder_;
+  std::vector<std::uint32_t> ids_ = std::vector<std::uint32_t>(tokens_per_frame_);
+  // What two peers of this build agree on, as in a real connection.
+  bool compact_ = codec::compact_tokens_by_default();
 };
 
 void run_encode(std::uint32_t tokens_per_frame) {
@@ -186,13 +187,10 @@ class FrameSource final : public transport::ConnectionHandler {
  private:
   void send_more() {
     while (connection_ != nullptr && sent_ < kFrames) {
-      const transport::SendStatus status =
-          connection_->send<protocol::Tokens>(stream_, [&](protocol::Tokens::Builder tokens) {
-            tokens.setFirstIndex(sent_);
-            tokens.initTokenIds(1).set(0, token_at(sent_));
-            const std::string_view piece = piece_at(sent_);
-            tokens.initTextPieces(1).set(0, capnp::Text::Reader(piece.data(), piece.size()));
-          });
+      const std::uint32_t id = token_at(sent_);
+      const std::string_view text = piece_at(sent_);
+      const auto piece = [text](std::uint32_t) { return text; };
+      const transport::SendStatus status = connection_->send_tokens(stream_, codec::text_batch(sent_, {&id, 1}, piece));
       if (status == transport::SendStatus::blocked) return;
       if (status != transport::SendStatus::sent) throw std::runtime_error("relay: the worker could not send");
       ++sent_;
@@ -216,7 +214,7 @@ class FrameSink final : public transport::ConnectionHandler {
  public:
   void on_ready(transport::Connection&) override { ready = true; }
   void on_stream_frame(transport::Connection&, const codec::FrameView& frame) override {
-    if (frame.kind() == codec::FrameKind::tokens) ++tokens;
+    if (codec::is_token_frame(frame.kind())) ++tokens;
   }
   void on_stream_closed(transport::Connection&, std::uint32_t, const transport::EndReason& reason) override {
     ended = true;

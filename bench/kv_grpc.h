@@ -1,8 +1,8 @@
-// gRPC's side of bench_kv, built only with gRPC (FMWIRE_HAVE_GRPC): the
-// KvTransfer service of kv_transfer.proto, gRPC's synchronous streaming API
-// on both ends (the idiomatic way to push a byte stream), in the processes
-// bench_kv starts for it. The receiver copies each message's bytes into its
-// blocks buffer, as fmwire's receiver does (kv_fmwire.h).
+// gRPC's side of bench_kv, built only with gRPC (FMWIRE_HAVE_GRPC):
+// perf/grpc_kv.h's KvTransfer server and client (the ends `fmwire perf`
+// runs across hosts), in the processes bench_kv starts for them. The
+// receiver copies each message's bytes into its blocks buffer, as fmwire's
+// receiver does (kv_fmwire.h).
 #pragma once
 
 #include <cstdint>

@@ -18,6 +18,9 @@
 //    Debian 12's ucx_perftest (ucx-utils 1.13, UCX_TLS=tcp on lo, tag_bw
 //    and stream_bw, 1 MiB messages) moved ~0.5 GB/s here where iperf3 moved
 //    ~3.1 GB/s, a peer below plain TCP that would only flatter the ratio.
+// 4. Connections per second: connect, Hello exchange, close. Peer: raw TCP.
+// 5. Connection set-up with --auth-token-file: median connect-to-ready time
+//    with the shared-secret challenge and response, against without it.
 //
 // Process layout, for every row: one process. fmwire's server loop runs on a
 // thread of its own, the client loop on the main thread; gRPC's server and
@@ -27,7 +30,8 @@
 // runs as two child processes (it reports throughput only).
 //
 // Run: build/bench/bench_transport [--quick] [--repetitions N] [--json FILE]
-//        [--skip-grpc] [--skip-iperf] [--bulk-mib N] [--attachment-mib N] [--only tokens|latency|bulk]
+//        [--skip-grpc] [--skip-iperf] [--bulk-mib N] [--attachment-mib N]
+//        [--only tokens|latency|bulk|connect|connect-auth]
 //        [--backend uring|asio]
 // Ratios: > 1 means fmwire is better (ours / peer for rates, peer / ours for
 // CPU and latency).
@@ -86,7 +90,8 @@ struct BenchSettings {
   bool skip_iperf = false;
   int connect_total = 1000;
   int connect_concurrency = 128;
-  std::string only;  // empty: every section; else tokens, latency, bulk or connect
+  int connect_setups = 500;  // connect-auth: connections timed each way
+  std::string only;  // empty: every section; else tokens, latency, bulk, connect or connect-auth
 };
 
 BenchSettings quick_settings() {
@@ -98,6 +103,7 @@ BenchSettings quick_settings() {
   settings.latency = {.frames_per_s = 10'000, .frames = 1'000, .warmup_frames = 100};
   settings.bulk_bytes = 32ull << 20;
   settings.connect_total = 64;
+  settings.connect_setups = 50;
   return settings;
 }
 
@@ -374,6 +380,27 @@ void run_connect_rate(const BenchSettings& settings, std::vector<Comparison>& re
   std::printf("    %-16s %12.0f %12.1f\n\n", "raw TCP", peer.connections_per_s, peer.cpu_us_per_connection);
 }
 
+// What the shared secret adds to opening a connection: the HMAC challenge
+// and response in the Hello exchange (two HMAC-SHA256s and a RAND_bytes a
+// side, and a third Hello message), against the same Hello without it.
+void run_connect_auth(const BenchSettings& settings, std::vector<Comparison>& results) {
+  std::printf("Connection set-up with --auth-token-file: %d connections each way opened one at a time (connect to\n",
+              settings.connect_setups);
+  std::printf("  ready, then closed), to a server with a token and, in turn, to one without; median microseconds\n");
+  std::printf("    %-16s %14s %14s %10s\n", "backend", "no token us", "token us", "token/none");
+  for (const std::string& backend : settings.backends) {
+    const ConnectSetupTimes times = fmwire_connect_setup(backend, settings.connect_setups);
+    const double plain = median(times.plain_us);
+    const double token = median(times.token_us);
+    const Comparison setup =
+        compare("connect_auth_" + backend + "_setup_us", token, "us", plain, "fmwire_no_token", false);
+    std::printf("    %-16s %14.1f %14.1f %9.2fx\n", ("fmwire " + backend_label(backend)).c_str(), plain, token,
+                token / plain);
+    results.push_back(setup);
+  }
+  std::printf("\n");
+}
+
 std::vector<Comparison> run(const BenchSettings& settings) {
   std::printf("bench/transport on 127.0.0.1, backends:");
   for (const std::string& backend : settings.backends) std::printf(" %s", backend_label(backend).c_str());
@@ -391,6 +418,7 @@ std::vector<Comparison> run(const BenchSettings& settings) {
   if (settings.only.empty() || settings.only == "latency") run_token_latency(settings, results);
   if (settings.only.empty() || settings.only == "bulk") run_bulk(settings, results);
   if (settings.only.empty() || settings.only == "connect") run_connect_rate(settings, results);
+  if (settings.only.empty() || settings.only == "connect-auth") run_connect_auth(settings, results);
   return results;
 }
 
@@ -410,7 +438,7 @@ int main(int argc, char** argv) {
       ("attachment-mib", po::value(&attachment_mib), "bulk: one attachment size only (default 1, 4 and 16)")
       ("skip-grpc", "leave out the gRPC peer")
       ("skip-iperf", "leave out the iperf3 peer")
-      ("only", po::value(&only), "run one section: tokens, latency, bulk or connect")
+      ("only", po::value(&only), "run one section: tokens, latency, bulk, connect or connect-auth")
       ("backend", po::value(&backend), "run fmwire on one I/O backend only: uring or asio");
   const BenchProgram program{
       .name = "transport",
@@ -432,8 +460,9 @@ int main(int argc, char** argv) {
     }
     settings.skip_grpc = values.count("skip-grpc") > 0;
     settings.skip_iperf = values.count("skip-iperf") > 0;
-    if (!only.empty() && only != "tokens" && only != "latency" && only != "bulk" && only != "connect") {
-      throw UsageError("--only " + only + ": choose tokens, latency, bulk or connect");
+    if (!only.empty() && only != "tokens" && only != "latency" && only != "bulk" && only != "connect" &&
+        only != "connect-auth") {
+      throw UsageError("--only " + only + ": choose tokens, latency, bulk, connect or connect-auth");
     }
     settings.only = only;
     if (!backend.empty()) {

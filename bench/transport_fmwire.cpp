@@ -118,6 +118,16 @@ class IdleHandler final : public ConnectionHandler {
   void on_closed(Connection&, const EndReason&) override {}
 };
 
+// Stamps the moment the Hello exchange is done, on the loop thread: the
+// connect() that waits for it polls every millisecond, too coarse to time.
+class ReadyStamp final : public ConnectionHandler {
+ public:
+  Clock::time_point ready_at{};
+  void on_ready(Connection&) override { ready_at = Clock::now(); }
+  void on_stream_frame(Connection&, const codec::FrameView&) override {}
+  void on_closed(Connection&, const EndReason&) override {}
+};
+
 // ---------------------------------------------------------------- runners
 
 std::vector<ThroughputRound> fmwire_token_throughput(const std::string& backend, const TokenShape& shape, int rounds) {
@@ -249,6 +259,32 @@ std::vector<ConnectRun> fmwire_connect_rate(const std::string& backend, int tota
   }
   server.stop();
   return results;
+}
+
+ConnectSetupTimes fmwire_connect_setup(const std::string& backend, int connects) {
+  auto made = transport::AuthToken::from_secret("a bench secret of thirty-two bytes");
+  if (!made) throw std::runtime_error(made.error());
+  ConnectionOptions with_token;
+  with_token.auth_token = *made;
+  ServerThread plain(backend, server_options({}), [](EventLoop&) { return std::make_unique<IdleHandler>(); });
+  ServerThread tokened(backend, server_options(with_token), [](EventLoop&) { return std::make_unique<IdleHandler>(); });
+  ClientConnections client(backend);
+  ReadyStamp handler;
+  ConnectSetupTimes times;
+  for (int i = -8; i < connects; ++i) {  // the first few warm up
+    for (const bool token : {false, true}) {
+      const auto start = Clock::now();
+      client.connect("127.0.0.1", token ? tokened.port() : plain.port(), 1, token ? with_token : ConnectionOptions{},
+                     handler);
+      const double us = seconds_between(start, handler.ready_at) * 1e6;
+      client.close_all();
+      client.connections.clear();
+      if (i >= 0) (token ? times.token_us : times.plain_us).push_back(us);
+    }
+  }
+  plain.stop();
+  tokened.stop();
+  return times;
 }
 
 }  // namespace fmwire::bench

@@ -42,4 +42,16 @@ std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_b
 // starts; a warm-up wave, then `repetitions` measured rounds.
 std::vector<ConnectRun> fmwire_connect_rate(const std::string& backend, int total, int concurrency, int repetitions);
 
+// Set-up times, connect to ready, of `connects` connections opened one at a
+// time to a server without an auth token and, in turn, to one with
+// (transport/auth_token.h: HMAC challenge and response, a third Hello
+// message), each closed before the next; microseconds each. Ready is the
+// client's: it may send; the server checks the client's proof as that
+// first frame arrives (one more HMAC there, not in this time).
+struct ConnectSetupTimes {
+  std::vector<double> plain_us;
+  std::vector<double> token_us;
+};
+ConnectSetupTimes fmwire_connect_setup(const std::string& backend, int connects);
+
 }  // namespace fmwire::bench

@@ -1,7 +1,7 @@
 // gRPC's side of bench/transport, built only with gRPC (FMWIRE_HAVE_GRPC):
-// the TokenStream service of token_stream.proto on 127.0.0.1 in this
-// process, with gRPC's own threads, and its clients on the calling thread.
-// Every function starts its server and shuts it down before returning.
+// perf/grpc_tokens.h's server and client (the ends `fmwire perf` runs across
+// hosts) both in this process on 127.0.0.1, with gRPC's own threads. Every
+// function starts its server and shuts it down before returning.
 #pragma once
 
 #include <string>

@@ -16,6 +16,7 @@
 #include "codec/buffer_pool.h"
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
+#include "codec/token_frame.h"
 #include "protocol/finish.h"
 #include "protocol/fmwire.capnp.h"
 #include "protocol/generate_request.h"
@@ -94,12 +95,24 @@ class Demo {
     auto encoded = encoder_.encode<Body>(outbound_, stream_id, std::forward<Fill>(fill), frame_options);
     if (!encoded) throw std::runtime_error("encode failed: " + encoded.error().message);
     log_sent(*encoded, kKindOf<Body>, stream_id);
-    if (kKindOf<Body> == FrameKind::tokens) token_frame_bytes_ += encoded->wire_bytes;
     // A transport would gather these into one write; here they join the byte stream.
     wire_.append(outbound_.bytes());
     wire_.append(encoded->attachment);
     const std::byte zeros[8] = {};
     wire_.append(std::span(zeros, encoded->padding_bytes));
+    outbound_.clear();
+  }
+
+  // One token a frame, in the compact form both sides offered (codec/token_frame.h).
+  void send_tokens(std::uint32_t stream_id, std::uint32_t index, std::uint32_t id, std::string_view text) {
+    const auto piece = [text](std::uint32_t) { return text; };
+    auto encoded = encode_tokens(encoder_, outbound_, stream_id,
+                                 text_batch(index, {&id, 1}, piece),
+                                 /*compact=*/true);
+    if (!encoded) throw std::runtime_error("encode failed: " + encoded.error().message);
+    log_sent(*encoded, FrameKind::compact_tokens, stream_id);
+    token_frame_bytes_ += encoded->wire_bytes;
+    wire_.append(outbound_.bytes());
     outbound_.clear();
   }
 
@@ -112,6 +125,7 @@ class Demo {
       hello.setPeerName("demo");
       hello.getCapabilities().setZstdAttachments(true);
       hello.getCapabilities().setByteShuffle(true);
+      hello.getCapabilities().setCompactTokens(true);
     });
     send<protocol::GenerateRequest>(kGenerationStream, [](protocol::GenerateRequestBuilder request) {
       request.request_id("demo-1").prompt_text("Once upon a time");
@@ -120,11 +134,7 @@ class Demo {
     for (std::uint32_t index = 0; index < kCompletion.size(); ++index) {
       const std::uint32_t id = 1000 + index;
       json_token_bytes_ += json_bytes(index, id, kCompletion[index]);
-      send<protocol::Tokens>(kGenerationStream, [&](protocol::Tokens::Builder tokens) {
-        tokens.setFirstIndex(index);
-        tokens.initTokenIds(1).set(0, id);
-        tokens.initTextPieces(1).set(0, kCompletion[index].c_str());
-      });
+      send_tokens(kGenerationStream, index, id, kCompletion[index]);
     }
     send<protocol::Finish>(kGenerationStream, [](protocol::FinishBuilder finish) {
       finish.reason(protocol::FinishReason::MAX_TOKENS).usage(4, static_cast<std::uint32_t>(kCompletion.size()), 0);
@@ -183,9 +193,10 @@ class Demo {
     Status read = Done{};
     switch (frame.kind()) {
       case FrameKind::tokens:
-        read = read_body<protocol::Tokens>(frame, decoder_.limits(), [&](protocol::Tokens::Reader tokens) {
-          for (auto piece : tokens.getTextPieces()) text_ += piece.cStr();
-          what << "index " << tokens.getFirstIndex() << " \"" << tokens.getTextPieces()[0].cStr() << "\"";
+      case FrameKind::compact_tokens:
+        read = read_tokens(frame, decoder_.limits(), [&](const TokensView& tokens) {
+          for (std::uint32_t i = 0; i < tokens.piece_count(); ++i) text_ += tokens.piece(i);
+          if (tokens.piece_count() > 0) what << "index " << tokens.first_index() << " \"" << tokens.piece(0) << "\"";
         });
         break;
       case FrameKind::finish:

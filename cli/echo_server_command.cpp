@@ -26,6 +26,7 @@ int run_echo_server(const EchoServerCommand& command, std::ostream& out) {
   options.role = protocol::Role::WORKER;
   options.name = "fmwire echo-server";
   options.tls = command.tls;
+  options.auth_token = command.auth_token;
   std::vector<transport::EchoService*> services;  // read after the loops have stopped
   const transport::EchoOptions echo{command.token_interval, command.tokens_per_frame};
 

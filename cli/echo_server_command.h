@@ -11,6 +11,7 @@
 #include <string>
 
 #include "transport/tls_credentials.h"
+#include "transport/auth_token.h"
 
 namespace fmwire::cli {
 
@@ -22,6 +23,9 @@ struct EchoServerCommand {
   std::string backend;                    // "", "uring" or "asio"
   std::chrono::milliseconds drain_timeout{10000};  // then close what is left
   std::shared_ptr<const transport::TlsCredentials> tls;  // TLS 1.3, mutual; null: plaintext
+  // --auth-token-file: the shared secret its native connections prove
+  // (transport/auth_token.h); null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off.

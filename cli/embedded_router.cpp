@@ -62,6 +62,8 @@ codec::Result<std::unique_ptr<EmbeddedRouter>, std::string> EmbeddedRouter::star
   connection.name = "fmwire router (embedded)";
   connection.capabilities.load_reports = true;
   connection.tls = std::move(tls);
+  // One secret per process: its clients prove the one it proves to workers.
+  connection.auth_token = options.worker_link.connection.auth_token;
   try {
     embedded->group_ = std::make_unique<transport::ServerGroup>(
         1, transport::Endpoint{"127.0.0.1", 0}, connection,

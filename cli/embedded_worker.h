@@ -13,8 +13,7 @@
 #include "codec/codec_error.h"
 #include "engine/model_loader.h"
 #include "transport/endpoint.h"
-#include "transport/server_group.h"
-#include "worker/worker_service.h"
+#include "worker/engine_server.h"
 
 namespace fmwire::cli {
 
@@ -26,17 +25,18 @@ class EmbeddedWorker {
   static codec::Result<std::unique_ptr<EmbeddedWorker>, std::string> start(
       const engine::ModelSpec& model, const std::string& backend,
       protocol::WorkerRole role = protocol::WorkerRole::BOTH,
-      std::shared_ptr<const transport::TlsCredentials> tls = nullptr);  // null: plaintext
-  ~EmbeddedWorker();  // stops and joins the loop if still running, then frees the engine
+      std::shared_ptr<const transport::TlsCredentials> tls = nullptr,              // null: plaintext
+      std::shared_ptr<const transport::AuthToken> auth_token = nullptr);  // proved by its peers
+  ~EmbeddedWorker() = default;  // the server (stopped if still running) goes before the engine
   EmbeddedWorker(const EmbeddedWorker&) = delete;
   EmbeddedWorker& operator=(const EmbeddedWorker&) = delete;
 
-  transport::Endpoint endpoint() const { return transport::Endpoint{"127.0.0.1", port_}; }
+  transport::Endpoint endpoint() const { return endpoint_; }
   protocol::WorkerRole role() const { return role_; }
   // What load_model chose and why, for the start-up log.
   const std::vector<std::string>& log_lines() const { return model_.log_lines; }
   const engine::Tokenizer& tokenizer() const { return *model_.tokenizer; }
-  const std::string& backend_log_line() const { return group_->backend_log_line(); }  // before drain()
+  const std::string& backend_log_line() const { return server_->backend_log_line(); }  // before drain()
   // Stops taking streams and lets open ones finish; true when they did
   // within `timeout`. Then the loop stops and its connections close either way.
   bool drain(std::chrono::milliseconds timeout);
@@ -46,12 +46,11 @@ class EmbeddedWorker {
  private:
   EmbeddedWorker() = default;
 
-  engine::LoadedModel model_;                    // first: outlives the service that drives it
-  std::uint16_t port_ = 0;
+  engine::LoadedModel model_;                     // first: outlives the server that drives it
+  transport::Endpoint endpoint_;
   protocol::WorkerRole role_ = protocol::WorkerRole::BOTH;
-  worker::WorkerService* service_ = nullptr;     // owned by the group
-  std::unique_ptr<transport::ServerGroup> group_;  // null after drain()
-  worker::WorkerCounters counters_;              // copied at the end of drain()
+  std::unique_ptr<worker::EngineServer> server_;  // null after drain()
+  worker::WorkerCounters counters_;               // copied at the end of drain()
 };
 
 }  // namespace fmwire::cli

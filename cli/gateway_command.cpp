@@ -64,7 +64,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
   options.upstreams = *routers;
   std::optional<discovery::EtcdUrl> etcd;
   if (!command.etcd.empty()) {
-    auto url = discovery::parse_etcd_url(command.etcd);
+    auto url = discovery::parse_etcd_url(command.etcd, command.etcd_tls);
     if (!url) {
       log::error(std::string("--etcd: ") + url.error());
       return 2;
@@ -90,6 +90,7 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
   options.upstream_keepalive = command.upstream_keepalive;
   options.upstream_dead_after = command.upstream_dead_after;
   options.upstream_tls = command.native_tls;
+  options.upstream_auth_token = command.auth_token;
 
   // Before any other thread: they inherit its signal mask.
   RoleShutdown shutdown;
@@ -101,7 +102,9 @@ int run_gateway(const GatewayCommand& command, std::ostream& out) {
   }
   std::unique_ptr<EmbeddedRouter> router;
   if (!workers->empty()) {
-    auto started = EmbeddedRouter::start(*workers, *tokenizer, command.router_options, command.backend, command.native_tls);
+    router::RouterOptions router_options = command.router_options;
+    router_options.worker_link.connection.auth_token = command.auth_token;
+    auto started = EmbeddedRouter::start(*workers, *tokenizer, router_options, command.backend, command.native_tls);
     if (!started) {
       log::error(started.error());
       return 2;

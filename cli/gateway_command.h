@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "codec/codec_error.h"
+#include "discovery/etcd_discovery.h"
 #include "gateway/rate_limiter.h"
 #include "router/router_service.h"
 #include "transport/tls_credentials.h"
@@ -23,6 +24,7 @@ struct GatewayCommand {
   std::vector<std::string> routers;       // HOST:PORT of each router, or
   std::string etcd;                       // etcd's URL, where routers register, or
   std::string etcd_router_prefix = "/fmwire/routers/";
+  discovery::EtcdTlsFiles etcd_tls;       // https etcd: --etcd-cacert, --etcd-cert, --etcd-key
   std::vector<std::string> workers;       // HOST:PORT of each worker, for an embedded router
   std::string api_keys_file;              // one key per line
   std::vector<std::string> api_keys;      // besides the file's
@@ -40,6 +42,9 @@ struct GatewayCommand {
   // router's own sockets; null: plaintext.
   std::shared_ptr<const transport::TlsCredentials> native_tls;
   std::chrono::milliseconds drain_timeout{30000};
+  // --auth-token-file: proved to its routers (or, with --workers, by the
+  // embedded router to the workers); null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad

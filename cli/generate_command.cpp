@@ -82,6 +82,7 @@ int run_generate(const GenerateCommand& command, std::ostream& out) {
   options.backend = command.backend;
   options.connect_timeout = command.connect_timeout;
   options.connection.tls = command.tls;
+  options.connection.auth_token = command.auth_token;
   ClientResult<std::unique_ptr<Client>> connected = Client::connect(*endpoints, options);
   if (!connected) {
     report_error(connected.error(), command.json, out);
@@ -106,7 +107,8 @@ int run_generate(const GenerateCommand& command, std::ostream& out) {
       out << boost::json::serialize(boost::json::object{{"type", "tokens"},
                                                         {"first_index", chunk.first_index},
                                                         {"token_ids", std::move(ids)},
-                                                        {"text", std::move(pieces)}})
+                                                        {"text", std::move(pieces)},
+                                                        {"wire_bytes", chunk.wire_bytes}})
           << '\n';
     } else {
       text.clear();

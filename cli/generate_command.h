@@ -7,11 +7,13 @@
 #include <chrono>
 #include <cstdint>
 #include <iosfwd>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "transport/tls_credentials.h"
+#include "transport/auth_token.h"
 
 namespace fmwire::cli {
 
@@ -25,6 +27,9 @@ struct GenerateCommand {
   std::string backend;         // "", "uring" or "asio"
   std::chrono::milliseconds connect_timeout{5000};
   std::shared_ptr<const transport::TlsCredentials> tls;  // TLS 1.3, mutual; null: plaintext
+  // --auth-token-file: the shared secret its native connections prove
+  // (transport/auth_token.h); null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // Exit codes: 0 finished, 1 an error from the peer or the connection,

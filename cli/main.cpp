@@ -21,7 +21,9 @@
 #include "cli/worker_command.h"
 #include "engine/cuda_module.h"
 #include "log/log.h"
+#include "perf/grpc_tokens.h"
 #include "protocol/fmwire.capnp.h"
+#include "transport/auth_token.h"
 
 namespace po = boost::program_options;
 
@@ -89,6 +91,32 @@ fmwire::gateway::RateLimits rate_limits_flag(const std::string& text) {
   return *limits;
 }
 
+// --auth-token-file FILE, which every command with a native connection
+// takes (transport/auth_token.h); `help` says who proves it to whom.
+void add_auth_token_flag(po::options_description& description, const std::string& help) {
+  description.add_options()("auth-token-file", po::value<std::string>()->value_name("FILE"), help.c_str());
+}
+
+// The secret of --auth-token-file, null without the flag; an unreadable,
+// empty or too short file exits 2 with a line naming it (never the secret).
+std::shared_ptr<const fmwire::transport::AuthToken> auth_token_flag(const po::variables_map& values) {
+  if (!values.count("auth-token-file")) return nullptr;
+  auto token = fmwire::transport::AuthToken::read_file(values["auth-token-file"].as<std::string>());
+  if (!token) throw po::error(token.error());
+  return *token;
+}
+
+// --etcd-cacert, --etcd-cert, --etcd-key: an https --etcd's files, named as
+// etcdctl names them (--cacert, --cert, --key).
+void add_etcd_tls_flags(po::options_description& description, fmwire::discovery::EtcdTlsFiles& files) {
+  description.add_options()
+      ("etcd-cacert", po::value(&files.ca_file)->value_name("FILE"),
+       "https --etcd: the CA (PEM) etcd's certificate must chain to (default: the system's CAs)")
+      ("etcd-cert", po::value(&files.cert_file)->value_name("FILE"),
+       "https --etcd: the client certificate (PEM) to present, for an etcd started with --client-cert-auth")
+      ("etcd-key", po::value(&files.key_file)->value_name("FILE"), "https --etcd: the client certificate's key (PEM)");
+}
+
 // --log-level and --log-format, which every command takes.
 struct LogFlags {
   std::string level = "info";
@@ -152,10 +180,13 @@ int run_generate_command(const std::vector<std::string>& arguments) {
   positional.add("prompt", 1);
   fmwire::cli::NativeTlsFlags native_tls;
   add_native_tls_flags(description, native_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) to prove to the endpoint, which must hold the same one");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, &positional, values)) return 0;
   if (!start_log(log_flags, "fmwire generate")) return 2;
+  command.auth_token = auth_token_flag(values);
   if (values.count("seed")) command.seed = seed;
   command.endpoints = split_list(endpoints);
   command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
@@ -181,10 +212,13 @@ int run_echo_server_command(const std::vector<std::string>& arguments) {
       ("backend", po::value(&backend), "I/O backend: uring or asio");
   fmwire::cli::NativeTlsFlags native_tls;
   add_native_tls_flags(description, native_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) every client must prove; none: clients must hold none");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire echo-server")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.token_interval = std::chrono::milliseconds(token_interval_ms);
   command.drain_timeout = std::chrono::milliseconds(drain_timeout_ms);
   command.tls = fmwire::cli::load_native_tls(native_tls);
@@ -202,20 +236,30 @@ int run_perf_serve_command(const std::vector<std::string>& arguments) {
   fmwire::cli::PerfServeCommand command;
   std::string backend;
   std::uint16_t iperf3_port = 0;
+  std::uint16_t grpc_port = 0;
+  std::uint16_t grpc_kv_port = 0;
   po::options_description description("usage: fmwire perf serve --listen HOST:PORT [options]\noptions");
   description.add_options()
       ("help,h", "show this help")
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT; port 0 picks a free one")
       ("iperf3-port", po::value(&iperf3_port), "also run `iperf3 -s -p PORT` (the peer of `perf run --compare`), killed on exit")
+      ("grpc-port", po::value(&grpc_port),
+       "where the gRPC peer of tokens and latency listens (same host; default: a free port, printed, told to clients)")
+      ("grpc-kv-port", po::value(&grpc_kv_port), "where the gRPC peer of kv listens (likewise)")
       ("backend", po::value(&backend), "I/O backend: uring or asio");
   fmwire::cli::NativeTlsFlags native_tls;
   add_native_tls_flags(description, native_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) every `perf run` must prove");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire perf serve")) return 2;
+  command.auth_token = auth_token_flag(values);
   if (values.count("iperf3-port")) command.iperf3_port = iperf3_port;
   command.tls = fmwire::cli::load_native_tls(native_tls);
+  if (values.count("grpc-port")) command.grpc_port = grpc_port;
+  if (values.count("grpc-kv-port")) command.grpc_kv_port = grpc_kv_port;
   command.backend = backend_choice(backend);
   return fmwire::cli::run_perf_serve(command, std::cout);
 }
@@ -241,7 +285,8 @@ int run_perf_run_command(const std::vector<std::string>& arguments) {
       ("repetitions", po::value(&repetitions), "measured rounds (default 5)")
       ("json", po::value(&command.json_path), "also write the results to FILE (bench results format)")
       ("compare", po::bool_switch(&command.compare),
-       "bulk and kv: iperf3 against the same host (its `perf serve --iperf3-port`), as a ratio")
+       "the peers against the same host, as ratios: tokens, latency and kv: gRPC (the servers `perf serve` runs, "
+       "where it is built in); bulk and kv: iperf3 (its `perf serve --iperf3-port`)")
       ("iperf3-port", po::value(&command.iperf3_port)->default_value(command.iperf3_port), "where the server host runs iperf3 -s")
       ("frames", po::value(&command.frames)->default_value(command.frames), "tokens: frames per round, over all streams")
       ("streams", po::value(&command.streams)->default_value(command.streams), "tokens: concurrent streams on one connection")
@@ -253,10 +298,13 @@ int run_perf_run_command(const std::vector<std::string>& arguments) {
       ("backend", po::value(&backend), "I/O backend: uring or asio");
   fmwire::cli::NativeTlsFlags native_tls;
   add_native_tls_flags(description, native_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) to prove to `perf serve`");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire perf run")) return 2;
+  command.auth_token = auth_token_flag(values);
   if (values.count("seconds")) command.seconds = seconds;
   if (values.count("repetitions")) command.repetitions = repetitions;
   command.connect_timeout = std::chrono::milliseconds(connect_timeout_ms);
@@ -316,7 +364,7 @@ int run_worker_command(const std::vector<std::string>& arguments) {
       ("prefill-ns-per-token", po::value(&prefill_ns_per_token), "synthetic models: time per prompt token")
       ("max-context", po::value(&max_context), "synthetic models: context length in tokens (default: the named model's)")
       ("name", po::value(&command.name), "name in load reports and timings (default: the address)")
-      ("etcd", po::value(&command.etcd), "register in etcd (http://HOST:PORT) for routers that watch it")
+      ("etcd", po::value(&command.etcd), "register in etcd (http://HOST:PORT, or https:// with --etcd-cacert/--etcd-cert/--etcd-key) for routers that watch it")
       ("advertise", po::value(&command.advertise),
        "HOST:PORT to register in etcd, as other hosts reach this one (needed when --listen is 0.0.0.0 or [::]); "
        "port 0: the port listened on")
@@ -339,10 +387,14 @@ int run_worker_command(const std::vector<std::string>& arguments) {
       ("backend", po::value(&backend), "I/O backend: uring or asio");
   fmwire::cli::NativeTlsFlags native_tls;
   add_native_tls_flags(description, native_tls);
+  add_etcd_tls_flags(description, command.etcd_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) that routers, clients and other workers must prove, and that this worker proves to the workers it pushes KV to; none: peers must hold none");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire worker")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.kv_state_timeout = std::chrono::milliseconds(std::max<std::uint32_t>(kv_timeout_ms, 1));
   if (const char* corrupt = std::getenv("FMWIRE_FAULT_CORRUPT_KV_CHUNK")) {
     command.corrupt_kv_chunk = static_cast<std::uint32_t>(std::strtoul(corrupt, nullptr, 10));
@@ -404,7 +456,7 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("metrics-listen", po::value(&command.metrics_listen),
        "serve Prometheus /metrics on HOST:PORT (port 0 picks a free one, printed); default: none")
       ("policy", po::value(&router.policy)->default_value(router.policy), "round-robin, least-loaded, prefix or sla")
-      ("etcd", po::value(&command.etcd), "etcd URL (http://HOST:PORT): workers registered there join and leave")
+      ("etcd", po::value(&command.etcd), "etcd URL (http://HOST:PORT, or https://): workers registered there join and leave")
       ("etcd-prefix", po::value(&command.etcd_prefix)->default_value(command.etcd_prefix), "key prefix of the workers in etcd")
       ("advertise", po::value(&command.advertise),
        "with --etcd, HOST:PORT to register this router as, as other hosts reach it (needed when --listen is 0.0.0.0 "
@@ -433,10 +485,14 @@ int run_router_command(const std::vector<std::string>& arguments) {
       ("backend", po::value(&backend), "I/O backend: uring or asio");
   fmwire::cli::NativeTlsFlags native_tls;
   add_native_tls_flags(description, native_tls);
+  add_etcd_tls_flags(description, command.etcd_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) that clients and gateways must prove, and that this router proves to its workers");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire router")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.workers = split_list(workers);
   const std::optional<unsigned> loop_threads = parse_loop_threads(threads);
   if (!loop_threads) {
@@ -476,7 +532,7 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
       ("listen", po::value(&command.listen)->default_value(command.listen), "HOST:PORT for HTTP; port 0 picks a free one")
       ("router", po::value(&routers),
        "the routers requests go to, HOST:PORT,...: one connection at a time, the next one when it is lost")
-      ("etcd", po::value(&command.etcd), "or find the routers in etcd (http://HOST:PORT), as they come and go")
+      ("etcd", po::value(&command.etcd), "or find the routers in etcd (http://HOST:PORT, or https://), as they come and go")
       ("etcd-router-prefix", po::value(&command.etcd_router_prefix)->default_value(command.etcd_router_prefix),
        "with --etcd: the key prefix routers register under")
       ("workers", po::value(&workers), "or the workers, HOST:PORT,...: a router runs inside the gateway")
@@ -502,10 +558,14 @@ int run_gateway_command(const std::vector<std::string>& arguments) {
   fmwire::cli::NativeTlsFlags native_tls;
   native_tls.prefix = "native-tls-";
   add_native_tls_flags(description, native_tls);
+  add_etcd_tls_flags(description, command.etcd_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) to prove to the routers (with --workers: the embedded router proves it to the workers)");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire gateway")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.workers = split_list(workers);
   command.routers = split_list(routers);
   command.rate_limits = rate_limits_flag(rate_limit);
@@ -553,10 +613,13 @@ int run_up_command(const std::vector<std::string>& arguments) {
   fmwire::cli::NativeTlsFlags native_tls;
   native_tls.prefix = "native-tls-";
   add_native_tls_flags(description, native_tls);
+  add_auth_token_flag(description,
+                      "the shared secret (at least 16 bytes, surrounding whitespace trimmed) that every native hop inside proves (gateway -> router -> workers on 127.0.0.1), so no other local user can open streams on their ports");
   add_log_options(description, log_flags);
   po::variables_map values;
   if (parse(arguments, description, nullptr, values)) return 0;
   if (!start_log(log_flags, "fmwire up")) return 2;
+  command.auth_token = auth_token_flag(values);
   command.rate_limits = rate_limits_flag(rate_limit);
   if (values.count("no-demo")) command.demo = false;
   if (values.count("disaggregate") || values.count("prefill-workers") || values.count("decode-workers")) {
@@ -618,6 +681,9 @@ int main(int argc, char** argv) {
       // Where a worker would open the CUDA backend from (not opened here).
       const fmwire::engine::CudaModuleFile cuda = fmwire::engine::find_cuda_module();
       std::cout << "CUDA module: " << (cuda.path.empty() ? cuda.problem : cuda.path) << "\n";
+      std::cout << "gRPC peer (perf --compare): "
+                << (fmwire::perf::grpc_built_in() ? "gRPC " + fmwire::perf::grpc_version() : std::string("not built in"))
+                << "\n";
       return 0;
     }
     if (command == "help" || command == "--help" || command == "-h") {

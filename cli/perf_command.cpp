@@ -3,15 +3,20 @@
 #include <algorithm>
 #include <cstdio>
 #include <functional>
+#include <future>
+#include <span>
 #include <memory>
 #include <ostream>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "cli/role_shutdown.h"
 #include "log/log.h"
 #include "perf/bulk_handlers.h"
 #include "perf/client_connections.h"
+#include "perf/grpc_kv.h"
+#include "perf/grpc_tokens.h"
 #include "perf/iperf3.h"
 #include "perf/kv_handlers.h"
 #include "perf/measure.h"
@@ -54,13 +59,62 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out) {
     }
   }
 
+  // The peers of `perf run --test tokens|latency|kv --compare`, in this
+  // process so that the CPU reports count their threads; clients learn their
+  // ports from the gRPC port reports. Shut down when this returns, after the
+  // group.
+  std::unique_ptr<perf::GrpcTokenServer> grpc_tokens;
+  std::unique_ptr<perf::GrpcKvServer> grpc_kv;
+  if (!perf::grpc_built_in()) {
+    if (command.grpc_port || command.grpc_kv_port) {
+      log::error("--grpc-port, --grpc-kv-port: gRPC not built in (libgrpc++-dev, grpc_cpp_plugin and protobuf at "
+                 "build time)");
+      return 2;
+    }
+    log::warn("gRPC not built in: no gRPC server, --compare runs against this host will skip it");
+  } else {
+    const auto start = [&](const char* flag, std::optional<std::uint16_t> port, auto make) {
+      try {
+        make(port.value_or(0));
+      } catch (const std::exception& error) {
+        if (port) {
+          log::error(std::string(flag) + ": " + error.what());
+          return false;
+        }
+        log::warn(std::string(error.what()) + ": --compare runs against this host will skip gRPC");
+      }
+      return true;
+    };
+    const bool started =
+        start("--grpc-port", command.grpc_port,
+              [&](std::uint16_t port) { grpc_tokens = std::make_unique<perf::GrpcTokenServer>(endpoint->host, port); }) &&
+        start("--grpc-kv-port", command.grpc_kv_port, [&](std::uint16_t port) {
+          grpc_kv = std::make_unique<perf::GrpcKvServer>(endpoint->host, port, perf::kMaxKvTransferBytes);
+        });
+    if (!started) return 1;
+  }
+  const perf::GrpcPorts grpc_ports{grpc_tokens ? grpc_tokens->port() : std::uint16_t{0},
+                                   grpc_kv ? grpc_kv->port() : std::uint16_t{0}};
+
   transport::ConnectionOptions options = perf::perf_server_options();
+  options.auth_token = command.auth_token;
   options.tls = command.tls;
-  transport::ServerGroup group(1, *endpoint, options,
-                               [](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop); },
-                               command.backend);
+  transport::ServerGroup group(
+      1, *endpoint, options,
+      [grpc_ports](transport::EventLoop& loop) { return std::make_unique<perf::PerfService>(loop, grpc_ports); },
+      command.backend);
   log::info(group.backend_log_line());
   out << "listening on " << transport::Endpoint{endpoint->host, group.port()}.to_string() << std::endl;
+  if (grpc_tokens) {
+    const std::string grpc_endpoint = transport::Endpoint{endpoint->host, grpc_ports.tokens}.to_string();
+    out << "gRPC peer on " << grpc_endpoint << std::endl;
+    log::info("gRPC TokenStream server on " + grpc_endpoint + " (gRPC " + perf::grpc_version() + ")");
+  }
+  if (grpc_kv) {
+    const std::string grpc_endpoint = transport::Endpoint{endpoint->host, grpc_ports.kv}.to_string();
+    out << "gRPC KV peer on " << grpc_endpoint << std::endl;
+    log::info("gRPC KvTransfer server on " + grpc_endpoint);
+  }
   group.start();
 
   shutdown.wait_for_signal();
@@ -94,29 +148,48 @@ class Rounds {
   Clock::time_point start_;
 };
 
-// The server's end of the measurement: its process CPU, asked for on a
-// connection of its own before and after each round.
-class ServerCpu {
+// What the server reports of itself, asked for on a connection of its own:
+// its process CPU before and after each round, and where its gRPC peer runs.
+class ServerReports {
  public:
-  ServerCpu(perf::ClientConnections& client, const transport::Endpoint& server, std::chrono::milliseconds timeout)
+  ServerReports(perf::ClientConnections& client, const transport::Endpoint& server, std::chrono::milliseconds timeout)
       : client_(client), report_(client.loop) {
     client_.connect(server.host, server.port, 1, {}, report_, timeout);
     connection_ = client_.connections.back().get();
   }
 
   // Throws std::runtime_error when the server does not answer.
-  double seconds() {
-    report_.request(*connection_);
-    if (!perf::run_until(client_.loop, [&] { return report_.done(); }, 10'000ms)) {
-      throw std::runtime_error("the server sent no CPU report within 10 s");
-    }
-    if (!report_.cpu_seconds()) throw std::runtime_error(report_.failure());
-    return *report_.cpu_seconds();
+  double cpu_seconds() {
+    ask(perf::kCpuReportPrompt);
+    if (!report_.number()) throw std::runtime_error(report_.failure());
+    return static_cast<double>(*report_.number()) / 1e9;
   }
 
+  // A gRPC peer's port on the server host (`prompt`: perf::kGrpcPortPrompt
+  // or kGrpcKvPortPrompt), 0 where it runs none, or
+  // nullopt where its answer is not a port (an fmwire that predates it).
+  // Throws std::runtime_error when the server does not answer.
+  std::optional<std::uint16_t> grpc_port(std::string_view prompt) {
+    ask(prompt);
+    if (!report_.number() || *report_.number() < 0 || *report_.number() > 65535) return std::nullopt;
+    return static_cast<std::uint16_t>(*report_.number());
+  }
+
+  transport::EventLoop& loop() { return client_.loop; }
+
  private:
+  void ask(std::string_view prompt) {
+    report_.request(*connection_, prompt);
+    if (!perf::run_until(client_.loop, [&] { return report_.done(); }, 10'000ms)) {
+      throw std::runtime_error("the server sent no report within 10 s");
+    }
+    if (!report_.number() && report_.failure().starts_with("connection closed")) {
+      throw std::runtime_error(report_.failure());
+    }
+  }
+
   perf::ClientConnections& client_;
-  perf::CpuReportClient report_;
+  perf::ReportClient report_;
   transport::Connection* connection_ = nullptr;
 };
 
@@ -138,11 +211,106 @@ void check_round(const perf::TokenSink& sink, bool finished, const char* late) {
   if (!sink.failure().empty()) throw std::runtime_error(sink.failure());
 }
 
+// Runs `work` on a thread of its own while `loop` turns on this one: the
+// gRPC peer's rounds, during which the fmwire connections (the server's
+// reports) must still answer keepalive Pings, or the server closes them
+// after ConnectionOptions::dead_after. The loop wakes a few times a second
+// only. Returns work's result or rethrows what it threw.
+template <typename Result>
+Result while_loop_turns(transport::EventLoop& loop, std::function<Result()> work) {
+  std::packaged_task<Result()> task(std::move(work));
+  std::future<Result> result = task.get_future();
+  {
+    std::jthread thread(std::move(task));
+    while (!perf::run_until(
+        loop, [&] { return result.wait_for(0s) == std::future_status::ready; }, kRoundLimit, 250ms)) {
+      // the work bounds itself (its round limit): wait on
+    }
+  }
+  return result.get();
+}
+
+// Where a gRPC peer of tokens, latency or kv runs on the server host, with
+// --compare: its port, or nullopt and `note` saying why it is skipped.
+std::optional<std::uint16_t> grpc_peer_port(const PerfRunCommand& command, ServerReports& reports,
+                                            std::string_view prompt, std::string& note) {
+  if (!command.compare) {
+    note = "not asked for (--compare)";
+    return std::nullopt;
+  }
+  if (!perf::grpc_built_in()) {
+    log::warn("gRPC not built in: the gRPC comparison is skipped");
+    note = "gRPC not built in here: skipped";
+    return std::nullopt;
+  }
+  const std::optional<std::uint16_t> port = reports.grpc_port(prompt);
+  if (!port) {
+    log::warn("the server does not say where a gRPC peer runs (an older fmwire?): the gRPC comparison is skipped");
+    note = "the server does not say where a gRPC peer runs (an older fmwire?): skipped";
+    return std::nullopt;
+  }
+  if (*port == 0) {
+    log::warn("the server runs no gRPC peer for " + command.test +
+              " (gRPC not built in there, or its gRPC server did not start): the gRPC comparison is skipped");
+    note = "the server runs no gRPC peer for " + command.test +
+           " (gRPC not built in there, or its gRPC server did not start): skipped";
+    return std::nullopt;
+  }
+  return port;
+}
+
+// The peer of tokens, after fmwire's rounds: gRPC's TokenStream in the same
+// shape (one channel, as many concurrent calls as streams, the same frames
+// per stream), rounds as asked (--repetitions, --seconds) after a warm-up,
+// the server's CPU from its report as for fmwire (the gRPC server runs in
+// its process).
+struct GrpcTokensPeer {
+  std::optional<double> rate;                    // frames/s, median
+  std::optional<double> client_cpu_per_million;  // CPU-s per million frames, median
+  std::optional<double> server_cpu_per_million;
+  std::string note;
+};
+
+GrpcTokensPeer grpc_tokens_peer(const PerfRunCommand& command, const transport::Endpoint& server,
+                                ServerReports& reports, std::uint32_t frames_per_stream) {
+  GrpcTokensPeer peer;
+  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, perf::kGrpcPortPrompt, peer.note);
+  if (!port) return peer;
+  const std::string address = transport::Endpoint{server.host, *port}.to_string();
+  log::info("gRPC token rounds against " + address);
+  perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout);
+  std::vector<double> rates, client_cpu, server_cpu;
+  Rounds rounds(command);
+  for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
+    const double server_start = reports.cpu_seconds();
+    const perf::GrpcTokenRound measured = while_loop_turns<perf::GrpcTokenRound>(reports.loop(), [&] {
+      return client.stream_tokens(static_cast<int>(command.streams), frames_per_stream, kRoundLimit);
+    });
+    const double server_end = reports.cpu_seconds();
+    if (warm_up) {
+      rounds.start_measuring();
+      continue;
+    }
+    const double millions = static_cast<double>(measured.frames) / 1e6;
+    rates.push_back(static_cast<double>(measured.frames) / measured.seconds);
+    client_cpu.push_back(measured.cpu_seconds / millions);
+    server_cpu.push_back((server_end - server_start) / millions);
+  }
+  peer.rate = perf::median(rates);
+  peer.client_cpu_per_million = perf::median(client_cpu);
+  peer.server_cpu_per_million = perf::median(server_cpu);
+  peer.note = "gRPC " + perf::grpc_version() + ", TokenStream (callback API, gRPC's own threads) on " + address +
+              ", one channel, " + std::to_string(command.streams) + " concurrent calls, the same frames, " +
+              std::to_string(rates.size()) + " rounds";
+  return peer;
+}
+
 // tokens: frames/s, and CPU per million frames here and on the server.
 std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transport::Endpoint& server,
                                    std::ostream& out) {
   perf::ClientConnections client(command.backend, command.tls);
-  ServerCpu server_cpu(client, server, command.connect_timeout);
+  client.auth_token = command.auth_token;
+  ServerReports server_reports(client, server, command.connect_timeout);
   perf::TokenSink sink(client.loop);
   client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
   transport::Connection& connection = *client.connections.back();
@@ -153,7 +321,7 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
   std::vector<double> rates, client_cpu, server_cpu_per_million;
   Rounds rounds(command);
   for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
-    const double server_start = server_cpu.seconds();
+    const double server_start = server_reports.cpu_seconds();
     sink.expect_streams(command.streams);
     const auto start = Clock::now();
     const double client_start = perf::process_cpu_seconds();
@@ -169,7 +337,7 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
       throw std::runtime_error("received " + std::to_string(sink.frames()) + " token frames of " +
                                std::to_string(frames) + ", or their content differs");
     }
-    const double server_end = server_cpu.seconds();
+    const double server_end = server_reports.cpu_seconds();
     if (warm_up) {
       rounds.start_measuring();
       continue;
@@ -179,20 +347,76 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
     client_cpu.push_back((sink.finished_cpu_seconds() - client_start) / millions);
     server_cpu_per_million.push_back((server_end - server_start) / millions);
   }
+  const GrpcTokensPeer peer = grpc_tokens_peer(command, server, server_reports, frames_per_stream);
   client.close_all();
 
   const double rate = perf::median(rates);
   const double client_median = perf::median(client_cpu);
   const double server_median = perf::median(server_cpu_per_million);
+  std::vector<Comparison> rows{
+      perf::compare("tokens_frames_per_s", rate, "frames/s", peer.rate, "grpc", true),
+      perf::compare("tokens_client_cpu_s_per_million_frames", client_median, "CPU-s/Mframe",
+                    peer.client_cpu_per_million, "grpc", false),
+      perf::compare("tokens_server_cpu_s_per_million_frames", server_median, "CPU-s/Mframe",
+                    peer.server_cpu_per_million, "grpc", false)};
   out << "tokens: " << rates.size() << " rounds of " << frames << " one-token frames on " << command.streams
       << " streams of one connection (medians)\n"
       << "  token frames/s                  " << format("%.0f", rate) << "\n"
       << "  client CPU-s per million frames " << format("%.3f", client_median) << "\n"
-      << "  server CPU-s per million frames " << format("%.3f", server_median) << "\n"
-      << "  peer: none across hosts for token streams (skipped)\n";
-  return {perf::compare("tokens_frames_per_s", rate, "frames/s", std::nullopt, "", true),
-          perf::compare("tokens_client_cpu_s_per_million_frames", client_median, "CPU-s/Mframe", std::nullopt, "", false),
-          perf::compare("tokens_server_cpu_s_per_million_frames", server_median, "CPU-s/Mframe", std::nullopt, "", false)};
+      << "  server CPU-s per million frames " << format("%.3f", server_median) << "\n";
+  if (peer.rate) {
+    out << "  gRPC frames/s                   " << format("%.0f", *peer.rate) << "\n"
+        << "  gRPC client CPU-s per Mframe    " << format("%.3f", *peer.client_cpu_per_million) << "\n"
+        << "  gRPC server CPU-s per Mframe    " << format("%.3f", *peer.server_cpu_per_million) << "\n"
+        << "  fmwire / gRPC frames/s          " << perf::ratio_text(perf::ratio_of(rows[0])) << "\n"
+        << "  gRPC / fmwire client CPU/frame  " << perf::ratio_text(perf::ratio_of(rows[1])) << "\n"
+        << "  gRPC / fmwire server CPU/frame  " << perf::ratio_text(perf::ratio_of(rows[2])) << "\n";
+  }
+  out << "  peer: " << peer.note << "\n";
+  return rows;
+}
+
+// The peer of latency, after fmwire's rounds: rounds as asked of as many
+// gRPC round trips (Generate asking for one Token, one call after another on
+// one channel) after a warm-up round, medians of each round's percentiles.
+struct GrpcLatencyPeer {
+  std::optional<double> p50_us;
+  std::optional<double> p99_us;
+  std::string note;
+};
+
+GrpcLatencyPeer grpc_latency_peer(const PerfRunCommand& command, const transport::Endpoint& server,
+                                  ServerReports& reports) {
+  GrpcLatencyPeer peer;
+  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, perf::kGrpcPortPrompt, peer.note);
+  if (!port) return peer;
+  const std::string address = transport::Endpoint{server.host, *port}.to_string();
+  log::info("gRPC round trips against " + address);
+  perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout);
+  std::vector<double> p50s, p99s, round_trips_us;
+  round_trips_us.reserve(command.requests);
+  Rounds rounds(command);
+  for (bool warm_up = true; warm_up || rounds.more(p50s.size()); warm_up = false) {
+    round_trips_us.clear();
+    while_loop_turns<bool>(reports.loop(), [&] {
+      for (std::uint32_t request = 0; request < command.requests; ++request) {
+        round_trips_us.push_back(client.round_trip_us(10'000ms));
+      }
+      return true;
+    });
+    if (warm_up) {
+      rounds.start_measuring();
+      continue;
+    }
+    p50s.push_back(perf::percentile(round_trips_us, 0.50));
+    p99s.push_back(perf::percentile(round_trips_us, 0.99));
+  }
+  peer.p50_us = perf::median(p50s);
+  peer.p99_us = perf::median(p99s);
+  peer.note = "gRPC " + perf::grpc_version() + ", TokenStream on " + address +
+              ", Generate asking for one Token (synchronous client, callback server), the same requests, " +
+              std::to_string(p50s.size()) + " rounds";
+  return peer;
 }
 
 // latency: round trips of a one-frame answer, one after another on one
@@ -200,6 +424,10 @@ std::vector<Comparison> run_tokens(const PerfRunCommand& command, const transpor
 std::vector<Comparison> run_latency(const PerfRunCommand& command, const transport::Endpoint& server,
                                     std::ostream& out) {
   perf::ClientConnections client(command.backend, command.tls);
+  client.auth_token = command.auth_token;
+  // Only --compare asks the server anything (where its gRPC peer runs).
+  std::optional<ServerReports> server_reports;
+  if (command.compare) server_reports.emplace(client, server, command.connect_timeout);
   perf::TokenSink sink(client.loop);
   client.connect(server.host, server.port, 1, {}, sink, command.connect_timeout);
   transport::Connection& connection = *client.connections.back();
@@ -229,19 +457,28 @@ std::vector<Comparison> run_latency(const PerfRunCommand& command, const transpo
     p50s.push_back(perf::percentile(round_trips_us, 0.50));
     p99s.push_back(perf::percentile(round_trips_us, 0.99));
   }
+  GrpcLatencyPeer peer{std::nullopt, std::nullopt, "not asked for (--compare)"};
+  if (server_reports) peer = grpc_latency_peer(command, server, *server_reports);
   client.close_all();
 
   const double p50 = perf::median(p50s);
   const double p99 = perf::median(p99s);
+  std::vector<Comparison> rows{perf::compare("latency_round_trip_p50", p50, "us", peer.p50_us, "grpc", false),
+                               perf::compare("latency_round_trip_p99", p99, "us", peer.p99_us, "grpc", false)};
   out << "latency: " << p50s.size() << " rounds of " << command.requests
       << " round trips (GenerateRequest -> one Tokens frame), medians of each round's percentiles\n"
       << "  round trip p50 us               " << format("%.1f", p50) << "\n"
       << "  round trip p99 us               " << format("%.1f", p99) << "\n"
       << "  half the round trip, p50 / p99  " << format("%.1f", p50 / 2) << " / " << format("%.1f", p99 / 2)
-      << " us (round trip / 2, not a one-way measurement: the hosts' clocks differ)\n"
-      << "  peer: none across hosts for latency (skipped)\n";
-  return {perf::compare("latency_round_trip_p50", p50, "us", std::nullopt, "", false),
-          perf::compare("latency_round_trip_p99", p99, "us", std::nullopt, "", false)};
+      << " us (round trip / 2, not a one-way measurement: the hosts' clocks differ)\n";
+  if (peer.p50_us) {
+    out << "  gRPC round trip p50 us          " << format("%.1f", *peer.p50_us) << "\n"
+        << "  gRPC round trip p99 us          " << format("%.1f", *peer.p99_us) << "\n"
+        << "  gRPC / fmwire p50, p99          " << perf::ratio_text(perf::ratio_of(rows[0])) << ", "
+        << perf::ratio_text(perf::ratio_of(rows[1])) << "\n";
+  }
+  out << "  peer: " << peer.note << "\n";
+  return rows;
 }
 
 // The peer of bulk and kv, after fmwire's rounds: as many iperf3 runs of
@@ -311,7 +548,8 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
   {
     perf::ClientConnections client(command.backend, command.tls);
-    ServerCpu server_cpu(client, server, command.connect_timeout);
+    client.auth_token = command.auth_token;
+    ServerReports server_reports(client, server, command.connect_timeout);
     perf::BulkSender sender(client.loop, source);
     client.connect(server.host, server.port, 1, perf::bulk_options(command.chunk_bytes), sender,
                    command.connect_timeout);
@@ -321,7 +559,7 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
     Rounds rounds(command);
     for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
       const std::uint64_t bytes = warm_up ? warm_up_bytes : command.bytes;
-      const double server_start = server_cpu.seconds();
+      const double server_start = server_reports.cpu_seconds();
       const perf::CpuTimes client_start = perf::process_cpu_times();
       const auto start = Clock::now();
       sender.start(connection, command.chunk_bytes, bytes);
@@ -331,7 +569,7 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
       if (!sender.failure().empty()) throw std::runtime_error(sender.failure());
       if (!sender.committed()) throw std::runtime_error("bulk transfer ended without KvCommitted");
       const perf::CpuTimes client_end = perf::process_cpu_times();
-      const double server_end = server_cpu.seconds();
+      const double server_end = server_reports.cpu_seconds();
       if (warm_up) {
         rounds.start_measuring();
         continue;
@@ -352,6 +590,72 @@ std::vector<Comparison> run_bulk(const PerfRunCommand& command, const transport:
                         iperf3_peer(command, server, command.bytes, rates.size()), out);
 }
 
+// The gRPC peer of kv, after fmwire's rounds: Push calls of the same shard
+// in messages of the same size, rounds as asked after a warm-up call, each
+// copied into the server's blocks; the server's CPU from its report (its
+// KvTransfer server runs in its process).
+struct GrpcKvPeer {
+  std::optional<double> rate;        // bytes/s, median
+  std::optional<double> client_cpu;  // CPU-s per GB, median
+  std::optional<double> server_cpu;
+  std::string note = "not asked for (--compare)";
+};
+
+GrpcKvPeer grpc_kv_peer(const PerfRunCommand& command, const transport::Endpoint& server, ServerReports& reports,
+                        std::span<const std::byte> kv, std::uint64_t bytes, std::size_t chunk_bytes) {
+  GrpcKvPeer peer;
+  const std::optional<std::uint16_t> port = grpc_peer_port(command, reports, perf::kGrpcKvPortPrompt, peer.note);
+  if (!port) return peer;
+  const std::string address = transport::Endpoint{server.host, *port}.to_string();
+  log::info("gRPC KV pushes against " + address);
+  perf::GrpcKvClient client(server.host, *port, command.connect_timeout);
+  std::vector<double> rates, client_cpu, server_cpu;
+  const double gigabytes = static_cast<double>(bytes) / 1e9;
+  Rounds rounds(command);
+  // The warm-up push is the whole shard: the server's blocks grow to it then.
+  for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
+    const double server_start = reports.cpu_seconds();
+    const perf::KvSideRun run =
+        while_loop_turns<perf::KvSideRun>(reports.loop(), [&] { return client.push(kv, bytes, chunk_bytes); });
+    const double server_end = reports.cpu_seconds();
+    if (warm_up) {
+      rounds.start_measuring();
+      continue;
+    }
+    rates.push_back(static_cast<double>(bytes) / run.seconds);
+    client_cpu.push_back(run.cpu_seconds / gigabytes);
+    server_cpu.push_back((server_end - server_start) / gigabytes);
+  }
+  peer.rate = perf::median(rates);
+  peer.client_cpu = perf::median(client_cpu);
+  peer.server_cpu = perf::median(server_cpu);
+  peer.note = "gRPC " + perf::grpc_version() + ", KvTransfer (synchronous streaming API both ends) on " + address +
+              ", the same shard in " + std::to_string(chunk_bytes) +
+              "-byte bytes messages copied into the server's blocks, " + std::to_string(rates.size()) + " rounds";
+  return peer;
+}
+
+// kv's rows against gRPC, beside byte_rate_rows' (whose first three rows
+// are fmwire's GB/s and CPU-s per GB, client and server).
+void append_grpc_kv_rows(std::vector<Comparison>& rows, const GrpcKvPeer& peer, std::ostream& out) {
+  const double rate = rows[0].value;
+  const double client_cpu = rows[1].value;
+  const double server_cpu = rows[2].value;
+  rows.push_back(perf::compare("kv_gb_per_s_vs_grpc", rate, "GB/s",
+                               peer.rate ? std::optional(*peer.rate / 1e9) : std::nullopt, "grpc", true));
+  rows.push_back(perf::compare("kv_client_cpu_s_per_gb_vs_grpc", client_cpu, "CPU-s/GB", peer.client_cpu, "grpc", false));
+  rows.push_back(perf::compare("kv_server_cpu_s_per_gb_vs_grpc", server_cpu, "CPU-s/GB", peer.server_cpu, "grpc", false));
+  if (peer.rate) {
+    out << "  gRPC GB/s                       " << format("%.3f", *peer.rate / 1e9) << "\n"
+        << "  gRPC client CPU-s per GB        " << format("%.3f", *peer.client_cpu) << "\n"
+        << "  gRPC server CPU-s per GB        " << format("%.3f", *peer.server_cpu) << "\n"
+        << "  fmwire / gRPC GB/s              " << perf::ratio_text(perf::ratio_of(rows[rows.size() - 3])) << "\n"
+        << "  gRPC / fmwire client CPU per GB " << perf::ratio_text(perf::ratio_of(rows[rows.size() - 2])) << "\n"
+        << "  gRPC / fmwire server CPU per GB " << perf::ratio_text(perf::ratio_of(rows[rows.size() - 1])) << "\n";
+  }
+  out << "  gRPC peer: " << peer.note << "\n";
+}
+
 // kv: GB/s of one KV shard pushed with the KV session's messages, CPU per
 // GB on both ends; iperf3 on the same bytes with --compare.
 std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::Endpoint& server, std::ostream& out) {
@@ -366,9 +670,11 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
   // that are not all alike.
   std::vector<std::byte> kv = perf::bulk_source_bytes(bytes);
   std::vector<double> rates, client_cpu, server_cpu_per_gb;
+  GrpcKvPeer grpc;
   {
     perf::ClientConnections client(command.backend, command.tls);
-    ServerCpu server_cpu(client, server, command.connect_timeout);
+    client.auth_token = command.auth_token;
+    ServerReports server_reports(client, server, command.connect_timeout);
     perf::KvSender sender(client.loop, kv);
     client.connect(server.host, server.port, 1, perf::kv_connection_options(protocol::Role::WORKER, "fmwire perf run"),
                    sender, command.connect_timeout);
@@ -376,7 +682,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
     // The warm-up round is the whole shard: the server's blocks grow to it then.
     Rounds rounds(command);
     for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
-      const double server_start = server_cpu.seconds();
+      const double server_start = server_reports.cpu_seconds();
       const double client_start = perf::process_cpu_seconds();
       const auto start = Clock::now();
       sender.start(connection, shape, bytes);
@@ -386,7 +692,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
       if (!sender.failure().empty()) throw std::runtime_error(sender.failure());
       if (!sender.committed()) throw std::runtime_error("KV transfer ended without KvCommitted");
       const double client_end = perf::process_cpu_seconds();
-      const double server_end = server_cpu.seconds();
+      const double server_end = server_reports.cpu_seconds();
       if (warm_up) {
         rounds.start_measuring();
         continue;
@@ -396,6 +702,7 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
       client_cpu.push_back((client_end - client_start) / gigabytes);
       server_cpu_per_gb.push_back((server_end - server_start) / gigabytes);
     }
+    grpc = grpc_kv_peer(command, server, server_reports, kv, bytes, shape.chunk_bytes());
     client.close_all();
   }
   const std::string caption = "kv: " + std::to_string(rates.size()) + " rounds of a " + std::to_string(bytes) +
@@ -403,8 +710,10 @@ std::vector<Comparison> run_kv(const PerfRunCommand& command, const transport::E
                               std::to_string(shape.chunk_bytes()) +
                               "-byte chunks): offer, chunks digested, checked and copied into the server's blocks, "
                               "commit (medians)";
-  return byte_rate_rows("kv", caption, rates, client_cpu, server_cpu_per_gb, iperf3_peer(command, server, bytes, rates.size()),
-                        out);
+  std::vector<Comparison> rows = byte_rate_rows("kv", caption, rates, client_cpu, server_cpu_per_gb,
+                                                iperf3_peer(command, server, bytes, rates.size()), out);
+  append_grpc_kv_rows(rows, grpc, out);
+  return rows;
 }
 
 }  // namespace
@@ -436,10 +745,6 @@ int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
                          std::to_string(perf::kMaxKvTransferBytes) + " (the server's limit)");
     }
   }
-  if (command.compare && command.test != "bulk" && command.test != "kv") {
-    log::warn("--compare: no peer for " + command.test + " across hosts, skipped");
-  }
-
   if (command.tls) out << "every connection over TLS 1.3 with mutual authentication\n";
   std::vector<Comparison> rows;
   try {

@@ -53,6 +53,7 @@ int run_router(const RouterCommand& command, std::ostream& out) {
   options.name = "fmwire router";
   options.capabilities.load_reports = true;
   options.tls = command.tls;
+  options.auth_token = command.auth_token;
   // One RouterService per loop, each touched only on its loop's thread (or
   // after the loops have stopped).
   std::vector<router::RouterService*> routers;
@@ -61,6 +62,7 @@ int run_router(const RouterCommand& command, std::ostream& out) {
   // no count is shared between loops.
   router::RouterOptions loop_options = command.router;
   loop_options.max_streams = (command.router.max_streams + command.threads - 1) / command.threads;
+  loop_options.worker_link.connection.auth_token = command.auth_token;
 
   // Before the loop and etcd threads, which inherit its signal mask.
   RoleShutdown shutdown;
@@ -95,7 +97,7 @@ int run_router(const RouterCommand& command, std::ostream& out) {
   std::unique_ptr<discovery::EtcdWatcher> watcher;
   std::unique_ptr<discovery::EtcdRegistration> registration;
   if (!command.etcd.empty()) {
-    auto url = discovery::parse_etcd_url(command.etcd);
+    auto url = discovery::parse_etcd_url(command.etcd, command.etcd_tls);
     if (!url) {
       log::error(std::string("--etcd: ") + url.error());
       return 2;

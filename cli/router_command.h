@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "discovery/etcd_discovery.h"
 #include "router/router_service.h"
 #include "transport/tls_credentials.h"
 
@@ -24,6 +25,7 @@ struct RouterCommand {
   std::vector<std::string> workers;     // HOST:PORT each
   std::string etcd;                     // URL: workers from etcd instead of (or besides) the list
   std::string etcd_prefix = "/fmwire/workers/";
+  discovery::EtcdTlsFiles etcd_tls;       // https etcd: --etcd-cacert, --etcd-cert, --etcd-key
   // With --etcd the router registers too, for gateways and clients to find:
   // this address (cli/advertise.h; default: the listen address) under this
   // prefix, under a lease of etcd_ttl_s.
@@ -36,6 +38,9 @@ struct RouterCommand {
   std::chrono::milliseconds drain_timeout{30000};
   // TLS 1.3, mutual, on every native socket: clients and worker links; null: plaintext.
   std::shared_ptr<const transport::TlsCredentials> tls;
+  // --auth-token-file: proved by its clients and to its workers (the same
+  // secret sits in router.worker_link.connection); null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 int run_router(const RouterCommand& command, std::ostream& out);

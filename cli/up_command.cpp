@@ -50,6 +50,7 @@ void run_demo(const UpCommand& command, const transport::Endpoint& router, std::
               std::ostream& out) {
   DemoEnd end;  // before the client, whose thread may tell it while the client goes
   ClientOptions options;
+  options.connection.auth_token = command.auth_token;
   options.backend = command.backend;
   options.connection.tls = command.native_tls;
   auto client = Client::connect(router, options);
@@ -136,7 +137,7 @@ int run_up(const UpCommand& command, std::ostream& out) {
   std::vector<std::unique_ptr<EmbeddedWorker>> workers;
   std::vector<transport::Endpoint> worker_endpoints;
   for (std::size_t i = 0; i < roles.size(); ++i) {
-    auto started = EmbeddedWorker::start(command.model, command.backend, roles[i], command.native_tls);
+    auto started = EmbeddedWorker::start(command.model, command.backend, roles[i], command.native_tls, command.auth_token);
     if (!started) {
       log::error(started.error());
       return 2;  // the workers started so far stop with `workers`
@@ -155,6 +156,7 @@ int run_up(const UpCommand& command, std::ostream& out) {
   router::RouterOptions router_options;
   router_options.policy = command.policy;
   router_options.policy_options.block_tokens = command.model.block_tokens;
+  router_options.worker_link.connection.auth_token = command.auth_token;
   auto router_started =
       EmbeddedRouter::start(worker_endpoints, workers.front()->tokenizer(), router_options, command.backend,
                              command.native_tls);
@@ -184,6 +186,7 @@ int run_up(const UpCommand& command, std::ostream& out) {
   gateway_options.rate_limits = command.rate_limits;
   gateway_options.tls_cert_file = command.tls_cert;
   gateway_options.tls_key_file = command.tls_key;
+  gateway_options.upstream_auth_token = command.auth_token;
   auto gateway_started = gateway::HttpGateway::start(gateway_options);
   if (!gateway_started) {
     log::error(gateway_started.error() + " (is another server on that port? --port picks another, 0 any free one)");

@@ -16,6 +16,7 @@
 #include "engine/model_loader.h"
 #include "gateway/rate_limiter.h"
 #include "transport/tls_credentials.h"
+#include "transport/auth_token.h"
 
 namespace fmwire::cli {
 
@@ -41,6 +42,10 @@ struct UpCommand {
   // workers between themselves; null: plaintext (they talk over loopback).
   std::shared_ptr<const transport::TlsCredentials> native_tls;
   std::chrono::milliseconds drain_timeout{30000};
+  // --auth-token-file: every native hop inside (gateway -> router ->
+  // workers, on 127.0.0.1) proves it, so that no other local user can open
+  // streams on their ports; null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // Returns 0 after a clean shutdown, 1 when streams had to be cut off, 2 for

@@ -43,6 +43,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out) {
 
   transport::ConnectionOptions options = worker::WorkerService::server_options("fmwire worker");
   options.tls = command.tls;
+  options.auth_token = command.auth_token;
   worker::WorkerOptions worker_options;
   worker_options.load_report_interval = command.load_report_interval;
   worker_options.max_waiting = command.max_waiting;
@@ -69,6 +70,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out) {
   worker_options.kv.state_timeout = command.kv_state_timeout;
   worker_options.kv.match_timeout = command.kv_state_timeout;
   worker_options.kv.corrupt_chunk = command.corrupt_kv_chunk;
+  worker_options.kv.auth_token = command.auth_token;
   worker::WorkerService* service = nullptr;  // read after the loop has stopped
   transport::EventLoop* service_loop = nullptr;
 
@@ -127,7 +129,7 @@ int run_worker(const WorkerCommand& command, std::ostream& out) {
   // Registered once it serves; deregistered (the lease revoked) before it drains.
   std::unique_ptr<discovery::EtcdRegistration> registration;
   if (!command.etcd.empty()) {
-    auto url = discovery::parse_etcd_url(command.etcd);
+    auto url = discovery::parse_etcd_url(command.etcd, command.etcd_tls);
     if (!url) {
       log::error(std::string("--etcd: ") + url.error());
       group->stop();

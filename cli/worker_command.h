@@ -8,8 +8,10 @@
 #include <iosfwd>
 #include <string>
 
+#include "discovery/etcd_discovery.h"
 #include "engine/model_loader.h"
 #include "transport/tls_credentials.h"
+#include "transport/auth_token.h"
 #include "worker/worker_service.h"
 
 namespace fmwire::cli {
@@ -25,6 +27,7 @@ struct WorkerCommand {
   std::string etcd;                       // URL: register there for routers to find
   std::string advertise;                  // HOST:PORT registered in etcd (cli/advertise.h); default: the listen address
   std::string etcd_prefix = "/fmwire/workers/";
+  discovery::EtcdTlsFiles etcd_tls;       // https etcd: --etcd-cacert, --etcd-cert, --etcd-key
   std::uint32_t etcd_ttl_s = 5;
   std::string role = "both";              // disaggregated serving: prefill, decode or both
   std::string kv_compress = "auto";       // KV chunks: shuffle+zstd auto, on or off
@@ -38,6 +41,9 @@ struct WorkerCommand {
   std::uint32_t corrupt_kv_chunk = 0;
   // TLS 1.3, mutual, on every native socket: served and KV links to other workers; null: plaintext.
   std::shared_ptr<const transport::TlsCredentials> tls;
+  // --auth-token-file: proved by every peer (routers, clients, workers that
+  // push KV) and to the workers it pushes KV to; null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // Returns 0 after a clean drain, 1 when it had to cut streams off, 2 for bad

@@ -41,6 +41,9 @@ template <typename T, typename E = CodecError>
 class [[nodiscard]] Result {
  public:
   Result(T value) : state_(std::in_place_index<0>, std::move(value)) {}
+  // A value-initialised T built in place, for a caller that fills it in
+  // where it lies (a large T returned by NRVO, never copied).
+  explicit Result(std::in_place_t) : state_(std::in_place_index<0>) {}
   Result(E error) : state_(std::in_place_index<1>, std::move(error)) {}
 
   bool has_value() const { return state_.index() == 0; }

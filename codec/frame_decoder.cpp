@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string_view>
 
+#include "codec/token_frame.h"
+
 namespace fmwire::codec {
 
 namespace {
@@ -117,44 +119,30 @@ Status FrameDecoder::check_body(std::span<const capnp::word> body) const {
   return Done{};
 }
 
-Result<DecodeProgress> FrameDecoder::next(std::span<const std::byte> bytes, BodyCheck check) const {
-  if (reinterpret_cast<std::uintptr_t>(bytes.data()) % 8 != 0) {
-    throw std::invalid_argument("FrameDecoder: receive buffer is not 8-byte aligned");
-  }
-  const std::byte* at = bytes.data();
-  if (bytes.size() < kFrameHeaderBytes) {
-    // Garbage is refused from its first bytes, not once a header's worth came.
-    for (std::size_t i = 0; i < bytes.size() && i < sizeof kFrameMagic; ++i) {
-      if (std::to_integer<std::uint8_t>(at[i]) != kFrameMagic[i]) return bad_magic();
-    }
-    return DecodeProgress{};
-  }
-  if (std::to_integer<std::uint8_t>(at[0]) != kFrameMagic[0] || std::to_integer<std::uint8_t>(at[1]) != kFrameMagic[1] ||
-      std::to_integer<std::uint8_t>(at[2]) != kFrameMagic[2]) [[unlikely]] {
-    return bad_magic();
-  }
-  const FrameHeader header = read_frame_header_unchecked(at);
-  // Every header rule in one test; which one broke is worked out off the fast path.
-  const auto encoding = std::to_integer<std::uint8_t>(at[5]);
-  const bool header_ok = header.version == kFrameMajorVersion && header.body_words != 0 &&
-                         std::uint64_t{header.body_words} * 8 <= limits_.max_body_bytes &&
-                         header.attachment_bytes <= limits_.max_attachment_bytes &&
-                         (encoding == 0 || (header.attachment_bytes != 0 && (encoding & 0xc0) == 0 &&
-                                            (encoding & 0x3) <= 1 && header.encoding.shuffle_element_bytes != 1));
-  if (!header_ok) [[unlikely]] return header_error(at, header);
+void FrameDecoder::misaligned() {
+  throw std::invalid_argument("FrameDecoder: receive buffer is not 8-byte aligned");
+}
 
-  const std::uint64_t frame_bytes = frame_wire_bytes(header);
-  if (bytes.size() < frame_bytes) return DecodeProgress{std::nullopt, frame_bytes};
+Result<DecodeProgress> FrameDecoder::short_header(std::span<const std::byte> bytes) const {
+  // Garbage is refused from its first bytes, not once a header's worth came.
+  for (std::size_t i = 0; i < bytes.size() && i < sizeof kFrameMagic; ++i) {
+    if (std::to_integer<std::uint8_t>(bytes[i]) != kFrameMagic[i]) return bad_magic();
+  }
+  return DecodeProgress{};
+}
 
+CodecError FrameDecoder::magic_error() const { return bad_magic(); }
+
+Result<DecodeProgress> FrameDecoder::finish_frame(const std::byte* at, const FrameHeader& header,
+                                                  std::uint64_t frame_bytes, BodyCheck check) const {
   DecodeProgress progress{FrameView{}, frame_bytes};
   FrameView& frame = *progress.frame;
   frame.header = header;
   frame.wire_bytes = frame_bytes;
   frame.body = {reinterpret_cast<const capnp::word*>(at + kFrameHeaderBytes), header.body_words};
-  // The common case, one segment filling the body, in one comparison.
-  const bool one_segment_fits = load_le<std::uint32_t>(at + kFrameHeaderBytes) == 0 &&
-                                std::uint64_t{load_le<std::uint32_t>(at + kFrameHeaderBytes + 4)} + 1 == header.body_words;
-  if (!one_segment_fits) {
+  const bool compact = header.kind == static_cast<std::uint8_t>(FrameKind::compact_tokens);
+  // A CompactTokens body has no segment table: read_tokens checks its layout.
+  if (!compact && !one_segment_fits(at, header)) {
     if (Status status = check_segment_table(frame.body); !status) return status.error();
   }
 
@@ -176,7 +164,8 @@ Result<DecodeProgress> FrameDecoder::next(std::span<const std::byte> bytes, Body
   }
 
   if (check == BodyCheck::full) {
-    if (Status status = check_body(frame.body); !status) return status.error();
+    Status status = compact ? check_compact_tokens(frame.body) : check_body(frame.body);
+    if (!status) return status.error();
   }
   return progress;
 }

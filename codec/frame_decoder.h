@@ -44,6 +44,7 @@ enum class BodyCheck {
   on_read,  // the segment table now, pointers as read_body() reads them: the
             // receive path (no second pass over the body) and a relay's
   full,     // every pointer now: a malformed body is refused before dispatch
+            // (a CompactTokens body: its whole layout, as read_tokens checks it)
 };
 
 // The front of a receive buffer: a whole frame, or how much a partial one needs.
@@ -59,6 +60,9 @@ class FrameDecoder {
   // Looks at the front of `bytes`, whose start must be 8-byte aligned (the
   // encoder keeps every frame a multiple of 8 bytes). A partial frame is not
   // an error: the progress says how many bytes the whole frame takes.
+  // Inline: the common frame (no attachment, one segment or CompactTokens,
+  // checked on read) is a handful of tests, and built where the caller
+  // keeps it rather than copied out through the stack.
   Result<DecodeProgress> next(std::span<const std::byte> bytes, BodyCheck check = BodyCheck::on_read) const;
 
   // For a buffer that should begin with one whole frame: a short one is
@@ -70,11 +74,60 @@ class FrameDecoder {
  private:
   // Which header rule broke, with its message; off the fast path.
   [[gnu::cold]] CodecError header_error(const std::byte* at, const FrameHeader& header) const;
+  [[noreturn, gnu::cold]] static void misaligned();
+  [[gnu::cold]] CodecError magic_error() const;
+  Result<DecodeProgress> short_header(std::span<const std::byte> bytes) const;
+  // The rest of next() for a frame with an attachment, a segment table to
+  // check, or BodyCheck::full.
+  Result<DecodeProgress> finish_frame(const std::byte* at, const FrameHeader& header, std::uint64_t frame_bytes,
+                                      BodyCheck check) const;
+  // The common case, one segment filling the body, in one comparison.
+  static bool one_segment_fits(const std::byte* at, const FrameHeader& header) {
+    return load_le<std::uint32_t>(at + kFrameHeaderBytes) == 0 &&
+           std::uint64_t{load_le<std::uint32_t>(at + kFrameHeaderBytes + 4)} + 1 == header.body_words;
+  }
   Status check_segment_table(std::span<const capnp::word> body) const;
   Status check_body(std::span<const capnp::word> body) const;
 
   FrameLimits limits_;
 };
+
+[[gnu::always_inline]] inline Result<DecodeProgress> FrameDecoder::next(std::span<const std::byte> bytes,
+                                                                     BodyCheck check) const {
+  const std::byte* at = bytes.data();
+  if (reinterpret_cast<std::uintptr_t>(at) % 8 != 0) [[unlikely]] misaligned();
+  if (bytes.size() < kFrameHeaderBytes) return short_header(bytes);
+  if (std::to_integer<std::uint8_t>(at[0]) != kFrameMagic[0] || std::to_integer<std::uint8_t>(at[1]) != kFrameMagic[1] ||
+      std::to_integer<std::uint8_t>(at[2]) != kFrameMagic[2]) [[unlikely]] {
+    return magic_error();
+  }
+  const FrameHeader header = read_frame_header_unchecked(at);
+  // Every header rule in one test; which one broke is worked out off the fast path.
+  const auto encoding = std::to_integer<std::uint8_t>(at[5]);
+  const bool header_ok = header.version == kFrameMajorVersion && header.body_words != 0 &&
+                         std::uint64_t{header.body_words} * 8 <= limits_.max_body_bytes &&
+                         header.attachment_bytes <= limits_.max_attachment_bytes &&
+                         (encoding == 0 || (header.attachment_bytes != 0 && (encoding & 0xc0) == 0 &&
+                                            (encoding & 0x3) <= 1 && header.encoding.shuffle_element_bytes != 1));
+  if (!header_ok) [[unlikely]] return header_error(at, header);
+
+  const std::uint64_t frame_bytes = frame_wire_bytes(header);
+  if (bytes.size() < frame_bytes) return DecodeProgress{std::nullopt, frame_bytes};
+  if (header.attachment_bytes != 0 || check != BodyCheck::on_read ||
+      (header.kind != static_cast<std::uint8_t>(FrameKind::compact_tokens) && !one_segment_fits(at, header))) {
+    return finish_frame(at, header, frame_bytes, check);
+  }
+  // Built where the caller receives it: a FrameView copied through
+  // temporaries cost more than every check above.
+  Result<DecodeProgress> result(std::in_place);
+  DecodeProgress& progress = *result;
+  progress.frame_bytes = frame_bytes;
+  FrameView& frame = progress.frame.emplace();
+  frame.header = header;
+  frame.body = {reinterpret_cast<const capnp::word*>(at + kFrameHeaderBytes), header.body_words};
+  frame.wire_bytes = frame_bytes;
+  return result;
+}
 
 // Reader options for a body: traversal bounded by a multiple of its size.
 capnp::ReaderOptions body_reader_options(std::size_t body_words, const FrameLimits& limits);

@@ -10,6 +10,7 @@
 //        6     2  flags (stream semantics, defined by the transport)
 //        8     4  stream id (0 = the connection itself)
 //       12     4  body words: Cap'n Proto message incl. segment table, 8-byte words
+//                 (a CompactTokens body is the fixed layout of token_frame.h)
 //       16     8  attachment bytes as on the wire, before padding
 //
 // Then the body, then, if attachment bytes > 0, the descriptor

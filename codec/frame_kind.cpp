@@ -24,6 +24,8 @@ std::string_view to_string(FrameKind kind) {
     case FrameKind::kv_abort: return "KvAbort";
     case FrameKind::go_away: return "GoAway";
     case FrameKind::kv_handoff: return "KvHandoff";
+    case FrameKind::hello_proof: return "HelloProof";
+    case FrameKind::compact_tokens: return "CompactTokens";
   }
   return "unknown";
 }

@@ -31,15 +31,23 @@ enum class FrameKind : std::uint8_t {
   kv_abort = 18,
   go_away = 19,
   kv_handoff = 20,
+  hello_proof = 21,
+  // Tokens in a fixed little-endian body instead of Cap'n Proto
+  // (codec/token_frame.h), sent only to a peer that offered compactTokens.
+  compact_tokens = 22,
 };
 
-inline constexpr std::uint8_t kLastFrameKind = 20;
+inline constexpr std::uint8_t kLastFrameKind = 22;
 
 // True for the kinds this version knows; a receiver answers others with an
 // Error frame rather than guessing at their body.
 constexpr bool is_known_kind(std::uint8_t kind) { return kind >= 1 && kind <= kLastFrameKind; }
 
 std::string_view to_string(FrameKind kind);
+
+// Either form of a token frame: what credit counts and readers of tokens take
+// (through codec::read_tokens, never one form alone).
+constexpr bool is_token_frame(FrameKind kind) { return kind == FrameKind::tokens || kind == FrameKind::compact_tokens; }
 
 // BodyOf<FrameKind::tokens> is protocol::Tokens, and KindOf<protocol::Tokens>
 // is FrameKind::tokens: the one place the mapping is written.
@@ -68,6 +76,7 @@ FMWIRE_FRAME_KIND(KvCommitted, kv_committed)
 FMWIRE_FRAME_KIND(KvAbort, kv_abort)
 FMWIRE_FRAME_KIND(GoAway, go_away)
 FMWIRE_FRAME_KIND(KvHandoff, kv_handoff)
+FMWIRE_FRAME_KIND(HelloProof, hello_proof)
 #undef FMWIRE_FRAME_KIND
 
 template <typename Body>

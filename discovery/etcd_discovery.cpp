@@ -6,6 +6,10 @@
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/error.hpp>
+#include <boost/asio/ssl/host_name_verification.hpp>
+#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/error.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
@@ -14,6 +18,8 @@
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/http/write.hpp>
 #include <boost/json.hpp>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <charconv>
 #include <cstring>
 #include <cstdint>
@@ -145,9 +151,14 @@ std::optional<std::string> bytes_field(const json::object& object, std::string_v
   return base64_decode(string_field(object, name));
 }
 
-// "connection refused", not "Connection refused": it ends a sentence.
+// "connection refused", not "Connection refused": it ends a sentence. TLS
+// errors say they are (OpenSSL's words: "certificate verify failed",
+// "tlsv13 alert certificate required").
 std::string describe(const beast::error_code& error) {
   std::string text = error.message();
+  if (error.category() == asio::error::get_ssl_category() || error == asio::ssl::error::stream_truncated) {
+    return "TLS: " + text;
+  }
   if (!text.empty() && text[0] >= 'A' && text[0] <= 'Z' && !(text.size() > 1 && text[1] >= 'A' && text[1] <= 'Z')) {
     text[0] = static_cast<char>(text[0] - 'A' + 'a');
   }
@@ -160,6 +171,54 @@ std::string etcd_error_text(const json::object& answer) {
   if (const json::object* error = object_field(answer, "error")) return string_field(*error, "message");
   std::string message = string_field(answer, "message");
   return message.empty() ? string_field(answer, "error") : message;
+}
+
+// ---- TLS to etcd ----
+
+// OpenSSL's last queued reason, for a file it refused ("no such file",
+// "key values mismatch").
+std::string openssl_reason() {
+  const unsigned long code = ERR_peek_last_error();
+  ERR_clear_error();
+  if (code == 0) return "OpenSSL gave no reason";
+  char text[256];
+  ERR_error_string_n(code, text, sizeof text);
+  return text;
+}
+
+// A client context: TLS 1.2 or 1.3, etcd's certificate checked against the
+// CA (or the system's trust store), and our certificate presented when
+// given. The host is checked per connection (EtcdClient::open).
+codec::Result<std::shared_ptr<asio::ssl::context>, std::string> tls_context(const EtcdTlsFiles& files) {
+  if (files.cert_file.empty() != files.key_file.empty()) {
+    return std::string("--etcd-cert and --etcd-key go together: the client certificate and its key");
+  }
+  auto context = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_client);
+  SSL_CTX* native = context->native_handle();
+  if (SSL_CTX_set_min_proto_version(native, TLS1_2_VERSION) != 1) return std::string("OpenSSL refused TLS 1.2+");
+  context->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_compression);
+  context->set_verify_mode(asio::ssl::verify_peer);
+  boost::system::error_code error;
+  if (files.ca_file.empty()) {
+    context->set_default_verify_paths(error);
+    if (error) return "cannot use the system's CA certificates for etcd: " + error.message();
+  } else {
+    if (SSL_CTX_load_verify_locations(native, files.ca_file.c_str(), nullptr) != 1) {
+      return "--etcd-cacert " + files.ca_file + ": cannot use it as a CA: " + openssl_reason();
+    }
+  }
+  if (!files.cert_file.empty()) {
+    if (SSL_CTX_use_certificate_chain_file(native, files.cert_file.c_str()) != 1) {
+      return "--etcd-cert " + files.cert_file + ": cannot use it as a certificate: " + openssl_reason();
+    }
+    if (SSL_CTX_use_PrivateKey_file(native, files.key_file.c_str(), SSL_FILETYPE_PEM) != 1) {
+      return "--etcd-key " + files.key_file + ": cannot use it as a key: " + openssl_reason();
+    }
+    if (SSL_CTX_check_private_key(native) != 1) {
+      return "--etcd-key " + files.key_file + " is not the key of the certificate " + files.cert_file;
+    }
+  }
+  return context;
 }
 
 // ---- one etcd endpoint over HTTP/1.1 ----
@@ -205,7 +264,9 @@ class EtcdClient {
   // POST `request` to `target`, the answer's JSON object.
   Object call(std::string_view target, const json::object& request, milliseconds timeout = kCallTimeout) {
     if (auto opened = open(target, request, timeout, kMaxMessageBytes); !opened) return opened.error();
-    beast::error_code error = run([&](auto done) { http::async_read(stream_, buffer_, *parser_, done); });
+    beast::error_code error = run([&](auto done) {
+      with_stream([&](auto& stream) { http::async_read(stream, buffer_, *parser_, done); });
+    });
     close();
     if (error) return failure(target, "reading the answer", error, timeout);
     return parse_answer(target, parser_->get().result(), parser_->get().body());
@@ -238,6 +299,16 @@ class EtcdClient {
   }
 
  private:
+  // Calls `use` with the TLS stream over stream_ (https) or stream_ itself.
+  template <typename Use>
+  void with_stream(Use&& use) {
+    if (tls_) {
+      use(*tls_);
+    } else {
+      use(stream_);
+    }
+  }
+
   // Starts the asynchronous operation `start` with a completion that records
   // its error, and runs the io_context until it completes.
   template <typename Start>
@@ -275,13 +346,35 @@ class EtcdClient {
       }
       return "cannot reach etcd at " + name_ + ": " + describe(error);
     }
+    if (url_.tls) {
+      // Under the same deadline as the connect. The name is checked against
+      // the certificate (a DNS name or an IP address in it), and sent as SNI.
+      tls_.emplace(stream_, *url_.tls);
+      SSL* ssl = tls_->native_handle();
+      boost::system::error_code numeric;
+      (void)asio::ip::make_address(url_.host, numeric);
+      if (numeric) SSL_set_tlsext_host_name(ssl, url_.host.c_str());
+      tls_->set_verify_callback(asio::ssl::host_name_verification(url_.host));
+      if (auto error = run([&](auto done) { tls_->async_handshake(asio::ssl::stream_base::client, done); })) {
+        close();
+        if (error == beast::error::timeout) {
+          return "etcd at " + name_ + ": TLS handshake: no answer in " + std::to_string(timeout.count()) + " ms";
+        }
+        std::string why = describe(error);
+        if (why.starts_with("TLS: ")) why.erase(0, 5);
+        return "etcd at " + name_ + ": TLS handshake: " + why +
+               " (etcd's certificate must chain to --etcd-cacert and name " + url_.host + "; is it https?)";
+      }
+    }
     http::request<http::string_body> message(http::verb::post, target, 11);
     message.set(http::field::host, name_);
     message.set(http::field::content_type, "application/json");
     message.keep_alive(false);
     message.body() = json::serialize(request);
     message.prepare_payload();
-    if (auto error = run([&](auto done) { http::async_write(stream_, message, done); })) {
+    if (auto error = run([&](auto done) {
+          with_stream([&](auto& stream) { http::async_write(stream, message, done); });
+        })) {
       close();
       return failure(target, "sending the request", error, timeout);
     }
@@ -292,13 +385,17 @@ class EtcdClient {
     } else {
       parser_->body_limit(boost::none);
     }
-    if (auto error = run([&](auto done) { http::async_read_header(stream_, buffer_, *parser_, done); })) {
+    if (auto error = run([&](auto done) {
+          with_stream([&](auto& stream) { http::async_read_header(stream, buffer_, *parser_, done); });
+        })) {
       close();
       return failure(target, "reading the answer", error, timeout);
     }
     if (parser_->get().result() != http::status::ok) {
       // What etcd said follows (within the same deadline).
-      beast::error_code error = run([&](auto done) { http::async_read(stream_, buffer_, *parser_, done); });
+      beast::error_code error = run([&](auto done) {
+        with_stream([&](auto& stream) { http::async_read(stream, buffer_, *parser_, done); });
+      });
       close();
       if (error) return failure(target, "reading the answer", error, timeout);
       return refusal(target, parser_->get().result_int(), parser_->get().body());
@@ -328,7 +425,9 @@ class EtcdClient {
       }
       if (parser_->is_done()) return {false, "etcd at " + name_ + " ended the stream of POST " + std::string(target)};
       stream_.expires_after(idle_limit);
-      if (auto error = run([&](auto done) { http::async_read_some(stream_, buffer_, *parser_, done); })) {
+      if (auto error = run([&](auto done) {
+            with_stream([&](auto& stream) { http::async_read_some(stream, buffer_, *parser_, done); });
+          })) {
         if (error == beast::error::timeout) return {true, {}};
         return {false, "etcd at " + name_ + ": lost the stream of POST " + std::string(target) + ": " +
                            describe(error)};
@@ -369,13 +468,25 @@ class EtcdClient {
                       milliseconds timeout) const {
     std::string text = "etcd at " + name_ + ": POST " + std::string(target) + ": " + doing + ": ";
     if (error == beast::error::timeout) return text + "no answer in " + std::to_string(timeout.count()) + " ms";
-    return text + describe(error);
+    text += describe(error);
+    // Under TLS 1.3 the server checks our certificate after our side of the
+    // handshake is done: its refusal arrives as the first request fails.
+    if (url_.tls && (error == asio::error::connection_reset || error == asio::error::eof ||
+                     error == asio::ssl::error::stream_truncated ||
+                     error.category() == asio::error::get_ssl_category())) {
+      text += " (TLS: etcd closed the connection after the handshake; with --client-cert-auth it refuses a client "
+              "certificate (--etcd-cert) that does not chain to its --trusted-ca-file)";
+    }
+    return text;
   }
 
+  // No TLS close_notify: HTTP's framing says where the answer ends, and
+  // each call has a connection of its own.
   void close() {
     beast::error_code ignored;  // the call's outcome is known; closing cannot change it
     stream_.socket().shutdown(asio::ip::tcp::socket::shutdown_both, ignored);
     stream_.close();
+    tls_.reset();
   }
 
   EtcdUrl url_;
@@ -383,6 +494,7 @@ class EtcdClient {
   std::atomic<bool> stopping_{false};
   asio::io_context io_{1};
   beast::tcp_stream stream_;
+  std::optional<asio::ssl::stream<beast::tcp_stream&>> tls_;  // https: over stream_, one per call
   asio::steady_timer timer_;
   beast::flat_buffer buffer_;
   std::optional<http::response_parser<http::string_body>> parser_;
@@ -647,15 +759,18 @@ class Watcher final : public EtcdWatcher {
 
 }  // namespace
 
-codec::Result<EtcdUrl, std::string> parse_etcd_url(const std::string& url) {
+codec::Result<EtcdUrl, std::string> parse_etcd_url(const std::string& url, const EtcdTlsFiles& tls) {
   const std::string context = "etcd URL '" + url + "': ";
-  constexpr std::string_view kScheme = "http://";
-  if (url.starts_with("https://")) return context + "https is not supported (no TLS); use http://HOST:PORT";
-  if (!url.starts_with(kScheme)) return context + "expected http://HOST:PORT";
+  const bool https = url.starts_with("https://");
+  if (!https && !url.starts_with("http://")) return context + "expected http://HOST:PORT or https://HOST:PORT";
+  if (!https && !tls.empty()) {
+    return context + "--etcd-cacert, --etcd-cert and --etcd-key are for https:// endpoints; this one is http://";
+  }
+  const std::string_view kScheme = https ? "https://" : "http://";
   std::string_view authority = std::string_view(url).substr(kScheme.size());
   if (authority.ends_with('/')) authority.remove_suffix(1);
   if (authority.find('/') != std::string_view::npos) return context + "expected no path after HOST:PORT";
-  if (authority.empty()) return context + "expected a host after http://";
+  if (authority.empty()) return context + "expected a host after " + std::string(kScheme);
   // No port: etcd's client port.
   const bool has_port =
       authority.front() == '[' ? !authority.ends_with(']') : authority.find(':') != std::string_view::npos;
@@ -664,7 +779,13 @@ codec::Result<EtcdUrl, std::string> parse_etcd_url(const std::string& url) {
   const auto endpoint = transport::parse_endpoint(host_port, &error);
   if (!endpoint) return context + error;
   if (endpoint->port == 0) return context + "port must be from 1 to 65535";
-  return EtcdUrl{endpoint->host, endpoint->port};
+  EtcdUrl parsed{endpoint->host, endpoint->port, nullptr};
+  if (https) {
+    auto made = tls_context(tls);
+    if (!made) return made.error();
+    parsed.tls = std::move(*made);
+  }
+  return parsed;
 }
 
 codec::Result<std::unique_ptr<EtcdRegistration>, std::string> EtcdRegistration::start(const EtcdUrl& url,

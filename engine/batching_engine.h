@@ -24,17 +24,12 @@
 #include <unordered_map>
 #include <vector>
 
+#include "engine/batching_options.h"
 #include "engine/engine.h"
 #include "engine/kv_block_pool.h"
 #include "engine/model_backend.h"
 
 namespace fmwire::engine {
-
-struct BatchingOptions {
-  std::uint32_t max_batch_tokens = 256;  // tokens the model runs per step, at most
-  std::uint32_t max_running = 64;        // sequences admitted at once
-  bool prefix_cache = true;
-};
 
 class BatchingEngine final : public Engine {
  public:

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 
+#include "engine/batching_engine.h"
 #include "engine/cpu_backend.h"
 #include "engine/cuda_module.h"
 #include "engine/llama_weights.h"

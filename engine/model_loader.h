@@ -10,7 +10,8 @@
 #include <vector>
 
 #include "codec/codec_error.h"
-#include "engine/batching_engine.h"
+#include "engine/batching_options.h"
+#include "engine/engine.h"
 #include "engine/tokenizer.h"
 
 namespace fmwire::engine {

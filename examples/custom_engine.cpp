@@ -1,19 +1,18 @@
 // examples/custom_engine: serve your own Engine (engine/engine.h). ReverseEngine
-// answers a prompt with its tokens reversed, one per step; WorkerService serves
+// answers a prompt with its tokens reversed, one per step; an EngineServer serves
 // it on 127.0.0.1 and a Client in the same program asks it. A real engine takes
 // its place; the worker does the rest (text, a thread for step(), pausing slow
 // readers). Run: custom_engine ["an ASCII prompt"]
 #include <algorithm>
 #include <cstdio>
 #include <map>
+#include <chrono>
 #include <string>
-#include <thread>
 
 #include "engine/engine_without_kv.h"
 #include "engine/tokenizer.h"
 #include "transport/client.h"
-#include "transport/server.h"
-#include "worker/worker_service.h"
+#include "worker/engine_server.h"
 using namespace fmwire;
 using engine::SequenceId;
 
@@ -72,16 +71,19 @@ class ReverseEngine final : public engine::EngineWithoutKv {
 
 int main(int argc, char** argv) {
   const std::string prompt = argc > 1 ? argv[1] : "Hello, fmwire!";
-  // The worker: engine, tokenizer, service and server on one loop thread.
+  // The worker: engine and tokenizer, served from a thread of the server's own.
   ReverseEngine reverse;
   const engine::Tokenizer tokenizer = engine::Tokenizer::byte_level();
-  transport::EventLoop loop;
-  worker::WorkerService service(loop, reverse, tokenizer);
-  transport::Server server(loop, transport::Endpoint{"127.0.0.1", 0}, service.server_options("reverse"), service);
-  std::thread worker_thread([&] { loop.run(); });
+  worker::EngineServerOptions options;
+  options.name = "reverse";
+  auto server = worker::EngineServer::start(reverse, tokenizer, options);
+  if (!server) {
+    std::fprintf(stderr, "custom_engine: %s\n", server.error().c_str());
+    return 1;
+  }
   // The client: connect, ask, check the answer is the prompt reversed.
   int exit_code = 1;
-  if (auto client = Client::connect(transport::Endpoint{"127.0.0.1", server.port()})) {
+  if (auto client = Client::connect((*server)->endpoint())) {
     GenerateParams params;
     params.prompt = prompt;
     params.max_tokens = 256;
@@ -90,10 +92,7 @@ int main(int argc, char** argv) {
     if (completion && completion->text == std::string(prompt.rbegin(), prompt.rend())) exit_code = 0;
   } else {
     std::fprintf(stderr, "custom_engine: %s\n", client.error().message.c_str());
-  }  // the client is closed here, before the worker stops
-
-  // Drain, stop the loop, join it; then server, service (its engine thread), engine go, in that order.
-  loop.post([&] { server.drain("example finished", [&] { loop.stop(); }); });
-  worker_thread.join();
+  }  // the client is closed here, before the server stops
+  (*server)->drain(std::chrono::seconds(5));  // then the server, before the engine it drives
   return exit_code;
 }

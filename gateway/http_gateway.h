@@ -74,6 +74,7 @@
 
 #include "codec/codec_error.h"
 #include "gateway/rate_limiter.h"
+#include "transport/auth_token.h"
 #include "transport/endpoint.h"
 #include "transport/tls_credentials.h"
 
@@ -127,6 +128,9 @@ struct HttpGatewayOptions {
   std::chrono::milliseconds upstream_dead_after{3000};
   // TLS 1.3 with mutual authentication to the routers (--native-tls-*); null: plaintext.
   std::shared_ptr<const transport::TlsCredentials> upstream_tls;
+  // The shared secret the upstream connections prove (--auth-token-file,
+  // transport/auth_token.h); null: none.
+  std::shared_ptr<const transport::AuthToken> upstream_auth_token;
 };
 
 class HttpGateway {

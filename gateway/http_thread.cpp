@@ -37,6 +37,7 @@ void HttpThread::connect_upstream(bool wait) {
   client_options.connection.keepalive_interval = options.upstream_keepalive;
   client_options.connection.dead_after = options.upstream_dead_after;
   client_options.connection.tls = options.upstream_tls;
+  client_options.connection.auth_token = options.upstream_auth_token;
   client_options.on_turn_end = [this] { hand_over(); };
   // Failovers in the log: which router each HTTP thread's connection went
   // to, when it was lost and why; "none accepts" once until one does.

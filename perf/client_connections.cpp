@@ -15,8 +15,10 @@ void ClientConnections::connect(const std::string& host, std::uint16_t port, int
   const std::string address = transport::Endpoint{host, port}.to_string();
   const std::size_t wanted = connections.size() + static_cast<std::size_t>(count);
   std::string problem;
+  transport::ConnectionOptions with_token = options;
+  if (auth_token) with_token.auth_token = auth_token;
   for (int i = 0; i < count; ++i) {
-    loop.backend().connect(host, port, [this, options, &handler, &problem, &address](int fd, std::error_code error) {
+    loop.backend().connect(host, port, [this, options = with_token, &handler, &problem, &address](int fd, std::error_code error) {
       if (error) {
         problem = "connect to " + address + ": " + error.message();
         return;
@@ -30,6 +32,7 @@ void ClientConnections::connect(const std::string& host, std::uint16_t port, int
     for (const auto& connection : connections) {
       if (connection->closed()) {
         problem = "connection to " + address + " closed during the Hello exchange";
+        if (connection->close_reason().error) problem += ": " + connection->close_reason().message;
         return true;
       }
       if (!connection->ready()) return false;

@@ -39,6 +39,9 @@ class ClientConnections {
   void close_all();
 
   transport::EventLoop loop;
+  // Set before connect(): the shared secret every connection proves
+  // (--auth-token-file), whatever its options say; null: theirs.
+  std::shared_ptr<const transport::AuthToken> auth_token;
   std::vector<std::unique_ptr<transport::Connection>> connections;
 };
 

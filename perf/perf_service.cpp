@@ -26,12 +26,16 @@ transport::ConnectionOptions perf_server_options() {
 void PerfService::on_stream_frame(Connection& connection, const codec::FrameView& frame) {
   switch (frame.kind()) {
     case codec::FrameKind::generate_request: {
-      bool cpu_report = false;
+      std::optional<std::int64_t> report;
       (void)codec::read_body<protocol::GenerateRequest>(
-          frame, codec::FrameLimits{},
-          [&](const protocol::GenerateRequestReader& request) { cpu_report = request.prompt_text() == kCpuReportPrompt; });
-      if (cpu_report) {
-        send_cpu_report(connection, frame.header.stream_id);
+          frame, codec::FrameLimits{}, [&](const protocol::GenerateRequestReader& request) {
+            const auto prompt = request.prompt_text();
+            if (prompt == kCpuReportPrompt) report = static_cast<std::int64_t>(process_cpu_seconds() * 1e9);
+            if (prompt == kGrpcPortPrompt) report = grpc_ports_.tokens;
+            if (prompt == kGrpcKvPortPrompt) report = grpc_ports_.kv;
+          });
+      if (report) {
+        send_report(connection, frame.header.stream_id, *report);
       } else {
         tokens_.on_stream_frame(connection, frame);  // resets an unreadable request's stream
       }
@@ -70,20 +74,18 @@ void PerfService::on_closed(Connection& connection, const EndReason& reason) {
   kv_.on_closed(connection, reason);
 }
 
-void PerfService::send_cpu_report(Connection& connection, std::uint32_t stream_id) {
-  const auto nanoseconds = static_cast<std::int64_t>(process_cpu_seconds() * 1e9);
+void PerfService::send_report(Connection& connection, std::uint32_t stream_id, std::int64_t number) {
   // At most 20 characters, then the NUL that capnp::Text::Reader requires
   // (kj checks it in debug builds).
   char text[24]{};
-  const auto written = std::to_chars(text, text + sizeof text - 1, nanoseconds).ptr;
-  const SendStatus status = connection.send<protocol::Tokens>(stream_id, [&](protocol::Tokens::Builder tokens) {
-    tokens.setFirstIndex(0);
-    tokens.initTokenIds(1).set(0, 0);
-    tokens.initTextPieces(1).set(0, capnp::Text::Reader(text, static_cast<std::size_t>(written - text)));
-  });
+  const auto written = std::to_chars(text, text + sizeof text - 1, number).ptr;
+  const std::uint32_t id = 0;
+  const std::string_view report(text, static_cast<std::size_t>(written - text));
+  const auto piece = [report](std::uint32_t) { return report; };
+  const SendStatus status = connection.send_tokens(stream_id, codec::text_batch(0, {&id, 1}, piece));
   if (status != SendStatus::sent) {
     connection.reset_stream(stream_id, protocol::ErrorCode::INTERNAL,
-                            "CPU report not sent: " + std::string(transport::to_string(status)));
+                            "report not sent: " + std::string(transport::to_string(status)));
     return;
   }
   connection.send<protocol::Finish>(stream_id, [&](protocol::FinishBuilder finish) {
@@ -91,46 +93,45 @@ void PerfService::send_cpu_report(Connection& connection, std::uint32_t stream_i
   }, kEndStream);
 }
 
-// ---------------------------------------------------------------- CpuReportClient
+// ---------------------------------------------------------------- ReportClient
 
-void CpuReportClient::request(Connection& connection) {
+void ReportClient::request(Connection& connection, std::string_view prompt) {
   done_ = false;
-  cpu_seconds_.reset();
+  number_.reset();
   failure_.clear();
   const std::uint32_t stream_id = connection.open_stream();
-  if (stream_id == 0) throw std::runtime_error("no stream free for the CPU report");
+  if (stream_id == 0) throw std::runtime_error("no stream free for the report");
   const SendStatus status = connection.send<protocol::GenerateRequest>(
-      stream_id,
-      [&](protocol::GenerateRequestBuilder request) { request.prompt_text(kCpuReportPrompt).max_tokens(1); },
+      stream_id, [&](protocol::GenerateRequestBuilder request) { request.prompt_text(prompt).max_tokens(1); },
       kEndStream);
   if (status != SendStatus::sent) {
-    throw std::runtime_error("CPU report request not sent: " + std::string(transport::to_string(status)));
+    throw std::runtime_error("report request not sent: " + std::string(transport::to_string(status)));
   }
 }
 
-void CpuReportClient::on_stream_frame(Connection&, const codec::FrameView& frame) {
-  if (frame.kind() != codec::FrameKind::tokens) return;
-  const codec::Status read = codec::read_body<protocol::Tokens>(frame, limits_, [&](protocol::Tokens::Reader tokens) {
-    if (tokens.getTextPieces().size() != 1) return;
-    const capnp::Text::Reader piece = tokens.getTextPieces()[0];
-    std::int64_t nanoseconds = 0;
-    const auto parsed = std::from_chars(piece.begin(), piece.end(), nanoseconds);
-    if (parsed.ec == std::errc() && parsed.ptr == piece.end()) cpu_seconds_ = static_cast<double>(nanoseconds) / 1e9;
+void ReportClient::on_stream_frame(Connection&, const codec::FrameView& frame) {
+  if (!codec::is_token_frame(frame.kind())) return;
+  const codec::Status read = codec::read_tokens(frame, limits_, [&](const codec::TokensView& tokens) {
+    if (tokens.piece_count() != 1) return;
+    const std::string_view piece = tokens.piece(0);
+    std::int64_t number = 0;
+    const auto parsed = std::from_chars(piece.data(), piece.data() + piece.size(), number);
+    if (parsed.ec == std::errc() && parsed.ptr == piece.data() + piece.size()) number_ = number;
   });
-  if (!read) failure_ = "unreadable CPU report: " + read.error().message;
-  if (!cpu_seconds_ && failure_.empty()) failure_ = "a CPU report without a number in it";
+  if (!read) failure_ = "unreadable report: " + read.error().message;
+  if (!number_ && failure_.empty()) failure_ = "a report without a number in it";
 }
 
-void CpuReportClient::on_stream_closed(Connection&, std::uint32_t, const EndReason& reason) {
-  if (reason.error && failure_.empty()) failure_ = "CPU report stream failed: " + reason.message;
-  if (!cpu_seconds_ && failure_.empty()) failure_ = "the CPU report stream ended without a report";
+void ReportClient::on_stream_closed(Connection&, std::uint32_t, const EndReason& reason) {
+  if (reason.error && failure_.empty()) failure_ = "report stream failed: " + reason.message;
+  if (!number_ && failure_.empty()) failure_ = "the report stream ended without a report";
   done_ = true;
   loop_.stop();
 }
 
-void CpuReportClient::on_closed(Connection&, const EndReason& reason) {
+void ReportClient::on_closed(Connection&, const EndReason& reason) {
   if (done_) return;
-  failure_ = "connection closed before the CPU report: " + (reason.error ? reason.message : std::string("by the peer"));
+  failure_ = "connection closed before the report: " + (reason.error ? reason.message : std::string("by the peer"));
   done_ = true;
   loop_.stop();
 }

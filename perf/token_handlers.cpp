@@ -63,17 +63,17 @@ void TokenSource::on_closed(Connection& connection, const EndReason&) {
 }
 
 SendStatus TokenSource::send_token(Connection& connection, std::uint32_t stream_id, std::uint32_t index) {
-  return connection.send<protocol::Tokens>(stream_id, [&](protocol::Tokens::Builder tokens) {
-    tokens.setFirstIndex(index);
-    tokens.initTokenIds(1).set(0, token_id(index));
-    if (paced()) {
-      const Stamp stamp = make_stamp(options_.origin, Clock::now());
-      tokens.initTextPieces(1).set(0, capnp::Text::Reader(stamp.text.data(), stamp.size));
-    } else {
-      const std::string_view piece = token_piece(index);
-      tokens.initTextPieces(1).set(0, capnp::Text::Reader(piece.data(), piece.size()));
-    }
-  });
+  const std::uint32_t id = token_id(index);
+  Stamp stamp;
+  std::string_view text;
+  if (paced()) {
+    stamp = make_stamp(options_.origin, Clock::now());  // before the frame is built, which reads it twice
+    text = stamp.view();
+  } else {
+    text = token_piece(index);
+  }
+  const auto piece = [text](std::uint32_t) { return text; };
+  return connection.send_tokens(stream_id, codec::text_batch(index, {&id, 1}, piece));
 }
 
 // Unpaced: sends while credit lasts; on_stream_writable resumes.
@@ -147,19 +147,16 @@ void TokenSink::sample_latency(Clock::time_point origin, std::uint32_t warmup, s
 }
 
 void TokenSink::on_stream_frame(Connection&, const codec::FrameView& frame) {
-  if (frame.kind() != codec::FrameKind::tokens) return;
+  if (!codec::is_token_frame(frame.kind())) return;
   const auto arrived = Clock::now();
   if (frames_ == 0) first_frame_at_ = arrived;
-  const codec::Status read = codec::read_body<protocol::Tokens>(frame, limits_, [&](protocol::Tokens::Reader tokens) {
-    const std::uint32_t first = tokens.getFirstIndex();
-    const auto ids = tokens.getTokenIds();
-    const auto pieces = tokens.getTextPieces();
-    if (ids.size() != 1 || pieces.size() != 1) {
+  const codec::Status read = codec::read_tokens(frame, limits_, [&](const codec::TokensView& tokens) {
+    const std::uint32_t first = tokens.first_index();
+    if (tokens.size() != 1 || tokens.piece_count() != 1) {
       failure_ = "a Tokens frame without exactly one token";
       return;
     }
-    const capnp::Text::Reader piece = pieces[0];
-    const std::string_view text(piece.begin(), piece.size());
+    const std::string_view text = tokens.piece(0);
     if (latency_) {
       if (first < warmup_) return;
       const std::int64_t nanoseconds = nanoseconds_since_stamp(text, origin_, arrived);
@@ -169,7 +166,7 @@ void TokenSink::on_stream_frame(Connection&, const codec::FrameView& frame) {
       }
       latencies_us_.push_back(static_cast<double>(nanoseconds) / 1e3);
     } else {
-      checksum_ += token_checksum(first, ids[0], text);
+      checksum_ += token_checksum(first, tokens.id(0), text);
     }
   });
   if (!read) failure_ = "unreadable Tokens frame: " + read.error().message;

@@ -15,8 +15,11 @@ using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("fmwire::protocol");
 
 const protocolMajor :UInt16 = 1;
-const protocolMinor :UInt16 = 2;   # 1: Hello/HelloAck tokenizerFingerprint
+const protocolMinor :UInt16 = 3;   # 1: Hello/HelloAck tokenizerFingerprint
                                    # 2: disaggregation, worker roles, typed KV refusals
+                                   # 3: shared-secret authentication (authNonce,
+                                   #    authProof, HelloProof); Capabilities.compactTokens
+                                   #    (the CompactTokens frame)
 
 # ---------------------------------------------------------------- connection
 
@@ -33,6 +36,10 @@ struct Capabilities {
   byteShuffle @1 :Bool;       # may receive byte-shuffled attachments
   kvTransfer @2 :Bool;        # serves the KV transfer session
   loadReports @3 :Bool;       # sends LoadReport frames when subscribed
+  # Minor version 3: may receive CompactTokens frames (frame kind 22), the
+  # fixed little-endian form of Tokens for small frames (codec/token_frame.h).
+  # An older peer leaves it false and gets Tokens only.
+  compactTokens @4 :Bool;
 }
 
 # What a receiver enforces on read; a peer that exceeds them is disconnected.
@@ -59,6 +66,11 @@ struct Hello {
   # connection is ready, before any request could be routed there, and it
   # cannot change while the connection lasts.
   tokenizerFingerprint @6 :UInt64;
+  # Minor version 3: the client's challenge when it holds a shared secret
+  # (--auth-token-file): 32 random bytes; empty when it holds none. A server
+  # with a secret refuses a Hello without one, and one without a secret
+  # refuses a Hello with one (transport/auth_token.h).
+  authNonce @7 :Data;
 }
 
 # The answer to Hello: the version both speak and what this side offers.
@@ -70,6 +82,21 @@ struct HelloAck {
   capabilities @4 :Capabilities;
   limits @5 :Limits;
   tokenizerFingerprint @6 :UInt64;  # minor version 1: as in Hello
+  # Minor version 3, when Hello carried an authNonce: the server's own 32
+  # random bytes, and HMAC-SHA256(secret, "fmwire auth v1 server" 0 ||
+  # client nonce || server nonce): proof that it holds the secret, bound to
+  # both nonces so that no recorded answer fits another connection.
+  authNonce @7 :Data;
+  authProof @8 :Data;
+}
+
+# Minor version 3: the third step of the authenticated Hello exchange, from
+# the client once it has checked the server's proof: HMAC-SHA256(secret,
+# "fmwire auth v1 client" 0 || client nonce || server nonce). The server
+# takes no other frame before it. A third message because the client's proof
+# must cover the server's fresh nonce, or a recorded Hello could be replayed.
+struct HelloProof {
+  authProof @0 :Data;
 }
 
 # Keepalive; Pong echoes the sequence so a round trip can be timed.

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "codec/frame_decoder.h"
+#include "codec/token_frame.h"
 #include "protocol/finish.h"
 #include "protocol/generate_request.h"
 #include "protocol/kv_handoff.h"
@@ -392,7 +393,7 @@ void RouterService::on_worker_frame(WorkerLink& link, std::uint32_t stream_id, c
 
 void RouterService::from_worker(Route& route, WorkerLink& link, std::uint32_t stream_id, const codec::FrameView& frame) {
   const codec::FrameKind kind = frame.kind();
-  if (kind != codec::FrameKind::tokens && kind != codec::FrameKind::finish) return;  // Error: on_worker_stream_closed
+  if (!codec::is_token_frame(kind) && kind != codec::FrameKind::finish) return;  // Error: on_worker_stream_closed
   if (!route.split) {
     relay_to_client(route, frame, &link, stream_id);
   } else if (&link == route.decode_worker && stream_id == route.decode_stream) {
@@ -403,7 +404,7 @@ void RouterService::from_worker(Route& route, WorkerLink& link, std::uint32_t st
 }
 
 void RouterService::from_prefill(Route& route, const codec::FrameView& frame) {
-  if (frame.kind() == codec::FrameKind::tokens) {
+  if (codec::is_token_frame(frame.kind())) {
     if (!relay_to_client(route, frame, route.worker, route.worker_stream)) return;
     if (route.handing_over) return;  // the new worker's frames wait for the handoff itself
     route.prefill_token_relayed = true;
@@ -458,7 +459,7 @@ void RouterService::from_decode(Route& route, const codec::FrameView& frame) {
     route.held.emplace_back(frame);
     return;
   }
-  if (frame.kind() == codec::FrameKind::tokens) route.decode_token_relayed = true;
+  if (codec::is_token_frame(frame.kind())) route.decode_token_relayed = true;
   relay_to_client(route, frame, route.decode_worker, route.decode_stream);
 }
 
@@ -467,7 +468,7 @@ bool RouterService::release_held(Route& route) {
     const OwnedFrame frame = std::move(route.held.front());
     route.held.pop_front();
     const codec::FrameView view = frame.view();
-    if (view.kind() == codec::FrameKind::tokens) route.decode_token_relayed = true;
+    if (codec::is_token_frame(view.kind())) route.decode_token_relayed = true;
     if (!relay_to_client(route, view, route.decode_worker, route.decode_stream)) return false;
   }
   return true;
@@ -497,11 +498,11 @@ void RouterService::cancel_decode(Route& route) {
 bool RouterService::relay_to_client(Route& route, const codec::FrameView& frame, WorkerLink* source,
                                     std::uint32_t source_stream) {
   const codec::FrameKind kind = frame.kind();
-  if (kind == codec::FrameKind::tokens && route.request) {
+  if (codec::is_token_frame(kind) && route.request) {
     // What a migration or a fallback must carry on from: the ids, not the text.
-    const codec::Status read = codec::read_body<protocol::Tokens>(
-        frame, options_.worker_link.connection.limits, [&](protocol::Tokens::Reader tokens) {
-          for (std::uint32_t id : tokens.getTokenIds()) route.sent_tokens.push_back(id);
+    const codec::Status read = codec::read_tokens(
+        frame, options_.worker_link.connection.limits, [&](const codec::TokensView& tokens) {
+          for (std::uint32_t i = 0; i < tokens.size(); ++i) route.sent_tokens.push_back(tokens.id(i));
         });
     if (!read) {
       fail(route, protocol::ErrorCode::BAD_FRAME, "worker sent an unreadable Tokens frame: " + read.error().message, true);
@@ -535,14 +536,12 @@ SendStatus RouterService::send_tokens(Route& route, const codec::FrameView& fram
   } else {
     // After a migration the new worker counts from 0: the indexes are
     // shifted, so this frame is built again (the only case it is).
-    status = route.client->send<protocol::Tokens>(route.client_stream, [&](protocol::Tokens::Builder out) {
-      (void)codec::read_body<protocol::Tokens>(frame, options_.worker_link.connection.limits,
-                                               [&](protocol::Tokens::Reader in) {
-                                                 out.setFirstIndex(in.getFirstIndex() + index_offset);
-                                                 out.setTokenIds(in.getTokenIds());
-                                                 out.setTextPieces(in.getTextPieces());
-                                                 out.setLogprobs(in.getLogprobs());
-                                               });
+    // In the form the client agreed on, whichever the worker sent.
+    status = SendStatus::too_large;  // unreadable: relay_to_client read it already, so not met
+    (void)codec::read_tokens(frame, options_.worker_link.connection.limits, [&](const codec::TokensView& in) {
+      auto batch = codec::batch_of(in, rebuild_ids_, rebuild_logprobs_);
+      batch.first_index += index_offset;
+      status = route.client->send_tokens(route.client_stream, batch, frame.header.flags);
     });
   }
   if (status == SendStatus::sent) {
@@ -908,6 +907,10 @@ bool RouterService::hand_over(Route& route, WorkerLink& draining) {
 }
 
 void RouterService::on_worker_refused(WorkerLink& link, const std::string& reason) {
+  say_of_worker(log::Level::warn, reason, {{"worker", link.view().name}});
+}
+
+void RouterService::on_worker_hello_failed(WorkerLink& link, const std::string& reason) {
   say_of_worker(log::Level::warn, reason, {{"worker", link.view().name}});
 }
 

@@ -283,6 +283,7 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   bool hand_over(Route& route, WorkerLink& draining);
   void on_worker_refused(WorkerLink& link, const std::string& reason) override;
   void on_worker_unresolved(WorkerLink& link, const std::string& reason) override;
+  void on_worker_hello_failed(WorkerLink& link, const std::string& reason) override;
   void reap_retired();
   WorkerLinkOwner& link_owner() { return *this; }
 
@@ -300,6 +301,8 @@ class RouterService final : public transport::ConnectionHandler, private WorkerL
   std::string transfer_key_prefix_;  // "<name>-<nonce>-", then a counter
   std::uint64_t next_transfer_ = 1;
   RouterCounters counters_;
+  std::vector<std::uint32_t> rebuild_ids_;  // send_tokens' scratch for a rebuilt frame, reused
+  std::vector<float> rebuild_logprobs_;
   bool reap_posted_ = false;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };

@@ -114,6 +114,7 @@ std::string WorkerLink::registration_problem(const transport::Connection& connec
 
 void WorkerLink::on_ready(transport::Connection& connection) {
   backoff_ = options_.reconnect_min;
+  hello_error_.clear();
   draining_ = false;
   view_.refused = registration_problem(connection);
   view_.tokenizer_fingerprint = connection.peer_tokenizer_fingerprint();
@@ -177,8 +178,16 @@ void WorkerLink::on_go_away(transport::Connection& connection) {
   update_health();
 }
 
-void WorkerLink::on_closed(transport::Connection&, const transport::EndReason& reason) {
+void WorkerLink::on_closed(transport::Connection& connection, const transport::EndReason& reason) {
   last_close_reason_ = reason.message.empty() ? std::string("connection closed") : reason.message;
+  if (!connection.ready() && reason.error) {
+    std::string said = "worker " + endpoint_.to_string() + " refused the link in the Hello exchange: " +
+                       reason.message + " (retrying)";
+    if (said != hello_error_) {
+      hello_error_ = std::move(said);
+      owner_.on_worker_hello_failed(*this, hello_error_);
+    }
+  }
   report_stream_ = 0;
   view_.has_load = false;
   view_.tokenizer_fingerprint = 0;

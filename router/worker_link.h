@@ -41,6 +41,13 @@ class WorkerLinkOwner {
     (void)link;
     (void)reason;
   }
+  // The worker refused the link in the Hello exchange (an auth token that
+  // differs, a version it does not speak; the link retries with backoff);
+  // said once per distinct reason until the link is up.
+  virtual void on_worker_hello_failed(WorkerLink& link, const std::string& reason) {
+    (void)link;
+    (void)reason;
+  }
   // The worker's name did not resolve (the link retries with backoff);
   // said once per distinct error until the link connects.
   virtual void on_worker_unresolved(WorkerLink& link, const std::string& reason) {
@@ -115,6 +122,7 @@ class WorkerLink final : private transport::ConnectionHandler {
   std::uint32_t report_stream_ = 0;
   bool connecting_ = false;
   std::string lookup_error_;  // the last one told to the owner; cleared on connecting
+  std::string hello_error_;   // the last one told to the owner; cleared when ready
   std::string last_close_reason_;
   bool draining_ = false;   // GoAway or a draining LoadReport
   bool retired_ = false;

@@ -13,6 +13,8 @@
 
 #include "protocol/finish.h"
 #include "protocol/generate_request.h"
+#include "protocol/load_report.h"
+#include "transport/connection.h"
 
 namespace fmwire {
 
@@ -222,7 +224,8 @@ class Client::Session final : public transport::ConnectionHandler {
     auto found = requests_.find(stream->second);
     if (found == requests_.end()) return;
     switch (frame.kind()) {
-      case codec::FrameKind::tokens: return deliver_tokens(found->second, frame);
+      case codec::FrameKind::tokens:
+      case codec::FrameKind::compact_tokens: return deliver_tokens(found->second, frame);
       case codec::FrameKind::finish: return deliver_finish(found, frame);
       case codec::FrameKind::error: return deliver_error(found, frame);
       default: return;  // kinds a newer peer may add: ignored, as Cap'n Proto ignores fields
@@ -479,12 +482,12 @@ class Client::Session final : public transport::ConnectionHandler {
 
   void deliver_tokens(Request& request, const codec::FrameView& frame) {
     std::uint32_t first_index = 0;
-    codec::Status read = codec::read_body<protocol::Tokens>(frame, options_.connection.limits, [&](protocol::Tokens::Reader tokens) {
-      first_index = tokens.getFirstIndex();
+    codec::Status read = codec::read_tokens(frame, options_.connection.limits, [&](const codec::TokensView& tokens) {
+      first_index = tokens.first_index();
       token_ids_.clear();
       text_pieces_.clear();
-      for (std::uint32_t id : tokens.getTokenIds()) token_ids_.push_back(id);
-      for (capnp::Text::Reader piece : tokens.getTextPieces()) text_pieces_.emplace_back(piece.cStr(), piece.size());
+      for (std::uint32_t i = 0; i < tokens.size(); ++i) token_ids_.push_back(tokens.id(i));
+      for (std::uint32_t i = 0; i < tokens.piece_count(); ++i) text_pieces_.push_back(tokens.piece(i));
     });
     if (!read) {
       const std::uint32_t stream_id = request.stream_id;

@@ -35,7 +35,7 @@
 
 #include "codec/codec_error.h"
 #include "protocol/fmwire.capnp.h"
-#include "transport/connection.h"
+#include "transport/connection_options.h"
 #include "transport/endpoint.h"
 #include "transport/worker_load.h"
 

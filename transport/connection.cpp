@@ -5,7 +5,10 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string_view>
 
 #include "protocol/cancel.h"
 #include "transport/endpoint.h"
@@ -38,6 +41,14 @@ protocol::ErrorCode error_code_for(codec::CodecErrc code) {
   }
 }
 
+capnp::Data::Reader as_capnp_data(std::span<const std::byte> bytes) {
+  return {reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()};
+}
+
+std::span<const std::byte> as_bytes(capnp::Data::Reader data) {
+  return {reinterpret_cast<const std::byte*>(data.begin()), data.size()};
+}
+
 std::string milliseconds(Clock::duration duration) {
   return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(duration).count()) + " ms";
 }
@@ -68,9 +79,13 @@ Connection::Connection(EventLoop& loop, int fd, bool outgoing, ConnectionOptions
       handler_(handler),
       encoder_(options_.limits),
       decoder_(options_.limits),
+      auth_(options_.auth_token),
       next_local_stream_(outgoing ? 1 : 2),
       connection_receive_window_(options_.initial_connection_credit_bytes),
       last_received_(Clock::now()) {
+  // Offered only where the process's ablation switch leaves it on; what
+  // this side then agrees to is what it offered.
+  options_.capabilities.compact_tokens = options_.capabilities.compact_tokens && codec::compact_tokens_by_default();
   queued_.reserve(64 * 1024);
   in_flight_.reserve(64 * 1024);
   backend_.open(fd_, this);
@@ -94,15 +109,25 @@ void Connection::send_limits(protocol::Limits::Builder limits) const {
   limits.setInitialConnectionCreditBytes(options_.initial_connection_credit_bytes);
 }
 
+SendStatus Connection::relay_as_tokens(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags) {
+  SendStatus status = SendStatus::too_large;
+  const codec::Status read = codec::read_tokens(frame, options_.limits, [&](const codec::TokensView& tokens) {
+    status = send_tokens(stream_id, codec::batch_of(tokens, relay_ids_, relay_logprobs_), flags);
+  });
+  return read ? status : SendStatus::too_large;
+}
+
 void Connection::send_capabilities(protocol::Capabilities::Builder capabilities) const {
   capabilities.setZstdAttachments(options_.capabilities.zstd_attachments);
   capabilities.setByteShuffle(options_.capabilities.byte_shuffle);
   capabilities.setKvTransfer(options_.capabilities.kv_transfer);
   capabilities.setLoadReports(options_.capabilities.load_reports);
+  capabilities.setCompactTokens(options_.capabilities.compact_tokens);
 }
 
 Capabilities Connection::read_capabilities(protocol::Capabilities::Reader peer) {
-  return {peer.getZstdAttachments(), peer.getByteShuffle(), peer.getKvTransfer(), peer.getLoadReports()};
+  return {peer.getZstdAttachments(), peer.getByteShuffle(), peer.getKvTransfer(), peer.getLoadReports(),
+          peer.getCompactTokens()};
 }
 
 bool Connection::agree(const Capabilities& peer) {
@@ -116,6 +141,7 @@ bool Connection::agree(const Capabilities& peer) {
 }
 
 void Connection::send_hello() {
+  const std::span<const std::byte> challenge = auth_.client_challenge();
   send<protocol::Hello>(0, [&](protocol::Hello::Builder hello) {
     hello.setProtocolMajor(protocol::PROTOCOL_MAJOR);
     hello.setProtocolMinor(protocol::PROTOCOL_MINOR);
@@ -124,6 +150,7 @@ void Connection::send_hello() {
     hello.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
     send_capabilities(hello.initCapabilities());
     send_limits(hello.initLimits());
+    if (!challenge.empty()) hello.setAuthNonce(as_capnp_data(challenge));
   });
 }
 
@@ -183,15 +210,12 @@ void Connection::after_frame_sent(std::uint32_t stream_id, FrameKind kind, std::
 SendStatus Connection::relay(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags) {
   if (closing_ || closed_) return SendStatus::connection_closed;
   const FrameKind kind = frame.kind();
-  StreamState* stream = nullptr;
-  if (stream_id != 0) {
-    auto found = streams_.find(stream_id);
-    if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) {
-      stream = &found->second;
-    } else if (kind != FrameKind::error) {
-      return SendStatus::no_such_stream;
-    }
+  if (kind == FrameKind::compact_tokens && !agreed_.compact_tokens) [[unlikely]] {
+    return relay_as_tokens(stream_id, frame, flags);
   }
+  const std::optional<StreamState*> sendable = sendable_stream(stream_id, kind);
+  if (!sendable) return SendStatus::no_such_stream;
+  StreamState* stream = *sendable;
   if (frame.body.size_bytes() > options_.limits.max_body_bytes ||
       frame.descriptor.decoded_bytes > options_.limits.max_attachment_bytes) {
     return SendStatus::too_large;
@@ -353,10 +377,14 @@ void Connection::handle_frame(const codec::FrameView& frame) {
       handle_hello(frame);
     } else if (frame.kind() == FrameKind::hello_ack && outgoing_) {
       handle_hello_ack(frame);
+    } else if (frame.kind() == FrameKind::hello_proof && awaiting_auth_proof_) {
+      handle_hello_proof(frame);
     } else if (frame.kind() == FrameKind::error) {
       handle_connection_frame(frame);
     } else {
-      fail(protocol::ErrorCode::BAD_FRAME, std::string("expected ") + (outgoing_ ? "HelloAck" : "Hello") + " first, got " +
+      fail(protocol::ErrorCode::BAD_FRAME, std::string("expected ") +
+                                               (outgoing_ ? "HelloAck" : awaiting_auth_proof_ ? "HelloProof" : "Hello") +
+                                               " first, got " +
                                                std::string(codec::to_string(frame.kind())));
     }
     return;
@@ -372,7 +400,9 @@ void Connection::handle_hello(const codec::FrameView& frame) {
   std::uint16_t major = 0;
   std::uint16_t minor = 0;
   Capabilities peer_capabilities;
+  AuthStep auth;
   codec::Status read = codec::read_body<protocol::Hello>(frame, options_.limits, [&](protocol::Hello::Reader hello) {
+    auth = auth_.on_hello(as_bytes(hello.getAuthNonce()));
     major = hello.getProtocolMajor();
     minor = hello.getProtocolMinor();
     peer_name_ = hello.getPeerName();
@@ -394,6 +424,7 @@ void Connection::handle_hello(const codec::FrameView& frame) {
              std::to_string(protocol::PROTOCOL_MAJOR) + "." + std::to_string(protocol::PROTOCOL_MINOR));
     return;
   }
+  if (auth.refused) return fail(protocol::ErrorCode::UNAUTHORIZED, auth.message);
   if (!agree(peer_capabilities)) return;
   if (peer_initial_stream_credit_ == 0) peer_initial_stream_credit_ = kDefaultStreamCredit;
   if (connection_send_credit_ == 0) connection_send_credit_ = kDefaultConnectionCredit;
@@ -405,7 +436,31 @@ void Connection::handle_hello(const codec::FrameView& frame) {
     ack.setTokenizerFingerprint(handler_.tokenizer_fingerprint());
     send_capabilities(ack.initCapabilities());
     send_limits(ack.initLimits());
+    if (!auth.proof.empty()) {
+      ack.setAuthNonce(as_capnp_data(auth.nonce));
+      ack.setAuthProof(as_capnp_data(auth.proof));
+    }
   });
+  // Streams wait for the client's proof: nothing but HelloProof is taken
+  // before it.
+  if (auth_.enabled()) {
+    awaiting_auth_proof_ = true;
+    return;
+  }
+  become_ready();
+}
+
+void Connection::handle_hello_proof(const codec::FrameView& frame) {
+  AuthStep auth;
+  codec::Status read = codec::read_body<protocol::HelloProof>(
+      frame, options_.limits, [&](protocol::HelloProof::Reader proof) { auth = auth_.on_hello_proof(as_bytes(proof.getAuthProof())); });
+  if (!read) return fail(protocol::ErrorCode::BAD_FRAME, "HelloProof: " + read.error().message);
+  if (auth.refused) return fail(protocol::ErrorCode::UNAUTHORIZED, auth.message);
+  awaiting_auth_proof_ = false;
+  become_ready();
+}
+
+void Connection::become_ready() {
   ready_ = true;
   handler_.on_ready(*this);
 }
@@ -413,7 +468,9 @@ void Connection::handle_hello(const codec::FrameView& frame) {
 void Connection::handle_hello_ack(const codec::FrameView& frame) {
   std::uint16_t major = 0;
   Capabilities peer_capabilities;
+  AuthStep auth;
   codec::Status read = codec::read_body<protocol::HelloAck>(frame, options_.limits, [&](protocol::HelloAck::Reader ack) {
+    auth = auth_.on_hello_ack(as_bytes(ack.getAuthNonce()), as_bytes(ack.getAuthProof()));
     major = ack.getProtocolMajor();
     peer_name_ = ack.getPeerName();
     peer_capabilities = read_capabilities(ack.getCapabilities());
@@ -433,11 +490,17 @@ void Connection::handle_hello_ack(const codec::FrameView& frame) {
                                                        "; this side speaks " + std::to_string(protocol::PROTOCOL_MAJOR));
     return;
   }
+  if (auth.refused) return fail(protocol::ErrorCode::UNAUTHORIZED, auth.message);
   if (!agree(peer_capabilities)) return;
   if (peer_initial_stream_credit_ == 0) peer_initial_stream_credit_ = kDefaultStreamCredit;
   if (connection_send_credit_ == 0) connection_send_credit_ = kDefaultConnectionCredit;
-  ready_ = true;
-  handler_.on_ready(*this);
+  if (!auth.proof.empty()) {
+    // Ready at once: TCP keeps our streams' frames behind the proof.
+    send<protocol::HelloProof>(0, [&](protocol::HelloProof::Builder proof) {
+      proof.setAuthProof(as_capnp_data(auth.proof));
+    });
+  }
+  become_ready();
 }
 
 void Connection::handle_connection_frame(const codec::FrameView& frame) {
@@ -482,6 +545,7 @@ void Connection::handle_connection_frame(const codec::FrameView& frame) {
     }
     case FrameKind::hello:
     case FrameKind::hello_ack:
+    case FrameKind::hello_proof:
       return fail(protocol::ErrorCode::BAD_FRAME, "a second Hello on one connection");
     default:
       handler_.on_stream_frame(*this, frame);  // connection-wide messages: LoadReport

@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <system_error>
@@ -31,7 +32,9 @@
 #include "codec/buffer_pool.h"
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
+#include "codec/token_frame.h"
 #include "protocol/fmwire.capnp.h"
+#include "transport/connection_options.h"
 #include "transport/event_loop.h"
 #include "transport/io_backend.h"
 #include "transport/tls_credentials.h"
@@ -46,45 +49,6 @@ inline constexpr std::uint16_t kEndStream = 1;  // the sender's last frame on th
 // Below this an attachment is copied into the send queue even when it could
 // be referenced: a copy of a few KiB costs less than an extra iovec.
 inline constexpr std::size_t kMinReferencedAttachmentBytes = 16 * 1024;
-
-// Features a side offers in its Hello or HelloAck (protocol Capabilities);
-// what a connection may use is the intersection of both sides' offers.
-struct Capabilities {
-  bool zstd_attachments = true;  // may receive zstd-compressed attachments
-  bool byte_shuffle = true;      // may receive byte-shuffled attachments
-  bool kv_transfer = false;      // serves the KV transfer session (a worker)
-  bool load_reports = false;     // sends LoadReport frames when subscribed (a worker, a router)
-
-  Capabilities intersect(const Capabilities& other) const {
-    return {zstd_attachments && other.zstd_attachments, byte_shuffle && other.byte_shuffle,
-            kv_transfer && other.kv_transfer, load_reports && other.load_reports};
-  }
-};
-
-struct ConnectionOptions {
-  codec::FrameLimits limits;
-  Capabilities capabilities;       // what this side offers
-  // What this side needs of the peer: a peer that does not offer it is
-  // refused in the Hello exchange with an error that names it (a worker's
-  // KV link to a peer that serves no KV transfer session).
-  bool require_kv_transfer = false;
-  protocol::Role role = protocol::Role::CLIENT;
-  std::string name = "fmwire";
-  // Streams open at once on one connection, either side's; a gateway or a
-  // router carries every client's stream to a worker on one connection.
-  std::uint32_t max_streams = 16384;
-  std::uint32_t initial_stream_credit_bytes = 256 * 1024;   // what we grant each stream
-  std::uint64_t initial_connection_credit_bytes = 16ull << 20;
-  std::chrono::milliseconds keepalive_interval{2000};       // a Ping after this much silence
-  std::chrono::milliseconds dead_after{6000};               // closed after this much silence
-  std::chrono::milliseconds hello_timeout{5000};
-  std::chrono::milliseconds close_linger{1000};             // for an Error frame to leave
-  // TLS 1.3 with mutual authentication (TlsCredentials::load), or null:
-  // plaintext. A Server or Client given it makes its loop run TLS for every
-  // socket (EventLoop::use_tls), the loop's other connections included (a
-  // worker's KV links to other workers).
-  std::shared_ptr<const TlsCredentials> tls;
-};
 
 // Why a connection or a stream ended: empty when it ended cleanly.
 struct EndReason {
@@ -152,6 +116,9 @@ class Connection final : public SocketEvents {
 
   bool ready() const { return ready_; }
   bool closed() const { return closed_; }
+  // Why it closed or is closing (an Error frame's words: an auth refusal,
+  // a version the peer does not speak); clean while it is open.
+  const EndReason& close_reason() const { return close_reason_; }
   const std::string& peer_name() const { return peer_name_; }
   // The peer's address, HOST:PORT as the socket has it ("" if unknown):
   // for log lines.
@@ -179,10 +146,19 @@ class Connection final : public SocketEvents {
                   const codec::PreparedAttachment* attachment = nullptr,
                   std::shared_ptr<const void> keep_alive = nullptr);
 
+  // Encodes one token frame onto a stream: CompactTokens where the peer
+  // agreed on it and the batch fits that form, else Tokens. Every producer
+  // of tokens sends through here, so none decides the form itself.
+  template <typename Pieces>
+  SendStatus send_tokens(std::uint32_t stream_id, const codec::TokenBatch<Pieces>& batch, std::uint16_t flags = 0);
+
   // Sends a frame that arrived on another connection as it is: its header
   // with this side's stream id and `flags`, its body and attachment copied
   // byte for byte into the send queue, never decoded or built again (the
   // router's relay). The same checks as send(): stream state, limits, credit.
+  // A CompactTokens frame for a peer that did not agree on that form goes
+  // as Tokens, rebuilt from its fields: a relay never sends what the peer
+  // cannot read.
   SendStatus relay(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags);
 
   // Bytes a data frame on this stream may still take (the smaller of the
@@ -251,8 +227,13 @@ class Connection final : public SocketEvents {
   };
 
   static bool counts_against_credit(codec::FrameKind kind) {
-    return kind == codec::FrameKind::tokens || kind == codec::FrameKind::kv_chunk;
+    return codec::is_token_frame(kind) || kind == codec::FrameKind::kv_chunk;
   }
+  // The stream a frame of `kind` may go on: its state, or nullptr for stream
+  // 0 or an Error on a stream we never took; nullopt when it may not go.
+  std::optional<StreamState*> sendable_stream(std::uint32_t stream_id, codec::FrameKind kind);
+  // relay() of a CompactTokens frame to a peer that takes Tokens only.
+  [[gnu::cold]] SendStatus relay_as_tokens(std::uint32_t stream_id, const codec::FrameView& frame, std::uint16_t flags);
   // Frames a side may still send on a stream after its own last frame: it
   // keeps granting credit to what it receives, may reset the stream, and
   // (a router) may ask the worker serving it to hand it over (KvHandoff).
@@ -271,6 +252,8 @@ class Connection final : public SocketEvents {
   void handle_connection_frame(const codec::FrameView& frame);
   void handle_hello(const codec::FrameView& frame);
   void handle_hello_ack(const codec::FrameView& frame);
+  void handle_hello_proof(const codec::FrameView& frame);
+  void become_ready();
   void handle_credit(std::uint32_t stream_id, std::uint64_t bytes);
   void handle_stream_frame(const codec::FrameView& frame);
   void grant(std::uint32_t stream_id, StreamState& stream, std::uint64_t bytes);
@@ -296,6 +279,8 @@ class Connection final : public SocketEvents {
   ConnectionOptions options_;
   ConnectionHandler& handler_;
   codec::FrameEncoder encoder_;
+  std::vector<std::uint32_t> relay_ids_;  // relay_as_tokens' scratch, kept for reuse
+  std::vector<float> relay_logprobs_;
   codec::FrameDecoder decoder_;
 
   bool ready_ = false;
@@ -308,7 +293,9 @@ class Connection final : public SocketEvents {
   EndReason close_reason_;
   std::string peer_name_;
   std::uint64_t peer_tokenizer_fingerprint_ = 0;
-  Capabilities agreed_{false, false, false, false};
+  Capabilities agreed_{false, false, false, false, false};
+  AuthHandshake auth_;
+  bool awaiting_auth_proof_ = false;  // a server that sent HelloAck and waits for HelloProof
 
   codec::ByteBuffer receive_;    // a partial frame carried between receives
   // The partial frame's attachment digested as its pieces arrive, while
@@ -339,20 +326,24 @@ class Connection final : public SocketEvents {
   std::uint64_t ping_sequence_ = 0;
 };
 
+// Inline: every frame sent or relayed asks, and the relay's count is gated.
+inline std::optional<Connection::StreamState*> Connection::sendable_stream(std::uint32_t stream_id,
+                                                                          codec::FrameKind kind) {
+  if (stream_id == 0) return nullptr;
+  auto found = streams_.find(stream_id);
+  if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) return &found->second;
+  if (kind == codec::FrameKind::error) return nullptr;  // an Error may refuse a stream we never took
+  return std::nullopt;
+}
+
 template <typename Body, typename Fill>
 SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t flags,
                             const codec::PreparedAttachment* attachment, std::shared_ptr<const void> keep_alive) {
   if (closing_ || closed_) return SendStatus::connection_closed;
   constexpr codec::FrameKind kind = codec::kKindOf<Body>;
-  StreamState* stream = nullptr;
-  if (stream_id != 0) {
-    auto found = streams_.find(stream_id);
-    if (found != streams_.end() && (!found->second.local_ended || is_control_after_end(kind))) {
-      stream = &found->second;
-    } else if (kind != codec::FrameKind::error) {
-      return SendStatus::no_such_stream;  // an Error may refuse a stream we never took
-    }
-  }
+  const std::optional<StreamState*> sendable = sendable_stream(stream_id, kind);
+  if (!sendable) return SendStatus::no_such_stream;
+  StreamState* stream = *sendable;
   if (counts_against_credit(kind) && attachment != nullptr) {
     // Refused before encoding when even header + attachment exceed the
     // credit: a bulk sender that waits on credit must not pay a copy of its
@@ -382,6 +373,27 @@ SendStatus Connection::send(std::uint32_t stream_id, Fill&& fill, std::uint16_t 
   if (!encoded->attachment.empty()) {
     queued_references_.push_back({queued_.size(), encoded->attachment, encoded->padding_bytes, std::move(keep_alive)});
   }
+  after_frame_sent(stream_id, kind, flags, encoded->wire_bytes);
+  return SendStatus::sent;
+}
+
+template <typename Pieces>
+SendStatus Connection::send_tokens(std::uint32_t stream_id, const codec::TokenBatch<Pieces>& batch,
+                                   std::uint16_t flags) {
+  if (closing_ || closed_) return SendStatus::connection_closed;
+  const std::optional<StreamState*> sendable = sendable_stream(stream_id, codec::FrameKind::tokens);
+  if (!sendable || *sendable == nullptr) return SendStatus::no_such_stream;
+  StreamState& stream = **sendable;
+  const std::size_t mark = queued_.size();
+  auto encoded = codec::encode_tokens(encoder_, queued_, stream_id, batch, agreed_.compact_tokens, flags);
+  if (!encoded) return SendStatus::too_large;
+  const auto bytes = static_cast<std::int64_t>(encoded->wire_bytes);
+  if (bytes > stream.send_credit || bytes > connection_send_credit_) {
+    queued_.resize(mark);  // take the frame back: it may not go yet
+    stream.blocked = true;
+    return SendStatus::blocked;
+  }
+  const auto kind = static_cast<codec::FrameKind>(std::to_integer<std::uint8_t>(queued_.data()[mark + 4]));
   after_frame_sent(stream_id, kind, flags, encoded->wire_bytes);
   return SendStatus::sent;
 }

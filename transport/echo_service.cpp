@@ -62,16 +62,13 @@ void EchoService::produce(Connection& connection, std::uint32_t stream_id) {
   generation.waiting = false;
   while (generation.next_index < generation.max_tokens) {
     const std::uint32_t count = std::min(options_.tokens_per_frame, generation.max_tokens - generation.next_index);
-    const SendStatus status = connection.send<protocol::Tokens>(stream_id, [&](protocol::Tokens::Builder tokens) {
-      tokens.setFirstIndex(generation.next_index);
-      auto ids = tokens.initTokenIds(count);
-      auto pieces = tokens.initTextPieces(count);
-      for (std::uint32_t i = 0; i < count; ++i) {
-        const std::uint32_t index = generation.next_index + i;
-        ids.set(i, index);
-        pieces.set(i, generation.words[index % generation.words.size()].c_str());
-      }
-    });
+    ids_.resize(count);  // grows to tokens_per_frame once, then reused
+    for (std::uint32_t i = 0; i < count; ++i) ids_[i] = generation.next_index + i;
+    const auto piece = [&](std::uint32_t i) -> std::string_view {
+      return generation.words[(generation.next_index + i) % generation.words.size()];
+    };
+    const SendStatus status = connection.send_tokens(
+        stream_id, codec::text_batch(generation.next_index, std::span<const std::uint32_t>(ids_), piece));
     if (status == SendStatus::blocked) {
       generation.waiting = true;  // on_stream_writable resumes
       return;

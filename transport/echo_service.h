@@ -53,6 +53,7 @@ class EchoService final : public ConnectionHandler {
   EchoOptions options_;
   std::map<Key, Generation> streams_;
   std::uint64_t tokens_sent_ = 0;
+  std::vector<std::uint32_t> ids_;  // the ids of the frame being sent
   std::uint64_t streams_cancelled_ = 0;
 };
 

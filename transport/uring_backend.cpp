@@ -505,9 +505,10 @@ void UringBackend::begin_close(Socket& socket, std::error_code error) {
   closing_.push_back(&socket);
 }
 
-void UringBackend::finish_closes() {
+bool UringBackend::finish_closes() {
   // Sockets whose last submission has completed are closed; on_close may
   // open new sockets (reusing the number), so the slot is freed first.
+  bool closed = false;
   for (std::size_t i = 0; i < closing_.size();) {
     Socket* socket = closing_[i];
     if (socket->in_flight > 0) {
@@ -519,7 +520,9 @@ void UringBackend::finish_closes() {
     std::unique_ptr<Socket> owned = std::move(sockets_[socket->fd]);
     ::close(owned->fd);
     owned->events->on_close(owned->close_error);
+    closed = true;
   }
+  return closed;
 }
 
 TimerId UringBackend::schedule(std::chrono::milliseconds delay, std::function<void()> fn) {
@@ -731,8 +734,12 @@ void UringBackend::handle(const io_uring_cqe& cqe) {
 
 void UringBackend::run() {
   while (!stopped_.load()) {
-    if (before_wait_) before_wait_();
-    finish_closes();
+    // The hook ends the turn (flushes, hands callbacks' results over): a
+    // socket it closed whose on_close comes now gets the hook again, so
+    // that what on_close did is not left waiting for the next completion.
+    do {
+      if (before_wait_) before_wait_();
+    } while (finish_closes());
 
     __kernel_timespec timeout{};
     __kernel_timespec* wait_for = nullptr;

@@ -114,7 +114,7 @@ class UringBackend final : public IoBackend {
   void handle_send_chain(Socket& socket, const io_uring_cqe& cqe);
   void finish_send(Socket& socket, int result);
   void begin_close(Socket& socket, std::error_code error);
-  void finish_closes();
+  bool finish_closes();  // true when it closed one
   void run_due_timers();
   void run_posted();
   Socket* socket_for(int fd);

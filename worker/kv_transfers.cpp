@@ -282,6 +282,7 @@ KvTransfers::Link& KvTransfers::link_to(const transport::Endpoint& to) {
     connection.name = name_;
     connection.capabilities.kv_transfer = true;
     connection.require_kv_transfer = true;
+    connection.auth_token = options_.auth_token;
     transport::ConnectionHandler& handler = *this;
     link.connection = std::make_unique<Connection>(loop_, fd, true, connection, handler);
   });

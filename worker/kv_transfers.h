@@ -62,6 +62,9 @@ struct KvTransferOptions {
   // Fault injection for tests: flip one byte of this chunk (1 = the first
   // of each session) after its digest was taken; 0: never.
   std::uint32_t corrupt_chunk = 0;
+  // The shared secret this worker's KV links to other workers prove
+  // (--auth-token-file); null: none.
+  std::shared_ptr<const transport::AuthToken> auth_token;
 };
 
 // How a session ended, for the owner and the Finish.

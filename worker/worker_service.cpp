@@ -351,19 +351,14 @@ bool WorkerService::flush(GenerationStream& stream) {
   // grant back (a router grants a small window), or it would wait forever.
   while (!stream.pending_ids.empty()) {
     const auto count = static_cast<std::uint32_t>(std::min<std::size_t>(stream.pending_ids.size(), kTokensPerFrame));
-    const SendStatus status = connection.send<protocol::Tokens>(stream.stream_id, [&](protocol::Tokens::Builder tokens) {
-      tokens.setFirstIndex(stream.pending_first_index);
-      auto ids = tokens.initTokenIds(count);
-      for (std::uint32_t i = 0; i < count; ++i) ids.set(i, stream.pending_ids[i]);
-      if (!stream.include_text) return;
-      auto pieces = tokens.initTextPieces(count);
-      std::uint32_t begin = 0;
-      for (std::uint32_t i = 0; i < count; ++i) {
-        const std::uint32_t end = stream.pending_ends[i];
-        pieces.set(i, capnp::Text::Reader(stream.pending_text.data() + begin, end - begin));
-        begin = end + 1;
-      }
-    });
+    // Piece i ends at pending_ends[i]; a NUL separates it from the next.
+    const auto piece = [&](std::uint32_t i) {
+      const std::uint32_t begin = i == 0 ? 0 : stream.pending_ends[i - 1] + 1;
+      return std::string_view(stream.pending_text.data() + begin, stream.pending_ends[i] - begin);
+    };
+    const SendStatus status = connection.send_tokens(
+        stream.stream_id, codec::TokenBatch<decltype(piece)>{stream.pending_first_index, std::span(stream.pending_ids).first(count),
+                                                             stream.include_text, piece, {}});
     if (status == SendStatus::blocked) {
       set_paused(stream, true);  // on_stream_writable resumes
       return true;

@@ -41,6 +41,7 @@
 #include "transport/endpoint.h"
 #include "worker/engine_runner.h"
 #include "worker/kv_transfers.h"
+#include "worker/worker_counters.h"
 #include "worker/worker_metrics.h"
 
 namespace fmwire::worker {
@@ -57,18 +58,6 @@ struct WorkerOptions {
   // shed at once instead of growing a queue whose every request waits
   // longer (issue 17). 0: no bound.
   std::uint32_t max_waiting = 256;
-};
-
-// What the worker has done, on the loop thread; for tests and the shutdown log.
-struct WorkerCounters {
-  std::uint64_t streams_started = 0;
-  std::uint64_t streams_finished = 0;   // with a Finish frame
-  std::uint64_t streams_cancelled = 0;  // by the peer or a lost connection
-  std::uint64_t streams_refused = 0;    // bad requests
-  std::uint64_t streams_overloaded = 0; // refused because max_waiting were waiting
-  std::uint64_t tokens_sent = 0;
-  std::uint64_t prompts_tokenized = 0;  // text prompts; a router that tokenizes sends ids
-  std::uint64_t pauses = 0;             // sequences paused for lack of credit
 };
 
 class WorkerService final : public transport::ConnectionHandler, private KvTransfersOwner {

@@ -8,10 +8,12 @@
 #include <cstdlib>
 #include <new>
 #include <string>
+#include <string_view>
 
 #include "codec/buffer_pool.h"
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
+#include "codec/token_frame.h"
 #include "protocol/fmwire.capnp.h"
 
 namespace {
@@ -34,18 +36,19 @@ namespace {
 
 constexpr std::array<const char*, 4> kPieces{" the", " quick", " brown", " fox"};
 
-void encode_token_frames(FrameEncoder& encoder, ByteBuffer& out, std::uint32_t count, std::uint32_t tokens_per_frame) {
+// Both forms through the encoder's one door: CompactTokens when `compact`
+// (a peer that offered it), else Tokens.
+void encode_token_frames(FrameEncoder& encoder, ByteBuffer& out, std::uint32_t count, std::uint32_t tokens_per_frame,
+                         bool compact) {
+  std::array<std::uint32_t, 16> ids{};
   for (std::uint32_t i = 0; i < count; ++i) {
-    auto encoded = encoder.encode<protocol::Tokens>(out, i % 64, [&](protocol::Tokens::Builder tokens) {
-      tokens.setFirstIndex(i * tokens_per_frame);
-      auto ids = tokens.initTokenIds(tokens_per_frame);
-      auto pieces = tokens.initTextPieces(tokens_per_frame);
-      for (std::uint32_t t = 0; t < tokens_per_frame; ++t) {
-        ids.set(t, i + t);
-        pieces.set(t, kPieces[(i + t) % kPieces.size()]);
-      }
-    });
+    for (std::uint32_t t = 0; t < tokens_per_frame; ++t) ids[t] = i + t;
+    const auto piece = [&](std::uint32_t t) { return std::string_view(kPieces[(i + t) % kPieces.size()]); };
+    auto encoded = encode_tokens(encoder, out, i % 64,
+                                 text_batch(i * tokens_per_frame, std::span(ids).first(tokens_per_frame), piece), compact);
     REQUIRE(encoded.has_value());
+    REQUIRE(out.bytes()[encoded->offset + 4] ==
+            std::byte{static_cast<std::uint8_t>(compact ? FrameKind::compact_tokens : FrameKind::tokens)});
   }
 }
 
@@ -55,9 +58,9 @@ std::uint64_t decode_token_frames(const FrameDecoder& decoder, std::span<const s
     auto progress = decoder.next(bytes);
     REQUIRE(progress.has_value());
     REQUIRE(progress->frame.has_value());
-    Status read = read_body<protocol::Tokens>(*progress->frame, decoder.limits(), [&](protocol::Tokens::Reader tokens) {
-      tokens_seen += tokens.getTokenIds().size();
-      for (auto piece : tokens.getTextPieces()) tokens_seen += piece.size() > 100;
+    Status read = read_tokens(*progress->frame, decoder.limits(), [&](const TokensView& tokens) {
+      tokens_seen += tokens.size();
+      for (std::uint32_t t = 0; t < tokens.piece_count(); ++t) tokens_seen += tokens.piece(t).size() > 100;
     });
     REQUIRE(read.has_value());
     bytes = bytes.subspan(progress->frame->wire_bytes);
@@ -66,41 +69,47 @@ std::uint64_t decode_token_frames(const FrameDecoder& decoder, std::span<const s
 }
 
 TEST_CASE("a steady stream of one-token frames allocates nothing after warm-up, encoding and decoding") {
-  BufferPool pool(64 * 1024, 8);
-  FrameEncoder encoder;
-  FrameDecoder decoder;
-  for (int round = 0; round < 3; ++round) {  // warm-up: buffers reach working size
-    PooledBuffer out = pool.acquire();
-    encode_token_frames(encoder, *out, 500, 1);
-    decode_token_frames(decoder, out->bytes());
+  for (const bool compact : {true, false}) {
+    CAPTURE(compact);
+    BufferPool pool(64 * 1024, 8);
+    FrameEncoder encoder;
+    FrameDecoder decoder;
+    for (int round = 0; round < 3; ++round) {  // warm-up: buffers reach working size
+      PooledBuffer out = pool.acquire();
+      encode_token_frames(encoder, *out, 500, 1, compact);
+      decode_token_frames(decoder, out->bytes());
+    }
+    const std::uint64_t before = allocations.load();
+    std::uint64_t tokens = 0;
+    for (int round = 0; round < 20; ++round) {
+      PooledBuffer out = pool.acquire();
+      encode_token_frames(encoder, *out, 500, 1, compact);
+      tokens += decode_token_frames(decoder, out->bytes());
+    }
+    CHECK(tokens == 20 * 500);
+    CHECK(allocations.load() - before == 0);
   }
-  const std::uint64_t before = allocations.load();
-  std::uint64_t tokens = 0;
-  for (int round = 0; round < 20; ++round) {
-    PooledBuffer out = pool.acquire();
-    encode_token_frames(encoder, *out, 500, 1);
-    tokens += decode_token_frames(decoder, out->bytes());
-  }
-  CHECK(tokens == 20 * 500);
-  CHECK(allocations.load() - before == 0);
 }
 
 TEST_CASE("sixteen-token frames allocate nothing after warm-up either") {
-  BufferPool pool(256 * 1024, 8);
-  FrameEncoder encoder;
-  FrameDecoder decoder;
-  {
-    PooledBuffer out = pool.acquire();
-    encode_token_frames(encoder, *out, 200, 16);
-    decode_token_frames(decoder, out->bytes());
+  for (const bool compact : {true, false}) {
+    CAPTURE(compact);
+    BufferPool pool(256 * 1024, 8);
+    FrameEncoder encoder;
+    FrameDecoder decoder;
+    {
+      PooledBuffer out = pool.acquire();
+      encode_token_frames(encoder, *out, 200, 16, compact);
+      decode_token_frames(decoder, out->bytes());
+    }
+    const std::uint64_t before = allocations.load();
+    for (int round = 0; round < 10; ++round) {
+      PooledBuffer out = pool.acquire();
+      encode_token_frames(encoder, *out, 200, 16, compact);
+      CHECK(decode_token_frames(decoder, out->bytes()) == 200 * 16);
+    }
+    CHECK(allocations.load() - before == 0);
   }
-  const std::uint64_t before = allocations.load();
-  for (int round = 0; round < 10; ++round) {
-    PooledBuffer out = pool.acquire();
-    encode_token_frames(encoder, *out, 200, 16);
-    CHECK(decode_token_frames(decoder, out->bytes()) == 200 * 16);
-  }
-  CHECK(allocations.load() - before == 0);
 }
 
 TEST_CASE("the counter counts: an allocation in the measured region is seen") {

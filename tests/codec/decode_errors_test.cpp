@@ -10,6 +10,7 @@
 
 #include "codec/attachment_codec.h"
 #include "codec/frame_decoder.h"
+#include "codec/token_frame.h"
 #include "protocol/fmwire.capnp.h"
 #include "test_frames.h"
 
@@ -349,6 +350,123 @@ TEST_CASE("an empty receive buffer is a frame not begun, not an error") {
   REQUIRE(progress.has_value());
   CHECK_FALSE(progress->frame.has_value());
   CHECK(progress->frame_bytes == 0);
+}
+
+// ---------------------------------------------------------------- CompactTokens
+
+constexpr auto kCompact = static_cast<std::uint8_t>(FrameKind::compact_tokens);
+
+// A well-formed CompactTokens body (2 tokens, logprobs, pieces "ab" and
+// "cde"): 8 fixed + 8 ids + 8 logprobs + 4 ends + 5 text = 33 bytes, 40 padded.
+std::vector<std::uint64_t> compact_body() {
+  FrameEncoder encoder;
+  ByteBuffer out;
+  const std::array<std::uint32_t, 2> ids{7, 8};
+  const std::array<float, 2> logprobs{-1.0f, -2.0f};
+  const std::array<std::string_view, 2> pieces{"ab", "cde"};
+  const auto piece = [&](std::uint32_t i) { return pieces[i]; };
+  auto encoded = encode_tokens(encoder, out, 1,
+                               text_batch(4, ids, piece, logprobs),
+                               true);
+  REQUIRE(encoded.has_value());
+  std::vector<std::uint64_t> body((out.size() - kFrameHeaderBytes) / 8);
+  std::memcpy(body.data(), out.data() + kFrameHeaderBytes, body.size() * 8);
+  return body;
+}
+
+std::byte* body_bytes(std::vector<std::uint64_t>& body) { return reinterpret_cast<std::byte*>(body.data()); }
+
+// Refused by read_tokens (what a receiver does) and by the full check alike.
+std::string compact_error(std::span<const std::uint64_t> body) {
+  RawFrame raw(kCompact, body);
+  CHECK(decode_error(raw.bytes()) == CodecErrc::malformed_body);
+  FrameDecoder decoder;
+  auto frame = decoder.decode_whole(raw.bytes());
+  REQUIRE(frame.has_value());  // the header is sound: the body is checked on read
+  Status read = read_tokens(*frame, decoder.limits(), [](const TokensView&) { FAIL("must not be called"); });
+  REQUIRE_FALSE(read.has_value());
+  CHECK(read.error().code == CodecErrc::malformed_body);
+  return read.error().message;
+}
+
+TEST_CASE("the crafted CompactTokens body decodes, so each error below is the one change's doing") {
+  std::vector<std::uint64_t> body = compact_body();
+  REQUIRE(body.size() == 5);
+  RawFrame raw(kCompact, body);
+  FrameDecoder decoder;
+  auto frame = decoder.decode_whole(raw.bytes(), BodyCheck::full);
+  REQUIRE(frame.has_value());
+  Status read = read_tokens(*frame, decoder.limits(), [](const TokensView& tokens) {
+    CHECK(tokens.first_index() == 4);
+    REQUIRE(tokens.size() == 2);
+    CHECK(tokens.id(1) == 8);
+    CHECK(tokens.logprob(1) == -2.0f);
+    CHECK(tokens.piece(1) == "cde");
+  });
+  CHECK(read.has_value());
+}
+
+TEST_CASE("a CompactTokens body cut short at any word is malformed_body") {
+  const std::vector<std::uint64_t> body = compact_body();
+  for (std::size_t words = 1; words < body.size(); ++words) {
+    CAPTURE(words);
+    MESSAGE(compact_error(std::span(body).first(words)));
+  }
+}
+
+TEST_CASE("a CompactTokens body longer than its fields need is malformed_body") {
+  std::vector<std::uint64_t> body = compact_body();
+  body.push_back(0);
+  CHECK(compact_error(body).find("need 40 bytes; the body has 48") != std::string::npos);
+}
+
+TEST_CASE("a CompactTokens token count past the body's end is malformed_body") {
+  std::vector<std::uint64_t> body = compact_body();
+  store_le<std::uint16_t>(body_bytes(body) + 4, 0xffff);
+  CHECK(compact_error(body).find("65535 tokens need") != std::string::npos);
+  store_le<std::uint16_t>(body_bytes(body) + 4, 3);  // still inside, but the text no longer fits
+  (void)compact_error(body);
+}
+
+TEST_CASE("a CompactTokens text end past the body's end is malformed_body") {
+  std::vector<std::uint64_t> body = compact_body();
+  store_le<std::uint16_t>(body_bytes(body) + 24 + 2, 0xffff);  // the second piece's end
+  (void)compact_error(body);
+  store_le<std::uint16_t>(body_bytes(body) + 24 + 2, 13);  // 28 + 13 bytes: one byte past the last word
+  (void)compact_error(body);
+}
+
+TEST_CASE("CompactTokens text ends that go backwards are malformed_body") {
+  std::vector<std::uint64_t> body = compact_body();
+  store_le<std::uint16_t>(body_bytes(body) + 24, 6);  // the first piece ends after the second (at 5)
+  CHECK(compact_error(body).find("before the one ahead of it") != std::string::npos);
+}
+
+TEST_CASE("CompactTokens flag bits this version lacks are malformed_body") {
+  std::vector<std::uint64_t> body = compact_body();
+  body_bytes(body)[6] |= std::byte{0x80};
+  CHECK(compact_error(body).find("unknown flag bits") != std::string::npos);
+  body = compact_body();
+  body_bytes(body)[7] = std::byte{1};
+  (void)compact_error(body);
+}
+
+TEST_CASE("CompactTokens flags that promise fields the body lacks are malformed_body") {
+  std::vector<std::uint64_t> body = compact_body();
+  body_bytes(body)[6] = std::byte{0};  // neither text nor logprobs: 16 bytes, not 40
+  (void)compact_error(body);
+}
+
+TEST_CASE("a CompactTokens frame cut short on the wire at any byte is truncated_frame") {
+  RawFrame raw(kCompact, compact_body());
+  const std::span<const std::byte> whole = raw.bytes();
+  FrameDecoder decoder;
+  for (std::size_t bytes = 1; bytes < whole.size(); ++bytes) {
+    CAPTURE(bytes);
+    auto frame = decoder.decode_whole(whole.first(bytes));
+    REQUIRE_FALSE(frame.has_value());
+    CHECK(frame.error().code == CodecErrc::truncated_frame);
+  }
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <capnp/any.h>
 
 #include "codec/frame_decoder.h"
+#include "codec/token_frame.h"
 #include "codec/frame_encoder.h"
 #include "protocol/fmwire.capnp.h"
 #include "test_frames.h"
@@ -265,6 +266,9 @@ TEST_CASE("every message kind round-trips through encoder and decoder") {
   REQUIRE(encoder.encode<protocol::Tokens>(out, 3, [](auto tokens) { tokens.initTokenIds(1).set(0, 5); }).has_value());
   REQUIRE(encoder.encode<protocol::GoAway>(out, 0, [](auto away) { away.setLastStreamId(7); }).has_value());
   REQUIRE(encoder.encode<protocol::KvHandoff>(out, 3, [](auto handoff) { handoff.setDecodeTo("127.0.0.1:1"); }).has_value());
+  REQUIRE(encoder.encode<protocol::HelloProof>(out, 0, [](auto proof) { proof.initAuthProof(32); }).has_value());
+  const std::uint32_t compact_id = 6;
+  REQUIRE(encode_tokens(encoder, out, 3, id_batch(0, {&compact_id, 1}), /*compact=*/true).has_value());
 
   std::vector<FrameKind> kinds;
   std::span<const std::byte> rest = out.bytes();

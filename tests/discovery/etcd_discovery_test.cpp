@@ -74,12 +74,47 @@ std::string run_command(const std::string& command, int* exit_status = nullptr) 
   return output;
 }
 
+// Test certificates made now by tests/make_test_certs.sh (its path in
+// FMWIRE_TEST_CERTS, set by meson) into a temporary directory, removed at
+// the end: ca.pem, server.*, client.*, other-ca.pem, other-client.*.
+class TestCertificates {
+ public:
+  TestCertificates() {
+    const char* script = std::getenv("FMWIRE_TEST_CERTS");
+    REQUIRE_MESSAGE(script != nullptr, "FMWIRE_TEST_CERTS is not set: run through meson test");
+    std::string pattern = (std::filesystem::temp_directory_path() / "fmwire-certs-XXXXXX").string();
+    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+    dir_ = pattern;
+    int status = 0;
+    const std::string output = run_command(std::string(script) + " " + dir_.string(), &status);
+    REQUIRE_MESSAGE(status == 0, "making test certificates failed: ", output);
+  }
+  TestCertificates(const TestCertificates&) = delete;
+  TestCertificates& operator=(const TestCertificates&) = delete;
+  ~TestCertificates() {
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+  }
+  std::string file(const std::string& name) const { return (dir_ / name).string(); }
+  // A client's files: the CA that signed etcd's certificate, and `client`'s
+  // certificate and key ("client" or "other-client").
+  EtcdTlsFiles client(const std::string& client = "client", const std::string& ca = "ca") const {
+    return {file(ca + ".pem"), file(client + ".pem"), file(client + ".key")};
+  }
+
+ private:
+  std::filesystem::path dir_;
+};
+
 // One etcd on loopback ports with its own temporary data directory, stopped
 // (SIGTERM, then SIGKILL) and removed when the object goes, whatever the
 // test's outcome. PR_SET_PDEATHSIG kills it should the test binary itself die.
 class EtcdProcess {
  public:
-  EtcdProcess() : client_port_(free_port()), peer_port_(free_port()) {
+  // With `certificates`: https only, etcd's own certificate server.pem, and
+  // --client-cert-auth trusting ca.pem.
+  explicit EtcdProcess(const TestCertificates* certificates = nullptr)
+      : certificates_(certificates), client_port_(free_port()), peer_port_(free_port()) {
     while (peer_port_ == client_port_) peer_port_ = free_port();
     binary_ = find_program("etcd");
     REQUIRE_MESSAGE(!binary_.empty(),
@@ -102,8 +137,16 @@ class EtcdProcess {
     std::filesystem::remove_all(dir_, ignored);
   }
 
-  EtcdUrl url() const { return {"127.0.0.1", client_port_}; }
-  std::string endpoint() const { return "http://127.0.0.1:" + std::to_string(client_port_); }
+  EtcdUrl url() const { return {"127.0.0.1", client_port_, nullptr}; }
+  // The https URL, parsed with `files` (TLS etcd only).
+  EtcdUrl url(const EtcdTlsFiles& files) const {
+    auto parsed = parse_etcd_url(endpoint(), files);
+    REQUIRE_MESSAGE(parsed.has_value(), parsed.error());
+    return std::move(parsed).value();
+  }
+  std::string endpoint() const {
+    return (certificates_ ? "https://127.0.0.1:" : "http://127.0.0.1:") + std::to_string(client_port_);
+  }
 
   // Starts etcd on this object's ports and data directory and waits until it
   // answers.
@@ -122,6 +165,12 @@ class EtcdProcess {
                                      // One member: elect it in ~0.1 s, not ~1 s.
                                      "--heartbeat-interval=10",
                                      "--election-timeout=100"};
+    if (certificates_) {
+      args.push_back("--cert-file=" + certificates_->file("server.pem"));
+      args.push_back("--key-file=" + certificates_->file("server.key"));
+      args.push_back("--client-cert-auth");
+      args.push_back("--trusted-ca-file=" + certificates_->file("ca.pem"));
+    }
     std::vector<char*> argv;
     for (auto& arg : args) argv.push_back(arg.data());
     argv.push_back(nullptr);
@@ -181,7 +230,11 @@ class EtcdProcess {
 
   // etcdctl against this etcd: the raw API, independent of the code under test.
   std::string ctl(const std::string& arguments, int* exit_status = nullptr) const {
-    return run_command("ETCDCTL_API=3 " + etcdctl_ + " --endpoints=" + endpoint() +
+    const std::string tls = certificates_ ? " --cacert=" + certificates_->file("ca.pem") +
+                                                " --cert=" + certificates_->file("client.pem") +
+                                                " --key=" + certificates_->file("client.key")
+                                          : std::string();
+    return run_command("ETCDCTL_API=3 " + etcdctl_ + " --endpoints=" + endpoint() + tls +
                            " --dial-timeout=1s --command-timeout=2s " + arguments,
                        exit_status);
   }
@@ -195,6 +248,7 @@ class EtcdProcess {
     return all.size() > 3000 ? all.substr(all.size() - 3000) : all;
   }
 
+  const TestCertificates* certificates_;
   std::uint16_t client_port_;
   std::uint16_t peer_port_;
   std::string binary_;
@@ -303,13 +357,37 @@ TEST_CASE("parse_etcd_url accepts http with a numeric host or a name") {
   CHECK(no_port->port == 2379);
 }
 
-TEST_CASE("parse_etcd_url refuses https, other schemes, malformed hosts, paths and bad ports") {
+TEST_CASE("parse_etcd_url takes https with the system's CAs or given files, and refuses files for http") {
+  auto system = parse_etcd_url("https://etcd-0.etcd.svc:2379");
+  REQUIRE_MESSAGE(system.has_value(), system.error());
+  CHECK(system->tls != nullptr);
+  CHECK(system->host == "etcd-0.etcd.svc");
+  CHECK(parse_etcd_url("http://127.0.0.1:2379")->tls == nullptr);
+
+  auto for_http = parse_etcd_url("http://127.0.0.1:2379", {"/some/ca.pem", "", ""});
+  REQUIRE_FALSE(for_http.has_value());
+  CHECK(for_http.error().find("are for https:// endpoints") != std::string::npos);
+  auto no_key = parse_etcd_url("https://127.0.0.1:2379", {"", "/some/client.pem", ""});
+  REQUIRE_FALSE(no_key.has_value());
+  CHECK(no_key.error().find("--etcd-cert and --etcd-key go together") != std::string::npos);
+  auto no_ca = parse_etcd_url("https://127.0.0.1:2379", {"/nonexistent/ca.pem", "", ""});
+  REQUIRE_FALSE(no_ca.has_value());
+  CHECK(no_ca.error().find("--etcd-cacert /nonexistent/ca.pem: cannot use it as a CA") != std::string::npos);
+
+  TestCertificates certificates;
+  auto wrong_key = parse_etcd_url("https://127.0.0.1:2379",
+                                  {certificates.file("ca.pem"), certificates.file("client.pem"),
+                                   certificates.file("other-client.key")});
+  REQUIRE_FALSE(wrong_key.has_value());
+  CHECK(wrong_key.error().find("other-client.key") != std::string::npos);
+}
+
+TEST_CASE("parse_etcd_url refuses other schemes, malformed hosts, paths and bad ports") {
   const auto refusal = [](const std::string& url) {
     auto parsed = parse_etcd_url(url);
     REQUIRE_MESSAGE(!parsed.has_value(), url, " parsed");
     return parsed.error();
   };
-  CHECK(refusal("https://127.0.0.1:2379").find("https is not supported") != std::string::npos);
   CHECK(refusal("127.0.0.1:2379").find("expected http://HOST:PORT") != std::string::npos);
   CHECK(refusal("grpc://127.0.0.1:2379").find("expected http://HOST:PORT") != std::string::npos);
   CHECK(refusal("http://").find("expected a host") != std::string::npos);
@@ -326,10 +404,10 @@ TEST_CASE("starting against a port with no etcd fails and says why") {
   const std::uint16_t port = free_port();
   const std::string expected = "cannot reach etcd at 127.0.0.1:" + std::to_string(port) + ": connection refused";
   Recorder recorder;
-  auto watcher = EtcdWatcher::start({"127.0.0.1", port}, "/workers/", recorder.changed(), recorder.error());
+  auto watcher = EtcdWatcher::start({"127.0.0.1", port, nullptr}, "/workers/", recorder.changed(), recorder.error());
   REQUIRE(!watcher.has_value());
   CHECK(watcher.error() == expected);
-  auto registration = EtcdRegistration::start({"127.0.0.1", port}, "/workers/", "127.0.0.1:7000", 10s);
+  auto registration = EtcdRegistration::start({"127.0.0.1", port, nullptr}, "/workers/", "127.0.0.1:7000", 10s);
   REQUIRE(!registration.has_value());
   CHECK(registration.error() == expected);
   CHECK(recorder.sets().empty());
@@ -338,11 +416,11 @@ TEST_CASE("starting against a port with no etcd fails and says why") {
 TEST_CASE("an etcd whose name does not resolve fails to start, naming the name") {
   Recorder recorder;
   const auto started = Clock::now();
-  auto watcher = EtcdWatcher::start({"etcd.invalid", 2379}, "/workers/", recorder.changed(), recorder.error());
+  auto watcher = EtcdWatcher::start({"etcd.invalid", 2379, nullptr}, "/workers/", recorder.changed(), recorder.error());
   REQUIRE(!watcher.has_value());
   CHECK_MESSAGE(watcher.error().find("cannot reach etcd at etcd.invalid:2379: looking up etcd.invalid: ") == 0,
                 watcher.error());
-  auto registration = EtcdRegistration::start({"etcd.invalid", 2379}, "/workers/", "127.0.0.1:7000", 10s);
+  auto registration = EtcdRegistration::start({"etcd.invalid", 2379, nullptr}, "/workers/", "127.0.0.1:7000", 10s);
   REQUIRE(!registration.has_value());
   CHECK_MESSAGE(registration.error().find("etcd.invalid") != std::string::npos, registration.error());
   CHECK(Clock::now() - started < kLimit);
@@ -350,7 +428,7 @@ TEST_CASE("an etcd whose name does not resolve fails to start, naming the name")
 
 TEST_CASE("workers register and are watched through etcd by the name localhost") {
   EtcdProcess& etcd = shared_etcd();
-  const EtcdUrl by_name{"localhost", etcd.url().port};
+  const EtcdUrl by_name{"localhost", etcd.url().port, nullptr};
   const std::string prefix = "/fmwire-test/by-name/";
   Recorder recorder;
   auto watcher = watch(by_name, prefix, recorder);
@@ -511,6 +589,60 @@ TEST_CASE("destroying a watcher or a registration is prompt while etcd is down")
   destroyed_at = Clock::now();
   worker.reset();  // its revoke finds no etcd
   CHECK(Clock::now() - destroyed_at < 1500ms);
+}
+
+// ---- etcd over TLS, with client certificates ----
+
+TEST_CASE("over https with client certificates a worker registers and a watcher finds it") {
+  TestCertificates certificates;
+  EtcdProcess etcd(&certificates);
+  const EtcdUrl url = etcd.url(certificates.client());
+  Recorder recorder;
+  auto watcher = watch(url, "/tls/workers/", recorder);
+  CHECK(recorder.wait_for({}));
+  auto registration = register_worker(url, "/tls/workers/", "127.0.0.1:7101");
+  CHECK(recorder.wait_for({"127.0.0.1:7101"}));
+  // etcdctl, with its own TLS stack, sees the same key.
+  CHECK(etcd.ctl("get --prefix /tls/workers/ --keys-only").find("/tls/workers/127.0.0.1:7101") != std::string::npos);
+  registration.reset();
+  CHECK(recorder.wait_for({}));
+  CHECK(recorder.errors().empty());
+}
+
+TEST_CASE("a client certificate from another CA is refused by etcd, and the error says TLS") {
+  TestCertificates certificates;
+  EtcdProcess etcd(&certificates);
+  auto registration =
+      EtcdRegistration::start(etcd.url(certificates.client("other-client")), "/tls/workers/", "127.0.0.1:7102", 30s);
+  REQUIRE_FALSE(registration.has_value());
+  MESSAGE(registration.error());
+  CHECK(registration.error().find("etcd at 127.0.0.1:") == 0);
+  CHECK(registration.error().find("TLS") != std::string::npos);
+  // Nothing was written.
+  CHECK(etcd.ctl("get --prefix /tls/workers/ --keys-only").find("7102") == std::string::npos);
+}
+
+TEST_CASE("an etcd whose certificate does not chain to the given CA is refused before any request") {
+  TestCertificates certificates;
+  EtcdProcess etcd(&certificates);
+  Recorder recorder;
+  auto watcher = EtcdWatcher::start(etcd.url(certificates.client("client", "other-ca")), "/tls/workers/",
+                                    recorder.changed(), recorder.error());
+  REQUIRE_FALSE(watcher.has_value());
+  MESSAGE(watcher.error());
+  CHECK(watcher.error().find("TLS handshake") != std::string::npos);
+  CHECK(watcher.error().find("certificate verify failed") != std::string::npos);
+}
+
+TEST_CASE("an https URL against a plain-http etcd fails with a TLS error, not a hang") {
+  EtcdProcess& etcd = shared_etcd();
+  TestCertificates certificates;
+  auto url = parse_etcd_url("https://127.0.0.1:" + std::to_string(etcd.url().port), certificates.client());
+  REQUIRE(url.has_value());
+  auto registration = EtcdRegistration::start(*url, "/tls/plain/", "127.0.0.1:7103", 30s);
+  REQUIRE_FALSE(registration.has_value());
+  MESSAGE(registration.error());
+  CHECK(registration.error().find("TLS") != std::string::npos);
 }
 
 }  // namespace

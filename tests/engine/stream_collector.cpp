@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include "codec/frame_decoder.h"
+#include "codec/token_frame.h"
 #include "protocol/finish.h"
 
 namespace fmwire::engine::test {
@@ -10,16 +11,14 @@ namespace fmwire::engine::test {
 void Collector::on_stream_frame(transport::Connection&, const codec::FrameView& frame) {
   StreamLog& log = streams[frame.header.stream_id];
   codec::Status read = codec::Done{};
-  if (frame.kind() == codec::FrameKind::tokens) {
+  if (codec::is_token_frame(frame.kind())) {
+    log.token_kinds.push_back(frame.kind());
     log.data_bytes += frame.wire_bytes;
-    read = codec::read_body<protocol::Tokens>(frame, codec::FrameLimits{}, [&](protocol::Tokens::Reader tokens) {
-      // Each list read once: every get*() counts against the traversal limit.
-      const auto ids = tokens.getTokenIds();
-      const auto pieces = tokens.getTextPieces();
-      for (std::uint32_t i = 0; i < ids.size(); ++i) {
-        log.indexes.push_back(tokens.getFirstIndex() + i);
-        log.token_ids.push_back(ids[i]);
-        log.text += pieces[i].cStr();
+    read = codec::read_tokens(frame, codec::FrameLimits{}, [&](const codec::TokensView& tokens) {
+      for (std::uint32_t i = 0; i < tokens.size(); ++i) {
+        log.indexes.push_back(tokens.first_index() + i);
+        log.token_ids.push_back(tokens.id(i));
+        if (i < tokens.piece_count()) log.text += tokens.piece(i);
       }
     });
   } else if (frame.kind() == codec::FrameKind::finish) {

@@ -14,6 +14,7 @@
 namespace fmwire::engine::test {
 
 struct StreamLog {
+  std::vector<codec::FrameKind> token_kinds;  // the form of each token frame
   std::vector<std::uint32_t> indexes;
   std::vector<std::uint32_t> token_ids;
   std::string text;

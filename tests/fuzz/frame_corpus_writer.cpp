@@ -8,6 +8,7 @@
 
 #include "codec/attachment_codec.h"
 #include "codec/frame_encoder.h"
+#include "codec/token_frame.h"
 #include "protocol/fmwire.capnp.h"
 
 using namespace fmwire;
@@ -26,6 +27,19 @@ void seed(const std::string& directory, const std::string& name, Fill&& fill, co
   ByteBuffer out;
   auto encoded = encoder.encode<Body>(out, 7, fill,
                                       {.attachment = attachment, .placement = AttachmentPlacement::copy_into_buffer});
+  if (!encoded) throw std::runtime_error(encoded.error().message);
+  write(directory, name, out);
+}
+
+// A CompactTokens frame: `pieces` one per id (or none), logprobs optional.
+void seed_compact(const std::string& directory, const std::string& name, std::vector<std::uint32_t> ids,
+                  std::vector<std::string_view> pieces, std::vector<float> logprobs) {
+  FrameEncoder encoder;
+  ByteBuffer out;
+  const auto piece = [&](std::uint32_t i) { return pieces[i]; };
+  auto encoded = encode_tokens(encoder, out, 7,
+                               TokenBatch<decltype(piece)>{3, ids, !pieces.empty(), piece, logprobs},
+                               /*compact=*/true);
   if (!encoded) throw std::runtime_error(encoded.error().message);
   write(directory, name, out);
 }
@@ -52,6 +66,9 @@ int main(int argc, char** argv) {
     }
     tokens.initLogprobs(4).set(1, -0.5f);
   });
+  seed_compact(directory, "compact-tokens-1", {42}, {" hello"}, {});
+  seed_compact(directory, "compact-tokens-4", {0, 1, 2, 3}, {"ab", "", "c", "def"}, {-0.5f, -1, 0, -2});
+  seed_compact(directory, "compact-tokens-no-text", {5, 6}, {}, {});
   seed<protocol::GenerateRequest>(directory, "generate-text", [](auto request) {
     request.setRequestId("r1");
     request.initPrompt().setText("Once upon a time");

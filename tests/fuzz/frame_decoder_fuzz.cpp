@@ -9,6 +9,7 @@
 
 #include "codec/attachment_codec.h"
 #include "codec/frame_decoder.h"
+#include "codec/token_frame.h"
 #include "protocol/fmwire.capnp.h"
 
 namespace {
@@ -24,11 +25,16 @@ void read_text(capnp::Text::Reader text) { sink += text.size() ? static_cast<uns
 Status read_by_kind(const FrameView& frame, const FrameLimits& limits) {
   switch (frame.kind()) {
     case FrameKind::tokens:
-      return read_body<protocol::Tokens>(frame, limits, [](protocol::Tokens::Reader tokens) {
-        sink += tokens.getFirstIndex();
-        for (auto id : tokens.getTokenIds()) sink += id;
-        for (auto piece : tokens.getTextPieces()) read_text(piece);
-        for (auto logprob : tokens.getLogprobs()) sink += logprob > 0;
+    case FrameKind::compact_tokens:
+      // Both forms through the one view every consumer uses.
+      return read_tokens(frame, limits, [](const TokensView& tokens) {
+        sink += tokens.first_index();
+        for (std::uint32_t i = 0; i < tokens.size(); ++i) sink += tokens.id(i);
+        for (std::uint32_t i = 0; i < tokens.piece_count(); ++i) {
+          const std::string_view piece = tokens.piece(i);
+          sink += piece.empty() ? 0 : static_cast<unsigned char>(piece.back());
+        }
+        for (std::uint32_t i = 0; i < tokens.logprob_count(); ++i) sink += tokens.logprob(i) > 0;
       });
     case FrameKind::generate_request:
       return read_body<protocol::GenerateRequest>(frame, limits, [](protocol::GenerateRequest::Reader request) {

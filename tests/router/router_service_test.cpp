@@ -249,6 +249,27 @@ TEST_CASE("a stream through the router carries the worker's tokens and both hops
   CHECK(rig.router->counters().frames_relayed >= 1);
 }
 
+TEST_CASE("a router relays a worker's CompactTokens to a client that offered them, and Tokens to one that did not") {
+  std::vector<std::uint32_t> ids[2];
+  std::string texts[2];
+  for (const bool offered : {true, false}) {
+    CAPTURE(offered);
+    transport::ConnectionOptions client;
+    client.capabilities.compact_tokens = offered;  // false: an older client
+    Rig rig(with_policy("round-robin"), builtin(), 1, client);
+    const StreamLog& log = rig.wait(rig.generate({"Hello, router", 20}));
+    CHECK_FALSE(log.end.error);
+    REQUIRE(log.indexes.size() == 20);
+    REQUIRE_FALSE(log.token_kinds.empty());
+    const codec::FrameKind expected = offered ? codec::FrameKind::compact_tokens : codec::FrameKind::tokens;
+    for (const codec::FrameKind kind : log.token_kinds) CHECK(kind == expected);
+    ids[offered ? 0 : 1] = log.token_ids;
+    texts[offered ? 0 : 1] = log.text;
+  }
+  CHECK(ids[0] == ids[1]);
+  CHECK(texts[0] == texts[1]);
+}
+
 TEST_CASE("every policy routes streams through three workers") {
   for (const char* policy : {"round-robin", "least-loaded", "prefix", "sla"}) {
     CAPTURE(std::string(policy));
@@ -305,9 +326,12 @@ TEST_CASE("a slow client slows its own stream at the worker and no other") {
   run_until(rig.loop, [] { return false; }, 100ms);
   const StreamLog& log = rig.collector.streams[stalled];
   CHECK(log.data_bytes <= 400);
-  // The router holds at most the worker's window for that stream: the worker
-  // stopped well short of its 1500 tokens.
-  CHECK(worker.engine_stats().generated_tokens < 300 + 1500 / 2);
+  // The router holds at most the worker's window for that stream, one token
+  // a frame of at least 40 bytes (CompactTokens), and the client its 400
+  // bytes: the worker stopped short of its 1500 tokens.
+  const std::uint32_t window_tokens = (RouterOptions{}.worker_stream_window_bytes + 400) / 40;
+  REQUIRE(window_tokens < 1500 - 100);
+  CHECK(worker.engine_stats().generated_tokens <= 300 + window_tokens + 8);
   rig.client->consume(stalled, log.data_bytes);
   const std::size_t before = log.indexes.size();
   REQUIRE(run_until(rig.loop, [&] { return rig.collector.streams[stalled].indexes.size() > before; }));

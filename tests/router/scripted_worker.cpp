@@ -73,15 +73,11 @@ void ScriptedWorker::start(Connection& connection, const codec::FrameView& frame
 }
 
 void ScriptedWorker::send_tokens(ScriptedStream& stream, std::uint32_t first_index, std::uint32_t count) {
-  const SendStatus sent = stream.connection->send<protocol::Tokens>(stream.id, [&](protocol::Tokens::Builder tokens) {
-    tokens.setFirstIndex(first_index);
-    auto ids = tokens.initTokenIds(count);
-    auto pieces = tokens.initTextPieces(count);
-    for (std::uint32_t i = 0; i < count; ++i) {
-      ids.set(i, token_at(stream.prompt.size() + first_index + i));
-      pieces.set(i, "t");
-    }
-  });
+  std::vector<std::uint32_t> ids(count);
+  for (std::uint32_t i = 0; i < count; ++i) ids[i] = token_at(stream.prompt.size() + first_index + i);
+  const auto piece = [](std::uint32_t) { return std::string_view("t"); };
+  const SendStatus sent = stream.connection->send_tokens(
+      stream.id, codec::text_batch(first_index, ids, piece));
   REQUIRE(sent == SendStatus::sent);
 }
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """`fmwire perf serve` and `fmwire perf run` as separate processes, as a
-user runs them across two hosts: on 127.0.0.1 for each test kind, with
-bad input and a server killed mid-test, and across two network namespaces
-(scripts/netns_cluster.py) on links held to 1 and 10 Gbit/s, bulk against
-iperf3 (root only: skipped, 77, with the reason where namespaces cannot be
-made).
+user runs them across two hosts: on 127.0.0.1 for each test kind, tokens
+and latency against the gRPC peer `perf serve` runs (skipped, 77, where
+gRPC is not built in), with bad input and a server killed mid-test (also
+in the gRPC rounds), and across two network namespaces
+(scripts/netns_cluster.py) on links held to 1 and 10 Gbit/s, bulk and kv
+against iperf3, tokens and latency against gRPC (root only: skipped, 77,
+with the reason where namespaces cannot be made).
 
     perf_cli_test.py FMWIRE_BINARY BACKEND SCENARIO
 
@@ -28,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "..", "..", "scripts")
 sys.path.insert(0, SCRIPTS)
 
-from native_cli_test import LIMIT_S, SKIPPED, Failure, Server, check, run_scenario  # noqa: E402
+from native_cli_test import LIMIT_S, SKIPPED, Failure, Server, check, read_until, run_scenario  # noqa: E402
 from netns_cluster import Cluster, ClusterUnavailable, wait_listening  # noqa: E402
 
 PERF_PORT = 7100
@@ -135,6 +137,90 @@ def latency_loopback(binary, env):
         check(rows["latency_round_trip_p99"]["value"] > 0, "JSON p99")
 
 
+GRPC_NOT_BUILT = "gRPC not built in here: skipped"
+
+
+def grpc_built_in(binary):
+    """Whether `fmwire version` says the gRPC peer is built in."""
+    version = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=LIMIT_S).stdout
+    match = re.search(r"^gRPC peer \(perf --compare\): (.*)$", version, re.MULTILINE)
+    check(match is not None, f"fmwire version does not say whether gRPC is built in: {version!r}")
+    return match.group(1) != "not built in"
+
+
+def check_grpc_rows(output, rows, names):
+    """The gRPC peer's rows of tokens or latency: in the table with a
+    ratio, and in the JSON with gRPC's value and a ratio."""
+    check(re.search(r"peer: gRPC \d", output), f"no gRPC peer note in {output!r}")
+    for name in names:
+        row = rows.get(name, {})
+        check(row.get("peer") == "grpc" and row.get("peer_value", 0) > 0 and row.get("ratio", 0) > 0,
+              f"JSON row {name}: {row!r}")
+
+
+def check_tokens_against_grpc(output, rows):
+    check(number(output, "gRPC frames/s") > 0, "no gRPC frames/s")
+    check(number(output, "gRPC server CPU-s per Mframe") > 0, "no gRPC server CPU (perf serve's report)")
+    for label in ("fmwire / gRPC frames/s", "gRPC / fmwire client CPU/frame", "gRPC / fmwire server CPU/frame"):
+        check(re.search(re.escape(label) + r"\s+[0-9.]+x", output), f"no {label!r} ratio in {output!r}")
+    check_grpc_rows(output, rows, ("tokens_frames_per_s", "tokens_client_cpu_s_per_million_frames",
+                                   "tokens_server_cpu_s_per_million_frames"))
+
+
+def check_latency_against_grpc(output, rows):
+    p50 = number(output, "gRPC round trip p50 us")
+    p99 = number(output, "gRPC round trip p99 us")
+    check(0 < p50 <= p99, f"gRPC p50 {p50}, p99 {p99}")
+    check(re.search(r"gRPC / fmwire p50, p99\s+[0-9.]+x, [0-9.]+x", output), f"no gRPC ratios in {output!r}")
+    check_grpc_rows(output, rows, ("latency_round_trip_p50", "latency_round_trip_p99"))
+
+
+def check_kv_against_grpc(output, rows):
+    """kv's rows against the gRPC KvTransfer server perf serve runs."""
+    check(number(output, "gRPC GB/s") > 0, "no gRPC GB/s")
+    check(number(output, "gRPC server CPU-s per GB") > 0, "no gRPC server CPU (perf serve's report)")
+    check(re.search(r"fmwire / gRPC GB/s\s+[0-9.]+x", output), f"no fmwire / gRPC ratio in {output!r}")
+    check(re.search(r"gRPC peer: gRPC \d", output), f"no gRPC peer note in {output!r}")
+    for name in ("kv_gb_per_s_vs_grpc", "kv_client_cpu_s_per_gb_vs_grpc", "kv_server_cpu_s_per_gb_vs_grpc"):
+        row = rows.get(name, {})
+        check(row.get("peer") == "grpc" and row.get("peer_value", 0) > 0 and row.get("ratio", 0) > 0,
+              f"JSON row {name}: {row!r}")
+
+
+def grpc_compare(test):
+    """tokens or latency with --compare against the gRPC server `perf serve`
+    runs in its process: its rows and ratios in the table and the JSON.
+    Where gRPC is not built in, the rows say so, have no peer, and the
+    scenario is skipped."""
+    def scenario(binary, env):
+        # latency names the gRPC port (--grpc-port, refused where gRPC is not
+        # built in); tokens takes the free one perf serve picks.
+        grpc_port = free_port() if test == "latency" and grpc_built_in(binary) else None
+        extra = ["--grpc-port", str(grpc_port)] if grpc_port else []
+        with served(binary, env, *extra) as (server, folder):
+            path = os.path.join(folder, f"{test}.json")
+            shape = ["--frames", "200000"] if test == "tokens" else ["--requests", "500"]
+            result = perf_run(binary, env, server.endpoint, "--test", test, "--repetitions", "3", *shape,
+                              "--compare", "--json", path)
+            print(result.stdout, end="")
+            check(result.returncode == 0, f"exit {result.returncode}: {result.stderr!r}")
+            rows = results(path)
+            if GRPC_NOT_BUILT in result.stdout:
+                check(all(row["peer"] == "" for row in rows.values()), f"a peer that did not run has a value: {rows!r}")
+                print("skipped: gRPC not built in")
+                return SKIPPED
+            said = server.process.stdout.readline()
+            check(re.fullmatch(r"gRPC peer on 127\.0\.0\.1:\d+\n", said), f"perf serve's second line {said!r}")
+            if grpc_port:
+                check(said.strip().endswith(f":{grpc_port}"), f"--grpc-port {grpc_port}, but perf serve said {said!r}")
+            check(f"on {said.split()[-1]}" in result.stdout, f"the run did not use the port perf serve said: {said!r}")
+            if test == "tokens":
+                check_tokens_against_grpc(result.stdout, rows)
+            else:
+                check_latency_against_grpc(result.stdout, rows)
+    return scenario
+
+
 def loopback_compare(test):
     """bulk or kv with --compare against the iperf3 server `perf serve`
     runs; the JSON has iperf3 as the peer and scripts/plot.py charts it; the
@@ -162,6 +248,8 @@ def loopback_compare(test):
                 ratio = re.search(r"fmwire / iperf3\s+([0-9.]+)x", result.stdout)
                 check(ratio is not None and float(ratio.group(1)) > 0, "no fmwire / iperf3 ratio")
                 check(row["peer"] == "iperf3" and row["ratio"] > 0, f"JSON row {row!r}")
+            if test == "kv" and grpc_built_in(binary):
+                check_kv_against_grpc(result.stdout, rows)
                 plotted = subprocess.run(["/usr/bin/python3", os.path.join(SCRIPTS, "plot.py"), "--out", folder, path],
                                          capture_output=True, text=True, timeout=LIMIT_S * 3)
                 check(plotted.returncode == 0, f"plot.py exit {plotted.returncode}: {plotted.stderr!r}")
@@ -181,6 +269,27 @@ def bad_test_exits_2(binary, env):
               f"kv --bytes {size}: exit {result.returncode} {result.stderr!r}")
 
 
+def grpc_port_taken_exits_1(binary, env):
+    """perf serve --grpc-port or --grpc-kv-port on a port that is taken:
+    exit 1, saying so, at once (where gRPC is not built in, the flags are
+    refused, exit 2, and the scenario skipped)."""
+    import socket
+    for flag in ("--grpc-port", "--grpc-kv-port"):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            process = subprocess.run([binary, "perf", "serve", "--listen", "127.0.0.1:0", flag, str(port)],
+                                     capture_output=True, text=True, env=env, timeout=LIMIT_S)
+        if "gRPC not built in" in process.stderr:
+            check(process.returncode == 2, f"{flag} without gRPC: exit {process.returncode}")
+            print("skipped: gRPC not built in")
+            return SKIPPED
+        check(process.returncode == 1, f"{flag}: exit {process.returncode}: {process.stderr!r}")
+        check(f"{flag}: gRPC server could not listen on 127.0.0.1:{port}" in process.stderr,
+              f"{flag}: stderr {process.stderr!r}")
+
+
 def server_unreachable(binary, env):
     started = time.monotonic()
     result = perf_run(binary, env, f"127.0.0.1:{free_port()}", "--test", "tokens", timeout=LIMIT_S)
@@ -191,14 +300,28 @@ def server_unreachable(binary, env):
 
 def server_killed_mid_test(binary, env):
     """SIGKILL under a run that would last 30 s: it ends, non-zero, with a
-    message, within 10 s."""
-    for test in ("tokens", "bulk", "kv"):
+    message, within 10 s. "grpc" is tokens --compare killed once its gRPC
+    rounds have begun (where gRPC is built in)."""
+    for test in ("tokens", "bulk", "kv", "grpc"):
         server = PerfServer(binary, env)
+        run = None
         try:
-            run = subprocess.Popen([binary, "perf", "run", "--to", server.endpoint, "--test", test, "--seconds", "30",
-                                    "--bytes", str(64 << 20)],
+            if test == "grpc":
+                # fmwire's two rounds of 2M frames take seconds; gRPC's two then about 10 s.
+                shape = ["--test", "tokens", "--compare", "--repetitions", "1", "--frames", "2000000"]
+            else:
+                shape = ["--test", test, "--seconds", "30", "--bytes", str(64 << 20)]
+            run = subprocess.Popen([binary, "perf", "run", "--to", server.endpoint, *shape],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            time.sleep(1.0)
+            if test == "grpc":
+                said = read_until(run.stderr, lambda text: "gRPC token rounds against" in text
+                                  or "gRPC not built in" in text, limit_s=LIMIT_S * 3)
+                if "gRPC not built in" in said:
+                    print("grpc: skipped, gRPC not built in")
+                    continue
+                time.sleep(0.5)
+            else:
+                time.sleep(1.0)
             if run.poll() is not None:
                 raise Failure(f"{test} run ended before the kill: {run.communicate()!r}")
             server.process.kill()
@@ -211,8 +334,14 @@ def server_killed_mid_test(binary, env):
                 raise Failure(f"{test} run still running 10 s after the server was killed")
             print(f"{test}: exit {run.returncode} {time.monotonic() - killed:.2f} s after the kill: {stderr.strip()}")
             check(run.returncode == 1, f"{test} exit {run.returncode}: {stderr!r}")
-            check(f"fmwire perf run: {test} against {server.endpoint}" in stderr, f"stderr {stderr!r}")
+            said_test = "tokens" if test == "grpc" else test
+            check(f"fmwire perf run: {said_test} against {server.endpoint}" in stderr, f"stderr {stderr!r}")
+            if test == "grpc":
+                check("gRPC" in stderr.split(f"{said_test} against {server.endpoint}")[-1], f"stderr {stderr!r}")
         finally:
+            if run is not None and run.poll() is None:
+                run.kill()
+                run.wait()
             server.kill()
 
 
@@ -226,7 +355,7 @@ def across_namespaces(rate_mbit):
         except ClusterUnavailable as reason:
             print(f"skipped: {reason}")
             return SKIPPED
-        with cluster:
+        with cluster, tempfile.TemporaryDirectory(prefix="fmwire-perf-") as folder:
             server_log = tempfile.NamedTemporaryFile("w+", prefix="fmwire-perf-serve-")
             server = cluster.start("server", [binary, "perf", "serve", "--listen",
                                               f"{cluster.addresses['server']}:{PERF_PORT}",
@@ -248,9 +377,10 @@ def across_namespaces(rate_mbit):
                 if shutil.which("iperf3"):
                     check(number(result.stdout, "iperf3 GB/s") > 0, "no iperf3 GB/s")
                     check(re.search(r"fmwire / iperf3\s+[0-9.]+x", result.stdout), "no ratio")
+                kv_path = os.path.join(folder, "kv.json")
                 kv = cluster.run("client", [binary, "perf", "run", "--to", f"server:{PERF_PORT}", "--test", "kv",
                                             "--repetitions", "3", "--bytes", str(bytes_per_round), "--compare",
-                                            "--iperf3-port", str(IPERF3_PORT)],
+                                            "--iperf3-port", str(IPERF3_PORT), "--json", kv_path],
                                  timeout=LIMIT_S * 6, env=env)
                 print(f"kv across namespaces, links held to {rate_mbit} Mbit/s:")
                 print(kv.stdout, end="")
@@ -258,11 +388,24 @@ def across_namespaces(rate_mbit):
                 check(number(kv.stdout, "fmwire GB/s") > 0, "no kv GB/s")
                 if shutil.which("iperf3"):
                     check(re.search(r"fmwire / iperf3\s+[0-9.]+x", kv.stdout), "no kv ratio")
-                latency = cluster.run("client", [binary, "perf", "run", "--to", f"server:{PERF_PORT}", "--test",
-                                                 "latency", "--repetitions", "3", "--requests", "1000"],
-                                      timeout=LIMIT_S * 3, env=env)
-                print(latency.stdout, end="")
-                check(latency.returncode == 0, f"latency exit {latency.returncode}: {latency.stderr!r}")
+                if grpc_built_in(binary):
+                    check_kv_against_grpc(kv.stdout, results(kv_path))
+                # tokens and latency against the gRPC peer perf serve runs, found
+                # by name across the link as fmwire's server is.
+                for test, shape in (("tokens", ["--frames", "500000"]), ("latency", ["--requests", "1000"])):
+                    path = os.path.join(folder, f"{test}.json")
+                    result = cluster.run("client", [binary, "perf", "run", "--to", f"server:{PERF_PORT}", "--test",
+                                                    test, "--repetitions", "3", *shape, "--compare", "--json", path],
+                                         timeout=LIMIT_S * 6, env=env)
+                    print(f"{test} across namespaces, links held to {rate_mbit} Mbit/s:")
+                    print(result.stdout, end="")
+                    check(result.returncode == 0, f"{test} exit {result.returncode}: {result.stderr!r}")
+                    if GRPC_NOT_BUILT in result.stdout:
+                        print(f"{test}: gRPC not built in, its rows skipped")
+                    elif test == "tokens":
+                        check_tokens_against_grpc(result.stdout, results(path))
+                    else:
+                        check_latency_against_grpc(result.stdout, results(path))
             finally:
                 if server.poll() is None:
                     server.send_signal(signal.SIGTERM)
@@ -280,9 +423,12 @@ def across_namespaces(rate_mbit):
 SCENARIOS = {
     "tokens_loopback": tokens_loopback,
     "latency_loopback": latency_loopback,
+    "tokens_loopback_compare": grpc_compare("tokens"),
+    "latency_loopback_compare": grpc_compare("latency"),
     "bulk_loopback_compare": loopback_compare("bulk"),
     "kv_loopback_compare": loopback_compare("kv"),
     "bad_test_exits_2": bad_test_exits_2,
+    "grpc_port_taken_exits_1": grpc_port_taken_exits_1,
     "server_unreachable": server_unreachable,
     "server_killed_mid_test": server_killed_mid_test,
     "across_namespaces_1g": across_namespaces(1000),

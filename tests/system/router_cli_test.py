@@ -87,6 +87,48 @@ def routes_to_three_workers(binary, env):
         stop_all(router, *workers)
 
 
+def compact_tokens_switch_changes_no_token(binary, env):
+    """worker -> router -> client with FMWIRE_COMPACT_TOKENS on and off in
+    each process: the same tokens and text every way; one-token frames of 48
+    bytes at most only where the client offered CompactTokens (a router
+    relays a worker's compact frame to an older client as Tokens)."""
+    def run(worker_on, router_on, client_on):
+        def with_switch(on):
+            return dict(env, FMWIRE_COMPACT_TOKENS="1" if on else "0")
+        worker = router = None
+        try:
+            worker = Worker(binary, with_switch(worker_on), "--model", "builtin")
+            router = Router(binary, with_switch(router_on), [worker])
+            result = generate(binary, with_switch(client_on), router.endpoint, "--max-tokens", "24", "--json",
+                              "same answer either way")
+            check(result.returncode == 0, f"generate: exit {result.returncode}: {result.stderr}")
+            frames = [f for f in frames_of(result.stdout) if f["type"] == "tokens"]
+            check(len(frames) > 0, "no token frame")
+            return frames
+        finally:
+            stop_all(router, worker)
+
+    def content(frames):
+        return ([f["first_index"] for f in frames], [t for f in frames for t in f["token_ids"]],
+                "".join(piece for f in frames for piece in f["text"]))
+
+    expected = run(True, True, True)
+    for frame in expected:
+        if len(frame["token_ids"]) == 1 and len("".join(frame["text"]).encode()) <= 10:
+            check(frame["wire_bytes"] <= 48, f"a compact one-token frame of {frame['wire_bytes']} bytes")
+    for switches in [(False, False, False), (True, True, False), (False, True, True), (True, False, True)]:
+        frames = run(*switches)
+        check(content(frames) == content(expected), f"switches {switches}: {content(frames)} != {content(expected)}")
+        # A router relays a frame in the form it came in, Tokens to a client that takes no other.
+        client_compact = all(switches)
+        one_token = [f["wire_bytes"] for f in frames if len(f["token_ids"]) == 1]
+        if client_compact:
+            check(one_token == [f["wire_bytes"] for f in expected if len(f["token_ids"]) == 1],
+                  f"switches {switches}: frame sizes {one_token}")
+        else:
+            check(all(size > 48 for size in one_token), f"switches {switches}: Tokens frames of {one_token} bytes")
+
+
 def worker_killed_mid_stream(binary, env):
     worker = Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "5000")
     router = None
@@ -365,6 +407,7 @@ def threads_bad_values_refused(binary, env):
 
 SCENARIOS = {
     "routes_to_three_workers": routes_to_three_workers,
+    "compact_tokens_switch_changes_no_token": compact_tokens_switch_changes_no_token,
     "worker_killed_mid_stream": worker_killed_mid_stream,
     "silent_worker_detected": silent_worker_detected,
     "migration_continues_stream": migration_continues_stream,

@@ -97,11 +97,16 @@ def check_installed_tree(root, build_dir):
 
     include = one(f"{root}/**/include/fmwire", "the headers' folder")
     for header in ("transport/client.h", "transport/token_stream.h", "engine/engine.h", "engine/engine_without_kv.h",
-                   "engine/model_loader.h", "worker/worker_service.h", "transport/server.h",
-                   "protocol/fmwire.capnp.h"):
+                   "engine/model_loader.h", "worker/engine_server.h", "protocol/fmwire.capnp.h"):
         check(os.path.isfile(os.path.join(include, header)), f"{header} not installed")
-    for internal in ("router", "gateway", "discovery", "perf", "cli", "log"):
+    for internal in ("router", "gateway", "discovery", "perf", "cli", "log", "metrics"):
         check(not os.path.exists(os.path.join(include, internal)), f"internal headers installed: {internal}/")
+    # The layers behind the Client's and the EngineServer's pimpls.
+    for internal in ("transport/connection.h", "transport/server.h", "transport/event_loop.h",
+                     "transport/io_backend.h", "codec/frame_decoder.h", "codec/frame_encoder.h",
+                     "engine/batching_engine.h", "worker/worker_service.h", "worker/kv_transfers.h",
+                     "protocol/load_report.h"):
+        check(not os.path.exists(os.path.join(include, internal)), f"internal header installed: {internal}")
     for header in glob.glob(f"{include}/**/*.h", recursive=True):
         if header.endswith(".capnp.h"):
             continue  # generated: it says so in its first line

@@ -51,7 +51,7 @@ class CountingClient final : public ConnectionHandler {
     loop_.stop();
   }
   void on_stream_frame(Connection&, const codec::FrameView& frame) override {
-    if (frame.kind() == codec::FrameKind::tokens) ++token_frames;
+    if (codec::is_token_frame(frame.kind())) ++token_frames;
   }
   void on_stream_closed(Connection&, std::uint32_t, const EndReason& reason) override {
     ended = true;

@@ -16,6 +16,7 @@
 #include "codec/attachment_codec.h"
 #include "codec/frame_decoder.h"
 #include "codec/frame_encoder.h"
+#include "codec/token_frame.h"
 #include "loopback.h"
 #include "transport/echo_service.h"
 #include "transport/server.h"
@@ -28,6 +29,7 @@ using test::kBackends;
 using test::run_until;
 
 struct StreamLog {
+  std::vector<codec::FrameKind> token_kinds;  // the form of each token frame
   std::vector<std::uint32_t> indexes;
   std::string text;
   std::uint64_t data_bytes = 0;
@@ -48,12 +50,13 @@ class Collector final : public ConnectionHandler {
   void on_ready(Connection&) override { ready = true; }
   void on_stream_frame(Connection&, const codec::FrameView& frame) override {
     StreamLog& log = streams[frame.header.stream_id];
-    if (frame.kind() == codec::FrameKind::tokens) {
+    if (codec::is_token_frame(frame.kind())) {
+      log.token_kinds.push_back(frame.kind());
       log.data_bytes += frame.wire_bytes;
-      codec::Status read = codec::read_body<protocol::Tokens>(frame, codec::FrameLimits{}, [&](auto tokens) {
-        for (std::uint32_t i = 0; i < tokens.getTokenIds().size(); ++i) {
-          log.indexes.push_back(tokens.getFirstIndex() + i);
-          log.text += tokens.getTextPieces()[i].cStr();
+      codec::Status read = codec::read_tokens(frame, codec::FrameLimits{}, [&](const codec::TokensView& tokens) {
+        for (std::uint32_t i = 0; i < tokens.size(); ++i) {
+          log.indexes.push_back(tokens.first_index() + i);
+          log.text += tokens.piece(i);
         }
       });
       CHECK(read.has_value());
@@ -157,6 +160,29 @@ TEST_CASE("a client and a server agree in Hello and a stream delivers every toke
     CHECK_FALSE(log.end.error);
     CHECK(log.text.substr(0, 20) == " the quick brown fox");
     CHECK(rig.client->open_streams() == 0);
+  }
+}
+
+TEST_CASE("a peer that did not offer compactTokens gets Tokens frames, one that did CompactTokens, the same tokens") {
+  for (const char* backend : kBackends) {
+    CAPTURE(std::string(backend));
+    std::string texts[2];
+    for (const bool offered : {true, false}) {
+      CAPTURE(offered);
+      ConnectionOptions options;
+      options.capabilities.compact_tokens = offered;  // false: as an older peer's Hello says
+      Rig rig(backend, options);
+      CHECK(rig.client->agreed_capabilities().compact_tokens == offered);
+      const std::uint32_t id = request(*rig.client, "the quick brown fox", 40);
+      REQUIRE(run_until(rig.loop, [&] { return rig.collector.streams[id].closed; }));
+      const StreamLog& log = rig.collector.streams[id];
+      CHECK(in_order(log, 40));
+      REQUIRE_FALSE(log.token_kinds.empty());
+      const codec::FrameKind expected = offered ? codec::FrameKind::compact_tokens : codec::FrameKind::tokens;
+      for (const codec::FrameKind kind : log.token_kinds) CHECK(kind == expected);
+      texts[offered ? 0 : 1] = log.text;
+    }
+    CHECK(texts[0] == texts[1]);
   }
 }
 
@@ -284,7 +310,9 @@ TEST_CASE("a reader that never reads stops only its own stream and bounds the se
     const StreamLog& log = rig.collector.streams[stalled];
     CHECK(log.data_bytes <= 8192);
     CHECK(log.data_bytes > 0);
-    CHECK(rig.service.tokens_sent() <= 5000 + 8192 / 64);
+    // A one-token frame takes at least 40 bytes (CompactTokens: 24 header,
+    // 8 fixed, 4 id, 2 text end, padding), so the window holds at most 8192 / 40.
+    CHECK(rig.service.tokens_sent() <= 5000 + 8192 / 40);
     CHECK(rig.service.active_streams() == 1);  // waiting for credit, holding nothing
     // Reading again lets it go on.
     rig.client->consume(stalled, log.data_bytes);
