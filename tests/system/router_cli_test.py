@@ -202,7 +202,12 @@ def migration_continues_stream(binary, env):
         client = start_generate(binary, env, router.endpoint, "--max-tokens", "150", "--json", "move me")
         before = read_until(client.stdout, lambda text: text.count("\n") >= 20)
         workers[0].kill()  # round-robin: the first request went to the first worker
-        rest, errors = client.communicate(timeout=LIMIT_S)
+        # Not communicate(): it reads the pipe itself, past what read_until
+        # left buffered in client.stdout (frames that came together under
+        # load were lost so). 150 frames fit in the pipe: waiting first
+        # cannot block the client.
+        client.wait(timeout=LIMIT_S)
+        rest, errors = client.stdout.read(), client.stderr.read()
         check(client.returncode == 0, f"the stream did not go on: exit {client.returncode}, {errors!r}")
         frames = frames_of(before + rest)
         check(indexes_of(frames) == list(range(150)), f"indexes {indexes_of(frames)}")
