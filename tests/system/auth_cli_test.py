@@ -84,7 +84,9 @@ def wrong_token_refused(binary, env):
         worker = Server(binary, env, "worker", "--model", "synthetic:tiny", "--step-us", "3000",
                         *token(secrets.good))
         router = Server(binary, env, "router", "--workers", worker.endpoint, *token(secrets.good))
-        tokens = 300
+        # 4.5 s of decoding: longer than two refused clients take to start
+        # and be refused under the sanitizers on a busy machine.
+        tokens = 1500
         good = start_generate(binary, env, router.endpoint, "--max-tokens", str(tokens), "--json",
                               *token(secrets.good), "keep going")
         time.sleep(0.2)
