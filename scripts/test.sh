@@ -33,6 +33,10 @@ if [[ ! -d tests/system/node/node_modules/openai ]]; then
     echo "npm ci failed: the gateway's OpenAI SDK tests will fail"
 fi
 
+# Each stage's heading says how far into the run it starts, so that a CI
+# log shows where the 45 minutes went.
+stage() { printf '== %s (at %dm%02ds)\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
+
 configure() {
   local dir=$1
   shift
@@ -47,10 +51,10 @@ configure() {
 run_suite() {
   local dir=$1
   shift
-  echo "== $dir: build"
+  stage "$dir: build"
   configure "$dir" -Dwerror=true "$@" || return 1
   ninja -C "$dir" || return 1
-  echo "== $dir: test"
+  stage "$dir: test"
   meson test -C "$dir" --print-errorlogs --num-processes 2 || true
 }
 
@@ -83,12 +87,12 @@ fi
 
 # One case per fuzz target, each its own run of scripts/fuzz.sh.
 for target in $(bash scripts/fuzz.sh --list); do
-  echo "== fuzz $target"
+  stage "fuzz $target"
   bash scripts/fuzz.sh "${FMWIRE_FUZZ_SECONDS:-30}" "$target"
   results+=("fuzz $target=$?")
 done
 
-echo "== instruction gate"
+stage "instruction gate"
 gate_results=build-release/instruction-gate.json
 rm -f "$gate_results"
 python3 scripts/instruction_gate.py --build build-release --results "$gate_results"
@@ -96,7 +100,7 @@ results+=("instructions=$gate_results")
 
 # The chaos soak: clients streaming while processes die and links fail; one
 # case, failed by any wrong, hung or leaked request (its last line says).
-echo "== soak"
+stage "soak"
 FMWIRE_BINARY=build-release/cli/fmwire bash scripts/soak.sh --minutes 3
 results+=("soak=$?")
 
@@ -110,5 +114,5 @@ for result in "${results[@]}"; do
     checked+=("$result")
   fi
 done
-echo "== summary"
+stage "summary"
 python3 scripts/summarize_tests.py "${checked[@]}"
