@@ -249,20 +249,10 @@ TEST_CASE("a transfer that keeps moving outlasts its state timeout: the deadline
   // blocks computed and sent in ten steps, against a 300-ms state timeout.
   // The sender's deadline counts from its last chunk (or the engine's last
   // progress), not from the KvAccept: the transfer ends committed.
-  const auto slow_engine = [] {
-    auto model = *synthetic_model("tiny");
-    model.step_time = std::chrono::microseconds(0);
-    model.prefill_time_per_token = std::chrono::milliseconds(3);
-    EngineInfo info;
-    info.model_name = "synthetic:tiny";
-    info.model_fingerprint = 42;
-    return std::make_unique<BatchingEngine>(std::move(info), std::make_unique<SyntheticBackend>(model, 64),
-                                            Rig::batching());
-  };
   transport::EventLoop loop;
   const Tokenizer tokenizer = Tokenizer::byte_level();
-  Node prefill(loop, slow_engine(), options(300ms), tokenizer);
-  Node decode(loop, slow_engine(), options(300ms), tokenizer);
+  Node prefill(loop, test::synthetic_engine(64, Rig::batching(), 3ms), options(300ms), tokenizer);
+  Node decode(loop, test::synthetic_engine(64, Rig::batching(), 3ms), options(300ms), tokenizer);
   const auto prompt = prompt_of(320);
   const std::uint32_t decode_stream = generate(decode, prompt, 8, Part::decode, "slow");
   const std::uint32_t prefill_stream = generate(prefill, prompt, 8, Part::prefill, "slow", decode.endpoint());
