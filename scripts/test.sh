@@ -64,7 +64,10 @@ results+=("release=build-release/meson-logs/testlog.json")
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-run_suite build-sanitized -Dbuildtype=debug -Db_sanitize=address,undefined -Dbenchmarks=false
+# Line tables only (-g1): the reports' file:line, at four fifths of the
+# compile time of full debug information (137 s against 111 s for
+# gateway/websocket_sink.cpp under TSan).
+run_suite build-sanitized -Dbuildtype=debug -Dcpp_args=-g1 -Db_sanitize=address,undefined -Dbenchmarks=false
 results+=("sanitized=build-sanitized/meson-logs/testlog.json")
 
 # Every process writes its reports to build-tsan.reports/report.PID (the
@@ -73,7 +76,7 @@ results+=("sanitized=build-sanitized/meson-logs/testlog.json")
 rm -rf build-tsan.reports
 mkdir -p build-tsan.reports
 export TSAN_OPTIONS="halt_on_error=0:second_deadlock_stack=1:suppressions=$PWD/scripts/tsan.supp:log_path=$PWD/build-tsan.reports/report"
-run_suite build-tsan -Dbuildtype=debugoptimized -Db_sanitize=thread -Dbenchmarks=false -Dcuda=disabled
+run_suite build-tsan -Dbuildtype=debugoptimized -Dcpp_args=-g1 -Db_sanitize=thread -Dbenchmarks=false -Dcuda=disabled
 results+=("tsan=build-tsan/meson-logs/testlog.json")
 unset TSAN_OPTIONS
 tsan_reports=(build-tsan.reports/report.*)
