@@ -21,7 +21,7 @@ import threading
 import time
 
 from gateway_cli_test import HttpServer, check_sse, http, metric, run_openai_client, up
-from native_cli_test import LIMIT_S, SKIPPED, Failure, check, generate, run_scenario
+from native_cli_test import LIMIT_S, SKIPPED, TIME_SCALE, Failure, check, generate, run_scenario
 from router_cli_test import Router, Worker, frames_of, stop_all
 
 # The bounds below are the issue's, for a release build. Under a sanitizer
@@ -29,7 +29,6 @@ from router_cli_test import Router, Worker, frames_of, stop_all
 # Llama-3-8B prefill writes 190 MiB of synthetic KV, and the page faults of
 # its shadow memory make that 5-7 s, not 0.6), so meson passes a factor for
 # them (tests/system/meson.build), and the waits for a state stretch with it.
-TIME_SCALE = float(os.environ.get("FMWIRE_TEST_TIME_SCALE", "1"))
 WAIT_S = LIMIT_S * TIME_SCALE
 # The synthetic Llama-3-8B shape: 128 KiB of KV per token in f16, so a
 # 1,500-token prompt moves 190 MiB; prefill made slow enough (0.4 ms a

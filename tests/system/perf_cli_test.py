@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "..", "..", "scripts")
 sys.path.insert(0, SCRIPTS)
 
-from native_cli_test import LIMIT_S, SKIPPED, Failure, Server, check, read_until, run_scenario  # noqa: E402
+from native_cli_test import LIMIT_S, SKIPPED, TIME_SCALE, Failure, Server, check, read_until, run_scenario  # noqa: E402
 from netns_cluster import Cluster, ClusterUnavailable, wait_listening  # noqa: E402
 
 PERF_PORT = 7100
@@ -226,9 +226,6 @@ def grpc_compare(test):
 # ThreadSanitizer writing fresh KV memory is shadow page faults (5 s for a
 # worker's 190 MiB, measured): CI's loaded run of 128 MiB rounds saw the
 # server silent past the client's 6-s keepalive, most likely from that.
-TIME_SCALE = float(os.environ.get("FMWIRE_TEST_TIME_SCALE", "1"))
-
-
 def round_bytes(release_bytes):
     return max(16 << 20, int(release_bytes / TIME_SCALE)) if TIME_SCALE > 1 else release_bytes
 
