@@ -240,11 +240,14 @@ std::optional<RouteRefusal> RouterService::dispatch(Route& route, const codec::F
   }
   // A whole request goes to a worker of role BOTH while one is healthy;
   // else any worker serves it (a role is about splitting, nothing more).
-  const bool both_healthy = std::any_of(scratch_views_.begin(), scratch_views_.end(), [](const WorkerView& view) {
-    return view.healthy && view.role() == protocol::WorkerRole::BOTH;
-  });
-  if (both_healthy) {
-    for (WorkerView& view : scratch_views_) view.healthy = view.healthy && view.role() == protocol::WorkerRole::BOTH;
+  // A worker that has not reported yet counts as BOTH (an fmwire before
+  // protocol 1.2 never says), but not while one has said so: it may be a
+  // decode-only worker whose first report is on its way.
+  const auto both = [](const WorkerView& view) { return view.healthy && view.role() == protocol::WorkerRole::BOTH; };
+  const bool reported_both = std::any_of(scratch_views_.begin(), scratch_views_.end(),
+                                         [&](const WorkerView& view) { return both(view) && view.has_load; });
+  if (reported_both || std::any_of(scratch_views_.begin(), scratch_views_.end(), both)) {
+    for (WorkerView& view : scratch_views_) view.healthy = both(view) && (view.has_load || !reported_both);
   }
   std::vector<std::uint32_t> continued;  // a migration's prompt: the original plus what was sent
   std::span<const std::uint32_t> prompt = route.prompt_tokens;

@@ -352,8 +352,11 @@ void KvTransfers::offer(Outgoing& session) {
 void KvTransfers::progress(engine::SequenceId sequence, std::uint32_t computed) {
   auto found = outgoing_.find(sequence);
   if (found == outgoing_.end()) return;
-  found->second->computed = std::max(found->second->computed, computed);
-  pump(*found->second);
+  Outgoing& session = *found->second;
+  // The engine computing the prompt is progress too: chunks wait for it.
+  if (computed > session.computed && session.state == Outgoing::State::sending) arm(session, options_.state_timeout);
+  session.computed = std::max(session.computed, computed);
+  pump(session);
 }
 
 void KvTransfers::finished(engine::SequenceId sequence, std::vector<std::uint32_t> generated) {
@@ -449,6 +452,12 @@ void KvTransfers::on_read(const RunnerOutput::KvRead& read) {
 void KvTransfers::send_ready(Outgoing& session) {
   if (session.state != Outgoing::State::sending || session.link == nullptr || !session.link->connection) return;
   Connection& connection = *session.link->connection;
+  const std::uint32_t chunks_before = session.chunks;
+  // The deadline counts from the last chunk that went: a long shard on a
+  // slow link or a slow receiver takes as long as it takes while it moves.
+  const auto progressed = [&] {
+    if (session.chunks != chunks_before && session.state == Outgoing::State::sending) arm(session, options_.state_timeout);
+  };
   while (!session.ready.empty()) {
     Chunk& read = session.ready.front();
     const std::uint64_t raw_bytes = read.bytes.size();
@@ -479,7 +488,7 @@ void KvTransfers::send_ready(Outgoing& session) {
     const SendStatus status = connection.send<protocol::KvChunk>(session.stream_id, [&](protocol::KvChunkBuilder chunk) {
       chunk.transfer(session.transfer).offset(offset);
     }, 0, &*session.prepared, session.prepared_keep ? session.prepared_keep : as_is ? read.keep : nullptr);
-    if (status == SendStatus::blocked) return;  // on_stream_writable goes on
+    if (status == SendStatus::blocked) return progressed();  // on_stream_writable goes on
     if (status != SendStatus::sent) {
       end_outgoing(session, failure(KvEnd::PEER_LOST, "KvChunk to " + session.link->name + ": " +
                                                           std::string(transport::to_string(status))),
@@ -497,6 +506,7 @@ void KvTransfers::send_ready(Outgoing& session) {
     session.prepared_keep.reset();
     session.ready.pop_front();
   }
+  progressed();
   maybe_commit(session);
 }
 

@@ -18,10 +18,11 @@ std::unique_ptr<BatchingEngine> builtin_engine(std::uint32_t kv_blocks, Batching
       std::move(info), std::make_unique<CpuBackend>(builtin_weights(), kv_blocks, block_tokens, kv_dtype), options);
 }
 
-std::unique_ptr<BatchingEngine> synthetic_engine(std::uint32_t kv_blocks, BatchingOptions options) {
+std::unique_ptr<BatchingEngine> synthetic_engine(std::uint32_t kv_blocks, BatchingOptions options,
+                                                 std::chrono::nanoseconds prefill_per_token) {
   auto model = *synthetic_model("tiny");
   model.step_time = std::chrono::microseconds(0);
-  model.prefill_time_per_token = std::chrono::nanoseconds(0);
+  model.prefill_time_per_token = prefill_per_token;
   EngineInfo info;
   info.model_name = "synthetic:tiny";
   info.model_fingerprint = 42;

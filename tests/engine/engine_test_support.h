@@ -2,6 +2,7 @@
 // tiny synthetic model, and a loop that runs an engine until it is idle.
 #pragma once
 
+#include <chrono>
 #include <map>
 #include <memory>
 #include <vector>
@@ -19,7 +20,9 @@ std::shared_ptr<const LlamaWeights> builtin_weights();
 std::unique_ptr<BatchingEngine> builtin_engine(std::uint32_t kv_blocks = 256, BatchingOptions options = {},
                                                std::uint32_t block_tokens = 16,
                                                protocol::DType kv_dtype = protocol::DType::FLOAT16);
-std::unique_ptr<BatchingEngine> synthetic_engine(std::uint32_t kv_blocks = 64, BatchingOptions options = {});
+// The tiny synthetic model with no step time, and `prefill_per_token` of it a prompt token.
+std::unique_ptr<BatchingEngine> synthetic_engine(std::uint32_t kv_blocks = 64, BatchingOptions options = {},
+                                                 std::chrono::nanoseconds prefill_per_token = {});
 
 // A prompt of `count` byte tokens drawn from `seed`.
 std::vector<std::uint32_t> prompt_of(std::size_t count, std::uint32_t seed);

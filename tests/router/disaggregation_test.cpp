@@ -5,6 +5,8 @@
 // was asked and told.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+
 #include <memory>
 #include <vector>
 
@@ -35,10 +37,13 @@ const std::string kPrompt = "Split me";  // 9 ids with BOS, byte-level
 
 // Scripted workers of the given roles, the router and a client on one loop.
 struct Rig {
-  explicit Rig(std::vector<WorkerRole> roles, RouterOptions options = {}, std::vector<std::uint32_t> free_blocks = {}) {
+  // Workers listed in `silent` connect but never report their load (nor so their role).
+  explicit Rig(std::vector<WorkerRole> roles, RouterOptions options = {}, std::vector<std::uint32_t> free_blocks = {},
+               std::vector<std::size_t> silent = {}) {
     for (std::size_t i = 0; i < roles.size(); ++i) {
       workers.push_back(std::make_unique<ScriptedWorker>(loop, roles[i], i < free_blocks.size() ? free_blocks[i] : 64));
     }
+    for (std::size_t i : silent) workers[i]->reports = false;
     options.log = [this](log::Level, std::string_view message, log::Fields fields) {
       log_lines.push_back(log::format_line(log::Format::text, message, fields));
     };
@@ -54,8 +59,10 @@ struct Rig {
     transport::test::connect_client(loop, server->port(), client_options, collector, client);
     REQUIRE(run_until(loop, [&] {
       if (!client || !collector.ready) return false;
-      for (const WorkerView& view : router->workers()) {
-        if (!view.healthy || !view.has_load) return false;
+      const std::vector<WorkerView> views = router->workers();
+      for (std::size_t i = 0; i < views.size(); ++i) {
+        const bool reporting = std::find(silent.begin(), silent.end(), i) == silent.end();
+        if (!views[i].healthy || (reporting && !views[i].has_load)) return false;
       }
       return true;
     }));
@@ -412,6 +419,29 @@ TEST_CASE("without a healthy decode worker requests are served whole, by a BOTH 
     CHECK(rig.workers[0]->count(Part::whole) + rig.workers[1]->count(Part::whole) == 1);
     CHECK(rig.router->counters().streams_disaggregated == 0);
   }
+}
+
+TEST_CASE("a worker that has not reported its role yet gets no whole request while a BOTH worker has reported") {
+  // The second worker may be a decode-only one: until its first load
+  // report says, whole requests go to the worker known to serve them.
+  Rig rig({WorkerRole::BOTH, WorkerRole::DECODE}, {}, {}, {1});
+  REQUIRE_FALSE(rig.router->workers()[1].has_load);
+  // At once, so that the least loaded worker is not always the first.
+  rig.workers[0]->serve_whole = false;
+  std::vector<std::uint32_t> ids;
+  for (int i = 0; i < 4; ++i) ids.push_back(rig.generate(4));
+  REQUIRE(run_until(rig.loop, [&] { return rig.workers[0]->streams().size() + rig.workers[1]->streams().size() == 4; }));
+  rig.settle();
+  CHECK(rig.workers[0]->count(Part::whole) == 4);
+  CHECK(rig.workers[1]->streams().empty());
+}
+
+TEST_CASE("a worker that has not reported yet serves whole requests when no reported worker can") {
+  // An fmwire before protocol 1.2 never says its role: it counts as BOTH.
+  Rig rig({WorkerRole::PREFILL, WorkerRole::BOTH}, {}, {}, {1});
+  for (int i = 0; i < 2; ++i) check_every_index_once(rig.wait(rig.generate(4)), 4);
+  CHECK(rig.workers[1]->count(Part::whole) == 2);
+  CHECK(rig.workers[0]->streams().empty());
 }
 
 TEST_CASE("a split request goes to the least loaded prefill and decode workers, with a BOTH worker beside them") {

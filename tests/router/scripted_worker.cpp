@@ -34,7 +34,7 @@ void ScriptedWorker::on_stream_frame(Connection& connection, const codec::FrameV
   if (std::find(connections_.begin(), connections_.end(), &connection) == connections_.end()) {
     connections_.push_back(&connection);
   }
-  if (frame.kind() == codec::FrameKind::load_report) report_load(connection, frame.header.stream_id);
+  if (frame.kind() == codec::FrameKind::load_report && reports) report_load(connection, frame.header.stream_id);
   if (frame.kind() == codec::FrameKind::generate_request) start(connection, frame);
 }
 

@@ -67,6 +67,9 @@ class ScriptedWorker final : public transport::ConnectionHandler {
 
   // Whole requests are served at once (max_tokens tokens, then Finish) unless false.
   bool serve_whole = true;
+  // Load-report subscriptions are answered (with the role) unless false: a
+  // worker that has connected but not reported yet.
+  bool reports = true;
 
   void on_stream_frame(transport::Connection& connection, const codec::FrameView& frame) override;
   void on_stream_closed(transport::Connection& connection, std::uint32_t stream_id,

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 from native_cli_test import LIMIT_S, Failure, Server, check, generate, start_generate, run_scenario
+from perf_cli_test import PerfServer
 from router_cli_test import Etcd, free_port, frames_of, indexes_of, stop_all, until
 
 SECRET = "s3cret-for-the-auth-token-tests-0123456789"
@@ -83,7 +84,9 @@ def wrong_token_refused(binary, env):
         worker = Server(binary, env, "worker", "--model", "synthetic:tiny", "--step-us", "3000",
                         *token(secrets.good))
         router = Server(binary, env, "router", "--workers", worker.endpoint, *token(secrets.good))
-        tokens = 300
+        # 4.5 s of decoding: longer than two refused clients take to start
+        # and be refused under the sanitizers on a busy machine.
+        tokens = 1500
         good = start_generate(binary, env, router.endpoint, "--max-tokens", str(tokens), "--json",
                               *token(secrets.good), "keep going")
         time.sleep(0.2)
@@ -155,19 +158,6 @@ def bad_token_file_refused(binary, env):
                 check("fifteen" not in result.stderr, "the secret is in the error")
     finally:
         secrets.remove()
-
-
-class PerfServer(Server):
-    """`fmwire perf serve` on a free port."""
-
-    def __init__(self, binary, env, *extra):
-        self.process = subprocess.Popen([binary, "perf", "serve", "--listen", "127.0.0.1:0", *extra],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        line = self.process.stdout.readline()
-        if not line.startswith("listening on 127.0.0.1:"):
-            self.kill()
-            raise Failure(f"perf serve printed {line!r}; stderr {self.process.stderr.read()!r}")
-        self.endpoint = line.split()[-1]
 
 
 def perf_with_token(binary, env):

@@ -779,9 +779,12 @@ def slow_clients_bounded_memory(binary, env):
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     # synthetic:tiny has a context of 2,048 tokens; what a stalled stream's
     # pipeline holds (the kernel's buffers, the gateway, the router) is
-    # ~1,700 of them, so a stream of 2,000 pauses at the worker before its
-    # end. KV blocks for every stream's whole context: no preemption.
-    worker = Worker(binary, env, "--model", "synthetic:tiny", "--step-us", "100", "--max-running", "1100",
+    # ~1,700 of them in Tokens frames, so a stream of 2,000 pauses at the
+    # worker before its end. CompactTokens frames are half the bytes a token,
+    # so the same credit windows would hold a whole completion and nothing
+    # would pause: this worker sends Tokens (FMWIRE_COMPACT_TOKENS=0). KV
+    # blocks for every stream's whole context: no preemption.
+    worker = Worker(binary, dict(env, FMWIRE_COMPACT_TOKENS="0"), "--model", "synthetic:tiny", "--step-us", "100", "--max-running", "1100",
                     "--max-batch-tokens", "2048", "--kv-blocks", "130000", "--load-report-interval-ms", "50")
     server = None
     stalled = []

@@ -202,7 +202,12 @@ def migration_continues_stream(binary, env):
         client = start_generate(binary, env, router.endpoint, "--max-tokens", "150", "--json", "move me")
         before = read_until(client.stdout, lambda text: text.count("\n") >= 20)
         workers[0].kill()  # round-robin: the first request went to the first worker
-        rest, errors = client.communicate(timeout=LIMIT_S)
+        # Not communicate(): it reads the pipe itself, past what read_until
+        # left buffered in client.stdout (frames that came together under
+        # load were lost so). 150 frames fit in the pipe: waiting first
+        # cannot block the client.
+        client.wait(timeout=LIMIT_S)
+        rest, errors = client.stdout.read(), client.stderr.read()
         check(client.returncode == 0, f"the stream did not go on: exit {client.returncode}, {errors!r}")
         frames = frames_of(before + rest)
         check(indexes_of(frames) == list(range(150)), f"indexes {indexes_of(frames)}")
@@ -291,10 +296,10 @@ def etcd_discovery(binary, env):
         etcd.stop()
 
 
-def stream_tokens(client, max_tokens, label):
+def stream_tokens(client, max_tokens, label, limit_s=LIMIT_S):
     """Waits for a `fmwire generate --json` client; fails unless its stream
     came whole: indexes 0..max_tokens-1 once each, then a Finish that says so."""
-    out, errors = client.communicate(timeout=LIMIT_S)
+    out, errors = client.communicate(timeout=limit_s)
     check(client.returncode == 0, f"{label}: exit {client.returncode}: {errors!r}")
     frames = frames_of(out)
     check(indexes_of(frames) == list(range(max_tokens)), f"{label}: indexes {indexes_of(frames)}")
@@ -334,8 +339,13 @@ def threads_spread_streams_over_loops(binary, env):
                           for w in workers), what="both loops reaching both workers")
         clients = [start_generate(binary, env, router.endpoint, "--max-tokens", str(tokens), "--json", f"client {i}")
                    for i in range(clients_n)]
+        # One deadline for all: the clients start at once, and under the
+        # sanitizers a process costs about a second of CPU to start (24
+        # `fmwire version` took 18.8 s on 2 busy cores), which the first
+        # client's wait would otherwise pay for all of them.
+        deadline = time.monotonic() + 3 * LIMIT_S
         for i, client in enumerate(clients):
-            stream_tokens(client, tokens, f"client {i}")
+            stream_tokens(client, tokens, f"client {i}", max(1.0, deadline - time.monotonic()))
         from metrics_cli_test import promtool  # here: metrics_cli_test imports this module
         page = http(metrics_url)[1]
         promtool(page, "the router with two loops")

@@ -672,6 +672,7 @@ TEST_CASE("large frames in uneven pieces arrive whole; a peer killed inside one 
     const std::size_t whole_frames = sizes.size() - 1;
 
     std::atomic<bool> done{false};
+    std::atomic<bool> whole_arrived{false};  // set on the loop thread
     std::thread peer([&] {
       test::RawSocket raw(server.port());
       const std::span<const std::byte> bytes = wire.bytes();
@@ -690,11 +691,17 @@ TEST_CASE("large frames in uneven pieces arrive whole; a peer killed inside one 
       std::this_thread::sleep_for(3ms);
       const std::size_t half = frame_ends[5] + (frame_ends[6] - frame_ends[5]) / 2;
       raw.write(bytes.subspan(frame_ends[4], half - frame_ends[4]));
-      std::this_thread::sleep_for(20ms);
+      // A reset discards what the receiver has not read yet: it goes once the
+      // whole frames are in, so that it lands inside the 2 MiB one (a fixed
+      // pause was too short for a loaded ThreadSanitizer run).
+      for (int waited = 0; waited < 10'000 && !whole_arrived.load(); ++waited) std::this_thread::sleep_for(1ms);
       raw.reset();
       done = true;
     });
-    const bool met = run_until(loop, [&] { return done.load() && sink.received.size() >= whole_frames && server.connections() == 0; });
+    const bool met = run_until(loop, [&] {
+      if (sink.received.size() >= whole_frames) whole_arrived = true;
+      return done.load() && sink.received.size() >= whole_frames && server.connections() == 0;
+    });
     peer.join();
     CHECK(met);
     CHECK(sink.failures.empty());

@@ -244,6 +244,33 @@ TEST_CASE("a request split between a prefill and a decode worker gives the coloc
   CHECK(received.chunks_landed_in_place == received.chunks_received);
 }
 
+TEST_CASE("a transfer that keeps moving outlasts its state timeout: the deadline counts from the last progress") {
+  // A prefill of 320 tokens at 3 ms a token, 32 a step: about a second of
+  // blocks computed and sent in ten steps, against a 300-ms state timeout.
+  // The sender's deadline counts from its last chunk (or the engine's last
+  // progress), not from the KvAccept: the transfer ends committed.
+  transport::EventLoop loop;
+  const Tokenizer tokenizer = Tokenizer::byte_level();
+  Node prefill(loop, test::synthetic_engine(64, Rig::batching(), 3ms), options(300ms), tokenizer);
+  Node decode(loop, test::synthetic_engine(64, Rig::batching(), 3ms), options(300ms), tokenizer);
+  const auto prompt = prompt_of(320);
+  const std::uint32_t decode_stream = generate(decode, prompt, 8, Part::decode, "slow");
+  const std::uint32_t prefill_stream = generate(prefill, prompt, 8, Part::prefill, "slow", decode.endpoint());
+  StreamLog& first = prefill.collector.streams[prefill_stream];
+  StreamLog& rest = decode.collector.streams[decode_stream];
+  REQUIRE(run_until(loop, [&] { return first.closed && rest.closed; }, 10000ms));
+  CHECK_FALSE(first.end.error);
+  CHECK_FALSE(rest.end.error);
+  REQUIRE(rest.finish.has_value());
+  CHECK(*rest.finish == protocol::FinishReason::MAX_TOKENS);
+  CHECK(rest.completion_tokens == 8);
+  CHECK(prefill.service->kv_counters().sent == 1);
+  CHECK(prefill.service->kv_counters().failed == 0);
+  // Each step's blocks went as they were computed: many chunks.
+  CHECK(prefill.service->kv_counters().chunks_sent >= 10);
+  CHECK(run_until(loop, [&] { return prefill.idle() && decode.idle(); }, 3000ms));
+}
+
 TEST_CASE("KV of engines whose cache is on a device moves through their transfer arenas and gives the same tokens") {
   // Arenas of 8 slots of one block (the tests' chunk size) each, and of 1
   // slot, too few for the chunks in flight: those go through buffers of
