@@ -73,6 +73,9 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out) {
     }
     log::warn("gRPC not built in: no gRPC server, --compare runs against this host will skip it");
   } else {
+    // With --tls-*, gRPC serves with TLS too, from the same files: a TLS run
+    // compares with TLS.
+    const transport::TlsFiles grpc_tls = command.tls ? command.tls->files() : transport::TlsFiles{};
     const auto start = [&](const char* flag, std::optional<std::uint16_t> port, auto make) {
       try {
         make(port.value_or(0));
@@ -87,9 +90,11 @@ int run_perf_serve(const PerfServeCommand& command, std::ostream& out) {
     };
     const bool started =
         start("--grpc-port", command.grpc_port,
-              [&](std::uint16_t port) { grpc_tokens = std::make_unique<perf::GrpcTokenServer>(endpoint->host, port); }) &&
+              [&](std::uint16_t port) {
+                grpc_tokens = std::make_unique<perf::GrpcTokenServer>(endpoint->host, port, grpc_tls);
+              }) &&
         start("--grpc-kv-port", command.grpc_kv_port, [&](std::uint16_t port) {
-          grpc_kv = std::make_unique<perf::GrpcKvServer>(endpoint->host, port, perf::kMaxKvTransferBytes);
+          grpc_kv = std::make_unique<perf::GrpcKvServer>(endpoint->host, port, perf::kMaxKvTransferBytes, grpc_tls);
         });
     if (!started) return 1;
   }
@@ -230,6 +235,12 @@ Result while_loop_turns(transport::EventLoop& loop, std::function<Result()> work
   return result.get();
 }
 
+// The files gRPC's client presents with --tls-*: the same as fmwire's, so
+// that a TLS run compares with gRPC over TLS (perf/grpc_credentials.h).
+transport::TlsFiles grpc_tls(const PerfRunCommand& command) {
+  return command.tls ? command.tls->files() : transport::TlsFiles{};
+}
+
 // Where a gRPC peer of tokens, latency or kv runs on the server host, with
 // --compare: its port, or nullopt and `note` saying why it is skipped.
 std::optional<std::uint16_t> grpc_peer_port(const PerfRunCommand& command, ServerReports& reports,
@@ -278,7 +289,7 @@ GrpcTokensPeer grpc_tokens_peer(const PerfRunCommand& command, const transport::
   if (!port) return peer;
   const std::string address = transport::Endpoint{server.host, *port}.to_string();
   log::info("gRPC token rounds against " + address);
-  perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout);
+  perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout, grpc_tls(command));
   std::vector<double> rates, client_cpu, server_cpu;
   Rounds rounds(command);
   for (bool warm_up = true; warm_up || rounds.more(rates.size()); warm_up = false) {
@@ -392,7 +403,7 @@ GrpcLatencyPeer grpc_latency_peer(const PerfRunCommand& command, const transport
   if (!port) return peer;
   const std::string address = transport::Endpoint{server.host, *port}.to_string();
   log::info("gRPC round trips against " + address);
-  perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout);
+  perf::GrpcTokenClient client(server.host, *port, 1, command.connect_timeout, grpc_tls(command));
   std::vector<double> p50s, p99s, round_trips_us;
   round_trips_us.reserve(command.requests);
   Rounds rounds(command);
@@ -608,7 +619,7 @@ GrpcKvPeer grpc_kv_peer(const PerfRunCommand& command, const transport::Endpoint
   if (!port) return peer;
   const std::string address = transport::Endpoint{server.host, *port}.to_string();
   log::info("gRPC KV pushes against " + address);
-  perf::GrpcKvClient client(server.host, *port, command.connect_timeout);
+  perf::GrpcKvClient client(server.host, *port, command.connect_timeout, grpc_tls(command));
   std::vector<double> rates, client_cpu, server_cpu;
   const double gigabytes = static_cast<double>(bytes) / 1e9;
   Rounds rounds(command);
@@ -745,7 +756,10 @@ int run_perf_run(const PerfRunCommand& command, std::ostream& out) {
                          std::to_string(perf::kMaxKvTransferBytes) + " (the server's limit)");
     }
   }
-  if (command.tls) out << "every connection over TLS 1.3 with mutual authentication\n";
+  if (command.tls) {
+    out << "every connection over TLS 1.3 with mutual authentication"
+        << (command.compare ? "; gRPC's too, with the same certificates\n" : "\n");
+  }
   std::vector<Comparison> rows;
   try {
     if (command.test == "tokens") rows = run_tokens(command, *server, out);

@@ -10,7 +10,7 @@
 #include <stdexcept>
 
 #include "kv_transfer.grpc.pb.h"
-#include "transport/endpoint.h"
+#include "perf/grpc_credentials.h"
 
 namespace fmwire::perf {
 namespace {
@@ -21,11 +21,6 @@ using namespace std::chrono_literals;
 double cpu_now() {
   const CpuTimes times = process_cpu_times();
   return times.user_s + times.system_s;
-}
-
-// "host:port" as gRPC's URIs take it: IPv6 in brackets.
-std::string grpc_address(const std::string& host, std::uint16_t port) {
-  return transport::Endpoint{host, port}.to_string();
 }
 
 // Lands each message's bytes in the blocks buffer, one call at a time (a
@@ -102,9 +97,9 @@ class KvTransferService final : public pb::KvTransfer::Service {
 // ---------------------------------------------------------------- GrpcKvServer
 
 struct GrpcKvServer::State {
-  void start(const std::string& host, std::uint16_t requested_port) {
+  void start(const std::string& host, std::uint16_t requested_port, const transport::TlsFiles& tls) {
     grpc::ServerBuilder builder;
-    builder.AddListeningPort(grpc_address(host, requested_port), grpc::InsecureServerCredentials(), &port);
+    builder.AddListeningPort(grpc_address(host, requested_port), grpc_server_credentials(tls), &port);
     builder.RegisterService(service.get());
     builder.SetMaxReceiveMessageSize(64 << 20);  // fmwire perf's largest chunk (kMaxBulkChunkBytes)
     server = builder.BuildAndStart();
@@ -116,16 +111,18 @@ struct GrpcKvServer::State {
   int port = 0;
 };
 
-GrpcKvServer::GrpcKvServer(const std::string& host, std::uint16_t port, std::span<std::byte> blocks)
+GrpcKvServer::GrpcKvServer(const std::string& host, std::uint16_t port, std::span<std::byte> blocks,
+                           const transport::TlsFiles& tls)
     : state_(std::make_unique<State>()) {
   state_->service = std::make_unique<KvTransferService>(blocks, 0, true);
-  state_->start(host, port);
+  state_->start(host, port, tls);
 }
 
-GrpcKvServer::GrpcKvServer(const std::string& host, std::uint16_t port, std::uint64_t max_bytes)
+GrpcKvServer::GrpcKvServer(const std::string& host, std::uint16_t port, std::uint64_t max_bytes,
+                           const transport::TlsFiles& tls)
     : state_(std::make_unique<State>()) {
   state_->service = std::make_unique<KvTransferService>(std::span<std::byte>(), max_bytes, false);
-  state_->start(host, port);
+  state_->start(host, port, tls);
 }
 
 GrpcKvServer::~GrpcKvServer() { state_->server->Shutdown(std::chrono::system_clock::now() + 2s); }
@@ -143,12 +140,13 @@ struct GrpcKvClient::State {
   std::unique_ptr<pb::KvTransfer::Stub> stub;
 };
 
-GrpcKvClient::GrpcKvClient(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout)
+GrpcKvClient::GrpcKvClient(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout,
+                           const transport::TlsFiles& tls)
     : state_(std::make_unique<State>()) {
   state_->address = grpc_address(host, port);
   grpc::ChannelArguments arguments;
   arguments.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);  // http_proxy in the environment must not reroute a measurement
-  auto channel = grpc::CreateCustomChannel(state_->address, grpc::InsecureChannelCredentials(), arguments);
+  auto channel = grpc::CreateCustomChannel(state_->address, grpc_channel_credentials(tls), arguments);
   if (!channel->WaitForConnected(std::chrono::system_clock::now() + timeout)) {
     throw std::runtime_error("gRPC channel to " + state_->address + " not connected within " +
                              std::to_string(timeout.count()) + " ms");

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "perf/kv_handlers.h"
+#include "transport/tls_credentials.h"
 
 namespace fmwire::perf {
 
@@ -26,13 +27,16 @@ class GrpcKvServer {
  public:
   // Listens on host:port (port 0: a free one); every Push lands in `blocks`
   // (the caller's), and each call's run (wall time and this process's CPU
-  // from its start to its last message) is kept for wait_runs(). Throws
-  // std::runtime_error when it cannot listen there.
-  GrpcKvServer(const std::string& host, std::uint16_t port, std::span<std::byte> blocks);
+  // from its start to its last message) is kept for wait_runs(). With
+  // `tls`, gRPC's TLS with mutual authentication (perf/grpc_credentials.h).
+  // Throws std::runtime_error when it cannot listen there or read a TLS file.
+  GrpcKvServer(const std::string& host, std::uint16_t port, std::span<std::byte> blocks,
+               const transport::TlsFiles& tls = {});
   // As above, into a buffer of its own that grows to the largest push, up
   // to `max_bytes` (a larger push is refused: OUT_OF_RANGE); keeps no runs
   // (a server that runs for long).
-  GrpcKvServer(const std::string& host, std::uint16_t port, std::uint64_t max_bytes);
+  GrpcKvServer(const std::string& host, std::uint16_t port, std::uint64_t max_bytes,
+               const transport::TlsFiles& tls = {});
   ~GrpcKvServer();
 
   GrpcKvServer(const GrpcKvServer&) = delete;
@@ -52,9 +56,11 @@ class GrpcKvServer {
 // The client: one channel to one server.
 class GrpcKvClient {
  public:
-  // Throws std::runtime_error naming the address when the channel is not
-  // connected within `timeout`.
-  GrpcKvClient(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout);
+  // With `tls`, gRPC's TLS with mutual authentication. Throws
+  // std::runtime_error naming the address when the channel is not connected
+  // within `timeout`.
+  GrpcKvClient(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout,
+               const transport::TlsFiles& tls = {});
   ~GrpcKvClient();
 
   GrpcKvClient(const GrpcKvClient&) = delete;

@@ -9,8 +9,8 @@
 #include <stdexcept>
 #include <string_view>
 
+#include "perf/grpc_credentials.h"
 #include "token_stream.grpc.pb.h"
-#include "transport/endpoint.h"
 
 namespace fmwire::perf {
 namespace {
@@ -95,11 +95,6 @@ class PacedTokenService final : public pb::TokenStream::Service {
   Clock::time_point origin_;
 };
 
-// "host:port" as gRPC's URIs take it: IPv6 in brackets.
-std::string grpc_address(const std::string& host, std::uint16_t port) {
-  return transport::Endpoint{host, port}.to_string();
-}
-
 // ---------------------------------------------------------------- clients
 
 // What the readers of one round report, from gRPC's threads.
@@ -182,13 +177,13 @@ class TokenReader final : public grpc::ClientReadReactor<pb::Token> {
 
 // A channel of its own: a local subchannel pool and a distinct argument, so
 // that it never shares a TCP connection with another; connected on return.
-std::shared_ptr<grpc::Channel> connect_channel(const std::string& address, int index,
-                                               std::chrono::milliseconds timeout) {
+std::shared_ptr<grpc::Channel> connect_channel(const std::string& address, int index, std::chrono::milliseconds timeout,
+                                               const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
   grpc::ChannelArguments arguments;
   arguments.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   arguments.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);  // http_proxy in the environment must not reroute a measurement
   arguments.SetInt("fmwire.perf.channel", index);
-  auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), arguments);
+  auto channel = grpc::CreateCustomChannel(address, credentials, arguments);
   if (!channel->WaitForConnected(std::chrono::system_clock::now() + timeout)) {
     throw std::runtime_error("gRPC channel to " + address + " not connected within " +
                              std::to_string(timeout.count()) + " ms");
@@ -205,9 +200,9 @@ std::string grpc_version() { return grpc::Version(); }
 // ---------------------------------------------------------------- GrpcTokenServer
 
 struct GrpcTokenServer::State {
-  void start(const std::string& host, std::uint16_t requested_port) {
+  void start(const std::string& host, std::uint16_t requested_port, const transport::TlsFiles& tls = {}) {
     grpc::ServerBuilder builder;
-    builder.AddListeningPort(grpc_address(host, requested_port), grpc::InsecureServerCredentials(), &port);
+    builder.AddListeningPort(grpc_address(host, requested_port), grpc_server_credentials(tls), &port);
     builder.RegisterService(service.get());
     server = builder.BuildAndStart();
     if (!server || port == 0) throw std::runtime_error("gRPC server could not listen on " + grpc_address(host, requested_port));
@@ -218,10 +213,10 @@ struct GrpcTokenServer::State {
   int port = 0;
 };
 
-GrpcTokenServer::GrpcTokenServer(const std::string& host, std::uint16_t port)
+GrpcTokenServer::GrpcTokenServer(const std::string& host, std::uint16_t port, const transport::TlsFiles& tls)
     : state_(std::make_unique<State>()) {
   state_->service = std::make_unique<CallbackTokenService>();
-  state_->start(host, port);
+  state_->start(host, port, tls);
 }
 
 GrpcTokenServer::GrpcTokenServer(const std::string& host, std::uint16_t port, GrpcPacing pacing)
@@ -245,11 +240,12 @@ struct GrpcTokenClient::State {
 };
 
 GrpcTokenClient::GrpcTokenClient(const std::string& host, std::uint16_t port, int channels,
-                                 std::chrono::milliseconds timeout)
+                                 std::chrono::milliseconds timeout, const transport::TlsFiles& tls)
     : state_(std::make_unique<State>()) {
   state_->address = grpc_address(host, port);
+  const std::shared_ptr<grpc::ChannelCredentials> credentials = grpc_channel_credentials(tls);
   for (int i = 0; i < channels; ++i) {
-    state_->stubs.push_back(pb::TokenStream::NewStub(connect_channel(state_->address, i, timeout)));
+    state_->stubs.push_back(pb::TokenStream::NewStub(connect_channel(state_->address, i, timeout, credentials)));
   }
 }
 

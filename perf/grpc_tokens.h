@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "perf/measure.h"
+#include "transport/tls_credentials.h"
 
 namespace fmwire::perf {
 
@@ -36,9 +37,10 @@ struct GrpcPacing {
 // each write started when the last is done, as fast as the client reads.
 class GrpcTokenServer {
  public:
-  // Listens on host:port (port 0: a free one). Throws std::runtime_error
-  // when it cannot listen there.
-  GrpcTokenServer(const std::string& host, std::uint16_t port);
+  // Listens on host:port (port 0: a free one); with `tls`, gRPC's TLS with
+  // mutual authentication (perf/grpc_credentials.h). Throws
+  // std::runtime_error when it cannot listen there or read a TLS file.
+  explicit GrpcTokenServer(const std::string& host, std::uint16_t port, const transport::TlsFiles& tls = {});
   GrpcTokenServer(const std::string& host, std::uint16_t port, GrpcPacing pacing);
   ~GrpcTokenServer();
 
@@ -68,9 +70,12 @@ struct GrpcTokenRound {
 // named, never a proxy the environment names.
 class GrpcTokenClient {
  public:
-  // Throws std::runtime_error naming the address when a channel is not
-  // connected within `timeout`.
-  GrpcTokenClient(const std::string& host, std::uint16_t port, int channels, std::chrono::milliseconds timeout);
+  // With `tls`, every channel runs gRPC's TLS with mutual authentication
+  // (perf/grpc_credentials.h). Throws std::runtime_error naming the address
+  // when a channel is not connected within `timeout` (a TLS handshake that
+  // fails included).
+  GrpcTokenClient(const std::string& host, std::uint16_t port, int channels, std::chrono::milliseconds timeout,
+                  const transport::TlsFiles& tls = {});
   ~GrpcTokenClient();
 
   GrpcTokenClient(const GrpcTokenClient&) = delete;

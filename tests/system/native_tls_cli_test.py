@@ -18,7 +18,7 @@ import time
 
 from gateway_cli_test import HttpServer, curl_sse, make_certificate, run_openai_client
 from native_cli_test import LIMIT_S, check, generate, run_scenario
-from perf_cli_test import PerfServer, perf_run
+from perf_cli_test import GRPC_NOT_BUILT, PerfServer, check_tokens_against_grpc, free_port, number, perf_run
 from router_cli_test import Router, Worker, frames_of, stop_all
 
 
@@ -199,26 +199,36 @@ def kv_transfer_over_tls(binary, env):
 
 def perf_over_tls(binary, env):
     """`fmwire perf serve` and `perf run` with TLS: tokens and a KV shard
-    measured over TLS (JSON rows named "(tls)"); a plaintext run against
-    the TLS server fails (exit 1)."""
+    measured over TLS (JSON rows named "(tls)"), each with --compare against
+    gRPC serving TLS from the same files (where gRPC is built in); a
+    plaintext run against the TLS server fails (exit 1)."""
     with tempfile.TemporaryDirectory() as folder:
         pki = Pki(folder)
-        server = PerfServer(binary, env, *pki.flags("perf-server"))
+        iperf3_port = free_port()  # kv --compare runs iperf3 too
+        server = PerfServer(binary, env, "--iperf3-port", str(iperf3_port), *pki.flags("perf-server"))
         try:
             client = pki.flags("perf-client")
             path = folder + "/tokens.json"
             tokens = perf_run(binary, env, server.endpoint, "--test", "tokens", "--repetitions", "2",
-                              "--frames", "100000", "--json", path, *client)
+                              "--frames", "100000", "--compare", "--json", path, *client)
             print(tokens.stdout, end="")
             check(tokens.returncode == 0, f"exit {tokens.returncode}: {tokens.stderr!r}")
             check("over TLS 1.3" in tokens.stdout, f"no TLS line in {tokens.stdout!r}")
             with open(path) as file:
-                names = [row["name"] for row in json.load(file)["results"]]
-            check(names and all(name.endswith(" (tls)") for name in names), f"JSON rows {names}")
+                rows = {row["name"]: row for row in json.load(file)["results"]}
+            check(rows and all(name.endswith(" (tls)") for name in rows), f"JSON rows {list(rows)}")
+            grpc_built = GRPC_NOT_BUILT not in tokens.stdout
+            if grpc_built:
+                # gRPC's client connected to gRPC's TLS server (with a plaintext
+                # client it would not have), and its rows have ratios.
+                check("gRPC's too, with the same certificates" in tokens.stdout, f"no gRPC TLS line: {tokens.stdout!r}")
+                check_tokens_against_grpc(tokens.stdout, {name[:-len(" (tls)")]: row for name, row in rows.items()})
             kv = perf_run(binary, env, server.endpoint, "--test", "kv", "--repetitions", "2", "--bytes",
-                          str(64 << 20), *client)
+                          str(64 << 20), "--compare", "--iperf3-port", str(iperf3_port), *client)
             print(kv.stdout, end="")
             check(kv.returncode == 0 and "fmwire GB/s" in kv.stdout, f"exit {kv.returncode}: {kv.stderr!r}")
+            if grpc_built:
+                check(number(kv.stdout, "gRPC GB/s") > 0, f"no gRPC GB/s over TLS in {kv.stdout!r}")
             plain = perf_run(binary, env, server.endpoint, "--test", "tokens", "--repetitions", "1",
                              "--frames", "1000", "--connect-timeout-ms", "3000")
             check(plain.returncode == 1, f"a plaintext perf run against TLS: exit {plain.returncode}")
