@@ -21,6 +21,12 @@
 // 4. Connections per second: connect, Hello exchange, close. Peer: raw TCP.
 // 5. Connection set-up with --auth-token-file: median connect-to-ready time
 //    with the shared-secret challenge and response, against without it.
+// 6. TLS (issue 15): token streaming as in 1 with every connection over TLS
+//    1.3 with mutual authentication, against fmwire without TLS (frames per
+//    CPU-second, target >= 0.7x) and against gRPC with TLS from the same
+//    certificates (target >= 5x); bulk bytes as in 3 over TLS against
+//    without (reported). Certificates are made at run time with the openssl
+//    command (tests/transport/test_pki.h) and removed at the end.
 //
 // Process layout, for every row: one process. fmwire's server loop runs on a
 // thread of its own, the client loop on the main thread; gRPC's server and
@@ -31,7 +37,7 @@
 //
 // Run: build/bench/bench_transport [--quick] [--repetitions N] [--json FILE]
 //        [--skip-grpc] [--skip-iperf] [--bulk-mib N] [--attachment-mib N]
-//        [--only tokens|latency|bulk|connect|connect-auth]
+//        [--only tokens|latency|bulk|connect|connect-auth|tls]
 //        [--backend uring|asio]
 // Ratios: > 1 means fmwire is better (ours / peer for rates, peer / ours for
 // CPU and latency).
@@ -45,6 +51,7 @@
 #include <vector>
 
 #include "bench_main.h"
+#include "test_pki.h"
 #include "bench_results.h"
 #include "transport_fmwire.h"
 #include "transport_iperf.h"
@@ -91,7 +98,8 @@ struct BenchSettings {
   int connect_total = 1000;
   int connect_concurrency = 128;
   int connect_setups = 500;  // connect-auth: connections timed each way
-  std::string only;  // empty: every section; else tokens, latency, bulk, connect or connect-auth
+  std::string only;  // empty: every section; else tokens, latency, bulk, connect, connect-auth or tls
+  std::size_t tls_chunk_bytes = 4u << 20;  // tls: the bulk rows' attachment size
 };
 
 BenchSettings quick_settings() {
@@ -401,6 +409,89 @@ void run_connect_auth(const BenchSettings& settings, std::vector<Comparison>& re
   std::printf("\n");
 }
 
+// ---------------------------------------------------------------- TLS
+
+// What TLS costs a token stream and a bulk transfer, and how that compares
+// with gRPC paying for TLS in the same way: every connection of both ends
+// over TLS, one process (server and client), CPU of the whole process.
+void run_tls(const BenchSettings& settings, std::vector<Comparison>& results) {
+  transport::test::TestPki pki;
+  const std::shared_ptr<const transport::TlsCredentials> tls = pki.credentials("bench-peer");
+  const transport::TlsFiles& files = tls->files();
+  std::printf("TLS: every connection over TLS 1.3 with mutual authentication (a CA and a P-256 certificate made now;\n");
+  std::printf("  fmwire: OpenSSL on the loop thread, %s; gRPC: its TLS credentials, the same files).\n",
+              transport::tls_engine_line().c_str());
+  std::printf("  Token streaming as above, median of %d rounds; frames per CPU-second: fmwire TLS / fmwire plain\n",
+              settings.repetitions);
+  std::printf("  (target >= 0.7x) and fmwire TLS / gRPC TLS (target >= 5x)\n");
+  std::printf("    %-26s %-20s %12s %13s %14s %14s\n", "shape", "transport", "frames/s", "CPU-s/Mframe", "vs plain",
+              "vs gRPC TLS");
+  for (const TokenShape& shape : settings.shapes) {
+    TokenShape fmwire_shape = shape;
+    fmwire_shape.frames_per_stream *= settings.fmwire_frames_factor;
+    std::optional<ThroughputSummary> grpc_plain, grpc_tls;
+#ifdef FMWIRE_HAVE_GRPC
+    if (!settings.skip_grpc) {
+      grpc_plain = summarize(grpc_token_throughput(shape, settings.repetitions));
+      grpc_tls = summarize(grpc_token_throughput(shape, settings.repetitions, files));
+    }
+#endif
+    const auto cpu_ratio = [](const ThroughputSummary& ours, const std::optional<ThroughputSummary>& peer) {
+      return peer ? std::optional(peer->cpu_s_per_million_frames / ours.cpu_s_per_million_frames) : std::nullopt;
+    };
+    const auto print_row = [&](const std::string& transport, const ThroughputSummary& summary,
+                               std::optional<double> vs_plain, std::optional<double> vs_grpc) {
+      std::printf("    %-26s %-20s %12.0f %13.3f %14s %14s\n", shape.label.c_str(), transport.c_str(),
+                  summary.frames_per_s, summary.cpu_s_per_million_frames, ratio_text(vs_plain).c_str(),
+                  ratio_text(vs_grpc).c_str());
+    };
+    for (const std::string& backend : settings.backends) {
+      const ThroughputSummary plain = summarize(fmwire_token_throughput(backend, fmwire_shape, settings.repetitions));
+      const ThroughputSummary ours =
+          summarize(fmwire_token_throughput(backend, fmwire_shape, settings.repetitions, tls));
+      const std::string label = "fmwire " + backend_label(backend);
+      print_row(label, plain, std::nullopt, std::nullopt);
+      print_row(label + " TLS", ours, cpu_ratio(ours, plain), cpu_ratio(ours, grpc_tls));
+      const std::string prefix = "tls_tokens_" + shape.key + "_" + backend + "_cpu_s_per_million_frames";
+      results.push_back(compare(prefix + "_vs_plain", ours.cpu_s_per_million_frames, "CPU-s/Mframe",
+                                plain.cpu_s_per_million_frames, "fmwire_plaintext", false));
+      results.push_back(compare(prefix + "_vs_grpc_tls", ours.cpu_s_per_million_frames, "CPU-s/Mframe",
+                                grpc_tls ? std::optional(grpc_tls->cpu_s_per_million_frames) : std::nullopt,
+                                "grpc_tls", false));
+    }
+    if (grpc_plain) print_row("gRPC", *grpc_plain, std::nullopt, std::nullopt);
+    if (grpc_tls) print_row("gRPC TLS", *grpc_tls, cpu_ratio(*grpc_tls, grpc_plain), std::nullopt);
+  }
+
+  const double mib = static_cast<double>(settings.bulk_bytes) / (1 << 20);
+  std::printf("  Bulk: %.0f MiB in %zu MiB KvChunk attachments as above, TLS and plaintext taken in turn, median of %d\n",
+              mib, settings.tls_chunk_bytes >> 20, settings.repetitions);
+  std::printf("    %-20s %8s %8s %10s %10s %10s\n", "transport", "GB/s", "vs plain", "user s/GB", "sys s/GB",
+              "CPU vs plain");
+  for (const std::string& backend : settings.backends) {
+    std::vector<BulkRun> plain_runs, tls_runs;
+    for (int repetition = 0; repetition < settings.repetitions; ++repetition) {
+      plain_runs.push_back(fmwire_bulk(backend, settings.tls_chunk_bytes, settings.bulk_bytes, 1).front());
+      tls_runs.push_back(fmwire_bulk(backend, settings.tls_chunk_bytes, settings.bulk_bytes, 1, 0, false, tls).front());
+    }
+    const BulkSummary plain = summarize(plain_runs);
+    const BulkSummary ours = summarize(tls_runs);
+    const double plain_cpu = plain.user_s_per_gb + plain.system_s_per_gb;
+    const double our_cpu = ours.user_s_per_gb + ours.system_s_per_gb;
+    const std::string label = "fmwire " + backend_label(backend);
+    std::printf("    %-20s %8.2f %8s %10.3f %10.3f %10s\n", label.c_str(), plain.bytes_per_s / 1e9, "-",
+                plain.user_s_per_gb, plain.system_s_per_gb, "-");
+    std::printf("    %-20s %8.2f %8s %10.3f %10.3f %10s\n", (label + " TLS").c_str(), ours.bytes_per_s / 1e9,
+                ratio_text(ours.bytes_per_s / plain.bytes_per_s).c_str(), ours.user_s_per_gb, ours.system_s_per_gb,
+                ratio_text(plain_cpu / our_cpu).c_str());
+    results.push_back(compare("tls_bulk_" + backend + "_gb_per_s", ours.bytes_per_s / 1e9, "GB/s",
+                              plain.bytes_per_s / 1e9, "fmwire_plaintext", true));
+    results.push_back(compare("tls_bulk_" + backend + "_cpu_s_per_gb", our_cpu, "CPU-s/GB", plain_cpu,
+                              "fmwire_plaintext", false));
+  }
+  std::printf("\n");
+}
+
 std::vector<Comparison> run(const BenchSettings& settings) {
   std::printf("bench/transport on 127.0.0.1, backends:");
   for (const std::string& backend : settings.backends) std::printf(" %s", backend_label(backend).c_str());
@@ -419,6 +510,7 @@ std::vector<Comparison> run(const BenchSettings& settings) {
   if (settings.only.empty() || settings.only == "bulk") run_bulk(settings, results);
   if (settings.only.empty() || settings.only == "connect") run_connect_rate(settings, results);
   if (settings.only.empty() || settings.only == "connect-auth") run_connect_auth(settings, results);
+  if (settings.only.empty() || settings.only == "tls") run_tls(settings, results);
   return results;
 }
 
@@ -438,7 +530,7 @@ int main(int argc, char** argv) {
       ("attachment-mib", po::value(&attachment_mib), "bulk: one attachment size only (default 1, 4 and 16)")
       ("skip-grpc", "leave out the gRPC peer")
       ("skip-iperf", "leave out the iperf3 peer")
-      ("only", po::value(&only), "run one section: tokens, latency, bulk, connect or connect-auth")
+      ("only", po::value(&only), "run one section: tokens, latency, bulk, connect, connect-auth or tls")
       ("backend", po::value(&backend), "run fmwire on one I/O backend only: uring or asio");
   const BenchProgram program{
       .name = "transport",
@@ -461,8 +553,8 @@ int main(int argc, char** argv) {
     settings.skip_grpc = values.count("skip-grpc") > 0;
     settings.skip_iperf = values.count("skip-iperf") > 0;
     if (!only.empty() && only != "tokens" && only != "latency" && only != "bulk" && only != "connect" &&
-        only != "connect-auth") {
-      throw UsageError("--only " + only + ": choose tokens, latency, bulk, connect or connect-auth");
+        only != "connect-auth" && only != "tls") {
+      throw UsageError("--only " + only + ": choose tokens, latency, bulk, connect, connect-auth or tls");
     }
     settings.only = only;
     if (!backend.empty()) {

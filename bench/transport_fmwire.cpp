@@ -130,11 +130,14 @@ class ReadyStamp final : public ConnectionHandler {
 
 // ---------------------------------------------------------------- runners
 
-std::vector<ThroughputRound> fmwire_token_throughput(const std::string& backend, const TokenShape& shape, int rounds) {
-  ServerThread server(backend, server_options({}), [](EventLoop& loop) {
+std::vector<ThroughputRound> fmwire_token_throughput(const std::string& backend, const TokenShape& shape, int rounds,
+                                                     std::shared_ptr<const transport::TlsCredentials> tls) {
+  ConnectionOptions options;
+  options.tls = tls;
+  ServerThread server(backend, server_options(options), [](EventLoop& loop) {
     return std::make_unique<TokenSource>(loop, TokenSourceOptions{});
   });
-  ClientConnections client(backend);
+  ClientConnections client(backend, tls);
   TokenSink sink(client.loop);
   client.connect("127.0.0.1", server.port(), shape.connections, {}, sink);
 
@@ -201,13 +204,16 @@ std::vector<LatencyRun> fmwire_token_latency(const std::string& backend, const L
 }
 
 std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_bytes, std::uint64_t total_bytes,
-                                 int repetitions, std::size_t zero_copy_min_bytes, bool register_source) {
+                                 int repetitions, std::size_t zero_copy_min_bytes, bool register_source,
+                                 std::shared_ptr<const transport::TlsCredentials> tls) {
   const ConnectionOptions options = bulk_options(chunk_bytes);
-  ServerThread server(backend, server_options(options), [](EventLoop&) { return std::make_unique<BulkSink>(); });
+  ConnectionOptions with_tls = options;
+  with_tls.tls = tls;
+  ServerThread server(backend, server_options(with_tls), [](EventLoop&) { return std::make_unique<BulkSink>(); });
 
   const std::vector<std::byte> source = perf::bulk_source_bytes(chunk_bytes);
 
-  ClientConnections client(backend, nullptr, transport::UringOptions{.zero_copy_min_bytes = zero_copy_min_bytes});
+  ClientConnections client(backend, tls, transport::UringOptions{.zero_copy_min_bytes = zero_copy_min_bytes});
   if (register_source && !client.loop.register_memory(std::as_bytes(std::span(source)))) {
     throw std::runtime_error("fmwire: the ring refused to register the " + std::to_string(chunk_bytes >> 20) +
                              " MiB source buffer");

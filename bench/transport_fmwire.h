@@ -8,17 +8,21 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "transport/tls_credentials.h"
 #include "transport_measure.h"
 
 namespace fmwire::bench {
 
 // A warm-up round, then `rounds` measured rounds of `shape` over the same
 // connections. Throws std::runtime_error when a stream fails or a frame is
-// missing or wrong.
-std::vector<ThroughputRound> fmwire_token_throughput(const std::string& backend, const TokenShape& shape, int rounds);
+// missing or wrong. With `tls`, both ends run TLS 1.3 with mutual
+// authentication from those credentials (one certificate for both ends).
+std::vector<ThroughputRound> fmwire_token_throughput(const std::string& backend, const TokenShape& shape, int rounds,
+                                                     std::shared_ptr<const transport::TlsCredentials> tls = nullptr);
 
 // `repetitions` paced streams, one after another on one connection, the
 // first plan.warmup_frames of each left out: a pacer thread sleeps until each
@@ -33,9 +37,11 @@ std::vector<LatencyRun> fmwire_token_latency(const std::string& backend, const L
 // reference (no copy into the send queue); on io_uring, writes of
 // `zero_copy_min_bytes` or more are zero-copy sends (0: none), and with
 // `register_source` the buffer they come from is registered with the ring
-// (fixed buffers; throws when the ring refuses).
+// (fixed buffers; throws when the ring refuses). With `tls`, over TLS 1.3
+// with mutual authentication.
 std::vector<BulkRun> fmwire_bulk(const std::string& backend, std::size_t chunk_bytes, std::uint64_t total_bytes,
-                                 int repetitions, std::size_t zero_copy_min_bytes = 0, bool register_source = false);
+                                 int repetitions, std::size_t zero_copy_min_bytes = 0, bool register_source = false,
+                                 std::shared_ptr<const transport::TlsCredentials> tls = nullptr);
 
 // `total` connections to one server, `concurrency` at a time: each wave is
 // connected, brought through the Hello exchange and closed before the next

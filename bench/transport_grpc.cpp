@@ -10,9 +10,9 @@ using namespace std::chrono_literals;
 
 std::string grpc_version() { return perf::grpc_version(); }
 
-std::vector<ThroughputRound> grpc_token_throughput(const TokenShape& shape, int rounds) {
-  perf::GrpcTokenServer server("127.0.0.1", 0);
-  perf::GrpcTokenClient client("127.0.0.1", server.port(), shape.connections, 10'000ms);
+std::vector<ThroughputRound> grpc_token_throughput(const TokenShape& shape, int rounds, const transport::TlsFiles& tls) {
+  perf::GrpcTokenServer server("127.0.0.1", 0, tls);
+  perf::GrpcTokenClient client("127.0.0.1", server.port(), shape.connections, 10'000ms, tls);
   std::vector<ThroughputRound> results;
   for (int round = -1; round < rounds; ++round) {  // round -1 warms up
     const perf::GrpcTokenRound measured =

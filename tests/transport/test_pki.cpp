@@ -2,18 +2,18 @@
 
 #include <stdlib.h>
 
-#include <doctest/doctest.h>
-
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <stdexcept>
 
 namespace fmwire::transport::test {
 namespace {
 
 void run(const std::string& command) {
-  INFO(command);
-  REQUIRE(std::system((command + " >/dev/null 2>&1").c_str()) == 0);
+  if (std::system((command + " >/dev/null 2>&1").c_str()) != 0) {
+    throw std::runtime_error("test PKI: failed: " + command);
+  }
 }
 
 const std::string kNewKey = "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 ";
@@ -23,10 +23,15 @@ const std::string kNewKey = "openssl req -newkey ec -pkeyopt ec_paramgen_curve:p
 TestPki::TestPki() {
   // mkdtemp's template: the X's become a unique name, made 0700.
   std::string pattern = (std::filesystem::temp_directory_path() / "fmwire-native-tls-XXXXXX").string();
-  REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+  if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("test PKI: mkdtemp " + pattern + " failed");
   folder_ = pattern;
-  make_ca("ca");
-  make_ca("other-ca");
+  try {
+    make_ca("ca");
+    make_ca("other-ca");
+  } catch (...) {
+    std::filesystem::remove_all(folder_);
+    throw;
+  }
 }
 
 TestPki::~TestPki() { std::filesystem::remove_all(folder_); }
@@ -48,7 +53,7 @@ TlsFiles TestPki::peer(const std::string& name, const std::string& ca) {
 
 std::shared_ptr<const TlsCredentials> TestPki::credentials(const std::string& name, const std::string& ca) {
   auto loaded = TlsCredentials::load(peer(name, ca));
-  REQUIRE_MESSAGE(loaded, (loaded ? std::string() : loaded.error()));
+  if (!loaded) throw std::runtime_error("test PKI: " + name + "'s credentials did not load: " + loaded.error());
   return *loaded;
 }
 
