@@ -16,6 +16,7 @@
 
 #include "python/client_core.h"
 #include "python/stream_queue.h"
+#include "transport/auth_token.h"
 #include "transport/tls_credentials.h"
 
 namespace py = pybind11;
@@ -223,9 +224,16 @@ std::vector<transport::Endpoint> endpoints_of(const std::vector<std::string>& te
 }
 
 std::shared_ptr<ClientCore> connect_core(const std::vector<std::string>& endpoints, double connect_timeout_s,
-                                    const std::string& backend, const std::vector<std::string>& tls_files) {
+                                    const std::string& backend, const std::vector<std::string>& tls_files,
+                                    const std::string& auth_token_file) {
   ClientOptions options;
   options.backend = backend;
+  if (!auth_token_file.empty()) {
+    // The shared secret the workers and routers were given (--auth-token-file).
+    auto token = transport::AuthToken::read_file(auth_token_file);
+    if (!token) throw py::value_error("auth_token_file: " + token.error());
+    options.connection.auth_token = std::move(*token);
+  }
   if (!tls_files.empty()) {
     // (CA, certificate, key): TLS 1.3 with mutual authentication.
     if (tls_files.size() != 3) throw py::value_error("tls must be (ca_file, cert_file, key_file)");
@@ -331,7 +339,7 @@ PYBIND11_MODULE(_fmwire, m) {
 
   py::class_<ClientCore, std::shared_ptr<ClientCore>>(m, "Core", "One fmwire::Client and its loop thread.")
       .def(py::init(&connect_core), py::arg("endpoints"), py::arg("connect_timeout_s"), py::arg("backend"),
-           py::arg("tls_files"))
+           py::arg("tls_files"), py::arg("auth_token_file"))
       .def("generate", &generate, py::arg("prompt"), py::arg("prompt_token_ids"), py::arg("max_tokens"),
            py::arg("temperature"), py::arg("top_p"), py::arg("seed"), py::arg("stop"), py::arg("timeout_us"),
            py::arg("priority"), py::arg("request_id"), py::arg("model"), py::arg("notifier").none(true))

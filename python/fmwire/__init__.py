@@ -132,9 +132,11 @@ class Client:
     epoll), "uring" or "asio". tls: (ca_file, cert_file, key_file), PEM
     files for TLS 1.3 with mutual authentication (the peer's certificate
     must chain to the CA; a refusal either way raises Unauthorized); None:
-    plaintext. Close it with close() or `with`."""
+    plaintext. auth_token_file: the file of the shared secret the servers
+    were given (--auth-token-file), proved in the Hello exchange; a wrong
+    or missing one raises Unauthorized. Close it with close() or `with`."""
 
-    def __init__(self, endpoints, *, connect_timeout=5.0, backend="", tls=None):
+    def __init__(self, endpoints, *, connect_timeout=5.0, backend="", tls=None, auth_token_file=None):
         endpoints = _endpoint_list(endpoints)
         connect_timeout = _number("connect_timeout", connect_timeout)
         if connect_timeout <= 0:
@@ -146,7 +148,14 @@ class Client:
         elif (not isinstance(tls, (tuple, list)) or len(tls) != 3
               or not all(isinstance(path, (str, os.PathLike)) for path in tls)):
             raise TypeError(f"tls must be (ca_file, cert_file, key_file), not {tls!r}")
-        self._core = _fmwire.Core(endpoints, connect_timeout, backend, [os.fspath(path) for path in tls])
+        if auth_token_file is None:
+            auth_token_file = ""
+        elif isinstance(auth_token_file, (str, os.PathLike)) and os.fspath(auth_token_file):
+            auth_token_file = os.fspath(auth_token_file)
+        else:
+            raise TypeError(f"auth_token_file must be a file's path, not {auth_token_file!r}")
+        self._core = _fmwire.Core(endpoints, connect_timeout, backend, [os.fspath(path) for path in tls],
+                                  auth_token_file)
         self._hubs = weakref.WeakKeyDictionary()  # asyncio loop -> _Hub
 
     def generate(self, prompt, *, max_tokens=16, temperature=0.0, top_p=1.0, seed=None, stop=None, timeout=None,

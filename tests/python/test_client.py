@@ -408,3 +408,30 @@ def test_tls_client_streams_and_one_from_another_ca_is_unauthorized(start, tmp_p
         fmwire.Client(tls_worker.endpoint, tls=rogue, connect_timeout=5)
     with pytest.raises(TypeError, match="tls must be"):
         fmwire.Client(tls_worker.endpoint, tls=(ca[0],))
+
+
+def test_auth_token_file_is_proved_and_a_wrong_or_missing_one_is_unauthorized(start, tmp_path):
+    secret, wrong = tmp_path / "token", tmp_path / "wrong"
+    secret.write_text("a shared secret of 32 bytes ....\n")
+    wrong.write_text("another secret, of 32 bytes ....\n")
+    guarded = start("worker", "--model", "builtin", "--auth-token-file", str(secret))
+    with fmwire.Client(guarded.endpoint, auth_token_file=secret) as client:
+        assert "".join(chunk.text for chunk in client.generate("Hello", max_tokens=8))
+    with pytest.raises(fmwire.Unauthorized, match="auth refused"):
+        fmwire.Client(guarded.endpoint, auth_token_file=str(wrong), connect_timeout=5)
+    with pytest.raises(fmwire.Unauthorized, match="auth refused"):
+        fmwire.Client(guarded.endpoint, connect_timeout=5)
+    # The worker served the right token after refusing the others.
+    with fmwire.Client(guarded.endpoint, auth_token_file=str(secret)) as client:
+        assert "".join(chunk.text for chunk in client.generate("Hello", max_tokens=8))
+
+
+def test_bad_auth_token_files_are_refused(worker, tmp_path):
+    short = tmp_path / "short"
+    short.write_text("too short")
+    with pytest.raises(ValueError, match="at least 16"):
+        fmwire.Client(worker.endpoint, auth_token_file=short)
+    with pytest.raises(ValueError, match="auth_token_file: .*missing"):
+        fmwire.Client(worker.endpoint, auth_token_file=tmp_path / "missing")
+    with pytest.raises(TypeError, match="auth_token_file must be"):
+        fmwire.Client(worker.endpoint, auth_token_file=42)
