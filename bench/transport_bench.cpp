@@ -418,9 +418,8 @@ void run_tls(const BenchSettings& settings, std::vector<Comparison>& results) {
   transport::test::TestPki pki;
   const std::shared_ptr<const transport::TlsCredentials> tls = pki.credentials("bench-peer");
   const transport::TlsFiles& files = tls->files();
-  std::printf("TLS: every connection over TLS 1.3 with mutual authentication (a CA and a P-256 certificate made now;\n");
-  std::printf("  fmwire: OpenSSL on the loop thread, %s; gRPC: its TLS credentials, the same files).\n",
-              transport::tls_engine_line().c_str());
+  std::printf("TLS: every connection over TLS 1.3 with mutual authentication, a CA and a P-256 certificate made now;\n");
+  std::printf("  fmwire: %s;\n  gRPC: its TLS credentials, from the same files\n", transport::tls_engine_line().c_str());
   std::printf("  Token streaming as above, median of %d rounds; frames per CPU-second: fmwire TLS / fmwire plain\n",
               settings.repetitions);
   std::printf("  (target >= 0.7x) and fmwire TLS / gRPC TLS (target >= 5x)\n");
