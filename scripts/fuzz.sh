@@ -65,13 +65,15 @@ fuzz() {
   local corpus=$build/corpus-$target log=$build/fuzz-$target.log
   local seeds=tests/fuzz/corpus/$target
   mkdir -p "$corpus"
+  # One ninja at a time in the build folder: test.sh runs two targets at once.
   if [[ $target == frame_decoder ]]; then
-    ninja -C "$build" tests/fuzz/frame_decoder_fuzz tests/fuzz/frame_corpus_writer >/dev/null || return 1
+    flock "$build/.fuzz-build.lock" ninja -C "$build" tests/fuzz/frame_decoder_fuzz tests/fuzz/frame_corpus_writer \
+      >/dev/null || return 1
     seeds=$build/corpus-frame_decoder-seeds
     mkdir -p "$seeds"
     "$build/tests/fuzz/frame_corpus_writer" "$seeds" || return 1
   else
-    ninja -C "$build" "tests/fuzz/${target}_fuzz" >/dev/null || return 1
+    flock "$build/.fuzz-build.lock" ninja -C "$build" "tests/fuzz/${target}_fuzz" >/dev/null || return 1
   fi
   # New inputs go to the first folder, never into the checked-in seeds;
   # -rss_limit_mb bounds memory.

@@ -133,11 +133,26 @@ stage "fuzz: build (begun in the background)"
 wait "$fuzz_building" || true  # a target that did not build fails its own case below
 cat build-fuzz.stage.log
 
-# One case per fuzz target, each its own run of scripts/fuzz.sh.
-for target in $(bash scripts/fuzz.sh --list); do
-  stage "fuzz $target"
-  bash scripts/fuzz.sh "${FMWIRE_FUZZ_SECONDS:-30}" "$target"
-  results+=("fuzz $target=$?")
+# One case per fuzz target, each its own run of scripts/fuzz.sh, two at a
+# time: libFuzzer runs on one thread, so each of two targets side by side
+# has a core of its own for its whole time, as it would alone.
+mapfile -t fuzz_targets < <(bash scripts/fuzz.sh --list)
+mkdir -p build-fuzz
+for ((i = 0; i < ${#fuzz_targets[@]}; i += 2)); do
+  pair=("${fuzz_targets[@]:i:2}")
+  stage "fuzz ${pair[*]}"
+  pids=()
+  for target in "${pair[@]}"; do
+    bash scripts/fuzz.sh "${FMWIRE_FUZZ_SECONDS:-30}" "$target" >"build-fuzz/run-$target.out" 2>&1 &
+    pids+=($!)
+  done
+  for j in "${!pair[@]}"; do
+    status=0
+    wait "${pids[j]}" || status=$?
+    echo "-- fuzz ${pair[j]}"
+    cat "build-fuzz/run-${pair[j]}.out"
+    results+=("fuzz ${pair[j]}=$status")
+  done
 done
 
 stage "instruction gate"
