@@ -13,6 +13,7 @@
 
 #include "log/log.h"
 #include "transport/endpoint.h"
+#include "transport/openssl_errors.h"
 
 namespace fmwire::transport {
 namespace {
@@ -44,17 +45,6 @@ class TlsCategory final : public std::error_category {
   }
 };
 
-// OpenSSL's reasons for the last failure, oldest first, then cleared.
-std::string openssl_errors() {
-  std::string text;
-  while (const unsigned long code = ERR_get_error()) {
-    char buffer[256];
-    ERR_error_string_n(code, buffer, sizeof buffer);
-    if (!text.empty()) text += "; ";
-    text += buffer;
-  }
-  return text;
-}
 
 // What the first queued OpenSSL error says about who refused what.
 TlsError classify(bool handshake_done) {

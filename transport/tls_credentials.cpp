@@ -6,22 +6,9 @@
 #include <fstream>
 #include <sstream>
 
+#include "transport/openssl_errors.h"
+
 namespace fmwire::transport {
-namespace {
-
-// OpenSSL's reasons for the last failure, oldest first, then cleared.
-std::string openssl_errors() {
-  std::string text;
-  while (const unsigned long code = ERR_get_error()) {
-    char buffer[256];
-    ERR_error_string_n(code, buffer, sizeof buffer);
-    if (!text.empty()) text += "; ";
-    text += buffer;
-  }
-  return text.empty() ? std::string("no reason given") : text;
-}
-
-}  // namespace
 
 codec::Result<std::shared_ptr<const TlsCredentials>, std::string> TlsCredentials::load(const TlsFiles& files) {
   if (files.ca_file.empty() || files.cert_file.empty() || files.key_file.empty()) {
