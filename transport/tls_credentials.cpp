@@ -2,6 +2,8 @@
 
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
 
 #include <fstream>
 #include <sstream>
@@ -53,6 +55,24 @@ codec::Result<std::shared_ptr<const TlsCredentials>, std::string> TlsCredentials
   SSL_CTX_set_session_cache_mode(context, SSL_SESS_CACHE_OFF);
   // Read whole records at once from what the socket delivered.
   SSL_CTX_set_read_ahead(context, 1);
+  // OpenSSL decodes a certificate's extensions (its key identifiers among
+  // them) the first time a verification needs them and keeps them in the
+  // X509, which every loop's handshakes share for the CA and this side's
+  // certificate. ThreadSanitizer caught two loops' handshakes meeting
+  // there (one writing the cache under the certificate's lock, another
+  // reading the key identifier without it), so the cache of every shared
+  // certificate is filled now, on this thread, before any loop uses it.
+  STACK_OF(X509_OBJECT)* trusted = X509_STORE_get0_objects(SSL_CTX_get_cert_store(context));
+  for (int i = 0; i < sk_X509_OBJECT_num(trusted); ++i) {
+    if (X509* certificate = X509_OBJECT_get0_X509(sk_X509_OBJECT_value(trusted, i))) {
+      (void)X509_check_purpose(certificate, -1, 0);
+    }
+  }
+  if (X509* own = SSL_CTX_get0_certificate(context)) (void)X509_check_purpose(own, -1, 0);
+  STACK_OF(X509)* chain = nullptr;
+  if (SSL_CTX_get0_chain_certs(context, &chain) == 1 && chain != nullptr) {
+    for (int i = 0; i < sk_X509_num(chain); ++i) (void)X509_check_purpose(sk_X509_value(chain, i), -1, 0);
+  }
   return credentials;
 }
 
