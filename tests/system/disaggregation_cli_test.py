@@ -131,6 +131,12 @@ class Topology:
             # more; a gateway that is really gone fails again.
             time.sleep(0.01)
             _, page = http(self.gateway.url + "/metrics")
+        except ConnectionRefusedError:
+            # Nothing listens: the gateway is gone. A Failure, so that the
+            # scenario says how it ended (its exit code and stderr) rather
+            # than a bare traceback, as CI's TSan run once had it.
+            code = self.gateway.process.poll()
+            raise Failure(f"the gateway refused /metrics: it {'exited with ' + str(code) if code is not None else 'runs'}")
         return {name: {key: metric(page, f'fmwire_gateway_worker_{key}{{worker="{worker.endpoint}"}}')
                        for key in WORKER_LOAD}
                 for name, worker in (("prefill", self.prefill), ("decode", self.decode))}
