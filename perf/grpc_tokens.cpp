@@ -245,7 +245,8 @@ GrpcTokenClient::GrpcTokenClient(const std::string& host, std::uint16_t port, in
   state_->address = grpc_address(host, port);
   const std::shared_ptr<grpc::ChannelCredentials> credentials = grpc_channel_credentials(tls);
   for (int i = 0; i < channels; ++i) {
-    state_->stubs.push_back(pb::TokenStream::NewStub(connect_channel(state_->address, i, timeout, credentials)));
+    const std::shared_ptr<grpc::Channel> channel = connect_channel(state_->address, i, timeout, credentials);
+    state_->stubs.push_back(pb::TokenStream::NewStub(channel));
   }
 }
 
