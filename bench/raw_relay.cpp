@@ -9,6 +9,8 @@
 #include <array>
 #include <chrono>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -167,6 +169,85 @@ std::vector<double> raw_ping_pong_us(int round_trips, int warm_up) {
   server.join();
   if (!problem.empty()) throw std::runtime_error(problem);
   return round_trip_us;
+}
+
+std::vector<double> raw_paced_hop_us(int messages, std::chrono::microseconds gap, bool hand_off) {
+  using Clock = std::chrono::steady_clock;
+  auto [listener, port] = listen_on_loopback("raw paced hop", 1);
+  Socket sender(connect_loopback(port));
+  if (sender.get() < 0) throw failure("connect");
+  Socket receiver(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+  if (receiver.get() < 0) throw failure("accept4");
+  no_delay(receiver.get());
+  Socket wake(::eventfd(0, EFD_CLOEXEC | EFD_SEMAPHORE));  // one read per message handed off
+  if (wake.get() < 0) throw failure("eventfd");
+
+  // The message carries the time it was made; the receiver subtracts it.
+  const auto send_made = [fd = sender.get()](Clock::time_point made) {
+    std::array<std::byte, kPingBytes> message{};
+    std::memcpy(message.data(), &made, sizeof made);
+    return transfer_all(fd, message.data(), message.size(), true);
+  };
+  std::vector<double> one_way_us(static_cast<std::size_t>(messages));
+  int received = 0;  // the receiving thread's until it is joined
+  std::thread receiving([&, fd = receiver.get()] {
+    std::array<std::byte, kPingBytes> message{};
+    for (double& latency : one_way_us) {
+      if (!transfer_all(fd, message.data(), message.size(), false)) return;
+      ++received;
+      const Clock::time_point arrived = Clock::now();
+      Clock::time_point made;
+      std::memcpy(&made, message.data(), sizeof made);
+      latency = std::chrono::duration<double, std::micro>(arrived - made).count();
+    }
+  });
+  std::mutex handed_mutex;
+  std::deque<Clock::time_point> handed;  // made, not yet sent: the sending thread's queue
+  std::thread sending;
+  if (hand_off) {
+    sending = std::thread([&] {
+      for (int i = 0; i < messages; ++i) {
+        std::uint64_t count = 0;
+        if (::read(wake.get(), &count, sizeof count) != sizeof count) return;
+        Clock::time_point made;
+        {
+          std::lock_guard lock(handed_mutex);
+          if (handed.empty()) return;  // woken with nothing handed: the pacing thread gave up
+          made = handed.front();
+          handed.pop_front();
+        }
+        if (!send_made(made)) return;
+      }
+    });
+  }
+  bool sent_all = true;
+  Clock::time_point next = Clock::now();
+  for (int i = 0; i < messages && sent_all; ++i) {
+    next += gap;
+    std::this_thread::sleep_until(next);
+    const Clock::time_point made = Clock::now();
+    if (hand_off) {
+      {
+        std::lock_guard lock(handed_mutex);
+        handed.push_back(made);
+      }
+      const std::uint64_t one = 1;
+      sent_all = ::write(wake.get(), &one, sizeof one) == sizeof one;
+    } else {
+      sent_all = send_made(made);
+    }
+  }
+  if (sending.joinable()) {
+    if (!sent_all) {
+      const std::uint64_t one = 1;
+      [[maybe_unused]] const auto written = ::write(wake.get(), &one, sizeof one);
+    }
+    sending.join();
+  }
+  ::shutdown(sender.get(), SHUT_RDWR);  // a receiver still waiting (a send failed) ends
+  receiving.join();
+  if (!sent_all || received != messages) throw failure("paced hop: a message did not arrive");
+  return one_way_us;
 }
 
 }  // namespace fmwire::bench

@@ -1,9 +1,11 @@
 // The floors bench/router measures its hop against, on 127.0.0.1: a plain
-// TCP forwarder (what a relay costs with no framing at all), and a 64-byte
-// ping-pong (what one raw one-way hop costs).
+// TCP forwarder (what a relay costs with no framing at all), a 64-byte
+// ping-pong (what one raw one-way hop costs), and paced one-way messages
+// (what a hop costs when, like a token, it comes after the threads slept).
 #pragma once
 
 #include <cstddef>
+#include <chrono>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -47,5 +49,14 @@ class RawRelay {
 // echoed by a server thread over one TCP connection on 127.0.0.1 (blocking
 // sockets, TCP_NODELAY), after `warm_up` untimed ones.
 std::vector<double> raw_ping_pong_us(int round_trips, int warm_up);
+
+// One-way times, in microseconds, of `messages` 64-byte messages sent one
+// every `gap` over one TCP connection on 127.0.0.1 (blocking sockets,
+// TCP_NODELAY), from the time a pacing thread wakes to make one to the time
+// a receiving thread has it whole. `hand_off`: the pacing thread hands each
+// message to a sending thread through an eventfd, as a worker's engine
+// thread hands a step's tokens to its loop thread; without, it sends them
+// itself. Throws std::runtime_error when a socket call fails.
+std::vector<double> raw_paced_hop_us(int messages, std::chrono::microseconds gap, bool hand_off);
 
 }  // namespace fmwire::bench

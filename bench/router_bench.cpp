@@ -32,6 +32,13 @@
 //      and p99); and a raw one-way hop, half the p50 round trip of a 64-byte
 //      ping-pong over blocking sockets, for the direct path's p50 (target:
 //      <= 2x). Ratios are the floor's / the router's (or direct path's).
+//      Two more floors for the direct path, paced like its tokens (64-byte
+//      messages a step apart, blocking sockets): a raw one-way hop, and the
+//      same after a hand-off from the pacing thread to a sending thread
+//      through an eventfd (the engine thread to the loop thread). A thread
+//      that slept a step wakes slower than a ping-pong's (on this VM, a
+//      halted vCPU is woken by the host); these say how much of the direct
+//      path's time that is.
 // 2. Policies, cache hits: three workers with the built-in CPU model, R
 //    requests of 4 shared 64-token prefixes (BOS included: 4 KV blocks) and a
 //    unique ending, max_tokens 4, C at once; prefix-affinity against
@@ -126,6 +133,7 @@ struct BenchSettings {
   StreamShape throughput{32, 500, 0us};
   StreamShape latency{16, 500, 1000us};    // hop cost: per-token latency
   int ping_pongs = 20000;                  // hop cost: raw one-way hop, round trips a repetition
+  int paced_hops = 1000;                   // hop cost: raw paced hops, messages a repetition (each kind)
   std::uint32_t prefix_requests = 60;      // cache hits
   std::uint32_t prefix_concurrency = 4;
   std::uint32_t deadline_requests = 120;   // goodput
@@ -147,6 +155,7 @@ BenchSettings quick_settings() {
   settings.throughput = {4, 200, 0us};
   settings.latency = {4, 20, 1000us};
   settings.ping_pongs = 1000;
+  settings.paced_hops = 50;
   settings.prefix_requests = 12;
   settings.deadline_requests = 15;
   settings.disaggregation_run = 1500ms;
@@ -375,7 +384,7 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
   }
   std::vector<double> direct_frames, router_frames, direct_per_frame, router_per_frame, router_cpu, worker_cpu,
       router_capacity, direct_p50, router_p50, direct_p99, router_p99, added_p50, added_p99, relay_added_p50,
-      relay_added_p99, ping_pong_p50, ping_pong_p99;
+      relay_added_p99, ping_pong_p50, ping_pong_p99, paced_hop_p50, handed_hop_p50;
   for (int i = 0; i < settings.repetitions; ++i) {
     const HopRun direct = run_hop(fast, Hop::direct);
     const HopRun routed = run_hop(fast, Hop::router);
@@ -402,6 +411,10 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
     std::vector<double> round_trips = raw_ping_pong_us(settings.ping_pongs, settings.ping_pongs / 10);
     ping_pong_p50.push_back(perf::percentile(round_trips, 0.50));
     ping_pong_p99.push_back(perf::percentile(round_trips, 0.99));
+    std::vector<double> paced_hops = raw_paced_hop_us(settings.paced_hops, paced.step_time, false);
+    paced_hop_p50.push_back(perf::percentile(paced_hops, 0.50));
+    std::vector<double> handed_hops = raw_paced_hop_us(settings.paced_hops, paced.step_time, true);
+    handed_hop_p50.push_back(perf::percentile(handed_hops, 0.50));
   }
   const double frames_direct = median(direct_frames), frames_routed = median(router_frames);
   const double cpu_router = median(router_cpu), cpu_worker = median(worker_cpu);
@@ -412,6 +425,7 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
   const double relay_added_median_p50 = median(relay_added_p50), relay_added_median_p99 = median(relay_added_p99);
   const double round_trip_p50 = median(ping_pong_p50), round_trip_p99 = median(ping_pong_p99);
   const double one_way_p50 = round_trip_p50 / 2;
+  const double paced_p50 = median(paced_hop_p50), handed_p50 = median(handed_hop_p50);
 
   print_table_header();
   const std::string throughput_shape = std::to_string(fast.streams) + " x " + std::to_string(fast.stream_tokens) +
@@ -438,6 +452,11 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
   add_row(results, "raw TCP 64-byte ping-pong round trip, p99", round_trip_p99, "us", "none", 0, 0);
   add_row(results, "token latency direct, step end to client, p50, " + latency_shape, p50_direct, "us",
           "raw TCP one-way hop (ping-pong p50 / 2)", one_way_p50, p50_direct > 0 ? one_way_p50 / p50_direct : 0);
+  const std::string gap = std::to_string(paced.step_time.count()) + " us apart";
+  add_row(results, "token latency direct, step end to client, p50, " + latency_shape, p50_direct, "us",
+          "raw TCP one-way hop, 64 B " + gap + ", p50", paced_p50, p50_direct > 0 ? paced_p50 / p50_direct : 0);
+  add_row(results, "token latency direct, step end to client, p50, " + latency_shape, p50_direct, "us",
+          "raw hand-off + TCP hop, 64 B " + gap + ", p50", handed_p50, p50_direct > 0 ? handed_p50 / p50_direct : 0);
   const double kept = frames_routed / frames_direct;
   std::printf("  via router / direct frames/s %.3f: %s the 0.8 target (tokens per frame: %.2f via router, %.2f "
               "direct); one router core relays %.2fx the direct path's frames/s\n",
@@ -466,6 +485,15 @@ void bench_hop_cost(const BenchSettings& settings, std::vector<Comparison>& resu
               "p50 %.1f us / 2): %s the 2x target\n",
               p50_direct, times(p50_direct, one_way_p50).c_str(), one_way_p50, round_trip_p50,
               against(p50_direct, one_way_p50, 2.0));
+  // The ping-pong's threads never sleep long; a token's do (a step apart).
+  // These floors pace raw messages the same way: what waking a sleeping
+  // thread (often on a halted vCPU) costs, without and with the hand-off
+  // from a pacing thread to a sending one that the worker's engine thread
+  // makes to its loop thread.
+  std::printf("  paced floors, %s: a raw one-way hop p50 %.1f us (direct is %s it); with a thread hand-off before "
+              "the hop (eventfd, as engine to loop) %.1f us (direct is %s it)\n",
+              gap.c_str(), paced_p50, times(p50_direct, paced_p50).c_str(), handed_p50,
+              times(p50_direct, handed_p50).c_str());
 }
 
 // ---------------------------------------------------------------- 2. cache hits
