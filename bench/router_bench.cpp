@@ -38,7 +38,9 @@
 //      through an eventfd (the engine thread to the loop thread). A thread
 //      that slept a step wakes slower than a ping-pong's (on this VM, a
 //      halted vCPU is woken by the host); these say how much of the direct
-//      path's time that is.
+//      path's time that is. The worker's engine thread sends a small step's
+//      tokens itself when its loop waits (a lent turn, worker_service.h):
+//      FMWIRE_URING_ABLATE=no-lent-turns measures the path without.
 // 2. Policies, cache hits: three workers with the built-in CPU model, R
 //    requests of 4 shared 64-token prefixes (BOS included: 4 KV blocks) and a
 //    unique ending, max_tokens 4, C at once; prefix-affinity against

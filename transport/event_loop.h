@@ -41,6 +41,9 @@ class EventLoop {
   void run() { backend_->run(); }
   void stop() { backend_->stop(); }
   void post(std::function<void()> fn) { backend_->post(std::move(fn)); }
+  // Runs fn as a turn of this loop on the calling thread if the loop is
+  // waiting (IoBackend::try_run_turn); false: post() instead.
+  bool try_run_turn(const std::function<void()>& fn) { return backend_->try_run_turn(fn); }
   // Memory attachments are sent from by reference, for the backend to
   // register once (IoBackend::register_memory).
   bool register_memory(std::span<const std::byte> memory) { return backend_->register_memory(memory); }

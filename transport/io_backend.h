@@ -94,6 +94,19 @@ class IoBackend {
   // frames that arrive while a write is in flight leave together.
   virtual void set_before_wait(std::function<void()> hook) = 0;
 
+  // From another thread: when the loop is waiting (none of its turn is
+  // under way), runs fn as one loop turn on the calling thread, the loop
+  // kept out meanwhile, and returns true: fn may do anything a loop-thread
+  // callback may, and what it queues is flushed before this returns, sent
+  // from this thread where the backend can. False (fn not run) when the
+  // loop is busy, not running, or the backend cannot lend its turns: then
+  // post(). A thread that has work for the loop at an instant it sleeps
+  // (an engine's step end) saves the loop's wake-up. Thread-safe.
+  virtual bool try_run_turn(const std::function<void()>& fn) {
+    (void)fn;
+    return false;
+  }
+
   // Runs until stop(). stop() is thread-safe; a stop ends one run (the one
   // under way, or the next if none is), so run() may be called again.
   virtual void run() = 0;

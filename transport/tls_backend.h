@@ -72,6 +72,8 @@ class TlsBackend final : public IoBackend {
   }
   void cancel(TimerId timer) override { inner_->cancel(timer); }
   void post(std::function<void()> fn) override { inner_->post(std::move(fn)); }
+  // The inner loop's turn, whose sends come back through this one's.
+  bool try_run_turn(const std::function<void()>& fn) override { return inner_->try_run_turn(fn); }
   void set_before_wait(std::function<void()> hook) override { inner_->set_before_wait(std::move(hook)); }
   void run() override { inner_->run(); }
   void stop() override { inner_->stop(); }

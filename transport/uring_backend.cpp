@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -99,9 +100,12 @@ void apply_ablations(UringOptions& options) {
       options.multishot_receive = false;
     } else if (word == "single-shot-accept") {
       options.multishot_accept = false;
+    } else if (word == "no-lent-turns") {
+      options.lend_turns = false;
     } else if (!word.empty()) {
       throw std::invalid_argument("FMWIRE_URING_ABLATE: unknown feature '" + std::string(word) +
-                                  "' (unbatched, no-coop-taskrun, small-buffers, single-shot-receive, single-shot-accept)");
+                                  "' (unbatched, no-coop-taskrun, small-buffers, single-shot-receive, "
+                                  "single-shot-accept, no-lent-turns)");
     }
     begin = end + 1;
   }
@@ -330,7 +334,32 @@ void UringBackend::send(int fd, std::span<const iovec> buffers) {
   if (socket->sending) throw std::logic_error("io_uring: send() while a send is in flight on this socket");
   socket->send_iovecs.assign(buffers.begin(), buffers.end());
   socket->send_first = 0;
+  if (borrowed_ && send_now(*socket)) return;
   submit_send(*socket);
+}
+
+bool UringBackend::send_now(Socket& socket) {
+  const std::size_t count = std::min(kMaxIovecs, socket.send_iovecs.size());
+  std::size_t bytes = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    if (!registered_.empty() && registered_slot(socket.send_iovecs[i]) >= 0) return false;
+    bytes += socket.send_iovecs[i].iov_len;
+  }
+  if (options_.zero_copy_min_bytes > 0 && bytes >= options_.zero_copy_min_bytes) return false;
+  msghdr message{};
+  message.msg_iov = socket.send_iovecs.data();
+  message.msg_iovlen = count;
+  ssize_t written = ::sendmsg(socket.fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
+  if (written < 0) {
+    // Nothing fitted: the ring sends it all when the socket can take it.
+    written = errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -errno;
+  }
+  // Completed as a ring send would be, at the end of the lent turn: the
+  // owner's on_send_complete may send again, and not from inside send().
+  ++socket.in_flight;
+  socket.sending = true;
+  sent_now_.push_back({socket.fd, socket.generation, static_cast<int>(written)});
+  return true;
 }
 
 bool UringBackend::register_memory(std::span<const std::byte> memory) {
@@ -548,6 +577,48 @@ void UringBackend::run_due_timers() {
   }
 }
 
+bool UringBackend::try_run_turn(const std::function<void()>& fn) {
+  std::unique_lock turn(turn_mutex_, std::try_to_lock);
+  if (!turn.owns_lock() || !lending_) return false;
+  const auto first_timer = [this] {
+    return timer_queue_.empty() ? std::chrono::steady_clock::time_point::max() : timer_queue_.begin()->first;
+  };
+  const auto waited_until = first_timer();
+  borrowed_ = true;
+  try {
+    fn();
+    // The loop's own turn end: connections flush (their sends written now),
+    // then each send's completion, which may flush more.
+    for (;;) {
+      if (before_wait_) before_wait_();
+      if (sent_now_.empty()) {
+        if (finish_closes()) continue;
+        break;
+      }
+      std::vector<SentNow> sent;
+      sent.swap(sent_now_);
+      for (const SentNow& done : sent) {
+        Socket* socket = socket_for(done.fd);
+        if (socket != nullptr && socket->generation == done.generation) finish_send(*socket, done.result);
+      }
+    }
+  } catch (...) {
+    borrowed_ = false;
+    throw;
+  }
+  borrowed_ = false;
+  // The loop sleeps on what it knew: it must wake to submit what this turn
+  // left on the ring (a send that did not fit, a close) or to serve a timer
+  // due sooner than the one it waits for.
+  const bool wake = io_uring_sq_ready(&ring_) > 0 || first_timer() < waited_until;
+  turn.unlock();
+  if (wake) {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
+  }
+  return true;
+}
+
 void UringBackend::post(std::function<void()> fn) {
   bool first = false;
   {
@@ -732,7 +803,49 @@ void UringBackend::handle(const io_uring_cqe& cqe) {
   }
 }
 
+int UringBackend::submit_and_wait(std::unique_lock<std::mutex>& turn, __kernel_timespec* wait_for) {
+  if (!lending_) {
+    io_uring_cqe* first = nullptr;
+    return io_uring_submit_and_wait_timeout(&ring_, &first, 1, wait_for, nullptr);
+  }
+  // The submission queue's user-space side is the turn's (under the
+  // mutex): what this turn prepared is published to the kernel here (as
+  // liburing's own flush does), so that the one io_uring_enter below, the
+  // mutex let go, submits exactly that and touches nothing a lent turn may
+  // be preparing meanwhile (slots past the published tail).
+  io_uring_sq& sq = ring_.sq;
+  const unsigned tail = sq.sqe_tail;
+  if (sq.sqe_head != tail) {
+    sq.sqe_head = tail;
+    io_uring_smp_store_release(sq.ktail, tail);
+  }
+  const unsigned to_submit = tail - io_uring_smp_load_acquire(sq.khead);
+  const auto enter = [&](unsigned min_complete, unsigned flags, const void* arg, std::size_t arg_bytes) {
+    const long result = ::syscall(__NR_io_uring_enter, ring_.ring_fd, to_submit, min_complete, flags, arg, arg_bytes);
+    return result < 0 ? -errno : 0;
+  };
+  if (io_uring_cq_ready(&ring_) > 0) return to_submit > 0 ? enter(0, 0, nullptr, 0) : 0;  // no wait: work is there
+  io_uring_getevents_arg arg{};
+  arg.ts = reinterpret_cast<std::uint64_t>(wait_for);
+  turn.unlock();
+  const int result = enter(1, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+  turn.lock();
+  return result;
+}
+
 void UringBackend::run() {
+  std::unique_lock turn(turn_mutex_);
+  lending_ = options_.lend_turns;
+  // However run() ends, no turn is lent after it: a loop not running would
+  // never submit what a lent turn left it.
+  struct StopLending {
+    std::unique_lock<std::mutex>& turn;
+    bool& lending;
+    ~StopLending() {
+      if (!turn.owns_lock()) turn.lock();
+      lending = false;
+    }
+  } stop_lending{turn, lending_};
   while (!stopped_.load()) {
     // The hook ends the turn (flushes, hands callbacks' results over): a
     // socket it closed whose on_close comes now gets the hook again, so
@@ -751,8 +864,7 @@ void UringBackend::run() {
       timeout.tv_nsec = nanoseconds % 1'000'000'000;
       wait_for = &timeout;
     }
-    io_uring_cqe* first = nullptr;
-    const int result = io_uring_submit_and_wait_timeout(&ring_, &first, 1, wait_for, nullptr);
+    const int result = submit_and_wait(turn, wait_for);
     if (result < 0 && result != -ETIME && result != -EINTR && result != -EAGAIN && result != -EBUSY) {
       throw std::system_error(errno_code(-result), "io_uring_submit_and_wait_timeout");
     }

@@ -20,7 +20,13 @@
 //   around it. Copying sends cannot use them: a socket's SEND takes no
 //   fixed buffer (EINVAL on 6.18) and WRITE_FIXED raises SIGPIPE;
 // - one io_uring_enter per loop turn submits and waits (batched submission),
-//   its timeout serving the timers.
+//   its timeout serving the timers;
+// - turns lent (try_run_turn): while the loop waits, another thread may run
+//   a turn under the loop's turn mutex, its sends written at once with a
+//   non-blocking sendmsg(2) from that thread (what does not fit goes to the
+//   ring, the loop woken to submit it). A worker's engine thread delivers a
+//   step's tokens so: one thread wake-up fewer between the step's end and
+//   the client (bench_router's hop section).
 // make_backend() falls back to Asio when the ring cannot be set up.
 #pragma once
 
@@ -50,12 +56,14 @@ struct UringOptions {
   // environment can set these for a whole process: FMWIRE_URING_ABLATE=
   // "unbatched", "no-coop-taskrun", "small-buffers" (4 KiB receive buffers),
   // "single-shot-receive" and "single-shot-accept" (one submission per
-  // receive, per accepted connection),
+  // receive, per accepted connection), "no-lent-turns" (try_run_turn
+  // refuses: every hand-off to the loop is a post and a wake-up),
   // comma-separated. Never for production.
   bool batch_submissions = true;
   bool coop_taskrun = true;
   bool multishot_receive = true;
   bool multishot_accept = true;
+  bool lend_turns = true;
 };
 
 class UringBackend final : public IoBackend {
@@ -79,6 +87,7 @@ class UringBackend final : public IoBackend {
   TimerId schedule(std::chrono::milliseconds delay, std::function<void()> fn) override;
   void cancel(TimerId timer) override;
   void post(std::function<void()> fn) override;
+  bool try_run_turn(const std::function<void()>& fn) override;
   void set_before_wait(std::function<void()> hook) override { before_wait_ = std::move(hook); }
   void run() override;
   void stop() override;
@@ -113,6 +122,12 @@ class UringBackend final : public IoBackend {
   void handle_send(Socket& socket, const io_uring_cqe& cqe);
   void handle_send_chain(Socket& socket, const io_uring_cqe& cqe);
   void finish_send(Socket& socket, int result);
+  // A lent turn's send, written at once from the borrowing thread; false
+  // when it must go through the ring (registered or zero-copy buffers).
+  bool send_now(Socket& socket);
+  // Waits for a completion (or the first timer) with the turn mutex let go,
+  // after submitting what the turn prepared.
+  int submit_and_wait(std::unique_lock<std::mutex>& turn, __kernel_timespec* wait_for);
   void begin_close(Socket& socket, std::error_code error);
   bool finish_closes();  // true when it closed one
   void run_due_timers();
@@ -145,6 +160,17 @@ class UringBackend final : public IoBackend {
   std::uint64_t wake_value_ = 0;
   std::mutex posted_mutex_;
   std::vector<std::function<void()>> posted_;
+  // Held by whoever runs a turn: the loop thread but while it waits, or a
+  // thread in try_run_turn. What follows is under it.
+  std::mutex turn_mutex_;
+  bool lending_ = false;   // run() is under way and lends its turns
+  bool borrowed_ = false;  // the turn under way is a lent one
+  struct SentNow {
+    int fd;
+    std::uint32_t generation;
+    int result;  // sendmsg's: bytes written, or -errno
+  };
+  std::vector<SentNow> sent_now_;  // a lent turn's sends, their completion not yet handled
   std::vector<std::function<void()>> running_posted_;
   std::atomic<bool> stopped_{false};
   std::function<void()> before_wait_;

@@ -21,6 +21,7 @@
 // and then one per interval with the prefixes added and evicted since.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -58,6 +59,12 @@ struct WorkerOptions {
   // shed at once instead of growing a queue whose every request waits
   // longer (issue 17). 0: no bound.
   std::uint32_t max_waiting = 256;
+  // A step that made at most this many tokens is delivered by the engine's
+  // thread itself when the loop is waiting (EventLoop::try_run_turn), one
+  // thread wake-up sooner; a larger one is posted to the loop, which then
+  // encodes and sends it while the engine runs the next step. 0: always
+  // posted.
+  std::size_t engine_delivers_max_tokens = 64;
 };
 
 class WorkerService final : public transport::ConnectionHandler, private KvTransfersOwner {
@@ -207,6 +214,9 @@ class WorkerService final : public transport::ConnectionHandler, private KvTrans
   std::vector<std::uint64_t> prefixes_evicted_;
   transport::TimerId report_timer_ = 0;
 
+  // Step outputs posted to the loop and not yet delivered (the engine's
+  // thread lends no turn while any waits: outputs stay in order).
+  std::atomic<int> posted_outputs_{0};
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
   std::unique_ptr<EngineRunner> runner_;  // stopped first but for kv_
   std::unique_ptr<KvTransfers> kv_;       // uses runner_

@@ -25,6 +25,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -1056,6 +1058,199 @@ TEST_CASE("register_memory says no where registered memory would not be used or 
     CHECK_FALSE(backend->register_memory(std::span(memory).subspan(1 << 19, 4096)));
     backend->unregister_memory(std::span(memory).subspan(3 * 4096, 4096));
     CHECK(backend->register_memory(std::span(memory).subspan(1 << 19, 4096)));
+  }
+}
+
+}  // namespace
+}  // namespace fmwire::transport
+
+// ---------------------------------------------------------------- lent turns
+
+namespace fmwire::transport {
+namespace {
+
+// Runs fn as a turn lent by `backend`'s loop, retrying while the loop is
+// busy or not yet waiting; false if it never lent one within `limit`.
+bool lend_turn(IoBackend& backend, const std::function<void()>& fn, std::chrono::milliseconds limit = 5000ms) {
+  const auto give_up = Clock::now() + limit;
+  do {
+    if (backend.try_run_turn(fn)) return true;
+    std::this_thread::sleep_for(1ms);
+  } while (Clock::now() < give_up);
+  return false;
+}
+
+// A connected pair opened on `backend`, whose loop start() runs on a thread
+// of its own until something stops it.
+struct LoopOnThread {
+  explicit LoopOnThread(IoBackend& backend) : backend(backend) {
+    ConnectedPair pair = connect_pair(backend);
+    server_fd = pair.accepted.release();
+    client_fd = pair.connected.release();
+    backend.open(server_fd, &server);
+    backend.open(client_fd, &client);
+  }
+  // Returns once the loop has run a posted fn and then sat idle a while:
+  // what the connect left in flight has completed, and the loop waits.
+  void start() {
+    thread = std::thread([this] { stopped_itself = test::run_until_stopped(backend); });
+    std::promise<void> running;
+    backend.post([&] { running.set_value(); });
+    running.get_future().wait();
+    std::this_thread::sleep_for(50ms);
+  }
+  // Joins the loop's thread, then closes what is open on this one.
+  void finish() {
+    thread.join();
+    close_all(backend, {{server_fd, &server}, {client_fd, &client}});
+  }
+
+  IoBackend& backend;
+  RecordingEvents server;
+  RecordingEvents client;
+  int server_fd = -1;
+  int client_fd = -1;
+  bool stopped_itself = false;
+  std::thread thread;
+};
+
+TEST_CASE("a turn lent while the loop waits runs on the borrowing thread, and its send completes there") {
+  for (const char* name : {"io_uring", "io_uring zero-copy"}) {
+    SUBCASE(name) {
+      auto backend = std::string_view(name) == "io_uring"
+                         ? std::make_unique<UringBackend>()
+                         : std::make_unique<UringBackend>(UringOptions{.zero_copy_min_bytes = 1});
+      const std::string message = "one step's tokens";
+      LoopOnThread loop(*backend);
+      loop.server.after_receive = [&] {
+        if (loop.server.received.size() >= message.size()) backend->stop();
+      };
+      std::thread::id ran_on;
+      std::thread::id completed_on;
+      loop.client.after_send_complete = [&] { completed_on = std::this_thread::get_id(); };
+      const iovec piece = as_iovec(message);
+      loop.start();
+      REQUIRE(lend_turn(*backend, [&] {
+        ran_on = std::this_thread::get_id();
+        backend->send(loop.client_fd, std::span(&piece, 1));
+      }));
+      loop.finish();
+      CHECK(loop.stopped_itself);
+      CHECK(as_string(loop.server.received) == message);
+      CHECK(ran_on == std::this_thread::get_id());
+      CHECK(loop.client.send_completions == 1);
+      // Written at once from this thread (zero-copy sends go to the ring,
+      // and complete on the loop thread).
+      if (std::string_view(name) == "io_uring") CHECK(completed_on == std::this_thread::get_id());
+    }
+  }
+}
+
+TEST_CASE("what a lent turn's send could not write at once, the loop sends, complete and in order") {
+  // The receiving end is a plain socket read by a thread of the test's: no
+  // completion of the loop's own wakes it, only the lent turn's leftovers.
+  auto backend = std::make_unique<UringBackend>();
+  ConnectedPair pair = connect_pair(*backend);
+  RecordingEvents client;
+  const int client_fd = pair.connected.release();
+  backend->open(client_fd, &client);
+  const std::vector<std::byte> payload = patterned_bytes(8 << 20);  // far more than a socket buffer holds
+  const std::vector<iovec> pieces = uneven_pieces(payload, 100);
+  client.after_send_complete = [&] { backend->stop(); };
+  // Small socket buffers, and nobody reading yet: the lent turn's write
+  // takes a little of it, the loop must send the rest.
+  const int small = 64 * 1024;
+  ::setsockopt(client_fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+  ::setsockopt(pair.accepted.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+  bool stopped_itself = false;
+  std::thread loop([&] { stopped_itself = test::run_until_stopped(*backend); });
+  std::promise<void> running;
+  backend->post([&] { running.set_value(); });
+  running.get_future().wait();
+  std::this_thread::sleep_for(50ms);
+  REQUIRE(lend_turn(*backend, [&] { backend->send(client_fd, pieces); }));
+  int completions = -1;  // read in a turn: the loop's are the socket's from now on
+  REQUIRE(lend_turn(*backend, [&] { completions = client.send_completions; }));
+  CHECK(completions == 0);  // not all of it: the loop has the rest
+  std::vector<std::byte> received(payload.size());
+  std::size_t got = 0;
+  std::thread reader([&, fd = pair.accepted.get()] {
+    const timeval patience{10, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &patience, sizeof patience);
+    while (got < received.size()) {
+      const ssize_t n = ::recv(fd, received.data() + got, received.size() - got, 0);
+      if (n <= 0) return;
+      got += static_cast<std::size_t>(n);
+    }
+  });
+  loop.join();
+  reader.join();
+  CHECK(stopped_itself);
+  CHECK(client.send_completions == 1);
+  REQUIRE(got == payload.size());
+  CHECK(received == payload);
+  backend->close(client_fd);
+  client.after_close = [&] { backend->stop(); };
+  CHECK(test::run_until_stopped(*backend));
+}
+
+TEST_CASE("a timer a lent turn sets sooner than the loop's next wakes the loop for it") {
+  // The loop waits for run_until_stopped's 5 s limit; the lent turn's timer
+  // is due in 10 ms. A loop not woken for it runs it at the limit.
+  auto backend = std::make_unique<UringBackend>();
+  LoopOnThread loop(*backend);
+  bool fired = false;
+  Clock::duration waited{};
+  loop.start();
+  REQUIRE(lend_turn(*backend, [&] {
+    backend->schedule(10ms, [&, set = Clock::now()] {
+      waited = Clock::now() - set;
+      fired = true;
+      backend->stop();
+    });
+  }));
+  loop.finish();
+  CHECK(loop.stopped_itself);
+  CHECK(fired);
+  CHECK(waited < 2500ms);
+}
+
+TEST_CASE("a socket a lent turn closes is closed by the loop, one on_close each side") {
+  auto backend = std::make_unique<UringBackend>();
+  LoopOnThread loop(*backend);
+  loop.server.after_close = [&] { backend->stop(); };
+  loop.start();
+  REQUIRE(lend_turn(*backend, [&] { backend->close(loop.client_fd); }));
+  loop.finish();
+  CHECK(loop.stopped_itself);
+  CHECK(loop.client.closes == 1);
+  CHECK(loop.server.closes == 1);
+}
+
+TEST_CASE("no turn is lent by a loop that is not running, that lends none, or by Asio") {
+  SUBCASE("io_uring, not running") {
+    UringBackend backend;
+    bool ran = false;
+    CHECK_FALSE(backend.try_run_turn([&] { ran = true; }));
+    CHECK_FALSE(ran);
+  }
+  for (const char* name : {"io_uring, lend_turns off", "asio"}) {
+    SUBCASE(name) {
+      std::unique_ptr<IoBackend> backend;
+      if (std::string_view(name) == "asio") {
+        backend = std::make_unique<AsioBackend>();
+      } else {
+        backend = std::make_unique<UringBackend>(UringOptions{.lend_turns = false});
+      }
+      LoopOnThread loop(*backend);
+      loop.start();
+      bool ran = false;
+      CHECK_FALSE(lend_turn(*backend, [&] { ran = true; }, 100ms));
+      CHECK_FALSE(ran);
+      backend->stop();
+      loop.finish();
+      CHECK(loop.stopped_itself);
+    }
   }
 }
 
