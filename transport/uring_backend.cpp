@@ -595,15 +595,16 @@ bool UringBackend::try_run_turn(const std::function<void()>& fn) {
         if (finish_closes()) continue;
         break;
       }
-      std::vector<SentNow> sent;
-      sent.swap(sent_now_);
-      for (const SentNow& done : sent) {
+      completing_.swap(sent_now_);  // completions may send again: into the other vector
+      for (const SentNow& done : completing_) {
         Socket* socket = socket_for(done.fd);
         if (socket != nullptr && socket->generation == done.generation) finish_send(*socket, done.result);
       }
+      completing_.clear();
     }
   } catch (...) {
     borrowed_ = false;
+    completing_.clear();
     throw;
   }
   borrowed_ = false;

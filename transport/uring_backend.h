@@ -171,6 +171,7 @@ class UringBackend final : public IoBackend {
     int result;  // sendmsg's: bytes written, or -errno
   };
   std::vector<SentNow> sent_now_;  // a lent turn's sends, their completion not yet handled
+  std::vector<SentNow> completing_;  // those being completed (both kept: no allocation once warm)
   std::vector<std::function<void()>> running_posted_;
   std::atomic<bool> stopped_{false};
   std::function<void()> before_wait_;

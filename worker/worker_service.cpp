@@ -60,10 +60,12 @@ WorkerService::WorkerService(transport::EventLoop& loop, engine::Engine& engine,
     // the engine steps on. In order either way: never lent while an
     // earlier output waits in the loop's queue.
     const std::size_t tokens = output->step.tokens.size();
+    // (No liveness check in the lent turn: a loop lends no turn while its
+    // services are destroyed, which happens on the loop in a turn of its own
+    // or after run() returned; two captured words fit std::function
+    // unallocated.)
     if (tokens <= options_.engine_delivers_max_tokens && posted_outputs_.load(std::memory_order_acquire) == 0 &&
-        loop_.try_run_turn([&] {
-          if (alive.lock()) deliver(*output);
-        })) {
+        loop_.try_run_turn([this, &output] { deliver(*output); })) {
       return;
     }
     posted_outputs_.fetch_add(1, std::memory_order_acq_rel);
