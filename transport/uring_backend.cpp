@@ -340,12 +340,14 @@ void UringBackend::send(int fd, std::span<const iovec> buffers) {
 
 bool UringBackend::send_now(Socket& socket) {
   const std::size_t count = std::min(kMaxIovecs, socket.send_iovecs.size());
-  std::size_t bytes = 0;
-  for (std::size_t i = 0; i < count; ++i) {
-    if (!registered_.empty() && registered_slot(socket.send_iovecs[i]) >= 0) return false;
-    bytes += socket.send_iovecs[i].iov_len;
+  if (options_.zero_copy_min_bytes > 0) {  // registered memory is used only with zero-copy on (the constructor)
+    std::size_t bytes = 0;
+    for (std::size_t i = 0; i < count; ++i) {
+      if (!registered_.empty() && registered_slot(socket.send_iovecs[i]) >= 0) return false;
+      bytes += socket.send_iovecs[i].iov_len;
+    }
+    if (bytes >= options_.zero_copy_min_bytes) return false;
   }
-  if (options_.zero_copy_min_bytes > 0 && bytes >= options_.zero_copy_min_bytes) return false;
   msghdr message{};
   message.msg_iov = socket.send_iovecs.data();
   message.msg_iovlen = count;
@@ -613,10 +615,7 @@ bool UringBackend::try_run_turn(const std::function<void()>& fn) {
   // due sooner than the one it waits for.
   const bool wake = io_uring_sq_ready(&ring_) > 0 || first_timer() < waited_until;
   turn.unlock();
-  if (wake) {
-    const std::uint64_t one = 1;
-    [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
-  }
+  if (wake) wake_loop();
   return true;
 }
 
@@ -632,6 +631,10 @@ void UringBackend::post(std::function<void()> fn) {
   // (run_posted() swaps it out whole). A gateway acknowledging each token
   // from its HTTP threads made one write(2) and one loop wake-up per token.
   if (!first) return;
+  wake_loop();
+}
+
+void UringBackend::wake_loop() {
   const std::uint64_t one = 1;
   [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
 }
@@ -647,8 +650,7 @@ void UringBackend::run_posted() {
 
 void UringBackend::stop() {
   stopped_.store(true);
-  const std::uint64_t one = 1;
-  [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
+  wake_loop();
 }
 
 void UringBackend::handle_receive(Socket& socket, const io_uring_cqe& cqe) {

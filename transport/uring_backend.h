@@ -132,6 +132,7 @@ class UringBackend final : public IoBackend {
   bool finish_closes();  // true when it closed one
   void run_due_timers();
   void run_posted();
+  void wake_loop();  // the eventfd the loop always has a read armed on
   Socket* socket_for(int fd);
 
   UringOptions options_;

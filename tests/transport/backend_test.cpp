@@ -1080,8 +1080,21 @@ bool lend_turn(IoBackend& backend, const std::function<void()>& fn, std::chrono:
   return false;
 }
 
+// Runs `backend`'s loop on a thread of its own until something stops it
+// (`stopped_itself` says whether that was the test, not the time limit);
+// returns once the loop has run a posted fn and then sat idle a while: what
+// the connect left in flight has completed, and the loop waits.
+std::thread run_on_thread(IoBackend& backend, bool& stopped_itself) {
+  std::thread thread([&] { stopped_itself = test::run_until_stopped(backend); });
+  std::promise<void> running;
+  backend.post([&] { running.set_value(); });
+  running.get_future().wait();
+  std::this_thread::sleep_for(50ms);
+  return thread;
+}
+
 // A connected pair opened on `backend`, whose loop start() runs on a thread
-// of its own until something stops it.
+// of its own (run_on_thread).
 struct LoopOnThread {
   explicit LoopOnThread(IoBackend& backend) : backend(backend) {
     ConnectedPair pair = connect_pair(backend);
@@ -1090,15 +1103,7 @@ struct LoopOnThread {
     backend.open(server_fd, &server);
     backend.open(client_fd, &client);
   }
-  // Returns once the loop has run a posted fn and then sat idle a while:
-  // what the connect left in flight has completed, and the loop waits.
-  void start() {
-    thread = std::thread([this] { stopped_itself = test::run_until_stopped(backend); });
-    std::promise<void> running;
-    backend.post([&] { running.set_value(); });
-    running.get_future().wait();
-    std::this_thread::sleep_for(50ms);
-  }
+  void start() { thread = run_on_thread(backend, stopped_itself); }
   // Joins the loop's thread, then closes what is open on this one.
   void finish() {
     thread.join();
@@ -1163,11 +1168,7 @@ TEST_CASE("what a lent turn's send could not write at once, the loop sends, comp
   ::setsockopt(client_fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
   ::setsockopt(pair.accepted.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
   bool stopped_itself = false;
-  std::thread loop([&] { stopped_itself = test::run_until_stopped(*backend); });
-  std::promise<void> running;
-  backend->post([&] { running.set_value(); });
-  running.get_future().wait();
-  std::this_thread::sleep_for(50ms);
+  std::thread loop = run_on_thread(*backend, stopped_itself);
   REQUIRE(lend_turn(*backend, [&] { backend->send(client_fd, pieces); }));
   int completions = -1;  // read in a turn: the loop's are the socket's from now on
   REQUIRE(lend_turn(*backend, [&] { completions = client.send_completions; }));

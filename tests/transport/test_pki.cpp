@@ -21,8 +21,8 @@ const std::string kNewKey = "openssl req -newkey ec -pkeyopt ec_paramgen_curve:p
 }  // namespace
 
 TestPki::TestPki() {
-  // mkdtemp's template, not a placeholder: mkdtemp replaces the six X's
-  // with a unique name and makes the folder 0700.
+  // mkdtemp requires its name to end in six X's, which it replaces with a
+  // unique name; the folder is made 0700.
   std::string pattern = (std::filesystem::temp_directory_path() / "fmwire-native-tls-XXXXXX").string();
   if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("test PKI: mkdtemp " + pattern + " failed");
   folder_ = pattern;
